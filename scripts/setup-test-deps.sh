@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Installs and starts what the test suite needs on a fresh Debian 12 (run as root).
+# Idempotent: a second run only checks. Prints the PostgreSQL test URL on its last line.
+set -euo pipefail
+
+log() { printf 'setup: %s\n' "$*" >&2; }
+
+need_root() {
+  if [ "$(id -u)" -ne 0 ]; then
+    log "must run as root (installs packages, starts PostgreSQL)"; exit 1
+  fi
+}
+
+# Debian packages the tests use: PostgreSQL (the production database engine).
+PACKAGES=(postgresql)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  need_root
+  log "apt-get install ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq >&2
+  apt-get install -y -qq "${missing[@]}" >&2
+fi
+
+# The Rust toolchain (the machine image has it; a bare Debian gets rustup).
+if ! command -v cargo >/dev/null 2>&1 && [ -x "$HOME/.cargo/bin/cargo" ]; then
+  export PATH="$HOME/.cargo/bin:$PATH"
+fi
+if ! command -v cargo >/dev/null 2>&1; then
+  log "installing Rust with rustup"
+  command -v curl >/dev/null || { apt-get update -qq >&2; apt-get install -y -qq curl ca-certificates >&2; }
+  curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal -c clippy,rustfmt >&2
+fi
+
+# PostgreSQL: start the cluster if it is down (no systemd here: pg_ctlcluster directly).
+PG_VERSION=$(ls /usr/lib/postgresql | sort -V | tail -n1)
+if ! pg_lsclusters -h | awk -v v="$PG_VERSION" '$1 == v && $2 == "main" && $4 == "online"' | grep -q .; then
+  need_root
+  if ! pg_lsclusters -h | awk -v v="$PG_VERSION" '$1 == v && $2 == "main"' | grep -q .; then
+    log "creating PostgreSQL $PG_VERSION cluster"
+    pg_createcluster "$PG_VERSION" main >&2
+  fi
+  log "starting PostgreSQL $PG_VERSION"
+  pg_ctlcluster "$PG_VERSION" main start >&2
+fi
+for _ in $(seq 1 50); do
+  pg_isready -q -h 127.0.0.1 -p 5432 && break
+  sleep 0.2
+done
+pg_isready -q -h 127.0.0.1 -p 5432 || { log "PostgreSQL did not come up"; exit 1; }
+
+# A role that may create the throwaway databases each test makes for itself.
+runuser -u postgres -- psql -q -v ON_ERROR_STOP=1 -d postgres >&2 <<'SQL'
+DO $$
+BEGIN
+  IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'nodekeeper_test') THEN
+    CREATE ROLE nodekeeper_test LOGIN CREATEDB PASSWORD 'nodekeeper_test';
+  END IF;
+END $$;
+SQL
+echo "postgres://nodekeeper_test:nodekeeper_test@127.0.0.1:5432/postgres"

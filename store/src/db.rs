@@ -1,0 +1,301 @@
+//! Connecting to the database (SQLite or PostgreSQL, chosen by the URL) and migrating it.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::migrate::{Migrate, Migrator};
+use sqlx::{AnyPool, Connection, Executor};
+
+use crate::error::{Result, StoreError};
+
+static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/sqlite");
+static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// Which database engine a [`Store`] talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// Embedded SQLite: one provisioner, no setup.
+    Sqlite,
+    /// PostgreSQL: production, several provisioner replicas.
+    Postgres,
+}
+
+impl Backend {
+    /// Lower-case engine name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "sqlite",
+            Backend::Postgres => "postgres",
+        }
+    }
+
+    fn migrator(self) -> &'static Migrator {
+        match self {
+            Backend::Sqlite => &SQLITE_MIGRATIONS,
+            Backend::Postgres => &POSTGRES_MIGRATIONS,
+        }
+    }
+}
+
+/// How to connect: the defaults suit the admin CLI; services tune them.
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    /// How long to wait for a connection (and for the first one, at connect time).
+    pub timeout: Duration,
+    /// Upper bound of pooled connections.
+    pub max_connections: u32,
+}
+
+impl Default for ConnectOptions {
+    fn default() -> Self {
+        Self { timeout: Duration::from_secs(5), max_connections: 4 }
+    }
+}
+
+/// A handle on the nodekeeper database. Cheap to clone; all clones share one pool.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pub(crate) pool: AnyPool,
+    backend: Backend,
+    redacted_url: String,
+}
+
+/// A database URL, checked and with its redacted form at hand for messages.
+#[derive(Debug, Clone)]
+pub struct DatabaseUrl {
+    backend: Backend,
+    /// What the driver gets (SQLite: `mode=rwc` added so the file is created on demand).
+    connect: String,
+    redacted: String,
+}
+
+impl DatabaseUrl {
+    /// Checks `url`: `sqlite://PATH`, `sqlite::memory:`, or `postgres://` / `postgresql://`.
+    pub fn parse(url: &str) -> Result<DatabaseUrl> {
+        let redacted = redact_url(url);
+        let invalid = |reason: &str| StoreError::InvalidUrl { url: redacted.clone(), reason: reason.to_owned() };
+        if let Some(rest) = url.strip_prefix("sqlite:") {
+            if rest == ":memory:" || rest.starts_with(":memory:?") {
+                return Ok(DatabaseUrl { backend: Backend::Sqlite, connect: url.to_owned(), redacted });
+            }
+            let path = rest.strip_prefix("//").ok_or_else(|| invalid("expected sqlite://PATH"))?;
+            let file = path.split('?').next().unwrap_or_default();
+            if file.is_empty() {
+                return Err(invalid("no file path after sqlite://"));
+            }
+            let connect = if path.contains("mode=") {
+                url.to_owned()
+            } else if path.contains('?') {
+                format!("{url}&mode=rwc")
+            } else {
+                format!("{url}?mode=rwc")
+            };
+            return Ok(DatabaseUrl { backend: Backend::Sqlite, connect, redacted });
+        }
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let parsed = url::Url::parse(url).map_err(|e| invalid(&e.to_string()))?;
+            if parsed.host_str().is_none_or(str::is_empty) && !url.contains("host=") {
+                return Err(invalid("no host"));
+            }
+            return Ok(DatabaseUrl { backend: Backend::Postgres, connect: url.to_owned(), redacted });
+        }
+        Err(invalid("unsupported scheme; expected sqlite://PATH or postgres://USER@HOST/DB"))
+    }
+
+    /// The engine this URL selects.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// The URL with any password replaced by `***`, for messages and logs.
+    pub fn redacted(&self) -> &str {
+        &self.redacted
+    }
+}
+
+/// Replaces the password of a URL (userinfo or `password=` query parameter) by `***`.
+/// Works on strings that are not valid URLs too, since those end up in error messages.
+pub fn redact_url(url: &str) -> String {
+    let mut out = url.to_owned();
+    if let Some(scheme_end) = out.find("://") {
+        let auth_start = scheme_end + 3;
+        let auth_end = out[auth_start..].find(['/', '?']).map_or(out.len(), |i| auth_start + i);
+        if let Some(at) = out[auth_start..auth_end].rfind('@') {
+            let userinfo = &out[auth_start..auth_start + at];
+            if let Some(colon) = userinfo.find(':') {
+                out.replace_range(auth_start + colon + 1..auth_start + at, "***");
+            }
+        }
+    }
+    if let Some(q) = out.find('?') {
+        let (head, query) = out.split_at(q + 1);
+        let redacted: Vec<String> = query
+            .split('&')
+            .map(|kv| match kv.split_once('=') {
+                Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                _ => kv.to_owned(),
+            })
+            .collect();
+        out = format!("{head}{}", redacted.join("&"));
+    }
+    out
+}
+
+impl Store {
+    /// Connects with [`ConnectOptions::default`]. Does not migrate.
+    pub async fn connect(url: &str) -> Result<Store> {
+        Store::connect_with(url, &ConnectOptions::default()).await
+    }
+
+    /// Connects, proving the database answers by opening one connection now.
+    pub async fn connect_with(url: &str, opts: &ConnectOptions) -> Result<Store> {
+        sqlx::any::install_default_drivers();
+        let url = DatabaseUrl::parse(url)?;
+        let options: AnyConnectOptions = url
+            .connect
+            .parse()
+            .map_err(|e: sqlx::Error| StoreError::InvalidUrl { url: url.redacted.clone(), reason: e.to_string() })?;
+        let mut pool = AnyPoolOptions::new().max_connections(opts.max_connections).acquire_timeout(opts.timeout);
+        if url.backend == Backend::Sqlite {
+            pool = pool.after_connect(|conn, _meta| {
+                Box::pin(async move {
+                    // WAL lets readers go on while one writer commits; NORMAL is durable across
+                    // process crashes (power loss may lose the last transaction, never corrupt).
+                    conn.execute("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 10000;")
+                        .await?;
+                    Ok(())
+                })
+            });
+        }
+        // One direct connection first: the pool would retry a refused connection until its
+        // timeout, and a database that is down should be reported at once.
+        let probe = async {
+            let conn = sqlx::AnyConnection::connect_with(&options).await?;
+            conn.close().await?;
+            pool.connect_with(options.clone()).await
+        };
+        let pool = match tokio::time::timeout(opts.timeout, probe).await {
+            Ok(Ok(pool)) => pool,
+            Ok(Err(source)) => return Err(StoreError::Connect { url: url.redacted, source }),
+            Err(_) => return Err(StoreError::Connect { url: url.redacted, source: sqlx::Error::PoolTimedOut }),
+        };
+        Ok(Store { pool, backend: url.backend, redacted_url: url.redacted })
+    }
+
+    /// The engine behind this store.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// The URL with any password replaced by `***`.
+    pub fn redacted_url(&self) -> &str {
+        &self.redacted_url
+    }
+
+    /// Applies every pending migration; returns how many were applied. Idempotent.
+    pub async fn migrate(&self) -> Result<usize> {
+        let migrator = self.backend.migrator();
+        let before = self.schema_version().await?;
+        migrator
+            .run(&self.pool)
+            .await
+            .map_err(|source| StoreError::Migrate { url: self.redacted_url.clone(), source })?;
+        let applied = migrator.iter().filter(|m| m.version > before).count();
+        Ok(applied)
+    }
+
+    /// The newest applied migration's version (0 when the database is empty).
+    pub async fn schema_version(&self) -> Result<i64> {
+        let mut conn = self
+            .pool
+            .acquire()
+            .await
+            .map_err(|source| StoreError::Connect { url: self.redacted_url.clone(), source })?;
+        // A database never migrated has no bookkeeping table: that is version 0, not an error.
+        let exists_sql = match self.backend {
+            Backend::Sqlite => "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'",
+            Backend::Postgres => "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = current_schema() AND table_name = '_sqlx_migrations'",
+        };
+        let exists: i64 = sqlx::query_scalar(exists_sql)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(crate::error::query("reading the schema version"))?;
+        if exists == 0 {
+            return Ok(0);
+        }
+        let applied = conn
+            .list_applied_migrations()
+            .await
+            .map_err(|source| StoreError::Migrate { url: self.redacted_url.clone(), source })?;
+        Ok(applied.iter().map(|m| m.version).max().unwrap_or(0))
+    }
+
+    /// The newest migration this program ships.
+    pub fn latest_schema_version(&self) -> i64 {
+        self.backend.migrator().iter().map(|m| m.version).max().unwrap_or(0)
+    }
+
+    /// Fails unless the schema is exactly the one this program was built for.
+    pub async fn check_schema(&self) -> Result<()> {
+        let applied = self.schema_version().await?;
+        let latest = self.latest_schema_version();
+        let url = self.redacted_url.clone();
+        match applied.cmp(&latest) {
+            std::cmp::Ordering::Less => Err(StoreError::SchemaBehind { url, applied, latest }),
+            std::cmp::Ordering::Greater => Err(StoreError::SchemaAhead { url, applied, latest }),
+            std::cmp::Ordering::Equal => Ok(()),
+        }
+    }
+
+    /// Begins a transaction that will write. On SQLite it takes the write lock up front
+    /// (`BEGIN IMMEDIATE`): a deferred transaction that reads and then writes fails at once
+    /// with SQLITE_BUSY when another writer got there first, instead of waiting its turn.
+    pub(crate) async fn begin_write(&self) -> std::result::Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
+        match self.backend {
+            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
+            Backend::Postgres => self.pool.begin().await,
+        }
+    }
+
+    /// Closes the pool, waiting for connections to be returned.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+/// Milliseconds since the Unix epoch: how the schema stores time.
+pub(crate) fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_never_survive_redaction() {
+        let cases = [
+            ("postgres://nk:s3cret@db:5432/nk", "postgres://nk:***@db:5432/nk"),
+            ("postgres://nk@db/nk", "postgres://nk@db/nk"),
+            ("postgres://nk:s3cret@db:notaport/nk", "postgres://nk:***@db:notaport/nk"),
+            ("postgres://db/nk?user=nk&password=s3cret", "postgres://db/nk?user=nk&password=***"),
+            ("postgres://nk:p@ss:w0rd@db/nk", "postgres://nk:***@db/nk"),
+            ("sqlite:///var/lib/nk.db", "sqlite:///var/lib/nk.db"),
+        ];
+        for (input, want) in cases {
+            assert_eq!(redact_url(input), want, "{input}");
+        }
+    }
+
+    #[test]
+    fn urls_are_checked_before_connecting() {
+        let ok = DatabaseUrl::parse("sqlite://./nodekeeper.db").expect("relative sqlite path");
+        assert_eq!(ok.backend(), Backend::Sqlite);
+        assert_eq!(ok.connect, "sqlite://./nodekeeper.db?mode=rwc");
+        assert_eq!(DatabaseUrl::parse("postgresql://nk@db/nk").expect("pg").backend(), Backend::Postgres);
+        for bad in ["mysql://x@y/z", "sqlite:", "sqlite://", "nodekeeper.db", "postgres://nk:pw@db:99999999/nk"] {
+            let err = DatabaseUrl::parse(bad).expect_err(bad).to_string();
+            assert!(!err.contains(":pw@"), "password leaked: {err}");
+        }
+    }
+}

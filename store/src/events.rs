@@ -1,0 +1,134 @@
+//! The append-only audit log: who did what to which host or instance, when, and why.
+
+use serde::Serialize;
+use sqlx::any::AnyRow;
+
+use crate::db::now_ms;
+use crate::error::{query, Result};
+use crate::hosts::{get, parse_column};
+use crate::types::{HostName, InstanceId, Timestamp};
+use crate::Store;
+
+/// An event to append.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    /// Who acted: `cli:USER`, `guard:HOST`, `controller`, ...
+    pub actor: String,
+    /// Dotted kind: `host.added`, `instance.evacuated`, `instance.quarantined`, ...
+    pub kind: String,
+    /// The host concerned, if any.
+    pub host: Option<HostName>,
+    /// The instance concerned, if any.
+    pub instance: Option<InstanceId>,
+    /// One human sentence.
+    pub message: String,
+}
+
+impl NewEvent {
+    /// An event about a host.
+    pub fn host(actor: &str, kind: &str, host: &HostName, message: String) -> NewEvent {
+        NewEvent { actor: actor.to_owned(), kind: kind.to_owned(), host: Some(host.clone()), instance: None, message }
+    }
+
+    /// An event about an instance (and the host it concerns).
+    pub fn instance(actor: &str, kind: &str, host: &HostName, instance: InstanceId, message: String) -> NewEvent {
+        NewEvent {
+            actor: actor.to_owned(),
+            kind: kind.to_owned(),
+            host: Some(host.clone()),
+            instance: Some(instance),
+            message,
+        }
+    }
+}
+
+/// An event as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Event {
+    /// Position in the log (increasing).
+    pub id: i64,
+    /// When it was recorded.
+    pub at: Timestamp,
+    /// Who acted.
+    pub actor: String,
+    /// Dotted kind.
+    pub kind: String,
+    /// The host concerned.
+    pub host: Option<HostName>,
+    /// The instance concerned.
+    pub instance: Option<InstanceId>,
+    /// One human sentence.
+    pub message: String,
+}
+
+/// Which events to read.
+#[derive(Debug, Clone, Default)]
+pub struct EventFilter {
+    /// Only about this host.
+    pub host: Option<HostName>,
+    /// Only about this instance.
+    pub instance: Option<InstanceId>,
+    /// Only with an id greater than this (for following the log).
+    pub after: Option<i64>,
+    /// At most this many, the newest (default 100).
+    pub limit: Option<u32>,
+}
+
+/// Appends an event inside the caller's transaction, so the event exists iff the change does.
+pub(crate) async fn insert_event(conn: &mut sqlx::AnyConnection, e: &NewEvent) -> Result<()> {
+    sqlx::query("INSERT INTO events (at, actor, kind, host, instance, message) VALUES ($1, $2, $3, $4, $5, $6)")
+        .bind(now_ms())
+        .bind(e.actor.as_str())
+        .bind(e.kind.as_str())
+        .bind(e.host.as_ref().map(|h| h.as_str().to_owned()))
+        .bind(e.instance.map(|i| i.to_string()))
+        .bind(e.message.as_str())
+        .execute(conn)
+        .await
+        .map_err(query("recording an event"))?;
+    Ok(())
+}
+
+fn event_from_row(row: &AnyRow) -> Result<Event> {
+    const T: &str = "events";
+    Ok(Event {
+        id: get(row, T, "id")?,
+        at: Timestamp(get(row, T, "at")?),
+        actor: get(row, T, "actor")?,
+        kind: get(row, T, "kind")?,
+        host: get::<Option<String>>(row, T, "host")?.map(|h| parse_column(T, "host", &h)).transpose()?,
+        instance: get::<Option<String>>(row, T, "instance")?.map(|i| parse_column(T, "instance", &i)).transpose()?,
+        message: get(row, T, "message")?,
+    })
+}
+
+impl Store {
+    /// Appends one event on its own.
+    pub async fn record_event(&self, e: &NewEvent) -> Result<()> {
+        let mut conn = self.pool.acquire().await.map_err(query("recording an event"))?;
+        insert_event(&mut conn, e).await
+    }
+
+    /// Events matching `filter`, oldest first (the newest `limit` of them).
+    pub async fn events(&self, filter: &EventFilter) -> Result<Vec<Event>> {
+        let mut sql = String::from("SELECT id, at, actor, kind, host, instance, message FROM events WHERE id > $1");
+        if filter.host.is_some() {
+            sql.push_str(" AND host = $2");
+        }
+        if filter.instance.is_some() {
+            sql.push_str(if filter.host.is_some() { " AND instance = $3" } else { " AND instance = $2" });
+        }
+        sql.push_str(&format!(" ORDER BY id DESC LIMIT {}", filter.limit.unwrap_or(100)));
+        let mut q = sqlx::query(&sql).bind(filter.after.unwrap_or(0));
+        if let Some(h) = &filter.host {
+            q = q.bind(h.as_str().to_owned());
+        }
+        if let Some(i) = filter.instance {
+            q = q.bind(i.to_string());
+        }
+        let rows = q.fetch_all(&self.pool).await.map_err(query("reading events"))?;
+        let mut events = rows.iter().map(event_from_row).collect::<Result<Vec<_>>>()?;
+        events.reverse();
+        Ok(events)
+    }
+}

@@ -1,0 +1,173 @@
+//! The host table: compute hosts, their boot MAC, BMC and lifecycle state.
+
+use std::net::IpAddr;
+use std::str::FromStr;
+
+use serde::Serialize;
+use sqlx::any::AnyRow;
+use sqlx::Row;
+
+use crate::db::now_ms;
+use crate::error::{query, Result, StoreError};
+use crate::events::{insert_event, NewEvent};
+use crate::types::{HostName, HostState, MacAddr, Timestamp};
+use crate::Store;
+
+/// A host to add.
+#[derive(Debug, Clone)]
+pub struct NewHost {
+    /// Unique name; the guard's `host` config key.
+    pub name: HostName,
+    /// The MAC it PXE-boots from.
+    pub mac: Option<MacAddr>,
+    /// A fixed address on the provisioning network.
+    pub ip: Option<IpAddr>,
+    /// Its BMC endpoint (`redfish+https://…`, `ipmi://…`).
+    pub bmc_url: Option<String>,
+}
+
+/// A host as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Host {
+    /// Unique name.
+    pub name: HostName,
+    /// Boot MAC.
+    pub mac: Option<MacAddr>,
+    /// Fixed address.
+    pub ip: Option<IpAddr>,
+    /// BMC endpoint.
+    pub bmc_url: Option<String>,
+    /// Lifecycle state.
+    pub state: HostState,
+    /// When its guard last reported in.
+    pub last_heartbeat: Option<Timestamp>,
+    /// The image it was last installed with.
+    pub image: Option<String>,
+    /// When it was added.
+    pub created_at: Timestamp,
+    /// When it last changed.
+    pub updated_at: Timestamp,
+}
+
+const HOST_COLUMNS: &str = "name, mac, ip, bmc_url, state, last_heartbeat, image, created_at, updated_at";
+
+/// Parses a text column into its typed form, or reports the row as corrupt.
+pub(crate) fn parse_column<T>(table: &'static str, column: &str, value: &str) -> Result<T>
+where
+    T: FromStr,
+    T::Err: std::fmt::Display,
+{
+    value.parse().map_err(|e: T::Err| StoreError::Corrupt { table, reason: format!("column {column}: {e}") })
+}
+
+pub(crate) fn get<'r, T>(row: &'r AnyRow, table: &'static str, column: &str) -> Result<T>
+where
+    T: sqlx::Decode<'r, sqlx::Any> + sqlx::Type<sqlx::Any>,
+{
+    row.try_get(column).map_err(|e| StoreError::Corrupt { table, reason: format!("column {column}: {e}") })
+}
+
+fn host_from_row(row: &AnyRow) -> Result<Host> {
+    const T: &str = "hosts";
+    let opt = |col: &str| -> Result<Option<String>> { get(row, T, col) };
+    Ok(Host {
+        name: parse_column(T, "name", &get::<String>(row, T, "name")?)?,
+        mac: opt("mac")?.map(|m| parse_column(T, "mac", &m)).transpose()?,
+        ip: opt("ip")?.map(|ip| parse_column(T, "ip", &ip)).transpose()?,
+        bmc_url: opt("bmc_url")?,
+        state: parse_column(T, "state", &get::<String>(row, T, "state")?)?,
+        last_heartbeat: get::<Option<i64>>(row, T, "last_heartbeat")?.map(Timestamp),
+        image: opt("image")?,
+        created_at: Timestamp(get(row, T, "created_at")?),
+        updated_at: Timestamp(get(row, T, "updated_at")?),
+    })
+}
+
+impl Store {
+    /// Adds a host in state `active`, with an event. Refuses a duplicate name or MAC.
+    pub async fn add_host(&self, new: &NewHost, actor: &str) -> Result<Host> {
+        let mut tx = self.begin_write().await.map_err(query("adding a host"))?;
+        if self.host_in(&mut tx, &new.name).await?.is_some() {
+            return Err(StoreError::HostExists(new.name.clone()));
+        }
+        if let Some(mac) = new.mac {
+            let owner: Option<String> = sqlx::query_scalar("SELECT name FROM hosts WHERE mac = $1")
+                .bind(mac.to_string())
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(query("adding a host"))?;
+            if let Some(owner) = owner {
+                return Err(StoreError::MacInUse { mac, host: parse_column("hosts", "name", &owner)? });
+            }
+        }
+        let now = now_ms();
+        sqlx::query(
+            "INSERT INTO hosts (name, mac, ip, bmc_url, state, created_at, updated_at) VALUES ($1, $2, $3, $4, 'active', $5, $5)",
+        )
+        .bind(new.name.as_str())
+        .bind(new.mac.map(|m| m.to_string()))
+        .bind(new.ip.map(|ip| ip.to_string()))
+        .bind(new.bmc_url.clone())
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(query("adding a host"))?;
+        insert_event(&mut tx, &NewEvent::host(actor, "host.added", &new.name, format!("host {} added", new.name)))
+            .await?;
+        let host = self.host_in(&mut tx, &new.name).await?.ok_or_else(|| StoreError::UnknownHost(new.name.clone()))?;
+        tx.commit().await.map_err(query("adding a host"))?;
+        Ok(host)
+    }
+
+    /// Sets a host's state with an event saying why. Idempotent: setting the state it already
+    /// has records nothing.
+    pub async fn set_host_state(&self, name: &HostName, state: HostState, actor: &str, reason: &str) -> Result<Host> {
+        const WHAT: &str = "changing a host's state";
+        let mut tx = self.begin_write().await.map_err(query(WHAT))?;
+        let host = self.host_in(&mut tx, name).await?.ok_or_else(|| StoreError::UnknownHost(name.clone()))?;
+        if host.state == state {
+            return Ok(host);
+        }
+        sqlx::query("UPDATE hosts SET state = $1, updated_at = $2 WHERE name = $3")
+            .bind(state.as_str())
+            .bind(now_ms())
+            .bind(name.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(query(WHAT))?;
+        let message = format!("host {name}: {} -> {state}: {reason}", host.state);
+        insert_event(&mut tx, &NewEvent::host(actor, "host.state", name, message)).await?;
+        let host = self.host_in(&mut tx, name).await?.ok_or_else(|| StoreError::UnknownHost(name.clone()))?;
+        tx.commit().await.map_err(query(WHAT))?;
+        Ok(host)
+    }
+
+    /// Every host, by name.
+    pub async fn hosts(&self) -> Result<Vec<Host>> {
+        let rows = sqlx::query(&format!("SELECT {HOST_COLUMNS} FROM hosts ORDER BY name"))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(query("listing hosts"))?;
+        rows.iter().map(host_from_row).collect()
+    }
+
+    /// One host by name, if it exists.
+    pub async fn host(&self, name: &HostName) -> Result<Option<Host>> {
+        let mut conn = self.pool.acquire().await.map_err(query("reading a host"))?;
+        self.host_in(&mut conn, name).await
+    }
+
+    /// One host, or [`StoreError::UnknownHost`].
+    pub async fn require_host(&self, name: &HostName) -> Result<Host> {
+        self.host(name).await?.ok_or_else(|| StoreError::UnknownHost(name.clone()))
+    }
+
+    pub(crate) async fn host_in(&self, conn: &mut sqlx::AnyConnection, name: &HostName) -> Result<Option<Host>> {
+        let row = sqlx::query(&format!("SELECT {HOST_COLUMNS} FROM hosts WHERE name = $1"))
+            .bind(name.as_str())
+            .fetch_optional(conn)
+            .await
+            .map_err(query("reading a host"))?;
+        row.as_ref().map(host_from_row).transpose()
+    }
+}

@@ -1,0 +1,426 @@
+//! The instance table: who owns each VM, at which generation, and how to recreate it.
+//!
+//! Ownership only changes through a compare-and-set on the generation
+//! ([`Store::transfer_owner`]), in the same statement that bumps it: of two concurrent
+//! moves of one instance, exactly one wins and the other gets [`StoreError::Conflict`].
+
+use std::collections::{HashMap, HashSet};
+
+use serde::Serialize;
+use sqlx::any::AnyRow;
+
+use crate::db::now_ms;
+use crate::error::{query, Result, StoreError};
+use crate::events::{insert_event, NewEvent};
+use crate::hosts::{get, parse_column};
+use crate::types::{Generation, HostName, HostState, InstanceId, Storage, Timestamp};
+use crate::Store;
+
+/// Rows per multi-row `INSERT` during import: 1,000 rows of 9 parameters stay far below both
+/// SQLite's (32,766) and PostgreSQL's (65,535) limit on bound parameters.
+const IMPORT_BATCH: usize = 1000;
+const IMPORT_COLUMNS: usize = 9;
+/// Ids per `IN (...)` list.
+const LOOKUP_BATCH: usize = 4000;
+
+/// An instance to import.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewInstance {
+    /// Its UUID (libvirt's `<uuid>`).
+    pub uuid: InstanceId,
+    /// Its libvirt name.
+    pub name: String,
+    /// The host that owns it now.
+    pub owner: HostName,
+    /// Whether it is recovered on another host when its owner fails.
+    pub ha: bool,
+    /// Where its disks live.
+    pub storage: Storage,
+    /// Its generation (1 for a new instance).
+    pub generation: Generation,
+    /// The domain XML to recreate it from.
+    pub domain_xml: Option<String>,
+}
+
+/// An instance as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Instance {
+    /// UUID.
+    pub uuid: InstanceId,
+    /// libvirt name.
+    pub name: String,
+    /// Owning host.
+    #[serde(rename = "host")]
+    pub owner: HostName,
+    /// +1 on every change of owner.
+    pub generation: Generation,
+    /// Recovered elsewhere on failure.
+    pub ha: bool,
+    /// Where its disks live.
+    pub storage: Storage,
+    /// Tombstone: deleted instances are kept, never erased.
+    pub deleted: bool,
+    /// Whether a domain XML is stored (the XML itself is left out of listings).
+    pub has_domain_xml: bool,
+    /// When it was created.
+    pub created_at: Timestamp,
+    /// When it last changed.
+    pub updated_at: Timestamp,
+}
+
+/// What the guard needs to judge a local definition: owner, generation, tombstone, HA.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Ownership {
+    /// UUID.
+    pub uuid: InstanceId,
+    /// Owning host.
+    pub owner: HostName,
+    /// Current generation.
+    pub generation: Generation,
+    /// Tombstoned.
+    pub deleted: bool,
+    /// HA flag.
+    pub ha: bool,
+}
+
+/// The result of moving one instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Transfer {
+    /// The instance.
+    pub uuid: InstanceId,
+    /// The owner before.
+    pub from: HostName,
+    /// The owner after.
+    pub to: HostName,
+    /// The generation after (unchanged when `moved` is false).
+    pub generation: Generation,
+    /// False when it was already owned by the target.
+    pub moved: bool,
+}
+
+// Booleans are read as 0/1 BIGINTs: `sqlx::Any` cannot decode SQLite's BOOLEAN, and a CAST
+// reads the same on both engines.
+const INSTANCE_COLUMNS: &str = "uuid, name, owner, generation, \
+    CAST(CASE WHEN ha THEN 1 ELSE 0 END AS BIGINT) AS ha, storage, \
+    CAST(CASE WHEN deleted THEN 1 ELSE 0 END AS BIGINT) AS deleted, \
+    CAST(CASE WHEN domain_xml IS NULL THEN 0 ELSE 1 END AS BIGINT) AS has_xml, created_at, updated_at";
+const OWNERSHIP_COLUMNS: &str = "uuid, owner, generation, \
+    CAST(CASE WHEN deleted THEN 1 ELSE 0 END AS BIGINT) AS deleted, \
+    CAST(CASE WHEN ha THEN 1 ELSE 0 END AS BIGINT) AS ha";
+
+fn flag(row: &AnyRow, column: &str) -> Result<bool> {
+    Ok(get::<i64>(row, "instances", column)? != 0)
+}
+
+fn instance_from_row(row: &AnyRow) -> Result<Instance> {
+    const T: &str = "instances";
+    Ok(Instance {
+        uuid: parse_column(T, "uuid", &get::<String>(row, T, "uuid")?)?,
+        name: get(row, T, "name")?,
+        owner: parse_column(T, "owner", &get::<String>(row, T, "owner")?)?,
+        generation: Generation::from_db(get(row, T, "generation")?),
+        ha: flag(row, "ha")?,
+        storage: parse_column(T, "storage", &get::<String>(row, T, "storage")?)?,
+        deleted: flag(row, "deleted")?,
+        has_domain_xml: flag(row, "has_xml")?,
+        created_at: Timestamp(get(row, T, "created_at")?),
+        updated_at: Timestamp(get(row, T, "updated_at")?),
+    })
+}
+
+fn ownership_from_row(row: &AnyRow) -> Result<Ownership> {
+    const T: &str = "instances";
+    Ok(Ownership {
+        uuid: parse_column(T, "uuid", &get::<String>(row, T, "uuid")?)?,
+        owner: parse_column(T, "owner", &get::<String>(row, T, "owner")?)?,
+        generation: Generation::from_db(get(row, T, "generation")?),
+        deleted: flag(row, "deleted")?,
+        ha: flag(row, "ha")?,
+    })
+}
+
+/// `$first, $first+1, ...` — `count` numbered placeholders (numbered works on both engines).
+fn placeholders(first: usize, count: usize) -> String {
+    (first..first + count).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ")
+}
+
+fn item_error(index: usize, source: StoreError) -> StoreError {
+    StoreError::Item { index, source: Box::new(source) }
+}
+
+impl Store {
+    /// Imports instances all or nothing, in one transaction with multi-row inserts.
+    ///
+    /// Every item is checked first (its owner exists, its UUID appears once in the batch and
+    /// not in the database); the first bad one fails the whole import with
+    /// [`StoreError::Item`] giving its position, and nothing is written.
+    pub async fn import_instances(&self, items: &[NewInstance], actor: &str) -> Result<usize> {
+        const WHAT: &str = "importing instances";
+        let mut seen = HashMap::with_capacity(items.len());
+        for (index, item) in items.iter().enumerate() {
+            if seen.insert(item.uuid, index).is_some() {
+                return Err(item_error(index, StoreError::InstanceExists(item.uuid)));
+            }
+        }
+        let mut tx = self.begin_write().await.map_err(query(WHAT))?;
+        let hosts: HashSet<String> = sqlx::query_scalar("SELECT name FROM hosts")
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(query(WHAT))?
+            .into_iter()
+            .collect();
+        if let Some((index, item)) = items.iter().enumerate().find(|(_, i)| !hosts.contains(i.owner.as_str())) {
+            return Err(item_error(index, StoreError::UnknownHost(item.owner.clone())));
+        }
+        let existing = lookup_in(&mut tx, items.iter().map(|i| i.uuid)).await?;
+        if let Some(first) = existing.iter().filter_map(|o| seen.get(&o.uuid)).min() {
+            return Err(item_error(*first, StoreError::InstanceExists(items[*first].uuid)));
+        }
+        let now = now_ms();
+        for chunk in items.chunks(IMPORT_BATCH) {
+            let rows: Vec<String> = (0..chunk.len())
+                .map(|r| format!("({})", placeholders(r * IMPORT_COLUMNS + 1, IMPORT_COLUMNS)))
+                .collect();
+            let sql = format!(
+                "INSERT INTO instances (uuid, name, owner, generation, ha, storage, domain_xml, created_at, updated_at) VALUES {}",
+                rows.join(", ")
+            );
+            let mut q = sqlx::query(&sql);
+            for item in chunk {
+                q = q
+                    .bind(item.uuid.to_string())
+                    .bind(item.name.clone())
+                    .bind(item.owner.as_str().to_owned())
+                    .bind(item.generation.to_db())
+                    .bind(item.ha)
+                    .bind(item.storage.as_str())
+                    .bind(item.domain_xml.clone())
+                    .bind(now)
+                    .bind(now);
+            }
+            q.execute(&mut *tx).await.map_err(query(WHAT))?;
+        }
+        let owners: HashSet<&HostName> = items.iter().map(|i| &i.owner).collect();
+        for owner in owners {
+            let count = items.iter().filter(|i| &i.owner == owner).count();
+            insert_event(
+                &mut tx,
+                &NewEvent::host(
+                    actor,
+                    "instance.imported",
+                    owner,
+                    format!("{count} instances imported for host {owner}"),
+                ),
+            )
+            .await?;
+        }
+        tx.commit().await.map_err(query(WHAT))?;
+        Ok(items.len())
+    }
+
+    /// Live and deleted instances, by owner then name; only `owner`'s when given.
+    pub async fn instances(&self, owner: Option<&HostName>) -> Result<Vec<Instance>> {
+        let rows = match owner {
+            Some(h) => {
+                sqlx::query(&format!(
+                    "SELECT {INSTANCE_COLUMNS} FROM instances WHERE owner = $1 ORDER BY owner, name, uuid"
+                ))
+                .bind(h.as_str())
+                .fetch_all(&self.pool)
+                .await
+            }
+            None => {
+                sqlx::query(&format!("SELECT {INSTANCE_COLUMNS} FROM instances ORDER BY owner, name, uuid"))
+                    .fetch_all(&self.pool)
+                    .await
+            }
+        }
+        .map_err(query("listing instances"))?;
+        rows.iter().map(instance_from_row).collect()
+    }
+
+    /// One instance, if it exists (deleted ones too).
+    pub async fn instance(&self, id: InstanceId) -> Result<Option<Instance>> {
+        let row = sqlx::query(&format!("SELECT {INSTANCE_COLUMNS} FROM instances WHERE uuid = $1"))
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(query("reading an instance"))?;
+        row.as_ref().map(instance_from_row).transpose()
+    }
+
+    /// The stored domain XML of an instance, if any.
+    pub async fn domain_xml(&self, id: InstanceId) -> Result<Option<String>> {
+        let xml: Option<Option<String>> = sqlx::query_scalar("SELECT domain_xml FROM instances WHERE uuid = $1")
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(query("reading a domain XML"))?;
+        Ok(xml.flatten())
+    }
+
+    /// Ownership of every listed instance that the database knows, in few round trips
+    /// (one query per 4,000 ids). Unknown ids are simply absent from the result.
+    pub async fn ownership(&self, ids: &[InstanceId]) -> Result<Vec<Ownership>> {
+        let mut conn = self.pool.acquire().await.map_err(query("looking up instances"))?;
+        lookup_in(&mut conn, ids.iter().copied()).await
+    }
+
+    /// Compare-and-set of the owner: moves `id` to `to` if its generation is still
+    /// `expected`, bumping the generation in the same statement, and records an event.
+    /// Returns the new generation. Of concurrent callers with the same `expected`,
+    /// exactly one succeeds; the others get [`StoreError::Conflict`].
+    pub async fn transfer_owner(
+        &self,
+        id: InstanceId,
+        expected: Generation,
+        to: &HostName,
+        actor: &str,
+        reason: &str,
+    ) -> Result<Generation> {
+        let mut tx = self.begin_write().await.map_err(query("moving an instance"))?;
+        let from = {
+            let current = lookup_in(&mut tx, [id]).await?.pop().ok_or(StoreError::UnknownInstance(id))?;
+            current.owner
+        };
+        let generation = cas_owner(&mut tx, id, expected, &from, to, actor, reason).await?;
+        tx.commit().await.map_err(query("moving an instance"))?;
+        Ok(generation)
+    }
+
+    /// Moves instances to host `to`, all or nothing, in one transaction. `to` must be an
+    /// active host; deleted or unknown instances refuse the whole request. Instances already
+    /// owned by `to` are reported with `moved: false` and left unchanged.
+    pub async fn evacuate(&self, ids: &[InstanceId], to: &HostName, actor: &str) -> Result<Vec<Transfer>> {
+        const WHAT: &str = "evacuating instances";
+        let mut tx = self.begin_write().await.map_err(query(WHAT))?;
+        let target = self.host_in(&mut tx, to).await?.ok_or_else(|| StoreError::UnknownHost(to.clone()))?;
+        if target.state != HostState::Active {
+            return Err(StoreError::HostNotActive { host: to.clone(), state: target.state });
+        }
+        let current: HashMap<InstanceId, Ownership> =
+            lookup_in(&mut tx, ids.iter().copied()).await?.into_iter().map(|o| (o.uuid, o)).collect();
+        let mut out = Vec::with_capacity(ids.len());
+        for (index, id) in ids.iter().enumerate() {
+            let now = current.get(id).ok_or_else(|| item_error(index, StoreError::UnknownInstance(*id)))?;
+            if now.deleted {
+                return Err(item_error(index, StoreError::InstanceDeleted(*id)));
+            }
+            if &now.owner == to {
+                out.push(Transfer {
+                    uuid: *id,
+                    from: to.clone(),
+                    to: to.clone(),
+                    generation: now.generation,
+                    moved: false,
+                });
+                continue;
+            }
+            let generation = cas_owner(&mut tx, *id, now.generation, &now.owner, to, actor, "evacuated by operator")
+                .await
+                .map_err(|e| item_error(index, e))?;
+            out.push(Transfer { uuid: *id, from: now.owner.clone(), to: to.clone(), generation, moved: true });
+        }
+        tx.commit().await.map_err(query(WHAT))?;
+        Ok(out)
+    }
+
+    /// Tombstones instances, all or nothing: the rows stay (with their XML), marked deleted,
+    /// so a host that still has them quarantines them. Idempotent.
+    pub async fn delete_instances(&self, ids: &[InstanceId], actor: &str) -> Result<Vec<Ownership>> {
+        const WHAT: &str = "deleting instances";
+        let mut tx = self.begin_write().await.map_err(query(WHAT))?;
+        let current: HashMap<InstanceId, Ownership> =
+            lookup_in(&mut tx, ids.iter().copied()).await?.into_iter().map(|o| (o.uuid, o)).collect();
+        let mut out = Vec::with_capacity(ids.len());
+        for (index, id) in ids.iter().enumerate() {
+            let now = current.get(id).ok_or_else(|| item_error(index, StoreError::UnknownInstance(*id)))?;
+            if !now.deleted {
+                sqlx::query("UPDATE instances SET deleted = TRUE, updated_at = $1 WHERE uuid = $2")
+                    .bind(now_ms())
+                    .bind(id.to_string())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(query(WHAT))?;
+                insert_event(
+                    &mut tx,
+                    &NewEvent::instance(actor, "instance.deleted", &now.owner, *id, format!("instance {id} deleted")),
+                )
+                .await?;
+            }
+            out.push(Ownership { deleted: true, ..now.clone() });
+        }
+        tx.commit().await.map_err(query(WHAT))?;
+        Ok(out)
+    }
+}
+
+/// The conditional update at the heart of ownership: owner and generation change together,
+/// only if nobody changed them since `expected` was read.
+async fn cas_owner(
+    conn: &mut sqlx::AnyConnection,
+    id: InstanceId,
+    expected: Generation,
+    from: &HostName,
+    to: &HostName,
+    actor: &str,
+    reason: &str,
+) -> Result<Generation> {
+    const WHAT: &str = "moving an instance";
+    let next = expected.next();
+    let done = sqlx::query(
+        "UPDATE instances SET owner = $1, generation = $2, updated_at = $3 \
+         WHERE uuid = $4 AND generation = $5 AND deleted = FALSE",
+    )
+    .bind(to.as_str())
+    .bind(next.to_db())
+    .bind(now_ms())
+    .bind(id.to_string())
+    .bind(expected.to_db())
+    .execute(&mut *conn)
+    .await
+    .map_err(|e| match e {
+        sqlx::Error::Database(ref d) if d.is_foreign_key_violation() => StoreError::UnknownHost(to.clone()),
+        e => StoreError::Query { what: WHAT, source: e },
+    })?;
+    if done.rows_affected() != 1 {
+        let now = lookup_in(conn, [id]).await?.pop().ok_or(StoreError::UnknownInstance(id))?;
+        if now.deleted {
+            return Err(StoreError::InstanceDeleted(id));
+        }
+        return Err(StoreError::Conflict { instance: id, expected, found: now.generation });
+    }
+    insert_event(
+        conn,
+        &NewEvent::instance(
+            actor,
+            "instance.moved",
+            to,
+            id,
+            format!("instance {id} moved from {from} to {to} (generation {next}): {reason}"),
+        ),
+    )
+    .await?;
+    Ok(next)
+}
+
+/// Ownership rows for `ids`, batched into `IN` lists.
+async fn lookup_in(
+    conn: &mut sqlx::AnyConnection,
+    ids: impl IntoIterator<Item = InstanceId>,
+) -> Result<Vec<Ownership>> {
+    let ids: Vec<String> = ids.into_iter().map(|i| i.to_string()).collect();
+    let mut out = Vec::new();
+    for chunk in ids.chunks(LOOKUP_BATCH) {
+        let sql = format!("SELECT {OWNERSHIP_COLUMNS} FROM instances WHERE uuid IN ({})", placeholders(1, chunk.len()));
+        let mut q = sqlx::query(&sql);
+        for id in chunk {
+            q = q.bind(id.as_str());
+        }
+        let rows = q.fetch_all(&mut *conn).await.map_err(query("looking up instances"))?;
+        for row in &rows {
+            out.push(ownership_from_row(row)?);
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,30 @@
+//! nodekeeper's database: the single source of truth for who owns which instance.
+//!
+//! One data model, two engines: embedded SQLite (the default, one provisioner) and PostgreSQL
+//! (production, several provisioner replicas). The engine is chosen by the URL; every query is
+//! written once in the SQL both understand (numbered `$N` placeholders, portable types:
+//! text, BIGINT, BOOLEAN, timestamps as milliseconds since the epoch), and each engine has
+//! its own numbered migrations under `migrations/`.
+//!
+//! Queries are checked at run time (through `sqlx::Any`), not at compile time: the
+//! compile-time macros are per engine and would have to be written twice. The shared
+//! integration suite (`tests/store.rs`) runs every query against both engines instead.
+
+mod db;
+mod error;
+mod events;
+mod hosts;
+mod instances;
+mod types;
+
+pub use db::{redact_url, Backend, ConnectOptions, DatabaseUrl, Store};
+pub use error::{Result, StoreError};
+pub use events::{Event, EventFilter, NewEvent};
+pub use hosts::{Host, NewHost};
+pub use instances::{Instance, NewInstance, Ownership, Transfer};
+pub use types::{
+    Generation, HostName, HostState, InstanceId, MacAddr, OperationStatus, ParseError, Storage, Timestamp,
+};
+
+#[cfg(feature = "testing")]
+pub mod testing;

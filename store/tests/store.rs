@@ -1,0 +1,311 @@
+//! The store's integration suite: every test runs against a throwaway SQLite file and a
+//! throwaway database on a real PostgreSQL server (`NODEKEEPER_TEST_POSTGRES_URL`).
+
+use std::sync::Arc;
+
+use nodekeeper_store::testing::TestDb;
+use nodekeeper_store::{
+    EventFilter, Generation, HostName, HostState, InstanceId, NewHost, NewInstance, Storage, Store, StoreError,
+};
+use tokio::sync::Barrier;
+
+/// Runs each listed `async fn(TestDb)` once per engine, as `sqlite::NAME` and `postgres::NAME`.
+macro_rules! on_both_engines {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $name() { super::$name(super::TestDb::sqlite()).await })*
+        }
+        mod postgres {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $name() {
+                if let Some(db) = super::TestDb::postgres().await { super::$name(db).await }
+            })*
+        }
+    };
+}
+
+on_both_engines!(
+    migrations_are_idempotent_and_checked,
+    hosts_are_added_listed_and_unique,
+    import_is_all_or_nothing,
+    import_crosses_batch_boundaries,
+    evacuate_bumps_generation_with_an_event,
+    evacuate_refuses_bad_requests_and_changes_nothing,
+    stale_generation_is_a_conflict,
+    concurrent_evacuations_cannot_both_win,
+    delete_keeps_a_tombstone,
+    ownership_lookup_is_batched,
+);
+
+fn host(name: &str) -> HostName {
+    name.parse().expect("test host name")
+}
+
+fn new_host(name: &str, mac: Option<&str>) -> NewHost {
+    NewHost { name: host(name), mac: mac.map(|m| m.parse().expect("test MAC")), ip: None, bmc_url: None }
+}
+
+fn new_instance(owner: &str, n: usize) -> NewInstance {
+    NewInstance {
+        uuid: InstanceId::random(),
+        name: format!("vm-{n}"),
+        owner: host(owner),
+        ha: n % 2 == 0,
+        storage: Storage::Shared,
+        generation: Generation::FIRST,
+        domain_xml: Some(format!("<domain type='qemu'><name>vm-{n}</name></domain>")),
+    }
+}
+
+/// A migrated store with hosts `node-a`, `node-b`, `node-c`.
+async fn fleet(db: &TestDb) -> Store {
+    let store = db.store().await;
+    for (name, mac) in
+        [("node-a", "52:54:00:00:00:0a"), ("node-b", "52:54:00:00:00:0b"), ("node-c", "52:54:00:00:00:0c")]
+    {
+        store.add_host(&new_host(name, Some(mac)), "test").await.expect("add host");
+    }
+    store
+}
+
+async fn migrations_are_idempotent_and_checked(db: TestDb) {
+    let store = Store::connect(db.url()).await.expect("connect");
+    assert_eq!(store.schema_version().await.expect("version"), 0);
+    let err = store.check_schema().await.expect_err("an empty database is behind");
+    assert!(matches!(err, StoreError::SchemaBehind { applied: 0, .. }), "{err}");
+    assert!(err.to_string().contains("db migrate"), "{err}");
+    assert!(store.migrate().await.expect("first migrate") >= 1);
+    assert_eq!(store.migrate().await.expect("second migrate"), 0);
+    store.check_schema().await.expect("schema current after migrate");
+    assert_eq!(store.schema_version().await.expect("version"), store.latest_schema_version());
+}
+
+async fn hosts_are_added_listed_and_unique(db: TestDb) {
+    let store = fleet(&db).await;
+    let hosts = store.hosts().await.expect("list");
+    assert_eq!(hosts.iter().map(|h| h.name.as_str()).collect::<Vec<_>>(), ["node-a", "node-b", "node-c"]);
+    assert!(hosts.iter().all(|h| h.state == HostState::Active && h.last_heartbeat.is_none()));
+    let a = store.host(&host("node-a")).await.expect("show").expect("node-a exists");
+    assert_eq!(a.mac.map(|m| m.to_string()).as_deref(), Some("52:54:00:00:00:0a"));
+
+    let dup = store.add_host(&new_host("node-a", None), "test").await.expect_err("duplicate name");
+    assert!(matches!(dup, StoreError::HostExists(_)), "{dup}");
+    let mac = store.add_host(&new_host("node-d", Some("52:54:00:00:00:0A")), "test").await.expect_err("dup MAC");
+    assert_eq!(mac.to_string(), "MAC 52:54:00:00:00:0a already belongs to host node-a");
+    assert_eq!(store.hosts().await.expect("list").len(), 3, "refused adds change nothing");
+    assert!(store.host(&host("node-z")).await.expect("show").is_none());
+
+    let fenced =
+        store.set_host_state(&host("node-b"), HostState::Fenced, "test", "BMC power off").await.expect("fence");
+    assert_eq!(fenced.state, HostState::Fenced);
+    let events = store.events(&EventFilter { host: Some(host("node-b")), ..Default::default() }).await.expect("events");
+    assert_eq!(events.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>(), ["host.added", "host.state"]);
+}
+
+async fn import_is_all_or_nothing(db: TestDb) {
+    let store = fleet(&db).await;
+    let mut batch: Vec<_> = (0..10).map(|n| new_instance("node-a", n)).collect();
+    batch[5].owner = host("node-x");
+    let err = store.import_instances(&batch, "test").await.expect_err("unknown owner");
+    assert!(
+        matches!(&err, StoreError::Item { index: 5, source } if matches!(**source, StoreError::UnknownHost(_))),
+        "{err:?}"
+    );
+    assert!(store.instances(None).await.expect("list").is_empty(), "nothing imported");
+
+    batch[5].owner = host("node-b");
+    batch[7].uuid = batch[2].uuid;
+    let err = store.import_instances(&batch, "test").await.expect_err("duplicate in batch");
+    assert!(
+        matches!(&err, StoreError::Item { index: 7, source } if matches!(**source, StoreError::InstanceExists(_))),
+        "{err:?}"
+    );
+    assert!(store.instances(None).await.expect("list").is_empty(), "nothing imported");
+
+    batch[7].uuid = InstanceId::random();
+    assert_eq!(store.import_instances(&batch, "test").await.expect("import"), 10);
+    let again = vec![new_instance("node-c", 100), batch[3].clone()];
+    let err = store.import_instances(&again, "test").await.expect_err("already in the database");
+    assert!(
+        matches!(&err, StoreError::Item { index: 1, source } if matches!(**source, StoreError::InstanceExists(_))),
+        "{err:?}"
+    );
+    let all = store.instances(None).await.expect("list");
+    assert_eq!(all.len(), 10, "the second import added nothing");
+    assert_eq!(store.instances(Some(&host("node-b"))).await.expect("list").len(), 1);
+    let one = store.instance(batch[0].uuid).await.expect("get").expect("exists");
+    assert_eq!(
+        (one.generation, one.ha, one.storage, one.deleted, one.has_domain_xml),
+        (Generation(1), true, Storage::Shared, false, true)
+    );
+    assert_eq!(store.domain_xml(batch[0].uuid).await.expect("xml"), batch[0].domain_xml);
+}
+
+async fn import_crosses_batch_boundaries(db: TestDb) {
+    let store = fleet(&db).await;
+    let batch: Vec<_> = (0..2_500).map(|n| new_instance(["node-a", "node-b"][n % 2], n)).collect();
+    assert_eq!(store.import_instances(&batch, "test").await.expect("import"), 2_500);
+    assert_eq!(store.instances(None).await.expect("list").len(), 2_500);
+    assert_eq!(store.instances(Some(&host("node-a"))).await.expect("list").len(), 1_250);
+}
+
+async fn evacuate_bumps_generation_with_an_event(db: TestDb) {
+    let store = fleet(&db).await;
+    let batch: Vec<_> = (0..3).map(|n| new_instance("node-a", n)).collect();
+    store.import_instances(&batch, "test").await.expect("import");
+    let ids: Vec<_> = batch.iter().map(|i| i.uuid).collect();
+    let moved = store.evacuate(&ids[..2], &host("node-b"), "test").await.expect("evacuate");
+    assert!(moved.iter().all(|t| t.moved && t.generation == Generation(2) && t.from == host("node-a")));
+    let after = store.instance(ids[0]).await.expect("get").expect("exists");
+    assert_eq!((after.owner.as_str(), after.generation), ("node-b", Generation(2)));
+    assert_eq!(store.instance(ids[2]).await.expect("get").expect("exists").generation, Generation(1));
+
+    // Evacuating to where it already is changes nothing.
+    let again = store.evacuate(&ids[..1], &host("node-b"), "test").await.expect("no-op evacuate");
+    assert!(!again[0].moved && again[0].generation == Generation(2));
+    let events = store.events(&EventFilter { instance: Some(ids[0]), ..Default::default() }).await.expect("events");
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0].kind, "instance.moved");
+    assert!(events[0].message.contains("from node-a to node-b (generation 2)"), "{}", events[0].message);
+}
+
+async fn evacuate_refuses_bad_requests_and_changes_nothing(db: TestDb) {
+    let store = fleet(&db).await;
+    let batch: Vec<_> = (0..3).map(|n| new_instance("node-a", n)).collect();
+    store.import_instances(&batch, "test").await.expect("import");
+    let ids: Vec<_> = batch.iter().map(|i| i.uuid).collect();
+    let before = store.instances(None).await.expect("list");
+
+    let err = store.evacuate(&ids, &host("node-x"), "test").await.expect_err("unknown host");
+    assert_eq!(err.to_string(), "unknown host node-x");
+    let stranger = InstanceId::random();
+    let err = store.evacuate(&[ids[0], stranger], &host("node-b"), "test").await.expect_err("unknown instance");
+    assert!(
+        matches!(&err, StoreError::Item { index: 1, source } if matches!(**source, StoreError::UnknownInstance(_))),
+        "{err:?}"
+    );
+    store.set_host_state(&host("node-c"), HostState::Fenced, "test", "fenced").await.expect("fence");
+    let err = store.evacuate(&ids, &host("node-c"), "test").await.expect_err("fenced target");
+    assert_eq!(err.to_string(), "host node-c is fenced, not active");
+    store.delete_instances(&ids[2..], "test").await.expect("delete");
+    let err = store.evacuate(&ids, &host("node-b"), "test").await.expect_err("deleted instance");
+    assert!(
+        matches!(&err, StoreError::Item { index: 2, source } if matches!(**source, StoreError::InstanceDeleted(_))),
+        "{err:?}"
+    );
+
+    let after = store.instances(None).await.expect("list");
+    for (b, a) in before.iter().zip(&after) {
+        assert_eq!((&b.owner, b.generation), (&a.owner, a.generation), "{}", a.uuid);
+    }
+}
+
+async fn stale_generation_is_a_conflict(db: TestDb) {
+    let store = fleet(&db).await;
+    let vm = new_instance("node-a", 0);
+    store.import_instances(std::slice::from_ref(&vm), "test").await.expect("import");
+    let g = store.transfer_owner(vm.uuid, Generation(1), &host("node-b"), "test", "failover").await.expect("move");
+    assert_eq!(g, Generation(2));
+    let err =
+        store.transfer_owner(vm.uuid, Generation(1), &host("node-c"), "test", "failover").await.expect_err("stale");
+    assert!(matches!(err, StoreError::Conflict { expected: Generation(1), found: Generation(2), .. }), "{err}");
+    let err = store
+        .transfer_owner(InstanceId::random(), Generation(1), &host("node-c"), "test", "x")
+        .await
+        .expect_err("unknown");
+    assert!(matches!(err, StoreError::UnknownInstance(_)), "{err}");
+    let err =
+        store.transfer_owner(vm.uuid, Generation(2), &host("node-x"), "test", "x").await.expect_err("unknown host");
+    assert!(matches!(err, StoreError::UnknownHost(_)), "{err}");
+    let now = store.instance(vm.uuid).await.expect("get").expect("exists");
+    assert_eq!((now.owner.as_str(), now.generation), ("node-b", Generation(2)));
+}
+
+/// Eight real connections race to move one instance from the same generation: one wins.
+async fn concurrent_evacuations_cannot_both_win(db: TestDb) {
+    let store = fleet(&db).await;
+    let vm = new_instance("node-a", 0);
+    store.import_instances(std::slice::from_ref(&vm), "test").await.expect("import");
+    for round in 0..5u64 {
+        let expected = Generation(1 + round);
+        let barrier = Arc::new(Barrier::new(8));
+        let tasks: Vec<_> = (0..8)
+            .map(|i| {
+                let (store, barrier) = (store.clone(), barrier.clone());
+                let to = host(["node-b", "node-c", "node-a"][i % 3]);
+                tokio::spawn(async move {
+                    barrier.wait().await;
+                    store.transfer_owner(vm.uuid, expected, &to, "test", "race").await.map(|g| (g, to))
+                })
+            })
+            .collect();
+        let mut winners = Vec::new();
+        for t in tasks {
+            match t.await.expect("task") {
+                Ok(win) => winners.push(win),
+                Err(StoreError::Conflict { .. }) => {}
+                Err(e) => panic!("unexpected error: {e:?}"),
+            }
+        }
+        assert_eq!(winners.len(), 1, "round {round}: exactly one winner, got {winners:?}");
+        let now = store.instance(vm.uuid).await.expect("get").expect("exists");
+        assert_eq!((now.generation, &now.owner), (expected.next(), &winners[0].1), "round {round}");
+    }
+}
+
+async fn delete_keeps_a_tombstone(db: TestDb) {
+    let store = fleet(&db).await;
+    let vm = new_instance("node-a", 0);
+    store.import_instances(std::slice::from_ref(&vm), "test").await.expect("import");
+    let gone = store.delete_instances(&[vm.uuid], "test").await.expect("delete");
+    assert!(gone[0].deleted);
+    store.delete_instances(&[vm.uuid], "test").await.expect("delete is idempotent");
+    let row = store.instance(vm.uuid).await.expect("get").expect("the row is kept");
+    assert!(row.deleted);
+    assert_eq!(store.domain_xml(vm.uuid).await.expect("xml"), vm.domain_xml, "the XML is kept");
+    let events = store.events(&EventFilter { instance: Some(vm.uuid), ..Default::default() }).await.expect("events");
+    assert_eq!(events.len(), 1, "the second delete recorded nothing");
+    let err = store.delete_instances(&[vm.uuid, InstanceId::random()], "test").await.expect_err("unknown");
+    assert!(matches!(&err, StoreError::Item { index: 1, .. }), "{err:?}");
+}
+
+async fn ownership_lookup_is_batched(db: TestDb) {
+    let store = fleet(&db).await;
+    let batch: Vec<_> = (0..4_500).map(|n| new_instance("node-a", n)).collect();
+    store.import_instances(&batch, "test").await.expect("import");
+    let mut ids: Vec<_> = batch.iter().map(|i| i.uuid).collect();
+    ids.extend((0..600).map(|_| InstanceId::random()));
+    let found = store.ownership(&ids).await.expect("lookup");
+    assert_eq!(found.len(), 4_500);
+    assert!(found.iter().all(|o| o.owner == host("node-a") && o.generation == Generation(1) && !o.deleted));
+}
+
+#[tokio::test]
+async fn a_database_that_is_down_is_named_without_its_password() {
+    // Port 1 on loopback: nothing listens there.
+    let err = Store::connect("postgres://nk:hunter2@127.0.0.1:1/nodekeeper").await.expect_err("down");
+    let msg = format!("{err}");
+    assert_eq!(msg, "cannot connect to database postgres://nk:***@127.0.0.1:1/nodekeeper");
+    let chain = format!("{:?}", anyhow_like_chain(&err));
+    assert!(!chain.contains("hunter2"), "{chain}");
+}
+
+#[tokio::test]
+async fn malformed_urls_are_refused_before_connecting() {
+    for url in ["mysql://x@y/z", "sqlite:", "postgres://nk:hunter2@db:notaport/nk", "://"] {
+        let err = Store::connect(url).await.expect_err(url);
+        assert!(matches!(err, StoreError::InvalidUrl { .. }), "{url}: {err:?}");
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+    }
+}
+
+fn anyhow_like_chain(err: &dyn std::error::Error) -> Vec<String> {
+    let mut out = vec![err.to_string()];
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        out.push(e.to_string());
+        cur = e.source();
+    }
+    out
+}
