@@ -9,7 +9,7 @@ use std::collections::{HashMap, HashSet};
 use serde::Serialize;
 use sqlx::any::AnyRow;
 
-use crate::db::now_ms;
+use crate::db::{now_ms, Backend};
 use crate::error::{query, Result, StoreError};
 use crate::events::{insert_event, NewEvent};
 use crate::hosts::{get, parse_column};
@@ -139,9 +139,15 @@ fn ownership_from_row(row: &AnyRow) -> Result<Ownership> {
     })
 }
 
-/// `$first, $first+1, ...` — `count` numbered placeholders (numbered works on both engines).
-fn placeholders(first: usize, count: usize) -> String {
-    (first..first + count).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ")
+/// `count` placeholders for the bind parameters `first..first+count`, for generated
+/// statements with thousands of them. PostgreSQL needs `$N`; SQLite gets anonymous `?`,
+/// because binding a named (`$N`) parameter looks its name up in a linear list, which made
+/// a 1,000-row insert quadratic (118 ms instead of 3 ms).
+fn placeholders(backend: Backend, first: usize, count: usize) -> String {
+    match backend {
+        Backend::Sqlite => vec!["?"; count].join(", "),
+        Backend::Postgres => (first..first + count).map(|i| format!("${i}")).collect::<Vec<_>>().join(", "),
+    }
 }
 
 fn item_error(index: usize, source: StoreError) -> StoreError {
@@ -179,7 +185,7 @@ impl Store {
         let now = now_ms();
         for chunk in items.chunks(IMPORT_BATCH) {
             let rows: Vec<String> = (0..chunk.len())
-                .map(|r| format!("({})", placeholders(r * IMPORT_COLUMNS + 1, IMPORT_COLUMNS)))
+                .map(|r| format!("({})", placeholders(self.backend(), r * IMPORT_COLUMNS + 1, IMPORT_COLUMNS)))
                 .collect();
             let sql = format!(
                 "INSERT INTO instances (uuid, name, owner, generation, ha, storage, domain_xml, created_at, updated_at) VALUES {}",
@@ -395,7 +401,8 @@ async fn cas_owner(
         &NewEvent::instance(
             actor,
             "instance.moved",
-            to,
+            // The host that lost it: the one an operator investigates after a failure.
+            from,
             id,
             format!("instance {id} moved from {from} to {to} (generation {next}): {reason}"),
         ),
@@ -409,10 +416,14 @@ async fn lookup_in(
     conn: &mut sqlx::AnyConnection,
     ids: impl IntoIterator<Item = InstanceId>,
 ) -> Result<Vec<Ownership>> {
+    let backend = if conn.backend_name().eq_ignore_ascii_case("sqlite") { Backend::Sqlite } else { Backend::Postgres };
     let ids: Vec<String> = ids.into_iter().map(|i| i.to_string()).collect();
     let mut out = Vec::new();
     for chunk in ids.chunks(LOOKUP_BATCH) {
-        let sql = format!("SELECT {OWNERSHIP_COLUMNS} FROM instances WHERE uuid IN ({})", placeholders(1, chunk.len()));
+        let sql = format!(
+            "SELECT {OWNERSHIP_COLUMNS} FROM instances WHERE uuid IN ({})",
+            placeholders(backend, 1, chunk.len())
+        );
         let mut q = sqlx::query(&sql);
         for id in chunk {
             q = q.bind(id.as_str());

@@ -1,0 +1,28 @@
+# Developer workflows. `make demo` runs the main job, `make test` everything CI runs.
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+export PATH := $(HOME)/.cargo/bin:$(PATH)
+
+.PHONY: demo test test-deps lint unit bench build release fuzz clean
+
+## demo: build, migrate an embedded SQLite database, load a sample inventory, show it
+demo:
+	./scripts/demo.sh
+
+## test: install what the tests need (apt, PostgreSQL), then fmt, clippy and every test
+test:
+	./scripts/test.sh
+
+## bench: the benchmarks with their figures (see docs/performance.md)
+bench:
+	./scripts/bench.sh
+
+build:
+	cargo build --workspace --all-targets
+
+release:
+	cargo build --release --workspace
+
+clean:
+	cargo clean
+	rm -rf .demo .bench

@@ -1,0 +1,279 @@
+//! The admin commands: each reads or changes the database through the store and prints a
+//! table, or with `--json` one JSON document on stdout (stable; see docs/cli.md).
+
+mod import;
+
+use std::io::Write;
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use nodekeeper_store::{Backend, EventFilter, HostName, InstanceId, NewHost, Store, StoreError};
+use serde::Serialize;
+use serde_json::json;
+
+pub use import::{parse_jsonl, ImportError};
+
+/// Where and how to print results.
+#[derive(Debug, Clone, Copy)]
+pub struct Output {
+    /// JSON instead of tables.
+    pub json: bool,
+}
+
+impl Output {
+    fn emit<T: Serialize>(&self, value: &T, table: impl FnOnce() -> String) -> anyhow::Result<()> {
+        let mut stdout = std::io::stdout().lock();
+        if self.json {
+            serde_json::to_writer_pretty(&mut stdout, value).context("writing JSON to stdout")?;
+            writeln!(stdout).context("writing to stdout")?;
+        } else {
+            write!(stdout, "{}", table()).context("writing to stdout")?;
+        }
+        Ok(())
+    }
+}
+
+/// Who the events say acted: `cli:USER`.
+fn actor() -> String {
+    let user = std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).unwrap_or_else(|_| "unknown".into());
+    format!("cli:{user}")
+}
+
+/// Connects and makes sure the schema fits. An embedded SQLite database is migrated on the
+/// spot (it has one user: this machine); PostgreSQL is shared by replicas, so a schema that
+/// is behind is an error asking for `db migrate` — unless that is the command being run.
+pub async fn open_store(url: &str, migrating: bool) -> anyhow::Result<Store> {
+    let store = Store::connect(url).await?;
+    if !migrating {
+        match store.backend() {
+            Backend::Sqlite => {
+                store.migrate().await?;
+            }
+            Backend::Postgres => store.check_schema().await?,
+        }
+    }
+    Ok(store)
+}
+
+/// `db migrate`
+pub async fn db_migrate(store: &Store, out: &Output) -> anyhow::Result<()> {
+    let applied = store.migrate().await?;
+    let version = store.schema_version().await?;
+    let value = json!({ "database": store.redacted_url(), "applied": applied, "schema_version": version });
+    out.emit(&value, || format!("{}: {applied} migration(s) applied, schema version {version}\n", store.redacted_url()))
+}
+
+/// `host add`
+pub async fn host_add(store: &Store, out: &Output, new: NewHost) -> anyhow::Result<()> {
+    if let Some(bmc) = &new.bmc_url {
+        check_bmc_url(bmc)?;
+    }
+    let host = store.add_host(&new, &actor()).await?;
+    out.emit(&host, || format!("host {} added\n", host.name))
+}
+
+fn check_bmc_url(bmc: &str) -> anyhow::Result<()> {
+    const SCHEMES: &[&str] = &["redfish", "redfish+http", "redfish+https", "ipmi", "http", "https"];
+    let scheme = bmc.split_once("://").map(|(s, _)| s);
+    match scheme {
+        Some(s) if SCHEMES.contains(&s) && bmc.len() > s.len() + 3 => Ok(()),
+        _ => bail!("BMC URL {bmc:?}: expected one of {} followed by ://HOST", SCHEMES.join(", ")),
+    }
+}
+
+/// `host list`
+pub async fn host_list(store: &Store, out: &Output) -> anyhow::Result<()> {
+    let hosts = store.hosts().await?;
+    out.emit(&hosts, || {
+        table(
+            &["NAME", "STATE", "MAC", "IP", "BMC", "LAST HEARTBEAT"],
+            hosts.iter().map(|h| {
+                vec![
+                    h.name.to_string(),
+                    h.state.to_string(),
+                    opt(h.mac),
+                    opt(h.ip),
+                    opt(h.bmc_url.as_ref()),
+                    opt(h.last_heartbeat),
+                ]
+            }),
+        )
+    })
+}
+
+/// `host show`
+pub async fn host_show(store: &Store, out: &Output, name: &HostName) -> anyhow::Result<()> {
+    let host = store.require_host(name).await?;
+    let instances = store.instances(Some(name)).await?;
+    let live = instances.iter().filter(|i| !i.deleted);
+    let counts = json!({
+        "total": live.clone().count(),
+        "ha": live.filter(|i| i.ha).count(),
+        "deleted": instances.iter().filter(|i| i.deleted).count(),
+    });
+    let events = store.events(&EventFilter { host: Some(name.clone()), limit: Some(20), ..Default::default() }).await?;
+    let value = json!({ "host": host, "instances": counts, "events": events });
+    out.emit(&value, || {
+        let mut s = String::new();
+        let fields = [
+            ("name", host.name.to_string()),
+            ("state", host.state.to_string()),
+            ("mac", opt(host.mac)),
+            ("ip", opt(host.ip)),
+            ("bmc", opt(host.bmc_url.as_ref())),
+            ("image", opt(host.image.as_ref())),
+            ("last heartbeat", opt(host.last_heartbeat)),
+            ("added", host.created_at.to_string()),
+            ("instances", format!("{} ({} HA), {} deleted", counts["total"], counts["ha"], counts["deleted"])),
+        ];
+        for (k, v) in fields {
+            s.push_str(&format!("{:<16}{v}\n", format!("{k}:")));
+        }
+        s.push_str("\nrecent events:\n");
+        s.push_str(&table(
+            &["AT", "ACTOR", "KIND", "MESSAGE"],
+            events.iter().map(|e| vec![e.at.to_string(), e.actor.clone(), e.kind.clone(), e.message.clone()]),
+        ));
+        s
+    })
+}
+
+/// `instance import`
+pub async fn instance_import(store: &Store, out: &Output, file: &Path) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let text = if file == Path::new("-") {
+        std::io::read_to_string(std::io::stdin()).context("reading instances from stdin")?
+    } else {
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?
+    };
+    let parsed = parse_jsonl(&text).with_context(|| format!("{}: nothing imported", file.display()))?;
+    let items: Vec<_> = parsed.iter().map(|(_, item)| item.clone()).collect();
+    let imported = store.import_instances(&items, &actor()).await.map_err(|e| match e {
+        StoreError::Item { index, source } => {
+            let line = parsed.get(index).map_or(0, |(line, _)| *line);
+            anyhow::anyhow!("{}: line {line}: {source}; nothing imported", file.display())
+        }
+        e => anyhow::Error::new(e).context(format!("{}: nothing imported", file.display())),
+    })?;
+    let seconds = started.elapsed().as_secs_f64();
+    let value = json!({ "imported": imported, "seconds": seconds });
+    out.emit(&value, || format!("imported {imported} instances in {seconds:.2} s\n"))
+}
+
+/// `instance list`
+pub async fn instance_list(store: &Store, out: &Output, host: Option<&HostName>) -> anyhow::Result<()> {
+    if let Some(h) = host {
+        store.require_host(h).await?;
+    }
+    let instances = store.instances(host).await?;
+    out.emit(&instances, || {
+        table(
+            &["UUID", "NAME", "HOST", "GEN", "HA", "STORAGE", "DELETED"],
+            instances.iter().map(|i| {
+                vec![
+                    i.uuid.to_string(),
+                    i.name.clone(),
+                    i.owner.to_string(),
+                    i.generation.to_string(),
+                    yes_no(i.ha),
+                    i.storage.to_string(),
+                    yes_no(i.deleted),
+                ]
+            }),
+        )
+    })
+}
+
+/// `instance evacuate`
+pub async fn instance_evacuate(store: &Store, out: &Output, to: &HostName, ids: &[InstanceId]) -> anyhow::Result<()> {
+    let transfers = store.evacuate(ids, to, &actor()).await.map_err(unwrap_item)?;
+    out.emit(&transfers, || {
+        table(
+            &["UUID", "FROM", "TO", "GEN", "MOVED"],
+            transfers.iter().map(|t| {
+                vec![
+                    t.uuid.to_string(),
+                    t.from.to_string(),
+                    t.to.to_string(),
+                    t.generation.to_string(),
+                    yes_no(t.moved),
+                ]
+            }),
+        )
+    })
+}
+
+/// `instance delete`
+pub async fn instance_delete(store: &Store, out: &Output, ids: &[InstanceId]) -> anyhow::Result<()> {
+    let deleted = store.delete_instances(ids, &actor()).await.map_err(unwrap_item)?;
+    out.emit(&deleted, || {
+        table(
+            &["UUID", "HOST", "GEN", "DELETED"],
+            deleted
+                .iter()
+                .map(|o| vec![o.uuid.to_string(), o.owner.to_string(), o.generation.to_string(), yes_no(o.deleted)]),
+        )
+    })
+}
+
+/// For commands given a list of UUIDs, the item's own error says which one; add that
+/// nothing changed.
+fn unwrap_item(e: StoreError) -> anyhow::Error {
+    let e = match e {
+        StoreError::Item { source, .. } => anyhow::Error::new(*source),
+        e => anyhow::Error::new(e),
+    };
+    anyhow::anyhow!("{e:#}; nothing changed")
+}
+
+fn yes_no(b: bool) -> String {
+    if b { "yes" } else { "no" }.to_owned()
+}
+
+fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
+    v.map_or_else(|| "-".to_owned(), |v| v.to_string())
+}
+
+/// Left-aligned columns separated by two spaces.
+fn table(headers: &[&str], rows: impl Iterator<Item = Vec<String>>) -> String {
+    let rows: Vec<Vec<String>> = rows.collect();
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: &mut dyn Iterator<Item = &str>| {
+        let mut s = cells.zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect::<Vec<_>>().join("  ");
+        s.truncate(s.trim_end().len());
+        s.push('\n');
+        s
+    };
+    let mut out = line(&mut headers.iter().copied());
+    for row in &rows {
+        out.push_str(&line(&mut row.iter().map(String::as_str)));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_align_and_trim() {
+        let t = table(&["A", "LONGER"], [vec!["xyz".into(), "1".into()], vec!["q".into(), "".into()]].into_iter());
+        assert_eq!(t, "A    LONGER\nxyz  1\nq\n");
+    }
+
+    #[test]
+    fn bmc_urls_are_checked() {
+        for ok in ["redfish+https://10.0.0.5/redfish/v1/Systems/1", "ipmi://10.0.0.5:623", "http://127.0.0.1:8000"] {
+            check_bmc_url(ok).expect(ok);
+        }
+        for bad in ["10.0.0.5", "ftp://x", "redfish://", "ipmi:/x"] {
+            assert!(check_bmc_url(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,135 @@
+//! The command line (contract: "Provisioner admin" in DESIGN.md).
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use nodekeeper_store::{HostName, InstanceId, MacAddr};
+
+use crate::admin;
+
+/// The default database: an embedded SQLite file in the current directory, created on
+/// demand, so the admin commands work with no setup.
+pub const DEFAULT_DATABASE_URL: &str = "sqlite://./nodekeeper.db";
+
+/// nodekeeper's provisioner and admin tool.
+#[derive(Debug, Parser)]
+#[command(name = "nodekeeper-provisioner", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Database URL: sqlite://PATH or postgres://USER[:PASSWORD]@HOST[:PORT]/DB.
+    #[arg(long, global = true, env = "NODEKEEPER_DATABASE_URL", default_value = DEFAULT_DATABASE_URL, hide_env_values = true)]
+    pub database_url: String,
+
+    /// Print machine-readable JSON on stdout instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+
+    /// More log output on stderr (-v info, -vv debug); RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Database schema management.
+    #[command(subcommand)]
+    Db(DbCommand),
+    /// Compute hosts.
+    #[command(subcommand)]
+    Host(HostCommand),
+    /// Instances (VMs) and who owns them.
+    #[command(subcommand)]
+    Instance(InstanceCommand),
+}
+
+/// `db ...`
+#[derive(Debug, Subcommand)]
+pub enum DbCommand {
+    /// Apply pending schema migrations (idempotent).
+    Migrate,
+}
+
+/// `host ...`
+#[derive(Debug, Subcommand)]
+pub enum HostCommand {
+    /// Register a compute host (state `active`).
+    Add {
+        /// Unique host name; the guard's `host` config key.
+        name: HostName,
+        /// The MAC address it PXE-boots from.
+        #[arg(long)]
+        mac: Option<MacAddr>,
+        /// A fixed address on the provisioning network.
+        #[arg(long)]
+        ip: Option<IpAddr>,
+        /// Its BMC: redfish+https://HOST/redfish/v1/Systems/ID or ipmi://HOST:PORT.
+        #[arg(long)]
+        bmc: Option<String>,
+    },
+    /// List hosts.
+    List,
+    /// One host in detail, with its instance counts and recent events.
+    Show {
+        /// Host name.
+        name: HostName,
+    },
+}
+
+/// `instance ...`
+#[derive(Debug, Subcommand)]
+pub enum InstanceCommand {
+    /// Import instances from JSON lines (all or nothing); FILE `-` reads stdin.
+    Import {
+        /// One JSON object per line: {"uuid","name","host","ha","storage","generation"?,"domain_xml"?}.
+        file: PathBuf,
+    },
+    /// List instances.
+    List {
+        /// Only those owned by this host.
+        #[arg(long)]
+        host: Option<HostName>,
+    },
+    /// Give instances a new owner (generation +1 each), all or nothing.
+    Evacuate {
+        /// The new owner; must be an active host.
+        #[arg(long)]
+        to: HostName,
+        /// Instance UUIDs.
+        #[arg(required = true)]
+        uuids: Vec<InstanceId>,
+    },
+    /// Tombstone instances: kept in the database, quarantined by any host that still has them.
+    Delete {
+        /// Instance UUIDs.
+        #[arg(required = true)]
+        uuids: Vec<InstanceId>,
+    },
+}
+
+/// Runs a parsed command line.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let out = admin::Output { json: cli.json };
+    let migrate_only = matches!(cli.command, Command::Db(DbCommand::Migrate));
+    let store = admin::open_store(&cli.database_url, migrate_only).await?;
+    let result = match cli.command {
+        Command::Db(DbCommand::Migrate) => admin::db_migrate(&store, &out).await,
+        Command::Host(HostCommand::Add { name, mac, ip, bmc }) => {
+            admin::host_add(&store, &out, nodekeeper_store::NewHost { name, mac, ip, bmc_url: bmc }).await
+        }
+        Command::Host(HostCommand::List) => admin::host_list(&store, &out).await,
+        Command::Host(HostCommand::Show { name }) => admin::host_show(&store, &out, &name).await,
+        Command::Instance(InstanceCommand::Import { file }) => admin::instance_import(&store, &out, &file).await,
+        Command::Instance(InstanceCommand::List { host }) => admin::instance_list(&store, &out, host.as_ref()).await,
+        Command::Instance(InstanceCommand::Evacuate { to, uuids }) => {
+            admin::instance_evacuate(&store, &out, &to, &uuids).await
+        }
+        Command::Instance(InstanceCommand::Delete { uuids }) => admin::instance_delete(&store, &out, &uuids).await,
+    };
+    store.close().await;
+    result
+}

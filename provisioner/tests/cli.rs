@@ -1,0 +1,227 @@
+//! The admin CLI as operators run it: the real binary against a throwaway SQLite file and a
+//! throwaway database on a real PostgreSQL server.
+
+use std::process::{Command, Output};
+
+use nodekeeper_store::testing::TestDb;
+use serde_json::Value;
+
+macro_rules! on_both_engines {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test]
+            async fn $name() { super::$name(super::TestDb::sqlite()).await })*
+        }
+        mod postgres {
+            $(#[tokio::test]
+            async fn $name() {
+                if let Some(db) = super::TestDb::postgres().await { super::$name(db).await }
+            })*
+        }
+    };
+}
+
+on_both_engines!(
+    a_fleet_is_managed_end_to_end,
+    a_bad_import_line_is_named_and_nothing_is_imported,
+    evacuate_to_an_unknown_host_changes_nothing,
+    a_large_import_is_one_transaction,
+);
+
+struct Cli {
+    url: String,
+    dir: tempfile::TempDir,
+}
+
+impl Cli {
+    fn new(db: &TestDb) -> Cli {
+        Cli { url: db.url().to_owned(), dir: tempfile::tempdir().expect("work dir") }
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_nodekeeper-provisioner"))
+            .args(args)
+            .env("NODEKEEPER_DATABASE_URL", &self.url)
+            .env_remove("RUST_LOG")
+            .current_dir(self.dir.path())
+            .output()
+            .expect("run nodekeeper-provisioner")
+    }
+
+    /// Runs and expects success; returns stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(out.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).expect("utf-8 stdout")
+    }
+
+    /// Runs and expects failure; returns stderr.
+    fn fails(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(!out.status.success(), "{args:?} should fail; stdout: {}", String::from_utf8_lossy(&out.stdout));
+        String::from_utf8(out.stderr).expect("utf-8 stderr")
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        serde_json::from_str(&self.ok(&all)).expect("--json prints JSON")
+    }
+
+    fn write(&self, name: &str, text: &str) -> String {
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, text).expect("write input file");
+        path.display().to_string()
+    }
+
+    fn setup(&self) {
+        self.ok(&["db", "migrate"]);
+        self.ok(&["host", "add", "node-a", "--mac", "52:54:00:00:00:0a", "--ip", "10.20.0.11"]);
+        self.ok(&["host", "add", "node-b", "--mac", "52:54:00:00:00:0b", "--bmc", "ipmi://127.0.0.1:6230"]);
+    }
+}
+
+fn jsonl(n: usize, host: impl Fn(usize) -> &'static str) -> String {
+    (0..n)
+        .map(|i| {
+            format!(
+                "{{\"uuid\":\"{}\",\"name\":\"vm-{i}\",\"host\":\"{}\",\"ha\":{},\"storage\":\"shared\"}}\n",
+                uuid::Uuid::new_v4(),
+                host(i),
+                i % 2 == 0
+            )
+        })
+        .collect()
+}
+
+async fn a_fleet_is_managed_end_to_end(db: TestDb) {
+    let cli = Cli::new(&db);
+    cli.setup();
+    let hosts = cli.json(&["host", "list"]);
+    assert_eq!(hosts.as_array().map(Vec::len), Some(2));
+    assert_eq!(hosts[0]["name"], "node-a");
+    assert_eq!(hosts[0]["ip"], "10.20.0.11");
+    assert_eq!(hosts[1]["bmc_url"], "ipmi://127.0.0.1:6230");
+
+    let file = cli.write("inv.jsonl", &jsonl(4, |_| "node-a"));
+    assert_eq!(cli.json(&["instance", "import", &file])["imported"], 4);
+    let list = cli.json(&["instance", "list", "--host", "node-a"]);
+    let uuids: Vec<String> =
+        list.as_array().expect("array").iter().map(|i| i["uuid"].as_str().expect("uuid").to_owned()).collect();
+    assert_eq!(uuids.len(), 4);
+
+    let moved = cli.json(&["instance", "evacuate", "--to", "node-b", &uuids[0], &uuids[1]]);
+    assert_eq!(moved[0]["from"], "node-a");
+    assert_eq!(moved[0]["to"], "node-b");
+    assert_eq!(moved[0]["generation"], 2);
+    assert_eq!(cli.json(&["instance", "list", "--host", "node-b"]).as_array().map(Vec::len), Some(2));
+
+    let deleted = cli.json(&["instance", "delete", &uuids[2]]);
+    assert_eq!(deleted[0]["deleted"], true);
+    let show = cli.json(&["host", "show", "node-a"]);
+    assert_eq!(show["host"]["state"], "active");
+    assert_eq!(show["instances"], serde_json::json!({"total": 1, "ha": 0, "deleted": 1}));
+    let kinds: Vec<&str> =
+        show["events"].as_array().expect("events").iter().filter_map(|e| e["kind"].as_str()).collect();
+    assert_eq!(kinds, ["host.added", "instance.imported", "instance.moved", "instance.moved", "instance.deleted"]);
+
+    // The human form is a table with a header.
+    let table = cli.ok(&["instance", "list"]);
+    assert!(table.starts_with("UUID "), "{table}");
+    assert_eq!(table.lines().count(), 5, "{table}");
+}
+
+async fn a_bad_import_line_is_named_and_nothing_is_imported(db: TestDb) {
+    let cli = Cli::new(&db);
+    cli.setup();
+    let good = jsonl(3, |_| "node-a");
+    let mut lines: Vec<&str> = good.lines().collect();
+    let dup = lines[0].to_owned();
+    lines.push(&dup);
+    let file = cli.write("dup.jsonl", &(lines.join("\n") + "\n"));
+    let err = cli.fails(&["instance", "import", &file]);
+    assert!(err.contains("line 4: instance") && err.contains("already appears on line 1"), "{err}");
+
+    let file = cli.write("bad-host.jsonl", &jsonl(5, |i| if i == 3 { "node-x" } else { "node-a" }));
+    let err = cli.fails(&["instance", "import", &file]);
+    assert!(err.contains("line 4: unknown host node-x; nothing imported"), "{err}");
+    assert_eq!(cli.json(&["instance", "list"]), serde_json::json!([]));
+
+    // A UUID already in the database: the whole second import is refused.
+    let first = cli.write("first.jsonl", &good);
+    cli.ok(&["instance", "import", &first]);
+    let second =
+        cli.write("second.jsonl", &format!("{}{}", jsonl(2, |_| "node-b"), good.lines().nth(1).expect("line 2")));
+    let err = cli.fails(&["instance", "import", &second]);
+    assert!(err.contains("line 3: instance") && err.contains("already exists; nothing imported"), "{err}");
+    assert_eq!(cli.json(&["instance", "list"]).as_array().map(Vec::len), Some(3));
+}
+
+async fn evacuate_to_an_unknown_host_changes_nothing(db: TestDb) {
+    let cli = Cli::new(&db);
+    cli.setup();
+    let file = cli.write("inv.jsonl", &jsonl(2, |_| "node-a"));
+    cli.ok(&["instance", "import", &file]);
+    let before = cli.json(&["instance", "list"]);
+    let uuid = before[0]["uuid"].as_str().expect("uuid").to_owned();
+    let err = cli.fails(&["instance", "evacuate", "--to", "node-x", &uuid]);
+    assert_eq!(err.trim(), "error: unknown host node-x; nothing changed");
+    let err = cli.fails(&["instance", "evacuate", "--to", "node-b", &uuid, "00000000-0000-4000-8000-000000000000"]);
+    assert!(err.contains("unknown instance 00000000-0000-4000-8000-000000000000; nothing changed"), "{err}");
+    let err = cli.fails(&["instance", "evacuate", "--to", "node-b", "not-a-uuid"]);
+    assert!(err.contains("invalid instance UUID"), "{err}");
+    assert_eq!(cli.json(&["instance", "list"]), before);
+}
+
+async fn a_large_import_is_one_transaction(db: TestDb) {
+    let cli = Cli::new(&db);
+    cli.setup();
+    let file = cli.write("big.jsonl", &jsonl(20_000, |i| if i % 2 == 0 { "node-a" } else { "node-b" }));
+    assert_eq!(cli.json(&["instance", "import", &file])["imported"], 20_000);
+    assert_eq!(cli.json(&["instance", "list", "--host", "node-b"]).as_array().map(Vec::len), Some(10_000));
+}
+
+#[test]
+fn database_errors_are_clear_and_keep_the_password() {
+    let cli =
+        Cli { url: "postgres://nk:hunter2@127.0.0.1:1/nodekeeper".into(), dir: tempfile::tempdir().expect("dir") };
+    let err = cli.fails(&["host", "list"]);
+    assert!(err.starts_with("error: cannot connect to database postgres://nk:***@127.0.0.1:1/nodekeeper"), "{err}");
+    assert!(err.contains("Connection refused"), "{err}");
+    assert!(!err.contains("hunter2"), "{err}");
+
+    for (url, want) in [
+        ("mysql://root@db/nk", "unsupported scheme"),
+        ("postgres://nk:hunter2@db:port/nk", "invalid port number"),
+        ("sqlite://", "no file path"),
+    ] {
+        let cli = Cli { url: url.into(), dir: tempfile::tempdir().expect("dir") };
+        let err = cli.fails(&["host", "list"]);
+        assert!(err.contains("is not usable") && err.contains(want), "{url}: {err}");
+        assert!(!err.contains("hunter2"), "{err}");
+    }
+}
+
+#[test]
+fn the_default_database_is_created_on_demand() {
+    let dir = tempfile::tempdir().expect("dir");
+    let out = Command::new(env!("CARGO_BIN_EXE_nodekeeper-provisioner"))
+        .args(["--json", "host", "list"])
+        .env_remove("NODEKEEPER_DATABASE_URL")
+        .current_dir(dir.path())
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "[]");
+    assert!(dir.path().join("nodekeeper.db").exists());
+}
+
+#[tokio::test]
+async fn postgres_schema_behind_asks_for_db_migrate() {
+    let Some(db) = TestDb::postgres().await else { return };
+    let cli = Cli::new(&db);
+    let err = cli.fails(&["host", "list"]);
+    assert!(err.contains("schema version 0") && err.contains("run `nodekeeper-provisioner db migrate`"), "{err}");
+    cli.ok(&["db", "migrate"]);
+    assert_eq!(cli.json(&["host", "list"]), serde_json::json!([]));
+}

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# `make bench`: benchmarks whose figures go in docs/performance.md. Release builds, one run,
+# on both database engines. Prints a table at the end.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+
+pg_admin=$(./scripts/setup-test-deps.sh | tail -n1)
+cargo build --release --locked -q -p nodekeeper-provisioner
+nk=./target/release/nodekeeper-provisioner
+mkdir -p .bench
+results=()
+
+# --- instance import: 100,000 JSON lines into a fresh database, three runs each -----------
+python3 - .bench/import-100k.jsonl <<'PY'
+import sys, uuid
+with open(sys.argv[1], "w") as f:
+    for i in range(100_000):
+        host = ("node-a", "node-b", "node-c")[i % 3]
+        f.write('{"uuid":"%s","name":"vm-%d","host":"%s","ha":%s,"storage":"shared"}\n'
+                % (uuid.uuid4(), i, host, "true" if i % 2 else "false"))
+PY
+
+pg_db_url() { local u=${pg_admin%/*}; echo "$u/$1"; }
+psql_admin() { psql -q "$pg_admin" -c "$1" >/dev/null; }
+
+for engine in sqlite postgres; do
+  for run in 1 2 3; do
+    case $engine in
+      sqlite) rm -f .bench/import.db*; url="sqlite://$PWD/.bench/import.db" ;;
+      postgres) psql_admin "DROP DATABASE IF EXISTS nk_bench WITH (FORCE)"; psql_admin "CREATE DATABASE nk_bench"; url=$(pg_db_url nk_bench) ;;
+    esac
+    export NODEKEEPER_DATABASE_URL=$url
+    $nk db migrate >/dev/null
+    for h in node-a node-b node-c; do $nk host add $h >/dev/null; done
+    start=$(date +%s.%N)
+    $nk --json instance import .bench/import-100k.jsonl >/dev/null
+    end=$(date +%s.%N)
+    secs=$(python3 -c "print(f'{$end - $start:.2f}')")
+    count=$($nk --json instance list | python3 -c 'import json,sys; print(len(json.load(sys.stdin)))')
+    [ "$count" = 100000 ] || { echo "bench: $engine import left $count rows" >&2; exit 1; }
+    results+=("import 100,000 instances|$engine|run $run|$secs s")
+  done
+done
+psql_admin "DROP DATABASE IF EXISTS nk_bench WITH (FORCE)"
+
+printf '\n%-28s %-9s %-6s %s\n' BENCHMARK ENGINE RUN RESULT
+for r in "${results[@]}"; do IFS='|' read -r a b c d <<<"$r"; printf '%-28s %-9s %-6s %s\n' "$a" "$b" "$c" "$d"; done
