@@ -1,1 +1,105 @@
-fn main() {}
+//! `nodekeeper-guard`: parses the command line and runs the command.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use nodekeeper_guard::boot::{self, Report};
+use nodekeeper_guard::config::Config;
+
+/// Exit status when the configuration itself is unusable (the only failure of `boot`).
+const EXIT_CONFIG: u8 = 2;
+
+/// nodekeeper's host agent.
+#[derive(Debug, Parser)]
+#[command(name = "nodekeeper-guard", version, about)]
+struct Cli {
+    /// More log output on stderr (-v info, -vv debug); RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Before libvirtd starts: quarantine definitions of instances recovered elsewhere.
+    Boot {
+        /// The guard's config file.
+        #[arg(long, default_value = "/etc/nodekeeper/guard.toml")]
+        config: PathBuf,
+        /// Print one JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    let Command::Boot { config, json } = cli.command;
+    let config = match Config::load(&config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(boot::run(&config)) {
+        Ok(report) => {
+            print_report(&report, json);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {:#}", anyhow::Error::new(e));
+            ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
+fn print_report(r: &Report, json: bool) {
+    if json {
+        match serde_json::to_string(r) {
+            Ok(s) => println!("{s}"),
+            Err(e) => eprintln!("error: encoding the report: {e}"),
+        }
+        return;
+    }
+    println!(
+        "guard boot on {}: database {}; {} kept, {} quarantined, {} unknown, {} blocked, {} restored, {} errors ({} ms)",
+        r.host,
+        serde_json::to_value(r.database).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default(),
+        r.kept.len(),
+        r.quarantined.len(),
+        r.unknown.len(),
+        r.blocked.len(),
+        r.restored.len(),
+        r.errors.len(),
+        r.elapsed_ms
+    );
+    if let Some(e) = &r.database_error {
+        println!("  database: {e}");
+    }
+    for (label, ids) in [("quarantined", &r.quarantined), ("blocked", &r.blocked), ("restored", &r.restored)] {
+        for id in ids {
+            println!("  {label}: {id}");
+        }
+    }
+    for e in &r.errors {
+        println!("  error: {}: {}", e.path.display(), e.reason);
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let default = ["warn", "info", "debug"][usize::from(verbose.min(2))];
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(false).init();
+}

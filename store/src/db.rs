@@ -44,11 +44,14 @@ pub struct ConnectOptions {
     pub timeout: Duration,
     /// Upper bound of pooled connections.
     pub max_connections: u32,
+    /// SQLite: create the database file if it does not exist (the admin CLI does; the guard
+    /// must not conjure an empty database out of a wrong path).
+    pub create_if_missing: bool,
 }
 
 impl Default for ConnectOptions {
     fn default() -> Self {
-        Self { timeout: Duration::from_secs(5), max_connections: 4 }
+        Self { timeout: Duration::from_secs(5), max_connections: 4, create_if_missing: true }
     }
 }
 
@@ -64,7 +67,7 @@ pub struct Store {
 #[derive(Debug, Clone)]
 pub struct DatabaseUrl {
     backend: Backend,
-    /// What the driver gets (SQLite: `mode=rwc` added so the file is created on demand).
+    /// What the driver gets.
     connect: String,
     redacted: String,
 }
@@ -83,14 +86,7 @@ impl DatabaseUrl {
             if file.is_empty() {
                 return Err(invalid("no file path after sqlite://"));
             }
-            let connect = if path.contains("mode=") {
-                url.to_owned()
-            } else if path.contains('?') {
-                format!("{url}&mode=rwc")
-            } else {
-                format!("{url}?mode=rwc")
-            };
-            return Ok(DatabaseUrl { backend: Backend::Sqlite, connect, redacted });
+            return Ok(DatabaseUrl { backend: Backend::Sqlite, connect: url.to_owned(), redacted });
         }
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             let parsed = url::Url::parse(url).map_err(|e| invalid(&e.to_string()))?;
@@ -100,6 +96,18 @@ impl DatabaseUrl {
             return Ok(DatabaseUrl { backend: Backend::Postgres, connect: url.to_owned(), redacted });
         }
         Err(invalid("unsupported scheme; expected sqlite://PATH or postgres://USER@HOST/DB"))
+    }
+
+    /// The URL for the driver: SQLite files get `mode=rwc` (create on demand) or `mode=rw`,
+    /// unless the URL sets a mode itself.
+    fn for_driver(&self, create_if_missing: bool) -> String {
+        let url = &self.connect;
+        if self.backend != Backend::Sqlite || url.contains("mode=") || url.starts_with("sqlite::memory:") {
+            return url.clone();
+        }
+        let mode = if create_if_missing { "rwc" } else { "rw" };
+        let sep = if url.contains('?') { '&' } else { '?' };
+        format!("{url}{sep}mode={mode}")
     }
 
     /// The engine this URL selects.
@@ -152,7 +160,7 @@ impl Store {
         sqlx::any::install_default_drivers();
         let url = DatabaseUrl::parse(url)?;
         let options: AnyConnectOptions = url
-            .connect
+            .for_driver(opts.create_if_missing)
             .parse()
             .map_err(|e: sqlx::Error| StoreError::InvalidUrl { url: url.redacted.clone(), reason: e.to_string() })?;
         let mut pool = AnyPoolOptions::new().max_connections(opts.max_connections).acquire_timeout(opts.timeout);
@@ -263,6 +271,26 @@ impl Store {
     }
 }
 
+/// `count` placeholders for the bind parameters `first..first+count`, for generated
+/// statements with thousands of them. PostgreSQL needs `$N`; SQLite gets anonymous `?`,
+/// because binding a named (`$N`) parameter looks its name up in a linear list, which made
+/// a 1,000-row insert quadratic (118 ms instead of 3 ms).
+pub(crate) fn placeholders(backend: Backend, first: usize, count: usize) -> String {
+    match backend {
+        Backend::Sqlite => vec!["?"; count].join(", "),
+        Backend::Postgres => (first..first + count).map(|i| format!("${i}")).collect::<Vec<_>>().join(", "),
+    }
+}
+
+/// The engine behind a connection.
+pub(crate) fn backend_of(conn: &sqlx::AnyConnection) -> Backend {
+    if conn.backend_name().eq_ignore_ascii_case("sqlite") {
+        Backend::Sqlite
+    } else {
+        Backend::Postgres
+    }
+}
+
 /// Milliseconds since the Unix epoch: how the schema stores time.
 pub(crate) fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
@@ -291,7 +319,8 @@ mod tests {
     fn urls_are_checked_before_connecting() {
         let ok = DatabaseUrl::parse("sqlite://./nodekeeper.db").expect("relative sqlite path");
         assert_eq!(ok.backend(), Backend::Sqlite);
-        assert_eq!(ok.connect, "sqlite://./nodekeeper.db?mode=rwc");
+        assert_eq!(ok.for_driver(true), "sqlite://./nodekeeper.db?mode=rwc");
+        assert_eq!(ok.for_driver(false), "sqlite://./nodekeeper.db?mode=rw");
         assert_eq!(DatabaseUrl::parse("postgresql://nk@db/nk").expect("pg").backend(), Backend::Postgres);
         for bad in ["mysql://x@y/z", "sqlite:", "sqlite://", "nodekeeper.db", "postgres://nk:pw@db:99999999/nk"] {
             let err = DatabaseUrl::parse(bad).expect_err(bad).to_string();

@@ -3,7 +3,7 @@
 use serde::Serialize;
 use sqlx::any::AnyRow;
 
-use crate::db::now_ms;
+use crate::db::{now_ms, placeholders};
 use crate::error::{query, Result};
 use crate::hosts::{get, parse_column};
 use crate::types::{HostName, InstanceId, Timestamp};
@@ -102,7 +102,39 @@ fn event_from_row(row: &AnyRow) -> Result<Event> {
     })
 }
 
+/// Rows per multi-row event insert (6 parameters each).
+const EVENT_BATCH: usize = 1000;
+
 impl Store {
+    /// Appends events in one transaction, in order (all or none).
+    pub async fn record_events(&self, events: &[NewEvent]) -> Result<()> {
+        const WHAT: &str = "recording events";
+        if events.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.begin_write().await.map_err(query(WHAT))?;
+        let now = now_ms();
+        for chunk in events.chunks(EVENT_BATCH) {
+            let rows: Vec<String> =
+                (0..chunk.len()).map(|r| format!("({})", placeholders(self.backend(), r * 6 + 1, 6))).collect();
+            let sql =
+                format!("INSERT INTO events (at, actor, kind, host, instance, message) VALUES {}", rows.join(", "));
+            let mut q = sqlx::query(&sql);
+            for e in chunk {
+                q = q
+                    .bind(now)
+                    .bind(e.actor.as_str())
+                    .bind(e.kind.as_str())
+                    .bind(e.host.as_ref().map(|h| h.as_str().to_owned()))
+                    .bind(e.instance.map(|i| i.to_string()))
+                    .bind(e.message.as_str());
+            }
+            q.execute(&mut *tx).await.map_err(query(WHAT))?;
+        }
+        tx.commit().await.map_err(query(WHAT))?;
+        Ok(())
+    }
+
     /// Appends one event on its own.
     pub async fn record_event(&self, e: &NewEvent) -> Result<()> {
         let mut conn = self.pool.acquire().await.map_err(query("recording an event"))?;

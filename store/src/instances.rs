@@ -9,7 +9,7 @@ use std::collections::{HashMap, HashSet};
 use serde::Serialize;
 use sqlx::any::AnyRow;
 
-use crate::db::{now_ms, Backend};
+use crate::db::{backend_of, now_ms, placeholders};
 use crate::error::{query, Result, StoreError};
 use crate::events::{insert_event, NewEvent};
 use crate::hosts::{get, parse_column};
@@ -20,8 +20,9 @@ use crate::Store;
 /// SQLite's (32,766) and PostgreSQL's (65,535) limit on bound parameters.
 const IMPORT_BATCH: usize = 1000;
 const IMPORT_COLUMNS: usize = 9;
-/// Ids per `IN (...)` list.
-const LOOKUP_BATCH: usize = 4000;
+/// Ids per `IN (...)` list: the guard's boot asks about all its definitions in one query
+/// (10,000 ids is one statement), under both engines' bound-parameter limits.
+const LOOKUP_BATCH: usize = 30_000;
 
 /// An instance to import.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -137,17 +138,6 @@ fn ownership_from_row(row: &AnyRow) -> Result<Ownership> {
         deleted: flag(row, "deleted")?,
         ha: flag(row, "ha")?,
     })
-}
-
-/// `count` placeholders for the bind parameters `first..first+count`, for generated
-/// statements with thousands of them. PostgreSQL needs `$N`; SQLite gets anonymous `?`,
-/// because binding a named (`$N`) parameter looks its name up in a linear list, which made
-/// a 1,000-row insert quadratic (118 ms instead of 3 ms).
-fn placeholders(backend: Backend, first: usize, count: usize) -> String {
-    match backend {
-        Backend::Sqlite => vec!["?"; count].join(", "),
-        Backend::Postgres => (first..first + count).map(|i| format!("${i}")).collect::<Vec<_>>().join(", "),
-    }
 }
 
 fn item_error(index: usize, source: StoreError) -> StoreError {
@@ -416,7 +406,7 @@ async fn lookup_in(
     conn: &mut sqlx::AnyConnection,
     ids: impl IntoIterator<Item = InstanceId>,
 ) -> Result<Vec<Ownership>> {
-    let backend = if conn.backend_name().eq_ignore_ascii_case("sqlite") { Backend::Sqlite } else { Backend::Postgres };
+    let backend = backend_of(conn);
     let ids: Vec<String> = ids.into_iter().map(|i| i.to_string()).collect();
     let mut out = Vec::new();
     for chunk in ids.chunks(LOOKUP_BATCH) {

@@ -1,0 +1,284 @@
+//! Carrying out a [`Plan`](super::decide::Plan) on disk, crash-safely.
+//!
+//! Quarantines go through a journal (`state_dir/journal.json`): the intended moves are
+//! written durably first, then performed, then their events recorded in the database, and
+//! only then is the journal removed. A run that finds a journal finishes it first, so a crash
+//! at any point loses nothing and the next run completes the job. Link moves (block, restore,
+//! retire) need no journal: each intermediate state is recognised by the next decision.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use nodekeeper_store::InstanceId;
+use serde::{Deserialize, Serialize};
+
+use super::decide::{Action, StaleReason};
+use super::scan::FileError;
+use crate::fault;
+use crate::fsutil;
+
+/// The directories the guard works in.
+#[derive(Debug, Clone)]
+pub struct Dirs {
+    /// libvirt's `config_dir`.
+    pub config_dir: PathBuf,
+    /// `state_dir`.
+    pub state_dir: PathBuf,
+}
+
+impl Dirs {
+    /// `state_dir/quarantine`: stale definitions, never deleted.
+    pub fn quarantine(&self) -> PathBuf {
+        self.state_dir.join("quarantine")
+    }
+    /// `state_dir/blocked`: autostart links moved aside.
+    pub fn blocked(&self) -> PathBuf {
+        self.state_dir.join("blocked")
+    }
+    /// `config_dir/autostart`
+    pub fn autostart(&self) -> PathBuf {
+        self.config_dir.join("autostart")
+    }
+    /// `state_dir/journal.json`: quarantines not yet fully recorded.
+    pub fn journal(&self) -> PathBuf {
+        self.state_dir.join("journal.json")
+    }
+    /// `state_dir/cache.json`: what the last run that reached the database learned.
+    pub fn cache(&self) -> PathBuf {
+        self.state_dir.join("cache.json")
+    }
+
+    /// Creates `state_dir` and its subdirectories (0700: they hold domain XML).
+    pub fn prepare(&self) -> io::Result<()> {
+        use std::os::unix::fs::DirBuilderExt;
+        for dir in [self.state_dir.clone(), self.quarantine(), self.blocked()] {
+            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir)?;
+        }
+        Ok(())
+    }
+}
+
+/// One quarantine in the journal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Quarantine {
+    /// The instance.
+    pub uuid: InstanceId,
+    /// Where the definition was.
+    pub source: PathBuf,
+    /// Where it goes in `quarantine/`.
+    pub dest: PathBuf,
+    /// Its autostart link, removed first.
+    pub autostart: Option<PathBuf>,
+    /// Why.
+    pub reason: StaleReason,
+}
+
+/// The journal of quarantines whose events are not yet in the database.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Journal {
+    /// Moves decided, maybe not yet done, not yet recorded.
+    pub entries: Vec<Quarantine>,
+}
+
+impl Journal {
+    /// Reads the journal; none is an empty one. A corrupt journal (it is written atomically,
+    /// so only a hand edit makes one) is set aside as `journal.json.corrupt` and reported.
+    pub fn load(dirs: &Dirs, errors: &mut Vec<FileError>) -> Journal {
+        let path = dirs.journal();
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Journal::default(),
+            Err(e) => {
+                errors.push(FileError { path, reason: format!("unreadable journal: {e}") });
+                return Journal::default();
+            }
+        };
+        match serde_json::from_slice(&bytes) {
+            Ok(j) => j,
+            Err(e) => {
+                let aside = dirs.state_dir.join("journal.json.corrupt");
+                let _ = std::fs::rename(&path, &aside);
+                errors
+                    .push(FileError { path, reason: format!("corrupt journal set aside as {}: {e}", aside.display()) });
+                Journal::default()
+            }
+        }
+    }
+
+    /// Writes the journal durably (or removes it when empty).
+    pub fn store(&self, dirs: &Dirs) -> io::Result<()> {
+        if self.entries.is_empty() {
+            return match std::fs::remove_file(dirs.journal()) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+                _ => fsutil::fsync_dir(&dirs.state_dir),
+            };
+        }
+        let bytes = serde_json::to_vec_pretty(self).map_err(io::Error::other)?;
+        fsutil::write_atomic(&dirs.journal(), &bytes)
+    }
+}
+
+/// What was done.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Outcome {
+    /// Quarantines completed on disk (their events still to record), journal order.
+    pub quarantined: Vec<Quarantine>,
+    /// Autostart links moved aside.
+    pub blocked: Vec<InstanceId>,
+    /// Autostart links given back.
+    pub restored: Vec<InstanceId>,
+    /// What failed, per file.
+    pub errors: Vec<FileError>,
+}
+
+/// Finishes the journal's moves, then carries out `actions`. Returns what was done; the
+/// journal on disk now lists every completed quarantine whose event is not yet recorded
+/// (the caller records them and then calls [`Journal::store`] with what remains).
+pub fn execute(dirs: &Dirs, mut journal: Journal, actions: &[Action]) -> io::Result<(Outcome, Journal)> {
+    let mut out = Outcome::default();
+
+    // 1. New quarantines join the journal, which is made durable before anything moves.
+    for action in actions {
+        if let Action::Quarantine { uuid, path, autostart, reason } = action {
+            if journal.entries.iter().any(|q| &q.source == path) {
+                continue;
+            }
+            let dest = quarantine_dest(&dirs.quarantine(), *uuid, path, &journal);
+            journal.entries.push(Quarantine {
+                uuid: *uuid,
+                source: path.clone(),
+                dest,
+                autostart: autostart.clone(),
+                reason: reason.clone(),
+            });
+        }
+    }
+    if !journal.entries.is_empty() {
+        journal.store(dirs)?;
+        fault::point("after-journal");
+    }
+
+    // 2. The moves, each idempotent: a rerun after a crash completes what is missing.
+    let mut done = Vec::with_capacity(journal.entries.len());
+    for q in &journal.entries {
+        match quarantine_one(q) {
+            Ok(()) => done.push(q.clone()),
+            Err(e) => out.errors.push(FileError { path: q.source.clone(), reason: format!("quarantine failed: {e}") }),
+        }
+    }
+    if !journal.entries.is_empty() {
+        for dir in [dirs.config_dir.clone(), dirs.autostart(), dirs.quarantine()] {
+            if dir.exists() {
+                fsutil::fsync_dir(&dir)?;
+            }
+        }
+        fault::point("after-moves");
+    }
+    // A move that failed is reported and leaves the journal: nothing moved, so the next run
+    // decides afresh from what is on disk.
+    journal.entries = done.clone();
+    out.quarantined = done;
+
+    // 3. Links.
+    let mut touched_links = false;
+    for action in actions {
+        let result = match action {
+            Action::Quarantine { .. } => continue,
+            Action::Block { uuid, link } => {
+                move_link_into(link, &dirs.blocked()).map(|()| out.blocked.push(*uuid)).map_err(|e| (link, e))
+            }
+            Action::Restore { uuid, blocked } => ensure_dir(&dirs.autostart())
+                .and_then(|()| move_link_into(blocked, &dirs.autostart()))
+                .map(|()| out.restored.push(*uuid))
+                .map_err(|e| (blocked, e)),
+            Action::Retire { uuid, blocked } => retire(blocked, *uuid, &dirs.quarantine()).map_err(|e| (blocked, e)),
+        };
+        touched_links = true;
+        if let Err((path, e)) = result {
+            out.errors.push(FileError { path: path.clone(), reason: format!("moving link failed: {e}") });
+        }
+    }
+    if touched_links {
+        for dir in [dirs.autostart(), dirs.blocked(), dirs.quarantine()] {
+            if dir.exists() {
+                fsutil::fsync_dir(&dir)?;
+            }
+        }
+    }
+    Ok((out, journal))
+}
+
+/// Removes the autostart link, then moves the definition. Idempotent.
+fn quarantine_one(q: &Quarantine) -> io::Result<()> {
+    if let Some(link) = &q.autostart {
+        fsutil::remove_link(link)?;
+        fault::point("after-unlink");
+    }
+    let (src, dest) = (fsutil::exists(&q.source), fsutil::exists(&q.dest));
+    match (src, dest) {
+        (true, false) => fsutil::move_file(&q.source, &q.dest)?,
+        (false, true) => {} // done before a crash
+        (true, true) => {
+            // Both: the source was recreated after an earlier move. Same bytes: the copy in
+            // quarantine preserves it, so the source may go. Different bytes: leave it.
+            if fsutil::same_contents(&q.source, &q.dest)? {
+                std::fs::remove_file(&q.source)?;
+            } else {
+                return Err(io::Error::other(format!(
+                    "{} differs from its quarantined copy {}",
+                    q.source.display(),
+                    q.dest.display()
+                )));
+            }
+        }
+        (false, false) => {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{} vanished before it was quarantined", q.source.display()),
+            ))
+        }
+    }
+    fault::point("after-move");
+    Ok(())
+}
+
+/// `quarantine/UUID.NAME.xml`, or with a numeric suffix when that name is taken (the same
+/// instance quarantined again later): the name always keeps the UUID.
+fn quarantine_dest(dir: &Path, uuid: InstanceId, source: &Path, journal: &Journal) -> PathBuf {
+    let name = source.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let base = format!("{uuid}.{name}");
+    let taken = |p: &Path| fsutil::exists(p) || journal.entries.iter().any(|q| q.dest == p);
+    let mut dest = dir.join(&base);
+    let mut n = 1;
+    while taken(&dest) {
+        dest = dir.join(format!("{base}.{n}"));
+        n += 1;
+    }
+    dest
+}
+
+fn move_link_into(link: &Path, dir: &Path) -> io::Result<()> {
+    let name = link.file_name().ok_or_else(|| io::Error::other("link has no file name"))?;
+    fsutil::move_link(link, &dir.join(name))
+}
+
+/// A blocked link of a stale or vanished domain goes to `quarantine/` as
+/// `UUID.NAME.xml.autostart` (or `NAME.xml.autostart`): inert, and kept as a record.
+fn retire(blocked: &Path, uuid: Option<InstanceId>, quarantine: &Path) -> io::Result<()> {
+    let name = blocked.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let base = match uuid {
+        Some(u) => format!("{u}.{name}.autostart"),
+        None => format!("{name}.autostart"),
+    };
+    let mut dest = quarantine.join(&base);
+    let mut n = 1;
+    while fsutil::exists(&dest) {
+        dest = quarantine.join(format!("{base}.{n}"));
+        n += 1;
+    }
+    fsutil::move_link(blocked, &dest)
+}
+
+fn ensure_dir(dir: &Path) -> io::Result<()> {
+    std::fs::create_dir_all(dir)
+}

@@ -1,0 +1,120 @@
+//! Reading the host's libvirt state from files (libvirtd is not running yet): every `*.xml`
+//! in `config_dir`, the links in `config_dir/autostart/`, and the links the guard moved
+//! aside into `state_dir/blocked/`.
+
+use std::collections::HashMap;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use crate::domain::{parse_domain_xml, DomainMeta};
+
+/// One parsed definition in `config_dir`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalDomain {
+    /// `config_dir/NAME.xml`
+    pub path: PathBuf,
+    /// `NAME.xml`: also the name of its autostart link.
+    pub file_name: String,
+    /// What the XML says.
+    pub meta: DomainMeta,
+    /// `config_dir/autostart/NAME.xml`, when that link exists.
+    pub autostart: Option<PathBuf>,
+}
+
+/// An autostart link the guard moved aside, in `state_dir/blocked/`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockedLink {
+    /// `state_dir/blocked/NAME.xml`
+    pub path: PathBuf,
+    /// `NAME.xml`
+    pub file_name: String,
+}
+
+/// A file that could not be used, and why.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct FileError {
+    /// The file.
+    pub path: PathBuf,
+    /// Why.
+    pub reason: String,
+}
+
+/// Everything found on disk.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Scan {
+    /// Parsed definitions, by file name.
+    pub domains: Vec<LocalDomain>,
+    /// Files that are not usable definitions (left in place).
+    pub errors: Vec<FileError>,
+    /// Autostart links previously moved aside.
+    pub blocked: Vec<BlockedLink>,
+}
+
+/// Reads `config_dir` and `blocked_dir`. A missing directory is empty, not an error (a
+/// host without libvirt definitions yet, or without an `autostart/` directory).
+pub fn scan(config_dir: &Path, blocked_dir: &Path) -> io::Result<Scan> {
+    let mut out = Scan::default();
+    let links = list_links(&config_dir.join("autostart"))?;
+    let mut files = list_dir(config_dir)?;
+    files.retain(|(name, kind)| name.ends_with(".xml") && !name.starts_with('.') && kind.is_file());
+    files.sort_by(|a, b| a.0.cmp(&b.0));
+    for (file_name, _) in files {
+        let path = config_dir.join(&file_name);
+        let bytes = match read_bounded(&path) {
+            Ok(b) => b,
+            Err(e) => {
+                out.errors.push(FileError { path, reason: format!("unreadable: {e}") });
+                continue;
+            }
+        };
+        match parse_domain_xml(&bytes) {
+            Ok(meta) => {
+                let autostart = links.get(&file_name).cloned();
+                out.domains.push(LocalDomain { path, file_name, meta, autostart });
+            }
+            Err(e) => out.errors.push(FileError { path, reason: e.to_string() }),
+        }
+    }
+    let mut blocked: Vec<_> = list_links(blocked_dir)?.into_iter().collect();
+    blocked.sort();
+    out.blocked = blocked.into_iter().map(|(file_name, path)| BlockedLink { path, file_name }).collect();
+    Ok(out)
+}
+
+/// `(file name, file type)` of each entry; empty when the directory does not exist.
+fn list_dir(dir: &Path) -> io::Result<Vec<(String, std::fs::FileType)>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io::Error::new(e.kind(), format!("reading {}: {e}", dir.display()))),
+    };
+    let mut out = Vec::new();
+    for entry in entries {
+        let entry = entry?;
+        let Some(name) = entry.file_name().to_str().map(str::to_owned) else { continue };
+        out.push((name, entry.file_type()?));
+    }
+    Ok(out)
+}
+
+/// Symlinks named `*.xml` in `dir`, by file name. Dangling links are listed too: the caller
+/// matches them by name, and libvirtd ignores an autostart link without a definition.
+fn list_links(dir: &Path) -> io::Result<HashMap<String, PathBuf>> {
+    Ok(list_dir(dir)?
+        .into_iter()
+        .filter(|(name, kind)| kind.is_symlink() && name.ends_with(".xml"))
+        .map(|(name, _)| {
+            let path = dir.join(&name);
+            (name, path)
+        })
+        .collect())
+}
+
+fn read_bounded(path: &Path) -> io::Result<Vec<u8>> {
+    use std::io::Read;
+    let file = std::fs::File::open(path)?;
+    let mut bytes = Vec::new();
+    // One byte past the limit is enough for the parser to refuse the file as too large.
+    file.take(crate::domain::MAX_XML_BYTES as u64 + 1).read_to_end(&mut bytes)?;
+    Ok(bytes)
+}

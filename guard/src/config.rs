@@ -1,0 +1,170 @@
+//! The guard's configuration file (contract: "Guard boot" in DESIGN.md).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nodekeeper_store::HostName;
+use serde::{Deserialize, Deserializer};
+
+/// `/etc/nodekeeper/guard.toml`, typed. Unknown keys are refused so a typo cannot silently
+/// fall back to a default.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// This host's name in the database's host table.
+    pub host: HostName,
+    /// `postgres://…` or `sqlite:///path/to.db`.
+    pub database_url: String,
+    /// Where libvirt keeps its persistent definitions.
+    #[serde(default)]
+    pub libvirt: LibvirtConfig,
+    /// The boot-time pass.
+    #[serde(default)]
+    pub boot: BootConfig,
+}
+
+/// `[libvirt]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LibvirtConfig {
+    /// Persistent domain XMLs; `autostart/` below it holds the autostart links.
+    pub config_dir: PathBuf,
+    /// The libvirt URI for the pass after libvirtd is up (`boot --post-libvirt`).
+    pub uri: String,
+}
+
+impl Default for LibvirtConfig {
+    fn default() -> Self {
+        Self { config_dir: PathBuf::from("/etc/libvirt/qemu"), uri: "qemu:///system".into() }
+    }
+}
+
+/// `[boot]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BootConfig {
+    /// Local cache, `quarantine/`, `blocked/`, and the journal of unfinished moves.
+    pub state_dir: PathBuf,
+    /// How long to retry the database before applying `on_db_unreachable`.
+    #[serde(deserialize_with = "duration")]
+    pub db_wait: Duration,
+    /// What to block when the database cannot be asked.
+    pub on_db_unreachable: OnDbUnreachable,
+}
+
+impl Default for BootConfig {
+    fn default() -> Self {
+        Self {
+            state_dir: PathBuf::from("/var/lib/nodekeeper"),
+            db_wait: Duration::from_secs(30),
+            on_db_unreachable: OnDbUnreachable::BlockHa,
+        }
+    }
+}
+
+/// Policy when the database is unreachable (or does not know this host).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnDbUnreachable {
+    /// Move aside the autostart links of HA domains (they may have been recovered elsewhere).
+    BlockHa,
+    /// Move aside every autostart link.
+    BlockAll,
+    /// Block nothing: libvirtd autostarts as usual.
+    Allow,
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    humantime::parse_duration(&s).map_err(|e| serde::de::Error::custom(format!("invalid duration {s:?}: {e}")))
+}
+
+/// The configuration file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// It cannot be read.
+    #[error("reading config {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// It is not valid TOML of the expected shape.
+    #[error("config {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message (names the key and position).
+        message: String,
+    },
+}
+
+impl Config {
+    /// Reads and checks a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        Config::parse(&text).map_err(|message| ConfigError::Parse { path: path.into(), message })
+    }
+
+    /// Parses config text.
+    pub fn parse(text: &str) -> Result<Config, String> {
+        let config: Config = toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned())?;
+        nodekeeper_store::DatabaseUrl::parse(&config.database_url).map_err(|e| e.to_string())?;
+        if !config.boot.state_dir.is_absolute() || !config.libvirt.config_dir.is_absolute() {
+            return Err("libvirt.config_dir and boot.state_dir must be absolute paths".into());
+        }
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_contract_example_parses() {
+        let c = Config::parse(
+            r#"
+host = "node-a"
+database_url = "postgres://nodekeeper@db/nodekeeper"
+[libvirt]
+config_dir = "/etc/libvirt/qemu"
+[boot]
+state_dir = "/var/lib/nodekeeper"
+db_wait = "30s"
+on_db_unreachable = "block-ha"
+"#,
+        )
+        .expect("contract example");
+        assert_eq!(c.host.as_str(), "node-a");
+        assert_eq!(c.boot.db_wait, Duration::from_secs(30));
+        assert_eq!(c.boot.on_db_unreachable, OnDbUnreachable::BlockHa);
+        assert_eq!(c.libvirt.uri, "qemu:///system");
+    }
+
+    #[test]
+    fn defaults_apply_and_bad_configs_are_named() {
+        let c = Config::parse("host = \"n1\"\ndatabase_url = \"sqlite:///tmp/x.db\"\n").expect("minimal");
+        assert_eq!(c.boot.state_dir, PathBuf::from("/var/lib/nodekeeper"));
+        assert_eq!(c.libvirt.config_dir, PathBuf::from("/etc/libvirt/qemu"));
+        let cases = [
+            ("database_url = \"sqlite:///x\"", "missing field `host`"),
+            ("host = \"n1\"\ndatabase_url = \"sqlite:///x\"\nhots = 1", "unknown field `hots`"),
+            ("host = \"n1\"\ndatabase_url = \"sqlite:///x\"\n[boot]\ndb_wait = \"soon\"", "invalid duration"),
+            (
+                "host = \"n1\"\ndatabase_url = \"sqlite:///x\"\n[boot]\non_db_unreachable = \"panic\"",
+                "unknown variant `panic`",
+            ),
+            ("host = \"n 1\"\ndatabase_url = \"sqlite:///x\"", "invalid host name"),
+            ("host = \"n1\"\ndatabase_url = \"mysql://x\"", "unsupported scheme"),
+            ("host = \"n1\"\ndatabase_url = \"sqlite:///x\"\n[boot]\nstate_dir = \"rel\"", "absolute"),
+            ("host = [", "invalid"),
+        ];
+        for (text, want) in cases {
+            let err = Config::parse(text).expect_err(text);
+            assert!(err.contains(want), "{text}: {err}");
+        }
+    }
+}

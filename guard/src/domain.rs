@@ -1,0 +1,168 @@
+//! Reading what the guard needs from a libvirt domain XML: `<uuid>`, `<name>`, and the
+//! nodekeeper metadata element
+//! `<metadata><nk:instance xmlns:nk="https://nodekeeper.dev/xmlns/instance/1" generation="3" ha="true"/></metadata>`.
+
+use nodekeeper_store::{Generation, InstanceId};
+
+/// The XML namespace of nodekeeper's metadata element.
+pub const NK_NAMESPACE: &str = "https://nodekeeper.dev/xmlns/instance/1";
+
+/// The largest domain XML read (libvirt's own are a few KiB; a larger file is not one).
+pub const MAX_XML_BYTES: usize = 4 << 20;
+
+/// What a domain definition says about itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DomainMeta {
+    /// `<uuid>`
+    pub uuid: InstanceId,
+    /// `<name>`
+    pub name: String,
+    /// `nk:instance/@generation`: the generation this host last knew, if recorded.
+    pub generation: Option<Generation>,
+    /// `nk:instance/@ha`, if recorded.
+    pub ha: Option<bool>,
+}
+
+/// Why a file is not a usable domain definition.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DomainXmlError {
+    /// Larger than [`MAX_XML_BYTES`].
+    #[error("larger than {MAX_XML_BYTES} bytes")]
+    TooLarge,
+    /// Not well-formed XML (DTDs are refused too).
+    #[error("malformed XML: {0}")]
+    Malformed(String),
+    /// The root element is not `<domain>`.
+    #[error("root element is <{0}>, not <domain>")]
+    NotADomain(String),
+    /// A required element is missing or empty.
+    #[error("no <{0}> element")]
+    Missing(&'static str),
+    /// `<uuid>` does not hold a UUID.
+    #[error("<uuid> {0:?} is not a UUID")]
+    BadUuid(String),
+    /// The nodekeeper metadata element has an unreadable attribute.
+    #[error("nk:instance attribute {attr}={value:?} is invalid")]
+    BadMetadata {
+        /// The attribute.
+        attr: &'static str,
+        /// Its value.
+        value: String,
+    },
+}
+
+/// Parses a domain definition. Pure; never panics on any input.
+pub fn parse_domain_xml(bytes: &[u8]) -> Result<DomainMeta, DomainXmlError> {
+    if bytes.len() > MAX_XML_BYTES {
+        return Err(DomainXmlError::TooLarge);
+    }
+    let text = std::str::from_utf8(bytes).map_err(|e| DomainXmlError::Malformed(e.to_string()))?;
+    let doc = roxmltree::Document::parse(text).map_err(|e| DomainXmlError::Malformed(e.to_string()))?;
+    let root = doc.root_element();
+    if root.tag_name().name() != "domain" || root.tag_name().namespace().is_some() {
+        return Err(DomainXmlError::NotADomain(root.tag_name().name().to_owned()));
+    }
+    let child_text = |name: &'static str| -> Result<String, DomainXmlError> {
+        let node = root
+            .children()
+            .find(|n| n.is_element() && n.tag_name().name() == name && n.tag_name().namespace().is_none())
+            .ok_or(DomainXmlError::Missing(name))?;
+        let text = node.text().unwrap_or_default().trim();
+        if text.is_empty() {
+            return Err(DomainXmlError::Missing(name));
+        }
+        Ok(text.to_owned())
+    };
+    let uuid_text = child_text("uuid")?;
+    let uuid = uuid_text.parse().map_err(|_| DomainXmlError::BadUuid(uuid_text))?;
+    let name = child_text("name")?;
+
+    let nk = root
+        .children()
+        .filter(|n| n.is_element() && n.tag_name().name() == "metadata")
+        .flat_map(|m| m.children())
+        .find(|n| {
+            n.is_element() && n.tag_name().name() == "instance" && n.tag_name().namespace() == Some(NK_NAMESPACE)
+        });
+    let (mut generation, mut ha) = (None, None);
+    if let Some(nk) = nk {
+        if let Some(v) = nk.attribute("generation") {
+            let g: u64 = v
+                .trim()
+                .parse()
+                .map_err(|_| DomainXmlError::BadMetadata { attr: "generation", value: v.to_owned() })?;
+            generation = Some(Generation(g));
+        }
+        if let Some(v) = nk.attribute("ha") {
+            ha = Some(match v.trim() {
+                "true" | "1" | "yes" => true,
+                "false" | "0" | "no" => false,
+                _ => return Err(DomainXmlError::BadMetadata { attr: "ha", value: v.to_owned() }),
+            });
+        }
+    }
+    Ok(DomainMeta { uuid, name, generation, ha })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const UUID: &str = "6c1d3f2a-0b1e-4c53-9a0e-1f2d3c4b5a01";
+
+    fn xml(meta: &str) -> String {
+        format!("<domain type='qemu'>\n  <name>web-1</name>\n  <uuid>{UUID}</uuid>\n  <metadata>{meta}</metadata>\n</domain>\n")
+    }
+
+    #[test]
+    fn reads_uuid_name_and_metadata() {
+        let m = parse_domain_xml(
+            xml(&format!("<nk:instance xmlns:nk='{NK_NAMESPACE}' generation='3' ha='true'/>")).as_bytes(),
+        )
+        .expect("valid");
+        assert_eq!(m.uuid.to_string(), UUID);
+        assert_eq!(m.name, "web-1");
+        assert_eq!(m.generation, Some(Generation(3)));
+        assert_eq!(m.ha, Some(true));
+    }
+
+    #[test]
+    fn metadata_is_optional_and_namespaced() {
+        let none = parse_domain_xml(xml("").as_bytes()).expect("no metadata");
+        assert_eq!((none.generation, none.ha), (None, None));
+        // Another application's <instance> element is not ours.
+        let other = parse_domain_xml(xml("<x:instance xmlns:x='urn:other' generation='9'/>").as_bytes()).expect("ok");
+        assert_eq!(other.generation, None);
+        // Only the element's namespace counts, not its prefix.
+        let prefixed =
+            parse_domain_xml(xml(&format!("<foo:instance xmlns:foo='{NK_NAMESPACE}' ha='false'/>")).as_bytes())
+                .expect("ok");
+        assert_eq!(prefixed.ha, Some(false));
+    }
+
+    #[test]
+    fn bad_definitions_say_why() {
+        let nk = |attrs: &str| xml(&format!("<nk:instance xmlns:nk='{NK_NAMESPACE}' {attrs}/>"));
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            (b"<domain><name>x</name>".to_vec(), "malformed XML"),
+            (b"".to_vec(), "malformed XML"),
+            (vec![0xff, 0xfe, b'<'], "malformed XML"),
+            (b"<network><name>x</name></network>".to_vec(), "root element is <network>"),
+            (format!("<domain><uuid>{UUID}</uuid></domain>").into_bytes(), "no <name>"),
+            (b"<domain><name>x</name></domain>".to_vec(), "no <uuid>"),
+            (b"<domain><name>x</name><uuid>  </uuid></domain>".to_vec(), "no <uuid>"),
+            (b"<domain><name>x</name><uuid>nope</uuid></domain>".to_vec(), "is not a UUID"),
+            (nk("generation='-1'").into_bytes(), "generation=\"-1\""),
+            (nk("ha='maybe'").into_bytes(), "ha=\"maybe\""),
+            (
+                b"<!DOCTYPE d [<!ENTITY a 'aaaa'>]><domain><name>&a;</name><uuid>6c1d3f2a-0b1e-4c53-9a0e-1f2d3c4b5a01</uuid></domain>".to_vec(),
+                "malformed XML",
+            ),
+            (vec![b' '; MAX_XML_BYTES + 1], "larger than"),
+        ];
+        for (input, want) in cases {
+            let err = parse_domain_xml(&input).expect_err(&String::from_utf8_lossy(&input[..input.len().min(80)]));
+            assert!(err.to_string().contains(want), "{err} should contain {want}");
+        }
+    }
+}

@@ -1,0 +1,95 @@
+//! Crash-safe file operations: every write goes through a temporary file in the same
+//! directory, fsync, rename; every move is a rename (or, across filesystems, a durable copy
+//! then a rename) so a crash leaves the old or the new state, never a torn one.
+
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::Path;
+
+/// Replaces `path` with `bytes` atomically and durably.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let dir = parent(path)?;
+    let tmp = dir.join(format!(".{}.tmp", file_name(path)?));
+    {
+        let mut f = File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    fs::rename(&tmp, path)?;
+    fsync_dir(dir)
+}
+
+/// Makes the directory's entries (renames, creations, removals) durable.
+pub fn fsync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Moves a regular file to `dest` (which must not exist), byte for byte. Same filesystem:
+/// one atomic rename. Across filesystems: copy to a temporary name beside `dest`, fsync,
+/// rename into place, then remove the source — at every instant at least one complete copy
+/// exists. The caller fsyncs the directories.
+pub fn move_file(src: &Path, dest: &Path) -> io::Result<()> {
+    match fs::rename(src, dest) {
+        Err(e) if e.raw_os_error() == Some(libc_exdev()) => {
+            let tmp = parent(dest)?.join(format!(".{}.tmp", file_name(dest)?));
+            fs::copy(src, &tmp)?;
+            File::open(&tmp)?.sync_all()?;
+            fs::rename(&tmp, dest)?;
+            fsync_dir(parent(dest)?)?;
+            fs::remove_file(src)
+        }
+        other => other,
+    }
+}
+
+/// Moves a symbolic link `src` to `dest` (keeping its target), across filesystems too. If
+/// `dest` already is a link (an earlier move crashed after creating it), only `src` is removed.
+pub fn move_link(src: &Path, dest: &Path) -> io::Result<()> {
+    if fs::symlink_metadata(dest).is_ok_and(|m| m.file_type().is_symlink()) {
+        return remove_link(src);
+    }
+    let target = fs::read_link(src)?;
+    let tmp = parent(dest)?.join(format!(".{}.tmp", file_name(dest)?));
+    let _ = fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(&target, &tmp)?;
+    fs::rename(&tmp, dest)?;
+    remove_link(src)
+}
+
+/// Removes `path` if it is a symbolic link; a missing path is fine; anything else is refused
+/// (the guard never deletes a file).
+pub fn remove_link(path: &Path) -> io::Result<()> {
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => fs::remove_file(path),
+        Ok(_) => Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{} is not a symbolic link", path.display()))),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether `a` and `b` hold the same bytes.
+pub fn same_contents(a: &Path, b: &Path) -> io::Result<bool> {
+    let (ma, mb) = (fs::metadata(a)?, fs::metadata(b)?);
+    Ok(ma.len() == mb.len() && fs::read(a)? == fs::read(b)?)
+}
+
+/// Whether anything (even a dangling link) is at `path`.
+pub fn exists(path: &Path) -> bool {
+    fs::symlink_metadata(path).is_ok()
+}
+
+fn parent(path: &Path) -> io::Result<&Path> {
+    path.parent()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("{} has no parent", path.display())))
+}
+
+fn file_name(path: &Path) -> io::Result<String> {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("{} has no file name", path.display())))
+}
+
+/// EXDEV ("Invalid cross-device link") on Linux.
+const fn libc_exdev() -> i32 {
+    18
+}
