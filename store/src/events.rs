@@ -22,12 +22,21 @@ pub struct NewEvent {
     pub instance: Option<InstanceId>,
     /// One human sentence.
     pub message: String,
+    /// Idempotency key: an event with a key already recorded is not recorded again.
+    pub key: Option<String>,
 }
 
 impl NewEvent {
     /// An event about a host.
     pub fn host(actor: &str, kind: &str, host: &HostName, message: String) -> NewEvent {
-        NewEvent { actor: actor.to_owned(), kind: kind.to_owned(), host: Some(host.clone()), instance: None, message }
+        NewEvent {
+            actor: actor.to_owned(),
+            kind: kind.to_owned(),
+            host: Some(host.clone()),
+            instance: None,
+            message,
+            key: None,
+        }
     }
 
     /// An event about an instance (and the host it concerns).
@@ -38,7 +47,13 @@ impl NewEvent {
             host: Some(host.clone()),
             instance: Some(instance),
             message,
+            key: None,
         }
+    }
+
+    /// The same event with an idempotency key.
+    pub fn with_key(self, key: String) -> NewEvent {
+        NewEvent { key: Some(key), ..self }
     }
 }
 
@@ -76,16 +91,20 @@ pub struct EventFilter {
 
 /// Appends an event inside the caller's transaction, so the event exists iff the change does.
 pub(crate) async fn insert_event(conn: &mut sqlx::AnyConnection, e: &NewEvent) -> Result<()> {
-    sqlx::query("INSERT INTO events (at, actor, kind, host, instance, message) VALUES ($1, $2, $3, $4, $5, $6)")
-        .bind(now_ms())
-        .bind(e.actor.as_str())
-        .bind(e.kind.as_str())
-        .bind(e.host.as_ref().map(|h| h.as_str().to_owned()))
-        .bind(e.instance.map(|i| i.to_string()))
-        .bind(e.message.as_str())
-        .execute(conn)
-        .await
-        .map_err(query("recording an event"))?;
+    sqlx::query(
+        "INSERT INTO events (at, actor, kind, host, instance, message, key) VALUES ($1, $2, $3, $4, $5, $6, $7) \
+         ON CONFLICT (key) DO NOTHING",
+    )
+    .bind(now_ms())
+    .bind(e.actor.as_str())
+    .bind(e.kind.as_str())
+    .bind(e.host.as_ref().map(|h| h.as_str().to_owned()))
+    .bind(e.instance.map(|i| i.to_string()))
+    .bind(e.message.as_str())
+    .bind(e.key.clone())
+    .execute(conn)
+    .await
+    .map_err(query("recording an event"))?;
     Ok(())
 }
 
@@ -102,11 +121,13 @@ fn event_from_row(row: &AnyRow) -> Result<Event> {
     })
 }
 
-/// Rows per multi-row event insert (6 parameters each).
+/// Rows per multi-row event insert (7 parameters each).
 const EVENT_BATCH: usize = 1000;
+const EVENT_COLUMNS: usize = 7;
 
 impl Store {
-    /// Appends events in one transaction, in order (all or none).
+    /// Appends events in one transaction, in order (all or none). Events whose key is
+    /// already recorded are skipped, so replaying a batch after a crash records nothing twice.
     pub async fn record_events(&self, events: &[NewEvent]) -> Result<()> {
         const WHAT: &str = "recording events";
         if events.is_empty() {
@@ -115,10 +136,13 @@ impl Store {
         let mut tx = self.begin_write().await.map_err(query(WHAT))?;
         let now = now_ms();
         for chunk in events.chunks(EVENT_BATCH) {
-            let rows: Vec<String> =
-                (0..chunk.len()).map(|r| format!("({})", placeholders(self.backend(), r * 6 + 1, 6))).collect();
-            let sql =
-                format!("INSERT INTO events (at, actor, kind, host, instance, message) VALUES {}", rows.join(", "));
+            let rows: Vec<String> = (0..chunk.len())
+                .map(|r| format!("({})", placeholders(self.backend(), r * EVENT_COLUMNS + 1, EVENT_COLUMNS)))
+                .collect();
+            let sql = format!(
+                "INSERT INTO events (at, actor, kind, host, instance, message, key) VALUES {} ON CONFLICT (key) DO NOTHING",
+                rows.join(", ")
+            );
             let mut q = sqlx::query(&sql);
             for e in chunk {
                 q = q
@@ -127,7 +151,8 @@ impl Store {
                     .bind(e.kind.as_str())
                     .bind(e.host.as_ref().map(|h| h.as_str().to_owned()))
                     .bind(e.instance.map(|i| i.to_string()))
-                    .bind(e.message.as_str());
+                    .bind(e.message.as_str())
+                    .bind(e.key.clone());
             }
             q.execute(&mut *tx).await.map_err(query(WHAT))?;
         }

@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use nodekeeper_store::testing::TestDb;
 use nodekeeper_store::{
-    EventFilter, Generation, HostName, HostState, InstanceId, NewHost, NewInstance, Storage, Store, StoreError,
+    EventFilter, Generation, HostName, HostState, InstanceId, NewEvent, NewHost, NewInstance, Storage, Store,
+    StoreError,
 };
 use tokio::sync::Barrier;
 
@@ -36,6 +37,7 @@ on_both_engines!(
     concurrent_evacuations_cannot_both_win,
     delete_keeps_a_tombstone,
     ownership_lookup_is_batched,
+    keyed_events_are_recorded_once,
 );
 
 fn host(name: &str) -> HostName {
@@ -308,4 +310,31 @@ fn anyhow_like_chain(err: &dyn std::error::Error) -> Vec<String> {
         cur = e.source();
     }
     out
+}
+
+async fn keyed_events_are_recorded_once(db: TestDb) {
+    let store = fleet(&db).await;
+    let a = host("node-a");
+    let batch: Vec<NewEvent> = (0..1_500)
+        .map(|i| {
+            NewEvent::instance("test", "instance.quarantined", &a, InstanceId::random(), format!("q{i}"))
+                .with_key(format!("quarantine:node-a:{i}"))
+        })
+        .chain([NewEvent::host("test", "note", &a, "unkeyed".into())])
+        .collect();
+    store.record_events(&batch).await.expect("first");
+    store.record_events(&batch).await.expect("replay");
+    let events =
+        store.events(&EventFilter { host: Some(a), limit: Some(10_000), ..Default::default() }).await.expect("events");
+    assert_eq!(events.iter().filter(|e| e.kind == "instance.quarantined").count(), 1_500, "keyed: once");
+    assert_eq!(events.iter().filter(|e| e.kind == "note").count(), 2, "unkeyed: every time");
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e.kind == "instance.quarantined")
+            .map(|e| e.message.as_str())
+            .take(2)
+            .collect::<Vec<_>>(),
+        ["q0", "q1"]
+    );
 }

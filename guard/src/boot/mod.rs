@@ -135,7 +135,11 @@ pub async fn run(config: &Config) -> Result<Report, BootError> {
                     q.dest.display(),
                     q.reason
                 );
-                NewEvent::instance(&actor, "instance.quarantined", &config.host, q.uuid, message)
+                NewEvent::instance(&actor, "instance.quarantined", &config.host, q.uuid, message).with_key(format!(
+                    "quarantine:{}:{}",
+                    config.host,
+                    q.dest.display()
+                ))
             })
             .collect();
         events.extend(outcome.restored.iter().map(|u| {
