@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 
 pg_admin=$(./scripts/setup-test-deps.sh | tail -n1)
-cargo build --release --locked -q -p nodekeeper-provisioner
+cargo build --release --locked -q -p nodekeeper-provisioner -p nodekeeper-guard
 nk=./target/release/nodekeeper-provisioner
 mkdir -p .bench
 results=()
@@ -43,6 +43,11 @@ for engine in sqlite postgres; do
   done
 done
 psql_admin "DROP DATABASE IF EXISTS nk_bench WITH (FORCE)"
+
+# --- guard boot: N definitions, 40% owned elsewhere, 100 -> 10,000 -----------------------
+echo
+echo "== guard boot (median of ${RUNS:-5} runs; target: <= 1 s for 10,000)"
+python3 scripts/bench_guard_boot.py ./target/release/nodekeeper-guard "$nk" "$PWD/.bench" "$pg_admin"
 
 printf '\n%-28s %-9s %-6s %s\n' BENCHMARK ENGINE RUN RESULT
 for r in "${results[@]}"; do IFS='|' read -r a b c d <<<"$r"; printf '%-28s %-9s %-6s %s\n' "$a" "$b" "$c" "$d"; done

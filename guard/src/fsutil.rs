@@ -24,21 +24,40 @@ pub fn fsync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// Moves a regular file to `dest` (which must not exist), byte for byte. Same filesystem:
-/// one atomic rename. Across filesystems: copy to a temporary name beside `dest`, fsync,
-/// rename into place, then remove the source — at every instant at least one complete copy
-/// exists. The caller fsyncs the directories.
+/// Moves a regular file to `dest`, byte for byte, never replacing anything at `dest`.
+/// Same filesystem: one atomic `renameat2(RENAME_NOREPLACE)`. Across filesystems: copy to a
+/// temporary name beside `dest`, fsync, move into place (again without replacing), then
+/// remove the source — at every instant at least one complete copy exists. Errors:
+/// `NotFound` when `src` is missing, `AlreadyExists` when `dest` is taken. The caller fsyncs
+/// the directories.
 pub fn move_file(src: &Path, dest: &Path) -> io::Result<()> {
-    match fs::rename(src, dest) {
-        Err(e) if e.raw_os_error() == Some(libc_exdev()) => {
+    match rename_noreplace(src, dest) {
+        Err(e) if e.raw_os_error() == Some(nix::libc::EXDEV) => {
             let tmp = parent(dest)?.join(format!(".{}.tmp", file_name(dest)?));
             fs::copy(src, &tmp)?;
             File::open(&tmp)?.sync_all()?;
-            fs::rename(&tmp, dest)?;
+            rename_noreplace(&tmp, dest)?;
             fsync_dir(parent(dest)?)?;
             fs::remove_file(src)
         }
         other => other,
+    }
+}
+
+/// `rename` that fails with `AlreadyExists` instead of replacing `dest`. Filesystems without
+/// `RENAME_NOREPLACE` get a check then a plain rename (a race there needs a second writer in
+/// the guard's own directories, which nothing else writes).
+fn rename_noreplace(src: &Path, dest: &Path) -> io::Result<()> {
+    use nix::fcntl::{renameat2, RenameFlags};
+    match renameat2(None, src, None, dest, RenameFlags::RENAME_NOREPLACE) {
+        Ok(()) => Ok(()),
+        Err(nix::errno::Errno::EINVAL) => {
+            if exists(dest) {
+                return Err(io::Error::new(io::ErrorKind::AlreadyExists, format!("{} exists", dest.display())));
+            }
+            fs::rename(src, dest)
+        }
+        Err(e) => Err(io::Error::from(e)),
     }
 }
 
@@ -87,9 +106,4 @@ fn file_name(path: &Path) -> io::Result<String> {
     path.file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("{} has no file name", path.display())))
-}
-
-/// EXDEV ("Invalid cross-device link") on Linux.
-const fn libc_exdev() -> i32 {
-    18
 }

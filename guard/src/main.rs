@@ -87,9 +87,14 @@ fn print_report(r: &Report, json: bool) {
     if let Some(e) = &r.database_error {
         println!("  database: {e}");
     }
+    // The full lists are in --json; a console gets the first few of each.
+    const SHOWN: usize = 10;
     for (label, ids) in [("quarantined", &r.quarantined), ("blocked", &r.blocked), ("restored", &r.restored)] {
-        for id in ids {
+        for id in ids.iter().take(SHOWN) {
             println!("  {label}: {id}");
+        }
+        if ids.len() > SHOWN {
+            println!("  {label}: ... and {} more (see --json)", ids.len() - SHOWN);
         }
     }
     for e in &r.errors {

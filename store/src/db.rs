@@ -4,7 +4,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::migrate::{Migrate, Migrator};
-use sqlx::{AnyPool, Connection, Executor};
+use sqlx::{AnyPool, ConnectOptions as _, Connection, Executor};
 
 use crate::error::{Result, StoreError};
 
@@ -163,6 +163,11 @@ impl Store {
             .for_driver(opts.create_if_missing)
             .parse()
             .map_err(|e: sqlx::Error| StoreError::InvalidUrl { url: url.redacted.clone(), reason: e.to_string() })?;
+        // sqlx logs each statement with its full SQL; a batched lookup has thousands of
+        // placeholders, which must not land on a host's console as a warning.
+        let options = options
+            .log_statements(log::LevelFilter::Trace)
+            .log_slow_statements(log::LevelFilter::Debug, Duration::from_secs(1));
         let mut pool = AnyPoolOptions::new().max_connections(opts.max_connections).acquire_timeout(opts.timeout);
         if url.backend == Backend::Sqlite {
             pool = pool.after_connect(|conn, _meta| {

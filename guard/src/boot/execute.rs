@@ -6,6 +6,7 @@
 //! at any point loses nothing and the next run completes the job. Link moves (block, restore,
 //! retire) need no journal: each intermediate state is recognised by the next decision.
 
+use std::collections::HashSet;
 use std::io;
 use std::path::{Path, PathBuf};
 
@@ -138,12 +139,15 @@ pub fn execute(dirs: &Dirs, mut journal: Journal, actions: &[Action]) -> io::Res
     let mut out = Outcome::default();
 
     // 1. New quarantines join the journal, which is made durable before anything moves.
+    let mut sources: HashSet<PathBuf> = journal.entries.iter().map(|q| q.source.clone()).collect();
+    let mut dests: HashSet<PathBuf> = journal.entries.iter().map(|q| q.dest.clone()).collect();
     for action in actions {
         if let Action::Quarantine { uuid, path, autostart, reason } = action {
-            if journal.entries.iter().any(|q| &q.source == path) {
+            if !sources.insert(path.clone()) {
                 continue;
             }
-            let dest = quarantine_dest(&dirs.quarantine(), *uuid, path, &journal);
+            let dest = quarantine_dest(&dirs.quarantine(), *uuid, path, &dests);
+            dests.insert(dest.clone());
             journal.entries.push(Quarantine {
                 uuid: *uuid,
                 source: path.clone(),
@@ -214,29 +218,30 @@ fn quarantine_one(q: &Quarantine) -> io::Result<()> {
         fsutil::remove_link(link)?;
         fault::point("after-unlink");
     }
-    let (src, dest) = (fsutil::exists(&q.source), fsutil::exists(&q.dest));
-    match (src, dest) {
-        (true, false) => fsutil::move_file(&q.source, &q.dest)?,
-        (false, true) => {} // done before a crash
-        (true, true) => {
-            // Both: the source was recreated after an earlier move. Same bytes: the copy in
-            // quarantine preserves it, so the source may go. Different bytes: leave it.
-            if fsutil::same_contents(&q.source, &q.dest)? {
-                std::fs::remove_file(&q.source)?;
-            } else {
+    match fsutil::move_file(&q.source, &q.dest) {
+        Ok(()) => {}
+        // The source is gone: moved before a crash, if the copy is in quarantine.
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            if !fsutil::exists(&q.dest) {
+                return Err(io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("{} vanished before it was quarantined", q.source.display()),
+                ));
+            }
+        }
+        // Both exist: the source was recreated after an earlier move. Same bytes: the copy
+        // in quarantine preserves it, so the source may go. Different bytes: leave it.
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            if !fsutil::same_contents(&q.source, &q.dest)? {
                 return Err(io::Error::other(format!(
                     "{} differs from its quarantined copy {}",
                     q.source.display(),
                     q.dest.display()
                 )));
             }
+            std::fs::remove_file(&q.source)?;
         }
-        (false, false) => {
-            return Err(io::Error::new(
-                io::ErrorKind::NotFound,
-                format!("{} vanished before it was quarantined", q.source.display()),
-            ))
-        }
+        Err(e) => return Err(e),
     }
     fault::point("after-move");
     Ok(())
@@ -244,10 +249,10 @@ fn quarantine_one(q: &Quarantine) -> io::Result<()> {
 
 /// `quarantine/UUID.NAME.xml`, or with a numeric suffix when that name is taken (the same
 /// instance quarantined again later): the name always keeps the UUID.
-fn quarantine_dest(dir: &Path, uuid: InstanceId, source: &Path, journal: &Journal) -> PathBuf {
+fn quarantine_dest(dir: &Path, uuid: InstanceId, source: &Path, planned: &HashSet<PathBuf>) -> PathBuf {
     let name = source.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let base = format!("{uuid}.{name}");
-    let taken = |p: &Path| fsutil::exists(p) || journal.entries.iter().any(|q| q.dest == p);
+    let taken = |p: &Path| planned.contains(p) || fsutil::exists(p);
     let mut dest = dir.join(&base);
     let mut n = 1;
     while taken(&dest) {

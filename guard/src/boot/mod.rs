@@ -113,6 +113,7 @@ pub async fn run(config: &Config) -> Result<Report, BootError> {
         });
     }
 
+    tracing::info!(elapsed_ms = started.elapsed().as_millis(), "database answered");
     let plan = decide::decide(&config.host, &scan, &answer, &cache, config.boot.on_db_unreachable);
     let (outcome, mut journal) = {
         let (dirs, actions) = (dirs.clone(), plan.actions.clone());
@@ -122,6 +123,7 @@ pub async fn run(config: &Config) -> Result<Report, BootError> {
             .map_err(state_err)?
     };
 
+    tracing::info!(elapsed_ms = started.elapsed().as_millis(), actions = plan.actions.len(), "files moved");
     // Events for what moved, then the journal can go.
     if let Some(store) = &store {
         let actor = format!("guard:{}", config.host);
@@ -175,6 +177,7 @@ pub async fn run(config: &Config) -> Result<Report, BootError> {
         }
         store.close().await;
     }
+    tracing::info!(elapsed_ms = started.elapsed().as_millis(), "events recorded");
     if let Err(e) = journal.store(&dirs) {
         errors.push(FileError { path: dirs.journal(), reason: format!("journal: {e}") });
     }
