@@ -11,8 +11,9 @@ need_root() {
   fi
 }
 
-# Debian packages the tests use: PostgreSQL (the production database engine).
-PACKAGES=(postgresql)
+# Debian packages the tests use: PostgreSQL (the production database engine); libvirt with
+# the QEMU driver and its headers (the guard's post-libvirt pass links libvirt through `virt`).
+PACKAGES=(postgresql libvirt-daemon-system libvirt-dev qemu-system-x86 pkg-config)
 
 missing=()
 for p in "${PACKAGES[@]}"; do
@@ -52,6 +53,19 @@ for _ in $(seq 1 50); do
   sleep 0.2
 done
 pg_isready -q -h 127.0.0.1 -p 5432 || { log "PostgreSQL did not come up"; exit 1; }
+
+# libvirtd (no systemd here): start virtlogd and libvirtd as daemons when they are not running.
+if [ ! -S /run/libvirt/libvirt-sock ] || ! pgrep -x libvirtd >/dev/null; then
+  need_root
+  pgrep -x virtlogd >/dev/null || virtlogd -d
+  log "starting libvirtd"
+  libvirtd -d
+  for _ in $(seq 1 50); do
+    [ -S /run/libvirt/libvirt-sock ] && break
+    sleep 0.2
+  done
+  [ -S /run/libvirt/libvirt-sock ] || { log "libvirtd did not come up"; exit 1; }
+fi
 
 # A role that may create the throwaway databases each test makes for itself.
 runuser -u postgres -- psql -q -v ON_ERROR_STOP=1 -d postgres >&2 <<'SQL'

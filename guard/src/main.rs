@@ -31,13 +31,17 @@ enum Command {
         /// Print one JSON object on stdout.
         #[arg(long)]
         json: bool,
+        /// Run the pass for after libvirtd has started: ask libvirt itself, and undefine (or,
+        /// when recovered elsewhere, destroy) the stale domains that escaped the file pass.
+        #[arg(long)]
+        post_libvirt: bool,
     },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose);
-    let Command::Boot { config, json } = cli.command;
+    let Command::Boot { config, json, post_libvirt } = cli.command;
     let config = match Config::load(&config) {
         Ok(c) => c,
         Err(e) => {
@@ -52,6 +56,19 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if post_libvirt {
+        return match rt.block_on(boot::live::run(&config)) {
+            Ok(report) => {
+                print_live_report(&report, json);
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                // libvirtd unreachable: nothing was touched; the host may go on.
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match rt.block_on(boot::run(&config)) {
         Ok(report) => {
             print_report(&report, json);
@@ -96,6 +113,32 @@ fn print_report(r: &Report, json: bool) {
         if ids.len() > SHOWN {
             println!("  {label}: ... and {} more (see --json)", ids.len() - SHOWN);
         }
+    }
+    for e in &r.errors {
+        println!("  error: {}: {}", e.path.display(), e.reason);
+    }
+}
+
+fn print_live_report(r: &boot::live::LiveReport, json: bool) {
+    if json {
+        match serde_json::to_string(r) {
+            Ok(s) => println!("{s}"),
+            Err(e) => eprintln!("error: encoding the report: {e}"),
+        }
+        return;
+    }
+    println!(
+        "guard post-libvirt on {}: {} kept, {} destroyed, {} undefined, {} unknown, {} left running, {} errors",
+        r.host,
+        r.kept.len(),
+        r.destroyed.len(),
+        r.undefined.len(),
+        r.unknown.len(),
+        r.left_running.len(),
+        r.errors.len()
+    );
+    for l in &r.left_running {
+        println!("  left running: {}: {}", l.uuid, l.reason);
     }
     for e in &r.errors {
         println!("  error: {}: {}", e.path.display(), e.reason);

@@ -167,7 +167,9 @@ pub fn decide(me: &HostName, scan: &Scan, db: &DbAnswer, cache: &Cache, policy: 
                     plan.unknown.push(*uuid);
                     continue;
                 };
-                let reason = judge(me, copies, owner);
+                // Judged on the oldest copy: if any copy is behind, all go.
+                let oldest = copies.iter().filter_map(|c| c.meta.generation).min();
+                let reason = judge(me, oldest, owner);
                 stale.insert(*uuid, reason.is_some());
                 match reason {
                     None => {
@@ -222,17 +224,18 @@ pub fn decide(me: &HostName, scan: &Scan, db: &DbAnswer, cache: &Cache, policy: 
     plan
 }
 
-/// `None`: keep. Judged on the copy with the lowest generation: if any copy is behind, all go.
-fn judge(me: &HostName, copies: &[&LocalDomain], db: &Ownership) -> Option<StaleReason> {
+/// The one rule for a local copy of an instance, shared by the file pass and the libvirt
+/// pass: `None` means keep. `local` is the generation the copy records (none: judged by its
+/// owner alone).
+pub fn judge(me: &HostName, local: Option<Generation>, db: &Ownership) -> Option<StaleReason> {
     if db.deleted {
         return Some(StaleReason::Deleted);
     }
     if &db.owner != me {
         return Some(StaleReason::OwnedBy { owner: db.owner.clone(), generation: db.generation });
     }
-    // A definition without metadata is judged by its owner alone.
-    let oldest = copies.iter().filter_map(|c| c.meta.generation).min()?;
-    (oldest < db.generation).then_some(StaleReason::Behind { local: oldest, database: db.generation })
+    let local = local?;
+    (local < db.generation).then_some(StaleReason::Behind { local, database: db.generation })
 }
 
 /// Whether policy blocks this domain's autostart. Its HA flag comes from its metadata, else

@@ -7,6 +7,7 @@
 
 pub mod decide;
 pub mod execute;
+pub mod live;
 pub mod scan;
 
 use std::collections::{BTreeSet, HashMap};
@@ -211,7 +212,7 @@ pub async fn run(config: &Config) -> Result<Report, BootError> {
 
 /// Asks the database about this host and every local UUID, retrying with exponential
 /// backoff (0.25 s doubling to 5 s) until `db_wait` is spent. At least one attempt is made.
-async fn ask_database(config: &Config, uuids: &[InstanceId]) -> (DbAnswer, Option<Store>, Option<String>) {
+pub(crate) async fn ask_database(config: &Config, uuids: &[InstanceId]) -> (DbAnswer, Option<Store>, Option<String>) {
     let deadline = Instant::now() + config.boot.db_wait;
     let mut delay = Duration::from_millis(250);
     let mut attempt = 0u32;
