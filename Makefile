@@ -17,6 +17,10 @@ test:
 bench:
 	./scripts/bench.sh
 
+## fuzz: every parser's fuzz target for FUZZ_SECONDS (default 60) each
+fuzz:
+	./scripts/fuzz.sh
+
 build:
 	cargo build --workspace --all-targets
 
