@@ -45,6 +45,12 @@ pub enum Command {
     /// Instances (VMs) and who owns them.
     #[command(subcommand)]
     Instance(InstanceCommand),
+    /// Run the network-boot servers (DHCP, TFTP, HTTP) until SIGTERM.
+    Serve {
+        /// The provisioner's config file.
+        #[arg(long, default_value = "/etc/nodekeeper/provisioner.toml")]
+        config: PathBuf,
+    },
 }
 
 /// `db ...`
@@ -113,6 +119,9 @@ pub enum InstanceCommand {
 
 /// Runs a parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Serve { config } = &cli.command {
+        return serve(config).await;
+    }
     let out = admin::Output { json: cli.json };
     let migrate_only = matches!(cli.command, Command::Db(DbCommand::Migrate));
     let store = admin::open_store(&cli.database_url, migrate_only).await?;
@@ -129,7 +138,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             admin::instance_evacuate(&store, &out, &to, &uuids).await
         }
         Command::Instance(InstanceCommand::Delete { uuids }) => admin::instance_delete(&store, &out, &uuids).await,
+        Command::Serve { .. } => unreachable!("handled above"),
     };
     store.close().await;
     result
+}
+
+/// `serve --config FILE`: the database URL comes from the config file.
+async fn serve(path: &std::path::Path) -> anyhow::Result<()> {
+    use crate::serve;
+    let config = serve::config::ServeConfig::load(path)?;
+    let store = serve::open_store(&config.database_url).await?;
+    let bound = serve::Bound::bind(&config).await?;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    serve::cancel_on_signals(shutdown.clone())?;
+    serve::run(config, bound, store, shutdown).await
 }

@@ -3,4 +3,7 @@
 
 pub mod admin;
 pub mod cli;
+pub mod http;
 pub mod logging;
+pub mod metrics;
+pub mod serve;

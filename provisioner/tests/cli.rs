@@ -225,3 +225,56 @@ async fn postgres_schema_behind_asks_for_db_migrate() {
     cli.ok(&["db", "migrate"]);
     assert_eq!(cli.json(&["host", "list"]), serde_json::json!([]));
 }
+
+#[test]
+fn serve_starts_answers_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().expect("dir");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("free port").local_addr().expect("addr").port();
+    let config = dir.path().join("provisioner.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "database_url = \"sqlite://{0}/nk.db\"\n[http]\nlisten = \"127.0.0.1:{port}\"\npublic_url = \"http://127.0.0.1:{port}\"\nimages_dir = \"{0}/images\"\n",
+            dir.path().display()
+        ),
+    )
+    .expect("config");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_nodekeeper-provisioner"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .spawn()
+        .expect("start serve");
+    let url = format!("http://127.0.0.1:{port}/healthz");
+    let mut healthy = false;
+    for _ in 0..100 {
+        let out = Command::new("curl").args(["-sf", "--max-time", "2", &url]).output().expect("curl");
+        if out.status.success() && out.stdout == b"ok\n" {
+            healthy = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let killed = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill");
+    assert!(killed.success());
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(10), "serve did not stop on SIGTERM");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(healthy, "serve never answered /healthz");
+    assert!(status.success(), "serve exits 0 on SIGTERM: {status:?}");
+
+    std::fs::write(&config, "database_url = \"sqlite:///tmp/x.db\"\n[http]\nlisten = \"nowhere\"\n")
+        .expect("bad config");
+    let out = Command::new(env!("CARGO_BIN_EXE_nodekeeper-provisioner"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("provisioner.toml") && err.contains("listen"), "{err}");
+}

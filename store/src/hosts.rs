@@ -157,6 +157,52 @@ impl Store {
         self.host_in(&mut conn, name).await
     }
 
+    /// The host that boots from `mac`, if any.
+    pub async fn host_by_mac(&self, mac: MacAddr) -> Result<Option<Host>> {
+        let row = sqlx::query(&format!("SELECT {HOST_COLUMNS} FROM hosts WHERE mac = $1"))
+            .bind(mac.to_string())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(query("looking up a host by MAC"))?;
+        row.as_ref().map(host_from_row).transpose()
+    }
+
+    /// Records the SHA-256 (hex) of a freshly minted one-time deploy token for `name`,
+    /// replacing any earlier one, valid until `expires`.
+    pub async fn set_deploy_token(&self, name: &HostName, sha256_hex: &str, expires: Timestamp) -> Result<()> {
+        let done = sqlx::query("UPDATE hosts SET deploy_token_sha256 = $1, deploy_token_expires = $2 WHERE name = $3")
+            .bind(sha256_hex)
+            .bind(expires.0)
+            .bind(name.as_str())
+            .execute(&self.pool)
+            .await
+            .map_err(query("storing a deploy token"))?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::UnknownHost(name.clone()));
+        }
+        Ok(())
+    }
+
+    /// Whether `sha256_hex` is `name`'s current, unexpired deploy token. With `burn`, a
+    /// match also clears it (single use), atomically: of two concurrent uses one succeeds.
+    pub async fn check_deploy_token(&self, name: &HostName, sha256_hex: &str, burn: bool) -> Result<bool> {
+        let sql = if burn {
+            "UPDATE hosts SET deploy_token_sha256 = NULL, deploy_token_expires = NULL \
+             WHERE name = $1 AND deploy_token_sha256 = $2 AND deploy_token_expires > $3"
+        } else {
+            "UPDATE hosts SET deploy_token_sha256 = deploy_token_sha256 \
+             WHERE name = $1 AND deploy_token_sha256 = $2 AND deploy_token_expires > $3"
+        };
+        let done = sqlx::query(sql)
+            .bind(name.as_str())
+            .bind(sha256_hex)
+            .bind(now_ms())
+            .execute(&self.pool)
+            .await
+            .map_err(query("checking a deploy token"))?;
+        Ok(done.rows_affected() == 1)
+    }
+
     /// One host, or [`StoreError::UnknownHost`].
     pub async fn require_host(&self, name: &HostName) -> Result<Host> {
         self.host(name).await?.ok_or_else(|| StoreError::UnknownHost(name.clone()))

@@ -38,6 +38,7 @@ on_both_engines!(
     delete_keeps_a_tombstone,
     ownership_lookup_is_batched,
     keyed_events_are_recorded_once,
+    deploy_tokens_are_single_use_and_expire,
 );
 
 fn host(name: &str) -> HostName {
@@ -337,4 +338,27 @@ async fn keyed_events_are_recorded_once(db: TestDb) {
             .collect::<Vec<_>>(),
         ["q0", "q1"]
     );
+}
+
+async fn deploy_tokens_are_single_use_and_expire(db: TestDb) {
+    use nodekeeper_store::Timestamp;
+    let store = fleet(&db).await;
+    let a = host("node-a");
+    let mac = "52:54:00:00:00:0a".parse().expect("mac");
+    assert_eq!(store.host_by_mac(mac).await.expect("by mac").map(|h| h.name), Some(a.clone()));
+    assert!(store.host_by_mac("52:54:00:ff:ff:ff".parse().expect("mac")).await.expect("by mac").is_none());
+
+    let later = Timestamp(Timestamp::now().0 + 60_000);
+    store.set_deploy_token(&a, "aaaa", later).await.expect("set");
+    assert!(!store.check_deploy_token(&a, "bbbb", false).await.expect("check"), "wrong token");
+    assert!(!store.check_deploy_token(&host("node-b"), "aaaa", false).await.expect("check"), "other host");
+    assert!(store.check_deploy_token(&a, "aaaa", false).await.expect("check"), "valid, not burnt");
+    assert!(store.check_deploy_token(&a, "aaaa", true).await.expect("burn"), "valid, burnt now");
+    assert!(!store.check_deploy_token(&a, "aaaa", true).await.expect("burn"), "single use");
+
+    store.set_deploy_token(&a, "cccc", Timestamp(Timestamp::now().0 - 1)).await.expect("set expired");
+    assert!(!store.check_deploy_token(&a, "cccc", false).await.expect("check"), "expired");
+    let err = store.set_deploy_token(&host("node-x"), "dddd", later).await.expect_err("unknown host");
+    assert!(matches!(err, StoreError::UnknownHost(_)));
+    store.ping().await.expect("ping");
 }

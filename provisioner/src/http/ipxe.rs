@@ -1,0 +1,99 @@
+//! The iPXE script a host gets at `/boot/{mac}.ipxe`, as a pure function of its state.
+//!
+//! A host being reimaged gets the deploy ramdisk with a one-time token on its kernel command
+//! line; every other known host boots its local disk, so a deployed host never loops back
+//! into the installer (a classic of netboot systems).
+
+use nodekeeper_store::{Host, HostState};
+
+/// What the deploy ramdisk needs to know.
+#[derive(Debug, Clone)]
+pub struct DeployParams<'a> {
+    /// The provisioner's base URL, as nodes reach it.
+    pub public_url: &'a str,
+    /// Deploy kernel, relative to `/images/`.
+    pub kernel: &'a str,
+    /// Deploy initramfs, relative to `/images/`.
+    pub initrd: &'a str,
+    /// Extra kernel arguments.
+    pub kernel_args: &'a str,
+    /// The image to write, relative to `/images/`.
+    pub image: &'a str,
+}
+
+/// The script for `host`. `token` is the freshly minted one-time deploy token (only used
+/// while reimaging).
+pub fn boot_script(host: &Host, params: &DeployParams<'_>, token: Option<&str>) -> String {
+    let base = params.public_url.trim_end_matches('/');
+    match (host.state, token) {
+        (HostState::Reimaging, Some(token)) => format!(
+            "#!ipxe\n\
+             # nodekeeper: {name} is being reimaged with {image}\n\
+             echo nodekeeper: loading the deploy ramdisk for {name}\n\
+             kernel {base}/images/{kernel} initrd=initrd.img nk.server={base} nk.host={name} nk.token={token} nk.image={base}/images/{image} {args}\n\
+             initrd --name initrd.img {base}/images/{initrd}\n\
+             boot\n",
+            name = host.name,
+            image = params.image,
+            kernel = params.kernel,
+            initrd = params.initrd,
+            args = params.kernel_args,
+        ),
+        _ => format!(
+            "#!ipxe\n\
+             # nodekeeper: {name} ({state}) boots from its local disk\n\
+             echo nodekeeper: booting {name} from its local disk\n\
+             sanboot --no-describe --drive 0x80 || exit 1\n",
+            name = host.name,
+            state = host.state,
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nodekeeper_store::Timestamp;
+
+    fn host(state: HostState) -> Host {
+        Host {
+            name: "node-a".parse().expect("name"),
+            mac: Some("52:54:00:00:00:0a".parse().expect("mac")),
+            ip: None,
+            bmc_url: None,
+            state,
+            last_heartbeat: None,
+            image: None,
+            created_at: Timestamp(0),
+            updated_at: Timestamp(0),
+        }
+    }
+
+    const PARAMS: DeployParams<'static> = DeployParams {
+        public_url: "http://10.20.0.1:8080/",
+        kernel: "deploy/vmlinuz",
+        initrd: "deploy/initrd.img",
+        kernel_args: "console=ttyS0",
+        image: "node.img",
+    };
+
+    #[test]
+    fn reimaging_hosts_get_the_deploy_ramdisk_with_their_token() {
+        let s = boot_script(&host(HostState::Reimaging), &PARAMS, Some("t0k3n"));
+        assert!(s.starts_with("#!ipxe\n"));
+        assert!(s.contains("kernel http://10.20.0.1:8080/images/deploy/vmlinuz initrd=initrd.img nk.server=http://10.20.0.1:8080 nk.host=node-a nk.token=t0k3n nk.image=http://10.20.0.1:8080/images/node.img console=ttyS0\n"), "{s}");
+        assert!(s.contains("initrd --name initrd.img http://10.20.0.1:8080/images/deploy/initrd.img\n"));
+        assert!(s.ends_with("boot\n"));
+    }
+
+    #[test]
+    fn every_other_state_boots_the_local_disk() {
+        for state in [HostState::Active, HostState::Suspect, HostState::Fenced, HostState::Maintenance] {
+            let s = boot_script(&host(state), &PARAMS, None);
+            assert!(s.contains("sanboot --no-describe --drive 0x80 || exit 1"), "{state}: {s}");
+            assert!(!s.contains("kernel"), "{state}: {s}");
+        }
+        // Reimaging without a token (none could be minted) never hands out the installer.
+        assert!(boot_script(&host(HostState::Reimaging), &PARAMS, None).contains("sanboot"));
+    }
+}

@@ -1,0 +1,202 @@
+//! The provisioner's HTTP server (axum): iPXE scripts, images, the read-only API, health
+//! and metrics. [`serve`] takes a bound listener and a shutdown token, so tests start the
+//! real server in-process on port 0.
+
+pub mod images;
+pub mod ipxe;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{MatchedPath, Path as UrlPath, Query, Request, State};
+use axum::http::{header, HeaderValue, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use nodekeeper_store::{EventFilter, HostName, MacAddr, Store, Timestamp};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+use tower_http::services::ServeFile;
+
+use crate::metrics::Metrics;
+use crate::serve::config::HttpConfig;
+use images::Images;
+
+/// How long a deploy token minted for an iPXE script stays valid.
+pub const DEPLOY_TOKEN_TTL: Duration = Duration::from_secs(3600);
+/// The image written when a host has none set.
+pub const DEFAULT_IMAGE: &str = "node.img";
+
+/// What the handlers share.
+#[derive(Debug, Clone)]
+pub struct HttpState {
+    /// The database.
+    pub store: Store,
+    /// `[http]` of the config.
+    pub config: Arc<HttpConfig>,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+    /// The images directory and its digests.
+    pub images: Arc<Images>,
+}
+
+/// The routes.
+pub fn router(state: HttpState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .route("/boot/{file}", get(boot_script))
+        .route("/images/{*path}", get(image).head(image))
+        .route("/api/v1/hosts", get(api_hosts))
+        .route("/api/v1/hosts/{name}", get(api_host))
+        .route("/api/v1/events", get(api_events))
+        .layer(middleware::from_fn_with_state(state.clone(), count_requests))
+        .with_state(state)
+}
+
+/// Serves until `shutdown` is cancelled, then finishes in-flight requests.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: HttpState,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown.cancelled_owned()).await
+}
+
+async fn count_requests(State(state): State<HttpState>, req: Request, next: Next) -> Response {
+    let route = req.extensions().get::<MatchedPath>().map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let response = next.run(req).await;
+    state.metrics.http_request(&route, response.status().as_u16());
+    response
+}
+
+async fn healthz(State(state): State<HttpState>) -> Response {
+    match tokio::time::timeout(Duration::from_secs(2), state.store.ping()).await {
+        Ok(Ok(())) => (StatusCode::OK, "ok\n").into_response(),
+        Ok(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, format!("database: {e}\n")).into_response(),
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "database: no answer within 2s\n").into_response(),
+    }
+}
+
+async fn metrics(State(state): State<HttpState>) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render()).into_response()
+}
+
+fn text(status: StatusCode, body: String) -> Response {
+    (status, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response()
+}
+
+fn internal(e: impl std::fmt::Display) -> Response {
+    tracing::error!("{e}");
+    text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n"))
+}
+
+/// `/boot/{mac}.ipxe`
+async fn boot_script(State(state): State<HttpState>, UrlPath(file): UrlPath<String>) -> Response {
+    let Some(mac) = file.strip_suffix(".ipxe").and_then(|m| m.parse::<MacAddr>().ok()) else {
+        return text(StatusCode::NOT_FOUND, "expected /boot/MAC.ipxe\n".into());
+    };
+    let host = match state.store.host_by_mac(mac).await {
+        Ok(Some(h)) => h,
+        Ok(None) => {
+            return text(StatusCode::NOT_FOUND, format!("#!ipxe\necho nodekeeper: unknown MAC {mac}\nexit 1\n"))
+        }
+        Err(e) => return internal(e),
+    };
+    let token = if host.state == nodekeeper_store::HostState::Reimaging {
+        // A fresh token per fetch: it proves to the deploy API that the caller booted this
+        // script; only its hash is stored.
+        let token = format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple());
+        let hash = format!("{:x}", Sha256::digest(token.as_bytes()));
+        let expires = Timestamp(Timestamp::now().0 + DEPLOY_TOKEN_TTL.as_millis() as i64);
+        if let Err(e) = state.store.set_deploy_token(&host.name, &hash, expires).await {
+            return internal(e);
+        }
+        Some(token)
+    } else {
+        None
+    };
+    let c = &state.config;
+    let params = ipxe::DeployParams {
+        public_url: &c.public_url,
+        kernel: &c.deploy_kernel,
+        initrd: &c.deploy_initrd,
+        kernel_args: &c.deploy_kernel_args,
+        image: host.image.as_deref().unwrap_or(DEFAULT_IMAGE),
+    };
+    text(StatusCode::OK, ipxe::boot_script(&host, &params, token.as_deref()))
+}
+
+/// `/images/{path}` (GET and HEAD).
+async fn image(State(state): State<HttpState>, UrlPath(path): UrlPath<String>, req: Request) -> Response {
+    let Ok(file) = state.images.resolve(&path) else {
+        return text(StatusCode::NOT_FOUND, format!("no image {path}\n"));
+    };
+    let digest = {
+        let (images, target) = (state.images.clone(), file.clone());
+        match tokio::task::spawn_blocking(move || images.digest(&target)).await {
+            Ok(Ok(d)) => d,
+            Ok(Err(e)) => return internal(format!("digest of {}: {e}", file.display())),
+            Err(e) => return internal(e),
+        }
+    };
+    let etag = format!("\"{digest}\"");
+    let not_modified = req
+        .headers()
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"));
+    if not_modified && matches!(*req.method(), Method::GET | Method::HEAD) {
+        return (StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response();
+    }
+    let served = match tower::ServiceExt::oneshot(ServeFile::new(&file), req).await {
+        Ok(r) => r,
+        Err(e) => return internal(e),
+    };
+    let mut response = served.map(Body::new);
+    if let Ok(v) = HeaderValue::from_str(&etag) {
+        response.headers_mut().insert(header::ETAG, v);
+    }
+    response
+}
+
+async fn api_hosts(State(state): State<HttpState>) -> Response {
+    match state.store.hosts().await {
+        Ok(hosts) => Json(hosts).into_response(),
+        Err(e) => internal(e),
+    }
+}
+
+async fn api_host(State(state): State<HttpState>, UrlPath(name): UrlPath<String>) -> Response {
+    let Ok(name) = name.parse::<HostName>() else {
+        return text(StatusCode::BAD_REQUEST, format!("invalid host name {name:?}\n"));
+    };
+    match state.store.host(&name).await {
+        Ok(Some(h)) => Json(h).into_response(),
+        Ok(None) => text(StatusCode::NOT_FOUND, format!("unknown host {name}\n")),
+        Err(e) => internal(e),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct EventsQuery {
+    after: Option<i64>,
+    limit: Option<u32>,
+    host: Option<String>,
+}
+
+async fn api_events(State(state): State<HttpState>, Query(q): Query<EventsQuery>) -> Response {
+    let host = match q.host.map(|h| h.parse::<HostName>()) {
+        Some(Ok(h)) => Some(h),
+        Some(Err(e)) => return text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+        None => None,
+    };
+    let filter = EventFilter { host, instance: None, after: q.after, limit: Some(q.limit.unwrap_or(100).min(1000)) };
+    match state.store.events(&filter).await {
+        Ok(events) => Json(events).into_response(),
+        Err(e) => internal(e),
+    }
+}

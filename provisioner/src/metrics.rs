@@ -1,0 +1,82 @@
+//! Counters for `/metrics`, shared by the DHCP, TFTP and HTTP servers, rendered in the
+//! Prometheus text format. Lock-free on the hot paths (atomics); the per-route HTTP counts
+//! take a short mutex.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+/// One monotonically increasing counter.
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    /// Adds one.
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+    /// Adds `n`.
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+    /// The current value.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Every counter the provisioner exports.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// DHCPOFFERs sent.
+    pub dhcp_offers: Counter,
+    /// DHCPACKs sent.
+    pub dhcp_acks: Counter,
+    /// DHCPNAKs sent.
+    pub dhcp_naks: Counter,
+    /// Packets dropped: malformed, not for us, unknown MAC, no address left.
+    pub dhcp_drops: Counter,
+    /// TFTP transfers completed.
+    pub tftp_transfers: Counter,
+    /// TFTP transfers that ended in an error (refused, timed out, aborted).
+    pub tftp_errors: Counter,
+    /// Bytes of file data sent over TFTP.
+    pub tftp_bytes: Counter,
+    http: Mutex<BTreeMap<(String, u16), u64>>,
+}
+
+impl Metrics {
+    /// Counts one HTTP request by route and status code.
+    pub fn http_request(&self, route: &str, status: u16) {
+        if let Ok(mut m) = self.http.lock() {
+            *m.entry((route.to_owned(), status)).or_default() += 1;
+        }
+    }
+
+    /// The Prometheus text exposition of every counter.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let mut counter = |name: &str, help: &str, value: u64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
+        };
+        counter("nodekeeper_dhcp_offers_total", "DHCPOFFER messages sent.", self.dhcp_offers.get());
+        counter("nodekeeper_dhcp_acks_total", "DHCPACK messages sent.", self.dhcp_acks.get());
+        counter("nodekeeper_dhcp_naks_total", "DHCPNAK messages sent.", self.dhcp_naks.get());
+        counter(
+            "nodekeeper_dhcp_drops_total",
+            "DHCP packets dropped (malformed, unknown MAC, not for us, pool exhausted).",
+            self.dhcp_drops.get(),
+        );
+        counter("nodekeeper_tftp_transfers_total", "TFTP transfers completed.", self.tftp_transfers.get());
+        counter("nodekeeper_tftp_errors_total", "TFTP transfers ended by an error.", self.tftp_errors.get());
+        counter("nodekeeper_tftp_bytes_total", "File bytes sent over TFTP.", self.tftp_bytes.get());
+        let _ = writeln!(out, "# HELP nodekeeper_http_requests_total HTTP requests by route and status.\n# TYPE nodekeeper_http_requests_total counter");
+        if let Ok(m) = self.http.lock() {
+            for ((route, status), n) in m.iter() {
+                let _ = writeln!(out, "nodekeeper_http_requests_total{{route=\"{route}\",code=\"{status}\"}} {n}");
+            }
+        }
+        out
+    }
+}

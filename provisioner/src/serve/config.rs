@@ -1,0 +1,237 @@
+//! `/etc/nodekeeper/provisioner.toml` (contract: "Provisioner serve" in DESIGN.md).
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// The whole file. Unknown keys are refused.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServeConfig {
+    /// The database.
+    pub database_url: String,
+    /// DHCP on the provisioning network.
+    #[serde(default)]
+    pub dhcp: DhcpConfig,
+    /// TFTP (iPXE binaries).
+    #[serde(default)]
+    pub tftp: TftpConfig,
+    /// HTTP (iPXE scripts, images, API).
+    pub http: HttpConfig,
+}
+
+/// `full`: a DHCP server for the subnet; `proxy`: PXE answers beside another server; `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DhcpMode {
+    /// Addresses and boot options.
+    Full,
+    /// Boot options only (ports 67 and 4011), beside an existing DHCP server.
+    Proxy,
+    /// No DHCP.
+    #[default]
+    Off,
+}
+
+/// `[dhcp]`
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct DhcpConfig {
+    /// full | proxy | off
+    #[serde(default)]
+    pub mode: DhcpMode,
+    /// The provisioning interface; the server answers only there.
+    pub interface: Option<String>,
+    /// This server's address on it (next-server, server identifier).
+    pub server_ip: Option<Ipv4Addr>,
+    /// `10.20.0.0/24`
+    pub subnet: Option<String>,
+    /// First and last address handed out dynamically.
+    pub range: Option<[Ipv4Addr; 2]>,
+    /// Default gateway (option 3).
+    pub router: Option<Ipv4Addr>,
+    /// DNS servers (option 6).
+    #[serde(default)]
+    pub dns: Vec<Ipv4Addr>,
+    /// Lease time (default 1h).
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub lease_time: Option<Duration>,
+    /// Also lease to MACs not in the host table.
+    #[serde(default)]
+    pub allow_unknown: bool,
+    /// UDP port to listen on (default 67; tests use another).
+    pub port: Option<u16>,
+}
+
+/// `[tftp]`
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct TftpConfig {
+    /// `ADDR:PORT`; no TFTP when absent.
+    pub listen: Option<SocketAddr>,
+    /// The read-only root.
+    pub root: Option<PathBuf>,
+}
+
+/// `[http]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// `ADDR:PORT`
+    pub listen: SocketAddr,
+    /// How nodes reach it (goes into iPXE scripts and kernel command lines).
+    pub public_url: String,
+    /// Images served under `/images/`.
+    pub images_dir: PathBuf,
+    /// Deploy kernel, relative to `images_dir` (default `deploy/vmlinuz`).
+    #[serde(default = "default_kernel")]
+    pub deploy_kernel: String,
+    /// Deploy initramfs, relative to `images_dir` (default `deploy/initrd.img`).
+    #[serde(default = "default_initrd")]
+    pub deploy_initrd: String,
+    /// Extra kernel arguments for the deploy ramdisk (default `console=ttyS0`).
+    #[serde(default = "default_kernel_args")]
+    pub deploy_kernel_args: String,
+}
+
+fn default_kernel() -> String {
+    "deploy/vmlinuz".into()
+}
+fn default_initrd() -> String {
+    "deploy/initrd.img".into()
+}
+fn default_kernel_args() -> String {
+    "console=ttyS0".into()
+}
+
+fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let s = String::deserialize(d)?;
+    humantime::parse_duration(&s)
+        .map(Some)
+        .map_err(|e| serde::de::Error::custom(format!("invalid duration {s:?}: {e}")))
+}
+
+/// The config file cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("config {path}: {message}")]
+pub struct ConfigError {
+    /// The file.
+    pub path: PathBuf,
+    /// What is wrong (names the key).
+    pub message: String,
+}
+
+impl ServeConfig {
+    /// Reads and checks a config file.
+    pub fn load(path: &Path) -> Result<ServeConfig, ConfigError> {
+        let err = |message: String| ConfigError { path: path.into(), message };
+        let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read: {e}")))?;
+        ServeConfig::parse(&text).map_err(err)
+    }
+
+    /// Parses and checks config text: every key the enabled servers need is present and
+    /// consistent (the range inside the subnet, the server inside the subnet, ...).
+    pub fn parse(text: &str) -> Result<ServeConfig, String> {
+        let c: ServeConfig = toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned())?;
+        nodekeeper_store::DatabaseUrl::parse(&c.database_url).map_err(|e| e.to_string())?;
+        url_host(&c.http.public_url).ok_or("http.public_url must be an http:// URL with a host")?;
+        if c.dhcp.mode != DhcpMode::Off {
+            let d = &c.dhcp;
+            d.interface.as_deref().filter(|i| !i.is_empty()).ok_or("dhcp.interface is required")?;
+            let server = d.server_ip.ok_or("dhcp.server_ip is required")?;
+            if c.dhcp.mode == DhcpMode::Full {
+                let (net, prefix) = parse_subnet(d.subnet.as_deref().ok_or("dhcp.subnet is required in full mode")?)?;
+                let [first, last] = d.range.ok_or("dhcp.range is required in full mode")?;
+                let inside = |ip: Ipv4Addr| in_subnet(ip, net, prefix);
+                if !inside(first) || !inside(last) || u32::from(first) > u32::from(last) {
+                    return Err(format!("dhcp.range {first}..{last} must be an ascending range inside {net}/{prefix}"));
+                }
+                if !inside(server) {
+                    return Err(format!("dhcp.server_ip {server} is not inside {net}/{prefix}"));
+                }
+            }
+        }
+        if c.tftp.listen.is_some() && c.tftp.root.is_none() {
+            return Err("tftp.root is required when tftp.listen is set".into());
+        }
+        Ok(c)
+    }
+}
+
+fn url_host(url: &str) -> Option<&str> {
+    let rest = url.strip_prefix("http://").or_else(|| url.strip_prefix("https://"))?;
+    let host = rest.split(['/', ':']).next()?;
+    (!host.is_empty()).then_some(host)
+}
+
+/// `10.20.0.0/24` → (network, prefix length).
+pub fn parse_subnet(s: &str) -> Result<(Ipv4Addr, u8), String> {
+    let (addr, prefix) = s.split_once('/').ok_or_else(|| format!("subnet {s:?}: expected ADDRESS/PREFIX"))?;
+    let addr: Ipv4Addr = addr.parse().map_err(|_| format!("subnet {s:?}: bad address"))?;
+    let prefix: u8 = prefix
+        .parse()
+        .ok()
+        .filter(|p| (8..=30).contains(p))
+        .ok_or_else(|| format!("subnet {s:?}: prefix must be 8..30"))?;
+    let mask = u32::MAX << (32 - prefix);
+    Ok((Ipv4Addr::from(u32::from(addr) & mask), prefix))
+}
+
+/// Whether `ip` is inside `net/prefix`.
+pub fn in_subnet(ip: Ipv4Addr, net: Ipv4Addr, prefix: u8) -> bool {
+    let mask = u32::MAX << (32 - prefix);
+    u32::from(ip) & mask == u32::from(net)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONTRACT: &str = r#"
+database_url = "sqlite:///var/lib/nodekeeper/nodekeeper.db"
+[dhcp]
+mode = "full"
+interface = "prov0"
+server_ip = "10.20.0.1"
+subnet = "10.20.0.0/24"
+range = ["10.20.0.100", "10.20.0.199"]
+router = "10.20.0.1"
+allow_unknown = false
+[tftp]
+listen = "10.20.0.1:69"
+root = "/var/lib/nodekeeper/tftp"
+[http]
+listen = "10.20.0.1:8080"
+public_url = "http://10.20.0.1:8080"
+images_dir = "/var/lib/nodekeeper/images"
+"#;
+
+    #[test]
+    fn the_contract_example_parses() {
+        let c = ServeConfig::parse(CONTRACT).expect("contract example");
+        assert_eq!(c.dhcp.mode, DhcpMode::Full);
+        assert_eq!(c.dhcp.range, Some(["10.20.0.100".parse().expect("ip"), "10.20.0.199".parse().expect("ip")]));
+        assert_eq!(c.tftp.listen, Some("10.20.0.1:69".parse().expect("addr")));
+        assert_eq!(c.http.deploy_kernel, "deploy/vmlinuz");
+    }
+
+    #[test]
+    fn inconsistent_configs_are_named() {
+        let cases = [
+            (CONTRACT.replace("10.20.0.199", "10.30.0.199"), "must be an ascending range inside"),
+            (CONTRACT.replace("server_ip = \"10.20.0.1\"", "server_ip = \"10.9.0.1\""), "is not inside"),
+            (CONTRACT.replace("interface = \"prov0\"\n", ""), "dhcp.interface is required"),
+            (CONTRACT.replace("mode = \"full\"", "mode = \"relay\""), "unknown variant `relay`"),
+            (CONTRACT.replace("allow_unknown", "allow_unkown"), "unknown field `allow_unkown`"),
+            (CONTRACT.replace("root = \"/var/lib/nodekeeper/tftp\"\n", ""), "tftp.root is required"),
+            (CONTRACT.replace("http://10.20.0.1:8080", "10.20.0.1:8080"), "http.public_url"),
+            (CONTRACT.replace("10.20.0.0/24", "10.20.0.0/33"), "prefix must be"),
+        ];
+        for (text, want) in cases {
+            let err = ServeConfig::parse(&text).expect_err(want);
+            assert!(err.contains(want), "{want}: {err}");
+        }
+    }
+}

@@ -1,0 +1,101 @@
+//! `nodekeeper-provisioner serve`: the network-boot servers in one tokio runtime, on the
+//! configured addresses only, stopped cleanly by SIGTERM or SIGINT.
+
+pub mod config;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use nodekeeper_store::{Backend, ConnectOptions, Store};
+use tokio_util::sync::CancellationToken;
+
+use crate::http::{self, images::Images, HttpState};
+use crate::metrics::Metrics;
+use config::ServeConfig;
+
+/// How long in-flight work may take to finish after a shutdown signal.
+const DRAIN: Duration = Duration::from_secs(10);
+
+/// The sockets of a provisioner, bound (so a test can bind port 0 and read the address).
+#[derive(Debug)]
+pub struct Bound {
+    /// HTTP.
+    pub http: tokio::net::TcpListener,
+}
+
+impl Bound {
+    /// Binds every configured server's socket.
+    pub async fn bind(config: &ServeConfig) -> anyhow::Result<Bound> {
+        let http = tokio::net::TcpListener::bind(config.http.listen)
+            .await
+            .with_context(|| format!("binding HTTP on {}", config.http.listen))?;
+        Ok(Bound { http })
+    }
+}
+
+/// Opens the database as a long-running service does: SQLite is migrated in place, a
+/// PostgreSQL schema must already be current.
+pub async fn open_store(url: &str) -> anyhow::Result<Store> {
+    let store = Store::connect_with(url, &ConnectOptions { max_connections: 16, ..Default::default() }).await?;
+    match store.backend() {
+        Backend::Sqlite => {
+            store.migrate().await?;
+        }
+        Backend::Postgres => store.check_schema().await?,
+    }
+    Ok(store)
+}
+
+/// Runs the servers on `bound` until `shutdown` is cancelled, then waits for them to drain.
+pub async fn run(config: ServeConfig, bound: Bound, store: Store, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::default());
+    std::fs::create_dir_all(&config.http.images_dir)
+        .with_context(|| format!("creating {}", config.http.images_dir.display()))?;
+    let images = Arc::new(
+        Images::new(&config.http.images_dir)
+            .with_context(|| format!("opening {}", config.http.images_dir.display()))?,
+    );
+    {
+        let images = images.clone();
+        tokio::task::spawn_blocking(move || images.warm());
+    }
+    let state =
+        HttpState { store: store.clone(), config: Arc::new(config.http.clone()), metrics: metrics.clone(), images };
+    tracing::info!(listen = %bound.http.local_addr()?, "HTTP serving");
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(http::serve(bound.http, state, shutdown.clone()));
+
+    shutdown.cancelled().await;
+    tracing::info!("shutting down");
+    let drained = tokio::time::timeout(DRAIN, async {
+        while let Some(r) = tasks.join_next().await {
+            match r {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!("server ended with: {e}"),
+                Err(e) => tracing::warn!("server task failed: {e}"),
+            }
+        }
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("servers did not drain within {DRAIN:?}; stopping anyway");
+    }
+    store.close().await;
+    Ok(())
+}
+
+/// Cancels `token` on SIGTERM or SIGINT.
+pub fn cancel_on_signals(token: CancellationToken) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM"),
+            _ = int.recv() => tracing::info!("SIGINT"),
+        }
+        token.cancel();
+    });
+    Ok(())
+}

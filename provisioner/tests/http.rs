@@ -1,0 +1,194 @@
+//! The HTTP server with real clients (curl): iPXE scripts per host state, images with Range
+//! and a sha256 ETag, refusals of paths that leave the images directory, health, metrics, API.
+
+use std::process::Command;
+use std::sync::Arc;
+
+use nodekeeper_provisioner::http::{self, images::Images, HttpState};
+use nodekeeper_provisioner::metrics::Metrics;
+use nodekeeper_provisioner::serve::config::HttpConfig;
+use nodekeeper_store::testing::TestDb;
+use nodekeeper_store::{HostName, HostState, NewHost, Store};
+use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+
+struct Server {
+    base: String,
+    store: Store,
+    dir: tempfile::TempDir,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+    _db: TestDb,
+}
+
+async fn start() -> Server {
+    let db = TestDb::sqlite();
+    let store = db.store().await;
+    for (name, mac) in [("node-a", "52:54:00:00:00:0a"), ("node-b", "52:54:00:00:00:0b")] {
+        let h = NewHost {
+            name: name.parse().expect("name"),
+            mac: Some(mac.parse().expect("mac")),
+            ip: None,
+            bmc_url: None,
+        };
+        store.add_host(&h, "test").await.expect("host");
+    }
+    store.set_host_state(&host("node-a"), HostState::Reimaging, "test", "reimage").await.expect("state");
+    let dir = tempfile::tempdir().expect("dir");
+    let images_dir = dir.path().join("images");
+    std::fs::create_dir_all(images_dir.join("deploy")).expect("mkdir");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let base = format!("http://{}", listener.local_addr().expect("addr"));
+    let config = HttpConfig {
+        listen: listener.local_addr().expect("addr"),
+        public_url: base.clone(),
+        images_dir: images_dir.clone(),
+        deploy_kernel: "deploy/vmlinuz".into(),
+        deploy_initrd: "deploy/initrd.img".into(),
+        deploy_kernel_args: "console=ttyS0".into(),
+    };
+    let state = HttpState {
+        store: store.clone(),
+        config: Arc::new(config),
+        metrics: Arc::new(Metrics::default()),
+        images: Arc::new(Images::new(&images_dir).expect("images")),
+    };
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(http::serve(listener, state, shutdown.clone()));
+    Server { base, store, dir, shutdown, task, _db: db }
+}
+
+fn host(name: &str) -> HostName {
+    name.parse().expect("host")
+}
+
+/// Runs curl; returns (status code, headers, body).
+async fn curl(args: &[&str]) -> (u16, String, Vec<u8>) {
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        let dir = tempfile::tempdir().expect("dir");
+        let headers = dir.path().join("h");
+        let out = Command::new("curl")
+            .args(["-sS", "--path-as-is", "-o", "-", "-D"])
+            .arg(&headers)
+            .args(["-w", "", "--max-time", "20"])
+            .args(&args)
+            .output()
+            .expect("run curl");
+        assert!(out.status.success(), "curl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        let h = std::fs::read_to_string(&headers).expect("headers");
+        let code = h.split_whitespace().nth(1).and_then(|c| c.parse().ok()).expect("status line");
+        (code, h.to_ascii_lowercase(), out.stdout)
+    })
+    .await
+    .expect("curl task")
+}
+
+fn header<'a>(headers: &'a str, name: &str) -> Option<&'a str> {
+    headers.lines().find_map(|l| l.strip_prefix(&format!("{name}: "))).map(str::trim)
+}
+
+#[tokio::test]
+async fn ipxe_scripts_follow_the_host_state() {
+    let s = start().await;
+    let (code, _, body) = curl(&[&format!("{}/boot/52:54:00:00:00:0a.ipxe", s.base)]).await;
+    let script = String::from_utf8(body).expect("utf-8");
+    assert_eq!(code, 200, "{script}");
+    assert!(script.starts_with("#!ipxe\n") && script.contains("nk.host=node-a"), "{script}");
+    let token = script.split("nk.token=").nth(1).and_then(|r| r.split_whitespace().next()).expect("token");
+    let hash = format!("{:x}", Sha256::digest(token.as_bytes()));
+    assert!(
+        s.store.check_deploy_token(&host("node-a"), &hash, false).await.expect("check"),
+        "the token is the stored one"
+    );
+    // A second fetch mints a new token; the first no longer works.
+    let (_, _, again) = curl(&[&format!("{}/boot/52-54-00-00-00-0A.ipxe", s.base)]).await;
+    assert!(!String::from_utf8_lossy(&again).contains(token));
+    assert!(!s.store.check_deploy_token(&host("node-a"), &hash, false).await.expect("check"));
+
+    let (code, _, body) = curl(&[&format!("{}/boot/52:54:00:00:00:0b.ipxe", s.base)]).await;
+    assert_eq!(code, 200);
+    assert!(
+        String::from_utf8_lossy(&body).contains("sanboot --no-describe --drive 0x80"),
+        "an active host boots its disk"
+    );
+    let (code, _, _) = curl(&[&format!("{}/boot/52:54:00:00:00:ff.ipxe", s.base)]).await;
+    assert_eq!(code, 404, "unknown MAC");
+    let (code, _, _) = curl(&[&format!("{}/boot/not-a-mac.ipxe", s.base)]).await;
+    assert_eq!(code, 404);
+}
+
+#[tokio::test]
+async fn images_have_range_etag_and_stay_inside_their_directory() {
+    let s = start().await;
+    let images = s.dir.path().join("images");
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    std::fs::write(images.join("node.img"), &data).expect("write image");
+    std::fs::write(s.dir.path().join("secret"), b"outside").expect("write secret");
+    std::os::unix::fs::symlink(s.dir.path().join("secret"), images.join("escape")).expect("link");
+    let sha = format!("{:x}", Sha256::digest(&data));
+    let url = format!("{}/images/node.img", s.base);
+
+    let (code, headers, body) = curl(&[&url]).await;
+    assert_eq!(code, 200);
+    assert_eq!(format!("{:x}", Sha256::digest(&body)), sha, "bytes equal");
+    assert_eq!(header(&headers, "etag"), Some(format!("\"{sha}\"").as_str()));
+    assert_eq!(header(&headers, "content-length"), Some("3000000"));
+
+    let (code, headers, body) = curl(&["-r", "1000-1999", &url]).await;
+    assert_eq!(code, 206);
+    assert_eq!(body, &data[1000..2000]);
+    assert_eq!(header(&headers, "content-range"), Some("bytes 1000-1999/3000000"));
+    let (code, _, body) = curl(&["-r", "2999990-", &url]).await;
+    assert_eq!((code, body.as_slice()), (206, &data[2_999_990..]));
+
+    let (code, _, body) = curl(&["-H", &format!("If-None-Match: \"{sha}\""), &url]).await;
+    assert_eq!((code, body.len()), (304, 0));
+    // HEAD: curl -I prints the headers on stdout; nothing follows them.
+    let (code, headers, body) = curl(&["-I", &url]).await;
+    assert_eq!((code, String::from_utf8_lossy(&body).to_ascii_lowercase()), (200, headers.clone()));
+    assert_eq!(header(&headers, "content-length"), Some("3000000"));
+
+    for bad in [
+        "/images/../secret",
+        "/images/escape",
+        "/images/%2e%2e/secret",
+        "/images/.sha256/node.img",
+        "/images/deploy",
+        "/images/nope.img",
+    ] {
+        let (code, _, body) = curl(&[&format!("{}{bad}", s.base)]).await;
+        assert_eq!(code, 404, "{bad}: {}", String::from_utf8_lossy(&body));
+        assert!(!String::from_utf8_lossy(&body).contains("outside"));
+    }
+}
+
+#[tokio::test]
+async fn health_metrics_api_and_clean_shutdown() {
+    let s = start().await;
+    let (code, _, body) = curl(&[&format!("{}/healthz", s.base)]).await;
+    assert_eq!((code, body.as_slice()), (200, b"ok\n".as_slice()));
+    let (code, _, body) = curl(&[&format!("{}/api/v1/hosts", s.base)]).await;
+    assert_eq!(code, 200);
+    let hosts: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+    assert_eq!(hosts[0]["name"], "node-a");
+    assert_eq!(hosts[0]["state"], "reimaging");
+    let (code, _, _) = curl(&[&format!("{}/api/v1/hosts/node-z", s.base)]).await;
+    assert_eq!(code, 404);
+    let (code, _, body) = curl(&[&format!("{}/api/v1/events?host=node-a", s.base)]).await;
+    assert_eq!(code, 200);
+    assert!(String::from_utf8_lossy(&body).contains("host.state"));
+    let (code, _, body) = curl(&[&format!("{}/metrics", s.base)]).await;
+    let text = String::from_utf8(body).expect("utf-8");
+    assert_eq!(code, 200);
+    assert!(text.contains("nodekeeper_http_requests_total{route=\"/healthz\",code=\"200\"} 1"), "{text}");
+    assert!(text.contains("nodekeeper_http_requests_total{route=\"/api/v1/hosts/{name}\",code=\"404\"} 1"), "{text}");
+    assert!(text.contains("# TYPE nodekeeper_dhcp_offers_total counter"));
+
+    s.shutdown.cancel();
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(5), s.task).await;
+    assert!(matches!(ended, Ok(Ok(Ok(())))), "the server stops when told: {ended:?}");
+    let refused =
+        Command::new("curl").args(["-sS", "--max-time", "5", &format!("{}/healthz", s.base)]).output().expect("curl");
+    assert!(!refused.status.success(), "nothing listens after shutdown");
+}
