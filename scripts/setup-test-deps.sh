@@ -13,7 +13,8 @@ need_root() {
 
 # Debian packages the tests use: PostgreSQL (the production database engine); libvirt with
 # the QEMU driver and its headers (the guard's post-libvirt pass links libvirt through `virt`).
-PACKAGES=(postgresql libvirt-daemon-system libvirt-dev qemu-system-x86 pkg-config)
+# Real network-boot clients: tftp-hpa, curl, atftp (RFC 7440 windowsize).
+PACKAGES=(postgresql libvirt-daemon-system libvirt-dev qemu-system-x86 pkg-config tftp-hpa curl atftp)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

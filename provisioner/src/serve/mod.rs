@@ -22,6 +22,8 @@ const DRAIN: Duration = Duration::from_secs(10);
 pub struct Bound {
     /// HTTP.
     pub http: tokio::net::TcpListener,
+    /// TFTP, when configured.
+    pub tftp: Option<tokio::net::UdpSocket>,
 }
 
 impl Bound {
@@ -30,7 +32,13 @@ impl Bound {
         let http = tokio::net::TcpListener::bind(config.http.listen)
             .await
             .with_context(|| format!("binding HTTP on {}", config.http.listen))?;
-        Ok(Bound { http })
+        let tftp = match config.tftp.listen {
+            Some(addr) => {
+                Some(tokio::net::UdpSocket::bind(addr).await.with_context(|| format!("binding TFTP on {addr}"))?)
+            }
+            None => None,
+        };
+        Ok(Bound { http, tftp })
     }
 }
 
@@ -65,6 +73,10 @@ pub async fn run(config: ServeConfig, bound: Bound, store: Store, shutdown: Canc
     tracing::info!(listen = %bound.http.local_addr()?, "HTTP serving");
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(http::serve(bound.http, state, shutdown.clone()));
+    if let (Some(socket), Some(root)) = (bound.tftp, config.tftp.root.clone()) {
+        tracing::info!(listen = %socket.local_addr()?, root = %root.display(), "TFTP serving");
+        tasks.spawn(crate::tftp::serve(socket, root, metrics.clone(), shutdown.clone()));
+    }
 
     shutdown.cancelled().await;
     tracing::info!("shutting down");
