@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod cli;
+pub mod dhcp;
 pub mod http;
 pub mod logging;
 pub mod metrics;

@@ -15,6 +15,7 @@ mod error;
 mod events;
 mod hosts;
 mod instances;
+mod leases;
 mod types;
 
 pub use db::{redact_url, Backend, ConnectOptions, DatabaseUrl, Store};
@@ -22,6 +23,7 @@ pub use error::{Result, StoreError};
 pub use events::{Event, EventFilter, NewEvent};
 pub use hosts::{Host, NewHost};
 pub use instances::{Instance, NewInstance, Ownership, Transfer};
+pub use leases::Lease;
 pub use types::{
     Generation, HostName, HostState, InstanceId, MacAddr, OperationStatus, ParseError, Storage, Timestamp,
 };

@@ -39,6 +39,7 @@ on_both_engines!(
     ownership_lookup_is_batched,
     keyed_events_are_recorded_once,
     deploy_tokens_are_single_use_and_expire,
+    leases_move_between_macs_and_survive,
 );
 
 fn host(name: &str) -> HostName {
@@ -361,4 +362,36 @@ async fn deploy_tokens_are_single_use_and_expire(db: TestDb) {
     let err = store.set_deploy_token(&host("node-x"), "dddd", later).await.expect_err("unknown host");
     assert!(matches!(err, StoreError::UnknownHost(_)));
     store.ping().await.expect("ping");
+}
+
+async fn leases_move_between_macs_and_survive(db: TestDb) {
+    use nodekeeper_store::{Lease, Timestamp};
+    let store = db.store().await;
+    let mac = |n: u8| format!("52:54:00:00:01:{n:02x}").parse().expect("mac");
+    let ip = |n: u8| std::net::Ipv4Addr::new(10, 20, 0, n);
+    let t = Timestamp(1_000);
+    let batch: Vec<Lease> = (1..=200u8).map(|n| Lease { mac: mac(n), ip: ip(n), expires_at: t }).collect();
+    store.save_leases(&batch).await.expect("save");
+    // .5 moves to a new MAC; mac 7 renews onto another address; within one batch the last wins.
+    store
+        .save_leases(&[
+            Lease { mac: mac(250), ip: ip(5), expires_at: t },
+            Lease { mac: mac(7), ip: ip(240), expires_at: t },
+            Lease { mac: mac(7), ip: ip(241), expires_at: Timestamp(2_000) },
+        ])
+        .await
+        .expect("save");
+    store.delete_lease(mac(9)).await.expect("release");
+    store.delete_lease(mac(9)).await.expect("release is idempotent");
+    let reopened = Store::connect(db.url()).await.expect("reconnect");
+    let mut leases = reopened.leases().await.expect("leases");
+    leases.sort_by_key(|l| l.ip);
+    assert_eq!(leases.len(), 199);
+    assert_eq!(leases.iter().filter(|l| l.ip == ip(5)).map(|l| l.mac).collect::<Vec<_>>(), vec![mac(250)]);
+    assert!(!leases.iter().any(|l| l.mac == mac(5)), "the old holder lost .5");
+    assert_eq!(
+        leases.iter().find(|l| l.mac == mac(7)).map(|l| (l.ip, l.expires_at)),
+        Some((ip(241), Timestamp(2_000)))
+    );
+    assert!(!leases.iter().any(|l| l.mac == mac(9)));
 }

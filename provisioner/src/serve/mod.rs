@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::http::{self, images::Images, HttpState};
 use crate::metrics::Metrics;
-use config::ServeConfig;
+use config::{DhcpMode, ServeConfig};
 
 /// How long in-flight work may take to finish after a shutdown signal.
 const DRAIN: Duration = Duration::from_secs(10);
@@ -24,6 +24,8 @@ pub struct Bound {
     pub http: tokio::net::TcpListener,
     /// TFTP, when configured.
     pub tftp: Option<tokio::net::UdpSocket>,
+    /// DHCP, unless `mode = "off"`.
+    pub dhcp: Option<crate::dhcp::Sockets>,
 }
 
 impl Bound {
@@ -38,7 +40,15 @@ impl Bound {
             }
             None => None,
         };
-        Ok(Bound { http, tftp })
+        let dhcp = match config.dhcp.mode {
+            DhcpMode::Off => None,
+            mode => {
+                let interface = config.dhcp.interface.as_deref().unwrap_or_default();
+                let port = config.dhcp.port.unwrap_or(67);
+                Some(crate::dhcp::bind(interface, port, mode == DhcpMode::Proxy)?)
+            }
+        };
+        Ok(Bound { http, tftp, dhcp })
     }
 }
 
@@ -78,6 +88,16 @@ pub async fn run(config: ServeConfig, bound: Bound, store: Store, shutdown: Canc
         tasks.spawn(crate::tftp::serve(socket, root, metrics.clone(), shutdown.clone()));
     }
 
+    if let Some(sockets) = bound.dhcp {
+        let (settings, range) = dhcp_settings(&config)?;
+        tracing::info!(
+            interface = config.dhcp.interface.as_deref().unwrap_or_default(),
+            proxy = settings.proxy,
+            "DHCP serving"
+        );
+        tasks.spawn(crate::dhcp::serve(sockets, settings, range, store.clone(), metrics.clone(), shutdown.clone()));
+    }
+
     shutdown.cancelled().await;
     tracing::info!("shutting down");
     let drained = tokio::time::timeout(DRAIN, async {
@@ -95,6 +115,33 @@ pub async fn run(config: ServeConfig, bound: Bound, store: Store, shutdown: Canc
     }
     store.close().await;
     Ok(())
+}
+
+/// The DHCP server's settings and dynamic range, from a checked config.
+fn dhcp_settings(
+    config: &ServeConfig,
+) -> anyhow::Result<(crate::dhcp::logic::Settings, (std::net::Ipv4Addr, std::net::Ipv4Addr))> {
+    let d = &config.dhcp;
+    let server_ip = d.server_ip.context("dhcp.server_ip is required")?;
+    let (netmask, range) = match (&d.subnet, d.range) {
+        (Some(subnet), Some(range)) => {
+            let (_, prefix) = config::parse_subnet(subnet).map_err(anyhow::Error::msg)?;
+            (std::net::Ipv4Addr::from(u32::MAX << (32 - prefix)), (range[0], range[1]))
+        }
+        // proxy mode hands out no addresses
+        _ => (std::net::Ipv4Addr::new(255, 255, 255, 0), (server_ip, server_ip)),
+    };
+    let settings = crate::dhcp::logic::Settings {
+        proxy: d.mode == DhcpMode::Proxy,
+        server_ip,
+        netmask,
+        router: d.router,
+        dns: d.dns.clone(),
+        lease_secs: d.lease_time.map_or(3600, |t| u32::try_from(t.as_secs()).unwrap_or(u32::MAX).max(60)),
+        allow_unknown: d.allow_unknown,
+        public_url: config.http.public_url.clone(),
+    };
+    Ok((settings, range))
 }
 
 /// Cancels `token` on SIGTERM or SIGINT.
