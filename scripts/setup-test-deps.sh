@@ -13,8 +13,11 @@ need_root() {
 
 # Debian packages the tests use: PostgreSQL (the production database engine); libvirt with
 # the QEMU driver and its headers (the guard's post-libvirt pass links libvirt through `virt`).
-# Real network-boot clients: tftp-hpa, curl, atftp (RFC 7440 windowsize).
-PACKAGES=(postgresql libvirt-daemon-system libvirt-dev qemu-system-x86 pkg-config tftp-hpa curl atftp)
+# Real network-boot clients and peers: tftp-hpa, curl, atftp (RFC 7440 windowsize), busybox
+# udhcpc, ISC dhclient, dnsmasq (the DHCP server beside proxy mode), iPXE binaries; iproute2
+# for the network namespaces the tests build.
+PACKAGES=(postgresql libvirt-daemon-system libvirt-dev qemu-system-x86 pkg-config tftp-hpa curl atftp
+  busybox isc-dhcp-client dnsmasq-base ipxe iproute2 python3)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -1,0 +1,111 @@
+//! Test hosts made of network namespaces: a server namespace with a bridge `br0`
+//! (10.20.0.1/24), and peers on veth pairs to it, each with its own `eth0`. Everything is
+//! removed in `Drop`, and the processes started in the namespaces are killed by id.
+#![allow(dead_code, unreachable_pub)]
+
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// One lab: a server namespace and its peers.
+pub struct Lab {
+    pub server: String,
+    peers: Vec<String>,
+    children: Vec<Child>,
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("run ip");
+    assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Whether this process may build namespaces (root with iproute2). A test that cannot run
+/// says so on stderr; with NODEKEEPER_REQUIRE_NETNS=1 (make test) it fails instead.
+pub fn netns_available() -> bool {
+    let ok = nix_is_root() && Command::new("ip").arg("-V").output().is_ok_and(|o| o.status.success());
+    if !ok {
+        assert!(
+            std::env::var("NODEKEEPER_REQUIRE_NETNS").as_deref() != Ok("1"),
+            "NODEKEEPER_REQUIRE_NETNS=1 but network namespaces are not available (root + iproute2)"
+        );
+        eprintln!("skipping: network namespaces need root and iproute2");
+    }
+    ok
+}
+
+fn nix_is_root() -> bool {
+    Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0"))
+}
+
+impl Lab {
+    /// A fresh server namespace with `br0` at 10.20.0.1/24 and loopback up.
+    pub fn new() -> Lab {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let server = format!("nk{}x{}s", std::process::id(), N.fetch_add(1, Ordering::Relaxed));
+        ip(&["netns", "add", &server]);
+        let lab = Lab { server: server.clone(), peers: Vec::new(), children: Vec::new() };
+        ip(&["-n", &server, "link", "set", "lo", "up"]);
+        ip(&["-n", &server, "link", "add", "br0", "type", "bridge"]);
+        ip(&["-n", &server, "addr", "add", "10.20.0.1/24", "dev", "br0"]);
+        ip(&["-n", &server, "link", "set", "br0", "up"]);
+        lab
+    }
+
+    /// A peer namespace whose `eth0` (with `mac`, no address) is on the bridge.
+    pub fn peer(&mut self, mac: &str) -> String {
+        let name = format!("{}p{}", self.server, self.peers.len());
+        ip(&["netns", "add", &name]);
+        self.peers.push(name.clone());
+        let port = format!("vp{}", self.peers.len());
+        ip(&["-n", &self.server, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &name]);
+        ip(&["-n", &self.server, "link", "set", &port, "master", "br0", "up"]);
+        ip(&["-n", &name, "link", "set", "lo", "up"]);
+        ip(&["-n", &name, "link", "set", "eth0", "address", mac]);
+        ip(&["-n", &name, "link", "set", "eth0", "up"]);
+        name
+    }
+
+    /// A command that runs inside namespace `ns`.
+    pub fn cmd(ns: &str, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", ns, program]);
+        c
+    }
+
+    /// Runs to completion inside `ns` (bounded by `timeout SECONDS`).
+    pub fn run(ns: &str, seconds: u32, program: &str, args: &[&str]) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", ns, "timeout", &seconds.to_string(), program])
+            .args(args)
+            .output()
+            .expect("run in namespace")
+    }
+
+    /// Starts a long-running process inside `ns`; it is killed when the lab is dropped.
+    pub fn spawn(&mut self, ns: &str, program: &str, args: &[&str]) -> u32 {
+        let child = Self::cmd(ns, program).args(args).stdin(Stdio::null()).spawn().expect("spawn in namespace");
+        let id = child.id();
+        self.children.push(child);
+        id
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+        }
+        for c in &mut self.children {
+            for _ in 0..50 {
+                if c.try_wait().ok().flatten().is_some() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for ns in self.peers.iter().chain(std::iter::once(&self.server)) {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
