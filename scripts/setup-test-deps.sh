@@ -16,8 +16,10 @@ need_root() {
 # Real network-boot clients and peers: tftp-hpa, curl, atftp (RFC 7440 windowsize), busybox
 # udhcpc, ISC dhclient, dnsmasq (the DHCP server beside proxy mode), iPXE binaries; iproute2
 # for the network namespaces the tests build.
+# busybox-static (udhcpc, and the static shell of the test initramfs), a Debian kernel and
+# cpio for the QEMU PXE-boot test.
 PACKAGES=(postgresql libvirt-daemon-system libvirt-dev qemu-system-x86 pkg-config tftp-hpa curl atftp
-  busybox isc-dhcp-client dnsmasq-base ipxe iproute2 python3)
+  busybox-static isc-dhcp-client dnsmasq-base ipxe iproute2 python3 linux-image-amd64 cpio file)
 
 missing=()
 for p in "${PACKAGES[@]}"; do
@@ -28,7 +30,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   log "apt-get install ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq >&2
-  apt-get install -y -qq "${missing[@]}" >&2
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
 fi
 
 # The Rust toolchain (the machine image has it; a bare Debian gets rustup).

@@ -11,6 +11,7 @@ export NODEKEEPER_TEST_POSTGRES_URL="$pg_url"
 export NODEKEEPER_REQUIRE_POSTGRES=1
 export NODEKEEPER_REQUIRE_LIBVIRT=1
 export NODEKEEPER_REQUIRE_NETNS=1
+export NODEKEEPER_REQUIRE_QEMU=1
 
 echo "== cargo fmt --check"
 cargo fmt --all --check

@@ -1,0 +1,180 @@
+//! The real thing: a QEMU guest (TCG, `-boot n`, virtio-net with Debian's iPXE ROM) boots
+//! from the provisioner through DHCP → iPXE → HTTP script → kernel + initramfs, and the
+//! initramfs prints a marker with the kernel arguments it got on the serial console.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use common::Lab;
+use nodekeeper_store::testing::TestDb;
+use nodekeeper_store::{HostState, NewHost};
+
+const BIN: &str = env!("CARGO_BIN_EXE_nodekeeper-provisioner");
+const MAC: &str = "52:54:00:aa:00:01";
+const MARKER: &str = "NODEKEEPER-PXE-MARKER";
+
+fn kernel() -> Option<PathBuf> {
+    let mut kernels: Vec<PathBuf> = std::fs::read_dir("/boot")
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-")))
+        .collect();
+    kernels.sort();
+    kernels.pop()
+}
+
+fn available() -> Option<PathBuf> {
+    let qemu = Command::new("qemu-system-x86_64").arg("--version").output().is_ok_and(|o| o.status.success());
+    let busybox_static = Command::new("sh")
+        .args(["-c", "file -L \"$(command -v busybox)\" | grep -q 'statically linked'"])
+        .status()
+        .is_ok_and(|s| s.success());
+    match (qemu, busybox_static, kernel()) {
+        (true, true, Some(k)) => Some(k),
+        _ => {
+            assert!(
+                std::env::var("NODEKEEPER_REQUIRE_QEMU").as_deref() != Ok("1"),
+                "NODEKEEPER_REQUIRE_QEMU=1 but qemu-system-x86_64, a static busybox or /boot/vmlinuz-* is missing"
+            );
+            eprintln!("skipping: needs qemu-system-x86_64, busybox-static and a kernel in /boot");
+            None
+        }
+    }
+}
+
+/// A newc initramfs: static busybox and an /init that prints the marker and powers off.
+fn build_initramfs(dir: &Path) -> PathBuf {
+    let root = dir.join("initramfs");
+    for d in ["bin", "dev", "proc"] {
+        std::fs::create_dir_all(root.join(d)).expect("mkdir");
+    }
+    let busybox =
+        String::from_utf8(Command::new("sh").args(["-c", "command -v busybox"]).output().expect("which").stdout)
+            .expect("utf-8");
+    std::fs::copy(busybox.trim(), root.join("bin/busybox")).expect("copy busybox");
+    std::fs::write(
+        root.join("init"),
+        format!(
+            "#!/bin/busybox sh\n\
+             /bin/busybox mount -t proc proc /proc\n\
+             /bin/busybox mount -t devtmpfs dev /dev\n\
+             host=$(/bin/busybox sed -n 's/.*nk.host=\\([^ ]*\\).*/\\1/p' /proc/cmdline)\n\
+             token=$(/bin/busybox sed -n 's/.*nk.token=\\([^ ]*\\).*/\\1/p' /proc/cmdline)\n\
+             echo \"{MARKER} host=$host token_len=${{#token}}\" > /dev/ttyS0\n\
+             /bin/busybox poweroff -f\n"
+        ),
+    )
+    .expect("init");
+    let ok = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "chmod +x init && mknod -m 600 dev/console c 5 1 && find . | cpio -o -H newc --quiet | gzip -1 > {}",
+            dir.join("initrd.img").display()
+        ))
+        .current_dir(&root)
+        .status()
+        .expect("cpio");
+    assert!(ok.success(), "building the initramfs");
+    dir.join("initrd.img")
+}
+
+#[tokio::test]
+async fn a_qemu_guest_pxe_boots_through_dhcp_ipxe_and_http() {
+    if !common::netns_available() {
+        return;
+    }
+    let Some(kernel) = available() else { return };
+    let db = TestDb::sqlite();
+    let store = db.store().await;
+    let name = "node-a".parse().expect("name");
+    store
+        .add_host(
+            &NewHost {
+                name: "node-a".parse().expect("name"),
+                mac: Some(MAC.parse().expect("mac")),
+                ip: None,
+                bmc_url: None,
+            },
+            "test",
+        )
+        .await
+        .expect("host");
+    store.set_host_state(&name, HostState::Reimaging, "test", "PXE test").await.expect("reimaging");
+
+    let dir = tempfile::tempdir().expect("dir");
+    let d = dir.path().display().to_string();
+    std::fs::create_dir_all(dir.path().join("images/deploy")).expect("images");
+    std::fs::copy(&kernel, dir.path().join("images/deploy/vmlinuz")).expect("kernel");
+    let initrd = build_initramfs(dir.path());
+    std::fs::copy(&initrd, dir.path().join("images/deploy/initrd.img")).expect("initrd");
+    std::fs::create_dir_all(dir.path().join("tftp")).expect("tftp");
+    for f in ["undionly.kpxe", "ipxe.efi"] {
+        let _ = std::fs::copy(Path::new("/usr/lib/ipxe").join(f), dir.path().join("tftp").join(f));
+    }
+    let config = format!("{d}/provisioner.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "database_url = \"{}\"\n[dhcp]\nmode = \"full\"\ninterface = \"br0\"\nserver_ip = \"10.20.0.1\"\nsubnet = \"10.20.0.0/24\"\nrange = [\"10.20.0.100\", \"10.20.0.199\"]\n[tftp]\nlisten = \"10.20.0.1:69\"\nroot = \"{d}/tftp\"\n[http]\nlisten = \"10.20.0.1:8080\"\npublic_url = \"http://10.20.0.1:8080\"\nimages_dir = \"{d}/images\"\ndeploy_kernel_args = \"console=ttyS0 quiet panic=-1\"\n",
+            db.url()
+        ),
+    )
+    .expect("config");
+
+    let mut lab = Lab::new();
+    let server = lab.server.clone();
+    lab.spawn(&server, BIN, &["serve", "--config", &config]);
+    let out = Command::new("ip").args(["-n", &server, "tuntap", "add", "tapq", "mode", "tap"]).output().expect("tap");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for args in
+        [vec!["-n", &server, "link", "set", "tapq", "master", "br0"], vec!["-n", &server, "link", "set", "tapq", "up"]]
+    {
+        assert!(Command::new("ip").args(&args).status().expect("ip").success());
+    }
+    let serial = dir.path().join("serial.log");
+    let started = Instant::now();
+    let qemu = Lab::run(
+        &server,
+        240,
+        "qemu-system-x86_64",
+        &[
+            "-accel",
+            "tcg",
+            "-m",
+            "512",
+            "-smp",
+            "1",
+            "-display",
+            "none",
+            "-monitor",
+            "none",
+            "-no-reboot",
+            "-boot",
+            "n",
+            "-netdev",
+            "tap,id=n0,ifname=tapq,script=no,downscript=no",
+            "-device",
+            &format!("virtio-net-pci,netdev=n0,mac={MAC}"),
+            "-serial",
+            &format!("file:{}", serial.display()),
+        ],
+    );
+    let log = std::fs::read_to_string(&serial).unwrap_or_default();
+    let line = log.lines().find(|l| l.contains(MARKER));
+    assert!(
+        line.is_some(),
+        "no marker after {:?} (qemu {:?}): serial log tail:\n{}\nqemu stderr: {}",
+        started.elapsed(),
+        qemu.status,
+        log.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n"),
+        String::from_utf8_lossy(&qemu.stderr)
+    );
+    let line = line.unwrap_or_default();
+    assert!(line.contains("host=node-a"), "the kernel got the host's arguments: {line}");
+    assert!(line.contains("token_len=64"), "and a 64-character one-time token: {line}");
+    eprintln!("PXE boot to marker under TCG: {:?}", started.elapsed());
+}
