@@ -49,5 +49,10 @@ echo
 echo "== guard boot (median of ${RUNS:-5} runs; target: <= 1 s for 10,000)"
 python3 scripts/bench_guard_boot.py ./target/release/nodekeeper-guard "$nk" "$PWD/.bench" "$pg_admin"
 
+# --- network boot: HTTP vs nginx, TFTP vs tftpd-hpa, DHCP vs Kea and dnsmasq --------------
+echo
+echo "== network boot (ratios against the peers, same run)"
+python3 scripts/bench_net.py ./target/release/nodekeeper-provisioner "$PWD/.bench/net"
+
 printf '\n%-28s %-9s %-6s %s\n' BENCHMARK ENGINE RUN RESULT
 for r in "${results[@]}"; do IFS='|' read -r a b c d <<<"$r"; printf '%-28s %-9s %-6s %s\n' "$a" "$b" "$c" "$d"; done

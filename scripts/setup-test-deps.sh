@@ -19,7 +19,9 @@ need_root() {
 # busybox-static (udhcpc, and the static shell of the test initramfs), a Debian kernel and
 # cpio for the QEMU PXE-boot test.
 PACKAGES=(postgresql libvirt-daemon-system libvirt-dev qemu-system-x86 pkg-config tftp-hpa curl atftp
-  busybox-static isc-dhcp-client dnsmasq-base ipxe iproute2 python3 linux-image-amd64 cpio file)
+  busybox-static isc-dhcp-client dnsmasq-base ipxe iproute2 python3 linux-image-amd64 cpio file
+  kea-dhcp4-server kea-admin tftpd-hpa nginx-light)
+# (Kea's perfdhcp, kea-dhcp4, tftpd-hpa and nginx are the peers `make bench` measures against.)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -27,6 +27,8 @@ use images::Images;
 
 /// How long a deploy token minted for an iPXE script stays valid.
 pub const DEPLOY_TOKEN_TTL: Duration = Duration::from_secs(3600);
+/// Read size when streaming images.
+const IMAGE_CHUNK: usize = 1 << 20;
 /// The image written when a host has none set.
 pub const DEFAULT_IMAGE: &str = "node.img";
 
@@ -152,7 +154,9 @@ async fn image(State(state): State<HttpState>, UrlPath(path): UrlPath<String>, r
     if not_modified && matches!(*req.method(), Method::GET | Method::HEAD) {
         return (StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response();
     }
-    let served = match tower::ServiceExt::oneshot(ServeFile::new(&file), req).await {
+    // 1 MiB reads: tokio::fs hands each read to the blocking pool, so the default 64 KiB
+    // chunks spent more time hopping threads than copying (0.7x nginx; 1 MiB: see docs).
+    let served = match tower::ServiceExt::oneshot(ServeFile::new(&file).with_buf_chunk_size(IMAGE_CHUNK), req).await {
         Ok(r) => r,
         Err(e) => return internal(e),
     };
