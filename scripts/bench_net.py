@@ -149,7 +149,7 @@ def bench_tftp():
 
 # ---------------------------------------------------------------- DHCP
 NS_S, NS_C = f"nkb{os.getpid()}s", f"nkb{os.getpid()}c"
-RATES = [int(r) for r in os.environ.get("DHCP_RATES", "1000,2000,4000,6000,8000,10000,12000,16000").split(",")]
+RATES = [int(r) for r in os.environ.get("DHCP_RATES", "100,200,400,1000,2000,4000,6000,8000,10000,12000,16000").split(",")]
 SECONDS = int(os.environ.get("DHCP_SECONDS", "10"))
 
 
@@ -190,6 +190,9 @@ def dhcp_server(kind, d):
     else:
         args = ["dnsmasq", "--no-daemon", "--port=0", "--conf-file=/dev/null", "--no-resolv", "--no-hosts", "--interface=veth0",
                 "--bind-interfaces", "--dhcp-range=10.33.0.0,10.47.255.250,1h", "--dhcp-lease-max=2000000",
+                # dnsmasq pings every address before offering it (~3 s), which perfdhcp counts
+                # as a drop; nodekeeper and Kea do not ping, so compare without.
+                "--no-ping",
                 f"--dhcp-leasefile={d}/dnsmasq.leases", "--dhcp-authoritative", f"--pid-file={d}/dnsmasq.pid", "--log-facility=/dev/null"]
     p = start(["ip", "netns", "exec", NS_S] + args)
     time.sleep(2)
@@ -210,7 +213,7 @@ def bench_dhcp():
     netns_up()
     best = {}
     try:
-        for kind in ("nodekeeper", "kea", "dnsmasq"):
+        for kind in os.environ.get("DHCP_SERVERS", "nodekeeper,kea,dnsmasq").split(","):
             best[kind] = 0.0
             for rate in RATES:
                 d = os.path.join(WORK, "dhcp", kind)
@@ -225,8 +228,10 @@ def bench_dhcp():
                     best[kind] = max(best[kind], achieved)
                 else:
                     break
-        report("DHCP DORA/s, no drops (<= 0.1%), 100k clients", best["nodekeeper"], "dnsmasq", best["dnsmasq"], "DORA/s", ">= 1.0x dnsmasq")
-        report("DHCP DORA/s, no drops (<= 0.1%), 100k clients", best["nodekeeper"], "Kea", best["kea"], "DORA/s", "goal >= 1.5x Kea")
+        if "nodekeeper" in best and "dnsmasq" in best:
+            report("DHCP DORA/s, no drops (<= 0.1%), 100k clients", best["nodekeeper"], "dnsmasq", best["dnsmasq"], "DORA/s", ">= 1.0x dnsmasq")
+        if "nodekeeper" in best and "kea" in best:
+            report("DHCP DORA/s, no drops (<= 0.1%), 100k clients", best["nodekeeper"], "Kea", best["kea"], "DORA/s", "goal >= 1.5x Kea")
     finally:
         netns_down()
 

@@ -91,7 +91,9 @@ fn is_pxe_client(msg: &Message) -> bool {
 }
 
 fn client_mac(msg: &Message) -> Option<MacAddr> {
-    if msg.opcode() != Opcode::BootRequest || msg.htype() != HType::Eth {
+    // Check hlen before touching chaddr: dhcproto 0.12's `chaddr()` slices `[..hlen]` of a
+    // 16-byte array and panics on a packet claiming more (found by `make fuzz`).
+    if msg.opcode() != Opcode::BootRequest || msg.htype() != HType::Eth || msg.hlen() != 6 {
         return None;
     }
     let c = msg.chaddr();
@@ -271,6 +273,7 @@ fn build(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use dhcproto::Decodable;
 
     const MAC: [u8; 6] = [0x52, 0x54, 0, 0, 0, 0x0a];
 
@@ -432,6 +435,20 @@ mod tests {
         };
         assert_eq!((ack.opts().msg_type(), c), (Some(MessageType::Ack), Ipv4Addr::new(10, 20, 0, 55)));
         assert_eq!(respond(&req, &s, &h, &mut p, 0, false), Decision::Drop("proxy: not for us"));
+    }
+
+    #[test]
+    fn a_hardware_length_past_chaddr_is_dropped_not_a_panic() {
+        // The fuzzer's crash: a BOOTREQUEST with hlen 200 (chaddr holds 16 bytes).
+        let mut raw = vec![1u8, 1, 200, 0];
+        raw.extend_from_slice(&[0; 232]);
+        raw.extend_from_slice(&[0x63, 0x82, 0x53, 0x63, 53, 1, 1, 255]);
+        let msg = Message::decode(&mut dhcproto::Decoder::new(&raw)).expect("dhcproto decodes it");
+        let (h, mut p) = (hosts(None), pool());
+        for proxy in [false, true] {
+            let d = respond(&msg, &settings(proxy, true), &h, &mut p, 0, false);
+            assert_eq!(d, Decision::Drop("not an Ethernet BOOTREQUEST"));
+        }
     }
 
     #[test]

@@ -104,7 +104,7 @@ pub async fn serve(
             r = main.recv_from(&mut buf) => match r { Ok((n, _)) => (n, false, &buf), Err(e) => { tracing::debug!("DHCP recv: {e}"); continue } },
             r = recv_opt(proxy.as_deref(), &mut buf4011) => match r { Ok(n) => (n, true, &buf4011), Err(e) => { tracing::debug!("DHCP 4011 recv: {e}"); continue } },
         };
-        let msg = match Message::decode(&mut Decoder::new(&raw[..n])) {
+        let msg = match decode(&raw[..n]) {
             Ok(m) => m,
             Err(e) => {
                 metrics.dhcp_drops.inc();
@@ -156,6 +156,18 @@ pub async fn serve(
     drop(writer);
     let _ = writer_task.await;
     Ok(())
+}
+
+/// Decodes a datagram; any failure is a malformed packet. dhcproto 0.12 can panic on hostile
+/// input (a `debug_assert!` on option 94's length; found by `make fuzz`), and a packet from
+/// the network must never take the server down, so a panic in the decoder counts as
+/// malformed too.
+pub fn decode(bytes: &[u8]) -> Result<Message, String> {
+    match std::panic::catch_unwind(|| Message::decode(&mut Decoder::new(bytes))) {
+        Ok(Ok(m)) => Ok(m),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("the DHCP decoder panicked on this packet".into()),
+    }
 }
 
 async fn recv_opt(socket: Option<&UdpSocket>, buf: &mut [u8]) -> io::Result<usize> {
@@ -233,4 +245,21 @@ async fn load_hosts(store: &Store) -> Result<HashMap<MacAddr, KnownHost>, nodeke
             h.mac.map(|mac| (mac, KnownHost { name: h.name, ip }))
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hostile_packets_are_malformed_not_fatal() {
+        // Inputs on which dhcproto 0.12 panics, found by `make fuzz`.
+        let option94 = include_bytes!("../../tests/data/dhcproto-option94-debug-assert.bin");
+        let _ = decode(option94); // an Err with debug assertions, a misparse without: never a panic
+        let mut hlen200 = vec![1u8, 1, 200, 0];
+        hlen200.extend_from_slice(&[0; 232]);
+        hlen200.extend_from_slice(&[0x63, 0x82, 0x53, 0x63, 53, 1, 1, 255]);
+        assert!(decode(&hlen200).is_ok(), "it decodes; the responder drops it (logic tests)");
+        assert!(decode(&[1, 2, 3]).is_err());
+    }
 }
