@@ -3,7 +3,7 @@ SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: demo test test-deps lint unit bench build release fuzz clean
+.PHONY: demo test test-deps lint unit bench build release fuzz install clean
 
 ## demo: build, migrate an embedded SQLite database, load a sample inventory, show it
 demo:
@@ -20,6 +20,15 @@ bench:
 ## fuzz: every parser's fuzz target for FUZZ_SECONDS (default 60) each
 fuzz:
 	./scripts/fuzz.sh
+
+## install: binaries to /usr/bin, units to /usr/lib/systemd/system, iPXE into the TFTP root
+PREFIX ?= /usr
+TFTP_ROOT ?= /var/lib/nodekeeper/tftp
+install: release
+	install -m 0755 target/release/nodekeeper-guard target/release/nodekeeper-provisioner $(DESTDIR)$(PREFIX)/bin/
+	install -d $(DESTDIR)/usr/lib/systemd/system
+	install -m 0644 systemd/*.service $(DESTDIR)/usr/lib/systemd/system/
+	./scripts/install-tftp-root.sh $(DESTDIR)$(TFTP_ROOT)
 
 build:
 	cargo build --workspace --all-targets
