@@ -81,13 +81,17 @@ fn main() -> ExitCode {
     }
 }
 
+/// One JSON object on stdout (the `--json` contract).
+fn print_json<T: serde::Serialize>(report: &T) {
+    match serde_json::to_string(report) {
+        Ok(s) => println!("{s}"),
+        Err(e) => eprintln!("error: encoding the report: {e}"),
+    }
+}
+
 fn print_report(r: &Report, json: bool) {
     if json {
-        match serde_json::to_string(r) {
-            Ok(s) => println!("{s}"),
-            Err(e) => eprintln!("error: encoding the report: {e}"),
-        }
-        return;
+        return print_json(r);
     }
     println!(
         "guard boot on {}: database {}; {} kept, {} quarantined, {} unknown, {} blocked, {} restored, {} errors ({} ms)",
@@ -121,11 +125,7 @@ fn print_report(r: &Report, json: bool) {
 
 fn print_live_report(r: &boot::live::LiveReport, json: bool) {
     if json {
-        match serde_json::to_string(r) {
-            Ok(s) => println!("{s}"),
-            Err(e) => eprintln!("error: encoding the report: {e}"),
-        }
-        return;
+        return print_json(r);
     }
     println!(
         "guard post-libvirt on {}: {} kept, {} destroyed, {} undefined, {} unknown, {} left running, {} errors",

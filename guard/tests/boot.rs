@@ -5,24 +5,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use nodekeeper_store::on_both_engines;
 use nodekeeper_store::testing::TestDb;
 use nodekeeper_store::{EventFilter, Generation, HostName, InstanceId, NewHost, NewInstance, Storage, Store};
 use serde_json::Value;
-
-macro_rules! on_both_engines {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(#[tokio::test]
-            async fn $name() { super::$name(super::TestDb::sqlite()).await })*
-        }
-        mod postgres {
-            $(#[tokio::test]
-            async fn $name() {
-                if let Some(db) = super::TestDb::postgres().await { super::$name(db).await }
-            })*
-        }
-    };
-}
 
 on_both_engines!(
     stale_definitions_are_quarantined_byte_for_byte,

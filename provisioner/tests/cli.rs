@@ -3,23 +3,9 @@
 
 use std::process::{Command, Output};
 
+use nodekeeper_store::on_both_engines;
 use nodekeeper_store::testing::TestDb;
 use serde_json::Value;
-
-macro_rules! on_both_engines {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(#[tokio::test]
-            async fn $name() { super::$name(super::TestDb::sqlite()).await })*
-        }
-        mod postgres {
-            $(#[tokio::test]
-            async fn $name() {
-                if let Some(db) = super::TestDb::postgres().await { super::$name(db).await }
-            })*
-        }
-    };
-}
 
 on_both_engines!(
     a_fleet_is_managed_end_to_end,

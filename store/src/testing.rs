@@ -91,3 +91,22 @@ impl Drop for TestDb {
         .join();
     }
 }
+
+/// Runs each listed `async fn(TestDb)` once per engine, as `sqlite::NAME` and
+/// `postgres::NAME` (the latter skipped, or failed under `NODEKEEPER_REQUIRE_POSTGRES=1`,
+/// without a server). The calling crate needs `tokio` with `macros` and `rt-multi-thread`.
+#[macro_export]
+macro_rules! on_both_engines {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $name() { super::$name($crate::testing::TestDb::sqlite()).await })*
+        }
+        mod postgres {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $name() {
+                if let Some(db) = $crate::testing::TestDb::postgres().await { super::$name(db).await }
+            })*
+        }
+    };
+}

@@ -3,28 +3,13 @@
 
 use std::sync::Arc;
 
+use nodekeeper_store::on_both_engines;
 use nodekeeper_store::testing::TestDb;
 use nodekeeper_store::{
     EventFilter, Generation, HostName, HostState, InstanceId, NewEvent, NewHost, NewInstance, Storage, Store,
     StoreError,
 };
 use tokio::sync::Barrier;
-
-/// Runs each listed `async fn(TestDb)` once per engine, as `sqlite::NAME` and `postgres::NAME`.
-macro_rules! on_both_engines {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn $name() { super::$name(super::TestDb::sqlite()).await })*
-        }
-        mod postgres {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn $name() {
-                if let Some(db) = super::TestDb::postgres().await { super::$name(db).await }
-            })*
-        }
-    };
-}
 
 on_both_engines!(
     migrations_are_idempotent_and_checked,
