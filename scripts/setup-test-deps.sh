@@ -20,7 +20,8 @@ need_root() {
 # cpio for the QEMU PXE-boot test.
 PACKAGES=(postgresql libvirt-daemon-system libvirt-dev qemu-system-x86 pkg-config tftp-hpa curl atftp
   busybox-static isc-dhcp-client dnsmasq-base ipxe iproute2 python3 linux-image-amd64 cpio file
-  kea-dhcp4-server kea-admin tftpd-hpa nginx-light)
+  kea-dhcp4-server kea-admin tftpd-hpa nginx-light
+  python3-libvirt python3-venv ipmitool)
 # (Kea's perfdhcp, kea-dhcp4, tftpd-hpa and nginx are the peers `make bench` measures against.)
 
 missing=()
@@ -73,6 +74,16 @@ if [ ! -S /run/libvirt/libvirt-sock ] || ! pgrep -x libvirtd >/dev/null; then
     sleep 0.2
   done
   [ -S /run/libvirt/libvirt-sock ] || { log "libvirtd did not come up"; exit 1; }
+fi
+
+# The BMC emulators (sushy-tools for Redfish, VirtualBMC for IPMI) in a venv over Debian's
+# python3 and its python3-libvirt, as the tests expect at NODEKEEPER_BMC_VENV.
+BMC_VENV=${NODEKEEPER_BMC_VENV:-/opt/nk-bmc-venv}
+if [ ! -x "$BMC_VENV/bin/sushy-emulator" ] || [ ! -x "$BMC_VENV/bin/vbmcd" ]; then
+  need_root
+  log "installing sushy-tools and virtualbmc into $BMC_VENV"
+  /usr/bin/python3 -m venv --system-site-packages "$BMC_VENV" >&2
+  "$BMC_VENV/bin/pip" install -q sushy-tools virtualbmc >&2
 fi
 
 # A role that may create the throwaway databases each test makes for itself.

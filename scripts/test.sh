@@ -12,6 +12,7 @@ export NODEKEEPER_REQUIRE_POSTGRES=1
 export NODEKEEPER_REQUIRE_LIBVIRT=1
 export NODEKEEPER_REQUIRE_NETNS=1
 export NODEKEEPER_REQUIRE_QEMU=1
+export NODEKEEPER_REQUIRE_BMC=1
 
 echo "== cargo fmt --check"
 cargo fmt --all --check

@@ -135,7 +135,10 @@ fn sorted(mut v: Vec<String>) -> Vec<String> {
 async fn database(db: &TestDb, rows: &[(InstanceId, &str, u64, bool, bool)]) -> Store {
     let store = db.store().await;
     for h in ["node-a", "node-b"] {
-        store.add_host(&NewHost { name: host(h), mac: None, ip: None, bmc_url: None }, "test").await.expect("host");
+        store
+            .add_host(&NewHost { name: host(h), mac: None, ip: None, bmc_url: None, bmc_credentials: None }, "test")
+            .await
+            .expect("host");
     }
     let items: Vec<NewInstance> = rows
         .iter()

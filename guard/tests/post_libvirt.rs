@@ -71,7 +71,10 @@ async fn stale_domains_are_removed_and_running_ones_only_when_recovered_elsewher
     let db = TestDb::sqlite();
     let store = db.store().await;
     for h in ["node-a", "node-b"] {
-        store.add_host(&NewHost { name: host(h), mac: None, ip: None, bmc_url: None }, "test").await.expect("host");
+        store
+            .add_host(&NewHost { name: host(h), mac: None, ip: None, bmc_url: None, bmc_credentials: None }, "test")
+            .await
+            .expect("host");
     }
     let rows = [
         (moved_running, "node-b"),

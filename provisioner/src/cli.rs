@@ -45,12 +45,32 @@ pub enum Command {
     /// Instances (VMs) and who owns them.
     #[command(subcommand)]
     Instance(InstanceCommand),
+    /// Drive a host's power through its BMC; every command is confirmed by reading it back.
+    Power {
+        /// Host name.
+        host: HostName,
+        /// on | off (hard) | cycle | status
+        action: PowerCommand,
+    },
     /// Run the network-boot servers (DHCP, TFTP, HTTP) until SIGTERM.
     Serve {
         /// The provisioner's config file.
         #[arg(long, default_value = "/etc/nodekeeper/provisioner.toml")]
         config: PathBuf,
     },
+}
+
+/// `power HOST ACTION`
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PowerCommand {
+    /// Power on.
+    On,
+    /// Hard power off.
+    Off,
+    /// Off, then on.
+    Cycle,
+    /// Report the power state.
+    Status,
 }
 
 /// `db ...`
@@ -76,6 +96,9 @@ pub enum HostCommand {
         /// Its BMC: redfish+https://HOST/redfish/v1/Systems/ID or ipmi://HOST:PORT.
         #[arg(long)]
         bmc: Option<String>,
+        /// Where the BMC's user:password is: env:VAR or file:/path (never the secret itself).
+        #[arg(long)]
+        bmc_credentials: Option<String>,
     },
     /// List hosts.
     List,
@@ -127,9 +150,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let store = admin::open_store(&cli.database_url, migrate_only).await?;
     let result = match cli.command {
         Command::Db(DbCommand::Migrate) => admin::db_migrate(&store, &out).await,
-        Command::Host(HostCommand::Add { name, mac, ip, bmc }) => {
-            admin::host_add(&store, &out, nodekeeper_store::NewHost { name, mac, ip, bmc_url: bmc }).await
+        Command::Host(HostCommand::Add { name, mac, ip, bmc, bmc_credentials }) => {
+            admin::host_add(&store, &out, nodekeeper_store::NewHost { name, mac, ip, bmc_url: bmc, bmc_credentials })
+                .await
         }
+        Command::Power { host, action } => admin::power(&store, &out, &host, action).await,
         Command::Host(HostCommand::List) => admin::host_list(&store, &out).await,
         Command::Host(HostCommand::Show { name }) => admin::host_show(&store, &out, &name).await,
         Command::Instance(InstanceCommand::Import { file }) => admin::instance_import(&store, &out, &file).await,

@@ -2,6 +2,7 @@
 //! controllers, and the admin commands operators use on the database.
 
 pub mod admin;
+pub mod bmc;
 pub mod cli;
 pub mod dhcp;
 pub mod http;

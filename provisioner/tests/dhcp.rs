@@ -31,6 +31,7 @@ async fn setup(mode: &str) -> Setup {
             mac: Some(mac.parse().expect("mac")),
             ip: ip.map(|i| i.parse().expect("ip")),
             bmc_url: None,
+            bmc_credentials: None,
         };
         store.add_host(&h, "test").await.expect("host");
     }

@@ -30,6 +30,7 @@ async fn start() -> Server {
             mac: Some(mac.parse().expect("mac")),
             ip: None,
             bmc_url: None,
+            bmc_credentials: None,
         };
         store.add_host(&h, "test").await.expect("host");
     }

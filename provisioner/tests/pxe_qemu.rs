@@ -98,6 +98,7 @@ async fn a_qemu_guest_pxe_boots_through_dhcp_ipxe_and_http() {
                 mac: Some(MAC.parse().expect("mac")),
                 ip: None,
                 bmc_url: None,
+                bmc_credentials: None,
             },
             "test",
         )

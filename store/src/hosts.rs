@@ -24,6 +24,8 @@ pub struct NewHost {
     pub ip: Option<IpAddr>,
     /// Its BMC endpoint (`redfish+https://…`, `ipmi://…`).
     pub bmc_url: Option<String>,
+    /// Where its BMC credentials are (`env:VAR`, `file:/path`): a reference, never the secret.
+    pub bmc_credentials: Option<String>,
 }
 
 /// A host as stored.
@@ -37,6 +39,8 @@ pub struct Host {
     pub ip: Option<IpAddr>,
     /// BMC endpoint.
     pub bmc_url: Option<String>,
+    /// BMC credentials reference.
+    pub bmc_credentials: Option<String>,
     /// Lifecycle state.
     pub state: HostState,
     /// When its guard last reported in.
@@ -49,7 +53,8 @@ pub struct Host {
     pub updated_at: Timestamp,
 }
 
-const HOST_COLUMNS: &str = "name, mac, ip, bmc_url, state, last_heartbeat, image, created_at, updated_at";
+const HOST_COLUMNS: &str =
+    "name, mac, ip, bmc_url, bmc_credentials, state, last_heartbeat, image, created_at, updated_at";
 
 /// Parses a text column into its typed form, or reports the row as corrupt.
 pub(crate) fn parse_column<T>(table: &'static str, column: &str, value: &str) -> Result<T>
@@ -75,6 +80,7 @@ fn host_from_row(row: &AnyRow) -> Result<Host> {
         mac: opt("mac")?.map(|m| parse_column(T, "mac", &m)).transpose()?,
         ip: opt("ip")?.map(|ip| parse_column(T, "ip", &ip)).transpose()?,
         bmc_url: opt("bmc_url")?,
+        bmc_credentials: opt("bmc_credentials")?,
         state: parse_column(T, "state", &get::<String>(row, T, "state")?)?,
         last_heartbeat: get::<Option<i64>>(row, T, "last_heartbeat")?.map(Timestamp),
         image: opt("image")?,
@@ -102,12 +108,14 @@ impl Store {
         }
         let now = now_ms();
         sqlx::query(
-            "INSERT INTO hosts (name, mac, ip, bmc_url, state, created_at, updated_at) VALUES ($1, $2, $3, $4, 'active', $5, $5)",
+            "INSERT INTO hosts (name, mac, ip, bmc_url, bmc_credentials, state, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, 'active', $6, $6)",
         )
         .bind(new.name.as_str())
         .bind(new.mac.map(|m| m.to_string()))
         .bind(new.ip.map(|ip| ip.to_string()))
         .bind(new.bmc_url.clone())
+        .bind(new.bmc_credentials.clone())
         .bind(now)
         .execute(&mut *tx)
         .await

@@ -32,7 +32,13 @@ fn host(name: &str) -> HostName {
 }
 
 fn new_host(name: &str, mac: Option<&str>) -> NewHost {
-    NewHost { name: host(name), mac: mac.map(|m| m.parse().expect("test MAC")), ip: None, bmc_url: None }
+    NewHost {
+        name: host(name),
+        mac: mac.map(|m| m.parse().expect("test MAC")),
+        ip: None,
+        bmc_url: None,
+        bmc_credentials: None,
+    }
 }
 
 fn new_instance(owner: &str, n: usize) -> NewInstance {

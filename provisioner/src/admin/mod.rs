@@ -217,6 +217,43 @@ pub async fn instance_delete(store: &Store, out: &Output, ids: &[InstanceId]) ->
     })
 }
 
+/// `power HOST on|off|cycle|status`
+pub async fn power(
+    store: &Store,
+    out: &Output,
+    name: &HostName,
+    action: crate::cli::PowerCommand,
+) -> anyhow::Result<()> {
+    use crate::bmc::{self, Bmc, PowerAction};
+    use crate::cli::PowerCommand;
+    let host = store.require_host(name).await?;
+    let url = host.bmc_url.as_deref().with_context(|| format!("host {name} has no BMC (host add --bmc URL)"))?;
+    let credentials = host.bmc_credentials.as_deref().map(bmc::Credentials::resolve).transpose()?;
+    let driver = bmc::Driver::from_url(url, credentials)?;
+    let state = match action {
+        PowerCommand::Status => driver.power_state().await?,
+        PowerCommand::On | PowerCommand::Off | PowerCommand::Cycle => {
+            let act = match action {
+                PowerCommand::On => PowerAction::On,
+                PowerCommand::Off => PowerAction::Off,
+                _ => PowerAction::Cycle,
+            };
+            let state = bmc::power(&driver, act, &bmc::Policy::default()).await?;
+            let verb = format!("{action:?}").to_lowercase();
+            let event = nodekeeper_store::NewEvent::host(
+                &actor(),
+                "host.power",
+                name,
+                format!("power {verb} through {}: now {state}", driver.endpoint()),
+            );
+            store.record_event(&event).await?;
+            state
+        }
+    };
+    let value = json!({ "host": name, "bmc": driver.endpoint(), "power": state });
+    out.emit(&value, || format!("{name}: power {state}\n"))
+}
+
 /// For commands given a list of UUIDs, the item's own error says which one; add that
 /// nothing changed.
 fn unwrap_item(e: StoreError) -> anyhow::Error {

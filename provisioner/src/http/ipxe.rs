@@ -61,6 +61,7 @@ mod tests {
             mac: Some("52:54:00:00:00:0a".parse().expect("mac")),
             ip: None,
             bmc_url: None,
+            bmc_credentials: None,
             state,
             last_heartbeat: None,
             image: None,

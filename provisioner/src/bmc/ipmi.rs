@@ -1,0 +1,94 @@
+//! IPMI over LAN (lanplus) through `ipmitool`, tested against VirtualBMC. The password goes
+//! through the environment (`-E`), never on a command line another user could read in `ps`.
+
+use std::time::Duration;
+
+use tokio::process::Command;
+
+use super::{Bmc, BmcError, Credentials, PowerState};
+
+/// How long one ipmitool call may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// One IPMI BMC.
+#[derive(Debug)]
+pub struct Ipmi {
+    host: String,
+    port: u16,
+    credentials: Option<Credentials>,
+}
+
+impl Ipmi {
+    /// A driver for `ipmi://HOST[:PORT]` (port 623 by default).
+    pub fn new(url: &str, credentials: Option<Credentials>) -> Result<Ipmi, BmcError> {
+        let rest = url.strip_prefix("ipmi://").ok_or_else(|| BmcError::Config(format!("not an IPMI URL: {url:?}")))?;
+        let rest = rest.trim_end_matches('/');
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((h, p)) => (h, p.parse().map_err(|_| BmcError::Config(format!("bad IPMI port in {url:?}")))?),
+            None => (rest, 623),
+        };
+        if host.is_empty() {
+            return Err(BmcError::Config(format!("IPMI URL {url:?} has no host")));
+        }
+        Ok(Ipmi { host: host.to_owned(), port, credentials })
+    }
+
+    async fn run(&self, args: &[&str]) -> Result<String, BmcError> {
+        let mut cmd = Command::new("ipmitool");
+        cmd.args(["-I", "lanplus", "-H", &self.host, "-p", &self.port.to_string(), "-N", "2", "-R", "2"]);
+        if let Some(c) = &self.credentials {
+            cmd.args(["-U", &c.user, "-E"]).env("IPMI_PASSWORD", &c.password);
+        }
+        cmd.args(args).kill_on_drop(true);
+        let out = tokio::time::timeout(CALL_TIMEOUT, cmd.output())
+            .await
+            .map_err(|_| BmcError::Unreachable { endpoint: self.endpoint(), reason: "ipmitool timed out".into() })?
+            .map_err(|e| BmcError::Config(format!("running ipmitool: {e}")))?;
+        if !out.status.success() {
+            let reason =
+                String::from_utf8_lossy(&out.stderr).trim().lines().last().unwrap_or("ipmitool failed").to_owned();
+            return Err(BmcError::Unreachable { endpoint: self.endpoint(), reason });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+impl Bmc for Ipmi {
+    fn endpoint(&self) -> String {
+        format!("ipmi://{}:{}", self.host, self.port)
+    }
+
+    async fn power_state(&self) -> Result<PowerState, BmcError> {
+        let out = self.run(&["chassis", "power", "status"]).await?;
+        if out.contains("is on") {
+            Ok(PowerState::On)
+        } else if out.contains("is off") {
+            Ok(PowerState::Off)
+        } else {
+            Err(BmcError::Refused { endpoint: self.endpoint(), reason: format!("unexpected answer {:?}", out.trim()) })
+        }
+    }
+
+    async fn set_power(&self, on: bool) -> Result<(), BmcError> {
+        self.run(&["chassis", "power", if on { "on" } else { "off" }]).await.map(drop)
+    }
+
+    async fn set_pxe_once(&self) -> Result<(), BmcError> {
+        // Without options=persistent, IPMI boot device overrides apply to the next boot only.
+        self.run(&["chassis", "bootdev", "pxe"]).await.map(drop)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        let i = Ipmi::new("ipmi://127.0.0.1:6230", None).expect("url");
+        assert_eq!((i.host.as_str(), i.port), ("127.0.0.1", 6230));
+        assert_eq!(Ipmi::new("ipmi://bmc.example", None).expect("url").port, 623);
+        assert!(Ipmi::new("ipmi://", None).is_err());
+        assert!(Ipmi::new("ipmi://h:x", None).is_err());
+    }
+}

@@ -1,0 +1,325 @@
+//! Host power through baseboard management controllers: one [`Bmc`] trait, a Redfish and an
+//! IPMI driver behind it. Every command is confirmed by reading the power state back (some
+//! BMCs accept a command and do nothing), retried with backoff within a deadline, and
+//! serialized per BMC (BMCs handle concurrent sessions badly). Credentials are never logged.
+
+pub mod ipmi;
+pub mod redfish;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use serde::Serialize;
+
+/// A host's power as its BMC reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PowerState {
+    /// Powered on.
+    On,
+    /// Powered off.
+    Off,
+}
+
+impl std::fmt::Display for PowerState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PowerState::On => "on",
+            PowerState::Off => "off",
+        })
+    }
+}
+
+/// What to ask of a BMC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PowerAction {
+    /// Power on.
+    On,
+    /// Hard power off (a fence must not wait for the OS).
+    Off,
+    /// Off, then on.
+    Cycle,
+}
+
+/// What went wrong talking to a BMC. Messages never contain credentials.
+#[derive(Debug, thiserror::Error)]
+pub enum BmcError {
+    /// The BMC URL or credentials reference cannot be used.
+    #[error("BMC configuration: {0}")]
+    Config(String),
+    /// The BMC could not be reached or did not answer in time.
+    #[error("BMC {endpoint} unreachable: {reason}")]
+    Unreachable {
+        /// Where (no credentials).
+        endpoint: String,
+        /// Why.
+        reason: String,
+    },
+    /// The BMC answered with an error.
+    #[error("BMC {endpoint} refused: {reason}")]
+    Refused {
+        /// Where.
+        endpoint: String,
+        /// What it said.
+        reason: String,
+    },
+    /// The command was accepted but the power state never followed.
+    #[error("BMC {endpoint}: power is still {actual} {waited:?} after asking for {wanted}")]
+    NotConfirmed {
+        /// Where.
+        endpoint: String,
+        /// What was asked.
+        wanted: PowerState,
+        /// What it still is.
+        actual: PowerState,
+        /// How long we waited.
+        waited: Duration,
+    },
+}
+
+/// The operations every BMC driver provides. Each call is one attempt; [`power`] adds the
+/// confirmation, retries and per-BMC serialization.
+pub trait Bmc: Send + Sync {
+    /// Where it is, for messages (never with credentials).
+    fn endpoint(&self) -> String;
+    /// The current power state.
+    fn power_state(&self) -> impl Future<Output = Result<PowerState, BmcError>> + Send;
+    /// Asks for power on or off (not confirmed).
+    fn set_power(&self, on: bool) -> impl Future<Output = Result<(), BmcError>> + Send;
+    /// Boot from the network once, at the next power-on.
+    fn set_pxe_once(&self) -> impl Future<Output = Result<(), BmcError>> + Send;
+}
+
+/// Deadlines and retries for [`power`].
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// How long to wait for the state to follow one command.
+    pub confirm_within: Duration,
+    /// Commands sent before giving up.
+    pub attempts: u32,
+    /// Pause between polls of the power state.
+    pub poll: Duration,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy { confirm_within: Duration::from_secs(30), attempts: 3, poll: Duration::from_millis(500) }
+    }
+}
+
+/// One lock per BMC endpoint: commands to one BMC never overlap, different BMCs run in parallel.
+fn lock_for(endpoint: &str) -> Arc<tokio::sync::Mutex<()>> {
+    static LOCKS: OnceLock<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>> = OnceLock::new();
+    let mut map = LOCKS.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+    map.entry(endpoint.to_owned()).or_default().clone()
+}
+
+/// Carries out `action` and confirms it by reading the state back, retrying the command
+/// (with a doubling pause) when the BMC accepted it but nothing happened. Idempotent: asking
+/// for the state the host is already in succeeds at once (except `Cycle`).
+pub async fn power<B: Bmc>(bmc: &B, action: PowerAction, policy: &Policy) -> Result<PowerState, BmcError> {
+    let lock = lock_for(&bmc.endpoint());
+    let _turn = lock.lock().await;
+    match action {
+        PowerAction::On => reach(bmc, PowerState::On, policy).await,
+        PowerAction::Off => reach(bmc, PowerState::Off, policy).await,
+        PowerAction::Cycle => {
+            reach(bmc, PowerState::Off, policy).await?;
+            reach(bmc, PowerState::On, policy).await
+        }
+    }
+}
+
+async fn reach<B: Bmc>(bmc: &B, wanted: PowerState, policy: &Policy) -> Result<PowerState, BmcError> {
+    let mut last_err = None;
+    let mut pause = policy.poll;
+    for attempt in 1..=policy.attempts.max(1) {
+        match bmc.power_state().await {
+            Ok(s) if s == wanted => return Ok(s),
+            Ok(_) => {}
+            Err(e) => {
+                last_err = Some(e);
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        }
+        if let Err(e) = bmc.set_power(wanted == PowerState::On).await {
+            tracing::info!(bmc = %bmc.endpoint(), attempt, "power {wanted} failed: {e}");
+            last_err = Some(e);
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(5));
+            continue;
+        }
+        let started = tokio::time::Instant::now();
+        let mut actual = None;
+        while started.elapsed() < policy.confirm_within {
+            tokio::time::sleep(policy.poll).await;
+            match bmc.power_state().await {
+                Ok(s) if s == wanted => return Ok(s),
+                Ok(s) => actual = Some(s),
+                Err(e) => tracing::debug!(bmc = %bmc.endpoint(), "polling the power state: {e}"),
+            }
+        }
+        tracing::warn!(bmc = %bmc.endpoint(), attempt, "power {wanted} accepted but not confirmed");
+        last_err = Some(BmcError::NotConfirmed {
+            endpoint: bmc.endpoint(),
+            wanted,
+            actual: actual.unwrap_or(if wanted == PowerState::On { PowerState::Off } else { PowerState::On }),
+            waited: policy.confirm_within,
+        });
+    }
+    Err(last_err
+        .unwrap_or_else(|| BmcError::Unreachable { endpoint: bmc.endpoint(), reason: "no attempt made".into() }))
+}
+
+/// User and password for a BMC, from a reference that keeps the secret out of the database:
+/// `env:VAR` (the variable holds `user:password`) or `file:/path` (the file does).
+#[derive(Clone)]
+pub struct Credentials {
+    /// User name.
+    pub user: String,
+    /// Password (never printed: `Debug` hides it).
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials").field("user", &self.user).field("password", &"***").finish()
+    }
+}
+
+impl Credentials {
+    /// Resolves a credentials reference.
+    pub fn resolve(reference: &str) -> Result<Credentials, BmcError> {
+        let raw = if let Some(var) = reference.strip_prefix("env:") {
+            std::env::var(var).map_err(|_| BmcError::Config(format!("credentials variable {var} is not set")))?
+        } else if let Some(path) = reference.strip_prefix("file:") {
+            std::fs::read_to_string(path).map_err(|e| BmcError::Config(format!("credentials file {path}: {e}")))?
+        } else {
+            return Err(BmcError::Config("credentials reference must be env:VAR or file:/path".into()));
+        };
+        let (user, password) = raw
+            .trim_end_matches(['\n', '\r'])
+            .split_once(':')
+            .ok_or_else(|| BmcError::Config("credentials must read user:password".into()))?;
+        Ok(Credentials { user: user.to_owned(), password: password.to_owned() })
+    }
+}
+
+/// A driver chosen by the BMC URL's scheme.
+#[derive(Debug)]
+pub enum Driver {
+    /// `redfish://`, `redfish+http://`, `redfish+https://`, `http(s)://`
+    Redfish(redfish::Redfish),
+    /// `ipmi://HOST[:PORT]`
+    Ipmi(ipmi::Ipmi),
+}
+
+impl Driver {
+    /// The driver for `url` with `credentials`.
+    pub fn from_url(url: &str, credentials: Option<Credentials>) -> Result<Driver, BmcError> {
+        if url.starts_with("ipmi://") {
+            Ok(Driver::Ipmi(ipmi::Ipmi::new(url, credentials)?))
+        } else {
+            Ok(Driver::Redfish(redfish::Redfish::new(url, credentials)?))
+        }
+    }
+}
+
+impl Bmc for Driver {
+    fn endpoint(&self) -> String {
+        match self {
+            Driver::Redfish(d) => d.endpoint(),
+            Driver::Ipmi(d) => d.endpoint(),
+        }
+    }
+    async fn power_state(&self) -> Result<PowerState, BmcError> {
+        match self {
+            Driver::Redfish(d) => d.power_state().await,
+            Driver::Ipmi(d) => d.power_state().await,
+        }
+    }
+    async fn set_power(&self, on: bool) -> Result<(), BmcError> {
+        match self {
+            Driver::Redfish(d) => d.set_power(on).await,
+            Driver::Ipmi(d) => d.set_power(on).await,
+        }
+    }
+    async fn set_pxe_once(&self) -> Result<(), BmcError> {
+        match self {
+            Driver::Redfish(d) => d.set_pxe_once().await,
+            Driver::Ipmi(d) => d.set_pxe_once().await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// A BMC that ignores the first `ignore` commands (a classic) and then obeys.
+    struct Lazy {
+        on: Mutex<bool>,
+        ignore: AtomicU32,
+        commands: AtomicU32,
+    }
+
+    impl Bmc for Lazy {
+        fn endpoint(&self) -> String {
+            "lazy".into()
+        }
+        async fn power_state(&self) -> Result<PowerState, BmcError> {
+            Ok(if *self.on.lock().expect("lock") { PowerState::On } else { PowerState::Off })
+        }
+        async fn set_power(&self, on: bool) -> Result<(), BmcError> {
+            self.commands.fetch_add(1, Ordering::SeqCst);
+            if self.ignore.load(Ordering::SeqCst) > 0 {
+                self.ignore.fetch_sub(1, Ordering::SeqCst);
+                return Ok(());
+            }
+            *self.on.lock().expect("lock") = on;
+            Ok(())
+        }
+        async fn set_pxe_once(&self) -> Result<(), BmcError> {
+            Ok(())
+        }
+    }
+
+    fn fast() -> Policy {
+        Policy { confirm_within: Duration::from_millis(50), attempts: 3, poll: Duration::from_millis(5) }
+    }
+
+    #[tokio::test]
+    async fn ignored_commands_are_retried_until_the_state_follows() {
+        let bmc = Lazy { on: Mutex::new(true), ignore: AtomicU32::new(2), commands: AtomicU32::new(0) };
+        assert_eq!(power(&bmc, PowerAction::Off, &fast()).await.expect("off"), PowerState::Off);
+        assert_eq!(bmc.commands.load(Ordering::SeqCst), 3);
+        // Already off: nothing is sent.
+        assert_eq!(power(&bmc, PowerAction::Off, &fast()).await.expect("off again"), PowerState::Off);
+        assert_eq!(bmc.commands.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn a_bmc_that_never_obeys_is_reported() {
+        let bmc = Lazy { on: Mutex::new(true), ignore: AtomicU32::new(100), commands: AtomicU32::new(0) };
+        let err = power(&bmc, PowerAction::Off, &fast()).await.expect_err("never off");
+        assert!(matches!(err, BmcError::NotConfirmed { wanted: PowerState::Off, actual: PowerState::On, .. }), "{err}");
+        assert_eq!(bmc.commands.load(Ordering::SeqCst), 3, "bounded retries");
+    }
+
+    #[test]
+    fn credentials_come_from_references_and_never_print() {
+        let dir = tempfile::tempdir().expect("dir");
+        let file = dir.path().join("bmc");
+        std::fs::write(&file, "admin:s3cret\n").expect("write");
+        let c = Credentials::resolve(&format!("file:{}", file.display())).expect("file");
+        assert_eq!((c.user.as_str(), c.password.as_str()), ("admin", "s3cret"));
+        assert!(!format!("{c:?}").contains("s3cret"));
+        assert!(Credentials::resolve("admin:s3cret").is_err(), "no literal secrets in the database");
+        assert!(Credentials::resolve("env:NK_TEST_SURELY_UNSET").is_err());
+    }
+}
