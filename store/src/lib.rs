@@ -16,6 +16,7 @@ mod events;
 mod hosts;
 mod instances;
 mod leases;
+mod operations;
 mod types;
 
 pub use db::{redact_url, Backend, ConnectOptions, DatabaseUrl, Store};
@@ -24,6 +25,7 @@ pub use events::{Event, EventFilter, NewEvent};
 pub use hosts::{Host, NewHost};
 pub use instances::{Instance, NewInstance, Ownership, Transfer};
 pub use leases::Lease;
+pub use operations::{Operation, StepChange};
 pub use types::{
     Generation, HostName, HostState, InstanceId, MacAddr, OperationStatus, ParseError, Storage, Timestamp,
 };

@@ -25,6 +25,7 @@ on_both_engines!(
     keyed_events_are_recorded_once,
     deploy_tokens_are_single_use_and_expire,
     leases_move_between_macs_and_survive,
+    operations_are_unique_per_target_and_advance_by_compare_and_set,
 );
 
 fn host(name: &str) -> HostName {
@@ -385,4 +386,77 @@ async fn leases_move_between_macs_and_survive(db: TestDb) {
         Some((ip(241), Timestamp(2_000)))
     );
     assert!(!leases.iter().any(|l| l.mac == mac(9)));
+}
+
+async fn operations_are_unique_per_target_and_advance_by_compare_and_set(db: TestDb) {
+    use nodekeeper_store::{OperationStatus, StepChange, Timestamp};
+    let store = fleet(&db).await;
+    let a = host("node-a");
+    // Eight concurrent starts on one host: one operation.
+    let starts: Vec<_> = (0..8)
+        .map(|_| {
+            let (store, a) = (store.clone(), a.clone());
+            tokio::spawn(async move {
+                store.start_operation("reimage", &a, "power_off", Some(Timestamp(10)), "{}", "test").await
+            })
+        })
+        .collect();
+    let mut ids = Vec::new();
+    let mut fresh = 0;
+    for s in starts {
+        let (op, started) = s.await.expect("task").expect("start");
+        ids.push(op.id);
+        fresh += usize::from(started);
+    }
+    assert_eq!(fresh, 1, "exactly one start creates it");
+    assert!(ids.iter().all(|&i| i == ids[0]), "everyone gets the running one: {ids:?}");
+    let id = ids[0];
+    let change = |from: &str, to: &str, status| StepChange {
+        from: from.into(),
+        to: to.into(),
+        status,
+        attempts: 0,
+        deadline: Some(Timestamp(20)),
+        last_error: None,
+        data: Some("{\"x\":1}".into()),
+        event: format!("{from} -> {to}"),
+    };
+    let op = store
+        .advance_operation(id, &change("power_off", "pxe_next_boot", OperationStatus::Running), "test")
+        .await
+        .expect("advance")
+        .expect("applied");
+    assert_eq!((op.step.as_str(), op.data.as_str(), op.deadline), ("pxe_next_boot", "{\"x\":1}", Some(Timestamp(20))));
+    // A stale executor still at power_off changes nothing.
+    assert!(store
+        .advance_operation(id, &change("power_off", "pxe_next_boot", OperationStatus::Running), "test")
+        .await
+        .expect("advance")
+        .is_none());
+    assert_eq!(store.running_operations("reimage").await.expect("running").len(), 1);
+    let done = store
+        .advance_operation(id, &change("pxe_next_boot", "done", OperationStatus::Done), "test")
+        .await
+        .expect("advance")
+        .expect("applied");
+    assert_eq!(done.status, OperationStatus::Done);
+    assert!(store.running_operations("reimage").await.expect("running").is_empty());
+    assert_eq!(store.latest_operation(&a).await.expect("latest").map(|o| o.id), Some(id));
+    // Ended: a new request starts a new operation.
+    let (again, started) = store.start_operation("reimage", &a, "power_off", None, "{}", "test").await.expect("start");
+    assert!(started && again.id != id);
+    let kinds: Vec<String> = store
+        .events(&EventFilter { host: Some(a), ..Default::default() })
+        .await
+        .expect("events")
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(kinds.iter().filter(|k| *k == "reimage.started").count(), 2, "{kinds:?}");
+    assert!(kinds.contains(&"reimage.step".to_string()) && kinds.contains(&"reimage.done".to_string()), "{kinds:?}");
+    let err = store
+        .start_operation("reimage", &host("node-x"), "power_off", None, "{}", "test")
+        .await
+        .expect_err("unknown host");
+    assert!(matches!(err, StoreError::UnknownHost(_)));
 }

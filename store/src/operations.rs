@@ -1,0 +1,220 @@
+//! Multi-step operations (reimage, fence, evacuate): one row each, with the current step,
+//! attempts, deadline and last error, so the process running them can die at any point and
+//! its successor resumes from the database. At most one running operation per kind and
+//! target (a partial unique index); a step only advances from the step the caller read
+//! (compare-and-set), so two executors can never both act on one transition.
+
+use serde::Serialize;
+use sqlx::any::AnyRow;
+
+use crate::db::now_ms;
+use crate::error::{query, Result, StoreError};
+use crate::events::{insert_event, NewEvent};
+use crate::hosts::{get, parse_column};
+use crate::types::{HostName, OperationStatus, Timestamp};
+use crate::Store;
+
+/// An operation as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Operation {
+    /// Its id.
+    pub id: i64,
+    /// `reimage`, `fence`, ...
+    pub kind: String,
+    /// The host it acts on.
+    pub target: HostName,
+    /// The current (or, when ended, the last) step.
+    pub step: String,
+    /// Running, done or failed.
+    pub status: OperationStatus,
+    /// Attempts of the current step.
+    pub attempts: u32,
+    /// When the current step times out.
+    pub deadline: Option<Timestamp>,
+    /// Why the last attempt (or the operation) failed.
+    pub last_error: Option<String>,
+    /// Kind-specific state (JSON text).
+    pub data: String,
+    /// When it started.
+    pub created_at: Timestamp,
+    /// When it last changed.
+    pub updated_at: Timestamp,
+}
+
+/// A change of step, applied only if the operation is still at `from` (see
+/// [`Store::advance_operation`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepChange {
+    /// The step the caller read.
+    pub from: String,
+    /// The step it goes to (may equal `from`: a retry).
+    pub to: String,
+    /// Running, or ended as done / failed.
+    pub status: OperationStatus,
+    /// Attempts of the new step.
+    pub attempts: u32,
+    /// Its deadline.
+    pub deadline: Option<Timestamp>,
+    /// Error to record (a failed attempt or the final reason).
+    pub last_error: Option<String>,
+    /// New kind-specific state, if it changes.
+    pub data: Option<String>,
+    /// The event recorded with the change (same transaction).
+    pub event: String,
+}
+
+const COLUMNS: &str = "id, kind, target, step, status, attempts, deadline, last_error, data, created_at, updated_at";
+
+fn from_row(row: &AnyRow) -> Result<Operation> {
+    const T: &str = "operations";
+    Ok(Operation {
+        id: get(row, T, "id")?,
+        kind: get(row, T, "kind")?,
+        target: parse_column(T, "target", &get::<String>(row, T, "target")?)?,
+        step: get(row, T, "step")?,
+        status: parse_column(T, "status", &get::<String>(row, T, "status")?)?,
+        attempts: u32::try_from(get::<i64>(row, T, "attempts")?).unwrap_or(u32::MAX),
+        deadline: get::<Option<i64>>(row, T, "deadline")?.map(Timestamp),
+        last_error: get(row, T, "last_error")?,
+        data: get(row, T, "data")?,
+        created_at: Timestamp(get(row, T, "created_at")?),
+        updated_at: Timestamp(get(row, T, "updated_at")?),
+    })
+}
+
+impl Store {
+    /// Starts an operation, or returns the one of this kind already running on `target`
+    /// (`false` in the second field). Records an event when it starts one.
+    pub async fn start_operation(
+        &self,
+        kind: &str,
+        target: &HostName,
+        first_step: &str,
+        deadline: Option<Timestamp>,
+        data: &str,
+        actor: &str,
+    ) -> Result<(Operation, bool)> {
+        const WHAT: &str = "starting an operation";
+        let mut tx = self.begin_write().await.map_err(query(WHAT))?;
+        if self.host_in(&mut tx, target).await?.is_none() {
+            return Err(StoreError::UnknownHost(target.clone()));
+        }
+        let running = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM operations WHERE kind = $1 AND target = $2 AND status = 'running'"
+        ))
+        .bind(kind)
+        .bind(target.as_str())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(query(WHAT))?;
+        if let Some(row) = running {
+            return Ok((from_row(&row)?, false));
+        }
+        let now = now_ms();
+        let inserted = sqlx::query(
+            "INSERT INTO operations (kind, target, step, status, attempts, deadline, data, created_at, updated_at) \
+             VALUES ($1, $2, $3, 'running', 0, $4, $5, $6, $6)",
+        )
+        .bind(kind)
+        .bind(target.as_str())
+        .bind(first_step)
+        .bind(deadline.map(|d| d.0))
+        .bind(data)
+        .bind(now)
+        .execute(&mut *tx)
+        .await;
+        match inserted {
+            Ok(_) => {}
+            // A concurrent start won (the partial unique index): return its operation.
+            Err(sqlx::Error::Database(d)) if d.is_unique_violation() => {
+                drop(tx);
+                let row = sqlx::query(&format!(
+                    "SELECT {COLUMNS} FROM operations WHERE kind = $1 AND target = $2 AND status = 'running'"
+                ))
+                .bind(kind)
+                .bind(target.as_str())
+                .fetch_one(&self.pool)
+                .await
+                .map_err(query(WHAT))?;
+                return Ok((from_row(&row)?, false));
+            }
+            Err(e) => return Err(StoreError::Query { what: WHAT, source: e }),
+        }
+        let row = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM operations WHERE kind = $1 AND target = $2 AND status = 'running'"
+        ))
+        .bind(kind)
+        .bind(target.as_str())
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(query(WHAT))?;
+        let op = from_row(&row)?;
+        let message = format!("{kind} of {target} started (operation {}, step {first_step})", op.id);
+        insert_event(&mut tx, &NewEvent::host(actor, &format!("{kind}.started"), target, message)).await?;
+        tx.commit().await.map_err(query(WHAT))?;
+        Ok((op, true))
+    }
+
+    /// Running operations of `kind`, oldest first (what an executor resumes after a restart).
+    pub async fn running_operations(&self, kind: &str) -> Result<Vec<Operation>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM operations WHERE kind = $1 AND status = 'running' ORDER BY id"
+        ))
+        .bind(kind)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(query("listing running operations"))?;
+        rows.iter().map(from_row).collect()
+    }
+
+    /// The newest operation on `target` of any kind, running or ended.
+    pub async fn latest_operation(&self, target: &HostName) -> Result<Option<Operation>> {
+        let row = sqlx::query(&format!("SELECT {COLUMNS} FROM operations WHERE target = $1 ORDER BY id DESC LIMIT 1"))
+            .bind(target.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(query("reading an operation"))?;
+        row.as_ref().map(from_row).transpose()
+    }
+
+    /// Applies `change` if operation `id` is still running at step `change.from`, with its
+    /// event, in one transaction. Returns the operation after the change, or `None` when
+    /// someone else moved it first (the caller re-reads and decides again).
+    pub async fn advance_operation(&self, id: i64, change: &StepChange, actor: &str) -> Result<Option<Operation>> {
+        const WHAT: &str = "advancing an operation";
+        let mut tx = self.begin_write().await.map_err(query(WHAT))?;
+        let done = sqlx::query(
+            "UPDATE operations SET step = $1, status = $2, attempts = $3, deadline = $4, last_error = $5, \
+             data = COALESCE($6, data), updated_at = $7 WHERE id = $8 AND step = $9 AND status = 'running'",
+        )
+        .bind(change.to.as_str())
+        .bind(change.status.as_str())
+        .bind(i64::from(change.attempts))
+        .bind(change.deadline.map(|d| d.0))
+        .bind(change.last_error.clone())
+        .bind(change.data.clone())
+        .bind(now_ms())
+        .bind(id)
+        .bind(change.from.as_str())
+        .execute(&mut *tx)
+        .await
+        .map_err(query(WHAT))?;
+        if done.rows_affected() != 1 {
+            return Ok(None);
+        }
+        let row = sqlx::query(&format!("SELECT {COLUMNS} FROM operations WHERE id = $1"))
+            .bind(id)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(query(WHAT))?;
+        let op = from_row(&row)?;
+        let kind = format!(
+            "{}.{}",
+            op.kind,
+            if change.status == OperationStatus::Running { "step" } else { change.status.as_str() }
+        );
+        insert_event(&mut tx, &NewEvent::host(actor, &kind, &op.target, change.event.clone())).await?;
+        tx.commit().await.map_err(query(WHAT))?;
+        Ok(Some(op))
+    }
+}
