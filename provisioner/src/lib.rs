@@ -8,5 +8,6 @@ pub mod dhcp;
 pub mod http;
 pub mod logging;
 pub mod metrics;
+pub mod reimage;
 pub mod serve;
 pub mod tftp;

@@ -56,9 +56,17 @@ fn rig() -> Rig {
     let domain = format!("nk-bmc-{}", &uuid[..8]);
     let dir = tempfile::tempdir().expect("dir");
     let xml = dir.path().join("domain.xml");
+    // A disk and a NIC: sushy maps the Hdd and Pxe boot targets to them.
+    let disk = dir.path().join("disk.img");
+    std::fs::File::create(&disk).and_then(|f| f.set_len(1 << 20)).expect("disk");
     std::fs::write(
         &xml,
-        format!("<domain type='qemu'><name>{domain}</name><uuid>{uuid}</uuid><memory unit='MiB'>32</memory><os><type arch='x86_64'>hvm</type><boot dev='hd'/></os><devices><interface type='user'><model type='virtio'/></interface></devices></domain>"),
+        format!(
+            "<domain type='qemu'><name>{domain}</name><uuid>{uuid}</uuid><memory unit='MiB'>32</memory><os><type arch='x86_64'>hvm</type><boot dev='hd'/></os>\
+             <devices><disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{}'/><target dev='vda' bus='virtio'/></disk>\
+             <interface type='user'><model type='virtio'/></interface></devices></domain>",
+            disk.display()
+        ),
     )
     .expect("xml");
     let out = Command::new("virsh").args(["-q", "define"]).arg(&xml).output().expect("virsh");
@@ -152,6 +160,12 @@ async fn redfish_through_sushy_tools() {
     // "Continuous": like hardware that ignores a one-time override, which is why the
     // reimage's local_boot step sets the disk back explicitly.
     assert!(matches!(v["Boot"]["BootSourceOverrideEnabled"].as_str(), Some("Once" | "Continuous")), "{v}");
+    // And back to the disk, as the reimage's local_boot step does.
+    driver.set_disk_boot().await.expect("disk boot");
+    let body =
+        String::from_utf8(Command::new("curl").args(["-sf", &system]).output().expect("curl").stdout).expect("utf-8");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(v["Boot"]["BootSourceOverrideTarget"], "Hdd");
 
     // A BMC that is not there: a clear error, no hang.
     let (_, _, _) =

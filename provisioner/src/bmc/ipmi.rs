@@ -77,6 +77,10 @@ impl Bmc for Ipmi {
         // Without options=persistent, IPMI boot device overrides apply to the next boot only.
         self.run(&["chassis", "bootdev", "pxe"]).await.map(drop)
     }
+
+    async fn set_disk_boot(&self) -> Result<(), BmcError> {
+        self.run(&["chassis", "bootdev", "disk", "options=persistent"]).await.map(drop)
+    }
 }
 
 #[cfg(test)]

@@ -90,6 +90,8 @@ pub trait Bmc: Send + Sync {
     fn set_power(&self, on: bool) -> impl Future<Output = Result<(), BmcError>> + Send;
     /// Boot from the network once, at the next power-on.
     fn set_pxe_once(&self) -> impl Future<Output = Result<(), BmcError>> + Send;
+    /// Boot from the local disk from now on (after a deploy: some BMCs ignore "once").
+    fn set_disk_boot(&self) -> impl Future<Output = Result<(), BmcError>> + Send;
 }
 
 /// Deadlines and retries for [`power`].
@@ -254,6 +256,12 @@ impl Bmc for Driver {
             Driver::Ipmi(d) => d.set_pxe_once().await,
         }
     }
+    async fn set_disk_boot(&self) -> Result<(), BmcError> {
+        match self {
+            Driver::Redfish(d) => d.set_disk_boot().await,
+            Driver::Ipmi(d) => d.set_disk_boot().await,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -285,6 +293,9 @@ mod tests {
             Ok(())
         }
         async fn set_pxe_once(&self) -> Result<(), BmcError> {
+            Ok(())
+        }
+        async fn set_disk_boot(&self) -> Result<(), BmcError> {
             Ok(())
         }
     }

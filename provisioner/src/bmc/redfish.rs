@@ -133,6 +133,12 @@ impl Bmc for Redfish {
         let body = json!({ "Boot": { "BootSourceOverrideTarget": "Pxe", "BootSourceOverrideEnabled": "Once" } });
         self.send(self.request(reqwest::Method::PATCH, &system).json(&body)).await.map(drop)
     }
+
+    async fn set_disk_boot(&self) -> Result<(), BmcError> {
+        let system = self.system().await?;
+        let body = json!({ "Boot": { "BootSourceOverrideTarget": "Hdd", "BootSourceOverrideEnabled": "Continuous" } });
+        self.send(self.request(reqwest::Method::PATCH, &system).json(&body)).await.map(drop)
+    }
 }
 
 #[cfg(test)]

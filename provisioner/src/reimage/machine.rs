@@ -1,0 +1,459 @@
+//! The reimage state machine (contract: "Reimage" in DESIGN.md), as pure functions:
+//!
+//! `power_off → pxe_next_boot → power_on → agent_booted → image_written → verified →
+//! local_boot → heartbeat → done`, or `failed` with the step and the reason.
+//!
+//! BMC steps (`power_off`, `pxe_next_boot`, `power_on`, `local_boot`) are work the executor
+//! does and reports back ([`after_work`]); they are idempotent, so an executor that resumes
+//! after a crash simply does them again. Waiting steps (`agent_booted`, `image_written`,
+//! `verified`, `heartbeat`) advance on what is observed — the deploy agent's reports, the
+//! node's heartbeat — or on their deadline ([`observe`]). When the agent never calls back
+//! (hardware that ignores a one-time PXE override, a lost ramdisk), the PXE steps are
+//! retried a bounded number of times before the operation fails.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// A step of the reimage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Step {
+    /// Power the host off (through its BMC, confirmed).
+    PowerOff,
+    /// Ask the BMC to boot from the network once.
+    PxeNextBoot,
+    /// Power the host on: it PXE-boots the deploy ramdisk.
+    PowerOn,
+    /// Wait for the deploy agent's first call.
+    AgentBooted,
+    /// Wait until it has written the image.
+    ImageWritten,
+    /// Wait until it has verified the image's sha256.
+    Verified,
+    /// Set the BMC to boot the disk (for BMCs that ignore "once"); the agent reboots.
+    LocalBoot,
+    /// Wait for the installed node to report in.
+    Heartbeat,
+}
+
+impl Step {
+    /// Every step, in order.
+    pub const ALL: [Step; 8] = [
+        Step::PowerOff,
+        Step::PxeNextBoot,
+        Step::PowerOn,
+        Step::AgentBooted,
+        Step::ImageWritten,
+        Step::Verified,
+        Step::LocalBoot,
+        Step::Heartbeat,
+    ];
+
+    /// The persisted word.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Step::PowerOff => "power_off",
+            Step::PxeNextBoot => "pxe_next_boot",
+            Step::PowerOn => "power_on",
+            Step::AgentBooted => "agent_booted",
+            Step::ImageWritten => "image_written",
+            Step::Verified => "verified",
+            Step::LocalBoot => "local_boot",
+            Step::Heartbeat => "heartbeat",
+        }
+    }
+
+    fn next(self) -> Option<Step> {
+        let i = Step::ALL.iter().position(|s| *s == self)?;
+        Step::ALL.get(i + 1).copied()
+    }
+}
+
+impl FromStr for Step {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Step, String> {
+        Step::ALL.iter().copied().find(|x| x.as_str() == s).ok_or_else(|| format!("unknown reimage step {s:?}"))
+    }
+}
+
+impl std::fmt::Display for Step {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How far the deploy agent says it got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AgentStage {
+    /// It runs and called back.
+    Booted,
+    /// The image is on the disk.
+    Written,
+    /// Its sha256 matched.
+    Verified,
+}
+
+/// The agent's latest report: the stage it reached, or the stage it failed in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentReport {
+    /// The stage.
+    pub stage: AgentStage,
+    /// Set when it failed at `stage` (e.g. "sha256 mismatch").
+    pub error: Option<String>,
+}
+
+/// Deadlines per step; per host, since slow hardware needs long ones.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Deadlines {
+    /// One BMC step (command plus confirmation).
+    pub bmc: Duration,
+    /// From power-on to the agent's first call.
+    pub agent_boot: Duration,
+    /// Writing the image.
+    pub image_write: Duration,
+    /// Verifying it.
+    pub verify: Duration,
+    /// From local boot to the first heartbeat.
+    pub heartbeat: Duration,
+}
+
+impl Default for Deadlines {
+    fn default() -> Self {
+        Deadlines {
+            bmc: Duration::from_secs(120),
+            agent_boot: Duration::from_secs(600),
+            image_write: Duration::from_secs(3600),
+            verify: Duration::from_secs(900),
+            heartbeat: Duration::from_secs(900),
+        }
+    }
+}
+
+/// Retry bounds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    /// Attempts of one BMC step.
+    pub bmc_attempts: u32,
+    /// PXE boots tried before giving up on the agent calling back.
+    pub pxe_boots: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { bmc_attempts: 3, pxe_boots: 3 }
+    }
+}
+
+/// The operation's own state, persisted as its JSON `data`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReimageData {
+    /// The image to write (name under `/images/`).
+    pub image: String,
+    /// PXE boots started so far (1 after the first power-on).
+    pub pxe_boots: u32,
+    /// The agent's latest report.
+    pub agent: Option<AgentReport>,
+    /// Deadlines in force.
+    pub deadlines: Deadlines,
+    /// Retry bounds.
+    pub limits: Limits,
+}
+
+/// What the executor must do for a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Work {
+    /// Power off, confirmed.
+    PowerOff,
+    /// One-time PXE boot.
+    SetPxeOnce,
+    /// Power on, confirmed.
+    PowerOn,
+    /// Boot from disk from now on.
+    SetDiskBoot,
+    /// Nothing to do: wait for the agent or the heartbeat.
+    Wait,
+}
+
+/// The work a step needs.
+pub fn work(step: Step) -> Work {
+    match step {
+        Step::PowerOff => Work::PowerOff,
+        Step::PxeNextBoot => Work::SetPxeOnce,
+        Step::PowerOn => Work::PowerOn,
+        Step::LocalBoot => Work::SetDiskBoot,
+        Step::AgentBooted | Step::ImageWritten | Step::Verified | Step::Heartbeat => Work::Wait,
+    }
+}
+
+/// What to do with the operation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Nothing yet.
+    Stay,
+    /// Go to `to` (attempts reset), with a deadline `after` from now.
+    Go {
+        /// The next step.
+        to: Step,
+        /// Its deadline, from now.
+        after: Duration,
+        /// One sentence for the event log.
+        why: String,
+    },
+    /// Try the same step again.
+    Retry {
+        /// Attempts so far, including the failed one.
+        attempts: u32,
+        /// What went wrong.
+        error: String,
+    },
+    /// Finished.
+    Done,
+    /// Gave up at `at`.
+    Failed {
+        /// The step it failed at.
+        at: Step,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The deadline a step gets when it starts.
+pub fn deadline_for(step: Step, d: &Deadlines) -> Duration {
+    match step {
+        Step::PowerOff | Step::PxeNextBoot | Step::PowerOn | Step::LocalBoot => d.bmc,
+        Step::AgentBooted => d.agent_boot,
+        Step::ImageWritten => d.image_write,
+        Step::Verified => d.verify,
+        Step::Heartbeat => d.heartbeat,
+    }
+}
+
+fn go(from: Step, data: &ReimageData, why: String) -> Decision {
+    match from.next() {
+        Some(to) => Decision::Go { to, after: deadline_for(to, &data.deadlines), why },
+        None => Decision::Done,
+    }
+}
+
+/// After the executor did a BMC step's work, `attempts` of it so far (this one included).
+pub fn after_work(step: Step, attempts: u32, result: Result<(), String>, data: &ReimageData) -> Decision {
+    match result {
+        Ok(()) => go(step, data, format!("{step} done")),
+        Err(e) if attempts < data.limits.bmc_attempts => Decision::Retry { attempts, error: e },
+        Err(e) => Decision::Failed { at: step, reason: format!("{e} (after {attempts} attempts)") },
+    }
+}
+
+/// The step where an agent failure at `stage` is reported.
+fn step_of(stage: AgentStage) -> Step {
+    match stage {
+        AgentStage::Booted => Step::AgentBooted,
+        AgentStage::Written => Step::ImageWritten,
+        AgentStage::Verified => Step::Verified,
+    }
+}
+
+/// For a waiting step: what the agent reported, whether the node sent a heartbeat since the
+/// operation started, and whether the step's deadline has passed.
+pub fn observe(step: Step, data: &ReimageData, heartbeat_seen: bool, deadline_passed: bool) -> Decision {
+    if let Some(AgentReport { stage, error: Some(e) }) = &data.agent {
+        if matches!(step, Step::AgentBooted | Step::ImageWritten | Step::Verified) {
+            return Decision::Failed { at: step_of(*stage), reason: format!("deploy agent: {e}") };
+        }
+    }
+    let reached = data.agent.as_ref().filter(|r| r.error.is_none()).map(|r| r.stage);
+    let waiting_for = match step {
+        Step::AgentBooted => AgentStage::Booted,
+        Step::ImageWritten => AgentStage::Written,
+        Step::Verified => AgentStage::Verified,
+        Step::Heartbeat => {
+            return if heartbeat_seen {
+                Decision::Done
+            } else if deadline_passed {
+                Decision::Failed {
+                    at: step,
+                    reason: format!("no heartbeat within {}", humantime::format_duration(data.deadlines.heartbeat)),
+                }
+            } else {
+                Decision::Stay
+            };
+        }
+        // BMC steps advance through after_work.
+        _ => return Decision::Stay,
+    };
+    if reached.is_some_and(|r| r >= waiting_for) {
+        return go(step, data, format!("deploy agent reports {waiting_for:?}").to_lowercase());
+    }
+    if !deadline_passed {
+        return Decision::Stay;
+    }
+    let waited = humantime::format_duration(deadline_for(step, &data.deadlines));
+    if step == Step::AgentBooted && data.pxe_boots < data.limits.pxe_boots {
+        // The classic: the one-time PXE override was ignored or the ramdisk got lost. Boot
+        // it again from the top.
+        return Decision::Go {
+            to: Step::PowerOff,
+            after: data.deadlines.bmc,
+            why: format!(
+                "the deploy agent did not call back within {waited}; PXE boot {} of {}",
+                data.pxe_boots + 1,
+                data.limits.pxe_boots
+            ),
+        };
+    }
+    let what = match step {
+        Step::AgentBooted => {
+            format!("the deploy agent did not call back within {waited} after {} PXE boots", data.pxe_boots)
+        }
+        _ => format!("the deploy agent did not report {waiting_for:?} within {waited}").to_lowercase(),
+    };
+    Decision::Failed { at: step, reason: what }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(agent: Option<(AgentStage, Option<&str>)>, pxe_boots: u32) -> ReimageData {
+        ReimageData {
+            image: "node.img".into(),
+            pxe_boots,
+            agent: agent.map(|(stage, e)| AgentReport { stage, error: e.map(str::to_owned) }),
+            deadlines: Deadlines::default(),
+            limits: Limits::default(),
+        }
+    }
+
+    #[test]
+    fn steps_round_trip_and_chain_in_contract_order() {
+        let words: Vec<&str> = Step::ALL.iter().map(|s| s.as_str()).collect();
+        assert_eq!(
+            words,
+            [
+                "power_off",
+                "pxe_next_boot",
+                "power_on",
+                "agent_booted",
+                "image_written",
+                "verified",
+                "local_boot",
+                "heartbeat"
+            ]
+        );
+        for s in Step::ALL {
+            assert_eq!(s.as_str().parse::<Step>(), Ok(s));
+        }
+        assert!("reboot".parse::<Step>().is_err());
+    }
+
+    #[test]
+    fn bmc_steps_advance_retry_and_fail() {
+        let d = data(None, 0);
+        for (step, next) in [
+            (Step::PowerOff, Step::PxeNextBoot),
+            (Step::PxeNextBoot, Step::PowerOn),
+            (Step::PowerOn, Step::AgentBooted),
+            (Step::LocalBoot, Step::Heartbeat),
+        ] {
+            assert!(matches!(after_work(step, 1, Ok(()), &d), Decision::Go { to, .. } if to == next), "{step}");
+            assert_eq!(
+                after_work(step, 1, Err("HTTP 500".into()), &d),
+                Decision::Retry { attempts: 1, error: "HTTP 500".into() }
+            );
+            assert!(
+                matches!(after_work(step, 3, Err("timeout".into()), &d), Decision::Failed { at, .. } if at == step),
+                "{step}"
+            );
+        }
+        assert!(
+            matches!(after_work(Step::PowerOn, 1, Ok(()), &d), Decision::Go { after, .. } if after == d.deadlines.agent_boot)
+        );
+        assert_eq!(work(Step::PxeNextBoot), Work::SetPxeOnce);
+        assert_eq!(work(Step::LocalBoot), Work::SetDiskBoot);
+        assert_eq!(work(Step::Verified), Work::Wait);
+    }
+
+    #[test]
+    fn waiting_steps_follow_the_agent() {
+        // Nothing yet, before the deadline: stay.
+        for step in [Step::AgentBooted, Step::ImageWritten, Step::Verified, Step::Heartbeat] {
+            assert_eq!(observe(step, &data(None, 1), false, false), Decision::Stay, "{step}");
+        }
+        let at = |s: AgentStage| data(Some((s, None)), 1);
+        assert!(matches!(
+            observe(Step::AgentBooted, &at(AgentStage::Booted), false, false),
+            Decision::Go { to: Step::ImageWritten, .. }
+        ));
+        assert!(matches!(
+            observe(Step::ImageWritten, &at(AgentStage::Written), false, false),
+            Decision::Go { to: Step::Verified, .. }
+        ));
+        assert!(matches!(
+            observe(Step::Verified, &at(AgentStage::Verified), false, false),
+            Decision::Go { to: Step::LocalBoot, .. }
+        ));
+        // A fast agent already past the step: advance one step at a time.
+        assert!(matches!(
+            observe(Step::AgentBooted, &at(AgentStage::Verified), false, false),
+            Decision::Go { to: Step::ImageWritten, .. }
+        ));
+        // Behind: stay.
+        assert_eq!(observe(Step::Verified, &at(AgentStage::Written), false, false), Decision::Stay);
+        // Heartbeat ends it.
+        assert_eq!(observe(Step::Heartbeat, &at(AgentStage::Verified), true, false), Decision::Done);
+    }
+
+    #[test]
+    fn a_bad_image_fails_at_verified_and_agent_errors_at_their_stage() {
+        let bad = data(Some((AgentStage::Verified, Some("sha256 mismatch: expected 1f2e.., got 9a8b.."))), 1);
+        for step in [Step::AgentBooted, Step::ImageWritten, Step::Verified] {
+            assert!(
+                matches!(observe(step, &bad, false, false), Decision::Failed { at: Step::Verified, ref reason } if reason.contains("sha256 mismatch")),
+                "{step}"
+            );
+        }
+        let disk = data(Some((AgentStage::Written, Some("no disk /dev/vda"))), 1);
+        assert!(matches!(
+            observe(Step::ImageWritten, &disk, false, false),
+            Decision::Failed { at: Step::ImageWritten, .. }
+        ));
+    }
+
+    #[test]
+    fn deadlines_retry_pxe_then_fail() {
+        // The agent never called back: PXE again, up to the limit.
+        for boots in 1..3 {
+            let d = data(None, boots);
+            assert!(
+                matches!(observe(Step::AgentBooted, &d, false, true), Decision::Go { to: Step::PowerOff, ref why, .. } if why.contains(&format!("PXE boot {} of 3", boots + 1)))
+            );
+        }
+        assert!(
+            matches!(observe(Step::AgentBooted, &data(None, 3), false, true), Decision::Failed { at: Step::AgentBooted, ref reason } if reason.contains("after 3 PXE boots"))
+        );
+        // Later waits fail at their deadline; no PXE retry once the agent ran.
+        let booted = data(Some((AgentStage::Booted, None)), 1);
+        assert!(matches!(
+            observe(Step::ImageWritten, &booted, false, true),
+            Decision::Failed { at: Step::ImageWritten, .. }
+        ));
+        let written = data(Some((AgentStage::Written, None)), 1);
+        assert!(matches!(observe(Step::Verified, &written, false, true), Decision::Failed { at: Step::Verified, .. }));
+        assert!(
+            matches!(observe(Step::Heartbeat, &data(Some((AgentStage::Verified, None)), 1), false, true), Decision::Failed { at: Step::Heartbeat, ref reason } if reason.contains("no heartbeat"))
+        );
+        // A heartbeat that arrives with the deadline still wins.
+        assert_eq!(observe(Step::Heartbeat, &data(None, 1), true, true), Decision::Done);
+    }
+
+    #[test]
+    fn data_round_trips_as_json() {
+        let d = data(Some((AgentStage::Written, None)), 2);
+        let text = serde_json::to_string(&d).expect("json");
+        assert_eq!(serde_json::from_str::<ReimageData>(&text).expect("parse"), d);
+        assert!(text.contains("\"stage\":\"written\""), "{text}");
+    }
+}
