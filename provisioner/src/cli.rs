@@ -52,6 +52,14 @@ pub enum Command {
         /// on | off (hard) | cycle | status
         action: PowerCommand,
     },
+    /// Reimage a host over PXE (runs inside `serve`); a second request returns the running one.
+    Reimage {
+        /// Host name.
+        host: HostName,
+        /// The image to write (a file under the images directory); default: the host's last, else node.img.
+        #[arg(long)]
+        image: Option<String>,
+    },
     /// Run the network-boot servers (DHCP, TFTP, HTTP) until SIGTERM.
     Serve {
         /// The provisioner's config file.
@@ -155,6 +163,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await
         }
         Command::Power { host, action } => admin::power(&store, &out, &host, action).await,
+        Command::Reimage { host, image } => admin::reimage(&store, &out, &host, image.as_deref()).await,
         Command::Host(HostCommand::List) => admin::host_list(&store, &out).await,
         Command::Host(HostCommand::Show { name }) => admin::host_show(&store, &out, &name).await,
         Command::Instance(InstanceCommand::Import { file }) => admin::instance_import(&store, &out, &file).await,

@@ -175,6 +175,33 @@ impl Store {
         row.as_ref().map(host_from_row).transpose()
     }
 
+    /// Records that `name`'s guard (or freshly installed node) reported in now.
+    pub async fn record_heartbeat(&self, name: &HostName) -> Result<Timestamp> {
+        let now = now_ms();
+        let done = sqlx::query("UPDATE hosts SET last_heartbeat = $1 WHERE name = $2")
+            .bind(now)
+            .bind(name.as_str())
+            .execute(&self.pool)
+            .await
+            .map_err(query("recording a heartbeat"))?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::UnknownHost(name.clone()));
+        }
+        Ok(Timestamp(now))
+    }
+
+    /// Sets the image a host was (or is being) installed with.
+    pub async fn set_host_image(&self, name: &HostName, image: &str) -> Result<()> {
+        sqlx::query("UPDATE hosts SET image = $1, updated_at = $2 WHERE name = $3")
+            .bind(image)
+            .bind(now_ms())
+            .bind(name.as_str())
+            .execute(&self.pool)
+            .await
+            .map_err(query("setting a host's image"))?;
+        Ok(())
+    }
+
     /// Records the SHA-256 (hex) of a freshly minted one-time deploy token for `name`,
     /// replacing any earlier one, valid until `expires`.
     pub async fn set_deploy_token(&self, name: &HostName, sha256_hex: &str, expires: Timestamp) -> Result<()> {

@@ -33,8 +33,10 @@ pub struct Operation {
     pub deadline: Option<Timestamp>,
     /// Why the last attempt (or the operation) failed.
     pub last_error: Option<String>,
-    /// Kind-specific state (JSON text).
+    /// Kind-specific state (JSON text), written by the executor.
     pub data: String,
+    /// The latest report from outside (the deploy agent), JSON text.
+    pub report: Option<String>,
     /// When it started.
     pub created_at: Timestamp,
     /// When it last changed.
@@ -63,7 +65,8 @@ pub struct StepChange {
     pub event: String,
 }
 
-const COLUMNS: &str = "id, kind, target, step, status, attempts, deadline, last_error, data, created_at, updated_at";
+const COLUMNS: &str =
+    "id, kind, target, step, status, attempts, deadline, last_error, data, report, created_at, updated_at";
 
 fn from_row(row: &AnyRow) -> Result<Operation> {
     const T: &str = "operations";
@@ -77,6 +80,7 @@ fn from_row(row: &AnyRow) -> Result<Operation> {
         deadline: get::<Option<i64>>(row, T, "deadline")?.map(Timestamp),
         last_error: get(row, T, "last_error")?,
         data: get(row, T, "data")?,
+        report: get(row, T, "report")?,
         created_at: Timestamp(get(row, T, "created_at")?),
         updated_at: Timestamp(get(row, T, "updated_at")?),
     })
@@ -171,6 +175,54 @@ impl Store {
     pub async fn latest_operation(&self, target: &HostName) -> Result<Option<Operation>> {
         let row = sqlx::query(&format!("SELECT {COLUMNS} FROM operations WHERE target = $1 ORDER BY id DESC LIMIT 1"))
             .bind(target.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(query("reading an operation"))?;
+        row.as_ref().map(from_row).transpose()
+    }
+
+    /// Stores an outside report (the deploy agent's) on the running operation `kind` of
+    /// `target`, with an event. Returns the operation, or `None` when none is running.
+    pub async fn report_operation(
+        &self,
+        kind: &str,
+        target: &HostName,
+        report: &str,
+        message: &str,
+        actor: &str,
+    ) -> Result<Option<Operation>> {
+        const WHAT: &str = "recording a report";
+        let mut tx = self.begin_write().await.map_err(query(WHAT))?;
+        let done = sqlx::query(
+            "UPDATE operations SET report = $1, updated_at = $2 WHERE kind = $3 AND target = $4 AND status = 'running'",
+        )
+        .bind(report)
+        .bind(now_ms())
+        .bind(kind)
+        .bind(target.as_str())
+        .execute(&mut *tx)
+        .await
+        .map_err(query(WHAT))?;
+        if done.rows_affected() == 0 {
+            return Ok(None);
+        }
+        let row = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM operations WHERE kind = $1 AND target = $2 AND status = 'running'"
+        ))
+        .bind(kind)
+        .bind(target.as_str())
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(query(WHAT))?;
+        insert_event(&mut tx, &NewEvent::host(actor, &format!("{kind}.report"), target, message.to_owned())).await?;
+        tx.commit().await.map_err(query(WHAT))?;
+        Ok(Some(from_row(&row)?))
+    }
+
+    /// One operation by id.
+    pub async fn operation(&self, id: i64) -> Result<Option<Operation>> {
+        let row = sqlx::query(&format!("SELECT {COLUMNS} FROM operations WHERE id = $1"))
+            .bind(id)
             .fetch_optional(&self.pool)
             .await
             .map_err(query("reading an operation"))?;

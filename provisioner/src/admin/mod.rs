@@ -113,7 +113,8 @@ pub async fn host_show(store: &Store, out: &Output, name: &HostName) -> anyhow::
         "deleted": instances.iter().filter(|i| i.deleted).count(),
     });
     let events = store.events(&EventFilter { host: Some(name.clone()), limit: Some(20), ..Default::default() }).await?;
-    let value = json!({ "host": host, "instances": counts, "events": events });
+    let operation = store.latest_operation(name).await?;
+    let value = json!({ "host": host, "instances": counts, "operation": operation, "events": events });
     out.emit(&value, || {
         let mut s = String::new();
         let fields = [
@@ -126,6 +127,20 @@ pub async fn host_show(store: &Store, out: &Output, name: &HostName) -> anyhow::
             ("last heartbeat", opt(host.last_heartbeat)),
             ("added", host.created_at.to_string()),
             ("instances", format!("{} ({} HA), {} deleted", counts["total"], counts["ha"], counts["deleted"])),
+            (
+                "operation",
+                operation.as_ref().map_or_else(
+                    || "-".to_owned(),
+                    |o| {
+                        let deadline = o.deadline.map(|d| format!(", deadline {d}")).unwrap_or_default();
+                        let error = o.last_error.as_deref().map(|e| format!(", last error: {e}")).unwrap_or_default();
+                        format!(
+                            "{} #{} {} at {} (attempt {}{deadline}{error})",
+                            o.kind, o.id, o.status, o.step, o.attempts
+                        )
+                    },
+                ),
+            ),
         ];
         for (k, v) in fields {
             s.push_str(&format!("{:<16}{v}\n", format!("{k}:")));
@@ -252,6 +267,25 @@ pub async fn power(
     };
     let value = json!({ "host": name, "bmc": driver.endpoint(), "power": state });
     out.emit(&value, || format!("{name}: power {state}\n"))
+}
+
+/// `reimage HOST [--image NAME]`
+pub async fn reimage(store: &Store, out: &Output, name: &HostName, image: Option<&str>) -> anyhow::Result<()> {
+    use crate::reimage::{executor, machine};
+    let (op, started) =
+        executor::request(store, name, image, machine::Deadlines::default(), machine::Limits::default(), &actor())
+            .await?;
+    let value = json!({ "operation": op, "started": started });
+    out.emit(&value, || {
+        if started {
+            format!(
+                "reimage of {name} started (operation {}); `serve` carries it out, `host show {name}` follows it\n",
+                op.id
+            )
+        } else {
+            format!("reimage of {name} already running (operation {}, step {})\n", op.id, op.step)
+        }
+    })
 }
 
 /// For commands given a list of UUIDs, the item's own error says which one; add that

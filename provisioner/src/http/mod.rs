@@ -55,6 +55,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/api/v1/hosts", get(api_hosts))
         .route("/api/v1/hosts/{name}", get(api_host))
         .route("/api/v1/events", get(api_events))
+        .route("/api/v1/hosts/{name}/deploy", axum::routing::post(api_deploy))
         .layer(middleware::from_fn_with_state(state.clone(), count_requests))
         .with_state(state)
 }
@@ -201,6 +202,58 @@ async fn api_events(State(state): State<HttpState>, Query(q): Query<EventsQuery>
     let filter = EventFilter { host, instance: None, after: q.after, limit: Some(q.limit.unwrap_or(100).min(1000)) };
     match state.store.events(&filter).await {
         Ok(events) => Json(events).into_response(),
+        Err(e) => internal(e),
+    }
+}
+
+/// What the deploy agent posts.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeployReport {
+    token: String,
+    stage: crate::reimage::machine::AgentStage,
+    #[serde(default)]
+    error: Option<String>,
+    #[serde(default)]
+    detail: Option<String>,
+}
+
+/// `POST /api/v1/hosts/{name}/deploy`: the deploy agent's progress and result, authenticated
+/// by the host's one-time token (burnt by the final report: verified, or an error).
+async fn api_deploy(
+    State(state): State<HttpState>,
+    UrlPath(name): UrlPath<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    use crate::reimage::{executor, machine};
+    let Ok(name) = name.parse::<HostName>() else {
+        return text(StatusCode::BAD_REQUEST, format!("invalid host name {name:?}\n"));
+    };
+    let report: DeployReport = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return text(StatusCode::BAD_REQUEST, format!("invalid report: {e}\n")),
+    };
+    let hash = format!("{:x}", Sha256::digest(report.token.as_bytes()));
+    let last = report.error.is_some() || report.stage == machine::AgentStage::Verified;
+    match state.store.check_deploy_token(&name, &hash, last).await {
+        Ok(true) => {}
+        Ok(false) => return text(StatusCode::FORBIDDEN, "invalid or expired deploy token\n".into()),
+        Err(e) => return internal(e),
+    }
+    let agent = machine::AgentReport { stage: report.stage, error: report.error.clone() };
+    let json = serde_json::to_string(&agent).unwrap_or_default();
+    let message = match (&report.error, &report.detail) {
+        (Some(e), _) => format!("deploy agent on {name}: {:?} failed: {e}", report.stage),
+        (None, Some(d)) => format!("deploy agent on {name}: {:?}: {d}", report.stage),
+        (None, None) => format!("deploy agent on {name}: {:?}", report.stage),
+    };
+    match state
+        .store
+        .report_operation(executor::KIND, &name, &json, &message.to_lowercase(), &format!("agent:{name}"))
+        .await
+    {
+        Ok(Some(op)) => Json(serde_json::json!({ "operation": op.id, "step": op.step })).into_response(),
+        Ok(None) => text(StatusCode::CONFLICT, format!("no reimage of {name} is running\n")),
         Err(e) => internal(e),
     }
 }

@@ -14,6 +14,8 @@ use crate::http::{self, images::Images, HttpState};
 use crate::metrics::Metrics;
 use config::{DhcpMode, ServeConfig};
 
+/// How often the reimage executor looks at its operations.
+const REIMAGE_TICK: Duration = Duration::from_secs(1);
 /// How long in-flight work may take to finish after a shutdown signal.
 const DRAIN: Duration = Duration::from_secs(10);
 
@@ -96,6 +98,15 @@ pub async fn run(config: ServeConfig, bound: Bound, store: Store, shutdown: Canc
             "DHCP serving"
         );
         tasks.spawn(crate::dhcp::serve(sockets, settings, range, store.clone(), metrics.clone(), shutdown.clone()));
+    }
+
+    {
+        let (store, stop) = (store.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            let factory = Arc::new(crate::reimage::executor::Drivers);
+            crate::reimage::executor::run(store, factory, REIMAGE_TICK, stop).await;
+            Ok(())
+        });
     }
 
     shutdown.cancelled().await;

@@ -1,0 +1,267 @@
+//! Runs reimage operations from the database: every tick, each running operation gets one
+//! step of work or observation ([`super::machine`]), and the result is written back with a
+//! compare-and-set on the step. Nothing lives only in memory: killing the process at any
+//! point and starting another resumes every operation where the database says it is (BMC
+//! steps are idempotent and simply run again).
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nodekeeper_store::{Host, HostName, HostState, Operation, OperationStatus, StepChange, Store, Timestamp};
+use tokio_util::sync::CancellationToken;
+
+use super::machine::{self, AgentReport, Deadlines, Decision, Limits, ReimageData, Step, Work};
+use crate::bmc::{self, Bmc, BmcError, PowerAction};
+
+/// The operation kind.
+pub const KIND: &str = "reimage";
+/// Who the executor's events say acted.
+pub const ACTOR: &str = "provisioner:reimage";
+
+/// Makes the BMC driver for a host (tests inject fakes here).
+pub trait BmcFactory: Send + Sync + 'static {
+    /// The driver type.
+    type B: Bmc + 'static;
+    /// The driver for `host`.
+    fn for_host(&self, host: &Host) -> Result<Self::B, BmcError>;
+    /// Confirmation deadlines and retries for power commands.
+    fn policy(&self) -> bmc::Policy {
+        bmc::Policy::default()
+    }
+}
+
+/// The real drivers, from each host's BMC URL and credentials reference.
+#[derive(Debug, Default)]
+pub struct Drivers;
+
+impl BmcFactory for Drivers {
+    type B = bmc::Driver;
+    fn for_host(&self, host: &Host) -> Result<bmc::Driver, BmcError> {
+        let url = host.bmc_url.as_deref().ok_or_else(|| BmcError::Config(format!("host {} has no BMC", host.name)))?;
+        let credentials = host.bmc_credentials.as_deref().map(bmc::Credentials::resolve).transpose()?;
+        bmc::Driver::from_url(url, credentials)
+    }
+}
+
+/// Why a reimage cannot be requested.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// The store refused.
+    #[error(transparent)]
+    Store(#[from] nodekeeper_store::StoreError),
+    /// The host has no BMC to power it.
+    #[error("host {0} has no BMC (host add --bmc URL): it cannot be reimaged automatically")]
+    NoBmc(HostName),
+}
+
+/// Starts a reimage of `host`, or returns the one already running (`false`). The host turns
+/// `reimaging`, so its iPXE script serves the deploy ramdisk.
+pub async fn request(
+    store: &Store,
+    host: &HostName,
+    image: Option<&str>,
+    deadlines: Deadlines,
+    limits: Limits,
+    actor: &str,
+) -> Result<(Operation, bool), RequestError> {
+    let h = store.require_host(host).await?;
+    if h.bmc_url.is_none() {
+        return Err(RequestError::NoBmc(host.clone()));
+    }
+    let image = image.map(str::to_owned).or(h.image).unwrap_or_else(|| crate::http::DEFAULT_IMAGE.to_owned());
+    let data = ReimageData { image, pxe_boots: 0, agent: None, deadlines, limits };
+    let deadline = after(machine::deadline_for(Step::PowerOff, &data.deadlines));
+    let json = serde_json::to_string(&data).unwrap_or_else(|_| "{}".into());
+    let (op, started) =
+        store.start_operation(KIND, host, Step::PowerOff.as_str(), Some(deadline), &json, actor).await?;
+    if started {
+        store
+            .set_host_state(
+                host,
+                HostState::Reimaging,
+                actor,
+                &format!("reimage with {} (operation {})", data.image, op.id),
+            )
+            .await?;
+    }
+    Ok((op, started))
+}
+
+fn after(d: Duration) -> Timestamp {
+    Timestamp(Timestamp::now().0 + i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 2))
+}
+
+/// Drives every running reimage until `shutdown`, looking every `tick`.
+pub async fn run<F: BmcFactory>(store: Store, factory: Arc<F>, tick: Duration, shutdown: CancellationToken) {
+    let in_flight: Arc<Mutex<HashSet<i64>>> = Arc::default();
+    let mut tasks = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(tick) => {}
+        }
+        while tasks.try_join_next().is_some() {}
+        let ops = match store.running_operations(KIND).await {
+            Ok(ops) => ops,
+            Err(e) => {
+                tracing::warn!("reimage: reading operations: {e}");
+                continue;
+            }
+        };
+        for op in ops {
+            if !in_flight.lock().map(|mut s| s.insert(op.id)).unwrap_or(false) {
+                continue; // its previous step is still running
+            }
+            let (store, factory, in_flight) = (store.clone(), factory.clone(), in_flight.clone());
+            tasks.spawn(async move {
+                let id = op.id;
+                if let Err(e) = step(&store, factory.as_ref(), op).await {
+                    tracing::warn!(operation = id, "reimage step: {e}");
+                }
+                in_flight.lock().map(|mut s| s.remove(&id)).ok();
+            });
+        }
+    }
+    tasks.shutdown().await;
+}
+
+/// One step of one operation. Idempotent: run twice on the same state, it decides the same
+/// and only the first write applies.
+pub async fn step<F: BmcFactory>(
+    store: &Store,
+    factory: &F,
+    op: Operation,
+) -> Result<(), nodekeeper_store::StoreError> {
+    let (step, mut data) = match (op.step.parse::<Step>(), serde_json::from_str::<ReimageData>(&op.data)) {
+        (Ok(s), Ok(d)) => (s, d),
+        (s, d) => {
+            let reason = format!(
+                "unreadable operation state (step {:?}: {:?}; data: {:?})",
+                op.step,
+                s.err(),
+                d.err().map(|e| e.to_string())
+            );
+            return finish(store, &op, &op.step, OperationStatus::Failed, Some(reason)).await;
+        }
+    };
+    data.agent = op.report.as_deref().and_then(|r| serde_json::from_str::<AgentReport>(r).ok());
+    let host = store.require_host(&op.target).await?;
+    let decision = match machine::work(step) {
+        Work::Wait => {
+            let heartbeat_seen = host.last_heartbeat.is_some_and(|h| h > op.created_at);
+            let deadline_passed = op.deadline.is_some_and(|d| Timestamp::now() >= d);
+            machine::observe(step, &data, heartbeat_seen, deadline_passed)
+        }
+        work => {
+            let result = match factory.for_host(&host) {
+                Err(e) => Err(e.to_string()),
+                Ok(driver) => {
+                    let policy = factory.policy();
+                    let act = async {
+                        match work {
+                            Work::PowerOff => bmc::power(&driver, PowerAction::Off, &policy).await.map(drop),
+                            Work::PowerOn => bmc::power(&driver, PowerAction::On, &policy).await.map(drop),
+                            Work::SetPxeOnce => driver.set_pxe_once().await,
+                            Work::SetDiskBoot => driver.set_disk_boot().await,
+                            Work::Wait => Ok(()),
+                        }
+                    };
+                    match tokio::time::timeout(data.deadlines.bmc, act).await {
+                        Ok(r) => r.map_err(|e| e.to_string()),
+                        Err(_) => {
+                            Err(format!("{step} took longer than {}", humantime::format_duration(data.deadlines.bmc)))
+                        }
+                    }
+                }
+            };
+            machine::after_work(step, op.attempts + 1, result, &data)
+        }
+    };
+    apply(store, &op, step, data, decision).await
+}
+
+async fn apply(
+    store: &Store,
+    op: &Operation,
+    step: Step,
+    mut data: ReimageData,
+    decision: Decision,
+) -> Result<(), nodekeeper_store::StoreError> {
+    match decision {
+        Decision::Stay => Ok(()),
+        Decision::Go { to, after: d, why } => {
+            if step == Step::PowerOn {
+                data.pxe_boots += 1;
+            }
+            data.agent = None; // the report lives in its own column
+            let change = StepChange {
+                from: step.as_str().into(),
+                to: to.as_str().into(),
+                status: OperationStatus::Running,
+                attempts: 0,
+                deadline: Some(after(d)),
+                last_error: None,
+                data: serde_json::to_string(&data).ok(),
+                event: format!("reimage of {}: {why}; next {to}", op.target),
+            };
+            store.advance_operation(op.id, &change, ACTOR).await.map(drop)
+        }
+        Decision::Retry { attempts, error } => {
+            let change = StepChange {
+                from: step.as_str().into(),
+                to: step.as_str().into(),
+                status: OperationStatus::Running,
+                attempts,
+                deadline: Some(after(data.deadlines.bmc)),
+                last_error: Some(error.clone()),
+                data: None,
+                event: format!(
+                    "reimage of {}: {step} failed (attempt {attempts} of {}): {error}",
+                    op.target, data.limits.bmc_attempts
+                ),
+            };
+            store.advance_operation(op.id, &change, ACTOR).await.map(drop)
+        }
+        // The host first, the operation last: a crash in between leaves the operation
+        // running, and the next tick decides the same and repeats both (both idempotent).
+        Decision::Done => {
+            store.set_host_image(&op.target, &data.image).await?;
+            store
+                .set_host_state(&op.target, HostState::Active, ACTOR, &format!("reimaged with {}", data.image))
+                .await?;
+            finish(store, op, "done", OperationStatus::Done, None).await
+        }
+        Decision::Failed { at, reason } => {
+            // Out of service until an operator looks: its script boots the disk, not the installer.
+            store
+                .set_host_state(&op.target, HostState::Maintenance, ACTOR, &format!("reimage failed at {at}: {reason}"))
+                .await?;
+            finish(store, op, at.as_str(), OperationStatus::Failed, Some(reason)).await
+        }
+    }
+}
+
+async fn finish(
+    store: &Store,
+    op: &Operation,
+    step: &str,
+    status: OperationStatus,
+    reason: Option<String>,
+) -> Result<(), nodekeeper_store::StoreError> {
+    let event = match &reason {
+        Some(r) => format!("reimage of {} failed at {step}: {r}", op.target),
+        None => format!("reimage of {} done", op.target),
+    };
+    let change = StepChange {
+        from: op.step.clone(),
+        to: step.into(),
+        status,
+        attempts: op.attempts,
+        deadline: None,
+        last_error: reason,
+        data: None,
+        event,
+    };
+    store.advance_operation(op.id, &change, ACTOR).await.map(drop)
+}

@@ -1,0 +1,327 @@
+//! The reimage executor against a fake BMC (for failure injection) and a stub deploy agent
+//! that talks to the real HTTP API with the token from the host's real iPXE script.
+
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nodekeeper_provisioner::bmc::{Bmc, BmcError, Policy, PowerState};
+use nodekeeper_provisioner::http::{self, images::Images, HttpState};
+use nodekeeper_provisioner::metrics::Metrics;
+use nodekeeper_provisioner::reimage::executor::{self, BmcFactory};
+use nodekeeper_provisioner::reimage::machine::{Deadlines, Limits};
+use nodekeeper_provisioner::serve::config::HttpConfig;
+use nodekeeper_store::testing::TestDb;
+use nodekeeper_store::{HostName, HostState, NewHost, Operation, OperationStatus, Store};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Default)]
+struct FakeState {
+    on: bool,
+    pxe_once: bool,
+    disk_boot: bool,
+    power_ons: u32,
+    fail_next: u32,
+    always_fail: bool,
+}
+
+#[derive(Clone, Default)]
+struct Fake(Arc<Mutex<FakeState>>);
+
+impl Fake {
+    fn get<T>(&self, f: impl FnOnce(&FakeState) -> T) -> T {
+        f(&self.0.lock().expect("lock"))
+    }
+    fn set(&self, f: impl FnOnce(&mut FakeState)) {
+        f(&mut self.0.lock().expect("lock"))
+    }
+}
+
+impl Bmc for Fake {
+    fn endpoint(&self) -> String {
+        format!("fake-{:p}", Arc::as_ptr(&self.0))
+    }
+    async fn power_state(&self) -> Result<PowerState, BmcError> {
+        Ok(if self.get(|s| s.on) { PowerState::On } else { PowerState::Off })
+    }
+    async fn set_power(&self, on: bool) -> Result<(), BmcError> {
+        let mut s = self.0.lock().expect("lock");
+        if s.always_fail || s.fail_next > 0 {
+            s.fail_next = s.fail_next.saturating_sub(1);
+            return Err(BmcError::Refused { endpoint: "fake".into(), reason: "HTTP 500".into() });
+        }
+        if on && !s.on {
+            s.power_ons += 1;
+        }
+        s.on = on;
+        Ok(())
+    }
+    async fn set_pxe_once(&self) -> Result<(), BmcError> {
+        self.set(|s| s.pxe_once = true);
+        Ok(())
+    }
+    async fn set_disk_boot(&self) -> Result<(), BmcError> {
+        self.set(|s| s.disk_boot = true);
+        Ok(())
+    }
+}
+
+struct Factory(Fake);
+
+impl BmcFactory for Factory {
+    type B = Fake;
+    fn for_host(&self, _: &nodekeeper_store::Host) -> Result<Fake, BmcError> {
+        Ok(self.0.clone())
+    }
+    fn policy(&self) -> Policy {
+        Policy { confirm_within: Duration::from_millis(100), attempts: 1, poll: Duration::from_millis(10) }
+    }
+}
+
+struct Rig {
+    store: Store,
+    fake: Fake,
+    base: String,
+    stop: CancellationToken,
+    _db: TestDb,
+    _dir: tempfile::TempDir,
+}
+
+const MAC: &str = "52:54:00:00:00:0a";
+
+fn name() -> HostName {
+    "node-a".parse().expect("name")
+}
+
+async fn rig() -> Rig {
+    let db = TestDb::sqlite();
+    let store = db.store().await;
+    let h = NewHost {
+        name: name(),
+        mac: Some(MAC.parse().expect("mac")),
+        ip: None,
+        bmc_url: Some("redfish://fake".into()),
+        bmc_credentials: None,
+    };
+    store.add_host(&h, "test").await.expect("host");
+    let dir = tempfile::tempdir().expect("dir");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let base = format!("http://{}", listener.local_addr().expect("addr"));
+    let config = HttpConfig {
+        listen: listener.local_addr().expect("addr"),
+        public_url: base.clone(),
+        images_dir: dir.path().to_owned(),
+        deploy_kernel: "deploy/vmlinuz".into(),
+        deploy_initrd: "deploy/initrd.img".into(),
+        deploy_kernel_args: String::new(),
+    };
+    let state = HttpState {
+        store: store.clone(),
+        config: Arc::new(config),
+        metrics: Arc::new(Metrics::default()),
+        images: Arc::new(Images::new(dir.path()).expect("images")),
+    };
+    let stop = CancellationToken::new();
+    tokio::spawn(http::serve(listener, state, stop.clone()));
+    Rig { store, fake: Fake::default(), base, stop, _db: db, _dir: dir }
+}
+
+impl Rig {
+    fn executor(&self) -> CancellationToken {
+        let stop = self.stop.child_token();
+        tokio::spawn(executor::run(
+            self.store.clone(),
+            Arc::new(Factory(self.fake.clone())),
+            Duration::from_millis(20),
+            stop.clone(),
+        ));
+        stop
+    }
+
+    async fn wait(&self, id: i64, what: &str, ok: impl Fn(&Operation) -> bool) -> Operation {
+        for _ in 0..500 {
+            let op = self.store.operation(id).await.expect("read").expect("exists");
+            if ok(&op) {
+                return op;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let op = self.store.operation(id).await.expect("read");
+        panic!("timed out waiting for {what}: {op:?}");
+    }
+
+    /// The token, as the node gets it: from its iPXE script.
+    fn token(&self) -> String {
+        let out = Command::new("curl")
+            .args(["-sf", "--max-time", "10", &format!("{}/boot/{MAC}.ipxe", self.base)])
+            .output()
+            .expect("curl");
+        let script = String::from_utf8_lossy(&out.stdout).into_owned();
+        script
+            .split("nk.token=")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .map(str::to_owned)
+            .unwrap_or_else(|| panic!("no token in {script}"))
+    }
+
+    /// A stub deploy agent's report; returns the HTTP status.
+    fn report(&self, token: &str, body: &str) -> u16 {
+        let body = body.replace("TOKEN", token);
+        let out = Command::new("curl")
+            .args([
+                "-s",
+                "--max-time",
+                "10",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "-H",
+                "Content-Type: application/json",
+                "-d",
+                &body,
+            ])
+            .arg(format!("{}/api/v1/hosts/node-a/deploy", self.base))
+            .output()
+            .expect("curl");
+        String::from_utf8_lossy(&out.stdout).parse().expect("status")
+    }
+}
+
+fn quick() -> Deadlines {
+    Deadlines {
+        bmc: Duration::from_secs(5),
+        agent_boot: Duration::from_secs(20),
+        image_write: Duration::from_secs(20),
+        verify: Duration::from_secs(20),
+        heartbeat: Duration::from_secs(20),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reimage_runs_to_done_through_the_agent_and_the_heartbeat() {
+    let r = rig().await;
+    r.fake.set(|s| s.on = true);
+    let (op, started) = executor::request(&r.store, &name(), Some("node-v2.img"), quick(), Limits::default(), "test")
+        .await
+        .expect("request");
+    assert!(started);
+    let (again, started) =
+        executor::request(&r.store, &name(), None, quick(), Limits::default(), "test").await.expect("again");
+    assert!(!started && again.id == op.id, "a second request returns the running operation");
+    assert_eq!(r.store.require_host(&name()).await.expect("host").state, HostState::Reimaging);
+
+    let _exec = r.executor();
+    r.wait(op.id, "agent_booted", |o| o.step == "agent_booted").await;
+    assert!(r.fake.get(|s| s.pxe_once && s.on && s.power_ons == 1), "powered off, PXE once, powered on");
+    let token = r.token();
+    assert_eq!(r.report("wrong", r#"{"token":"TOKEN","stage":"booted"}"#), 403);
+    assert_eq!(r.report(&token, r#"{"token":"TOKEN","stage":"booted"}"#), 200);
+    r.wait(op.id, "image_written", |o| o.step == "image_written").await;
+    assert_eq!(r.report(&token, r#"{"token":"TOKEN","stage":"written","detail":"2048 MiB in 31 s"}"#), 200);
+    assert_eq!(r.report(&token, r#"{"token":"TOKEN","stage":"verified"}"#), 200);
+    assert_eq!(
+        r.report(&token, r#"{"token":"TOKEN","stage":"verified"}"#),
+        403,
+        "the token is burnt by the final report"
+    );
+    r.wait(op.id, "heartbeat", |o| o.step == "heartbeat").await;
+    assert!(r.fake.get(|s| s.disk_boot), "the BMC boots the disk from now on");
+    r.store.record_heartbeat(&name()).await.expect("heartbeat");
+    let done = r.wait(op.id, "done", |o| o.status != OperationStatus::Running).await;
+    assert_eq!((done.status, done.step.as_str()), (OperationStatus::Done, "done"));
+    let host = r.store.require_host(&name()).await.expect("host");
+    assert_eq!((host.state, host.image.as_deref()), (HostState::Active, Some("node-v2.img")));
+    let kinds: Vec<String> = r
+        .store
+        .events(&nodekeeper_store::EventFilter { host: Some(name()), limit: Some(100), ..Default::default() })
+        .await
+        .expect("events")
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
+    for k in ["reimage.started", "reimage.step", "reimage.report", "reimage.done"] {
+        assert!(kinds.iter().any(|x| x == k), "{k} in {kinds:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_silent_agent_gets_more_pxe_boots_then_the_reimage_fails() {
+    let r = rig().await;
+    let deadlines = Deadlines { agent_boot: Duration::from_millis(300), ..quick() };
+    let (op, _) =
+        executor::request(&r.store, &name(), None, deadlines, Limits { bmc_attempts: 3, pxe_boots: 2 }, "test")
+            .await
+            .expect("request");
+    let _exec = r.executor();
+    let failed = r.wait(op.id, "failed", |o| o.status != OperationStatus::Running).await;
+    assert_eq!((failed.status, failed.step.as_str()), (OperationStatus::Failed, "agent_booted"));
+    assert!(failed.last_error.as_deref().is_some_and(|e| e.contains("after 2 PXE boots")), "{failed:?}");
+    assert_eq!(r.fake.get(|s| s.power_ons), 2, "two PXE boots");
+    assert_eq!(r.store.require_host(&name()).await.expect("host").state, HostState::Maintenance);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bmc_errors_are_retried_then_fail_the_step() {
+    let r = rig().await;
+    r.fake.set(|s| {
+        s.on = true;
+        s.fail_next = 2;
+    });
+    let (op, _) =
+        executor::request(&r.store, &name(), None, quick(), Limits::default(), "test").await.expect("request");
+    let exec = r.executor();
+    r.wait(op.id, "agent_booted", |o| o.step == "agent_booted").await;
+    exec.cancel();
+
+    let r2 = rig().await;
+    r2.fake.set(|s| {
+        s.on = true;
+        s.always_fail = true;
+    });
+    let (op, _) =
+        executor::request(&r2.store, &name(), None, quick(), Limits::default(), "test").await.expect("request");
+    let _exec = r2.executor();
+    let failed = r2.wait(op.id, "failed", |o| o.status != OperationStatus::Running).await;
+    assert_eq!((failed.step.as_str(), failed.attempts), ("power_off", 2), "{failed:?}");
+    assert!(failed.last_error.as_deref().is_some_and(|e| e.contains("after 3 attempts")), "{failed:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_bad_image_fails_at_verified_and_the_disk_is_not_made_bootable() {
+    let r = rig().await;
+    let (op, _) =
+        executor::request(&r.store, &name(), None, quick(), Limits::default(), "test").await.expect("request");
+    let _exec = r.executor();
+    r.wait(op.id, "agent_booted", |o| o.step == "agent_booted").await;
+    let token = r.token();
+    assert_eq!(r.report(&token, r#"{"token":"TOKEN","stage":"written"}"#), 200);
+    assert_eq!(r.report(&token, r#"{"token":"TOKEN","stage":"verified","error":"sha256 mismatch"}"#), 200);
+    let failed = r.wait(op.id, "failed", |o| o.status != OperationStatus::Running).await;
+    assert_eq!((failed.status, failed.step.as_str()), (OperationStatus::Failed, "verified"));
+    assert!(!r.fake.get(|s| s.disk_boot), "the disk is not marked bootable");
+    assert_eq!(r.store.require_host(&name()).await.expect("host").state, HostState::Maintenance);
+    // Bad reports are refused without changing anything.
+    assert_eq!(r.report(&token, r#"{"token":"TOKEN","stage":"flying"}"#), 400);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_new_executor_resumes_where_the_database_says() {
+    let r = rig().await;
+    let (op, _) =
+        executor::request(&r.store, &name(), None, quick(), Limits::default(), "test").await.expect("request");
+    let first = r.executor();
+    r.wait(op.id, "agent_booted", |o| o.step == "agent_booted").await;
+    first.cancel(); // the provisioner dies
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let token = r.token();
+    assert_eq!(
+        r.report(&token, r#"{"token":"TOKEN","stage":"booted"}"#),
+        200,
+        "the agent reports while no executor runs"
+    );
+    let _second = r.executor(); // a new provisioner
+    r.wait(op.id, "image_written", |o| o.step == "image_written").await;
+    assert_eq!(r.fake.get(|s| s.power_ons), 1, "resuming did not boot the host again");
+}
