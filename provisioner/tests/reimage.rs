@@ -2,10 +2,11 @@
 //! that talks to the real HTTP API with the token from the host's real iPXE script.
 
 use std::process::Command;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use nodekeeper_provisioner::bmc::{Bmc, BmcError, Policy, PowerState};
+use nodekeeper_provisioner::bmc::fake::Fake;
+use nodekeeper_provisioner::bmc::{BmcError, Policy};
 use nodekeeper_provisioner::http::{self, images::Images, HttpState};
 use nodekeeper_provisioner::metrics::Metrics;
 use nodekeeper_provisioner::reimage::executor::{self, BmcFactory};
@@ -14,57 +15,6 @@ use nodekeeper_provisioner::serve::config::HttpConfig;
 use nodekeeper_store::testing::TestDb;
 use nodekeeper_store::{HostName, HostState, NewHost, Operation, OperationStatus, Store};
 use tokio_util::sync::CancellationToken;
-
-#[derive(Debug, Default)]
-struct FakeState {
-    on: bool,
-    pxe_once: bool,
-    disk_boot: bool,
-    power_ons: u32,
-    fail_next: u32,
-    always_fail: bool,
-}
-
-#[derive(Clone, Default)]
-struct Fake(Arc<Mutex<FakeState>>);
-
-impl Fake {
-    fn get<T>(&self, f: impl FnOnce(&FakeState) -> T) -> T {
-        f(&self.0.lock().expect("lock"))
-    }
-    fn set(&self, f: impl FnOnce(&mut FakeState)) {
-        f(&mut self.0.lock().expect("lock"))
-    }
-}
-
-impl Bmc for Fake {
-    fn endpoint(&self) -> String {
-        format!("fake-{:p}", Arc::as_ptr(&self.0))
-    }
-    async fn power_state(&self) -> Result<PowerState, BmcError> {
-        Ok(if self.get(|s| s.on) { PowerState::On } else { PowerState::Off })
-    }
-    async fn set_power(&self, on: bool) -> Result<(), BmcError> {
-        let mut s = self.0.lock().expect("lock");
-        if s.always_fail || s.fail_next > 0 {
-            s.fail_next = s.fail_next.saturating_sub(1);
-            return Err(BmcError::Refused { endpoint: "fake".into(), reason: "HTTP 500".into() });
-        }
-        if on && !s.on {
-            s.power_ons += 1;
-        }
-        s.on = on;
-        Ok(())
-    }
-    async fn set_pxe_once(&self) -> Result<(), BmcError> {
-        self.set(|s| s.pxe_once = true);
-        Ok(())
-    }
-    async fn set_disk_boot(&self) -> Result<(), BmcError> {
-        self.set(|s| s.disk_boot = true);
-        Ok(())
-    }
-}
 
 struct Factory(Fake);
 
@@ -84,7 +34,7 @@ struct Rig {
     base: String,
     stop: CancellationToken,
     _db: TestDb,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 const MAC: &str = "52:54:00:00:00:0a";
@@ -123,7 +73,7 @@ async fn rig() -> Rig {
     };
     let stop = CancellationToken::new();
     tokio::spawn(http::serve(listener, state, stop.clone()));
-    Rig { store, fake: Fake::default(), base, stop, _db: db, _dir: dir }
+    Rig { store, fake: Fake::default(), base, stop, _db: db, dir }
 }
 
 impl Rig {
@@ -324,4 +274,67 @@ async fn a_new_executor_resumes_where_the_database_says() {
     let _second = r.executor(); // a new provisioner
     r.wait(op.id, "image_written", |o| o.step == "image_written").await;
     assert_eq!(r.fake.get(|s| s.power_ons), 1, "resuming did not boot the host again");
+}
+
+/// The deploy agent's own code (the `nodekeeper-deploy` binary is this plus reading
+/// /proc/cmdline), writing to a file standing in for the disk.
+async fn run_agent(r: &Rig, disk: &std::path::Path) -> bool {
+    let cmdline = format!(
+        "initrd=initrd.img nk.server={0} nk.host=node-a nk.token={1} nk.image={0}/images/node.img nk.disk={2} console=ttyS0",
+        r.base,
+        r.token(),
+        disk.display()
+    );
+    let params = nodekeeper_deploy::Params::from_cmdline(&cmdline).expect("params");
+    tokio::task::spawn_blocking(move || nodekeeper_deploy::deploy(&params, &mut |l| eprintln!("agent: {l}")))
+        .await
+        .expect("agent")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_deploy_agent_writes_and_verifies_the_image() {
+    let r = rig().await;
+    let image: Vec<u8> = (0..8_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    std::fs::write(r.dir.path().join("node.img"), &image).expect("image");
+    let (op, _) =
+        executor::request(&r.store, &name(), None, quick(), Limits::default(), "test").await.expect("request");
+    let _exec = r.executor();
+    r.wait(op.id, "agent_booted", |o| o.step == "agent_booted").await;
+    let disk = r.dir.path().join("disk.img");
+    assert!(run_agent(&r, &disk).await, "the agent verified the image");
+    assert_eq!(std::fs::read(&disk).expect("disk"), image, "the disk holds the image, byte for byte");
+    r.wait(op.id, "heartbeat", |o| o.step == "heartbeat").await;
+    assert!(r.fake.get(|s| s.disk_boot));
+    r.store.record_heartbeat(&name()).await.expect("heartbeat");
+    let done = r.wait(op.id, "done", |o| o.status != OperationStatus::Running).await;
+    assert_eq!(done.status, OperationStatus::Done);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_corrupted_image_is_caught_by_the_agent_and_fails_at_verified() {
+    let r = rig().await;
+    let path = r.dir.path().join("node.img");
+    std::fs::write(&path, vec![7u8; 3_000_000]).expect("image");
+    // The provisioner digests the good image; then a byte rots on its disk, size and mtime
+    // unchanged, so the ETag still names the good bytes.
+    let out = Command::new("curl")
+        .args(["-sfI", "--max-time", "30", &format!("{}/images/node.img", r.base)])
+        .output()
+        .expect("curl");
+    assert!(out.status.success());
+    let mtime = std::fs::metadata(&path).and_then(|m| m.modified()).expect("mtime");
+    let mut bytes = std::fs::read(&path).expect("read");
+    bytes[1_500_000] ^= 0xff;
+    std::fs::write(&path, &bytes).expect("rot");
+    std::fs::File::options().write(true).open(&path).and_then(|f| f.set_modified(mtime)).expect("keep mtime");
+
+    let (op, _) =
+        executor::request(&r.store, &name(), None, quick(), Limits::default(), "test").await.expect("request");
+    let _exec = r.executor();
+    r.wait(op.id, "agent_booted", |o| o.step == "agent_booted").await;
+    assert!(!run_agent(&r, &r.dir.path().join("disk.img")).await, "the agent refuses the image");
+    let failed = r.wait(op.id, "failed", |o| o.status != OperationStatus::Running).await;
+    assert_eq!((failed.status, failed.step.as_str()), (OperationStatus::Failed, "verified"));
+    assert!(failed.last_error.as_deref().is_some_and(|e| e.contains("sha256 mismatch")), "{failed:?}");
+    assert!(!r.fake.get(|s| s.disk_boot), "the disk is not marked bootable");
 }

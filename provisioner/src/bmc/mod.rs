@@ -3,6 +3,7 @@
 //! BMCs accept a command and do nothing), retried with backoff within a deadline, and
 //! serialized per BMC (BMCs handle concurrent sessions badly). Credentials are never logged.
 
+pub mod fake;
 pub mod ipmi;
 pub mod redfish;
 

@@ -1,0 +1,68 @@
+//! An in-memory BMC for tests and dry runs: it powers nothing, records what it was asked, and
+//! can be told to fail (injected BMC errors). Documented test double — the real drivers are
+//! tested against sushy-tools and VirtualBMC.
+
+use std::sync::{Arc, Mutex};
+
+use super::{Bmc, BmcError, PowerState};
+
+/// The fake's state, visible to tests.
+#[derive(Debug, Default)]
+pub struct FakeState {
+    /// Powered on.
+    pub on: bool,
+    /// A one-time PXE boot is set.
+    pub pxe_once: bool,
+    /// Boot from disk is set.
+    pub disk_boot: bool,
+    /// Times it was powered on.
+    pub power_ons: u32,
+    /// Fail this many power commands.
+    pub fail_next: u32,
+    /// Fail every power command.
+    pub always_fail: bool,
+}
+
+/// An in-memory BMC.
+#[derive(Clone, Default, Debug)]
+pub struct Fake(Arc<Mutex<FakeState>>);
+
+impl Fake {
+    /// Reads its state.
+    pub fn get<T>(&self, f: impl FnOnce(&FakeState) -> T) -> T {
+        f(&self.0.lock().expect("lock"))
+    }
+    /// Changes its state.
+    pub fn set(&self, f: impl FnOnce(&mut FakeState)) {
+        f(&mut self.0.lock().expect("lock"))
+    }
+}
+
+impl Bmc for Fake {
+    fn endpoint(&self) -> String {
+        format!("fake-{:p}", Arc::as_ptr(&self.0))
+    }
+    async fn power_state(&self) -> Result<PowerState, BmcError> {
+        Ok(if self.get(|s| s.on) { PowerState::On } else { PowerState::Off })
+    }
+    async fn set_power(&self, on: bool) -> Result<(), BmcError> {
+        let mut s = self.0.lock().expect("lock");
+        if s.always_fail || s.fail_next > 0 {
+            s.fail_next = s.fail_next.saturating_sub(1);
+            return Err(BmcError::Refused { endpoint: "fake".into(), reason: "HTTP 500".into() });
+        }
+        if on && !s.on {
+            s.power_ons += 1;
+        }
+        s.on = on;
+        Ok(())
+    }
+    async fn set_pxe_once(&self) -> Result<(), BmcError> {
+        self.set(|s| s.pxe_once = true);
+        Ok(())
+    }
+    async fn set_disk_boot(&self) -> Result<(), BmcError> {
+        self.set(|s| s.disk_boot = true);
+        Ok(())
+    }
+}
