@@ -3,7 +3,7 @@ SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: demo test test-deps lint unit bench build release fuzz install clean
+.PHONY: demo test test-deps lint unit bench build release fuzz install images clean
 
 ## demo: build, migrate an embedded SQLite database, load a sample inventory, show it
 demo:
@@ -20,6 +20,10 @@ bench:
 ## fuzz: every parser's fuzz target for FUZZ_SECONDS (default 60) each
 fuzz:
 	./scripts/fuzz.sh
+
+## images: the deploy ramdisk (images/deploy/out; cached, reproducible)
+images:
+	./images/deploy/build.sh
 
 ## install: binaries to /usr/bin, units to /usr/lib/systemd/system, iPXE into the TFTP root
 PREFIX ?= /usr
