@@ -21,9 +21,10 @@ bench:
 fuzz:
 	./scripts/fuzz.sh
 
-## images: the deploy ramdisk (images/deploy/out; cached, reproducible)
+## images: the deploy ramdisk (images/deploy/out) and the node image (images/node/out); cached
 images:
 	./images/deploy/build.sh
+	./images/node/build.sh
 
 ## install: binaries to /usr/bin, units to /usr/lib/systemd/system, iPXE into the TFTP root
 PREFIX ?= /usr

@@ -54,5 +54,10 @@ echo
 echo "== network boot (ratios against the peers, same run)"
 python3 scripts/bench_net.py ./target/release/nodekeeper-provisioner "$PWD/.bench/net"
 
+# --- reimage executor: N reimages at once, fake BMCs and a stub agent (no peer: capacity) --
+echo
+echo "== reimage executor capacity (SQLite; fake BMCs, stub agent)"
+cargo run --release --locked -q -p nodekeeper-provisioner --example reimage_load -- 100 1000 5000
+
 printf '\n%-28s %-9s %-6s %s\n' BENCHMARK ENGINE RUN RESULT
 for r in "${results[@]}"; do IFS='|' read -r a b c d <<<"$r"; printf '%-28s %-9s %-6s %s\n' "$a" "$b" "$c" "$d"; done

@@ -3,7 +3,7 @@
 //! ramdisk), and the deploy itself — stream the image to the disk, hashing as it goes,
 //! compare with the server's sha256 `ETag`, report every stage.
 
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
@@ -69,6 +69,11 @@ impl Response {
 
 /// One HTTP/1.1 request with `Connection: close`.
 pub fn request(method: &str, url: &str, body: Option<&[u8]>) -> io::Result<Response> {
+    request_with(method, url, &[], body)
+}
+
+/// [`request`] with extra headers.
+pub fn request_with(method: &str, url: &str, extra: &[(&str, &str)], body: Option<&[u8]>) -> io::Result<Response> {
     let (authority, path) = split_url(url).map_err(io::Error::other)?;
     let stream = TcpStream::connect(&authority)?;
     stream.set_read_timeout(Some(Duration::from_secs(60)))?;
@@ -77,6 +82,9 @@ pub fn request(method: &str, url: &str, body: Option<&[u8]>) -> io::Result<Respo
         w,
         "{method} {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\nUser-Agent: nodekeeper-deploy\r\n"
     )?;
+    for (k, v) in extra {
+        write!(w, "{k}: {v}\r\n")?;
+    }
     if let Some(b) = body {
         write!(w, "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n", b.len())?;
         w.write_all(b)?;
@@ -124,6 +132,32 @@ pub fn report(p: &Params, stage: &str, error: Option<&str>, detail: Option<&str>
     Ok(resp.status)
 }
 
+/// [`report`], retried every 2 s while the provisioner is unreachable or answers 5xx (it may
+/// be restarting: the operation waits in its database), up to `tries` times. A 4xx answer is
+/// final. Returns the last status, or the last error.
+pub fn report_until_heard(
+    p: &Params,
+    stage: &str,
+    error: Option<&str>,
+    detail: Option<&str>,
+    tries: u32,
+) -> io::Result<u16> {
+    let mut last = Err(io::Error::other("not tried"));
+    for attempt in 0..tries.max(1) {
+        if attempt > 0 {
+            std::thread::sleep(Duration::from_secs(2));
+        }
+        last = report(p, stage, error, detail);
+        if matches!(last, Ok(status) if status < 500) {
+            break;
+        }
+    }
+    last
+}
+
+/// How long the agent keeps trying to deliver a stage report (tries, 2 s apart).
+const REPORT_TRIES: u32 = 90;
+
 /// How a deploy ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -143,30 +177,63 @@ pub enum Outcome {
     },
 }
 
-/// Streams the image to `disk`, hashing as it writes; fsyncs; compares with the ETag.
+/// The first bytes of the image are held back until it is verified: the partition table and
+/// boot code (MBR, or a GPT header and its entries) live there, so a disk whose image did not
+/// verify has none and is never booted.
+pub const HEAD: usize = 64 << 10;
+
+/// The config block: the last 4 KiB of the disk, written after the image verified, read by the
+/// node's first boot (`images/node/firstboot`).
+pub const CONFIG_BLOCK: u64 = 4096;
+
+/// How many times a broken image download is resumed (2 s apart) before the deploy fails.
+const RESUMES: u32 = 60;
+
+/// Streams the image to `disk`, hashing as it writes; fsyncs; compares with the ETag. The
+/// first [`HEAD`] bytes on the disk are zeroed at once and written only by [`finish`], after
+/// the image verified. A broken download (the provisioner restarting, the network dropping)
+/// resumes where it stopped with a `Range` request, as long as the ETag is the same.
 /// `progress` is called with (bytes so far, total) about every 10%.
-pub fn write_image(p: &Params, mut progress: impl FnMut(u64, u64)) -> io::Result<Outcome> {
+pub fn write_image(p: &Params, mut progress: impl FnMut(u64, u64)) -> io::Result<(Outcome, Vec<u8>)> {
     let mut resp = request("GET", &p.image, None)?;
     if resp.status != 200 {
         return Err(io::Error::other(format!("GET {}: HTTP {}", p.image, resp.status)));
     }
     let total: u64 = resp.header("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
-    let expected = resp
-        .header("etag")
-        .map(|e| e.trim_matches('"').to_ascii_lowercase())
-        .filter(|e| e.len() == 64)
-        .ok_or_else(|| io::Error::other("the image has no sha256 ETag to verify against"))?;
+    let expected = etag(&resp).ok_or_else(|| io::Error::other("the image has no sha256 ETag to verify against"))?;
     let mut disk = std::fs::OpenOptions::new().write(true).create(true).truncate(false).open(&p.disk)?;
+    // Whatever was bootable on this disk is not any more.
+    disk.write_all(&[0u8; HEAD])?;
+    disk.sync_data()?;
     let mut hasher = Sha256::new();
+    let mut head = Vec::with_capacity(HEAD);
     let mut buf = vec![0u8; 1 << 20];
-    let (mut written, mut next_report) = (0u64, total / 10);
+    let (mut written, mut next_report, mut resumes) = (0u64, total / 10, 0u32);
     loop {
-        let n = resp.body.read(&mut buf)?;
-        if n == 0 {
-            break;
+        let n = match resp.body.read(&mut buf) {
+            Ok(0) if total == 0 || written == total => break,
+            Ok(0) => Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the connection closed early")),
+            Ok(n) => Ok(n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => Err(e),
+        };
+        let n = match n {
+            Ok(n) => n,
+            Err(e) if total > 0 && resumes < RESUMES => {
+                resumes += 1;
+                resp = resume(p, written, &expected, &e)?;
+                continue;
+            }
+            Err(e) => return Err(io::Error::other(format!("image download broke at {written} bytes: {e}"))),
+        };
+        let chunk = &buf[..n];
+        hasher.update(chunk);
+        let held = (HEAD - head.len()).min(n);
+        head.extend_from_slice(&chunk[..held]);
+        if held < n {
+            disk.seek(SeekFrom::Start(written + held as u64))?;
+            disk.write_all(&chunk[held..])?;
         }
-        hasher.update(&buf[..n]);
-        disk.write_all(&buf[..n])?;
         written += n as u64;
         if total > 0 && written >= next_report {
             progress(written, total);
@@ -178,18 +245,77 @@ pub fn write_image(p: &Params, mut progress: impl FnMut(u64, u64)) -> io::Result
     }
     disk.sync_all()?;
     let actual = format!("{:x}", hasher.finalize());
-    Ok(if actual == expected {
+    let outcome = if actual == expected {
         Outcome::Verified { bytes: written, sha256: actual }
     } else {
         Outcome::Mismatch { expected, actual }
-    })
+    };
+    Ok((outcome, head))
+}
+
+fn etag(resp: &Response) -> Option<String> {
+    resp.header("etag").map(|e| e.trim_matches('"').to_ascii_lowercase()).filter(|e| e.len() == 64)
+}
+
+/// Asks for the rest of the image from `offset`, retrying for a while: only a 206 with the same
+/// ETag continues the same bytes.
+fn resume(p: &Params, offset: u64, expected: &str, why: &io::Error) -> io::Result<Response> {
+    eprintln!("nodekeeper-deploy: download broke at {offset} bytes ({why}); resuming");
+    let range = format!("bytes={offset}-");
+    let mut last = String::new();
+    for _ in 0..RESUMES {
+        std::thread::sleep(Duration::from_secs(2));
+        match request_with("GET", &p.image, &[("Range", &range)], None) {
+            Ok(r) if r.status == 206 && etag(&r).as_deref() == Some(expected) => return Ok(r),
+            Ok(r) if r.status == 206 || r.status == 200 => {
+                return Err(io::Error::other("the image changed on the server during the download"))
+            }
+            Ok(r) => last = format!("HTTP {}", r.status),
+            Err(e) => last = e.to_string(),
+        }
+    }
+    Err(io::Error::other(format!("could not resume the download at {offset} bytes: {last}")))
+}
+
+/// The text of the config block (NUL-padded to [`CONFIG_BLOCK`] on the disk).
+pub fn config_block(p: &Params) -> String {
+    format!("NODEKEEPER-CONFIG 1\nhost={}\nserver={}\ntoken={}\n", p.host, p.server, p.token)
+}
+
+/// After the image verified: the config block at the end of the disk, then the held-back
+/// head, each synced. A regular file (tests) grows to hold the block; a block device too small
+/// for image and block is an error.
+pub fn finish(p: &Params, image_len: u64, head: &[u8]) -> io::Result<()> {
+    let mut disk = std::fs::OpenOptions::new().write(true).open(&p.disk)?;
+    let mut end = disk.seek(SeekFrom::End(0))?;
+    let needed = image_len.div_ceil(CONFIG_BLOCK) * CONFIG_BLOCK + CONFIG_BLOCK;
+    if end < needed {
+        if !disk.metadata()?.file_type().is_file() {
+            return Err(io::Error::other(format!(
+                "the disk ({end} bytes) is too small for the image ({image_len} bytes) and its config block"
+            )));
+        }
+        disk.set_len(needed)?;
+        end = needed;
+    }
+    let mut block = config_block(p).into_bytes();
+    if block.len() > CONFIG_BLOCK as usize {
+        return Err(io::Error::other("the config block does not fit in 4 KiB"));
+    }
+    block.resize(CONFIG_BLOCK as usize, 0);
+    disk.seek(SeekFrom::Start((end / CONFIG_BLOCK - 1) * CONFIG_BLOCK))?;
+    disk.write_all(&block)?;
+    disk.sync_data()?;
+    disk.seek(SeekFrom::Start(0))?;
+    disk.write_all(head)?;
+    disk.sync_all()
 }
 
 /// The whole deploy: booted → written → verified (or the error at its stage). Returns whether
 /// the disk holds the verified image (and the node may reboot into it).
 pub fn deploy(p: &Params, log: &mut dyn FnMut(&str)) -> bool {
     let started = Instant::now();
-    if let Err(e) = report(p, "booted", None, None) {
+    if let Err(e) = report_until_heard(p, "booted", None, None, REPORT_TRIES) {
         log(&format!("reporting booted: {e}"));
     }
     log(&format!("writing {} to {}", p.image, p.disk));
@@ -200,21 +326,27 @@ pub fn deploy(p: &Params, log: &mut dyn FnMut(&str)) -> bool {
     match outcome {
         Err(e) => {
             log(&format!("write failed: {e}"));
-            let _ = report(p, "written", Some(&e.to_string()), None);
+            let _ = report_until_heard(p, "written", Some(&e.to_string()), None, REPORT_TRIES);
             false
         }
-        Ok(Outcome::Mismatch { expected, actual }) => {
+        Ok((Outcome::Mismatch { expected, actual }, _)) => {
             let reason = format!("sha256 mismatch: expected {expected}, wrote {actual}");
             log(&reason);
-            let _ = report(p, "written", None, None);
-            let _ = report(p, "verified", Some(&reason), None);
+            let _ = report_until_heard(p, "written", None, None, REPORT_TRIES);
+            let _ = report_until_heard(p, "verified", Some(&reason), None, REPORT_TRIES);
             false
         }
-        Ok(Outcome::Verified { bytes, sha256 }) => {
+        Ok((Outcome::Verified { bytes, sha256 }, head)) => {
             let detail = format!("{bytes} bytes in {:.1} s, sha256 {sha256}", started.elapsed().as_secs_f64());
             log(&format!("verified: {detail}"));
-            let _ = report(p, "written", None, Some(&detail));
-            let _ = report(p, "verified", None, Some(&detail));
+            let _ = report_until_heard(p, "written", None, Some(&detail), REPORT_TRIES);
+            if let Err(e) = finish(p, bytes, &head) {
+                let reason = format!("making the disk bootable: {e}");
+                log(&reason);
+                let _ = report_until_heard(p, "verified", Some(&reason), None, REPORT_TRIES);
+                return false;
+            }
+            let _ = report_until_heard(p, "verified", None, Some(&detail), REPORT_TRIES);
             true
         }
     }

@@ -250,3 +250,167 @@ async fn ipmi_through_virtualbmc() {
     assert!(!ok, "a wrong password must fail");
     assert!(!err.contains("wrong-pass-123") && !stdout.contains("wrong-pass-123"), "{err}");
 }
+
+/// The real `serve`, killed with SIGKILL at every step of a reimage and started again: the
+/// operation resumes from the database each time, no step runs twice, and the deploy agent's
+/// download resumes across a kill in the middle of the image.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_killed_at_every_step_resumes_the_reimage() {
+    use nodekeeper_store::{OperationStatus, Store};
+    let Some(venv) = venv() else { return };
+    let mut rig = rig();
+    let port = free_port();
+    rig.children.push(
+        Command::new(venv.join("bin/sushy-emulator"))
+            .args(["--libvirt-uri", "qemu:///system", "-i", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("sushy-emulator"),
+    );
+    let system = format!("http://127.0.0.1:{port}/redfish/v1/Systems/{}", rig.uuid);
+    wait_for("sushy-emulator", || {
+        Command::new("curl").args(["-sf", "-o", "/dev/null", &system]).status().is_ok_and(|s| s.success())
+    });
+    let d = rig.dir.path().to_owned();
+    std::fs::create_dir_all(d.join("images")).expect("images");
+    let image: Vec<u8> = (0..64_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 7) as u8).collect();
+    std::fs::write(d.join("images/node.img"), &image).expect("image");
+    let db = format!("sqlite://{}/nk.db", d.display());
+    let mac = "52:54:00:4b:11:01";
+    let bmc = format!("redfish+http://127.0.0.1:{port}/redfish/v1/Systems/{}", rig.uuid);
+    assert!(nk(&db, &[], &["db", "migrate"]).0);
+    let (ok, _, err) = nk(&db, &[], &["host", "add", "node-k", "--mac", mac, "--bmc", &bmc]);
+    assert!(ok, "{err}");
+    let http = free_port();
+    let base = format!("http://127.0.0.1:{http}");
+    let config = d.join("provisioner.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "database_url = \"{db}\"\n[dhcp]\nmode = \"off\"\n[http]\nlisten = \"127.0.0.1:{http}\"\npublic_url = \"{base}\"\nimages_dir = \"{}/images\"\n",
+            d.display()
+        ),
+    )
+    .expect("config");
+    let start = || {
+        let child = Command::new(BIN)
+            .args(["serve", "--config", &config.display().to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("serve");
+        wait_for("serve", || {
+            Command::new("curl")
+                .args(["-sf", "-o", "/dev/null", &format!("{base}/healthz")])
+                .status()
+                .is_ok_and(|s| s.success())
+        });
+        child
+    };
+    let kill9 = |mut child: Child| {
+        let _ = Command::new("kill").args(["-KILL", &child.id().to_string()]).status();
+        let _ = child.wait();
+    };
+    let store = Store::connect(&db).await.expect("store");
+    let host: nodekeeper_store::HostName = "node-k".parse().expect("name");
+    let step = || {
+        let store = store.clone();
+        let host = host.clone();
+        async move { store.latest_operation(&host).await.expect("op").expect("an operation") }
+    };
+    let wait_step = |want: &'static str| async move {
+        for _ in 0..600 {
+            let op = step().await;
+            assert_eq!(op.status, OperationStatus::Running, "{op:?}");
+            if op.step == want {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("never reached {want}");
+    };
+
+    let mut serve = start();
+    let (ok, _, err) = nk(&db, &[], &["reimage", "node-k"]);
+    assert!(ok, "{err}");
+    // Each BMC step: killed as soon as it is the current step, then started again.
+    for s in ["power_off", "pxe_next_boot", "power_on", "agent_booted"] {
+        wait_step(s).await;
+        kill9(serve);
+        serve = start();
+    }
+    wait_step("agent_booted").await;
+    let script = Command::new("curl").args(["-sf", &format!("{base}/boot/{mac}.ipxe")]).output().expect("curl");
+    let script = String::from_utf8_lossy(&script.stdout).into_owned();
+    let token = script.split("nk.token=").nth(1).and_then(|r| r.split_whitespace().next()).expect("token").to_owned();
+    let disk = d.join("disk.img");
+    let params = nodekeeper_deploy::Params::from_cmdline(&format!(
+        "nk.server={base} nk.host=node-k nk.token={token} nk.image={base}/images/node.img nk.disk={}",
+        disk.display()
+    ))
+    .expect("params");
+    assert_eq!(nodekeeper_deploy::report_until_heard(&params, "booted", None, None, 10).expect("report"), 200);
+    wait_step("image_written").await;
+    // The agent's download, with the provisioner killed under it at 10%.
+    let serve_cell = std::sync::Mutex::new(Some(serve));
+    let (outcome, head) = {
+        let p = params.clone();
+        let mut killed = false;
+        nodekeeper_deploy::write_image(&p, |_, _| {
+            if !killed {
+                killed = true;
+                if let Some(c) = serve_cell.lock().expect("lock").take() {
+                    kill9(c);
+                }
+                *serve_cell.lock().expect("lock") = Some(start());
+            }
+        })
+        .expect("the download resumes across the kill")
+    };
+    let mut serve = serve_cell.into_inner().expect("lock").expect("serve");
+    assert!(matches!(outcome, nodekeeper_deploy::Outcome::Verified { bytes: 64_000_000, .. }), "{outcome:?}");
+    assert_eq!(nodekeeper_deploy::report_until_heard(&params, "written", None, None, 10).expect("report"), 200);
+    nodekeeper_deploy::finish(&params, 64_000_000, &head).expect("finish");
+    kill9(serve); // the final report arrives while the provisioner is down: the agent retries
+    let reporter = std::thread::spawn(move || {
+        nodekeeper_deploy::report_until_heard(&params, "verified", None, None, 30).expect("report")
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    serve = start();
+    assert_eq!(reporter.join().expect("reporter"), 200);
+    for s in ["local_boot", "heartbeat"] {
+        wait_step(s).await;
+        kill9(serve);
+        serve = start();
+    }
+    wait_step("heartbeat").await;
+    let written = std::fs::read(&disk).expect("disk");
+    assert_eq!(&written[..image.len()], image.as_slice(), "the image, byte for byte, across the kill");
+    let up = Command::new("curl")
+        .args(["-sf", "-o", "/dev/null", "-H", "Content-Type: application/json"])
+        .args(["-d", &format!(r#"{{"token":"{token}","stage":"up"}}"#), &format!("{base}/api/v1/hosts/node-k/deploy")])
+        .status()
+        .expect("curl");
+    assert!(up.success(), "the node's first boot reports up");
+    for _ in 0..100 {
+        if step().await.status != OperationStatus::Running {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let op = step().await;
+    kill9(serve);
+    assert_eq!((op.status, op.step.as_str()), (OperationStatus::Done, "done"), "{op:?}");
+    // Every transition happened once: the kills repeated none.
+    let events = store
+        .events(&nodekeeper_store::EventFilter { host: Some(host.clone()), limit: Some(1000), ..Default::default() })
+        .await
+        .expect("events");
+    for next in ["next pxe_next_boot", "next power_on", "next agent_booted", "next image_written", "next local_boot"] {
+        let n = events.iter().filter(|e| e.kind == "reimage.step" && e.message.ends_with(next)).count();
+        assert_eq!(n, 1, "{next}: {n} times");
+    }
+    assert_eq!(domstate(&rig.domain), "running", "powered on once, by the reimage");
+    store.close().await;
+}

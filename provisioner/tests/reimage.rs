@@ -173,14 +173,15 @@ async fn a_reimage_runs_to_done_through_the_agent_and_the_heartbeat() {
     assert_eq!(r.report(&token, r#"{"token":"TOKEN","stage":"verified"}"#), 200);
     assert_eq!(
         r.report(&token, r#"{"token":"TOKEN","stage":"verified"}"#),
-        403,
-        "the token is burnt by the final report"
+        200,
+        "the token outlives verified: the node's first boot reports with it"
     );
     r.wait(op.id, "heartbeat", |o| o.step == "heartbeat").await;
     assert!(r.fake.get(|s| s.disk_boot), "the BMC boots the disk from now on");
     r.store.record_heartbeat(&name()).await.expect("heartbeat");
     let done = r.wait(op.id, "done", |o| o.status != OperationStatus::Running).await;
     assert_eq!((done.status, done.step.as_str()), (OperationStatus::Done, "done"));
+    assert_eq!(r.report(&token, r#"{"token":"TOKEN","stage":"up"}"#), 403, "the end of the reimage burns the token");
     let host = r.store.require_host(&name()).await.expect("host");
     assert_eq!((host.state, host.image.as_deref()), (HostState::Active, Some("node-v2.img")));
     let kinds: Vec<String> = r
@@ -302,12 +303,25 @@ async fn the_deploy_agent_writes_and_verifies_the_image() {
     r.wait(op.id, "agent_booted", |o| o.step == "agent_booted").await;
     let disk = r.dir.path().join("disk.img");
     assert!(run_agent(&r, &disk).await, "the agent verified the image");
-    assert_eq!(std::fs::read(&disk).expect("disk"), image, "the disk holds the image, byte for byte");
+    let written = std::fs::read(&disk).expect("disk");
+    assert_eq!(&written[..image.len()], image.as_slice(), "the disk holds the image, byte for byte");
+    // The config block, in the disk's last 4 KiB, past the image: what the node's first boot reads.
+    let block = String::from_utf8_lossy(&written[written.len() - 4096..]).trim_end_matches('\0').to_owned();
+    assert!(written.len() as u64 >= image.len() as u64 + 4096);
+    assert!(block.starts_with("NODEKEEPER-CONFIG 1\nhost=node-a\n"), "{block:?}");
+    let token = block.lines().find_map(|l| l.strip_prefix("token=")).expect("token in the block").to_owned();
     r.wait(op.id, "heartbeat", |o| o.step == "heartbeat").await;
     assert!(r.fake.get(|s| s.disk_boot));
-    r.store.record_heartbeat(&name()).await.expect("heartbeat");
+    // A BIOS that still boots the network now gets the local disk, and no new token.
+    let script = Command::new("curl").args(["-sf", &format!("{}/boot/{MAC}.ipxe", r.base)]).output().expect("curl");
+    let script = String::from_utf8_lossy(&script.stdout);
+    assert!(script.contains("sanboot") && !script.contains("nk.token"), "{script}");
+    // The node's first boot reports up with the block's token: its first heartbeat.
+    assert_eq!(r.report(&token, r#"{"token":"TOKEN","stage":"up","detail":"first boot"}"#), 200);
     let done = r.wait(op.id, "done", |o| o.status != OperationStatus::Running).await;
     assert_eq!(done.status, OperationStatus::Done);
+    assert!(r.store.require_host(&name()).await.expect("host").last_heartbeat.is_some());
+    assert_eq!(r.report(&token, r#"{"token":"TOKEN","stage":"up"}"#), 403, "the token is burnt");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -332,7 +346,15 @@ async fn a_corrupted_image_is_caught_by_the_agent_and_fails_at_verified() {
         executor::request(&r.store, &name(), None, quick(), Limits::default(), "test").await.expect("request");
     let _exec = r.executor();
     r.wait(op.id, "agent_booted", |o| o.step == "agent_booted").await;
-    assert!(!run_agent(&r, &r.dir.path().join("disk.img")).await, "the agent refuses the image");
+    // The disk held a bootable system before; after a failed deploy it must not boot at all.
+    let disk = r.dir.path().join("disk.img");
+    let mut old = vec![0u8; 4 << 20];
+    old[510..512].copy_from_slice(&[0x55, 0xaa]);
+    std::fs::write(&disk, &old).expect("old disk");
+    assert!(!run_agent(&r, &disk).await, "the agent refuses the image");
+    let after = std::fs::read(&disk).expect("disk");
+    assert!(after[..nodekeeper_deploy::HEAD].iter().all(|b| *b == 0), "no boot sector, no partition table");
+    assert!(after[nodekeeper_deploy::HEAD..3_000_000] == bytes[nodekeeper_deploy::HEAD..3_000_000]);
     let failed = r.wait(op.id, "failed", |o| o.status != OperationStatus::Running).await;
     assert_eq!((failed.status, failed.step.as_str()), (OperationStatus::Failed, "verified"));
     assert!(failed.last_error.as_deref().is_some_and(|e| e.contains("sha256 mismatch")), "{failed:?}");

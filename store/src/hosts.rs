@@ -238,6 +238,16 @@ impl Store {
         Ok(done.rows_affected() == 1)
     }
 
+    /// Forgets `name`'s deploy token, whatever it is (its reimage ended).
+    pub async fn clear_deploy_token(&self, name: &HostName) -> Result<()> {
+        sqlx::query("UPDATE hosts SET deploy_token_sha256 = NULL, deploy_token_expires = NULL WHERE name = $1")
+            .bind(name.as_str())
+            .execute(&self.pool)
+            .await
+            .map_err(query("clearing a deploy token"))?;
+        Ok(())
+    }
+
     /// One host, or [`StoreError::UnknownHost`].
     pub async fn require_host(&self, name: &HostName) -> Result<Host> {
         self.host(name).await?.ok_or_else(|| StoreError::UnknownHost(name.clone()))

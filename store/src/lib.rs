@@ -15,6 +15,7 @@ mod error;
 mod events;
 mod hosts;
 mod instances;
+mod leadership;
 mod leases;
 mod operations;
 mod types;
@@ -24,6 +25,7 @@ pub use error::{Result, StoreError};
 pub use events::{Event, EventFilter, NewEvent};
 pub use hosts::{Host, NewHost};
 pub use instances::{Instance, NewInstance, Ownership, Transfer};
+pub use leadership::Leadership;
 pub use leases::Lease;
 pub use operations::{Operation, StepChange};
 pub use types::{

@@ -26,6 +26,7 @@ on_both_engines!(
     deploy_tokens_are_single_use_and_expire,
     leases_move_between_macs_and_survive,
     operations_are_unique_per_target_and_advance_by_compare_and_set,
+    leadership_is_held_renewed_and_taken_over_only_after_expiry,
 );
 
 fn host(name: &str) -> HostName {
@@ -351,6 +352,9 @@ async fn deploy_tokens_are_single_use_and_expire(db: TestDb) {
 
     store.set_deploy_token(&a, "cccc", Timestamp(Timestamp::now().0 - 1)).await.expect("set expired");
     assert!(!store.check_deploy_token(&a, "cccc", false).await.expect("check"), "expired");
+    store.set_deploy_token(&a, "eeee", later).await.expect("set");
+    store.clear_deploy_token(&a).await.expect("clear");
+    assert!(!store.check_deploy_token(&a, "eeee", false).await.expect("check"), "cleared");
     let err = store.set_deploy_token(&host("node-x"), "dddd", later).await.expect_err("unknown host");
     assert!(matches!(err, StoreError::UnknownHost(_)));
     store.ping().await.expect("ping");
@@ -459,4 +463,50 @@ async fn operations_are_unique_per_target_and_advance_by_compare_and_set(db: Tes
         .await
         .expect_err("unknown host");
     assert!(matches!(err, StoreError::UnknownHost(_)));
+}
+
+async fn leadership_is_held_renewed_and_taken_over_only_after_expiry(db: TestDb) {
+    use nodekeeper_store::Timestamp;
+    let store = db.store().await;
+    let a = store.acquire_leadership("controller", "replica-a", 60_000).await.expect("a");
+    assert!(a.held_by("replica-a", Timestamp::now()) && a.term == 1, "{a:?}");
+    let b = store.acquire_leadership("controller", "replica-b", 60_000).await.expect("b");
+    assert!(!b.held_by("replica-b", Timestamp::now()), "taken while held: {b:?}");
+    assert_eq!((b.holder.as_str(), b.term), ("replica-a", 1));
+    let renewed = store.acquire_leadership("controller", "replica-a", 60_000).await.expect("renew");
+    assert!(renewed.term == 1 && renewed.expires_at >= a.expires_at, "{renewed:?}");
+    // Another role is independent.
+    assert!(store
+        .acquire_leadership("gc", "replica-b", 60_000)
+        .await
+        .expect("gc")
+        .held_by("replica-b", Timestamp::now()));
+
+    // replica-a stops renewing: once expired, replica-b takes over, in a new term.
+    store.acquire_leadership("controller", "replica-a", 1).await.expect("short");
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let b = store.acquire_leadership("controller", "replica-b", 60_000).await.expect("take over");
+    assert!(b.held_by("replica-b", Timestamp::now()) && b.term == 2, "{b:?}");
+    let a = store.acquire_leadership("controller", "replica-a", 60_000).await.expect("a again");
+    assert!(!a.held_by("replica-a", Timestamp::now()), "the old leader cannot come back while b renews");
+
+    // A clean release hands over at once.
+    store.release_leadership("controller", "replica-b").await.expect("release");
+    let a = store.acquire_leadership("controller", "replica-a", 60_000).await.expect("a after release");
+    assert!(a.held_by("replica-a", Timestamp::now()) && a.term == 3, "{a:?}");
+
+    // Racing replicas for a free role: exactly one wins.
+    store.release_leadership("controller", "replica-a").await.expect("release");
+    let racers: Vec<_> = (0..8)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move { store.acquire_leadership("controller", &format!("r{i}"), 60_000).await })
+        })
+        .collect();
+    let mut winners = std::collections::HashSet::new();
+    for r in racers {
+        let l = r.await.expect("join").expect("acquire");
+        winners.insert(l.holder);
+    }
+    assert_eq!(winners.len(), 1, "{winners:?}");
 }

@@ -4,7 +4,10 @@
 //! line; every other known host boots its local disk, so a deployed host never loops back
 //! into the installer (a classic of netboot systems).
 
-use nodekeeper_store::{Host, HostState};
+use nodekeeper_store::{Host, HostState, Operation, OperationStatus};
+
+use crate::reimage::executor;
+use crate::reimage::machine::{AgentReport, AgentStage, ReimageData};
 
 /// What the deploy ramdisk needs to know.
 #[derive(Debug, Clone)]
@@ -19,6 +22,31 @@ pub struct DeployParams<'a> {
     pub kernel_args: &'a str,
     /// The image to write, relative to `/images/`.
     pub image: &'a str,
+}
+
+/// The image `host` is to be deployed with now, or `None` when it boots its disk. A host in
+/// `reimaging` gets its running reimage's image — until the agent reported `verified` (or the
+/// step moved past it): from then on it boots its disk even if its BIOS still prefers the
+/// network, so it never loops into the installer, and no new token orphans the one in the
+/// disk's config block. `reimaging` without a running reimage (set by hand) deploys the
+/// host's own image.
+pub fn deploy_image(host: &Host, op: Option<&Operation>, default: &str) -> Option<String> {
+    if host.state != HostState::Reimaging {
+        return None;
+    }
+    let own = || host.image.clone().unwrap_or_else(|| default.to_owned());
+    let Some(op) = op.filter(|op| op.status == OperationStatus::Running && op.kind == executor::KIND) else {
+        return Some(own());
+    };
+    let verified = op
+        .report
+        .as_deref()
+        .and_then(|r| serde_json::from_str::<AgentReport>(r).ok())
+        .is_some_and(|r| r.stage >= AgentStage::Verified && r.error.is_none());
+    if verified || matches!(op.step.as_str(), "local_boot" | "heartbeat") {
+        return None;
+    }
+    Some(serde_json::from_str::<ReimageData>(&op.data).map(|d| d.image).unwrap_or_else(|_| own()))
 }
 
 /// The script for `host`. `token` is the freshly minted one-time deploy token (only used
@@ -96,5 +124,55 @@ mod tests {
         }
         // Reimaging without a token (none could be minted) never hands out the installer.
         assert!(boot_script(&host(HostState::Reimaging), &PARAMS, None).contains("sanboot"));
+    }
+
+    fn op(step: &str, report: Option<&str>) -> Operation {
+        Operation {
+            id: 1,
+            kind: executor::KIND.into(),
+            target: "node-a".parse().expect("name"),
+            step: step.into(),
+            status: OperationStatus::Running,
+            attempts: 0,
+            deadline: None,
+            last_error: None,
+            data: serde_json::to_string(&ReimageData {
+                image: "requested.img".into(),
+                pxe_boots: 1,
+                agent: None,
+                deadlines: Default::default(),
+                limits: Default::default(),
+            })
+            .expect("json"),
+            report: report.map(str::to_owned),
+            created_at: Timestamp(0),
+            updated_at: Timestamp(0),
+        }
+    }
+
+    #[test]
+    fn the_deploy_image_is_the_running_reimages_until_it_verified() {
+        let mut h = host(HostState::Reimaging);
+        h.image = Some("previous.img".into());
+        assert_eq!(deploy_image(&host(HostState::Active), Some(&op("agent_booted", None)), "node.img"), None);
+        // The image this reimage asked for, not the one the host had.
+        for step in ["power_on", "agent_booted", "image_written", "verified"] {
+            assert_eq!(deploy_image(&h, Some(&op(step, None)), "node.img").as_deref(), Some("requested.img"), "{step}");
+        }
+        let written = r#"{"stage":"written","error":null}"#;
+        assert_eq!(deploy_image(&h, Some(&op("image_written", Some(written))), "x").as_deref(), Some("requested.img"));
+        // Verified (even before the executor's next tick), or past it: the local disk.
+        let verified = r#"{"stage":"verified","error":null}"#;
+        assert_eq!(deploy_image(&h, Some(&op("image_written", Some(verified))), "x"), None);
+        assert_eq!(deploy_image(&h, Some(&op("local_boot", None)), "x"), None);
+        assert_eq!(deploy_image(&h, Some(&op("heartbeat", None)), "x"), None);
+        // A failed verification is not a verified image.
+        let bad = r#"{"stage":"verified","error":"sha256 mismatch"}"#;
+        assert!(deploy_image(&h, Some(&op("verified", Some(bad))), "x").is_some());
+        // Reimaging set by hand, or only an ended operation: the host's own image, or the default.
+        let mut ended = op("done", None);
+        ended.status = OperationStatus::Done;
+        assert_eq!(deploy_image(&h, Some(&ended), "x").as_deref(), Some("previous.img"));
+        assert_eq!(deploy_image(&host(HostState::Reimaging), None, "node.img").as_deref(), Some("node.img"));
     }
 }

@@ -26,7 +26,7 @@ use crate::serve::config::HttpConfig;
 use images::Images;
 
 /// How long a deploy token minted for an iPXE script stays valid.
-pub const DEPLOY_TOKEN_TTL: Duration = Duration::from_secs(3600);
+pub const DEPLOY_TOKEN_TTL: Duration = Duration::from_secs(3 * 3600);
 /// Read size when streaming images.
 const IMAGE_CHUNK: usize = 1 << 20;
 /// The image written when a host has none set.
@@ -109,7 +109,16 @@ async fn boot_script(State(state): State<HttpState>, UrlPath(file): UrlPath<Stri
         }
         Err(e) => return internal(e),
     };
-    let token = if host.state == nodekeeper_store::HostState::Reimaging {
+    let op = if host.state == nodekeeper_store::HostState::Reimaging {
+        match state.store.latest_operation(&host.name).await {
+            Ok(op) => op,
+            Err(e) => return internal(e),
+        }
+    } else {
+        None
+    };
+    let image = ipxe::deploy_image(&host, op.as_ref(), DEFAULT_IMAGE);
+    let token = if image.is_some() {
         // A fresh token per fetch: it proves to the deploy API that the caller booted this
         // script; only its hash is stored.
         let token = format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple());
@@ -128,7 +137,7 @@ async fn boot_script(State(state): State<HttpState>, UrlPath(file): UrlPath<Stri
         kernel: &c.deploy_kernel,
         initrd: &c.deploy_initrd,
         kernel_args: &c.deploy_kernel_args,
-        image: host.image.as_deref().unwrap_or(DEFAULT_IMAGE),
+        image: image.as_deref().unwrap_or(DEFAULT_IMAGE),
     };
     text(StatusCode::OK, ipxe::boot_script(&host, &params, token.as_deref()))
 }
@@ -219,7 +228,9 @@ struct DeployReport {
 }
 
 /// `POST /api/v1/hosts/{name}/deploy`: the deploy agent's progress and result, authenticated
-/// by the host's one-time token (burnt by the final report: verified, or an error).
+/// by the host's one-time token. The token outlives `verified`: the agent leaves it in the
+/// disk's config block, and the node's first boot from that disk reports `up` with it, which
+/// counts as the node's first heartbeat and burns it (as does any error).
 async fn api_deploy(
     State(state): State<HttpState>,
     UrlPath(name): UrlPath<String>,
@@ -234,11 +245,16 @@ async fn api_deploy(
         Err(e) => return text(StatusCode::BAD_REQUEST, format!("invalid report: {e}\n")),
     };
     let hash = format!("{:x}", Sha256::digest(report.token.as_bytes()));
-    let last = report.error.is_some() || report.stage == machine::AgentStage::Verified;
+    let last = report.error.is_some() || report.stage == machine::AgentStage::Up;
     match state.store.check_deploy_token(&name, &hash, last).await {
         Ok(true) => {}
         Ok(false) => return text(StatusCode::FORBIDDEN, "invalid or expired deploy token\n".into()),
         Err(e) => return internal(e),
+    }
+    if report.stage == machine::AgentStage::Up && report.error.is_none() {
+        if let Err(e) = state.store.record_heartbeat(&name).await {
+            return internal(e);
+        }
     }
     let agent = machine::AgentReport { stage: report.stage, error: report.error.clone() };
     let json = serde_json::to_string(&agent).unwrap_or_default();

@@ -226,6 +226,7 @@ async fn apply(
         // The host first, the operation last: a crash in between leaves the operation
         // running, and the next tick decides the same and repeats both (both idempotent).
         Decision::Done => {
+            store.clear_deploy_token(&op.target).await?;
             store.set_host_image(&op.target, &data.image).await?;
             store
                 .set_host_state(&op.target, HostState::Active, ACTOR, &format!("reimaged with {}", data.image))
@@ -234,6 +235,7 @@ async fn apply(
         }
         Decision::Failed { at, reason } => {
             // Out of service until an operator looks: its script boots the disk, not the installer.
+            store.clear_deploy_token(&op.target).await?;
             store
                 .set_host_state(&op.target, HostState::Maintenance, ACTOR, &format!("reimage failed at {at}: {reason}"))
                 .await?;

@@ -94,6 +94,9 @@ pub enum AgentStage {
     Written,
     /// Its sha256 matched.
     Verified,
+    /// The node booted from its new disk and called in (its first boot's report, with the
+    /// token the agent left in the disk's config block): the provisioner records a heartbeat.
+    Up,
 }
 
 /// The agent's latest report: the stage it reached, or the stage it failed in.
@@ -253,6 +256,7 @@ fn step_of(stage: AgentStage) -> Step {
         AgentStage::Booted => Step::AgentBooted,
         AgentStage::Written => Step::ImageWritten,
         AgentStage::Verified => Step::Verified,
+        AgentStage::Up => Step::Heartbeat,
     }
 }
 

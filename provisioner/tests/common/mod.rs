@@ -11,6 +11,8 @@ pub struct Lab {
     pub server: String,
     peers: Vec<String>,
     children: Vec<Child>,
+    /// Links made in the root namespace (removed on drop).
+    root_links: Vec<String>,
 }
 
 fn ip(args: &[&str]) {
@@ -42,7 +44,7 @@ impl Lab {
         static N: AtomicU32 = AtomicU32::new(0);
         let server = format!("nk{}x{}s", std::process::id(), N.fetch_add(1, Ordering::Relaxed));
         ip(&["netns", "add", &server]);
-        let lab = Lab { server: server.clone(), peers: Vec::new(), children: Vec::new() };
+        let lab = Lab { server: server.clone(), peers: Vec::new(), children: Vec::new(), root_links: Vec::new() };
         ip(&["-n", &server, "link", "set", "lo", "up"]);
         ip(&["-n", &server, "link", "add", "br0", "type", "bridge"]);
         ip(&["-n", &server, "addr", "add", "10.20.0.1/24", "dev", "br0"]);
@@ -62,6 +64,22 @@ impl Lab {
         ip(&["-n", &name, "link", "set", "eth0", "address", mac]);
         ip(&["-n", &name, "link", "set", "eth0", "up"]);
         name
+    }
+
+    /// A bridge in the root namespace, with no address and no other uplink, joined to the
+    /// server's `br0` by a veth pair: for guests that libvirt (in the root namespace) plugs
+    /// into the lab. Returns its name.
+    pub fn root_bridge(&mut self) -> String {
+        let tag = self.server.trim_start_matches("nk");
+        let (bridge, veth) = (format!("nb{tag}"), format!("nv{tag}"));
+        ip(&["link", "add", &bridge, "type", "bridge"]);
+        self.root_links.push(bridge.clone());
+        ip(&["link", "add", &veth, "type", "veth", "peer", "name", "up0", "netns", &self.server]);
+        self.root_links.push(veth.clone());
+        ip(&["link", "set", &veth, "master", &bridge, "up"]);
+        ip(&["link", "set", &bridge, "up"]);
+        ip(&["-n", &self.server, "link", "set", "up0", "master", "br0", "up"]);
+        bridge
     }
 
     /// A command that runs inside namespace `ns`.
@@ -104,8 +122,21 @@ impl Drop for Lab {
             let _ = c.kill();
             let _ = c.wait();
         }
+        for link in &self.root_links {
+            let _ = Command::new("ip").args(["link", "del", link]).status();
+        }
         for ns in self.peers.iter().chain(std::iter::once(&self.server)) {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
+    }
+}
+
+/// A child process killed (and reaped) when dropped.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }

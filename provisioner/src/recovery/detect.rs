@@ -1,0 +1,204 @@
+//! Failure detection, as a pure function of the hosts and the clock ("Recovery" in
+//! DESIGN.md): a host that has heartbeated and then stays silent past `grace` turns `suspect`;
+//! a suspect that heartbeats again (before its fence began) is `active` again; suspects are
+//! fenced — unless more than `mass_failure_share` of the watched hosts are suspect at once,
+//! which looks like a partition of the controller, not a wave of dead hosts: then nothing is
+//! fenced and an alert is raised, until an operator acts or the hosts come back.
+
+use std::time::Duration;
+
+use nodekeeper_store::{Host, HostName, HostState, Timestamp};
+
+/// The knobs of detection.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Policy {
+    /// Silence after which a host is suspect.
+    pub grace: Duration,
+    /// Share of watched hosts (0..=1) suspect at once above which automatic recovery stops.
+    pub mass_failure_share: f64,
+}
+
+impl Default for Policy {
+    fn default() -> Policy {
+        Policy { grace: Duration::from_secs(30), mass_failure_share: 0.5 }
+    }
+}
+
+/// One thing the controller should do now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Mark an active host suspect.
+    Suspect {
+        /// The host.
+        host: HostName,
+        /// How long it has been silent (for the event).
+        silent_for: Duration,
+    },
+    /// A suspect host heartbeats again: back to active.
+    Recovered {
+        /// The host.
+        host: HostName,
+    },
+    /// Start fencing a suspect host (unless a fence already runs: the store refuses twice).
+    Fence {
+        /// The host.
+        host: HostName,
+    },
+    /// Too many suspects at once: no fencing; say so.
+    MassFailure {
+        /// Hosts suspect now.
+        suspects: usize,
+        /// Hosts watched.
+        watched: usize,
+    },
+}
+
+/// Hosts that count: the ones whose silence means something. A host that never heartbeated
+/// (just added, not installed) is not watched; nor is one in maintenance or being reimaged.
+fn watched(h: &Host) -> bool {
+    h.last_heartbeat.is_some() && matches!(h.state, HostState::Active | HostState::Suspect)
+}
+
+fn silent_for(h: &Host, now: Timestamp) -> Duration {
+    let last = h.last_heartbeat.map_or(i64::MIN / 2, |t| t.0);
+    Duration::from_millis(u64::try_from(now.0.saturating_sub(last)).unwrap_or(0))
+}
+
+/// What to do at `now`. `fencing` lists the hosts whose fence operation is already running
+/// (they are past the point of return: a heartbeat now does not stop their fence).
+pub fn plan(hosts: &[Host], fencing: &[HostName], now: Timestamp, policy: &Policy) -> Vec<Action> {
+    let mut actions = Vec::new();
+    let watched: Vec<&Host> = hosts.iter().filter(|h| watched(h)).collect();
+    let mut suspects = Vec::new();
+    for h in &watched {
+        let silent = silent_for(h, now);
+        let is_silent = silent > policy.grace;
+        match (h.state, is_silent) {
+            (HostState::Active, true) => {
+                actions.push(Action::Suspect { host: h.name.clone(), silent_for: silent });
+                suspects.push(h.name.clone());
+            }
+            (HostState::Suspect, false) if !fencing.contains(&h.name) => {
+                actions.push(Action::Recovered { host: h.name.clone() });
+            }
+            (HostState::Suspect, _) => suspects.push(h.name.clone()),
+            _ => {}
+        }
+    }
+    let share = suspects.len() as f64 / watched.len().max(1) as f64;
+    // One host of one, or of two, failing is no partition: the brake needs company.
+    if suspects.len() > 1 && share > policy.mass_failure_share {
+        actions.push(Action::MassFailure { suspects: suspects.len(), watched: watched.len() });
+        return actions;
+    }
+    for s in suspects {
+        if !fencing.contains(&s) {
+            actions.push(Action::Fence { host: s });
+        }
+    }
+    actions
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(name: &str, state: HostState, heartbeat: Option<i64>) -> Host {
+        Host {
+            name: name.parse().expect("name"),
+            mac: None,
+            ip: None,
+            bmc_url: None,
+            bmc_credentials: None,
+            state,
+            last_heartbeat: heartbeat.map(Timestamp),
+            image: None,
+            created_at: Timestamp(0),
+            updated_at: Timestamp(0),
+        }
+    }
+
+    fn n(s: &str) -> HostName {
+        s.parse().expect("name")
+    }
+
+    const NOW: Timestamp = Timestamp(1_000_000);
+
+    #[test]
+    fn silence_past_grace_makes_a_suspect_then_a_fence() {
+        let p = Policy::default();
+        let hosts = [
+            host("a", HostState::Active, Some(NOW.0 - 31_000)),
+            host("b", HostState::Active, Some(NOW.0 - 1_000)),
+            host("c", HostState::Active, Some(NOW.0 - 30_000)), // exactly grace: not yet
+            host("d", HostState::Active, Some(NOW.0 - 2_000)),
+        ];
+        let a = plan(&hosts, &[], NOW, &p);
+        assert_eq!(
+            a,
+            vec![Action::Suspect { host: n("a"), silent_for: Duration::from_secs(31) }, Action::Fence { host: n("a") }]
+        );
+    }
+
+    #[test]
+    fn unwatched_hosts_are_never_suspect() {
+        let p = Policy::default();
+        let hosts = [
+            host("new", HostState::Active, None),
+            host("maint", HostState::Maintenance, Some(0)),
+            host("reimaging", HostState::Reimaging, Some(0)),
+            host("fenced", HostState::Fenced, Some(0)),
+        ];
+        assert!(plan(&hosts, &[], NOW, &p).is_empty());
+    }
+
+    #[test]
+    fn a_suspect_that_heartbeats_again_is_active_unless_its_fence_started() {
+        let p = Policy::default();
+        let hosts = [host("a", HostState::Suspect, Some(NOW.0 - 500)), host("b", HostState::Active, Some(NOW.0))];
+        assert_eq!(plan(&hosts, &[], NOW, &p), vec![Action::Recovered { host: n("a") }]);
+        // Its fence runs: past the point of return, nothing to do here (the fence finishes).
+        assert!(plan(&hosts, &[n("a")], NOW, &p).is_empty());
+    }
+
+    #[test]
+    fn a_suspect_is_fenced_once() {
+        let p = Policy::default();
+        let hosts = [host("a", HostState::Suspect, Some(0)), host("b", HostState::Active, Some(NOW.0))];
+        assert_eq!(plan(&hosts, &[], NOW, &p), vec![Action::Fence { host: n("a") }]);
+        assert!(plan(&hosts, &[n("a")], NOW, &p).is_empty(), "its fence already runs");
+    }
+
+    #[test]
+    fn too_many_suspects_at_once_brake_instead_of_fencing() {
+        let p = Policy { mass_failure_share: 0.5, ..Policy::default() };
+        let old = Some(NOW.0 - 60_000);
+        let fresh = Some(NOW.0);
+        // 3 of 5 silent: 60% > 50%: brake, and nothing is fenced.
+        let hosts = [
+            host("a", HostState::Active, old),
+            host("b", HostState::Active, old),
+            host("c", HostState::Suspect, old),
+            host("d", HostState::Active, fresh),
+            host("e", HostState::Active, fresh),
+        ];
+        let a = plan(&hosts, &[], NOW, &p);
+        assert!(a.contains(&Action::MassFailure { suspects: 3, watched: 5 }), "{a:?}");
+        assert!(!a.iter().any(|x| matches!(x, Action::Fence { .. })), "{a:?}");
+        // They are still marked suspect: the state is visible to a scheduler.
+        assert_eq!(a.iter().filter(|x| matches!(x, Action::Suspect { .. })).count(), 2);
+        // 2 of 5: 40%: fenced.
+        let hosts = [
+            host("a", HostState::Active, old),
+            host("b", HostState::Active, old),
+            host("c", HostState::Active, fresh),
+            host("d", HostState::Active, fresh),
+            host("e", HostState::Active, fresh),
+        ];
+        let a = plan(&hosts, &[], NOW, &p);
+        assert_eq!(a.iter().filter(|x| matches!(x, Action::Fence { .. })).count(), 2, "{a:?}");
+        // One of two failing is not a partition.
+        let hosts = [host("a", HostState::Active, old), host("b", HostState::Active, fresh)];
+        assert!(plan(&hosts, &[], NOW, &p).contains(&Action::Fence { host: n("a") }));
+    }
+}

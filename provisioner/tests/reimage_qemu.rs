@@ -1,0 +1,273 @@
+//! End to end under QEMU (TCG): a libvirt domain with an empty disk, registered with its MAC
+//! and a sushy-tools Redfish endpoint, is reimaged by `nodekeeper-provisioner reimage` while
+//! `serve` runs: powered off, PXE-booted (DHCP → iPXE → deploy ramdisk), the node image
+//! streamed to its disk and verified, rebooted from the disk, and the operation is done when
+//! the node's first boot reports in. Then a corrupted image: `failed` at `verified`, and the
+//! disk that was bootable is not any more.
+//!
+//! Needs root, netns, libvirtd, the BMC venv, QEMU and the images (`make images`; built here
+//! if missing, cached). The node image's first build downloads Debian packages (minutes).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::Lab;
+use nodekeeper_store::{HostName, HostState, Operation, OperationStatus, Store};
+
+const BIN: &str = env!("CARGO_BIN_EXE_nodekeeper-provisioner");
+const MAC: &str = "52:54:00:e2:e0:01";
+
+fn requirements() -> Option<PathBuf> {
+    let venv = PathBuf::from(std::env::var("NODEKEEPER_BMC_VENV").unwrap_or_else(|_| "/opt/nk-bmc-venv".into()));
+    let ok = venv.join("bin/sushy-emulator").exists()
+        && Path::new("/run/libvirt/libvirt-sock").exists()
+        && Command::new("qemu-system-x86_64").arg("--version").output().is_ok_and(|o| o.status.success())
+        && Command::new("debootstrap").arg("--version").output().is_ok_and(|o| o.status.success());
+    if !ok {
+        let required = ["NODEKEEPER_REQUIRE_QEMU", "NODEKEEPER_REQUIRE_BMC"]
+            .iter()
+            .any(|v| std::env::var(v).as_deref() == Ok("1"));
+        assert!(!required, "the end-to-end reimage needs sushy-tools, libvirtd, qemu-system-x86_64 and debootstrap");
+        eprintln!("skipping: needs sushy-tools, libvirtd, qemu-system-x86_64 and debootstrap (make test sets them up)");
+        return None;
+    }
+    Some(venv)
+}
+
+fn build(script: &str) {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = Command::new(repo.join(script)).output().expect(script);
+    assert!(
+        out.status.success(),
+        "{script}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Hard link (same file system) or copy.
+fn place(from: &Path, to: &Path) {
+    if std::fs::hard_link(from, to).is_err() {
+        std::fs::copy(from, to).unwrap_or_else(|e| panic!("copy {} to {}: {e}", from.display(), to.display()));
+    }
+}
+
+fn nk(db: &str, args: &[&str]) -> String {
+    let out = Command::new(BIN).args(args).env("NODEKEEPER_DATABASE_URL", db).output().expect("provisioner");
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The libvirt domain; destroyed and undefined on drop.
+struct Domain(String);
+
+impl Drop for Domain {
+    fn drop(&mut self) {
+        let _ = Command::new("virsh").args(["-q", "destroy", &self.0]).output();
+        let _ = Command::new("virsh").args(["-q", "undefine", &self.0]).output();
+    }
+}
+
+/// Follows operation `id` until it ends (or `limit`), printing each step with its time.
+async fn follow(store: &Store, host: &HostName, id: i64, limit: Duration, serial: &Path) -> (Operation, Vec<String>) {
+    let started = Instant::now();
+    let (mut last, mut phases, mut at) = (String::new(), Vec::new(), Instant::now());
+    loop {
+        let op = store.latest_operation(host).await.expect("operation").expect("an operation");
+        assert_eq!(op.id, id);
+        if op.step != last {
+            if !last.is_empty() {
+                let line = format!("{last:<14} {:>6.1} s", at.elapsed().as_secs_f64());
+                eprintln!("reimage e2e: {line}");
+                phases.push(line);
+            }
+            (last, at) = (op.step.clone(), Instant::now());
+        }
+        if op.status != OperationStatus::Running {
+            return (op, phases);
+        }
+        if started.elapsed() > limit {
+            let log = std::fs::read_to_string(serial).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            panic!(
+                "operation still at {} after {limit:?}; serial tail:\n{}",
+                op.step,
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_with_an_empty_disk_is_reimaged_through_sushy_tools_and_boots_its_image() {
+    if !common::netns_available() {
+        return;
+    }
+    let Some(venv) = requirements() else { return };
+    build("images/deploy/build.sh");
+    build("images/node/build.sh");
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+
+    // Everything under target/ (same file system as the images: hard links, not 1 GB copies),
+    // readable by the QEMU process libvirt starts.
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("dir");
+    let d = dir.path();
+    std::fs::set_permissions(d, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+    for sub in ["images/deploy", "tftp"] {
+        std::fs::create_dir_all(d.join(sub)).expect("mkdir");
+    }
+    place(&repo.join("images/deploy/out/vmlinuz"), &d.join("images/deploy/vmlinuz"));
+    place(&repo.join("images/deploy/out/initrd.img"), &d.join("images/deploy/initrd.img"));
+    place(&repo.join("images/node/out/node.img"), &d.join("images/node.img"));
+    let node_len = std::fs::metadata(d.join("images/node.img")).expect("image").len();
+
+    // The domain: 1 GiB, one vCPU, an empty 3 GiB disk, a NIC on the lab's bridge.
+    let mut lab = Lab::new();
+    let server = lab.server.clone();
+    let bridge = lab.root_bridge();
+    let uuid = uuid::Uuid::new_v4().to_string();
+    let domain = Domain(format!("nk-e2e-{}", &uuid[..8]));
+    let disk = d.join("vda.raw");
+    std::fs::File::create(&disk).and_then(|f| f.set_len(3 << 30)).expect("disk");
+    let serial = d.join("serial.log");
+    let xml = format!(
+        "<domain type='qemu'><name>{name}</name><uuid>{uuid}</uuid><memory unit='MiB'>1024</memory><vcpu>1</vcpu>\
+         <os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/></os><features><acpi/></features>\
+         <devices><disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{disk}'/><target dev='vda' bus='virtio'/></disk>\
+         <interface type='bridge'><mac address='{MAC}'/><source bridge='{bridge}'/><model type='virtio'/></interface>\
+         <serial type='file'><source path='{serial}' append='on'/><target port='0'/></serial><console type='file'><source path='{serial}' append='on'/><target type='serial' port='0'/></console>\
+         </devices></domain>",
+        name = domain.0,
+        disk = disk.display(),
+        serial = serial.display(),
+    );
+    std::fs::write(d.join("domain.xml"), xml).expect("xml");
+    let out = Command::new("virsh").args(["-q", "define"]).arg(d.join("domain.xml")).output().expect("virsh");
+    assert!(out.status.success(), "virsh define: {}", String::from_utf8_lossy(&out.stderr));
+
+    // Its BMC: sushy-tools, inside the lab (libvirt is reached through its socket).
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
+    lab.spawn(
+        &server,
+        &venv.join("bin/sushy-emulator").display().to_string(),
+        &["--libvirt-uri", "qemu:///system", "-i", "127.0.0.1", "-p", &port.to_string()],
+    );
+    let system = format!("http://127.0.0.1:{port}/redfish/v1/Systems/{uuid}");
+    let mut ready = false;
+    for _ in 0..100 {
+        if Lab::run(&server, 5, "curl", &["-sf", "-o", "/dev/null", &system]).status.success() {
+            ready = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(ready, "sushy-emulator never answered");
+
+    let db = format!("sqlite://{}/nk.db", d.display());
+    nk(&db, &["db", "migrate"]);
+    nk(
+        &db,
+        &[
+            "host",
+            "add",
+            "node-e2e",
+            "--mac",
+            MAC,
+            "--bmc",
+            &format!("redfish+http://127.0.0.1:{port}/redfish/v1/Systems/{uuid}"),
+        ],
+    );
+    let config = d.join("provisioner.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "database_url = \"{db}\"\n[dhcp]\nmode = \"full\"\ninterface = \"br0\"\nserver_ip = \"10.20.0.1\"\nsubnet = \"10.20.0.0/24\"\nrange = [\"10.20.0.100\", \"10.20.0.199\"]\n[tftp]\nlisten = \"10.20.0.1:69\"\nroot = \"{d}/tftp\"\n[http]\nlisten = \"10.20.0.1:8080\"\npublic_url = \"http://10.20.0.1:8080\"\nimages_dir = \"{d}/images\"\ndeploy_kernel_args = \"console=ttyS0 quiet panic=-1\"\n",
+            d = d.display()
+        ),
+    )
+    .expect("config");
+    let log = std::fs::File::create(d.join("serve.log")).expect("log");
+    let serve = Lab::cmd(&server, BIN)
+        .args(["serve", "--config", &config.display().to_string()])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("serve");
+    let _serve = common::KillOnDrop(serve);
+
+    // The provisioner digests an image at its first request (then keeps the digest): done
+    // here, so the timings below are the node's.
+    let mut warm = false;
+    for _ in 0..100 {
+        if Lab::run(&server, 300, "curl", &["-sfI", "http://10.20.0.1:8080/images/node.img"]).status.success() {
+            warm = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(warm, "serve answers for the node image");
+    let store = Store::connect(&db).await.expect("store");
+    let host: HostName = "node-e2e".parse().expect("name");
+    let started = Instant::now();
+    nk(&db, &["reimage", "node-e2e"]);
+    let op = store.latest_operation(&host).await.expect("op").expect("op");
+    let (op, phases) = follow(&store, &host, op.id, Duration::from_secs(900), &serial).await;
+    let took = started.elapsed();
+    let console = std::fs::read_to_string(&serial).unwrap_or_default();
+    assert_eq!(
+        (op.status, op.step.as_str()),
+        (OperationStatus::Done, "done"),
+        "{op:?}\nserve log:\n{}",
+        std::fs::read_to_string(d.join("serve.log")).unwrap_or_default()
+    );
+    assert!(console.contains("nodekeeper deploy ramdisk"), "the deploy ramdisk ran");
+    // The provisioner has the report before the guest's console shows it printed.
+    let mut reported = false;
+    for _ in 0..120 {
+        reported = std::fs::read_to_string(&serial).unwrap_or_default().contains("nodekeeper-firstboot: reported up");
+        if reported {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(reported, "the node's first boot reported in, and said so on its console");
+    let h = store.require_host(&host).await.expect("host");
+    assert_eq!((h.state, h.image.as_deref()), (HostState::Active, Some("node.img")));
+    assert!(h.last_heartbeat.is_some_and(|t| t > op.created_at));
+    let mut written = vec![0u8; 512];
+    std::io::Read::read_exact(&mut std::fs::File::open(&disk).expect("disk"), &mut written).expect("mbr");
+    assert_eq!(&written[510..], &[0x55, 0xaa], "the disk has its boot sector");
+    eprintln!(
+        "reimage e2e: {} MiB image, empty disk to done in {:.0} s under TCG:\n  {}",
+        node_len >> 20,
+        took.as_secs_f64(),
+        phases.join("\n  ")
+    );
+
+    // A corrupted image: its ETag names the good bytes, one byte rots after the digest.
+    let bad = d.join("images/bad.img");
+    let mut bytes: Vec<u8> = (0..16_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 9) as u8).collect();
+    bytes[510] = 0x55;
+    bytes[511] = 0xaa;
+    std::fs::write(&bad, &bytes).expect("bad image");
+    let head = Lab::run(&server, 30, "curl", &["-sfI", "http://10.20.0.1:8080/images/bad.img"]);
+    assert!(head.status.success(), "the provisioner digests the good bytes first");
+    let mtime = std::fs::metadata(&bad).and_then(|m| m.modified()).expect("mtime");
+    bytes[8_000_000] ^= 0xff;
+    std::fs::write(&bad, &bytes).expect("rot");
+    std::fs::File::options().write(true).open(&bad).and_then(|f| f.set_modified(mtime)).expect("mtime");
+    nk(&db, &["reimage", "node-e2e", "--image", "bad.img"]);
+    let op = store.latest_operation(&host).await.expect("op").expect("op");
+    let (op, _) = follow(&store, &host, op.id, Duration::from_secs(600), &serial).await;
+    assert_eq!((op.status, op.step.as_str()), (OperationStatus::Failed, "verified"), "{op:?}");
+    assert!(op.last_error.as_deref().is_some_and(|e| e.contains("sha256 mismatch")), "{op:?}");
+    std::io::Read::read_exact(&mut std::fs::File::open(&disk).expect("disk"), &mut written).expect("mbr");
+    assert!(written.iter().all(|b| *b == 0), "the disk that booted before has no boot sector now");
+    assert_eq!(store.require_host(&host).await.expect("host").state, HostState::Maintenance);
+    store.close().await;
+}

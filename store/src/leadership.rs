@@ -1,0 +1,95 @@
+//! Leadership: one active controller among several provisioner replicas. A row per role with
+//! its holder and an expiry; a replica renews its own row, and takes the row over only when it
+//! has expired. Every change of holder increments `term`, so a replica can tell that it lost
+//! the role in between (and a stale leader's term is visible in what it wrote).
+
+use sqlx::Row;
+
+use crate::db::now_ms;
+use crate::error::{query, Result};
+use crate::types::Timestamp;
+use crate::Store;
+
+/// The role as it stands after an acquire attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Leadership {
+    /// The role (`controller`).
+    pub role: String,
+    /// Who holds it.
+    pub holder: String,
+    /// Incremented on every change of holder.
+    pub term: i64,
+    /// Until when, unless renewed.
+    pub expires_at: Timestamp,
+}
+
+impl Leadership {
+    /// Whether `me` holds it at `now`.
+    pub fn held_by(&self, me: &str, now: Timestamp) -> bool {
+        self.holder == me && self.expires_at > now
+    }
+}
+
+impl Store {
+    /// Takes or renews `role` for `holder` until now + `ttl_ms`: renews when `holder` has it,
+    /// takes it when nobody does or its holder let it expire, and otherwise changes nothing.
+    /// Returns the role as it stands (check [`Leadership::held_by`]). Atomic: of two replicas
+    /// racing for an expired role, one wins.
+    pub async fn acquire_leadership(&self, role: &str, holder: &str, ttl_ms: i64) -> Result<Leadership> {
+        const WHAT: &str = "acquiring leadership";
+        let now = now_ms();
+        let expires = now + ttl_ms;
+        let mut tx = self.begin_write().await.map_err(query(WHAT))?;
+        // Insert when absent (a race loses on the primary key and falls through to UPDATE).
+        sqlx::query(
+            "INSERT INTO leadership (role, holder, term, expires_at, acquired_at) VALUES ($1, $2, 1, $3, $4) \
+             ON CONFLICT (role) DO NOTHING",
+        )
+        .bind(role)
+        .bind(holder)
+        .bind(expires)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(query(WHAT))?;
+        sqlx::query(
+            "UPDATE leadership SET \
+               term = CASE WHEN holder = $2 THEN term ELSE term + 1 END, \
+               acquired_at = CASE WHEN holder = $2 THEN acquired_at ELSE $4 END, \
+               holder = $2, expires_at = $3 \
+             WHERE role = $1 AND (holder = $2 OR expires_at <= $4)",
+        )
+        .bind(role)
+        .bind(holder)
+        .bind(expires)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(query(WHAT))?;
+        let row = sqlx::query("SELECT role, holder, term, expires_at FROM leadership WHERE role = $1")
+            .bind(role)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(query(WHAT))?;
+        tx.commit().await.map_err(query(WHAT))?;
+        Ok(Leadership {
+            role: row.try_get("role").map_err(query(WHAT))?,
+            holder: row.try_get("holder").map_err(query(WHAT))?,
+            term: row.try_get("term").map_err(query(WHAT))?,
+            expires_at: Timestamp(row.try_get("expires_at").map_err(query(WHAT))?),
+        })
+    }
+
+    /// Gives `role` up if `holder` has it (a clean shutdown: the next replica need not wait
+    /// for the expiry).
+    pub async fn release_leadership(&self, role: &str, holder: &str) -> Result<()> {
+        sqlx::query("UPDATE leadership SET expires_at = $3 WHERE role = $1 AND holder = $2")
+            .bind(role)
+            .bind(holder)
+            .bind(now_ms())
+            .execute(&self.pool)
+            .await
+            .map_err(query("releasing leadership"))?;
+        Ok(())
+    }
+}
