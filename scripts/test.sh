@@ -18,6 +18,9 @@ echo "== cargo fmt --check"
 cargo fmt --all --check
 echo "== cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== images (cached; the node image's first build downloads Debian packages)"
+./images/deploy/build.sh
+./images/node/build.sh
 echo "== tests (SQLite and PostgreSQL at ${pg_url//:nodekeeper_test@/:***@})"
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --locked --profile ci
