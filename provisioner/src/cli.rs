@@ -115,6 +115,12 @@ pub enum HostCommand {
         /// Host name.
         name: HostName,
     },
+    /// Confirm that a host is powered off (pulled plug, switched PDU) when its BMC cannot
+    /// say so: the host turns `fenced` and `serve`'s controller moves its HA instances.
+    MarkFenced {
+        /// Host name.
+        name: HostName,
+    },
 }
 
 /// `instance ...`
@@ -166,6 +172,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Reimage { host, image } => admin::reimage(&store, &out, &host, image.as_deref()).await,
         Command::Host(HostCommand::List) => admin::host_list(&store, &out).await,
         Command::Host(HostCommand::Show { name }) => admin::host_show(&store, &out, &name).await,
+        Command::Host(HostCommand::MarkFenced { name }) => admin::mark_fenced(&store, &out, &name).await,
         Command::Instance(InstanceCommand::Import { file }) => admin::instance_import(&store, &out, &file).await,
         Command::Instance(InstanceCommand::List { host }) => admin::instance_list(&store, &out, host.as_ref()).await,
         Command::Instance(InstanceCommand::Evacuate { to, uuids }) => {

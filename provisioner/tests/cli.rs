@@ -12,6 +12,7 @@ on_both_engines!(
     a_bad_import_line_is_named_and_nothing_is_imported,
     evacuate_to_an_unknown_host_changes_nothing,
     a_large_import_is_one_transaction,
+    mark_fenced_is_refused_for_a_running_host_and_starts_one_fence,
 );
 
 struct Cli {
@@ -115,6 +116,25 @@ async fn a_fleet_is_managed_end_to_end(db: TestDb) {
     let table = cli.ok(&["instance", "list"]);
     assert!(table.starts_with("UUID "), "{table}");
     assert_eq!(table.lines().count(), 5, "{table}");
+}
+
+async fn mark_fenced_is_refused_for_a_running_host_and_starts_one_fence(db: TestDb) {
+    let cli = Cli::new(&db);
+    cli.setup();
+    // node-b just heartbeated: it is running, the operator is told so and nothing changes.
+    db.store().await.record_heartbeat(&"node-b".parse().expect("name")).await.expect("heartbeat");
+    let out = cli.run(&["host", "mark-fenced", "node-b"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("within the grace period"), "{err}");
+    assert_eq!(cli.json(&["host", "show", "node-b"])["host"]["state"], "active");
+    // node-a never reported in: marked, once.
+    let first = cli.json(&["host", "mark-fenced", "node-a"]);
+    assert_eq!((first["started"].as_bool(), first["operation"]["step"].as_str()), (Some(true), Some("evacuate")));
+    let again = cli.json(&["host", "mark-fenced", "node-a"]);
+    assert_eq!(again["started"], false);
+    assert_eq!(again["operation"]["id"], first["operation"]["id"]);
+    let shown = cli.json(&["host", "show", "node-a"]);
+    assert_eq!((shown["host"]["state"].as_str(), shown["operation"]["kind"].as_str()), (Some("fenced"), Some("fence")));
 }
 
 async fn a_bad_import_line_is_named_and_nothing_is_imported(db: TestDb) {

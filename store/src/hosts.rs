@@ -190,6 +190,19 @@ impl Store {
         Ok(Timestamp(now))
     }
 
+    /// A heartbeat stamped `at` instead of now: for tests that run the controller on a
+    /// simulated clock.
+    #[cfg(feature = "testing")]
+    pub async fn record_heartbeat_at(&self, name: &HostName, at: Timestamp) -> Result<()> {
+        sqlx::query("UPDATE hosts SET last_heartbeat = $1 WHERE name = $2")
+            .bind(at.0)
+            .bind(name.as_str())
+            .execute(&self.pool)
+            .await
+            .map_err(query("recording a heartbeat"))?;
+        Ok(())
+    }
+
     /// Sets the image a host was (or is being) installed with.
     pub async fn set_host_image(&self, name: &HostName, image: &str) -> Result<()> {
         sqlx::query("UPDATE hosts SET image = $1, updated_at = $2 WHERE name = $3")

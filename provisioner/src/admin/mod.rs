@@ -269,6 +269,23 @@ pub async fn power(
     out.emit(&value, || format!("{name}: power {state}\n"))
 }
 
+/// `host mark-fenced NAME`
+pub async fn mark_fenced(store: &Store, out: &Output, name: &HostName) -> anyhow::Result<()> {
+    use crate::recovery::controller;
+    let (op, started) = controller::mark_fenced(store, name, &controller::RecoveryConfig::default(), &actor()).await?;
+    let value = json!({ "operation": op, "started": started });
+    out.emit(&value, || {
+        if started {
+            format!(
+                "{name} is fenced (operation {}): `serve` moves its HA instances; it stays off for you to bring back\n",
+                op.id
+            )
+        } else {
+            format!("a fence of {name} already runs (operation {}, step {}); it goes on\n", op.id, op.step)
+        }
+    })
+}
+
 /// `reimage HOST [--image NAME]`
 pub async fn reimage(store: &Store, out: &Output, name: &HostName, image: Option<&str>) -> anyhow::Result<()> {
     use crate::reimage::{executor, machine};

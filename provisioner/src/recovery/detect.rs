@@ -39,6 +39,12 @@ pub enum Action {
         /// The host.
         host: HostName,
     },
+    /// A fenced host heartbeats again after its fence (it was powered on, its guard's boot
+    /// quarantined what moved away): back to active.
+    Returned {
+        /// The host.
+        host: HostName,
+    },
     /// Start fencing a suspect host (unless a fence already runs: the store refuses twice).
     Fence {
         /// The host.
@@ -64,10 +70,25 @@ fn silent_for(h: &Host, now: Timestamp) -> Duration {
     Duration::from_millis(u64::try_from(now.0.saturating_sub(last)).unwrap_or(0))
 }
 
+fn grace_ms(p: &Policy) -> i64 {
+    i64::try_from(p.grace.as_millis()).unwrap_or(i64::MAX / 4)
+}
+
 /// What to do at `now`. `fencing` lists the hosts whose fence operation is already running
-/// (they are past the point of return: a heartbeat now does not stop their fence).
-pub fn plan(hosts: &[Host], fencing: &[HostName], now: Timestamp, policy: &Policy) -> Vec<Action> {
+/// (they are past the point of return: a heartbeat now does not stop their fence); `held`,
+/// suspects whose last fence failed recently (no new fence yet, but they may come back).
+pub fn plan(hosts: &[Host], fencing: &[HostName], held: &[HostName], now: Timestamp, policy: &Policy) -> Vec<Action> {
     let mut actions = Vec::new();
+    for h in hosts {
+        // `updated_at` moves with the state, not with heartbeats: a heartbeat after it is one
+        // sent since the host was fenced.
+        if h.state == HostState::Fenced
+            && !fencing.contains(&h.name)
+            && h.last_heartbeat.is_some_and(|t| t > h.updated_at && now.0.saturating_sub(t.0) <= grace_ms(policy))
+        {
+            actions.push(Action::Returned { host: h.name.clone() });
+        }
+    }
     let watched: Vec<&Host> = hosts.iter().filter(|h| watched(h)).collect();
     let mut suspects = Vec::new();
     for h in &watched {
@@ -92,7 +113,7 @@ pub fn plan(hosts: &[Host], fencing: &[HostName], now: Timestamp, policy: &Polic
         return actions;
     }
     for s in suspects {
-        if !fencing.contains(&s) {
+        if !fencing.contains(&s) && !held.contains(&s) {
             actions.push(Action::Fence { host: s });
         }
     }
@@ -133,7 +154,7 @@ mod tests {
             host("c", HostState::Active, Some(NOW.0 - 30_000)), // exactly grace: not yet
             host("d", HostState::Active, Some(NOW.0 - 2_000)),
         ];
-        let a = plan(&hosts, &[], NOW, &p);
+        let a = plan(&hosts, &[], &[], NOW, &p);
         assert_eq!(
             a,
             vec![Action::Suspect { host: n("a"), silent_for: Duration::from_secs(31) }, Action::Fence { host: n("a") }]
@@ -149,24 +170,41 @@ mod tests {
             host("reimaging", HostState::Reimaging, Some(0)),
             host("fenced", HostState::Fenced, Some(0)),
         ];
-        assert!(plan(&hosts, &[], NOW, &p).is_empty());
+        assert!(plan(&hosts, &[], &[], NOW, &p).is_empty());
+    }
+
+    #[test]
+    fn a_fenced_host_that_heartbeats_after_its_fence_returns() {
+        let p = Policy::default();
+        let mut fenced = host("a", HostState::Fenced, Some(NOW.0 - 1_000));
+        fenced.updated_at = Timestamp(NOW.0 - 5_000); // fenced before that heartbeat
+        let b = host("b", HostState::Active, Some(NOW.0));
+        assert_eq!(plan(&[fenced.clone(), b.clone()], &[], &[], NOW, &p), vec![Action::Returned { host: n("a") }]);
+        // Not while its fence runs, and not on a heartbeat from before the fence.
+        assert!(plan(&[fenced.clone(), b.clone()], &[n("a")], &[], NOW, &p).is_empty());
+        fenced.updated_at = Timestamp(NOW.0);
+        assert!(plan(&[fenced, b], &[], &[], NOW, &p).is_empty());
     }
 
     #[test]
     fn a_suspect_that_heartbeats_again_is_active_unless_its_fence_started() {
         let p = Policy::default();
         let hosts = [host("a", HostState::Suspect, Some(NOW.0 - 500)), host("b", HostState::Active, Some(NOW.0))];
-        assert_eq!(plan(&hosts, &[], NOW, &p), vec![Action::Recovered { host: n("a") }]);
+        assert_eq!(plan(&hosts, &[], &[], NOW, &p), vec![Action::Recovered { host: n("a") }]);
         // Its fence runs: past the point of return, nothing to do here (the fence finishes).
-        assert!(plan(&hosts, &[n("a")], NOW, &p).is_empty());
+        assert!(plan(&hosts, &[n("a")], &[], NOW, &p).is_empty());
     }
 
     #[test]
     fn a_suspect_is_fenced_once() {
         let p = Policy::default();
         let hosts = [host("a", HostState::Suspect, Some(0)), host("b", HostState::Active, Some(NOW.0))];
-        assert_eq!(plan(&hosts, &[], NOW, &p), vec![Action::Fence { host: n("a") }]);
-        assert!(plan(&hosts, &[n("a")], NOW, &p).is_empty(), "its fence already runs");
+        assert_eq!(plan(&hosts, &[], &[], NOW, &p), vec![Action::Fence { host: n("a") }]);
+        assert!(plan(&hosts, &[n("a")], &[], NOW, &p).is_empty(), "its fence already runs");
+        assert!(plan(&hosts, &[], &[n("a")], NOW, &p).is_empty(), "its last fence failed just now");
+        // Held back after a failed fence, it may still come back.
+        let back = [host("a", HostState::Suspect, Some(NOW.0)), host("b", HostState::Active, Some(NOW.0))];
+        assert_eq!(plan(&back, &[], &[n("a")], NOW, &p), vec![Action::Recovered { host: n("a") }]);
     }
 
     #[test]
@@ -182,7 +220,7 @@ mod tests {
             host("d", HostState::Active, fresh),
             host("e", HostState::Active, fresh),
         ];
-        let a = plan(&hosts, &[], NOW, &p);
+        let a = plan(&hosts, &[], &[], NOW, &p);
         assert!(a.contains(&Action::MassFailure { suspects: 3, watched: 5 }), "{a:?}");
         assert!(!a.iter().any(|x| matches!(x, Action::Fence { .. })), "{a:?}");
         // They are still marked suspect: the state is visible to a scheduler.
@@ -195,10 +233,10 @@ mod tests {
             host("d", HostState::Active, fresh),
             host("e", HostState::Active, fresh),
         ];
-        let a = plan(&hosts, &[], NOW, &p);
+        let a = plan(&hosts, &[], &[], NOW, &p);
         assert_eq!(a.iter().filter(|x| matches!(x, Action::Fence { .. })).count(), 2, "{a:?}");
         // One of two failing is not a partition.
         let hosts = [host("a", HostState::Active, old), host("b", HostState::Active, fresh)];
-        assert!(plan(&hosts, &[], NOW, &p).contains(&Action::Fence { host: n("a") }));
+        assert!(plan(&hosts, &[], &[], NOW, &p).contains(&Action::Fence { host: n("a") }));
     }
 }

@@ -4,6 +4,7 @@
 //! and the controller that run them inside `serve` (behind the leadership lease in the
 //! store) build on these.
 
+pub mod controller;
 pub mod detect;
 pub mod fence;
 pub mod place;

@@ -20,6 +20,9 @@ pub struct ServeConfig {
     pub tftp: TftpConfig,
     /// HTTP (iPXE scripts, images, API).
     pub http: HttpConfig,
+    /// The recovery controller (detection, fencing, evacuation).
+    #[serde(default)]
+    pub recovery: crate::recovery::controller::RecoveryConfig,
 }
 
 /// `full`: a DHCP server for the subnet; `proxy`: PXE answers beside another server; `off`.
@@ -156,6 +159,7 @@ impl ServeConfig {
         if c.tftp.listen.is_some() && c.tftp.root.is_none() {
             return Err("tftp.root is required when tftp.listen is set".into());
         }
+        c.recovery.check()?;
         Ok(c)
     }
 }

@@ -109,6 +109,26 @@ pub async fn run(config: ServeConfig, bound: Bound, store: Store, shutdown: Canc
         });
     }
 
+    if config.recovery.enabled {
+        let (store, stop) = (store.clone(), shutdown.clone());
+        let holder = format!(
+            "{}:{}",
+            std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim(),
+            std::process::id()
+        );
+        tracing::info!(%holder, grace = ?config.recovery.grace, "recovery controller (runs while this replica holds the lease)");
+        let controller = crate::recovery::controller::Controller::new(
+            store,
+            Arc::new(crate::reimage::executor::Drivers),
+            config.recovery.clone(),
+            holder,
+        );
+        tasks.spawn(async move {
+            controller.run(stop).await;
+            Ok(())
+        });
+    }
+
     shutdown.cancelled().await;
     tracing::info!("shutting down");
     let drained = tokio::time::timeout(DRAIN, async {

@@ -1,0 +1,455 @@
+//! The recovery controller inside `serve`: while this replica holds the `controller`
+//! leadership lease, each tick it looks at every host ([`super::detect`]), marks suspects,
+//! starts fence operations, and drives each running fence one step ([`super::fence`]) with a
+//! compare-and-set on the step, like the reimage executor. Everything it knows is in the
+//! database: a replica that takes the lease over resumes every fence where it stands, and
+//! two replicas acting on one fence at once (a stale leader finishing its tick) move no
+//! instance twice — each move is a compare-and-set on the instance's generation.
+//!
+//! `tick` takes the time as an argument: tests drive it with a simulated clock.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use nodekeeper_store::{
+    Host, HostName, HostState, NewEvent, Operation, OperationStatus, StepChange, Store, StoreError, Timestamp,
+};
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+
+use super::detect::{self, Action};
+use super::fence::{self, AfterFence, Decision, FenceData, Step, Work};
+use super::place;
+use crate::bmc::{self, PowerAction};
+use crate::reimage::executor::{self as reimage, BmcFactory};
+use crate::reimage::machine::{Deadlines, Limits};
+
+/// The operation kind.
+pub const KIND: &str = "fence";
+/// The leadership role.
+pub const ROLE: &str = "controller";
+/// Who the controller's events say acted.
+pub const ACTOR: &str = "provisioner:recovery";
+
+/// `[recovery]` in the provisioner's configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RecoveryConfig {
+    /// Run the controller (default true).
+    pub enabled: bool,
+    /// Silence after which a host is suspect (default 30 s).
+    #[serde(deserialize_with = "duration")]
+    pub grace: Duration,
+    /// How often the controller looks (default 2 s).
+    #[serde(deserialize_with = "duration")]
+    pub interval: Duration,
+    /// Share of watched hosts suspect at once above which nothing is fenced (default 0.5).
+    pub mass_failure_share: f64,
+    /// What happens to a fenced host once its instances are safe (default `power-on`).
+    pub after_fence: AfterFence,
+    /// How long the leadership lease lasts unless renewed (default 15 s).
+    #[serde(deserialize_with = "duration")]
+    pub lease_ttl: Duration,
+    /// BMC attempts per fence step (default 3).
+    pub bmc_attempts: u32,
+    /// After a fence failed (its BMC never confirmed), how long before the controller tries
+    /// that host again (default 5 min); meanwhile an operator may `host mark-fenced` it.
+    #[serde(deserialize_with = "duration")]
+    pub fence_retry_after: Duration,
+}
+
+impl Default for RecoveryConfig {
+    fn default() -> RecoveryConfig {
+        RecoveryConfig {
+            enabled: true,
+            grace: Duration::from_secs(30),
+            interval: Duration::from_secs(2),
+            mass_failure_share: 0.5,
+            after_fence: AfterFence::PowerOn,
+            lease_ttl: Duration::from_secs(15),
+            bmc_attempts: 3,
+            fence_retry_after: Duration::from_secs(300),
+        }
+    }
+}
+
+fn duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    humantime::parse_duration(&s).map_err(|e| serde::de::Error::custom(format!("invalid duration {s:?}: {e}")))
+}
+
+impl RecoveryConfig {
+    /// Refuses settings that cannot work.
+    pub fn check(&self) -> Result<(), String> {
+        if self.grace.is_zero() || self.interval.is_zero() {
+            return Err("recovery.grace and recovery.interval must be more than zero".into());
+        }
+        if !(self.mass_failure_share > 0.0 && self.mass_failure_share <= 1.0) {
+            return Err(format!("recovery.mass_failure_share must be in (0, 1], not {}", self.mass_failure_share));
+        }
+        if self.lease_ttl <= self.interval * 2 {
+            return Err(
+                "recovery.lease_ttl must be more than twice recovery.interval (or the lease lapses between ticks)"
+                    .into(),
+            );
+        }
+        if self.bmc_attempts == 0 {
+            return Err("recovery.bmc_attempts must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// What one tick did (for tests and logs).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct TickReport {
+    /// Whether this replica held the lease.
+    pub leader: bool,
+    /// Detection's actions taken.
+    pub actions: Vec<Action>,
+    /// Fence operations stepped.
+    pub fences_stepped: usize,
+}
+
+/// One controller replica.
+pub struct Controller<F: BmcFactory> {
+    store: Store,
+    factory: Arc<F>,
+    config: RecoveryConfig,
+    holder: String,
+    last_alert: std::sync::Mutex<Option<(usize, usize)>>,
+}
+
+impl<F: BmcFactory> Controller<F> {
+    /// A replica named `holder` (unique among replicas: host name and process id).
+    pub fn new(store: Store, factory: Arc<F>, config: RecoveryConfig, holder: String) -> Controller<F> {
+        Controller { store, factory, config, holder, last_alert: std::sync::Mutex::new(None) }
+    }
+
+    /// Ticks every `interval` until `shutdown`, then gives the lease up.
+    pub async fn run(self, shutdown: CancellationToken) {
+        loop {
+            if let Err(e) = self.tick(Timestamp::now()).await {
+                tracing::warn!("recovery: {e}");
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(self.config.interval) => {}
+            }
+        }
+        let _ = self.store.release_leadership(ROLE, &self.holder).await;
+    }
+
+    /// One look at the cell at `now`.
+    pub async fn tick(&self, now: Timestamp) -> Result<TickReport, StoreError> {
+        let ttl = i64::try_from(self.config.lease_ttl.as_millis()).unwrap_or(i64::MAX / 4);
+        let lease = self.store.acquire_leadership(ROLE, &self.holder, ttl).await?;
+        if !lease.held_by(&self.holder, Timestamp::now()) {
+            return Ok(TickReport::default());
+        }
+        let mut report = TickReport { leader: true, ..TickReport::default() };
+        let hosts = self.store.hosts().await?;
+        // Fences started by this tick are first stepped by the next one: their `confirm`
+        // gives a host one more interval to show up before the point of return.
+        let running = self.store.running_operations(KIND).await?;
+        let fencing: Vec<HostName> = running.iter().map(|o| o.target.clone()).collect();
+        let mut held = Vec::new();
+        // A suspect whose last fence failed recently waits (its BMC is down or lying; an
+        // operator may mark it fenced): as if its fence still ran.
+        let retry_ms = i64::try_from(self.config.fence_retry_after.as_millis()).unwrap_or(i64::MAX / 4);
+        let waiting: Vec<&Host> =
+            hosts.iter().filter(|h| h.state == HostState::Suspect && !fencing.contains(&h.name)).collect();
+        for h in waiting {
+            if let Some(op) = self.store.latest_operation(&h.name).await? {
+                let recent = Timestamp::now().0.saturating_sub(op.updated_at.0) < retry_ms;
+                if op.kind == KIND && op.status == OperationStatus::Failed && recent {
+                    held.push(h.name.clone());
+                }
+            }
+        }
+        let policy = detect::Policy { grace: self.config.grace, mass_failure_share: self.config.mass_failure_share };
+        report.actions = detect::plan(&hosts, &fencing, &held, now, &policy);
+        for action in &report.actions {
+            self.act(action).await?;
+        }
+        for op in running {
+            let id = op.id;
+            if let Err(e) = self.step(op, now).await {
+                tracing::warn!(operation = id, "fence step: {e}");
+            }
+            report.fences_stepped += 1;
+        }
+        Ok(report)
+    }
+
+    async fn act(&self, action: &Action) -> Result<(), StoreError> {
+        match action {
+            Action::Suspect { host, silent_for } => {
+                let why = format!(
+                    "silent for {} (grace {})",
+                    humantime::format_duration(Duration::from_secs(silent_for.as_secs())),
+                    humantime::format_duration(self.config.grace)
+                );
+                self.store.set_host_state(host, HostState::Suspect, ACTOR, &why).await.map(drop)
+            }
+            Action::Recovered { host } => {
+                self.store.set_host_state(host, HostState::Active, ACTOR, "heartbeats again").await.map(drop)
+            }
+            Action::Returned { host } => self
+                .store
+                .set_host_state(host, HostState::Active, ACTOR, "heartbeats again after its fence")
+                .await
+                .map(drop),
+            Action::Fence { host } => {
+                let data = FenceData {
+                    after: self.config.after_fence,
+                    bmc_attempts: self.config.bmc_attempts,
+                    moved: 0,
+                    unplaced: 0,
+                };
+                let json = serde_json::to_string(&data).unwrap_or_else(|_| "{}".into());
+                self.store.start_operation(KIND, host, Step::Confirm.as_str(), None, &json, ACTOR).await.map(drop)
+            }
+            Action::MassFailure { suspects, watched } => {
+                let key = (*suspects, *watched);
+                let repeated = {
+                    let mut last = self.last_alert.lock().unwrap_or_else(|p| p.into_inner());
+                    last.replace(key) == Some(key)
+                };
+                if repeated {
+                    return Ok(());
+                }
+                let message = format!(
+                    "{suspects} of {watched} watched hosts are silent at once (more than {:.0}%): automatic \
+                     recovery is stopped; this looks like a partition — check the network, then fence by hand \
+                     (`host mark-fenced`) what is really down",
+                    self.config.mass_failure_share * 100.0
+                );
+                tracing::error!("{message}");
+                let event = NewEvent {
+                    actor: ACTOR.into(),
+                    kind: "recovery.mass_failure".into(),
+                    host: None,
+                    instance: None,
+                    message,
+                    key: None,
+                };
+                self.store.record_event(&event).await
+            }
+        }
+    }
+
+    /// One step of one fence operation.
+    pub async fn step(&self, op: Operation, now: Timestamp) -> Result<(), StoreError> {
+        let (step, mut data) = match (op.step.parse::<Step>(), serde_json::from_str::<FenceData>(&op.data)) {
+            (Ok(s), Ok(d)) => (s, d),
+            (s, d) => {
+                let reason = format!(
+                    "unreadable operation state (step {:?}: {:?}; data: {:?})",
+                    op.step,
+                    s.err(),
+                    d.err().map(|e| e.to_string())
+                );
+                return self.finish(&op, &op.step, OperationStatus::Failed, Some(reason)).await;
+            }
+        };
+        let host = self.store.require_host(&op.target).await?;
+        let attempts = op.attempts + 1;
+        let decision = match fence::work(step, &data) {
+            Work::Confirm => fence::confirm(host.last_heartbeat.is_some_and(|h| h > op.created_at)),
+            Work::PowerOff => fence::after_power_off(attempts, self.power(&host, PowerAction::Off).await, &data),
+            Work::Evacuate => {
+                let result = self.evacuate(&host, now).await;
+                if let Ok((moved, unplaced)) = result {
+                    data.moved += moved;
+                    data.unplaced = unplaced;
+                }
+                fence::after_evacuate(result.map_err(|e| e.to_string()), attempts)
+            }
+            Work::Restore(after) => {
+                let result = match after {
+                    AfterFence::PowerOn => self.power(&host, PowerAction::On).await,
+                    AfterFence::Reimage => {
+                        reimage::request(&self.store, &host.name, None, Deadlines::default(), Limits::default(), ACTOR)
+                            .await
+                            .map(drop)
+                            .map_err(|e| e.to_string())
+                    }
+                    AfterFence::Nothing => Ok(()),
+                };
+                fence::after_restore(attempts, result, &data)
+            }
+        };
+        self.apply(&op, step, &data, decision).await
+    }
+
+    async fn power(&self, host: &Host, action: PowerAction) -> Result<(), String> {
+        let driver = self.factory.for_host(host).map_err(|e| e.to_string())?;
+        let policy = self.factory.policy();
+        let limit = policy.confirm_within * (policy.attempts.max(1) + 1);
+        match tokio::time::timeout(limit, bmc::power(&driver, action, &policy)).await {
+            Ok(r) => r.map(drop).map_err(|e| e.to_string()),
+            Err(_) => Err(format!("the BMC did not answer within {}", humantime::format_duration(limit))),
+        }
+    }
+
+    /// Gives every live HA instance of `host` a new owner; returns (moved, unplaced).
+    /// Idempotent: what already moved is no longer `host`'s; a move that loses its
+    /// compare-and-set (someone else moved it) is skipped.
+    async fn evacuate(&self, host: &Host, now: Timestamp) -> Result<(usize, usize), StoreError> {
+        let all = self.store.instances(None).await?;
+        let mut moving: Vec<_> = all.iter().filter(|i| i.owner == host.name && i.ha && !i.deleted).collect();
+        moving.sort_by_key(|i| i.uuid.uuid());
+        let ids: Vec<_> = moving.iter().map(|i| i.uuid).collect();
+        let hosts = self.store.hosts().await?;
+        let placed = place::place(&host.name, &ids, &hosts, &all, now, self.config.grace);
+        let (mut moved, mut unplaced) = (0, 0);
+        for ((id, to), instance) in placed.into_iter().zip(moving) {
+            let Some(to) = to else {
+                unplaced += 1;
+                continue;
+            };
+            let reason = format!("recovered from fenced host {} ({} storage)", host.name, instance.storage);
+            match self.store.transfer_owner(id, instance.generation, &to, ACTOR, &reason).await {
+                Ok(_) => moved += 1,
+                Err(StoreError::Conflict { .. }) => {} // moved meanwhile, by someone else
+                Err(e) => return Err(e),
+            }
+        }
+        Ok((moved, unplaced))
+    }
+
+    async fn apply(&self, op: &Operation, step: Step, data: &FenceData, decision: Decision) -> Result<(), StoreError> {
+        let target = &op.target;
+        match decision {
+            Decision::Go { to, why } => {
+                if step == Step::PowerOff {
+                    // The point of return is passed: the host is off, confirmed.
+                    self.store.set_host_state(target, HostState::Fenced, ACTOR, &why).await?;
+                }
+                let change = StepChange {
+                    from: step.as_str().into(),
+                    to: to.as_str().into(),
+                    status: OperationStatus::Running,
+                    attempts: 0,
+                    deadline: None,
+                    last_error: None,
+                    data: serde_json::to_string(data).ok(),
+                    event: format!("fence of {target}: {why}; next {to}"),
+                };
+                self.store.advance_operation(op.id, &change, ACTOR).await.map(drop)
+            }
+            Decision::Retry { attempts, error } => {
+                let change = StepChange {
+                    from: step.as_str().into(),
+                    to: step.as_str().into(),
+                    status: OperationStatus::Running,
+                    attempts,
+                    deadline: None,
+                    last_error: Some(error.clone()),
+                    data: None,
+                    event: format!("fence of {target}: {step} failed (attempt {attempts}): {error}"),
+                };
+                self.store.advance_operation(op.id, &change, ACTOR).await.map(drop)
+            }
+            Decision::Abort { why } => {
+                self.store.set_host_state(target, HostState::Active, ACTOR, &why).await?;
+                self.finish(op, "aborted", OperationStatus::Done, Some(why)).await
+            }
+            Decision::Done { why } => {
+                let change = StepChange {
+                    from: step.as_str().into(),
+                    to: "done".into(),
+                    status: OperationStatus::Done,
+                    attempts: op.attempts,
+                    deadline: None,
+                    last_error: None,
+                    data: serde_json::to_string(data).ok(),
+                    event: format!("fence of {target} done: {} moved, {} unplaced; {why}", data.moved, data.unplaced),
+                };
+                self.store.advance_operation(op.id, &change, ACTOR).await.map(drop)
+            }
+            Decision::Failed { at, reason } => {
+                self.finish(op, at.as_str(), OperationStatus::Failed, Some(reason)).await
+            }
+        }
+    }
+
+    async fn finish(
+        &self,
+        op: &Operation,
+        step: &str,
+        status: OperationStatus,
+        reason: Option<String>,
+    ) -> Result<(), StoreError> {
+        let event = match (&reason, status) {
+            (Some(r), OperationStatus::Failed) => format!("fence of {} failed at {step}: {r}", op.target),
+            (Some(r), _) => format!("fence of {}: {r}", op.target),
+            (None, _) => format!("fence of {} {step}", op.target),
+        };
+        let change = StepChange {
+            from: op.step.clone(),
+            to: step.into(),
+            status,
+            attempts: op.attempts,
+            deadline: None,
+            last_error: if status == OperationStatus::Failed { reason } else { None },
+            data: None,
+            event,
+        };
+        self.store.advance_operation(op.id, &change, ACTOR).await.map(drop)
+    }
+}
+
+/// Why `host mark-fenced` was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum MarkFencedError {
+    /// The store refused.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The host's guard reported in within the grace period: it is not off.
+    #[error(
+        "{host} heartbeated {ago} ago, within the grace period ({grace}): it is running, and marking it \
+         fenced would let its instances run twice. Power it off first."
+    )]
+    Alive {
+        /// The host.
+        host: HostName,
+        /// Since its last heartbeat.
+        ago: String,
+        /// The grace period.
+        grace: String,
+    },
+}
+
+/// An operator's confirmation that `host` is off (its BMC cannot say so): the host turns
+/// `fenced` and a fence operation starts at `evacuate`, skipping the power-off. Refused for a
+/// host that heartbeated within `grace` (it is evidently running). A fence of the host that
+/// already runs is returned instead (`false`).
+pub async fn mark_fenced(
+    store: &Store,
+    host: &HostName,
+    config: &RecoveryConfig,
+    actor: &str,
+) -> Result<(Operation, bool), MarkFencedError> {
+    let h = store.require_host(host).await?;
+    if let Some(t) = h.last_heartbeat {
+        let ago = Duration::from_millis(u64::try_from(Timestamp::now().0.saturating_sub(t.0)).unwrap_or(0));
+        if ago <= config.grace {
+            return Err(MarkFencedError::Alive {
+                host: host.clone(),
+                ago: humantime::format_duration(Duration::from_secs(ago.as_secs())).to_string(),
+                grace: humantime::format_duration(config.grace).to_string(),
+            });
+        }
+    }
+    let data = FenceData { after: AfterFence::Nothing, bmc_attempts: config.bmc_attempts, moved: 0, unplaced: 0 };
+    let json = serde_json::to_string(&data).unwrap_or_else(|_| "{}".into());
+    let (op, started) = store.start_operation(KIND, host, Step::Evacuate.as_str(), None, &json, actor).await?;
+    if started {
+        store
+            .set_host_state(host, HostState::Fenced, actor, "marked fenced by an operator (powered off out of band)")
+            .await?;
+    }
+    Ok((op, started))
+}

@@ -1,0 +1,313 @@
+//! The recovery controller on a simulated clock (`tick(now)`, heartbeats stamped by the
+//! test), with in-memory BMCs (`bmc::fake`, the documented test double: it lets a test make a
+//! BMC fail or time out on cue), on both database engines. Every test ends by checking the
+//! invariant: each instance has exactly one owner, and HA instances of a fenced host moved
+//! exactly once (generation + 1).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nodekeeper_provisioner::bmc::fake::Fake;
+use nodekeeper_provisioner::bmc::{BmcError, Policy};
+use nodekeeper_provisioner::recovery::controller::{self, Controller, RecoveryConfig, KIND};
+use nodekeeper_provisioner::reimage::executor::BmcFactory;
+use nodekeeper_store::testing::TestDb;
+use nodekeeper_store::{
+    on_both_engines, EventFilter, Generation, Host, HostName, HostState, InstanceId, NewHost, NewInstance,
+    OperationStatus, Storage, Store, Timestamp,
+};
+
+on_both_engines!(
+    a_silent_host_is_fenced_and_its_ha_instances_move_once,
+    no_confirmed_fence_no_recovery_until_an_operator_marks_it_fenced,
+    bmc_errors_are_retried_within_the_limit,
+    a_host_back_before_its_power_off_is_left_alone,
+    many_silent_hosts_at_once_brake_instead_of_fencing,
+    only_the_leader_acts_and_a_successor_resumes_mid_fence,
+    two_controllers_racing_on_one_evacuation_move_each_instance_once,
+);
+
+#[derive(Clone, Default)]
+struct Fakes(Arc<HashMap<String, Fake>>);
+
+impl BmcFactory for Fakes {
+    type B = Fake;
+    fn for_host(&self, host: &Host) -> Result<Fake, BmcError> {
+        self.0.get(host.name.as_str()).cloned().ok_or_else(|| BmcError::Config(format!("no BMC for {}", host.name)))
+    }
+    fn policy(&self) -> Policy {
+        Policy { confirm_within: Duration::from_millis(200), attempts: 1, poll: Duration::from_millis(5) }
+    }
+}
+
+fn n(s: &str) -> HostName {
+    s.parse().expect("name")
+}
+
+struct Cell {
+    store: Store,
+    fakes: Fakes,
+    t0: Timestamp,
+    ha: Vec<InstanceId>,
+    others: Vec<InstanceId>,
+}
+
+impl Cell {
+    fn at(&self, secs: u64) -> Timestamp {
+        Timestamp(self.t0.0 + secs as i64 * 1000)
+    }
+
+    fn controller(&self, holder: &str, config: RecoveryConfig) -> Controller<Fakes> {
+        Controller::new(self.store.clone(), Arc::new(self.fakes.clone()), config, holder.into())
+    }
+
+    async fn beat(&self, hosts: &[&str], at: Timestamp) {
+        for h in hosts {
+            self.store.record_heartbeat_at(&n(h), at).await.expect("heartbeat");
+        }
+    }
+
+    async fn fence_op(&self, host: &str) -> Option<nodekeeper_store::Operation> {
+        self.store.latest_operation(&n(host)).await.expect("op").filter(|o| o.kind == KIND)
+    }
+
+    /// The invariant: every instance has one owner (the column), and `moved` instances went
+    /// from `from` to another host in exactly one step (generation 2); the rest did not move.
+    async fn check(&self, from: &str, moved: bool) -> Vec<HostName> {
+        let mut owners = Vec::new();
+        for id in &self.ha {
+            let i = self.store.instance(*id).await.expect("get").expect("instance");
+            if moved {
+                assert!(i.owner != n(from) && i.generation == Generation(2), "{i:?}");
+            } else {
+                assert!(i.owner == n(from) && i.generation == Generation(1), "{i:?}");
+            }
+            owners.push(i.owner);
+        }
+        for id in &self.others {
+            let i = self.store.instance(*id).await.expect("get").expect("instance");
+            assert_eq!(i.generation, Generation(1), "non-HA and deleted instances never move: {i:?}");
+        }
+        owners
+    }
+}
+
+fn config() -> RecoveryConfig {
+    RecoveryConfig { lease_ttl: Duration::from_secs(60), ..RecoveryConfig::default() }
+}
+
+/// Hosts a..`count` (BMCs on, heartbeats at t0); on `a`: 4 HA instances, one non-HA, one
+/// deleted HA; on `b`: 2.
+async fn cell(db: &TestDb, count: usize) -> Cell {
+    let store = db.store().await;
+    let names: Vec<String> = (0..count).map(|i| ((b'a' + i as u8) as char).to_string()).collect();
+    let mut fakes = HashMap::new();
+    for name in &names {
+        let h = NewHost { name: n(name), mac: None, ip: None, bmc_url: Some("fake://".into()), bmc_credentials: None };
+        store.add_host(&h, "test").await.expect("host");
+        let f = Fake::default();
+        f.set(|s| s.on = true);
+        fakes.insert(name.clone(), f);
+    }
+    let new = |owner: &str, ha: bool| NewInstance {
+        uuid: InstanceId::random(),
+        name: format!("vm-{}", &InstanceId::random().to_string()[..8]),
+        owner: n(owner),
+        ha,
+        storage: Storage::Shared,
+        generation: Generation(1),
+        domain_xml: None,
+    };
+    let ha: Vec<NewInstance> = (0..4).map(|_| new("a", true)).collect();
+    let others = vec![new("a", false), new("a", true), new("b", true), new("b", false)];
+    store.import_instances(&ha.iter().chain(&others).cloned().collect::<Vec<_>>(), "test").await.expect("import");
+    store.delete_instances(&[others[1].uuid], "test").await.expect("delete");
+    let t0 = Timestamp::now();
+    let c = Cell {
+        store,
+        fakes: Fakes(Arc::new(fakes)),
+        t0,
+        ha: ha.iter().map(|i| i.uuid).collect(),
+        others: others.iter().map(|i| i.uuid).collect(),
+    };
+    c.beat(&names.iter().map(String::as_str).collect::<Vec<_>>(), t0).await;
+    c
+}
+
+async fn a_silent_host_is_fenced_and_its_ha_instances_move_once(db: TestDb) {
+    let c = cell(&db, 3).await;
+    let ctl = c.controller("replica-1", config());
+    let r = ctl.tick(c.at(10)).await.expect("tick");
+    assert!(r.leader && r.actions.is_empty(), "{r:?}");
+    // a goes silent; b and c keep heartbeating.
+    c.beat(&["b", "c"], c.at(31)).await;
+    ctl.tick(c.at(31)).await.expect("tick");
+    assert_eq!(c.store.require_host(&n("a")).await.expect("a").state, HostState::Suspect);
+    for s in 0..8 {
+        if c.fence_op("a").await.is_some_and(|o| o.status != OperationStatus::Running) {
+            break;
+        }
+        c.beat(&["b", "c"], c.at(32 + s)).await;
+        ctl.tick(c.at(32 + s)).await.expect("tick");
+    }
+    let op = c.fence_op("a").await.expect("fence");
+    assert_eq!((op.status, op.step.as_str()), (OperationStatus::Done, "done"), "{op:?}");
+    let owners = c.check("a", true).await;
+    assert_eq!(owners.iter().filter(|o| **o == n("c")).count(), 3, "spread by load (b had 1 live): {owners:?}");
+    assert_eq!(c.store.require_host(&n("a")).await.expect("a").state, HostState::Fenced);
+    let fake = &c.fakes.0["a"];
+    assert!(fake.get(|s| s.on && s.power_ons == 1), "powered off, then on again (after_fence = power-on)");
+    // It boots, its guard quarantines, it heartbeats: active again.
+    c.beat(&["a", "b", "c"], c.at(45)).await;
+    let r = ctl.tick(c.at(45)).await.expect("tick");
+    assert!(r.actions.contains(&nodekeeper_provisioner::recovery::detect::Action::Returned { host: n("a") }));
+    assert_eq!(c.store.require_host(&n("a")).await.expect("a").state, HostState::Active);
+    let events = c.store.events(&EventFilter { limit: Some(1000), ..Default::default() }).await.expect("events");
+    let moved = events.iter().filter(|e| e.message.contains("recovered from fenced host a")).count();
+    assert_eq!(moved, 4, "one event per move");
+}
+
+async fn no_confirmed_fence_no_recovery_until_an_operator_marks_it_fenced(db: TestDb) {
+    let c = cell(&db, 3).await;
+    c.fakes.0["a"].set(|s| s.always_fail = true);
+    let ctl = c.controller("replica-1", config());
+    for s in 0..10 {
+        c.beat(&["b", "c"], c.at(31 + s)).await;
+        ctl.tick(c.at(31 + s)).await.expect("tick");
+    }
+    let op = c.fence_op("a").await.expect("fence");
+    assert_eq!((op.status, op.step.as_str()), (OperationStatus::Failed, "power_off"), "{op:?}");
+    assert!(op.last_error.as_deref().is_some_and(|e| e.contains("no instance moves")), "{op:?}");
+    c.check("a", false).await;
+    assert_eq!(c.store.require_host(&n("a")).await.expect("a").state, HostState::Suspect);
+    // A failed fence is not retried by itself: the controller does not start another.
+    ctl.tick(c.at(45)).await.expect("tick");
+    assert_eq!(c.fence_op("a").await.expect("fence").id, op.id);
+
+    // Marking a host fenced that just heartbeated is refused: it runs.
+    c.store.record_heartbeat(&n("a")).await.expect("heartbeat");
+    let err = controller::mark_fenced(&c.store, &n("a"), &config(), "cli:op").await.expect_err("alive");
+    assert!(err.to_string().contains("within the grace period"), "{err}");
+    // The operator pulled the plug (the host's last word is a minute old) and says so.
+    c.store.record_heartbeat_at(&n("a"), Timestamp(c.t0.0 - 60_000)).await.expect("old heartbeat");
+    let (marked, started) = controller::mark_fenced(&c.store, &n("a"), &config(), "cli:op").await.expect("mark");
+    assert!(started && marked.step == "evacuate");
+    for s in 0..4 {
+        c.beat(&["b", "c"], c.at(46 + s)).await;
+        ctl.tick(c.at(46 + s)).await.expect("tick");
+    }
+    let op = c.fence_op("a").await.expect("fence");
+    assert_eq!((op.status, op.step.as_str()), (OperationStatus::Done, "done"), "{op:?}");
+    c.check("a", true).await;
+    assert_eq!(c.fakes.0["a"].get(|s| s.power_ons), 0, "marked fenced: left off for the operator");
+}
+
+async fn bmc_errors_are_retried_within_the_limit(db: TestDb) {
+    let c = cell(&db, 3).await;
+    c.fakes.0["a"].set(|s| s.fail_next = 2);
+    let ctl = c.controller("replica-1", config());
+    for s in 0..10 {
+        c.beat(&["b", "c"], c.at(31 + s)).await;
+        ctl.tick(c.at(31 + s)).await.expect("tick");
+    }
+    let op = c.fence_op("a").await.expect("fence");
+    assert_eq!(op.status, OperationStatus::Done, "two failures, then the third attempt: {op:?}");
+    c.check("a", true).await;
+}
+
+async fn a_host_back_before_its_power_off_is_left_alone(db: TestDb) {
+    let c = cell(&db, 3).await;
+    let ctl = c.controller("replica-1", config());
+    c.beat(&["b", "c"], c.at(31)).await;
+    ctl.tick(c.at(31)).await.expect("tick"); // suspect; fence started at confirm
+    let op = c.fence_op("a").await.expect("fence");
+    assert_eq!(op.step, "confirm");
+    // Its guard was only slow: it heartbeats before the next tick. (Stamped after the
+    // operation began: the simulated clock runs ahead of the real one.)
+    c.beat(&["a", "b", "c"], c.at(32)).await;
+    ctl.tick(c.at(32)).await.expect("tick");
+    let op = c.fence_op("a").await.expect("fence");
+    assert_eq!((op.status, op.step.as_str()), (OperationStatus::Done, "aborted"), "{op:?}");
+    assert_eq!(c.store.require_host(&n("a")).await.expect("a").state, HostState::Active);
+    assert!(c.fakes.0["a"].get(|s| s.on), "never powered off");
+    c.check("a", false).await;
+}
+
+async fn many_silent_hosts_at_once_brake_instead_of_fencing(db: TestDb) {
+    let c = cell(&db, 4).await;
+    let ctl = c.controller("replica-1", config());
+    for s in 0..3 {
+        c.beat(&["d"], c.at(31 + s)).await;
+        ctl.tick(c.at(31 + s)).await.expect("tick");
+    }
+    for h in ["a", "b", "c"] {
+        assert_eq!(c.store.require_host(&n(h)).await.expect("host").state, HostState::Suspect, "{h}");
+        assert!(c.fence_op(h).await.is_none(), "{h} not fenced");
+    }
+    c.check("a", false).await;
+    let events = c.store.events(&EventFilter { limit: Some(1000), ..Default::default() }).await.expect("events");
+    let alerts: Vec<_> = events.iter().filter(|e| e.kind == "recovery.mass_failure").collect();
+    assert_eq!(alerts.len(), 1, "one alert, not one per tick: {alerts:?}");
+    assert!(alerts[0].message.contains("3 of 4"), "{}", alerts[0].message);
+    // The partition heals: all back.
+    c.beat(&["a", "b", "c", "d"], c.at(40)).await;
+    ctl.tick(c.at(40)).await.expect("tick");
+    for h in ["a", "b", "c"] {
+        assert_eq!(c.store.require_host(&n(h)).await.expect("host").state, HostState::Active, "{h}");
+    }
+}
+
+async fn only_the_leader_acts_and_a_successor_resumes_mid_fence(db: TestDb) {
+    let c = cell(&db, 3).await;
+    let short = RecoveryConfig { lease_ttl: Duration::from_millis(400), ..config() };
+    let (x, y) = (c.controller("replica-x", short.clone()), c.controller("replica-y", short));
+    c.beat(&["b", "c"], c.at(31)).await;
+    assert!(x.tick(c.at(31)).await.expect("x").leader);
+    let r = y.tick(c.at(31)).await.expect("y");
+    assert!(!r.leader && r.actions.is_empty() && r.fences_stepped == 0, "{r:?}");
+    // x drives the fence to evacuate, then dies (no release: its lease must run out).
+    for s in 0..5 {
+        if c.fence_op("a").await.is_some_and(|o| o.step == "evacuate") {
+            break;
+        }
+        c.beat(&["b", "c"], c.at(32 + s)).await;
+        x.tick(c.at(32 + s)).await.expect("x");
+    }
+    assert_eq!(c.fence_op("a").await.expect("fence").step, "evacuate");
+    c.beat(&["b", "c"], c.at(40)).await;
+    assert!(!y.tick(c.at(40)).await.expect("y").leader, "x's lease has not run out yet");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for s in 0..4 {
+        c.beat(&["b", "c"], c.at(41 + s)).await;
+        assert!(y.tick(c.at(41 + s)).await.expect("y").leader);
+    }
+    let op = c.fence_op("a").await.expect("fence");
+    assert_eq!((op.status, op.step.as_str()), (OperationStatus::Done, "done"), "{op:?}");
+    c.check("a", true).await;
+    assert_eq!(c.fakes.0["a"].get(|s| s.power_ons), 1, "one power-on, by y's restore");
+}
+
+async fn two_controllers_racing_on_one_evacuation_move_each_instance_once(db: TestDb) {
+    let c = cell(&db, 3).await;
+    let ctl = c.controller("replica-1", config());
+    for s in 0..5 {
+        if c.fence_op("a").await.is_some_and(|o| o.step == "evacuate") {
+            break;
+        }
+        c.beat(&["b", "c"], c.at(31 + s)).await;
+        ctl.tick(c.at(31 + s)).await.expect("tick");
+    }
+    let op = c.fence_op("a").await.expect("fence");
+    assert_eq!(op.step, "evacuate");
+    // A stale leader finishing its tick and the new one: both run the same step at once.
+    let other = c.controller("replica-2", config());
+    let (r1, r2) = tokio::join!(ctl.step(op.clone(), c.at(36)), other.step(op, c.at(36)));
+    r1.expect("step 1");
+    r2.expect("step 2");
+    let owners = c.check("a", true).await;
+    assert_eq!(owners.len(), 4);
+    let events = c.store.events(&EventFilter { limit: Some(1000), ..Default::default() }).await.expect("events");
+    let advanced = events.iter().filter(|e| e.message.ends_with("next restore")).count();
+    assert_eq!(advanced, 1, "the step advanced once");
+}
