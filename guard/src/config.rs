@@ -21,6 +21,64 @@ pub struct Config {
     /// The boot-time pass.
     #[serde(default)]
     pub boot: BootConfig,
+    /// The service (`watch`).
+    #[serde(default)]
+    pub watch: WatchConfig,
+}
+
+/// `[watch]`: the guard as a service.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WatchConfig {
+    /// How often to heartbeat into the database.
+    #[serde(deserialize_with = "duration")]
+    pub heartbeat_interval: Duration,
+    /// How often to converge the local domains on what the database assigns.
+    #[serde(deserialize_with = "duration")]
+    pub converge_interval: Duration,
+    /// Without the database (and every peer) this long, stop the HA instances (self-fence).
+    /// Must be shorter than the controller's `grace`, with room for a heartbeat interval.
+    #[serde(deserialize_with = "duration")]
+    pub isolation_timeout: Duration,
+    /// `HOST:PORT`s to try (TCP connect) before self-fencing: when any answers, the host is
+    /// not cut off — the database is — and it holds its instances. Empty: the database alone
+    /// decides.
+    pub peers: Vec<String>,
+    /// Self-fence at all (default true).
+    pub self_fence: bool,
+    /// How long a libvirt call may take before libvirtd counts as stuck.
+    #[serde(deserialize_with = "duration")]
+    pub libvirt_timeout: Duration,
+    /// The command that restarts libvirtd (argv), e.g. `["systemctl", "restart", "libvirtd"]`;
+    /// empty: never restart it.
+    pub libvirt_restart: Vec<String>,
+    /// The command that kills a stuck libvirtd (argv), run before the restart.
+    pub libvirt_kill: Vec<String>,
+    /// Restarts within `restart_window` before the host reboots (0: never reboot).
+    pub max_restarts: u32,
+    /// The window for `max_restarts`.
+    #[serde(deserialize_with = "duration")]
+    pub restart_window: Duration,
+    /// The command that reboots the host (argv).
+    pub reboot: Vec<String>,
+}
+
+impl Default for WatchConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval: Duration::from_secs(5),
+            converge_interval: Duration::from_secs(10),
+            isolation_timeout: Duration::from_secs(20),
+            peers: Vec::new(),
+            self_fence: true,
+            libvirt_timeout: Duration::from_secs(15),
+            libvirt_restart: vec!["systemctl".into(), "restart".into(), "libvirtd".into()],
+            libvirt_kill: vec!["pkill".into(), "-KILL".into(), "-x".into(), "libvirtd".into()],
+            max_restarts: 3,
+            restart_window: Duration::from_secs(600),
+            reboot: vec!["systemctl".into(), "reboot".into()],
+        }
+    }
 }
 
 /// `[libvirt]`
@@ -114,6 +172,16 @@ impl Config {
         nodekeeper_store::DatabaseUrl::parse(&config.database_url).map_err(|e| e.to_string())?;
         if !config.boot.state_dir.is_absolute() || !config.libvirt.config_dir.is_absolute() {
             return Err("libvirt.config_dir and boot.state_dir must be absolute paths".into());
+        }
+        let w = &config.watch;
+        if w.heartbeat_interval.is_zero() || w.converge_interval.is_zero() || w.libvirt_timeout.is_zero() {
+            return Err("watch intervals and timeouts must be more than zero".into());
+        }
+        if w.isolation_timeout <= w.heartbeat_interval * 2 {
+            return Err("watch.isolation_timeout must exceed two heartbeat intervals".into());
+        }
+        if w.max_restarts > 0 && w.libvirt_restart.is_empty() {
+            return Err("watch.max_restarts needs watch.libvirt_restart (set max_restarts = 0 to never act)".into());
         }
         Ok(config)
     }

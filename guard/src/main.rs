@@ -36,12 +36,22 @@ enum Command {
         #[arg(long)]
         post_libvirt: bool,
     },
+    /// The service: heartbeat, converge on the database, watch libvirtd, self-fence when cut
+    /// off (systemd `Type=notify` with `WatchdogSec=`).
+    Watch {
+        /// The guard's config file.
+        #[arg(long, default_value = "/etc/nodekeeper/guard.toml")]
+        config: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose);
-    let Command::Boot { config, json, post_libvirt } = cli.command;
+    let (config, json, post_libvirt, watch) = match cli.command {
+        Command::Boot { config, json, post_libvirt } => (config, json, post_libvirt, false),
+        Command::Watch { config } => (config, false, false, true),
+    };
     let config = match Config::load(&config) {
         Ok(c) => c,
         Err(e) => {
@@ -56,6 +66,19 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if watch {
+        let counters = rt.block_on(nodekeeper_guard::watch::run(config, async {
+            use tokio::signal::unix::{signal, SignalKind};
+            match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+                (Ok(mut term), Ok(mut int)) => {
+                    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+                }
+                _ => std::future::pending::<()>().await,
+            }
+        }));
+        tracing::info!(?counters, "watch stopped");
+        return ExitCode::SUCCESS;
+    }
     if post_libvirt {
         return match rt.block_on(boot::live::run(&config)) {
             Ok(report) => {

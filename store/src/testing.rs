@@ -58,6 +58,28 @@ impl TestDb {
         Some(TestDb { url: url.to_string(), _dir: None, pg_drop: Some((admin, name)) })
     }
 
+    /// PostgreSQL only: makes the database refuse (`false`: new connections refused, every
+    /// open one ended) or accept connections again — a database outage, for tests. Returns
+    /// `false` on SQLite (nothing done).
+    pub async fn set_reachable(&self, reachable: bool) -> bool {
+        let Some((admin, name)) = &self.pg_drop else { return false };
+        let admin_store = Store::connect(admin).await.expect("connect to the PostgreSQL test server");
+        sqlx::query(&format!("ALTER DATABASE {name} ALLOW_CONNECTIONS {reachable}"))
+            .execute(&admin_store.pool)
+            .await
+            .expect("toggle connections");
+        if !reachable {
+            sqlx::query(&format!(
+                "SELECT CAST(COUNT(pg_terminate_backend(pid)) AS BIGINT) FROM pg_stat_activity WHERE datname = '{name}'"
+            ))
+            .execute(&admin_store.pool)
+            .await
+            .expect("end the open connections");
+        }
+        admin_store.close().await;
+        true
+    }
+
     /// The database's URL.
     pub fn url(&self) -> &str {
         &self.url

@@ -1,0 +1,521 @@
+//! `nodekeeper-guard watch`: the guard as a service ("Recovery" in DESIGN.md).
+//!
+//! One loop, so that its health is one thing systemd can watch (`Type=notify`,
+//! `WatchdogSec=`: `WATCHDOG=1` is sent only from the loop, after a heartbeat attempt that
+//! returned in time):
+//! - **heartbeat** into the database every `heartbeat_interval`;
+//! - **isolation**: without the database for `isolation_timeout`, and with none of the `peers`
+//!   answering either, the host is cut off: it stops (destroys, keeps defined) its running HA
+//!   domains — before the controller's `grace` can expire — and starts them again only when the
+//!   database, reachable again, confirms they are still this host's. When a peer answers, the
+//!   database is what is down, not this host: it holds its instances;
+//! - **converge** every `converge_interval`, while the database answers: remove what the
+//!   database moved away (the post-libvirt pass: saved to `quarantine/`, then destroyed and
+//!   undefined), then define from the stored XML, and start, every instance the database
+//!   assigns here that is missing; start HA instances that are stopped. A definition whose
+//!   generation is behind the database's is replaced before it starts;
+//! - **libvirtd liveness**, by a real libvirt call with `libvirt_timeout`: an error → restart
+//!   it; no answer (stuck) → kill, then restart; more than `max_restarts` in `restart_window`
+//!   → reboot the host, once.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use nodekeeper_store::{ConnectOptions, Generation, InstanceId, NewEvent, Store};
+use serde::{Deserialize, Serialize};
+
+use crate::config::Config;
+use crate::domain::{parse_domain_xml, NK_NAMESPACE};
+
+/// What the loop did; returned when it stops (tests) and logged as it goes.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Counters {
+    /// Heartbeats written.
+    pub heartbeats: u64,
+    /// Heartbeats that failed.
+    pub heartbeat_failures: u64,
+    /// Converge passes that ran.
+    pub converges: u64,
+    /// Domains defined from the database.
+    pub defined: u64,
+    /// Domains started.
+    pub started: u64,
+    /// Self-fences.
+    pub self_fences: u64,
+    /// libvirtd restarts.
+    pub libvirt_restarts: u64,
+}
+
+/// The self-fence's record (`state_dir/self-fenced.json`): survives a restart of the guard,
+/// so a guard that comes back still refuses to start what it stopped until the database
+/// confirms it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SelfFence {
+    /// When (ms since the epoch).
+    pub at: i64,
+    /// The domains it stopped.
+    pub stopped: Vec<InstanceId>,
+}
+
+/// sd_notify(3), without libsystemd: one datagram to `$NOTIFY_SOCKET` (nothing without it).
+pub fn notify(state: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
+    let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() else { return };
+    let bytes = path.as_encoded_bytes();
+    let sent = if let Some(name) = bytes.strip_prefix(b"@") {
+        use std::os::linux::net::SocketAddrExt;
+        std::os::unix::net::SocketAddr::from_abstract_name(name).and_then(|a| sock.send_to_addr(state.as_bytes(), &a))
+    } else {
+        sock.send_to(state.as_bytes(), &path)
+    };
+    if let Err(e) = sent {
+        tracing::debug!("sd_notify: {e}");
+    }
+}
+
+/// What the two loops share (never locked across an await).
+struct Shared {
+    last_db_ok: std::sync::Mutex<Instant>,
+    fenced: std::sync::Mutex<Option<SelfFence>>,
+    counters: std::sync::Mutex<Counters>,
+    /// When each loop last finished a round: (heartbeat, converge).
+    rounds: std::sync::Mutex<(Instant, Instant)>,
+}
+
+impl Shared {
+    fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+        m.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    fn count(&self, f: impl FnOnce(&mut Counters)) {
+        f(&mut Self::lock(&self.counters));
+    }
+    fn since_db_ok(&self) -> Duration {
+        Self::lock(&self.last_db_ok).elapsed()
+    }
+    fn is_fenced(&self) -> bool {
+        Self::lock(&self.fenced).is_some()
+    }
+}
+
+/// One of the two loops (heartbeat, converge): its own database pool and libvirt state.
+struct Watch {
+    config: Config,
+    store: Option<Store>,
+    shared: std::sync::Arc<Shared>,
+    fence_file: PathBuf,
+    restarts: VecDeque<Instant>,
+    rebooted: bool,
+}
+
+/// Runs until `stop` resolves; returns what it did. The heartbeat and converge loops run
+/// side by side, so a slow libvirt never delays a heartbeat; the watchdog is fed only while
+/// both keep finishing rounds.
+pub async fn run(config: Config, stop: impl std::future::Future<Output = ()>) -> Counters {
+    virt::error::clear_error_callback();
+    if let Err(e) = std::fs::create_dir_all(&config.boot.state_dir) {
+        tracing::error!("creating {}: {e}", config.boot.state_dir.display());
+    }
+    let fence_file = config.boot.state_dir.join("self-fenced.json");
+    let fenced: Option<SelfFence> = std::fs::read(&fence_file).ok().and_then(|b| serde_json::from_slice(&b).ok());
+    let shared = std::sync::Arc::new(Shared {
+        last_db_ok: std::sync::Mutex::new(Instant::now()),
+        fenced: std::sync::Mutex::new(fenced),
+        counters: std::sync::Mutex::new(Counters::default()),
+        rounds: std::sync::Mutex::new((Instant::now(), Instant::now())),
+    });
+    let worker = || Watch {
+        config: config.clone(),
+        store: None,
+        shared: shared.clone(),
+        fence_file: fence_file.clone(),
+        restarts: VecDeque::new(),
+        rebooted: false,
+    };
+    let w = config.watch.clone();
+    let mut hb = worker();
+    let heartbeats = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(hb.config.watch.heartbeat_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            hb.heartbeat().await;
+            Shared::lock(&hb.shared.rounds).0 = Instant::now();
+        }
+    });
+    let mut cv = worker();
+    let converges = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(cv.config.watch.converge_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            cv.converge().await;
+            Shared::lock(&cv.shared.rounds).1 = Instant::now();
+        }
+    });
+    // A loop that has not finished a round in this long is stuck: stop feeding the watchdog.
+    let (hb_limit, cv_limit) =
+        (w.heartbeat_interval * 4, w.converge_interval + w.libvirt_timeout * 3 + w.converge_interval);
+    let mut feed = tokio::time::interval(w.heartbeat_interval);
+    tokio::pin!(stop);
+    let mut ready = false;
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = feed.tick() => {
+                let (h, c) = *Shared::lock(&shared.rounds);
+                if h.elapsed() < hb_limit && c.elapsed() < cv_limit {
+                    if !ready {
+                        notify("READY=1");
+                        ready = true;
+                    }
+                    notify("WATCHDOG=1");
+                } else {
+                    tracing::error!("a loop is stuck (heartbeat {:?} ago, converge {:?} ago): not feeding the watchdog", h.elapsed(), c.elapsed());
+                }
+            }
+        }
+    }
+    notify("STOPPING=1");
+    heartbeats.abort();
+    converges.abort();
+    let _ = heartbeats.await;
+    let _ = converges.await;
+    let counters = Shared::lock(&shared.counters).clone();
+    counters
+}
+
+impl Watch {
+    fn actor(&self) -> String {
+        format!("guard:{}", self.config.host)
+    }
+
+    /// A store, connected now if need be, within `budget`.
+    async fn store(&mut self, budget: Duration) -> anyhow::Result<Store> {
+        if let Some(s) = &self.store {
+            return Ok(s.clone());
+        }
+        let opts = ConnectOptions { timeout: budget, max_connections: 2, create_if_missing: false };
+        let s = Store::connect_with(&self.config.database_url, &opts).await?;
+        self.store = Some(s.clone());
+        Ok(s)
+    }
+
+    async fn heartbeat(&mut self) {
+        let budget = self.config.watch.heartbeat_interval;
+        let host = self.config.host.clone();
+        let result = tokio::time::timeout(budget, async {
+            let store = self.store(budget).await?;
+            store.record_heartbeat(&host).await?;
+            anyhow::Ok(())
+        })
+        .await;
+        match result {
+            Ok(Ok(())) => {
+                self.shared.count(|c| c.heartbeats += 1);
+                *Shared::lock(&self.shared.last_db_ok) = Instant::now();
+            }
+            other => {
+                self.shared.count(|c| c.heartbeat_failures += 1);
+                let e = match other {
+                    Ok(Err(e)) => format!("{e:#}"),
+                    _ => format!("no answer within {}", humantime::format_duration(budget)),
+                };
+                tracing::warn!("heartbeat failed: {e}");
+                // A pool whose server went away is rebuilt on the next try.
+                if let Some(s) = self.store.take() {
+                    s.close().await;
+                }
+                self.maybe_self_fence().await;
+            }
+        }
+    }
+
+    async fn maybe_self_fence(&mut self) {
+        let w = &self.config.watch;
+        let silent = self.shared.since_db_ok();
+        if !w.self_fence || self.shared.is_fenced() || silent < w.isolation_timeout {
+            return;
+        }
+        if let Some(peer) = first_reachable(&w.peers).await {
+            tracing::warn!(
+                "database unreachable for {}, but peer {peer} answers: holding the instances (the database is down, not this host)",
+                humantime::format_duration(Duration::from_secs(silent.as_secs()))
+            );
+            return;
+        }
+        tracing::error!(
+            "cut off for {} (database and every peer): stopping the HA instances (self-fence)",
+            humantime::format_duration(Duration::from_secs(silent.as_secs()))
+        );
+        let (uri, cache) = (self.config.libvirt.uri.clone(), self.config.boot.state_dir.join("cache.json"));
+        let result = tokio::time::timeout(
+            self.config.watch.libvirt_timeout,
+            tokio::task::spawn_blocking(move || stop_ha_domains(&uri, &cache)),
+        )
+        .await;
+        let stopped = match result {
+            Ok(Ok(Ok(stopped))) => stopped,
+            Ok(Ok(Err(e))) => {
+                tracing::error!("self-fence: {e:#}");
+                return; // tried again on the next heartbeat failure
+            }
+            _ => {
+                tracing::error!("self-fence: libvirt did not answer");
+                return;
+            }
+        };
+        let record = SelfFence { at: nodekeeper_store::Timestamp::now().0, stopped };
+        if let Err(e) = crate::fsutil::write_atomic(&self.fence_file, &serde_json::to_vec(&record).unwrap_or_default())
+        {
+            tracing::error!("recording the self-fence in {}: {e}", self.fence_file.display());
+        }
+        tracing::error!("self-fenced: stopped {} HA domains", record.stopped.len());
+        self.shared.count(|c| c.self_fences += 1);
+        *Shared::lock(&self.shared.fenced) = Some(record);
+    }
+
+    async fn converge(&mut self) {
+        // libvirtd first: alive, and answering in time?
+        let uri = self.config.libvirt.uri.clone();
+        let limit = self.config.watch.libvirt_timeout;
+        let listed = tokio::time::timeout(limit, tokio::task::spawn_blocking(move || list(&uri))).await;
+        let local = match listed {
+            Ok(Ok(Ok(local))) => local,
+            Ok(Ok(Err(e))) => return self.libvirt_failed(false, &format!("{e:#}")).await,
+            Ok(Err(e)) => return self.libvirt_failed(false, &e.to_string()).await,
+            Err(_) => return self.libvirt_failed(true, "no answer").await,
+        };
+        if self.shared.since_db_ok() > self.config.watch.heartbeat_interval * 2 {
+            return; // no database: nothing to converge on
+        }
+        let budget = self.config.watch.converge_interval;
+        let Ok(store) = self.store(budget).await else { return };
+        // What moved away: the post-libvirt pass (saves, destroys, undefines; its events).
+        match tokio::time::timeout(budget, crate::boot::live::run(&self.config)).await {
+            Ok(Ok(report)) if !report.destroyed.is_empty() || !report.undefined.is_empty() => {
+                tracing::info!(destroyed = ?report.destroyed, undefined = ?report.undefined, "converge: removed what moved away");
+            }
+            Ok(Err(e)) => tracing::warn!("converge: {e:#}"),
+            _ => {}
+        }
+        let owned = match store.instances(Some(&self.config.host)).await {
+            Ok(o) => o,
+            Err(e) => return tracing::warn!("converge: {e}"),
+        };
+        let mut events = Vec::new();
+        for inst in owned.iter().filter(|i| !i.deleted) {
+            let here = local.get(&inst.uuid);
+            let behind = here.is_some_and(|d| d.generation.is_some_and(|g| g < inst.generation));
+            let needs_define = here.is_none() || behind;
+            // New here: define and start. HA and stopped (a crash, a lifted self-fence): start.
+            let needs_start = here.is_none() || (inst.ha && here.is_some_and(|d| !d.active));
+            if !needs_define && !needs_start {
+                continue;
+            }
+            let xml = if needs_define {
+                match store.domain_xml(inst.uuid).await {
+                    Ok(Some(x)) => Some(x),
+                    Ok(None) => {
+                        tracing::warn!(uuid = %inst.uuid, "converge: {} is assigned here but has no stored domain XML", inst.name);
+                        continue;
+                    }
+                    Err(e) => return tracing::warn!("converge: {e}"),
+                }
+            } else {
+                None
+            };
+            let (uri, uuid, generation, ha) = (self.config.libvirt.uri.clone(), inst.uuid, inst.generation, inst.ha);
+            let start = needs_start && !(behind && here.is_some_and(|d| d.active));
+            let done = tokio::task::spawn_blocking(move || {
+                define_and_start(&uri, uuid, xml.as_deref(), generation, ha, start)
+            })
+            .await
+            .map_err(anyhow::Error::from)
+            .and_then(|r| r);
+            match done {
+                Ok((defined, started)) => {
+                    let actor = self.actor();
+                    if defined {
+                        self.shared.count(|c| c.defined += 1);
+                        let m = format!("{} defined from the database (generation {generation})", inst.name);
+                        events.push(NewEvent::instance(&actor, "instance.defined", &self.config.host, uuid, m));
+                    }
+                    if started {
+                        self.shared.count(|c| c.started += 1);
+                        let m = format!("{} started by the guard", inst.name);
+                        events.push(NewEvent::instance(&actor, "instance.started", &self.config.host, uuid, m));
+                    }
+                }
+                Err(e) => tracing::warn!(uuid = %uuid, "converge: {} : {e:#}", inst.name),
+            }
+        }
+        let lifted = Shared::lock(&self.shared.fenced).take();
+        if let Some(f) = lifted {
+            // The database answers and confirmed what is ours: what the self-fence stopped and
+            // is still ours was started above; the rest was recovered elsewhere.
+            let m = format!(
+                "the database is back: {} HA domains stopped by the self-fence were judged again",
+                f.stopped.len()
+            );
+            events.push(NewEvent::host(&self.actor(), "host.self_fence_lifted", &self.config.host, m));
+            let _ = std::fs::remove_file(&self.fence_file);
+        }
+        if !events.is_empty() {
+            if let Err(e) = store.record_events(&events).await {
+                tracing::warn!("converge: recording events: {e}");
+            }
+        }
+        self.shared.count(|c| c.converges += 1);
+    }
+
+    async fn libvirt_failed(&mut self, stuck: bool, why: &str) {
+        let w = self.config.watch.clone();
+        tracing::error!("libvirtd {}: {why}", if stuck { "is stuck" } else { "does not answer" });
+        if w.libvirt_restart.is_empty() || self.rebooted {
+            return;
+        }
+        let now = Instant::now();
+        while self.restarts.front().is_some_and(|t| now.duration_since(*t) > w.restart_window) {
+            self.restarts.pop_front();
+        }
+        if w.max_restarts > 0 && self.restarts.len() as u32 >= w.max_restarts {
+            tracing::error!(
+                "libvirtd failed after {} restarts within {}: rebooting the host",
+                self.restarts.len(),
+                humantime::format_duration(w.restart_window)
+            );
+            self.rebooted = true;
+            run_command(&w.reboot).await;
+            return;
+        }
+        if stuck && !w.libvirt_kill.is_empty() {
+            run_command(&w.libvirt_kill).await;
+        }
+        run_command(&w.libvirt_restart).await;
+        self.restarts.push_back(now);
+        self.shared.count(|c| c.libvirt_restarts += 1);
+    }
+}
+
+async fn run_command(argv: &[String]) {
+    let Some((program, args)) = argv.split_first() else { return };
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new(program).args(args).kill_on_drop(true).output(),
+    )
+    .await;
+    match out {
+        Ok(Ok(o)) if o.status.success() => tracing::info!("ran {argv:?}"),
+        Ok(Ok(o)) => tracing::error!("{argv:?}: {} {}", o.status, String::from_utf8_lossy(&o.stderr).trim()),
+        Ok(Err(e)) => tracing::error!("{argv:?}: {e}"),
+        Err(_) => tracing::error!("{argv:?}: did not finish within 60 s"),
+    }
+}
+
+async fn first_reachable(peers: &[String]) -> Option<String> {
+    for p in peers {
+        let ok = tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(p.as_str())).await;
+        if matches!(ok, Ok(Ok(_))) {
+            return Some(p.clone());
+        }
+    }
+    None
+}
+
+/// A local domain, as the converge pass needs it.
+#[derive(Debug, Clone)]
+struct Local {
+    active: bool,
+    generation: Option<Generation>,
+}
+
+fn list(uri: &str) -> anyhow::Result<HashMap<InstanceId, Local>> {
+    use anyhow::Context;
+    let mut conn = virt::connect::Connect::open(Some(uri)).with_context(|| format!("connecting to {uri}"))?;
+    let result = (|| {
+        let mut out = HashMap::new();
+        for dom in conn.list_all_domains(0).context("listing domains")? {
+            let xml = dom.get_xml_desc(0).context("reading a domain's XML")?;
+            let Ok(meta) = parse_domain_xml(xml.as_bytes()) else { continue };
+            out.insert(meta.uuid, Local { active: dom.is_active().unwrap_or(false), generation: meta.generation });
+        }
+        Ok(out)
+    })();
+    let _ = conn.close();
+    result
+}
+
+/// Destroys every running domain that is HA (by its metadata, else the boot pass's cache);
+/// definitions stay. Returns what it stopped.
+fn stop_ha_domains(uri: &str, cache: &std::path::Path) -> anyhow::Result<Vec<InstanceId>> {
+    use anyhow::Context;
+    let cached: HashMap<InstanceId, bool> = std::fs::read(cache)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<crate::boot::decide::Cache>(&b).ok())
+        .map(|c| c.instances.into_iter().map(|(id, i)| (id, i.ha)).collect())
+        .unwrap_or_default();
+    let mut conn = virt::connect::Connect::open(Some(uri)).with_context(|| format!("connecting to {uri}"))?;
+    let result = (|| {
+        let mut stopped = Vec::new();
+        for dom in conn.list_all_domains(virt::sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE).context("listing domains")? {
+            let xml = dom.get_xml_desc(0).context("reading a domain's XML")?;
+            let Ok(meta) = parse_domain_xml(xml.as_bytes()) else { continue };
+            if meta.ha.or_else(|| cached.get(&meta.uuid).copied()) == Some(true) {
+                dom.destroy().with_context(|| format!("destroying {}", meta.name))?;
+                stopped.push(meta.uuid);
+            }
+        }
+        Ok(stopped)
+    })();
+    let _ = conn.close();
+    result
+}
+
+/// Defines `uuid` from `xml` (when given) with nodekeeper's metadata, and starts it (when
+/// asked and not running). Returns (defined, started).
+fn define_and_start(
+    uri: &str,
+    uuid: InstanceId,
+    xml: Option<&str>,
+    generation: Generation,
+    ha: bool,
+    start: bool,
+) -> anyhow::Result<(bool, bool)> {
+    use anyhow::Context;
+    let mut conn = virt::connect::Connect::open(Some(uri)).with_context(|| format!("connecting to {uri}"))?;
+    let result = (|| {
+        let defined = if let Some(xml) = xml {
+            if xml.contains('\0') {
+                anyhow::bail!("the stored domain XML contains a NUL byte");
+            }
+            let meta = parse_domain_xml(xml.as_bytes()).context("the stored domain XML")?;
+            if meta.uuid != uuid {
+                anyhow::bail!("the stored domain XML names UUID {}, not {uuid}", meta.uuid);
+            }
+            let dom = virt::domain::Domain::define_xml(&conn, xml).context("defining")?;
+            let element = format!("<instance generation=\"{}\" ha=\"{ha}\"/>", generation.0);
+            dom.set_metadata(
+                virt::sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
+                Some(&element),
+                Some("nk"),
+                Some(NK_NAMESPACE),
+                virt::sys::VIR_DOMAIN_AFFECT_CONFIG,
+            )
+            .context("recording the generation in the domain's metadata")?;
+            true
+        } else {
+            false
+        };
+        let dom = virt::domain::Domain::lookup_by_uuid_string(&conn, &uuid.to_string()).context("looking it up")?;
+        let started = if start && !dom.is_active().unwrap_or(false) {
+            dom.create().context("starting")?;
+            true
+        } else {
+            false
+        };
+        Ok((defined, started))
+    })();
+    let _ = conn.close();
+    result
+}

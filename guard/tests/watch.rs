@@ -1,0 +1,232 @@
+//! `nodekeeper-guard watch`, the real binary, against a real libvirtd (QEMU driver, TCG
+//! domains of 32 MiB with no disk) and a real database: it heartbeats, defines and starts what
+//! the database assigns, removes what moved away, and — cut off from a PostgreSQL that stops
+//! accepting connections — stops its HA domains and starts them again once the database is
+//! back and confirms them.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nodekeeper_store::testing::TestDb;
+use nodekeeper_store::{Generation, HostName, InstanceId, NewHost, NewInstance, Storage, Store};
+use virt::connect::Connect;
+use virt::domain::Domain;
+
+const URI: &str = "qemu:///system";
+const SOCKET: &str = "/run/libvirt/libvirt-sock";
+
+/// The guard process and the test's domains, removed however the test ends.
+struct Rig {
+    guard: Option<Child>,
+    domains: Vec<InstanceId>,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        if let Some(mut g) = self.guard.take() {
+            let _ = g.kill();
+            let _ = g.wait();
+        }
+        let Ok(mut conn) = Connect::open(Some(URI)) else { return };
+        for id in &self.domains {
+            if let Ok(dom) = Domain::lookup_by_uuid_string(&conn, &id.to_string()) {
+                let _ = dom.destroy();
+                let _ = dom.undefine_flags(virt::sys::VIR_DOMAIN_UNDEFINE_KEEP_NVRAM);
+            }
+        }
+        let _ = conn.close();
+    }
+}
+
+fn libvirtd_available() -> bool {
+    if Path::new(SOCKET).exists() {
+        return true;
+    }
+    assert!(
+        std::env::var("NODEKEEPER_REQUIRE_LIBVIRT").as_deref() != Ok("1"),
+        "NODEKEEPER_REQUIRE_LIBVIRT=1 but libvirtd is not running ({SOCKET} missing)"
+    );
+    eprintln!("skipping: libvirtd is not running (make test starts it)");
+    false
+}
+
+fn n(s: &str) -> HostName {
+    s.parse().expect("host")
+}
+
+/// A stored domain XML as an operator would import it: no nodekeeper metadata.
+fn domain_xml(name: &str, uuid: InstanceId) -> String {
+    format!(
+        "<domain type='qemu'><name>{name}</name><uuid>{uuid}</uuid><memory unit='MiB'>32</memory>\
+         <os><type arch='x86_64'>hvm</type></os><devices/></domain>"
+    )
+}
+
+/// (exists, running) of a domain.
+fn state(id: InstanceId) -> (bool, bool) {
+    let Ok(mut conn) = Connect::open(Some(URI)) else { return (false, false) };
+    let s = match Domain::lookup_by_uuid_string(&conn, &id.to_string()) {
+        Ok(d) => (true, d.is_active().unwrap_or(false)),
+        Err(_) => (false, false),
+    };
+    let _ = conn.close();
+    s
+}
+
+fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        if ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("{what}: not within {limit:?}");
+}
+
+async fn setup(db: &TestDb, instances: &[(&str, &str, bool)], peers: &str) -> (Rig, Store, Vec<InstanceId>) {
+    let store = db.store().await;
+    for h in ["node-w1", "node-w2"] {
+        let host = NewHost { name: n(h), mac: None, ip: None, bmc_url: None, bmc_credentials: None };
+        store.add_host(&host, "test").await.expect("host");
+    }
+    let tag = &InstanceId::random().to_string()[..8];
+    let items: Vec<NewInstance> = instances
+        .iter()
+        .map(|(name, owner, ha)| {
+            let uuid = InstanceId::random();
+            let name = format!("nk-watch-{tag}-{name}");
+            NewInstance {
+                uuid,
+                domain_xml: Some(domain_xml(&name, uuid)),
+                name,
+                owner: n(owner),
+                ha: *ha,
+                storage: Storage::Shared,
+                generation: Generation(1),
+            }
+        })
+        .collect();
+    store.import_instances(&items, "test").await.expect("import");
+    let ids: Vec<InstanceId> = items.iter().map(|i| i.uuid).collect();
+    let dir = tempfile::tempdir().expect("dir");
+    let config = dir.path().join("guard.toml");
+    std::fs::create_dir_all(dir.path().join("qemu")).expect("config dir");
+    std::fs::write(
+        &config,
+        format!(
+            "host = \"node-w1\"\ndatabase_url = \"{}\"\n[libvirt]\nconfig_dir = \"{d}/qemu\"\nuri = \"{URI}\"\n\
+             [boot]\nstate_dir = \"{d}/state\"\ndb_wait = \"1s\"\n\
+             [watch]\nheartbeat_interval = \"400ms\"\nconverge_interval = \"500ms\"\nisolation_timeout = \"3s\"\n\
+             libvirt_timeout = \"20s\"\nmax_restarts = 0\nlibvirt_restart = []\npeers = [{peers}]\n",
+            db.url(),
+            d = dir.path().display()
+        ),
+    )
+    .expect("config");
+    let guard = Command::new(env!("CARGO_BIN_EXE_nodekeeper-guard"))
+        .args(["-v", "watch", "--config", &config.display().to_string()])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("guard.log")).expect("log"))
+        .spawn()
+        .expect("guard");
+    (Rig { guard: Some(guard), domains: ids.clone(), dir }, store, ids)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_heartbeats_and_converges_on_the_database() {
+    if !libvirtd_available() {
+        return;
+    }
+    let db = TestDb::sqlite();
+    let (mut rig, store, ids) =
+        setup(&db, &[("ha", "node-w1", true), ("plain", "node-w1", false), ("theirs", "node-w2", true)], "").await;
+    let (ha, plain, theirs) = (ids[0], ids[1], ids[2]);
+    wait_for("the assigned domains defined and running", Duration::from_secs(60), || {
+        state(ha) == (true, true) && state(plain) == (true, true)
+    });
+    assert_eq!(state(theirs), (false, false), "another host's instance is not defined here");
+    let log = || std::fs::read_to_string(rig.dir.path().join("guard.log")).unwrap_or_default();
+    let hb = store.require_host(&n("node-w1")).await.expect("host").last_heartbeat;
+    let hb = hb.unwrap_or_else(|| panic!("no heartbeat; guard log:\n{}", log()));
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let later = store.require_host(&n("node-w1")).await.expect("host").last_heartbeat.expect("a heartbeat");
+    assert!(later > hb, "heartbeats keep coming");
+    // The generation it was defined with is in its metadata (what `guard boot` judges by).
+    let mut conn = Connect::open(Some(URI)).expect("libvirt");
+    let xml = Domain::lookup_by_uuid_string(&conn, &ha.to_string()).and_then(|d| d.get_xml_desc(0)).expect("xml");
+    let _ = conn.close();
+    assert!(xml.contains("https://nodekeeper.dev/xmlns/instance/1") && xml.contains("generation=\"1\""), "{xml}");
+
+    // The instance moves to node-w2: stopped here, its definition saved, then undefined.
+    store.evacuate(&[ha], &n("node-w2"), "test").await.expect("evacuate");
+    wait_for("the moved instance removed", Duration::from_secs(30), || state(ha) == (false, false));
+    let quarantined: Vec<_> = std::fs::read_dir(rig.dir.path().join("state/quarantine"))
+        .expect("quarantine")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(quarantined.iter().any(|f| f.starts_with(&ha.to_string())), "{quarantined:?}");
+    assert_eq!(state(plain), (true, true), "what is still ours keeps running");
+
+    // SIGTERM: a clean exit.
+    let mut guard = rig.guard.take().expect("guard");
+    let _ = Command::new("kill").args(["-TERM", &guard.id().to_string()]).status();
+    let status = guard.wait().expect("wait");
+    assert!(status.success(), "{status:?}");
+    store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_off_guard_stops_its_ha_domains_and_starts_them_when_the_database_confirms() {
+    if !libvirtd_available() {
+        return;
+    }
+    let Some(db) = TestDb::postgres().await else { return };
+    let (rig, store, ids) = setup(&db, &[("ha", "node-w1", true), ("plain", "node-w1", false)], "").await;
+    let (ha, plain) = (ids[0], ids[1]);
+    wait_for("both running", Duration::from_secs(60), || state(ha) == (true, true) && state(plain) == (true, true));
+    store.close().await;
+
+    // The database goes away (and with no peers configured, it alone decides).
+    assert!(db.set_reachable(false).await);
+    let cut = Instant::now();
+    wait_for("the HA domain stopped", Duration::from_secs(30), || state(ha) == (true, false));
+    let took = cut.elapsed();
+    // isolation_timeout counts from the last heartbeat that got through, up to one
+    // interval before the cut.
+    assert!(took >= Duration::from_millis(2600), "not before isolation_timeout: {took:?}");
+    assert_eq!(state(plain), (true, true), "non-HA instances are not fenced");
+    assert!(rig.dir.path().join("state/self-fenced.json").exists());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(state(ha), (true, false), "not restarted while the database is away");
+
+    // Back: the database confirms ha is still node-w1's; the guard starts it again.
+    assert!(db.set_reachable(true).await);
+    wait_for("the HA domain started again", Duration::from_secs(30), || state(ha) == (true, true));
+    wait_for("the self-fence lifted", Duration::from_secs(10), || {
+        !rig.dir.path().join("state/self-fenced.json").exists()
+    });
+    eprintln!("self-fence {took:?} after the database went away (isolation_timeout 3 s)");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guard_that_still_reaches_a_peer_holds_its_instances() {
+    if !libvirtd_available() {
+        return;
+    }
+    let Some(db) = TestDb::postgres().await else { return };
+    let peer = std::net::TcpListener::bind("127.0.0.1:0").expect("peer");
+    let addr = peer.local_addr().expect("addr");
+    let (rig, store, ids) = setup(&db, &[("ha", "node-w1", true)], &format!("\"{addr}\"")).await;
+    wait_for("running", Duration::from_secs(60), || state(ids[0]) == (true, true));
+    store.close().await;
+    assert!(db.set_reachable(false).await);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(state(ids[0]), (true, true), "the database is down, not this host: it holds");
+    assert!(!rig.dir.path().join("state/self-fenced.json").exists());
+    assert!(db.set_reachable(true).await);
+    drop(peer);
+}
