@@ -67,7 +67,7 @@ impl Default for WatchConfig {
     fn default() -> Self {
         Self {
             heartbeat_interval: Duration::from_secs(5),
-            converge_interval: Duration::from_secs(10),
+            converge_interval: Duration::from_secs(5),
             isolation_timeout: Duration::from_secs(20),
             peers: Vec::new(),
             self_fence: true,
