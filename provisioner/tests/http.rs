@@ -3,6 +3,7 @@
 
 use std::process::Command;
 use std::sync::Arc;
+use std::time::Duration;
 
 use nodekeeper_provisioner::http::{self, images::Images, HttpState};
 use nodekeeper_provisioner::metrics::Metrics;
@@ -192,4 +193,51 @@ async fn health_metrics_api_and_clean_shutdown() {
     let refused =
         Command::new("curl").args(["-sS", "--max-time", "5", &format!("{}/healthz", s.base)]).output().expect("curl");
     assert!(!refused.status.success(), "nothing listens after shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_event_stream_sends_every_event_once_in_order_and_resumes() {
+    let s = start().await;
+    let url = format!("{}/api/v1/events/stream?after=0", s.base);
+    // A follower that reads for 3 s while an event is recorded in the middle.
+    let follower = {
+        let url = url.clone();
+        tokio::task::spawn_blocking(move || {
+            Command::new("curl").args(["-sN", "--max-time", "3", &url]).output().expect("curl").stdout
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    s.store
+        .record_event(&nodekeeper_store::NewEvent::host("test", "test.live", &host("node-a"), "while streaming".into()))
+        .await
+        .expect("event");
+    let body = String::from_utf8(follower.await.expect("follower")).expect("utf-8");
+    let ids: Vec<i64> = body.lines().filter_map(|l| l.strip_prefix("id: ")).map(|v| v.parse().expect("id")).collect();
+    let all = s.store.events_after(0, None, 1000).await.expect("events");
+    assert_eq!(ids, all.iter().map(|e| e.id).collect::<Vec<_>>(), "every event once, in order:\n{body}");
+    assert!(body.contains("event: test.live") && body.contains("while streaming"), "{body}");
+    assert!(body.contains("event: host.added"));
+
+    // A reconnecting client says where it was: only what came after.
+    let last = all.last().expect("events").id;
+    let out = Command::new("curl")
+        .args(["-sN", "--max-time", "2", "-H", &format!("Last-Event-ID: {}", last - 1), &url])
+        .output()
+        .expect("curl");
+    let body = String::from_utf8_lossy(&out.stdout);
+    let ids: Vec<&str> = body.lines().filter_map(|l| l.strip_prefix("id: ")).collect();
+    assert_eq!(ids, vec![last.to_string()], "{body}");
+    // A bad host filter is refused.
+    let (code, _, _) = curl(&[&format!("{}/api/v1/events/stream?host=Not%20A%20Host", s.base)]).await;
+    assert_eq!(code, 400);
+    // Shutdown ends open streams: the server task finishes promptly.
+    let open = tokio::task::spawn_blocking(move || {
+        Command::new("curl").args(["-sN", "--max-time", "30", &url]).output().expect("curl")
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    s.shutdown.cancel();
+    let started = std::time::Instant::now();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.task).await.expect("the server stopped");
+    let _ = open.await;
+    assert!(started.elapsed() < Duration::from_secs(5), "shutdown waited for a stream");
 }

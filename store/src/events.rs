@@ -166,6 +166,31 @@ impl Store {
         insert_event(&mut conn, e).await
     }
 
+    /// The first `limit` events after id `after` (of `host`, if given), oldest first: for
+    /// followers that must see every event once, in order.
+    pub async fn events_after(&self, after: i64, host: Option<&HostName>, limit: u32) -> Result<Vec<Event>> {
+        let mut sql = String::from("SELECT id, at, actor, kind, host, instance, message FROM events WHERE id > $1");
+        if host.is_some() {
+            sql.push_str(" AND host = $2");
+        }
+        sql.push_str(&format!(" ORDER BY id LIMIT {limit}"));
+        let mut q = sqlx::query(&sql).bind(after);
+        if let Some(h) = host {
+            q = q.bind(h.as_str().to_owned());
+        }
+        let rows = q.fetch_all(&self.pool).await.map_err(query("reading events"))?;
+        rows.iter().map(event_from_row).collect()
+    }
+
+    /// The newest event's id (0 when there is none).
+    pub async fn last_event_id(&self) -> Result<i64> {
+        let row = sqlx::query("SELECT CAST(COALESCE(MAX(id), 0) AS BIGINT) AS id FROM events")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(query("reading events"))?;
+        sqlx::Row::try_get(&row, "id").map_err(query("reading events"))
+    }
+
     /// Events matching `filter`, oldest first (the newest `limit` of them).
     pub async fn events(&self, filter: &EventFilter) -> Result<Vec<Event>> {
         let mut sql = String::from("SELECT id, at, actor, kind, host, instance, message FROM events WHERE id > $1");

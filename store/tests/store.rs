@@ -27,6 +27,7 @@ on_both_engines!(
     leases_move_between_macs_and_survive,
     operations_are_unique_per_target_and_advance_by_compare_and_set,
     leadership_is_held_renewed_and_taken_over_only_after_expiry,
+    followers_read_events_in_order_from_an_id,
 );
 
 fn host(name: &str) -> HostName {
@@ -509,4 +510,28 @@ async fn leadership_is_held_renewed_and_taken_over_only_after_expiry(db: TestDb)
         winners.insert(l.holder);
     }
     assert_eq!(winners.len(), 1, "{winners:?}");
+}
+
+async fn followers_read_events_in_order_from_an_id(db: TestDb) {
+    let store = db.store().await;
+    assert_eq!(store.last_event_id().await.expect("last"), 0, "no events yet");
+    store.add_host(&new_host("node-a", None), "test").await.expect("host");
+    for i in 0..5 {
+        store.record_event(&NewEvent::host("test", "test.n", &host("node-a"), format!("n{i}"))).await.expect("event");
+    }
+    let last = store.last_event_id().await.expect("last");
+    let all = store.events_after(0, None, 100).await.expect("all");
+    assert_eq!(all.len(), 6, "host.added and five");
+    assert_eq!(all.last().map(|e| e.id), Some(last));
+    assert!(all.windows(2).all(|w| w[0].id < w[1].id), "ascending");
+    // Pages of two from an id: nothing skipped, nothing twice.
+    let (mut after, mut seen) = (0, Vec::new());
+    loop {
+        let page = store.events_after(after, Some(&host("node-a")), 2).await.expect("page");
+        let Some(e) = page.last() else { break };
+        after = e.id;
+        seen.extend(page.iter().map(|e| e.id));
+    }
+    assert_eq!(seen, all.iter().map(|e| e.id).collect::<Vec<_>>());
+    assert!(store.events_after(last, None, 10).await.expect("none").is_empty());
 }

@@ -55,6 +55,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/api/v1/hosts", get(api_hosts))
         .route("/api/v1/hosts/{name}", get(api_host))
         .route("/api/v1/events", get(api_events))
+        .route("/api/v1/events/stream", get(api_events_stream))
         .route("/api/v1/hosts/{name}/deploy", axum::routing::post(api_deploy))
         .layer(middleware::from_fn_with_state(state.clone(), count_requests))
         .with_state(state)
@@ -66,7 +67,9 @@ pub async fn serve(
     state: HttpState,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown.cancelled_owned()).await
+    // The token also ends open event streams, so a shutdown does not wait for their clients.
+    let app = router(state).layer(axum::Extension(shutdown.clone()));
+    axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await
 }
 
 async fn count_requests(State(state): State<HttpState>, req: Request, next: Next) -> Response {
@@ -213,6 +216,61 @@ async fn api_events(State(state): State<HttpState>, Query(q): Query<EventsQuery>
         Ok(events) => Json(events).into_response(),
         Err(e) => internal(e),
     }
+}
+
+/// `GET /api/v1/events/stream[?after=ID][&host=NAME]`: Server-Sent Events, one per event
+/// (`id:` the event's id, `event:` its kind, `data:` its JSON), in order, none skipped: from
+/// `after` (or the `Last-Event-ID` a reconnecting client sends), else from now. The database
+/// is polled every 500 ms; a comment keeps idle connections open.
+async fn api_events_stream(
+    State(state): State<HttpState>,
+    Query(q): Query<EventsQuery>,
+    headers: axum::http::HeaderMap,
+    shutdown: Option<axum::Extension<CancellationToken>>,
+) -> Response {
+    use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+    let host = match q.host.map(|h| h.parse::<HostName>()) {
+        Some(Ok(h)) => Some(h),
+        Some(Err(e)) => return text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+        None => None,
+    };
+    let resume = headers.get("last-event-id").and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse().ok());
+    let after = match resume.or(q.after) {
+        Some(a) => a,
+        None => match state.store.last_event_id().await {
+            Ok(id) => id,
+            Err(e) => return internal(e),
+        },
+    };
+    let stop = shutdown.map(|s| s.0).unwrap_or_default();
+    let start = (state.store.clone(), after, std::collections::VecDeque::new());
+    let stream = futures_util::stream::unfold(start, move |(store, mut after, mut queue)| {
+        let (host, stop) = (host.clone(), stop.clone());
+        async move {
+            loop {
+                if let Some(e) = queue.pop_front() {
+                    return Some((Ok::<_, std::convert::Infallible>(e), (store, after, queue)));
+                }
+                match store.events_after(after, host.as_ref(), 500).await {
+                    Ok(batch) if !batch.is_empty() => {
+                        for e in batch {
+                            after = e.id;
+                            let data = serde_json::to_string(&e).unwrap_or_default();
+                            queue.push_back(SseEvent::default().id(e.id.to_string()).event(e.kind.clone()).data(data));
+                        }
+                        continue;
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!("event stream: {e}"),
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => return None,
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+            }
+        }
+    });
+    Sse::new(stream).keep_alive(KeepAlive::default()).into_response()
 }
 
 /// What the deploy agent posts.
