@@ -4,7 +4,7 @@
 //! small Redfish endpoint in this test whose ForceOff kills that host's guard and whose On
 //! starts it again (the test double for a machine's power; the Redfish driver itself is
 //! tested against sushy-tools). node-a's guard is killed — the host hangs — and the test
-//! follows: suspect after the grace, fenced through its BMC, its HA instances given to node-b
+//! follows — with two replicas of `serve`, the leading one killed first: suspect after the grace, fenced through its BMC, its HA instances given to node-b
 //! and node-c, defined and started there by their guards, node-a powered on again and back
 //! to active. It prints the time from node-a's last heartbeat to the last instance running
 //! elsewhere.
@@ -209,6 +209,7 @@ async fn a_hung_host_is_fenced_and_its_ha_instances_run_elsewhere() {
     let http = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
     std::fs::create_dir_all(format!("{d}/images")).expect("images");
     let config = format!("{d}/provisioner.toml");
+    // (the base config; each replica gets its own copy with its own port)
     std::fs::write(
         &config,
         format!(
@@ -219,12 +220,7 @@ async fn a_hung_host_is_fenced_and_its_ha_instances_run_elsewhere() {
         ),
     )
     .expect("config");
-    let serve = Command::new(PROVISIONER)
-        .args(["serve", "--config", &config])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(format!("{d}/serve.log")).expect("log"))
-        .spawn()
-        .expect("serve");
+    // Two replicas of serve: one controller acts, the other waits for its lease.
     struct Kill(Child);
     impl Drop for Kill {
         fn drop(&mut self) {
@@ -232,11 +228,35 @@ async fn a_hung_host_is_fenced_and_its_ha_instances_run_elsewhere() {
             let _ = self.0.wait();
         }
     }
-    let _serve = Kill(serve);
+    let mut replicas: Vec<Kill> = Vec::new();
+    for r in 0..2 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
+        let text = std::fs::read_to_string(&config)
+            .expect("config")
+            .replace(&format!("127.0.0.1:{http}"), &format!("127.0.0.1:{port}"));
+        let path = format!("{d}/provisioner-{r}.toml");
+        std::fs::write(&path, text).expect("replica config");
+        let child = Command::new(PROVISIONER)
+            .args(["serve", "--config", &path])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(format!("{d}/serve-{r}.log")).expect("log"))
+            .spawn()
+            .expect("serve");
+        replicas.push(Kill(child));
+    }
     tokio::time::sleep(Duration::from_secs(if defaults { 12 } else { 3 })).await;
     for h in hosts {
         assert_eq!(store.require_host(&n(h)).await.expect("host").state, HostState::Active, "{h} is healthy");
     }
+
+    // The leading replica dies (SIGKILL, no release): the other takes the lease over once it
+    // runs out, in a new term.
+    let leader = store.leadership("controller").await.expect("read").expect("a leader");
+    let pid: u32 = leader.holder.rsplit(':').next().and_then(|p| p.parse().ok()).expect("holder host:pid");
+    let index = replicas.iter().position(|k| k.0.id() == pid).expect("the leader is one of ours");
+    let mut dead = replicas.remove(index);
+    let _ = dead.0.kill();
+    let _ = dead.0.wait();
 
     // node-a hangs: its guard dies, its power stays on.
     machines.lock().expect("lock").kill("node-a");
@@ -246,8 +266,9 @@ async fn a_hung_host_is_fenced_and_its_ha_instances_run_elsewhere() {
     while elsewhere.len() < ha.len() {
         assert!(
             limit.elapsed() < Duration::from_secs(150),
-            "not recovered: {elsewhere:?}\nserve log:\n{}",
-            std::fs::read_to_string(format!("{d}/serve.log")).unwrap_or_default()
+            "not recovered: {elsewhere:?}\nserve logs:\n{}\n{}",
+            std::fs::read_to_string(format!("{d}/serve-0.log")).unwrap_or_default(),
+            std::fs::read_to_string(format!("{d}/serve-1.log")).unwrap_or_default()
         );
         for id in &ha {
             let runs: Vec<_> =
@@ -284,6 +305,8 @@ async fn a_hung_host_is_fenced_and_its_ha_instances_run_elsewhere() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let fence = store.operation(fence.id).await.expect("op").expect("fence");
+    let now = store.leadership("controller").await.expect("read").expect("a leader");
+    assert!(now.term > leader.term && now.holder != leader.holder, "{leader:?} then {now:?}");
     assert_eq!((fence.status, fence.step.as_str()), (OperationStatus::Done, "done"), "{fence:?}");
     assert_eq!(machines.lock().expect("lock").power_ons.get("node-a").copied(), Some(1));
     let grace = if defaults { "30 s, shipped intervals" } else { "6 s, 1 s intervals" };

@@ -80,6 +80,25 @@ impl Store {
         })
     }
 
+    /// The role's row as it stands, without taking it (for `host show`-like views and tests).
+    pub async fn leadership(&self, role: &str) -> Result<Option<Leadership>> {
+        const WHAT: &str = "reading leadership";
+        let row = sqlx::query("SELECT role, holder, term, expires_at FROM leadership WHERE role = $1")
+            .bind(role)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(query(WHAT))?;
+        row.map(|row| {
+            Ok(Leadership {
+                role: row.try_get("role").map_err(query(WHAT))?,
+                holder: row.try_get("holder").map_err(query(WHAT))?,
+                term: row.try_get("term").map_err(query(WHAT))?,
+                expires_at: Timestamp(row.try_get("expires_at").map_err(query(WHAT))?),
+            })
+        })
+        .transpose()
+    }
+
     /// Gives `role` up if `holder` has it (a clean shutdown: the next replica need not wait
     /// for the expiry).
     pub async fn release_leadership(&self, role: &str, holder: &str) -> Result<()> {

@@ -469,7 +469,9 @@ async fn operations_are_unique_per_target_and_advance_by_compare_and_set(db: Tes
 async fn leadership_is_held_renewed_and_taken_over_only_after_expiry(db: TestDb) {
     use nodekeeper_store::Timestamp;
     let store = db.store().await;
+    assert!(store.leadership("controller").await.expect("read").is_none(), "nobody yet");
     let a = store.acquire_leadership("controller", "replica-a", 60_000).await.expect("a");
+    assert_eq!(store.leadership("controller").await.expect("read").map(|l| l.holder), Some("replica-a".into()));
     assert!(a.held_by("replica-a", Timestamp::now()) && a.term == 1, "{a:?}");
     let b = store.acquire_leadership("controller", "replica-b", 60_000).await.expect("b");
     assert!(!b.held_by("replica-b", Timestamp::now()), "taken while held: {b:?}");
