@@ -311,3 +311,39 @@ async fn two_controllers_racing_on_one_evacuation_move_each_instance_once(db: Te
     let advanced = events.iter().filter(|e| e.message.ends_with("next restore")).count();
     assert_eq!(advanced, 1, "the step advanced once");
 }
+
+/// PostgreSQL goes away in the middle of an evacuation and comes back: ticks fail while it is
+/// away (and change nothing), then the fence goes on where the database says it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_database_outage_mid_fence_loses_nothing() {
+    let Some(db) = TestDb::postgres().await else { return };
+    let c = cell(&db, 3).await;
+    let ctl = c.controller("replica-1", config());
+    for s in 0..5 {
+        if c.fence_op("a").await.is_some_and(|o| o.step == "evacuate") {
+            break;
+        }
+        c.beat(&["b", "c"], c.at(31 + s)).await;
+        ctl.tick(c.at(31 + s)).await.expect("tick");
+    }
+    assert_eq!(c.fence_op("a").await.expect("fence").step, "evacuate");
+    assert!(db.set_reachable(false).await);
+    for s in 0..3 {
+        assert!(ctl.tick(c.at(40 + s)).await.is_err(), "no database, no tick");
+    }
+    assert!(db.set_reachable(true).await);
+    let mut done = false;
+    for s in 0..20 {
+        // The first ticks may meet connections the outage killed; the pool replaces them.
+        c.beat(&["b", "c"], c.at(45 + s)).await;
+        if ctl.tick(c.at(45 + s)).await.is_ok()
+            && c.fence_op("a").await.is_some_and(|o| o.status == OperationStatus::Done)
+        {
+            done = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(done, "{:?}", c.fence_op("a").await);
+    c.check("a", true).await;
+}
