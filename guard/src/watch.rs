@@ -22,7 +22,7 @@ use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use nodekeeper_store::{ConnectOptions, Generation, InstanceId, NewEvent, Store};
+use nodekeeper_store::{ConnectOptions, Generation, InstanceId, NewEvent, ReportedDomain, Store};
 use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
@@ -106,6 +106,8 @@ struct Watch {
     fence_file: PathBuf,
     restarts: VecDeque<Instant>,
     rebooted: bool,
+    /// Started by the current converge pass (for its report).
+    started_now: Vec<(InstanceId, Generation)>,
 }
 
 /// Runs until `stop` resolves; returns what it did. The heartbeat and converge loops run
@@ -131,6 +133,7 @@ pub async fn run(config: Config, stop: impl std::future::Future<Output = ()>) ->
         fence_file: fence_file.clone(),
         restarts: VecDeque::new(),
         rebooted: false,
+        started_now: Vec::new(),
     };
     let w = config.watch.clone();
     let mut hb = worker();
@@ -342,6 +345,7 @@ impl Watch {
                         events.push(NewEvent::instance(&actor, "instance.defined", &self.config.host, uuid, m));
                     }
                     if started {
+                        self.started_now.push((uuid, generation));
                         self.shared.count(|c| c.started += 1);
                         let m = format!("{} started by the guard", inst.name);
                         events.push(NewEvent::instance(&actor, "instance.started", &self.config.host, uuid, m));
@@ -351,6 +355,20 @@ impl Watch {
             }
         }
         let lifted = Shared::lock(&self.shared.fenced).take();
+        // What this pass saw (and did), for the controller's GC pass.
+        let mut seen: HashMap<InstanceId, (bool, Option<Generation>)> =
+            local.iter().map(|(id, d)| (*id, (d.active, d.generation))).collect();
+        for (id, generation) in &self.started_now {
+            seen.insert(*id, (true, Some(*generation)));
+        }
+        self.started_now.clear();
+        let report: Vec<ReportedDomain> = seen
+            .into_iter()
+            .map(|(uuid, (running, generation))| ReportedDomain { uuid, running, generation })
+            .collect();
+        if let Err(e) = store.save_guard_report(&self.config.host, &report).await {
+            tracing::warn!("converge: saving the report: {e}");
+        }
         if let Some(f) = lifted {
             // The database answers and confirmed what is ours: what the self-fence stopped and
             // is still ours was started above; the rest was recovered elsewhere.

@@ -26,6 +26,7 @@ on_both_engines!(
     many_silent_hosts_at_once_brake_instead_of_fencing,
     only_the_leader_acts_and_a_successor_resumes_mid_fence,
     two_controllers_racing_on_one_evacuation_move_each_instance_once,
+    gc_raises_drift_once_and_retries_what_found_no_room,
 );
 
 #[derive(Clone, Default)]
@@ -345,5 +346,41 @@ async fn a_database_outage_mid_fence_loses_nothing() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(done, "{:?}", c.fence_op("a").await);
+    c.check("a", true).await;
+}
+
+async fn gc_raises_drift_once_and_retries_what_found_no_room(db: TestDb) {
+    use nodekeeper_store::ReportedDomain;
+    let c = cell(&db, 3).await;
+    let quick = RecoveryConfig { grace: Duration::from_millis(300), ..config() };
+    let ctl = c.controller("replica-1", quick);
+    tokio::time::sleep(Duration::from_millis(400)).await; // the assignments are older than the grace
+                                                          // node-b's guard reports one of node-a's HA instances running there, and not its own HA one.
+    let astray = c.ha[0];
+    let b_own_ha = c.others[2];
+    let report = [ReportedDomain { uuid: astray, running: true, generation: Some(Generation(1)) }];
+    c.store.save_guard_report(&n("b"), &report).await.expect("report");
+    c.store.save_guard_report(&n("c"), &[]).await.expect("report");
+    for host in ["a", "b", "c"] {
+        c.store.record_heartbeat(&n(host)).await.expect("heartbeat");
+    }
+    let gc = ctl.gc(Timestamp::now()).await.expect("gc");
+    assert_eq!(gc.running_astray, vec![(astray, n("b"))]);
+    assert_eq!(gc.not_running, vec![(b_own_ha, n("b"))]);
+    ctl.gc(Timestamp::now()).await.expect("gc again");
+    let events = c.store.events(&EventFilter { limit: Some(1000), ..Default::default() }).await.expect("events");
+    assert_eq!(events.iter().filter(|e| e.kind == "gc.running_astray").count(), 1, "raised once");
+    assert_eq!(events.iter().filter(|e| e.kind == "gc.not_running").count(), 1, "raised once");
+    c.check("a", false).await; // GC moves nothing by itself
+
+    // node-a is fenced with its HA instances still on it (no room then): GC starts the
+    // evacuation again, and the next ticks carry it out.
+    c.store.set_host_state(&n("a"), HostState::Fenced, "test", "fenced, nothing placed").await.expect("fenced");
+    let gc = ctl.gc(Timestamp::now()).await.expect("gc");
+    assert_eq!(gc.retried, vec![n("a")]);
+    for _ in 0..3 {
+        c.beat(&["b", "c"], Timestamp::now()).await;
+        ctl.tick(Timestamp::now()).await.expect("tick");
+    }
     c.check("a", true).await;
 }

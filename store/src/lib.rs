@@ -18,6 +18,7 @@ mod instances;
 mod leadership;
 mod leases;
 mod operations;
+mod reports;
 mod types;
 
 pub use db::{redact_url, Backend, ConnectOptions, DatabaseUrl, Store};
@@ -28,6 +29,7 @@ pub use instances::{Instance, NewInstance, Ownership, Transfer};
 pub use leadership::Leadership;
 pub use leases::Lease;
 pub use operations::{Operation, StepChange};
+pub use reports::{GuardReport, ReportedDomain};
 pub use types::{
     Generation, HostName, HostState, InstanceId, MacAddr, OperationStatus, ParseError, Storage, Timestamp,
 };

@@ -12,7 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nodekeeper_store::{
-    Host, HostName, HostState, NewEvent, Operation, OperationStatus, StepChange, Store, StoreError, Timestamp,
+    Host, HostName, HostState, InstanceId, NewEvent, Operation, OperationStatus, StepChange, Store, StoreError,
+    Timestamp,
 };
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
@@ -56,6 +57,9 @@ pub struct RecoveryConfig {
     /// that host again (default 5 min); meanwhile an operator may `host mark-fenced` it.
     #[serde(deserialize_with = "duration")]
     pub fence_retry_after: Duration,
+    /// How often the GC pass compares the guards' reports with the database (default 30 s).
+    #[serde(deserialize_with = "duration")]
+    pub gc_interval: Duration,
 }
 
 impl Default for RecoveryConfig {
@@ -69,6 +73,7 @@ impl Default for RecoveryConfig {
             lease_ttl: Duration::from_secs(15),
             bmc_attempts: 3,
             fence_retry_after: Duration::from_secs(300),
+            gc_interval: Duration::from_secs(30),
         }
     }
 }
@@ -109,6 +114,19 @@ pub struct TickReport {
     pub actions: Vec<Action>,
     /// Fence operations stepped.
     pub fences_stepped: usize,
+    /// What the GC pass found, if it ran this tick.
+    pub gc: Option<GcReport>,
+}
+
+/// What one GC pass found (each also an event, recorded once per occurrence).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct GcReport {
+    /// A domain runs on a host the database does not assign it to (or it is deleted).
+    pub running_astray: Vec<(InstanceId, HostName)>,
+    /// An HA instance is not running on the host the database assigns it to.
+    pub not_running: Vec<(InstanceId, HostName)>,
+    /// Fenced hosts whose HA instances found no room before: evacuation started again.
+    pub retried: Vec<HostName>,
 }
 
 /// One controller replica.
@@ -118,12 +136,20 @@ pub struct Controller<F: BmcFactory> {
     config: RecoveryConfig,
     holder: String,
     last_alert: std::sync::Mutex<Option<(usize, usize)>>,
+    last_gc: std::sync::Mutex<Option<Timestamp>>,
 }
 
 impl<F: BmcFactory> Controller<F> {
     /// A replica named `holder` (unique among replicas: host name and process id).
     pub fn new(store: Store, factory: Arc<F>, config: RecoveryConfig, holder: String) -> Controller<F> {
-        Controller { store, factory, config, holder, last_alert: std::sync::Mutex::new(None) }
+        Controller {
+            store,
+            factory,
+            config,
+            holder,
+            last_alert: std::sync::Mutex::new(None),
+            last_gc: std::sync::Mutex::new(None),
+        }
     }
 
     /// Ticks every `interval` until `shutdown`, then gives the lease up.
@@ -179,7 +205,92 @@ impl<F: BmcFactory> Controller<F> {
             }
             report.fences_stepped += 1;
         }
+        let gc_due = {
+            let mut last = self.last_gc.lock().unwrap_or_else(|p| p.into_inner());
+            let interval = i64::try_from(self.config.gc_interval.as_millis()).unwrap_or(i64::MAX / 4);
+            let due = last.is_none_or(|t| now.0.saturating_sub(t.0) >= interval);
+            if due {
+                *last = Some(now);
+            }
+            due
+        };
+        if gc_due {
+            report.gc = Some(self.gc(now).await?);
+        }
         Ok(report)
+    }
+
+    /// Compares what the guards last reported with what the database assigns, raises what
+    /// drifted (once each), and starts the evacuation again for fenced hosts whose HA
+    /// instances found no room before. It moves nothing by itself: the guards converge, and a
+    /// running domain is never stopped from here.
+    pub async fn gc(&self, now: Timestamp) -> Result<GcReport, StoreError> {
+        let mut out = GcReport::default();
+        let hosts = self.store.hosts().await?;
+        let instances = self.store.instances(None).await?;
+        let by_id: std::collections::HashMap<InstanceId, &nodekeeper_store::Instance> =
+            instances.iter().map(|i| (i.uuid, i)).collect();
+        let fresh_ms = i64::try_from((self.config.grace * 3).as_millis()).unwrap_or(i64::MAX / 4);
+        let slack_ms = i64::try_from(self.config.grace.as_millis()).unwrap_or(i64::MAX / 4);
+        let mut events = Vec::new();
+        for r in self.store.guard_reports().await? {
+            let active = hosts.iter().any(|h| h.name == r.host && h.state == HostState::Active);
+            if !active || now.0.saturating_sub(r.at.0) > fresh_ms {
+                continue;
+            }
+            let running: std::collections::HashSet<InstanceId> =
+                r.domains.iter().filter(|d| d.running).map(|d| d.uuid).collect();
+            for d in r.domains.iter().filter(|d| d.running) {
+                let Some(i) = by_id.get(&d.uuid) else { continue }; // not the database's to judge
+                let astray = if i.deleted {
+                    Some(format!("{} is deleted but runs on {}", i.name, r.host))
+                } else if i.owner != r.host {
+                    Some(format!(
+                        "{} runs on {} but belongs to {} (generation {})",
+                        i.name, r.host, i.owner, i.generation
+                    ))
+                } else {
+                    None
+                };
+                if let Some(message) = astray {
+                    out.running_astray.push((i.uuid, r.host.clone()));
+                    let key = format!("gc:astray:{}:{}:{}", i.uuid, r.host, i.generation);
+                    events.push(NewEvent::instance(ACTOR, "gc.running_astray", &r.host, i.uuid, message).with_key(key));
+                }
+            }
+            // Assigned here a while ago (not just moved), HA, and not running in the report.
+            for i in instances.iter().filter(|i| i.owner == r.host && i.ha && !i.deleted) {
+                if running.contains(&i.uuid) || r.at.0.saturating_sub(i.updated_at.0) < slack_ms {
+                    continue;
+                }
+                out.not_running.push((i.uuid, r.host.clone()));
+                let message = format!("HA instance {} is not running on its host {}", i.name, r.host);
+                let key = format!("gc:not_running:{}:{}:{}", i.uuid, r.host, i.generation);
+                events.push(NewEvent::instance(ACTOR, "gc.not_running", &r.host, i.uuid, message).with_key(key));
+            }
+        }
+        let fencing: Vec<HostName> = self.store.running_operations(KIND).await?.into_iter().map(|o| o.target).collect();
+        for h in hosts.iter().filter(|h| h.state == HostState::Fenced && !fencing.contains(&h.name)) {
+            let left: Vec<InstanceId> =
+                instances.iter().filter(|i| i.owner == h.name && i.ha && !i.deleted).map(|i| i.uuid).collect();
+            // Only when some host could take one now: no new operation every pass for nothing.
+            let room = place::place(&h.name, &left, &hosts, &instances, now, self.config.grace);
+            if !room.iter().any(|(_, to)| to.is_some()) {
+                continue;
+            }
+            let data =
+                FenceData { after: AfterFence::Nothing, bmc_attempts: self.config.bmc_attempts, moved: 0, unplaced: 0 };
+            let json = serde_json::to_string(&data).unwrap_or_else(|_| "{}".into());
+            let (_, started) =
+                self.store.start_operation(KIND, &h.name, Step::Evacuate.as_str(), None, &json, ACTOR).await?;
+            if started {
+                out.retried.push(h.name.clone());
+            }
+        }
+        if !events.is_empty() {
+            self.store.record_events(&events).await?;
+        }
+        Ok(out)
     }
 
     async fn act(&self, action: &Action) -> Result<(), StoreError> {

@@ -1,0 +1,79 @@
+//! Guard reports: what each guard last saw in its libvirt (replaced on every converge pass),
+//! for the controller's GC pass to compare with the database's assignments.
+
+use serde::{Deserialize, Serialize};
+use sqlx::Row;
+
+use crate::db::now_ms;
+use crate::error::{query, Result, StoreError};
+use crate::types::{Generation, HostName, InstanceId, Timestamp};
+use crate::Store;
+
+/// One domain as a guard saw it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportedDomain {
+    /// Its UUID.
+    pub uuid: InstanceId,
+    /// Running (or paused).
+    pub running: bool,
+    /// The generation in its metadata, if any.
+    pub generation: Option<Generation>,
+}
+
+/// A guard's last report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuardReport {
+    /// The host.
+    pub host: HostName,
+    /// When.
+    pub at: Timestamp,
+    /// What it saw.
+    pub domains: Vec<ReportedDomain>,
+}
+
+impl Store {
+    /// Replaces `host`'s report.
+    pub async fn save_guard_report(&self, host: &HostName, domains: &[ReportedDomain]) -> Result<()> {
+        const WHAT: &str = "saving a guard report";
+        let json = serde_json::to_string(domains)
+            .map_err(|e| StoreError::Corrupt { table: "guard_reports", reason: e.to_string() })?;
+        let mut tx = self.begin_write().await.map_err(query(WHAT))?;
+        sqlx::query("DELETE FROM guard_reports WHERE host = $1")
+            .bind(host.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(query(WHAT))?;
+        sqlx::query("INSERT INTO guard_reports (host, at, domains) VALUES ($1, $2, $3)")
+            .bind(host.as_str())
+            .bind(now_ms())
+            .bind(json)
+            .execute(&mut *tx)
+            .await
+            .map_err(query(WHAT))?;
+        tx.commit().await.map_err(query(WHAT))?;
+        Ok(())
+    }
+
+    /// Every host's last report (an unreadable one is skipped with a warning).
+    pub async fn guard_reports(&self) -> Result<Vec<GuardReport>> {
+        const WHAT: &str = "reading guard reports";
+        let rows = sqlx::query("SELECT host, at, domains FROM guard_reports ORDER BY host")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(query(WHAT))?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let host: String = row.try_get("host").map_err(query(WHAT))?;
+            let text: String = row.try_get("domains").map_err(query(WHAT))?;
+            match (host.parse::<HostName>(), serde_json::from_str::<Vec<ReportedDomain>>(&text)) {
+                (Ok(host), Ok(domains)) => {
+                    out.push(GuardReport { host, at: Timestamp(row.try_get("at").map_err(query(WHAT))?), domains })
+                }
+                (h, d) => {
+                    tracing::warn!("skipping an unreadable guard report of {host:?}: {:?} {:?}", h.err(), d.err())
+                }
+            }
+        }
+        Ok(out)
+    }
+}
