@@ -230,3 +230,50 @@ async fn a_guard_that_still_reaches_a_peer_holds_its_instances() {
     assert!(db.set_reachable(true).await);
     drop(peer);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_libvirtd_is_restarted_a_bounded_number_of_times_then_the_host_reboots() {
+    // A libvirt URI whose socket does not exist stands for a dead libvirtd; the restart and
+    // reboot commands are scripts that count their runs (this machine is not rebooted).
+    let db = TestDb::sqlite();
+    let store = db.store().await;
+    let host = NewHost { name: n("node-w1"), mac: None, ip: None, bmc_url: None, bmc_credentials: None };
+    store.add_host(&host, "test").await.expect("host");
+    let dir = tempfile::tempdir().expect("dir");
+    let d = dir.path().display().to_string();
+    let script = |name: &str| {
+        let path = format!("{d}/{name}.sh");
+        std::fs::write(&path, format!("#!/bin/sh\necho run >> {d}/{name}.count\n")).expect("script");
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+        path
+    };
+    let (restart, reboot) = (script("restart"), script("reboot"));
+    let config = format!("{d}/guard.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "host = \"node-w1\"\ndatabase_url = \"{}\"\n[libvirt]\nconfig_dir = \"{d}/qemu\"\n\
+             uri = \"qemu+unix:///system?socket={d}/no-such-libvirt-sock\"\n[boot]\nstate_dir = \"{d}/state\"\n\
+             [watch]\nheartbeat_interval = \"200ms\"\nconverge_interval = \"200ms\"\nisolation_timeout = \"5s\"\n\
+             libvirt_restart = [\"{restart}\"]\nlibvirt_kill = []\nmax_restarts = 3\nrestart_window = \"1m\"\nreboot = [\"{reboot}\"]\n",
+            db.url()
+        ),
+    )
+    .expect("config");
+    let mut guard = Command::new(env!("CARGO_BIN_EXE_nodekeeper-guard"))
+        .args(["watch", "--config", &config])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("guard");
+    let count =
+        |name: &str| std::fs::read_to_string(format!("{d}/{name}.count")).map(|s| s.lines().count()).unwrap_or(0);
+    wait_for("the reboot", Duration::from_secs(20), || count("reboot") == 1);
+    std::thread::sleep(Duration::from_secs(1));
+    let _ = guard.kill();
+    let _ = guard.wait();
+    assert_eq!(count("restart"), 3, "max_restarts, then the reboot");
+    assert_eq!(count("reboot"), 1, "once: no loop");
+    // Heartbeats went on all along: libvirt's trouble is not the host's silence.
+    assert!(store.require_host(&n("node-w1")).await.expect("host").last_heartbeat.is_some());
+}

@@ -11,6 +11,7 @@ use std::time::Duration;
 use nodekeeper_provisioner::bmc::fake::Fake;
 use nodekeeper_provisioner::bmc::{BmcError, Policy};
 use nodekeeper_provisioner::recovery::controller::{self, Controller, RecoveryConfig, KIND};
+use nodekeeper_provisioner::recovery::fence::AfterFence;
 use nodekeeper_provisioner::reimage::executor::BmcFactory;
 use nodekeeper_store::testing::TestDb;
 use nodekeeper_store::{
@@ -27,6 +28,7 @@ on_both_engines!(
     only_the_leader_acts_and_a_successor_resumes_mid_fence,
     two_controllers_racing_on_one_evacuation_move_each_instance_once,
     gc_raises_drift_once_and_retries_what_found_no_room,
+    after_fence_reimage_requests_a_reimage_of_the_host,
 );
 
 #[derive(Clone, Default)]
@@ -383,4 +385,19 @@ async fn gc_raises_drift_once_and_retries_what_found_no_room(db: TestDb) {
         ctl.tick(Timestamp::now()).await.expect("tick");
     }
     c.check("a", true).await;
+}
+
+async fn after_fence_reimage_requests_a_reimage_of_the_host(db: TestDb) {
+    let c = cell(&db, 3).await;
+    let ctl = c.controller("replica-1", RecoveryConfig { after_fence: AfterFence::Reimage, ..config() });
+    for s in 0..8 {
+        c.beat(&["b", "c"], c.at(31 + s)).await;
+        ctl.tick(c.at(31 + s)).await.expect("tick");
+    }
+    c.check("a", true).await;
+    // The fence is done and a reimage of node-a runs (the host is `reimaging`: its iPXE
+    // script serves the installer).
+    let latest = c.store.latest_operation(&n("a")).await.expect("op").expect("op");
+    assert_eq!((latest.kind.as_str(), latest.status), ("reimage", OperationStatus::Running), "{latest:?}");
+    assert_eq!(c.store.require_host(&n("a")).await.expect("a").state, HostState::Reimaging);
 }
