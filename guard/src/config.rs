@@ -61,6 +61,44 @@ pub struct WatchConfig {
     pub restart_window: Duration,
     /// The command that reboots the host (argv).
     pub reboot: Vec<String>,
+    /// Other services the host must run, checked every `converge_interval`
+    /// (`[[watch.services]]`).
+    pub services: Vec<ServiceCheck>,
+}
+
+/// `[[watch.services]]`: a service checked by a command or an HTTP GET. Dead (the check fails)
+/// → `restart`; stuck (no answer within `timeout`) → `kill`, then `restart`; more than
+/// `max_restarts` within `restart_window` → the host reboots (once, shared with libvirtd's).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceCheck {
+    /// For logs.
+    pub name: String,
+    /// A command (argv) that exits 0 while the service is healthy.
+    #[serde(default)]
+    pub check: Vec<String>,
+    /// Or an `http://HOST:PORT/PATH` that answers 2xx while it is healthy.
+    #[serde(default)]
+    pub http: Option<String>,
+    /// How long the check may take.
+    #[serde(default = "default_check_timeout", deserialize_with = "duration")]
+    pub timeout: Duration,
+    /// Restarts it (argv).
+    pub restart: Vec<String>,
+    /// Kills it when stuck (argv), before the restart.
+    #[serde(default)]
+    pub kill: Vec<String>,
+    /// Rejuvenation: a graceful `restart` this often even while healthy (off when absent).
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub rejuvenate_every: Option<Duration>,
+}
+
+fn default_check_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    duration(d).map(Some)
 }
 
 impl Default for WatchConfig {
@@ -77,6 +115,7 @@ impl Default for WatchConfig {
             max_restarts: 3,
             restart_window: Duration::from_secs(600),
             reboot: vec!["systemctl".into(), "reboot".into()],
+            services: Vec::new(),
         }
     }
 }
@@ -180,8 +219,16 @@ impl Config {
         if w.isolation_timeout <= w.heartbeat_interval * 2 {
             return Err("watch.isolation_timeout must exceed two heartbeat intervals".into());
         }
-        if w.max_restarts > 0 && w.libvirt_restart.is_empty() {
-            return Err("watch.max_restarts needs watch.libvirt_restart (set max_restarts = 0 to never act)".into());
+        for svc in &w.services {
+            if svc.check.is_empty() == svc.http.is_none() {
+                return Err(format!("watch.services {:?}: give exactly one of check and http", svc.name));
+            }
+            if svc.http.as_deref().is_some_and(|u| !u.starts_with("http://")) {
+                return Err(format!("watch.services {:?}: http must be an http:// URL", svc.name));
+            }
+            if svc.restart.is_empty() {
+                return Err(format!("watch.services {:?}: restart is required", svc.name));
+            }
         }
         Ok(config)
     }
@@ -234,5 +281,35 @@ on_db_unreachable = "block-ha"
             let err = Config::parse(text).expect_err(text);
             assert!(err.contains(want), "{text}: {err}");
         }
+    }
+
+    #[test]
+    fn watch_settings_are_checked() {
+        let base = "host = \"a\"\ndatabase_url = \"sqlite:///tmp/x.db\"\n";
+        let c = Config::parse(base).expect("defaults");
+        assert_eq!(
+            (c.watch.heartbeat_interval, c.watch.isolation_timeout),
+            (Duration::from_secs(5), Duration::from_secs(20))
+        );
+        for (extra, want) in [
+            ("[watch]\nisolation_timeout = \"8s\"\n", "two heartbeat intervals"),
+            ("[[watch.services]]\nname = \"x\"\nrestart = [\"r\"]\n", "exactly one of check and http"),
+            (
+                "[[watch.services]]\nname = \"x\"\ncheck = [\"true\"]\nhttp = \"http://a/\"\nrestart = [\"r\"]\n",
+                "exactly one",
+            ),
+            ("[[watch.services]]\nname = \"x\"\nhttp = \"https://a/\"\nrestart = [\"r\"]\n", "http:// URL"),
+            ("[[watch.services]]\nname = \"x\"\ncheck = [\"true\"]\nrestart = []\n", "restart is required"),
+            ("[watch]\nheartbeat = \"1s\"\n", "unknown field"),
+        ] {
+            let err = Config::parse(&format!("{base}{extra}")).expect_err(extra);
+            assert!(err.contains(want), "{extra}: {err}");
+        }
+        let ok = Config::parse(&format!(
+            "{base}[[watch.services]]\nname = \"ovs\"\ncheck = [\"true\"]\nrestart = [\"r\"]\nrejuvenate_every = \"1d\"\n"
+        ))
+        .expect("a service");
+        assert_eq!(ok.watch.services[0].rejuvenate_every, Some(Duration::from_secs(86_400)));
+        assert_eq!(ok.watch.services[0].timeout, Duration::from_secs(5));
     }
 }

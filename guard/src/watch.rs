@@ -43,8 +43,8 @@ pub struct Counters {
     pub started: u64,
     /// Self-fences.
     pub self_fences: u64,
-    /// libvirtd restarts.
-    pub libvirt_restarts: u64,
+    /// Restarts of libvirtd and of the configured services.
+    pub restarts: u64,
 }
 
 /// The self-fence's record (`state_dir/self-fenced.json`): survives a restart of the guard,
@@ -81,6 +81,8 @@ struct Shared {
     counters: std::sync::Mutex<Counters>,
     /// When each loop last finished a round: (heartbeat, converge).
     rounds: std::sync::Mutex<(Instant, Instant)>,
+    /// The reboot command ran (once per guard process).
+    rebooted: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -104,8 +106,8 @@ struct Watch {
     store: Option<Store>,
     shared: std::sync::Arc<Shared>,
     fence_file: PathBuf,
-    restarts: VecDeque<Instant>,
-    rebooted: bool,
+    /// Recent restarts, per service (`libvirtd` and the configured ones).
+    restarts: HashMap<String, VecDeque<Instant>>,
     /// Started by the current converge pass (for its report).
     started_now: Vec<(InstanceId, Generation)>,
 }
@@ -125,14 +127,14 @@ pub async fn run(config: Config, stop: impl std::future::Future<Output = ()>) ->
         fenced: std::sync::Mutex::new(fenced),
         counters: std::sync::Mutex::new(Counters::default()),
         rounds: std::sync::Mutex::new((Instant::now(), Instant::now())),
+        rebooted: std::sync::atomic::AtomicBool::new(false),
     });
     let worker = || Watch {
         config: config.clone(),
         store: None,
         shared: shared.clone(),
         fence_file: fence_file.clone(),
-        restarts: VecDeque::new(),
-        rebooted: false,
+        restarts: HashMap::new(),
         started_now: Vec::new(),
     };
     let w = config.watch.clone();
@@ -144,6 +146,31 @@ pub async fn run(config: Config, stop: impl std::future::Future<Output = ()>) ->
             tick.tick().await;
             hb.heartbeat().await;
             Shared::lock(&hb.shared.rounds).0 = Instant::now();
+        }
+    });
+    let mut sv = worker();
+    let services = tokio::spawn(async move {
+        if sv.config.watch.services.is_empty() {
+            return;
+        }
+        let mut tick = tokio::time::interval(sv.config.watch.converge_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut rejuvenated: HashMap<String, Instant> = HashMap::new();
+        loop {
+            tick.tick().await;
+            for svc in sv.config.watch.services.clone() {
+                match check_service(&svc).await {
+                    Ok(()) => {
+                        let last = *rejuvenated.entry(svc.name.clone()).or_insert_with(Instant::now);
+                        if svc.rejuvenate_every.is_some_and(|every| last.elapsed() >= every) {
+                            tracing::info!("rejuvenating {}: a graceful restart", svc.name);
+                            run_command(&svc.restart).await;
+                            rejuvenated.insert(svc.name.clone(), Instant::now());
+                        }
+                    }
+                    Err((stuck, why)) => sv.failed(&svc.name, &svc.restart, &svc.kill, stuck, &why).await,
+                }
+            }
         }
     });
     let mut cv = worker();
@@ -180,10 +207,10 @@ pub async fn run(config: Config, stop: impl std::future::Future<Output = ()>) ->
         }
     }
     notify("STOPPING=1");
-    heartbeats.abort();
-    converges.abort();
-    let _ = heartbeats.await;
-    let _ = converges.await;
+    for task in [heartbeats, converges, services] {
+        task.abort();
+        let _ = task.await;
+    }
     let counters = Shared::lock(&shared.counters).clone();
     counters
 }
@@ -389,30 +416,88 @@ impl Watch {
 
     async fn libvirt_failed(&mut self, stuck: bool, why: &str) {
         let w = self.config.watch.clone();
-        tracing::error!("libvirtd {}: {why}", if stuck { "is stuck" } else { "does not answer" });
-        if w.libvirt_restart.is_empty() || self.rebooted {
+        self.failed("libvirtd", &w.libvirt_restart, &w.libvirt_kill, stuck, why).await;
+    }
+
+    /// A service is dead (`stuck` false) or stuck: kill if stuck, restart; past `max_restarts`
+    /// within `restart_window`, reboot the host — once.
+    async fn failed(&mut self, name: &str, restart: &[String], kill: &[String], stuck: bool, why: &str) {
+        let w = self.config.watch.clone();
+        tracing::error!("{name} {}: {why}", if stuck { "is stuck" } else { "is down" });
+        if restart.is_empty() || self.shared.rebooted.load(std::sync::atomic::Ordering::SeqCst) {
             return;
         }
         let now = Instant::now();
-        while self.restarts.front().is_some_and(|t| now.duration_since(*t) > w.restart_window) {
-            self.restarts.pop_front();
+        let recent = self.restarts.entry(name.to_owned()).or_default();
+        while recent.front().is_some_and(|t| now.duration_since(*t) > w.restart_window) {
+            recent.pop_front();
         }
-        if w.max_restarts > 0 && self.restarts.len() as u32 >= w.max_restarts {
+        if w.max_restarts > 0 && recent.len() as u32 >= w.max_restarts {
+            if self.shared.rebooted.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                return;
+            }
             tracing::error!(
-                "libvirtd failed after {} restarts within {}: rebooting the host",
-                self.restarts.len(),
+                "{name} failed after {} restarts within {}: rebooting the host",
+                recent.len(),
                 humantime::format_duration(w.restart_window)
             );
-            self.rebooted = true;
             run_command(&w.reboot).await;
             return;
         }
-        if stuck && !w.libvirt_kill.is_empty() {
-            run_command(&w.libvirt_kill).await;
+        if stuck && !kill.is_empty() {
+            run_command(kill).await;
         }
-        run_command(&w.libvirt_restart).await;
-        self.restarts.push_back(now);
-        self.shared.count(|c| c.libvirt_restarts += 1);
+        run_command(restart).await;
+        recent.push_back(now);
+        self.shared.count(|c| c.restarts += 1);
+    }
+}
+
+/// Runs a service's check: `Ok`, or (stuck, why).
+async fn check_service(svc: &crate::config::ServiceCheck) -> Result<(), (bool, String)> {
+    let work = async {
+        if let Some(url) = &svc.http {
+            return http_ok(url).await;
+        }
+        let Some((program, args)) = svc.check.split_first() else { return Ok(()) };
+        let out = tokio::process::Command::new(program)
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .output()
+            .await
+            .map_err(|e| format!("{:?}: {e}", svc.check))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!("{:?}: {} {}", svc.check, out.status, String::from_utf8_lossy(&out.stderr).trim()))
+        }
+    };
+    match tokio::time::timeout(svc.timeout, work).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err((false, e)),
+        Err(_) => Err((true, format!("no answer within {}", humantime::format_duration(svc.timeout)))),
+    }
+}
+
+/// GET `url` (plain HTTP/1.0): a 2xx status is healthy.
+async fn http_ok(url: &str) -> Result<(), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.strip_prefix("http://").ok_or_else(|| format!("{url}: not an http:// URL"))?;
+    let (authority, path) = rest.split_once('/').map_or((rest, "/".to_owned()), |(a, p)| (a, format!("/{p}")));
+    let authority = if authority.contains(':') { authority.to_owned() } else { format!("{authority}:80") };
+    let mut stream = tokio::net::TcpStream::connect(&authority).await.map_err(|e| format!("{url}: {e}"))?;
+    let host = authority.rsplit_once(':').map_or(authority.as_str(), |(h, _)| h);
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {host}\r\nUser-Agent: nodekeeper-guard\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.map_err(|e| format!("{url}: {e}"))?;
+    let mut head = [0u8; 64];
+    let n = stream.read(&mut head).await.map_err(|e| format!("{url}: {e}"))?;
+    let line = String::from_utf8_lossy(&head[..n]);
+    match line.split_whitespace().nth(1).and_then(|c| c.parse::<u16>().ok()) {
+        Some(code) if (200..300).contains(&code) => Ok(()),
+        Some(code) => Err(format!("{url}: HTTP {code}")),
+        None => Err(format!("{url}: no HTTP status line")),
     }
 }
 

@@ -277,3 +277,61 @@ async fn a_dead_libvirtd_is_restarted_a_bounded_number_of_times_then_the_host_re
     // Heartbeats went on all along: libvirt's trouble is not the host's silence.
     assert!(store.require_host(&n("node-w1")).await.expect("host").last_heartbeat.is_some());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configured_services_are_checked_restarted_rejuvenated_and_bounded() {
+    let db = TestDb::sqlite();
+    let store = db.store().await;
+    let host = NewHost { name: n("node-w1"), mac: None, ip: None, bmc_url: None, bmc_credentials: None };
+    store.add_host(&host, "test").await.expect("host");
+    let dir = tempfile::tempdir().expect("dir");
+    let d = dir.path().display().to_string();
+    let script = |name: &str| {
+        let path = format!("{d}/{name}.sh");
+        std::fs::write(&path, format!("#!/bin/sh\necho run >> {d}/{name}.count\n")).expect("script");
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+        path
+    };
+    // A healthy HTTP service (answers 200 to every request).
+    let web = std::net::TcpListener::bind("127.0.0.1:0").expect("web");
+    let web_addr = web.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for s in web.incoming().flatten() {
+            let mut s = s;
+            let mut buf = [0u8; 512];
+            let _ = std::io::Read::read(&mut s, &mut buf);
+            let _ = std::io::Write::write_all(&mut s, b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n");
+        }
+    });
+    let (r_web, r_broken, r_fresh, reboot) = (script("web"), script("broken"), script("fresh"), script("reboot"));
+    let config = format!("{d}/guard.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "host = \"node-w1\"\ndatabase_url = \"{}\"\n[libvirt]\nconfig_dir = \"{d}/qemu\"\nuri = \"test:///default\"\n\
+             [boot]\nstate_dir = \"{d}/state\"\n\
+             [watch]\nheartbeat_interval = \"200ms\"\nconverge_interval = \"200ms\"\nisolation_timeout = \"5s\"\n\
+             libvirt_restart = []\nmax_restarts = 3\nrestart_window = \"1m\"\nreboot = [\"{reboot}\"]\n\
+             [[watch.services]]\nname = \"web\"\nhttp = \"http://{web_addr}/healthz\"\nrestart = [\"{r_web}\"]\n\
+             [[watch.services]]\nname = \"broken\"\ncheck = [\"false\"]\nrestart = [\"{r_broken}\"]\n\
+             [[watch.services]]\nname = \"fresh\"\ncheck = [\"true\"]\nrestart = [\"{r_fresh}\"]\nrejuvenate_every = \"500ms\"\n",
+            db.url()
+        ),
+    )
+    .expect("config");
+    let mut guard = Command::new(env!("CARGO_BIN_EXE_nodekeeper-guard"))
+        .args(["watch", "--config", &config])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("guard");
+    let count =
+        |name: &str| std::fs::read_to_string(format!("{d}/{name}.count")).map(|s| s.lines().count()).unwrap_or(0);
+    wait_for("the reboot", Duration::from_secs(20), || count("reboot") == 1);
+    wait_for("a rejuvenation or two", Duration::from_secs(20), || count("fresh") >= 2);
+    let _ = guard.kill();
+    let _ = guard.wait();
+    assert_eq!(count("broken"), 3, "restarted max_restarts times, then the reboot");
+    assert_eq!(count("reboot"), 1, "once");
+    assert_eq!(count("web"), 0, "a healthy service is left alone");
+}
