@@ -60,6 +60,9 @@ pub struct RecoveryConfig {
     /// How often the GC pass compares the guards' reports with the database (default 30 s).
     #[serde(deserialize_with = "duration")]
     pub gc_interval: Duration,
+    /// The port `confirm` tries on a suspect host's address, as evidence for the event
+    /// (default 22; 0: no check).
+    pub network_check_port: u16,
 }
 
 impl Default for RecoveryConfig {
@@ -74,6 +77,7 @@ impl Default for RecoveryConfig {
             bmc_attempts: 3,
             fence_retry_after: Duration::from_secs(300),
             gc_interval: Duration::from_secs(30),
+            network_check_port: 22,
         }
     }
 }
@@ -367,7 +371,10 @@ impl<F: BmcFactory> Controller<F> {
         let host = self.store.require_host(&op.target).await?;
         let attempts = op.attempts + 1;
         let decision = match fence::work(step, &data) {
-            Work::Confirm => fence::confirm(host.last_heartbeat.is_some_and(|h| h > op.created_at)),
+            Work::Confirm => {
+                let network = self.network_check(&host).await;
+                fence::confirm(host.last_heartbeat.is_some_and(|h| h > op.created_at), &network)
+            }
             Work::PowerOff => fence::after_power_off(attempts, self.power(&host, PowerAction::Off).await, &data),
             Work::Evacuate => {
                 let result = self.evacuate(&host, now).await;
@@ -392,6 +399,21 @@ impl<F: BmcFactory> Controller<F> {
             }
         };
         self.apply(&op, step, &data, decision).await
+    }
+
+    /// A TCP connect to the host's address on `network_check_port` (1 s).
+    async fn network_check(&self, host: &Host) -> fence::NetworkCheck {
+        let (Some(ip), port) = (host.ip, self.config.network_check_port) else {
+            return fence::NetworkCheck::NotChecked;
+        };
+        if port == 0 {
+            return fence::NetworkCheck::NotChecked;
+        }
+        let addr = std::net::SocketAddr::new(ip, port);
+        match tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(addr)).await {
+            Ok(Ok(_)) => fence::NetworkCheck::Answers(addr.to_string()),
+            _ => fence::NetworkCheck::Silent(addr.to_string()),
+        }
     }
 
     async fn power(&self, host: &Host, action: PowerAction) -> Result<(), String> {

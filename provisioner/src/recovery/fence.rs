@@ -143,13 +143,32 @@ pub enum Decision {
     },
 }
 
-/// `confirm`: whether the host heartbeated since it turned suspect.
-pub fn confirm(heartbeat_since_suspect: bool) -> Decision {
+/// What the network check found (`confirm`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetworkCheck {
+    /// No address to check, or checks are off.
+    NotChecked,
+    /// The address answered on the port: the host runs, its guard does not.
+    Answers(String),
+    /// No answer.
+    Silent(String),
+}
+
+/// `confirm`: whether the host heartbeated since it turned suspect, and what the network
+/// check found. A host that answers on the network but whose guard is silent is fenced all
+/// the same — nothing watches its instances — and the event says so.
+pub fn confirm(heartbeat_since_suspect: bool, network: &NetworkCheck) -> Decision {
     if heartbeat_since_suspect {
-        Decision::Abort { why: "the host heartbeats again; fence called off".into() }
-    } else {
-        Decision::Go { to: Step::PowerOff, why: "still silent".into() }
+        return Decision::Abort { why: "the host heartbeats again; fence called off".into() };
     }
+    let why = match network {
+        NetworkCheck::NotChecked => "still silent".to_owned(),
+        NetworkCheck::Silent(addr) => format!("still silent, and {addr} does not answer"),
+        NetworkCheck::Answers(addr) => {
+            format!("still silent, though {addr} answers (the host runs, its guard does not)")
+        }
+    };
+    Decision::Go { to: Step::PowerOff, why }
 }
 
 /// After a BMC step's work (`attempts` so far, this one included).
@@ -217,8 +236,19 @@ mod tests {
 
     #[test]
     fn a_host_that_comes_back_before_the_power_off_is_not_fenced() {
-        assert!(matches!(confirm(true), Decision::Abort { .. }));
-        assert_eq!(confirm(false), Decision::Go { to: Step::PowerOff, why: "still silent".into() });
+        assert!(matches!(confirm(true, &NetworkCheck::Answers("10.0.0.5:22".into())), Decision::Abort { .. }));
+        assert_eq!(
+            confirm(false, &NetworkCheck::NotChecked),
+            Decision::Go { to: Step::PowerOff, why: "still silent".into() }
+        );
+        match confirm(false, &NetworkCheck::Answers("10.0.0.5:22".into())) {
+            Decision::Go { to: Step::PowerOff, why } => assert!(why.contains("its guard does not"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        match confirm(false, &NetworkCheck::Silent("10.0.0.5:22".into())) {
+            Decision::Go { to: Step::PowerOff, why } => assert!(why.contains("does not answer"), "{why}"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
