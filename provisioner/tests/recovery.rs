@@ -29,6 +29,7 @@ on_both_engines!(
     two_controllers_racing_on_one_evacuation_move_each_instance_once,
     gc_raises_drift_once_and_retries_what_found_no_room,
     after_fence_reimage_requests_a_reimage_of_the_host,
+    an_operator_taking_a_suspect_into_maintenance_calls_its_fence_off,
 );
 
 #[derive(Clone, Default)]
@@ -400,4 +401,24 @@ async fn after_fence_reimage_requests_a_reimage_of_the_host(db: TestDb) {
     let latest = c.store.latest_operation(&n("a")).await.expect("op").expect("op");
     assert_eq!((latest.kind.as_str(), latest.status), ("reimage", OperationStatus::Running), "{latest:?}");
     assert_eq!(c.store.require_host(&n("a")).await.expect("a").state, HostState::Reimaging);
+}
+
+async fn an_operator_taking_a_suspect_into_maintenance_calls_its_fence_off(db: TestDb) {
+    let c = cell(&db, 3).await;
+    let ctl = c.controller("replica-1", config());
+    c.beat(&["b", "c"], c.at(31)).await;
+    ctl.tick(c.at(31)).await.expect("tick"); // suspect; its fence starts at confirm
+    assert_eq!(c.fence_op("a").await.expect("fence").step, "confirm");
+    c.store.set_host_state(&n("a"), HostState::Maintenance, "cli:op", "on the bench").await.expect("maintenance");
+    c.beat(&["b", "c"], c.at(32)).await;
+    ctl.tick(c.at(32)).await.expect("tick");
+    let op = c.fence_op("a").await.expect("fence");
+    assert_eq!((op.status, op.step.as_str()), (OperationStatus::Done, "aborted"), "{op:?}");
+    assert_eq!(
+        c.store.require_host(&n("a")).await.expect("a").state,
+        HostState::Maintenance,
+        "the operator's word stands"
+    );
+    assert!(c.fakes.0["a"].get(|s| s.on), "never powered off");
+    c.check("a", false).await;
 }

@@ -150,6 +150,37 @@ impl Store {
         Ok(host)
     }
 
+    /// Compare-and-set of a host's state: from `expected` to `state`, with its event, or
+    /// nothing (`None`) when the host is no longer in `expected` — someone else changed it in
+    /// between (an operator's `maintenance`, another controller).
+    pub async fn set_host_state_from(
+        &self,
+        name: &HostName,
+        expected: HostState,
+        state: HostState,
+        actor: &str,
+        reason: &str,
+    ) -> Result<Option<Host>> {
+        const WHAT: &str = "changing a host's state";
+        let mut tx = self.begin_write().await.map_err(query(WHAT))?;
+        let done = sqlx::query("UPDATE hosts SET state = $1, updated_at = $2 WHERE name = $3 AND state = $4")
+            .bind(state.as_str())
+            .bind(now_ms())
+            .bind(name.as_str())
+            .bind(expected.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(query(WHAT))?;
+        if done.rows_affected() == 0 {
+            return Ok(None);
+        }
+        let message = format!("host {name}: {expected} -> {state}: {reason}");
+        insert_event(&mut tx, &NewEvent::host(actor, "host.state", name, message)).await?;
+        let host = self.host_in(&mut tx, name).await?.ok_or_else(|| StoreError::UnknownHost(name.clone()))?;
+        tx.commit().await.map_err(query(WHAT))?;
+        Ok(Some(host))
+    }
+
     /// Every host, by name.
     pub async fn hosts(&self) -> Result<Vec<Host>> {
         let rows = sqlx::query(&format!("SELECT {HOST_COLUMNS} FROM hosts ORDER BY name"))

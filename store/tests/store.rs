@@ -28,6 +28,7 @@ on_both_engines!(
     operations_are_unique_per_target_and_advance_by_compare_and_set,
     leadership_is_held_renewed_and_taken_over_only_after_expiry,
     followers_read_events_in_order_from_an_id,
+    host_state_compare_and_set_changes_only_from_the_expected_state,
 );
 
 fn host(name: &str) -> HostName {
@@ -536,4 +537,24 @@ async fn followers_read_events_in_order_from_an_id(db: TestDb) {
     }
     assert_eq!(seen, all.iter().map(|e| e.id).collect::<Vec<_>>());
     assert!(store.events_after(last, None, 10).await.expect("none").is_empty());
+}
+
+async fn host_state_compare_and_set_changes_only_from_the_expected_state(db: TestDb) {
+    let store = db.store().await;
+    store.add_host(&new_host("node-a", None), "test").await.expect("host");
+    let a = host("node-a");
+    let moved = store.set_host_state_from(&a, HostState::Active, HostState::Suspect, "c", "silent").await.expect("cas");
+    assert_eq!(moved.map(|h| h.state), Some(HostState::Suspect));
+    // An operator puts it in maintenance; the controller's next "recovered" finds it changed.
+    store.set_host_state(&a, HostState::Maintenance, "op", "repair").await.expect("maintenance");
+    let lost = store.set_host_state_from(&a, HostState::Suspect, HostState::Active, "c", "back").await.expect("cas");
+    assert!(lost.is_none());
+    assert_eq!(store.require_host(&a).await.expect("host").state, HostState::Maintenance);
+    let events =
+        store.events(&EventFilter { host: Some(a), limit: Some(100), ..Default::default() }).await.expect("events");
+    assert_eq!(
+        events.iter().filter(|e| e.kind == "host.state").count(),
+        2,
+        "no event for the change that did not happen"
+    );
 }

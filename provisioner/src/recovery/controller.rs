@@ -305,14 +305,23 @@ impl<F: BmcFactory> Controller<F> {
                     humantime::format_duration(Duration::from_secs(silent_for.as_secs())),
                     humantime::format_duration(self.config.grace)
                 );
-                self.store.set_host_state(host, HostState::Suspect, ACTOR, &why).await.map(drop)
+                // Compare-and-set: an operator's `maintenance` set in between stands.
+                self.store.set_host_state_from(host, HostState::Active, HostState::Suspect, ACTOR, &why).await.map(drop)
             }
-            Action::Recovered { host } => {
-                self.store.set_host_state(host, HostState::Active, ACTOR, "heartbeats again").await.map(drop)
-            }
+            Action::Recovered { host } => self
+                .store
+                .set_host_state_from(host, HostState::Suspect, HostState::Active, ACTOR, "heartbeats again")
+                .await
+                .map(drop),
             Action::Returned { host } => self
                 .store
-                .set_host_state(host, HostState::Active, ACTOR, "heartbeats again after its fence")
+                .set_host_state_from(
+                    host,
+                    HostState::Fenced,
+                    HostState::Active,
+                    ACTOR,
+                    "heartbeats again after its fence",
+                )
                 .await
                 .map(drop),
             Action::Fence { host } => {
@@ -371,6 +380,11 @@ impl<F: BmcFactory> Controller<F> {
         let host = self.store.require_host(&op.target).await?;
         let attempts = op.attempts + 1;
         let decision = match fence::work(step, &data) {
+            // An operator who took the host over (maintenance, a reimage) stops a fence that
+            // has not passed the point of return.
+            Work::Confirm if host.state != HostState::Suspect => {
+                Decision::Abort { why: format!("the host is {} now, no longer suspect; fence called off", host.state) }
+            }
             Work::Confirm => {
                 let network = self.network_check(&host).await;
                 fence::confirm(host.last_heartbeat.is_some_and(|h| h > op.created_at), &network)
@@ -486,7 +500,7 @@ impl<F: BmcFactory> Controller<F> {
                 self.store.advance_operation(op.id, &change, ACTOR).await.map(drop)
             }
             Decision::Abort { why } => {
-                self.store.set_host_state(target, HostState::Active, ACTOR, &why).await?;
+                self.store.set_host_state_from(target, HostState::Suspect, HostState::Active, ACTOR, &why).await?;
                 self.finish(op, "aborted", OperationStatus::Done, Some(why)).await
             }
             Decision::Done { why } => {
