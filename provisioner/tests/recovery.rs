@@ -30,6 +30,7 @@ on_both_engines!(
     gc_raises_drift_once_and_retries_what_found_no_room,
     after_fence_reimage_requests_a_reimage_of_the_host,
     an_operator_taking_a_suspect_into_maintenance_calls_its_fence_off,
+    a_hung_bmc_times_out_and_nothing_moves,
 );
 
 #[derive(Clone, Default)]
@@ -420,5 +421,21 @@ async fn an_operator_taking_a_suspect_into_maintenance_calls_its_fence_off(db: T
         "the operator's word stands"
     );
     assert!(c.fakes.0["a"].get(|s| s.on), "never powered off");
+    c.check("a", false).await;
+}
+
+async fn a_hung_bmc_times_out_and_nothing_moves(db: TestDb) {
+    let c = cell(&db, 3).await;
+    c.fakes.0["a"].set(|s| s.hang = true);
+    let ctl = c.controller("replica-1", config());
+    let started = std::time::Instant::now();
+    for s in 0..6 {
+        c.beat(&["b", "c"], c.at(31 + s)).await;
+        ctl.tick(c.at(31 + s)).await.expect("tick");
+    }
+    let op = c.fence_op("a").await.expect("fence");
+    assert_eq!((op.status, op.step.as_str()), (OperationStatus::Failed, "power_off"), "{op:?}");
+    assert!(op.last_error.as_deref().is_some_and(|e| e.contains("did not answer")), "{op:?}");
+    assert!(started.elapsed() < Duration::from_secs(10), "each attempt bounded by the timeout");
     c.check("a", false).await;
 }

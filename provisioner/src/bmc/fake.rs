@@ -21,6 +21,8 @@ pub struct FakeState {
     pub fail_next: u32,
     /// Fail every power command.
     pub always_fail: bool,
+    /// Never answer a power command (a hung BMC: the caller's timeout must fire).
+    pub hang: bool,
 }
 
 /// An in-memory BMC.
@@ -46,6 +48,9 @@ impl Bmc for Fake {
         Ok(if self.get(|s| s.on) { PowerState::On } else { PowerState::Off })
     }
     async fn set_power(&self, on: bool) -> Result<(), BmcError> {
+        if self.get(|s| s.hang) {
+            std::future::pending::<()>().await;
+        }
         let mut s = self.0.lock().expect("lock");
         if s.always_fail || s.fail_next > 0 {
             s.fail_next = s.fail_next.saturating_sub(1);
