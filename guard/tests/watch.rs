@@ -231,22 +231,36 @@ async fn a_guard_that_still_reaches_a_peer_holds_its_instances() {
     drop(peer);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dead_libvirtd_is_restarted_a_bounded_number_of_times_then_the_host_reboots() {
-    // A libvirt URI whose socket does not exist stands for a dead libvirtd; the restart and
-    // reboot commands are scripts that count their runs (this machine is not rebooted).
+/// A database with host node-w1, and a directory for the test's files.
+async fn one_host() -> (TestDb, Store, tempfile::TempDir) {
     let db = TestDb::sqlite();
     let store = db.store().await;
     let host = NewHost { name: n("node-w1"), mac: None, ip: None, bmc_url: None, bmc_credentials: None };
     store.add_host(&host, "test").await.expect("host");
-    let dir = tempfile::tempdir().expect("dir");
+    (db, store, tempfile::tempdir().expect("dir"))
+}
+
+/// A script in `dir` that appends a line to `dir/NAME.count` each time it runs (a stand-in
+/// for restart and reboot commands); returns its path.
+fn counting_script(dir: &str, name: &str) -> String {
+    let path = format!("{dir}/{name}.sh");
+    std::fs::write(&path, format!("#!/bin/sh\necho run >> {dir}/{name}.count\n")).expect("script");
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+    path
+}
+
+/// How many times `counting_script(dir, name)` ran.
+fn runs(dir: &str, name: &str) -> usize {
+    std::fs::read_to_string(format!("{dir}/{name}.count")).map(|s| s.lines().count()).unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_libvirtd_is_restarted_a_bounded_number_of_times_then_the_host_reboots() {
+    // A libvirt URI whose socket does not exist stands for a dead libvirtd; the restart and
+    // reboot commands are scripts that count their runs (this machine is not rebooted).
+    let (db, store, dir) = one_host().await;
     let d = dir.path().display().to_string();
-    let script = |name: &str| {
-        let path = format!("{d}/{name}.sh");
-        std::fs::write(&path, format!("#!/bin/sh\necho run >> {d}/{name}.count\n")).expect("script");
-        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
-        path
-    };
+    let script = |name: &str| counting_script(&d, name);
     let (restart, reboot) = (script("restart"), script("reboot"));
     let config = format!("{d}/guard.toml");
     std::fs::write(
@@ -266,8 +280,7 @@ async fn a_dead_libvirtd_is_restarted_a_bounded_number_of_times_then_the_host_re
         .stderr(Stdio::null())
         .spawn()
         .expect("guard");
-    let count =
-        |name: &str| std::fs::read_to_string(format!("{d}/{name}.count")).map(|s| s.lines().count()).unwrap_or(0);
+    let count = |name: &str| runs(&d, name);
     wait_for("the reboot", Duration::from_secs(20), || count("reboot") == 1);
     std::thread::sleep(Duration::from_secs(1));
     let _ = guard.kill();
@@ -280,18 +293,9 @@ async fn a_dead_libvirtd_is_restarted_a_bounded_number_of_times_then_the_host_re
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn configured_services_are_checked_restarted_rejuvenated_and_bounded() {
-    let db = TestDb::sqlite();
-    let store = db.store().await;
-    let host = NewHost { name: n("node-w1"), mac: None, ip: None, bmc_url: None, bmc_credentials: None };
-    store.add_host(&host, "test").await.expect("host");
-    let dir = tempfile::tempdir().expect("dir");
+    let (db, store, dir) = one_host().await;
     let d = dir.path().display().to_string();
-    let script = |name: &str| {
-        let path = format!("{d}/{name}.sh");
-        std::fs::write(&path, format!("#!/bin/sh\necho run >> {d}/{name}.count\n")).expect("script");
-        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
-        path
-    };
+    let script = |name: &str| counting_script(&d, name);
     // A healthy HTTP service (answers 200 to every request).
     let web = std::net::TcpListener::bind("127.0.0.1:0").expect("web");
     let web_addr = web.local_addr().expect("addr");
@@ -325,8 +329,7 @@ async fn configured_services_are_checked_restarted_rejuvenated_and_bounded() {
         .stderr(Stdio::null())
         .spawn()
         .expect("guard");
-    let count =
-        |name: &str| std::fs::read_to_string(format!("{d}/{name}.count")).map(|s| s.lines().count()).unwrap_or(0);
+    let count = |name: &str| runs(&d, name);
     wait_for("the reboot", Duration::from_secs(20), || count("reboot") == 1);
     wait_for("a rejuvenation or two", Duration::from_secs(20), || count("fresh") >= 2);
     let _ = guard.kill();
@@ -334,4 +337,5 @@ async fn configured_services_are_checked_restarted_rejuvenated_and_bounded() {
     assert_eq!(count("broken"), 3, "restarted max_restarts times, then the reboot");
     assert_eq!(count("reboot"), 1, "once");
     assert_eq!(count("web"), 0, "a healthy service is left alone");
+    assert!(store.require_host(&n("node-w1")).await.expect("host").last_heartbeat.is_some(), "heartbeats went on");
 }

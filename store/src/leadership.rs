@@ -30,6 +30,16 @@ impl Leadership {
     }
 }
 
+fn from_row(row: &sqlx::any::AnyRow) -> Result<Leadership> {
+    const WHAT: &str = "reading leadership";
+    Ok(Leadership {
+        role: row.try_get("role").map_err(query(WHAT))?,
+        holder: row.try_get("holder").map_err(query(WHAT))?,
+        term: row.try_get("term").map_err(query(WHAT))?,
+        expires_at: Timestamp(row.try_get("expires_at").map_err(query(WHAT))?),
+    })
+}
+
 impl Store {
     /// Takes or renews `role` for `holder` until now + `ttl_ms`: renews when `holder` has it,
     /// takes it when nobody does or its holder let it expire, and otherwise changes nothing.
@@ -72,12 +82,7 @@ impl Store {
             .await
             .map_err(query(WHAT))?;
         tx.commit().await.map_err(query(WHAT))?;
-        Ok(Leadership {
-            role: row.try_get("role").map_err(query(WHAT))?,
-            holder: row.try_get("holder").map_err(query(WHAT))?,
-            term: row.try_get("term").map_err(query(WHAT))?,
-            expires_at: Timestamp(row.try_get("expires_at").map_err(query(WHAT))?),
-        })
+        from_row(&row)
     }
 
     /// The role's row as it stands, without taking it (for `host show`-like views and tests).
@@ -88,15 +93,7 @@ impl Store {
             .fetch_optional(&self.pool)
             .await
             .map_err(query(WHAT))?;
-        row.map(|row| {
-            Ok(Leadership {
-                role: row.try_get("role").map_err(query(WHAT))?,
-                holder: row.try_get("holder").map_err(query(WHAT))?,
-                term: row.try_get("term").map_err(query(WHAT))?,
-                expires_at: Timestamp(row.try_get("expires_at").map_err(query(WHAT))?),
-            })
-        })
-        .transpose()
+        row.as_ref().map(from_row).transpose()
     }
 
     /// Gives `role` up if `holder` has it (a clean shutdown: the next replica need not wait
