@@ -339,3 +339,50 @@ async fn configured_services_are_checked_restarted_rejuvenated_and_bounded() {
     assert_eq!(count("web"), 0, "a healthy service is left alone");
     assert!(store.require_host(&n("node-w1")).await.expect("host").last_heartbeat.is_some(), "heartbeats went on");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_hears_ready_then_watchdog_pings() {
+    // What systemd's NOTIFY_SOCKET receives, read from a datagram socket of the test's own.
+    let (_db, _store, dir) = one_host().await;
+    let d = dir.path().display().to_string();
+    let socket_path = format!("{d}/notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).expect("notify socket");
+    socket.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    let config = format!("{d}/guard.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "host = \"node-w1\"\ndatabase_url = \"{}\"\n[libvirt]\nconfig_dir = \"{d}/qemu\"\nuri = \"test:///default\"\n\
+             [boot]\nstate_dir = \"{d}/state\"\n[watch]\nheartbeat_interval = \"200ms\"\nconverge_interval = \"200ms\"\n\
+             isolation_timeout = \"5s\"\nlibvirt_restart = []\n",
+            _db.url()
+        ),
+    )
+    .expect("config");
+    let mut guard = Command::new(env!("CARGO_BIN_EXE_nodekeeper-guard"))
+        .args(["watch", "--config", &config])
+        .env("NOTIFY_SOCKET", &socket_path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("guard");
+    let mut heard = Vec::new();
+    let mut buf = [0u8; 256];
+    while heard.len() < 4 {
+        let n = socket.recv(&mut buf).expect("a notification within 10 s");
+        heard.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    let _ = Command::new("kill").args(["-TERM", &guard.id().to_string()]).status();
+    assert!(guard.wait().expect("wait").success());
+    assert_eq!(heard[0], "READY=1", "{heard:?}");
+    assert!(heard[1..].iter().all(|m| m == "WATCHDOG=1"), "{heard:?}");
+    // Then, past the pings sent meanwhile, the goodbye.
+    loop {
+        let n = socket.recv(&mut buf).expect("STOPPING=1 before the socket went quiet");
+        match &buf[..n] {
+            b"STOPPING=1" => break,
+            b"WATCHDOG=1" => continue,
+            other => panic!("unexpected {:?}", String::from_utf8_lossy(other)),
+        }
+    }
+}
