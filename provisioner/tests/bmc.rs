@@ -1,6 +1,7 @@
 //! `power HOST on|off|cycle|status` against the real BMC emulators driving a real libvirt
 //! QEMU domain: sushy-tools (Redfish, libvirt driver) and VirtualBMC (IPMI, via ipmitool).
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -42,7 +43,10 @@ struct Rig {
 
 impl Drop for Rig {
     fn drop(&mut self) {
+        // Each emulator runs in a process group of its own (vbmcd forks a worker per BMC):
+        // the whole group goes, by its id.
         for c in &mut self.children {
+            let _ = Command::new("kill").args(["-KILL", "--", &format!("-{}", c.id())]).status();
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -119,6 +123,7 @@ async fn redfish_through_sushy_tools() {
     rig.children.push(
         Command::new(venv.join("bin/sushy-emulator"))
             .args(["--libvirt-uri", "qemu:///system", "-i", "127.0.0.1", "-p", &port.to_string()])
+            .process_group(0)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -194,6 +199,7 @@ async fn ipmi_through_virtualbmc() {
     rig.children.push(
         Command::new(venv.join("bin/vbmcd"))
             .arg("--foreground")
+            .process_group(0)
             .envs(env.iter().cloned())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -263,6 +269,7 @@ async fn serve_killed_at_every_step_resumes_the_reimage() {
     rig.children.push(
         Command::new(venv.join("bin/sushy-emulator"))
             .args(["--libvirt-uri", "qemu:///system", "-i", "127.0.0.1", "-p", &port.to_string()])
+            .process_group(0)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
