@@ -8,6 +8,7 @@ pub mod dhcp;
 pub mod http;
 pub mod logging;
 pub mod metrics;
+pub mod ops;
 pub mod recovery;
 pub mod reimage;
 pub mod serve;

@@ -78,6 +78,24 @@ fn rig() -> Rig {
     Rig { domain, uuid, children: Vec::new(), dir }
 }
 
+/// sushy-tools for the rig's domain on `port`, answering; returns the system's URL.
+fn sushy(rig: &mut Rig, venv: &Path, port: u16) -> String {
+    rig.children.push(
+        Command::new(venv.join("bin/sushy-emulator"))
+            .args(["--libvirt-uri", "qemu:///system", "-i", "127.0.0.1", "-p", &port.to_string()])
+            .process_group(0)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("sushy-emulator"),
+    );
+    let system = format!("http://127.0.0.1:{port}/redfish/v1/Systems/{}", rig.uuid);
+    wait_for("sushy-emulator", || {
+        Command::new("curl").args(["-sf", "-o", "/dev/null", &system]).status().is_ok_and(|s| s.success())
+    });
+    system
+}
+
 fn domstate(domain: &str) -> String {
     String::from_utf8_lossy(&Command::new("virsh").args(["domstate", domain]).output().expect("virsh").stdout)
         .trim()
@@ -120,19 +138,7 @@ async fn redfish_through_sushy_tools() {
     let Some(venv) = venv() else { return };
     let mut rig = rig();
     let port = free_port();
-    rig.children.push(
-        Command::new(venv.join("bin/sushy-emulator"))
-            .args(["--libvirt-uri", "qemu:///system", "-i", "127.0.0.1", "-p", &port.to_string()])
-            .process_group(0)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("sushy-emulator"),
-    );
-    let system = format!("http://127.0.0.1:{port}/redfish/v1/Systems/{}", rig.uuid);
-    wait_for("sushy-emulator", || {
-        Command::new("curl").args(["-sf", "-o", "/dev/null", &system]).status().is_ok_and(|s| s.success())
-    });
+    let system = sushy(&mut rig, &venv, port);
 
     let db = TestDb::sqlite();
     let url = db.url().to_owned();
@@ -266,19 +272,7 @@ async fn serve_killed_at_every_step_resumes_the_reimage() {
     let Some(venv) = venv() else { return };
     let mut rig = rig();
     let port = free_port();
-    rig.children.push(
-        Command::new(venv.join("bin/sushy-emulator"))
-            .args(["--libvirt-uri", "qemu:///system", "-i", "127.0.0.1", "-p", &port.to_string()])
-            .process_group(0)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("sushy-emulator"),
-    );
-    let system = format!("http://127.0.0.1:{port}/redfish/v1/Systems/{}", rig.uuid);
-    wait_for("sushy-emulator", || {
-        Command::new("curl").args(["-sf", "-o", "/dev/null", &system]).status().is_ok_and(|s| s.success())
-    });
+    sushy(&mut rig, &venv, port);
     let d = rig.dir.path().to_owned();
     std::fs::create_dir_all(d.join("images")).expect("images");
     let image: Vec<u8> = (0..64_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 7) as u8).collect();

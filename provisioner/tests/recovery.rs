@@ -73,6 +73,19 @@ impl Cell {
         }
     }
 
+    /// Ticks `ctl` once a (simulated) second from `from`, b and c heartbeating, until a's
+    /// fence reaches `step` (at most `max` ticks).
+    async fn tick_until(&self, ctl: &Controller<Fakes>, step: &str, from: u64, max: u64) {
+        for s in 0..max {
+            if self.fence_op("a").await.is_some_and(|o| o.step == step) {
+                return;
+            }
+            self.beat(&["b", "c"], self.at(from + s)).await;
+            ctl.tick(self.at(from + s)).await.expect("tick");
+        }
+        assert_eq!(self.fence_op("a").await.expect("fence").step, step);
+    }
+
     async fn fence_op(&self, host: &str) -> Option<nodekeeper_store::Operation> {
         self.store.latest_operation(&n(host)).await.expect("op").filter(|o| o.kind == KIND)
     }
@@ -272,13 +285,7 @@ async fn only_the_leader_acts_and_a_successor_resumes_mid_fence(db: TestDb) {
     let r = y.tick(c.at(31)).await.expect("y");
     assert!(!r.leader && r.actions.is_empty() && r.fences_stepped == 0, "{r:?}");
     // x drives the fence to evacuate, then dies (no release: its lease must run out).
-    for s in 0..5 {
-        if c.fence_op("a").await.is_some_and(|o| o.step == "evacuate") {
-            break;
-        }
-        c.beat(&["b", "c"], c.at(32 + s)).await;
-        x.tick(c.at(32 + s)).await.expect("x");
-    }
+    c.tick_until(&x, "evacuate", 32, 5).await;
     assert_eq!(c.fence_op("a").await.expect("fence").step, "evacuate");
     c.beat(&["b", "c"], c.at(40)).await;
     assert!(!y.tick(c.at(40)).await.expect("y").leader, "x's lease has not run out yet");
@@ -296,13 +303,7 @@ async fn only_the_leader_acts_and_a_successor_resumes_mid_fence(db: TestDb) {
 async fn two_controllers_racing_on_one_evacuation_move_each_instance_once(db: TestDb) {
     let c = cell(&db, 3).await;
     let ctl = c.controller("replica-1", config());
-    for s in 0..5 {
-        if c.fence_op("a").await.is_some_and(|o| o.step == "evacuate") {
-            break;
-        }
-        c.beat(&["b", "c"], c.at(31 + s)).await;
-        ctl.tick(c.at(31 + s)).await.expect("tick");
-    }
+    c.tick_until(&ctl, "evacuate", 31, 5).await;
     let op = c.fence_op("a").await.expect("fence");
     assert_eq!(op.step, "evacuate");
     // A stale leader finishing its tick and the new one: both run the same step at once.
@@ -324,13 +325,7 @@ async fn a_database_outage_mid_fence_loses_nothing() {
     let Some(db) = TestDb::postgres().await else { return };
     let c = cell(&db, 3).await;
     let ctl = c.controller("replica-1", config());
-    for s in 0..5 {
-        if c.fence_op("a").await.is_some_and(|o| o.step == "evacuate") {
-            break;
-        }
-        c.beat(&["b", "c"], c.at(31 + s)).await;
-        ctl.tick(c.at(31 + s)).await.expect("tick");
-    }
+    c.tick_until(&ctl, "evacuate", 31, 5).await;
     assert_eq!(c.fence_op("a").await.expect("fence").step, "evacuate");
     assert!(db.set_reachable(false).await);
     for s in 0..3 {

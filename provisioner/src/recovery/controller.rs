@@ -365,17 +365,9 @@ impl<F: BmcFactory> Controller<F> {
 
     /// One step of one fence operation.
     pub async fn step(&self, op: Operation, now: Timestamp) -> Result<(), StoreError> {
-        let (step, mut data) = match (op.step.parse::<Step>(), serde_json::from_str::<FenceData>(&op.data)) {
-            (Ok(s), Ok(d)) => (s, d),
-            (s, d) => {
-                let reason = format!(
-                    "unreadable operation state (step {:?}: {:?}; data: {:?})",
-                    op.step,
-                    s.err(),
-                    d.err().map(|e| e.to_string())
-                );
-                return self.finish(&op, &op.step, OperationStatus::Failed, Some(reason)).await;
-            }
+        let (step, mut data): (Step, FenceData) = match crate::ops::parse_state(&op) {
+            Ok(state) => state,
+            Err(reason) => return self.finish(&op, &op.step, OperationStatus::Failed, Some(reason)).await,
         };
         let host = self.store.require_host(&op.target).await?;
         let attempts = op.attempts + 1;

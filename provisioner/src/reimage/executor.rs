@@ -133,17 +133,9 @@ pub async fn step<F: BmcFactory>(
     factory: &F,
     op: Operation,
 ) -> Result<(), nodekeeper_store::StoreError> {
-    let (step, mut data) = match (op.step.parse::<Step>(), serde_json::from_str::<ReimageData>(&op.data)) {
-        (Ok(s), Ok(d)) => (s, d),
-        (s, d) => {
-            let reason = format!(
-                "unreadable operation state (step {:?}: {:?}; data: {:?})",
-                op.step,
-                s.err(),
-                d.err().map(|e| e.to_string())
-            );
-            return finish(store, &op, &op.step, OperationStatus::Failed, Some(reason)).await;
-        }
+    let (step, mut data): (Step, ReimageData) = match crate::ops::parse_state(&op) {
+        Ok(state) => state,
+        Err(reason) => return finish(store, &op, &op.step, OperationStatus::Failed, Some(reason)).await,
     };
     data.agent = op.report.as_deref().and_then(|r| serde_json::from_str::<AgentReport>(r).ok());
     let host = store.require_host(&op.target).await?;
