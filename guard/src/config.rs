@@ -13,8 +13,14 @@ use serde::{Deserialize, Deserializer};
 pub struct Config {
     /// This host's name in the database's host table.
     pub host: HostName,
-    /// `postgres://…` or `sqlite:///path/to.db`.
+    /// `postgres://…` or `sqlite:///path/to.db`; or the provisioner's guard API,
+    /// `http://PROVISIONER:PORT`, when the database cannot be opened from this host (the
+    /// embedded SQLite).
     pub database_url: String,
+    /// With an `http(s)://` `database_url`: the file holding this host's node token (written
+    /// at first boot, or by `nodekeeper-provisioner host token`).
+    #[serde(default = "default_token_file")]
+    pub token_file: PathBuf,
     /// Where libvirt keeps its persistent definitions.
     #[serde(default)]
     pub libvirt: LibvirtConfig,
@@ -91,6 +97,10 @@ pub struct ServiceCheck {
     /// Rejuvenation: a graceful `restart` this often even while healthy (off when absent).
     #[serde(default, deserialize_with = "opt_duration")]
     pub rejuvenate_every: Option<Duration>,
+}
+
+fn default_token_file() -> PathBuf {
+    PathBuf::from("/etc/nodekeeper/node-token")
 }
 
 fn default_check_timeout() -> Duration {
@@ -202,13 +212,30 @@ impl Config {
     /// Reads and checks a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
-        Config::parse(&text).map_err(|message| ConfigError::Parse { path: path.into(), message })
+        let config = Config::parse(&text).map_err(|message| ConfigError::Parse { path: path.into(), message })?;
+        if crate::backend::is_api_url(&config.database_url) {
+            // Without its token the guard could never be heard: that is a broken install,
+            // not an outage.
+            crate::backend::read_token(&config.token_file)
+                .map_err(|e| ConfigError::Parse { path: path.into(), message: format!("token_file: {e:#}") })?;
+        }
+        Ok(config)
     }
 
     /// Parses config text.
     pub fn parse(text: &str) -> Result<Config, String> {
         let config: Config = toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned())?;
-        nodekeeper_store::DatabaseUrl::parse(&config.database_url).map_err(|e| e.to_string())?;
+        if crate::backend::is_api_url(&config.database_url) {
+            let u = config.database_url.split_once("://").map_or("", |(_, rest)| rest);
+            if u.is_empty() || u.starts_with('/') || u.contains(['?', '#', ' ']) {
+                return Err(format!("database_url {:?}: expected http(s)://HOST[:PORT][/PATH]", config.database_url));
+            }
+            if !config.token_file.is_absolute() {
+                return Err("token_file must be an absolute path".into());
+            }
+        } else {
+            nodekeeper_store::DatabaseUrl::parse(&config.database_url).map_err(|e| e.to_string())?;
+        }
         if !config.boot.state_dir.is_absolute() || !config.libvirt.config_dir.is_absolute() {
             return Err("libvirt.config_dir and boot.state_dir must be absolute paths".into());
         }
@@ -311,5 +338,31 @@ on_db_unreachable = "block-ha"
         .expect("a service");
         assert_eq!(ok.watch.services[0].rejuvenate_every, Some(Duration::from_secs(86_400)));
         assert_eq!(ok.watch.services[0].timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn the_provisioners_guard_api_needs_a_readable_token() {
+        let dir = tempfile::tempdir().expect("dir");
+        let token = dir.path().join("node-token");
+        let config = dir.path().join("guard.toml");
+        let text =
+            format!("host = \"a\"\ndatabase_url = \"http://10.20.0.1:8080\"\ntoken_file = \"{}\"\n", token.display());
+        std::fs::write(&config, &text).expect("config");
+        let c = Config::parse(&text).expect("an API URL parses");
+        assert_eq!(c.token_file, token);
+        let err = Config::load(&config).expect_err("no token file").to_string();
+        assert!(err.contains("token_file"), "{err}");
+        std::fs::write(&token, "short\n").expect("token");
+        assert!(Config::load(&config).is_err(), "a malformed token");
+        std::fs::write(&token, format!("{}\n", "t".repeat(40))).expect("token");
+        Config::load(&config).expect("a good token");
+        let default = Config::parse("host = \"a\"\ndatabase_url = \"https://prov.example/nk\"\n").expect("https");
+        assert_eq!(default.token_file, PathBuf::from("/etc/nodekeeper/node-token"));
+        for (url, want) in [("http://", "expected http"), ("http://a/?x=1", "expected http")] {
+            let err = Config::parse(&format!("host = \"a\"\ndatabase_url = \"{url}\"\n")).expect_err(url);
+            assert!(err.contains(want), "{url}: {err}");
+        }
+        let rel = "host = \"a\"\ndatabase_url = \"http://p:1\"\ntoken_file = \"tok\"\n";
+        assert!(Config::parse(rel).expect_err("relative").contains("absolute"));
     }
 }

@@ -1,8 +1,11 @@
 //! nodekeeper's host agent.
 //!
 //! - [`boot`]: runs once before libvirtd and quarantines stale definitions.
-//! - `watch` (to come): the long-lived service that heartbeats and converges.
+//! - [`watch`]: the long-lived service that heartbeats, converges, watches libvirtd and
+//!   self-fences when cut off.
+//! - [`backend`]: the database itself, or the provisioner's guard API in front of it.
 
+pub mod backend;
 pub mod boot;
 pub mod config;
 pub mod domain;

@@ -22,7 +22,9 @@ use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use nodekeeper_store::{ConnectOptions, Generation, InstanceId, NewEvent, ReportedDomain, Store};
+use nodekeeper_store::{Generation, InstanceId, NewEvent, ReportedDomain};
+
+use crate::backend::Backend;
 use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
@@ -103,7 +105,7 @@ impl Shared {
 /// One of the two loops (heartbeat, converge): its own database pool and libvirt state.
 struct Watch {
     config: Config,
-    store: Option<Store>,
+    store: Option<Backend>,
     shared: std::sync::Arc<Shared>,
     fence_file: PathBuf,
     /// Recent restarts, per service (`libvirtd` and the configured ones).
@@ -220,13 +222,13 @@ impl Watch {
         format!("guard:{}", self.config.host)
     }
 
-    /// A store, connected now if need be, within `budget`.
-    async fn store(&mut self, budget: Duration) -> anyhow::Result<Store> {
+    /// The database (or the provisioner's guard API), connected now if need be, within
+    /// `budget`.
+    async fn store(&mut self, budget: Duration) -> anyhow::Result<Backend> {
         if let Some(s) = &self.store {
             return Ok(s.clone());
         }
-        let opts = ConnectOptions { timeout: budget, max_connections: 2, create_if_missing: false };
-        let s = Store::connect_with(&self.config.database_url, &opts).await?;
+        let s = Backend::connect(&self.config, budget).await?;
         self.store = Some(s.clone());
         Ok(s)
     }
@@ -236,7 +238,7 @@ impl Watch {
         let host = self.config.host.clone();
         let result = tokio::time::timeout(budget, async {
             let store = self.store(budget).await?;
-            store.record_heartbeat(&host).await?;
+            store.heartbeat(&host).await?;
             anyhow::Ok(())
         })
         .await;
@@ -279,9 +281,26 @@ impl Watch {
             humantime::format_duration(Duration::from_secs(silent.as_secs()))
         );
         let (uri, cache) = (self.config.libvirt.uri.clone(), self.config.boot.state_dir.join("cache.json"));
+        // The record is written before the first domain is destroyed: a guard that dies half-way
+        // through still knows, once restarted, that it was fencing and what. A retry after a
+        // failed destroy adds to the record of the earlier try.
+        let fence_file = self.fence_file.clone();
+        let record_first = move |stopping: &[InstanceId]| {
+            use anyhow::Context;
+            let mut record: SelfFence =
+                std::fs::read(&fence_file).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+            record.at = nodekeeper_store::Timestamp::now().0;
+            for id in stopping {
+                if !record.stopped.contains(id) {
+                    record.stopped.push(*id);
+                }
+            }
+            crate::fsutil::write_atomic(&fence_file, &serde_json::to_vec(&record).unwrap_or_default())
+                .with_context(|| format!("recording the self-fence in {}", fence_file.display()))
+        };
         let result = tokio::time::timeout(
             self.config.watch.libvirt_timeout,
-            tokio::task::spawn_blocking(move || stop_ha_domains(&uri, &cache)),
+            tokio::task::spawn_blocking(move || stop_ha_domains(&uri, &cache, record_first)),
         )
         .await;
         let stopped = match result {
@@ -296,10 +315,6 @@ impl Watch {
             }
         };
         let record = SelfFence { at: nodekeeper_store::Timestamp::now().0, stopped };
-        if let Err(e) = crate::fsutil::write_atomic(&self.fence_file, &serde_json::to_vec(&record).unwrap_or_default())
-        {
-            tracing::error!("recording the self-fence in {}: {e}", self.fence_file.display());
-        }
         tracing::error!("self-fenced: stopped {} HA domains", record.stopped.len());
         self.shared.count(|c| c.self_fences += 1);
         *Shared::lock(&self.shared.fenced) = Some(record);
@@ -329,9 +344,9 @@ impl Watch {
             Ok(Err(e)) => tracing::warn!("converge: {e:#}"),
             _ => {}
         }
-        let owned = match store.instances(Some(&self.config.host)).await {
+        let owned = match store.assigned(&self.config.host).await {
             Ok(o) => o,
-            Err(e) => return tracing::warn!("converge: {e}"),
+            Err(e) => return tracing::warn!("converge: {e:#}"),
         };
         let mut events = Vec::new();
         for inst in owned.iter().filter(|i| !i.deleted) {
@@ -350,7 +365,7 @@ impl Watch {
                         tracing::warn!(uuid = %inst.uuid, "converge: {} is assigned here but has no stored domain XML", inst.name);
                         continue;
                     }
-                    Err(e) => return tracing::warn!("converge: {e}"),
+                    Err(e) => return tracing::warn!("converge: {e:#}"),
                 }
             } else {
                 None
@@ -393,8 +408,8 @@ impl Watch {
             .into_iter()
             .map(|(uuid, (running, generation))| ReportedDomain { uuid, running, generation })
             .collect();
-        if let Err(e) = store.save_guard_report(&self.config.host, &report).await {
-            tracing::warn!("converge: saving the report: {e}");
+        if let Err(e) = store.save_report(&self.config.host, &report).await {
+            tracing::warn!("converge: saving the report: {e:#}");
         }
         if let Some(f) = lifted {
             // The database answers and confirmed what is ours: what the self-fence stopped and
@@ -408,7 +423,7 @@ impl Watch {
         }
         if !events.is_empty() {
             if let Err(e) = store.record_events(&events).await {
-                tracing::warn!("converge: recording events: {e}");
+                tracing::warn!("converge: recording events: {e:#}");
             }
         }
         self.shared.count(|c| c.converges += 1);
@@ -551,7 +566,11 @@ fn list(uri: &str) -> anyhow::Result<HashMap<InstanceId, Local>> {
 
 /// Destroys every running domain that is HA (by its metadata, else the boot pass's cache);
 /// definitions stay. Returns what it stopped.
-fn stop_ha_domains(uri: &str, cache: &std::path::Path) -> anyhow::Result<Vec<InstanceId>> {
+fn stop_ha_domains(
+    uri: &str,
+    cache: &std::path::Path,
+    record_first: impl FnOnce(&[InstanceId]) -> anyhow::Result<()>,
+) -> anyhow::Result<Vec<InstanceId>> {
     use anyhow::Context;
     let cached: HashMap<InstanceId, bool> = std::fs::read(cache)
         .ok()
@@ -560,16 +579,20 @@ fn stop_ha_domains(uri: &str, cache: &std::path::Path) -> anyhow::Result<Vec<Ins
         .unwrap_or_default();
     let mut conn = virt::connect::Connect::open(Some(uri)).with_context(|| format!("connecting to {uri}"))?;
     let result = (|| {
-        let mut stopped = Vec::new();
+        let mut ha = Vec::new();
         for dom in conn.list_all_domains(virt::sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE).context("listing domains")? {
             let xml = dom.get_xml_desc(0).context("reading a domain's XML")?;
             let Ok(meta) = parse_domain_xml(xml.as_bytes()) else { continue };
             if meta.ha.or_else(|| cached.get(&meta.uuid).copied()) == Some(true) {
-                dom.destroy().with_context(|| format!("destroying {}", meta.name))?;
-                stopped.push(meta.uuid);
+                ha.push((meta.uuid, meta.name, dom));
             }
         }
-        Ok(stopped)
+        let stopping: Vec<InstanceId> = ha.iter().map(|(id, _, _)| *id).collect();
+        record_first(&stopping)?;
+        for (_, name, dom) in &ha {
+            dom.destroy().with_context(|| format!("destroying {name}"))?;
+        }
+        Ok(stopping)
     })();
     let _ = conn.close();
     result

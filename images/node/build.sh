@@ -94,6 +94,7 @@ cat > "$root/etc/systemd/system/nodekeeper-firstboot.service" <<'UNIT'
 Description=nodekeeper: report the first boot from disk to the provisioner
 Wants=network-online.target
 After=network-online.target
+Before=nodekeeper-guard-boot.service nodekeeper-guard.service libvirtd.service
 ConditionPathExists=!/var/lib/nodekeeper/firstboot.done
 
 [Service]
@@ -106,6 +107,11 @@ StandardOutput=journal+console
 WantedBy=multi-user.target
 UNIT
 ln -sf ../nodekeeper-firstboot.service "$root/etc/systemd/system/multi-user.target.wants/"
+# The guard: the boot pass before libvirtd, the pass after it, and the service. Their config
+# (/etc/nodekeeper/guard.toml) and node token are written by the first boot.
+for unit in nodekeeper-guard-boot nodekeeper-guard-post-libvirt nodekeeper-guard; do
+  ln -sf ../$unit.service "$root/etc/systemd/system/multi-user.target.wants/"
+done
 cat > "$root/etc/systemd/network/80-provisioning.network" <<'NET'
 [Match]
 Name=en* eth*

@@ -121,6 +121,13 @@ pub enum HostCommand {
         /// Host name.
         name: HostName,
     },
+    /// Mint a new node token for a host's guard (the guard API's credential; it replaces the
+    /// old one) and print it once. Hosts installed by `reimage` get theirs at first boot;
+    /// this is for hosts installed otherwise, or to rotate it.
+    Token {
+        /// Host name.
+        name: HostName,
+    },
 }
 
 /// `instance ...`
@@ -173,6 +180,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Host(HostCommand::List) => admin::host_list(&store, &out).await,
         Command::Host(HostCommand::Show { name }) => admin::host_show(&store, &out, &name).await,
         Command::Host(HostCommand::MarkFenced { name }) => admin::mark_fenced(&store, &out, &name).await,
+        Command::Host(HostCommand::Token { name }) => admin::host_token(&store, &out, &name).await,
         Command::Instance(InstanceCommand::Import { file }) => admin::instance_import(&store, &out, &file).await,
         Command::Instance(InstanceCommand::List { host }) => admin::instance_list(&store, &out, host.as_ref()).await,
         Command::Instance(InstanceCommand::Evacuate { to, uuids }) => {

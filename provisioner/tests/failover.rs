@@ -14,32 +14,17 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+mod common;
+
 use axum::extract::{Path as UrlPath, State};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use common::{free_port, guard_binary, KillOnDrop, PROVISIONER};
 use nodekeeper_store::testing::TestDb;
 use nodekeeper_store::{
     EventFilter, Generation, HostName, HostState, InstanceId, NewHost, NewInstance, OperationStatus, Storage, Store,
     Timestamp,
 };
-
-const PROVISIONER: &str = env!("CARGO_BIN_EXE_nodekeeper-provisioner");
-
-/// The guard's binary, beside the provisioner's in the same target directory (built here
-/// when this test runs alone, `-p nodekeeper-provisioner`).
-fn guard_binary() -> String {
-    let path = std::path::Path::new(PROVISIONER).with_file_name("nodekeeper-guard");
-    if !path.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let ok = Command::new(cargo)
-            .args(["build", "-q", "-p", "nodekeeper-guard"])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok && path.exists(), "building nodekeeper-guard for {}", path.display());
-    }
-    path.display().to_string()
-}
 
 fn n(s: &str) -> HostName {
     s.parse().expect("name")
@@ -206,7 +191,7 @@ async fn a_hung_host_is_fenced_and_its_ha_instances_run_elsewhere() {
     }
 
     // The controller, with a 6 s grace.
-    let http = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
+    let http = free_port();
     std::fs::create_dir_all(format!("{d}/images")).expect("images");
     let config = format!("{d}/provisioner.toml");
     // (the base config; each replica gets its own copy with its own port)
@@ -221,16 +206,9 @@ async fn a_hung_host_is_fenced_and_its_ha_instances_run_elsewhere() {
     )
     .expect("config");
     // Two replicas of serve: one controller acts, the other waits for its lease.
-    struct Kill(Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let mut replicas: Vec<Kill> = Vec::new();
+    let mut replicas: Vec<KillOnDrop> = Vec::new();
     for r in 0..2 {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
+        let port = free_port();
         let text = std::fs::read_to_string(&config)
             .expect("config")
             .replace(&format!("127.0.0.1:{http}"), &format!("127.0.0.1:{port}"));
@@ -242,7 +220,7 @@ async fn a_hung_host_is_fenced_and_its_ha_instances_run_elsewhere() {
             .stderr(std::fs::File::create(format!("{d}/serve-{r}.log")).expect("log"))
             .spawn()
             .expect("serve");
-        replicas.push(Kill(child));
+        replicas.push(KillOnDrop(child));
     }
     tokio::time::sleep(Duration::from_secs(if defaults { 12 } else { 3 })).await;
     for h in hosts {

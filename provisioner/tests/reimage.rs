@@ -316,11 +316,20 @@ async fn the_deploy_agent_writes_and_verifies_the_image() {
     let script = Command::new("curl").args(["-sf", &format!("{}/boot/{MAC}.ipxe", r.base)]).output().expect("curl");
     let script = String::from_utf8_lossy(&script.stdout);
     assert!(script.contains("sanboot") && !script.contains("nk.token"), "{script}");
-    // The node's first boot reports up with the block's token: its first heartbeat.
-    assert_eq!(r.report(&token, r#"{"token":"TOKEN","stage":"up","detail":"first boot"}"#), 200);
+    // The node's first boot reports up with the block's token: its first heartbeat. It
+    // brings the node token its guard will use; a malformed one is refused, and nothing burns.
+    let node_token = "n0de-t0ken_0123456789abcdef0123456789";
+    let bad = r#"{"token":"TOKEN","stage":"up","node_token":"short"}"#;
+    assert_eq!(r.report(&token, bad), 400);
+    let bad = format!(r#"{{"token":"TOKEN","stage":"verified","node_token":"{node_token}"}}"#);
+    assert_eq!(r.report(&token, &bad), 400, "a node token comes only with up");
+    assert!(!r.store.check_node_token(&name(), &http::guard_api::token_hash(node_token)).await.expect("check"));
+    let up = format!(r#"{{"token":"TOKEN","stage":"up","detail":"first boot","node_token":"{node_token}"}}"#);
+    assert_eq!(r.report(&token, &up), 200);
     let done = r.wait(op.id, "done", |o| o.status != OperationStatus::Running).await;
     assert_eq!(done.status, OperationStatus::Done);
     assert!(r.store.require_host(&name()).await.expect("host").last_heartbeat.is_some());
+    assert!(r.store.check_node_token(&name(), &http::guard_api::token_hash(node_token)).await.expect("check"));
     assert_eq!(r.report(&token, r#"{"token":"TOKEN","stage":"up"}"#), 403, "the token is burnt");
 }
 

@@ -71,6 +71,12 @@ impl Drop for Domain {
     }
 }
 
+/// The last `n` lines of `text`.
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
 /// Follows operation `id` until it ends (or `limit`), printing each step with its time.
 async fn follow(store: &Store, host: &HostName, id: i64, limit: Duration, serial: &Path) -> (Operation, Vec<String>) {
     let started = Instant::now();
@@ -91,12 +97,7 @@ async fn follow(store: &Store, host: &HostName, id: i64, limit: Duration, serial
         }
         if started.elapsed() > limit {
             let log = std::fs::read_to_string(serial).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(60).collect();
-            panic!(
-                "operation still at {} after {limit:?}; serial tail:\n{}",
-                op.step,
-                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-            );
+            panic!("operation still at {} after {limit:?}; serial tail:\n{}", op.step, tail(&log, 60));
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
@@ -236,6 +237,19 @@ async fn a_vm_with_an_empty_disk_is_reimaged_through_sushy_tools_and_boots_its_i
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     assert!(reported, "the node's first boot reported in, and said so on its console");
+    // Its guard came up with the node token the first boot made (and libvirtd with it): the
+    // guard's converge pass reports the node's libvirt through the guard API.
+    let mut guard_up = false;
+    for _ in 0..360 {
+        let reports = store.guard_reports().await.expect("reports");
+        if reports.iter().any(|r| r.host == host && r.at > op.created_at) {
+            guard_up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let console = std::fs::read_to_string(&serial).unwrap_or_default();
+    assert!(guard_up, "no report from the node's guard; console:\n{}", tail(&console, 60));
     let h = store.require_host(&host).await.expect("host");
     assert_eq!((h.state, h.image.as_deref()), (HostState::Active, Some("node.img")));
     assert!(h.last_heartbeat.is_some_and(|t| t > op.created_at));

@@ -1,6 +1,6 @@
 //! The append-only audit log: who did what to which host or instance, when, and why.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sqlx::any::AnyRow;
 
 use crate::db::{now_ms, placeholders};
@@ -10,7 +10,7 @@ use crate::types::{HostName, InstanceId, Timestamp};
 use crate::Store;
 
 /// An event to append.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NewEvent {
     /// Who acted: `cli:USER`, `guard:HOST`, `controller`, ...
     pub actor: String,

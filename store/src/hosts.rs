@@ -292,6 +292,32 @@ impl Store {
         Ok(())
     }
 
+    /// Records the SHA-256 (hex) of `name`'s node token (the guard API's credential),
+    /// replacing any earlier one.
+    pub async fn set_node_token(&self, name: &HostName, sha256_hex: &str) -> Result<()> {
+        let done = sqlx::query("UPDATE hosts SET node_token_sha256 = $1 WHERE name = $2")
+            .bind(sha256_hex)
+            .bind(name.as_str())
+            .execute(&self.pool)
+            .await
+            .map_err(query("storing a node token"))?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::UnknownHost(name.clone()));
+        }
+        Ok(())
+    }
+
+    /// Whether `sha256_hex` is `name`'s node token.
+    pub async fn check_node_token(&self, name: &HostName, sha256_hex: &str) -> Result<bool> {
+        let row = sqlx::query("SELECT 1 FROM hosts WHERE name = $1 AND node_token_sha256 = $2")
+            .bind(name.as_str())
+            .bind(sha256_hex)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(query("checking a node token"))?;
+        Ok(row.is_some())
+    }
+
     /// One host, or [`StoreError::UnknownHost`].
     pub async fn require_host(&self, name: &HostName) -> Result<Host> {
         self.host(name).await?.ok_or_else(|| StoreError::UnknownHost(name.clone()))

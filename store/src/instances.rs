@@ -6,7 +6,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sqlx::any::AnyRow;
 
 use crate::db::{backend_of, now_ms, placeholders};
@@ -70,7 +70,7 @@ pub struct Instance {
 }
 
 /// What the guard needs to judge a local definition: owner, generation, tombstone, HA.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ownership {
     /// UUID.
     pub uuid: InstanceId,

@@ -13,6 +13,7 @@
 mod db;
 mod error;
 mod events;
+pub mod guard_api;
 mod hosts;
 mod instances;
 mod leadership;

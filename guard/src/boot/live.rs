@@ -155,7 +155,7 @@ pub async fn run(config: &Config) -> anyhow::Result<LiveReport> {
             })
             .collect();
         if let Err(e) = store.record_events(&events).await {
-            errors.push(FileError { path: PathBuf::from("events"), reason: format!("events not recorded: {e}") });
+            errors.push(FileError { path: PathBuf::from("events"), reason: format!("events not recorded: {e:#}") });
         }
         store.close().await;
     }

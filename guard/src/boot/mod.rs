@@ -14,7 +14,9 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use nodekeeper_store::{ConnectOptions, HostName, InstanceId, NewEvent, Store};
+use nodekeeper_store::{HostName, InstanceId, NewEvent};
+
+use crate::backend::Backend;
 use serde::Serialize;
 
 use crate::config::Config;
@@ -173,7 +175,7 @@ pub async fn run(config: &Config) -> Result<Report, BootError> {
             }
             Err(e) => errors.push(FileError {
                 path: dirs.journal(),
-                reason: format!("events not recorded yet, kept in the journal: {e}"),
+                reason: format!("events not recorded yet, kept in the journal: {e:#}"),
             }),
         }
         store.close().await;
@@ -212,7 +214,7 @@ pub async fn run(config: &Config) -> Result<Report, BootError> {
 
 /// Asks the database about this host and every local UUID, retrying with exponential
 /// backoff (0.25 s doubling to 5 s) until `db_wait` is spent. At least one attempt is made.
-pub(crate) async fn ask_database(config: &Config, uuids: &[InstanceId]) -> (DbAnswer, Option<Store>, Option<String>) {
+pub(crate) async fn ask_database(config: &Config, uuids: &[InstanceId]) -> (DbAnswer, Option<Backend>, Option<String>) {
     let deadline = Instant::now() + config.boot.db_wait;
     let mut delay = Duration::from_millis(250);
     let mut attempt = 0u32;
@@ -237,11 +239,14 @@ pub(crate) async fn ask_database(config: &Config, uuids: &[InstanceId]) -> (DbAn
     }
 }
 
-async fn query_database(config: &Config, uuids: &[InstanceId], timeout: Duration) -> anyhow::Result<(DbAnswer, Store)> {
-    let opts = ConnectOptions { timeout, max_connections: 2, create_if_missing: false };
-    let store = Store::connect_with(&config.database_url, &opts).await?;
+async fn query_database(
+    config: &Config,
+    uuids: &[InstanceId],
+    timeout: Duration,
+) -> anyhow::Result<(DbAnswer, Backend)> {
+    let store = Backend::connect(config, timeout).await?;
     store.check_schema().await?;
-    let host_known = store.host(&config.host).await?.is_some();
+    let host_known = store.host_known(&config.host).await?;
     let ownership = if host_known {
         store.ownership(uuids).await?.into_iter().map(|o| (o.uuid, o)).collect()
     } else {

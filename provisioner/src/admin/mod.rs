@@ -286,6 +286,21 @@ pub async fn mark_fenced(store: &Store, out: &Output, name: &HostName) -> anyhow
     })
 }
 
+/// `host token NAME`
+pub async fn host_token(store: &Store, out: &Output, name: &HostName) -> anyhow::Result<()> {
+    let token = format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple());
+    store.set_node_token(name, &crate::http::guard_api::token_hash(&token)).await?;
+    store
+        .record_event(&nodekeeper_store::NewEvent::host(
+            &actor(),
+            "host.node_token",
+            name,
+            format!("a new node token for {name} (the old one no longer works)"),
+        ))
+        .await?;
+    out.emit(&json!({ "host": name, "token": token }), || format!("{token}\n"))
+}
+
 /// `reimage HOST [--image NAME]`
 pub async fn reimage(store: &Store, out: &Output, name: &HostName, image: Option<&str>) -> anyhow::Result<()> {
     use crate::reimage::{executor, machine};

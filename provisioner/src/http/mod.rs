@@ -2,6 +2,7 @@
 //! and metrics. [`serve`] takes a bound listener and a shutdown token, so tests start the
 //! real server in-process on port 0.
 
+pub mod guard_api;
 pub mod images;
 pub mod ipxe;
 
@@ -57,6 +58,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/api/v1/events", get(api_events))
         .route("/api/v1/events/stream", get(api_events_stream))
         .route("/api/v1/hosts/{name}/deploy", axum::routing::post(api_deploy))
+        .merge(guard_api::routes())
         .layer(middleware::from_fn_with_state(state.clone(), count_requests))
         .with_state(state)
 }
@@ -283,6 +285,10 @@ struct DeployReport {
     error: Option<String>,
     #[serde(default)]
     detail: Option<String>,
+    /// With `up`: the node token the node made for its guard (see [`guard_api`]); stored
+    /// (hashed) once the deploy token proves the report.
+    #[serde(default)]
+    node_token: Option<String>,
 }
 
 /// `POST /api/v1/hosts/{name}/deploy`: the deploy agent's progress and result, authenticated
@@ -302,14 +308,28 @@ async fn api_deploy(
         Ok(r) => r,
         Err(e) => return text(StatusCode::BAD_REQUEST, format!("invalid report: {e}\n")),
     };
+    if report
+        .node_token
+        .as_deref()
+        .is_some_and(|t| report.stage != machine::AgentStage::Up || !nodekeeper_store::guard_api::valid_token(t))
+    {
+        return text(StatusCode::BAD_REQUEST, "node_token: only with \"up\", 32 to 128 of [A-Za-z0-9_-]\n".into());
+    }
     let hash = format!("{:x}", Sha256::digest(report.token.as_bytes()));
+    // The token is checked first and burnt only once everything the report causes is
+    // recorded: a report that fails half-way (the database blinked) can be sent again.
     let last = report.error.is_some() || report.stage == machine::AgentStage::Up;
-    match state.store.check_deploy_token(&name, &hash, last).await {
+    match state.store.check_deploy_token(&name, &hash, false).await {
         Ok(true) => {}
         Ok(false) => return text(StatusCode::FORBIDDEN, "invalid or expired deploy token\n".into()),
         Err(e) => return internal(e),
     }
     if report.stage == machine::AgentStage::Up && report.error.is_none() {
+        if let Some(t) = &report.node_token {
+            if let Err(e) = state.store.set_node_token(&name, &guard_api::token_hash(t)).await {
+                return internal(e);
+            }
+        }
         if let Err(e) = state.store.record_heartbeat(&name).await {
             return internal(e);
         }
@@ -321,11 +341,17 @@ async fn api_deploy(
         (None, Some(d)) => format!("deploy agent on {name}: {:?}: {d}", report.stage),
         (None, None) => format!("deploy agent on {name}: {:?}", report.stage),
     };
-    match state
+    let reported = state
         .store
         .report_operation(executor::KIND, &name, &json, &message.to_lowercase(), &format!("agent:{name}"))
-        .await
-    {
+        .await;
+    if last && reported.is_ok() {
+        // Single use from here on (of two concurrent last reports, both were recorded alike).
+        if let Err(e) = state.store.check_deploy_token(&name, &hash, true).await {
+            return internal(e);
+        }
+    }
+    match reported {
         Ok(Some(op)) => Json(serde_json::json!({ "operation": op.id, "step": op.step })).into_response(),
         Ok(None) => text(StatusCode::CONFLICT, format!("no reimage of {name} is running\n")),
         Err(e) => internal(e),

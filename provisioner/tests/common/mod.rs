@@ -140,3 +140,27 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// The provisioner's binary (of the test's own crate).
+pub const PROVISIONER: &str = env!("CARGO_BIN_EXE_nodekeeper-provisioner");
+
+/// The guard's binary, beside the provisioner's in the same target directory (built here
+/// when the test runs alone, `-p nodekeeper-provisioner`).
+pub fn guard_binary() -> String {
+    let path = std::path::Path::new(PROVISIONER).with_file_name("nodekeeper-guard");
+    if !path.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let ok = Command::new(cargo)
+            .args(["build", "-q", "-p", "nodekeeper-guard"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok && path.exists(), "building nodekeeper-guard for {}", path.display());
+    }
+    path.display().to_string()
+}
+
+/// A free TCP port on loopback (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port()
+}

@@ -1,0 +1,204 @@
+//! Where the guard asks: the database itself (`postgres://`, `sqlite://`), or the
+//! provisioner's guard API (`http://`, `https://`) when it cannot open the database — the
+//! embedded SQLite lives on the provisioner's disk. Both answer the same questions; the
+//! decisions made on the answers are the same code.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use nodekeeper_store::guard_api::{self, Assigned, GuardEvent, OwnershipQuery};
+use nodekeeper_store::{ConnectOptions, HostName, InstanceId, NewEvent, Ownership, ReportedDomain, Store, Timestamp};
+
+use crate::config::Config;
+
+/// A connection to the database, direct or through the provisioner.
+#[derive(Debug, Clone)]
+pub enum Backend {
+    /// The database itself.
+    Db(Store),
+    /// The provisioner's guard API.
+    Api(Api),
+}
+
+/// A client of the guard API, for one host.
+#[derive(Debug, Clone)]
+pub struct Api {
+    client: reqwest::Client,
+    base: String,
+    host: HostName,
+    token: String,
+}
+
+/// Whether a `database_url` names the provisioner's guard API rather than a database.
+pub fn is_api_url(url: &str) -> bool {
+    url.starts_with("http://") || url.starts_with("https://")
+}
+
+/// Reads a node token file: one line, 32 to 128 of `[A-Za-z0-9_-]`.
+pub fn read_token(path: &std::path::Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading the node token {}", path.display()))?;
+    let token = text.trim();
+    anyhow::ensure!(guard_api::valid_token(token), "{}: not a node token (32 to 128 of [A-Za-z0-9_-])", path.display());
+    Ok(token.to_owned())
+}
+
+impl Backend {
+    /// Connects within `timeout` (the API: builds a client whose every request has that
+    /// budget; the first request proves the provisioner answers).
+    pub async fn connect(config: &Config, timeout: Duration) -> anyhow::Result<Backend> {
+        if is_api_url(&config.database_url) {
+            let token = read_token(&config.token_file)?;
+            let client = reqwest::Client::builder()
+                .timeout(timeout)
+                .connect_timeout(timeout)
+                .build()
+                .context("building the HTTP client")?;
+            let base = config.database_url.trim_end_matches('/').to_owned();
+            return Ok(Backend::Api(Api { client, base, host: config.host.clone(), token }));
+        }
+        let opts = ConnectOptions { timeout, max_connections: 2, create_if_missing: false };
+        Ok(Backend::Db(Store::connect_with(&config.database_url, &opts).await?))
+    }
+
+    /// The database's schema is the one this guard was built for (the API: the provisioner
+    /// checks its own).
+    pub async fn check_schema(&self) -> anyhow::Result<()> {
+        match self {
+            Backend::Db(s) => Ok(s.check_schema().await?),
+            Backend::Api(_) => Ok(()),
+        }
+    }
+
+    /// Whether the host table knows `host`.
+    pub async fn host_known(&self, host: &HostName) -> anyhow::Result<bool> {
+        match self {
+            Backend::Db(s) => Ok(s.host(host).await?.is_some()),
+            Backend::Api(a) => {
+                let r = a.send(a.client.get(format!("{}/api/v1/hosts/{host}", a.base))).await?;
+                match r.status() {
+                    reqwest::StatusCode::NOT_FOUND => Ok(false),
+                    s if s.is_success() => Ok(true),
+                    _ => Err(a.failed(r).await),
+                }
+            }
+        }
+    }
+
+    /// Owner, generation, tombstone and HA flag of those of `uuids` the database knows.
+    pub async fn ownership(&self, uuids: &[InstanceId]) -> anyhow::Result<Vec<Ownership>> {
+        match self {
+            Backend::Db(s) => Ok(s.ownership(uuids).await?),
+            Backend::Api(a) => {
+                let mut out = Vec::with_capacity(uuids.len());
+                // The provisioner takes 50,000 per request.
+                for chunk in uuids.chunks(50_000) {
+                    let body = OwnershipQuery { uuids: chunk.to_vec() };
+                    out.extend(a.json::<Vec<Ownership>>(a.post("ownership").json(&body)).await?);
+                }
+                Ok(out)
+            }
+        }
+    }
+
+    /// Records a heartbeat for `host`.
+    pub async fn heartbeat(&self, host: &HostName) -> anyhow::Result<()> {
+        match self {
+            Backend::Db(s) => s.record_heartbeat(host).await.map(|_: Timestamp| ()).map_err(Into::into),
+            Backend::Api(a) => a.ok(a.post("heartbeat")).await,
+        }
+    }
+
+    /// The instances the database assigns to `host` (tombstones included).
+    pub async fn assigned(&self, host: &HostName) -> anyhow::Result<Vec<Assigned>> {
+        match self {
+            Backend::Db(s) => Ok(s.instances(Some(host)).await?.iter().map(Assigned::from).collect()),
+            Backend::Api(a) => a.json(a.client.get(a.url("assigned"))).await,
+        }
+    }
+
+    /// The stored domain XML of an instance assigned to this host.
+    pub async fn domain_xml(&self, uuid: InstanceId) -> anyhow::Result<Option<String>> {
+        match self {
+            Backend::Db(s) => Ok(s.domain_xml(uuid).await?),
+            Backend::Api(a) => {
+                let r = a.send(a.client.get(a.url(&format!("assigned/{uuid}/domain.xml")))).await?;
+                match r.status() {
+                    reqwest::StatusCode::NOT_FOUND => Ok(None),
+                    s if s.is_success() => Ok(Some(r.text().await.context("reading a domain XML")?)),
+                    _ => Err(a.failed(r).await),
+                }
+            }
+        }
+    }
+
+    /// Replaces `host`'s report of what its libvirt runs.
+    pub async fn save_report(&self, host: &HostName, domains: &[ReportedDomain]) -> anyhow::Result<()> {
+        match self {
+            Backend::Db(s) => Ok(s.save_guard_report(host, domains).await?),
+            Backend::Api(a) => a.ok(a.client.put(a.url("report")).json(domains)).await,
+        }
+    }
+
+    /// Appends events (the API records them as this host's guard, whatever their actor).
+    pub async fn record_events(&self, events: &[NewEvent]) -> anyhow::Result<()> {
+        match self {
+            Backend::Db(s) => Ok(s.record_events(events).await?),
+            Backend::Api(a) => {
+                let body: Vec<GuardEvent> = events
+                    .iter()
+                    .map(|e| GuardEvent {
+                        kind: e.kind.clone(),
+                        instance: e.instance,
+                        message: e.message.clone(),
+                        key: e.key.clone(),
+                    })
+                    .collect();
+                a.ok(a.post("events").json(&body)).await
+            }
+        }
+    }
+
+    /// Closes the database pool (nothing to close for the API).
+    pub async fn close(&self) {
+        if let Backend::Db(s) = self {
+            s.close().await;
+        }
+    }
+}
+
+impl Api {
+    fn url(&self, rest: &str) -> String {
+        format!("{}{}", self.base, guard_api::path(&self.host, rest))
+    }
+
+    fn post(&self, rest: &str) -> reqwest::RequestBuilder {
+        self.client.post(self.url(rest))
+    }
+
+    async fn send(&self, req: reqwest::RequestBuilder) -> anyhow::Result<reqwest::Response> {
+        req.bearer_auth(&self.token).send().await.with_context(|| format!("the provisioner at {}", self.base))
+    }
+
+    async fn failed(&self, r: reqwest::Response) -> anyhow::Error {
+        let status = r.status();
+        let body = r.text().await.unwrap_or_default();
+        anyhow::anyhow!("the provisioner at {} answered {status}: {}", self.base, body.trim())
+    }
+
+    async fn ok(&self, req: reqwest::RequestBuilder) -> anyhow::Result<()> {
+        let r = self.send(req).await?;
+        if r.status().is_success() {
+            Ok(())
+        } else {
+            Err(self.failed(r).await)
+        }
+    }
+
+    async fn json<T: serde::de::DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> anyhow::Result<T> {
+        let r = self.send(req).await?;
+        if !r.status().is_success() {
+            return Err(self.failed(r).await);
+        }
+        r.json().await.with_context(|| format!("an answer of the provisioner at {}", self.base))
+    }
+}

@@ -1,0 +1,233 @@
+//! The guard API: `/api/v1/hosts/{name}/guard/...`, how the guard on a node reaches the
+//! database through the provisioner (the embedded SQLite cannot be opened from another
+//! machine). Every request must carry that host's node token (`Authorization: Bearer …`); a
+//! guard can read and write only for its own host, and the provisioner sets the actor of the
+//! events it records (`guard:HOST`).
+//!
+//! - `POST heartbeat` → `{"at": …}`
+//! - `POST ownership` `{"uuids": [...]}` → `[Ownership]` (what `guard boot` asks)
+//! - `GET assigned` → `[Assigned]` (what `guard watch` converges on)
+//! - `GET assigned/{uuid}/domain.xml` → the stored XML of an instance assigned to the host
+//! - `PUT report` `[ReportedDomain]` (what its libvirt runs, for the GC pass)
+//! - `POST events` `[GuardEvent]`
+//!
+//! An unknown host is a 404 (the guard reports a renamed host as a configuration error); a
+//! missing or wrong token a 401; a database that fails a 500, and nothing is changed.
+
+use axum::extract::{Path as UrlPath, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use nodekeeper_store::guard_api::{valid_token, Assigned, GuardEvent, OwnershipQuery};
+use nodekeeper_store::{HostName, InstanceId, NewEvent, ReportedDomain};
+use sha2::{Digest, Sha256};
+
+use super::{internal, text, HttpState};
+
+/// At most this many UUIDs per ownership query or domains per report.
+const MAX_ITEMS: usize = 50_000;
+/// At most this many events per request.
+const MAX_EVENTS: usize = 10_000;
+
+/// The routes, to be merged into the main router.
+pub(super) fn routes() -> Router<HttpState> {
+    Router::new()
+        .route("/api/v1/hosts/{name}/guard/heartbeat", post(heartbeat))
+        .route("/api/v1/hosts/{name}/guard/ownership", post(ownership))
+        .route("/api/v1/hosts/{name}/guard/assigned", get(assigned))
+        .route("/api/v1/hosts/{name}/guard/assigned/{uuid}/domain.xml", get(domain_xml))
+        .route("/api/v1/hosts/{name}/guard/report", put(report))
+        .route("/api/v1/hosts/{name}/guard/events", post(events))
+}
+
+/// The SHA-256 (hex) under which a node token is stored.
+pub fn token_hash(token: &str) -> String {
+    format!("{:x}", Sha256::digest(token.as_bytes()))
+}
+
+/// The host named in the path, if the request carries its node token.
+async fn authorize(state: &HttpState, name: &str, headers: &HeaderMap) -> Result<HostName, Response> {
+    let Ok(name) = name.parse::<HostName>() else {
+        return Err(text(StatusCode::BAD_REQUEST, format!("invalid host name {name:?}\n")));
+    };
+    match state.store.host(&name).await {
+        Ok(Some(_)) => {}
+        Ok(None) => return Err(text(StatusCode::NOT_FOUND, format!("unknown host {name}\n"))),
+        Err(e) => return Err(internal(e)),
+    }
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|t| valid_token(t));
+    let unauthorized = || {
+        let mut r = text(StatusCode::UNAUTHORIZED, format!("a valid node token for {name} is required\n"));
+        r.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+        r
+    };
+    let Some(token) = token else { return Err(unauthorized()) };
+    match state.store.check_node_token(&name, &token_hash(token)).await {
+        Ok(true) => Ok(name),
+        Ok(false) => Err(unauthorized()),
+        Err(e) => Err(internal(e)),
+    }
+}
+
+/// A JSON body, or what is wrong with it (for a 400).
+fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, String> {
+    serde_json::from_slice(body).map_err(|e| format!("invalid body: {e}\n"))
+}
+
+async fn heartbeat(State(state): State<HttpState>, UrlPath(name): UrlPath<String>, headers: HeaderMap) -> Response {
+    let host = match authorize(&state, &name, &headers).await {
+        Ok(h) => h,
+        Err(r) => return r,
+    };
+    match state.store.record_heartbeat(&host).await {
+        Ok(at) => Json(serde_json::json!({ "at": at })).into_response(),
+        Err(e) => internal(e),
+    }
+}
+
+async fn ownership(
+    State(state): State<HttpState>,
+    UrlPath(name): UrlPath<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    if let Err(r) = authorize(&state, &name, &headers).await {
+        return r;
+    }
+    let query: OwnershipQuery = match parse(&body) {
+        Ok(q) => q,
+        Err(e) => return text(StatusCode::BAD_REQUEST, e),
+    };
+    if query.uuids.len() > MAX_ITEMS {
+        return text(StatusCode::PAYLOAD_TOO_LARGE, format!("at most {MAX_ITEMS} UUIDs per query\n"));
+    }
+    match state.store.ownership(&query.uuids).await {
+        Ok(o) => Json(o).into_response(),
+        Err(e) => internal(e),
+    }
+}
+
+async fn assigned(State(state): State<HttpState>, UrlPath(name): UrlPath<String>, headers: HeaderMap) -> Response {
+    let host = match authorize(&state, &name, &headers).await {
+        Ok(h) => h,
+        Err(r) => return r,
+    };
+    match state.store.instances(Some(&host)).await {
+        Ok(list) => Json(list.iter().map(Assigned::from).collect::<Vec<_>>()).into_response(),
+        Err(e) => internal(e),
+    }
+}
+
+async fn domain_xml(
+    State(state): State<HttpState>,
+    UrlPath((name, uuid)): UrlPath<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    let host = match authorize(&state, &name, &headers).await {
+        Ok(h) => h,
+        Err(r) => return r,
+    };
+    let Ok(uuid) = uuid.parse::<InstanceId>() else {
+        return text(StatusCode::BAD_REQUEST, format!("invalid UUID {uuid:?}\n"));
+    };
+    // Only the owner may read it: a domain XML can carry secrets (disk paths, passwords).
+    match state.store.instance(uuid).await {
+        Ok(Some(i)) if i.owner == host && !i.deleted => {}
+        Ok(_) => return text(StatusCode::NOT_FOUND, format!("{uuid} is not assigned to {host}\n")),
+        Err(e) => return internal(e),
+    }
+    match state.store.domain_xml(uuid).await {
+        Ok(Some(xml)) => ([(header::CONTENT_TYPE, "application/xml")], xml).into_response(),
+        Ok(None) => text(StatusCode::NOT_FOUND, format!("{uuid} has no stored domain XML\n")),
+        Err(e) => internal(e),
+    }
+}
+
+async fn report(
+    State(state): State<HttpState>,
+    UrlPath(name): UrlPath<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let host = match authorize(&state, &name, &headers).await {
+        Ok(h) => h,
+        Err(r) => return r,
+    };
+    let domains: Vec<ReportedDomain> = match parse(&body) {
+        Ok(d) => d,
+        Err(e) => return text(StatusCode::BAD_REQUEST, e),
+    };
+    if domains.len() > MAX_ITEMS {
+        return text(StatusCode::PAYLOAD_TOO_LARGE, format!("at most {MAX_ITEMS} domains per report\n"));
+    }
+    match state.store.save_guard_report(&host, &domains).await {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => internal(e),
+    }
+}
+
+async fn events(
+    State(state): State<HttpState>,
+    UrlPath(name): UrlPath<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let host = match authorize(&state, &name, &headers).await {
+        Ok(h) => h,
+        Err(r) => return r,
+    };
+    let events: Vec<GuardEvent> = match parse(&body) {
+        Ok(e) => e,
+        Err(e) => return text(StatusCode::BAD_REQUEST, e),
+    };
+    if events.len() > MAX_EVENTS {
+        return text(StatusCode::PAYLOAD_TOO_LARGE, format!("at most {MAX_EVENTS} events per request\n"));
+    }
+    if let Some(bad) = events.iter().find(|e| !valid_kind(&e.kind) || e.message.len() > 4096) {
+        return text(StatusCode::BAD_REQUEST, format!("invalid event kind {:?} or message too long\n", bad.kind));
+    }
+    let actor = format!("guard:{host}");
+    let events: Vec<NewEvent> = events
+        .into_iter()
+        .map(|e| NewEvent {
+            actor: actor.clone(),
+            kind: e.kind,
+            host: Some(host.clone()),
+            instance: e.instance,
+            message: e.message,
+            key: e.key,
+        })
+        .collect();
+    match state.store.record_events(&events).await {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => internal(e),
+    }
+}
+
+/// A dotted kind of lowercase words: `instance.quarantined`, `guard.host-unknown`, ...
+fn valid_kind(kind: &str) -> bool {
+    (3..=64).contains(&kind.len())
+        && kind.contains('.')
+        && kind.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds() {
+        assert!(valid_kind("instance.quarantined"));
+        assert!(valid_kind("guard.host-unknown"));
+        assert!(valid_kind("host.self_fence_lifted"));
+        assert!(!valid_kind("nodot"));
+        assert!(!valid_kind("Instance.Started"));
+        assert!(!valid_kind("a.b\n"));
+    }
+}

@@ -1,0 +1,267 @@
+//! The guard API with real processes: `nodekeeper-provisioner serve` on the embedded SQLite,
+//! a node token minted by `host token`, and `nodekeeper-guard boot` and `watch` configured with
+//! `database_url = "http://…"`, on the machine's real libvirtd (TCG domains of 32 MiB with no
+//! disk; the `libvirt-guard` nextest group gives guards the machine's libvirtd in turn). Checked:
+//! the API refuses requests without the host's own token and bad bodies, changing nothing; the
+//! boot pass quarantines through it; the watch heartbeats, converges and reports through it;
+//! and when the provisioner dies, the guard self-fences, then starts its HA instance again
+//! once the provisioner is back and confirms it.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{free_port, guard_binary, KillOnDrop, PROVISIONER};
+use nodekeeper_store::testing::TestDb;
+use nodekeeper_store::{EventFilter, Generation, HostName, InstanceId, NewHost, NewInstance, Storage, Store};
+
+fn n(s: &str) -> HostName {
+    s.parse().expect("name")
+}
+
+const URI: &str = "qemu:///system";
+
+fn domain_xml(name: &str, uuid: InstanceId) -> String {
+    format!(
+        "<domain type='qemu'><name>{name}</name><uuid>{uuid}</uuid><memory unit='MiB'>32</memory>\
+         <os><type arch='x86_64'>hvm</type></os><devices/></domain>"
+    )
+}
+
+/// The test's domains, destroyed and undefined however the test ends.
+struct Domains(Vec<InstanceId>);
+
+impl Drop for Domains {
+    fn drop(&mut self) {
+        let Ok(mut conn) = virt::connect::Connect::open(Some(URI)) else { return };
+        for id in &self.0 {
+            if let Ok(dom) = virt::domain::Domain::lookup_by_uuid_string(&conn, &id.to_string()) {
+                let _ = dom.destroy();
+                let _ = dom.undefine();
+            }
+        }
+        let _ = conn.close();
+    }
+}
+
+fn libvirtd_available() -> bool {
+    if std::path::Path::new("/run/libvirt/libvirt-sock").exists() {
+        return true;
+    }
+    assert!(
+        std::env::var("NODEKEEPER_REQUIRE_LIBVIRT").as_deref() != Ok("1"),
+        "NODEKEEPER_REQUIRE_LIBVIRT=1 but libvirtd is not running"
+    );
+    eprintln!("skipping: libvirtd is not running (make test starts it)");
+    false
+}
+
+/// Runs curl; returns (status, body).
+fn curl(args: &[&str]) -> (u16, String) {
+    let out = Command::new("curl")
+        .args(["-s", "--max-time", "10", "-w", "\n%{http_code}"])
+        .args(args)
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').expect("status line");
+    (code.parse().expect("status"), body.to_owned())
+}
+
+struct Serve {
+    config: String,
+    log: String,
+    child: Option<KillOnDrop>,
+}
+
+impl Serve {
+    fn start(&mut self) {
+        let child = Command::new(PROVISIONER)
+            .args(["serve", "--config", &self.config])
+            .stdout(Stdio::null())
+            .stderr(std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log"))
+            .spawn()
+            .expect("serve");
+        self.child = Some(KillOnDrop(child));
+    }
+
+    fn kill(&mut self) {
+        self.child = None;
+    }
+}
+
+async fn wait_until(what: &str, limit: Duration, mut ok: impl AsyncFnMut() -> bool) {
+    let start = Instant::now();
+    while !ok().await {
+        assert!(start.elapsed() < limit, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// `(actor, kind)` of the events about `uuid`.
+async fn events_of(store: &Store, uuid: InstanceId) -> Vec<(String, String)> {
+    let filter = EventFilter { instance: Some(uuid), limit: Some(1000), ..Default::default() };
+    store.events(&filter).await.expect("events").into_iter().map(|e| (e.actor, e.kind)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_guard_reaches_the_embedded_database_through_the_provisioner() {
+    if !libvirtd_available() {
+        return;
+    }
+    let db = TestDb::sqlite();
+    let store = db.store().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let d = dir.path().display().to_string();
+    for h in ["node-a", "node-b"] {
+        let new = NewHost { name: n(h), mac: None, ip: None, bmc_url: None, bmc_credentials: None };
+        store.add_host(&new, "test").await.expect("host");
+    }
+    let items: Vec<NewInstance> = [("ha", "node-a", true), ("plain", "node-a", false), ("b", "node-b", true)]
+        .into_iter()
+        .map(|(name, owner, ha)| {
+            let uuid = InstanceId::random();
+            let name = format!("nk-api-{name}-{}", &uuid.to_string()[..8]);
+            NewInstance {
+                uuid,
+                domain_xml: Some(domain_xml(&name, uuid)),
+                name,
+                owner: n(owner),
+                ha,
+                storage: Storage::Shared,
+                generation: Generation(1),
+            }
+        })
+        .collect();
+    store.import_instances(&items, "test").await.expect("import");
+    let (ha, plain, b) = (items[0].uuid, items[1].uuid, items[2].uuid);
+    let _domains = Domains(vec![ha, plain, b]);
+
+    // serve on the SQLite file; recovery off (nothing here has a BMC).
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    std::fs::create_dir_all(format!("{d}/images")).expect("images");
+    let config = format!("{d}/provisioner.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "database_url = \"{}\"\n[dhcp]\nmode = \"off\"\n[http]\nlisten = \"127.0.0.1:{port}\"\npublic_url = \"{base}\"\n\
+             images_dir = \"{d}/images\"\n[recovery]\nenabled = false\n",
+            db.url()
+        ),
+    )
+    .expect("config");
+    let mut serve = Serve { config, log: format!("{d}/serve.log"), child: None };
+    serve.start();
+    wait_until("serve answers", Duration::from_secs(30), async || curl(&[&format!("{base}/healthz")]).0 == 200).await;
+
+    // Node tokens, minted by the CLI (printed once).
+    let token_of = |h: &str| {
+        let out = Command::new(PROVISIONER)
+            .args(["--database-url", db.url(), "host", "token", h])
+            .output()
+            .expect("host token");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let token = token_of("node-a");
+    let token_b = token_of("node-b");
+    let bearer = format!("Authorization: Bearer {token}");
+    let api = |rest: &str| format!("{base}/api/v1/hosts/node-a/guard/{rest}");
+
+    // Refusals change nothing.
+    assert_eq!(curl(&["-X", "POST", &api("heartbeat")]).0, 401, "no token");
+    let wrong = format!("Authorization: Bearer {}", "x".repeat(40));
+    assert_eq!(curl(&["-X", "POST", "-H", &wrong, &api("heartbeat")]).0, 401, "a wrong token");
+    let other = format!("Authorization: Bearer {token_b}");
+    assert_eq!(curl(&["-X", "POST", "-H", &other, &api("heartbeat")]).0, 401, "another host's token");
+    let unknown = format!("{base}/api/v1/hosts/node-z/guard/heartbeat");
+    assert_eq!(curl(&["-X", "POST", "-H", &bearer, &unknown]).0, 404, "an unknown host");
+    assert!(store.require_host(&n("node-a")).await.expect("a").last_heartbeat.is_none());
+    let xml_of_b = api(&format!("assigned/{b}/domain.xml"));
+    assert_eq!(curl(&["-H", &bearer, &xml_of_b]).0, 404, "another host's instance XML is not shown");
+    let (code, body) = curl(&["-H", &bearer, "-X", "PUT", "-d", "{not json", &api("report")]);
+    assert_eq!(code, 400, "{body}");
+    let bad_kind = r#"[{"kind":"Instance Started!","message":"x"}]"#;
+    assert_eq!(curl(&["-H", &bearer, "-H", "Content-Type: application/json", "-d", bad_kind, &api("events")]).0, 400);
+    let spoof = format!(r#"[{{"kind":"instance.checked","instance":"{ha}","message":"m","actor":"controller"}}]"#);
+    assert_eq!(curl(&["-H", &bearer, "-d", &spoof, &api("events")]).0, 400, "a guard cannot set the actor");
+    assert!(store.guard_reports().await.expect("reports").is_empty());
+    assert!(events_of(&store, ha).await.iter().all(|(_, k)| k != "instance.checked"));
+    let event = format!(r#"[{{"kind":"instance.checked","instance":"{ha}","message":"m"}}]"#);
+    assert_eq!(curl(&["-H", &bearer, "-d", &event, &api("events")]).0, 204);
+    assert!(events_of(&store, ha).await.contains(&("guard:node-a".into(), "instance.checked".into())));
+
+    // guard boot through the API: node-a still holds node-b's instance from before: quarantined.
+    let token_file = format!("{d}/node-token");
+    std::fs::write(&token_file, format!("{token}\n")).expect("token file");
+    let qemu = format!("{d}/node-a/qemu");
+    std::fs::create_dir_all(&qemu).expect("qemu dir");
+    std::fs::write(format!("{qemu}/b.xml"), items[2].domain_xml.as_deref().expect("xml")).expect("xml");
+    std::fs::write(format!("{qemu}/ha.xml"), items[0].domain_xml.as_deref().expect("xml")).expect("xml");
+    let guard_config = format!("{d}/guard.toml");
+    std::fs::write(
+        &guard_config,
+        format!(
+            "host = \"node-a\"\ndatabase_url = \"{base}\"\ntoken_file = \"{token_file}\"\n\
+             [libvirt]\nconfig_dir = \"{qemu}\"\nuri = \"{URI}\"\n\
+             [boot]\nstate_dir = \"{d}/node-a/state\"\ndb_wait = \"2s\"\n\
+             [watch]\nheartbeat_interval = \"1s\"\nconverge_interval = \"1s\"\nisolation_timeout = \"3s\"\n\
+             max_restarts = 0\nlibvirt_restart = []\n"
+        ),
+    )
+    .expect("guard config");
+    let guard = guard_binary();
+    let out = Command::new(&guard).args(["boot", "--json", "--config", &guard_config]).output().expect("boot");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("boot report");
+    assert_eq!(report["database"], "ok", "{report}");
+    assert_eq!(report["quarantined"], serde_json::json!([b.to_string()]), "{report}");
+    assert_eq!(report["kept"], serde_json::json!([ha.to_string()]), "{report}");
+    assert!(events_of(&store, b).await.contains(&("guard:node-a".into(), "instance.quarantined".into())));
+    std::fs::remove_file(format!("{qemu}/ha.xml")).expect("rm");
+
+    // guard watch through the API: heartbeats, defines and starts both of node-a's, reports.
+    let log = format!("{d}/guard.log");
+    let child = Command::new(&guard)
+        .args(["watch", "--config", &guard_config])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("watch");
+    let _watch = KillOnDrop(child);
+    let started = |store: Store, id: InstanceId| async move {
+        events_of(&store, id).await.iter().filter(|(a, k)| a == "guard:node-a" && k == "instance.started").count()
+    };
+    wait_until("both started on node-a", Duration::from_secs(30), async || {
+        started(store.clone(), ha).await == 1 && started(store.clone(), plain).await == 1
+    })
+    .await;
+    assert!(store.require_host(&n("node-a")).await.expect("a").last_heartbeat.is_some());
+    wait_until("a report with both running", Duration::from_secs(10), async || {
+        let reports = store.guard_reports().await.expect("reports");
+        reports.iter().any(|r| {
+            r.host == n("node-a") && [ha, plain].iter().all(|id| r.domains.iter().any(|d| d.uuid == *id && d.running))
+        })
+    })
+    .await;
+
+    // The provisioner dies: cut off, the guard stops its HA instance (the plain one stays).
+    serve.kill();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    serve.start();
+    wait_until("the self-fence lifted and vm-ha started again", Duration::from_secs(30), async || {
+        let lifted = store
+            .events(&EventFilter { host: Some(n("node-a")), limit: Some(1000), ..Default::default() })
+            .await
+            .expect("events")
+            .iter()
+            .any(|e| e.kind == "host.self_fence_lifted");
+        lifted && started(store.clone(), ha).await == 2
+    })
+    .await;
+    let guard_log = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(started(store.clone(), plain).await, 1, "the non-HA instance was not stopped: {guard_log}");
+    assert!(guard_log.contains("self-fenced: stopped 1 HA domains"), "{guard_log}");
+    store.close().await;
+}
