@@ -19,7 +19,7 @@ need_root() {
 # busybox-static (udhcpc, and the static shell of the test initramfs), a Debian kernel and
 # cpio for the QEMU PXE-boot test. debootstrap, mtools, syslinux, dosfstools, fdisk and
 # e2fsprogs build the node image (images/node/build.sh) without loop devices or mounts.
-PACKAGES=(postgresql libvirt-daemon-system libvirt-dev qemu-system-x86 pkg-config tftp-hpa curl atftp
+PACKAGES=(postgresql libvirt-daemon-system libvirt-dev qemu-system-x86 qemu-utils pkg-config tftp-hpa curl atftp
   busybox-static isc-dhcp-client dnsmasq-base ipxe iproute2 python3 linux-image-amd64 cpio file
   kea-dhcp4-server kea-admin tftpd-hpa nginx-light
   python3-libvirt python3-venv ipmitool

@@ -22,7 +22,7 @@ use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use nodekeeper_store::{Generation, InstanceId, NewEvent, ReportedDomain};
+use nodekeeper_store::{Generation, InstanceId, NewEvent, ReportedDomain, Storage};
 
 use crate::backend::Backend;
 use serde::{Deserialize, Serialize};
@@ -372,15 +372,26 @@ impl Watch {
             };
             let (uri, uuid, generation, ha) = (self.config.libvirt.uri.clone(), inst.uuid, inst.generation, inst.ha);
             let start = needs_start && !(behind && here.is_some_and(|d| d.active));
+            // Local storage: the disks died with the old owner; a new owner recreates them
+            // from their backing image (the same identity, fresh data).
+            let local = inst.storage == Storage::Local && needs_define;
             let done = tokio::task::spawn_blocking(move || {
-                define_and_start(&uri, uuid, xml.as_deref(), generation, ha, start)
+                let recreated = match (&xml, local) {
+                    (Some(xml), true) => recreate_local_disks(xml)?,
+                    _ => Vec::new(),
+                };
+                define_and_start(&uri, uuid, xml.as_deref(), generation, ha, start).map(|r| (r, recreated))
             })
             .await
             .map_err(anyhow::Error::from)
             .and_then(|r| r);
             match done {
-                Ok((defined, started)) => {
+                Ok(((defined, started), recreated)) => {
                     let actor = self.actor();
+                    for disk in recreated {
+                        let m = format!("{}: {disk} (local storage: the data on the old owner is lost)", inst.name);
+                        events.push(NewEvent::instance(&actor, "instance.disk_recreated", &self.config.host, uuid, m));
+                    }
                     if defined {
                         self.shared.count(|c| c.defined += 1);
                         let m = format!("{} defined from the database (generation {generation})", inst.name);
@@ -393,7 +404,15 @@ impl Watch {
                         events.push(NewEvent::instance(&actor, "instance.started", &self.config.host, uuid, m));
                     }
                 }
-                Err(e) => tracing::warn!(uuid = %uuid, "converge: {} : {e:#}", inst.name),
+                Err(e) => {
+                    tracing::warn!(uuid = %uuid, "converge: {}: {e:#}", inst.name);
+                    let m = format!("{} not started here: {e:#}", inst.name);
+                    let key = format!("converge-failed:{}:{uuid}:{}", self.config.host, generation.0);
+                    events.push(
+                        NewEvent::instance(&self.actor(), "instance.converge_failed", &self.config.host, uuid, m)
+                            .with_key(key),
+                    );
+                }
             }
         }
         let lifted = Shared::lock(&self.shared.fenced).take();
@@ -596,6 +615,57 @@ fn stop_ha_domains(
     })();
     let _ = conn.close();
     result
+}
+
+/// Creates the missing file-backed disks of a local-storage instance's definition: a qcow2
+/// overlay on the disk's declared backing image (`<backingStore>`), as image-backed local
+/// disks are made. A missing disk with no backing image, or not qcow2, cannot be recreated:
+/// an error, and the instance is not defined. Returns what was created, for the events.
+fn recreate_local_disks(xml: &str) -> anyhow::Result<Vec<String>> {
+    use anyhow::Context;
+    let mut created = Vec::new();
+    for disk in crate::domain::file_disks(xml.as_bytes()).context("the stored domain XML")? {
+        if disk.path.exists() {
+            continue;
+        }
+        let shown = disk.path.display();
+        let Some((base, base_format)) = &disk.backing else {
+            anyhow::bail!(
+                "disk {} ({shown}) is missing and declares no backing image to recreate it from",
+                disk.target
+            );
+        };
+        anyhow::ensure!(
+            disk.format == "qcow2",
+            "disk {} ({shown}) is missing; only a qcow2 overlay can be recreated, not {}",
+            disk.target,
+            disk.format
+        );
+        anyhow::ensure!(
+            base.exists(),
+            "disk {} ({shown}): its backing image {} is not on this host",
+            disk.target,
+            base.display()
+        );
+        if let Some(dir) = disk.path.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        // Made beside, then renamed: a half-made disk is never taken for the real one.
+        let partial = disk.path.with_extension("nk-partial");
+        let out = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", base_format, "-b"])
+            .arg(base)
+            .arg(&partial)
+            .output()
+            .context("running qemu-img")?;
+        if !out.status.success() {
+            let _ = std::fs::remove_file(&partial);
+            anyhow::bail!("qemu-img create {}: {}", partial.display(), String::from_utf8_lossy(&out.stderr).trim());
+        }
+        std::fs::rename(&partial, &disk.path).with_context(|| format!("renaming to {shown}"))?;
+        created.push(format!("disk {} recreated at {shown} over {}", disk.target, base.display()));
+    }
+    Ok(created)
 }
 
 /// Defines `uuid` from `xml` (when given) with nodekeeper's metadata, and starts it (when

@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nodekeeper_store::testing::TestDb;
-use nodekeeper_store::{Generation, HostName, InstanceId, NewHost, NewInstance, Storage, Store};
+use nodekeeper_store::{EventFilter, Generation, HostName, InstanceId, NewHost, NewInstance, Storage, Store};
 use virt::connect::Connect;
 use virt::domain::Domain;
 
@@ -109,6 +109,11 @@ async fn setup(db: &TestDb, instances: &[(&str, &str, bool)], peers: &str) -> (R
             }
         })
         .collect();
+    setup_with(db, store, items, peers).await
+}
+
+/// Imports `items`, then starts a guard for node-w1.
+async fn setup_with(db: &TestDb, store: Store, items: Vec<NewInstance>, peers: &str) -> (Rig, Store, Vec<InstanceId>) {
     store.import_instances(&items, "test").await.expect("import");
     let ids: Vec<InstanceId> = items.iter().map(|i| i.uuid).collect();
     let dir = tempfile::tempdir().expect("dir");
@@ -133,6 +138,90 @@ async fn setup(db: &TestDb, instances: &[(&str, &str, bool)], peers: &str) -> (R
         .spawn()
         .expect("guard");
     (Rig { guard: Some(guard), domains: ids.clone(), dir }, store, ids)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_storage_instance_gets_its_disk_recreated_from_its_backing_image() {
+    if !libvirtd_available() {
+        return;
+    }
+    let db = TestDb::sqlite();
+    let store = db.store().await;
+    for h in ["node-w1", "node-w2"] {
+        let host = NewHost { name: n(h), mac: None, ip: None, bmc_url: None, bmc_credentials: None };
+        store.add_host(&host, "test").await.expect("host");
+    }
+    // Under target/: QEMU (another user under libvirt) must reach the files.
+    let disks = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("dir");
+    std::fs::set_permissions(disks.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+    let base = disks.path().join("base.raw");
+    std::fs::File::create(&base).and_then(|f| f.set_len(8 << 20)).expect("base image");
+    let instance = |name: &str, disk: &str| {
+        let uuid = InstanceId::random();
+        let name = format!("nk-watch-{}-{name}", &uuid.to_string()[..8]);
+        let xml = format!(
+            "<domain type='qemu'><name>{name}</name><uuid>{uuid}</uuid><memory unit='MiB'>32</memory>\
+             <os><type arch='x86_64'>hvm</type></os><devices>{disk}</devices></domain>"
+        );
+        NewInstance {
+            uuid,
+            name,
+            owner: n("node-w1"),
+            ha: true,
+            storage: Storage::Local,
+            generation: Generation(2),
+            domain_xml: Some(xml),
+        }
+    };
+    let path = disks.path().join("instances/a/disk");
+    let with_backing = format!(
+        "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{}'/>\
+         <backingStore type='file'><format type='raw'/><source file='{}'/></backingStore><target dev='vda' bus='virtio'/></disk>",
+        path.display(),
+        base.display()
+    );
+    let lost = disks.path().join("instances/b/disk");
+    let without = format!(
+        "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{}'/><target dev='vda' bus='virtio'/></disk>",
+        lost.display()
+    );
+    let items = vec![instance("local", &with_backing), instance("nobase", &without)];
+    let (rig, store, ids) = setup_with(&db, store, items, "").await;
+    let (local, nobase) = (ids[0], ids[1]);
+    let started = Instant::now();
+    while state(local) != (true, true) {
+        let log = std::fs::read_to_string(rig.dir.path().join("guard.log")).unwrap_or_default();
+        assert!(started.elapsed() < Duration::from_secs(60), "the local instance not running; guard log:\n{log}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let info = Command::new("qemu-img").args(["info", "--output=json", "-U"]).arg(&path).output().expect("qemu-img");
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).expect("qemu-img info");
+    assert_eq!(info["format"], "qcow2", "{info}");
+    assert_eq!(info["backing-filename"], base.display().to_string(), "{info}");
+    let kinds = |id: InstanceId| {
+        let store = store.clone();
+        async move {
+            let filter = EventFilter { instance: Some(id), limit: Some(100), ..Default::default() };
+            store.events(&filter).await.expect("events").into_iter().map(|e| e.kind).collect::<Vec<_>>()
+        }
+    };
+    // (the pass records its events once it has been through every instance)
+    for _ in 0..50 {
+        if kinds(local).await.contains(&"instance.disk_recreated".to_owned())
+            && kinds(nobase).await.contains(&"instance.converge_failed".to_owned())
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(kinds(local).await.contains(&"instance.disk_recreated".to_owned()));
+    // No backing image: nothing to recreate it from. Not defined, said once, nothing made.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let failed = kinds(nobase).await.into_iter().filter(|k| k == "instance.converge_failed").count();
+    assert_eq!(failed, 1, "one event, not one per pass");
+    assert_eq!(state(nobase), (false, false));
+    assert!(!lost.exists() && !lost.parent().is_some_and(|p| p.exists()), "nothing made for it");
+    store.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,7 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::types::{Generation, InstanceId};
+use crate::types::{Generation, InstanceId, Storage};
 
 /// The path prefix of a host's guard API, below the provisioner's public URL.
 pub fn path(host: &crate::HostName, rest: &str) -> String {
@@ -35,11 +35,20 @@ pub struct Assigned {
     pub ha: bool,
     /// Tombstoned.
     pub deleted: bool,
+    /// Where its disks live (`local`: recreated from their backing image on a new owner).
+    pub storage: Storage,
 }
 
 impl From<&crate::Instance> for Assigned {
     fn from(i: &crate::Instance) -> Self {
-        Assigned { uuid: i.uuid, name: i.name.clone(), generation: i.generation, ha: i.ha, deleted: i.deleted }
+        Assigned {
+            uuid: i.uuid,
+            name: i.name.clone(),
+            generation: i.generation,
+            ha: i.ha,
+            deleted: i.deleted,
+            storage: i.storage,
+        }
     }
 }
 
