@@ -70,6 +70,10 @@ pub struct WatchConfig {
     /// Other services the host must run, checked every `converge_interval`
     /// (`[[watch.services]]`).
     pub services: Vec<ServiceCheck>,
+    /// The hardware watchdog to arm (`/dev/watchdog`; softdog where there is none): pinged
+    /// only while the guard's loops are healthy, so a hung host (or guard) reboots once the
+    /// driver's timeout runs out. Disarmed on a clean stop. Off when absent.
+    pub hardware_watchdog: Option<PathBuf>,
 }
 
 /// `[[watch.services]]`: a service checked by a command or an HTTP GET. Dead (the check fails)
@@ -126,6 +130,7 @@ impl Default for WatchConfig {
             restart_window: Duration::from_secs(600),
             reboot: vec!["systemctl".into(), "reboot".into()],
             services: Vec::new(),
+            hardware_watchdog: None,
         }
     }
 }
@@ -245,6 +250,9 @@ impl Config {
         }
         if w.isolation_timeout <= w.heartbeat_interval * 2 {
             return Err("watch.isolation_timeout must exceed two heartbeat intervals".into());
+        }
+        if w.hardware_watchdog.as_ref().is_some_and(|p| !p.is_absolute()) {
+            return Err("watch.hardware_watchdog must be an absolute path".into());
         }
         for svc in &w.services {
             if svc.check.is_empty() == svc.http.is_none() {

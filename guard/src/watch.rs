@@ -60,6 +60,57 @@ pub struct SelfFence {
     pub stopped: Vec<InstanceId>,
 }
 
+/// The kernel's watchdog device (`/dev/watchdog`): opening it arms the timer, each write
+/// pings it, and writing the magic `V` before closing disarms it (unless the driver was loaded
+/// with `nowayout`). A guard that dies without that leaves the timer running: systemd restarts
+/// the guard, which opens and pings it again in time, or the host reboots. The timeout is the
+/// driver's (softdog `soft_margin`, 60 s by default; i6300esb `heartbeat`, 30 s): keep it well
+/// above `heartbeat_interval`.
+pub struct HardwareWatchdog {
+    file: std::fs::File,
+    path: PathBuf,
+    failing: bool,
+}
+
+impl HardwareWatchdog {
+    /// Opens (arms) the device; an error is logged and the guard goes on without it.
+    pub fn arm(path: &std::path::Path) -> Option<HardwareWatchdog> {
+        match std::fs::OpenOptions::new().write(true).open(path) {
+            Ok(file) => {
+                tracing::info!("hardware watchdog {} armed", path.display());
+                Some(HardwareWatchdog { file, path: path.to_owned(), failing: false })
+            }
+            Err(e) => {
+                tracing::error!("hardware watchdog {}: {e}: going on without it", path.display());
+                None
+            }
+        }
+    }
+
+    /// Pings it.
+    pub fn ping(&mut self) {
+        use std::io::Write;
+        match self.file.write_all(b"p").and_then(|()| self.file.flush()) {
+            Ok(()) => self.failing = false,
+            Err(e) if !self.failing => {
+                self.failing = true;
+                tracing::error!("hardware watchdog {}: {e}", self.path.display());
+            }
+            Err(_) => {}
+        }
+    }
+
+    /// Disarms it (a clean stop) and closes it.
+    pub fn disarm(mut self) {
+        use std::io::Write;
+        if let Err(e) = self.file.write_all(b"V").and_then(|()| self.file.flush()) {
+            tracing::error!("hardware watchdog {}: disarming: {e}", self.path.display());
+        } else {
+            tracing::info!("hardware watchdog {} disarmed", self.path.display());
+        }
+    }
+}
+
 /// sd_notify(3), without libsystemd: one datagram to `$NOTIFY_SOCKET` (nothing without it).
 pub fn notify(state: &str) {
     let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
@@ -189,6 +240,7 @@ pub async fn run(config: Config, stop: impl std::future::Future<Output = ()>) ->
     let (hb_limit, cv_limit) =
         (w.heartbeat_interval * 4, w.converge_interval + w.libvirt_timeout * 3 + w.converge_interval);
     let mut feed = tokio::time::interval(w.heartbeat_interval);
+    let mut hardware = w.hardware_watchdog.as_deref().and_then(HardwareWatchdog::arm);
     tokio::pin!(stop);
     let mut ready = false;
     loop {
@@ -202,6 +254,9 @@ pub async fn run(config: Config, stop: impl std::future::Future<Output = ()>) ->
                         ready = true;
                     }
                     notify("WATCHDOG=1");
+                    if let Some(dog) = &mut hardware {
+                        dog.ping();
+                    }
                 } else {
                     tracing::error!("a loop is stuck (heartbeat {:?} ago, converge {:?} ago): not feeding the watchdog", h.elapsed(), c.elapsed());
                 }
@@ -209,6 +264,9 @@ pub async fn run(config: Config, stop: impl std::future::Future<Output = ()>) ->
         }
     }
     notify("STOPPING=1");
+    if let Some(dog) = hardware {
+        dog.disarm();
+    }
     for task in [heartbeats, converges, services] {
         task.abort();
         let _ = task.await;
