@@ -3,7 +3,11 @@
 //! `serve` runs: powered off, PXE-booted (DHCP → iPXE → deploy ramdisk), the node image
 //! streamed to its disk and verified, rebooted from the disk, and the operation is done when
 //! the node's first boot reports in. Then a corrupted image: `failed` at `verified`, and the
-//! disk that was bootable is not any more.
+//! disk that was bootable is not any more. In between, the guard-boot part of a failover: the
+//! node's guard (through the guard API, with the node token its first boot made) runs an HA
+//! instance; the node crashes; serve's controller fences it through sushy-tools and moves the
+//! instance; the node is powered on again and its guard quarantines the stale definition
+//! before libvirtd starts.
 //!
 //! Needs root, netns, libvirtd, the BMC venv, QEMU and the images (`make images`; built here
 //! if missing, cached). The node image's first build downloads Debian packages (minutes).
@@ -15,7 +19,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::Lab;
-use nodekeeper_store::{HostName, HostState, Operation, OperationStatus, Store};
+use nodekeeper_store::{EventFilter, HostName, HostState, Operation, OperationStatus, Store, Timestamp};
 
 const BIN: &str = env!("CARGO_BIN_EXE_nodekeeper-provisioner");
 const MAC: &str = "52:54:00:e2:e0:01";
@@ -261,6 +265,116 @@ async fn a_vm_with_an_empty_disk_is_reimaged_through_sushy_tools_and_boots_its_i
         node_len >> 20,
         took.as_secs_f64(),
         phases.join("\n  ")
+    );
+
+    // The guard-boot part of a failover. An HA instance assigned to the node: its guard
+    // defines and starts it (a 32 MiB TCG domain with no disk, nested in the TCG node).
+    // node-other stands for a second compute node: the test heartbeats for it (a double: one
+    // QEMU node is what CI affords; `make lab-test` runs two).
+    nk(&db, &["host", "add", "node-other"]);
+    let other: HostName = "node-other".parse().expect("name");
+    let beats = {
+        let (store, other) = (store.clone(), other.clone());
+        tokio::spawn(async move {
+            loop {
+                let _ = store.record_heartbeat(&other).await;
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        })
+    };
+    let inst = nodekeeper_store::InstanceId::random();
+    let line = serde_json::json!({
+        "uuid": inst.to_string(), "name": format!("nk-e2e-vm-{}", &inst.to_string()[..8]), "host": "node-e2e",
+        "ha": true, "storage": "shared",
+        "domain_xml": format!("<domain type='qemu'><name>nk-e2e-vm-{}</name><uuid>{inst}</uuid>\
+            <memory unit='MiB'>32</memory><os><type arch='x86_64'>hvm</type></os><devices/></domain>", &inst.to_string()[..8]),
+    });
+    std::fs::write(d.join("instances.jsonl"), format!("{line}\n")).expect("jsonl");
+    nk(&db, &["instance", "import", &d.join("instances.jsonl").display().to_string()]);
+    let running_on = |store: Store, host: HostName, after: Timestamp| async move {
+        let reports = store.guard_reports().await.expect("reports");
+        reports
+            .iter()
+            .find(|r| r.host == host && r.at > after)
+            .map(|r| r.domains.iter().any(|d| d.uuid == inst && d.running))
+    };
+    let t0 = Timestamp::now();
+    let limit = Instant::now();
+    while running_on(store.clone(), host.clone(), t0).await != Some(true) {
+        let console = std::fs::read_to_string(&serial).unwrap_or_default();
+        assert!(
+            limit.elapsed() < Duration::from_secs(300),
+            "the node's guard never ran the instance:\n{}",
+            tail(&console, 60)
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let ran = limit.elapsed();
+
+    // The node crashes (its QEMU process is killed: power lost, no shutdown). The controller
+    // in serve: silent past grace (30 s) → suspect → fenced through sushy-tools → the instance
+    // moves to node-other (generation 2) → the node is powered on again.
+    let crash = Instant::now();
+    let out = Command::new("virsh").args(["-q", "destroy", &domain.0]).output().expect("virsh");
+    assert!(out.status.success(), "virsh destroy: {}", String::from_utf8_lossy(&out.stderr));
+    loop {
+        let i = store.instance(inst).await.expect("get").expect("instance");
+        if i.owner == other {
+            assert_eq!(i.generation, nodekeeper_store::Generation(2));
+            break;
+        }
+        assert!(crash.elapsed() < Duration::from_secs(180), "not recovered: {i:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let recovered = crash.elapsed();
+    let fence = store.latest_operation(&host).await.expect("op").expect("a fence");
+    assert_eq!(fence.kind, "fence");
+
+    // Back from the fence: at boot, before libvirtd, its guard quarantines the stale definition
+    // (through the guard API), and the instance does not run on the node again.
+    let back = Instant::now();
+    let quarantined = loop {
+        let filter = EventFilter { instance: Some(inst), limit: Some(100), ..Default::default() };
+        let found = store
+            .events(&filter)
+            .await
+            .expect("events")
+            .into_iter()
+            .find(|e| e.kind == "instance.quarantined" && e.actor == "guard:node-e2e");
+        if let Some(e) = found {
+            break e;
+        }
+        let console = std::fs::read_to_string(&serial).unwrap_or_default();
+        assert!(back.elapsed() < Duration::from_secs(400), "no quarantine after the fence:\n{}", tail(&console, 60));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    let quarantine_took = back.elapsed();
+    let t1 = Timestamp::now();
+    while running_on(store.clone(), host.clone(), t1).await.is_none() {
+        assert!(back.elapsed() < Duration::from_secs(600), "the node's guard never reported after its reboot");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert_eq!(
+        running_on(store.clone(), host.clone(), t1).await,
+        Some(false),
+        "the stale copy is not defined or running"
+    );
+    loop {
+        let h = store.require_host(&host).await.expect("host");
+        if h.state == HostState::Active {
+            break;
+        }
+        assert!(back.elapsed() < Duration::from_secs(600), "the node is not active again: {h:?}");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    beats.abort();
+    eprintln!(
+        "failover e2e: guard ran the instance {:.0} s after import; crash to recovered on node-other {:.0} s \
+         (grace 30 s); power-on to quarantine {:.0} s ({})",
+        ran.as_secs_f64(),
+        recovered.as_secs_f64(),
+        quarantine_took.as_secs_f64(),
+        quarantined.message
     );
 
     // A corrupted image: its ETag names the good bytes, one byte rots after the digest.
