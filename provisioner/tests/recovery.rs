@@ -31,6 +31,7 @@ on_both_engines!(
     after_fence_reimage_requests_a_reimage_of_the_host,
     an_operator_taking_a_suspect_into_maintenance_calls_its_fence_off,
     a_hung_bmc_times_out_and_nothing_moves,
+    a_controller_back_from_downtime_gives_every_host_a_grace,
 );
 
 #[derive(Clone, Default)]
@@ -63,8 +64,11 @@ impl Cell {
         Timestamp(self.t0.0 + secs as i64 * 1000)
     }
 
-    fn controller(&self, holder: &str, config: RecoveryConfig) -> Controller<Fakes> {
-        Controller::new(self.store.clone(), Arc::new(self.fakes.clone()), config, holder.into())
+    /// A replica, started at t0: a leader counts silence from when it began to lead.
+    async fn controller(&self, holder: &str, config: RecoveryConfig) -> Controller<Fakes> {
+        let ctl = Controller::new(self.store.clone(), Arc::new(self.fakes.clone()), config, holder.into());
+        ctl.tick(self.t0).await.expect("first tick");
+        ctl
     }
 
     async fn beat(&self, hosts: &[&str], at: Timestamp) {
@@ -155,7 +159,7 @@ async fn cell(db: &TestDb, count: usize) -> Cell {
 
 async fn a_silent_host_is_fenced_and_its_ha_instances_move_once(db: TestDb) {
     let c = cell(&db, 3).await;
-    let ctl = c.controller("replica-1", config());
+    let ctl = c.controller("replica-1", config()).await;
     let r = ctl.tick(c.at(10)).await.expect("tick");
     assert!(r.leader && r.actions.is_empty(), "{r:?}");
     // a goes silent; b and c keep heartbeating.
@@ -189,7 +193,7 @@ async fn a_silent_host_is_fenced_and_its_ha_instances_move_once(db: TestDb) {
 async fn no_confirmed_fence_no_recovery_until_an_operator_marks_it_fenced(db: TestDb) {
     let c = cell(&db, 3).await;
     c.fakes.0["a"].set(|s| s.always_fail = true);
-    let ctl = c.controller("replica-1", config());
+    let ctl = c.controller("replica-1", config()).await;
     for s in 0..10 {
         c.beat(&["b", "c"], c.at(31 + s)).await;
         ctl.tick(c.at(31 + s)).await.expect("tick");
@@ -224,7 +228,7 @@ async fn no_confirmed_fence_no_recovery_until_an_operator_marks_it_fenced(db: Te
 async fn bmc_errors_are_retried_within_the_limit(db: TestDb) {
     let c = cell(&db, 3).await;
     c.fakes.0["a"].set(|s| s.fail_next = 2);
-    let ctl = c.controller("replica-1", config());
+    let ctl = c.controller("replica-1", config()).await;
     for s in 0..10 {
         c.beat(&["b", "c"], c.at(31 + s)).await;
         ctl.tick(c.at(31 + s)).await.expect("tick");
@@ -236,7 +240,7 @@ async fn bmc_errors_are_retried_within_the_limit(db: TestDb) {
 
 async fn a_host_back_before_its_power_off_is_left_alone(db: TestDb) {
     let c = cell(&db, 3).await;
-    let ctl = c.controller("replica-1", config());
+    let ctl = c.controller("replica-1", config()).await;
     c.beat(&["b", "c"], c.at(31)).await;
     ctl.tick(c.at(31)).await.expect("tick"); // suspect; fence started at confirm
     let op = c.fence_op("a").await.expect("fence");
@@ -254,7 +258,7 @@ async fn a_host_back_before_its_power_off_is_left_alone(db: TestDb) {
 
 async fn many_silent_hosts_at_once_brake_instead_of_fencing(db: TestDb) {
     let c = cell(&db, 4).await;
-    let ctl = c.controller("replica-1", config());
+    let ctl = c.controller("replica-1", config()).await;
     for s in 0..3 {
         c.beat(&["d"], c.at(31 + s)).await;
         ctl.tick(c.at(31 + s)).await.expect("tick");
@@ -279,7 +283,7 @@ async fn many_silent_hosts_at_once_brake_instead_of_fencing(db: TestDb) {
 async fn only_the_leader_acts_and_a_successor_resumes_mid_fence(db: TestDb) {
     let c = cell(&db, 3).await;
     let short = RecoveryConfig { lease_ttl: Duration::from_millis(400), ..config() };
-    let (x, y) = (c.controller("replica-x", short.clone()), c.controller("replica-y", short));
+    let (x, y) = (c.controller("replica-x", short.clone()).await, c.controller("replica-y", short).await);
     c.beat(&["b", "c"], c.at(31)).await;
     assert!(x.tick(c.at(31)).await.expect("x").leader);
     let r = y.tick(c.at(31)).await.expect("y");
@@ -302,12 +306,12 @@ async fn only_the_leader_acts_and_a_successor_resumes_mid_fence(db: TestDb) {
 
 async fn two_controllers_racing_on_one_evacuation_move_each_instance_once(db: TestDb) {
     let c = cell(&db, 3).await;
-    let ctl = c.controller("replica-1", config());
+    let ctl = c.controller("replica-1", config()).await;
     c.tick_until(&ctl, "evacuate", 31, 5).await;
     let op = c.fence_op("a").await.expect("fence");
     assert_eq!(op.step, "evacuate");
     // A stale leader finishing its tick and the new one: both run the same step at once.
-    let other = c.controller("replica-2", config());
+    let other = c.controller("replica-2", config()).await;
     let (r1, r2) = tokio::join!(ctl.step(op.clone(), c.at(36)), other.step(op, c.at(36)));
     r1.expect("step 1");
     r2.expect("step 2");
@@ -324,7 +328,7 @@ async fn two_controllers_racing_on_one_evacuation_move_each_instance_once(db: Te
 async fn a_database_outage_mid_fence_loses_nothing() {
     let Some(db) = TestDb::postgres().await else { return };
     let c = cell(&db, 3).await;
-    let ctl = c.controller("replica-1", config());
+    let ctl = c.controller("replica-1", config()).await;
     c.tick_until(&ctl, "evacuate", 31, 5).await;
     assert_eq!(c.fence_op("a").await.expect("fence").step, "evacuate");
     assert!(db.set_reachable(false).await);
@@ -352,7 +356,7 @@ async fn gc_raises_drift_once_and_retries_what_found_no_room(db: TestDb) {
     use nodekeeper_store::ReportedDomain;
     let c = cell(&db, 3).await;
     let quick = RecoveryConfig { grace: Duration::from_millis(300), ..config() };
-    let ctl = c.controller("replica-1", quick);
+    let ctl = c.controller("replica-1", quick).await;
     tokio::time::sleep(Duration::from_millis(400)).await; // the assignments are older than the grace
                                                           // node-b's guard reports one of node-a's HA instances running there, and not its own HA one.
     let astray = c.ha[0];
@@ -386,7 +390,7 @@ async fn gc_raises_drift_once_and_retries_what_found_no_room(db: TestDb) {
 
 async fn after_fence_reimage_requests_a_reimage_of_the_host(db: TestDb) {
     let c = cell(&db, 3).await;
-    let ctl = c.controller("replica-1", RecoveryConfig { after_fence: AfterFence::Reimage, ..config() });
+    let ctl = c.controller("replica-1", RecoveryConfig { after_fence: AfterFence::Reimage, ..config() }).await;
     for s in 0..8 {
         c.beat(&["b", "c"], c.at(31 + s)).await;
         ctl.tick(c.at(31 + s)).await.expect("tick");
@@ -401,7 +405,7 @@ async fn after_fence_reimage_requests_a_reimage_of_the_host(db: TestDb) {
 
 async fn an_operator_taking_a_suspect_into_maintenance_calls_its_fence_off(db: TestDb) {
     let c = cell(&db, 3).await;
-    let ctl = c.controller("replica-1", config());
+    let ctl = c.controller("replica-1", config()).await;
     c.beat(&["b", "c"], c.at(31)).await;
     ctl.tick(c.at(31)).await.expect("tick"); // suspect; its fence starts at confirm
     assert_eq!(c.fence_op("a").await.expect("fence").step, "confirm");
@@ -422,7 +426,7 @@ async fn an_operator_taking_a_suspect_into_maintenance_calls_its_fence_off(db: T
 async fn a_hung_bmc_times_out_and_nothing_moves(db: TestDb) {
     let c = cell(&db, 3).await;
     c.fakes.0["a"].set(|s| s.hang = true);
-    let ctl = c.controller("replica-1", config());
+    let ctl = c.controller("replica-1", config()).await;
     let started = std::time::Instant::now();
     for s in 0..6 {
         c.beat(&["b", "c"], c.at(31 + s)).await;
@@ -433,4 +437,21 @@ async fn a_hung_bmc_times_out_and_nothing_moves(db: TestDb) {
     assert!(op.last_error.as_deref().is_some_and(|e| e.contains("did not answer")), "{op:?}");
     assert!(started.elapsed() < Duration::from_secs(10), "each attempt bounded by the timeout");
     c.check("a", false).await;
+}
+
+async fn a_controller_back_from_downtime_gives_every_host_a_grace(db: TestDb) {
+    // The provisioner was down for 5 minutes (guards on the embedded SQLite heartbeat through
+    // it): the hosts' last heartbeats are 5 minutes old when its controller comes back.
+    let c = cell(&db, 3).await;
+    let ctl = Controller::new(c.store.clone(), Arc::new(c.fakes.clone()), config(), "replica-1".into());
+    let r = ctl.tick(c.at(300)).await.expect("tick");
+    assert!(r.leader && r.actions.is_empty(), "nobody is judged on the controller's own absence: {r:?}");
+    c.beat(&["b", "c"], c.at(320)).await;
+    assert!(ctl.tick(c.at(330)).await.expect("tick").actions.is_empty(), "a grace from the return, not before");
+    c.beat(&["b", "c"], c.at(331)).await;
+    ctl.tick(c.at(331)).await.expect("tick");
+    assert_eq!(c.store.require_host(&n("a")).await.expect("a").state, HostState::Suspect, "a stayed silent");
+    for h in ["b", "c"] {
+        assert_eq!(c.store.require_host(&n(h)).await.expect("host").state, HostState::Active);
+    }
 }

@@ -141,6 +141,11 @@ pub struct Controller<F: BmcFactory> {
     holder: String,
     last_alert: std::sync::Mutex<Option<(usize, usize)>>,
     last_gc: std::sync::Mutex<Option<Timestamp>>,
+    /// The lease term this replica leads in, and since when it watches: silence is counted
+    /// from then at the earliest. A controller that was not running (an upgrade, a crash, the
+    /// provisioner down — through which guards on the embedded SQLite heartbeat) did not see
+    /// the heartbeats it missed; it must not take its own absence for the hosts' silence.
+    watching: std::sync::Mutex<Option<(i64, Timestamp)>>,
 }
 
 impl<F: BmcFactory> Controller<F> {
@@ -153,6 +158,7 @@ impl<F: BmcFactory> Controller<F> {
             holder,
             last_alert: std::sync::Mutex::new(None),
             last_gc: std::sync::Mutex::new(None),
+            watching: std::sync::Mutex::new(None),
         }
     }
 
@@ -178,6 +184,17 @@ impl<F: BmcFactory> Controller<F> {
             return Ok(TickReport::default());
         }
         let mut report = TickReport { leader: true, ..TickReport::default() };
+        let since = {
+            let mut w = self.watching.lock().unwrap_or_else(|p| p.into_inner());
+            match *w {
+                Some((term, since)) if term == lease.term => since,
+                _ => {
+                    tracing::info!(term = lease.term, "recovery: leading; silence counts from now");
+                    *w = Some((lease.term, now));
+                    now
+                }
+            }
+        };
         let hosts = self.store.hosts().await?;
         // Fences started by this tick are first stepped by the next one: their `confirm`
         // gives a host one more interval to show up before the point of return.
@@ -198,7 +215,7 @@ impl<F: BmcFactory> Controller<F> {
             }
         }
         let policy = detect::Policy { grace: self.config.grace, mass_failure_share: self.config.mass_failure_share };
-        report.actions = detect::plan(&hosts, &fencing, &held, now, &policy);
+        report.actions = detect::plan(&hosts, &fencing, &held, now, since, &policy);
         for action in &report.actions {
             self.act(action).await?;
         }

@@ -65,8 +65,9 @@ fn watched(h: &Host) -> bool {
     h.last_heartbeat.is_some() && matches!(h.state, HostState::Active | HostState::Suspect)
 }
 
-fn silent_for(h: &Host, now: Timestamp) -> Duration {
-    let last = h.last_heartbeat.map_or(i64::MIN / 2, |t| t.0);
+/// How long `h` has been silent as seen by a controller watching since `since`.
+fn silent_for(h: &Host, now: Timestamp, since: Timestamp) -> Duration {
+    let last = h.last_heartbeat.map_or(i64::MIN / 2, |t| t.0).max(since.0);
     Duration::from_millis(u64::try_from(now.0.saturating_sub(last)).unwrap_or(0))
 }
 
@@ -77,7 +78,15 @@ fn grace_ms(p: &Policy) -> i64 {
 /// What to do at `now`. `fencing` lists the hosts whose fence operation is already running
 /// (they are past the point of return: a heartbeat now does not stop their fence); `held`,
 /// suspects whose last fence failed recently (no new fence yet, but they may come back).
-pub fn plan(hosts: &[Host], fencing: &[HostName], held: &[HostName], now: Timestamp, policy: &Policy) -> Vec<Action> {
+/// `since`: when this controller started watching (silence before it is not counted).
+pub fn plan(
+    hosts: &[Host],
+    fencing: &[HostName],
+    held: &[HostName],
+    now: Timestamp,
+    since: Timestamp,
+    policy: &Policy,
+) -> Vec<Action> {
     let mut actions = Vec::new();
     for h in hosts {
         // `updated_at` moves with the state, not with heartbeats: a heartbeat after it is one
@@ -92,7 +101,7 @@ pub fn plan(hosts: &[Host], fencing: &[HostName], held: &[HostName], now: Timest
     let watched: Vec<&Host> = hosts.iter().filter(|h| watched(h)).collect();
     let mut suspects = Vec::new();
     for h in &watched {
-        let silent = silent_for(h, now);
+        let silent = silent_for(h, now, since);
         let is_silent = silent > policy.grace;
         match (h.state, is_silent) {
             (HostState::Active, true) => {
@@ -144,6 +153,20 @@ mod tests {
     }
 
     const NOW: Timestamp = Timestamp(1_000_000);
+    /// A controller that has watched all along.
+    const LONG_AGO: Timestamp = Timestamp(0);
+
+    #[test]
+    fn a_controller_that_just_took_over_counts_silence_from_then() {
+        // The provisioner was down for 5 minutes (guards on the embedded SQLite heartbeat
+        // through it): its controller comes back and must not fence every host at once.
+        let p = Policy::default();
+        let hosts = [host("a", HostState::Active, Some(NOW.0 - 300_000)), host("b", HostState::Active, None)];
+        assert!(plan(&hosts, &[], &[], NOW, NOW, &p).is_empty());
+        assert!(plan(&hosts, &[], &[], Timestamp(NOW.0 + 30_000), NOW, &p).is_empty(), "exactly grace: not yet");
+        let later = plan(&hosts, &[], &[], Timestamp(NOW.0 + 31_000), NOW, &p);
+        assert_eq!(later[0], Action::Suspect { host: n("a"), silent_for: Duration::from_secs(31) });
+    }
 
     #[test]
     fn silence_past_grace_makes_a_suspect_then_a_fence() {
@@ -154,7 +177,7 @@ mod tests {
             host("c", HostState::Active, Some(NOW.0 - 30_000)), // exactly grace: not yet
             host("d", HostState::Active, Some(NOW.0 - 2_000)),
         ];
-        let a = plan(&hosts, &[], &[], NOW, &p);
+        let a = plan(&hosts, &[], &[], NOW, LONG_AGO, &p);
         assert_eq!(
             a,
             vec![Action::Suspect { host: n("a"), silent_for: Duration::from_secs(31) }, Action::Fence { host: n("a") }]
@@ -170,7 +193,7 @@ mod tests {
             host("reimaging", HostState::Reimaging, Some(0)),
             host("fenced", HostState::Fenced, Some(0)),
         ];
-        assert!(plan(&hosts, &[], &[], NOW, &p).is_empty());
+        assert!(plan(&hosts, &[], &[], NOW, LONG_AGO, &p).is_empty());
     }
 
     #[test]
@@ -179,32 +202,35 @@ mod tests {
         let mut fenced = host("a", HostState::Fenced, Some(NOW.0 - 1_000));
         fenced.updated_at = Timestamp(NOW.0 - 5_000); // fenced before that heartbeat
         let b = host("b", HostState::Active, Some(NOW.0));
-        assert_eq!(plan(&[fenced.clone(), b.clone()], &[], &[], NOW, &p), vec![Action::Returned { host: n("a") }]);
+        assert_eq!(
+            plan(&[fenced.clone(), b.clone()], &[], &[], NOW, LONG_AGO, &p),
+            vec![Action::Returned { host: n("a") }]
+        );
         // Not while its fence runs, and not on a heartbeat from before the fence.
-        assert!(plan(&[fenced.clone(), b.clone()], &[n("a")], &[], NOW, &p).is_empty());
+        assert!(plan(&[fenced.clone(), b.clone()], &[n("a")], &[], NOW, LONG_AGO, &p).is_empty());
         fenced.updated_at = Timestamp(NOW.0);
-        assert!(plan(&[fenced, b], &[], &[], NOW, &p).is_empty());
+        assert!(plan(&[fenced, b], &[], &[], NOW, LONG_AGO, &p).is_empty());
     }
 
     #[test]
     fn a_suspect_that_heartbeats_again_is_active_unless_its_fence_started() {
         let p = Policy::default();
         let hosts = [host("a", HostState::Suspect, Some(NOW.0 - 500)), host("b", HostState::Active, Some(NOW.0))];
-        assert_eq!(plan(&hosts, &[], &[], NOW, &p), vec![Action::Recovered { host: n("a") }]);
+        assert_eq!(plan(&hosts, &[], &[], NOW, LONG_AGO, &p), vec![Action::Recovered { host: n("a") }]);
         // Its fence runs: past the point of return, nothing to do here (the fence finishes).
-        assert!(plan(&hosts, &[n("a")], &[], NOW, &p).is_empty());
+        assert!(plan(&hosts, &[n("a")], &[], NOW, LONG_AGO, &p).is_empty());
     }
 
     #[test]
     fn a_suspect_is_fenced_once() {
         let p = Policy::default();
         let hosts = [host("a", HostState::Suspect, Some(0)), host("b", HostState::Active, Some(NOW.0))];
-        assert_eq!(plan(&hosts, &[], &[], NOW, &p), vec![Action::Fence { host: n("a") }]);
-        assert!(plan(&hosts, &[n("a")], &[], NOW, &p).is_empty(), "its fence already runs");
-        assert!(plan(&hosts, &[], &[n("a")], NOW, &p).is_empty(), "its last fence failed just now");
+        assert_eq!(plan(&hosts, &[], &[], NOW, LONG_AGO, &p), vec![Action::Fence { host: n("a") }]);
+        assert!(plan(&hosts, &[n("a")], &[], NOW, LONG_AGO, &p).is_empty(), "its fence already runs");
+        assert!(plan(&hosts, &[], &[n("a")], NOW, LONG_AGO, &p).is_empty(), "its last fence failed just now");
         // Held back after a failed fence, it may still come back.
         let back = [host("a", HostState::Suspect, Some(NOW.0)), host("b", HostState::Active, Some(NOW.0))];
-        assert_eq!(plan(&back, &[], &[n("a")], NOW, &p), vec![Action::Recovered { host: n("a") }]);
+        assert_eq!(plan(&back, &[], &[n("a")], NOW, LONG_AGO, &p), vec![Action::Recovered { host: n("a") }]);
     }
 
     #[test]
@@ -220,7 +246,7 @@ mod tests {
             host("d", HostState::Active, fresh),
             host("e", HostState::Active, fresh),
         ];
-        let a = plan(&hosts, &[], &[], NOW, &p);
+        let a = plan(&hosts, &[], &[], NOW, LONG_AGO, &p);
         assert!(a.contains(&Action::MassFailure { suspects: 3, watched: 5 }), "{a:?}");
         assert!(!a.iter().any(|x| matches!(x, Action::Fence { .. })), "{a:?}");
         // They are still marked suspect: the state is visible to a scheduler.
@@ -233,10 +259,10 @@ mod tests {
             host("d", HostState::Active, fresh),
             host("e", HostState::Active, fresh),
         ];
-        let a = plan(&hosts, &[], &[], NOW, &p);
+        let a = plan(&hosts, &[], &[], NOW, LONG_AGO, &p);
         assert_eq!(a.iter().filter(|x| matches!(x, Action::Fence { .. })).count(), 2, "{a:?}");
         // One of two failing is not a partition.
         let hosts = [host("a", HostState::Active, old), host("b", HostState::Active, fresh)];
-        assert!(plan(&hosts, &[], &[], NOW, &p).contains(&Action::Fence { host: n("a") }));
+        assert!(plan(&hosts, &[], &[], NOW, LONG_AGO, &p).contains(&Action::Fence { host: n("a") }));
     }
 }
