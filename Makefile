@@ -3,11 +3,20 @@ SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: demo test test-deps lint unit bench build release fuzz install images clean
+.PHONY: demo inventory-demo lab-test test test-deps lint unit bench build release fuzz install images clean
 
-## demo: build, migrate an embedded SQLite database, load a sample inventory, show it
+## demo: the QEMU lab's failover, narrated: two compute nodes installed over PXE by the
+## provisioner (embedded SQLite), node-a cut off, fenced, its HA instances recovered on node-b
 demo:
 	./scripts/demo.sh
+
+## inventory-demo: the quick one (no QEMU): migrate an embedded SQLite database, load a fleet
+inventory-demo:
+	./scripts/demo-inventory.sh
+
+## lab-test: the QEMU lab's scenarios (failover, db-down-at-boot) as tests; ~25 min
+lab-test:
+	./scripts/lab-test.sh
 
 ## test: install what the tests need (apt, PostgreSQL), then fmt, clippy and every test
 test:

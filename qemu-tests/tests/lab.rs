@@ -1,0 +1,28 @@
+//! The lab's scenarios as tests (`make lab-test`): minutes each under TCG, so they are
+//! ignored by the plain test run. CI runs the PXE install of one node and the guard-boot part
+//! of the failover in `provisioner/tests/reimage_qemu.rs` instead.
+
+use nodekeeper_lab::lab::Paths;
+use nodekeeper_lab::scenarios::{self, Summary};
+use nodekeeper_lab::Narrator;
+
+async fn run(scenario: impl AsyncFnOnce(Paths, &Narrator) -> anyhow::Result<Summary>) -> Summary {
+    let n = Narrator::new(false);
+    let summary = scenario(Paths::discover().expect("paths"), &n).await.unwrap_or_else(|e| panic!("{e:#}"));
+    eprintln!("{}", summary.table());
+    assert_eq!(summary.double_runs, 0, "an instance ran on two nodes");
+    summary
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "the QEMU lab: two TCG nodes, ~15 min; make lab-test"]
+async fn failover() {
+    let summary = run(scenarios::failover).await;
+    assert!(summary.samples > 100, "sampled throughout: {}", summary.samples);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "the QEMU lab: one TCG node, ~10 min; make lab-test"]
+async fn db_down_at_boot() {
+    run(scenarios::db_down_at_boot).await;
+}
