@@ -216,9 +216,9 @@ impl Lab {
             nk(&["host", "add", node.name.as_str(), "--mac", &node.mac, "--bmc", &bmc])?;
             nodes.push(node);
         }
+        let count = if nodes.len() == 1 { "1 node".to_owned() } else { format!("{} nodes", nodes.len()) };
         n.say(&format!(
-            "{} nodes defined (1 vCPU, 1.5 GiB, empty 3 GiB disk, i6300esb watchdog), each with a Redfish BMC (sushy-tools)",
-            nodes.len()
+            "{count} defined (1 vCPU, 1.5 GiB, empty 3 GiB disk, i6300esb watchdog), each with a Redfish BMC (sushy-tools)"
         ));
 
         let config = dir.join("provisioner.toml");

@@ -30,7 +30,7 @@ impl Summary {
             out.push_str(&format!("| {phase:<width$} | {:>12} |\n", fmt(*took)));
         }
         out.push_str(&format!(
-            "\n{} samples of who runs what (every second, both nodes): {} with an instance on two nodes\n",
+            "\n{} samples of who runs what (every second, every node): {} with an instance on two nodes\n",
             self.samples, self.double_runs
         ));
         out
@@ -293,7 +293,7 @@ async fn db_down_on(lab: &mut Lab, n: &Narrator) -> anyhow::Result<Summary> {
     let node_a = lab.node("node-a").clone();
 
     lab.stop_serve();
-    n.say("the provisioner stops: node-a's guard cannot reach the database");
+    n.say("the provisioner stops (the embedded database lives there; DHCP goes with it): node-a's guard cannot reach the database");
     crate::lab::virsh(&["reset", &node_a.domain])?;
     let reset = Instant::now();
     n.say("node-a is reset (a crash and reboot)");
@@ -311,7 +311,7 @@ async fn db_down_on(lab: &mut Lab, n: &Narrator) -> anyhow::Result<Summary> {
     summary.phases.push(("reset → booted without the database (+60 s)".into(), reset.elapsed()));
     let serve_back = Timestamp::now();
     lab.start_serve()?;
-    n.say("the provisioner is back");
+    n.say("the provisioner is back (node-a's DHCP client is in its retry backoff: it finds it again within minutes)");
     let ha = ids[..2].to_vec();
     let want = ha.clone();
     let (_, took) = n
