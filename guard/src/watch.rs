@@ -23,10 +23,9 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use nodekeeper_store::{Generation, InstanceId, NewEvent, ReportedDomain, Storage};
-
-use crate::backend::Backend;
 use serde::{Deserialize, Serialize};
 
+use crate::backend::Backend;
 use crate::config::Config;
 use crate::domain::{parse_domain_xml, NK_NAMESPACE};
 

@@ -15,10 +15,9 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use nodekeeper_store::{HostName, InstanceId, NewEvent};
-
-use crate::backend::Backend;
 use serde::Serialize;
 
+use crate::backend::Backend;
 use crate::config::Config;
 use crate::fault;
 use crate::fsutil;
