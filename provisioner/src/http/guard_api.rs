@@ -75,6 +75,23 @@ async fn authorize(state: &HttpState, name: &str, headers: &HeaderMap) -> Result
     }
 }
 
+/// The host the request is authorized for, and the JSON list of at most `max` items its body
+/// holds; or the refusal.
+async fn authorized_list<T: serde::de::DeserializeOwned>(
+    state: &HttpState,
+    name: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+    max: usize,
+) -> Result<(HostName, Vec<T>), Response> {
+    let host = authorize(state, name, headers).await?;
+    let items: Vec<T> = parse(body).map_err(|e| text(StatusCode::BAD_REQUEST, e))?;
+    if items.len() > max {
+        return Err(text(StatusCode::PAYLOAD_TOO_LARGE, format!("at most {max} items per request\n")));
+    }
+    Ok((host, items))
+}
+
 /// A JSON body, or what is wrong with it (for a 400).
 fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, String> {
     serde_json::from_slice(body).map_err(|e| format!("invalid body: {e}\n"))
@@ -155,17 +172,10 @@ async fn report(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
-    let host = match authorize(&state, &name, &headers).await {
-        Ok(h) => h,
+    let (host, domains) = match authorized_list::<ReportedDomain>(&state, &name, &headers, &body, MAX_ITEMS).await {
+        Ok(v) => v,
         Err(r) => return r,
     };
-    let domains: Vec<ReportedDomain> = match parse(&body) {
-        Ok(d) => d,
-        Err(e) => return text(StatusCode::BAD_REQUEST, e),
-    };
-    if domains.len() > MAX_ITEMS {
-        return text(StatusCode::PAYLOAD_TOO_LARGE, format!("at most {MAX_ITEMS} domains per report\n"));
-    }
     match state.store.save_guard_report(&host, &domains).await {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(e) => internal(e),
@@ -178,17 +188,10 @@ async fn events(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
-    let host = match authorize(&state, &name, &headers).await {
-        Ok(h) => h,
+    let (host, events) = match authorized_list::<GuardEvent>(&state, &name, &headers, &body, MAX_EVENTS).await {
+        Ok(v) => v,
         Err(r) => return r,
     };
-    let events: Vec<GuardEvent> = match parse(&body) {
-        Ok(e) => e,
-        Err(e) => return text(StatusCode::BAD_REQUEST, e),
-    };
-    if events.len() > MAX_EVENTS {
-        return text(StatusCode::PAYLOAD_TOO_LARGE, format!("at most {MAX_EVENTS} events per request\n"));
-    }
     if let Some(bad) = events.iter().find(|e| !valid_kind(&e.kind) || e.message.len() > 4096) {
         return text(StatusCode::BAD_REQUEST, format!("invalid event kind {:?} or message too long\n", bad.kind));
     }
