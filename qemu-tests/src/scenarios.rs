@@ -214,7 +214,7 @@ async fn failover_on(lab: &mut Lab, n: &Narrator) -> anyhow::Result<Summary> {
     )
     .await?;
     n.say(&format!("the fence's last step: node-a powered on again through its BMC (+{})", fmt(took)));
-    summary.phases.push(("recovered → node-a powered on again".into(), took));
+    summary.phases.push(("recovered → node-a powered on again (the fence's last step)".into(), took));
     let want: Vec<InstanceId> = ha.to_vec();
     let (_, took) = sample_while(
         lab,
@@ -272,7 +272,22 @@ async fn failover_on(lab: &mut Lab, n: &Narrator) -> anyhow::Result<Summary> {
     anyhow::ensure!(summary.double_runs == 0, "{} samples with a double run", summary.double_runs);
     let last: BTreeMap<InstanceId, Vec<HostName>> =
         sampler.samples.last().map(|s| s.running.clone()).unwrap_or_default();
-    n.say(&format!("every instance has exactly one owner and ran on one node at a time; now: {last:?}"));
+    let now: Vec<String> = ids
+        .iter()
+        .zip(["web-1", "db-1", "batch-1"])
+        .map(|(id, name)| {
+            let on: Vec<&str> = last.get(id).map(|v| v.iter().map(|h| h.as_str()).collect()).unwrap_or_default();
+            format!(
+                "{name}: {}",
+                if on.is_empty() { "stopped".to_owned() } else { format!("running on {}", on.join("+")) }
+            )
+        })
+        .collect();
+    n.say(&format!(
+        "checked: each instance has one owner, none was deleted, none ran on two nodes in {} samples; now {}",
+        summary.samples,
+        now.join(", ")
+    ));
     Ok(summary)
 }
 
