@@ -344,7 +344,7 @@ impl Lab {
                 .with_context(|| self.console_tail(node))?;
             let console = std::fs::read_to_string(&node.serial).unwrap_or_default();
             let watchdog = if console.contains("nodekeeper-firstboot: watchdog: hardware_watchdog") {
-                "; its guard arms the watchdog"
+                "; first boot set its guard to arm /dev/watchdog"
             } else {
                 "; no watchdog device found"
             };
