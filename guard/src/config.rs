@@ -336,6 +336,7 @@ on_db_unreachable = "block-ha"
             ("[[watch.services]]\nname = \"x\"\nhttp = \"https://a/\"\nrestart = [\"r\"]\n", "http:// URL"),
             ("[[watch.services]]\nname = \"x\"\ncheck = [\"true\"]\nrestart = []\n", "restart is required"),
             ("[watch]\nheartbeat = \"1s\"\n", "unknown field"),
+            ("[watch]\nhardware_watchdog = \"dev/watchdog\"\n", "hardware_watchdog must be an absolute path"),
         ] {
             let err = Config::parse(&format!("{base}{extra}")).expect_err(extra);
             assert!(err.contains(want), "{extra}: {err}");

@@ -323,13 +323,15 @@ async fn the_deploy_agent_writes_and_verifies_the_image() {
     assert_eq!(r.report(&token, bad), 400);
     let bad = format!(r#"{{"token":"TOKEN","stage":"verified","node_token":"{node_token}"}}"#);
     assert_eq!(r.report(&token, &bad), 400, "a node token comes only with up");
-    assert!(!r.store.check_node_token(&name(), &http::guard_api::token_hash(node_token)).await.expect("check"));
+    let check = r.store.check_node_token(&name(), &http::guard_api::token_hash(node_token)).await.expect("check");
+    assert_eq!(check, Some(false));
     let up = format!(r#"{{"token":"TOKEN","stage":"up","detail":"first boot","node_token":"{node_token}"}}"#);
     assert_eq!(r.report(&token, &up), 200);
     let done = r.wait(op.id, "done", |o| o.status != OperationStatus::Running).await;
     assert_eq!(done.status, OperationStatus::Done);
     assert!(r.store.require_host(&name()).await.expect("host").last_heartbeat.is_some());
-    assert!(r.store.check_node_token(&name(), &http::guard_api::token_hash(node_token)).await.expect("check"));
+    let check = r.store.check_node_token(&name(), &http::guard_api::token_hash(node_token)).await.expect("check");
+    assert_eq!(check, Some(true));
     assert_eq!(r.report(&token, r#"{"token":"TOKEN","stage":"up"}"#), 403, "the token is burnt");
 }
 

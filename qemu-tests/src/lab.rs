@@ -170,15 +170,7 @@ impl Lab {
         )?;
 
         let db_url = format!("sqlite://{}/nodekeeper.db", dir.display());
-        let nk = |args: &[&str]| -> anyhow::Result<String> {
-            let out = Command::new(paths.bin("nodekeeper-provisioner"))
-                .args(args)
-                .env("NODEKEEPER_DATABASE_URL", &db_url)
-                .output()
-                .context("nodekeeper-provisioner")?;
-            anyhow::ensure!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        };
+        let nk = |args: &[&str]| nk(&paths, &db_url, args);
         nk(&["db", "migrate"])?;
 
         let mut nodes = Vec::new();
@@ -268,13 +260,7 @@ impl Lab {
 
     /// Runs the provisioner's CLI against the lab's database.
     pub fn nk(&self, args: &[&str]) -> anyhow::Result<String> {
-        let out = Command::new(self.paths.bin("nodekeeper-provisioner"))
-            .args(args)
-            .env("NODEKEEPER_DATABASE_URL", &self.db_url)
-            .output()
-            .context("nodekeeper-provisioner")?;
-        anyhow::ensure!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        nk(&self.paths, &self.db_url, args)
     }
 
     /// Starts `serve` (again).
@@ -442,6 +428,17 @@ impl Drop for Lab {
             let _ = virsh(&["undefine", &node.domain]);
         }
     }
+}
+
+/// Runs the provisioner's CLI against `db_url`; its stdout.
+fn nk(paths: &Paths, db_url: &str, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(paths.bin("nodekeeper-provisioner"))
+        .args(args)
+        .env("NODEKEEPER_DATABASE_URL", db_url)
+        .output()
+        .context("nodekeeper-provisioner")?;
+    anyhow::ensure!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Runs virsh on the machine's libvirtd.

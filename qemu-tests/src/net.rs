@@ -29,7 +29,7 @@ impl Net {
     pub fn new(tag: &str) -> anyhow::Result<Net> {
         let ns = format!("nklab{tag}");
         ip(&["netns", "add", &ns])?;
-        let mut net =
+        let net =
             Net { ns: ns.clone(), bridge: format!("nklb{tag}"), veth: format!("nklv{tag}"), children: Vec::new() };
         ip(&["-n", &ns, "link", "set", "lo", "up"])?;
         ip(&["-n", &ns, "link", "add", "br0", "type", "bridge"])?;
@@ -40,7 +40,6 @@ impl Net {
         ip(&["link", "set", &net.veth, "master", &net.bridge, "up"])?;
         ip(&["link", "set", &net.bridge, "up"])?;
         ip(&["-n", &ns, "link", "set", "up0", "master", "br0", "up"])?;
-        net.children.clear();
         Ok(net)
     }
 

@@ -307,15 +307,17 @@ impl Store {
         Ok(())
     }
 
-    /// Whether `sha256_hex` is `name`'s node token.
-    pub async fn check_node_token(&self, name: &HostName, sha256_hex: &str) -> Result<bool> {
-        let row = sqlx::query("SELECT 1 FROM hosts WHERE name = $1 AND node_token_sha256 = $2")
+    /// Whether `sha256_hex` is `name`'s node token; `None` when no host has that name. One
+    /// query: the guard API asks on every request.
+    pub async fn check_node_token(&self, name: &HostName, sha256_hex: &str) -> Result<Option<bool>> {
+        let row = sqlx::query("SELECT node_token_sha256 FROM hosts WHERE name = $1")
             .bind(name.as_str())
-            .bind(sha256_hex)
             .fetch_optional(&self.pool)
             .await
             .map_err(query("checking a node token"))?;
-        Ok(row.is_some())
+        let Some(row) = row else { return Ok(None) };
+        let stored: Option<String> = row.try_get(0).map_err(query("reading a node token"))?;
+        Ok(Some(stored.as_deref() == Some(sha256_hex)))
     }
 
     /// One host, or [`StoreError::UnknownHost`].

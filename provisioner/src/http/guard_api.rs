@@ -51,26 +51,22 @@ async fn authorize(state: &HttpState, name: &str, headers: &HeaderMap) -> Result
     let Ok(name) = name.parse::<HostName>() else {
         return Err(text(StatusCode::BAD_REQUEST, format!("invalid host name {name:?}\n")));
     };
-    match state.store.host(&name).await {
-        Ok(Some(_)) => {}
-        Ok(None) => return Err(text(StatusCode::NOT_FOUND, format!("unknown host {name}\n"))),
-        Err(e) => return Err(internal(e)),
-    }
     let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim)
         .filter(|t| valid_token(t));
-    let unauthorized = || {
-        let mut r = text(StatusCode::UNAUTHORIZED, format!("a valid node token for {name} is required\n"));
-        r.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
-        r
-    };
-    let Some(token) = token else { return Err(unauthorized()) };
-    match state.store.check_node_token(&name, &token_hash(token)).await {
-        Ok(true) => Ok(name),
-        Ok(false) => Err(unauthorized()),
+    // A missing token is checked against the host too: an unknown host is a 404 either way.
+    let hash = token.map(token_hash).unwrap_or_default();
+    match state.store.check_node_token(&name, &hash).await {
+        Ok(Some(true)) if token.is_some() => Ok(name),
+        Ok(Some(_)) => {
+            let mut r = text(StatusCode::UNAUTHORIZED, format!("a valid node token for {name} is required\n"));
+            r.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+            Err(r)
+        }
+        Ok(None) => Err(text(StatusCode::NOT_FOUND, format!("unknown host {name}\n"))),
         Err(e) => Err(internal(e)),
     }
 }
