@@ -34,7 +34,8 @@ step "importing the sample inventory (examples/inventory.jsonl)"
 nk instance import examples/inventory.jsonl
 nk instance list
 
-step "node-a fails: moving its HA instances to node-b (each generation +1)"
+step "node-a fails: an operator confirms it is off, then moves its HA instances to node-b (each generation +1)"
+nk host mark-fenced node-a
 mapfile -t ha < <(nk --json instance list --host node-a | python3 -c 'import json,sys; [print(i["uuid"]) for i in json.load(sys.stdin) if i["ha"] and not i["deleted"]]')
 nk instance evacuate --to node-b "${ha[@]}"
 

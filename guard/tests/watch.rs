@@ -251,7 +251,8 @@ async fn watch_heartbeats_and_converges_on_the_database() {
     assert!(xml.contains("https://nodekeeper.dev/xmlns/instance/1") && xml.contains("generation=\"1\""), "{xml}");
 
     // The instance moves to node-w2: stopped here, its definition saved, then undefined.
-    store.evacuate(&[ha], &n("node-w2"), "test").await.expect("evacuate");
+    // (Forced: the test moves it off a live host on purpose, to watch the guard react.)
+    store.evacuate(&[ha], &n("node-w2"), true, "test").await.expect("evacuate");
     wait_for("the moved instance removed", Duration::from_secs(30), || state(ha) == (false, false));
     let quarantined: Vec<_> = std::fs::read_dir(rig.dir.path().join("state/quarantine"))
         .expect("quarantine")

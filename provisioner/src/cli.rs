@@ -149,6 +149,10 @@ pub enum InstanceCommand {
         /// The new owner; must be an active host.
         #[arg(long)]
         to: HostName,
+        /// Move even when the source host is not known to be off (not fenced, nor in
+        /// maintenance with the instance reported stopped): the instance MAY RUN TWICE.
+        #[arg(long)]
+        force: bool,
         /// Instance UUIDs.
         #[arg(required = true)]
         uuids: Vec<InstanceId>,
@@ -183,8 +187,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Host(HostCommand::Token { name }) => admin::host_token(&store, &out, &name).await,
         Command::Instance(InstanceCommand::Import { file }) => admin::instance_import(&store, &out, &file).await,
         Command::Instance(InstanceCommand::List { host }) => admin::instance_list(&store, &out, host.as_ref()).await,
-        Command::Instance(InstanceCommand::Evacuate { to, uuids }) => {
-            admin::instance_evacuate(&store, &out, &to, &uuids).await
+        Command::Instance(InstanceCommand::Evacuate { to, force, uuids }) => {
+            admin::instance_evacuate(&store, &out, &to, force, &uuids).await
         }
         Command::Instance(InstanceCommand::Delete { uuids }) => admin::instance_delete(&store, &out, &uuids).await,
         Command::Serve { .. } => unreachable!("handled above"),

@@ -97,6 +97,12 @@ async fn a_fleet_is_managed_end_to_end(db: TestDb) {
         list.as_array().expect("array").iter().map(|i| i["uuid"].as_str().expect("uuid").to_owned()).collect();
     assert_eq!(uuids.len(), 4);
 
+    // node-a is up: moving its instances could run them twice.
+    let err = cli.fails(&["instance", "evacuate", "--to", "node-b", &uuids[0]]);
+    assert!(err.contains("node-a, which is active") && err.contains("--force; nothing changed"), "{err}");
+    assert_eq!(cli.json(&["instance", "list", "--host", "node-a"]).as_array().map(Vec::len), Some(4));
+    // The operator confirms it is off; then they move.
+    cli.ok(&["host", "mark-fenced", "node-a"]);
     let moved = cli.json(&["instance", "evacuate", "--to", "node-b", &uuids[0], &uuids[1]]);
     assert_eq!(moved[0]["from"], "node-a");
     assert_eq!(moved[0]["to"], "node-b");
@@ -106,11 +112,22 @@ async fn a_fleet_is_managed_end_to_end(db: TestDb) {
     let deleted = cli.json(&["instance", "delete", &uuids[2]]);
     assert_eq!(deleted[0]["deleted"], true);
     let show = cli.json(&["host", "show", "node-a"]);
-    assert_eq!(show["host"]["state"], "active");
+    assert_eq!(show["host"]["state"], "fenced");
     assert_eq!(show["instances"], serde_json::json!({"total": 1, "ha": 0, "deleted": 1}));
     let kinds: Vec<&str> =
         show["events"].as_array().expect("events").iter().filter_map(|e| e["kind"].as_str()).collect();
-    assert_eq!(kinds, ["host.added", "instance.imported", "instance.moved", "instance.moved", "instance.deleted"]);
+    assert_eq!(
+        kinds,
+        [
+            "host.added",
+            "instance.imported",
+            "fence.started",
+            "host.state",
+            "instance.moved",
+            "instance.moved",
+            "instance.deleted"
+        ]
+    );
 
     // The human form is a table with a header.
     let table = cli.ok(&["instance", "list"]);
@@ -168,6 +185,7 @@ async fn evacuate_to_an_unknown_host_changes_nothing(db: TestDb) {
     cli.setup();
     let file = cli.write("inv.jsonl", &jsonl(2, |_| "node-a"));
     cli.ok(&["instance", "import", &file]);
+    cli.ok(&["host", "mark-fenced", "node-a"]);
     let before = cli.json(&["instance", "list"]);
     let uuid = before[0]["uuid"].as_str().expect("uuid").to_owned();
     let err = cli.fails(&["instance", "evacuate", "--to", "node-x", &uuid]);

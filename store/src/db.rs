@@ -8,6 +8,10 @@ use sqlx::{AnyPool, ConnectOptions as _, Connection, Executor};
 
 use crate::error::{Result, StoreError};
 
+/// Set on every SQLite connection (see `connect_with`).
+const SQLITE_PRAGMAS: &str =
+    "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 10000;";
+
 static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/sqlite");
 static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/postgres");
 
@@ -172,10 +176,13 @@ impl Store {
         if url.backend == Backend::Sqlite {
             pool = pool.after_connect(|conn, _meta| {
                 Box::pin(async move {
-                    // WAL lets readers go on while one writer commits; NORMAL is durable across
-                    // process crashes (power loss may lose the last transaction, never corrupt).
-                    conn.execute("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 10000;")
-                        .await?;
+                    // WAL lets readers go on while one writer commits. FULL syncs the WAL at
+                    // every commit: this database is the single source of truth, and a commit
+                    // it acknowledged (an ownership move whose new owner already started the
+                    // instance, a lease handed out) must survive a power loss, not only a crash
+                    // (NORMAL may lose the last transactions then). The cost is in
+                    // docs/performance.md ("synchronous = FULL").
+                    conn.execute(SQLITE_PRAGMAS).await?;
                     Ok(())
                 })
             });
@@ -324,6 +331,28 @@ mod tests {
         for (input, want) in cases {
             assert_eq!(redact_url(input), want, "{input}");
         }
+    }
+
+    #[tokio::test]
+    async fn sqlite_commits_are_synced_to_disk_on_every_connection() {
+        let dir = std::env::temp_dir().join(format!("nk-sync-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let url = format!("sqlite://{}/sync.db", dir.display());
+        let opts = ConnectOptions { max_connections: 3, ..ConnectOptions::default() };
+        let store = Store::connect_with(&url, &opts).await.expect("connect");
+        // Every pooled connection, not only the first: hold three at once.
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            let mut conn = store.pool.acquire().await.expect("acquire");
+            let sync: i64 = sqlx::query_scalar("PRAGMA synchronous").fetch_one(&mut *conn).await.expect("pragma");
+            let journal: String =
+                sqlx::query_scalar("PRAGMA journal_mode").fetch_one(&mut *conn).await.expect("pragma");
+            assert_eq!((sync, journal.as_str()), (2, "wal"), "2 is FULL");
+            held.push(conn);
+        }
+        drop(held);
+        store.close().await;
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

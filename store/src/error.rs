@@ -91,6 +91,21 @@ pub enum StoreError {
         /// Its state.
         state: crate::HostState,
     },
+    /// Moving the instance off its host could run it twice: the host is not known to be off.
+    #[error(
+        "instance {instance} is on {host}, which is {state}: {why}. Moving it could run it twice; fence the host \
+         (or stop the instance and put the host in maintenance) first, or pass --force"
+    )]
+    SourceLive {
+        /// The instance.
+        instance: InstanceId,
+        /// Its current owner.
+        host: HostName,
+        /// The owner's state.
+        state: crate::HostState,
+        /// What is known of it there.
+        why: String,
+    },
     /// No instance with that UUID.
     #[error("unknown instance {0}")]
     UnknownInstance(InstanceId),

@@ -287,7 +287,12 @@ impl Store {
     /// Moves instances to host `to`, all or nothing, in one transaction. `to` must be an
     /// active host; deleted or unknown instances refuse the whole request. Instances already
     /// owned by `to` are reported with `moved: false` and left unchanged.
-    pub async fn evacuate(&self, ids: &[InstanceId], to: &HostName, actor: &str) -> Result<Vec<Transfer>> {
+    ///
+    /// The instance must be known not to run where it is ([`evacuation_source_safe`]): its
+    /// host is fenced, or in maintenance with a guard report taken since then that shows the
+    /// instance stopped. Otherwise [`StoreError::SourceLive`], unless `force` (the operator's
+    /// word that it is stopped; it may run twice if that is wrong, and the event says so).
+    pub async fn evacuate(&self, ids: &[InstanceId], to: &HostName, force: bool, actor: &str) -> Result<Vec<Transfer>> {
         const WHAT: &str = "evacuating instances";
         let mut tx = self.begin_write().await.map_err(query(WHAT))?;
         let target = self.host_in(&mut tx, to).await?.ok_or_else(|| StoreError::UnknownHost(to.clone()))?;
@@ -296,6 +301,7 @@ impl Store {
         }
         let current: HashMap<InstanceId, Ownership> =
             lookup_in(&mut tx, ids.iter().copied()).await?.into_iter().map(|o| (o.uuid, o)).collect();
+        let mut sources: HashMap<HostName, (crate::Host, Option<crate::GuardReport>)> = HashMap::new();
         let mut out = Vec::with_capacity(ids.len());
         for (index, id) in ids.iter().enumerate() {
             let now = current.get(id).ok_or_else(|| item_error(index, StoreError::UnknownInstance(*id)))?;
@@ -312,7 +318,26 @@ impl Store {
                 });
                 continue;
             }
-            let generation = cas_owner(&mut tx, *id, now.generation, &now.owner, to, actor, "evacuated by operator")
+            if !sources.contains_key(&now.owner) {
+                let host = self
+                    .host_in(&mut tx, &now.owner)
+                    .await?
+                    .ok_or_else(|| StoreError::UnknownHost(now.owner.clone()))?;
+                let report = crate::reports::guard_report_in(&mut tx, &now.owner).await?;
+                sources.insert(now.owner.clone(), (host, report));
+            }
+            let (source, report) = &sources[&now.owner];
+            let reason = match evacuation_source_safe(source, report.as_ref(), *id) {
+                Ok(()) => "evacuated by operator".to_owned(),
+                Err(why) if force => format!("evacuated by operator with --force ({why}): it may run twice"),
+                Err(why) => {
+                    return Err(item_error(
+                        index,
+                        StoreError::SourceLive { instance: *id, host: source.name.clone(), state: source.state, why },
+                    ))
+                }
+            };
+            let generation = cas_owner(&mut tx, *id, now.generation, &now.owner, to, actor, &reason)
                 .await
                 .map_err(|e| item_error(index, e))?;
             out.push(Transfer { uuid: *id, from: now.owner.clone(), to: to.clone(), generation, moved: true });
@@ -348,6 +373,32 @@ impl Store {
         }
         tx.commit().await.map_err(query(WHAT))?;
         Ok(out)
+    }
+}
+
+/// Whether `instance` is known not to run on its host `source`: the host is fenced (powered
+/// off, confirmed), or in maintenance and its guard reported since it entered maintenance
+/// (the report is newer than the host's last change) without the instance running. Otherwise
+/// why not, in words. Pure.
+pub fn evacuation_source_safe(
+    source: &crate::Host,
+    report: Option<&crate::GuardReport>,
+    instance: InstanceId,
+) -> std::result::Result<(), String> {
+    match source.state {
+        HostState::Fenced => Ok(()),
+        HostState::Maintenance => match report {
+            Some(r) if r.at > source.updated_at => {
+                if r.domains.iter().any(|d| d.uuid == instance && d.running) {
+                    Err("its guard reports it running there".into())
+                } else {
+                    Ok(())
+                }
+            }
+            Some(_) => Err("its guard has not reported since the host entered maintenance".into()),
+            None => Err("its guard never reported what runs there".into()),
+        },
+        _ => Err("the host is not fenced, so the instance may be running there".into()),
     }
 }
 

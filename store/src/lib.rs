@@ -26,7 +26,7 @@ pub use db::{redact_url, Backend, ConnectOptions, DatabaseUrl, Store};
 pub use error::{Result, StoreError};
 pub use events::{Event, EventFilter, NewEvent};
 pub use hosts::{Host, NewHost};
-pub use instances::{Instance, NewInstance, Ownership, Transfer};
+pub use instances::{evacuation_source_safe, Instance, NewInstance, Ownership, Transfer};
 pub use leadership::Leadership;
 pub use leases::Lease;
 pub use operations::{Operation, StepChange};

@@ -54,6 +54,12 @@ impl Store {
         Ok(())
     }
 
+    /// `host`'s last report, if it sent one.
+    pub async fn guard_report(&self, host: &HostName) -> Result<Option<GuardReport>> {
+        let mut conn = self.pool.acquire().await.map_err(query("reading a guard report"))?;
+        guard_report_in(&mut conn, host).await
+    }
+
     /// Every host's last report (an unreadable one is skipped with a warning).
     pub async fn guard_reports(&self) -> Result<Vec<GuardReport>> {
         const WHAT: &str = "reading guard reports";
@@ -76,4 +82,19 @@ impl Store {
         }
         Ok(out)
     }
+}
+
+/// `host`'s last report, read on `conn` (inside a caller's transaction).
+pub(crate) async fn guard_report_in(conn: &mut sqlx::AnyConnection, host: &HostName) -> Result<Option<GuardReport>> {
+    const WHAT: &str = "reading a guard report";
+    let row = sqlx::query("SELECT at, domains FROM guard_reports WHERE host = $1")
+        .bind(host.as_str())
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(query(WHAT))?;
+    let Some(row) = row else { return Ok(None) };
+    let text: String = row.try_get("domains").map_err(query(WHAT))?;
+    let domains = serde_json::from_str::<Vec<ReportedDomain>>(&text)
+        .map_err(|e| StoreError::Corrupt { table: "guard_reports", reason: e.to_string() })?;
+    Ok(Some(GuardReport { host: host.clone(), at: Timestamp(row.try_get("at").map_err(query(WHAT))?), domains }))
 }

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use nodekeeper_store::on_both_engines;
 use nodekeeper_store::testing::TestDb;
 use nodekeeper_store::{
-    EventFilter, Generation, HostName, HostState, InstanceId, NewEvent, NewHost, NewInstance, Storage, Store,
-    StoreError,
+    EventFilter, Generation, HostName, HostState, InstanceId, NewEvent, NewHost, NewInstance, ReportedDomain, Storage,
+    Store, StoreError,
 };
 use tokio::sync::Barrier;
 
@@ -18,6 +18,7 @@ on_both_engines!(
     import_crosses_batch_boundaries,
     evacuate_bumps_generation_with_an_event,
     evacuate_refuses_bad_requests_and_changes_nothing,
+    evacuate_moves_off_a_live_host_only_when_it_is_known_stopped_or_forced,
     stale_generation_is_a_conflict,
     concurrent_evacuations_cannot_both_win,
     delete_keeps_a_tombstone,
@@ -154,14 +155,15 @@ async fn evacuate_bumps_generation_with_an_event(db: TestDb) {
     let batch: Vec<_> = (0..3).map(|n| new_instance("node-a", n)).collect();
     store.import_instances(&batch, "test").await.expect("import");
     let ids: Vec<_> = batch.iter().map(|i| i.uuid).collect();
-    let moved = store.evacuate(&ids[..2], &host("node-b"), "test").await.expect("evacuate");
+    store.set_host_state(&host("node-a"), HostState::Fenced, "test", "fenced").await.expect("fence");
+    let moved = store.evacuate(&ids[..2], &host("node-b"), false, "test").await.expect("evacuate");
     assert!(moved.iter().all(|t| t.moved && t.generation == Generation(2) && t.from == host("node-a")));
     let after = store.instance(ids[0]).await.expect("get").expect("exists");
     assert_eq!((after.owner.as_str(), after.generation), ("node-b", Generation(2)));
     assert_eq!(store.instance(ids[2]).await.expect("get").expect("exists").generation, Generation(1));
 
     // Evacuating to where it already is changes nothing.
-    let again = store.evacuate(&ids[..1], &host("node-b"), "test").await.expect("no-op evacuate");
+    let again = store.evacuate(&ids[..1], &host("node-b"), false, "test").await.expect("no-op evacuate");
     assert!(!again[0].moved && again[0].generation == Generation(2));
     let events = store.events(&EventFilter { instance: Some(ids[0]), ..Default::default() }).await.expect("events");
     assert_eq!(events.len(), 1, "{events:?}");
@@ -176,19 +178,27 @@ async fn evacuate_refuses_bad_requests_and_changes_nothing(db: TestDb) {
     let ids: Vec<_> = batch.iter().map(|i| i.uuid).collect();
     let before = store.instances(None).await.expect("list");
 
-    let err = store.evacuate(&ids, &host("node-x"), "test").await.expect_err("unknown host");
+    let err = store.evacuate(&ids, &host("node-x"), false, "test").await.expect_err("unknown host");
     assert_eq!(err.to_string(), "unknown host node-x");
+    // node-a is active: its instances may be running there.
+    let err = store.evacuate(&ids[..1], &host("node-b"), false, "test").await.expect_err("live source");
+    assert!(
+        matches!(&err, StoreError::Item { index: 0, source } if matches!(**source, StoreError::SourceLive { .. })),
+        "{err:?}"
+    );
+    assert!(std::error::Error::source(&err).is_some_and(|e| e.to_string().contains("--force")), "{err:?}");
     let stranger = InstanceId::random();
-    let err = store.evacuate(&[ids[0], stranger], &host("node-b"), "test").await.expect_err("unknown instance");
+    store.set_host_state(&host("node-a"), HostState::Fenced, "test", "fenced").await.expect("fence");
+    let err = store.evacuate(&[ids[0], stranger], &host("node-b"), false, "test").await.expect_err("unknown instance");
     assert!(
         matches!(&err, StoreError::Item { index: 1, source } if matches!(**source, StoreError::UnknownInstance(_))),
         "{err:?}"
     );
     store.set_host_state(&host("node-c"), HostState::Fenced, "test", "fenced").await.expect("fence");
-    let err = store.evacuate(&ids, &host("node-c"), "test").await.expect_err("fenced target");
+    let err = store.evacuate(&ids, &host("node-c"), false, "test").await.expect_err("fenced target");
     assert_eq!(err.to_string(), "host node-c is fenced, not active");
     store.delete_instances(&ids[2..], "test").await.expect("delete");
-    let err = store.evacuate(&ids, &host("node-b"), "test").await.expect_err("deleted instance");
+    let err = store.evacuate(&ids, &host("node-b"), false, "test").await.expect_err("deleted instance");
     assert!(
         matches!(&err, StoreError::Item { index: 2, source } if matches!(**source, StoreError::InstanceDeleted(_))),
         "{err:?}"
@@ -198,6 +208,38 @@ async fn evacuate_refuses_bad_requests_and_changes_nothing(db: TestDb) {
     for (b, a) in before.iter().zip(&after) {
         assert_eq!((&b.owner, b.generation), (&a.owner, a.generation), "{}", a.uuid);
     }
+}
+
+async fn evacuate_moves_off_a_live_host_only_when_it_is_known_stopped_or_forced(db: TestDb) {
+    let store = fleet(&db).await;
+    let batch: Vec<_> = (0..2).map(|n| new_instance("node-a", n)).collect();
+    store.import_instances(&batch, "test").await.expect("import");
+    let (running, stopped) = (batch[0].uuid, batch[1].uuid);
+    let refused = |r: Result<Vec<_>, StoreError>| matches!(r, Err(StoreError::Item { source, .. }) if matches!(*source, StoreError::SourceLive { .. }));
+    let report = |running_too: bool| {
+        vec![
+            ReportedDomain { uuid: running, running: running_too, generation: Some(Generation(1)) },
+            ReportedDomain { uuid: stopped, running: false, generation: Some(Generation(1)) },
+        ]
+    };
+    // A report from before the host entered maintenance proves nothing about now.
+    store.save_guard_report(&host("node-a"), &report(true)).await.expect("report");
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    store.set_host_state(&host("node-a"), HostState::Maintenance, "test", "planned work").await.expect("maintenance");
+    assert!(refused(store.evacuate(&[stopped], &host("node-b"), false, "test").await), "report older than maintenance");
+    // The guard reports again in maintenance: one still runs, the other is stopped.
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    store.save_guard_report(&host("node-a"), &report(true)).await.expect("report");
+    assert!(refused(store.evacuate(&[running], &host("node-b"), false, "test").await), "still running there");
+    assert!(refused(store.evacuate(&[stopped, running], &host("node-b"), false, "test").await), "all or nothing");
+    assert_eq!(store.instance(stopped).await.expect("get").expect("exists").owner, host("node-a"));
+    let moved = store.evacuate(&[stopped], &host("node-b"), false, "test").await.expect("stopped there");
+    assert!(moved[0].moved);
+    // --force moves the running one, and its event says what it risks.
+    let forced = store.evacuate(&[running], &host("node-b"), true, "test").await.expect("forced");
+    assert!(forced[0].moved && forced[0].generation == Generation(2));
+    let events = store.events(&EventFilter { instance: Some(running), ..Default::default() }).await.expect("events");
+    assert!(events.iter().any(|e| e.message.contains("--force") && e.message.contains("may run twice")), "{events:?}");
 }
 
 async fn stale_generation_is_a_conflict(db: TestDb) {

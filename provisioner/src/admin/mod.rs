@@ -201,8 +201,14 @@ pub async fn instance_list(store: &Store, out: &Output, host: Option<&HostName>)
 }
 
 /// `instance evacuate`
-pub async fn instance_evacuate(store: &Store, out: &Output, to: &HostName, ids: &[InstanceId]) -> anyhow::Result<()> {
-    let transfers = store.evacuate(ids, to, &actor()).await.map_err(unwrap_item)?;
+pub async fn instance_evacuate(
+    store: &Store,
+    out: &Output,
+    to: &HostName,
+    force: bool,
+    ids: &[InstanceId],
+) -> anyhow::Result<()> {
+    let transfers = store.evacuate(ids, to, force, &actor()).await.map_err(unwrap_item)?;
     out.emit(&transfers, || {
         table(
             &["UUID", "FROM", "TO", "GEN", "MOVED"],

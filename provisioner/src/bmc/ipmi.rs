@@ -60,13 +60,11 @@ impl Bmc for Ipmi {
 
     async fn power_state(&self) -> Result<PowerState, BmcError> {
         let out = self.run(&["chassis", "power", "status"]).await?;
-        if out.contains("is on") {
-            Ok(PowerState::On)
-        } else if out.contains("is off") {
-            Ok(PowerState::Off)
-        } else {
-            Err(BmcError::Refused { endpoint: self.endpoint(), reason: format!("unexpected answer {:?}", out.trim()) })
+        let state = PowerState::from_ipmitool(&out);
+        if state == PowerState::Unknown {
+            tracing::warn!(bmc = %self.endpoint(), "unexpected answer {:?}: taken as not off", out.trim());
         }
+        Ok(state)
     }
 
     async fn set_power(&self, on: bool) -> Result<(), BmcError> {

@@ -14,14 +14,46 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-/// A host's power as its BMC reports it.
+/// A host's power as its BMC reports it. Only [`PowerState::Off`] proves a host is off (a
+/// fence is confirmed by nothing else): a host that is powering on or off, or whose BMC says
+/// something we do not know, may be running.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum PowerState {
     /// Powered on.
     On,
     /// Powered off.
     Off,
+    /// On its way up (Redfish `PoweringOn`): it may be running already.
+    PoweringOn,
+    /// On its way down (Redfish `PoweringOff`): it may still be running.
+    PoweringOff,
+    /// The BMC answered with a state we do not know (Redfish `Paused`, an empty or vendor
+    /// value, an IPMI answer that is neither on nor off).
+    Unknown,
+}
+
+impl PowerState {
+    /// Redfish's `PowerState` property (DSP0268 `Resource.PowerState`). Anything but the four
+    /// defined values is [`PowerState::Unknown`].
+    pub fn from_redfish(value: Option<&str>) -> PowerState {
+        match value {
+            Some("On") => PowerState::On,
+            Some("Off") => PowerState::Off,
+            Some("PoweringOn") => PowerState::PoweringOn,
+            Some("PoweringOff") => PowerState::PoweringOff,
+            _ => PowerState::Unknown,
+        }
+    }
+
+    /// `ipmitool chassis power status`: "Chassis Power is on|off"; anything else is unknown.
+    pub fn from_ipmitool(out: &str) -> PowerState {
+        match out.trim().to_ascii_lowercase().strip_prefix("chassis power is ").map(str::trim) {
+            Some("on") => PowerState::On,
+            Some("off") => PowerState::Off,
+            _ => PowerState::Unknown,
+        }
+    }
 }
 
 impl std::fmt::Display for PowerState {
@@ -29,6 +61,9 @@ impl std::fmt::Display for PowerState {
         f.write_str(match self {
             PowerState::On => "on",
             PowerState::Off => "off",
+            PowerState::PoweringOn => "powering_on",
+            PowerState::PoweringOff => "powering_off",
+            PowerState::Unknown => "unknown",
         })
     }
 }
@@ -66,7 +101,8 @@ pub enum BmcError {
         /// What it said.
         reason: String,
     },
-    /// The command was accepted but the power state never followed.
+    /// The command was accepted but the power state never followed. `actual` is what the BMC
+    /// said last (`unknown` if it never answered).
     #[error("BMC {endpoint}: power is still {actual} {waited:?} after asking for {wanted}")]
     NotConfirmed {
         /// Where.
@@ -121,7 +157,9 @@ fn lock_for(endpoint: &str) -> Arc<tokio::sync::Mutex<()>> {
 
 /// Carries out `action` and confirms it by reading the state back, retrying the command
 /// (with a doubling pause) when the BMC accepted it but nothing happened. Idempotent: asking
-/// for the state the host is already in succeeds at once (except `Cycle`).
+/// for the state the host is already in succeeds at once (except `Cycle`). Only the exact
+/// state confirms: `PoweringOn` is not off, `PoweringOff` not yet off, and an unknown answer
+/// is neither, so the command is sent (again) and the state polled until it says so.
 pub async fn power<B: Bmc>(bmc: &B, action: PowerAction, policy: &Policy) -> Result<PowerState, BmcError> {
     let lock = lock_for(&bmc.endpoint());
     let _turn = lock.lock().await;
@@ -139,17 +177,21 @@ async fn reach<B: Bmc>(bmc: &B, wanted: PowerState, policy: &Policy) -> Result<P
     let mut last_err = None;
     let mut pause = policy.poll;
     for attempt in 1..=policy.attempts.max(1) {
-        match bmc.power_state().await {
+        let commanded = match bmc.power_state().await {
             Ok(s) if s == wanted => return Ok(s),
-            Ok(_) => {}
+            // Already on its way up: a second "On" is refused by some BMCs; watch it arrive.
+            Ok(PowerState::PoweringOn) if wanted == PowerState::On && attempt == 1 => false,
+            Ok(_) => true,
             Err(e) => {
                 last_err = Some(e);
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_secs(5));
                 continue;
             }
-        }
-        if let Err(e) = bmc.set_power(wanted == PowerState::On).await {
+        };
+        if !commanded {
+            tracing::info!(bmc = %bmc.endpoint(), "powering on already: waiting for it");
+        } else if let Err(e) = bmc.set_power(wanted == PowerState::On).await {
             tracing::info!(bmc = %bmc.endpoint(), attempt, "power {wanted} failed: {e}");
             last_err = Some(e);
             tokio::time::sleep(pause).await;
@@ -170,7 +212,7 @@ async fn reach<B: Bmc>(bmc: &B, wanted: PowerState, policy: &Policy) -> Result<P
         last_err = Some(BmcError::NotConfirmed {
             endpoint: bmc.endpoint(),
             wanted,
-            actual: actual.unwrap_or(if wanted == PowerState::On { PowerState::Off } else { PowerState::On }),
+            actual: actual.unwrap_or(PowerState::Unknown),
             waited: policy.confirm_within,
         });
     }

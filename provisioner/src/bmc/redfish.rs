@@ -108,13 +108,12 @@ impl Bmc for Redfish {
     async fn power_state(&self) -> Result<PowerState, BmcError> {
         let system = self.system().await?;
         let v = self.send(self.request(reqwest::Method::GET, &system)).await?;
-        match v.get("PowerState").and_then(Value::as_str) {
-            Some("On") | Some("PoweringOff") => Ok(PowerState::On),
-            Some("Off") | Some("PoweringOn") => Ok(PowerState::Off),
-            other => {
-                Err(BmcError::Refused { endpoint: self.endpoint(), reason: format!("unexpected PowerState {other:?}") })
-            }
+        let raw = v.get("PowerState").and_then(Value::as_str);
+        let state = PowerState::from_redfish(raw);
+        if state == PowerState::Unknown {
+            tracing::warn!(bmc = %self.endpoint(), "unexpected PowerState {raw:?}: taken as not off");
         }
+        Ok(state)
     }
 
     async fn set_power(&self, on: bool) -> Result<(), BmcError> {
@@ -144,6 +143,113 @@ impl Bmc for Redfish {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bmc::{power, Policy, PowerAction};
+    use std::sync::{Arc, Mutex};
+
+    /// A Redfish system whose `PowerState` answers follow a script (the last one repeats), and
+    /// which records every reset it is sent; a `ForceOff` makes it answer `Off` from then on,
+    /// unless it `ignores` commands. Real HTTP to the real driver: only the BMC is scripted.
+    #[derive(Default)]
+    struct Scripted {
+        answers: Vec<&'static str>,
+        ignores: bool,
+        reads: usize,
+        resets: Vec<String>,
+        off: bool,
+    }
+
+    async fn scripted_bmc(answers: Vec<&'static str>, ignores: bool) -> (String, Arc<Mutex<Scripted>>) {
+        use axum::routing::{get, post};
+        let state = Arc::new(Mutex::new(Scripted { answers, ignores, ..Scripted::default() }));
+        let (get_state, post_state) = (state.clone(), state.clone());
+        let app = axum::Router::new()
+            .route(
+                "/redfish/v1/Systems/s1",
+                get(move || {
+                    let state = get_state.clone();
+                    async move {
+                        let mut s = state.lock().expect("lock");
+                        let answer = if s.off {
+                            "Off"
+                        } else {
+                            let i = s.reads.min(s.answers.len() - 1);
+                            s.answers[i]
+                        };
+                        s.reads += 1;
+                        axum::Json(json!({ "PowerState": answer }))
+                    }
+                }),
+            )
+            .route(
+                "/redfish/v1/Systems/s1/Actions/ComputerSystem.Reset",
+                post(move |axum::Json(body): axum::Json<Value>| {
+                    let state = post_state.clone();
+                    async move {
+                        let mut s = state.lock().expect("lock");
+                        let kind = body["ResetType"].as_str().unwrap_or_default().to_owned();
+                        s.off = kind == "ForceOff" && !s.ignores;
+                        s.resets.push(kind);
+                        axum::http::StatusCode::NO_CONTENT
+                    }
+                }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (format!("redfish+http://{addr}/redfish/v1/Systems/s1"), state)
+    }
+
+    fn fast() -> Policy {
+        Policy { confirm_within: Duration::from_millis(300), attempts: 2, poll: Duration::from_millis(20) }
+    }
+
+    #[tokio::test]
+    async fn a_host_powering_on_is_not_off_and_gets_a_real_power_off() {
+        // A host that is booting (a fence racing its own power-on): the BMC says PoweringOn,
+        // then On. Only a ForceOff and the BMC's "Off" afterwards confirm the fence.
+        let (url, bmc) = scripted_bmc(vec!["PoweringOn", "PoweringOn", "On"], false).await;
+        let driver = Redfish::new(&url, None).expect("driver");
+        assert_eq!(driver.power_state().await.expect("state"), PowerState::PoweringOn);
+        let state = power(&driver, PowerAction::Off, &fast()).await.expect("off");
+        assert_eq!(state, PowerState::Off);
+        assert_eq!(bmc.lock().expect("lock").resets, ["ForceOff"], "the fence sent its power-off");
+    }
+
+    #[tokio::test]
+    async fn unknown_and_transitional_states_never_confirm_off() {
+        // A BMC that accepts ForceOff but keeps saying it is on its way (or something unknown)
+        // never confirms a fence.
+        for stuck in ["PoweringOn", "PoweringOff", "Paused", ""] {
+            let (url, bmc) = scripted_bmc(vec![stuck], true).await;
+            let driver = Redfish::new(&url, None).expect("driver");
+            let err = power(&driver, PowerAction::Off, &fast()).await.expect_err(stuck);
+            assert!(
+                matches!(err, crate::bmc::BmcError::NotConfirmed { wanted: PowerState::Off, .. }),
+                "{stuck}: {err}"
+            );
+            assert_eq!(bmc.lock().expect("lock").resets.len(), 2, "{stuck}: one ForceOff per attempt");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_host_already_powering_on_is_waited_for_not_commanded_twice() {
+        let (url, bmc) = scripted_bmc(vec!["PoweringOn", "PoweringOn", "On"], false).await;
+        let driver = Redfish::new(&url, None).expect("driver");
+        assert_eq!(power(&driver, PowerAction::On, &fast()).await.expect("on"), PowerState::On);
+        assert!(bmc.lock().expect("lock").resets.is_empty(), "no second On sent");
+    }
+
+    #[test]
+    fn power_states_parse_strictly() {
+        assert_eq!(PowerState::from_redfish(Some("Off")), PowerState::Off);
+        assert_eq!(PowerState::from_redfish(Some("PoweringOn")), PowerState::PoweringOn);
+        assert_eq!(PowerState::from_redfish(Some("off")), PowerState::Unknown);
+        assert_eq!(PowerState::from_redfish(None), PowerState::Unknown);
+        assert_eq!(PowerState::from_ipmitool("Chassis Power is off\n"), PowerState::Off);
+        assert_eq!(PowerState::from_ipmitool("Chassis Power is on"), PowerState::On);
+        assert_eq!(PowerState::from_ipmitool("Chassis Power Control: Up/On"), PowerState::Unknown);
+        assert_eq!(PowerState::from_ipmitool(""), PowerState::Unknown);
+    }
 
     #[test]
     fn urls_pick_scheme_and_system() {
