@@ -133,8 +133,10 @@ pub fn report(p: &Params, stage: &str, error: Option<&str>, detail: Option<&str>
 }
 
 /// [`report`], retried every 2 s while the provisioner is unreachable or answers 5xx (it may
-/// be restarting: the operation waits in its database), up to `tries` times. A 4xx answer is
-/// final. Returns the last status, or the last error.
+/// be restarting: the operation waits in its database), and every 0.5 s while it answers 409
+/// (the reimage has not reached the step that takes this report yet: the executor moves on
+/// within a tick), up to `tries` times. Any other 4xx answer is final. Returns the last
+/// status, or the last error.
 pub fn report_until_heard(
     p: &Params,
     stage: &str,
@@ -145,10 +147,11 @@ pub fn report_until_heard(
     let mut last = Err(io::Error::other("not tried"));
     for attempt in 0..tries.max(1) {
         if attempt > 0 {
-            std::thread::sleep(Duration::from_secs(2));
+            let pause = if matches!(last, Ok(409)) { Duration::from_millis(500) } else { Duration::from_secs(2) };
+            std::thread::sleep(pause);
         }
         last = report(p, stage, error, detail);
-        if matches!(last, Ok(status) if status < 500) {
+        if matches!(last, Ok(status) if status < 500 && status != 409) {
             break;
         }
     }

@@ -90,7 +90,7 @@ async fn run(n: usize) -> anyhow::Result<()> {
             };
             if let Some(r) = report {
                 if op.report.as_deref() != Some(r) {
-                    store.report_operation(KIND, &op.target, r, "stub agent", "load").await?;
+                    store.report_operation(KIND, &op.target, &op.step, r, "stub agent", "load").await?;
                 }
             }
         }

@@ -100,13 +100,18 @@ impl Rig {
         panic!("timed out waiting for {what}: {op:?}");
     }
 
-    /// The token, as the node gets it: from its iPXE script.
-    fn token(&self) -> String {
+    /// The host's iPXE script, fetched as iPXE would.
+    fn script(&self) -> String {
         let out = Command::new("curl")
-            .args(["-sf", "--max-time", "10", &format!("{}/boot/{MAC}.ipxe", self.base)])
+            .args(["-sf", "--max-time", "30", &format!("{}/boot/{MAC}.ipxe", self.base)])
             .output()
             .expect("curl");
-        let script = String::from_utf8_lossy(&out.stdout).into_owned();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The token, as the node gets it: from its iPXE script.
+    fn token(&self) -> String {
+        let script = self.script();
         script
             .split("nk.token=")
             .nth(1)
@@ -167,9 +172,13 @@ async fn a_reimage_runs_to_done_through_the_agent_and_the_heartbeat() {
     assert!(r.fake.get(|s| s.pxe_once && s.on && s.power_ons == 1), "powered off, PXE once, powered on");
     let token = r.token();
     assert_eq!(r.report("wrong", r#"{"token":"TOKEN","stage":"booted"}"#), 403);
+    assert_eq!(r.report(&token, r#"{"token":"TOKEN","stage":"written"}"#), 409, "not before booted");
     assert_eq!(r.report(&token, r#"{"token":"TOKEN","stage":"booted"}"#), 200);
     r.wait(op.id, "image_written", |o| o.step == "image_written").await;
+    assert_eq!(r.report(&token, r#"{"token":"TOKEN","stage":"booted","detail":"50%"}"#), 200, "progress");
     assert_eq!(r.report(&token, r#"{"token":"TOKEN","stage":"written","detail":"2048 MiB in 31 s"}"#), 200);
+    r.wait(op.id, "verified", |o| o.step == "verified").await;
+    assert_eq!(r.report(&token, r#"{"token":"TOKEN","stage":"up"}"#), 409, "not before local_boot");
     assert_eq!(r.report(&token, r#"{"token":"TOKEN","stage":"verified"}"#), 200);
     assert_eq!(
         r.report(&token, r#"{"token":"TOKEN","stage":"verified"}"#),
@@ -247,7 +256,10 @@ async fn a_bad_image_fails_at_verified_and_the_disk_is_not_made_bootable() {
     let _exec = r.executor();
     r.wait(op.id, "agent_booted", |o| o.step == "agent_booted").await;
     let token = r.token();
+    assert_eq!(r.report(&token, r#"{"token":"TOKEN","stage":"booted"}"#), 200);
+    r.wait(op.id, "image_written", |o| o.step == "image_written").await;
     assert_eq!(r.report(&token, r#"{"token":"TOKEN","stage":"written"}"#), 200);
+    r.wait(op.id, "verified", |o| o.step == "verified").await;
     assert_eq!(r.report(&token, r#"{"token":"TOKEN","stage":"verified","error":"sha256 mismatch"}"#), 200);
     let failed = r.wait(op.id, "failed", |o| o.status != OperationStatus::Running).await;
     assert_eq!((failed.status, failed.step.as_str()), (OperationStatus::Failed, "verified"));
@@ -275,6 +287,49 @@ async fn a_new_executor_resumes_where_the_database_says() {
     let _second = r.executor(); // a new provisioner
     r.wait(op.id, "image_written", |o| o.step == "image_written").await;
     assert_eq!(r.fake.get(|s| s.power_ons), 1, "resuming did not boot the host again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nobody_on_the_network_can_hijack_a_reimage() {
+    let r = rig().await;
+    r.fake.set(|s| s.on = true);
+    // A slow BMC: the operation sits at power_off and pxe_next_boot for a while.
+    let (op, _) =
+        executor::request(&r.store, &name(), None, quick(), Limits::default(), "test").await.expect("request");
+    // Before the executor has powered the host on, the script hands out no token.
+    let early = r.script();
+    assert!(!early.contains("nk.token="), "no token before power_on: {early}");
+    let _exec = r.executor();
+    r.wait(op.id, "agent_booted", |o| o.step == "agent_booted").await;
+    // The first fetch of this boot wins; a second one (an attacker, or a retry) gets none,
+    // and the first token still works.
+    let token = r.token();
+    let second = r.script();
+    assert!(!second.contains("nk.token=") && second.contains("exit 1"), "{second}");
+    let refused = r
+        .store
+        .events(&nodekeeper_store::EventFilter { host: Some(name()), limit: Some(100), ..Default::default() })
+        .await
+        .expect("events")
+        .into_iter()
+        .filter(|e| e.kind == "reimage.token_refused")
+        .count();
+    assert_eq!(refused, 1, "the refusal is logged");
+    // Reports out of order change nothing, and `up` cannot install a node token early.
+    let node_token = "n0de-t0ken-0123456789abcdefghijklmnopqrstuv";
+    let up = format!(r#"{{"token":"TOKEN","stage":"up","node_token":"{node_token}"}}"#);
+    assert_eq!(r.report(&token, &up), 409);
+    assert_eq!(r.report(&token, r#"{"token":"TOKEN","stage":"verified"}"#), 409);
+    let now = r.store.operation(op.id).await.expect("read").expect("exists");
+    assert_eq!((now.step.as_str(), now.report.as_deref()), ("agent_booted", None), "nothing stored");
+    let hash = nodekeeper_provisioner::http::guard_api::token_hash(node_token);
+    assert_eq!(
+        r.store.check_node_token(&name(), &hash).await.expect("lookup"),
+        Some(false),
+        "the early `up` installed no guard credential"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(r.store.operation(op.id).await.expect("read").expect("exists").step, "agent_booted", "still waits");
 }
 
 /// The deploy agent's own code (the `nodekeeper-deploy` binary is this plus reading

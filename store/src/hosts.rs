@@ -246,20 +246,30 @@ impl Store {
         Ok(())
     }
 
-    /// Records the SHA-256 (hex) of a freshly minted one-time deploy token for `name`,
-    /// replacing any earlier one, valid until `expires`.
-    pub async fn set_deploy_token(&self, name: &HostName, sha256_hex: &str, expires: Timestamp) -> Result<()> {
-        let done = sqlx::query("UPDATE hosts SET deploy_token_sha256 = $1, deploy_token_expires = $2 WHERE name = $3")
-            .bind(sha256_hex)
-            .bind(expires.0)
-            .bind(name.as_str())
-            .execute(&self.pool)
-            .await
-            .map_err(query("storing a deploy token"))?;
-        if done.rows_affected() == 0 {
-            return Err(StoreError::UnknownHost(name.clone()));
-        }
-        Ok(())
+    /// Records the SHA-256 (hex) of a freshly minted one-time deploy token for `name`, valid
+    /// until `expires`, for the boot `boot` (e.g. `"OPERATION:PXE_BOOT"`) — only if no token
+    /// was issued for that boot yet: `true` when this call issued it, `false` when an earlier
+    /// fetch in the same boot got one (a compare-and-set: of two concurrent fetches, one wins).
+    /// A token of an earlier boot is replaced.
+    pub async fn issue_deploy_token(
+        &self,
+        name: &HostName,
+        sha256_hex: &str,
+        expires: Timestamp,
+        boot: &str,
+    ) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE hosts SET deploy_token_sha256 = $1, deploy_token_expires = $2, deploy_token_boot = $3 \
+             WHERE name = $4 AND (deploy_token_boot IS NULL OR deploy_token_boot <> $3)",
+        )
+        .bind(sha256_hex)
+        .bind(expires.0)
+        .bind(boot)
+        .bind(name.as_str())
+        .execute(&self.pool)
+        .await
+        .map_err(query("storing a deploy token"))?;
+        Ok(done.rows_affected() == 1)
     }
 
     /// Whether `sha256_hex` is `name`'s current, unexpired deploy token. With `burn`, a

@@ -182,11 +182,14 @@ impl Store {
     }
 
     /// Stores an outside report (the deploy agent's) on the running operation `kind` of
-    /// `target`, with an event. Returns the operation, or `None` when none is running.
+    /// `target`, with an event — only while that operation is at `step` (the step that waits
+    /// for this report; a compare-and-set). Returns the operation, or `None` when none is
+    /// running at that step (nothing stored).
     pub async fn report_operation(
         &self,
         kind: &str,
         target: &HostName,
+        step: &str,
         report: &str,
         message: &str,
         actor: &str,
@@ -194,12 +197,14 @@ impl Store {
         const WHAT: &str = "recording a report";
         let mut tx = self.begin_write().await.map_err(query(WHAT))?;
         let done = sqlx::query(
-            "UPDATE operations SET report = $1, updated_at = $2 WHERE kind = $3 AND target = $4 AND status = 'running'",
+            "UPDATE operations SET report = $1, updated_at = $2 \
+             WHERE kind = $3 AND target = $4 AND status = 'running' AND step = $5",
         )
         .bind(report)
         .bind(now_ms())
         .bind(kind)
         .bind(target.as_str())
+        .bind(step)
         .execute(&mut *tx)
         .await
         .map_err(query(WHAT))?;

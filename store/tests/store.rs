@@ -387,20 +387,23 @@ async fn deploy_tokens_are_single_use_and_expire(db: TestDb) {
     assert!(store.host_by_mac("52:54:00:ff:ff:ff".parse().expect("mac")).await.expect("by mac").is_none());
 
     let later = Timestamp(Timestamp::now().0 + 60_000);
-    store.set_deploy_token(&a, "aaaa", later).await.expect("set");
+    assert!(store.issue_deploy_token(&a, "aaaa", later, "1:1").await.expect("issue"));
     assert!(!store.check_deploy_token(&a, "bbbb", false).await.expect("check"), "wrong token");
     assert!(!store.check_deploy_token(&host("node-b"), "aaaa", false).await.expect("check"), "other host");
     assert!(store.check_deploy_token(&a, "aaaa", false).await.expect("check"), "valid, not burnt");
+    // A second fetch in the same boot gets nothing, and the first token stands.
+    assert!(!store.issue_deploy_token(&a, "ffff", later, "1:1").await.expect("issue again"), "same boot");
+    assert!(!store.check_deploy_token(&a, "ffff", false).await.expect("check"), "not issued");
     assert!(store.check_deploy_token(&a, "aaaa", true).await.expect("burn"), "valid, burnt now");
     assert!(!store.check_deploy_token(&a, "aaaa", true).await.expect("burn"), "single use");
+    assert!(!store.issue_deploy_token(&a, "ffff", later, "1:1").await.expect("issue"), "burnt is not reissued");
 
-    store.set_deploy_token(&a, "cccc", Timestamp(Timestamp::now().0 - 1)).await.expect("set expired");
+    assert!(store.issue_deploy_token(&a, "cccc", Timestamp(Timestamp::now().0 - 1), "1:2").await.expect("expired"));
     assert!(!store.check_deploy_token(&a, "cccc", false).await.expect("check"), "expired");
-    store.set_deploy_token(&a, "eeee", later).await.expect("set");
+    assert!(store.issue_deploy_token(&a, "eeee", later, "1:3").await.expect("next boot"));
     store.clear_deploy_token(&a).await.expect("clear");
     assert!(!store.check_deploy_token(&a, "eeee", false).await.expect("check"), "cleared");
-    let err = store.set_deploy_token(&host("node-x"), "dddd", later).await.expect_err("unknown host");
-    assert!(matches!(err, StoreError::UnknownHost(_)));
+    assert!(!store.issue_deploy_token(&host("node-x"), "dddd", later, "9:1").await.expect("unknown host"));
     store.ping().await.expect("ping");
 }
 

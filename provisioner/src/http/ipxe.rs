@@ -7,7 +7,7 @@
 use nodekeeper_store::{Host, HostState, Operation, OperationStatus};
 
 use crate::reimage::executor;
-use crate::reimage::machine::{AgentReport, AgentStage, ReimageData};
+use crate::reimage::machine::{AgentReport, AgentStage, ReimageData, Step};
 
 /// What the deploy ramdisk needs to know.
 #[derive(Debug, Clone)]
@@ -24,29 +24,38 @@ pub struct DeployParams<'a> {
     pub image: &'a str,
 }
 
-/// The image `host` is to be deployed with now, or `None` when it boots its disk. A host in
-/// `reimaging` gets its running reimage's image — until the agent reported `verified` (or the
-/// step moved past it): from then on it boots its disk even if its BIOS still prefers the
-/// network, so it never loops into the installer, and no new token orphans the one in the
-/// disk's config block. `reimaging` without a running reimage (set by hand) deploys the
-/// host's own image.
-pub fn deploy_image(host: &Host, op: Option<&Operation>, default: &str) -> Option<String> {
+/// What a host is to deploy in this boot: the image, and the boot it is for
+/// (`"OPERATION:PXE_BOOT"`, the key its one-time token is issued under).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Deploy {
+    /// The image to write (name under `/images/`).
+    pub image: String,
+    /// This boot of this reimage.
+    pub boot: String,
+}
+
+/// What `host` is to deploy now, or `None` when it boots its disk. Only a host in
+/// `reimaging` whose running reimage is at `agent_booted` — the executor powered it on and
+/// recorded so — gets the installer, with that reimage's image: not before power-on (whoever
+/// fetches the script then is not the host we booted), and not once the agent reported
+/// `verified` (from then on it boots its disk even if its firmware still prefers the
+/// network, so it never loops into the installer). `reimaging` without a running reimage (set
+/// by hand) deploys nothing: no operation would take the agent's reports.
+pub fn deploy_for(host: &Host, op: Option<&Operation>) -> Option<Deploy> {
     if host.state != HostState::Reimaging {
         return None;
     }
-    let own = || host.image.clone().unwrap_or_else(|| default.to_owned());
-    let Some(op) = op.filter(|op| op.status == OperationStatus::Running && op.kind == executor::KIND) else {
-        return Some(own());
-    };
+    let op = op.filter(|op| op.status == OperationStatus::Running && op.kind == executor::KIND)?;
     let verified = op
         .report
         .as_deref()
         .and_then(|r| serde_json::from_str::<AgentReport>(r).ok())
         .is_some_and(|r| r.stage >= AgentStage::Verified && r.error.is_none());
-    if verified || matches!(op.step.as_str(), "local_boot" | "heartbeat") {
+    if verified || op.step != Step::AgentBooted.as_str() {
         return None;
     }
-    Some(serde_json::from_str::<ReimageData>(&op.data).map(|d| d.image).unwrap_or_else(|_| own()))
+    let data = serde_json::from_str::<ReimageData>(&op.data).ok()?;
+    Some(Deploy { image: data.image, boot: format!("{}:{}", op.id, data.pxe_boots) })
 }
 
 /// The script for `host`. `token` is the freshly minted one-time deploy token (only used
@@ -151,28 +160,31 @@ mod tests {
     }
 
     #[test]
-    fn the_deploy_image_is_the_running_reimages_until_it_verified() {
+    fn only_a_reimage_that_powered_the_host_on_deploys_until_it_verified() {
         let mut h = host(HostState::Reimaging);
         h.image = Some("previous.img".into());
-        assert_eq!(deploy_image(&host(HostState::Active), Some(&op("agent_booted", None)), "node.img"), None);
-        // The image this reimage asked for, not the one the host had.
-        for step in ["power_on", "agent_booted", "image_written", "verified"] {
-            assert_eq!(deploy_image(&h, Some(&op(step, None)), "node.img").as_deref(), Some("requested.img"), "{step}");
+        let deploy = |h: &Host, op: Option<&Operation>| deploy_for(h, op).map(|d| d.image);
+        assert_eq!(deploy(&host(HostState::Active), Some(&op("agent_booted", None))), None);
+        // The image this reimage asked for, not the one the host had, for this boot.
+        assert_eq!(
+            deploy_for(&h, Some(&op("agent_booted", None))),
+            Some(Deploy { image: "requested.img".into(), boot: "1:1".into() })
+        );
+        // Before the executor recorded power_on, nobody gets the installer.
+        for step in ["power_off", "pxe_next_boot", "power_on"] {
+            assert_eq!(deploy(&h, Some(&op(step, None))), None, "{step}");
         }
+        // Once the agent runs past its first report, a new fetch gets nothing either.
         let written = r#"{"stage":"written","error":null}"#;
-        assert_eq!(deploy_image(&h, Some(&op("image_written", Some(written))), "x").as_deref(), Some("requested.img"));
-        // Verified (even before the executor's next tick), or past it: the local disk.
+        assert_eq!(deploy(&h, Some(&op("image_written", Some(written)))), None);
         let verified = r#"{"stage":"verified","error":null}"#;
-        assert_eq!(deploy_image(&h, Some(&op("image_written", Some(verified))), "x"), None);
-        assert_eq!(deploy_image(&h, Some(&op("local_boot", None)), "x"), None);
-        assert_eq!(deploy_image(&h, Some(&op("heartbeat", None)), "x"), None);
-        // A failed verification is not a verified image.
-        let bad = r#"{"stage":"verified","error":"sha256 mismatch"}"#;
-        assert!(deploy_image(&h, Some(&op("verified", Some(bad))), "x").is_some());
-        // Reimaging set by hand, or only an ended operation: the host's own image, or the default.
-        let mut ended = op("done", None);
+        assert_eq!(deploy(&h, Some(&op("agent_booted", Some(verified)))), None);
+        assert_eq!(deploy(&h, Some(&op("local_boot", None))), None);
+        assert_eq!(deploy(&h, Some(&op("heartbeat", None))), None);
+        // Reimaging set by hand, or only an ended operation: nothing to deploy.
+        let mut ended = op("agent_booted", None);
         ended.status = OperationStatus::Done;
-        assert_eq!(deploy_image(&h, Some(&ended), "x").as_deref(), Some("previous.img"));
-        assert_eq!(deploy_image(&host(HostState::Reimaging), None, "node.img").as_deref(), Some("node.img"));
+        assert_eq!(deploy(&h, Some(&ended)), None);
+        assert_eq!(deploy(&host(HostState::Reimaging), None), None);
     }
 }

@@ -115,36 +115,85 @@ async fn boot_script(State(state): State<HttpState>, UrlPath(file): UrlPath<Stri
         Err(e) => return internal(e),
     };
     let op = if host.state == nodekeeper_store::HostState::Reimaging {
-        match state.store.latest_operation(&host.name).await {
+        match running_reimage_past_power_on(&state.store, &host.name).await {
             Ok(op) => op,
             Err(e) => return internal(e),
         }
     } else {
         None
     };
-    let image = ipxe::deploy_image(&host, op.as_ref(), DEFAULT_IMAGE);
-    let token = if image.is_some() {
-        // A fresh token per fetch: it proves to the deploy API that the caller booted this
-        // script; only its hash is stored.
-        let token = format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple());
-        let hash = format!("{:x}", Sha256::digest(token.as_bytes()));
-        let expires = Timestamp(Timestamp::now().0 + DEPLOY_TOKEN_TTL.as_millis() as i64);
-        if let Err(e) = state.store.set_deploy_token(&host.name, &hash, expires).await {
-            return internal(e);
-        }
-        Some(token)
-    } else {
-        None
-    };
     let c = &state.config;
-    let params = ipxe::DeployParams {
+    let Some(deploy) = ipxe::deploy_for(&host, op.as_ref()) else {
+        return text(StatusCode::OK, ipxe::boot_script(&host, &deploy_params(c, DEFAULT_IMAGE), None));
+    };
+    // One token per boot of this reimage, to the first fetch: it proves to the deploy API that
+    // the caller booted this script. Only its hash is stored.
+    let token = format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple());
+    let hash = format!("{:x}", Sha256::digest(token.as_bytes()));
+    let expires = Timestamp(Timestamp::now().0 + DEPLOY_TOKEN_TTL.as_millis() as i64);
+    match state.store.issue_deploy_token(&host.name, &hash, expires, &deploy.boot).await {
+        Ok(true) => text(StatusCode::OK, ipxe::boot_script(&host, &deploy_params(c, &deploy.image), Some(&token))),
+        Ok(false) => {
+            // Someone fetched this boot's script already: the host itself retrying, or
+            // another machine on the network. Nobody gets a second token.
+            let message = format!(
+                "{}: the deploy script of boot {} was fetched again; no second deploy token is handed out",
+                host.name, deploy.boot
+            );
+            tracing::warn!("{message}");
+            let key = format!("deploy-token-refused:{}:{}", host.name, deploy.boot);
+            let event =
+                nodekeeper_store::NewEvent::host("provisioner:http", "reimage.token_refused", &host.name, message)
+                    .with_key(key);
+            if let Err(e) = state.store.record_event(&event).await {
+                tracing::warn!("recording an event: {e}");
+            }
+            text(
+                StatusCode::OK,
+                format!(
+                    "#!ipxe\necho nodekeeper: the deploy token of this boot of {} was handed out already\nexit 1\n",
+                    host.name
+                ),
+            )
+        }
+        Err(e) => internal(e),
+    }
+}
+
+fn deploy_params<'a>(c: &'a HttpConfig, image: &'a str) -> ipxe::DeployParams<'a> {
+    ipxe::DeployParams {
         public_url: &c.public_url,
         kernel: &c.deploy_kernel,
         initrd: &c.deploy_initrd,
         kernel_args: &c.deploy_kernel_args,
-        image: image.as_deref().unwrap_or(DEFAULT_IMAGE),
-    };
-    text(StatusCode::OK, ipxe::boot_script(&host, &params, token.as_deref()))
+        image,
+    }
+}
+
+/// How long a script fetch waits for the executor to record `power_on` (see below).
+const POWER_ON_WAIT: Duration = Duration::from_secs(20);
+
+/// `host`'s running reimage (or the latest operation, if none runs). A host that fetches
+/// its script while the reimage is still at `power_on` was powered on by the executor, which
+/// has not recorded the BMC's confirmation yet: the fetch waits (up to [`POWER_ON_WAIT`]) for
+/// the step to move, so the host gets its deploy instead of a race-lost disk boot.
+async fn running_reimage_past_power_on(
+    store: &Store,
+    host: &HostName,
+) -> Result<Option<nodekeeper_store::Operation>, nodekeeper_store::StoreError> {
+    let started = tokio::time::Instant::now();
+    loop {
+        let op = store.latest_operation(host).await?;
+        let powering_on = op.as_ref().is_some_and(|o| {
+            o.kind == crate::reimage::executor::KIND
+                && o.status == nodekeeper_store::OperationStatus::Running
+                && o.step == crate::reimage::machine::Step::PowerOn.as_str()
+        });
+        if !powering_on || started.elapsed() >= POWER_ON_WAIT {
+            return Ok(op);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// `/images/{path}` (GET and HEAD).
@@ -295,6 +344,11 @@ struct DeployReport {
 /// by the host's one-time token. The token outlives `verified`: the agent leaves it in the
 /// disk's config block, and the node's first boot from that disk reports `up` with it, which
 /// counts as the node's first heartbeat and burns it (as does any error).
+///
+/// Reports are taken in order, only by the step that waits for them
+/// ([`crate::reimage::machine::judge_report`]): anything else is a 409 and stores nothing (the
+/// agent sends it again once the executor has moved on). `up` — which installs the node's
+/// guard credential — is taken only after the executor recorded `verified` and `local_boot`.
 async fn api_deploy(
     State(state): State<HttpState>,
     UrlPath(name): UrlPath<String>,
@@ -324,6 +378,32 @@ async fn api_deploy(
         Ok(false) => return text(StatusCode::FORBIDDEN, "invalid or expired deploy token\n".into()),
         Err(e) => return internal(e),
     }
+    let op = match state.store.latest_operation(&name).await {
+        Ok(Some(op)) if op.kind == executor::KIND && op.status == nodekeeper_store::OperationStatus::Running => op,
+        Ok(_) => return text(StatusCode::CONFLICT, format!("no reimage of {name} is running\n")),
+        Err(e) => return internal(e),
+    };
+    let stored = op.report.as_deref().and_then(|r| serde_json::from_str::<machine::AgentReport>(r).ok());
+    let message = match (&report.error, &report.detail) {
+        (Some(e), _) => format!("deploy agent on {name}: {:?} failed: {e}", report.stage),
+        (None, Some(d)) => format!("deploy agent on {name}: {:?}: {d}", report.stage),
+        (None, None) => format!("deploy agent on {name}: {:?}", report.stage),
+    };
+    let actor = format!("agent:{name}");
+    let at = match machine::judge_report(&op.step, stored.as_ref(), report.stage, report.error.is_some()) {
+        machine::Verdict::Record { step } => step,
+        machine::Verdict::Progress => {
+            let event = nodekeeper_store::NewEvent::host(&actor, "reimage.progress", &name, message.to_lowercase());
+            return match state.store.record_event(&event).await {
+                Ok(()) => Json(serde_json::json!({ "operation": op.id, "step": op.step })).into_response(),
+                Err(e) => internal(e),
+            };
+        }
+        machine::Verdict::Refuse(why) => {
+            tracing::warn!("{name}: deploy report {:?} refused: {why}", report.stage);
+            return text(StatusCode::CONFLICT, format!("{why}\n"));
+        }
+    };
     if report.stage == machine::AgentStage::Up && report.error.is_none() {
         if let Some(t) = &report.node_token {
             if let Err(e) = state.store.set_node_token(&name, &guard_api::token_hash(t)).await {
@@ -336,16 +416,9 @@ async fn api_deploy(
     }
     let agent = machine::AgentReport { stage: report.stage, error: report.error.clone() };
     let json = serde_json::to_string(&agent).unwrap_or_default();
-    let message = match (&report.error, &report.detail) {
-        (Some(e), _) => format!("deploy agent on {name}: {:?} failed: {e}", report.stage),
-        (None, Some(d)) => format!("deploy agent on {name}: {:?}: {d}", report.stage),
-        (None, None) => format!("deploy agent on {name}: {:?}", report.stage),
-    };
-    let reported = state
-        .store
-        .report_operation(executor::KIND, &name, &json, &message.to_lowercase(), &format!("agent:{name}"))
-        .await;
-    if last && reported.is_ok() {
+    let reported =
+        state.store.report_operation(executor::KIND, &name, at.as_str(), &json, &message.to_lowercase(), &actor).await;
+    if last && matches!(reported, Ok(Some(_))) {
         // Single use from here on (of two concurrent last reports, both were recorded alike).
         if let Err(e) = state.store.check_deploy_token(&name, &hash, true).await {
             return internal(e);
@@ -353,7 +426,7 @@ async fn api_deploy(
     }
     match reported {
         Ok(Some(op)) => Json(serde_json::json!({ "operation": op.id, "step": op.step })).into_response(),
-        Ok(None) => text(StatusCode::CONFLICT, format!("no reimage of {name} is running\n")),
+        Ok(None) => text(StatusCode::CONFLICT, format!("the reimage of {name} moved on meanwhile; send it again\n")),
         Err(e) => internal(e),
     }
 }

@@ -260,6 +260,51 @@ fn step_of(stage: AgentStage) -> Step {
     }
 }
 
+/// What the deploy API does with a report of the deploy agent (or of the node's first boot).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// The operation waits for exactly this report: store it (at `step`, compare-and-set).
+    Record {
+        /// The step it is taken at.
+        step: Step,
+    },
+    /// A repeat of the stage already stored, without an error (the agent's progress while it
+    /// writes): an event, nothing stored.
+    Progress,
+    /// Out of order, or from a step that does not wait for it (409; nothing stored).
+    Refuse(String),
+}
+
+/// The step that waits for a report of `stage`.
+pub fn step_waiting_for(stage: AgentStage) -> Step {
+    step_of(stage)
+}
+
+/// Judges a report of `stage` (`failed`: it carries an error) against the operation's
+/// current `step` and the report already stored. Reports are taken in order and only by the
+/// step that waits for them: `booted` at `agent_booted`, `written` at `image_written`,
+/// `verified` at `verified`, and `up` only at `heartbeat` — after the executor recorded
+/// `verified` and `local_boot`. So a report sent before the host was even powered on (a
+/// hijack from elsewhere on the network), or `up` while the image is still being written,
+/// changes nothing. Pure.
+pub fn judge_report(step: &str, stored: Option<&AgentReport>, stage: AgentStage, failed: bool) -> Verdict {
+    let Ok(step) = step.parse::<Step>() else {
+        return Verdict::Refuse(format!("the reimage is at {step:?}, which takes no report"));
+    };
+    if !failed && stored.is_some_and(|r| r.error.is_none() && r.stage == stage) {
+        return Verdict::Progress;
+    }
+    let waits = step_of(stage);
+    if step == waits {
+        Verdict::Record { step }
+    } else {
+        Verdict::Refuse(format!(
+            "the reimage is at {step}; a {} report is taken only at {waits}",
+            format!("{stage:?}").to_lowercase()
+        ))
+    }
+}
+
 /// For a waiting step: what the agent reported, whether the node sent a heartbeat since the
 /// operation started, and whether the step's deadline has passed.
 pub fn observe(step: Step, data: &ReimageData, heartbeat_seen: bool, deadline_passed: bool) -> Decision {
@@ -328,6 +373,48 @@ mod tests {
             agent: agent.map(|(stage, e)| AgentReport { stage, error: e.map(str::to_owned) }),
             deadlines: Deadlines::default(),
             limits: Limits::default(),
+        }
+    }
+
+    #[test]
+    fn reports_are_taken_only_in_order_by_the_step_that_waits_for_them() {
+        use AgentStage::*;
+        let ok = |stage| Some(AgentReport { stage, error: None });
+        let cases: &[(&str, Option<AgentReport>, AgentStage, bool, &str)] = &[
+            // The happy path, one report per waiting step.
+            ("agent_booted", None, Booted, false, "record"),
+            ("image_written", ok(Booted), Written, false, "record"),
+            ("verified", ok(Written), Verified, false, "record"),
+            ("heartbeat", ok(Verified), Up, false, "record"),
+            // A hijack before the host was powered on: nothing at the BMC steps.
+            ("power_off", None, Booted, false, "refuse"),
+            ("pxe_next_boot", None, Up, false, "refuse"),
+            ("power_on", None, Verified, false, "refuse"),
+            // Skipping ahead, or `up` before local_boot was recorded.
+            ("agent_booted", None, Written, false, "refuse"),
+            ("agent_booted", None, Up, false, "refuse"),
+            ("image_written", ok(Booted), Verified, false, "refuse"),
+            ("verified", ok(Written), Up, false, "refuse"),
+            ("local_boot", ok(Verified), Up, false, "refuse"),
+            // Going back.
+            ("verified", ok(Written), Booted, false, "refuse"),
+            // Progress: the stored stage again, while writing.
+            ("image_written", ok(Booted), Booted, false, "progress"),
+            ("agent_booted", ok(Booted), Booted, false, "progress"),
+            // Failures are taken by the step that waits for that stage.
+            ("image_written", ok(Booted), Written, true, "record"),
+            ("verified", ok(Written), Verified, true, "record"),
+            ("agent_booted", None, Written, true, "refuse"),
+            ("agent_booted", ok(Booted), Booted, true, "record"),
+            ("done", ok(Verified), Up, false, "refuse"),
+        ];
+        for (step, stored, stage, failed, want) in cases {
+            let got = match judge_report(step, stored.as_ref(), *stage, *failed) {
+                Verdict::Record { .. } => "record",
+                Verdict::Progress => "progress",
+                Verdict::Refuse(_) => "refuse",
+            };
+            assert_eq!(got, *want, "{step} {stored:?} {stage:?} failed={failed}");
         }
     }
 
