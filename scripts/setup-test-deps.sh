@@ -22,21 +22,25 @@ need_root() {
 PACKAGES=(postgresql libvirt-daemon-system libvirt-dev qemu-system-x86 qemu-utils pkg-config tftp-hpa curl atftp
   busybox-static isc-dhcp-client dnsmasq-base ipxe iproute2 python3 linux-image-amd64 cpio file
   kea-dhcp4-server kea-admin tftpd-hpa nginx-light
-  python3-libvirt python3-venv ipmitool
+  python3-libvirt python3-venv ipmitool faketime
   debootstrap mtools syslinux syslinux-common dosfstools fdisk e2fsprogs)
-# (Kea's perfdhcp, kea-dhcp4, tftpd-hpa and nginx are the peers `make bench` measures against.)
+# (Kea's perfdhcp, kea-dhcp4, tftpd-hpa and nginx are the peers `make bench` measures against;
+# faketime runs a guard whose clock is a minute off, against the database's clock.)
 
-missing=()
-for p in "${PACKAGES[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
+# Two passes: installing one package can remove another that was there (a backported
+# qemu-utils gives way to the one qemu-system-x86 depends on), so look again after the first.
+for pass in 1 2; do
+  missing=()
+  for p in "${PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+  done
+  [ ${#missing[@]} -gt 0 ] || break
   need_root
-  log "apt-get install ${missing[*]}"
+  log "apt-get install ${missing[*]} (pass $pass)"
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq >&2
+  [ "$pass" = 1 ] && apt-get update -qq >&2
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
-fi
+done
 
 # The Rust toolchain (the machine image has it; a bare Debian gets rustup).
 if ! command -v cargo >/dev/null 2>&1 && [ -x "$HOME/.cargo/bin/cargo" ]; then

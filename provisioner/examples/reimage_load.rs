@@ -70,7 +70,13 @@ async fn run(n: usize) -> anyhow::Result<()> {
         .await?;
     }
     let stop = CancellationToken::new();
-    tokio::spawn(executor::run(store.clone(), Arc::new(Factory), Duration::from_millis(100), stop.clone()));
+    tokio::spawn(executor::run(
+        store.clone(),
+        Arc::new(Factory),
+        "load".into(),
+        Duration::from_millis(100),
+        stop.clone(),
+    ));
     // The stub agent (and node): report each stage as soon as the operation waits for it.
     loop {
         let running = store.running_operations(KIND).await?;

@@ -1,9 +1,51 @@
-//! What the operation executors (reimage, fence) share about their persisted rows.
+//! What the operation executors (reimage, fence) share: their persisted rows, and acting
+//! under a lease (a leadership term, or a per-operation claim) that is renewed while they work.
 
+use std::future::Future;
 use std::str::FromStr;
+use std::time::Duration;
 
-use nodekeeper_store::Operation;
+use nodekeeper_store::{Leadership, Operation, Store, StoreError};
 use serde::de::DeserializeOwned;
+
+/// Runs `work` while renewing `lease` (held by its holder, `ttl_ms` long) every third of its
+/// length. When the lease is lost — another holder or another term, as after this process
+/// was paused past its expiry — or could not be renewed for two thirds of its length (the
+/// database is away: stop before it can run out under us), `work` is dropped where it stands
+/// and [`StoreError::LeaseLost`] returned. What `work` writes, it writes through a store
+/// `under_lease` of the same term, so even a write already on its way when the loss is
+/// noticed is refused by the database.
+pub async fn while_leading<T>(
+    store: &Store,
+    lease: &Leadership,
+    ttl_ms: i64,
+    work: impl Future<Output = T>,
+) -> Result<T, StoreError> {
+    let every = Duration::from_millis(u64::try_from(ttl_ms / 3).unwrap_or(1).max(1));
+    let lost = || StoreError::LeaseLost { role: lease.role.clone(), term: lease.term };
+    let renew = async {
+        let mut renewed = tokio::time::Instant::now();
+        loop {
+            tokio::time::sleep(every).await;
+            match store.acquire_leadership(&lease.role, &lease.holder, ttl_ms).await {
+                Ok(l) if l.holder == lease.holder && l.term == lease.term => renewed = tokio::time::Instant::now(),
+                Ok(_) => return lost(),
+                Err(e) if renewed.elapsed() >= every * 2 => {
+                    tracing::warn!(role = %lease.role, "renewing the lease: {e}");
+                    return lost();
+                }
+                Err(e) => tracing::warn!(role = %lease.role, "renewing the lease: {e}"),
+            }
+        }
+    };
+    tokio::select! {
+        done = work => Ok(done),
+        lost = renew => {
+            tracing::warn!(role = %lease.role, term = lease.term, "{lost}; stopping where it stands");
+            Err(lost)
+        }
+    }
+}
 
 /// The typed step and data of `op`, or why they cannot be read (the operation then fails
 /// with that reason instead of being guessed at).

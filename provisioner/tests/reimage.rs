@@ -82,6 +82,7 @@ impl Rig {
         tokio::spawn(executor::run(
             self.store.clone(),
             Arc::new(Factory(self.fake.clone())),
+            format!("test-executor-{}", uuid::Uuid::new_v4()),
             Duration::from_millis(20),
             stop.clone(),
         ));

@@ -1,12 +1,14 @@
 //! Connecting to the database (SQLite or PostgreSQL, chosen by the URL) and migrating it.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::migrate::{Migrate, Migrator};
 use sqlx::{AnyPool, ConnectOptions as _, Connection, Executor};
 
 use crate::error::{Result, StoreError};
+use crate::types::Timestamp;
 
 /// Set on every SQLite connection (see `connect_with`).
 const SQLITE_PRAGMAS: &str =
@@ -65,6 +67,64 @@ pub struct Store {
     pub(crate) pool: AnyPool,
     backend: Backend,
     redacted_url: String,
+    /// The database server's clock, last read (see [`Store::now`]).
+    clock: Arc<Mutex<Option<ClockReading>>>,
+    /// The leadership term this handle writes under, if any (see [`Store::under_lease`]).
+    lease: Option<Arc<LeaseToken>>,
+}
+
+/// A leadership term that a writer acts under (see [`Store::under_lease`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseToken {
+    /// The role (`controller`).
+    pub role: String,
+    /// Who holds it.
+    pub holder: String,
+    /// The term it was taken in.
+    pub term: i64,
+}
+
+/// Whether `token` is the role's current term, held, and unexpired by the database's clock.
+/// On PostgreSQL the row is locked `FOR SHARE` for the rest of the caller's transaction, so a
+/// concurrent takeover waits until this write committed (and this write sees a committed one).
+async fn check_lease_in(conn: &mut sqlx::AnyConnection, backend: Backend, token: &LeaseToken) -> Result<()> {
+    let lock = if backend == Backend::Postgres { " FOR SHARE" } else { "" };
+    let sql = format!(
+        "SELECT role FROM leadership WHERE role = $1 AND holder = $2 AND term = $3 AND expires_at > {}{lock}",
+        db_now_sql(backend)
+    );
+    let held = sqlx::query(&sql)
+        .bind(token.role.as_str())
+        .bind(token.holder.as_str())
+        .bind(token.term)
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(crate::error::query("checking the lease"))?;
+    match held {
+        Some(_) => Ok(()),
+        None => Err(StoreError::LeaseLost { role: token.role.clone(), term: token.term }),
+    }
+}
+
+/// One reading of the database server's clock, and when (on this process's monotonic clock)
+/// it was taken.
+#[derive(Debug, Clone, Copy)]
+struct ClockReading {
+    db_ms: i64,
+    at: Instant,
+}
+
+/// How long one reading of the database's clock is carried forward on the monotonic clock
+/// before it is read again (bounds the drift between the two to well under a millisecond).
+const CLOCK_RESYNC: Duration = Duration::from_secs(30);
+
+/// The database server's time, in milliseconds since the epoch, as SQL.
+pub(crate) fn db_now_sql(backend: Backend) -> &'static str {
+    match backend {
+        // SQLite is embedded: its clock is the one of the machine that holds the file.
+        Backend::Sqlite => "CAST((julianday('now') - 2440587.5) * 86400000.0 AS BIGINT)",
+        Backend::Postgres => "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)",
+    }
 }
 
 /// A database URL, checked and with its redacted form at hand for messages.
@@ -199,7 +259,33 @@ impl Store {
             Ok(Err(source)) => return Err(StoreError::Connect { url: url.redacted, source }),
             Err(_) => return Err(StoreError::Connect { url: url.redacted, source: sqlx::Error::PoolTimedOut }),
         };
-        Ok(Store { pool, backend: url.backend, redacted_url: url.redacted })
+        Ok(Store { pool, backend: url.backend, redacted_url: url.redacted, clock: Arc::default(), lease: None })
+    }
+
+    /// The database server's time now. Every timestamp that is compared across machines —
+    /// heartbeats, leadership leases, operation deadlines, guard reports, tokens' expiry — is
+    /// taken from here, never from this process's wall clock, which may be minutes off (a
+    /// guard on PostgreSQL writes its own heartbeats). The server's clock is read at most
+    /// every 30 s and carried forward in between on this process's monotonic clock, which
+    /// never jumps; the reading is taken as of the middle of its round trip.
+    pub async fn now(&self) -> Result<Timestamp> {
+        if let Some(t) = self.cached_now() {
+            return Ok(t);
+        }
+        let sent = Instant::now();
+        let db_ms: i64 = sqlx::query_scalar(&format!("SELECT {}", db_now_sql(self.backend)))
+            .fetch_one(&self.pool)
+            .await
+            .map_err(crate::error::query("reading the database's clock"))?;
+        let reading = ClockReading { db_ms, at: sent + sent.elapsed() / 2 };
+        *self.clock.lock().unwrap_or_else(|p| p.into_inner()) = Some(reading);
+        Ok(Timestamp(db_ms + i64::try_from(reading.at.elapsed().as_millis()).unwrap_or(0)))
+    }
+
+    fn cached_now(&self) -> Option<Timestamp> {
+        let reading = (*self.clock.lock().unwrap_or_else(|p| p.into_inner()))?;
+        let since = reading.at.elapsed();
+        (since < CLOCK_RESYNC).then(|| Timestamp(reading.db_ms + i64::try_from(since.as_millis()).unwrap_or(0)))
     }
 
     /// The engine behind this store.
@@ -270,11 +356,49 @@ impl Store {
     /// Begins a transaction that will write. On SQLite it takes the write lock up front
     /// (`BEGIN IMMEDIATE`): a deferred transaction that reads and then writes fails at once
     /// with SQLITE_BUSY when another writer got there first, instead of waiting its turn.
-    pub(crate) async fn begin_write(&self) -> std::result::Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
+    /// A store [`Store::under_lease`] first proves, inside the transaction, that its term is
+    /// still current ([`StoreError::LeaseLost`] otherwise: nothing is written).
+    pub(crate) async fn begin_write(&self, what: &'static str) -> Result<sqlx::Transaction<'static, sqlx::Any>> {
+        let mut tx = self.begin_write_unfenced(what).await?;
+        if let Some(token) = &self.lease {
+            check_lease_in(&mut tx, self.backend, token).await?;
+        }
+        Ok(tx)
+    }
+
+    /// [`Store::begin_write`] without the lease check (for taking the lease itself).
+    pub(crate) async fn begin_write_unfenced(
+        &self,
+        what: &'static str,
+    ) -> Result<sqlx::Transaction<'static, sqlx::Any>> {
         match self.backend {
             Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
             Backend::Postgres => self.pool.begin().await,
         }
+        .map_err(crate::error::query(what))
+    }
+
+    /// This store, acting under the leadership term `token`: every write transaction it
+    /// begins proves first that the term is still current and held by `token.holder`, with a
+    /// lease that has not expired by the database's clock — a fencing token, as Chubby's
+    /// sequencers: a leader that paused (GC, SIGSTOP, a slow BMC) past its lease and lost the
+    /// role changes nothing when it wakes. Same pool.
+    pub fn under_lease(&self, token: LeaseToken) -> Store {
+        Store { lease: Some(Arc::new(token)), ..self.clone() }
+    }
+
+    /// The term this store acts under, if any.
+    pub fn lease(&self) -> Option<&LeaseToken> {
+        self.lease.as_deref()
+    }
+
+    /// Proves that this store's term is still current (`Ok` for a store under no lease), for
+    /// actions outside the database that must not be taken by a stale leader (a BMC command:
+    /// checked right before it is sent).
+    pub async fn check_lease(&self) -> Result<()> {
+        let Some(token) = &self.lease else { return Ok(()) };
+        let mut conn = self.pool.acquire().await.map_err(crate::error::query("checking the lease"))?;
+        check_lease_in(&mut conn, self.backend, token).await
     }
 
     /// Proves the database answers (`SELECT 1`).
@@ -309,7 +433,8 @@ pub(crate) fn backend_of(conn: &sqlx::AnyConnection) -> Backend {
     }
 }
 
-/// Milliseconds since the Unix epoch: how the schema stores time.
+/// Milliseconds since the Unix epoch by this process's wall clock: how the schema stores
+/// time. Only for what is never compared across machines; see [`Store::now`].
 pub(crate) fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }

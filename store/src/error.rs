@@ -106,6 +106,15 @@ pub enum StoreError {
         /// What is known of it there.
         why: String,
     },
+    /// This writer's leadership term is over (another replica took the role, or the lease
+    /// expired): nothing was written.
+    #[error("the {role} lease of term {term} is no longer held: not acting")]
+    LeaseLost {
+        /// The role.
+        role: String,
+        /// The term this writer acted under.
+        term: i64,
+    },
     /// No instance with that UUID.
     #[error("unknown instance {0}")]
     UnknownInstance(InstanceId),

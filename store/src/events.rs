@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 use sqlx::any::AnyRow;
 
-use crate::db::{now_ms, placeholders};
+use crate::db::placeholders;
 use crate::error::{query, Result};
 use crate::hosts::{get, parse_column};
 use crate::types::{HostName, InstanceId, Timestamp};
@@ -90,21 +90,23 @@ pub struct EventFilter {
 }
 
 /// Appends an event inside the caller's transaction, so the event exists iff the change does.
+/// Its time is the database server's.
 pub(crate) async fn insert_event(conn: &mut sqlx::AnyConnection, e: &NewEvent) -> Result<()> {
-    sqlx::query(
-        "INSERT INTO events (at, actor, kind, host, instance, message, key) VALUES ($1, $2, $3, $4, $5, $6, $7) \
+    let sql = format!(
+        "INSERT INTO events (at, actor, kind, host, instance, message, key) VALUES ({}, $1, $2, $3, $4, $5, $6) \
          ON CONFLICT (key) DO NOTHING",
-    )
-    .bind(now_ms())
-    .bind(e.actor.as_str())
-    .bind(e.kind.as_str())
-    .bind(e.host.as_ref().map(|h| h.as_str().to_owned()))
-    .bind(e.instance.map(|i| i.to_string()))
-    .bind(e.message.as_str())
-    .bind(e.key.clone())
-    .execute(conn)
-    .await
-    .map_err(query("recording an event"))?;
+        crate::db::db_now_sql(crate::db::backend_of(conn))
+    );
+    sqlx::query(&sql)
+        .bind(e.actor.as_str())
+        .bind(e.kind.as_str())
+        .bind(e.host.as_ref().map(|h| h.as_str().to_owned()))
+        .bind(e.instance.map(|i| i.to_string()))
+        .bind(e.message.as_str())
+        .bind(e.key.clone())
+        .execute(conn)
+        .await
+        .map_err(query("recording an event"))?;
     Ok(())
 }
 
@@ -129,12 +131,13 @@ impl Store {
     /// Appends events in one transaction, in order (all or none). Events whose key is
     /// already recorded are skipped, so replaying a batch after a crash records nothing twice.
     pub async fn record_events(&self, events: &[NewEvent]) -> Result<()> {
+        let db_now = self.now().await?.0;
         const WHAT: &str = "recording events";
         if events.is_empty() {
             return Ok(());
         }
-        let mut tx = self.begin_write().await.map_err(query(WHAT))?;
-        let now = now_ms();
+        let mut tx = self.begin_write(WHAT).await?;
+        let now = db_now;
         for chunk in events.chunks(EVENT_BATCH) {
             let rows: Vec<String> = (0..chunk.len())
                 .map(|r| format!("({})", placeholders(self.backend(), r * EVENT_COLUMNS + 1, EVENT_COLUMNS)))

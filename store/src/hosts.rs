@@ -7,7 +7,6 @@ use serde::Serialize;
 use sqlx::any::AnyRow;
 use sqlx::Row;
 
-use crate::db::now_ms;
 use crate::error::{query, Result, StoreError};
 use crate::events::{insert_event, NewEvent};
 use crate::types::{HostName, HostState, MacAddr, Timestamp};
@@ -92,7 +91,8 @@ fn host_from_row(row: &AnyRow) -> Result<Host> {
 impl Store {
     /// Adds a host in state `active`, with an event. Refuses a duplicate name or MAC.
     pub async fn add_host(&self, new: &NewHost, actor: &str) -> Result<Host> {
-        let mut tx = self.begin_write().await.map_err(query("adding a host"))?;
+        let db_now = self.now().await?.0;
+        let mut tx = self.begin_write("adding a host").await?;
         if self.host_in(&mut tx, &new.name).await?.is_some() {
             return Err(StoreError::HostExists(new.name.clone()));
         }
@@ -106,7 +106,7 @@ impl Store {
                 return Err(StoreError::MacInUse { mac, host: parse_column("hosts", "name", &owner)? });
             }
         }
-        let now = now_ms();
+        let now = db_now;
         sqlx::query(
             "INSERT INTO hosts (name, mac, ip, bmc_url, bmc_credentials, state, created_at, updated_at) \
              VALUES ($1, $2, $3, $4, $5, 'active', $6, $6)",
@@ -130,15 +130,16 @@ impl Store {
     /// Sets a host's state with an event saying why. Idempotent: setting the state it already
     /// has records nothing.
     pub async fn set_host_state(&self, name: &HostName, state: HostState, actor: &str, reason: &str) -> Result<Host> {
+        let db_now = self.now().await?.0;
         const WHAT: &str = "changing a host's state";
-        let mut tx = self.begin_write().await.map_err(query(WHAT))?;
+        let mut tx = self.begin_write(WHAT).await?;
         let host = self.host_in(&mut tx, name).await?.ok_or_else(|| StoreError::UnknownHost(name.clone()))?;
         if host.state == state {
             return Ok(host);
         }
         sqlx::query("UPDATE hosts SET state = $1, updated_at = $2 WHERE name = $3")
             .bind(state.as_str())
-            .bind(now_ms())
+            .bind(db_now)
             .bind(name.as_str())
             .execute(&mut *tx)
             .await
@@ -161,11 +162,12 @@ impl Store {
         actor: &str,
         reason: &str,
     ) -> Result<Option<Host>> {
+        let db_now = self.now().await?.0;
         const WHAT: &str = "changing a host's state";
-        let mut tx = self.begin_write().await.map_err(query(WHAT))?;
+        let mut tx = self.begin_write(WHAT).await?;
         let done = sqlx::query("UPDATE hosts SET state = $1, updated_at = $2 WHERE name = $3 AND state = $4")
             .bind(state.as_str())
-            .bind(now_ms())
+            .bind(db_now)
             .bind(name.as_str())
             .bind(expected.as_str())
             .execute(&mut *tx)
@@ -208,7 +210,7 @@ impl Store {
 
     /// Records that `name`'s guard (or freshly installed node) reported in now.
     pub async fn record_heartbeat(&self, name: &HostName) -> Result<Timestamp> {
-        let now = now_ms();
+        let now = self.now().await?.0;
         let done = sqlx::query("UPDATE hosts SET last_heartbeat = $1 WHERE name = $2")
             .bind(now)
             .bind(name.as_str())
@@ -236,9 +238,10 @@ impl Store {
 
     /// Sets the image a host was (or is being) installed with.
     pub async fn set_host_image(&self, name: &HostName, image: &str) -> Result<()> {
+        let db_now = self.now().await?.0;
         sqlx::query("UPDATE hosts SET image = $1, updated_at = $2 WHERE name = $3")
             .bind(image)
-            .bind(now_ms())
+            .bind(db_now)
             .bind(name.as_str())
             .execute(&self.pool)
             .await
@@ -275,6 +278,7 @@ impl Store {
     /// Whether `sha256_hex` is `name`'s current, unexpired deploy token. With `burn`, a
     /// match also clears it (single use), atomically: of two concurrent uses one succeeds.
     pub async fn check_deploy_token(&self, name: &HostName, sha256_hex: &str, burn: bool) -> Result<bool> {
+        let db_now = self.now().await?.0;
         let sql = if burn {
             "UPDATE hosts SET deploy_token_sha256 = NULL, deploy_token_expires = NULL \
              WHERE name = $1 AND deploy_token_sha256 = $2 AND deploy_token_expires > $3"
@@ -285,7 +289,7 @@ impl Store {
         let done = sqlx::query(sql)
             .bind(name.as_str())
             .bind(sha256_hex)
-            .bind(now_ms())
+            .bind(db_now)
             .execute(&self.pool)
             .await
             .map_err(query("checking a deploy token"))?;

@@ -9,7 +9,7 @@ use std::collections::{HashMap, HashSet};
 use serde::{Deserialize, Serialize};
 use sqlx::any::AnyRow;
 
-use crate::db::{backend_of, now_ms, placeholders};
+use crate::db::{backend_of, placeholders};
 use crate::error::{query, Result, StoreError};
 use crate::events::{insert_event, NewEvent};
 use crate::hosts::{get, parse_column};
@@ -151,6 +151,7 @@ impl Store {
     /// not in the database); the first bad one fails the whole import with
     /// [`StoreError::Item`] giving its position, and nothing is written.
     pub async fn import_instances(&self, items: &[NewInstance], actor: &str) -> Result<usize> {
+        let db_now = self.now().await?.0;
         const WHAT: &str = "importing instances";
         let mut seen = HashMap::with_capacity(items.len());
         for (index, item) in items.iter().enumerate() {
@@ -158,7 +159,7 @@ impl Store {
                 return Err(item_error(index, StoreError::InstanceExists(item.uuid)));
             }
         }
-        let mut tx = self.begin_write().await.map_err(query(WHAT))?;
+        let mut tx = self.begin_write(WHAT).await?;
         let hosts: HashSet<String> = sqlx::query_scalar("SELECT name FROM hosts")
             .fetch_all(&mut *tx)
             .await
@@ -172,7 +173,7 @@ impl Store {
         if let Some(first) = existing.iter().filter_map(|o| seen.get(&o.uuid)).min() {
             return Err(item_error(*first, StoreError::InstanceExists(items[*first].uuid)));
         }
-        let now = now_ms();
+        let now = db_now;
         for chunk in items.chunks(IMPORT_BATCH) {
             let rows: Vec<String> = (0..chunk.len())
                 .map(|r| format!("({})", placeholders(self.backend(), r * IMPORT_COLUMNS + 1, IMPORT_COLUMNS)))
@@ -274,12 +275,13 @@ impl Store {
         actor: &str,
         reason: &str,
     ) -> Result<Generation> {
-        let mut tx = self.begin_write().await.map_err(query("moving an instance"))?;
+        let db_now = self.now().await?.0;
+        let mut tx = self.begin_write("moving an instance").await?;
         let from = {
             let current = lookup_in(&mut tx, [id]).await?.pop().ok_or(StoreError::UnknownInstance(id))?;
             current.owner
         };
-        let generation = cas_owner(&mut tx, id, expected, &from, to, actor, reason).await?;
+        let generation = cas_owner(&mut tx, id, expected, &from, to, actor, reason, db_now).await?;
         tx.commit().await.map_err(query("moving an instance"))?;
         Ok(generation)
     }
@@ -294,7 +296,8 @@ impl Store {
     /// word that it is stopped; it may run twice if that is wrong, and the event says so).
     pub async fn evacuate(&self, ids: &[InstanceId], to: &HostName, force: bool, actor: &str) -> Result<Vec<Transfer>> {
         const WHAT: &str = "evacuating instances";
-        let mut tx = self.begin_write().await.map_err(query(WHAT))?;
+        let db_now = self.now().await?.0;
+        let mut tx = self.begin_write(WHAT).await?;
         let target = self.host_in(&mut tx, to).await?.ok_or_else(|| StoreError::UnknownHost(to.clone()))?;
         if target.state != HostState::Active {
             return Err(StoreError::HostNotActive { host: to.clone(), state: target.state });
@@ -337,7 +340,7 @@ impl Store {
                     ))
                 }
             };
-            let generation = cas_owner(&mut tx, *id, now.generation, &now.owner, to, actor, &reason)
+            let generation = cas_owner(&mut tx, *id, now.generation, &now.owner, to, actor, &reason, db_now)
                 .await
                 .map_err(|e| item_error(index, e))?;
             out.push(Transfer { uuid: *id, from: now.owner.clone(), to: to.clone(), generation, moved: true });
@@ -349,8 +352,9 @@ impl Store {
     /// Tombstones instances, all or nothing: the rows stay (with their XML), marked deleted,
     /// so a host that still has them quarantines them. Idempotent.
     pub async fn delete_instances(&self, ids: &[InstanceId], actor: &str) -> Result<Vec<Ownership>> {
+        let db_now = self.now().await?.0;
         const WHAT: &str = "deleting instances";
-        let mut tx = self.begin_write().await.map_err(query(WHAT))?;
+        let mut tx = self.begin_write(WHAT).await?;
         let current: HashMap<InstanceId, Ownership> =
             lookup_in(&mut tx, ids.iter().copied()).await?.into_iter().map(|o| (o.uuid, o)).collect();
         let mut out = Vec::with_capacity(ids.len());
@@ -358,7 +362,7 @@ impl Store {
             let now = current.get(id).ok_or_else(|| item_error(index, StoreError::UnknownInstance(*id)))?;
             if !now.deleted {
                 sqlx::query("UPDATE instances SET deleted = TRUE, updated_at = $1 WHERE uuid = $2")
-                    .bind(now_ms())
+                    .bind(db_now)
                     .bind(id.to_string())
                     .execute(&mut *tx)
                     .await
@@ -404,6 +408,7 @@ pub fn evacuation_source_safe(
 
 /// The conditional update at the heart of ownership: owner and generation change together,
 /// only if nobody changed them since `expected` was read.
+#[allow(clippy::too_many_arguments)]
 async fn cas_owner(
     conn: &mut sqlx::AnyConnection,
     id: InstanceId,
@@ -412,6 +417,7 @@ async fn cas_owner(
     to: &HostName,
     actor: &str,
     reason: &str,
+    now: i64,
 ) -> Result<Generation> {
     const WHAT: &str = "moving an instance";
     let next = expected.next();
@@ -421,7 +427,7 @@ async fn cas_owner(
     )
     .bind(to.as_str())
     .bind(next.to_db())
-    .bind(now_ms())
+    .bind(now)
     .bind(id.to_string())
     .bind(expected.to_db())
     .execute(&mut *conn)

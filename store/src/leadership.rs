@@ -5,7 +5,6 @@
 
 use sqlx::Row;
 
-use crate::db::now_ms;
 use crate::error::{query, Result};
 use crate::types::Timestamp;
 use crate::Store;
@@ -24,9 +23,14 @@ pub struct Leadership {
 }
 
 impl Leadership {
-    /// Whether `me` holds it at `now`.
+    /// Whether `me` holds it at `now` (the database's time: [`Store::now`]).
     pub fn held_by(&self, me: &str, now: Timestamp) -> bool {
         self.holder == me && self.expires_at > now
+    }
+
+    /// The fencing token of this term, for [`Store::under_lease`].
+    pub fn token(&self) -> crate::LeaseToken {
+        crate::LeaseToken { role: self.role.clone(), holder: self.holder.clone(), term: self.term }
     }
 }
 
@@ -46,10 +50,11 @@ impl Store {
     /// Returns the role as it stands (check [`Leadership::held_by`]). Atomic: of two replicas
     /// racing for an expired role, one wins.
     pub async fn acquire_leadership(&self, role: &str, holder: &str, ttl_ms: i64) -> Result<Leadership> {
+        let db_now = self.now().await?.0;
         const WHAT: &str = "acquiring leadership";
-        let now = now_ms();
+        let now = db_now;
         let expires = now + ttl_ms;
-        let mut tx = self.begin_write().await.map_err(query(WHAT))?;
+        let mut tx = self.begin_write_unfenced(WHAT).await?;
         // Insert when absent (a race loses on the primary key and falls through to UPDATE).
         sqlx::query(
             "INSERT INTO leadership (role, holder, term, expires_at, acquired_at) VALUES ($1, $2, 1, $3, $4) \
@@ -96,13 +101,25 @@ impl Store {
         row.as_ref().map(from_row).transpose()
     }
 
+    /// Deletes `role`'s row if `holder` has it: a per-operation claim whose operation ended.
+    pub async fn forget_leadership(&self, role: &str, holder: &str) -> Result<()> {
+        sqlx::query("DELETE FROM leadership WHERE role = $1 AND holder = $2")
+            .bind(role)
+            .bind(holder)
+            .execute(&self.pool)
+            .await
+            .map_err(query("forgetting a claim"))?;
+        Ok(())
+    }
+
     /// Gives `role` up if `holder` has it (a clean shutdown: the next replica need not wait
     /// for the expiry).
     pub async fn release_leadership(&self, role: &str, holder: &str) -> Result<()> {
+        let db_now = self.now().await?.0;
         sqlx::query("UPDATE leadership SET expires_at = $3 WHERE role = $1 AND holder = $2")
             .bind(role)
             .bind(holder)
-            .bind(now_ms())
+            .bind(db_now)
             .execute(&self.pool)
             .await
             .map_err(query("releasing leadership"))?;

@@ -7,7 +7,7 @@ use std::net::Ipv4Addr;
 
 use sqlx::Row;
 
-use crate::db::{now_ms, placeholders};
+use crate::db::placeholders;
 use crate::error::{query, Result, StoreError};
 use crate::types::{MacAddr, Timestamp};
 use crate::Store;
@@ -49,6 +49,7 @@ impl Store {
     /// Writes leases in one transaction: each MAC gets its address, and an address moving to
     /// a new MAC is taken from the old one. The last lease of a MAC in `leases` wins.
     pub async fn save_leases(&self, leases: &[Lease]) -> Result<()> {
+        let db_now = self.now().await?.0;
         const WHAT: &str = "saving leases";
         if leases.is_empty() {
             return Ok(());
@@ -60,8 +61,8 @@ impl Store {
                 latest.push(*l);
             }
         }
-        let now = now_ms();
-        let mut tx = self.begin_write().await.map_err(query(WHAT))?;
+        let now = db_now;
+        let mut tx = self.begin_write(WHAT).await?;
         for chunk in latest.chunks(LEASE_BATCH) {
             let b = self.backend();
             let sql = format!("DELETE FROM leases WHERE ip IN ({})", placeholders(b, 1, chunk.len()));

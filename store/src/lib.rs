@@ -22,7 +22,7 @@ mod operations;
 mod reports;
 mod types;
 
-pub use db::{redact_url, Backend, ConnectOptions, DatabaseUrl, Store};
+pub use db::{redact_url, Backend, ConnectOptions, DatabaseUrl, LeaseToken, Store};
 pub use error::{Result, StoreError};
 pub use events::{Event, EventFilter, NewEvent};
 pub use hosts::{Host, NewHost};

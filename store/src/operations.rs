@@ -7,7 +7,6 @@
 use serde::Serialize;
 use sqlx::any::AnyRow;
 
-use crate::db::now_ms;
 use crate::error::{query, Result, StoreError};
 use crate::events::{insert_event, NewEvent};
 use crate::hosts::{get, parse_column};
@@ -98,8 +97,9 @@ impl Store {
         data: &str,
         actor: &str,
     ) -> Result<(Operation, bool)> {
+        let db_now = self.now().await?.0;
         const WHAT: &str = "starting an operation";
-        let mut tx = self.begin_write().await.map_err(query(WHAT))?;
+        let mut tx = self.begin_write(WHAT).await?;
         if self.host_in(&mut tx, target).await?.is_none() {
             return Err(StoreError::UnknownHost(target.clone()));
         }
@@ -114,7 +114,7 @@ impl Store {
         if let Some(row) = running {
             return Ok((from_row(&row)?, false));
         }
-        let now = now_ms();
+        let now = db_now;
         let inserted = sqlx::query(
             "INSERT INTO operations (kind, target, step, status, attempts, deadline, data, created_at, updated_at) \
              VALUES ($1, $2, $3, 'running', 0, $4, $5, $6, $6)",
@@ -194,14 +194,15 @@ impl Store {
         message: &str,
         actor: &str,
     ) -> Result<Option<Operation>> {
+        let db_now = self.now().await?.0;
         const WHAT: &str = "recording a report";
-        let mut tx = self.begin_write().await.map_err(query(WHAT))?;
+        let mut tx = self.begin_write(WHAT).await?;
         let done = sqlx::query(
             "UPDATE operations SET report = $1, updated_at = $2 \
              WHERE kind = $3 AND target = $4 AND status = 'running' AND step = $5",
         )
         .bind(report)
-        .bind(now_ms())
+        .bind(db_now)
         .bind(kind)
         .bind(target.as_str())
         .bind(step)
@@ -238,8 +239,9 @@ impl Store {
     /// event, in one transaction. Returns the operation after the change, or `None` when
     /// someone else moved it first (the caller re-reads and decides again).
     pub async fn advance_operation(&self, id: i64, change: &StepChange, actor: &str) -> Result<Option<Operation>> {
+        let db_now = self.now().await?.0;
         const WHAT: &str = "advancing an operation";
-        let mut tx = self.begin_write().await.map_err(query(WHAT))?;
+        let mut tx = self.begin_write(WHAT).await?;
         let done = sqlx::query(
             "UPDATE operations SET step = $1, status = $2, attempts = $3, deadline = $4, last_error = $5, \
              data = COALESCE($6, data), updated_at = $7 WHERE id = $8 AND step = $9 AND status = 'running'",
@@ -250,7 +252,7 @@ impl Store {
         .bind(change.deadline.map(|d| d.0))
         .bind(change.last_error.clone())
         .bind(change.data.clone())
-        .bind(now_ms())
+        .bind(db_now)
         .bind(id)
         .bind(change.from.as_str())
         .execute(&mut *tx)

@@ -4,7 +4,6 @@
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
 
-use crate::db::now_ms;
 use crate::error::{query, Result, StoreError};
 use crate::types::{Generation, HostName, InstanceId, Timestamp};
 use crate::Store;
@@ -34,10 +33,11 @@ pub struct GuardReport {
 impl Store {
     /// Replaces `host`'s report.
     pub async fn save_guard_report(&self, host: &HostName, domains: &[ReportedDomain]) -> Result<()> {
+        let db_now = self.now().await?.0;
         const WHAT: &str = "saving a guard report";
         let json = serde_json::to_string(domains)
             .map_err(|e| StoreError::Corrupt { table: "guard_reports", reason: e.to_string() })?;
-        let mut tx = self.begin_write().await.map_err(query(WHAT))?;
+        let mut tx = self.begin_write(WHAT).await?;
         sqlx::query("DELETE FROM guard_reports WHERE host = $1")
             .bind(host.as_str())
             .execute(&mut *tx)
@@ -45,7 +45,7 @@ impl Store {
             .map_err(query(WHAT))?;
         sqlx::query("INSERT INTO guard_reports (host, at, domains) VALUES ($1, $2, $3)")
             .bind(host.as_str())
-            .bind(now_ms())
+            .bind(db_now)
             .bind(json)
             .execute(&mut *tx)
             .await

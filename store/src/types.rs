@@ -333,7 +333,8 @@ mod tests {
 pub struct Timestamp(pub i64);
 
 impl Timestamp {
-    /// Now, by the system clock.
+    /// Now, by this process's wall clock. Never compare it with a time from the database
+    /// (a heartbeat, a lease, a deadline): use `Store::now`, the database server's time.
     pub fn now() -> Timestamp {
         Timestamp(crate::db::now_ms())
     }

@@ -28,6 +28,8 @@ on_both_engines!(
     leases_move_between_macs_and_survive,
     operations_are_unique_per_target_and_advance_by_compare_and_set,
     leadership_is_held_renewed_and_taken_over_only_after_expiry,
+    a_writer_under_a_lost_lease_changes_nothing,
+    time_is_the_database_servers,
     followers_read_events_in_order_from_an_id,
     host_state_compare_and_set_changes_only_from_the_expected_state,
 );
@@ -510,6 +512,57 @@ async fn operations_are_unique_per_target_and_advance_by_compare_and_set(db: Tes
         .await
         .expect_err("unknown host");
     assert!(matches!(err, StoreError::UnknownHost(_)));
+}
+
+async fn a_writer_under_a_lost_lease_changes_nothing(db: TestDb) {
+    let store = fleet(&db).await;
+    let (op, _) = store.start_operation("fence", &host("node-a"), "confirm", None, "{}", "test").await.expect("op");
+    let a = store.acquire_leadership("controller", "replica-a", 200).await.expect("a");
+    let as_a = store.under_lease(a.token());
+    as_a.check_lease().await.expect("a leads");
+    let step = |from: &str, to: &str| nodekeeper_store::StepChange {
+        from: from.into(),
+        to: to.into(),
+        status: nodekeeper_store::OperationStatus::Running,
+        attempts: 0,
+        deadline: None,
+        last_error: None,
+        data: None,
+        event: format!("{from} -> {to}"),
+    };
+    assert!(as_a.advance_operation(op.id, &step("confirm", "power_off"), "a").await.expect("a steps").is_some());
+    // a pauses past its lease; b takes the role in a new term.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let b = store.acquire_leadership("controller", "replica-b", 60_000).await.expect("b");
+    assert_eq!((b.holder.as_str(), b.term), ("replica-b", 2));
+    // a wakes: every write it tries is refused by the database, and it learns why.
+    let lost = |r: Result<_, StoreError>| matches!(r, Err(StoreError::LeaseLost { term: 1, .. }));
+    assert!(lost(as_a.check_lease().await));
+    assert!(lost(as_a.advance_operation(op.id, &step("power_off", "evacuate"), "a").await.map(drop)));
+    assert!(lost(as_a.set_host_state(&host("node-a"), HostState::Fenced, "a", "stale").await.map(drop)));
+    assert!(lost(as_a.start_operation("fence", &host("node-b"), "confirm", None, "{}", "a").await.map(drop)));
+    let now = store.operation(op.id).await.expect("read").expect("exists");
+    assert_eq!(now.step, "power_off", "the stale leader's step change was refused");
+    assert_eq!(store.require_host(&host("node-a")).await.expect("host").state, HostState::Active);
+    // b, in the current term, acts; a store under no lease is not fenced (the CLI).
+    let as_b = store.under_lease(b.token());
+    assert!(as_b.advance_operation(op.id, &step("power_off", "evacuate"), "b").await.expect("b steps").is_some());
+    store.set_host_state(&host("node-a"), HostState::Maintenance, "cli", "operator").await.expect("cli");
+}
+
+async fn time_is_the_database_servers(db: TestDb) {
+    use nodekeeper_store::Timestamp;
+    let store = fleet(&db).await;
+    let before = store.now().await.expect("now");
+    let at = store.record_heartbeat(&host("node-a")).await.expect("heartbeat");
+    let after = store.now().await.expect("now");
+    assert!(before <= at && at <= after, "{before:?} {at:?} {after:?}");
+    // The server runs on this machine here, so its clock agrees with ours (within slack);
+    // the guard test runs a guard whose own clock is a minute off.
+    let skew = (store.now().await.expect("now").0 - Timestamp::now().0).abs();
+    assert!(skew < 2_000, "database clock {skew} ms from ours");
+    let host = store.require_host(&host("node-a")).await.expect("host");
+    assert_eq!(host.last_heartbeat, Some(at));
 }
 
 async fn leadership_is_held_renewed_and_taken_over_only_after_expiry(db: TestDb) {

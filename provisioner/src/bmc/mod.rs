@@ -101,6 +101,14 @@ pub enum BmcError {
         /// What it said.
         reason: String,
     },
+    /// This replica no longer holds the lease it acted under: the command was not sent.
+    #[error("not sent to BMC {endpoint}: {reason}")]
+    NotLeader {
+        /// Where it would have gone.
+        endpoint: String,
+        /// The lease's loss, as the database said it.
+        reason: String,
+    },
     /// The command was accepted but the power state never followed. `actual` is what the BMC
     /// said last (`unknown` if it never answered).
     #[error("BMC {endpoint}: power is still {actual} {waited:?} after asking for {wanted}")]
@@ -148,6 +156,17 @@ impl Default for Policy {
     }
 }
 
+/// How this process names itself to BMCs (Redfish `User-Agent`): the program, its version,
+/// and the replica (`host:pid`, as in its leases), so a BMC's audit log says which replica
+/// sent a command.
+pub fn user_agent() -> &'static str {
+    static UA: OnceLock<String> = OnceLock::new();
+    UA.get_or_init(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        format!("nodekeeper-provisioner/{} ({}:{})", env!("CARGO_PKG_VERSION"), host.trim(), std::process::id())
+    })
+}
+
 /// One lock per BMC endpoint: commands to one BMC never overlap, different BMCs run in parallel.
 fn lock_for(endpoint: &str) -> Arc<tokio::sync::Mutex<()>> {
     static LOCKS: OnceLock<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>> = OnceLock::new();
@@ -192,6 +211,9 @@ async fn reach<B: Bmc>(bmc: &B, wanted: PowerState, policy: &Policy) -> Result<P
         if !commanded {
             tracing::info!(bmc = %bmc.endpoint(), "powering on already: waiting for it");
         } else if let Err(e) = bmc.set_power(wanted == PowerState::On).await {
+            if matches!(e, BmcError::NotLeader { .. }) {
+                return Err(e); // no retry: this replica must stop acting
+            }
             tracing::info!(bmc = %bmc.endpoint(), attempt, "power {wanted} failed: {e}");
             last_err = Some(e);
             tokio::time::sleep(pause).await;
@@ -218,6 +240,52 @@ async fn reach<B: Bmc>(bmc: &B, wanted: PowerState, policy: &Policy) -> Result<P
     }
     Err(last_err
         .unwrap_or_else(|| BmcError::Unreachable { endpoint: bmc.endpoint(), reason: "no attempt made".into() }))
+}
+
+/// A BMC driven under a leadership term: before every command (power, boot override) it
+/// proves in the database that the term is still current, and sends nothing otherwise
+/// ([`BmcError::NotLeader`]). BMCs take no fencing token themselves; this check, right before
+/// the request leaves, is the closest a controller can come, and it turns a leader that
+/// paused past its lease (a GC pause, SIGSTOP, a stuck BMC call) into one that stops instead
+/// of power-cycling a host that a newer leader now owns. Reads pass through.
+pub struct Leased<B> {
+    inner: B,
+    store: nodekeeper_store::Store,
+}
+
+impl<B: Bmc> Leased<B> {
+    /// `inner`, gated on `store`'s lease (see `Store::under_lease`).
+    pub fn new(inner: B, store: nodekeeper_store::Store) -> Leased<B> {
+        Leased { inner, store }
+    }
+
+    async fn gate(&self) -> Result<(), BmcError> {
+        self.store
+            .check_lease()
+            .await
+            .map_err(|e| BmcError::NotLeader { endpoint: self.inner.endpoint(), reason: e.to_string() })
+    }
+}
+
+impl<B: Bmc> Bmc for Leased<B> {
+    fn endpoint(&self) -> String {
+        self.inner.endpoint()
+    }
+    async fn power_state(&self) -> Result<PowerState, BmcError> {
+        self.inner.power_state().await
+    }
+    async fn set_power(&self, on: bool) -> Result<(), BmcError> {
+        self.gate().await?;
+        self.inner.set_power(on).await
+    }
+    async fn set_pxe_once(&self) -> Result<(), BmcError> {
+        self.gate().await?;
+        self.inner.set_pxe_once().await
+    }
+    async fn set_disk_boot(&self) -> Result<(), BmcError> {
+        self.gate().await?;
+        self.inner.set_disk_boot().await
+    }
 }
 
 /// User and password for a BMC, from a reference that keeps the secret out of the database:

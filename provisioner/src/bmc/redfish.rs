@@ -39,6 +39,7 @@ impl Redfish {
         let system =
             (!path.is_empty() && path.contains("Systems/")).then(|| format!("/{}", path.trim_end_matches('/')));
         let client = reqwest::Client::builder()
+            .user_agent(super::user_agent())
             .timeout(Duration::from_secs(15))
             .connect_timeout(Duration::from_secs(5))
             .danger_accept_invalid_certs(!verify)

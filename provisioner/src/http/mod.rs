@@ -130,7 +130,10 @@ async fn boot_script(State(state): State<HttpState>, UrlPath(file): UrlPath<Stri
     // the caller booted this script. Only its hash is stored.
     let token = format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple());
     let hash = format!("{:x}", Sha256::digest(token.as_bytes()));
-    let expires = Timestamp(Timestamp::now().0 + DEPLOY_TOKEN_TTL.as_millis() as i64);
+    let expires = match state.store.now().await {
+        Ok(now) => Timestamp(now.0 + DEPLOY_TOKEN_TTL.as_millis() as i64),
+        Err(e) => return internal(e),
+    };
     match state.store.issue_deploy_token(&host.name, &hash, expires, &deploy.boot).await {
         Ok(true) => text(StatusCode::OK, ipxe::boot_script(&host, &deploy_params(c, &deploy.image), Some(&token))),
         Ok(false) => {

@@ -165,7 +165,12 @@ impl<F: BmcFactory> Controller<F> {
     /// Ticks every `interval` until `shutdown`, then gives the lease up.
     pub async fn run(self, shutdown: CancellationToken) {
         loop {
-            if let Err(e) = self.tick(Timestamp::now()).await {
+            // The database's time: heartbeats and leases were stamped with it.
+            let ticked = match self.store.now().await {
+                Ok(now) => self.tick(now).await.map(drop),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = ticked {
                 tracing::warn!("recovery: {e}");
             }
             tokio::select! {
@@ -176,13 +181,26 @@ impl<F: BmcFactory> Controller<F> {
         let _ = self.store.release_leadership(ROLE, &self.holder).await;
     }
 
-    /// One look at the cell at `now`.
+    /// One look at the cell at `now`. Everything it writes, it writes under the lease's term
+    /// (a fencing token: [`Store::under_lease`]), and every BMC command it sends is gated on
+    /// that term ([`bmc::Leased`]); while it works it renews the lease, and when the lease is
+    /// lost (another replica took over while this one was paused) it stops where it is.
     pub async fn tick(&self, now: Timestamp) -> Result<TickReport, StoreError> {
         let ttl = i64::try_from(self.config.lease_ttl.as_millis()).unwrap_or(i64::MAX / 4);
         let lease = self.store.acquire_leadership(ROLE, &self.holder, ttl).await?;
-        if !lease.held_by(&self.holder, Timestamp::now()) {
+        if !lease.held_by(&self.holder, self.store.now().await?) {
             return Ok(TickReport::default());
         }
+        let store = self.store.under_lease(lease.token());
+        crate::ops::while_leading(&self.store, &lease, ttl, self.lead(&store, &lease, now)).await?
+    }
+
+    async fn lead(
+        &self,
+        store: &Store,
+        lease: &nodekeeper_store::Leadership,
+        now: Timestamp,
+    ) -> Result<TickReport, StoreError> {
         let mut report = TickReport { leader: true, ..TickReport::default() };
         let since = {
             let mut w = self.watching.lock().unwrap_or_else(|p| p.into_inner());
@@ -195,10 +213,10 @@ impl<F: BmcFactory> Controller<F> {
                 }
             }
         };
-        let hosts = self.store.hosts().await?;
+        let hosts = store.hosts().await?;
         // Fences started by this tick are first stepped by the next one: their `confirm`
         // gives a host one more interval to show up before the point of return.
-        let running = self.store.running_operations(KIND).await?;
+        let running = store.running_operations(KIND).await?;
         let fencing: Vec<HostName> = running.iter().map(|o| o.target.clone()).collect();
         let mut held = Vec::new();
         // A suspect whose last fence failed recently waits (its BMC is down or lying; an
@@ -207,8 +225,8 @@ impl<F: BmcFactory> Controller<F> {
         let waiting: Vec<&Host> =
             hosts.iter().filter(|h| h.state == HostState::Suspect && !fencing.contains(&h.name)).collect();
         for h in waiting {
-            if let Some(op) = self.store.latest_operation(&h.name).await? {
-                let recent = Timestamp::now().0.saturating_sub(op.updated_at.0) < retry_ms;
+            if let Some(op) = store.latest_operation(&h.name).await? {
+                let recent = now.0.saturating_sub(op.updated_at.0) < retry_ms;
                 if op.kind == KIND && op.status == OperationStatus::Failed && recent {
                     held.push(h.name.clone());
                 }
@@ -217,11 +235,11 @@ impl<F: BmcFactory> Controller<F> {
         let policy = detect::Policy { grace: self.config.grace, mass_failure_share: self.config.mass_failure_share };
         report.actions = detect::plan(&hosts, &fencing, &held, now, since, &policy);
         for action in &report.actions {
-            self.act(action).await?;
+            self.act(store, action).await?;
         }
         for op in running {
             let id = op.id;
-            if let Err(e) = self.step(op, now).await {
+            if let Err(e) = self.step_in(store, op, now).await {
                 tracing::warn!(operation = id, "fence step: {e}");
             }
             report.fences_stepped += 1;
@@ -236,7 +254,7 @@ impl<F: BmcFactory> Controller<F> {
             due
         };
         if gc_due {
-            report.gc = Some(self.gc(now).await?);
+            report.gc = Some(self.gc_in(store, now).await?);
         }
         Ok(report)
     }
@@ -246,15 +264,19 @@ impl<F: BmcFactory> Controller<F> {
     /// instances found no room before. It moves nothing by itself: the guards converge, and a
     /// running domain is never stopped from here.
     pub async fn gc(&self, now: Timestamp) -> Result<GcReport, StoreError> {
+        self.gc_in(&self.store, now).await
+    }
+
+    async fn gc_in(&self, store: &Store, now: Timestamp) -> Result<GcReport, StoreError> {
         let mut out = GcReport::default();
-        let hosts = self.store.hosts().await?;
-        let instances = self.store.instances(None).await?;
+        let hosts = store.hosts().await?;
+        let instances = store.instances(None).await?;
         let by_id: std::collections::HashMap<InstanceId, &nodekeeper_store::Instance> =
             instances.iter().map(|i| (i.uuid, i)).collect();
         let fresh_ms = i64::try_from((self.config.grace * 3).as_millis()).unwrap_or(i64::MAX / 4);
         let slack_ms = i64::try_from(self.config.grace.as_millis()).unwrap_or(i64::MAX / 4);
         let mut events = Vec::new();
-        for r in self.store.guard_reports().await? {
+        for r in store.guard_reports().await? {
             let active = hosts.iter().any(|h| h.name == r.host && h.state == HostState::Active);
             if !active || now.0.saturating_sub(r.at.0) > fresh_ms {
                 continue;
@@ -290,7 +312,7 @@ impl<F: BmcFactory> Controller<F> {
                 events.push(NewEvent::instance(ACTOR, "gc.not_running", &r.host, i.uuid, message).with_key(key));
             }
         }
-        let fencing: Vec<HostName> = self.store.running_operations(KIND).await?.into_iter().map(|o| o.target).collect();
+        let fencing: Vec<HostName> = store.running_operations(KIND).await?.into_iter().map(|o| o.target).collect();
         for h in hosts.iter().filter(|h| h.state == HostState::Fenced && !fencing.contains(&h.name)) {
             let left: Vec<InstanceId> =
                 instances.iter().filter(|i| i.owner == h.name && i.ha && !i.deleted).map(|i| i.uuid).collect();
@@ -303,18 +325,18 @@ impl<F: BmcFactory> Controller<F> {
                 FenceData { after: AfterFence::Nothing, bmc_attempts: self.config.bmc_attempts, moved: 0, unplaced: 0 };
             let json = serde_json::to_string(&data).unwrap_or_else(|_| "{}".into());
             let (_, started) =
-                self.store.start_operation(KIND, &h.name, Step::Evacuate.as_str(), None, &json, ACTOR).await?;
+                store.start_operation(KIND, &h.name, Step::Evacuate.as_str(), None, &json, ACTOR).await?;
             if started {
                 out.retried.push(h.name.clone());
             }
         }
         if !events.is_empty() {
-            self.store.record_events(&events).await?;
+            store.record_events(&events).await?;
         }
         Ok(out)
     }
 
-    async fn act(&self, action: &Action) -> Result<(), StoreError> {
+    async fn act(&self, store: &Store, action: &Action) -> Result<(), StoreError> {
         match action {
             Action::Suspect { host, silent_for } => {
                 let why = format!(
@@ -323,7 +345,7 @@ impl<F: BmcFactory> Controller<F> {
                     humantime::format_duration(self.config.grace)
                 );
                 // Compare-and-set: an operator's `maintenance` set in between stands.
-                self.store.set_host_state_from(host, HostState::Active, HostState::Suspect, ACTOR, &why).await.map(drop)
+                store.set_host_state_from(host, HostState::Active, HostState::Suspect, ACTOR, &why).await.map(drop)
             }
             Action::Recovered { host } => self
                 .store
@@ -349,7 +371,7 @@ impl<F: BmcFactory> Controller<F> {
                     unplaced: 0,
                 };
                 let json = serde_json::to_string(&data).unwrap_or_else(|_| "{}".into());
-                self.store.start_operation(KIND, host, Step::Confirm.as_str(), None, &json, ACTOR).await.map(drop)
+                store.start_operation(KIND, host, Step::Confirm.as_str(), None, &json, ACTOR).await.map(drop)
             }
             Action::MassFailure { suspects, watched } => {
                 let key = (*suspects, *watched);
@@ -375,18 +397,23 @@ impl<F: BmcFactory> Controller<F> {
                     message,
                     key: None,
                 };
-                self.store.record_event(&event).await
+                store.record_event(&event).await
             }
         }
     }
 
-    /// One step of one fence operation.
+    /// One step of one fence operation, under no lease (tests, and tools that run alone).
     pub async fn step(&self, op: Operation, now: Timestamp) -> Result<(), StoreError> {
+        self.step_in(&self.store, op, now).await
+    }
+
+    /// One step of one fence operation; `store` carries the lease it acts under.
+    async fn step_in(&self, store: &Store, op: Operation, now: Timestamp) -> Result<(), StoreError> {
         let (step, mut data): (Step, FenceData) = match crate::ops::parse_state(&op) {
             Ok(state) => state,
-            Err(reason) => return self.finish(&op, &op.step, OperationStatus::Failed, Some(reason)).await,
+            Err(reason) => return self.finish(store, &op, &op.step, OperationStatus::Failed, Some(reason)).await,
         };
-        let host = self.store.require_host(&op.target).await?;
+        let host = store.require_host(&op.target).await?;
         let attempts = op.attempts + 1;
         let decision = match fence::work(step, &data) {
             // An operator who took the host over (maintenance, a reimage) stops a fence that
@@ -398,9 +425,9 @@ impl<F: BmcFactory> Controller<F> {
                 let network = self.network_check(&host).await;
                 fence::confirm(host.last_heartbeat.is_some_and(|h| h > op.created_at), &network)
             }
-            Work::PowerOff => fence::after_power_off(attempts, self.power(&host, PowerAction::Off).await, &data),
+            Work::PowerOff => fence::after_power_off(attempts, self.power(store, &host, PowerAction::Off).await, &data),
             Work::Evacuate => {
-                let result = self.evacuate(&host, now).await;
+                let result = self.evacuate(store, &host, now).await;
                 if let Ok((moved, unplaced)) = result {
                     data.moved += moved;
                     data.unplaced = unplaced;
@@ -409,9 +436,9 @@ impl<F: BmcFactory> Controller<F> {
             }
             Work::Restore(after) => {
                 let result = match after {
-                    AfterFence::PowerOn => self.power(&host, PowerAction::On).await,
+                    AfterFence::PowerOn => self.power(store, &host, PowerAction::On).await,
                     AfterFence::Reimage => {
-                        reimage::request(&self.store, &host.name, None, Deadlines::default(), Limits::default(), ACTOR)
+                        reimage::request(store, &host.name, None, Deadlines::default(), Limits::default(), ACTOR)
                             .await
                             .map(drop)
                             .map_err(|e| e.to_string())
@@ -421,7 +448,7 @@ impl<F: BmcFactory> Controller<F> {
                 fence::after_restore(attempts, result, &data)
             }
         };
-        self.apply(&op, step, &data, decision).await
+        self.apply(store, &op, step, &data, decision).await
     }
 
     /// A TCP connect to the host's address on `network_check_port` (1 s).
@@ -439,8 +466,8 @@ impl<F: BmcFactory> Controller<F> {
         }
     }
 
-    async fn power(&self, host: &Host, action: PowerAction) -> Result<(), String> {
-        let driver = self.factory.for_host(host).map_err(|e| e.to_string())?;
+    async fn power(&self, store: &Store, host: &Host, action: PowerAction) -> Result<(), String> {
+        let driver = bmc::Leased::new(self.factory.for_host(host).map_err(|e| e.to_string())?, store.clone());
         let policy = self.factory.policy();
         let limit = policy.confirm_within * (policy.attempts.max(1) + 1);
         match tokio::time::timeout(limit, bmc::power(&driver, action, &policy)).await {
@@ -452,12 +479,12 @@ impl<F: BmcFactory> Controller<F> {
     /// Gives every live HA instance of `host` a new owner; returns (moved, unplaced).
     /// Idempotent: what already moved is no longer `host`'s; a move that loses its
     /// compare-and-set (someone else moved it) is skipped.
-    async fn evacuate(&self, host: &Host, now: Timestamp) -> Result<(usize, usize), StoreError> {
-        let all = self.store.instances(None).await?;
+    async fn evacuate(&self, store: &Store, host: &Host, now: Timestamp) -> Result<(usize, usize), StoreError> {
+        let all = store.instances(None).await?;
         let mut moving: Vec<_> = all.iter().filter(|i| i.owner == host.name && i.ha && !i.deleted).collect();
         moving.sort_by_key(|i| i.uuid.uuid());
         let ids: Vec<_> = moving.iter().map(|i| i.uuid).collect();
-        let hosts = self.store.hosts().await?;
+        let hosts = store.hosts().await?;
         let placed = place::place(&host.name, &ids, &hosts, &all, now, self.config.grace);
         let (mut moved, mut unplaced) = (0, 0);
         for ((id, to), instance) in placed.into_iter().zip(moving) {
@@ -466,7 +493,7 @@ impl<F: BmcFactory> Controller<F> {
                 continue;
             };
             let reason = format!("recovered from fenced host {} ({} storage)", host.name, instance.storage);
-            match self.store.transfer_owner(id, instance.generation, &to, ACTOR, &reason).await {
+            match store.transfer_owner(id, instance.generation, &to, ACTOR, &reason).await {
                 Ok(_) => moved += 1,
                 Err(StoreError::Conflict { .. }) => {} // moved meanwhile, by someone else
                 Err(e) => return Err(e),
@@ -475,13 +502,20 @@ impl<F: BmcFactory> Controller<F> {
         Ok((moved, unplaced))
     }
 
-    async fn apply(&self, op: &Operation, step: Step, data: &FenceData, decision: Decision) -> Result<(), StoreError> {
+    async fn apply(
+        &self,
+        store: &Store,
+        op: &Operation,
+        step: Step,
+        data: &FenceData,
+        decision: Decision,
+    ) -> Result<(), StoreError> {
         let target = &op.target;
         match decision {
             Decision::Go { to, why } => {
                 if step == Step::PowerOff {
                     // The point of return is passed: the host is off, confirmed.
-                    self.store.set_host_state(target, HostState::Fenced, ACTOR, &why).await?;
+                    store.set_host_state(target, HostState::Fenced, ACTOR, &why).await?;
                 }
                 let change = StepChange {
                     from: step.as_str().into(),
@@ -493,7 +527,7 @@ impl<F: BmcFactory> Controller<F> {
                     data: serde_json::to_string(data).ok(),
                     event: format!("fence of {target}: {why}; next {to}"),
                 };
-                self.store.advance_operation(op.id, &change, ACTOR).await.map(drop)
+                store.advance_operation(op.id, &change, ACTOR).await.map(drop)
             }
             Decision::Retry { attempts, error } => {
                 let change = StepChange {
@@ -506,11 +540,11 @@ impl<F: BmcFactory> Controller<F> {
                     data: None,
                     event: format!("fence of {target}: {step} failed (attempt {attempts}): {error}"),
                 };
-                self.store.advance_operation(op.id, &change, ACTOR).await.map(drop)
+                store.advance_operation(op.id, &change, ACTOR).await.map(drop)
             }
             Decision::Abort { why } => {
-                self.store.set_host_state_from(target, HostState::Suspect, HostState::Active, ACTOR, &why).await?;
-                self.finish(op, "aborted", OperationStatus::Done, Some(why)).await
+                store.set_host_state_from(target, HostState::Suspect, HostState::Active, ACTOR, &why).await?;
+                self.finish(store, op, "aborted", OperationStatus::Done, Some(why)).await
             }
             Decision::Done { why } => {
                 let change = StepChange {
@@ -523,16 +557,17 @@ impl<F: BmcFactory> Controller<F> {
                     data: serde_json::to_string(data).ok(),
                     event: format!("fence of {target} done: {} moved, {} unplaced; {why}", data.moved, data.unplaced),
                 };
-                self.store.advance_operation(op.id, &change, ACTOR).await.map(drop)
+                store.advance_operation(op.id, &change, ACTOR).await.map(drop)
             }
             Decision::Failed { at, reason } => {
-                self.finish(op, at.as_str(), OperationStatus::Failed, Some(reason)).await
+                self.finish(store, op, at.as_str(), OperationStatus::Failed, Some(reason)).await
             }
         }
     }
 
     async fn finish(
         &self,
+        store: &Store,
         op: &Operation,
         step: &str,
         status: OperationStatus,
@@ -553,7 +588,7 @@ impl<F: BmcFactory> Controller<F> {
             data: None,
             event,
         };
-        self.store.advance_operation(op.id, &change, ACTOR).await.map(drop)
+        store.advance_operation(op.id, &change, ACTOR).await.map(drop)
     }
 }
 
@@ -590,7 +625,7 @@ pub async fn mark_fenced(
 ) -> Result<(Operation, bool), MarkFencedError> {
     let h = store.require_host(host).await?;
     if let Some(t) = h.last_heartbeat {
-        let ago = Duration::from_millis(u64::try_from(Timestamp::now().0.saturating_sub(t.0)).unwrap_or(0));
+        let ago = Duration::from_millis(u64::try_from(store.now().await?.0.saturating_sub(t.0)).unwrap_or(0));
         if ago <= config.grace {
             return Err(MarkFencedError::Alive {
                 host: host.clone(),

@@ -3,6 +3,12 @@
 //! compare-and-set on the step. Nothing lives only in memory: killing the process at any
 //! point and starting another resumes every operation where the database says it is (BMC
 //! steps are idempotent and simply run again).
+//!
+//! Every replica of `serve` runs an executor; each step is taken under a **claim** on its
+//! operation — a lease in the database (role `reimage:ID`) renewed while the step works and
+//! released after it — so one replica at a time steps an operation, and a replica that paused
+//! past its claim (another took it over) sends no BMC command and changes no step when it
+//! wakes: its writes carry the claim's term and the database refuses them.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -31,9 +37,13 @@ pub trait BmcFactory: Send + Sync + 'static {
     }
 }
 
-/// The real drivers, from each host's BMC URL and credentials reference.
+/// The real drivers, from each host's BMC URL and credentials reference, with the
+/// configured confirmation policy (`[bmc]`).
 #[derive(Debug, Default)]
-pub struct Drivers;
+pub struct Drivers {
+    /// How power commands are confirmed.
+    pub policy: bmc::Policy,
+}
 
 impl BmcFactory for Drivers {
     type B = bmc::Driver;
@@ -41,6 +51,9 @@ impl BmcFactory for Drivers {
         let url = host.bmc_url.as_deref().ok_or_else(|| BmcError::Config(format!("host {} has no BMC", host.name)))?;
         let credentials = host.bmc_credentials.as_deref().map(bmc::Credentials::resolve).transpose()?;
         bmc::Driver::from_url(url, credentials)
+    }
+    fn policy(&self) -> bmc::Policy {
+        self.policy.clone()
     }
 }
 
@@ -71,7 +84,7 @@ pub async fn request(
     }
     let image = image.map(str::to_owned).or(h.image).unwrap_or_else(|| crate::http::DEFAULT_IMAGE.to_owned());
     let data = ReimageData { image, pxe_boots: 0, agent: None, deadlines, limits };
-    let deadline = after(machine::deadline_for(Step::PowerOff, &data.deadlines));
+    let deadline = after(store, machine::deadline_for(Step::PowerOff, &data.deadlines)).await?;
     let json = serde_json::to_string(&data).unwrap_or_else(|_| "{}".into());
     let (op, started) =
         store.start_operation(KIND, host, Step::PowerOff.as_str(), Some(deadline), &json, actor).await?;
@@ -88,12 +101,59 @@ pub async fn request(
     Ok((op, started))
 }
 
-fn after(d: Duration) -> Timestamp {
-    Timestamp(Timestamp::now().0 + i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 2))
+/// `d` from now, by the database's clock (deadlines are compared across replicas).
+async fn after(store: &Store, d: Duration) -> Result<Timestamp, nodekeeper_store::StoreError> {
+    Ok(Timestamp(store.now().await?.0 + i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 2)))
 }
 
-/// Drives every running reimage until `shutdown`, looking every `tick`.
-pub async fn run<F: BmcFactory>(store: Store, factory: Arc<F>, tick: Duration, shutdown: CancellationToken) {
+/// How long a claim on an operation lasts unless renewed (it is renewed every third of that
+/// while its step works).
+const CLAIM_TTL: Duration = Duration::from_secs(15);
+
+/// The claim's role in the leadership table.
+fn claim_role(op: i64) -> String {
+    format!("{KIND}:{op}")
+}
+
+/// Takes the claim on `op` for `holder` and runs one step under it; `false` when another
+/// replica holds it. The claim is released after the step (and forgotten once the operation
+/// has ended), so whichever replica looks next may take the next step.
+pub async fn step_claimed<F: BmcFactory>(
+    store: &Store,
+    factory: &F,
+    holder: &str,
+    op: Operation,
+) -> Result<bool, nodekeeper_store::StoreError> {
+    let (role, ttl) = (claim_role(op.id), i64::try_from(CLAIM_TTL.as_millis()).unwrap_or(15_000));
+    let claim = store.acquire_leadership(&role, holder, ttl).await?;
+    if !claim.held_by(holder, store.now().await?) {
+        return Ok(false);
+    }
+    let claimed = store.under_lease(claim.token());
+    let id = op.id;
+    let stepped = crate::ops::while_leading(store, &claim, ttl, step(&claimed, factory, op)).await;
+    let ended = matches!(store.operation(id).await, Ok(Some(o)) if o.status != OperationStatus::Running);
+    let released = if ended {
+        store.forget_leadership(&role, holder).await
+    } else {
+        store.release_leadership(&role, holder).await
+    };
+    if let Err(e) = released {
+        tracing::warn!(operation = id, "releasing the claim: {e}");
+    }
+    stepped??;
+    Ok(true)
+}
+
+/// Drives every running reimage until `shutdown`, looking every `tick`. `holder` names this
+/// replica in its claims (unique among replicas: host name and process id).
+pub async fn run<F: BmcFactory>(
+    store: Store,
+    factory: Arc<F>,
+    holder: String,
+    tick: Duration,
+    shutdown: CancellationToken,
+) {
     let in_flight: Arc<Mutex<HashSet<i64>>> = Arc::default();
     let mut tasks = tokio::task::JoinSet::new();
     loop {
@@ -113,10 +173,11 @@ pub async fn run<F: BmcFactory>(store: Store, factory: Arc<F>, tick: Duration, s
             if !in_flight.lock().map(|mut s| s.insert(op.id)).unwrap_or(false) {
                 continue; // its previous step is still running
             }
-            let (store, factory, in_flight) = (store.clone(), factory.clone(), in_flight.clone());
+            let (store, factory, in_flight, holder) =
+                (store.clone(), factory.clone(), in_flight.clone(), holder.clone());
             tasks.spawn(async move {
                 let id = op.id;
-                if let Err(e) = step(&store, factory.as_ref(), op).await {
+                if let Err(e) = step_claimed(&store, factory.as_ref(), &holder, op).await {
                     tracing::warn!(operation = id, "reimage step: {e}");
                 }
                 in_flight.lock().map(|mut s| s.remove(&id)).ok();
@@ -127,7 +188,8 @@ pub async fn run<F: BmcFactory>(store: Store, factory: Arc<F>, tick: Duration, s
 }
 
 /// One step of one operation. Idempotent: run twice on the same state, it decides the same
-/// and only the first write applies.
+/// and only the first write applies. `store` carries the lease it acts under, if any: BMC
+/// commands are gated on it and its writes fenced by it.
 pub async fn step<F: BmcFactory>(
     store: &Store,
     factory: &F,
@@ -142,13 +204,15 @@ pub async fn step<F: BmcFactory>(
     let decision = match machine::work(step) {
         Work::Wait => {
             let heartbeat_seen = host.last_heartbeat.is_some_and(|h| h > op.created_at);
-            let deadline_passed = op.deadline.is_some_and(|d| Timestamp::now() >= d);
+            let now = store.now().await?;
+            let deadline_passed = op.deadline.is_some_and(|d| now >= d);
             machine::observe(step, &data, heartbeat_seen, deadline_passed)
         }
         work => {
             let result = match factory.for_host(&host) {
                 Err(e) => Err(e.to_string()),
                 Ok(driver) => {
+                    let driver = bmc::Leased::new(driver, store.clone());
                     let policy = factory.policy();
                     let act = async {
                         match work {
@@ -192,7 +256,7 @@ async fn apply(
                 to: to.as_str().into(),
                 status: OperationStatus::Running,
                 attempts: 0,
-                deadline: Some(after(d)),
+                deadline: Some(after(store, d).await?),
                 last_error: None,
                 data: serde_json::to_string(&data).ok(),
                 event: format!("reimage of {}: {why}; next {to}", op.target),
@@ -205,7 +269,7 @@ async fn apply(
                 to: step.as_str().into(),
                 status: OperationStatus::Running,
                 attempts,
-                deadline: Some(after(data.deadlines.bmc)),
+                deadline: Some(after(store, data.deadlines.bmc).await?),
                 last_error: Some(error.clone()),
                 data: None,
                 event: format!(

@@ -23,6 +23,43 @@ pub struct ServeConfig {
     /// The recovery controller (detection, fencing, evacuation).
     #[serde(default)]
     pub recovery: crate::recovery::controller::RecoveryConfig,
+    /// How power commands are confirmed (every BMC driver).
+    #[serde(default)]
+    pub bmc: BmcConfig,
+}
+
+/// `[bmc]`: how long a power command may take to show in the BMC's power state, how often
+/// it is polled, and how many times a command the BMC accepted but did not carry out is sent.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BmcConfig {
+    /// Wait for the state to follow one command (default 30 s).
+    #[serde(deserialize_with = "duration")]
+    pub confirm_within: Duration,
+    /// Pause between polls of the power state (default 500 ms).
+    #[serde(deserialize_with = "duration")]
+    pub poll: Duration,
+    /// Commands sent before giving up (default 3).
+    pub commands: u32,
+}
+
+impl Default for BmcConfig {
+    fn default() -> BmcConfig {
+        let p = crate::bmc::Policy::default();
+        BmcConfig { confirm_within: p.confirm_within, poll: p.poll, commands: p.attempts }
+    }
+}
+
+impl BmcConfig {
+    /// As the drivers' policy.
+    pub fn policy(&self) -> crate::bmc::Policy {
+        crate::bmc::Policy { confirm_within: self.confirm_within, attempts: self.commands.max(1), poll: self.poll }
+    }
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    humantime::parse_duration(&s).map_err(|e| serde::de::Error::custom(format!("invalid duration {s:?}: {e}")))
 }
 
 /// `full`: a DHCP server for the subnet; `proxy`: PXE answers beside another server; `off`.

@@ -100,26 +100,27 @@ pub async fn run(config: ServeConfig, bound: Bound, store: Store, shutdown: Canc
         tasks.spawn(crate::dhcp::serve(sockets, settings, range, store.clone(), metrics.clone(), shutdown.clone()));
     }
 
+    // This replica's name in leases and claims (unique among replicas).
+    let holder = format!(
+        "{}:{}",
+        std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim(),
+        std::process::id()
+    );
     {
-        let (store, stop) = (store.clone(), shutdown.clone());
+        let (store, stop, holder, bmc_policy) = (store.clone(), shutdown.clone(), holder.clone(), config.bmc.policy());
         tasks.spawn(async move {
-            let factory = Arc::new(crate::reimage::executor::Drivers);
-            crate::reimage::executor::run(store, factory, REIMAGE_TICK, stop).await;
+            let factory = Arc::new(crate::reimage::executor::Drivers { policy: bmc_policy });
+            crate::reimage::executor::run(store, factory, holder, REIMAGE_TICK, stop).await;
             Ok(())
         });
     }
 
     if config.recovery.enabled {
         let (store, stop) = (store.clone(), shutdown.clone());
-        let holder = format!(
-            "{}:{}",
-            std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim(),
-            std::process::id()
-        );
         tracing::info!(%holder, grace = ?config.recovery.grace, "recovery controller (runs while this replica holds the lease)");
         let controller = crate::recovery::controller::Controller::new(
             store,
-            Arc::new(crate::reimage::executor::Drivers),
+            Arc::new(crate::reimage::executor::Drivers { policy: config.bmc.policy() }),
             config.recovery.clone(),
             holder,
         );
