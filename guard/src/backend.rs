@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use nodekeeper_store::guard_api::{self, Assigned, GuardEvent, OwnershipQuery};
+use nodekeeper_store::guard_api::{self, Assigned, GuardEvent, OwnershipQuery, PeerList, Relay};
 use nodekeeper_store::{ConnectOptions, HostName, InstanceId, NewEvent, Ownership, ReportedDomain, Store, Timestamp};
 
 use crate::config::Config;
@@ -155,6 +155,26 @@ impl Backend {
                     .collect();
                 a.ok(a.post("events").json(&body)).await
             }
+        }
+    }
+
+    /// `host`'s peers and the keys it shares with them.
+    pub async fn peers(&self, host: &HostName) -> anyhow::Result<PeerList> {
+        match self {
+            Backend::Db(s) => Ok(s.peers_of(host).await?),
+            Backend::Api(a) => a.json(a.client.get(a.url("peers"))).await,
+        }
+    }
+
+    /// Relays the heartbeat of `peer`, which answered this host's authenticated check but
+    /// cannot reach the controller itself.
+    pub async fn relay(&self, me: &HostName, peer: &HostName) -> anyhow::Result<()> {
+        match self {
+            Backend::Db(s) => {
+                anyhow::ensure!(s.relay_heartbeat(peer, me).await?, "{peer} is not a watched host of the cell");
+                Ok(())
+            }
+            Backend::Api(a) => a.ok(a.post("relay").json(&Relay { host: peer.clone() })).await,
         }
     }
 

@@ -46,10 +46,22 @@ pub struct WatchConfig {
     /// Must be shorter than the controller's `grace`, with room for a heartbeat interval.
     #[serde(deserialize_with = "duration")]
     pub isolation_timeout: Duration,
-    /// `HOST:PORT`s to try (TCP connect) before self-fencing: when any answers, the host is
-    /// not cut off — the database is — and it holds its instances. Empty: the database alone
-    /// decides.
+    /// No longer used (a bare TCP connect proved nothing): the peers are the cell's other
+    /// hosts, handed out by the provisioner. Accepted, with a warning, so old configs load.
     pub peers: Vec<String>,
+    /// Where this guard answers its peers' checks (`IP:PORT`; default `0.0.0.0:7443`; `off`:
+    /// nowhere — then its peers count it as unreachable).
+    #[serde(deserialize_with = "peer_listen")]
+    pub peer_listen: Option<std::net::SocketAddr>,
+    /// The port the cell's guards listen on, used to reach every peer (default 7443).
+    pub peer_port: u16,
+    /// How many peers a cut-off guard asks at once (default 16): all of a small cell; in a
+    /// large one, a random sample, so a cell-wide outage does not make every host ask every
+    /// other.
+    pub peer_sample: usize,
+    /// How often the peer list is fetched again (default 60 s).
+    #[serde(deserialize_with = "duration")]
+    pub peer_refresh: Duration,
     /// Self-fence at all (default true).
     pub self_fence: bool,
     /// How long a libvirt call may take before libvirtd counts as stuck.
@@ -111,6 +123,14 @@ fn default_check_timeout() -> Duration {
     Duration::from_secs(5)
 }
 
+fn peer_listen<'de, D: Deserializer<'de>>(d: D) -> Result<Option<std::net::SocketAddr>, D::Error> {
+    let s = String::deserialize(d)?;
+    if s == "off" {
+        return Ok(None);
+    }
+    s.parse().map(Some).map_err(|e| serde::de::Error::custom(format!("peer_listen {s:?}: {e} (IP:PORT or \"off\")")))
+}
+
 fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
     duration(d).map(Some)
 }
@@ -122,6 +142,10 @@ impl Default for WatchConfig {
             converge_interval: Duration::from_secs(5),
             isolation_timeout: Duration::from_secs(20),
             peers: Vec::new(),
+            peer_listen: Some(std::net::SocketAddr::from(([0, 0, 0, 0], 7443))),
+            peer_port: 7443,
+            peer_sample: 16,
+            peer_refresh: Duration::from_secs(60),
             self_fence: true,
             libvirt_timeout: Duration::from_secs(15),
             libvirt_restart: vec!["systemctl".into(), "restart".into(), "libvirtd".into()],

@@ -4,6 +4,7 @@
 //! - [`watch`]: the long-lived service that heartbeats, converges, watches libvirtd and
 //!   self-fences when cut off.
 //! - [`backend`]: the database itself, or the provisioner's guard API in front of it.
+//! - [`peers`]: guards asking each other (the self-fence's quorum, heartbeat relay).
 
 pub mod backend;
 pub mod boot;
@@ -11,4 +12,5 @@ pub mod config;
 pub mod domain;
 pub mod fault;
 pub mod fsutil;
+pub mod peers;
 pub mod watch;

@@ -22,6 +22,8 @@ struct Rig {
     guard: Option<Child>,
     domains: Vec<InstanceId>,
     dir: tempfile::TempDir,
+    /// The cell's peer port (node-w1's guard answers on 127.0.0.2, node-w2's would on .3).
+    peer_port: u16,
 }
 
 impl Drop for Rig {
@@ -87,12 +89,16 @@ fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
     panic!("{what}: not within {limit:?}");
 }
 
-async fn setup(db: &TestDb, instances: &[(&str, &str, bool)], peers: &str) -> (Rig, Store, Vec<InstanceId>) {
+/// node-w1 and node-w2, a cell of two (each has an address and heartbeated): node-w2 is
+/// node-w1's one peer, and no guard answers for it unless a test starts one.
+async fn setup(db: &TestDb, instances: &[(&str, &str, bool)]) -> (Rig, Store, Vec<InstanceId>) {
     let store = db.store().await;
-    for h in ["node-w1", "node-w2"] {
-        let host = NewHost { name: n(h), mac: None, ip: None, bmc_url: None, bmc_credentials: None };
+    for (h, ip) in [("node-w1", "127.0.0.2"), ("node-w2", "127.0.0.3")] {
+        let ip = Some(ip.parse().expect("ip"));
+        let host = NewHost { name: n(h), mac: None, ip, bmc_url: None, bmc_credentials: None };
         store.add_host(&host, "test").await.expect("host");
     }
+    store.record_heartbeat(&n("node-w2")).await.expect("heartbeat");
     let tag = &InstanceId::random().to_string()[..8];
     let items: Vec<NewInstance> = instances
         .iter()
@@ -110,12 +116,13 @@ async fn setup(db: &TestDb, instances: &[(&str, &str, bool)], peers: &str) -> (R
             }
         })
         .collect();
-    setup_with(db, store, items, peers).await
+    setup_with(db, store, items).await
 }
 
 /// Imports `items`, then starts a guard for node-w1.
-async fn setup_with(db: &TestDb, store: Store, items: Vec<NewInstance>, peers: &str) -> (Rig, Store, Vec<InstanceId>) {
+async fn setup_with(db: &TestDb, store: Store, items: Vec<NewInstance>) -> (Rig, Store, Vec<InstanceId>) {
     store.import_instances(&items, "test").await.expect("import");
+    let peer_port = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
     let ids: Vec<InstanceId> = items.iter().map(|i| i.uuid).collect();
     let dir = tempfile::tempdir().expect("dir");
     let config = dir.path().join("guard.toml");
@@ -126,7 +133,8 @@ async fn setup_with(db: &TestDb, store: Store, items: Vec<NewInstance>, peers: &
             "host = \"node-w1\"\ndatabase_url = \"{}\"\n[libvirt]\nconfig_dir = \"{d}/qemu\"\nuri = \"{URI}\"\n\
              [boot]\nstate_dir = \"{d}/state\"\ndb_wait = \"1s\"\n\
              [watch]\nheartbeat_interval = \"400ms\"\nconverge_interval = \"500ms\"\nisolation_timeout = \"3s\"\n\
-             libvirt_timeout = \"20s\"\nmax_restarts = 0\nlibvirt_restart = []\npeers = [{peers}]\n",
+             libvirt_timeout = \"20s\"\nmax_restarts = 0\nlibvirt_restart = []\n\
+             peer_listen = \"127.0.0.2:{peer_port}\"\npeer_port = {peer_port}\n",
             db.url(),
             d = dir.path().display()
         ),
@@ -138,7 +146,7 @@ async fn setup_with(db: &TestDb, store: Store, items: Vec<NewInstance>, peers: &
         .stderr(std::fs::File::create(dir.path().join("guard.log")).expect("log"))
         .spawn()
         .expect("guard");
-    (Rig { guard: Some(guard), domains: ids.clone(), dir }, store, ids)
+    (Rig { guard: Some(guard), domains: ids.clone(), dir, peer_port }, store, ids)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -187,7 +195,7 @@ async fn a_local_storage_instance_gets_its_disk_recreated_from_its_backing_image
         lost.display()
     );
     let items = vec![instance("local", &with_backing), instance("nobase", &without)];
-    let (rig, store, ids) = setup_with(&db, store, items, "").await;
+    let (rig, store, ids) = setup_with(&db, store, items).await;
     let (local, nobase) = (ids[0], ids[1]);
     let started = Instant::now();
     while state(local) != (true, true) {
@@ -232,7 +240,7 @@ async fn watch_heartbeats_and_converges_on_the_database() {
     }
     let db = TestDb::sqlite();
     let (mut rig, store, ids) =
-        setup(&db, &[("ha", "node-w1", true), ("plain", "node-w1", false), ("theirs", "node-w2", true)], "").await;
+        setup(&db, &[("ha", "node-w1", true), ("plain", "node-w1", false), ("theirs", "node-w2", true)]).await;
     let (ha, plain, theirs) = (ids[0], ids[1], ids[2]);
     wait_for("the assigned domains defined and running", Duration::from_secs(60), || {
         state(ha) == (true, true) && state(plain) == (true, true)
@@ -276,12 +284,13 @@ async fn a_cut_off_guard_stops_its_ha_domains_and_starts_them_when_the_database_
         return;
     }
     let Some(db) = TestDb::postgres().await else { return };
-    let (rig, store, ids) = setup(&db, &[("ha", "node-w1", true), ("plain", "node-w1", false)], "").await;
+    let (rig, store, ids) = setup(&db, &[("ha", "node-w1", true), ("plain", "node-w1", false)]).await;
     let (ha, plain) = (ids[0], ids[1]);
     wait_for("both running", Duration::from_secs(60), || state(ha) == (true, true) && state(plain) == (true, true));
     store.close().await;
 
-    // The database goes away (and with no peers configured, it alone decides).
+    // The database goes away, and node-w1's one peer does not answer: cut off from the
+    // controller and from its cell (1 host of 2), it stops its HA domain.
     assert!(db.set_reachable(false).await);
     let cut = Instant::now();
     wait_for("the HA domain stopped", Duration::from_secs(30), || state(ha) == (true, false));
@@ -309,17 +318,40 @@ async fn a_guard_that_still_reaches_a_peer_holds_its_instances() {
         return;
     }
     let Some(db) = TestDb::postgres().await else { return };
-    let peer = std::net::TcpListener::bind("127.0.0.1:0").expect("peer");
-    let addr = peer.local_addr().expect("addr");
-    let (rig, store, ids) = setup(&db, &[("ha", "node-w1", true)], &format!("\"{addr}\"")).await;
+    let (rig, store, ids) = setup(&db, &[("ha", "node-w1", true)]).await;
     wait_for("running", Duration::from_secs(60), || state(ids[0]) == (true, true));
+    wait_for("the peer list cached", Duration::from_secs(10), || {
+        std::fs::read_to_string(rig.dir.path().join("state/peers.json")).is_ok_and(|p| p.contains("node-w2"))
+    });
+    // node-w2's guard, the library's own responder, with the key the provisioner derives for
+    // the pair; it does not reach the database either.
+    let secret = store.cell_secret().await.expect("secret");
+    let key = nodekeeper_store::guard_api::peer_key(&secret, &n("node-w1"), &n("node-w2"));
+    let peer_dir = tempfile::tempdir().expect("dir");
+    let cache = nodekeeper_guard::peers::PeerCache::load(peer_dir.path());
+    let address = "127.0.0.2".parse().expect("ip");
+    cache.set(nodekeeper_store::guard_api::PeerList {
+        cell_size: 2,
+        peers: vec![nodekeeper_store::guard_api::Peer { host: n("node-w1"), address, key }],
+    });
+    let responder = nodekeeper_guard::peers::Responder::new(
+        n("node-w2"),
+        cache,
+        Box::new(|| false),
+        Box::new(|_| Box::pin(async { anyhow::bail!("no database") })),
+    );
+    let listener = tokio::net::TcpListener::bind(("127.0.0.3", rig.peer_port)).await.expect("peer port");
+    let peer =
+        tokio::spawn(nodekeeper_guard::peers::serve(listener, std::sync::Arc::new(responder), std::future::pending()));
     store.close().await;
     assert!(db.set_reachable(false).await);
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
     assert_eq!(state(ids[0]), (true, true), "the database is down, not this host: it holds");
     assert!(!rig.dir.path().join("state/self-fenced.json").exists());
+    let log = std::fs::read_to_string(rig.dir.path().join("guard.log")).unwrap_or_default();
+    assert!(log.contains("2 of 2 hosts (this one included) answer"), "{log}");
     assert!(db.set_reachable(true).await);
-    drop(peer);
+    peer.abort();
 }
 
 /// A database with host node-w1, and a directory for the test's files.

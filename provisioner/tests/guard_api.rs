@@ -4,7 +4,8 @@
 //! disk; the `libvirt-guard` nextest group gives guards the machine's libvirtd in turn). Checked:
 //! the API refuses requests without the host's own token and bad bodies, changing nothing; the
 //! boot pass quarantines through it; the watch heartbeats, converges and reports through it;
-//! and when the provisioner dies, the guard self-fences, then starts its HA instance again
+//! and when the provisioner dies and its one peer does not answer (a minority of its cell), the
+//! guard self-fences, then starts its HA instance again
 //! once the provisioner is back and confirms it.
 
 mod common;
@@ -114,10 +115,15 @@ async fn a_guard_reaches_the_embedded_database_through_the_provisioner() {
     let store = db.store().await;
     let dir = tempfile::tempdir().expect("dir");
     let d = dir.path().display().to_string();
-    for h in ["node-a", "node-b"] {
-        let new = NewHost { name: n(h), mac: None, ip: None, bmc_url: None, bmc_credentials: None };
+    // node-b is a peer of node-a (an address, a heartbeat) whose guard does not answer: cut
+    // off from the provisioner, node-a is cut off from its cell too (1 host of 2).
+    for (h, ip) in [("node-a", "127.0.0.2"), ("node-b", "127.0.0.3")] {
+        let ip = Some(ip.parse().expect("ip"));
+        let new = NewHost { name: n(h), mac: None, ip, bmc_url: None, bmc_credentials: None };
         store.add_host(&new, "test").await.expect("host");
     }
+    store.record_heartbeat(&n("node-b")).await.expect("heartbeat");
+    let peer_port = free_port();
     let items: Vec<NewInstance> = [("ha", "node-a", true), ("plain", "node-a", false), ("b", "node-b", true)]
         .into_iter()
         .map(|(name, owner, ha)| {
@@ -208,7 +214,7 @@ async fn a_guard_reaches_the_embedded_database_through_the_provisioner() {
              [libvirt]\nconfig_dir = \"{qemu}\"\nuri = \"{URI}\"\n\
              [boot]\nstate_dir = \"{d}/node-a/state\"\ndb_wait = \"2s\"\n\
              [watch]\nheartbeat_interval = \"1s\"\nconverge_interval = \"1s\"\nisolation_timeout = \"3s\"\n\
-             max_restarts = 0\nlibvirt_restart = []\n"
+             max_restarts = 0\nlibvirt_restart = []\npeer_listen = \"127.0.0.2:{peer_port}\"\npeer_port = {peer_port}\n"
         ),
     )
     .expect("guard config");
@@ -246,7 +252,14 @@ async fn a_guard_reaches_the_embedded_database_through_the_provisioner() {
     })
     .await;
 
-    // The provisioner dies: cut off, the guard stops its HA instance (the plain one stays).
+    // The guard has its peer list: node-b.
+    let peers = format!("{d}/node-a/state/peers.json");
+    wait_until("the peer list cached", Duration::from_secs(10), async || {
+        std::fs::read_to_string(&peers).is_ok_and(|p| p.contains("node-b") && p.contains("\"cell_size\":2"))
+    })
+    .await;
+    // The provisioner dies: node-a reaches neither it nor its peer (a minority of its cell):
+    // cut off, the guard stops its HA instance (the plain one stays).
     serve.kill();
     tokio::time::sleep(Duration::from_secs(6)).await;
     serve.start();

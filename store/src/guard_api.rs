@@ -73,3 +73,92 @@ pub struct GuardEvent {
 pub fn valid_token(token: &str) -> bool {
     (32..=128).contains(&token.len()) && token.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
+
+/// `GET …/peers`: the cell as this host's guard sees it, for the quorum rule of its
+/// self-fence: the other hosts it asks when it cannot reach the controller, and the key it
+/// shares with each. Cached on the node's disk (`state_dir/peers.json`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerList {
+    /// How many hosts the cell counts, this one included: the watched hosts (active or
+    /// suspect, heartbeated at least once) that have an address.
+    pub cell_size: usize,
+    /// Every other of them.
+    pub peers: Vec<Peer>,
+}
+
+/// One peer of a host's guard.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Peer {
+    /// Its name.
+    pub host: crate::HostName,
+    /// Its address (its guard listens on the cell-wide peer port there).
+    pub address: std::net::IpAddr,
+    /// The key the two share (hex): HMAC-SHA256 of both names under the cell's secret. Only
+    /// the two hosts (and the provisioner) know it, so a check between them is authenticated
+    /// both ways and another host cannot pose as either.
+    pub key: String,
+}
+
+/// `POST …/relay`: this host's guard vouches that `host` is alive — `host` cannot reach the
+/// provisioner, but answered an authenticated peer check just now — and the provisioner
+/// records a heartbeat for it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Relay {
+    /// The host whose heartbeat is relayed.
+    pub host: crate::HostName,
+}
+
+type HmacSha256 = hmac::Hmac<sha2::Sha256>;
+
+/// The key hosts `a` and `b` share (hex), derived from the cell's secret; the same whichever
+/// of the two asks.
+pub fn peer_key(cell_secret: &str, a: &crate::HostName, b: &crate::HostName) -> String {
+    let (lo, hi) = if a.as_str() <= b.as_str() { (a, b) } else { (b, a) };
+    mac_hex(cell_secret.as_bytes(), &format!("nodekeeper-peer-v1|{lo}|{hi}"))
+}
+
+/// HMAC-SHA256 of `message` under `key`, hex.
+pub fn mac_hex(key: &[u8], message: &str) -> String {
+    use hmac::Mac;
+    let mut m = HmacSha256::new_from_slice(key).expect("HMAC takes keys of any length");
+    m.update(message.as_bytes());
+    m.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Whether `mac` (hex) is HMAC-SHA256 of `message` under `key`, compared in constant time.
+pub fn mac_ok(key: &[u8], message: &str, mac: &str) -> bool {
+    use hmac::Mac;
+    let Some(bytes) = hex_bytes(mac) else { return false };
+    let mut m = HmacSha256::new_from_slice(key).expect("HMAC takes keys of any length");
+    m.update(message.as_bytes());
+    m.verify_slice(&bytes).is_ok()
+}
+
+fn hex_bytes(hex: &str) -> Option<Vec<u8>> {
+    if hex.len() % 2 != 0 || hex.len() > 256 {
+        return None;
+    }
+    (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_keys_are_symmetric_and_differ_per_pair_and_secret() {
+        let (a, b, c) = ("node-a".parse().expect("a"), "node-b".parse().expect("b"), "node-c".parse().expect("c"));
+        assert_eq!(peer_key("s", &a, &b), peer_key("s", &b, &a));
+        assert_ne!(peer_key("s", &a, &b), peer_key("s", &a, &c));
+        assert_ne!(peer_key("s", &a, &b), peer_key("t", &a, &b));
+        let key = peer_key("s", &a, &b);
+        let mac = mac_hex(key.as_bytes(), "check|node-a|node-b|n1");
+        assert!(mac_ok(key.as_bytes(), "check|node-a|node-b|n1", &mac));
+        assert!(!mac_ok(key.as_bytes(), "check|node-a|node-b|n2", &mac));
+        assert!(!mac_ok(b"other", "check|node-a|node-b|n1", &mac));
+        for bad in ["", "zz", "abc", &"0".repeat(1000)] {
+            assert!(!mac_ok(key.as_bytes(), "x", bad), "{bad:?}");
+        }
+    }
+}

@@ -223,6 +223,38 @@ impl Store {
         Ok(Timestamp(now))
     }
 
+    /// Records a heartbeat for `host` on the word of `via`'s guard: `host` cannot reach the
+    /// controller, but answered `via`'s authenticated peer check just now. Only for a watched
+    /// host (active or suspect, heartbeated before): `false`, and nothing recorded, otherwise
+    /// (a fenced host that seems alive is for an operator to look at, not to revive). One
+    /// event per relaying peer and minute.
+    pub async fn relay_heartbeat(&self, host: &HostName, via: &HostName) -> Result<bool> {
+        const WHAT: &str = "relaying a heartbeat";
+        let now = self.now().await?.0;
+        let mut tx = self.begin_write(WHAT).await?;
+        let done = sqlx::query(
+            "UPDATE hosts SET last_heartbeat = $1 WHERE name = $2 AND last_heartbeat IS NOT NULL \
+             AND state IN ('active', 'suspect')",
+        )
+        .bind(now)
+        .bind(host.as_str())
+        .execute(&mut *tx)
+        .await
+        .map_err(query(WHAT))?;
+        if done.rows_affected() == 0 {
+            return Ok(false);
+        }
+        let message = format!("{host} cannot reach the controller; its heartbeat is relayed by {via}'s guard");
+        let key = format!("relay:{host}:{via}:{}", now / 60_000);
+        insert_event(
+            &mut tx,
+            &NewEvent::host(&format!("guard:{via}"), "host.heartbeat_relayed", host, message).with_key(key),
+        )
+        .await?;
+        tx.commit().await.map_err(query(WHAT))?;
+        Ok(true)
+    }
+
     /// A heartbeat stamped `at` instead of now: for tests that run the controller on a
     /// simulated clock.
     #[cfg(feature = "testing")]

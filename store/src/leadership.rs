@@ -112,6 +112,23 @@ impl Store {
         Ok(())
     }
 
+    /// Gives up every role whose name starts with `prefix` that `holder` has (a clean
+    /// shutdown of an executor: its claims pass to another replica at once).
+    pub async fn release_all_leadership(&self, prefix: &str, holder: &str) -> Result<()> {
+        let now = self.now().await?.0;
+        sqlx::query(
+            "UPDATE leadership SET expires_at = $3 WHERE holder = $1 AND SUBSTR(role, 1, $4) = $2 AND expires_at > $3",
+        )
+        .bind(holder)
+        .bind(prefix)
+        .bind(now)
+        .bind(i64::try_from(prefix.chars().count()).unwrap_or(i64::MAX))
+        .execute(&self.pool)
+        .await
+        .map_err(query("releasing claims"))?;
+        Ok(())
+    }
+
     /// Gives `role` up if `holder` has it (a clean shutdown: the next replica need not wait
     /// for the expiry).
     pub async fn release_leadership(&self, role: &str, holder: &str) -> Result<()> {

@@ -20,6 +20,7 @@ mod leadership;
 mod leases;
 mod operations;
 mod reports;
+mod settings;
 mod types;
 
 pub use db::{redact_url, Backend, ConnectOptions, DatabaseUrl, LeaseToken, Store};

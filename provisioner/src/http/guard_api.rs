@@ -9,7 +9,12 @@
 //! - `GET assigned` → `[Assigned]` (what `guard watch` converges on)
 //! - `GET assigned/{uuid}/domain.xml` → the stored XML of an instance assigned to the host
 //! - `PUT report` `[ReportedDomain]` (what its libvirt runs, for the GC pass)
-//! - `POST events` `[GuardEvent]`
+//! - `POST events` `[GuardEvent]` (their idempotency keys are kept under `guard:HOST:`, so a
+//!   node cannot pre-empt a key of the controller's or of another host)
+//! - `GET peers` → [`PeerList`] (the cell's other hosts and the key shared with each: the
+//!   quorum rule of the guard's self-fence)
+//! - `POST relay` [`Relay`] → 204: the guard vouches that a peer, which cannot reach the
+//!   provisioner but answered its authenticated check, is alive: a heartbeat for that peer
 //!
 //! An unknown host is a 404 (the guard reports a renamed host as a configuration error); a
 //! missing or wrong token a 401; a database that fails a 500, and nothing is changed.
@@ -19,7 +24,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
-use nodekeeper_store::guard_api::{valid_token, Assigned, GuardEvent, OwnershipQuery};
+use nodekeeper_store::guard_api::{valid_token, Assigned, GuardEvent, OwnershipQuery, PeerList, Relay};
 use nodekeeper_store::{HostName, InstanceId, NewEvent, ReportedDomain};
 use sha2::{Digest, Sha256};
 
@@ -39,6 +44,8 @@ pub(super) fn routes() -> Router<HttpState> {
         .route("/api/v1/hosts/{name}/guard/assigned/{uuid}/domain.xml", get(domain_xml))
         .route("/api/v1/hosts/{name}/guard/report", put(report))
         .route("/api/v1/hosts/{name}/guard/events", post(events))
+        .route("/api/v1/hosts/{name}/guard/peers", get(peers))
+        .route("/api/v1/hosts/{name}/guard/relay", post(relay))
 }
 
 /// The SHA-256 (hex) under which a node token is stored.
@@ -200,11 +207,46 @@ async fn events(
             host: Some(host.clone()),
             instance: e.instance,
             message: e.message,
-            key: e.key,
+            key: e.key.map(|k| format!("{actor}:{k}")),
         })
         .collect();
     match state.store.record_events(&events).await {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => internal(e),
+    }
+}
+
+async fn peers(State(state): State<HttpState>, UrlPath(name): UrlPath<String>, headers: HeaderMap) -> Response {
+    let host = match authorize(&state, &name, &headers).await {
+        Ok(h) => h,
+        Err(r) => return r,
+    };
+    match state.store.peers_of(&host).await {
+        Ok(list) => Json::<PeerList>(list).into_response(),
+        Err(e) => internal(e),
+    }
+}
+
+async fn relay(
+    State(state): State<HttpState>,
+    UrlPath(name): UrlPath<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let via = match authorize(&state, &name, &headers).await {
+        Ok(h) => h,
+        Err(r) => return r,
+    };
+    let relay: Relay = match parse(&body) {
+        Ok(r) => r,
+        Err(e) => return text(StatusCode::BAD_REQUEST, e),
+    };
+    if relay.host == via {
+        return text(StatusCode::BAD_REQUEST, "a host cannot relay its own heartbeat\n".into());
+    }
+    match state.store.relay_heartbeat(&relay.host, &via).await {
+        Ok(true) => StatusCode::NO_CONTENT.into_response(),
+        Ok(false) => text(StatusCode::CONFLICT, format!("{} is not a watched host of the cell\n", relay.host)),
         Err(e) => internal(e),
     }
 }

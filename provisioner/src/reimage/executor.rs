@@ -185,6 +185,11 @@ pub async fn run<F: BmcFactory>(
         }
     }
     tasks.shutdown().await;
+    // A clean stop hands the claims of the steps it interrupted to the next replica at once
+    // (a crash leaves them to expire).
+    if let Err(e) = store.release_all_leadership(&format!("{KIND}:"), &holder).await {
+        tracing::warn!("releasing the reimage claims: {e}");
+    }
 }
 
 /// One step of one operation. Idempotent: run twice on the same state, it decides the same

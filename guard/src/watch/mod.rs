@@ -4,11 +4,18 @@
 //! `WatchdogSec=`: `WATCHDOG=1` is sent only from the loop, after a heartbeat attempt that
 //! returned in time):
 //! - **heartbeat** into the database every `heartbeat_interval`;
-//! - **isolation**: without the database for `isolation_timeout`, and with none of the `peers`
-//!   answering either, the host is cut off: it stops (destroys, keeps defined) its running HA
-//!   domains — before the controller's `grace` can expire — and starts them again only when the
-//!   database, reachable again, confirms they are still this host's. When a peer answers, the
-//!   database is what is down, not this host: it holds its instances;
+//! - **peers**: the cell's other hosts and the keys shared with them are fetched from the
+//!   provisioner and cached on disk; the guard answers their checks on `peer_listen`
+//!   ([`crate::peers`]);
+//! - **isolation** ([`isolation`]): when a heartbeat fails, the guard asks its peers, and asks
+//!   them to relay its heartbeat (a bad cable of its own is not a dead host). Without the
+//!   database for `isolation_timeout`, it applies the quorum rule: when a peer relays, or
+//!   when it and the peers that answer are a majority of the cell and none of them reaches
+//!   the controller (the controller is down, not this host), it holds its instances;
+//!   otherwise — in a minority, cut off from the controller and most of the cell — it stops
+//!   (destroys, keeps defined) its running HA domains before the controller's `grace` can
+//!   expire, and starts them again only when the database, reachable again, confirms they are
+//!   still this host's;
 //! - **converge** every `converge_interval`, while the database answers: remove what the
 //!   database moved away (the post-libvirt pass: saved to `quarantine/`, then destroyed and
 //!   undefined), then define from the stored XML, and start, every instance the database
@@ -17,6 +24,8 @@
 //! - **libvirtd liveness**, by a real libvirt call with `libvirt_timeout`: an error → restart
 //!   it; no answer (stuck) → kill, then restart; more than `max_restarts` in `restart_window`
 //!   → reboot the host, once.
+
+pub mod isolation;
 
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
@@ -128,6 +137,12 @@ pub fn notify(state: &str) {
 
 /// What the two loops share (never locked across an await).
 struct Shared {
+    /// The cached peer list.
+    peers: crate::peers::PeerCache,
+    /// When the peer list was last fetched.
+    peers_fetched: std::sync::Mutex<Option<Instant>>,
+    /// The last reason to hold logged (logged again only when it changes).
+    held: std::sync::Mutex<Option<String>>,
     last_db_ok: std::sync::Mutex<Instant>,
     fenced: std::sync::Mutex<Option<SelfFence>>,
     counters: std::sync::Mutex<Counters>,
@@ -162,6 +177,8 @@ struct Watch {
     restarts: HashMap<String, VecDeque<Instant>>,
     /// Started by the current converge pass (for its report).
     started_now: Vec<(InstanceId, Generation)>,
+    /// For peer checks.
+    peer_client: Option<reqwest::Client>,
 }
 
 /// Runs until `stop` resolves; returns what it did. The heartbeat and converge loops run
@@ -174,7 +191,13 @@ pub async fn run(config: Config, stop: impl std::future::Future<Output = ()>) ->
     }
     let fence_file = config.boot.state_dir.join("self-fenced.json");
     let fenced: Option<SelfFence> = std::fs::read(&fence_file).ok().and_then(|b| serde_json::from_slice(&b).ok());
+    if !config.watch.peers.is_empty() {
+        tracing::warn!("watch.peers is no longer used: the peers are the cell's other hosts, from the provisioner");
+    }
     let shared = std::sync::Arc::new(Shared {
+        peers: crate::peers::PeerCache::load(&config.boot.state_dir),
+        peers_fetched: std::sync::Mutex::new(None),
+        held: std::sync::Mutex::new(None),
         last_db_ok: std::sync::Mutex::new(Instant::now()),
         fenced: std::sync::Mutex::new(fenced),
         counters: std::sync::Mutex::new(Counters::default()),
@@ -188,8 +211,23 @@ pub async fn run(config: Config, stop: impl std::future::Future<Output = ()>) ->
         fence_file: fence_file.clone(),
         restarts: HashMap::new(),
         started_now: Vec::new(),
+        peer_client: None,
     };
     let w = config.watch.clone();
+    let peer_server = match w.peer_listen {
+        Some(addr) => match tokio::net::TcpListener::bind(addr).await {
+            Ok(listener) => {
+                tracing::info!(listen = %addr, "answering peer checks");
+                let responder = std::sync::Arc::new(responder(&config, shared.clone()));
+                Some(tokio::spawn(crate::peers::serve(listener, responder, std::future::pending())))
+            }
+            Err(e) => {
+                tracing::error!("peer checks: binding {addr}: {e}: peers will count this host as unreachable");
+                None
+            }
+        },
+        None => None,
+    };
     let mut hb = worker();
     let heartbeats = tokio::spawn(async move {
         let mut tick = tokio::time::interval(hb.config.watch.heartbeat_interval);
@@ -270,8 +308,42 @@ pub async fn run(config: Config, stop: impl std::future::Future<Output = ()>) ->
         task.abort();
         let _ = task.await;
     }
+    if let Some(task) = peer_server {
+        task.abort();
+        let _ = task.await;
+    }
     let counters = Shared::lock(&shared.counters).clone();
     counters
+}
+
+/// The answering side of the peer checks: this host reaches the controller when its own
+/// last heartbeat went through within three intervals; a relay goes through a connection of
+/// its own.
+fn responder(config: &Config, shared: std::sync::Arc<Shared>) -> crate::peers::Responder {
+    let fresh = config.watch.heartbeat_interval * 3;
+    let ok_shared = shared.clone();
+    let controller_ok = Box::new(move || ok_shared.since_db_ok() < fresh);
+    let backend: std::sync::Arc<tokio::sync::Mutex<Option<Backend>>> = std::sync::Arc::default();
+    let (relay_config, me) = (config.clone(), config.host.clone());
+    let relay = Box::new(move |peer: nodekeeper_store::HostName| {
+        let (backend, config, me) = (backend.clone(), relay_config.clone(), me.clone());
+        let fut: futures_util::future::BoxFuture<'static, anyhow::Result<()>> = Box::pin(async move {
+            let mut slot = backend.lock().await;
+            if slot.is_none() {
+                *slot = Some(Backend::connect(&config, crate::peers::ASK_TIMEOUT).await?);
+            }
+            let b = slot.as_ref().ok_or_else(|| anyhow::anyhow!("no connection"))?;
+            let r = b.relay(&me, &peer).await;
+            if r.is_err() {
+                if let Some(b) = slot.take() {
+                    b.close().await;
+                }
+            }
+            r
+        });
+        fut
+    });
+    crate::peers::Responder::new(config.host.clone(), shared.peers.clone(), controller_ok, relay)
 }
 
 impl Watch {
@@ -303,6 +375,8 @@ impl Watch {
             Ok(Ok(())) => {
                 self.shared.count(|c| c.heartbeats += 1);
                 *Shared::lock(&self.shared.last_db_ok) = Instant::now();
+                Shared::lock(&self.shared.held).take();
+                self.refresh_peers(budget).await;
             }
             other => {
                 self.shared.count(|c| c.heartbeat_failures += 1);
@@ -320,23 +394,54 @@ impl Watch {
         }
     }
 
+    /// Fetches the peer list again when it is older than `peer_refresh` (or was never fetched).
+    async fn refresh_peers(&mut self, budget: Duration) {
+        let every = self.config.watch.peer_refresh;
+        let due = Shared::lock(&self.shared.peers_fetched).is_none_or(|t| t.elapsed() >= every);
+        if !due {
+            return;
+        }
+        let Some(store) = self.store.clone() else { return };
+        *Shared::lock(&self.shared.peers_fetched) = Some(Instant::now());
+        match tokio::time::timeout(budget, store.peers(&self.config.host)).await {
+            Ok(Ok(list)) => self.shared.peers.set(list),
+            Ok(Err(e)) => tracing::warn!("fetching the peer list: {e:#}"),
+            Err(_) => tracing::warn!("fetching the peer list: no answer in time"),
+        }
+    }
+
+    /// After a failed heartbeat: ask the peers (and ask them to relay this host's heartbeat);
+    /// past `isolation_timeout` without the database, apply the quorum rule.
     async fn maybe_self_fence(&mut self) {
-        let w = &self.config.watch;
+        let w = self.config.watch.clone();
+        let list = self.shared.peers.get();
+        let view = if list.peers.is_empty() {
+            isolation::PeerView::default()
+        } else {
+            let client = self.peer_client.get_or_insert_with(reqwest::Client::new).clone();
+            crate::peers::ask(&self.config.host, &list, w.peer_port, w.peer_sample, true, &client).await
+        };
+        if view.relayed {
+            tracing::info!("the controller is unreachable from here; a peer relays this host's heartbeat");
+        }
         let silent = self.shared.since_db_ok();
         if !w.self_fence || self.shared.is_fenced() || silent < w.isolation_timeout {
             return;
         }
-        if let Some(peer) = first_reachable(&w.peers).await {
-            tracing::warn!(
-                "database unreachable for {}, but peer {peer} answers: holding the instances (the database is down, not this host)",
-                humantime::format_duration(Duration::from_secs(silent.as_secs()))
-            );
-            return;
+        let silent_for = humantime::format_duration(Duration::from_secs(silent.as_secs()));
+        match isolation::decide(list.cell_size, &view) {
+            isolation::Isolation::Hold(why) => {
+                let mut held = Shared::lock(&self.shared.held);
+                if held.as_deref() != Some(why.as_str()) {
+                    tracing::warn!("no database for {silent_for}: holding the instances: {why}");
+                    *held = Some(why);
+                }
+                return;
+            }
+            isolation::Isolation::SelfFence(why) => {
+                tracing::error!("no database for {silent_for}, {why}: stopping the HA instances (self-fence)");
+            }
         }
-        tracing::error!(
-            "cut off for {} (database and every peer): stopping the HA instances (self-fence)",
-            humantime::format_duration(Duration::from_secs(silent.as_secs()))
-        );
         let (uri, cache) = (self.config.libvirt.uri.clone(), self.config.boot.state_dir.join("cache.json"));
         // The record is written before the first domain is destroyed: a guard that dies half-way
         // through still knows, once restarted, that it was fencing and what. A retry after a
@@ -605,16 +710,6 @@ async fn run_command(argv: &[String]) {
         Ok(Err(e)) => tracing::error!("{argv:?}: {e}"),
         Err(_) => tracing::error!("{argv:?}: did not finish within 60 s"),
     }
-}
-
-async fn first_reachable(peers: &[String]) -> Option<String> {
-    for p in peers {
-        let ok = tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(p.as_str())).await;
-        if matches!(ok, Ok(Ok(_))) {
-            return Some(p.clone());
-        }
-    }
-    None
 }
 
 /// A local domain, as the converge pass needs it.
