@@ -1,7 +1,7 @@
 //! `nodekeeper-lab`: runs a scenario of the QEMU lab, narrated, ending in a summary table.
 //!
 //! - `nodekeeper-lab demo`: the `failover` scenario with a progress line during the waits.
-//! - `nodekeeper-lab run failover|db-down-at-boot`
+//! - `nodekeeper-lab run failover|db-down-at-boot|provisioner-outage`
 //! - `nodekeeper-lab up [--nodes N]`: a lab with N installed nodes, kept until Ctrl-C.
 
 use clap::{Parser, ValueEnum};
@@ -34,6 +34,9 @@ enum Scenario {
     Failover,
     /// node-a reboots while the database is unreachable.
     DbDownAtBoot,
+    /// The provisioner stops for 5 minutes: nothing stops, nothing is fenced; then node-a is
+    /// cut off and self-fences, and node-b gets its HA instances.
+    ProvisionerOutage,
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -55,6 +58,7 @@ async fn main() -> std::process::ExitCode {
     let result = match scenario {
         Scenario::Failover => nodekeeper_lab::scenarios::failover(paths, &n).await,
         Scenario::DbDownAtBoot => nodekeeper_lab::scenarios::db_down_at_boot(paths, &n).await,
+        Scenario::ProvisionerOutage => nodekeeper_lab::scenarios::provisioner_outage(paths, &n).await,
     };
     match result {
         Ok(summary) => {

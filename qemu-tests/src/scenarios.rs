@@ -151,6 +151,128 @@ async fn failover_on(lab: &mut Lab, n: &Narrator) -> anyhow::Result<Summary> {
     let mut sampler = Sampler { samples: Vec::new() };
     summary.phases.extend(lab.install(n).await?);
     let ids = place_on_node_a(lab, n, &mut sampler, &mut summary).await?;
+    cut_and_recover(lab, n, &ids, &mut sampler, &mut summary).await?;
+    Ok(summary)
+}
+
+/// `provisioner-outage`: the provisioner (and the embedded database behind it) stops for five
+/// minutes: no guard stops an HA instance — each reaches its peer, and neither reaches the
+/// controller, so the controller is what is down — and nothing is fenced when it returns.
+/// Then node-a's NIC is cut, as in `failover`: node-a, cut off from its peer too, self-fences,
+/// and node-b gets its HA instances.
+pub async fn provisioner_outage(paths: Paths, n: &Narrator) -> anyhow::Result<Summary> {
+    n.say("scenario provisioner-outage: the provisioner stops for 5 minutes, then node-a is cut off");
+    on_a_lab(paths, 2, n, provisioner_outage_on).await
+}
+
+/// How long the provisioner stays down in `provisioner-outage`.
+const OUTAGE: Duration = Duration::from_secs(300);
+
+async fn provisioner_outage_on(lab: &mut Lab, n: &Narrator) -> anyhow::Result<Summary> {
+    let mut summary = Summary::default();
+    let mut sampler = Sampler { samples: Vec::new() };
+    summary.phases.extend(lab.install(n).await?);
+    let ids = place_on_node_a(lab, n, &mut sampler, &mut summary).await?;
+    // Both guards fetch their peer list on their first heartbeat and every minute after: wait
+    // one round, so each knows the other.
+    let settle = Instant::now();
+    while settle.elapsed() < Duration::from_secs(70) {
+        let s = lab.sample().await?;
+        summary.double_runs += sampler.check(s, n);
+        summary.samples += 1;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    n.say("both guards know their peer (the provisioner hands out the cell; each caches it on disk)");
+    let starts_before = start_counts(lab, &ids).await?;
+    let (a, b): (HostName, HostName) = ("node-a".parse()?, "node-b".parse()?);
+    let before = lab.store.events(&EventFilter { limit: Some(1), ..Default::default() }).await?;
+    let last_event = before.first().map_or(0, |e| e.id);
+    lab.stop_serve();
+    let stopped = Instant::now();
+    n.say(&format!(
+        "the provisioner stops for {} (an upgrade gone long): no guard reaches the controller",
+        fmt(OUTAGE)
+    ));
+    while stopped.elapsed() < OUTAGE {
+        let s = lab.sample().await?;
+        summary.double_runs += sampler.check(s, n);
+        summary.samples += 1;
+        anyhow::ensure!(lab.powered(lab.node("node-a")) && lab.powered(lab.node("node-b")), "a node lost power");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let serve_back = Timestamp::now();
+    lab.start_serve()?;
+    n.say("the provisioner is back");
+    let want = ids[..2].to_vec();
+    let (_, took) = sample_while(
+        lab,
+        &mut sampler,
+        &mut summary,
+        n,
+        "node-a's guard reporting again, its HA instances running",
+        Duration::from_secs(300),
+        async |lab| {
+            let r = lab.report(&a).await?;
+            Ok(r.filter(|r| r.0 > serve_back && want.iter().all(|id| r.1.contains(id))).map(|_| ()))
+        },
+    )
+    .await?;
+    summary.phases.push((format!("provisioner down {} → guards reporting again", fmt(OUTAGE)), took));
+    // One more minute: the controller (leading anew) suspects nobody, fences nothing.
+    let watch = Instant::now();
+    while watch.elapsed() < Duration::from_secs(60) {
+        let s = lab.sample().await?;
+        summary.double_runs += sampler.check(s, n);
+        summary.samples += 1;
+        for h in [&a, &b] {
+            anyhow::ensure!(
+                lab.state(h).await? == HostState::Active,
+                "{h} is {} after the outage",
+                lab.state(h).await?
+            );
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let starts_after = start_counts(lab, &ids).await?;
+    anyhow::ensure!(
+        starts_before == starts_after,
+        "an instance was stopped and started again during the outage: {starts_before:?} then {starts_after:?}"
+    );
+    let since =
+        lab.store.events(&EventFilter { after: Some(last_event), limit: Some(1000), ..Default::default() }).await?;
+    let bad: Vec<String> = since
+        .iter()
+        .filter(|e| e.kind.starts_with("fence.") || e.kind == "host.self_fence_lifted" || e.kind == "host.state")
+        .map(|e| format!("{} {}", e.kind, e.message))
+        .collect();
+    anyhow::ensure!(bad.is_empty(), "after the outage: {bad:?}");
+    n.say(&format!(
+        "after {} without the provisioner: no HA instance was stopped, nothing suspected or fenced",
+        fmt(OUTAGE)
+    ));
+    summary.phases.push(("outage: HA instances stopped / hosts fenced".into(), Duration::ZERO));
+    cut_and_recover(lab, n, &ids, &mut sampler, &mut summary).await?;
+    Ok(summary)
+}
+
+/// How many times each instance was started, by the events.
+async fn start_counts(lab: &Lab, ids: &[InstanceId]) -> anyhow::Result<Vec<usize>> {
+    let mut out = Vec::new();
+    for id in ids {
+        out.push(events(lab, *id).await?.iter().filter(|(_, kind)| kind == "instance.started").count());
+    }
+    Ok(out)
+}
+
+/// node-a's NIC goes down: it self-fences, the controller fences it through its BMC, its HA
+/// instances run on node-b; it is powered on again and quarantines the stale definitions.
+async fn cut_and_recover(
+    lab: &mut Lab,
+    n: &Narrator,
+    ids: &[InstanceId],
+    sampler: &mut Sampler,
+    summary: &mut Summary,
+) -> anyhow::Result<()> {
     let (ha, plain) = (&ids[..2], ids[2]);
     let (a, b): (HostName, HostName) = ("node-a".parse()?, "node-b".parse()?);
 
@@ -158,30 +280,24 @@ async fn failover_on(lab: &mut Lab, n: &Narrator) -> anyhow::Result<Summary> {
     lab.cut_network(&node_a)?;
     let cut = Timestamp::now();
     n.say("node-a loses its network (its NIC's link is down); its BMC stays reachable");
-    let (_, took) = sample_while(
-        lab,
-        &mut sampler,
-        &mut summary,
-        n,
-        "node-a turning suspect",
-        Duration::from_secs(180),
-        async |lab| Ok(matches!(lab.state(&a).await?, HostState::Suspect | HostState::Fenced).then_some(())),
-    )
-    .await?;
-    n.say(&format!("the controller: node-a silent past its grace (30 s) → suspect ({} after the cut)", fmt(took)));
-    summary.phases.push(("network cut → suspect".into(), took));
     let (_, took) =
-        sample_while(lab, &mut sampler, &mut summary, n, "node-a fenced", Duration::from_secs(180), async |lab| {
-            Ok((lab.state(&a).await? == HostState::Fenced || !lab.powered(&node_a)).then_some(()))
+        sample_while(lab, sampler, summary, n, "node-a turning suspect", Duration::from_secs(180), async |lab| {
+            Ok(matches!(lab.state(&a).await?, HostState::Suspect | HostState::Fenced).then_some(()))
         })
         .await?;
+    n.say(&format!("the controller: node-a silent past its grace (30 s) → suspect ({} after the cut)", fmt(took)));
+    summary.phases.push(("network cut → suspect".into(), took));
+    let (_, took) = sample_while(lab, sampler, summary, n, "node-a fenced", Duration::from_secs(180), async |lab| {
+        Ok((lab.state(&a).await? == HostState::Fenced || !lab.powered(&node_a)).then_some(()))
+    })
+    .await?;
     n.say(&format!("node-a fenced: powered off through its BMC, confirmed by its power state (+{})", fmt(took)));
     summary.phases.push(("suspect → fenced (BMC power off)".into(), took));
     let want: Vec<InstanceId> = ha.to_vec();
     let (_, took) = sample_while(
         lab,
-        &mut sampler,
-        &mut summary,
+        sampler,
+        summary,
         n,
         "web-1 and db-1 running on node-b",
         Duration::from_secs(600),
@@ -203,23 +319,18 @@ async fn failover_on(lab: &mut Lab, n: &Narrator) -> anyhow::Result<Summary> {
         .push(("network cut → recovered (total)".into(), Duration::from_millis(u64::try_from(recovered.0 - cut.0)?)));
 
     // node-a is powered on again by the fence's restore step; at boot its guard quarantines.
-    let (_, took) = sample_while(
-        lab,
-        &mut sampler,
-        &mut summary,
-        n,
-        "node-a powered on again",
-        Duration::from_secs(300),
-        async |lab| Ok(lab.powered(&node_a).then_some(())),
-    )
-    .await?;
+    let (_, took) =
+        sample_while(lab, sampler, summary, n, "node-a powered on again", Duration::from_secs(300), async |lab| {
+            Ok(lab.powered(&node_a).then_some(()))
+        })
+        .await?;
     n.say(&format!("the fence's last step: node-a powered on again through its BMC (+{})", fmt(took)));
     summary.phases.push(("recovered → node-a powered on again (the fence's last step)".into(), took));
     let want: Vec<InstanceId> = ha.to_vec();
     let (_, took) = sample_while(
         lab,
-        &mut sampler,
-        &mut summary,
+        sampler,
+        summary,
         n,
         "node-a back, its stale definitions quarantined",
         Duration::from_secs(600),
@@ -241,16 +352,11 @@ async fn failover_on(lab: &mut Lab, n: &Narrator) -> anyhow::Result<Summary> {
         fmt(took)
     ));
     summary.phases.push(("power-on → stale definitions quarantined".into(), took));
-    let (_, took) = sample_while(
-        lab,
-        &mut sampler,
-        &mut summary,
-        n,
-        "node-a active again",
-        Duration::from_secs(300),
-        async |lab| Ok((lab.state(&a).await? == HostState::Active).then_some(())),
-    )
-    .await?;
+    let (_, took) =
+        sample_while(lab, sampler, summary, n, "node-a active again", Duration::from_secs(300), async |lab| {
+            Ok((lab.state(&a).await? == HostState::Active).then_some(()))
+        })
+        .await?;
     summary.phases.push(("node-a active again".into(), took));
     n.say("node-a is active again; batch-1 (not HA) stayed node-a's: defined there, stopped (the guard restarts HA instances only)");
     for _ in 0..10 {
@@ -288,7 +394,7 @@ async fn failover_on(lab: &mut Lab, n: &Narrator) -> anyhow::Result<Summary> {
         summary.samples,
         now.join(", ")
     ));
-    Ok(summary)
+    Ok(())
 }
 
 /// `db-down-at-boot`: node-a reboots while the database (here: the provisioner, through which

@@ -26,3 +26,10 @@ async fn failover() {
 async fn db_down_at_boot() {
     run(scenarios::db_down_at_boot).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "the QEMU lab: two TCG nodes, ~20 min; make lab-test"]
+async fn provisioner_outage() {
+    let summary = run(scenarios::provisioner_outage).await;
+    assert!(summary.samples > 400, "sampled throughout: {}", summary.samples);
+}

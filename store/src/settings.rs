@@ -26,18 +26,22 @@ impl Store {
     }
 
     /// `host`'s peers: every other watched host (active or suspect, heartbeated at least
-    /// once) that has an address, each with the key the two share; and the size of the cell
-    /// they make with `host`.
+    /// once) that has an address — its fixed one, else its DHCP lease — each with the key the
+    /// two share; and the size of the cell they make with `host`.
     pub async fn peers_of(&self, host: &HostName) -> Result<PeerList> {
         let secret = self.cell_secret().await?;
         let hosts = self.hosts().await?;
-        let counted = |h: &crate::Host| {
-            h.ip.is_some() && h.last_heartbeat.is_some() && matches!(h.state, HostState::Active | HostState::Suspect)
-        };
+        let leased: std::collections::HashMap<crate::MacAddr, std::net::IpAddr> =
+            self.leases().await?.into_iter().map(|l| (l.mac, std::net::IpAddr::V4(l.ip))).collect();
+        let watched =
+            |h: &crate::Host| h.last_heartbeat.is_some() && matches!(h.state, HostState::Active | HostState::Suspect);
         let peers: Vec<Peer> = hosts
             .iter()
-            .filter(|h| &h.name != host && counted(h))
-            .filter_map(|h| Some(Peer { host: h.name.clone(), address: h.ip?, key: peer_key(&secret, host, &h.name) }))
+            .filter(|h| &h.name != host && watched(h))
+            .filter_map(|h| {
+                let address = h.ip.or_else(|| h.mac.and_then(|m| leased.get(&m).copied()))?;
+                Some(Peer { host: h.name.clone(), address, key: peer_key(&secret, host, &h.name) })
+            })
             .collect();
         Ok(PeerList { cell_size: peers.len() + 1, peers })
     }

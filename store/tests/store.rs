@@ -30,6 +30,7 @@ on_both_engines!(
     leadership_is_held_renewed_and_taken_over_only_after_expiry,
     a_writer_under_a_lost_lease_changes_nothing,
     time_is_the_database_servers,
+    peers_are_the_watched_hosts_with_an_address_and_a_key_per_pair,
     followers_read_events_in_order_from_an_id,
     host_state_compare_and_set_changes_only_from_the_expected_state,
 );
@@ -563,6 +564,51 @@ async fn time_is_the_database_servers(db: TestDb) {
     assert!(skew < 2_000, "database clock {skew} ms from ours");
     let host = store.require_host(&host("node-a")).await.expect("host");
     assert_eq!(host.last_heartbeat, Some(at));
+}
+
+async fn peers_are_the_watched_hosts_with_an_address_and_a_key_per_pair(db: TestDb) {
+    use nodekeeper_store::{guard_api::peer_key, Lease, Timestamp};
+    let store = db.store().await;
+    let add = |name: &str, mac: &str, ip: Option<&str>| NewHost {
+        name: host(name),
+        mac: Some(mac.parse().expect("mac")),
+        ip: ip.map(|i| i.parse().expect("ip")),
+        bmc_url: None,
+        bmc_credentials: None,
+    };
+    for h in [
+        add("node-a", "52:54:00:00:00:0a", Some("10.0.0.1")),
+        add("node-b", "52:54:00:00:00:0b", Some("10.0.0.2")),
+        add("node-c", "52:54:00:00:00:0c", None),             // leased
+        add("node-d", "52:54:00:00:00:0d", None),             // no address at all
+        add("node-e", "52:54:00:00:00:0e", Some("10.0.0.5")), // never heartbeated
+        add("node-f", "52:54:00:00:00:0f", Some("10.0.0.6")), // in maintenance
+    ] {
+        store.add_host(&h, "test").await.expect("host");
+    }
+    for h in ["node-a", "node-b", "node-c", "node-d", "node-f"] {
+        store.record_heartbeat(&host(h)).await.expect("heartbeat");
+    }
+    store.set_host_state(&host("node-f"), HostState::Maintenance, "test", "work").await.expect("state");
+    let lease = Lease {
+        mac: "52:54:00:00:00:0c".parse().expect("mac"),
+        ip: "10.0.0.3".parse().expect("ip"),
+        expires_at: Timestamp(i64::MAX / 2),
+    };
+    store.save_leases(&[lease]).await.expect("lease");
+    let secret = store.cell_secret().await.expect("secret");
+    assert_eq!(store.cell_secret().await.expect("again"), secret, "made once");
+    assert_eq!(secret.len(), 64);
+    let list = store.peers_of(&host("node-a")).await.expect("peers");
+    let got: Vec<(String, String)> = list.peers.iter().map(|p| (p.host.to_string(), p.address.to_string())).collect();
+    assert_eq!(got, [("node-b".to_string(), "10.0.0.2".to_string()), ("node-c".into(), "10.0.0.3".into())]);
+    assert_eq!(list.cell_size, 3);
+    assert_eq!(list.peers[0].key, peer_key(&secret, &host("node-b"), &host("node-a")), "shared by the pair");
+    let of_b = store.peers_of(&host("node-b")).await.expect("peers");
+    assert_eq!(
+        of_b.peers.iter().find(|p| p.host == host("node-a")).map(|p| p.key.clone()),
+        Some(list.peers[0].key.clone())
+    );
 }
 
 async fn leadership_is_held_renewed_and_taken_over_only_after_expiry(db: TestDb) {
