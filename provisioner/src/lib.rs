@@ -5,6 +5,7 @@ pub mod admin;
 pub mod bmc;
 pub mod cli;
 pub mod dhcp;
+pub mod health;
 pub mod http;
 pub mod logging;
 pub mod metrics;

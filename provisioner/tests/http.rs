@@ -63,6 +63,7 @@ async fn start() -> Server {
         store: store.clone(),
         config: Arc::new(config),
         metrics: Arc::new(Metrics::default()),
+        health: Default::default(),
         images: Arc::new(Images::new(&images_dir).expect("images")),
     };
     let shutdown = CancellationToken::new();

@@ -69,6 +69,7 @@ async fn rig() -> Rig {
         store: store.clone(),
         config: Arc::new(config),
         metrics: Arc::new(Metrics::default()),
+        health: Default::default(),
         images: Arc::new(Images::new(dir.path()).expect("images")),
     };
     let stop = CancellationToken::new();

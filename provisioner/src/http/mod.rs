@@ -44,6 +44,8 @@ pub struct HttpState {
     pub metrics: Arc<Metrics>,
     /// The images directory and its digests.
     pub images: Arc<Images>,
+    /// The state of `serve`'s components, for `/healthz`.
+    pub health: Arc<crate::health::Health>,
 }
 
 /// The routes.
@@ -81,11 +83,19 @@ async fn count_requests(State(state): State<HttpState>, req: Request, next: Next
     response
 }
 
+/// `ok` (200) when the database answers within 2 s and every component of `serve` runs;
+/// otherwise 503, one line per problem (a component down since when, and why).
 async fn healthz(State(state): State<HttpState>) -> Response {
-    match tokio::time::timeout(Duration::from_secs(2), state.store.ping()).await {
-        Ok(Ok(())) => (StatusCode::OK, "ok\n").into_response(),
-        Ok(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, format!("database: {e}\n")).into_response(),
-        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "database: no answer within 2s\n").into_response(),
+    let mut problems = match tokio::time::timeout(Duration::from_secs(2), state.store.ping()).await {
+        Ok(Ok(())) => Vec::new(),
+        Ok(Err(e)) => vec![format!("database: {e}")],
+        Err(_) => vec!["database: no answer within 2s".to_owned()],
+    };
+    problems.extend(state.health.problems());
+    if problems.is_empty() {
+        (StatusCode::OK, "ok\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, format!("{}\n", problems.join("\n"))).into_response()
     }
 }
 

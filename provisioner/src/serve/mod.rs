@@ -68,8 +68,12 @@ pub async fn open_store(url: &str) -> anyhow::Result<Store> {
 }
 
 /// Runs the servers on `bound` until `shutdown` is cancelled, then waits for them to drain.
+/// Each component runs under a supervisor ([`supervise`]): one that ends or fails — DHCP whose
+/// leases could not be read, TFTP whose root is missing, a panic — is marked down in
+/// `/healthz` and started again with backoff (sockets bound anew), never left dead silently.
 pub async fn run(config: ServeConfig, bound: Bound, store: Store, shutdown: CancellationToken) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
+    let health = Arc::new(crate::health::Health::default());
     std::fs::create_dir_all(&config.http.images_dir)
         .with_context(|| format!("creating {}", config.http.images_dir.display()))?;
     let images = Arc::new(
@@ -80,24 +84,70 @@ pub async fn run(config: ServeConfig, bound: Bound, store: Store, shutdown: Canc
         let images = images.clone();
         tokio::task::spawn_blocking(move || images.warm());
     }
-    let state =
-        HttpState { store: store.clone(), config: Arc::new(config.http.clone()), metrics: metrics.clone(), images };
-    tracing::info!(listen = %bound.http.local_addr()?, "HTTP serving");
+    let state = HttpState {
+        store: store.clone(),
+        config: Arc::new(config.http.clone()),
+        metrics: metrics.clone(),
+        images,
+        health: health.clone(),
+    };
+    let http_addr = bound.http.local_addr()?;
+    tracing::info!(listen = %http_addr, "HTTP serving");
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(http::serve(bound.http, state, shutdown.clone()));
+    {
+        let mut listener = Some(bound.http);
+        let (state, stop) = (state.clone(), shutdown.clone());
+        tasks.spawn(supervise("http", health.clone(), shutdown.clone(), move || {
+            let (first, state, stop) = (listener.take(), state.clone(), stop.clone());
+            async move {
+                let listener = match first {
+                    Some(l) => l,
+                    None => tokio::net::TcpListener::bind(http_addr)
+                        .await
+                        .with_context(|| format!("binding HTTP on {http_addr}"))?,
+                };
+                Ok(http::serve(listener, state, stop).await?)
+            }
+        }));
+    }
     if let (Some(socket), Some(root)) = (bound.tftp, config.tftp.root.clone()) {
-        tracing::info!(listen = %socket.local_addr()?, root = %root.display(), "TFTP serving");
-        tasks.spawn(crate::tftp::serve(socket, root, metrics.clone(), shutdown.clone()));
+        let addr = socket.local_addr()?;
+        tracing::info!(listen = %addr, root = %root.display(), "TFTP serving");
+        let mut socket = Some(socket);
+        let (metrics, stop) = (metrics.clone(), shutdown.clone());
+        tasks.spawn(supervise("tftp", health.clone(), shutdown.clone(), move || {
+            let (first, root, metrics, stop) = (socket.take(), root.clone(), metrics.clone(), stop.clone());
+            async move {
+                let socket = match first {
+                    Some(s) => s,
+                    None => {
+                        tokio::net::UdpSocket::bind(addr).await.with_context(|| format!("binding TFTP on {addr}"))?
+                    }
+                };
+                Ok(crate::tftp::serve(socket, root, metrics, stop).await?)
+            }
+        }));
     }
 
     if let Some(sockets) = bound.dhcp {
         let (settings, range) = dhcp_settings(&config)?;
-        tracing::info!(
-            interface = config.dhcp.interface.as_deref().unwrap_or_default(),
-            proxy = settings.proxy,
-            "DHCP serving"
-        );
-        tasks.spawn(crate::dhcp::serve(sockets, settings, range, store.clone(), metrics.clone(), shutdown.clone()));
+        let interface = config.dhcp.interface.clone().unwrap_or_default();
+        let port = config.dhcp.port.unwrap_or(67);
+        tracing::info!(interface = %interface, proxy = settings.proxy, "DHCP serving");
+        let mut sockets = Some(sockets);
+        let (store, metrics, stop) = (store.clone(), metrics.clone(), shutdown.clone());
+        tasks.spawn(supervise("dhcp", health.clone(), shutdown.clone(), move || {
+            let first = sockets.take();
+            let (settings, store, metrics, stop, interface) =
+                (settings.clone(), store.clone(), metrics.clone(), stop.clone(), interface.clone());
+            async move {
+                let sockets = match first {
+                    Some(s) => s,
+                    None => crate::dhcp::bind(&interface, port, settings.proxy)?,
+                };
+                Ok(crate::dhcp::serve(sockets, settings, range, store, metrics, stop).await?)
+            }
+        }));
     }
 
     // This replica's name in leases and claims (unique among replicas).
@@ -107,46 +157,87 @@ pub async fn run(config: ServeConfig, bound: Bound, store: Store, shutdown: Canc
         std::process::id()
     );
     {
-        let (store, stop, holder, bmc_policy) = (store.clone(), shutdown.clone(), holder.clone(), config.bmc.policy());
-        tasks.spawn(async move {
-            let factory = Arc::new(crate::reimage::executor::Drivers { policy: bmc_policy });
-            crate::reimage::executor::run(store, factory, holder, REIMAGE_TICK, stop).await;
-            Ok(())
-        });
+        let (store, stop, holder, policy) = (store.clone(), shutdown.clone(), holder.clone(), config.bmc.policy());
+        tasks.spawn(supervise("reimage", health.clone(), shutdown.clone(), move || {
+            let factory = Arc::new(crate::reimage::executor::Drivers { policy: policy.clone() });
+            let run = crate::reimage::executor::run(store.clone(), factory, holder.clone(), REIMAGE_TICK, stop.clone());
+            async move {
+                run.await;
+                Ok(())
+            }
+        }));
     }
 
     if config.recovery.enabled {
-        let (store, stop) = (store.clone(), shutdown.clone());
         tracing::info!(%holder, grace = ?config.recovery.grace, "recovery controller (runs while this replica holds the lease)");
-        let controller = crate::recovery::controller::Controller::new(
-            store,
-            Arc::new(crate::reimage::executor::Drivers { policy: config.bmc.policy() }),
-            config.recovery.clone(),
-            holder,
-        );
-        tasks.spawn(async move {
-            controller.run(stop).await;
-            Ok(())
-        });
+        let (store, stop, recovery, policy) =
+            (store.clone(), shutdown.clone(), config.recovery.clone(), config.bmc.policy());
+        tasks.spawn(supervise("recovery", health.clone(), shutdown.clone(), move || {
+            let controller = crate::recovery::controller::Controller::new(
+                store.clone(),
+                Arc::new(crate::reimage::executor::Drivers { policy: policy.clone() }),
+                recovery.clone(),
+                holder.clone(),
+            );
+            let stop = stop.clone();
+            async move {
+                controller.run(stop).await;
+                Ok(())
+            }
+        }));
     }
 
     shutdown.cancelled().await;
     tracing::info!("shutting down");
-    let drained = tokio::time::timeout(DRAIN, async {
-        while let Some(r) = tasks.join_next().await {
-            match r {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::warn!("server ended with: {e}"),
-                Err(e) => tracing::warn!("server task failed: {e}"),
-            }
-        }
-    })
-    .await;
+    let drained = tokio::time::timeout(DRAIN, async { while tasks.join_next().await.is_some() {} }).await;
     if drained.is_err() {
         tracing::warn!("servers did not drain within {DRAIN:?}; stopping anyway");
     }
     store.close().await;
     Ok(())
+}
+
+/// The first pause before a component that ended is started again (doubling up to 30 s).
+const RESTART_BACKOFF: Duration = Duration::from_secs(1);
+
+/// Runs the component `name` (each call of `start` makes a fresh run) until `shutdown`: when
+/// a run ends, fails or panics before then, the component is marked down in `health` with
+/// the reason, logged, and started again after a pause that doubles from 1 s up to 30 s
+/// (back to 1 s after a run that lasted a minute).
+pub async fn supervise<F, Fut>(
+    name: &'static str,
+    health: Arc<crate::health::Health>,
+    shutdown: CancellationToken,
+    mut start: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    let mut pause = RESTART_BACKOFF;
+    loop {
+        health.up(name);
+        let began = tokio::time::Instant::now();
+        let ended = tokio::spawn(start()).await;
+        if shutdown.is_cancelled() {
+            return;
+        }
+        let why = match ended {
+            Ok(Ok(())) => "ended by itself".to_owned(),
+            Ok(Err(e)) => format!("{e:#}"),
+            Err(e) if e.is_panic() => format!("panicked: {e}"),
+            Err(e) => e.to_string(),
+        };
+        if began.elapsed() >= Duration::from_secs(60) {
+            pause = RESTART_BACKOFF;
+        }
+        tracing::error!(component = name, "{why}; starting it again in {pause:?}");
+        health.down(name, why);
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(pause) => {}
+        }
+        pause = (pause * 2).min(Duration::from_secs(30));
+    }
 }
 
 /// The DHCP server's settings and dynamic range, from a checked config.
