@@ -485,3 +485,108 @@ async fn odd_autostart_layouts_are_handled() {
     assert!(report["errors"].as_array().expect("errors").is_empty(), "{report}");
     assert!(std::fs::symlink_metadata(node.autostart("ghost")).is_ok());
 }
+
+/// A mount made by a test, undone however it ends.
+struct Mount(PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+fn sh(args: &[&str]) {
+    let out = Command::new(args[0]).args(&args[1..]).output().expect("run");
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn can_mount() -> bool {
+    let root = Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0"));
+    if !root {
+        eprintln!("skipping: mounting a tmpfs needs root");
+    }
+    root
+}
+
+#[tokio::test]
+async fn a_full_state_directory_holds_stale_definitions_in_place_and_a_later_run_quarantines_them() {
+    if !can_mount() {
+        return;
+    }
+    let db = TestDb::sqlite();
+    let (moved, kept) = (InstanceId::random(), InstanceId::random());
+    let _store = database(&db, &[(moved, "node-b", 2, true, false), (kept, "node-a", 1, true, false)]).await;
+    let node = Node::new(db.url());
+    let moved_xml = node.define("moved", moved, Some((1, true)), true);
+    node.define("kept", kept, Some((1, true)), true);
+    let original = std::fs::read(&moved_xml).expect("xml");
+    // state_dir on a 256 KiB tmpfs, filled to the last byte.
+    std::fs::create_dir_all(node.state_dir()).expect("state dir");
+    let state = node.state_dir().display().to_string();
+    sh(&["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", &state]);
+    let mount = Mount(node.state_dir());
+    let _ = Command::new("dd").args(["if=/dev/zero", &format!("of={state}/fill"), "bs=4k"]).output();
+
+    let report = node.report();
+    assert_eq!(ids(&report, "held"), vec![moved.to_string()], "{report}");
+    assert!(ids(&report, "quarantined").is_empty(), "{report}");
+    assert!(!report["errors"].as_array().expect("errors").is_empty(), "said loudly: {report}");
+    // libvirtd will not define it: no NAME.xml, no autostart link; the bytes are kept.
+    assert!(!moved_xml.exists() && !node.autostart("moved").exists());
+    let held = node.config_dir().join("moved.xml.nk-held");
+    assert_eq!(std::fs::read(&held).expect("held"), original, "held byte for byte");
+    assert!(node.autostart("kept").exists(), "what is ours keeps its autostart");
+
+    // Room again: the next run quarantines what was held.
+    drop(mount);
+    let report = node.report();
+    assert!(ids(&report, "held").is_empty(), "{report}");
+    assert!(!held.exists());
+    let quarantined: Vec<_> = std::fs::read_dir(node.state_dir().join("quarantine"))
+        .expect("quarantine")
+        .flatten()
+        .map(|e| std::fs::read(e.path()).expect("read"))
+        .collect();
+    assert_eq!(quarantined, vec![original], "moved into quarantine, byte for byte");
+}
+
+#[tokio::test]
+async fn a_read_only_state_directory_holds_and_blocks_in_place_and_a_later_run_finishes() {
+    if !can_mount() {
+        return;
+    }
+    let db = TestDb::sqlite();
+    let (moved, kept) = (InstanceId::random(), InstanceId::random());
+    let _store = database(&db, &[(moved, "node-b", 2, true, false), (kept, "node-a", 1, true, false)]).await;
+    let node = Node::new(db.url());
+    let moved_xml = node.define("moved", moved, Some((1, true)), true);
+    node.define("kept", kept, Some((1, true)), true);
+    std::fs::create_dir_all(node.state_dir()).expect("state dir");
+    let state = node.state_dir().display().to_string();
+    sh(&["mount", "--bind", &state, &state]);
+    let mount = Mount(node.state_dir());
+    sh(&["mount", "-o", "remount,bind,ro", &state]);
+
+    // The database answers: the stale definition is held in place (quarantine/ is read-only).
+    let report = node.report();
+    assert_eq!(ids(&report, "held"), vec![moved.to_string()], "{report}");
+    assert!(!moved_xml.exists() && node.config_dir().join("moved.xml.nk-held").exists());
+    // The database does not answer: the HA autostart link cannot go to blocked/; it is
+    // blocked in place, and libvirtd will not autostart it.
+    node.configure("node-a", "sqlite:///nonexistent/nodekeeper.db", "1s", "block-ha");
+    let report = node.report();
+    assert_eq!(report["database"], "unreachable");
+    assert_eq!(ids(&report, "blocked"), vec![kept.to_string()], "{report}");
+    assert!(!node.autostart("kept").exists());
+    assert!(node.config_dir().join("autostart/kept.xml.nk-blocked").exists());
+
+    // Writable again, and the database back: the held definition is quarantined, the link
+    // the database confirms is given back.
+    drop(mount);
+    node.configure("node-a", db.url(), "2s", "block-ha");
+    let report = node.report();
+    assert_eq!(ids(&report, "restored"), vec![kept.to_string()], "{report}");
+    assert!(node.autostart("kept").exists() && !node.config_dir().join("autostart/kept.xml.nk-blocked").exists());
+    assert!(!node.config_dir().join("moved.xml.nk-held").exists());
+    assert_eq!(std::fs::read_dir(node.state_dir().join("quarantine")).expect("quarantine").count(), 1);
+}

@@ -177,3 +177,77 @@ async fn stale_domains_are_removed_and_running_ones_only_when_recovered_elsewher
     assert_eq!(kinds.iter().filter(|k| **k == "instance.destroyed").count(), 2, "{kinds:?}");
     assert_eq!(kinds.iter().filter(|k| **k == "instance.undefined").count(), 2, "{kinds:?}");
 }
+
+/// A mount made by the test, undone however it ends.
+struct Mount(std::path::PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[tokio::test]
+async fn a_running_copy_recovered_elsewhere_is_destroyed_even_when_its_xml_cannot_be_saved() {
+    if !libvirtd_available() {
+        return;
+    }
+    let moved = InstanceId::random();
+    let _cleanup = Cleanup(vec![moved]);
+    let db = TestDb::sqlite();
+    let store = db.store().await;
+    for h in ["node-a", "node-b"] {
+        store
+            .add_host(&NewHost { name: host(h), mac: None, ip: None, bmc_url: None, bmc_credentials: None }, "test")
+            .await
+            .expect("host");
+    }
+    let item = NewInstance {
+        uuid: moved,
+        name: format!("nk-{moved}"),
+        owner: host("node-b"),
+        ha: true,
+        storage: Storage::Shared,
+        generation: Generation(2),
+        domain_xml: None,
+    };
+    store.import_instances(&[item], "test").await.expect("import");
+    let mut conn = Connect::open(Some(URI)).expect("connect to libvirtd");
+    let name = format!("nk-{}-ro", &moved.to_string()[..8]);
+    let dom = Domain::define_xml(&conn, &xml(&name, moved, 1)).expect("define");
+    dom.create().expect("start");
+    dom.set_autostart(true).expect("autostart");
+
+    // The state directory is read-only: the XML cannot be saved to quarantine/.
+    let dir = tempfile::tempdir().expect("dir");
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).expect("state");
+    let s = state.display().to_string();
+    assert!(Command::new("mount").args(["--bind", &s, &s]).status().expect("mount").success());
+    let _mount = Mount(state.clone());
+    assert!(Command::new("mount").args(["-o", "remount,bind,ro", &s]).status().expect("mount").success());
+    let config = dir.path().join("guard.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "host = \"node-a\"\ndatabase_url = \"{}\"\n[libvirt]\nconfig_dir = \"{}\"\nuri = \"{URI}\"\n[boot]\nstate_dir = \"{s}\"\ndb_wait = \"5s\"\n",
+            db.url(),
+            dir.path().join("unused").display(),
+        ),
+    )
+    .expect("config");
+    let out = Command::new(env!("CARGO_BIN_EXE_nodekeeper-guard"))
+        .args(["boot", "--post-libvirt", "--json", "--config"])
+        .arg(&config)
+        .output()
+        .expect("run guard");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    assert_eq!(report["destroyed"], serde_json::json!([moved.to_string()]), "{report}");
+    assert!(!report["errors"].as_array().expect("errors").is_empty(), "said loudly: {report}");
+    // Not running, still defined (nothing lost), no autostart.
+    assert_eq!(exists(&conn, moved), Some(false), "destroyed, kept defined");
+    let dom = Domain::lookup_by_uuid_string(&conn, &moved.to_string()).expect("defined");
+    assert!(!dom.get_autostart().expect("autostart"), "autostart off");
+    let _ = conn.close();
+}

@@ -119,11 +119,22 @@ impl Journal {
     }
 }
 
+/// The suffix of a stale definition held in place (`config_dir/NAME.xml.nk-held`) when it
+/// could not be quarantined: libvirtd loads only `*.xml`, so it is no longer defined at boot;
+/// a later run moves it into `quarantine/`.
+pub const HELD: &str = ".nk-held";
+/// The suffix of an autostart link blocked in place (`autostart/NAME.xml.nk-blocked`) when it
+/// could not be moved into `blocked/`: libvirtd ignores it; a later run restores or retires it.
+pub const BLOCKED_IN_PLACE: &str = ".nk-blocked";
+
 /// What was done.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Outcome {
     /// Quarantines completed on disk (their events still to record), journal order.
     pub quarantined: Vec<Quarantine>,
+    /// Stale definitions that could not be quarantined (a full or read-only state directory)
+    /// and were held in place instead: renamed `NAME.xml.nk-held`, autostart link removed.
+    pub held: Vec<InstanceId>,
     /// Autostart links moved aside.
     pub blocked: Vec<InstanceId>,
     /// Autostart links given back.
@@ -139,6 +150,7 @@ pub fn execute(dirs: &Dirs, mut journal: Journal, actions: &[Action]) -> io::Res
     let mut out = Outcome::default();
 
     // 1. New quarantines join the journal, which is made durable before anything moves.
+    let journaled = journal.entries.len();
     let mut sources: HashSet<PathBuf> = journal.entries.iter().map(|q| q.source.clone()).collect();
     let mut dests: HashSet<PathBuf> = journal.entries.iter().map(|q| q.dest.clone()).collect();
     for action in actions {
@@ -146,7 +158,8 @@ pub fn execute(dirs: &Dirs, mut journal: Journal, actions: &[Action]) -> io::Res
             if !sources.insert(path.clone()) {
                 continue;
             }
-            let dest = quarantine_dest(&dirs.quarantine(), *uuid, path, &dests);
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let dest = quarantine_dest(&dirs.quarantine(), Some(*uuid), &name, &dests);
             dests.insert(dest.clone());
             journal.entries.push(Quarantine {
                 uuid: *uuid,
@@ -158,8 +171,21 @@ pub fn execute(dirs: &Dirs, mut journal: Journal, actions: &[Action]) -> io::Res
         }
     }
     if !journal.entries.is_empty() {
-        journal.store(dirs)?;
-        fault::point("after-journal");
+        if let Err(e) = journal.store(dirs) {
+            // No journal, no move (a crash could lose track of one): the new ones are held
+            // in place instead, which needs no space at all.
+            let fresh: Vec<Quarantine> = journal.entries.split_off(journaled);
+            tracing::error!(
+                "the journal cannot be written ({e}): holding {} stale definition(s) in place",
+                fresh.len()
+            );
+            out.errors.push(FileError { path: dirs.journal(), reason: format!("journal not written: {e}") });
+            for q in fresh {
+                hold_in_place(&q, &mut out);
+            }
+        } else {
+            fault::point("after-journal");
+        }
     }
 
     // 2. The moves, each idempotent: a rerun after a crash completes what is missing.
@@ -167,14 +193,17 @@ pub fn execute(dirs: &Dirs, mut journal: Journal, actions: &[Action]) -> io::Res
     for q in &journal.entries {
         match quarantine_one(q) {
             Ok(()) => done.push(q.clone()),
-            Err(e) => out.errors.push(FileError { path: q.source.clone(), reason: format!("quarantine failed: {e}") }),
+            Err(e) => {
+                out.errors.push(FileError { path: q.source.clone(), reason: format!("quarantine failed: {e}") });
+                if q.source.exists() {
+                    hold_in_place(q, &mut out);
+                }
+            }
         }
     }
     if !journal.entries.is_empty() {
         for dir in [dirs.config_dir.clone(), dirs.autostart(), dirs.quarantine()] {
-            if dir.exists() {
-                fsutil::fsync_dir(&dir)?;
-            }
+            sync_or_report(&dir, &mut out);
         }
         fault::point("after-moves");
     }
@@ -188,9 +217,24 @@ pub fn execute(dirs: &Dirs, mut journal: Journal, actions: &[Action]) -> io::Res
     for action in actions {
         let result = match action {
             Action::Quarantine { .. } => continue,
-            Action::Block { uuid, link } => {
-                move_link_into(link, &dirs.blocked()).map(|()| out.blocked.push(*uuid)).map_err(|e| (link, e))
-            }
+            Action::Block { uuid, link } => match move_link_into(link, &dirs.blocked()) {
+                Ok(()) => {
+                    out.blocked.push(*uuid);
+                    Ok(())
+                }
+                // No room (or no write) in blocked/: blocked in place, by a rename in autostart/.
+                Err(e) => {
+                    let aside = PathBuf::from(format!("{}{BLOCKED_IN_PLACE}", link.display()));
+                    match std::fs::rename(link, &aside) {
+                        Ok(()) => {
+                            tracing::error!("{}: blocked in place as {} ({e})", link.display(), aside.display());
+                            out.blocked.push(*uuid);
+                            Ok(())
+                        }
+                        Err(e2) => Err((link, io::Error::new(e2.kind(), format!("{e}; blocking in place: {e2}")))),
+                    }
+                }
+            },
             Action::Restore { uuid, blocked } => ensure_dir(&dirs.autostart())
                 .and_then(|()| move_link_into(blocked, &dirs.autostart()))
                 .map(|()| out.restored.push(*uuid))
@@ -204,12 +248,74 @@ pub fn execute(dirs: &Dirs, mut journal: Journal, actions: &[Action]) -> io::Res
     }
     if touched_links {
         for dir in [dirs.autostart(), dirs.blocked(), dirs.quarantine()] {
-            if dir.exists() {
-                fsutil::fsync_dir(&dir)?;
-            }
+            sync_or_report(&dir, &mut out);
         }
     }
     Ok((out, journal))
+}
+
+/// fsyncs `dir` (if it exists); a failure is reported, not fatal: what could be done is done.
+fn sync_or_report(dir: &Path, out: &mut Outcome) {
+    if dir.exists() {
+        if let Err(e) = fsutil::fsync_dir(dir) {
+            out.errors.push(FileError { path: dir.to_owned(), reason: format!("fsync: {e}") });
+        }
+    }
+}
+
+/// A stale definition that cannot be quarantined is held in place, so that libvirtd does not
+/// define (nor autostart) it: its autostart link is removed and the file renamed
+/// `NAME.xml.nk-held` in its own directory — steps that need no free space. Nothing is lost;
+/// a later run moves it into `quarantine/`. When even that fails (a read-only `config_dir`),
+/// it is reported loudly and the post-libvirt pass destroys the running copy.
+fn hold_in_place(q: &Quarantine, out: &mut Outcome) {
+    let held = PathBuf::from(format!("{}{HELD}", q.source.display()));
+    let result = q
+        .autostart
+        .as_ref()
+        .map_or(Ok(()), |link| fsutil::remove_link(link))
+        .and_then(|()| std::fs::rename(&q.source, &held));
+    match result {
+        Ok(()) => {
+            tracing::error!(
+                "{} is stale ({}) and could not be quarantined: held in place as {}",
+                q.source.display(),
+                q.reason,
+                held.display()
+            );
+            out.held.push(q.uuid);
+            out.errors.push(FileError {
+                path: q.source.clone(),
+                reason: format!(
+                    "held in place as {} (libvirtd will not define it); quarantined by a later run",
+                    held.display()
+                ),
+            });
+        }
+        Err(e) => {
+            tracing::error!("{} is stale ({}) and could be neither quarantined nor held in place: {e}; libvirtd may define it — the post-libvirt pass destroys it if it starts", q.source.display(), q.reason);
+            out.errors
+                .push(FileError { path: q.source.clone(), reason: format!("could not be held in place either: {e}") });
+        }
+    }
+}
+
+/// Moves definitions held in place by an earlier run (`*.xml.nk-held`, judged stale then)
+/// into `quarantine/`. Returns the moves as quarantines (for their events). Idempotent; a move
+/// that still fails leaves the file held and is reported.
+pub fn finish_held(dirs: &Dirs, held: &[PathBuf], out: &mut Vec<FileError>) -> Vec<(PathBuf, PathBuf)> {
+    let mut moved = Vec::new();
+    for path in held {
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let dest = quarantine_dest(&dirs.quarantine(), None, &name, &HashSet::new());
+        match fsutil::move_file(path, &dest) {
+            Ok(()) => moved.push((path.clone(), dest)),
+            Err(e) => {
+                out.push(FileError { path: path.clone(), reason: format!("held in place, still not quarantined: {e}") })
+            }
+        }
+    }
+    moved
 }
 
 /// Removes the autostart link, then moves the definition. Idempotent.
@@ -248,10 +354,12 @@ fn quarantine_one(q: &Quarantine) -> io::Result<()> {
 }
 
 /// `quarantine/UUID.NAME.xml`, or with a numeric suffix when that name is taken (the same
-/// instance quarantined again later): the name always keeps the UUID.
-fn quarantine_dest(dir: &Path, uuid: InstanceId, source: &Path, planned: &HashSet<PathBuf>) -> PathBuf {
-    let name = source.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let base = format!("{uuid}.{name}");
+/// instance quarantined again later): the name always keeps the UUID (when known).
+fn quarantine_dest(dir: &Path, uuid: Option<InstanceId>, name: &str, planned: &HashSet<PathBuf>) -> PathBuf {
+    let base = match uuid {
+        Some(uuid) => format!("{uuid}.{name}"),
+        None => name.to_owned(),
+    };
     let taken = |p: &Path| planned.contains(p) || fsutil::exists(p);
     let mut dest = dir.join(&base);
     let mut n = 1;
@@ -262,8 +370,10 @@ fn quarantine_dest(dir: &Path, uuid: InstanceId, source: &Path, planned: &HashSe
     dest
 }
 
+/// Moves `link` into `dir` under its name (a link blocked in place loses its suffix).
 fn move_link_into(link: &Path, dir: &Path) -> io::Result<()> {
-    let name = link.file_name().ok_or_else(|| io::Error::other("link has no file name"))?;
+    let name = link.file_name().ok_or_else(|| io::Error::other("link has no file name"))?.to_string_lossy();
+    let name = name.strip_suffix(BLOCKED_IN_PLACE).unwrap_or(&name);
     fsutil::move_link(link, &dir.join(name))
 }
 

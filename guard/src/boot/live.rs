@@ -212,7 +212,13 @@ fn execute_live(uri: &str, quarantine: &std::path::Path, actions: &[LiveAction])
     if actions.is_empty() {
         return Ok(out);
     }
-    std::fs::create_dir_all(quarantine).with_context(|| format!("creating {}", quarantine.display()))?;
+    // A quarantine that cannot be written (a full or read-only disk) must not keep a copy that
+    // runs elsewhere running here: the domain is then destroyed anyway (the database holds its
+    // XML), its autostart turned off, and it stays defined (nothing is lost).
+    let writable = std::fs::create_dir_all(quarantine).with_context(|| format!("creating {}", quarantine.display()));
+    if let Err(e) = &writable {
+        tracing::error!("{e:#}: stale domains are destroyed without saving their XML, and kept defined");
+    }
     let mut conn =
         virt::connect::Connect::open(Some(uri)).with_context(|| format!("connecting to libvirt at {uri}"))?;
     for action in actions {
@@ -221,7 +227,18 @@ fn execute_live(uri: &str, quarantine: &std::path::Path, actions: &[LiveAction])
             let dom = virt::domain::Domain::lookup_by_uuid_string(&conn, &uuid.to_string())?;
             let xml = dom.get_xml_desc(virt::sys::VIR_DOMAIN_XML_INACTIVE | virt::sys::VIR_DOMAIN_XML_SECURE)?;
             let saved = free_name(quarantine, &format!("{uuid}.{name}.libvirt.xml"));
-            fsutil::write_atomic(&saved, xml.as_bytes())?;
+            let kept = writable.as_ref().map_err(|e| anyhow::anyhow!("{e:#}")).and_then(|()| {
+                fsutil::write_atomic(&saved, xml.as_bytes()).with_context(|| format!("saving {}", saved.display()))
+            });
+            if let Err(e) = kept {
+                tracing::error!(uuid = %uuid, "{name}: its XML cannot be saved ({e:#}): destroying it anyway ({reason}); it stays defined, autostart off");
+                if *destroy {
+                    dom.destroy().with_context(|| format!("destroying {name} ({reason})"))?;
+                    out.done.push((*uuid, "destroyed", PathBuf::from("(not saved: the database holds it)")));
+                }
+                let _ = dom.set_autostart(false);
+                anyhow::bail!("its XML could not be saved ({e:#}): destroyed if running, left defined, autostart off");
+            }
             if *destroy {
                 dom.destroy().with_context(|| format!("destroying {name} ({reason})"))?;
                 out.done.push((*uuid, "destroyed", saved.clone()));

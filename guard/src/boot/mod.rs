@@ -52,6 +52,10 @@ pub struct Report {
     pub on_db_unreachable: crate::config::OnDbUnreachable,
     /// Wall time of the run in milliseconds (extension).
     pub elapsed_ms: u64,
+    /// Stale definitions that could not be quarantined (state directory full or read-only)
+    /// and were held in place: renamed `NAME.xml.nk-held`, autostart link removed, so
+    /// libvirtd does not define them (extension).
+    pub held: Vec<InstanceId>,
 }
 
 /// `ok` | `unreachable`
@@ -80,12 +84,21 @@ pub async fn run(config: &Config) -> Result<Report, BootError> {
     let started = Instant::now();
     let dirs = Dirs { config_dir: config.libvirt.config_dir.clone(), state_dir: config.boot.state_dir.clone() };
     let state_err = |source| BootError { path: dirs.state_dir.clone(), source };
-    dirs.prepare().map_err(state_err)?;
+    // A state directory that cannot be made (a read-only or full disk) does not stop the pass:
+    // what cannot be quarantined is held in place (see `execute`), and the report says so.
+    let unprepared = dirs.prepare().err();
+    if let Some(e) = &unprepared {
+        tracing::error!("state directory {}: {e}: stale definitions will be held in place", dirs.state_dir.display());
+    }
 
     let (scan, journal, cache, mut errors) = {
         let (dirs, host) = (dirs.clone(), config.host.clone());
         tokio::task::spawn_blocking(move || {
             let mut errors = Vec::new();
+            if let Some(e) = unprepared {
+                errors
+                    .push(FileError { path: dirs.state_dir.clone(), reason: format!("state directory unusable: {e}") });
+            }
             let journal = Journal::load(&dirs, &mut errors);
             let cache = load_cache(&dirs, &host, &mut errors);
             scan::scan(&dirs.config_dir, &dirs.blocked()).map(|s| (s, journal, cache, errors))
@@ -117,13 +130,27 @@ pub async fn run(config: &Config) -> Result<Report, BootError> {
 
     tracing::info!(elapsed_ms = started.elapsed().as_millis(), "database answered");
     let plan = decide::decide(&config.host, &scan, &answer, &cache, config.boot.on_db_unreachable);
-    let (outcome, mut journal) = {
-        let (dirs, actions) = (dirs.clone(), plan.actions.clone());
-        tokio::task::spawn_blocking(move || execute::execute(&dirs, journal, &actions))
-            .await
-            .map_err(|e| state_err(std::io::Error::other(e)))?
-            .map_err(state_err)?
+    let (outcome, mut journal, held_done) = {
+        let (dirs, actions, held) = (dirs.clone(), plan.actions.clone(), scan.held.clone());
+        tokio::task::spawn_blocking(move || {
+            let (outcome, journal) = execute::execute(&dirs, journal, &actions)?;
+            // Definitions an earlier run held in place join the quarantine now, if it can.
+            let mut errors = Vec::new();
+            let moved = execute::finish_held(&dirs, &held, &mut errors);
+            Ok::<_, std::io::Error>((outcome, journal, (moved, errors)))
+        })
+        .await
+        .map_err(|e| state_err(std::io::Error::other(e)))?
+        .map_err(state_err)?
     };
+    let (held_moved, held_errors) = held_done;
+    errors.extend(held_errors);
+    if !outcome.held.is_empty() {
+        tracing::error!(
+            held = ?outcome.held,
+            "stale definitions could not be quarantined (state directory full or read-only): held in place, libvirtd will not define them"
+        );
+    }
 
     tracing::info!(elapsed_ms = started.elapsed().as_millis(), actions = plan.actions.len(), "files moved");
     // Events for what moved, then the journal can go.
@@ -153,6 +180,24 @@ pub async fn run(config: &Config) -> Result<Report, BootError> {
                 &config.host,
                 *u,
                 format!("autostart of {u} restored: the database confirms it"),
+            )
+        }));
+        events.extend(held_moved.iter().map(|(from, to)| {
+            NewEvent::host(
+                &actor,
+                "instance.quarantined",
+                &config.host,
+                format!("definition held in place earlier, {}, quarantined to {}", from.display(), to.display()),
+            )
+            .with_key(format!("quarantine:{}:{}", config.host, to.display()))
+        }));
+        events.extend(outcome.held.iter().map(|u| {
+            NewEvent::instance(
+                &actor,
+                "instance.quarantine_held",
+                &config.host,
+                *u,
+                format!("stale definition of {u} could not be quarantined (state directory full or read-only): held in place, not defined by libvirtd"),
             )
         }));
         if matches!(answer, DbAnswer::Reached { host_known: false, .. }) {
@@ -208,6 +253,7 @@ pub async fn run(config: &Config) -> Result<Report, BootError> {
         database_error,
         on_db_unreachable: config.boot.on_db_unreachable,
         elapsed_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        held: outcome.held,
     })
 }
 

@@ -46,8 +46,10 @@ pub struct Scan {
     pub domains: Vec<LocalDomain>,
     /// Files that are not usable definitions (left in place).
     pub errors: Vec<FileError>,
-    /// Autostart links previously moved aside.
+    /// Autostart links previously moved aside (into `blocked/`, or blocked in place).
     pub blocked: Vec<BlockedLink>,
+    /// Stale definitions an earlier run held in place (`NAME.xml.nk-held`).
+    pub held: Vec<PathBuf>,
 }
 
 /// Reads `config_dir` and `blocked_dir`. A missing directory is empty, not an error (a
@@ -56,6 +58,12 @@ pub fn scan(config_dir: &Path, blocked_dir: &Path) -> io::Result<Scan> {
     let mut out = Scan::default();
     let links = list_links(&config_dir.join("autostart"))?;
     let mut files = list_dir(config_dir)?;
+    out.held = files
+        .iter()
+        .filter(|(name, kind)| name.ends_with(&format!(".xml{}", super::execute::HELD)) && kind.is_file())
+        .map(|(name, _)| config_dir.join(name))
+        .collect();
+    out.held.sort();
     files.retain(|(name, kind)| name.ends_with(".xml") && !name.starts_with('.') && kind.is_file());
     files.sort_by(|a, b| a.0.cmp(&b.0));
     // Reading and parsing 10,000 definitions is most of a boot pass: spread it over the cores.
@@ -75,6 +83,15 @@ pub fn scan(config_dir: &Path, blocked_dir: &Path) -> io::Result<Scan> {
         }
     }
     let mut blocked: Vec<_> = list_links(blocked_dir)?.into_iter().collect();
+    // Links blocked in place (`autostart/NAME.xml.nk-blocked`): blocked all the same.
+    let suffix = format!(".xml{}", super::execute::BLOCKED_IN_PLACE);
+    for (name, kind) in list_dir(&config_dir.join("autostart"))? {
+        if let (true, Some(base)) = (kind.is_symlink(), name.strip_suffix(super::execute::BLOCKED_IN_PLACE)) {
+            if name.ends_with(&suffix) && !blocked.iter().any(|(b, _)| b == base) {
+                blocked.push((base.to_owned(), config_dir.join("autostart").join(&name)));
+            }
+        }
+    }
     blocked.sort();
     out.blocked = blocked.into_iter().map(|(file_name, path)| BlockedLink { path, file_name }).collect();
     Ok(out)
