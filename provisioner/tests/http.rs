@@ -58,12 +58,15 @@ async fn start() -> Server {
         deploy_kernel: "deploy/vmlinuz".into(),
         deploy_initrd: "deploy/initrd.img".into(),
         deploy_kernel_args: "console=ttyS0".into(),
+        max_event_streams: 4,
     };
     let state = HttpState {
         store: store.clone(),
         config: Arc::new(config),
         metrics: Arc::new(Metrics::default()),
         health: Default::default(),
+        guard_store: store.clone(),
+        streams: Default::default(),
         images: Arc::new(Images::new(&images_dir).expect("images")),
     };
     let shutdown = CancellationToken::new();
@@ -252,4 +255,58 @@ async fn the_event_stream_sends_every_event_once_in_order_and_resumes() {
     let _ = tokio::time::timeout(Duration::from_secs(10), s.task).await.expect("the server stopped");
     let _ = open.await;
     assert!(started.elapsed() < Duration::from_secs(5), "shutdown waited for a stream");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_streams_are_capped_and_a_closed_one_frees_its_slot() {
+    let s = start().await; // max_event_streams = 4
+    let url = format!("{}/api/v1/events/stream", s.base);
+    let mut open: Vec<std::process::Child> = (0..4)
+        .map(|_| Command::new("curl").args(["-sN", "--max-time", "20", "-o", "/dev/null", &url]).spawn().expect("curl"))
+        .collect();
+    let code = |url: String| {
+        let out = Command::new("curl")
+            .args(["-s", "-N", "--max-time", "1", "-o", "/dev/null", "-w", "%{http_code}", &url])
+            .output()
+            .expect("curl");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let started = std::time::Instant::now();
+    loop {
+        let c = tokio::task::spawn_blocking({
+            let url = url.clone();
+            move || code(url)
+        })
+        .await
+        .expect("join");
+        if c == "503" {
+            break;
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(30), "a fifth stream was never refused: {c}");
+    }
+    // The API still answers while the streams are full.
+    let (code_hosts, _, _) = curl(&[&format!("{}/api/v1/hosts", s.base)]).await;
+    assert_eq!(code_hosts, 200);
+    // One closes: its slot is free again.
+    let mut first = open.remove(0);
+    first.kill().expect("kill");
+    first.wait().expect("wait");
+    let started = std::time::Instant::now();
+    loop {
+        let c = tokio::task::spawn_blocking({
+            let url = url.clone();
+            move || code(url)
+        })
+        .await
+        .expect("join");
+        if c == "200" {
+            break;
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(30), "the slot was not freed: {c}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    for mut c in open {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
 }

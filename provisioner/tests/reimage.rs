@@ -64,12 +64,15 @@ async fn rig() -> Rig {
         deploy_kernel: "deploy/vmlinuz".into(),
         deploy_initrd: "deploy/initrd.img".into(),
         deploy_kernel_args: String::new(),
+        max_event_streams: 4,
     };
     let state = HttpState {
         store: store.clone(),
         config: Arc::new(config),
         metrics: Arc::new(Metrics::default()),
         health: Default::default(),
+        guard_store: store.clone(),
+        streams: Default::default(),
         images: Arc::new(Images::new(dir.path()).expect("images")),
     };
     let stop = CancellationToken::new();

@@ -90,8 +90,23 @@ pub struct EventFilter {
 }
 
 /// Appends an event inside the caller's transaction, so the event exists iff the change does.
+/// Serializes the transactions that append events (PostgreSQL; SQLite has one writer at a
+/// time anyway), so event ids become visible in order: a follower that read up to id N never
+/// misses an N-1 that was still uncommitted (PostgreSQL hands out sequence values at insert,
+/// not at commit). Held until the transaction ends; taken by every writer of events.
+pub(crate) async fn lock_event_order(conn: &mut sqlx::AnyConnection) -> Result<()> {
+    if crate::db::backend_of(conn) == crate::Backend::Postgres {
+        sqlx::query("SELECT pg_advisory_xact_lock(7271001)")
+            .execute(&mut *conn)
+            .await
+            .map_err(query("ordering events"))?;
+    }
+    Ok(())
+}
+
 /// Its time is the database server's.
 pub(crate) async fn insert_event(conn: &mut sqlx::AnyConnection, e: &NewEvent) -> Result<()> {
+    lock_event_order(conn).await?;
     let sql = format!(
         "INSERT INTO events (at, actor, kind, host, instance, message, key) VALUES ({}, $1, $2, $3, $4, $5, $6) \
          ON CONFLICT (key) DO NOTHING",
@@ -137,6 +152,7 @@ impl Store {
             return Ok(());
         }
         let mut tx = self.begin_write(WHAT).await?;
+        lock_event_order(&mut tx).await?;
         let now = db_now;
         for chunk in events.chunks(EVENT_BATCH) {
             let rows: Vec<String> = (0..chunk.len())
@@ -165,8 +181,10 @@ impl Store {
 
     /// Appends one event on its own.
     pub async fn record_event(&self, e: &NewEvent) -> Result<()> {
-        let mut conn = self.pool.acquire().await.map_err(query("recording an event"))?;
-        insert_event(&mut conn, e).await
+        const WHAT: &str = "recording an event";
+        let mut tx = self.begin_write(WHAT).await?;
+        insert_event(&mut tx, e).await?;
+        tx.commit().await.map_err(query(WHAT))
     }
 
     /// The first `limit` events after id `after` (of `host`, if given), oldest first: for

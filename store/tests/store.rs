@@ -32,6 +32,7 @@ on_both_engines!(
     time_is_the_database_servers,
     peers_are_the_watched_hosts_with_an_address_and_a_key_per_pair,
     followers_read_events_in_order_from_an_id,
+    a_follower_misses_no_event_while_writers_race,
     host_state_compare_and_set_changes_only_from_the_expected_state,
 );
 
@@ -681,6 +682,53 @@ async fn followers_read_events_in_order_from_an_id(db: TestDb) {
     }
     assert_eq!(seen, all.iter().map(|e| e.id).collect::<Vec<_>>());
     assert!(store.events_after(last, None, 10).await.expect("none").is_empty());
+}
+
+/// A follower that polls by id while a large batch and small events are written at once
+/// sees every event: ids become visible in order (on PostgreSQL they are handed out at
+/// insert, not at commit; event writers are serialized so none commits past an earlier one).
+async fn a_follower_misses_no_event_while_writers_race(db: TestDb) {
+    let store = fleet(&db).await;
+    let start = store.last_event_id().await.expect("last");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let follower = {
+        let (store, stop) = (store.clone(), stop.clone());
+        tokio::spawn(async move {
+            let (mut after, mut seen) = (start, Vec::new());
+            loop {
+                let done = stop.load(std::sync::atomic::Ordering::SeqCst);
+                let batch = store.events_after(after, None, 100_000).await.expect("follow");
+                for e in &batch {
+                    after = e.id;
+                    seen.push(e.id);
+                }
+                if done && batch.is_empty() {
+                    return seen;
+                }
+                tokio::task::yield_now().await;
+            }
+        })
+    };
+    for round in 0..3 {
+        let big: Vec<NewEvent> = (0..5_000)
+            .map(|i| NewEvent::host("test", "test.batch", &host("node-a"), format!("round {round} event {i}")))
+            .collect();
+        let writer = {
+            let store = store.clone();
+            tokio::spawn(async move { store.record_events(&big).await })
+        };
+        for i in 0..20 {
+            let e = NewEvent::host("test", "test.small", &host("node-b"), format!("round {round} small {i}"));
+            store.record_event(&e).await.expect("small");
+        }
+        writer.await.expect("join").expect("batch");
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let seen = follower.await.expect("follower");
+    let all: Vec<i64> = store.events_after(start, None, 100_000).await.expect("all").iter().map(|e| e.id).collect();
+    assert_eq!(all.len(), 3 * 5_020);
+    assert_eq!(seen.len(), all.len(), "the follower missed {} events", all.len() - seen.len());
+    assert_eq!(seen, all, "in order, each once");
 }
 
 async fn host_state_compare_and_set_changes_only_from_the_expected_state(db: TestDb) {

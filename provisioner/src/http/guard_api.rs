@@ -66,7 +66,7 @@ async fn authorize(state: &HttpState, name: &str, headers: &HeaderMap) -> Result
         .filter(|t| valid_token(t));
     // A missing token is checked against the host too: an unknown host is a 404 either way.
     let hash = token.map(token_hash).unwrap_or_default();
-    match state.store.check_node_token(&name, &hash).await {
+    match state.guard_store.check_node_token(&name, &hash).await {
         Ok(Some(true)) if token.is_some() => Ok(name),
         Ok(Some(_)) => {
             let mut r = text(StatusCode::UNAUTHORIZED, format!("a valid node token for {name} is required\n"));
@@ -105,7 +105,7 @@ async fn heartbeat(State(state): State<HttpState>, UrlPath(name): UrlPath<String
         Ok(h) => h,
         Err(r) => return r,
     };
-    match state.store.record_heartbeat(&host).await {
+    match state.guard_store.record_heartbeat(&host).await {
         Ok(at) => Json(serde_json::json!({ "at": at })).into_response(),
         Err(e) => internal(e),
     }
@@ -127,7 +127,7 @@ async fn ownership(
     if query.uuids.len() > MAX_ITEMS {
         return text(StatusCode::PAYLOAD_TOO_LARGE, format!("at most {MAX_ITEMS} UUIDs per query\n"));
     }
-    match state.store.ownership(&query.uuids).await {
+    match state.guard_store.ownership(&query.uuids).await {
         Ok(o) => Json(o).into_response(),
         Err(e) => internal(e),
     }
@@ -138,7 +138,7 @@ async fn assigned(State(state): State<HttpState>, UrlPath(name): UrlPath<String>
         Ok(h) => h,
         Err(r) => return r,
     };
-    match state.store.instances(Some(&host)).await {
+    match state.guard_store.instances(Some(&host)).await {
         Ok(list) => Json(list.iter().map(Assigned::from).collect::<Vec<_>>()).into_response(),
         Err(e) => internal(e),
     }
@@ -157,12 +157,12 @@ async fn domain_xml(
         return text(StatusCode::BAD_REQUEST, format!("invalid UUID {uuid:?}\n"));
     };
     // Only the owner may read it: a domain XML can carry secrets (disk paths, passwords).
-    match state.store.instance(uuid).await {
+    match state.guard_store.instance(uuid).await {
         Ok(Some(i)) if i.owner == host && !i.deleted => {}
         Ok(_) => return text(StatusCode::NOT_FOUND, format!("{uuid} is not assigned to {host}\n")),
         Err(e) => return internal(e),
     }
-    match state.store.domain_xml(uuid).await {
+    match state.guard_store.domain_xml(uuid).await {
         Ok(Some(xml)) => ([(header::CONTENT_TYPE, "application/xml")], xml).into_response(),
         Ok(None) => text(StatusCode::NOT_FOUND, format!("{uuid} has no stored domain XML\n")),
         Err(e) => internal(e),
@@ -179,7 +179,7 @@ async fn report(
         Ok(v) => v,
         Err(r) => return r,
     };
-    match state.store.save_guard_report(&host, &domains).await {
+    match state.guard_store.save_guard_report(&host, &domains).await {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(e) => internal(e),
     }
@@ -210,7 +210,7 @@ async fn events(
             key: e.key.map(|k| format!("{actor}:{k}")),
         })
         .collect();
-    match state.store.record_events(&events).await {
+    match state.guard_store.record_events(&events).await {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(e) => internal(e),
     }
@@ -221,7 +221,7 @@ async fn peers(State(state): State<HttpState>, UrlPath(name): UrlPath<String>, h
         Ok(h) => h,
         Err(r) => return r,
     };
-    match state.store.peers_of(&host).await {
+    match state.guard_store.peers_of(&host).await {
         Ok(list) => Json::<PeerList>(list).into_response(),
         Err(e) => internal(e),
     }
@@ -244,7 +244,7 @@ async fn relay(
     if relay.host == via {
         return text(StatusCode::BAD_REQUEST, "a host cannot relay its own heartbeat\n".into());
     }
-    match state.store.relay_heartbeat(&relay.host, &via).await {
+    match state.guard_store.relay_heartbeat(&relay.host, &via).await {
         Ok(true) => StatusCode::NO_CONTENT.into_response(),
         Ok(false) => text(StatusCode::CONFLICT, format!("{} is not a watched host of the cell\n", relay.host)),
         Err(e) => internal(e),

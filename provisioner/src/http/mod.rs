@@ -46,21 +46,43 @@ pub struct HttpState {
     pub images: Arc<Images>,
     /// The state of `serve`'s components, for `/healthz`.
     pub health: Arc<crate::health::Health>,
+    /// The guard API's own pool: heartbeats never wait behind readers of the API or the
+    /// event stream (a separate pool on the same database).
+    pub guard_store: Store,
+    /// Event streams open now (capped at `max_event_streams`).
+    pub streams: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// How long an API request may take before it is answered 408 (the event stream and image
+/// downloads are not bounded: they are long by nature).
+pub const API_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One open event stream, counted while it lives.
+struct StreamSlot(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 /// The routes.
 pub fn router(state: HttpState) -> Router {
-    Router::new()
+    // Bounded: everything but the stream and the images.
+    let api = Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/boot/{file}", get(boot_script))
-        .route("/images/{*path}", get(image).head(image))
         .route("/api/v1/hosts", get(api_hosts))
         .route("/api/v1/hosts/{name}", get(api_host))
         .route("/api/v1/events", get(api_events))
-        .route("/api/v1/events/stream", get(api_events_stream))
         .route("/api/v1/hosts/{name}/deploy", axum::routing::post(api_deploy))
         .merge(guard_api::routes())
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, API_TIMEOUT));
+    Router::new()
+        .route("/images/{*path}", get(image).head(image))
+        .route("/api/v1/events/stream", get(api_events_stream))
+        .merge(api)
         .layer(middleware::from_fn_with_state(state.clone(), count_requests))
         .with_state(state)
 }
@@ -293,6 +315,15 @@ async fn api_events_stream(
     shutdown: Option<axum::Extension<CancellationToken>>,
 ) -> Response {
     use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+    use std::sync::atomic::Ordering;
+    if state.streams.fetch_add(1, Ordering::SeqCst) >= state.config.max_event_streams {
+        state.streams.fetch_sub(1, Ordering::SeqCst);
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("too many event streams open (max_event_streams = {})\n", state.config.max_event_streams),
+        );
+    }
+    let slot = StreamSlot(state.streams.clone());
     let host = match q.host.map(|h| h.parse::<HostName>()) {
         Some(Ok(h)) => Some(h),
         Some(Err(e)) => return text(StatusCode::BAD_REQUEST, format!("{e}\n")),
@@ -307,13 +338,13 @@ async fn api_events_stream(
         },
     };
     let stop = shutdown.map(|s| s.0).unwrap_or_default();
-    let start = (state.store.clone(), after, std::collections::VecDeque::new());
-    let stream = futures_util::stream::unfold(start, move |(store, mut after, mut queue)| {
+    let start = (state.store.clone(), after, std::collections::VecDeque::new(), slot);
+    let stream = futures_util::stream::unfold(start, move |(store, mut after, mut queue, slot)| {
         let (host, stop) = (host.clone(), stop.clone());
         async move {
             loop {
                 if let Some(e) = queue.pop_front() {
-                    return Some((Ok::<_, std::convert::Infallible>(e), (store, after, queue)));
+                    return Some((Ok::<_, std::convert::Infallible>(e), (store, after, queue, slot)));
                 }
                 match store.events_after(after, host.as_ref(), 500).await {
                     Ok(batch) if !batch.is_empty() => {

@@ -134,6 +134,14 @@ pub struct HttpConfig {
     /// Extra kernel arguments for the deploy ramdisk (default `console=ttyS0`).
     #[serde(default = "default_kernel_args")]
     pub deploy_kernel_args: String,
+    /// Event streams (`/api/v1/events/stream`) open at once; more are refused with 503
+    /// (default 256): followers cannot starve the guard API.
+    #[serde(default = "default_max_event_streams")]
+    pub max_event_streams: usize,
+}
+
+fn default_max_event_streams() -> usize {
+    256
 }
 
 fn default_kernel() -> String {

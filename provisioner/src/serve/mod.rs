@@ -90,6 +90,13 @@ pub async fn run(config: ServeConfig, bound: Bound, store: Store, shutdown: Canc
         metrics: metrics.clone(),
         images,
         health: health.clone(),
+        guard_store: Store::connect_with(
+            &config.database_url,
+            &ConnectOptions { max_connections: 8, create_if_missing: false, ..Default::default() },
+        )
+        .await
+        .context("opening the guard API's connection pool")?,
+        streams: Default::default(),
     };
     let http_addr = bound.http.local_addr()?;
     tracing::info!(listen = %http_addr, "HTTP serving");
@@ -193,6 +200,7 @@ pub async fn run(config: ServeConfig, bound: Bound, store: Store, shutdown: Canc
     if drained.is_err() {
         tracing::warn!("servers did not drain within {DRAIN:?}; stopping anyway");
     }
+    state.guard_store.close().await;
     store.close().await;
     Ok(())
 }
