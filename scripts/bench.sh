@@ -24,10 +24,13 @@ PY
 pg_db_url() { local u=${pg_admin%/*}; echo "$u/$1"; }
 psql_admin() { psql -q "$pg_admin" -c "$1" >/dev/null; }
 
-for engine in sqlite postgres; do
+# sqlite runs with synchronous = FULL (the default: every commit survives a power loss);
+# sqlite-normal with NORMAL, to show what FULL costs.
+for engine in sqlite sqlite-normal postgres; do
   for run in 1 2 3; do
     case $engine in
       sqlite) rm -f .bench/import.db*; url="sqlite://$PWD/.bench/import.db" ;;
+      sqlite-normal) rm -f .bench/import.db*; url="sqlite://$PWD/.bench/import.db?synchronous=normal" ;;
       postgres) psql_admin "DROP DATABASE IF EXISTS nk_bench WITH (FORCE)"; psql_admin "CREATE DATABASE nk_bench"; url=$(pg_db_url nk_bench) ;;
     esac
     export NODEKEEPER_DATABASE_URL=$url
@@ -58,6 +61,13 @@ python3 scripts/bench_net.py ./target/release/nodekeeper-provisioner "$PWD/.benc
 echo
 echo "== reimage executor capacity (SQLite; fake BMCs, stub agent)"
 cargo run --release --locked -q -p nodekeeper-provisioner --example reimage_load -- 100 1000 5000
+echo "-- the same with synchronous = NORMAL (what FULL costs)"
+NK_SQLITE_SYNC=normal cargo run --release --locked -q -p nodekeeper-provisioner --example reimage_load -- 100 1000 5000
+
+# --- DHCP with synchronous = NORMAL: what FULL costs the lease writes ----------------------
+echo
+echo "== DHCP, nodekeeper only, synchronous = NORMAL (compare with the FULL rows above)"
+BENCH=dhcp DHCP_SERVERS=nodekeeper NK_SQLITE_SYNC=normal python3 scripts/bench_net.py ./target/release/nodekeeper-provisioner "$PWD/.bench/net-normal"
 
 printf '\n%-28s %-9s %-6s %s\n' BENCHMARK ENGINE RUN RESULT
 for r in "${results[@]}"; do IFS='|' read -r a b c d <<<"$r"; printf '%-28s %-9s %-6s %s\n' "$a" "$b" "$c" "$d"; done

@@ -43,7 +43,9 @@ fn cpu_seconds() -> f64 {
 
 async fn run(n: usize) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let url = format!("sqlite://{}/nk.db", dir.path().display());
+    // NK_SQLITE_SYNC=normal: SQLite with synchronous = NORMAL, to measure what FULL costs.
+    let sync = if std::env::var("NK_SQLITE_SYNC").as_deref() == Ok("normal") { "?synchronous=normal" } else { "" };
+    let url = format!("sqlite://{}/nk.db{sync}", dir.path().display());
     let store = Store::connect_with(&url, &ConnectOptions { max_connections: 8, ..Default::default() }).await?;
     store.migrate().await?;
     for i in 0..n {

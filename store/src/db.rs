@@ -10,9 +10,16 @@ use sqlx::{AnyPool, ConnectOptions as _, Connection, Executor};
 use crate::error::{Result, StoreError};
 use crate::types::Timestamp;
 
-/// Set on every SQLite connection (see `connect_with`).
-const SQLITE_PRAGMAS: &str =
-    "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 10000;";
+/// Set on every SQLite connection (see `connect_with`), after `PRAGMA synchronous`.
+const SQLITE_PRAGMAS: &str = "PRAGMA journal_mode = WAL; PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 10000;";
+
+/// SQLite's `synchronous` level: `full` unless the URL says `?synchronous=normal` (only for
+/// benchmarks and disposable labs: see `connect_with`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Synchronous {
+    Full,
+    Normal,
+}
 
 static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/sqlite");
 static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/postgres");
@@ -134,6 +141,7 @@ pub struct DatabaseUrl {
     /// What the driver gets.
     connect: String,
     redacted: String,
+    synchronous: Synchronous,
 }
 
 impl DatabaseUrl {
@@ -142,22 +150,43 @@ impl DatabaseUrl {
         let redacted = redact_url(url);
         let invalid = |reason: &str| StoreError::InvalidUrl { url: redacted.clone(), reason: reason.to_owned() };
         if let Some(rest) = url.strip_prefix("sqlite:") {
+            // Our own parameter, taken out before the driver sees the URL.
+            let (head, query) = url.split_once('?').unwrap_or((url, ""));
+            let mut synchronous = Synchronous::Full;
+            let mut kept = Vec::new();
+            for kv in query.split('&').filter(|kv| !kv.is_empty()) {
+                match kv.split_once('=') {
+                    Some(("synchronous", "full")) => synchronous = Synchronous::Full,
+                    Some(("synchronous", "normal")) => synchronous = Synchronous::Normal,
+                    Some(("synchronous", other)) => {
+                        return Err(invalid(&format!("synchronous={other}: expected full (the default) or normal")))
+                    }
+                    _ => kept.push(kv),
+                }
+            }
+            let connect = if kept.is_empty() { head.to_owned() } else { format!("{head}?{}", kept.join("&")) };
+            let sqlite = DatabaseUrl { backend: Backend::Sqlite, connect, redacted: redacted.clone(), synchronous };
             if rest == ":memory:" || rest.starts_with(":memory:?") {
-                return Ok(DatabaseUrl { backend: Backend::Sqlite, connect: url.to_owned(), redacted });
+                return Ok(sqlite);
             }
             let path = rest.strip_prefix("//").ok_or_else(|| invalid("expected sqlite://PATH"))?;
             let file = path.split('?').next().unwrap_or_default();
             if file.is_empty() {
                 return Err(invalid("no file path after sqlite://"));
             }
-            return Ok(DatabaseUrl { backend: Backend::Sqlite, connect: url.to_owned(), redacted });
+            return Ok(sqlite);
         }
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             let parsed = url::Url::parse(url).map_err(|e| invalid(&e.to_string()))?;
             if parsed.host_str().is_none_or(str::is_empty) && !url.contains("host=") {
                 return Err(invalid("no host"));
             }
-            return Ok(DatabaseUrl { backend: Backend::Postgres, connect: url.to_owned(), redacted });
+            return Ok(DatabaseUrl {
+                backend: Backend::Postgres,
+                connect: url.to_owned(),
+                redacted,
+                synchronous: Synchronous::Full,
+            });
         }
         Err(invalid("unsupported scheme; expected sqlite://PATH or postgres://USER@HOST/DB"))
     }
@@ -234,14 +263,20 @@ impl Store {
             .log_slow_statements(log::LevelFilter::Debug, Duration::from_secs(1));
         let mut pool = AnyPoolOptions::new().max_connections(opts.max_connections).acquire_timeout(opts.timeout);
         if url.backend == Backend::Sqlite {
-            pool = pool.after_connect(|conn, _meta| {
+            let sync = match url.synchronous {
+                Synchronous::Full => "PRAGMA synchronous = FULL;",
+                Synchronous::Normal => "PRAGMA synchronous = NORMAL;",
+            };
+            pool = pool.after_connect(move |conn, _meta| {
                 Box::pin(async move {
+                    conn.execute(sync).await?;
                     // WAL lets readers go on while one writer commits. FULL syncs the WAL at
                     // every commit: this database is the single source of truth, and a commit
                     // it acknowledged (an ownership move whose new owner already started the
                     // instance, a lease handed out) must survive a power loss, not only a crash
                     // (NORMAL may lose the last transactions then). The cost is in
-                    // docs/performance.md ("synchronous = FULL").
+                    // docs/performance.md ("synchronous = FULL"). `?synchronous=normal` in the
+                    // URL gives that up: for benchmarks and disposable labs only.
                     conn.execute(SQLITE_PRAGMAS).await?;
                     Ok(())
                 })
@@ -477,6 +512,14 @@ mod tests {
         }
         drop(held);
         store.close().await;
+        // `?synchronous=normal` (benchmarks only) is ours: the driver never sees it.
+        let normal = Store::connect_with(&format!("{url}?synchronous=normal"), &opts).await.expect("normal");
+        let mut conn = normal.pool.acquire().await.expect("acquire");
+        let sync: i64 = sqlx::query_scalar("PRAGMA synchronous").fetch_one(&mut *conn).await.expect("pragma");
+        assert_eq!(sync, 1, "1 is NORMAL");
+        drop(conn);
+        normal.close().await;
+        assert!(DatabaseUrl::parse(&format!("{url}?synchronous=off")).is_err(), "only full or normal");
         let _ = std::fs::remove_dir_all(&dir);
     }
 
