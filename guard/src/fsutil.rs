@@ -31,8 +31,15 @@ pub fn fsync_dir(dir: &Path) -> io::Result<()> {
 /// `NotFound` when `src` is missing, `AlreadyExists` when `dest` is taken. The caller fsyncs
 /// the directories.
 pub fn move_file(src: &Path, dest: &Path) -> io::Result<()> {
-    match rename_noreplace(src, dest) {
+    // A symlink is moved as the bytes it leads to (a moved relative link would lead nowhere).
+    let is_link = fs::symlink_metadata(src).is_ok_and(|m| m.file_type().is_symlink());
+    let renamed =
+        if is_link { Err(io::Error::from_raw_os_error(nix::libc::EXDEV)) } else { rename_noreplace(src, dest) };
+    match renamed {
         Err(e) if e.raw_os_error() == Some(nix::libc::EXDEV) => {
+            if exists(dest) {
+                return Err(io::Error::new(io::ErrorKind::AlreadyExists, format!("{} exists", dest.display())));
+            }
             let tmp = parent(dest)?.join(format!(".{}.tmp", file_name(dest)?));
             fs::copy(src, &tmp)?;
             File::open(&tmp)?.sync_all()?;

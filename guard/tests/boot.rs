@@ -590,3 +590,40 @@ async fn a_read_only_state_directory_holds_and_blocks_in_place_and_a_later_run_f
     assert!(!node.config_dir().join("moved.xml.nk-held").exists());
     assert_eq!(std::fs::read_dir(node.state_dir().join("quarantine")).expect("quarantine").count(), 1);
 }
+
+#[tokio::test]
+async fn symlinked_and_oddly_named_definitions_are_judged_or_reported_never_skipped() {
+    use std::os::unix::ffi::OsStrExt;
+    let db = TestDb::sqlite();
+    let (moved, mine) = (InstanceId::random(), InstanceId::random());
+    let _store = database(&db, &[(moved, "node-b", 2, true, false), (mine, "node-a", 1, true, false)]).await;
+    let node = Node::new(db.url());
+    // Definitions reached through links (libvirtd follows them): one stale, one ours.
+    let elsewhere = node.root.path().join("elsewhere");
+    std::fs::create_dir_all(&elsewhere).expect("dir");
+    let real = node.define("moved-real", moved, Some((1, true)), false);
+    let target = elsewhere.join("moved-real.xml");
+    std::fs::rename(&real, &target).expect("move aside");
+    let original = std::fs::read(&target).expect("xml");
+    std::os::unix::fs::symlink("../../../elsewhere/moved-real.xml", node.config_dir().join("moved.xml")).expect("link");
+    let mine_real = node.define("mine-real", mine, Some((1, true)), false);
+    let mine_target = elsewhere.join("mine-real.xml");
+    std::fs::rename(&mine_real, &mine_target).expect("move aside");
+    std::os::unix::fs::symlink(&mine_target, node.config_dir().join("mine.xml")).expect("link");
+    // A link that leads nowhere, and a name that is not UTF-8.
+    std::os::unix::fs::symlink("/nonexistent/x.xml", node.config_dir().join("dangling.xml")).expect("link");
+    let odd = node.config_dir().join(std::ffi::OsStr::from_bytes(b"odd-\xff.xml"));
+    std::fs::write(&odd, b"<domain/>").expect("odd name");
+
+    let report = node.report();
+    assert_eq!(ids(&report, "quarantined"), vec![moved.to_string()], "{report}");
+    assert_eq!(ids(&report, "kept"), vec![mine.to_string()], "{report}");
+    assert!(!node.config_dir().join("moved.xml").exists(), "the stale link left config_dir");
+    let q = node.state_dir().join(format!("quarantine/{moved}.moved.xml"));
+    assert!(!std::fs::symlink_metadata(&q).expect("quarantined").file_type().is_symlink(), "the bytes, not a link");
+    assert_eq!(std::fs::read(&q).expect("read"), original, "byte for byte");
+    let errors = report["errors"].to_string();
+    assert!(errors.contains("dangling.xml") && errors.contains("cannot be read"), "{errors}");
+    assert!(errors.contains("not UTF-8"), "{errors}");
+    assert!(odd.exists(), "reported, left in place");
+}

@@ -310,3 +310,16 @@ async fn event_streams_are_capped_and_a_closed_one_frees_its_slot() {
         let _ = c.wait();
     }
 }
+
+#[tokio::test]
+async fn a_database_error_is_logged_not_shown_to_the_client() {
+    let s = start().await;
+    s.store.close().await; // every query fails from now on
+    let (code, _, body) = curl(&[&format!("{}/api/v1/hosts", s.base)]).await;
+    let body = String::from_utf8_lossy(&body).into_owned();
+    assert_eq!(code, 500, "{body}");
+    assert!(body.starts_with("internal error ") && body.contains("see the provisioner's log"), "{body}");
+    for secret in ["pool", "sqlite", "closed", "nodekeeper.db", "SELECT"] {
+        assert!(!body.contains(secret), "the cause leaked: {body}");
+    }
+}

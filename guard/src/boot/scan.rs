@@ -64,7 +64,35 @@ pub fn scan(config_dir: &Path, blocked_dir: &Path) -> io::Result<Scan> {
         .map(|(name, _)| config_dir.join(name))
         .collect();
     out.held.sort();
-    files.retain(|(name, kind)| name.ends_with(".xml") && !name.starts_with('.') && kind.is_file());
+    // A `*.xml` symlink is a definition to libvirtd too (it follows links): judged like a
+    // file. One that leads nowhere is reported.
+    files.retain(|(name, kind)| {
+        if !name.ends_with(".xml") || name.starts_with('.') {
+            return false;
+        }
+        if kind.is_symlink() {
+            return match std::fs::metadata(config_dir.join(name)) {
+                Ok(m) if m.is_file() => true,
+                Ok(_) => {
+                    let reason = "a symlink to something that is not a file: not judged".to_owned();
+                    out.errors.push(FileError { path: config_dir.join(name), reason });
+                    false
+                }
+                Err(e) => {
+                    let reason = format!("a symlink whose target cannot be read ({e}): not judged");
+                    out.errors.push(FileError { path: config_dir.join(name), reason });
+                    false
+                }
+            };
+        }
+        kind.is_file()
+    });
+    for odd in list_non_utf8(config_dir)? {
+        out.errors.push(FileError {
+            path: odd,
+            reason: "a file name that is not UTF-8: not judged (libvirt names are UTF-8; rename or remove it)".into(),
+        });
+    }
     files.sort_by(|a, b| a.0.cmp(&b.0));
     // Reading and parsing 10,000 definitions is most of a boot pass: spread it over the cores.
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 8);
@@ -125,6 +153,25 @@ fn list_dir(dir: &Path) -> io::Result<Vec<(String, std::fs::FileType)>> {
         let Some(name) = entry.file_name().to_str().map(str::to_owned) else { continue };
         out.push((name, entry.file_type()?));
     }
+    Ok(out)
+}
+
+/// Entries of `dir` whose names are not UTF-8 (reported, never silently skipped).
+fn list_non_utf8(dir: &Path) -> io::Result<Vec<PathBuf>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io::Error::new(e.kind(), format!("reading {}: {e}", dir.display()))),
+    };
+    let mut out = Vec::new();
+    for entry in entries {
+        let entry = entry?;
+        if entry.file_name().to_str().is_none() {
+            // Shown lossily (U+FFFD): the report is JSON, which holds UTF-8 only.
+            out.push(PathBuf::from(entry.path().to_string_lossy().into_owned()));
+        }
+    }
+    out.sort();
     Ok(out)
 }
 

@@ -129,9 +129,14 @@ fn text(status: StatusCode, body: String) -> Response {
     (status, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response()
 }
 
+/// A 500 that tells the client nothing of the cause (a database error can name tables,
+/// hosts or a redacted URL): the cause goes to the log under an id, and the answer carries
+/// only that id.
 fn internal(e: impl std::fmt::Display) -> Response {
-    tracing::error!("{e}");
-    text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n"))
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let id = &id[..12];
+    tracing::error!(error_id = id, "{e}");
+    text(StatusCode::INTERNAL_SERVER_ERROR, format!("internal error {id}: see the provisioner's log\n"))
 }
 
 /// `/boot/{mac}.ipxe`
