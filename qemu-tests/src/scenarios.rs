@@ -250,7 +250,6 @@ async fn provisioner_outage_on(lab: &mut Lab, n: &Narrator) -> anyhow::Result<Su
         "after {} without the provisioner: no HA instance was stopped, nothing suspected or fenced",
         fmt(OUTAGE)
     ));
-    summary.phases.push(("outage: HA instances stopped / hosts fenced".into(), Duration::ZERO));
     cut_and_recover(lab, n, &ids, &mut sampler, &mut summary).await?;
     Ok(summary)
 }

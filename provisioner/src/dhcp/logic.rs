@@ -191,12 +191,11 @@ pub fn respond(
                 Decision::Drop("release of an address the client does not hold")
             }
         }
-        MessageType::Decline => {
-            if let Some(ip) = requested {
-                pool.decline(mac, ip, now_ms);
-            }
-            Decision::Drop("decline recorded")
-        }
+        MessageType::Decline => match requested {
+            Some(ip) if pool.decline(mac, ip, now_ms) => Decision::Drop("decline recorded"),
+            Some(_) => Decision::Drop("decline refused: not an address of this client's, or too many declines"),
+            None => Decision::Drop("decline without an address"),
+        },
         MessageType::Inform => {
             let reply = build(msg, settings, MessageType::Ack, Ipv4Addr::UNSPECIFIED, host, boot.as_deref(), false);
             Decision::Reply(Box::new(reply), Dest::Client(msg.ciaddr()))

@@ -36,7 +36,13 @@ pub struct Pool {
     by_mac: HashMap<MacAddr, Slot>,
     by_ip: HashMap<Ipv4Addr, MacAddr>,
     declined: HashMap<Ipv4Addr, i64>,
+    /// Declines per client in the current window: (window start, count).
+    decliners: HashMap<MacAddr, (i64, u32)>,
 }
+
+/// At most this many declines per client per [`DECLINE_HOLD_MS`]: a client that declines
+/// address after address cannot drain the pool.
+pub const DECLINES_PER_CLIENT: u32 = 4;
 
 impl Pool {
     /// A pool handing out `first..=last` dynamically.
@@ -48,6 +54,7 @@ impl Pool {
             by_mac: HashMap::new(),
             by_ip: HashMap::new(),
             declined: HashMap::new(),
+            decliners: HashMap::new(),
         }
     }
 
@@ -162,10 +169,30 @@ impl Pool {
         }
     }
 
-    /// Takes `ip` out of the pool for a while: a client found it in use (DHCPDECLINE).
-    pub fn decline(&mut self, mac: MacAddr, ip: Ipv4Addr, now: i64) {
+    /// Whether `ip` is offered or leased to `mac` now.
+    pub fn holds(&self, mac: MacAddr, ip: Ipv4Addr) -> bool {
+        self.by_mac.get(&mac).is_some_and(|s| s.ip == ip) && self.by_ip.get(&ip) == Some(&mac)
+    }
+
+    /// Takes `ip` out of the pool for a while: a client found it in use (DHCPDECLINE). Only
+    /// an address the pool offered or leased to `mac` (so nobody can block another host's
+    /// address, a fixed one included), and at most [`DECLINES_PER_CLIENT`] per client per
+    /// hold period; `false` when refused.
+    pub fn decline(&mut self, mac: MacAddr, ip: Ipv4Addr, now: i64) -> bool {
+        if !self.holds(mac, ip) {
+            return false;
+        }
+        let (since, count) = self.decliners.entry(mac).or_insert((now, 0));
+        if now - *since >= DECLINE_HOLD_MS {
+            (*since, *count) = (now, 0);
+        }
+        if *count >= DECLINES_PER_CLIENT {
+            return false;
+        }
+        *count += 1;
         self.release(mac, ip);
         self.declined.insert(ip, now + DECLINE_HOLD_MS);
+        true
     }
 }
 
@@ -219,9 +246,24 @@ mod tests {
             "a host with a fixed address gets only that"
         );
         let d = p.offer(mac(2), None, None, 0).expect("offer");
-        p.decline(mac(2), d, 0);
+        assert!(!p.decline(mac(3), d, 0), "nobody declines an address offered to another");
+        assert!(!p.decline(mac(2), ip(11), 0), "nor a host's fixed address");
+        assert!(p.decline(mac(2), d, 0));
         let other = p.offer(mac(2), None, None, 1).expect("another");
         assert_ne!(other, d, "a declined address is skipped");
+    }
+
+    #[test]
+    fn declines_are_rate_limited_per_client() {
+        let mut p = Pool::new(ip(100), ip(199));
+        let mut declined = 0;
+        for t in 0..20 {
+            let a = p.offer(mac(7), None, None, t).expect("offer");
+            declined += u32::from(p.decline(mac(7), a, t));
+        }
+        assert_eq!(declined, DECLINES_PER_CLIENT, "a client cannot drain the pool");
+        let a = p.offer(mac(7), None, None, DECLINE_HOLD_MS + 100).expect("offer");
+        assert!(p.decline(mac(7), a, DECLINE_HOLD_MS + 100), "a new window");
     }
 
     #[test]
