@@ -184,3 +184,50 @@ async fn many_clients_at_once() {
     }
     assert_eq!(srv.metrics.tftp_transfers.get(), 20);
 }
+
+/// One client address that asks for 512 transfers with the longest timeout RFC 2349 allows
+/// and never acknowledges a block (a broken ROM, or someone on the provisioning network):
+/// it gets 32, the rest are refused, the timeout it asked for is not granted — and a PXE
+/// client elsewhere fetches its boot file at once.
+#[tokio::test]
+async fn stalled_clients_do_not_stop_a_pxe_boot() {
+    let srv = start(&[("undionly.kpxe", 70_000)]).await;
+    let mut rrq = vec![0, 1];
+    for part in ["undionly.kpxe", "octet", "timeout", "255"] {
+        rrq.extend_from_slice(part.as_bytes());
+        rrq.push(0);
+    }
+    let mut stalled = Vec::new();
+    for _ in 0..512 {
+        let sock = tokio::net::UdpSocket::bind("127.0.0.2:0").await.expect("bind");
+        sock.send_to(&rrq, ("127.0.0.1", srv.port)).await.expect("send");
+        stalled.push(sock);
+    }
+    // Each gets either its first block (and then silence from us) or an error packet.
+    let (mut served, mut refused, mut oack_timeouts) = (0, 0, 0);
+    for sock in &stalled {
+        let mut buf = [0u8; 2048];
+        match tokio::time::timeout(std::time::Duration::from_secs(5), sock.recv_from(&mut buf)).await {
+            Ok(Ok((n, _))) => match buf[1] {
+                3 => served += 1,
+                5 => refused += 1,
+                6 => {
+                    served += 1;
+                    oack_timeouts += usize::from(buf[2..n].windows(7).any(|w| w == b"timeout"));
+                }
+                other => panic!("unexpected opcode {other}"),
+            },
+            _ => panic!("no answer to a read request"),
+        }
+    }
+    assert_eq!((served, refused), (32, 480), "32 transfers per client address");
+    assert_eq!(oack_timeouts, 0, "a 255 s timeout is not granted");
+    // A PXE client from another address: its boot file, now.
+    let started = std::time::Instant::now();
+    let url = format!("tftp://127.0.0.1:{}/undionly.kpxe", srv.port);
+    let out = run("curl", s(&["-sS", "--max-time", "10", "-o", "boot.kpxe", &url]), srv.dir.path()).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(sha(&srv.out("boot.kpxe")), sha(&srv.root_file("undionly.kpxe")));
+    assert!(started.elapsed() < std::time::Duration::from_secs(5), "took {:?}", started.elapsed());
+    drop(stalled);
+}

@@ -184,7 +184,12 @@ pub async fn run<F: BmcFactory>(
             });
         }
     }
-    tasks.shutdown().await;
+    // A clean stop lets the steps under way finish (they are bounded: a BMC step by its
+    // deadline), rather than dropping one in the middle of a transaction; then stops the rest.
+    let finishing = async { while tasks.join_next().await.is_some() {} };
+    if tokio::time::timeout(Duration::from_secs(10), finishing).await.is_err() {
+        tasks.shutdown().await;
+    }
     // A clean stop hands the claims of the steps it interrupted to the next replica at once
     // (a crash leaves them to expire).
     if let Err(e) = store.release_all_leadership(&format!("{KIND}:"), &holder).await {

@@ -31,6 +31,13 @@ pub const MAX_WINDOW: u16 = 64;
 pub const MAX_TRANSFERS: usize = 512;
 /// Retransmissions of one window before giving up.
 const MAX_RETRIES: u32 = 5;
+/// Longest per-packet timeout a client may negotiate (RFC 2349 allows 255 s: with the
+/// retries, one silent client would hold a transfer slot for 21 minutes). A larger request
+/// is left out of the OACK, and the default applies.
+pub const MAX_TIMEOUT_SECS: u64 = 10;
+/// Transfers one client address may have at once (a PXE ROM needs one, iPXE two; a relay or
+/// NAT in front of several hosts more): one address cannot take the whole server.
+pub const MAX_PER_CLIENT: usize = 32;
 /// Default per-packet timeout when the client asks for none.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
 /// File data read ahead per blocking read.
@@ -70,8 +77,29 @@ pub async fn serve(
         };
         match packet::parse(&buf[..n]) {
             Ok(ClientPacket::Read { filename, mode, options }) => {
-                if !shared.active.lock().map(|mut a| a.insert(peer)).unwrap_or(false) {
-                    continue; // a retransmitted request for a transfer already under way
+                let admitted = shared
+                    .active
+                    .lock()
+                    .map(|mut a| {
+                        if a.contains(&peer) {
+                            return Admit::Duplicate;
+                        }
+                        if a.iter().filter(|p| p.ip() == peer.ip()).count() >= MAX_PER_CLIENT {
+                            return Admit::TooMany;
+                        }
+                        a.insert(peer);
+                        Admit::Yes
+                    })
+                    .unwrap_or(Admit::Duplicate);
+                match admitted {
+                    Admit::Yes => {}
+                    Admit::TooMany => {
+                        tracing::info!(%peer, "TFTP: {MAX_PER_CLIENT} transfers to this address already; refused");
+                        let _ = socket.send_to(&packet::error(ErrorCode::Undefined, "too many transfers"), peer).await;
+                        continue;
+                    }
+                    // A retransmitted request for a transfer already under way.
+                    Admit::Duplicate => continue,
                 }
                 let Ok(permit) = shared.permits.try_acquire() else {
                     shared.active.lock().map(|mut a| a.remove(&peer)).ok();
@@ -112,6 +140,15 @@ pub async fn serve(
     Ok(())
 }
 
+/// Whether a read request starts a transfer.
+enum Admit {
+    Yes,
+    /// A retransmission of a request already being served.
+    Duplicate,
+    /// The client address has [`MAX_PER_CLIENT`] transfers already.
+    TooMany,
+}
+
 /// Negotiated transfer parameters.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Params {
@@ -134,7 +171,7 @@ fn negotiate(options: &[(String, String)], file_len: u64) -> Params {
                 p.oack.push(("blksize", p.blksize.to_string()));
             }
             ("tsize", Some(_)) => p.oack.push(("tsize", file_len.to_string())),
-            ("timeout", Some(t)) if (1..=255).contains(&t) => {
+            ("timeout", Some(t)) if (1..=MAX_TIMEOUT_SECS).contains(&t) => {
                 p.timeout = Duration::from_secs(t);
                 p.oack.push(("timeout", t.to_string()));
             }
@@ -353,6 +390,9 @@ mod tests {
         );
         let capped = negotiate(&opts(&[("blksize", "99999"), ("windowsize", "1000")]), 1);
         assert_eq!((capped.blksize, capped.window), (MAX_BLKSIZE, MAX_WINDOW));
+        // A timeout past 10 s (RFC 2349 allows 255) is not acknowledged: the default applies.
+        let slow = negotiate(&opts(&[("timeout", "255")]), 1);
+        assert!(slow.oack.is_empty() && slow.timeout == DEFAULT_TIMEOUT, "{slow:?}");
         let refused =
             negotiate(&opts(&[("blksize", "4"), ("timeout", "0"), ("windowsize", "x"), ("colour", "red")]), 1);
         assert!(refused.oack.is_empty());
