@@ -508,20 +508,28 @@ fn can_mount() -> bool {
     root
 }
 
+/// A node with two HA definitions with autostart links: `moved` (now node-b's: stale) and
+/// `kept` (node-a's), and an empty state directory.
+async fn moved_and_kept() -> (TestDb, Node, InstanceId, InstanceId) {
+    let db = TestDb::sqlite();
+    let (moved, kept) = (InstanceId::random(), InstanceId::random());
+    database(&db, &[(moved, "node-b", 2, true, false), (kept, "node-a", 1, true, false)]).await.close().await;
+    let node = Node::new(db.url());
+    node.define("moved", moved, Some((1, true)), true);
+    node.define("kept", kept, Some((1, true)), true);
+    std::fs::create_dir_all(node.state_dir()).expect("state dir");
+    (db, node, moved, kept)
+}
+
 #[tokio::test]
 async fn a_full_state_directory_holds_stale_definitions_in_place_and_a_later_run_quarantines_them() {
     if !can_mount() {
         return;
     }
-    let db = TestDb::sqlite();
-    let (moved, kept) = (InstanceId::random(), InstanceId::random());
-    let _store = database(&db, &[(moved, "node-b", 2, true, false), (kept, "node-a", 1, true, false)]).await;
-    let node = Node::new(db.url());
-    let moved_xml = node.define("moved", moved, Some((1, true)), true);
-    node.define("kept", kept, Some((1, true)), true);
+    let (db, node, moved, kept) = moved_and_kept().await;
+    let moved_xml = node.config_dir().join("moved.xml");
     let original = std::fs::read(&moved_xml).expect("xml");
     // state_dir on a 256 KiB tmpfs, filled to the last byte.
-    std::fs::create_dir_all(node.state_dir()).expect("state dir");
     let state = node.state_dir().display().to_string();
     sh(&["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", &state]);
     let mount = Mount(node.state_dir());
@@ -555,13 +563,8 @@ async fn a_read_only_state_directory_holds_and_blocks_in_place_and_a_later_run_f
     if !can_mount() {
         return;
     }
-    let db = TestDb::sqlite();
-    let (moved, kept) = (InstanceId::random(), InstanceId::random());
-    let _store = database(&db, &[(moved, "node-b", 2, true, false), (kept, "node-a", 1, true, false)]).await;
-    let node = Node::new(db.url());
-    let moved_xml = node.define("moved", moved, Some((1, true)), true);
-    node.define("kept", kept, Some((1, true)), true);
-    std::fs::create_dir_all(node.state_dir()).expect("state dir");
+    let (db, node, moved, kept) = moved_and_kept().await;
+    let moved_xml = node.config_dir().join("moved.xml");
     let state = node.state_dir().display().to_string();
     sh(&["mount", "--bind", &state, &state]);
     let mount = Mount(node.state_dir());

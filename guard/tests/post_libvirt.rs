@@ -57,6 +57,28 @@ fn exists(conn: &Connect, id: InstanceId) -> Option<bool> {
     Domain::lookup_by_uuid_string(conn, &id.to_string()).ok().map(|d| d.is_active().expect("state"))
 }
 
+/// Runs `boot --post-libvirt --json` for node-a with its files in `dir` and its state
+/// directory at `state`; expects exit 0; returns the report.
+fn post_libvirt_pass(db_url: &str, dir: &Path, state: &Path) -> Value {
+    let config = dir.join("guard.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "host = \"node-a\"\ndatabase_url = \"{db_url}\"\n[libvirt]\nconfig_dir = \"{}\"\nuri = \"{URI}\"\n[boot]\nstate_dir = \"{}\"\ndb_wait = \"5s\"\n",
+            dir.join("unused").display(),
+            state.display()
+        ),
+    )
+    .expect("config");
+    let out = Command::new(env!("CARGO_BIN_EXE_nodekeeper-guard"))
+        .args(["boot", "--post-libvirt", "--json", "--config"])
+        .arg(&config)
+        .output()
+        .expect("run guard");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("JSON report")
+}
+
 #[tokio::test]
 async fn stale_domains_are_removed_and_running_ones_only_when_recovered_elsewhere() {
     if !libvirtd_available() {
@@ -115,24 +137,7 @@ async fn stale_domains_are_removed_and_running_ones_only_when_recovered_elsewher
     Domain::create_xml(&conn, &xml(&format!("nk-{tag}-transient"), moved_transient, 1), 0).expect("transient");
 
     let dir = tempfile::tempdir().expect("dir");
-    let config = dir.path().join("guard.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "host = \"node-a\"\ndatabase_url = \"{}\"\n[libvirt]\nconfig_dir = \"{}\"\nuri = \"{URI}\"\n[boot]\nstate_dir = \"{}\"\ndb_wait = \"5s\"\n",
-            db.url(),
-            dir.path().join("unused").display(),
-            dir.path().join("state").display()
-        ),
-    )
-    .expect("config");
-    let out = Command::new(env!("CARGO_BIN_EXE_nodekeeper-guard"))
-        .args(["boot", "--post-libvirt", "--json", "--config"])
-        .arg(&config)
-        .output()
-        .expect("run guard");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let report: Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    let report = post_libvirt_pass(db.url(), dir.path(), &dir.path().join("state"));
     let ids = |key: &str| -> Vec<String> {
         let mut v: Vec<String> =
             report[key].as_array().expect(key).iter().map(|x| x.as_str().expect("uuid").to_owned()).collect();
@@ -226,23 +231,7 @@ async fn a_running_copy_recovered_elsewhere_is_destroyed_even_when_its_xml_canno
     assert!(Command::new("mount").args(["--bind", &s, &s]).status().expect("mount").success());
     let _mount = Mount(state.clone());
     assert!(Command::new("mount").args(["-o", "remount,bind,ro", &s]).status().expect("mount").success());
-    let config = dir.path().join("guard.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "host = \"node-a\"\ndatabase_url = \"{}\"\n[libvirt]\nconfig_dir = \"{}\"\nuri = \"{URI}\"\n[boot]\nstate_dir = \"{s}\"\ndb_wait = \"5s\"\n",
-            db.url(),
-            dir.path().join("unused").display(),
-        ),
-    )
-    .expect("config");
-    let out = Command::new(env!("CARGO_BIN_EXE_nodekeeper-guard"))
-        .args(["boot", "--post-libvirt", "--json", "--config"])
-        .arg(&config)
-        .output()
-        .expect("run guard");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let report: Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    let report = post_libvirt_pass(db.url(), dir.path(), &state);
     assert_eq!(report["destroyed"], serde_json::json!([moved.to_string()]), "{report}");
     assert!(!report["errors"].as_array().expect("errors").is_empty(), "said loudly: {report}");
     // Not running, still defined (nothing lost), no autostart.

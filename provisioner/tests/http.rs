@@ -37,13 +37,7 @@ async fn start() -> Server {
     }
     store.set_host_state(&host("node-a"), HostState::Reimaging, "test", "reimage").await.expect("state");
     // node-a's reimage has powered it on: it waits for the agent.
-    let data = nodekeeper_provisioner::reimage::machine::ReimageData {
-        image: "node.img".into(),
-        pxe_boots: 1,
-        agent: None,
-        deadlines: Default::default(),
-        limits: Default::default(),
-    };
+    let data = nodekeeper_provisioner::reimage::machine::ReimageData::first_boot("node.img");
     let data = serde_json::to_string(&data).expect("json");
     store.start_operation("reimage", &host("node-a"), "agent_booted", None, &data, "test").await.expect("reimage");
     let dir = tempfile::tempdir().expect("dir");

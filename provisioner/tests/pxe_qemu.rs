@@ -106,13 +106,7 @@ async fn a_qemu_guest_pxe_boots_through_dhcp_ipxe_and_http() {
         .expect("host");
     store.set_host_state(&name, HostState::Reimaging, "test", "PXE test").await.expect("reimaging");
     // A reimage that has powered the host on: only then is the deploy handed out.
-    let data = nodekeeper_provisioner::reimage::machine::ReimageData {
-        image: "node.img".into(),
-        pxe_boots: 1,
-        agent: None,
-        deadlines: Default::default(),
-        limits: Default::default(),
-    };
+    let data = nodekeeper_provisioner::reimage::machine::ReimageData::first_boot("node.img");
     let data = serde_json::to_string(&data).expect("json");
     store.start_operation("reimage", &name, "agent_booted", None, &data, "test").await.expect("reimage");
 

@@ -57,7 +57,7 @@ pub struct Scan {
 pub fn scan(config_dir: &Path, blocked_dir: &Path) -> io::Result<Scan> {
     let mut out = Scan::default();
     let links = list_links(&config_dir.join("autostart"))?;
-    let mut files = list_dir(config_dir)?;
+    let (mut files, odd_names) = list_dir_all(config_dir)?;
     out.held = files
         .iter()
         .filter(|(name, kind)| name.ends_with(&format!(".xml{}", super::execute::HELD)) && kind.is_file())
@@ -87,7 +87,7 @@ pub fn scan(config_dir: &Path, blocked_dir: &Path) -> io::Result<Scan> {
         }
         kind.is_file()
     });
-    for odd in list_non_utf8(config_dir)? {
+    for odd in odd_names {
         out.errors.push(FileError {
             path: odd,
             reason: "a file name that is not UTF-8: not judged (libvirt names are UTF-8; rename or remove it)".into(),
@@ -142,37 +142,27 @@ fn read_one(config_dir: &Path, file_name: &str, links: &HashMap<String, PathBuf>
 
 /// `(file name, file type)` of each entry; empty when the directory does not exist.
 fn list_dir(dir: &Path) -> io::Result<Vec<(String, std::fs::FileType)>> {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(io::Error::new(e.kind(), format!("reading {}: {e}", dir.display()))),
-    };
-    let mut out = Vec::new();
-    for entry in entries {
-        let entry = entry?;
-        let Some(name) = entry.file_name().to_str().map(str::to_owned) else { continue };
-        out.push((name, entry.file_type()?));
-    }
-    Ok(out)
+    list_dir_all(dir).map(|(named, _)| named)
 }
 
-/// Entries of `dir` whose names are not UTF-8 (reported, never silently skipped).
-fn list_non_utf8(dir: &Path) -> io::Result<Vec<PathBuf>> {
+/// [`list_dir`], and the entries whose names are not UTF-8 (shown lossily, U+FFFD: the
+/// report is JSON, which holds UTF-8 only) — to be reported, never silently skipped.
+fn list_dir_all(dir: &Path) -> io::Result<(Vec<(String, std::fs::FileType)>, Vec<PathBuf>)> {
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((Vec::new(), Vec::new())),
         Err(e) => return Err(io::Error::new(e.kind(), format!("reading {}: {e}", dir.display()))),
     };
-    let mut out = Vec::new();
+    let (mut out, mut odd) = (Vec::new(), Vec::new());
     for entry in entries {
         let entry = entry?;
-        if entry.file_name().to_str().is_none() {
-            // Shown lossily (U+FFFD): the report is JSON, which holds UTF-8 only.
-            out.push(PathBuf::from(entry.path().to_string_lossy().into_owned()));
+        match entry.file_name().to_str() {
+            Some(name) => out.push((name.to_owned(), entry.file_type()?)),
+            None => odd.push(PathBuf::from(entry.path().to_string_lossy().into_owned())),
         }
     }
-    out.sort();
-    Ok(out)
+    odd.sort();
+    Ok((out, odd))
 }
 
 /// Symlinks named `*.xml` in `dir`, by file name. Dangling links are listed too: the caller

@@ -101,6 +101,35 @@ pub async fn request(
     Ok((op, started))
 }
 
+/// A waiting step's decision: what the agent reported, whether the node heartbeated since
+/// the operation began, whether the step's deadline passed (by the database's clock). Reads
+/// only.
+async fn observe(
+    store: &Store,
+    op: &Operation,
+    host: &Host,
+    step: Step,
+    data: &ReimageData,
+) -> Result<Decision, nodekeeper_store::StoreError> {
+    let heartbeat_seen = host.last_heartbeat.is_some_and(|h| h > op.created_at);
+    let now = store.now().await?;
+    let deadline_passed = op.deadline.is_some_and(|d| now >= d);
+    Ok(machine::observe(step, data, heartbeat_seen, deadline_passed))
+}
+
+/// Whether `op` waits and nothing it waits for has happened: then there is nothing to write,
+/// and no claim is taken (reads only — a claim is two commits, and most ticks of most
+/// reimages are waits).
+async fn idle_wait(store: &Store, op: &Operation) -> Result<bool, nodekeeper_store::StoreError> {
+    let Ok((step, mut data)) = crate::ops::parse_state::<Step, ReimageData>(op) else { return Ok(false) };
+    if machine::work(step) != Work::Wait {
+        return Ok(false);
+    }
+    data.agent = op.report.as_deref().and_then(|r| serde_json::from_str::<AgentReport>(r).ok());
+    let host = store.require_host(&op.target).await?;
+    Ok(observe(store, op, &host, step, &data).await? == Decision::Stay)
+}
+
 /// `d` from now, by the database's clock (deadlines are compared across replicas).
 async fn after(store: &Store, d: Duration) -> Result<Timestamp, nodekeeper_store::StoreError> {
     Ok(Timestamp(store.now().await?.0 + i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 2)))
@@ -124,6 +153,9 @@ pub async fn step_claimed<F: BmcFactory>(
     holder: &str,
     op: Operation,
 ) -> Result<bool, nodekeeper_store::StoreError> {
+    if idle_wait(store, &op).await? {
+        return Ok(true);
+    }
     let (role, ttl) = (claim_role(op.id), i64::try_from(CLAIM_TTL.as_millis()).unwrap_or(15_000));
     let claim = store.acquire_leadership(&role, holder, ttl).await?;
     if !claim.held_by(holder, store.now().await?) {
@@ -212,12 +244,7 @@ pub async fn step<F: BmcFactory>(
     data.agent = op.report.as_deref().and_then(|r| serde_json::from_str::<AgentReport>(r).ok());
     let host = store.require_host(&op.target).await?;
     let decision = match machine::work(step) {
-        Work::Wait => {
-            let heartbeat_seen = host.last_heartbeat.is_some_and(|h| h > op.created_at);
-            let now = store.now().await?;
-            let deadline_passed = op.deadline.is_some_and(|d| now >= d);
-            machine::observe(step, &data, heartbeat_seen, deadline_passed)
-        }
+        Work::Wait => observe(store, &op, &host, step, &data).await?,
         work => {
             let result = match factory.for_host(&host) {
                 Err(e) => Err(e.to_string()),

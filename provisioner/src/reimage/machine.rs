@@ -165,6 +165,20 @@ pub struct ReimageData {
     pub limits: Limits,
 }
 
+impl ReimageData {
+    /// The state of a reimage of `image` in its first PXE boot, with the default deadlines
+    /// and limits (for tests and tools that set up a reimage already under way).
+    pub fn first_boot(image: &str) -> ReimageData {
+        ReimageData {
+            image: image.into(),
+            pxe_boots: 1,
+            agent: None,
+            deadlines: Deadlines::default(),
+            limits: Limits::default(),
+        }
+    }
+}
+
 /// What the executor must do for a step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Work {
