@@ -141,13 +141,16 @@ fn read_one(config_dir: &Path, file_name: &str, links: &HashMap<String, PathBuf>
 }
 
 /// `(file name, file type)` of each entry; empty when the directory does not exist.
-fn list_dir(dir: &Path) -> io::Result<Vec<(String, std::fs::FileType)>> {
+fn list_dir(dir: &Path) -> io::Result<Vec<Entry>> {
     list_dir_all(dir).map(|(named, _)| named)
 }
 
+/// A directory entry with a UTF-8 name: (name, type).
+type Entry = (String, std::fs::FileType);
+
 /// [`list_dir`], and the entries whose names are not UTF-8 (shown lossily, U+FFFD: the
 /// report is JSON, which holds UTF-8 only) — to be reported, never silently skipped.
-fn list_dir_all(dir: &Path) -> io::Result<(Vec<(String, std::fs::FileType)>, Vec<PathBuf>)> {
+fn list_dir_all(dir: &Path) -> io::Result<(Vec<Entry>, Vec<PathBuf>)> {
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((Vec::new(), Vec::new())),
