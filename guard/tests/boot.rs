@@ -526,7 +526,7 @@ async fn a_full_state_directory_holds_stale_definitions_in_place_and_a_later_run
     if !can_mount() {
         return;
     }
-    let (db, node, moved, kept) = moved_and_kept().await;
+    let (_db, node, moved, _kept) = moved_and_kept().await;
     let moved_xml = node.config_dir().join("moved.xml");
     let original = std::fs::read(&moved_xml).expect("xml");
     // state_dir on a 256 KiB tmpfs, filled to the last byte.
