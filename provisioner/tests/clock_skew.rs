@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{free_port, guard_binary, KillOnDrop, PROVISIONER};
+use common::{free_port, guard_binary, serve_config, KillOnDrop, PROVISIONER};
 use nodekeeper_store::testing::TestDb;
 use nodekeeper_store::{HostName, HostState, NewHost};
 
@@ -63,18 +63,8 @@ async fn a_guard_whose_clock_is_a_minute_off_is_neither_fenced_nor_missed() {
         }
     }
 
-    let port = free_port();
-    let path = format!("{d}/provisioner.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "database_url = \"{}\"\n[dhcp]\nmode = \"off\"\n[http]\nlisten = \"127.0.0.1:{port}\"\n\
-             public_url = \"http://127.0.0.1:{port}\"\nimages_dir = \"{d}/images\"\n\
-             [recovery]\ngrace = \"3s\"\ninterval = \"200ms\"\nlease_ttl = \"2s\"\nnetwork_check_port = 0\n",
-            db.url()
-        ),
-    )
-    .expect("config");
+    let recovery = "[recovery]\ngrace = \"3s\"\ninterval = \"200ms\"\nlease_ttl = \"2s\"\nnetwork_check_port = 0\n";
+    let (path, _) = serve_config(&d, "provisioner", db.url(), free_port(), recovery);
     let _serve = KillOnDrop(
         Command::new(PROVISIONER)
             .args(["-v", "serve", "--config", &path])

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{free_port, guard_binary, KillOnDrop, PROVISIONER};
+use common::{free_port, guard_binary, serve_config, KillOnDrop, PROVISIONER};
 use nodekeeper_store::testing::TestDb;
 use nodekeeper_store::{
     EventFilter, Generation, HostName, HostState, InstanceId, NewHost, NewInstance, Storage, Store,
@@ -119,19 +119,8 @@ async fn a_provisioner_outage_stops_nothing_and_only_a_host_cut_off_from_its_cel
 
     // serve, with a 4 s grace: a host whose heartbeat stops turns suspect quickly.
     let port = free_port();
-    let base = format!("http://127.0.0.1:{port}");
-    std::fs::create_dir_all(format!("{d}/images")).expect("images");
-    let config = format!("{d}/provisioner.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "database_url = \"{}\"\n[dhcp]\nmode = \"off\"\n[http]\nlisten = \"127.0.0.1:{port}\"\npublic_url = \"{base}\"\n\
-             images_dir = \"{d}/images\"\n[recovery]\ngrace = \"4s\"\ninterval = \"500ms\"\nlease_ttl = \"3s\"\n\
-             network_check_port = 0\n",
-            db.url()
-        ),
-    )
-    .expect("config");
+    let recovery = "[recovery]\ngrace = \"4s\"\ninterval = \"500ms\"\nlease_ttl = \"3s\"\nnetwork_check_port = 0\n";
+    let (config, base) = serve_config(&d, "provisioner", db.url(), port, recovery);
     let serve_log = format!("{d}/serve.log");
     let start_serve = || {
         KillOnDrop(

@@ -17,7 +17,7 @@ use axum::extract::{Path as UrlPath, State};
 use axum::http::HeaderMap;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use common::{free_port, KillOnDrop, PROVISIONER};
+use common::{free_port, serve_config, KillOnDrop, PROVISIONER};
 use nodekeeper_store::testing::TestDb;
 use nodekeeper_store::{HostName, NewHost, Operation, Store};
 
@@ -111,20 +111,10 @@ async fn a_leader_paused_past_its_lease_sends_no_bmc_command_and_changes_no_step
 
     let mut replicas: Vec<KillOnDrop> = Vec::new();
     let mut spawn = |r: usize| {
-        let port = free_port();
-        let path = format!("{d}/provisioner-{r}.toml");
-        std::fs::write(
-            &path,
-            format!(
-                "database_url = \"{}\"\n[dhcp]\nmode = \"off\"\n[http]\nlisten = \"127.0.0.1:{port}\"\n\
-                 public_url = \"http://127.0.0.1:{port}\"\nimages_dir = \"{d}/images\"\n\
-                 [recovery]\ngrace = \"2s\"\ninterval = \"200ms\"\nlease_ttl = \"3s\"\nbmc_attempts = 1000\n\
-                 network_check_port = 0\nafter_fence = \"nothing\"\n\
-                 [bmc]\nconfirm_within = \"500ms\"\npoll = \"100ms\"\ncommands = 1\n",
-                db.url()
-            ),
-        )
-        .expect("config");
+        let sections = "[recovery]\ngrace = \"2s\"\ninterval = \"200ms\"\nlease_ttl = \"3s\"\nbmc_attempts = 1000\n\
+                        network_check_port = 0\nafter_fence = \"nothing\"\n\
+                        [bmc]\nconfirm_within = \"500ms\"\npoll = \"100ms\"\ncommands = 1\n";
+        let (path, _) = serve_config(&d, &format!("provisioner-{r}"), db.url(), free_port(), sections);
         let child = Command::new(PROVISIONER)
             .args(["-v", "serve", "--config", &path])
             .stdout(Stdio::null())

@@ -164,3 +164,21 @@ pub fn guard_binary() -> String {
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port()
 }
+
+/// Writes `dir/NAME.toml`, a `serve` config on `db_url` with HTTP on 127.0.0.1:`port`, DHCP
+/// off and images in `dir/images`, then `sections` (e.g. `[recovery]` …) as given. Returns
+/// its path and the provisioner's base URL.
+pub fn serve_config(dir: &str, name: &str, db_url: &str, port: u16, sections: &str) -> (String, String) {
+    let base = format!("http://127.0.0.1:{port}");
+    std::fs::create_dir_all(format!("{dir}/images")).expect("images");
+    let path = format!("{dir}/{name}.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "database_url = \"{db_url}\"\n[dhcp]\nmode = \"off\"\n[http]\nlisten = \"127.0.0.1:{port}\"\n\
+             public_url = \"{base}\"\nimages_dir = \"{dir}/images\"\n{sections}"
+        ),
+    )
+    .expect("serve config");
+    (path, base)
+}
