@@ -7,6 +7,9 @@ use crate::guard_api::{peer_key, Peer, PeerList};
 use crate::types::{HostName, HostState};
 use crate::Store;
 
+/// At most this many peers in one host's list (of a larger cell, a stable subset).
+pub(crate) const PEER_LIST_MAX: usize = 64;
+
 impl Store {
     /// The cell's secret, made (256 random bits) the first time any replica asks; every
     /// replica gets the same one (the first insert wins).
@@ -35,7 +38,7 @@ impl Store {
             self.leases().await?.into_iter().map(|l| (l.mac, std::net::IpAddr::V4(l.ip))).collect();
         let watched =
             |h: &crate::Host| h.last_heartbeat.is_some() && matches!(h.state, HostState::Active | HostState::Suspect);
-        let peers: Vec<Peer> = hosts
+        let mut peers: Vec<Peer> = hosts
             .iter()
             .filter(|h| &h.name != host && watched(h))
             .filter_map(|h| {
@@ -43,6 +46,16 @@ impl Store {
                 Some(Peer { host: h.name.clone(), address, key: peer_key(&secret, host, &h.name) })
             })
             .collect();
-        Ok(PeerList { cell_size: peers.len() + 1, peers })
+        let cell_size = peers.len() + 1;
+        if peers.len() > PEER_LIST_MAX {
+            // A large cell: a stable subset per host (rendezvous hashing on the pair), so the
+            // list stays small, each host's is the same from one fetch to the next, and every
+            // host is somebody's peer. The quorum is judged on the peers asked anyway.
+            let rank = |p: &Peer| crate::guard_api::mac_hex(host.as_str().as_bytes(), p.host.as_str());
+            peers.sort_by_cached_key(rank);
+            peers.truncate(PEER_LIST_MAX);
+            peers.sort_by(|a, b| a.host.as_str().cmp(b.host.as_str()));
+        }
+        Ok(PeerList { cell_size, peers })
     }
 }

@@ -610,6 +610,26 @@ async fn peers_are_the_watched_hosts_with_an_address_and_a_key_per_pair(db: Test
         of_b.peers.iter().find(|p| p.host == host("node-a")).map(|p| p.key.clone()),
         Some(list.peers[0].key.clone())
     );
+    // A large cell: a stable subset of 64 per host, the cell counted whole.
+    for i in 0..100 {
+        let h = NewHost {
+            name: host(&format!("big-{i:03}")),
+            mac: None,
+            ip: Some(format!("10.1.0.{}", i + 1).parse().expect("ip")),
+            bmc_url: None,
+            bmc_credentials: None,
+        };
+        store.add_host(&h, "test").await.expect("host");
+        store.record_heartbeat(&h.name).await.expect("heartbeat");
+    }
+    let big = store.peers_of(&host("big-000")).await.expect("peers");
+    assert_eq!((big.cell_size, big.peers.len()), (103, 64));
+    assert_eq!(store.peers_of(&host("big-000")).await.expect("again"), big, "the same subset each time");
+    let other = store.peers_of(&host("big-001")).await.expect("peers");
+    assert_ne!(
+        other.peers.iter().map(|p| &p.host).collect::<Vec<_>>(),
+        big.peers.iter().map(|p| &p.host).collect::<Vec<_>>()
+    );
 }
 
 async fn leadership_is_held_renewed_and_taken_over_only_after_expiry(db: TestDb) {
