@@ -7,7 +7,7 @@ use crate::guard_api::{peer_key, Peer, PeerList};
 use crate::types::{HostName, HostState};
 use crate::Store;
 
-/// At most this many peers in one host's list (of a larger cell, a stable subset).
+/// About this many peers in one host's list, of a larger cell (a stable, symmetric subset).
 pub(crate) const PEER_LIST_MAX: usize = 64;
 
 impl Store {
@@ -48,13 +48,13 @@ impl Store {
             .collect();
         let cell_size = peers.len() + 1;
         if peers.len() > PEER_LIST_MAX {
-            // A large cell: a stable subset per host (rendezvous hashing on the pair), so the
-            // list stays small, each host's is the same from one fetch to the next, and every
-            // host is somebody's peer. The quorum is judged on the peers asked anyway.
-            let rank = |p: &Peer| crate::guard_api::mac_hex(host.as_str().as_bytes(), p.host.as_str());
-            peers.sort_by_cached_key(rank);
-            peers.truncate(PEER_LIST_MAX);
-            peers.sort_by(|a, b| a.host.as_str().cmp(b.host.as_str()));
+            // A large cell: each host gets the peers whose pair key (a hash of both names,
+            // the same from either side) falls below a threshold — about PEER_LIST_MAX of them,
+            // the same from one fetch to the next, and symmetric: when A lists B, B lists A,
+            // so B can check A's requests. The quorum is judged on the peers asked anyway.
+            let share = PEER_LIST_MAX as f64 / peers.len() as f64;
+            let limit = (share * u64::MAX as f64) as u64;
+            peers.retain(|p| u64::from_str_radix(p.key.get(..16).unwrap_or("0"), 16).is_ok_and(|v| v < limit));
         }
         Ok(PeerList { cell_size, peers })
     }

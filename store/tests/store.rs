@@ -623,7 +623,12 @@ async fn peers_are_the_watched_hosts_with_an_address_and_a_key_per_pair(db: Test
         store.record_heartbeat(&h.name).await.expect("heartbeat");
     }
     let big = store.peers_of(&host("big-000")).await.expect("peers");
-    assert_eq!((big.cell_size, big.peers.len()), (103, 64));
+    assert_eq!(big.cell_size, 103);
+    assert!((32..=96).contains(&big.peers.len()), "about 64: {}", big.peers.len());
+    for p in &big.peers {
+        let theirs = store.peers_of(&p.host).await.expect("peers");
+        assert!(theirs.peers.iter().any(|q| q.host == host("big-000")), "{} lists big-000 back", p.host);
+    }
     assert_eq!(store.peers_of(&host("big-000")).await.expect("again"), big, "the same subset each time");
     let other = store.peers_of(&host("big-001")).await.expect("peers");
     assert_ne!(
