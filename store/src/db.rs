@@ -422,11 +422,6 @@ impl Store {
         Store { lease: Some(Arc::new(token)), ..self.clone() }
     }
 
-    /// The term this store acts under, if any.
-    pub fn lease(&self) -> Option<&LeaseToken> {
-        self.lease.as_deref()
-    }
-
     /// Proves that this store's term is still current (`Ok` for a store under no lease), for
     /// actions outside the database that must not be taken by a stale leader (a BMC command:
     /// checked right before it is sent).

@@ -289,11 +289,6 @@ pub enum Verdict {
     Refuse(String),
 }
 
-/// The step that waits for a report of `stage`.
-pub fn step_waiting_for(stage: AgentStage) -> Step {
-    step_of(stage)
-}
-
 /// Judges a report of `stage` (`failed`: it carries an error) against the operation's
 /// current `step` and the report already stored. Reports are taken in order and only by the
 /// step that waits for them: `booted` at `agent_booted`, `written` at `image_written`,
