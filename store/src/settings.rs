@@ -15,6 +15,14 @@ impl Store {
     /// replica gets the same one (the first insert wins).
     pub async fn cell_secret(&self) -> Result<String> {
         const WHAT: &str = "reading the cell secret";
+        // Read first: every guard's peer fetch asks, and a write each time would be an fsync.
+        let made = sqlx::query("SELECT value FROM settings WHERE name = 'cell_secret'")
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(query(WHAT))?;
+        if let Some(row) = made {
+            return row.try_get("value").map_err(query(WHAT));
+        }
         let fresh = format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple());
         sqlx::query("INSERT INTO settings (name, value) VALUES ('cell_secret', $1) ON CONFLICT (name) DO NOTHING")
             .bind(fresh)
@@ -30,7 +38,11 @@ impl Store {
 
     /// `host`'s peers: every other watched host (active or suspect, heartbeated at least
     /// once) that has an address — its fixed one, else its DHCP lease — each with the key the
-    /// two share; and the size of the cell they make with `host`.
+    /// two share; and the size of the cell the quorum is judged against: `host` and the
+    /// **active** peers. A suspect host is asked (it may be alive, only cut off from the
+    /// controller) but not counted: after a mass failure that the brake left unfenced, dead
+    /// suspects must not outvote the living, or a provisioner outage then would make every
+    /// surviving guard fence itself.
     pub async fn peers_of(&self, host: &HostName) -> Result<PeerList> {
         let secret = self.cell_secret().await?;
         let hosts = self.hosts().await?;
@@ -46,7 +58,9 @@ impl Store {
                 Some(Peer { host: h.name.clone(), address, key: peer_key(&secret, host, &h.name) })
             })
             .collect();
-        let cell_size = peers.len() + 1;
+        let active: std::collections::HashSet<&HostName> =
+            hosts.iter().filter(|h| h.state == HostState::Active).map(|h| &h.name).collect();
+        let cell_size = 1 + peers.iter().filter(|p| active.contains(&p.host)).count();
         if peers.len() > PEER_LIST_MAX {
             // A large cell: each host gets the peers whose pair key (a hash of both names,
             // the same from either side) falls below a threshold — about PEER_LIST_MAX of them,

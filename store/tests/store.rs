@@ -605,6 +605,11 @@ async fn peers_are_the_watched_hosts_with_an_address_and_a_key_per_pair(db: Test
     assert_eq!(got, [("node-b".to_string(), "10.0.0.2".to_string()), ("node-c".into(), "10.0.0.3".into())]);
     assert_eq!(list.cell_size, 3);
     assert_eq!(list.peers[0].key, peer_key(&secret, &host("node-b"), &host("node-a")), "shared by the pair");
+    // A suspect peer is asked, not counted: dead suspects must not outvote the living.
+    store.set_host_state(&host("node-c"), HostState::Suspect, "test", "silent").await.expect("suspect");
+    let with_suspect = store.peers_of(&host("node-a")).await.expect("peers");
+    assert_eq!((with_suspect.peers.len(), with_suspect.cell_size), (2, 2));
+    store.set_host_state(&host("node-c"), HostState::Active, "test", "back").await.expect("active");
     let of_b = store.peers_of(&host("node-b")).await.expect("peers");
     assert_eq!(
         of_b.peers.iter().find(|p| p.host == host("node-a")).map(|p| p.key.clone()),
