@@ -194,6 +194,22 @@ async fn a_guard_reaches_the_embedded_database_through_the_provisioner() {
     let spoof = format!(r#"[{{"kind":"instance.checked","instance":"{ha}","message":"m","actor":"controller"}}]"#);
     assert_eq!(curl(&["-H", &bearer, "-d", &spoof, &api("events")]).0, 400, "a guard cannot set the actor");
     assert!(store.guard_reports().await.expect("reports").is_empty());
+    // Relays: not for oneself, not for a host that is not watched, not with a spoofed field.
+    let relay =
+        |body: &str| curl(&["-H", &bearer, "-H", "Content-Type: application/json", "-d", body, &api("relay")]).0;
+    assert_eq!(relay(r#"{"host":"node-a"}"#), 400, "a host cannot relay itself");
+    assert_eq!(relay(r#"{"host":"node-z"}"#), 409, "an unknown host is not relayed");
+    assert_eq!(relay(r#"{"host":"node-b","at":1}"#), 400, "unknown fields");
+    assert_eq!(curl(&["-X", "POST", "-d", r#"{"host":"node-b"}"#, &api("relay")]).0, 401, "no token");
+    let hb_b = store.require_host(&n("node-b")).await.expect("b").last_heartbeat;
+    assert_eq!(relay(r#"{"host":"node-b"}"#), 204, "node-a vouches for its peer node-b");
+    assert!(store.require_host(&n("node-b")).await.expect("b").last_heartbeat > hb_b, "node-b's heartbeat relayed");
+    // The peer list: node-b, with the key the pair shares, in a cell of two.
+    let (code, body) = curl(&["-H", &bearer, &api("peers")]);
+    assert_eq!(code, 200, "{body}");
+    let peers: serde_json::Value = serde_json::from_str(&body).expect("peers JSON");
+    assert_eq!((peers["cell_size"].as_u64(), peers["peers"][0]["host"].as_str()), (Some(2), Some("node-b")), "{peers}");
+    assert_eq!(peers["peers"][0]["address"], "127.0.0.3");
     assert!(events_of(&store, ha).await.iter().all(|(_, k)| k != "instance.checked"));
     let event = format!(r#"[{{"kind":"instance.checked","instance":"{ha}","message":"m"}}]"#);
     assert_eq!(curl(&["-H", &bearer, "-d", &event, &api("events")]).0, 204);
