@@ -53,6 +53,14 @@ fn host(name: &str) -> HostName {
     name.parse().expect("host")
 }
 
+/// Hosts node-a (this one) and node-b.
+async fn add_hosts(store: &nodekeeper_store::Store) {
+    for h in ["node-a", "node-b"] {
+        let new = NewHost { name: host(h), mac: None, ip: None, bmc_url: None, bmc_credentials: None };
+        store.add_host(&new, "test").await.expect("host");
+    }
+}
+
 fn exists(conn: &Connect, id: InstanceId) -> Option<bool> {
     Domain::lookup_by_uuid_string(conn, &id.to_string()).ok().map(|d| d.is_active().expect("state"))
 }
@@ -92,12 +100,7 @@ async fn stale_domains_are_removed_and_running_ones_only_when_recovered_elsewher
     // The database: three recovered on node-b, one mine, one deleted; the stranger unknown.
     let db = TestDb::sqlite();
     let store = db.store().await;
-    for h in ["node-a", "node-b"] {
-        store
-            .add_host(&NewHost { name: host(h), mac: None, ip: None, bmc_url: None, bmc_credentials: None }, "test")
-            .await
-            .expect("host");
-    }
+    add_hosts(&store).await;
     let rows = [
         (moved_running, "node-b"),
         (moved_off, "node-b"),
@@ -201,12 +204,7 @@ async fn a_running_copy_recovered_elsewhere_is_destroyed_even_when_its_xml_canno
     let _cleanup = Cleanup(vec![moved]);
     let db = TestDb::sqlite();
     let store = db.store().await;
-    for h in ["node-a", "node-b"] {
-        store
-            .add_host(&NewHost { name: host(h), mac: None, ip: None, bmc_url: None, bmc_credentials: None }, "test")
-            .await
-            .expect("host");
-    }
+    add_hosts(&store).await;
     let item = NewInstance {
         uuid: moved,
         name: format!("nk-{moved}"),
