@@ -270,15 +270,18 @@ impl Store {
 
     /// Sets the image a host was (or is being) installed with.
     pub async fn set_host_image(&self, name: &HostName, image: &str) -> Result<()> {
+        const WHAT: &str = "setting a host's image";
         let db_now = self.now().await?.0;
+        // A transaction of its own: a writer under a lease proves its term first.
+        let mut tx = self.begin_write(WHAT).await?;
         sqlx::query("UPDATE hosts SET image = $1, updated_at = $2 WHERE name = $3")
             .bind(image)
             .bind(db_now)
             .bind(name.as_str())
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await
-            .map_err(query("setting a host's image"))?;
-        Ok(())
+            .map_err(query(WHAT))?;
+        tx.commit().await.map_err(query(WHAT))
     }
 
     /// Records the SHA-256 (hex) of a freshly minted one-time deploy token for `name`, valid
@@ -330,12 +333,16 @@ impl Store {
 
     /// Forgets `name`'s deploy token, whatever it is (its reimage ended).
     pub async fn clear_deploy_token(&self, name: &HostName) -> Result<()> {
+        const WHAT: &str = "clearing a deploy token";
+        // A transaction of its own: a writer under a lease proves its term first (a stale
+        // executor must not clear the token of a boot its successor started).
+        let mut tx = self.begin_write(WHAT).await?;
         sqlx::query("UPDATE hosts SET deploy_token_sha256 = NULL, deploy_token_expires = NULL WHERE name = $1")
             .bind(name.as_str())
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await
-            .map_err(query("clearing a deploy token"))?;
-        Ok(())
+            .map_err(query(WHAT))?;
+        tx.commit().await.map_err(query(WHAT))
     }
 
     /// Records the SHA-256 (hex) of `name`'s node token (the guard API's credential),

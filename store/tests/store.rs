@@ -543,6 +543,9 @@ async fn a_writer_under_a_lost_lease_changes_nothing(db: TestDb) {
     assert!(lost(as_a.advance_operation(op.id, &step("power_off", "evacuate"), "a").await.map(drop)));
     assert!(lost(as_a.set_host_state(&host("node-a"), HostState::Fenced, "a", "stale").await.map(drop)));
     assert!(lost(as_a.start_operation("fence", &host("node-b"), "confirm", None, "{}", "a").await.map(drop)));
+    assert!(lost(as_a.clear_deploy_token(&host("node-a")).await));
+    assert!(lost(as_a.set_host_image(&host("node-a"), "stale.img").await));
+    assert!(lost(as_a.record_event(&NewEvent::host("a", "test.stale", &host("node-a"), "stale".into())).await));
     let now = store.operation(op.id).await.expect("read").expect("exists");
     assert_eq!(now.step, "power_off", "the stale leader's step change was refused");
     assert_eq!(store.require_host(&host("node-a")).await.expect("host").state, HostState::Active);
