@@ -46,10 +46,15 @@ impl Store {
     pub async fn peers_of(&self, host: &HostName) -> Result<PeerList> {
         let secret = self.cell_secret().await?;
         let hosts = self.hosts().await?;
-        let leased: std::collections::HashMap<crate::MacAddr, std::net::IpAddr> =
-            self.leases().await?.into_iter().map(|l| (l.mac, std::net::IpAddr::V4(l.ip))).collect();
         let watched =
             |h: &crate::Host| h.last_heartbeat.is_some() && matches!(h.state, HostState::Active | HostState::Suspect);
+        // The leases only when some peer has no fixed address (every guard asks each minute).
+        let leased: std::collections::HashMap<crate::MacAddr, std::net::IpAddr> =
+            if hosts.iter().any(|h| watched(h) && h.ip.is_none() && h.mac.is_some()) {
+                self.leases().await?.into_iter().map(|l| (l.mac, std::net::IpAddr::V4(l.ip))).collect()
+            } else {
+                Default::default()
+            };
         let mut peers: Vec<Peer> = hosts
             .iter()
             .filter(|h| &h.name != host && watched(h))
