@@ -13,11 +13,11 @@
 //! (the peer remembers the nonces it saw, and refuses requests stamped more than
 //! [`MAX_SKEW`] from its own clock).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -135,7 +135,7 @@ pub struct Responder {
     /// Relays `host`'s heartbeat (through this host's own connection to the controller).
     pub relay: Box<dyn Fn(HostName) -> futures_util::future::BoxFuture<'static, anyhow::Result<()>> + Send + Sync>,
     /// Nonces seen lately (replays are refused).
-    seen: Mutex<(HashMap<String, Instant>, VecDeque<String>)>,
+    seen: Mutex<(HashSet<String>, VecDeque<String>)>,
 }
 
 impl Responder {
@@ -150,14 +150,14 @@ impl Responder {
     }
 
     /// Whether `nonce` is new (and remembers it; at most 8,192, the oldest forgotten first —
-    /// older requests are refused by their stamp anyway).
+    /// a request older than [`MAX_SKEW`] is refused by its stamp; one replayed within it after
+    /// 8,192 newer checks could only make this host relay the asker's heartbeat once more).
     fn fresh(&self, nonce: &str) -> bool {
         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
         let (set, order) = &mut *seen;
-        if set.contains_key(nonce) {
+        if !set.insert(nonce.to_owned()) {
             return false;
         }
-        set.insert(nonce.to_owned(), Instant::now());
         order.push_back(nonce.to_owned());
         while order.len() > 8192 {
             if let Some(old) = order.pop_front() {
