@@ -142,23 +142,40 @@ async fn redfish_through_sushy_tools() {
 
     let db = TestDb::sqlite();
     let url = db.url().to_owned();
-    let creds = rig.dir.path().join("creds");
+    // Credentials live in the BMC credentials directory; a reference outside it is refused
+    // at `host add` and never read.
+    let creds_dir = rig.dir.path().join("bmc");
+    std::fs::create_dir(&creds_dir).expect("creds dir");
+    let creds = creds_dir.join("node-r");
     std::fs::write(&creds, "admin:password\n").expect("creds");
+    let dir = creds_dir.to_str().expect("utf-8");
+    let scope = [("NODEKEEPER_BMC_CREDENTIALS_DIR", dir)];
     let bmc = format!("redfish+http://127.0.0.1:{port}/redfish/v1/Systems/{}", rig.uuid);
+    let outside = rig.dir.path().join("creds-elsewhere");
+    std::fs::write(&outside, "admin:password\n").expect("creds");
     let (ok, _, err) = nk(
         &url,
-        &[],
+        &scope,
+        &["host", "add", "node-o", "--bmc", &bmc, "--bmc-credentials", &format!("file:{}", outside.display())],
+    );
+    assert!(!ok && err.contains("outside"), "{err}");
+    let (ok, _, err) = nk(
+        &url,
+        &scope,
         &["host", "add", "node-r", "--bmc", &bmc, "--bmc-credentials", &format!("file:{}", creds.display())],
     );
     assert!(ok, "{err}");
 
-    assert_eq!(power(&url, &[], "node-r", "status"), "off");
-    assert_eq!(power(&url, &[], "node-r", "on"), "on");
+    assert_eq!(power(&url, &scope, "node-r", "status"), "off");
+    assert_eq!(power(&url, &scope, "node-r", "on"), "on");
     assert_eq!(domstate(&rig.domain), "running", "the real domain runs");
-    assert_eq!(power(&url, &[], "node-r", "cycle"), "on");
-    assert_eq!(power(&url, &[], "node-r", "off"), "off");
+    assert_eq!(power(&url, &scope, "node-r", "cycle"), "on");
+    assert_eq!(power(&url, &scope, "node-r", "off"), "off");
     assert_eq!(domstate(&rig.domain), "shut off");
-    assert_eq!(power(&url, &[], "node-r", "off"), "off", "idempotent");
+    assert_eq!(power(&url, &scope, "node-r", "off"), "off", "idempotent");
+    // The same record read with another credentials directory: refused, nothing sent.
+    let (ok, _, err) = nk(&url, &[("NODEKEEPER_BMC_CREDENTIALS_DIR", "/nonexistent")], &["power", "node-r", "status"]);
+    assert!(!ok && err.contains("outside"), "{err}");
 
     // PXE once, as the reimage will ask before powering on.
     let driver = Driver::from_url(&bmc, None).expect("driver");
@@ -235,7 +252,7 @@ async fn ipmi_through_virtualbmc() {
 
     let db = TestDb::sqlite();
     let url = db.url().to_owned();
-    let good = [("NK_TEST_IPMI", "admin:s3cret-ipmi")];
+    let good = [("NODEKEEPER_BMC_TEST_IPMI", "admin:s3cret-ipmi")];
     let (ok, _, err) = nk(
         &url,
         &[],
@@ -246,7 +263,7 @@ async fn ipmi_through_virtualbmc() {
             "--bmc",
             &format!("ipmi://127.0.0.1:{ipmi_port}"),
             "--bmc-credentials",
-            "env:NK_TEST_IPMI",
+            "env:NODEKEEPER_BMC_TEST_IPMI",
         ],
     );
     assert!(ok, "{err}");
@@ -258,7 +275,8 @@ async fn ipmi_through_virtualbmc() {
     assert_eq!(domstate(&rig.domain), "shut off");
 
     // A wrong password: refused, and the secret appears nowhere in the output.
-    let (ok, stdout, err) = nk(&url, &[("NK_TEST_IPMI", "admin:wrong-pass-123")], &["power", "node-i", "status"]);
+    let (ok, stdout, err) =
+        nk(&url, &[("NODEKEEPER_BMC_TEST_IPMI", "admin:wrong-pass-123")], &["power", "node-i", "status"]);
     assert!(!ok, "a wrong password must fail");
     assert!(!err.contains("wrong-pass-123") && !stdout.contains("wrong-pass-123"), "{err}");
 }

@@ -69,6 +69,9 @@ pub async fn host_add(store: &Store, out: &Output, new: NewHost) -> anyhow::Resu
     if let Some(bmc) = &new.bmc_url {
         check_bmc_url(bmc)?;
     }
+    if let Some(reference) = &new.bmc_credentials {
+        crate::bmc::CredentialScope::from_env().check(reference)?;
+    }
     let host = store.add_host(&new, &actor()).await?;
     out.emit(&host, || format!("host {} added\n", host.name))
 }
@@ -249,7 +252,8 @@ pub async fn power(
     use crate::cli::PowerCommand;
     let host = store.require_host(name).await?;
     let url = host.bmc_url.as_deref().with_context(|| format!("host {name} has no BMC (host add --bmc URL)"))?;
-    let credentials = host.bmc_credentials.as_deref().map(bmc::Credentials::resolve).transpose()?;
+    let scope = bmc::CredentialScope::from_env();
+    let credentials = host.bmc_credentials.as_deref().map(|r| bmc::Credentials::resolve(r, &scope)).transpose()?;
     let driver = bmc::Driver::from_url(url, credentials)?;
     let state = match action {
         PowerCommand::Status => driver.power_state().await?,

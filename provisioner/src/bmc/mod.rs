@@ -304,16 +304,115 @@ impl std::fmt::Debug for Credentials {
     }
 }
 
-impl Credentials {
-    /// Resolves a credentials reference.
-    pub fn resolve(reference: &str) -> Result<Credentials, BmcError> {
-        let raw = if let Some(var) = reference.strip_prefix("env:") {
-            std::env::var(var).map_err(|_| BmcError::Config(format!("credentials variable {var} is not set")))?
+/// Where credentials references may point: `file:` references only to files inside `dir`
+/// (after symlinks are resolved), `env:` references only to variables named with
+/// `env_prefix`. A host record is data that more than one party can write (the admin CLI, a
+/// restored backup, anyone with database access): without this scope a record could name
+/// `file:/etc/shadow` or another BMC's variable, and the provisioner would send that secret to
+/// the record's BMC URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CredentialScope {
+    /// The directory credentials files live in (default `/etc/nodekeeper/bmc`).
+    pub dir: std::path::PathBuf,
+    /// The prefix of credentials variables (default `NODEKEEPER_BMC_`).
+    pub env_prefix: String,
+}
+
+/// The default [`CredentialScope::dir`].
+pub const CREDENTIALS_DIR: &str = "/etc/nodekeeper/bmc";
+/// The default [`CredentialScope::env_prefix`].
+pub const CREDENTIALS_ENV_PREFIX: &str = "NODEKEEPER_BMC_";
+
+impl Default for CredentialScope {
+    fn default() -> CredentialScope {
+        CredentialScope { dir: CREDENTIALS_DIR.into(), env_prefix: CREDENTIALS_ENV_PREFIX.into() }
+    }
+}
+
+/// A checked credentials reference.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Reference {
+    Env(String),
+    File(std::path::PathBuf),
+}
+
+impl CredentialScope {
+    /// The scope from `NODEKEEPER_BMC_CREDENTIALS_DIR` and `NODEKEEPER_BMC_CREDENTIALS_ENV_PREFIX`,
+    /// each defaulting as [`CredentialScope::default`] (what the admin CLI uses; `serve`
+    /// takes these as the defaults of `[bmc] credentials_dir` / `credentials_env_prefix`).
+    pub fn from_env() -> CredentialScope {
+        let d = CredentialScope::default();
+        CredentialScope {
+            dir: std::env::var_os("NODEKEEPER_BMC_CREDENTIALS_DIR").map_or(d.dir, Into::into),
+            env_prefix: std::env::var("NODEKEEPER_BMC_CREDENTIALS_ENV_PREFIX").unwrap_or(d.env_prefix),
+        }
+    }
+
+    /// Checks a reference's form and that it stays in the scope, without reading it (a file
+    /// may be put in place after `host add`): an absolute path under `dir` with no `..`, or a
+    /// variable name of `[A-Z0-9_]` that starts with the prefix.
+    pub fn check(&self, reference: &str) -> Result<(), BmcError> {
+        self.parse(reference).map(|_| ())
+    }
+
+    fn parse(&self, reference: &str) -> Result<Reference, BmcError> {
+        use std::path::{Component, Path};
+        if let Some(var) = reference.strip_prefix("env:") {
+            let named =
+                !var.is_empty() && var.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_');
+            if !named || !var.starts_with(&self.env_prefix) || var.len() == self.env_prefix.len() {
+                return Err(BmcError::Config(format!(
+                    "credentials variable {var:?} is outside the allowed ones (names of A-Z, 0-9, _ that start with {})",
+                    self.env_prefix
+                )));
+            }
+            Ok(Reference::Env(var.to_owned()))
         } else if let Some(path) = reference.strip_prefix("file:") {
-            std::fs::read_to_string(path).map_err(|e| BmcError::Config(format!("credentials file {path}: {e}")))?
+            let path = Path::new(path);
+            let inside = path.is_absolute()
+                && path.starts_with(&self.dir)
+                && path != self.dir
+                && path.components().all(|c| !matches!(c, Component::ParentDir));
+            if !inside {
+                return Err(BmcError::Config(format!(
+                    "credentials file {} is outside {} (the BMC credentials directory)",
+                    path.display(),
+                    self.dir.display()
+                )));
+            }
+            Ok(Reference::File(path.to_owned()))
         } else {
-            return Err(BmcError::Config("credentials reference must be env:VAR or file:/path".into()));
-        };
+            Err(BmcError::Config("credentials reference must be env:VAR or file:/path".into()))
+        }
+    }
+}
+
+impl Credentials {
+    /// Resolves a credentials reference within `scope`. A file is opened only when its real
+    /// path (symlinks resolved) is still inside the scope's directory.
+    pub fn resolve(reference: &str, scope: &CredentialScope) -> Result<Credentials, BmcError> {
+        let raw =
+            match scope.parse(reference)? {
+                Reference::Env(var) => std::env::var(&var)
+                    .map_err(|_| BmcError::Config(format!("credentials variable {var} is not set")))?,
+                Reference::File(path) => {
+                    let shown = path.display();
+                    let real =
+                        path.canonicalize().map_err(|e| BmcError::Config(format!("credentials file {shown}: {e}")))?;
+                    let dir = scope.dir.canonicalize().map_err(|e| {
+                        BmcError::Config(format!("the credentials directory {}: {e}", scope.dir.display()))
+                    })?;
+                    if !real.starts_with(&dir) {
+                        return Err(BmcError::Config(format!(
+                            "credentials file {shown} leads outside {} (to {})",
+                            scope.dir.display(),
+                            real.display()
+                        )));
+                    }
+                    std::fs::read_to_string(&real)
+                        .map_err(|e| BmcError::Config(format!("credentials file {shown}: {e}")))?
+                }
+            };
         let (user, password) = raw
             .trim_end_matches(['\n', '\r'])
             .split_once(':')
@@ -436,12 +535,43 @@ mod tests {
     #[test]
     fn credentials_come_from_references_and_never_print() {
         let dir = tempfile::tempdir().expect("dir");
+        let scope = CredentialScope { dir: dir.path().to_owned(), env_prefix: "NK_TEST_BMC_".into() };
         let file = dir.path().join("bmc");
         std::fs::write(&file, "admin:s3cret\n").expect("write");
-        let c = Credentials::resolve(&format!("file:{}", file.display())).expect("file");
+        let c = Credentials::resolve(&format!("file:{}", file.display()), &scope).expect("file");
         assert_eq!((c.user.as_str(), c.password.as_str()), ("admin", "s3cret"));
         assert!(!format!("{c:?}").contains("s3cret"));
-        assert!(Credentials::resolve("admin:s3cret").is_err(), "no literal secrets in the database");
-        assert!(Credentials::resolve("env:NK_TEST_SURELY_UNSET").is_err());
+        assert!(Credentials::resolve("admin:s3cret", &scope).is_err(), "no literal secrets in the database");
+        assert!(Credentials::resolve("env:NK_TEST_BMC_SURELY_UNSET", &scope).is_err());
+    }
+
+    #[test]
+    fn credentials_references_stay_in_their_scope() {
+        let dir = tempfile::tempdir().expect("dir");
+        let creds = dir.path().join("creds");
+        std::fs::create_dir(&creds).expect("mkdir");
+        let scope = CredentialScope { dir: creds.clone(), env_prefix: "NK_TEST_BMC_".into() };
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "root:elsewhere\n").expect("write");
+        std::os::unix::fs::symlink(&secret, creds.join("link")).expect("symlink");
+        let refused = |r: String| {
+            let e = Credentials::resolve(&r, &scope).expect_err(&r).to_string();
+            assert!(!e.contains("elsewhere"), "{e}");
+            assert!(
+                scope.check(&r).is_err() || r.ends_with("link"),
+                "{r} passes the lexical check only through a link"
+            );
+            e
+        };
+        assert!(refused(format!("file:{}", secret.display())).contains("outside"));
+        assert!(refused(format!("file:{}/../secret", creds.display())).contains("outside"));
+        assert!(refused("file:creds/x".into()).contains("outside"), "relative");
+        assert!(refused(format!("file:{}", creds.display())).contains("outside"), "the directory itself");
+        assert!(refused(format!("file:{}/link", creds.display())).contains("leads outside"));
+        assert!(refused("env:HOME".into()).contains("outside"));
+        assert!(refused("env:NK_TEST_BMC_".into()).contains("outside"), "the prefix alone");
+        assert!(refused("env:NK_TEST_BMC_a".into()).contains("outside"), "lower case");
+        assert!(scope.check(&format!("file:{}/node-a", creds.display())).is_ok(), "may be put in place later");
+        assert!(scope.check("env:NK_TEST_BMC_NODE_A").is_ok());
     }
 }

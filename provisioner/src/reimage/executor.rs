@@ -43,13 +43,16 @@ pub trait BmcFactory: Send + Sync + 'static {
 pub struct Drivers {
     /// How power commands are confirmed.
     pub policy: bmc::Policy,
+    /// Where credentials references may point.
+    pub scope: bmc::CredentialScope,
 }
 
 impl BmcFactory for Drivers {
     type B = bmc::Driver;
     fn for_host(&self, host: &Host) -> Result<bmc::Driver, BmcError> {
         let url = host.bmc_url.as_deref().ok_or_else(|| BmcError::Config(format!("host {} has no BMC", host.name)))?;
-        let credentials = host.bmc_credentials.as_deref().map(bmc::Credentials::resolve).transpose()?;
+        let credentials =
+            host.bmc_credentials.as_deref().map(|r| bmc::Credentials::resolve(r, &self.scope)).transpose()?;
         bmc::Driver::from_url(url, credentials)
     }
     fn policy(&self) -> bmc::Policy {

@@ -41,12 +41,25 @@ pub struct BmcConfig {
     pub poll: Duration,
     /// Commands sent before giving up (default 3).
     pub commands: u32,
+    /// The only directory `file:` credentials references may point into (default
+    /// `$NODEKEEPER_BMC_CREDENTIALS_DIR`, else `/etc/nodekeeper/bmc`).
+    pub credentials_dir: std::path::PathBuf,
+    /// The prefix every `env:` credentials variable must have (default
+    /// `$NODEKEEPER_BMC_CREDENTIALS_ENV_PREFIX`, else `NODEKEEPER_BMC_`).
+    pub credentials_env_prefix: String,
 }
 
 impl Default for BmcConfig {
     fn default() -> BmcConfig {
         let p = crate::bmc::Policy::default();
-        BmcConfig { confirm_within: p.confirm_within, poll: p.poll, commands: p.attempts }
+        let scope = crate::bmc::CredentialScope::from_env();
+        BmcConfig {
+            confirm_within: p.confirm_within,
+            poll: p.poll,
+            commands: p.attempts,
+            credentials_dir: scope.dir,
+            credentials_env_prefix: scope.env_prefix,
+        }
     }
 }
 
@@ -54,6 +67,14 @@ impl BmcConfig {
     /// As the drivers' policy.
     pub fn policy(&self) -> crate::bmc::Policy {
         crate::bmc::Policy { confirm_within: self.confirm_within, attempts: self.commands.max(1), poll: self.poll }
+    }
+
+    /// Where credentials references may point.
+    pub fn scope(&self) -> crate::bmc::CredentialScope {
+        crate::bmc::CredentialScope {
+            dir: self.credentials_dir.clone(),
+            env_prefix: self.credentials_env_prefix.clone(),
+        }
     }
 }
 

@@ -164,9 +164,10 @@ pub async fn run(config: ServeConfig, bound: Bound, store: Store, shutdown: Canc
         std::process::id()
     );
     {
-        let (store, stop, holder, policy) = (store.clone(), shutdown.clone(), holder.clone(), config.bmc.policy());
+        let (store, stop, holder) = (store.clone(), shutdown.clone(), holder.clone());
+        let (policy, scope) = (config.bmc.policy(), config.bmc.scope());
         tasks.spawn(supervise("reimage", health.clone(), shutdown.clone(), move || {
-            let factory = Arc::new(crate::reimage::executor::Drivers { policy: policy.clone() });
+            let factory = Arc::new(crate::reimage::executor::Drivers { policy: policy.clone(), scope: scope.clone() });
             let run = crate::reimage::executor::run(store.clone(), factory, holder.clone(), REIMAGE_TICK, stop.clone());
             async move {
                 run.await;
@@ -179,10 +180,11 @@ pub async fn run(config: ServeConfig, bound: Bound, store: Store, shutdown: Canc
         tracing::info!(%holder, grace = ?config.recovery.grace, "recovery controller (runs while this replica holds the lease)");
         let (store, stop, recovery, policy) =
             (store.clone(), shutdown.clone(), config.recovery.clone(), config.bmc.policy());
+        let scope = config.bmc.scope();
         tasks.spawn(supervise("recovery", health.clone(), shutdown.clone(), move || {
             let controller = crate::recovery::controller::Controller::new(
                 store.clone(),
-                Arc::new(crate::reimage::executor::Drivers { policy: policy.clone() }),
+                Arc::new(crate::reimage::executor::Drivers { policy: policy.clone(), scope: scope.clone() }),
                 recovery.clone(),
                 holder.clone(),
             );
