@@ -1,13 +1,72 @@
 //! The deploy agent, as a library so its parts are testable: kernel command-line parameters,
-//! a minimal HTTP/1.1 client (the provisioner is reached by IP address: no DNS, no TLS in the
-//! ramdisk), and the deploy itself — stream the image to the disk, hashing as it goes,
-//! compare with the server's sha256 `ETag`, report every stage.
+//! a minimal HTTP/1.1 client (the provisioner is reached by IP address: no DNS) with TLS
+//! (rustls) for the provisioner's HTTPS listener, and the deploy itself — stream the image to
+//! the disk, hashing as it goes, compare with the server's sha256 `ETag`, report every stage.
+//!
+//! With TLS (`nk.server=https://…`, `nk.ca=SHA256`), the agent fetches the CA from the
+//! provisioner's `/tls/ca.pem`, keeps it only if its digest is the one its command line
+//! carries, and then reports over TLS and takes the image's digest over TLS; the image itself
+//! streams over plain HTTP (`nk.image`) and must hash to that digest. The CA goes into the
+//! config block, so the installed node's guard trusts the same CA.
 
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::net::TcpStream;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
+
+/// The provisioner's CA, checked against `nk.ca`, and a TLS client configuration trusting
+/// only it.
+#[derive(Clone)]
+pub struct Tls {
+    config: Arc<rustls::ClientConfig>,
+    /// The CA certificate (DER).
+    pub ca_der: Vec<u8>,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls").field("ca_sha256", &hex_sha256(&self.ca_der)).finish()
+    }
+}
+
+impl PartialEq for Tls {
+    fn eq(&self, other: &Tls) -> bool {
+        self.ca_der == other.ca_der
+    }
+}
+impl Eq for Tls {}
+
+fn hex_sha256(bytes: &[u8]) -> String {
+    format!("{:x}", Sha256::digest(bytes))
+}
+
+impl Tls {
+    /// Trusts the first certificate of `pem` if its sha256 is `pin` (hex).
+    pub fn from_pinned_pem(pem: &[u8], pin: &str) -> io::Result<Tls> {
+        use rustls_pki_types::pem::PemObject;
+        let ca = rustls_pki_types::CertificateDer::pem_slice_iter(pem)
+            .next()
+            .ok_or_else(|| io::Error::other("no certificate in the CA file"))?
+            .map_err(|e| io::Error::other(format!("the CA file is not PEM: {e:?}")))?;
+        let actual = hex_sha256(&ca);
+        if !actual.eq_ignore_ascii_case(pin) {
+            return Err(io::Error::other(format!(
+                "the provisioner's CA has sha256 {actual}, the kernel command line says {pin}: refusing it"
+            )));
+        }
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.clone()).map_err(|e| io::Error::other(format!("the CA is not usable: {e}")))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| io::Error::other(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(Tls { config: Arc::new(config), ca_der: ca.to_vec() })
+    }
+}
 
 /// What the kernel command line carries (`nk.server=… nk.host=… nk.token=… nk.image=…`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,6 +81,10 @@ pub struct Params {
     pub image: String,
     /// The target disk (`nk.disk`, default `/dev/vda`).
     pub disk: String,
+    /// sha256 (hex) of the provisioner's CA (`nk.ca`), when `server` is `https://`.
+    pub ca: Option<String>,
+    /// The CA, once fetched and checked ([`Params::trust`]).
+    pub tls: Option<Tls>,
 }
 
 impl Params {
@@ -38,16 +101,92 @@ impl Params {
             token: need("nk.token")?,
             image: need("nk.image")?,
             disk: get("nk.disk").unwrap_or_else(|| "/dev/vda".into()),
+            ca: get("nk.ca").filter(|v| !v.is_empty()),
+            tls: None,
         })
+    }
+
+    /// With an `https://` server: fetches the CA from the provisioner's plain HTTP side (the
+    /// scheme and authority of `nk.image`, `/tls/ca.pem`) and keeps it only if its sha256 is
+    /// `nk.ca`. A plain `http://` server needs nothing.
+    pub fn trust(&mut self) -> io::Result<()> {
+        if !self.server.starts_with("https://") {
+            return Ok(());
+        }
+        let pin = self.ca.clone().ok_or_else(|| io::Error::other("nk.server is https:// but there is no nk.ca="))?;
+        let url = split_url(&self.image).map_err(io::Error::other)?;
+        let mut resp = request(&format!("http://{}/tls/ca.pem", url.authority), None, "GET", &[], None)?;
+        if resp.status != 200 {
+            return Err(io::Error::other(format!("GET /tls/ca.pem: HTTP {}", resp.status)));
+        }
+        let mut pem = Vec::new();
+        resp.body.by_ref().take(64 << 10).read_to_end(&mut pem)?;
+        self.tls = Some(Tls::from_pinned_pem(&pem, &pin)?);
+        Ok(())
     }
 }
 
-/// `http://HOST:PORT/PATH` → (`HOST:PORT`, `/PATH`).
-pub fn split_url(url: &str) -> Result<(String, String), String> {
-    let rest = url.strip_prefix("http://").ok_or_else(|| format!("only http:// URLs are supported: {url}"))?;
+/// A URL the agent can fetch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Url {
+    /// `https://`.
+    pub tls: bool,
+    /// `HOST:PORT` (the port filled in).
+    pub authority: String,
+    /// The host alone (brackets of an IPv6 address removed).
+    pub host: String,
+    /// `/PATH`.
+    pub path: String,
+}
+
+/// `http(s)://HOST[:PORT]/PATH` → its parts.
+pub fn split_url(url: &str) -> Result<Url, String> {
+    let (tls, rest) = match (url.strip_prefix("http://"), url.strip_prefix("https://")) {
+        (Some(rest), _) => (false, rest),
+        (_, Some(rest)) => (true, rest),
+        _ => return Err(format!("only http:// and https:// URLs are supported: {url}")),
+    };
     let (authority, path) = rest.split_once('/').map_or((rest, "/".to_owned()), |(a, p)| (a, format!("/{p}")));
-    let authority = if authority.contains(':') { authority.to_owned() } else { format!("{authority}:80") };
-    Ok((authority, path))
+    let has_port =
+        authority.rsplit_once(':').is_some_and(|(h, _)| !h.ends_with(':') && (h.ends_with(']') || !h.contains(':')));
+    let host = if has_port { authority.rsplit_once(':').map_or(authority, |(h, _)| h) } else { authority };
+    if host.is_empty() {
+        return Err(format!("no host in {url}"));
+    }
+    let authority = if has_port { authority.to_owned() } else { format!("{authority}:{}", if tls { 443 } else { 80 }) };
+    Ok(Url { tls, authority, host: host.trim_matches(['[', ']']).to_owned(), path })
+}
+
+/// A connection, plain or TLS.
+pub enum Conn {
+    /// Plain TCP.
+    Plain(TcpStream),
+    /// TLS over TCP.
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+}
+
+impl Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Conn::Plain(s) => s.read(buf),
+            Conn::Tls(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Conn::Plain(s) => s.write(buf),
+            Conn::Tls(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Conn::Plain(s) => s.flush(),
+            Conn::Tls(s) => s.flush(),
+        }
+    }
 }
 
 /// A response: status, headers (names lower-cased) and the body still to read.
@@ -57,7 +196,7 @@ pub struct Response {
     /// Headers, names lower-cased.
     pub headers: Vec<(String, String)>,
     /// The body.
-    pub body: BufReader<TcpStream>,
+    pub body: BufReader<Conn>,
 }
 
 impl Response {
@@ -67,32 +206,47 @@ impl Response {
     }
 }
 
-/// One HTTP/1.1 request with `Connection: close`.
-pub fn request(method: &str, url: &str, body: Option<&[u8]>) -> io::Result<Response> {
-    request_with(method, url, &[], body)
-}
-
-/// [`request`] with extra headers.
-pub fn request_with(method: &str, url: &str, extra: &[(&str, &str)], body: Option<&[u8]>) -> io::Result<Response> {
-    let (authority, path) = split_url(url).map_err(io::Error::other)?;
-    let stream = TcpStream::connect(&authority)?;
+/// One HTTP/1.1 request with `Connection: close` to `url`, over TLS (trusting `tls` only)
+/// when it is `https://`.
+pub fn request(
+    url: &str,
+    tls: Option<&Tls>,
+    method: &str,
+    extra: &[(&str, &str)],
+    body: Option<&[u8]>,
+) -> io::Result<Response> {
+    let url = split_url(url).map_err(io::Error::other)?;
+    let stream = TcpStream::connect(&url.authority)?;
     stream.set_read_timeout(Some(Duration::from_secs(60)))?;
-    let mut w = io::BufWriter::new(stream.try_clone()?);
-    write!(
-        w,
-        "{method} {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\nUser-Agent: nodekeeper-deploy\r\n"
-    )?;
-    for (k, v) in extra {
-        write!(w, "{k}: {v}\r\n")?;
-    }
-    if let Some(b) = body {
-        write!(w, "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n", b.len())?;
-        w.write_all(b)?;
+    stream.set_write_timeout(Some(Duration::from_secs(60)))?;
+    let mut conn = if url.tls {
+        let tls = tls.ok_or_else(|| io::Error::other(format!("no CA to check https://{} against", url.authority)))?;
+        let name = rustls_pki_types::ServerName::try_from(url.host.clone())
+            .map_err(|e| io::Error::other(format!("{}: {e}", url.host)))?;
+        let client = rustls::ClientConnection::new(tls.config.clone(), name).map_err(io::Error::other)?;
+        Conn::Tls(Box::new(rustls::StreamOwned::new(client, stream)))
     } else {
-        write!(w, "\r\n")?;
+        Conn::Plain(stream)
+    };
+    let mut head = format!(
+        "{method} {} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nUser-Agent: nodekeeper-deploy\r\n",
+        url.path, url.authority
+    );
+    for (k, v) in extra {
+        head.push_str(&format!("{k}: {v}\r\n"));
     }
-    w.flush()?;
-    let mut reader = BufReader::with_capacity(1 << 20, stream);
+    let mut out = head.into_bytes();
+    if let Some(b) = body {
+        out.extend_from_slice(
+            format!("Content-Type: application/json\r\nContent-Length: {}\r\n\r\n", b.len()).as_bytes(),
+        );
+        out.extend_from_slice(b);
+    } else {
+        out.extend_from_slice(b"\r\n");
+    }
+    conn.write_all(&out)?;
+    conn.flush()?;
+    let mut reader = BufReader::with_capacity(1 << 20, conn);
     let mut line = String::new();
     reader.read_line(&mut line)?;
     let status = line
@@ -126,7 +280,7 @@ pub fn report(p: &Params, stage: &str, error: Option<&str>, detail: Option<&str>
         body["detail"] = d.into();
     }
     let url = format!("{}/api/v1/hosts/{}/deploy", p.server.trim_end_matches('/'), p.host);
-    let mut resp = request("POST", &url, Some(body.to_string().as_bytes()))?;
+    let mut resp = request(&url, p.tls.as_ref(), "POST", &[], Some(body.to_string().as_bytes()))?;
     let mut sink = Vec::new();
     let _ = resp.body.read_to_end(&mut sink);
     Ok(resp.status)
@@ -198,12 +352,18 @@ const RESUMES: u32 = 60;
 /// resumes where it stopped with a `Range` request, as long as the ETag is the same.
 /// `progress` is called with (bytes so far, total) about every 10%.
 pub fn write_image(p: &Params, mut progress: impl FnMut(u64, u64)) -> io::Result<(Outcome, Vec<u8>)> {
-    let mut resp = request("GET", &p.image, None)?;
+    let trusted = trusted_digest(p)?;
+    let mut resp = request(&p.image, None, "GET", &[], None)?;
     if resp.status != 200 {
         return Err(io::Error::other(format!("GET {}: HTTP {}", p.image, resp.status)));
     }
     let total: u64 = resp.header("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
     let expected = etag(&resp).ok_or_else(|| io::Error::other("the image has no sha256 ETag to verify against"))?;
+    if let Some(trusted) = trusted.filter(|t| *t != expected) {
+        return Err(io::Error::other(format!(
+            "the image served over plain HTTP says sha256 {expected}, the provisioner over TLS says {trusted}: refusing it"
+        )));
+    }
     let mut disk = std::fs::OpenOptions::new().write(true).create(true).truncate(false).open(&p.disk)?;
     // Whatever was bootable on this disk is not any more.
     disk.write_all(&[0u8; HEAD])?;
@@ -256,6 +416,19 @@ pub fn write_image(p: &Params, mut progress: impl FnMut(u64, u64)) -> io::Result
     Ok((outcome, head))
 }
 
+/// With TLS: the image's sha256 as the provisioner's HTTPS listener gives it (`HEAD` of the
+/// image's path there), the digest the plainly streamed bytes must match.
+fn trusted_digest(p: &Params) -> io::Result<Option<String>> {
+    let Some(tls) = &p.tls else { return Ok(None) };
+    let path = split_url(&p.image).map_err(io::Error::other)?.path;
+    let url = format!("{}{path}", p.server.trim_end_matches('/'));
+    let resp = request(&url, Some(tls), "HEAD", &[], None)?;
+    if resp.status != 200 {
+        return Err(io::Error::other(format!("HEAD {url}: HTTP {}", resp.status)));
+    }
+    etag(&resp).map(Some).ok_or_else(|| io::Error::other(format!("HEAD {url}: no sha256 ETag")))
+}
+
 fn etag(resp: &Response) -> Option<String> {
     resp.header("etag").map(|e| e.trim_matches('"').to_ascii_lowercase()).filter(|e| e.len() == 64)
 }
@@ -268,7 +441,7 @@ fn resume(p: &Params, offset: u64, expected: &str, why: &io::Error) -> io::Resul
     let mut last = String::new();
     for _ in 0..RESUMES {
         std::thread::sleep(Duration::from_secs(2));
-        match request_with("GET", &p.image, &[("Range", &range)], None) {
+        match request(&p.image, None, "GET", &[("Range", &range)], None) {
             Ok(r) if r.status == 206 && etag(&r).as_deref() == Some(expected) => return Ok(r),
             Ok(r) if r.status == 206 || r.status == 200 => {
                 return Err(io::Error::other("the image changed on the server during the download"))
@@ -280,9 +453,15 @@ fn resume(p: &Params, offset: u64, expected: &str, why: &io::Error) -> io::Resul
     Err(io::Error::other(format!("could not resume the download at {offset} bytes: {last}")))
 }
 
-/// The text of the config block (NUL-padded to [`CONFIG_BLOCK`] on the disk).
+/// The text of the config block (NUL-padded to [`CONFIG_BLOCK`] on the disk): with TLS, the
+/// CA's DER in base64 on a `ca=` line.
 pub fn config_block(p: &Params) -> String {
-    format!("NODEKEEPER-CONFIG 1\nhost={}\nserver={}\ntoken={}\n", p.host, p.server, p.token)
+    use base64::Engine;
+    let mut block = format!("NODEKEEPER-CONFIG 1\nhost={}\nserver={}\ntoken={}\n", p.host, p.server, p.token);
+    if let Some(tls) = &p.tls {
+        block.push_str(&format!("ca={}\n", base64::engine::general_purpose::STANDARD.encode(&tls.ca_der)));
+    }
+    block
 }
 
 /// After the image verified: the config block at the end of the disk, then the held-back
@@ -316,8 +495,24 @@ pub fn finish(p: &Params, image_len: u64, head: &[u8]) -> io::Result<()> {
 
 /// The whole deploy: booted → written → verified (or the error at its stage). Returns whether
 /// the disk holds the verified image (and the node may reboot into it).
-pub fn deploy(p: &Params, log: &mut dyn FnMut(&str)) -> bool {
+pub fn deploy(p: &mut Params, log: &mut dyn FnMut(&str)) -> bool {
     let started = Instant::now();
+    // The CA first: without it nothing can be reported to an https:// provisioner. Retried
+    // while the provisioner may be restarting; a CA that does not match is final.
+    for attempt in 0..REPORT_TRIES {
+        match p.trust() {
+            Ok(()) => break,
+            Err(e) if e.to_string().contains("refusing") || attempt + 1 == REPORT_TRIES => {
+                log(&format!("cannot trust the provisioner: {e}"));
+                return false;
+            }
+            Err(e) => {
+                log(&format!("fetching the provisioner's CA: {e} (again in 2 s)"));
+                std::thread::sleep(Duration::from_secs(2));
+            }
+        }
+    }
+    let p = &*p;
     if let Err(e) = report_until_heard(p, "booted", None, None, REPORT_TRIES) {
         log(&format!("reporting booted: {e}"));
     }
@@ -374,11 +569,52 @@ mod tests {
 
     #[test]
     fn urls() {
+        let parts = |u: &str| split_url(u).map(|u| (u.tls, u.authority, u.host, u.path));
         assert_eq!(
-            split_url("http://10.20.0.1:8080/images/a.img").expect("url"),
-            ("10.20.0.1:8080".into(), "/images/a.img".into())
+            parts("http://10.20.0.1:8080/images/a.img").expect("url"),
+            (false, "10.20.0.1:8080".into(), "10.20.0.1".into(), "/images/a.img".into())
         );
-        assert_eq!(split_url("http://10.20.0.1").expect("url"), ("10.20.0.1:80".into(), "/".into()));
-        assert!(split_url("https://x/").is_err());
+        assert_eq!(
+            parts("http://10.20.0.1").expect("url"),
+            (false, "10.20.0.1:80".into(), "10.20.0.1".into(), "/".into())
+        );
+        assert_eq!(parts("https://x/").expect("url"), (true, "x:443".into(), "x".into(), "/".into()));
+        assert_eq!(
+            parts("https://[fd00::1]:8443/a").expect("url"),
+            (true, "[fd00::1]:8443".into(), "fd00::1".into(), "/a".into())
+        );
+        assert_eq!(
+            parts("http://[fd00::1]/").expect("url"),
+            (false, "[fd00::1]:80".into(), "fd00::1".into(), "/".into())
+        );
+        assert!(split_url("ftp://x/").is_err());
+        assert!(split_url("http:///x").is_err());
+    }
+
+    #[test]
+    fn a_ca_is_trusted_only_by_its_digest() {
+        // Any certificate will do to check the pinning (its use in TLS is tested against the
+        // provisioner in provisioner/tests/tls.rs).
+        let der: Vec<u8> = include_bytes!("../tests/data/ca.der").to_vec();
+        let pem = format!(
+            "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+            base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &der)
+        );
+        let pin = hex_sha256(&der);
+        let tls = Tls::from_pinned_pem(pem.as_bytes(), &pin).expect("pinned");
+        assert_eq!(tls.ca_der, der);
+        let e = Tls::from_pinned_pem(pem.as_bytes(), &"0".repeat(64)).expect_err("other pin").to_string();
+        assert!(e.contains("refusing"), "{e}");
+        assert!(Tls::from_pinned_pem(b"garbage", &pin).is_err());
+        let mut p = Params::from_cmdline(&format!(
+            "nk.server=https://10.0.0.1:8443 nk.host=a nk.token=t nk.image=http://10.0.0.1:8080/images/x nk.ca={pin}"
+        ))
+        .expect("params");
+        assert_eq!(p.ca.as_deref(), Some(pin.as_str()));
+        p.tls = Some(tls);
+        let block = config_block(&p);
+        assert!(block.contains("\nserver=https://10.0.0.1:8443\n"), "{block}");
+        let ca_line = block.lines().find_map(|l| l.strip_prefix("ca=")).expect("ca line");
+        assert_eq!(base64::Engine::decode(&base64::engine::general_purpose::STANDARD, ca_line).expect("b64"), der);
     }
 }

@@ -19,14 +19,14 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let params = match nodekeeper_deploy::Params::from_cmdline(&text) {
+    let mut params = match nodekeeper_deploy::Params::from_cmdline(&text) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("nodekeeper-deploy: {e}");
             return ExitCode::from(2);
         }
     };
-    let ok = nodekeeper_deploy::deploy(&params, &mut |line| println!("nodekeeper-deploy: {line}"));
+    let ok = nodekeeper_deploy::deploy(&mut params, &mut |line| println!("nodekeeper-deploy: {line}"));
     if ok && reboot {
         println!("nodekeeper-deploy: rebooting into the new system");
         let _ = std::process::Command::new("/bin/busybox").args(["reboot", "-f"]).status();

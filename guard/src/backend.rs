@@ -42,17 +42,28 @@ pub fn read_token(path: &std::path::Path) -> anyhow::Result<String> {
     Ok(token.to_owned())
 }
 
+/// Reads the CA a guard trusts for an `https://` guard API (PEM, one certificate or more).
+pub fn read_ca(path: &std::path::Path) -> anyhow::Result<Vec<reqwest::Certificate>> {
+    let pem = std::fs::read(path).with_context(|| format!("reading the CA {}", path.display()))?;
+    let certs = reqwest::Certificate::from_pem_bundle(&pem).with_context(|| format!("{}: not PEM", path.display()))?;
+    anyhow::ensure!(!certs.is_empty(), "{}: no certificate in it", path.display());
+    Ok(certs)
+}
+
 impl Backend {
     /// Connects within `timeout` (the API: builds a client whose every request has that
     /// budget; the first request proves the provisioner answers).
     pub async fn connect(config: &Config, timeout: Duration) -> anyhow::Result<Backend> {
         if is_api_url(&config.database_url) {
             let token = read_token(&config.token_file)?;
-            let client = reqwest::Client::builder()
-                .timeout(timeout)
-                .connect_timeout(timeout)
-                .build()
-                .context("building the HTTP client")?;
+            let mut builder = reqwest::Client::builder().timeout(timeout).connect_timeout(timeout);
+            if let Some(ca) = &config.ca_file {
+                builder = builder.tls_built_in_root_certs(false);
+                for cert in read_ca(ca)? {
+                    builder = builder.add_root_certificate(cert);
+                }
+            }
+            let client = builder.build().context("building the HTTP client")?;
             let base = config.database_url.trim_end_matches('/').to_owned();
             return Ok(Backend::Api(Api { client, base, host: config.host.clone(), token }));
         }

@@ -21,6 +21,11 @@ pub struct Config {
     /// at first boot, or by `nodekeeper-provisioner host token`).
     #[serde(default = "default_token_file")]
     pub token_file: PathBuf,
+    /// With an `https://` `database_url`: the only CA the provisioner's certificate may chain
+    /// to (PEM; written at first boot from the deploy's config block). Without it, the public
+    /// CAs of the Mozilla root store are trusted.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
     /// Where libvirt keeps its persistent definitions.
     #[serde(default)]
     pub libvirt: LibvirtConfig,
@@ -247,6 +252,10 @@ impl Config {
             // not an outage.
             crate::backend::read_token(&config.token_file)
                 .map_err(|e| ConfigError::Parse { path: path.into(), message: format!("token_file: {e:#}") })?;
+            if let Some(ca) = &config.ca_file {
+                crate::backend::read_ca(ca)
+                    .map_err(|e| ConfigError::Parse { path: path.into(), message: format!("ca_file: {e:#}") })?;
+            }
         }
         Ok(config)
     }
@@ -261,6 +270,12 @@ impl Config {
             }
             if !config.token_file.is_absolute() {
                 return Err("token_file must be an absolute path".into());
+            }
+            if config.ca_file.as_ref().is_some_and(|c| !c.is_absolute()) {
+                return Err("ca_file must be an absolute path".into());
+            }
+            if config.ca_file.is_some() && !config.database_url.starts_with("https://") {
+                return Err(format!("ca_file is set but database_url {:?} is not https://", config.database_url));
             }
         } else {
             nodekeeper_store::DatabaseUrl::parse(&config.database_url).map_err(|e| e.to_string())?;

@@ -60,6 +60,9 @@ pub enum Command {
         #[arg(long)]
         image: Option<String>,
     },
+    /// TLS for the API nodes use (`[http.tls]`).
+    #[command(subcommand)]
+    Tls(TlsCommand),
     /// Run the network-boot servers (DHCP, TFTP, HTTP) until SIGTERM.
     Serve {
         /// The provisioner's config file.
@@ -79,6 +82,24 @@ pub enum PowerCommand {
     Cycle,
     /// Report the power state.
     Status,
+}
+
+/// `tls ...`
+#[derive(Debug, Subcommand)]
+pub enum TlsCommand {
+    /// Make the server certificate of `[http.tls]` (and its CA, when there is none yet: an
+    /// existing CA is kept, so deployed nodes keep trusting the new certificate).
+    Init {
+        /// The provisioner's config file (its `[http.tls]` names the files).
+        #[arg(long, default_value = "/etc/nodekeeper/provisioner.toml")]
+        config: PathBuf,
+        /// More names or addresses for the certificate (beside the host of `public_url`).
+        #[arg(long = "name")]
+        names: Vec<String>,
+        /// Make a new CA even if one exists (nodes trusting the old one must be reimaged).
+        #[arg(long)]
+        new_ca: bool,
+    },
 }
 
 /// `db ...`
@@ -167,10 +188,14 @@ pub enum InstanceCommand {
 
 /// Runs a parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
-    if let Command::Serve { config } = &cli.command {
-        return serve(config).await;
-    }
     let out = admin::Output { json: cli.json };
+    match &cli.command {
+        Command::Serve { config } => return serve(config).await,
+        Command::Tls(TlsCommand::Init { config, names, new_ca }) => {
+            return admin::tls_init(&out, config, names, *new_ca)
+        }
+        _ => {}
+    }
     let migrate_only = matches!(cli.command, Command::Db(DbCommand::Migrate));
     let store = admin::open_store(&cli.database_url, migrate_only).await?;
     let result = match cli.command {
@@ -191,7 +216,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             admin::instance_evacuate(&store, &out, &to, force, &uuids).await
         }
         Command::Instance(InstanceCommand::Delete { uuids }) => admin::instance_delete(&store, &out, &uuids).await,
-        Command::Serve { .. } => unreachable!("handled above"),
+        Command::Serve { .. } | Command::Tls(_) => unreachable!("handled above"),
     };
     store.close().await;
     result

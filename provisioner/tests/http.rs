@@ -53,6 +53,7 @@ async fn start() -> Server {
         deploy_initrd: "deploy/initrd.img".into(),
         deploy_kernel_args: "console=ttyS0".into(),
         max_event_streams: 4,
+        tls: None,
     };
     let state = HttpState {
         store: store.clone(),
@@ -61,6 +62,7 @@ async fn start() -> Server {
         health: Default::default(),
         guard_store: store.clone(),
         streams: Default::default(),
+        tls: None,
         images: Arc::new(Images::new(&images_dir).expect("images")),
     };
     let shutdown = CancellationToken::new();

@@ -65,6 +65,7 @@ async fn rig() -> Rig {
         deploy_initrd: "deploy/initrd.img".into(),
         deploy_kernel_args: String::new(),
         max_event_streams: 4,
+        tls: None,
     };
     let state = HttpState {
         store: store.clone(),
@@ -73,6 +74,7 @@ async fn rig() -> Rig {
         health: Default::default(),
         guard_store: store.clone(),
         streams: Default::default(),
+        tls: None,
         images: Arc::new(Images::new(dir.path()).expect("images")),
     };
     let stop = CancellationToken::new();
@@ -346,8 +348,8 @@ async fn run_agent(r: &Rig, disk: &std::path::Path) -> bool {
         r.token(),
         disk.display()
     );
-    let params = nodekeeper_deploy::Params::from_cmdline(&cmdline).expect("params");
-    tokio::task::spawn_blocking(move || nodekeeper_deploy::deploy(&params, &mut |l| eprintln!("agent: {l}")))
+    let mut params = nodekeeper_deploy::Params::from_cmdline(&cmdline).expect("params");
+    tokio::task::spawn_blocking(move || nodekeeper_deploy::deploy(&mut params, &mut |l| eprintln!("agent: {l}")))
         .await
         .expect("agent")
 }

@@ -7,7 +7,8 @@
 //! node's guard (through the guard API, with the node token its first boot made) runs an HA
 //! instance; the node crashes; serve's controller fences it through sushy-tools and moves the
 //! instance; the node is powered on again and its guard quarantines the stale definition
-//! before libvirtd starts.
+//! before libvirtd starts. The node APIs are TLS-only (`[http.tls] require`): the agent, the
+//! first boot and the guard all speak TLS, trusting the CA the deploy carried.
 //!
 //! Needs root, netns, libvirtd, the BMC venv, QEMU and the images (`make images`; built here
 //! if missing, cached). The node image's first build downloads Debian packages (minutes).
@@ -190,11 +191,15 @@ async fn a_vm_with_an_empty_disk_is_reimaged_through_sushy_tools_and_boots_its_i
     std::fs::write(
         &config,
         format!(
-            "database_url = \"{db}\"\n[dhcp]\nmode = \"full\"\ninterface = \"br0\"\nserver_ip = \"10.20.0.1\"\nsubnet = \"10.20.0.0/24\"\nrange = [\"10.20.0.100\", \"10.20.0.199\"]\n[tftp]\nlisten = \"10.20.0.1:69\"\nroot = \"{d}/tftp\"\n[http]\nlisten = \"10.20.0.1:8080\"\npublic_url = \"http://10.20.0.1:8080\"\nimages_dir = \"{d}/images\"\ndeploy_kernel_args = \"console=ttyS0 quiet panic=-1\"\n",
+            "database_url = \"{db}\"\n[dhcp]\nmode = \"full\"\ninterface = \"br0\"\nserver_ip = \"10.20.0.1\"\nsubnet = \"10.20.0.0/24\"\nrange = [\"10.20.0.100\", \"10.20.0.199\"]\n[tftp]\nlisten = \"10.20.0.1:69\"\nroot = \"{d}/tftp\"\n[http]\nlisten = \"10.20.0.1:8080\"\npublic_url = \"http://10.20.0.1:8080\"\nimages_dir = \"{d}/images\"\ndeploy_kernel_args = \"console=ttyS0 quiet panic=-1\"\n\
+             [http.tls]\nlisten = \"10.20.0.1:8443\"\npublic_url = \"https://10.20.0.1:8443\"\ncert = \"{d}/tls/server.pem\"\nkey = \"{d}/tls/server.key\"\nca = \"{d}/tls/ca.pem\"\nrequire = true\n",
             d = d.display()
         ),
     )
     .expect("config");
+    // TLS required for the node APIs: the agent's reports, the first boot's "up" and the
+    // guard all go to https://10.20.0.1:8443 with the CA the deploy carries (plain would be 403).
+    nk(&db, &["tls", "init", "--config", &config.display().to_string()]);
     let log = std::fs::File::create(d.join("serve.log")).expect("log");
     let serve = Lab::cmd(&server, BIN)
         .args(["serve", "--config", &config.display().to_string()])

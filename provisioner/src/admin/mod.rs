@@ -64,6 +64,25 @@ pub async fn db_migrate(store: &Store, out: &Output) -> anyhow::Result<()> {
     out.emit(&value, || format!("{}: {applied} migration(s) applied, schema version {version}\n", store.redacted_url()))
 }
 
+/// `tls init --config FILE [--name N]... [--new-ca]`
+pub fn tls_init(out: &Output, config: &std::path::Path, names: &[String], new_ca: bool) -> anyhow::Result<()> {
+    let config = crate::serve::config::ServeConfig::load(config)?;
+    let tls = config.http.tls.as_ref().context("the config has no [http.tls] (listen, public_url, cert, key, ca)")?;
+    let issued = crate::http::tls::init(tls, names, new_ca)?;
+    out.emit(&issued, || {
+        let ca = if issued.ca_created { "made" } else { "kept" };
+        format!(
+            "CA {} ({ca}), sha256 {}\nserver certificate {} for {} (until {})\nkey {}\n",
+            issued.ca.display(),
+            issued.ca_sha256,
+            issued.cert.display(),
+            issued.names.join(", "),
+            issued.not_after,
+            issued.key.display()
+        )
+    })
+}
+
 /// `host add`
 pub async fn host_add(store: &Store, out: &Output, new: NewHost) -> anyhow::Result<()> {
     if let Some(bmc) = &new.bmc_url {

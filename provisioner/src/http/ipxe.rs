@@ -14,6 +14,9 @@ use crate::reimage::machine::{AgentReport, AgentStage, ReimageData, Step};
 pub struct DeployParams<'a> {
     /// The provisioner's base URL, as nodes reach it.
     pub public_url: &'a str,
+    /// The HTTPS base URL and the sha256 of its CA (`[http.tls]`): the agent reports there
+    /// and takes the image's digest from there.
+    pub tls: Option<(&'a str, &'a str)>,
     /// Deploy kernel, relative to `/images/`.
     pub kernel: &'a str,
     /// Deploy initramfs, relative to `/images/`.
@@ -67,7 +70,7 @@ pub fn boot_script(host: &Host, params: &DeployParams<'_>, token: Option<&str>) 
             "#!ipxe\n\
              # nodekeeper: {name} is being reimaged with {image}\n\
              echo nodekeeper: loading the deploy ramdisk for {name}\n\
-             kernel {base}/images/{kernel} initrd=initrd.img nk.server={base} nk.host={name} nk.token={token} nk.image={base}/images/{image} {args}\n\
+             kernel {base}/images/{kernel} initrd=initrd.img nk.server={server} nk.host={name} nk.token={token} nk.image={base}/images/{image}{ca} {args}\n\
              initrd --name initrd.img {base}/images/{initrd}\n\
              boot\n",
             name = host.name,
@@ -75,6 +78,8 @@ pub fn boot_script(host: &Host, params: &DeployParams<'_>, token: Option<&str>) 
             kernel = params.kernel,
             initrd = params.initrd,
             args = params.kernel_args,
+            server = params.tls.map_or(base, |(url, _)| url.trim_end_matches('/')),
+            ca = params.tls.map(|(_, ca)| format!(" nk.ca={ca}")).unwrap_or_default(),
         ),
         _ => format!(
             "#!ipxe\n\
@@ -109,6 +114,7 @@ mod tests {
 
     const PARAMS: DeployParams<'static> = DeployParams {
         public_url: "http://10.20.0.1:8080/",
+        tls: None,
         kernel: "deploy/vmlinuz",
         initrd: "deploy/initrd.img",
         kernel_args: "console=ttyS0",
@@ -122,6 +128,15 @@ mod tests {
         assert!(s.contains("kernel http://10.20.0.1:8080/images/deploy/vmlinuz initrd=initrd.img nk.server=http://10.20.0.1:8080 nk.host=node-a nk.token=t0k3n nk.image=http://10.20.0.1:8080/images/node.img console=ttyS0\n"), "{s}");
         assert!(s.contains("initrd --name initrd.img http://10.20.0.1:8080/images/deploy/initrd.img\n"));
         assert!(s.ends_with("boot\n"));
+    }
+
+    #[test]
+    fn with_tls_the_agent_reports_over_https_and_learns_the_ca_digest() {
+        let params = DeployParams { tls: Some(("https://10.20.0.1:8443/", "ab12")), ..PARAMS };
+        let s = boot_script(&host(HostState::Reimaging), &params, Some("t0k3n"));
+        assert!(s.contains(" nk.server=https://10.20.0.1:8443 nk.host=node-a nk.token=t0k3n nk.image=http://10.20.0.1:8080/images/node.img nk.ca=ab12 console=ttyS0\n"), "{s}");
+        // The firmware still loads the ramdisk over plain HTTP.
+        assert!(s.contains("kernel http://10.20.0.1:8080/images/deploy/vmlinuz "), "{s}");
     }
 
     #[test]

@@ -5,6 +5,7 @@
 pub mod guard_api;
 pub mod images;
 pub mod ipxe;
+pub mod tls;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -51,6 +52,17 @@ pub struct HttpState {
     pub guard_store: Store,
     /// Event streams open now (capped at `max_event_streams`).
     pub streams: Arc<std::sync::atomic::AtomicUsize>,
+    /// The HTTPS listener nodes are sent to, when `[http.tls]` is set.
+    pub tls: Option<Arc<tls::NodeTls>>,
+}
+
+/// Which listener a request came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// Plain HTTP.
+    Plain,
+    /// HTTPS.
+    Tls,
 }
 
 /// How long an API request may take before it is answered 408 (the event stream and image
@@ -82,20 +94,62 @@ pub fn router(state: HttpState) -> Router {
     Router::new()
         .route("/images/{*path}", get(image).head(image))
         .route("/api/v1/events/stream", get(api_events_stream))
+        .route("/tls/ca.pem", get(ca_pem))
         .merge(api)
+        .layer(middleware::from_fn_with_state(state.clone(), node_apis_over_tls))
         .layer(middleware::from_fn_with_state(state.clone(), count_requests))
         .with_state(state)
 }
 
-/// Serves until `shutdown` is cancelled, then finishes in-flight requests.
+/// Serves plain HTTP until `shutdown` is cancelled, then finishes in-flight requests.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: HttpState,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    // The token also ends open event streams, so a shutdown does not wait for their clients.
-    let app = router(state).layer(axum::Extension(shutdown.clone()));
+    let app = app(state, Transport::Plain, &shutdown);
     axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await
+}
+
+/// Serves the same routes over TLS until `shutdown` is cancelled.
+pub async fn serve_tls(
+    listener: tls::TlsListener,
+    state: HttpState,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let app = app(state, Transport::Tls, &shutdown);
+    axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await
+}
+
+fn app(state: HttpState, transport: Transport, shutdown: &CancellationToken) -> Router {
+    // The token also ends open event streams, so a shutdown does not wait for their clients.
+    router(state).layer(axum::Extension(shutdown.clone())).layer(axum::Extension(transport))
+}
+
+/// With `[http.tls] require`, the guard API and deploy reports answer only over TLS: a node
+/// token or deploy token sent in clear gets 403 (and is not looked at).
+async fn node_apis_over_tls(State(state): State<HttpState>, req: Request, next: Next) -> Response {
+    let plain = req.extensions().get::<Transport>() != Some(&Transport::Tls);
+    if plain && state.tls.as_ref().is_some_and(|t| t.require) {
+        let path = req.uri().path();
+        let node_api = path
+            .strip_prefix("/api/v1/hosts/")
+            .and_then(|rest| rest.split_once('/'))
+            .is_some_and(|(_, rest)| rest == "deploy" || rest.starts_with("guard/"));
+        if node_api {
+            let url = state.tls.as_ref().map(|t| t.public_url.as_str()).unwrap_or_default();
+            return text(StatusCode::FORBIDDEN, format!("the node APIs answer only over TLS: use {url}\n"));
+        }
+    }
+    next.run(req).await
+}
+
+/// The CA nodes trust (public: nodes check it against the digest their deploy carries).
+async fn ca_pem(State(state): State<HttpState>) -> Response {
+    match &state.tls {
+        Some(t) => ([(header::CONTENT_TYPE, "application/x-pem-file")], t.ca_pem.clone()).into_response(),
+        None => text(StatusCode::NOT_FOUND, "no TLS listener is configured\n".into()),
+    }
 }
 
 async fn count_requests(State(state): State<HttpState>, req: Request, next: Next) -> Response {
@@ -161,7 +215,10 @@ async fn boot_script(State(state): State<HttpState>, UrlPath(file): UrlPath<Stri
     };
     let c = &state.config;
     let Some(deploy) = ipxe::deploy_for(&host, op.as_ref()) else {
-        return text(StatusCode::OK, ipxe::boot_script(&host, &deploy_params(c, DEFAULT_IMAGE), None));
+        return text(
+            StatusCode::OK,
+            ipxe::boot_script(&host, &deploy_params(c, state.tls.as_deref(), DEFAULT_IMAGE), None),
+        );
     };
     // One token per boot of this reimage, to the first fetch: it proves to the deploy API that
     // the caller booted this script. Only its hash is stored.
@@ -172,7 +229,10 @@ async fn boot_script(State(state): State<HttpState>, UrlPath(file): UrlPath<Stri
         Err(e) => return internal(e),
     };
     match state.store.issue_deploy_token(&host.name, &hash, expires, &deploy.boot).await {
-        Ok(true) => text(StatusCode::OK, ipxe::boot_script(&host, &deploy_params(c, &deploy.image), Some(&token))),
+        Ok(true) => text(
+            StatusCode::OK,
+            ipxe::boot_script(&host, &deploy_params(c, state.tls.as_deref(), &deploy.image), Some(&token)),
+        ),
         Ok(false) => {
             // Someone fetched this boot's script already: the host itself retrying, or
             // another machine on the network. Nobody gets a second token.
@@ -200,9 +260,10 @@ async fn boot_script(State(state): State<HttpState>, UrlPath(file): UrlPath<Stri
     }
 }
 
-fn deploy_params<'a>(c: &'a HttpConfig, image: &'a str) -> ipxe::DeployParams<'a> {
+fn deploy_params<'a>(c: &'a HttpConfig, tls: Option<&'a tls::NodeTls>, image: &'a str) -> ipxe::DeployParams<'a> {
     ipxe::DeployParams {
         public_url: &c.public_url,
+        tls: tls.map(|t| (t.public_url.as_str(), t.ca_sha256.as_str())),
         kernel: &c.deploy_kernel,
         initrd: &c.deploy_initrd,
         kernel_args: &c.deploy_kernel_args,

@@ -159,6 +159,33 @@ pub struct HttpConfig {
     /// (default 256): followers cannot starve the guard API.
     #[serde(default = "default_max_event_streams")]
     pub max_event_streams: usize,
+    /// `[http.tls]`: the same API over HTTPS, for guards and deploy agents.
+    pub tls: Option<TlsConfig>,
+}
+
+/// `[http.tls]`: an HTTPS listener serving the same routes. Nodes are pointed at it — the
+/// deploy agent reports there and takes the image's digest from there (the bulk of the image
+/// still streams over plain HTTP, checked against that digest), and the installed node's guard
+/// and first boot use it with the CA the deploy carries in its config block.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// `ADDR:PORT` of the HTTPS listener.
+    pub listen: SocketAddr,
+    /// `https://ADDRESS:PORT`, how nodes reach it; the certificate must name ADDRESS.
+    pub public_url: String,
+    /// The server's certificate chain, PEM (leaf first).
+    pub cert: PathBuf,
+    /// The server's private key, PEM.
+    pub key: PathBuf,
+    /// The CA nodes are told to trust, PEM (its first certificate). `tls init` writes it, and
+    /// its key beside it (`.key`), when none exists.
+    pub ca: PathBuf,
+    /// Refuse the guard API and deploy reports over plain HTTP (403): node tokens and deploy
+    /// tokens then never cross the network in clear (default false: nodes installed before
+    /// TLS was turned on keep working until reimaged).
+    #[serde(default)]
+    pub require: bool,
 }
 
 fn default_max_event_streams() -> usize {
@@ -206,6 +233,15 @@ impl ServeConfig {
         let c: ServeConfig = toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned())?;
         nodekeeper_store::DatabaseUrl::parse(&c.database_url).map_err(|e| e.to_string())?;
         url_host(&c.http.public_url).ok_or("http.public_url must be an http:// URL with a host")?;
+        if let Some(tls) = &c.http.tls {
+            let ok = tls.public_url.starts_with("https://") && url_host(&tls.public_url).is_some();
+            if !ok {
+                return Err(format!(
+                    "http.tls.public_url must be an https:// URL with a host, not {:?}",
+                    tls.public_url
+                ));
+            }
+        }
         if c.dhcp.mode != DhcpMode::Off {
             let d = &c.dhcp;
             d.interface.as_deref().filter(|i| !i.is_empty()).ok_or("dhcp.interface is required")?;

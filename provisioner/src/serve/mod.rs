@@ -24,6 +24,8 @@ const DRAIN: Duration = Duration::from_secs(10);
 pub struct Bound {
     /// HTTP.
     pub http: tokio::net::TcpListener,
+    /// HTTPS, when `[http.tls]` is set.
+    pub https: Option<tokio::net::TcpListener>,
     /// TFTP, when configured.
     pub tftp: Option<tokio::net::UdpSocket>,
     /// DHCP, unless `mode = "off"`.
@@ -36,6 +38,14 @@ impl Bound {
         let http = tokio::net::TcpListener::bind(config.http.listen)
             .await
             .with_context(|| format!("binding HTTP on {}", config.http.listen))?;
+        let https = match &config.http.tls {
+            Some(tls) => Some(
+                tokio::net::TcpListener::bind(tls.listen)
+                    .await
+                    .with_context(|| format!("binding HTTPS on {}", tls.listen))?,
+            ),
+            None => None,
+        };
         let tftp = match config.tftp.listen {
             Some(addr) => {
                 Some(tokio::net::UdpSocket::bind(addr).await.with_context(|| format!("binding TFTP on {addr}"))?)
@@ -50,7 +60,7 @@ impl Bound {
                 Some(crate::dhcp::bind(interface, port, mode == DhcpMode::Proxy)?)
             }
         };
-        Ok(Bound { http, tftp, dhcp })
+        Ok(Bound { http, https, tftp, dhcp })
     }
 }
 
@@ -97,7 +107,18 @@ pub async fn run(config: ServeConfig, bound: Bound, store: Store, shutdown: Canc
         .await
         .context("opening the guard API's connection pool")?,
         streams: Default::default(),
+        tls: None,
     };
+    let tls = match &config.http.tls {
+        Some(tls) => {
+            let hint = "(`nodekeeper-provisioner tls init --config FILE` makes a CA and a server certificate)";
+            let server = http::tls::server_config(tls).with_context(|| format!("[http.tls] {hint}"))?;
+            let nodes = http::tls::NodeTls::load(tls).with_context(|| format!("[http.tls] ca {hint}"))?;
+            Some((server, Arc::new(nodes)))
+        }
+        None => None,
+    };
+    let state = HttpState { tls: tls.as_ref().map(|(_, nodes)| nodes.clone()), ..state };
     let http_addr = bound.http.local_addr()?;
     tracing::info!(listen = %http_addr, "HTTP serving");
     let mut tasks = tokio::task::JoinSet::new();
@@ -114,6 +135,25 @@ pub async fn run(config: ServeConfig, bound: Bound, store: Store, shutdown: Canc
                         .with_context(|| format!("binding HTTP on {http_addr}"))?,
                 };
                 Ok(http::serve(listener, state, stop).await?)
+            }
+        }));
+    }
+    if let (Some(listener), Some((server, nodes))) = (bound.https, tls) {
+        let addr = listener.local_addr()?;
+        tracing::info!(listen = %addr, public_url = %nodes.public_url, ca_sha256 = %nodes.ca_sha256, require = nodes.require, "HTTPS serving");
+        let mut listener = Some(listener);
+        let (state, stop) = (state.clone(), shutdown.clone());
+        tasks.spawn(supervise("https", health.clone(), shutdown.clone(), move || {
+            let (first, state, stop, server) = (listener.take(), state.clone(), stop.clone(), server.clone());
+            async move {
+                let listener = match first {
+                    Some(l) => l,
+                    None => {
+                        tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding HTTPS on {addr}"))?
+                    }
+                };
+                let listener = http::tls::TlsListener::new(listener, server)?;
+                Ok(http::serve_tls(listener, state, stop).await?)
             }
         }));
     }
