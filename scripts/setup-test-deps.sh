@@ -92,13 +92,15 @@ if [ ! -x "$BMC_VENV/bin/sushy-emulator" ] || [ ! -x "$BMC_VENV/bin/vbmcd" ]; th
   "$BMC_VENV/bin/pip" install -q sushy-tools virtualbmc >&2
 fi
 
-# A role that may create the throwaway databases each test makes for itself.
+# A role that may create the throwaway databases each test makes for itself, and the guard
+# roles the guard-role test makes (CREATEROLE, as `db guard-role` needs).
 runuser -u postgres -- psql -q -v ON_ERROR_STOP=1 -d postgres >&2 <<'SQL'
 DO $$
 BEGIN
   IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'nodekeeper_test') THEN
-    CREATE ROLE nodekeeper_test LOGIN CREATEDB PASSWORD 'nodekeeper_test';
+    CREATE ROLE nodekeeper_test LOGIN CREATEDB CREATEROLE PASSWORD 'nodekeeper_test';
   END IF;
 END $$;
+ALTER ROLE nodekeeper_test CREATEROLE;
 SQL
 echo "postgres://nodekeeper_test:nodekeeper_test@127.0.0.1:5432/postgres"

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use nodekeeper_store::guard_api::{self, Assigned, GuardEvent, OwnershipQuery, PeerList, Relay};
-use nodekeeper_store::{ConnectOptions, HostName, InstanceId, NewEvent, Ownership, ReportedDomain, Store, Timestamp};
+use nodekeeper_store::{
+    ConnectOptions, GuardSession, HostName, InstanceId, NewEvent, Ownership, ReportedDomain, Store, Timestamp,
+};
 
 use crate::config::Config;
 
@@ -16,6 +18,8 @@ use crate::config::Config;
 pub enum Backend {
     /// The database itself.
     Db(Store),
+    /// PostgreSQL as a guard role (`db guard-role`): only the guard functions, for its host.
+    Role(GuardSession),
     /// The provisioner's guard API.
     Api(Api),
 }
@@ -68,7 +72,16 @@ impl Backend {
             return Ok(Backend::Api(Api { client, base, host: config.host.clone(), token }));
         }
         let opts = ConnectOptions { timeout, max_connections: 2, create_if_missing: false };
-        Ok(Backend::Db(Store::connect_with(&config.database_url, &opts).await?))
+        let store = Store::connect_with(&config.database_url, &opts).await?;
+        match GuardSession::open(&store).await? {
+            Some(session) if session.host() != &config.host => anyhow::bail!(
+                "the database role of database_url is the guard role of host {}, not of {} (this guard's host)",
+                session.host(),
+                config.host
+            ),
+            Some(session) => Ok(Backend::Role(session)),
+            None => Ok(Backend::Db(store)),
+        }
     }
 
     /// The database's schema is the one this guard was built for (the API: the provisioner
@@ -76,6 +89,7 @@ impl Backend {
     pub async fn check_schema(&self) -> anyhow::Result<()> {
         match self {
             Backend::Db(s) => Ok(s.check_schema().await?),
+            Backend::Role(r) => Ok(r.store().check_schema().await?),
             Backend::Api(_) => Ok(()),
         }
     }
@@ -84,6 +98,7 @@ impl Backend {
     pub async fn host_known(&self, host: &HostName) -> anyhow::Result<bool> {
         match self {
             Backend::Db(s) => Ok(s.host(host).await?.is_some()),
+            Backend::Role(r) => Ok(r.host() == host && r.host_known().await?),
             Backend::Api(a) => {
                 let r = a.send(a.client.get(format!("{}/api/v1/hosts/{host}", a.base))).await?;
                 match r.status() {
@@ -99,6 +114,7 @@ impl Backend {
     pub async fn ownership(&self, uuids: &[InstanceId]) -> anyhow::Result<Vec<Ownership>> {
         match self {
             Backend::Db(s) => Ok(s.ownership(uuids).await?),
+            Backend::Role(r) => Ok(r.ownership(uuids).await?),
             Backend::Api(a) => {
                 let mut out = Vec::with_capacity(uuids.len());
                 // The provisioner takes 50,000 per request.
@@ -115,6 +131,7 @@ impl Backend {
     pub async fn heartbeat(&self, host: &HostName) -> anyhow::Result<()> {
         match self {
             Backend::Db(s) => s.record_heartbeat(host).await.map(|_: Timestamp| ()).map_err(Into::into),
+            Backend::Role(r) => r.heartbeat().await.map(|_: Timestamp| ()).map_err(Into::into),
             Backend::Api(a) => a.ok(a.post("heartbeat")).await,
         }
     }
@@ -123,6 +140,7 @@ impl Backend {
     pub async fn assigned(&self, host: &HostName) -> anyhow::Result<Vec<Assigned>> {
         match self {
             Backend::Db(s) => Ok(s.instances(Some(host)).await?.iter().map(Assigned::from).collect()),
+            Backend::Role(r) => Ok(r.assigned().await?),
             Backend::Api(a) => a.json(a.client.get(a.url("assigned"))).await,
         }
     }
@@ -131,6 +149,7 @@ impl Backend {
     pub async fn domain_xml(&self, uuid: InstanceId) -> anyhow::Result<Option<String>> {
         match self {
             Backend::Db(s) => Ok(s.domain_xml(uuid).await?),
+            Backend::Role(r) => Ok(r.domain_xml(uuid).await?),
             Backend::Api(a) => {
                 let r = a.send(a.client.get(a.url(&format!("assigned/{uuid}/domain.xml")))).await?;
                 match r.status() {
@@ -146,6 +165,7 @@ impl Backend {
     pub async fn save_report(&self, host: &HostName, domains: &[ReportedDomain]) -> anyhow::Result<()> {
         match self {
             Backend::Db(s) => Ok(s.save_guard_report(host, domains).await?),
+            Backend::Role(r) => Ok(r.save_report(domains).await?),
             Backend::Api(a) => a.ok(a.client.put(a.url("report")).json(domains)).await,
         }
     }
@@ -154,18 +174,8 @@ impl Backend {
     pub async fn record_events(&self, events: &[NewEvent]) -> anyhow::Result<()> {
         match self {
             Backend::Db(s) => Ok(s.record_events(events).await?),
-            Backend::Api(a) => {
-                let body: Vec<GuardEvent> = events
-                    .iter()
-                    .map(|e| GuardEvent {
-                        kind: e.kind.clone(),
-                        instance: e.instance,
-                        message: e.message.clone(),
-                        key: e.key.clone(),
-                    })
-                    .collect();
-                a.ok(a.post("events").json(&body)).await
-            }
+            Backend::Role(r) => Ok(r.record_events(&guard_events(events)).await?),
+            Backend::Api(a) => a.ok(a.post("events").json(&guard_events(events))).await,
         }
     }
 
@@ -173,6 +183,7 @@ impl Backend {
     pub async fn peers(&self, host: &HostName) -> anyhow::Result<PeerList> {
         match self {
             Backend::Db(s) => Ok(s.peers_of(host).await?),
+            Backend::Role(r) => Ok(r.peers().await?),
             Backend::Api(a) => a.json(a.client.get(a.url("peers"))).await,
         }
     }
@@ -185,16 +196,35 @@ impl Backend {
                 anyhow::ensure!(s.relay_heartbeat(peer, me).await?, "{peer} is not a watched host of the cell");
                 Ok(())
             }
+            Backend::Role(r) => {
+                anyhow::ensure!(r.relay(peer).await?, "{peer} is not a watched host of the cell");
+                Ok(())
+            }
             Backend::Api(a) => a.ok(a.post("relay").json(&Relay { host: peer.clone() })).await,
         }
     }
 
     /// Closes the database pool (nothing to close for the API).
     pub async fn close(&self) {
-        if let Backend::Db(s) = self {
-            s.close().await;
+        match self {
+            Backend::Db(s) => s.close().await,
+            Backend::Role(r) => r.store().close().await,
+            Backend::Api(_) => {}
         }
     }
+}
+
+/// Events as a guard sends them: the actor and host are the receiver's to set.
+fn guard_events(events: &[NewEvent]) -> Vec<GuardEvent> {
+    events
+        .iter()
+        .map(|e| GuardEvent {
+            kind: e.kind.clone(),
+            instance: e.instance,
+            message: e.message.clone(),
+            key: e.key.clone(),
+        })
+        .collect()
 }
 
 impl Api {

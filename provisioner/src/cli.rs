@@ -107,6 +107,15 @@ pub enum TlsCommand {
 pub enum DbCommand {
     /// Apply pending schema migrations (idempotent).
     Migrate,
+    /// Make a PostgreSQL login role for HOST's guard that can do no more than the guard API
+    /// (or give an existing one a new password); prints the guard's database_url once.
+    GuardRole {
+        /// The host whose guard uses it.
+        host: HostName,
+        /// The role's name (default nk_guard_HOST).
+        #[arg(long)]
+        role: Option<String>,
+    },
 }
 
 /// `host ...`
@@ -200,6 +209,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let store = admin::open_store(&cli.database_url, migrate_only).await?;
     let result = match cli.command {
         Command::Db(DbCommand::Migrate) => admin::db_migrate(&store, &out).await,
+        Command::Db(DbCommand::GuardRole { host, role }) => {
+            admin::db_guard_role(&store, &out, &cli.database_url, &host, role.as_deref()).await
+        }
         Command::Host(HostCommand::Add { name, mac, ip, bmc, bmc_credentials }) => {
             admin::host_add(&store, &out, nodekeeper_store::NewHost { name, mac, ip, bmc_url: bmc, bmc_credentials })
                 .await

@@ -123,6 +123,8 @@ mod tempdir {
 
 /// The provisioner's address on the provisioning network.
 pub const SERVER: &str = "http://10.20.0.1:8080";
+/// The provisioner's HTTPS listener, where nodes reach its guard and deploy APIs.
+pub const SERVER_TLS: &str = "https://10.20.0.1:8443";
 
 impl Lab {
     /// Sets the lab up with `count` nodes (not installed yet): images, network, BMC emulator,
@@ -221,10 +223,15 @@ impl Lab {
                  subnet = \"10.20.0.0/24\"\nrange = [\"10.20.0.100\", \"10.20.0.199\"]\n\
                  [tftp]\nlisten = \"10.20.0.1:69\"\nroot = \"{d}/tftp\"\n\
                  [http]\nlisten = \"10.20.0.1:8080\"\npublic_url = \"{SERVER}\"\nimages_dir = \"{d}/images\"\n\
-                 deploy_kernel_args = \"console=ttyS0 quiet panic=-1\"\n",
+                 deploy_kernel_args = \"console=ttyS0 quiet panic=-1\"\n\
+                 [http.tls]\nlisten = \"10.20.0.1:8443\"\npublic_url = \"{SERVER_TLS}\"\ncert = \"{d}/tls/server.pem\"\n\
+                 key = \"{d}/tls/server.key\"\nca = \"{d}/tls/ca.pem\"\nrequire = true\n",
                 d = dir.display()
             ),
         )?;
+        // The node APIs answer only over TLS: agents, first boots and guards trust the CA the
+        // deploy carries to them.
+        nk(&["tls", "init", "--config", &config.display().to_string()])?;
         let store = Store::connect(&db_url).await?;
         let mut lab = Lab {
             paths,
@@ -246,7 +253,9 @@ impl Lab {
         .await?;
         // The first request of an image digests it: done now, not during an install.
         lab.net.run(300, "curl", &["-sfI", &format!("{SERVER}/images/node.img")])?;
-        n.say("nodekeeper-provisioner serve: DHCP, TFTP, HTTP and the recovery controller, on the embedded SQLite");
+        n.say(
+            "nodekeeper-provisioner serve: DHCP, TFTP, HTTP, HTTPS (node APIs TLS-only) and the recovery controller, on the embedded SQLite",
+        );
         Ok(lab)
     }
 

@@ -69,6 +69,9 @@ pub enum StoreError {
         /// What is wrong.
         reason: String,
     },
+    /// A request the store cannot carry out as asked (says why).
+    #[error("{0}")]
+    Invalid(String),
     /// No host of that name.
     #[error("unknown host {0}")]
     UnknownHost(HostName),

@@ -255,6 +255,12 @@ impl Store {
         Ok(true)
     }
 
+    /// Runs one statement as this store's user (for tests that prove what a user may not do).
+    #[cfg(feature = "testing")]
+    pub async fn execute_raw(&self, sql: &str) -> std::result::Result<u64, String> {
+        sqlx::query(sql).execute(&self.pool).await.map(|r| r.rows_affected()).map_err(|e| e.to_string())
+    }
+
     /// A heartbeat stamped `at` instead of now: for tests that run the controller on a
     /// simulated clock.
     #[cfg(feature = "testing")]

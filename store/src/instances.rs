@@ -109,7 +109,7 @@ const OWNERSHIP_COLUMNS: &str = "uuid, owner, generation, \
     CAST(CASE WHEN deleted THEN 1 ELSE 0 END AS BIGINT) AS deleted, \
     CAST(CASE WHEN ha THEN 1 ELSE 0 END AS BIGINT) AS ha";
 
-fn flag(row: &AnyRow, column: &str) -> Result<bool> {
+pub(crate) fn flag(row: &AnyRow, column: &str) -> Result<bool> {
     Ok(get::<i64>(row, "instances", column)? != 0)
 }
 
@@ -129,7 +129,7 @@ fn instance_from_row(row: &AnyRow) -> Result<Instance> {
     })
 }
 
-fn ownership_from_row(row: &AnyRow) -> Result<Ownership> {
+pub(crate) fn ownership_from_row(row: &AnyRow) -> Result<Ownership> {
     const T: &str = "instances";
     Ok(Ownership {
         uuid: parse_column(T, "uuid", &get::<String>(row, T, "uuid")?)?,

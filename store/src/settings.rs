@@ -55,26 +55,57 @@ impl Store {
             } else {
                 Default::default()
             };
-        let mut peers: Vec<Peer> = hosts
+        let candidates = hosts
             .iter()
-            .filter(|h| &h.name != host && watched(h))
-            .filter_map(|h| {
-                let address = h.ip.or_else(|| h.mac.and_then(|m| leased.get(&m).copied()))?;
-                Some(Peer { host: h.name.clone(), address, key: peer_key(&secret, host, &h.name) })
+            .filter(|h| &h.name != host)
+            .map(|h| PeerCandidate {
+                host: h.name.clone(),
+                state: h.state,
+                heartbeated: h.last_heartbeat.is_some(),
+                address: h.ip.or_else(|| h.mac.and_then(|m| leased.get(&m).copied())),
+                key: peer_key(&secret, host, &h.name),
             })
             .collect();
-        let active: std::collections::HashSet<&HostName> =
-            hosts.iter().filter(|h| h.state == HostState::Active).map(|h| &h.name).collect();
-        let cell_size = 1 + peers.iter().filter(|p| active.contains(&p.host)).count();
-        if peers.len() > PEER_LIST_MAX {
-            // A large cell: each host gets the peers whose pair key (a hash of both names,
-            // the same from either side) falls below a threshold — about PEER_LIST_MAX of them,
-            // the same from one fetch to the next, and symmetric: when A lists B, B lists A,
-            // so B can check A's requests. The quorum is judged on the peers asked anyway.
-            let share = PEER_LIST_MAX as f64 / peers.len() as f64;
-            let limit = (share * u64::MAX as f64) as u64;
-            peers.retain(|p| u64::from_str_radix(p.key.get(..16).unwrap_or("0"), 16).is_ok_and(|v| v < limit));
-        }
-        Ok(PeerList { cell_size, peers })
+        Ok(peer_list(candidates))
     }
+}
+
+/// Another host of the cell, as a peer list is made of it.
+#[derive(Debug, Clone)]
+pub(crate) struct PeerCandidate {
+    pub(crate) host: HostName,
+    pub(crate) state: HostState,
+    pub(crate) heartbeated: bool,
+    /// Its fixed address, else its DHCP lease.
+    pub(crate) address: Option<std::net::IpAddr>,
+    /// The key the pair shares.
+    pub(crate) key: String,
+}
+
+/// A host's peer list from the cell's other hosts: every watched one (active or suspect,
+/// heartbeated at least once) that has an address; the size of the cell the quorum is judged
+/// against is this host and the **active** peers. A suspect host is asked (it may be alive,
+/// only cut off from the controller) but not counted: after a mass failure that the brake left
+/// unfenced, dead suspects must not outvote the living, or a provisioner outage then would
+/// make every surviving guard fence itself.
+pub(crate) fn peer_list(candidates: Vec<PeerCandidate>) -> PeerList {
+    let watched = |c: &PeerCandidate| c.heartbeated && matches!(c.state, HostState::Active | HostState::Suspect);
+    let active: std::collections::HashSet<HostName> =
+        candidates.iter().filter(|c| c.state == HostState::Active).map(|c| c.host.clone()).collect();
+    let mut peers: Vec<Peer> = candidates
+        .into_iter()
+        .filter(watched)
+        .filter_map(|c| Some(Peer { address: c.address?, host: c.host, key: c.key }))
+        .collect();
+    let cell_size = 1 + peers.iter().filter(|p| active.contains(&p.host)).count();
+    if peers.len() > PEER_LIST_MAX {
+        // A large cell: each host gets the peers whose pair key (a hash of both names,
+        // the same from either side) falls below a threshold — about PEER_LIST_MAX of them,
+        // the same from one fetch to the next, and symmetric: when A lists B, B lists A,
+        // so B can check A's requests. The quorum is judged on the peers asked anyway.
+        let share = PEER_LIST_MAX as f64 / peers.len() as f64;
+        let limit = (share * u64::MAX as f64) as u64;
+        peers.retain(|p| u64::from_str_radix(p.key.get(..16).unwrap_or("0"), 16).is_ok_and(|v| v < limit));
+    }
+    PeerList { cell_size, peers }
 }

@@ -64,6 +64,29 @@ pub async fn db_migrate(store: &Store, out: &Output) -> anyhow::Result<()> {
     out.emit(&value, || format!("{}: {applied} migration(s) applied, schema version {version}\n", store.redacted_url()))
 }
 
+/// `db guard-role HOST [--role NAME]`: prints the guard's `database_url` (with the role's new
+/// password: shown once).
+pub async fn db_guard_role(
+    store: &Store,
+    out: &Output,
+    admin_url: &str,
+    host: &HostName,
+    role: Option<&str>,
+) -> anyhow::Result<()> {
+    let made = store.create_guard_role(host, role).await?;
+    let mut url = url::Url::parse(admin_url).context("the database URL")?;
+    url.set_username(&made.role).map_err(|()| anyhow::anyhow!("the database URL cannot carry a user"))?;
+    url.set_password(Some(&made.password)).map_err(|()| anyhow::anyhow!("the database URL cannot carry a password"))?;
+    #[derive(serde::Serialize)]
+    struct Made<'a> {
+        host: &'a HostName,
+        role: &'a str,
+        database_url: &'a str,
+    }
+    let shown = Made { host, role: &made.role, database_url: url.as_str() };
+    out.emit(&shown, || format!("{}\n", url.as_str()))
+}
+
 /// `tls init --config FILE [--name N]... [--new-ca]`
 pub fn tls_init(out: &Output, config: &std::path::Path, names: &[String], new_ca: bool) -> anyhow::Result<()> {
     let config = crate::serve::config::ServeConfig::load(config)?;
