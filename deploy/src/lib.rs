@@ -141,6 +141,9 @@ pub struct Url {
 
 /// `http(s)://HOST[:PORT]/PATH` → its parts.
 pub fn split_url(url: &str) -> Result<Url, String> {
+    if !url.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(format!("a URL of printable ASCII without spaces is needed: {url:?}"));
+    }
     let (tls, rest) = match (url.strip_prefix("http://"), url.strip_prefix("https://")) {
         (Some(rest), _) => (false, rest),
         (_, Some(rest)) => (true, rest),
@@ -150,11 +153,12 @@ pub fn split_url(url: &str) -> Result<Url, String> {
     let has_port =
         authority.rsplit_once(':').is_some_and(|(h, _)| !h.ends_with(':') && (h.ends_with(']') || !h.contains(':')));
     let host = if has_port { authority.rsplit_once(':').map_or(authority, |(h, _)| h) } else { authority };
+    let host = host.trim_matches(['[', ']']);
     if host.is_empty() {
         return Err(format!("no host in {url}"));
     }
     let authority = if has_port { authority.to_owned() } else { format!("{authority}:{}", if tls { 443 } else { 80 }) };
-    Ok(Url { tls, authority, host: host.trim_matches(['[', ']']).to_owned(), path })
+    Ok(Url { tls, authority, host: host.to_owned(), path })
 }
 
 /// A connection, plain or TLS.
@@ -589,6 +593,8 @@ mod tests {
         );
         assert!(split_url("ftp://x/").is_err());
         assert!(split_url("http:///x").is_err());
+        assert!(split_url("https://[/[").is_err(), "brackets alone are no host (found by fuzzing)");
+        assert!(split_url("http://a\u{0}b/").is_err(), "no control characters in a request line");
     }
 
     #[test]
