@@ -12,8 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nodekeeper_store::{
-    Host, HostName, HostState, InstanceId, NewEvent, Operation, OperationStatus, StepChange, Store, StoreError,
-    Timestamp,
+    Host, HostName, HostState, InstanceId, NewEvent, Operation, OperationStatus, Store, StoreError, Timestamp,
 };
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
@@ -407,48 +406,14 @@ impl<F: BmcFactory> Controller<F> {
         self.step_in(&self.store, op, now).await
     }
 
+    /// This controller's fence machine, at `now`.
+    pub(crate) fn fence(&self, now: Timestamp) -> Fence<'_, F> {
+        Fence { controller: self, now }
+    }
+
     /// One step of one fence operation; `store` carries the lease it acts under.
     async fn step_in(&self, store: &Store, op: Operation, now: Timestamp) -> Result<(), StoreError> {
-        let (step, mut data): (Step, FenceData) = match crate::ops::parse_state(&op) {
-            Ok(state) => state,
-            Err(reason) => return self.finish(store, &op, &op.step, OperationStatus::Failed, Some(reason)).await,
-        };
-        let host = store.require_host(&op.target).await?;
-        let attempts = op.attempts + 1;
-        let decision = match fence::work(step, &data) {
-            // An operator who took the host over (maintenance, a reimage) stops a fence that
-            // has not passed the point of return.
-            Work::Confirm if host.state != HostState::Suspect => {
-                Decision::Abort { why: format!("the host is {} now, no longer suspect; fence called off", host.state) }
-            }
-            Work::Confirm => {
-                let network = self.network_check(&host).await;
-                fence::confirm(host.last_heartbeat.is_some_and(|h| h > op.created_at), &network)
-            }
-            Work::PowerOff => fence::after_power_off(attempts, self.power(store, &host, PowerAction::Off).await, &data),
-            Work::Evacuate => {
-                let result = self.evacuate(store, &host, now).await;
-                if let Ok((moved, unplaced)) = result {
-                    data.moved += moved;
-                    data.unplaced = unplaced;
-                }
-                fence::after_evacuate(result.map_err(|e| e.to_string()), attempts)
-            }
-            Work::Restore(after) => {
-                let result = match after {
-                    AfterFence::PowerOn => self.power(store, &host, PowerAction::On).await,
-                    AfterFence::Reimage => {
-                        reimage::request(store, &host.name, None, Deadlines::default(), Limits::default(), ACTOR)
-                            .await
-                            .map(drop)
-                            .map_err(|e| e.to_string())
-                    }
-                    AfterFence::Nothing => Ok(()),
-                };
-                fence::after_restore(attempts, result, &data)
-            }
-        };
-        self.apply(store, &op, step, &data, decision).await
+        crate::ops::engine::step(&self.fence(now), store, op).await
     }
 
     /// A TCP connect to the host's address on `network_check_port` (1 s).
@@ -501,94 +466,90 @@ impl<F: BmcFactory> Controller<F> {
         }
         Ok((moved, unplaced))
     }
+}
 
-    async fn apply(
+/// The fence machine on the operation engine: its decisions ([`super::fence`]) and effects
+/// (BMC commands, the evacuation, the host's state at the point of return or when called off).
+pub(crate) struct Fence<'a, F: BmcFactory> {
+    controller: &'a Controller<F>,
+    now: Timestamp,
+}
+
+impl<F: BmcFactory> crate::ops::Machine for Fence<'_, F> {
+    type Step = Step;
+    type Data = FenceData;
+    const KIND: &'static str = "fence";
+    const ACTOR: &'static str = ACTOR;
+
+    async fn decide(
         &self,
         store: &Store,
         op: &Operation,
         step: Step,
-        data: &FenceData,
-        decision: Decision,
-    ) -> Result<(), StoreError> {
-        let target = &op.target;
-        match decision {
-            Decision::Go { to, why } => {
-                if step == Step::PowerOff {
-                    // The point of return is passed: the host is off, confirmed.
-                    store.set_host_state(target, HostState::Fenced, ACTOR, &why).await?;
+        data: &mut FenceData,
+    ) -> Result<Decision, StoreError> {
+        let c = self.controller;
+        let host = store.require_host(&op.target).await?;
+        let attempts = op.attempts + 1;
+        let decision = match fence::work(step, data) {
+            // An operator who took the host over (maintenance, a reimage) stops a fence that
+            // has not passed the point of return.
+            Work::Confirm if host.state != HostState::Suspect => {
+                Decision::Abort { why: format!("the host is {} now, no longer suspect; fence called off", host.state) }
+            }
+            Work::Confirm => {
+                let network = c.network_check(&host).await;
+                fence::confirm(host.last_heartbeat.is_some_and(|h| h > op.created_at), &network)
+            }
+            Work::PowerOff => fence::after_power_off(attempts, c.power(store, &host, PowerAction::Off).await, data),
+            Work::Evacuate => {
+                let result = c.evacuate(store, &host, self.now).await;
+                if let Ok((moved, unplaced)) = result {
+                    data.moved += moved;
+                    data.unplaced = unplaced;
                 }
-                let change = StepChange {
-                    from: step.as_str().into(),
-                    to: to.as_str().into(),
-                    status: OperationStatus::Running,
-                    attempts: 0,
-                    deadline: None,
-                    last_error: None,
-                    data: serde_json::to_string(data).ok(),
-                    event: format!("fence of {target}: {why}; next {to}"),
+                fence::after_evacuate(result.map_err(|e| e.to_string()), attempts)
+            }
+            Work::Restore(after) => {
+                let result = match after {
+                    AfterFence::PowerOn => c.power(store, &host, PowerAction::On).await,
+                    AfterFence::Reimage => {
+                        reimage::request(store, &host.name, None, Deadlines::default(), Limits::default(), ACTOR)
+                            .await
+                            .map(drop)
+                            .map_err(|e| e.to_string())
+                    }
+                    AfterFence::Nothing => Ok(()),
                 };
-                store.advance_operation(op.id, &change, ACTOR).await.map(drop)
+                fence::after_restore(attempts, result, data)
             }
-            Decision::Retry { attempts, error } => {
-                let change = StepChange {
-                    from: step.as_str().into(),
-                    to: step.as_str().into(),
-                    status: OperationStatus::Running,
-                    attempts,
-                    deadline: None,
-                    last_error: Some(error.clone()),
-                    data: None,
-                    event: format!("fence of {target}: {step} failed (attempt {attempts}): {error}"),
-                };
-                store.advance_operation(op.id, &change, ACTOR).await.map(drop)
-            }
-            Decision::Abort { why } => {
-                store.set_host_state_from(target, HostState::Suspect, HostState::Active, ACTOR, &why).await?;
-                self.finish(store, op, "aborted", OperationStatus::Done, Some(why)).await
-            }
+        };
+        Ok(match decision {
             Decision::Done { why } => {
-                let change = StepChange {
-                    from: step.as_str().into(),
-                    to: "done".into(),
-                    status: OperationStatus::Done,
-                    attempts: op.attempts,
-                    deadline: None,
-                    last_error: None,
-                    data: serde_json::to_string(data).ok(),
-                    event: format!("fence of {target} done: {} moved, {} unplaced; {why}", data.moved, data.unplaced),
-                };
-                store.advance_operation(op.id, &change, ACTOR).await.map(drop)
+                Decision::Done { why: format!("{} moved, {} unplaced; {why}", data.moved, data.unplaced) }
             }
-            Decision::Failed { at, reason } => {
-                self.finish(store, op, at.as_str(), OperationStatus::Failed, Some(reason)).await
-            }
-        }
+            other => other,
+        })
     }
 
-    async fn finish(
+    async fn effects(
         &self,
         store: &Store,
         op: &Operation,
-        step: &str,
-        status: OperationStatus,
-        reason: Option<String>,
+        step: Step,
+        _data: &mut FenceData,
+        decision: &Decision,
     ) -> Result<(), StoreError> {
-        let event = match (&reason, status) {
-            (Some(r), OperationStatus::Failed) => format!("fence of {} failed at {step}: {r}", op.target),
-            (Some(r), _) => format!("fence of {}: {r}", op.target),
-            (None, _) => format!("fence of {} {step}", op.target),
-        };
-        let change = StepChange {
-            from: op.step.clone(),
-            to: step.into(),
-            status,
-            attempts: op.attempts,
-            deadline: None,
-            last_error: if status == OperationStatus::Failed { reason } else { None },
-            data: None,
-            event,
-        };
-        store.advance_operation(op.id, &change, ACTOR).await.map(drop)
+        match decision {
+            // The point of return is passed: the host is off, confirmed.
+            Decision::Go { why, .. } if step == Step::PowerOff => {
+                store.set_host_state(&op.target, HostState::Fenced, ACTOR, why).await.map(drop)
+            }
+            Decision::Abort { why } => {
+                store.set_host_state_from(&op.target, HostState::Suspect, HostState::Active, ACTOR, why).await.map(drop)
+            }
+            _ => Ok(()),
+        }
     }
 }
 

@@ -107,41 +107,8 @@ pub fn work(step: Step, data: &FenceData) -> Work {
     }
 }
 
-/// What the executor does next.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Decision {
-    /// Go to `to`; `why` goes in the event.
-    Go {
-        /// The next step.
-        to: Step,
-        /// For the event.
-        why: String,
-    },
-    /// The step failed; try it again.
-    Retry {
-        /// Attempts so far.
-        attempts: u32,
-        /// The error.
-        error: String,
-    },
-    /// The host is back before the point of return: call the fence off.
-    Abort {
-        /// For the event.
-        why: String,
-    },
-    /// Finished.
-    Done {
-        /// For the event.
-        why: String,
-    },
-    /// Failed at `at`.
-    Failed {
-        /// The step.
-        at: Step,
-        /// Why.
-        reason: String,
-    },
-}
+/// What the executor does next (the one engine's decision, over this machine's steps).
+pub type Decision = crate::ops::Decision<Step>;
 
 /// What the network check found (`confirm`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -168,13 +135,13 @@ pub fn confirm(heartbeat_since_suspect: bool, network: &NetworkCheck) -> Decisio
             format!("still silent, though {addr} answers (the host runs, its guard does not)")
         }
     };
-    Decision::Go { to: Step::PowerOff, why }
+    Decision::Go { to: Step::PowerOff, after: None, why }
 }
 
 /// After a BMC step's work (`attempts` so far, this one included).
 pub fn after_power_off(attempts: u32, result: Result<(), String>, data: &FenceData) -> Decision {
     match result {
-        Ok(()) => Decision::Go { to: Step::Evacuate, why: "powered off, confirmed by the BMC".into() },
+        Ok(()) => Decision::Go { to: Step::Evacuate, after: None, why: "powered off, confirmed by the BMC".into() },
         Err(e) if attempts < data.bmc_attempts => Decision::Retry { attempts, error: e },
         Err(e) => Decision::Failed {
             at: Step::PowerOff,
@@ -190,9 +157,12 @@ pub fn after_power_off(attempts: u32, result: Result<(), String>, data: &FenceDa
 /// since the move is idempotent and nothing else can make progress without the database).
 pub fn after_evacuate(result: Result<(usize, usize), String>, attempts: u32) -> Decision {
     match result {
-        Ok((moved, 0)) => Decision::Go { to: Step::Restore, why: format!("{moved} HA instances have new owners") },
+        Ok((moved, 0)) => {
+            Decision::Go { to: Step::Restore, after: None, why: format!("{moved} HA instances have new owners") }
+        }
         Ok((moved, unplaced)) => Decision::Go {
             to: Step::Restore,
+            after: None,
             why: format!("{moved} HA instances have new owners; {unplaced} found no host with room and stay fenced"),
         },
         Err(e) => Decision::Retry { attempts, error: e },
@@ -239,14 +209,14 @@ mod tests {
         assert!(matches!(confirm(true, &NetworkCheck::Answers("10.0.0.5:22".into())), Decision::Abort { .. }));
         assert_eq!(
             confirm(false, &NetworkCheck::NotChecked),
-            Decision::Go { to: Step::PowerOff, why: "still silent".into() }
+            Decision::Go { to: Step::PowerOff, after: None, why: "still silent".into() }
         );
         match confirm(false, &NetworkCheck::Answers("10.0.0.5:22".into())) {
-            Decision::Go { to: Step::PowerOff, why } => assert!(why.contains("its guard does not"), "{why}"),
+            Decision::Go { to: Step::PowerOff, why, .. } => assert!(why.contains("its guard does not"), "{why}"),
             other => panic!("{other:?}"),
         }
         match confirm(false, &NetworkCheck::Silent("10.0.0.5:22".into())) {
-            Decision::Go { to: Step::PowerOff, why } => assert!(why.contains("does not answer"), "{why}"),
+            Decision::Go { to: Step::PowerOff, why, .. } => assert!(why.contains("does not answer"), "{why}"),
             other => panic!("{other:?}"),
         }
     }
@@ -269,7 +239,7 @@ mod tests {
     fn evacuation_reports_what_found_no_room_and_retries_database_errors() {
         assert!(matches!(after_evacuate(Ok((4, 0)), 1), Decision::Go { to: Step::Restore, .. }));
         match after_evacuate(Ok((3, 2)), 1) {
-            Decision::Go { to: Step::Restore, why } => assert!(why.contains("2 found no host"), "{why}"),
+            Decision::Go { to: Step::Restore, why, .. } => assert!(why.contains("2 found no host"), "{why}"),
             other => panic!("{other:?}"),
         }
         assert!(matches!(after_evacuate(Err("database down".into()), 7), Decision::Retry { attempts: 7, .. }));

@@ -14,7 +14,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use nodekeeper_store::{Host, HostName, HostState, Operation, OperationStatus, StepChange, Store, Timestamp};
+use nodekeeper_store::{Host, HostName, HostState, Operation, OperationStatus, Store};
 use tokio_util::sync::CancellationToken;
 
 use super::machine::{self, AgentReport, Deadlines, Decision, Limits, ReimageData, Step, Work};
@@ -87,7 +87,7 @@ pub async fn request(
     }
     let image = image.map(str::to_owned).or(h.image).unwrap_or_else(|| crate::http::DEFAULT_IMAGE.to_owned());
     let data = ReimageData { image, pxe_boots: 0, agent: None, deadlines, limits };
-    let deadline = after(store, machine::deadline_for(Step::PowerOff, &data.deadlines)).await?;
+    let deadline = crate::ops::engine::after(store, machine::deadline_for(Step::PowerOff, &data.deadlines)).await?;
     let json = serde_json::to_string(&data).unwrap_or_else(|_| "{}".into());
     let (op, started) =
         store.start_operation(KIND, host, Step::PowerOff.as_str(), Some(deadline), &json, actor).await?;
@@ -131,11 +131,6 @@ async fn idle_wait(store: &Store, op: &Operation) -> Result<bool, nodekeeper_sto
     data.agent = op.report.as_deref().and_then(|r| serde_json::from_str::<AgentReport>(r).ok());
     let host = store.require_host(&op.target).await?;
     Ok(observe(store, op, &host, step, &data).await? == Decision::Stay)
-}
-
-/// `d` from now, by the database's clock (deadlines are compared across replicas).
-async fn after(store: &Store, d: Duration) -> Result<Timestamp, nodekeeper_store::StoreError> {
-    Ok(Timestamp(store.now().await?.0 + i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 2)))
 }
 
 /// How long a claim on an operation lasts unless renewed (it is renewed every third of that
@@ -240,126 +235,95 @@ pub async fn step<F: BmcFactory>(
     factory: &F,
     op: Operation,
 ) -> Result<(), nodekeeper_store::StoreError> {
-    let (step, mut data): (Step, ReimageData) = match crate::ops::parse_state(&op) {
-        Ok(state) => state,
-        Err(reason) => return finish(store, &op, &op.step, OperationStatus::Failed, Some(reason)).await,
-    };
-    data.agent = op.report.as_deref().and_then(|r| serde_json::from_str::<AgentReport>(r).ok());
-    let host = store.require_host(&op.target).await?;
-    let decision = match machine::work(step) {
-        Work::Wait => observe(store, &op, &host, step, &data).await?,
-        work => {
-            let result = match factory.for_host(&host) {
-                Err(e) => Err(e.to_string()),
-                Ok(driver) => {
-                    let driver = bmc::Leased::new(driver, store.clone());
-                    let policy = factory.policy();
-                    let act = async {
-                        match work {
-                            Work::PowerOff => bmc::power(&driver, PowerAction::Off, &policy).await.map(drop),
-                            Work::PowerOn => bmc::power(&driver, PowerAction::On, &policy).await.map(drop),
-                            Work::SetPxeOnce => driver.set_pxe_once().await,
-                            Work::SetDiskBoot => driver.set_disk_boot().await,
-                            Work::Wait => Ok(()),
-                        }
-                    };
-                    match tokio::time::timeout(data.deadlines.bmc, act).await {
-                        Ok(r) => r.map_err(|e| e.to_string()),
-                        Err(_) => {
-                            Err(format!("{step} took longer than {}", humantime::format_duration(data.deadlines.bmc)))
-                        }
+    crate::ops::engine::step(&Reimage { factory }, store, op).await
+}
+
+/// The reimage machine on the operation engine: its decisions ([`super::machine`]) and
+/// effects (BMC commands; the host's token, image and state when it ends).
+pub struct Reimage<'a, F> {
+    /// Where BMC drivers come from.
+    pub factory: &'a F,
+}
+
+impl<F: BmcFactory> crate::ops::Machine for Reimage<'_, F> {
+    type Step = Step;
+    type Data = ReimageData;
+    const KIND: &'static str = KIND;
+    const ACTOR: &'static str = ACTOR;
+
+    async fn decide(
+        &self,
+        store: &Store,
+        op: &Operation,
+        step: Step,
+        data: &mut ReimageData,
+    ) -> Result<Decision, nodekeeper_store::StoreError> {
+        data.agent = op.report.as_deref().and_then(|r| serde_json::from_str::<AgentReport>(r).ok());
+        let host = store.require_host(&op.target).await?;
+        let work = machine::work(step);
+        if work == Work::Wait {
+            return observe(store, op, &host, step, data).await;
+        }
+        let result = match self.factory.for_host(&host) {
+            Err(e) => Err(e.to_string()),
+            Ok(driver) => {
+                let driver = bmc::Leased::new(driver, store.clone());
+                let policy = self.factory.policy();
+                let act = async {
+                    match work {
+                        Work::PowerOff => bmc::power(&driver, PowerAction::Off, &policy).await.map(drop),
+                        Work::PowerOn => bmc::power(&driver, PowerAction::On, &policy).await.map(drop),
+                        Work::SetPxeOnce => driver.set_pxe_once().await,
+                        Work::SetDiskBoot => driver.set_disk_boot().await,
+                        Work::Wait => Ok(()),
+                    }
+                };
+                match tokio::time::timeout(data.deadlines.bmc, act).await {
+                    Ok(r) => r.map_err(|e| e.to_string()),
+                    Err(_) => {
+                        Err(format!("{step} took longer than {}", humantime::format_duration(data.deadlines.bmc)))
                     }
                 }
-            };
-            machine::after_work(step, op.attempts + 1, result, &data)
-        }
-    };
-    apply(store, &op, step, data, decision).await
-}
-
-async fn apply(
-    store: &Store,
-    op: &Operation,
-    step: Step,
-    mut data: ReimageData,
-    decision: Decision,
-) -> Result<(), nodekeeper_store::StoreError> {
-    match decision {
-        Decision::Stay => Ok(()),
-        Decision::Go { to, after: d, why } => {
-            if step == Step::PowerOn {
-                data.pxe_boots += 1;
             }
-            data.agent = None; // the report lives in its own column
-            let change = StepChange {
-                from: step.as_str().into(),
-                to: to.as_str().into(),
-                status: OperationStatus::Running,
-                attempts: 0,
-                deadline: Some(after(store, d).await?),
-                last_error: None,
-                data: serde_json::to_string(&data).ok(),
-                event: format!("reimage of {}: {why}; next {to}", op.target),
-            };
-            store.advance_operation(op.id, &change, ACTOR).await.map(drop)
-        }
-        Decision::Retry { attempts, error } => {
-            let change = StepChange {
-                from: step.as_str().into(),
-                to: step.as_str().into(),
-                status: OperationStatus::Running,
-                attempts,
-                deadline: Some(after(store, data.deadlines.bmc).await?),
-                last_error: Some(error.clone()),
-                data: None,
-                event: format!(
-                    "reimage of {}: {step} failed (attempt {attempts} of {}): {error}",
-                    op.target, data.limits.bmc_attempts
-                ),
-            };
-            store.advance_operation(op.id, &change, ACTOR).await.map(drop)
-        }
-        // The host first, the operation last: a crash in between leaves the operation
-        // running, and the next tick decides the same and repeats both (both idempotent).
-        Decision::Done => {
-            store.clear_deploy_token(&op.target).await?;
-            store.set_host_image(&op.target, &data.image).await?;
-            store
-                .set_host_state(&op.target, HostState::Active, ACTOR, &format!("reimaged with {}", data.image))
-                .await?;
-            finish(store, op, "done", OperationStatus::Done, None).await
-        }
-        Decision::Failed { at, reason } => {
-            // Out of service until an operator looks: its script boots the disk, not the installer.
-            store.clear_deploy_token(&op.target).await?;
-            store
-                .set_host_state(&op.target, HostState::Maintenance, ACTOR, &format!("reimage failed at {at}: {reason}"))
-                .await?;
-            finish(store, op, at.as_str(), OperationStatus::Failed, Some(reason)).await
-        }
+        };
+        Ok(machine::after_work(step, op.attempts + 1, result, data))
     }
-}
 
-async fn finish(
-    store: &Store,
-    op: &Operation,
-    step: &str,
-    status: OperationStatus,
-    reason: Option<String>,
-) -> Result<(), nodekeeper_store::StoreError> {
-    let event = match &reason {
-        Some(r) => format!("reimage of {} failed at {step}: {r}", op.target),
-        None => format!("reimage of {} done", op.target),
-    };
-    let change = StepChange {
-        from: op.step.clone(),
-        to: step.into(),
-        status,
-        attempts: op.attempts,
-        deadline: None,
-        last_error: reason,
-        data: None,
-        event,
-    };
-    store.advance_operation(op.id, &change, ACTOR).await.map(drop)
+    async fn effects(
+        &self,
+        store: &Store,
+        op: &Operation,
+        step: Step,
+        data: &mut ReimageData,
+        decision: &Decision,
+    ) -> Result<(), nodekeeper_store::StoreError> {
+        data.agent = None; // the report lives in its own column
+        match decision {
+            Decision::Go { .. } if step == Step::PowerOn => data.pxe_boots += 1,
+            // The host first, the operation last: a crash in between leaves the operation
+            // running, and the next step decides the same and repeats both (both idempotent).
+            Decision::Done { .. } => {
+                store.clear_deploy_token(&op.target).await?;
+                store.set_host_image(&op.target, &data.image).await?;
+                let why = format!("reimaged with {}", data.image);
+                store.set_host_state(&op.target, HostState::Active, ACTOR, &why).await?;
+            }
+            // Out of service until an operator looks: its script boots the disk, not the installer.
+            Decision::Failed { at, reason } => {
+                store.clear_deploy_token(&op.target).await?;
+                let why = format!("reimage failed at {at}: {reason}");
+                store.set_host_state(&op.target, HostState::Maintenance, ACTOR, &why).await?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn retry_deadline(&self, data: &ReimageData) -> Option<Duration> {
+        Some(data.deadlines.bmc)
+    }
+
+    fn attempts_limit(&self, data: &ReimageData) -> Option<u32> {
+        Some(data.limits.bmc_attempts)
+    }
 }

@@ -205,37 +205,8 @@ pub fn work(step: Step) -> Work {
     }
 }
 
-/// What to do with the operation.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Decision {
-    /// Nothing yet.
-    Stay,
-    /// Go to `to` (attempts reset), with a deadline `after` from now.
-    Go {
-        /// The next step.
-        to: Step,
-        /// Its deadline, from now.
-        after: Duration,
-        /// One sentence for the event log.
-        why: String,
-    },
-    /// Try the same step again.
-    Retry {
-        /// Attempts so far, including the failed one.
-        attempts: u32,
-        /// What went wrong.
-        error: String,
-    },
-    /// Finished.
-    Done,
-    /// Gave up at `at`.
-    Failed {
-        /// The step it failed at.
-        at: Step,
-        /// Why.
-        reason: String,
-    },
-}
+/// What to do with the operation (the one engine's decision, over this machine's steps).
+pub type Decision = crate::ops::Decision<Step>;
 
 /// The deadline a step gets when it starts.
 pub fn deadline_for(step: Step, d: &Deadlines) -> Duration {
@@ -250,8 +221,8 @@ pub fn deadline_for(step: Step, d: &Deadlines) -> Duration {
 
 fn go(from: Step, data: &ReimageData, why: String) -> Decision {
     match from.next() {
-        Some(to) => Decision::Go { to, after: deadline_for(to, &data.deadlines), why },
-        None => Decision::Done,
+        Some(to) => Decision::Go { to, after: Some(deadline_for(to, &data.deadlines)), why },
+        None => Decision::Done { why },
     }
 }
 
@@ -329,7 +300,7 @@ pub fn observe(step: Step, data: &ReimageData, heartbeat_seen: bool, deadline_pa
         Step::Verified => AgentStage::Verified,
         Step::Heartbeat => {
             return if heartbeat_seen {
-                Decision::Done
+                Decision::Done { why: "the node heartbeats from its new system".into() }
             } else if deadline_passed {
                 Decision::Failed {
                     at: step,
@@ -354,7 +325,7 @@ pub fn observe(step: Step, data: &ReimageData, heartbeat_seen: bool, deadline_pa
         // it again from the top.
         return Decision::Go {
             to: Step::PowerOff,
-            after: data.deadlines.bmc,
+            after: Some(data.deadlines.bmc),
             why: format!(
                 "the deploy agent did not call back within {waited}; PXE boot {} of {}",
                 data.pxe_boots + 1,
@@ -469,7 +440,7 @@ mod tests {
             );
         }
         assert!(
-            matches!(after_work(Step::PowerOn, 1, Ok(()), &d), Decision::Go { after, .. } if after == d.deadlines.agent_boot)
+            matches!(after_work(Step::PowerOn, 1, Ok(()), &d), Decision::Go { after, .. } if after == Some(d.deadlines.agent_boot))
         );
         assert_eq!(work(Step::PxeNextBoot), Work::SetPxeOnce);
         assert_eq!(work(Step::LocalBoot), Work::SetDiskBoot);
@@ -503,7 +474,7 @@ mod tests {
         // Behind: stay.
         assert_eq!(observe(Step::Verified, &at(AgentStage::Written), false, false), Decision::Stay);
         // Heartbeat ends it.
-        assert_eq!(observe(Step::Heartbeat, &at(AgentStage::Verified), true, false), Decision::Done);
+        assert!(matches!(observe(Step::Heartbeat, &at(AgentStage::Verified), true, false), Decision::Done { .. }));
     }
 
     #[test]
@@ -546,7 +517,7 @@ mod tests {
             matches!(observe(Step::Heartbeat, &data(Some((AgentStage::Verified, None)), 1), false, true), Decision::Failed { at: Step::Heartbeat, ref reason } if reason.contains("no heartbeat"))
         );
         // A heartbeat that arrives with the deadline still wins.
-        assert_eq!(observe(Step::Heartbeat, &data(None, 1), true, true), Decision::Done);
+        assert!(matches!(observe(Step::Heartbeat, &data(None, 1), true, true), Decision::Done { .. }));
     }
 
     #[test]

@@ -1,5 +1,13 @@
-//! What the operation executors (reimage, fence) share: their persisted rows, and acting
-//! under a lease (a leadership term, or a per-operation claim) that is renewed while they work.
+//! What the operation executors (reimage, fence) share: one engine that decides, carries
+//! out and records every step ([`engine`]), and acting under a lease (a leadership term, or a
+//! per-operation claim) that is renewed while they work.
+
+pub mod engine;
+
+#[cfg(test)]
+mod crash_tests;
+
+pub use engine::{Decision, Machine};
 
 use std::future::Future;
 use std::str::FromStr;
