@@ -21,7 +21,7 @@ use crate::bmc::{BmcError, Policy};
 use crate::recovery::controller::{Controller, RecoveryConfig};
 use crate::recovery::fence::{AfterFence, FenceData};
 use crate::reimage::executor::{self, BmcFactory, Reimage};
-use crate::reimage::machine::{AgentReport, AgentStage, Deadlines, Limits, ReimageData};
+use crate::reimage::machine::{AgentReport, AgentStage, Deadlines, Limits};
 
 /// A machine that dies at its `at`-th fault point (counted across decide and effects),
 /// right after the work of that point was done.
@@ -265,40 +265,8 @@ async fn a_reimage_crashed_at_every_point_resumes_to_the_same_end() {
             executor::request(&store, &n("node-r"), Some("node-v2.img"), deadlines, Limits::default(), "test")
                 .await
                 .expect("request");
-        (db, store, op.id, n("node-r"), fake, ReimageWith(fakes))
+        (db, store, op.id, n("node-r"), fake, Reimage { factory: Arc::new(fakes) })
     };
-    struct ReimageWith(Fakes);
-    impl Machine for ReimageWith {
-        type Step = crate::reimage::machine::Step;
-        type Data = ReimageData;
-        const KIND: &'static str = executor::KIND;
-        const ACTOR: &'static str = executor::ACTOR;
-        async fn decide(
-            &self,
-            store: &Store,
-            op: &Operation,
-            step: Self::Step,
-            data: &mut ReimageData,
-        ) -> Result<Decision<Self::Step>, StoreError> {
-            Reimage { factory: &self.0 }.decide(store, op, step, data).await
-        }
-        async fn effects(
-            &self,
-            store: &Store,
-            op: &Operation,
-            step: Self::Step,
-            data: &mut ReimageData,
-            decision: &Decision<Self::Step>,
-        ) -> Result<(), StoreError> {
-            Reimage { factory: &self.0 }.effects(store, op, step, data, decision).await
-        }
-        fn retry_deadline(&self, data: &ReimageData) -> Option<Duration> {
-            Reimage { factory: &self.0 }.retry_deadline(data)
-        }
-        fn attempts_limit(&self, data: &ReimageData) -> Option<u32> {
-            Reimage { factory: &self.0 }.attempts_limit(data)
-        }
-    }
     // The outside world: the agent reports the stage each waiting step waits for, and the
     // node heartbeats once it booted its disk.
     let world = async |store: &Store, op: &Operation| {

@@ -3,6 +3,7 @@
 //! per-operation claim) that is renewed while they work.
 
 pub mod engine;
+pub mod runner;
 
 #[cfg(test)]
 mod crash_tests;

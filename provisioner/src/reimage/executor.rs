@@ -10,11 +10,10 @@
 //! past its claim (another took it over) sends no BMC command and changes no step when it
 //! wakes: its writes carry the claim's term and the database refuses them.
 
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use nodekeeper_store::{Host, HostName, HostState, Operation, OperationStatus, Store};
+use nodekeeper_store::{Host, HostName, HostState, Operation, Store};
 use tokio_util::sync::CancellationToken;
 
 use super::machine::{self, AgentReport, Deadlines, Decision, Limits, ReimageData, Step, Work};
@@ -120,63 +119,8 @@ async fn observe(
     Ok(machine::observe(step, data, heartbeat_seen, deadline_passed))
 }
 
-/// Whether `op` waits and nothing it waits for has happened: then there is nothing to write,
-/// and no claim is taken (reads only — a claim is two commits, and most ticks of most
-/// reimages are waits).
-async fn idle_wait(store: &Store, op: &Operation) -> Result<bool, nodekeeper_store::StoreError> {
-    let Ok((step, mut data)) = crate::ops::parse_state::<Step, ReimageData>(op) else { return Ok(false) };
-    if machine::work(step) != Work::Wait {
-        return Ok(false);
-    }
-    data.agent = op.report.as_deref().and_then(|r| serde_json::from_str::<AgentReport>(r).ok());
-    let host = store.require_host(&op.target).await?;
-    Ok(observe(store, op, &host, step, &data).await? == Decision::Stay)
-}
-
-/// How long a claim on an operation lasts unless renewed (it is renewed every third of that
-/// while its step works).
-const CLAIM_TTL: Duration = Duration::from_secs(15);
-
-/// The claim's role in the leadership table.
-fn claim_role(op: i64) -> String {
-    format!("{KIND}:{op}")
-}
-
-/// Takes the claim on `op` for `holder` and runs one step under it; `false` when another
-/// replica holds it. The claim is released after the step (and forgotten once the operation
-/// has ended), so whichever replica looks next may take the next step.
-pub async fn step_claimed<F: BmcFactory>(
-    store: &Store,
-    factory: &F,
-    holder: &str,
-    op: Operation,
-) -> Result<bool, nodekeeper_store::StoreError> {
-    if idle_wait(store, &op).await? {
-        return Ok(true);
-    }
-    let (role, ttl) = (claim_role(op.id), i64::try_from(CLAIM_TTL.as_millis()).unwrap_or(15_000));
-    let claim = store.acquire_leadership(&role, holder, ttl).await?;
-    if !claim.held_by(holder, store.now().await?) {
-        return Ok(false);
-    }
-    let claimed = store.under_lease(claim.token());
-    let id = op.id;
-    let stepped = crate::ops::while_leading(store, &claim, ttl, step(&claimed, factory, op)).await;
-    let ended = matches!(store.operation(id).await, Ok(Some(o)) if o.status != OperationStatus::Running);
-    let released = if ended {
-        store.forget_leadership(&role, holder).await
-    } else {
-        store.release_leadership(&role, holder).await
-    };
-    if let Err(e) = released {
-        tracing::warn!(operation = id, "releasing the claim: {e}");
-    }
-    stepped??;
-    Ok(true)
-}
-
-/// Drives every running reimage until `shutdown`, looking every `tick`. `holder` names this
-/// replica in its claims (unique among replicas: host name and process id).
+/// Drives every running reimage until `shutdown`, looking every `tick`, on the one runner
+/// ([`crate::ops::runner`]). `holder` names this replica in its claims.
 pub async fn run<F: BmcFactory>(
     store: Store,
     factory: Arc<F>,
@@ -184,68 +128,33 @@ pub async fn run<F: BmcFactory>(
     tick: Duration,
     shutdown: CancellationToken,
 ) {
-    let in_flight: Arc<Mutex<HashSet<i64>>> = Arc::default();
-    let mut tasks = tokio::task::JoinSet::new();
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = tokio::time::sleep(tick) => {}
-        }
-        while tasks.try_join_next().is_some() {}
-        let ops = match store.running_operations(KIND).await {
-            Ok(ops) => ops,
-            Err(e) => {
-                tracing::warn!("reimage: reading operations: {e}");
-                continue;
-            }
-        };
-        for op in ops {
-            if !in_flight.lock().map(|mut s| s.insert(op.id)).unwrap_or(false) {
-                continue; // its previous step is still running
-            }
-            let (store, factory, in_flight, holder) =
-                (store.clone(), factory.clone(), in_flight.clone(), holder.clone());
-            tasks.spawn(async move {
-                let id = op.id;
-                if let Err(e) = step_claimed(&store, factory.as_ref(), &holder, op).await {
-                    tracing::warn!(operation = id, "reimage step: {e}");
-                }
-                in_flight.lock().map(|mut s| s.remove(&id)).ok();
-            });
-        }
-    }
-    // A clean stop lets the steps under way finish (they are bounded: a BMC step by its
-    // deadline), rather than dropping one in the middle of a transaction; then stops the rest.
-    let finishing = async { while tasks.join_next().await.is_some() {} };
-    if tokio::time::timeout(Duration::from_secs(10), finishing).await.is_err() {
-        tasks.shutdown().await;
-    }
-    // A clean stop hands the claims of the steps it interrupted to the next replica at once
-    // (a crash leaves them to expire).
-    if let Err(e) = store.release_all_leadership(&format!("{KIND}:"), &holder).await {
-        tracing::warn!("releasing the reimage claims: {e}");
-    }
+    crate::ops::runner::run(store, Arc::new(Reimage { factory }), holder, tick, shutdown).await;
 }
 
-/// One step of one operation. Idempotent: run twice on the same state, it decides the same
-/// and only the first write applies. `store` carries the lease it acts under, if any: BMC
-/// commands are gated on it and its writes fenced by it.
-pub async fn step<F: BmcFactory>(
-    store: &Store,
-    factory: &F,
-    op: Operation,
-) -> Result<(), nodekeeper_store::StoreError> {
-    crate::ops::engine::step(&Reimage { factory }, store, op).await
+impl<F: BmcFactory> crate::ops::runner::Claimed for Reimage<F> {
+    /// A waiting step whose awaited report, heartbeat or deadline has not come: reads only.
+    async fn idle(&self, store: &Store, op: &Operation) -> Result<bool, nodekeeper_store::StoreError> {
+        let Ok((step, mut data)) = crate::ops::parse_state::<Step, ReimageData>(op) else { return Ok(false) };
+        if machine::work(step) != Work::Wait {
+            return Ok(false);
+        }
+        data.agent = op.report.as_deref().and_then(|r| serde_json::from_str::<AgentReport>(r).ok());
+        let host = store.require_host(&op.target).await?;
+        Ok(observe(store, op, &host, step, &data).await? == Decision::Stay)
+    }
 }
 
 /// The reimage machine on the operation engine: its decisions ([`super::machine`]) and
-/// effects (BMC commands; the host's token, image and state when it ends).
-pub struct Reimage<'a, F> {
+/// effects (BMC commands; the host's token, image and state when it ends). A step is
+/// idempotent: run twice on the same state, it decides the same and only the first write
+/// applies; the store it is given carries the lease it acts under, if any (BMC commands are
+/// gated on it and its writes fenced by it).
+pub struct Reimage<F> {
     /// Where BMC drivers come from.
-    pub factory: &'a F,
+    pub factory: Arc<F>,
 }
 
-impl<F: BmcFactory> crate::ops::Machine for Reimage<'_, F> {
+impl<F: BmcFactory> crate::ops::Machine for Reimage<F> {
     type Step = Step;
     type Data = ReimageData;
     const KIND: &'static str = KIND;
