@@ -11,9 +11,9 @@
 mod common;
 
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{free_port, guard_binary, KillOnDrop, PROVISIONER};
+use common::{curl, free_port, guard_binary, wait_until, KillOnDrop, PROVISIONER};
 use nodekeeper_store::testing::TestDb;
 use nodekeeper_store::{EventFilter, Generation, HostName, InstanceId, NewHost, NewInstance, Storage, Store};
 
@@ -58,18 +58,6 @@ fn libvirtd_available() -> bool {
     false
 }
 
-/// Runs curl; returns (status, body).
-fn curl(args: &[&str]) -> (u16, String) {
-    let out = Command::new("curl")
-        .args(["-s", "--max-time", "10", "-w", "\n%{http_code}"])
-        .args(args)
-        .output()
-        .expect("curl");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').expect("status line");
-    (code.parse().expect("status"), body.to_owned())
-}
-
 struct Serve {
     config: String,
     log: String,
@@ -89,14 +77,6 @@ impl Serve {
 
     fn kill(&mut self) {
         self.child = None;
-    }
-}
-
-async fn wait_until(what: &str, limit: Duration, mut ok: impl AsyncFnMut() -> bool) {
-    let start = Instant::now();
-    while !ok().await {
-        assert!(start.elapsed() < limit, "timed out: {what}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{free_port, guard_binary, serve_config, KillOnDrop, PROVISIONER};
+use common::{free_port, guard_binary, serve_config, wait_until, KillOnDrop, PROVISIONER};
 use nodekeeper_store::testing::TestDb;
 use nodekeeper_store::{
     EventFilter, Generation, HostName, HostState, InstanceId, NewHost, NewInstance, Storage, Store,
@@ -71,14 +71,6 @@ fn domain_xml(name: &str, uuid: InstanceId) -> String {
         "<domain type='test'><name>{name}</name><uuid>{uuid}</uuid><memory unit='MiB'>64</memory>\
          <os><type arch='x86_64'>hvm</type></os><devices/></domain>"
     )
-}
-
-async fn wait_until(what: &str, limit: Duration, mut ok: impl AsyncFnMut() -> bool) {
-    let start = Instant::now();
-    while !ok().await {
-        assert!(start.elapsed() < limit, "timed out: {what}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 async fn kinds(store: &Store, host: &str) -> Vec<String> {

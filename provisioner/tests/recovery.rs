@@ -8,15 +8,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use nodekeeper_provisioner::bmc::fake::Fake;
-use nodekeeper_provisioner::bmc::{BmcError, Policy};
+use nodekeeper_provisioner::bmc::fake::{Fake, Fakes};
 use nodekeeper_provisioner::recovery::controller::{self, Controller, RecoveryConfig, KIND};
 use nodekeeper_provisioner::recovery::fence::AfterFence;
-use nodekeeper_provisioner::reimage::executor::BmcFactory;
 use nodekeeper_store::testing::TestDb;
 use nodekeeper_store::{
-    on_both_engines, EventFilter, Generation, Host, HostName, HostState, InstanceId, NewHost, NewInstance,
-    OperationStatus, Storage, Store, Timestamp,
+    on_both_engines, EventFilter, Generation, HostName, HostState, InstanceId, NewHost, NewInstance, OperationStatus,
+    Storage, Store, Timestamp,
 };
 
 on_both_engines!(
@@ -33,19 +31,6 @@ on_both_engines!(
     a_hung_bmc_times_out_and_nothing_moves,
     a_controller_back_from_downtime_gives_every_host_a_grace,
 );
-
-#[derive(Clone, Default)]
-struct Fakes(Arc<HashMap<String, Fake>>);
-
-impl BmcFactory for Fakes {
-    type B = Fake;
-    fn for_host(&self, host: &Host) -> Result<Fake, BmcError> {
-        self.0.get(host.name.as_str()).cloned().ok_or_else(|| BmcError::Config(format!("no BMC for {}", host.name)))
-    }
-    fn policy(&self) -> Policy {
-        Policy { confirm_within: Duration::from_millis(200), attempts: 1, poll: Duration::from_millis(5) }
-    }
-}
 
 fn n(s: &str) -> HostName {
     s.parse().expect("name")

@@ -12,20 +12,9 @@ use std::io::{Read, Write};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{free_port, guard_binary, serve_config, KillOnDrop, PROVISIONER};
+use common::{curl, free_port, guard_binary, serve_config, wait_until, KillOnDrop, PROVISIONER};
 use nodekeeper_store::testing::TestDb;
 use nodekeeper_store::NewHost;
-
-fn curl(args: &[&str]) -> (i32, u16, String) {
-    let out = Command::new("curl")
-        .args(["-s", "--max-time", "10", "-w", "\n%{http_code}"])
-        .args(args)
-        .output()
-        .expect("curl");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-    (out.status.code().unwrap_or(-1), code.parse().unwrap_or(0), body.to_owned())
-}
 
 fn nk(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(PROVISIONER).args(args).output().expect("run");
@@ -34,14 +23,6 @@ fn nk(args: &[&str]) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
-}
-
-async fn wait_until(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !ok() {
-        assert!(start.elapsed() < limit, "timed out: {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 #[tokio::test]
@@ -89,15 +70,16 @@ async fn nodes_use_the_api_over_tls_and_trust_only_the_provisioners_ca() {
             .spawn()
             .expect("serve"),
     );
-    wait_until("serve answers over TLS", Duration::from_secs(30), || {
-        curl(&["--cacert", &ca, &format!("{https}/healthz")]).1 == 200
+    wait_until("serve answers over TLS", Duration::from_secs(30), async || {
+        curl(&["--cacert", &ca, &format!("{https}/healthz")]).0 == 200
     })
     .await;
 
     // Only a client that trusts the CA gets in; the plain listener still serves boot files.
-    let (exit, _, _) = curl(&[&format!("{https}/healthz")]);
-    assert_eq!(exit, 60, "no CA: curl cannot verify the certificate");
-    let (_, code, pem) = curl(&[&format!("{base}/tls/ca.pem")]);
+    let exit =
+        Command::new("curl").args(["-s", "--max-time", "10", &format!("{https}/healthz")]).status().expect("curl");
+    assert_eq!(exit.code(), Some(60), "no CA: curl cannot verify the certificate");
+    let (code, pem) = curl(&[&format!("{base}/tls/ca.pem")]);
     assert_eq!(code, 200);
     assert_eq!(std::fs::read_to_string(&ca).expect("ca"), pem, "the CA nodes fetch is the one made");
 
@@ -106,15 +88,15 @@ async fn nodes_use_the_api_over_tls_and_trust_only_the_provisioners_ca() {
     assert!(ok, "{err}");
     let token = token.trim().to_owned();
     let bearer = format!("Authorization: Bearer {token}");
-    let (_, code, body) = curl(&["-X", "POST", "-H", &bearer, &format!("{base}/api/v1/hosts/node-a/guard/heartbeat")]);
+    let (code, body) = curl(&["-X", "POST", "-H", &bearer, &format!("{base}/api/v1/hosts/node-a/guard/heartbeat")]);
     assert_eq!(code, 403, "{body}");
     assert!(body.contains(&https), "{body}");
     assert!(store.require_host(&name("node-a")).await.expect("host").last_heartbeat.is_none(), "nothing recorded");
-    let (_, code, body) =
+    let (code, body) =
         curl(&["--cacert", &ca, "-X", "POST", "-H", &bearer, &format!("{https}/api/v1/hosts/node-a/guard/heartbeat")]);
     assert!((200..300).contains(&code), "{code} {body}");
     assert!(store.require_host(&name("node-a")).await.expect("host").last_heartbeat.is_some());
-    let (_, code, body) = curl(&["-d", "{}", &format!("{base}/api/v1/hosts/node-a/deploy")]);
+    let (code, body) = curl(&["-d", "{}", &format!("{base}/api/v1/hosts/node-a/deploy")]);
     assert_eq!(code, 403, "deploy reports too: {body}");
 
     // Clients that never finish a handshake, or speak plain HTTP to the TLS port, stop nobody.
@@ -127,7 +109,7 @@ async fn nodes_use_the_api_over_tls_and_trust_only_the_provisioners_ca() {
     let _ = plain.read_to_end(&mut answer);
     assert!(!answer.starts_with(b"HTTP/1.1 200"), "plain HTTP is not answered on the TLS port");
     let started = Instant::now();
-    let (_, code, _) = curl(&["--cacert", &ca, &format!("{https}/healthz")]);
+    let (code, _) = curl(&["--cacert", &ca, &format!("{https}/healthz")]);
     assert_eq!(code, 200);
     assert!(started.elapsed() < Duration::from_secs(5), "answered beside 200 stalled handshakes");
     idle.clear();
@@ -216,8 +198,8 @@ async fn nodes_use_the_api_over_tls_and_trust_only_the_provisioners_ca() {
             .spawn()
             .expect("serve"),
     );
-    wait_until("the other server answers", Duration::from_secs(30), || {
-        curl(&[&format!("{mitm_base}/healthz")]).1 == 200
+    wait_until("the other server answers", Duration::from_secs(30), async || {
+        curl(&[&format!("{mitm_base}/healthz")]).0 == 200
     })
     .await;
     let mut q = p.clone();

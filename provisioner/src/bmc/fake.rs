@@ -71,3 +71,29 @@ impl Bmc for Fake {
         Ok(())
     }
 }
+
+/// A fake BMC per host name, with a quick confirmation policy (200 ms, one command, 5 ms
+/// polls): the factory tests give the executors.
+#[derive(Clone, Default, Debug)]
+pub struct Fakes(pub Arc<std::collections::HashMap<String, Fake>>);
+
+impl Fakes {
+    /// One fake for each of `hosts`.
+    pub fn of(hosts: impl IntoIterator<Item = (String, Fake)>) -> Fakes {
+        Fakes(Arc::new(hosts.into_iter().collect()))
+    }
+}
+
+impl super::BmcFactory for Fakes {
+    type B = Fake;
+    fn for_host(&self, host: &nodekeeper_store::Host) -> Result<Fake, BmcError> {
+        self.0.get(host.name.as_str()).cloned().ok_or_else(|| BmcError::Config(format!("no BMC for {}", host.name)))
+    }
+    fn policy(&self) -> super::Policy {
+        super::Policy {
+            confirm_within: std::time::Duration::from_millis(200),
+            attempts: 1,
+            poll: std::time::Duration::from_millis(5),
+        }
+    }
+}

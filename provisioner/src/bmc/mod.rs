@@ -288,6 +288,18 @@ impl<B: Bmc> Bmc for Leased<B> {
     }
 }
 
+/// Makes the BMC driver for a host (tests inject fakes here: [`fake::Fakes`]).
+pub trait BmcFactory: Send + Sync + 'static {
+    /// The driver type.
+    type B: Bmc + 'static;
+    /// The driver for `host`.
+    fn for_host(&self, host: &nodekeeper_store::Host) -> Result<Self::B, BmcError>;
+    /// Confirmation deadlines and retries for power commands.
+    fn policy(&self) -> Policy {
+        Policy::default()
+    }
+}
+
 /// User and password for a BMC, from a reference that keeps the secret out of the database:
 /// `env:VAR` (the variable holds `user:password`) or `file:/path` (the file does).
 #[derive(Clone)]

@@ -11,16 +11,15 @@ use std::time::Duration;
 
 use nodekeeper_store::testing::TestDb;
 use nodekeeper_store::{
-    Generation, Host, HostName, HostState, InstanceId, NewHost, NewInstance, Operation, OperationStatus, Storage,
-    Store, StoreError,
+    Generation, HostName, HostState, InstanceId, NewHost, NewInstance, Operation, OperationStatus, Storage, Store,
+    StoreError,
 };
 
 use super::engine::{self, Decision, Machine};
-use crate::bmc::fake::Fake;
-use crate::bmc::{BmcError, Policy};
+use crate::bmc::fake::{Fake, Fakes};
 use crate::recovery::controller::{Controller, RecoveryConfig};
 use crate::recovery::fence::{AfterFence, FenceData};
-use crate::reimage::executor::{self, BmcFactory, Reimage};
+use crate::reimage::executor::{self, Reimage};
 use crate::reimage::machine::{AgentReport, AgentStage, Deadlines, Limits};
 
 /// A machine that dies at its `at`-th fault point (counted across decide and effects),
@@ -76,19 +75,6 @@ impl<M: Machine> Machine for Crashing<'_, M> {
 
     fn attempts_limit(&self, data: &M::Data) -> Option<u32> {
         self.inner.attempts_limit(data)
-    }
-}
-
-#[derive(Clone, Default)]
-struct Fakes(Arc<std::collections::HashMap<String, Fake>>);
-
-impl BmcFactory for Fakes {
-    type B = Fake;
-    fn for_host(&self, host: &Host) -> Result<Fake, BmcError> {
-        self.0.get(host.name.as_str()).cloned().ok_or_else(|| BmcError::Config(format!("no BMC for {}", host.name)))
-    }
-    fn policy(&self) -> Policy {
-        Policy { confirm_within: Duration::from_millis(200), attempts: 1, poll: Duration::from_millis(5) }
     }
 }
 
@@ -199,7 +185,7 @@ async fn a_fence_crashed_at_every_point_resumes_to_the_same_end() {
         store.set_host_state(&n("node-a"), HostState::Suspect, "test", "silent").await.expect("suspect");
         let fake = Fake::default();
         fake.set(|s| s.on = true);
-        let fakes = Fakes(Arc::new([("node-a".to_owned(), fake.clone())].into_iter().collect()));
+        let fakes = Fakes::of([("node-a".to_owned(), fake.clone())]);
         let data = FenceData { after: AfterFence::PowerOn, bmc_attempts: 3, moved: 0, unplaced: 0 };
         let json = serde_json::to_string(&data).expect("json");
         let (op, _) =
@@ -259,7 +245,7 @@ async fn a_reimage_crashed_at_every_point_resumes_to_the_same_end() {
         };
         store.add_host(&host, "test").await.expect("host");
         let fake = Fake::default();
-        let fakes = Fakes(Arc::new([("node-r".to_owned(), fake.clone())].into_iter().collect()));
+        let fakes = Fakes::of([("node-r".to_owned(), fake.clone())]);
         let deadlines = Deadlines { bmc: Duration::from_secs(5), ..Deadlines::default() };
         let (op, _) =
             executor::request(&store, &n("node-r"), Some("node-v2.img"), deadlines, Limits::default(), "test")

@@ -24,17 +24,7 @@ pub const KIND: &str = "reimage";
 /// Who the executor's events say acted.
 pub const ACTOR: &str = "provisioner:reimage";
 
-/// Makes the BMC driver for a host (tests inject fakes here).
-pub trait BmcFactory: Send + Sync + 'static {
-    /// The driver type.
-    type B: Bmc + 'static;
-    /// The driver for `host`.
-    fn for_host(&self, host: &Host) -> Result<Self::B, BmcError>;
-    /// Confirmation deadlines and retries for power commands.
-    fn policy(&self) -> bmc::Policy {
-        bmc::Policy::default()
-    }
-}
+pub use crate::bmc::BmcFactory;
 
 /// The real drivers, from each host's BMC URL and credentials reference, with the
 /// configured confirmation policy (`[bmc]`).

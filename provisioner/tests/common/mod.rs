@@ -182,3 +182,24 @@ pub fn serve_config(dir: &str, name: &str, db_url: &str, port: u16, sections: &s
     .expect("serve config");
     (path, base)
 }
+
+/// Runs curl (10 s at most); returns (HTTP status, body). A status of 0: no answer.
+pub fn curl(args: &[&str]) -> (u16, String) {
+    let out = Command::new("curl")
+        .args(["-s", "--max-time", "10", "-w", "\n%{http_code}"])
+        .args(args)
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.parse().unwrap_or(0), body.to_owned())
+}
+
+/// Waits until `ok`, polling every 200 ms; a panic naming `what` after `limit`.
+pub async fn wait_until(what: &str, limit: std::time::Duration, mut ok: impl AsyncFnMut() -> bool) {
+    let start = std::time::Instant::now();
+    while !ok().await {
+        assert!(start.elapsed() < limit, "timed out: {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
