@@ -5,6 +5,14 @@
 //!   self-fences when cut off.
 //! - [`backend`]: the database itself, or the provisioner's guard API in front of it.
 //! - [`peers`]: guards asking each other (the self-fence's quorum, heartbeat relay).
+//!
+//! Layout: **pure cores**, decisions on plain data, table-tested — `boot::decide`,
+//! `watch::isolation` (the quorum rule), `watch::converge::plan`, `watch::services`'
+//! `RestartBudget`, `domain` (XML parsing); **adapters** that touch the world — `backend`
+//! (database or guard API), `libvirt` (one connection per pass), `boot::{scan, execute, live}`
+//! (files and libvirt), `peers` (the peer protocol), `watch::notify` (systemd, the hardware
+//! watchdog), `fsutil`; **wiring** — `watch` (the loop), `main.rs` (the command line), and
+//! `config`.
 
 pub mod backend;
 pub mod boot;
@@ -12,5 +20,6 @@ pub mod config;
 pub mod domain;
 pub mod fault;
 pub mod fsutil;
+pub mod libvirt;
 pub mod peers;
 pub mod watch;

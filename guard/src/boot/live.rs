@@ -176,9 +176,7 @@ pub async fn run(config: &Config) -> anyhow::Result<LiveReport> {
 /// Every domain libvirt knows, with the generation from its metadata.
 fn list_domains(uri: &str) -> anyhow::Result<Vec<LiveDomain>> {
     use anyhow::Context;
-    let mut conn =
-        virt::connect::Connect::open(Some(uri)).with_context(|| format!("connecting to libvirt at {uri}"))?;
-    let result = (|| {
+    crate::libvirt::with_connection(uri, |conn| {
         let mut out = Vec::new();
         for dom in conn.list_all_domains(0).context("listing domains")? {
             let uuid_text = dom.get_uuid_string().context("reading a domain's UUID")?;
@@ -193,9 +191,7 @@ fn list_domains(uri: &str) -> anyhow::Result<Vec<LiveDomain>> {
             });
         }
         Ok(out)
-    })();
-    let _ = conn.close();
-    result
+    })
 }
 
 struct LiveOutcome {
@@ -219,44 +215,45 @@ fn execute_live(uri: &str, quarantine: &std::path::Path, actions: &[LiveAction])
     if let Err(e) = &writable {
         tracing::error!("{e:#}: stale domains are destroyed without saving their XML, and kept defined");
     }
-    let mut conn =
-        virt::connect::Connect::open(Some(uri)).with_context(|| format!("connecting to libvirt at {uri}"))?;
-    for action in actions {
-        let LiveAction::Remove { uuid, name, destroy, undefine, reason } = action;
-        let result: anyhow::Result<PathBuf> = (|| {
-            let dom = virt::domain::Domain::lookup_by_uuid_string(&conn, &uuid.to_string())?;
-            let xml = dom.get_xml_desc(virt::sys::VIR_DOMAIN_XML_INACTIVE | virt::sys::VIR_DOMAIN_XML_SECURE)?;
-            let saved = free_name(quarantine, &format!("{uuid}.{name}.libvirt.xml"));
-            let kept = writable.as_ref().map_err(|e| anyhow::anyhow!("{e:#}")).and_then(|()| {
-                fsutil::write_atomic(&saved, xml.as_bytes()).with_context(|| format!("saving {}", saved.display()))
-            });
-            if let Err(e) = kept {
-                tracing::error!(uuid = %uuid, "{name}: its XML cannot be saved ({e:#}): destroying it anyway ({reason}); it stays defined, autostart off");
+    crate::libvirt::with_connection(uri, |conn| {
+        for action in actions {
+            let LiveAction::Remove { uuid, name, destroy, undefine, reason } = action;
+            let result: anyhow::Result<PathBuf> = (|| {
+                let dom = virt::domain::Domain::lookup_by_uuid_string(conn, &uuid.to_string())?;
+                let xml = dom.get_xml_desc(virt::sys::VIR_DOMAIN_XML_INACTIVE | virt::sys::VIR_DOMAIN_XML_SECURE)?;
+                let saved = free_name(quarantine, &format!("{uuid}.{name}.libvirt.xml"));
+                let kept = writable.as_ref().map_err(|e| anyhow::anyhow!("{e:#}")).and_then(|()| {
+                    fsutil::write_atomic(&saved, xml.as_bytes()).with_context(|| format!("saving {}", saved.display()))
+                });
+                if let Err(e) = kept {
+                    tracing::error!(uuid = %uuid, "{name}: its XML cannot be saved ({e:#}): destroying it anyway ({reason}); it stays defined, autostart off");
+                    if *destroy {
+                        dom.destroy().with_context(|| format!("destroying {name} ({reason})"))?;
+                        out.done.push((*uuid, "destroyed", PathBuf::from("(not saved: the database holds it)")));
+                    }
+                    let _ = dom.set_autostart(false);
+                    anyhow::bail!(
+                        "its XML could not be saved ({e:#}): destroyed if running, left defined, autostart off"
+                    );
+                }
                 if *destroy {
                     dom.destroy().with_context(|| format!("destroying {name} ({reason})"))?;
-                    out.done.push((*uuid, "destroyed", PathBuf::from("(not saved: the database holds it)")));
+                    out.done.push((*uuid, "destroyed", saved.clone()));
                 }
-                let _ = dom.set_autostart(false);
-                anyhow::bail!("its XML could not be saved ({e:#}): destroyed if running, left defined, autostart off");
+                if *undefine {
+                    // Keep NVRAM: the guard never deletes what an operator may need.
+                    dom.undefine_flags(virt::sys::VIR_DOMAIN_UNDEFINE_KEEP_NVRAM)
+                        .with_context(|| format!("undefining {name} ({reason})"))?;
+                    out.done.push((*uuid, "undefined", saved.clone()));
+                }
+                Ok(saved)
+            })();
+            if let Err(e) = result {
+                out.errors.push(FileError { path: PathBuf::from(format!("libvirt:{name}")), reason: format!("{e:#}") });
             }
-            if *destroy {
-                dom.destroy().with_context(|| format!("destroying {name} ({reason})"))?;
-                out.done.push((*uuid, "destroyed", saved.clone()));
-            }
-            if *undefine {
-                // Keep NVRAM: the guard never deletes what an operator may need.
-                dom.undefine_flags(virt::sys::VIR_DOMAIN_UNDEFINE_KEEP_NVRAM)
-                    .with_context(|| format!("undefining {name} ({reason})"))?;
-                out.done.push((*uuid, "undefined", saved.clone()));
-            }
-            Ok(saved)
-        })();
-        if let Err(e) = result {
-            out.errors.push(FileError { path: PathBuf::from(format!("libvirt:{name}")), reason: format!("{e:#}") });
         }
-    }
-    let _ = conn.close();
-    Ok(out)
+        Ok(out)
+    })
 }
 
 fn free_name(dir: &std::path::Path, base: &str) -> PathBuf {

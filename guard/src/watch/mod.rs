@@ -24,19 +24,29 @@
 //! - **libvirtd liveness**, by a real libvirt call with `libvirt_timeout`: an error → restart
 //!   it; no answer (stuck) → kill, then restart; more than `max_restarts` in `restart_window`
 //!   → reboot the host, once.
+//!
+//! Its parts: [`converge`] (the pure `plan` and the libvirt work that carries it out),
+//! [`isolation`] (the pure quorum rule), [`services`] (checks, commands and the pure restart
+//! budget), [`notify`] (systemd and the hardware watchdog); this module is the loop that
+//! wires them.
 
+pub mod converge;
 pub mod isolation;
+pub mod notify;
+pub mod services;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use nodekeeper_store::{Generation, InstanceId, NewEvent, ReportedDomain, Storage};
+use nodekeeper_store::{Generation, InstanceId, NewEvent, ReportedDomain};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::Backend;
 use crate::config::Config;
-use crate::domain::{parse_domain_xml, NK_NAMESPACE};
+use converge::{define_and_start, list, recreate_local_disks, stop_ha_domains};
+pub use notify::{notify, HardwareWatchdog};
+use services::{check_service, run_command, Remedy, RestartBudget};
 
 /// What the loop did; returned when it stops (tests) and logged as it goes.
 #[derive(Debug, Default, Clone, Serialize)]
@@ -66,73 +76,6 @@ pub struct SelfFence {
     pub at: i64,
     /// The domains it stopped.
     pub stopped: Vec<InstanceId>,
-}
-
-/// The kernel's watchdog device (`/dev/watchdog`): opening it arms the timer, each write
-/// pings it, and writing the magic `V` before closing disarms it (unless the driver was loaded
-/// with `nowayout`). A guard that dies without that leaves the timer running: systemd restarts
-/// the guard, which opens and pings it again in time, or the host reboots. The timeout is the
-/// driver's (softdog `soft_margin`, 60 s by default; i6300esb `heartbeat`, 30 s): keep it well
-/// above `heartbeat_interval`.
-pub struct HardwareWatchdog {
-    file: std::fs::File,
-    path: PathBuf,
-    failing: bool,
-}
-
-impl HardwareWatchdog {
-    /// Opens (arms) the device; an error is logged and the guard goes on without it.
-    pub fn arm(path: &std::path::Path) -> Option<HardwareWatchdog> {
-        match std::fs::OpenOptions::new().write(true).open(path) {
-            Ok(file) => {
-                tracing::info!("hardware watchdog {} armed", path.display());
-                Some(HardwareWatchdog { file, path: path.to_owned(), failing: false })
-            }
-            Err(e) => {
-                tracing::error!("hardware watchdog {}: {e}: going on without it", path.display());
-                None
-            }
-        }
-    }
-
-    /// Pings it.
-    pub fn ping(&mut self) {
-        use std::io::Write;
-        match self.file.write_all(b"p").and_then(|()| self.file.flush()) {
-            Ok(()) => self.failing = false,
-            Err(e) if !self.failing => {
-                self.failing = true;
-                tracing::error!("hardware watchdog {}: {e}", self.path.display());
-            }
-            Err(_) => {}
-        }
-    }
-
-    /// Disarms it (a clean stop) and closes it.
-    pub fn disarm(mut self) {
-        use std::io::Write;
-        if let Err(e) = self.file.write_all(b"V").and_then(|()| self.file.flush()) {
-            tracing::error!("hardware watchdog {}: disarming: {e}", self.path.display());
-        } else {
-            tracing::info!("hardware watchdog {} disarmed", self.path.display());
-        }
-    }
-}
-
-/// sd_notify(3), without libsystemd: one datagram to `$NOTIFY_SOCKET` (nothing without it).
-pub fn notify(state: &str) {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
-    let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() else { return };
-    let bytes = path.as_encoded_bytes();
-    let sent = if let Some(name) = bytes.strip_prefix(b"@") {
-        use std::os::linux::net::SocketAddrExt;
-        std::os::unix::net::SocketAddr::from_abstract_name(name).and_then(|a| sock.send_to_addr(state.as_bytes(), &a))
-    } else {
-        sock.send_to(state.as_bytes(), &path)
-    };
-    if let Err(e) = sent {
-        tracing::debug!("sd_notify: {e}");
-    }
 }
 
 /// What the two loops share (never locked across an await).
@@ -174,7 +117,7 @@ struct Watch {
     shared: std::sync::Arc<Shared>,
     fence_file: PathBuf,
     /// Recent restarts, per service (`libvirtd` and the configured ones).
-    restarts: HashMap<String, VecDeque<Instant>>,
+    budget: RestartBudget,
     /// Started by the current converge pass (for its report).
     started_now: Vec<(InstanceId, Generation)>,
     /// For peer checks.
@@ -209,7 +152,7 @@ pub async fn run(config: Config, stop: impl std::future::Future<Output = ()>) ->
         store: None,
         shared: shared.clone(),
         fence_file: fence_file.clone(),
-        restarts: HashMap::new(),
+        budget: RestartBudget::new(config.watch.max_restarts, config.watch.restart_window),
         started_now: Vec::new(),
         peer_client: None,
     };
@@ -511,20 +454,12 @@ impl Watch {
             Err(e) => return tracing::warn!("converge: {e:#}"),
         };
         let mut events = Vec::new();
-        for inst in owned.iter().filter(|i| !i.deleted) {
-            let here = local.get(&inst.uuid);
-            let behind = here.is_some_and(|d| d.generation.is_some_and(|g| g < inst.generation));
-            let needs_define = here.is_none() || behind;
-            // New here: define and start. HA and stopped (a crash, a lifted self-fence): start.
-            let needs_start = here.is_none() || (inst.ha && here.is_some_and(|d| !d.active));
-            if !needs_define && !needs_start {
-                continue;
-            }
-            let xml = if needs_define {
-                match store.domain_xml(inst.uuid).await {
+        for action in converge::plan(&local, &owned) {
+            let xml = if action.define {
+                match store.domain_xml(action.uuid).await {
                     Ok(Some(x)) => Some(x),
                     Ok(None) => {
-                        tracing::warn!(uuid = %inst.uuid, "converge: {} is assigned here but has no stored domain XML", inst.name);
+                        tracing::warn!(uuid = %action.uuid, "converge: {} is assigned here but has no stored domain XML", action.name);
                         continue;
                     }
                     Err(e) => return tracing::warn!("converge: {e:#}"),
@@ -532,13 +467,13 @@ impl Watch {
             } else {
                 None
             };
-            let (uri, uuid, generation, ha) = (self.config.libvirt.uri.clone(), inst.uuid, inst.generation, inst.ha);
-            let start = needs_start && !(behind && here.is_some_and(|d| d.active));
+            let (uri, uuid, generation, ha) =
+                (self.config.libvirt.uri.clone(), action.uuid, action.generation, action.ha);
             // Local storage: the disks died with the old owner; a new owner recreates them
             // from their backing image (the same identity, fresh data).
-            let local = inst.storage == Storage::Local && needs_define;
+            let (recreate, start) = (action.recreate_disks, action.start);
             let done = tokio::task::spawn_blocking(move || {
-                let recreated = match (&xml, local) {
+                let recreated = match (&xml, recreate) {
                     (Some(xml), true) => recreate_local_disks(xml)?,
                     _ => Vec::new(),
                 };
@@ -547,28 +482,29 @@ impl Watch {
             .await
             .map_err(anyhow::Error::from)
             .and_then(|r| r);
+            let name = &action.name;
             match done {
                 Ok(((defined, started), recreated)) => {
                     let actor = self.actor();
                     for disk in recreated {
-                        let m = format!("{}: {disk} (local storage: the data on the old owner is lost)", inst.name);
+                        let m = format!("{name}: {disk} (local storage: the data on the old owner is lost)");
                         events.push(NewEvent::instance(&actor, "instance.disk_recreated", &self.config.host, uuid, m));
                     }
                     if defined {
                         self.shared.count(|c| c.defined += 1);
-                        let m = format!("{} defined from the database (generation {generation})", inst.name);
+                        let m = format!("{name} defined from the database (generation {generation})");
                         events.push(NewEvent::instance(&actor, "instance.defined", &self.config.host, uuid, m));
                     }
                     if started {
                         self.started_now.push((uuid, generation));
                         self.shared.count(|c| c.started += 1);
-                        let m = format!("{} started by the guard", inst.name);
+                        let m = format!("{name} started by the guard");
                         events.push(NewEvent::instance(&actor, "instance.started", &self.config.host, uuid, m));
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(uuid = %uuid, "converge: {}: {e:#}", inst.name);
-                    let m = format!("{} not started here: {e:#}", inst.name);
+                    tracing::warn!(uuid = %uuid, "converge: {name}: {e:#}");
+                    let m = format!("{name} not started here: {e:#}");
                     let key = format!("converge-failed:{}:{uuid}:{}", self.config.host, generation.0);
                     events.push(
                         NewEvent::instance(&self.actor(), "instance.converge_failed", &self.config.host, uuid, m)
@@ -623,18 +559,13 @@ impl Watch {
         if restart.is_empty() || self.shared.rebooted.load(std::sync::atomic::Ordering::SeqCst) {
             return;
         }
-        let now = Instant::now();
-        let recent = self.restarts.entry(name.to_owned()).or_default();
-        while recent.front().is_some_and(|t| now.duration_since(*t) > w.restart_window) {
-            recent.pop_front();
-        }
-        if w.max_restarts > 0 && recent.len() as u32 >= w.max_restarts {
+        if self.budget.on_failure(name, Instant::now()) == Remedy::Reboot {
             if self.shared.rebooted.swap(true, std::sync::atomic::Ordering::SeqCst) {
                 return;
             }
             tracing::error!(
                 "{name} failed after {} restarts within {}: rebooting the host",
-                recent.len(),
+                self.budget.restarts(name),
                 humantime::format_duration(w.restart_window)
             );
             run_command(&w.reboot).await;
@@ -644,226 +575,6 @@ impl Watch {
             run_command(kill).await;
         }
         run_command(restart).await;
-        recent.push_back(now);
         self.shared.count(|c| c.restarts += 1);
     }
-}
-
-/// Runs a service's check: `Ok`, or (stuck, why).
-async fn check_service(svc: &crate::config::ServiceCheck) -> Result<(), (bool, String)> {
-    let work = async {
-        if let Some(url) = &svc.http {
-            return http_ok(url).await;
-        }
-        let Some((program, args)) = svc.check.split_first() else { return Ok(()) };
-        let out = tokio::process::Command::new(program)
-            .args(args)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .kill_on_drop(true)
-            .output()
-            .await
-            .map_err(|e| format!("{:?}: {e}", svc.check))?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(format!("{:?}: {} {}", svc.check, out.status, String::from_utf8_lossy(&out.stderr).trim()))
-        }
-    };
-    match tokio::time::timeout(svc.timeout, work).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err((false, e)),
-        Err(_) => Err((true, format!("no answer within {}", humantime::format_duration(svc.timeout)))),
-    }
-}
-
-/// GET `url` (plain HTTP/1.0): a 2xx status is healthy.
-async fn http_ok(url: &str) -> Result<(), String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let rest = url.strip_prefix("http://").ok_or_else(|| format!("{url}: not an http:// URL"))?;
-    let (authority, path) = rest.split_once('/').map_or((rest, "/".to_owned()), |(a, p)| (a, format!("/{p}")));
-    let authority = if authority.contains(':') { authority.to_owned() } else { format!("{authority}:80") };
-    let mut stream = tokio::net::TcpStream::connect(&authority).await.map_err(|e| format!("{url}: {e}"))?;
-    let host = authority.rsplit_once(':').map_or(authority.as_str(), |(h, _)| h);
-    let request = format!("GET {path} HTTP/1.0\r\nHost: {host}\r\nUser-Agent: nodekeeper-guard\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.map_err(|e| format!("{url}: {e}"))?;
-    let mut head = [0u8; 64];
-    let n = stream.read(&mut head).await.map_err(|e| format!("{url}: {e}"))?;
-    let line = String::from_utf8_lossy(&head[..n]);
-    match line.split_whitespace().nth(1).and_then(|c| c.parse::<u16>().ok()) {
-        Some(code) if (200..300).contains(&code) => Ok(()),
-        Some(code) => Err(format!("{url}: HTTP {code}")),
-        None => Err(format!("{url}: no HTTP status line")),
-    }
-}
-
-async fn run_command(argv: &[String]) {
-    let Some((program, args)) = argv.split_first() else { return };
-    let out = tokio::time::timeout(
-        Duration::from_secs(60),
-        tokio::process::Command::new(program).args(args).kill_on_drop(true).output(),
-    )
-    .await;
-    match out {
-        Ok(Ok(o)) if o.status.success() => tracing::info!("ran {argv:?}"),
-        Ok(Ok(o)) => tracing::error!("{argv:?}: {} {}", o.status, String::from_utf8_lossy(&o.stderr).trim()),
-        Ok(Err(e)) => tracing::error!("{argv:?}: {e}"),
-        Err(_) => tracing::error!("{argv:?}: did not finish within 60 s"),
-    }
-}
-
-/// A local domain, as the converge pass needs it.
-#[derive(Debug, Clone)]
-struct Local {
-    active: bool,
-    generation: Option<Generation>,
-}
-
-fn list(uri: &str) -> anyhow::Result<HashMap<InstanceId, Local>> {
-    use anyhow::Context;
-    let mut conn = virt::connect::Connect::open(Some(uri)).with_context(|| format!("connecting to {uri}"))?;
-    let result = (|| {
-        let mut out = HashMap::new();
-        for dom in conn.list_all_domains(0).context("listing domains")? {
-            let xml = dom.get_xml_desc(0).context("reading a domain's XML")?;
-            let Ok(meta) = parse_domain_xml(xml.as_bytes()) else { continue };
-            out.insert(meta.uuid, Local { active: dom.is_active().unwrap_or(false), generation: meta.generation });
-        }
-        Ok(out)
-    })();
-    let _ = conn.close();
-    result
-}
-
-/// Destroys every running domain that is HA (by its metadata, else the boot pass's cache);
-/// definitions stay. Returns what it stopped.
-fn stop_ha_domains(
-    uri: &str,
-    cache: &std::path::Path,
-    record_first: impl FnOnce(&[InstanceId]) -> anyhow::Result<()>,
-) -> anyhow::Result<Vec<InstanceId>> {
-    use anyhow::Context;
-    let cached: HashMap<InstanceId, bool> = std::fs::read(cache)
-        .ok()
-        .and_then(|b| serde_json::from_slice::<crate::boot::decide::Cache>(&b).ok())
-        .map(|c| c.instances.into_iter().map(|(id, i)| (id, i.ha)).collect())
-        .unwrap_or_default();
-    let mut conn = virt::connect::Connect::open(Some(uri)).with_context(|| format!("connecting to {uri}"))?;
-    let result = (|| {
-        let mut ha = Vec::new();
-        for dom in conn.list_all_domains(virt::sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE).context("listing domains")? {
-            let xml = dom.get_xml_desc(0).context("reading a domain's XML")?;
-            let Ok(meta) = parse_domain_xml(xml.as_bytes()) else { continue };
-            if meta.ha.or_else(|| cached.get(&meta.uuid).copied()) == Some(true) {
-                ha.push((meta.uuid, meta.name, dom));
-            }
-        }
-        let stopping: Vec<InstanceId> = ha.iter().map(|(id, _, _)| *id).collect();
-        record_first(&stopping)?;
-        for (_, name, dom) in &ha {
-            dom.destroy().with_context(|| format!("destroying {name}"))?;
-        }
-        Ok(stopping)
-    })();
-    let _ = conn.close();
-    result
-}
-
-/// Creates the missing file-backed disks of a local-storage instance's definition: a qcow2
-/// overlay on the disk's declared backing image (`<backingStore>`), as image-backed local
-/// disks are made. A missing disk with no backing image, or not qcow2, cannot be recreated:
-/// an error, and the instance is not defined. Returns what was created, for the events.
-fn recreate_local_disks(xml: &str) -> anyhow::Result<Vec<String>> {
-    use anyhow::Context;
-    let mut created = Vec::new();
-    for disk in crate::domain::file_disks(xml.as_bytes()).context("the stored domain XML")? {
-        if disk.path.exists() {
-            continue;
-        }
-        let shown = disk.path.display();
-        let Some((base, base_format)) = &disk.backing else {
-            anyhow::bail!(
-                "disk {} ({shown}) is missing and declares no backing image to recreate it from",
-                disk.target
-            );
-        };
-        anyhow::ensure!(
-            disk.format == "qcow2",
-            "disk {} ({shown}) is missing; only a qcow2 overlay can be recreated, not {}",
-            disk.target,
-            disk.format
-        );
-        anyhow::ensure!(
-            base.exists(),
-            "disk {} ({shown}): its backing image {} is not on this host",
-            disk.target,
-            base.display()
-        );
-        if let Some(dir) = disk.path.parent() {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        }
-        // Made beside, then renamed: a half-made disk is never taken for the real one.
-        let partial = disk.path.with_extension("nk-partial");
-        let out = std::process::Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2", "-F", base_format, "-b"])
-            .arg(base)
-            .arg(&partial)
-            .output()
-            .context("running qemu-img")?;
-        if !out.status.success() {
-            let _ = std::fs::remove_file(&partial);
-            anyhow::bail!("qemu-img create {}: {}", partial.display(), String::from_utf8_lossy(&out.stderr).trim());
-        }
-        std::fs::rename(&partial, &disk.path).with_context(|| format!("renaming to {shown}"))?;
-        created.push(format!("disk {} recreated at {shown} over {}", disk.target, base.display()));
-    }
-    Ok(created)
-}
-
-/// Defines `uuid` from `xml` (when given) with nodekeeper's metadata, and starts it (when
-/// asked and not running). Returns (defined, started).
-fn define_and_start(
-    uri: &str,
-    uuid: InstanceId,
-    xml: Option<&str>,
-    generation: Generation,
-    ha: bool,
-    start: bool,
-) -> anyhow::Result<(bool, bool)> {
-    use anyhow::Context;
-    let mut conn = virt::connect::Connect::open(Some(uri)).with_context(|| format!("connecting to {uri}"))?;
-    let result = (|| {
-        let defined = if let Some(xml) = xml {
-            if xml.contains('\0') {
-                anyhow::bail!("the stored domain XML contains a NUL byte");
-            }
-            let meta = parse_domain_xml(xml.as_bytes()).context("the stored domain XML")?;
-            if meta.uuid != uuid {
-                anyhow::bail!("the stored domain XML names UUID {}, not {uuid}", meta.uuid);
-            }
-            let dom = virt::domain::Domain::define_xml(&conn, xml).context("defining")?;
-            let element = format!("<instance generation=\"{}\" ha=\"{ha}\"/>", generation.0);
-            dom.set_metadata(
-                virt::sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
-                Some(&element),
-                Some("nk"),
-                Some(NK_NAMESPACE),
-                virt::sys::VIR_DOMAIN_AFFECT_CONFIG,
-            )
-            .context("recording the generation in the domain's metadata")?;
-            true
-        } else {
-            false
-        };
-        let dom = virt::domain::Domain::lookup_by_uuid_string(&conn, &uuid.to_string()).context("looking it up")?;
-        let started = if start && !dom.is_active().unwrap_or(false) {
-            dom.create().context("starting")?;
-            true
-        } else {
-            false
-        };
-        Ok((defined, started))
-    })();
-    let _ = conn.close();
-    result
 }

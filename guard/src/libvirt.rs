@@ -1,0 +1,17 @@
+//! One way to talk to libvirt: open a connection to `uri`, do the work, close it whatever
+//! happened (the guard's passes are short, and a connection left open keeps libvirtd's
+//! client slot).
+
+use anyhow::Context;
+
+/// Runs `work` on a fresh connection to `uri`, then closes it.
+pub fn with_connection<T>(
+    uri: &str,
+    work: impl FnOnce(&virt::connect::Connect) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    let mut conn =
+        virt::connect::Connect::open(Some(uri)).with_context(|| format!("connecting to libvirt at {uri}"))?;
+    let result = work(&conn);
+    let _ = conn.close();
+    result
+}

@@ -1,0 +1,269 @@
+//! The converge pass's parts: what libvirt holds ([`list`]), what to do about it — a pure
+//! [`plan`] from the local domains and the database's assignments, table-tested — and the
+//! libvirt work that carries it out ([`define_and_start`], [`recreate_local_disks`], and
+//! [`stop_ha_domains`] for the self-fence).
+
+use std::collections::HashMap;
+
+use nodekeeper_store::guard_api::Assigned;
+use nodekeeper_store::{Generation, InstanceId, Storage};
+
+use crate::domain::{parse_domain_xml, NK_NAMESPACE};
+
+/// What the pass does about one assigned instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Action {
+    /// The instance.
+    pub uuid: InstanceId,
+    /// Its libvirt name.
+    pub name: String,
+    /// Its generation in the database.
+    pub generation: Generation,
+    /// HA.
+    pub ha: bool,
+    /// (Re)define it from the stored XML: missing here, or its definition is behind.
+    pub define: bool,
+    /// Start it.
+    pub start: bool,
+    /// Local storage defined anew: recreate its missing disks from their backing images.
+    pub recreate_disks: bool,
+}
+
+/// What to do, from what libvirt holds (`local`) and what the database assigns here: an
+/// instance new here is defined and started; a definition whose generation is behind the
+/// database's is replaced (and started, unless it was running: then the replacement waits
+/// for its next start); an HA instance that is stopped (a crash, a lifted self-fence) is
+/// started; a non-HA one stopped stays stopped; tombstones are not touched (the post-libvirt
+/// pass removes them).
+pub fn plan(local: &HashMap<InstanceId, Local>, assigned: &[Assigned]) -> Vec<Action> {
+    let mut actions = Vec::new();
+    for inst in assigned.iter().filter(|i| !i.deleted) {
+        let here = local.get(&inst.uuid);
+        let behind = here.is_some_and(|d| d.generation.is_some_and(|g| g < inst.generation));
+        let define = here.is_none() || behind;
+        let needs_start = here.is_none() || (inst.ha && here.is_some_and(|d| !d.active));
+        if !define && !needs_start {
+            continue;
+        }
+        actions.push(Action {
+            uuid: inst.uuid,
+            name: inst.name.clone(),
+            generation: inst.generation,
+            ha: inst.ha,
+            define,
+            start: needs_start && !(behind && here.is_some_and(|d| d.active)),
+            recreate_disks: define && inst.storage == Storage::Local,
+        });
+    }
+    actions
+}
+
+/// A local domain, as the converge pass needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Local {
+    /// Running.
+    pub active: bool,
+    /// The generation in its metadata, if any.
+    pub generation: Option<Generation>,
+}
+
+/// Every domain libvirt holds that is nodekeeper's to judge (a parseable definition).
+pub fn list(uri: &str) -> anyhow::Result<HashMap<InstanceId, Local>> {
+    use anyhow::Context;
+    crate::libvirt::with_connection(uri, |conn| {
+        let mut out = HashMap::new();
+        for dom in conn.list_all_domains(0).context("listing domains")? {
+            let xml = dom.get_xml_desc(0).context("reading a domain's XML")?;
+            let Ok(meta) = parse_domain_xml(xml.as_bytes()) else { continue };
+            out.insert(meta.uuid, Local { active: dom.is_active().unwrap_or(false), generation: meta.generation });
+        }
+        Ok(out)
+    })
+}
+
+/// Destroys every running domain that is HA (by its metadata, else the boot pass's cache);
+/// definitions stay. Returns what it stopped.
+pub fn stop_ha_domains(
+    uri: &str,
+    cache: &std::path::Path,
+    record_first: impl FnOnce(&[InstanceId]) -> anyhow::Result<()>,
+) -> anyhow::Result<Vec<InstanceId>> {
+    use anyhow::Context;
+    let cached: HashMap<InstanceId, bool> = std::fs::read(cache)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<crate::boot::decide::Cache>(&b).ok())
+        .map(|c| c.instances.into_iter().map(|(id, i)| (id, i.ha)).collect())
+        .unwrap_or_default();
+    crate::libvirt::with_connection(uri, |conn| {
+        let mut ha = Vec::new();
+        for dom in conn.list_all_domains(virt::sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE).context("listing domains")? {
+            let xml = dom.get_xml_desc(0).context("reading a domain's XML")?;
+            let Ok(meta) = parse_domain_xml(xml.as_bytes()) else { continue };
+            if meta.ha.or_else(|| cached.get(&meta.uuid).copied()) == Some(true) {
+                ha.push((meta.uuid, meta.name, dom));
+            }
+        }
+        let stopping: Vec<InstanceId> = ha.iter().map(|(id, _, _)| *id).collect();
+        record_first(&stopping)?;
+        for (_, name, dom) in &ha {
+            dom.destroy().with_context(|| format!("destroying {name}"))?;
+        }
+        Ok(stopping)
+    })
+}
+
+/// Creates the missing file-backed disks of a local-storage instance's definition: a qcow2
+/// overlay on the disk's declared backing image (`<backingStore>`), as image-backed local
+/// disks are made. A missing disk with no backing image, or not qcow2, cannot be recreated:
+/// an error, and the instance is not defined. Returns what was created, for the events.
+pub fn recreate_local_disks(xml: &str) -> anyhow::Result<Vec<String>> {
+    use anyhow::Context;
+    let mut created = Vec::new();
+    for disk in crate::domain::file_disks(xml.as_bytes()).context("the stored domain XML")? {
+        if disk.path.exists() {
+            continue;
+        }
+        let shown = disk.path.display();
+        let Some((base, base_format)) = &disk.backing else {
+            anyhow::bail!(
+                "disk {} ({shown}) is missing and declares no backing image to recreate it from",
+                disk.target
+            );
+        };
+        anyhow::ensure!(
+            disk.format == "qcow2",
+            "disk {} ({shown}) is missing; only a qcow2 overlay can be recreated, not {}",
+            disk.target,
+            disk.format
+        );
+        anyhow::ensure!(
+            base.exists(),
+            "disk {} ({shown}): its backing image {} is not on this host",
+            disk.target,
+            base.display()
+        );
+        if let Some(dir) = disk.path.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        // Made beside, then renamed: a half-made disk is never taken for the real one.
+        let partial = disk.path.with_extension("nk-partial");
+        let out = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", base_format, "-b"])
+            .arg(base)
+            .arg(&partial)
+            .output()
+            .context("running qemu-img")?;
+        if !out.status.success() {
+            let _ = std::fs::remove_file(&partial);
+            anyhow::bail!("qemu-img create {}: {}", partial.display(), String::from_utf8_lossy(&out.stderr).trim());
+        }
+        std::fs::rename(&partial, &disk.path).with_context(|| format!("renaming to {shown}"))?;
+        created.push(format!("disk {} recreated at {shown} over {}", disk.target, base.display()));
+    }
+    Ok(created)
+}
+
+/// Defines `uuid` from `xml` (when given) with nodekeeper's metadata, and starts it (when
+/// asked and not running). Returns (defined, started).
+pub fn define_and_start(
+    uri: &str,
+    uuid: InstanceId,
+    xml: Option<&str>,
+    generation: Generation,
+    ha: bool,
+    start: bool,
+) -> anyhow::Result<(bool, bool)> {
+    use anyhow::Context;
+    crate::libvirt::with_connection(uri, |conn| {
+        let defined = if let Some(xml) = xml {
+            if xml.contains('\0') {
+                anyhow::bail!("the stored domain XML contains a NUL byte");
+            }
+            let meta = parse_domain_xml(xml.as_bytes()).context("the stored domain XML")?;
+            if meta.uuid != uuid {
+                anyhow::bail!("the stored domain XML names UUID {}, not {uuid}", meta.uuid);
+            }
+            let dom = virt::domain::Domain::define_xml(conn, xml).context("defining")?;
+            let element = format!("<instance generation=\"{}\" ha=\"{ha}\"/>", generation.0);
+            dom.set_metadata(
+                virt::sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
+                Some(&element),
+                Some("nk"),
+                Some(NK_NAMESPACE),
+                virt::sys::VIR_DOMAIN_AFFECT_CONFIG,
+            )
+            .context("recording the generation in the domain's metadata")?;
+            true
+        } else {
+            false
+        };
+        let dom = virt::domain::Domain::lookup_by_uuid_string(conn, &uuid.to_string()).context("looking it up")?;
+        let started = if start && !dom.is_active().unwrap_or(false) {
+            dom.create().context("starting")?;
+            true
+        } else {
+            false
+        };
+        Ok((defined, started))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(n: u8) -> InstanceId {
+        format!("00000000-0000-4000-8000-0000000000{n:02x}").parse().expect("uuid")
+    }
+
+    fn assigned(n: u8, generation: u64, ha: bool, storage: Storage, deleted: bool) -> Assigned {
+        Assigned { uuid: id(n), name: format!("vm-{n}"), generation: Generation(generation), ha, deleted, storage }
+    }
+
+    #[test]
+    fn the_plan_defines_starts_and_replaces_as_the_database_says() {
+        use Storage::{Local as L, Shared as S};
+        // (assigned, local state: None = not here, Some((active, generation)), expected (define, start, recreate))
+        type Row = (Assigned, Option<(bool, Option<u64>)>, Option<(bool, bool, bool)>);
+        let table: Vec<Row> = vec![
+            (assigned(1, 1, true, S, false), None, Some((true, true, false))),
+            (assigned(2, 1, false, S, false), None, Some((true, true, false))),
+            (assigned(3, 2, true, L, false), None, Some((true, true, true))),
+            // Here, current, running: nothing.
+            (assigned(4, 1, true, S, false), Some((true, Some(1))), None),
+            // HA, stopped: started, not redefined.
+            (assigned(5, 1, true, S, false), Some((false, Some(1))), Some((false, true, false))),
+            // Not HA, stopped: left stopped.
+            (assigned(6, 1, false, S, false), Some((false, Some(1))), None),
+            // Behind and running: redefined, not started (the replacement waits for its next start).
+            (assigned(7, 3, true, S, false), Some((true, Some(2))), Some((true, false, false))),
+            // Behind and stopped, HA: redefined and started.
+            (assigned(8, 3, true, S, false), Some((false, Some(2))), Some((true, true, false))),
+            // Behind, stopped, local storage: redefined with its disks recreated.
+            (assigned(9, 3, true, L, false), Some((false, Some(2))), Some((true, true, true))),
+            // No generation in its metadata (defined by hand): not behind.
+            (assigned(10, 5, true, S, false), Some((true, None)), None),
+            // Ahead of the database (should not happen): not replaced.
+            (assigned(11, 1, true, S, false), Some((true, Some(4))), None),
+            // Tombstones are never defined or started.
+            (assigned(12, 1, true, S, true), None, None),
+            (assigned(13, 1, true, S, true), Some((false, Some(1))), None),
+        ];
+        for (a, here, want) in table {
+            let local: HashMap<InstanceId, Local> =
+                here.map(|(active, g)| (a.uuid, Local { active, generation: g.map(Generation) })).into_iter().collect();
+            let got = plan(&local, std::slice::from_ref(&a)).pop().map(|x| (x.define, x.start, x.recreate_disks));
+            assert_eq!(got, want, "{} (generation {}, here {here:?})", a.name, a.generation.0);
+        }
+    }
+
+    #[test]
+    fn a_plan_covers_every_assignment_and_nothing_else() {
+        let all = [assigned(1, 1, true, Storage::Shared, false), assigned(2, 1, false, Storage::Shared, false)];
+        let mut local = HashMap::new();
+        // Something here the database does not assign (the post-libvirt pass judges it).
+        local.insert(id(9), Local { active: true, generation: Some(Generation(1)) });
+        let actions = plan(&local, &all);
+        assert_eq!(actions.iter().map(|a| a.uuid).collect::<Vec<_>>(), [id(1), id(2)]);
+    }
+}
