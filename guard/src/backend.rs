@@ -33,26 +33,7 @@ pub struct Api {
     token: String,
 }
 
-/// Whether a `database_url` names the provisioner's guard API rather than a database.
-pub fn is_api_url(url: &str) -> bool {
-    url.starts_with("http://") || url.starts_with("https://")
-}
-
-/// Reads a node token file: one line, 32 to 128 of `[A-Za-z0-9_-]`.
-pub fn read_token(path: &std::path::Path) -> anyhow::Result<String> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading the node token {}", path.display()))?;
-    let token = text.trim();
-    anyhow::ensure!(guard_api::valid_token(token), "{}: not a node token (32 to 128 of [A-Za-z0-9_-])", path.display());
-    Ok(token.to_owned())
-}
-
-/// Reads the CA a guard trusts for an `https://` guard API (PEM, one certificate or more).
-pub fn read_ca(path: &std::path::Path) -> anyhow::Result<Vec<reqwest::Certificate>> {
-    let pem = std::fs::read(path).with_context(|| format!("reading the CA {}", path.display()))?;
-    let certs = reqwest::Certificate::from_pem_bundle(&pem).with_context(|| format!("{}: not PEM", path.display()))?;
-    anyhow::ensure!(!certs.is_empty(), "{}: no certificate in it", path.display());
-    Ok(certs)
-}
+pub use crate::config::{is_api_url, read_ca, read_token};
 
 impl Backend {
     /// Connects within `timeout` (the API: builds a client whose every request has that

@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use anyhow::Context as _;
 use nodekeeper_store::HostName;
 use serde::{Deserialize, Deserializer};
 
@@ -247,13 +248,13 @@ impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
         let config = Config::parse(&text).map_err(|message| ConfigError::Parse { path: path.into(), message })?;
-        if crate::backend::is_api_url(&config.database_url) {
+        if is_api_url(&config.database_url) {
             // Without its token the guard could never be heard: that is a broken install,
             // not an outage.
-            crate::backend::read_token(&config.token_file)
+            read_token(&config.token_file)
                 .map_err(|e| ConfigError::Parse { path: path.into(), message: format!("token_file: {e:#}") })?;
             if let Some(ca) = &config.ca_file {
-                crate::backend::read_ca(ca)
+                read_ca(ca)
                     .map_err(|e| ConfigError::Parse { path: path.into(), message: format!("ca_file: {e:#}") })?;
             }
         }
@@ -263,7 +264,7 @@ impl Config {
     /// Parses config text.
     pub fn parse(text: &str) -> Result<Config, String> {
         let config: Config = toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned())?;
-        if crate::backend::is_api_url(&config.database_url) {
+        if is_api_url(&config.database_url) {
             let u = config.database_url.split_once("://").map_or("", |(_, rest)| rest);
             if u.is_empty() || u.starts_with('/') || u.contains(['?', '#', ' ']) {
                 return Err(format!("database_url {:?}: expected http(s)://HOST[:PORT][/PATH]", config.database_url));
@@ -306,6 +307,31 @@ impl Config {
         }
         Ok(config)
     }
+}
+
+/// Whether a `database_url` names the provisioner's guard API rather than a database.
+pub fn is_api_url(url: &str) -> bool {
+    url.starts_with("http://") || url.starts_with("https://")
+}
+
+/// Reads a node token file: one line, 32 to 128 of `[A-Za-z0-9_-]`.
+pub fn read_token(path: &std::path::Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading the node token {}", path.display()))?;
+    let token = text.trim();
+    anyhow::ensure!(
+        nodekeeper_store::guard_api::valid_token(token),
+        "{}: not a node token (32 to 128 of [A-Za-z0-9_-])",
+        path.display()
+    );
+    Ok(token.to_owned())
+}
+
+/// Reads the CA a guard trusts for an `https://` guard API (PEM, one certificate or more).
+pub fn read_ca(path: &std::path::Path) -> anyhow::Result<Vec<reqwest::Certificate>> {
+    let pem = std::fs::read(path).with_context(|| format!("reading the CA {}", path.display()))?;
+    let certs = reqwest::Certificate::from_pem_bundle(&pem).with_context(|| format!("{}: not PEM", path.display()))?;
+    anyhow::ensure!(!certs.is_empty(), "{}: no certificate in it", path.display());
+    Ok(certs)
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@
 //! - [`peers`]: guards asking each other (the self-fence's quorum, heartbeat relay).
 //!
 //! Layout: **pure cores**, decisions on plain data, table-tested — `boot::decide`,
-//! `watch::isolation` (the quorum rule), `watch::converge::plan`, `watch::services`'
+//! `isolation` (the quorum rule), `watch::converge::plan`, `watch::services`'
 //! `RestartBudget`, `domain` (XML parsing); **adapters** that touch the world — `backend`
 //! (database or guard API), `libvirt` (one connection per pass), `boot::{scan, execute, live}`
 //! (files and libvirt), `peers` (the peer protocol), `watch::notify` (systemd, the hardware
@@ -20,6 +20,7 @@ pub mod config;
 pub mod domain;
 pub mod fault;
 pub mod fsutil;
+pub mod isolation;
 pub mod libvirt;
 pub mod peers;
 pub mod watch;

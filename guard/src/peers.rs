@@ -1,4 +1,4 @@
-//! Guards talking to each other, for the self-fence's quorum rule ([`crate::watch::isolation`]).
+//! Guards talking to each other, for the self-fence's quorum rule ([`crate::isolation`]).
 //!
 //! The provisioner hands every guard its peers — the cell's other watched hosts with an
 //! address — and, for each, a key only the two hosts share (guard API `peers`, or the database
@@ -27,7 +27,7 @@ use nodekeeper_store::guard_api::{mac_hex, mac_ok, PeerList};
 use nodekeeper_store::HostName;
 use serde::{Deserialize, Serialize};
 
-use crate::watch::isolation::PeerView;
+use crate::isolation::PeerView;
 
 /// How far a check's stamp may be from the answering peer's clock.
 pub const MAX_SKEW: Duration = Duration::from_secs(600);

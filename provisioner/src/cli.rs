@@ -71,18 +71,7 @@ pub enum Command {
     },
 }
 
-/// `power HOST ACTION`
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum PowerCommand {
-    /// Power on.
-    On,
-    /// Hard power off.
-    Off,
-    /// Off, then on.
-    Cycle,
-    /// Report the power state.
-    Status,
-}
+pub use crate::admin::PowerCommand;
 
 /// `tls ...`
 #[derive(Debug, Subcommand)]
@@ -237,7 +226,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 /// `serve --config FILE`: the database URL comes from the config file.
 async fn serve(path: &std::path::Path) -> anyhow::Result<()> {
     use crate::serve;
-    let config = serve::config::ServeConfig::load(path)?;
+    let config = crate::config::ServeConfig::load(path)?;
     let store = serve::open_store(&config.database_url).await?;
     let bound = serve::Bound::bind(&config).await?;
     let shutdown = tokio_util::sync::CancellationToken::new();

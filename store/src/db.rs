@@ -1,7 +1,7 @@
 //! Connecting to the database (SQLite or PostgreSQL, chosen by the URL) and migrating it.
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::migrate::{Migrate, Migrator};
@@ -463,10 +463,22 @@ pub(crate) fn backend_of(conn: &sqlx::AnyConnection) -> Backend {
     }
 }
 
-/// Milliseconds since the Unix epoch by this process's wall clock: how the schema stores
-/// time. Only for what is never compared across machines; see [`Store::now`].
-pub(crate) fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+/// A text column parsed as `T`; a value that does not parse is a corrupt row of `table`.
+pub(crate) fn parse_column<T>(table: &'static str, column: &str, value: &str) -> crate::Result<T>
+where
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    value.parse().map_err(|e: T::Err| crate::StoreError::Corrupt { table, reason: format!("column {column}: {e}") })
+}
+
+/// A column of `row`; one that cannot be read as `T` is a corrupt row of `table`.
+pub(crate) fn get<'r, T>(row: &'r sqlx::any::AnyRow, table: &'static str, column: &str) -> crate::Result<T>
+where
+    T: sqlx::Decode<'r, sqlx::Any> + sqlx::Type<sqlx::Any>,
+{
+    use sqlx::Row;
+    row.try_get(column).map_err(|e| crate::StoreError::Corrupt { table, reason: format!("column {column}: {e}") })
 }
 
 #[cfg(test)]

@@ -4,8 +4,8 @@ use serde::{Deserialize, Serialize};
 use sqlx::any::AnyRow;
 
 use crate::db::placeholders;
+use crate::db::{get, parse_column};
 use crate::error::{query, Result};
-use crate::hosts::{get, parse_column};
 use crate::types::{HostName, InstanceId, Timestamp};
 use crate::Store;
 

@@ -10,9 +10,9 @@
 
 use sqlx::Row;
 
+use crate::db::parse_column;
 use crate::error::{query, Result};
 use crate::guard_api::{Assigned, GuardEvent, PeerList};
-use crate::hosts::parse_column;
 use crate::instances::{flag, ownership_from_row};
 use crate::settings::{peer_list, PeerCandidate};
 use crate::types::{Generation, HostName, InstanceId, Timestamp};

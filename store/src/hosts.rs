@@ -1,7 +1,6 @@
 //! The host table: compute hosts, their boot MAC, BMC and lifecycle state.
 
 use std::net::IpAddr;
-use std::str::FromStr;
 
 use serde::Serialize;
 use sqlx::any::AnyRow;
@@ -56,20 +55,7 @@ const HOST_COLUMNS: &str =
     "name, mac, ip, bmc_url, bmc_credentials, state, last_heartbeat, image, created_at, updated_at";
 
 /// Parses a text column into its typed form, or reports the row as corrupt.
-pub(crate) fn parse_column<T>(table: &'static str, column: &str, value: &str) -> Result<T>
-where
-    T: FromStr,
-    T::Err: std::fmt::Display,
-{
-    value.parse().map_err(|e: T::Err| StoreError::Corrupt { table, reason: format!("column {column}: {e}") })
-}
-
-pub(crate) fn get<'r, T>(row: &'r AnyRow, table: &'static str, column: &str) -> Result<T>
-where
-    T: sqlx::Decode<'r, sqlx::Any> + sqlx::Type<sqlx::Any>,
-{
-    row.try_get(column).map_err(|e| StoreError::Corrupt { table, reason: format!("column {column}: {e}") })
-}
+use crate::db::{get, parse_column};
 
 fn host_from_row(row: &AnyRow) -> Result<Host> {
     const T: &str = "hosts";

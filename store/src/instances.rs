@@ -10,9 +10,9 @@ use serde::{Deserialize, Serialize};
 use sqlx::any::AnyRow;
 
 use crate::db::{backend_of, placeholders};
+use crate::db::{get, parse_column};
 use crate::error::{query, Result, StoreError};
 use crate::events::{insert_event, NewEvent};
-use crate::hosts::{get, parse_column};
 use crate::types::{Generation, HostName, HostState, InstanceId, Storage, Timestamp};
 use crate::Store;
 

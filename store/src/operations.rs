@@ -7,9 +7,9 @@
 use serde::Serialize;
 use sqlx::any::AnyRow;
 
+use crate::db::{get, parse_column};
 use crate::error::{query, Result, StoreError};
 use crate::events::{insert_event, NewEvent};
-use crate::hosts::{get, parse_column};
 use crate::types::{HostName, OperationStatus, Timestamp};
 use crate::Store;
 

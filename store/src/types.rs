@@ -336,7 +336,8 @@ impl Timestamp {
     /// Now, by this process's wall clock. Never compare it with a time from the database
     /// (a heartbeat, a lease, a deadline): use `Store::now`, the database server's time.
     pub fn now() -> Timestamp {
-        Timestamp(crate::db::now_ms())
+        let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        Timestamp(i64::try_from(since.as_millis()).unwrap_or(i64::MAX))
     }
 
     /// As a `SystemTime` (times before the epoch clamp to it).

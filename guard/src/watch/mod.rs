@@ -31,7 +31,8 @@
 //! wires them.
 
 pub mod converge;
-pub mod isolation;
+/// The quorum rule (a pure module of the crate's own: the peer protocol feeds it too).
+pub use crate::isolation;
 pub mod notify;
 pub mod services;
 

@@ -89,7 +89,7 @@ pub async fn db_guard_role(
 
 /// `tls init --config FILE [--name N]... [--new-ca]`
 pub fn tls_init(out: &Output, config: &std::path::Path, names: &[String], new_ca: bool) -> anyhow::Result<()> {
-    let config = crate::serve::config::ServeConfig::load(config)?;
+    let config = crate::config::ServeConfig::load(config)?;
     let tls = config.http.tls.as_ref().context("the config has no [http.tls] (listen, public_url, cert, key, ca)")?;
     let issued = crate::http::tls::init(tls, names, new_ca)?;
     out.emit(&issued, || {
@@ -283,15 +283,22 @@ pub async fn instance_delete(store: &Store, out: &Output, ids: &[InstanceId]) ->
     })
 }
 
+/// `power HOST ACTION`
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PowerCommand {
+    /// Power on.
+    On,
+    /// Hard power off.
+    Off,
+    /// Off, then on.
+    Cycle,
+    /// Report the power state.
+    Status,
+}
+
 /// `power HOST on|off|cycle|status`
-pub async fn power(
-    store: &Store,
-    out: &Output,
-    name: &HostName,
-    action: crate::cli::PowerCommand,
-) -> anyhow::Result<()> {
+pub async fn power(store: &Store, out: &Output, name: &HostName, action: PowerCommand) -> anyhow::Result<()> {
     use crate::bmc::{self, Bmc, PowerAction};
-    use crate::cli::PowerCommand;
     let host = store.require_host(name).await?;
     let url = host.bmc_url.as_deref().with_context(|| format!("host {name} has no BMC (host add --bmc URL)"))?;
     let scope = bmc::CredentialScope::from_env();

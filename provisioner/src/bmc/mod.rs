@@ -152,7 +152,13 @@ pub struct Policy {
 
 impl Default for Policy {
     fn default() -> Self {
-        Policy { confirm_within: Duration::from_secs(30), attempts: 3, poll: Duration::from_millis(500) }
+        Policy::from(&crate::config::BmcConfig::default())
+    }
+}
+
+impl From<&crate::config::BmcConfig> for Policy {
+    fn from(c: &crate::config::BmcConfig) -> Policy {
+        Policy { confirm_within: c.confirm_within, attempts: c.commands.max(1), poll: c.poll }
     }
 }
 
@@ -330,14 +336,18 @@ pub struct CredentialScope {
     pub env_prefix: String,
 }
 
-/// The default [`CredentialScope::dir`].
-pub const CREDENTIALS_DIR: &str = "/etc/nodekeeper/bmc";
-/// The default [`CredentialScope::env_prefix`].
-pub const CREDENTIALS_ENV_PREFIX: &str = "NODEKEEPER_BMC_";
-
 impl Default for CredentialScope {
     fn default() -> CredentialScope {
-        CredentialScope { dir: CREDENTIALS_DIR.into(), env_prefix: CREDENTIALS_ENV_PREFIX.into() }
+        CredentialScope {
+            dir: crate::config::CREDENTIALS_DIR.into(),
+            env_prefix: crate::config::CREDENTIALS_ENV_PREFIX.into(),
+        }
+    }
+}
+
+impl From<&crate::config::BmcConfig> for CredentialScope {
+    fn from(c: &crate::config::BmcConfig) -> CredentialScope {
+        CredentialScope { dir: c.credentials_dir.clone(), env_prefix: c.credentials_env_prefix.clone() }
     }
 }
 
@@ -353,11 +363,7 @@ impl CredentialScope {
     /// each defaulting as [`CredentialScope::default`] (what the admin CLI uses; `serve`
     /// takes these as the defaults of `[bmc] credentials_dir` / `credentials_env_prefix`).
     pub fn from_env() -> CredentialScope {
-        let d = CredentialScope::default();
-        CredentialScope {
-            dir: std::env::var_os("NODEKEEPER_BMC_CREDENTIALS_DIR").map_or(d.dir, Into::into),
-            env_prefix: std::env::var("NODEKEEPER_BMC_CREDENTIALS_ENV_PREFIX").unwrap_or(d.env_prefix),
-        }
+        CredentialScope::from(&crate::config::BmcConfig::default())
     }
 
     /// Checks a reference's form and that it stays in the scope, without reading it (a file

@@ -23,16 +23,15 @@ use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 use tower_http::services::ServeFile;
 
+use crate::config::HttpConfig;
 use crate::metrics::Metrics;
-use crate::serve::config::HttpConfig;
 use images::Images;
 
 /// How long a deploy token minted for an iPXE script stays valid.
 pub const DEPLOY_TOKEN_TTL: Duration = Duration::from_secs(3 * 3600);
 /// Read size when streaming images.
 const IMAGE_CHUNK: usize = 1 << 20;
-/// The image written when a host has none set.
-pub const DEFAULT_IMAGE: &str = "node.img";
+pub use crate::reimage::DEFAULT_IMAGE;
 
 /// What the handlers share.
 #[derive(Debug, Clone)]

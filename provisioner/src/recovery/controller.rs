@@ -14,7 +14,6 @@ use std::time::Duration;
 use nodekeeper_store::{
     Host, HostName, HostState, InstanceId, NewEvent, Operation, OperationStatus, Store, StoreError, Timestamp,
 };
-use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
 use super::detect::{self, Action};
@@ -31,82 +30,7 @@ pub const ROLE: &str = "controller";
 /// Who the controller's events say acted.
 pub const ACTOR: &str = "provisioner:recovery";
 
-/// `[recovery]` in the provisioner's configuration.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RecoveryConfig {
-    /// Run the controller (default true).
-    pub enabled: bool,
-    /// Silence after which a host is suspect (default 30 s).
-    #[serde(deserialize_with = "duration")]
-    pub grace: Duration,
-    /// How often the controller looks (default 2 s).
-    #[serde(deserialize_with = "duration")]
-    pub interval: Duration,
-    /// Share of watched hosts suspect at once above which nothing is fenced (default 0.5).
-    pub mass_failure_share: f64,
-    /// What happens to a fenced host once its instances are safe (default `power-on`).
-    pub after_fence: AfterFence,
-    /// How long the leadership lease lasts unless renewed (default 15 s).
-    #[serde(deserialize_with = "duration")]
-    pub lease_ttl: Duration,
-    /// BMC attempts per fence step (default 3).
-    pub bmc_attempts: u32,
-    /// After a fence failed (its BMC never confirmed), how long before the controller tries
-    /// that host again (default 5 min); meanwhile an operator may `host mark-fenced` it.
-    #[serde(deserialize_with = "duration")]
-    pub fence_retry_after: Duration,
-    /// How often the GC pass compares the guards' reports with the database (default 30 s).
-    #[serde(deserialize_with = "duration")]
-    pub gc_interval: Duration,
-    /// The port `confirm` tries on a suspect host's address, as evidence for the event
-    /// (default 22; 0: no check).
-    pub network_check_port: u16,
-}
-
-impl Default for RecoveryConfig {
-    fn default() -> RecoveryConfig {
-        RecoveryConfig {
-            enabled: true,
-            grace: Duration::from_secs(30),
-            interval: Duration::from_secs(2),
-            mass_failure_share: 0.5,
-            after_fence: AfterFence::PowerOn,
-            lease_ttl: Duration::from_secs(15),
-            bmc_attempts: 3,
-            fence_retry_after: Duration::from_secs(300),
-            gc_interval: Duration::from_secs(30),
-            network_check_port: 22,
-        }
-    }
-}
-
-fn duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    let s = String::deserialize(d)?;
-    humantime::parse_duration(&s).map_err(|e| serde::de::Error::custom(format!("invalid duration {s:?}: {e}")))
-}
-
-impl RecoveryConfig {
-    /// Refuses settings that cannot work.
-    pub fn check(&self) -> Result<(), String> {
-        if self.grace.is_zero() || self.interval.is_zero() {
-            return Err("recovery.grace and recovery.interval must be more than zero".into());
-        }
-        if !(self.mass_failure_share > 0.0 && self.mass_failure_share <= 1.0) {
-            return Err(format!("recovery.mass_failure_share must be in (0, 1], not {}", self.mass_failure_share));
-        }
-        if self.lease_ttl <= self.interval * 2 {
-            return Err(
-                "recovery.lease_ttl must be more than twice recovery.interval (or the lease lapses between ticks)"
-                    .into(),
-            );
-        }
-        if self.bmc_attempts == 0 {
-            return Err("recovery.bmc_attempts must be at least 1".into());
-        }
-        Ok(())
-    }
-}
+pub use crate::config::RecoveryConfig;
 
 /// What one tick did (for tests and logs).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]

@@ -58,18 +58,7 @@ impl FromStr for Step {
     }
 }
 
-/// What happens to a fenced host once its instances are safe.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "kebab-case")]
-pub enum AfterFence {
-    /// Power it on: it boots, its guard quarantines the stale definitions, it heartbeats.
-    #[default]
-    PowerOn,
-    /// Reimage it with its image.
-    Reimage,
-    /// Leave it off and fenced for an operator.
-    Nothing,
-}
+pub use crate::config::AfterFence;
 
 /// The operation's own state (the operation row's `data`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -74,7 +74,7 @@ pub async fn request(
     if h.bmc_url.is_none() {
         return Err(RequestError::NoBmc(host.clone()));
     }
-    let image = image.map(str::to_owned).or(h.image).unwrap_or_else(|| crate::http::DEFAULT_IMAGE.to_owned());
+    let image = image.map(str::to_owned).or(h.image).unwrap_or_else(|| super::DEFAULT_IMAGE.to_owned());
     let data = ReimageData { image, pxe_boots: 0, agent: None, deadlines, limits };
     let deadline = crate::ops::engine::after(store, machine::deadline_for(Step::PowerOff, &data.deadlines)).await?;
     let json = serde_json::to_string(&data).unwrap_or_else(|_| "{}".into());

@@ -4,3 +4,6 @@
 
 pub mod executor;
 pub mod machine;
+
+/// The image written when a host has none set.
+pub const DEFAULT_IMAGE: &str = "node.img";

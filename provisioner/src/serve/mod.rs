@@ -1,7 +1,8 @@
 //! `nodekeeper-provisioner serve`: the network-boot servers in one tokio runtime, on the
 //! configured addresses only, stopped cleanly by SIGTERM or SIGINT.
 
-pub mod config;
+/// The config file (a leaf module of its own; here for the paths callers know).
+pub use crate::config;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -205,7 +206,7 @@ pub async fn run(config: ServeConfig, bound: Bound, store: Store, shutdown: Canc
     );
     {
         let (store, stop, holder) = (store.clone(), shutdown.clone(), holder.clone());
-        let (policy, scope) = (config.bmc.policy(), config.bmc.scope());
+        let (policy, scope) = (crate::bmc::Policy::from(&config.bmc), crate::bmc::CredentialScope::from(&config.bmc));
         tasks.spawn(supervise("reimage", health.clone(), shutdown.clone(), move || {
             let factory = Arc::new(crate::reimage::executor::Drivers { policy: policy.clone(), scope: scope.clone() });
             let run = crate::reimage::executor::run(store.clone(), factory, holder.clone(), REIMAGE_TICK, stop.clone());
@@ -219,8 +220,8 @@ pub async fn run(config: ServeConfig, bound: Bound, store: Store, shutdown: Canc
     if config.recovery.enabled {
         tracing::info!(%holder, grace = ?config.recovery.grace, "recovery controller (runs while this replica holds the lease)");
         let (store, stop, recovery, policy) =
-            (store.clone(), shutdown.clone(), config.recovery.clone(), config.bmc.policy());
-        let scope = config.bmc.scope();
+            (store.clone(), shutdown.clone(), config.recovery.clone(), crate::bmc::Policy::from(&config.bmc));
+        let scope = crate::bmc::CredentialScope::from(&config.bmc);
         tasks.spawn(supervise("recovery", health.clone(), shutdown.clone(), move || {
             let controller = crate::recovery::controller::Controller::new(
                 store.clone(),

@@ -4,7 +4,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize};
 
 /// The whole file. Unknown keys are refused.
 #[derive(Debug, Clone, Deserialize)]
@@ -22,7 +22,7 @@ pub struct ServeConfig {
     pub http: HttpConfig,
     /// The recovery controller (detection, fencing, evacuation).
     #[serde(default)]
-    pub recovery: crate::recovery::controller::RecoveryConfig,
+    pub recovery: RecoveryConfig,
     /// How power commands are confirmed (every BMC driver).
     #[serde(default)]
     pub bmc: BmcConfig,
@@ -49,31 +49,24 @@ pub struct BmcConfig {
     pub credentials_env_prefix: String,
 }
 
+/// The default directory of BMC credentials files.
+pub const CREDENTIALS_DIR: &str = "/etc/nodekeeper/bmc";
+/// The default prefix of BMC credentials variables.
+pub const CREDENTIALS_ENV_PREFIX: &str = "NODEKEEPER_BMC_";
+
 impl Default for BmcConfig {
+    /// 30 s to confirm, polled every 500 ms, 3 commands; the credentials scope from
+    /// `NODEKEEPER_BMC_CREDENTIALS_DIR` and `NODEKEEPER_BMC_CREDENTIALS_ENV_PREFIX`, else the
+    /// defaults above (what the admin CLI, which reads no config file, uses too).
     fn default() -> BmcConfig {
-        let p = crate::bmc::Policy::default();
-        let scope = crate::bmc::CredentialScope::from_env();
         BmcConfig {
-            confirm_within: p.confirm_within,
-            poll: p.poll,
-            commands: p.attempts,
-            credentials_dir: scope.dir,
-            credentials_env_prefix: scope.env_prefix,
-        }
-    }
-}
-
-impl BmcConfig {
-    /// As the drivers' policy.
-    pub fn policy(&self) -> crate::bmc::Policy {
-        crate::bmc::Policy { confirm_within: self.confirm_within, attempts: self.commands.max(1), poll: self.poll }
-    }
-
-    /// Where credentials references may point.
-    pub fn scope(&self) -> crate::bmc::CredentialScope {
-        crate::bmc::CredentialScope {
-            dir: self.credentials_dir.clone(),
-            env_prefix: self.credentials_env_prefix.clone(),
+            confirm_within: Duration::from_secs(30),
+            poll: Duration::from_millis(500),
+            commands: 3,
+            credentials_dir: std::env::var_os("NODEKEEPER_BMC_CREDENTIALS_DIR")
+                .map_or_else(|| CREDENTIALS_DIR.into(), Into::into),
+            credentials_env_prefix: std::env::var("NODEKEEPER_BMC_CREDENTIALS_ENV_PREFIX")
+                .unwrap_or_else(|_| CREDENTIALS_ENV_PREFIX.into()),
         }
     }
 }
@@ -339,5 +332,90 @@ images_dir = "/var/lib/nodekeeper/images"
             let err = ServeConfig::parse(&text).expect_err(want);
             assert!(err.contains(want), "{want}: {err}");
         }
+    }
+}
+
+/// What happens to a fenced host once its instances are safe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum AfterFence {
+    /// Power it on: it boots, its guard quarantines the stale definitions, it heartbeats.
+    #[default]
+    PowerOn,
+    /// Reimage it with its image.
+    Reimage,
+    /// Leave it off and fenced for an operator.
+    Nothing,
+}
+
+/// `[recovery]` in the provisioner's configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RecoveryConfig {
+    /// Run the controller (default true).
+    pub enabled: bool,
+    /// Silence after which a host is suspect (default 30 s).
+    #[serde(deserialize_with = "duration")]
+    pub grace: Duration,
+    /// How often the controller looks (default 2 s).
+    #[serde(deserialize_with = "duration")]
+    pub interval: Duration,
+    /// Share of watched hosts suspect at once above which nothing is fenced (default 0.5).
+    pub mass_failure_share: f64,
+    /// What happens to a fenced host once its instances are safe (default `power-on`).
+    pub after_fence: AfterFence,
+    /// How long the leadership lease lasts unless renewed (default 15 s).
+    #[serde(deserialize_with = "duration")]
+    pub lease_ttl: Duration,
+    /// BMC attempts per fence step (default 3).
+    pub bmc_attempts: u32,
+    /// After a fence failed (its BMC never confirmed), how long before the controller tries
+    /// that host again (default 5 min); meanwhile an operator may `host mark-fenced` it.
+    #[serde(deserialize_with = "duration")]
+    pub fence_retry_after: Duration,
+    /// How often the GC pass compares the guards' reports with the database (default 30 s).
+    #[serde(deserialize_with = "duration")]
+    pub gc_interval: Duration,
+    /// The port `confirm` tries on a suspect host's address, as evidence for the event
+    /// (default 22; 0: no check).
+    pub network_check_port: u16,
+}
+
+impl Default for RecoveryConfig {
+    fn default() -> RecoveryConfig {
+        RecoveryConfig {
+            enabled: true,
+            grace: Duration::from_secs(30),
+            interval: Duration::from_secs(2),
+            mass_failure_share: 0.5,
+            after_fence: AfterFence::PowerOn,
+            lease_ttl: Duration::from_secs(15),
+            bmc_attempts: 3,
+            fence_retry_after: Duration::from_secs(300),
+            gc_interval: Duration::from_secs(30),
+            network_check_port: 22,
+        }
+    }
+}
+
+impl RecoveryConfig {
+    /// Refuses settings that cannot work.
+    pub fn check(&self) -> Result<(), String> {
+        if self.grace.is_zero() || self.interval.is_zero() {
+            return Err("recovery.grace and recovery.interval must be more than zero".into());
+        }
+        if !(self.mass_failure_share > 0.0 && self.mass_failure_share <= 1.0) {
+            return Err(format!("recovery.mass_failure_share must be in (0, 1], not {}", self.mass_failure_share));
+        }
+        if self.lease_ttl <= self.interval * 2 {
+            return Err(
+                "recovery.lease_ttl must be more than twice recovery.interval (or the lease lapses between ticks)"
+                    .into(),
+            );
+        }
+        if self.bmc_attempts == 0 {
+            return Err("recovery.bmc_attempts must be at least 1".into());
+        }
+        Ok(())
     }
 }
