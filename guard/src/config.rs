@@ -43,14 +43,14 @@ pub struct Config {
 #[serde(deny_unknown_fields, default)]
 pub struct WatchConfig {
     /// How often to heartbeat into the database.
-    #[serde(deserialize_with = "duration")]
+    #[serde(with = "humantime_serde")]
     pub heartbeat_interval: Duration,
     /// How often to converge the local domains on what the database assigns.
-    #[serde(deserialize_with = "duration")]
+    #[serde(with = "humantime_serde")]
     pub converge_interval: Duration,
     /// Without the database (and every peer) this long, stop the HA instances (self-fence).
     /// Must be shorter than the controller's `grace`, with room for a heartbeat interval.
-    #[serde(deserialize_with = "duration")]
+    #[serde(with = "humantime_serde")]
     pub isolation_timeout: Duration,
     /// No longer used (a bare TCP connect proved nothing): the peers are the cell's other
     /// hosts, handed out by the provisioner. Accepted, with a warning, so old configs load.
@@ -66,12 +66,12 @@ pub struct WatchConfig {
     /// other.
     pub peer_sample: usize,
     /// How often the peer list is fetched again (default 60 s).
-    #[serde(deserialize_with = "duration")]
+    #[serde(with = "humantime_serde")]
     pub peer_refresh: Duration,
     /// Self-fence at all (default true).
     pub self_fence: bool,
     /// How long a libvirt call may take before libvirtd counts as stuck.
-    #[serde(deserialize_with = "duration")]
+    #[serde(with = "humantime_serde")]
     pub libvirt_timeout: Duration,
     /// The command that restarts libvirtd (argv), e.g. `["systemctl", "restart", "libvirtd"]`;
     /// empty: never restart it.
@@ -81,7 +81,7 @@ pub struct WatchConfig {
     /// Restarts within `restart_window` before the host reboots (0: never reboot).
     pub max_restarts: u32,
     /// The window for `max_restarts`.
-    #[serde(deserialize_with = "duration")]
+    #[serde(with = "humantime_serde")]
     pub restart_window: Duration,
     /// The command that reboots the host (argv).
     pub reboot: Vec<String>,
@@ -109,7 +109,7 @@ pub struct ServiceCheck {
     #[serde(default)]
     pub http: Option<String>,
     /// How long the check may take.
-    #[serde(default = "default_check_timeout", deserialize_with = "duration")]
+    #[serde(default = "default_check_timeout", with = "humantime_serde")]
     pub timeout: Duration,
     /// Restarts it (argv).
     pub restart: Vec<String>,
@@ -117,7 +117,7 @@ pub struct ServiceCheck {
     #[serde(default)]
     pub kill: Vec<String>,
     /// Rejuvenation: a graceful `restart` this often even while healthy (off when absent).
-    #[serde(default, deserialize_with = "opt_duration")]
+    #[serde(default, with = "humantime_serde")]
     pub rejuvenate_every: Option<Duration>,
 }
 
@@ -135,10 +135,6 @@ fn peer_listen<'de, D: Deserializer<'de>>(d: D) -> Result<Option<std::net::Socke
         return Ok(None);
     }
     s.parse().map(Some).map_err(|e| serde::de::Error::custom(format!("peer_listen {s:?}: {e} (IP:PORT or \"off\")")))
-}
-
-fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-    duration(d).map(Some)
 }
 
 impl Default for WatchConfig {
@@ -188,7 +184,7 @@ pub struct BootConfig {
     /// Local cache, `quarantine/`, `blocked/`, and the journal of unfinished moves.
     pub state_dir: PathBuf,
     /// How long to retry the database before applying `on_db_unreachable`.
-    #[serde(deserialize_with = "duration")]
+    #[serde(with = "humantime_serde")]
     pub db_wait: Duration,
     /// What to block when the database cannot be asked.
     pub on_db_unreachable: OnDbUnreachable,
@@ -214,11 +210,6 @@ pub enum OnDbUnreachable {
     BlockAll,
     /// Block nothing: libvirtd autostarts as usual.
     Allow,
-}
-
-fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    let s = String::deserialize(d)?;
-    humantime::parse_duration(&s).map_err(|e| serde::de::Error::custom(format!("invalid duration {s:?}: {e}")))
 }
 
 /// The configuration file cannot be used.
@@ -367,7 +358,7 @@ on_db_unreachable = "block-ha"
         let cases = [
             ("database_url = \"sqlite:///x\"", "missing field `host`"),
             ("host = \"n1\"\ndatabase_url = \"sqlite:///x\"\nhots = 1", "unknown field `hots`"),
-            ("host = \"n1\"\ndatabase_url = \"sqlite:///x\"\n[boot]\ndb_wait = \"soon\"", "invalid duration"),
+            ("host = \"n1\"\ndatabase_url = \"sqlite:///x\"\n[boot]\ndb_wait = \"soon\"", "expected a duration"),
             (
                 "host = \"n1\"\ndatabase_url = \"sqlite:///x\"\n[boot]\non_db_unreachable = \"panic\"",
                 "unknown variant `panic`",

@@ -445,7 +445,10 @@ fn an_unusable_config_exits_non_zero_and_touches_nothing() {
     let tree = node.tree();
     for (text, want) in [
         ("host = \"node-a\"\n", "missing field `database_url`"),
-        ("host = \"node-a\"\ndatabase_url = \"sqlite:///x.db\"\n[boot]\ndb_wait = \"forever\"\n", "invalid duration"),
+        (
+            "host = \"node-a\"\ndatabase_url = \"sqlite:///x.db\"\n[boot]\ndb_wait = \"forever\"\n",
+            "expected a duration",
+        ),
     ] {
         std::fs::write(node.config(), text).expect("config");
         let out = node.boot(&[]);

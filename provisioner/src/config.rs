@@ -4,7 +4,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::{Deserialize, Serialize};
 
 /// The whole file. Unknown keys are refused.
 #[derive(Debug, Clone, Deserialize)]
@@ -34,10 +34,10 @@ pub struct ServeConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct BmcConfig {
     /// Wait for the state to follow one command (default 30 s).
-    #[serde(deserialize_with = "duration")]
+    #[serde(with = "humantime_serde")]
     pub confirm_within: Duration,
     /// Pause between polls of the power state (default 500 ms).
-    #[serde(deserialize_with = "duration")]
+    #[serde(with = "humantime_serde")]
     pub poll: Duration,
     /// Commands sent before giving up (default 3).
     pub commands: u32,
@@ -69,11 +69,6 @@ impl Default for BmcConfig {
                 .unwrap_or_else(|_| CREDENTIALS_ENV_PREFIX.into()),
         }
     }
-}
-
-fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    let s = String::deserialize(d)?;
-    humantime::parse_duration(&s).map_err(|e| serde::de::Error::custom(format!("invalid duration {s:?}: {e}")))
 }
 
 /// `full`: a DHCP server for the subnet; `proxy`: PXE answers beside another server; `off`.
@@ -110,7 +105,7 @@ pub struct DhcpConfig {
     #[serde(default)]
     pub dns: Vec<Ipv4Addr>,
     /// Lease time (default 1h).
-    #[serde(default, deserialize_with = "opt_duration")]
+    #[serde(default, with = "humantime_serde")]
     pub lease_time: Option<Duration>,
     /// Also lease to MACs not in the host table.
     #[serde(default)]
@@ -193,13 +188,6 @@ fn default_initrd() -> String {
 }
 fn default_kernel_args() -> String {
     "console=ttyS0".into()
-}
-
-fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-    let s = String::deserialize(d)?;
-    humantime::parse_duration(&s)
-        .map(Some)
-        .map_err(|e| serde::de::Error::custom(format!("invalid duration {s:?}: {e}")))
 }
 
 /// The config file cannot be used.
@@ -355,26 +343,26 @@ pub struct RecoveryConfig {
     /// Run the controller (default true).
     pub enabled: bool,
     /// Silence after which a host is suspect (default 30 s).
-    #[serde(deserialize_with = "duration")]
+    #[serde(with = "humantime_serde")]
     pub grace: Duration,
     /// How often the controller looks (default 2 s).
-    #[serde(deserialize_with = "duration")]
+    #[serde(with = "humantime_serde")]
     pub interval: Duration,
     /// Share of watched hosts suspect at once above which nothing is fenced (default 0.5).
     pub mass_failure_share: f64,
     /// What happens to a fenced host once its instances are safe (default `power-on`).
     pub after_fence: AfterFence,
     /// How long the leadership lease lasts unless renewed (default 15 s).
-    #[serde(deserialize_with = "duration")]
+    #[serde(with = "humantime_serde")]
     pub lease_ttl: Duration,
     /// BMC attempts per fence step (default 3).
     pub bmc_attempts: u32,
     /// After a fence failed (its BMC never confirmed), how long before the controller tries
     /// that host again (default 5 min); meanwhile an operator may `host mark-fenced` it.
-    #[serde(deserialize_with = "duration")]
+    #[serde(with = "humantime_serde")]
     pub fence_retry_after: Duration,
     /// How often the GC pass compares the guards' reports with the database (default 30 s).
-    #[serde(deserialize_with = "duration")]
+    #[serde(with = "humantime_serde")]
     pub gc_interval: Duration,
     /// The port `confirm` tries on a suspect host's address, as evidence for the event
     /// (default 22; 0: no check).

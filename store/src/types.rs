@@ -328,11 +328,32 @@ mod tests {
     }
 }
 
+impl std::ops::Add<std::time::Duration> for Timestamp {
+    type Output = Timestamp;
+    /// Saturating: a duration past the representable range gives the far future.
+    fn add(self, d: std::time::Duration) -> Timestamp {
+        Timestamp(self.0.saturating_add(i64::try_from(d.as_millis()).unwrap_or(i64::MAX)))
+    }
+}
+
+impl std::ops::Sub<std::time::Duration> for Timestamp {
+    type Output = Timestamp;
+    /// Saturating, as [`Add`](std::ops::Add).
+    fn sub(self, d: std::time::Duration) -> Timestamp {
+        Timestamp(self.0.saturating_sub(i64::try_from(d.as_millis()).unwrap_or(i64::MAX)))
+    }
+}
+
 /// A point in time, stored as milliseconds since the Unix epoch and shown as RFC 3339 UTC.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Timestamp(pub i64);
 
 impl Timestamp {
+    /// How long after `earlier` this is; zero when it is not after.
+    pub fn since(self, earlier: Timestamp) -> std::time::Duration {
+        std::time::Duration::from_millis(u64::try_from(self.0.saturating_sub(earlier.0)).unwrap_or(0))
+    }
+
     /// Now, by this process's wall clock. Never compare it with a time from the database
     /// (a heartbeat, a lease, a deadline): use `Store::now`, the database server's time.
     pub fn now() -> Timestamp {

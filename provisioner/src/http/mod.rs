@@ -17,7 +17,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use nodekeeper_store::{EventFilter, HostName, MacAddr, Store, Timestamp};
+use nodekeeper_store::{EventFilter, HostName, MacAddr, Store};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
@@ -224,7 +224,7 @@ async fn boot_script(State(state): State<HttpState>, UrlPath(file): UrlPath<Stri
     let token = format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple());
     let hash = format!("{:x}", Sha256::digest(token.as_bytes()));
     let expires = match state.store.now().await {
-        Ok(now) => Timestamp(now.0 + DEPLOY_TOKEN_TTL.as_millis() as i64),
+        Ok(now) => now + DEPLOY_TOKEN_TTL,
         Err(e) => return internal(e),
     };
     match state.store.issue_deploy_token(&host.name, &hash, expires, &deploy.boot).await {

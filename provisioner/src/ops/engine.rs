@@ -105,7 +105,9 @@ pub trait Machine: Send + Sync {
 }
 
 /// One step of `op` on machine `m`. An unreadable row fails the operation with the reason
-/// rather than being guessed at.
+/// rather than being guessed at. Everything logged meanwhile carries the operation's kind, id,
+/// host and step.
+#[tracing::instrument(name = "step", skip_all, fields(kind = M::KIND, operation = op.id, host = %op.target, step = %op.step))]
 pub async fn step<M: Machine>(m: &M, store: &Store, op: Operation) -> Result<(), StoreError> {
     let (step, mut data): (M::Step, M::Data) = match super::parse_state(&op) {
         Ok(state) => state,
@@ -218,5 +220,5 @@ async fn finish<M: Machine>(
 
 /// `d` from now, by the database's clock (deadlines are compared across replicas).
 pub async fn after(store: &Store, d: Duration) -> Result<Timestamp, StoreError> {
-    Ok(Timestamp(store.now().await?.0 + i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 2)))
+    Ok(store.now().await? + d)
 }

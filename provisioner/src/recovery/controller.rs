@@ -144,12 +144,11 @@ impl<F: BmcFactory> Controller<F> {
         let mut held = Vec::new();
         // A suspect whose last fence failed recently waits (its BMC is down or lying; an
         // operator may mark it fenced): as if its fence still ran.
-        let retry_ms = i64::try_from(self.config.fence_retry_after.as_millis()).unwrap_or(i64::MAX / 4);
         let waiting: Vec<&Host> =
             hosts.iter().filter(|h| h.state == HostState::Suspect && !fencing.contains(&h.name)).collect();
         for h in waiting {
             if let Some(op) = store.latest_operation(&h.name).await? {
-                let recent = now.0.saturating_sub(op.updated_at.0) < retry_ms;
+                let recent = now.since(op.updated_at) < self.config.fence_retry_after;
                 if op.kind == KIND && op.status == OperationStatus::Failed && recent {
                     held.push(h.name.clone());
                 }
@@ -169,8 +168,7 @@ impl<F: BmcFactory> Controller<F> {
         }
         let gc_due = {
             let mut last = self.last_gc.lock().unwrap_or_else(|p| p.into_inner());
-            let interval = i64::try_from(self.config.gc_interval.as_millis()).unwrap_or(i64::MAX / 4);
-            let due = last.is_none_or(|t| now.0.saturating_sub(t.0) >= interval);
+            let due = last.is_none_or(|t| now.since(t) >= self.config.gc_interval);
             if due {
                 *last = Some(now);
             }
@@ -196,12 +194,10 @@ impl<F: BmcFactory> Controller<F> {
         let instances = store.instances(None).await?;
         let by_id: std::collections::HashMap<InstanceId, &nodekeeper_store::Instance> =
             instances.iter().map(|i| (i.uuid, i)).collect();
-        let fresh_ms = i64::try_from((self.config.grace * 3).as_millis()).unwrap_or(i64::MAX / 4);
-        let slack_ms = i64::try_from(self.config.grace.as_millis()).unwrap_or(i64::MAX / 4);
         let mut events = Vec::new();
         for r in store.guard_reports().await? {
             let active = hosts.iter().any(|h| h.name == r.host && h.state == HostState::Active);
-            if !active || now.0.saturating_sub(r.at.0) > fresh_ms {
+            if !active || now.since(r.at) > self.config.grace * 3 {
                 continue;
             }
             let running: std::collections::HashSet<InstanceId> =
@@ -226,7 +222,7 @@ impl<F: BmcFactory> Controller<F> {
             }
             // Assigned here a while ago (not just moved), HA, and not running in the report.
             for i in instances.iter().filter(|i| i.owner == r.host && i.ha && !i.deleted) {
-                if running.contains(&i.uuid) || r.at.0.saturating_sub(i.updated_at.0) < slack_ms {
+                if running.contains(&i.uuid) || r.at.since(i.updated_at) < self.config.grace {
                     continue;
                 }
                 out.not_running.push((i.uuid, r.host.clone()));
@@ -259,6 +255,7 @@ impl<F: BmcFactory> Controller<F> {
         Ok(out)
     }
 
+    #[tracing::instrument(name = "act", skip_all, fields(action = ?action))]
     async fn act(&self, store: &Store, action: &Action) -> Result<(), StoreError> {
         match action {
             Action::Suspect { host, silent_for } => {
@@ -510,7 +507,7 @@ pub async fn mark_fenced(
 ) -> Result<(Operation, bool), MarkFencedError> {
     let h = store.require_host(host).await?;
     if let Some(t) = h.last_heartbeat {
-        let ago = Duration::from_millis(u64::try_from(store.now().await?.0.saturating_sub(t.0)).unwrap_or(0));
+        let ago = store.now().await?.since(t);
         if ago <= config.grace {
             return Err(MarkFencedError::Alive {
                 host: host.clone(),

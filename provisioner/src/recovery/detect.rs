@@ -67,12 +67,7 @@ fn watched(h: &Host) -> bool {
 
 /// How long `h` has been silent as seen by a controller watching since `since`.
 fn silent_for(h: &Host, now: Timestamp, since: Timestamp) -> Duration {
-    let last = h.last_heartbeat.map_or(i64::MIN / 2, |t| t.0).max(since.0);
-    Duration::from_millis(u64::try_from(now.0.saturating_sub(last)).unwrap_or(0))
-}
-
-fn grace_ms(p: &Policy) -> i64 {
-    i64::try_from(p.grace.as_millis()).unwrap_or(i64::MAX / 4)
+    now.since(h.last_heartbeat.map_or(since, |t| t.max(since)))
 }
 
 /// What to do at `now`. `fencing` lists the hosts whose fence operation is already running
@@ -93,7 +88,7 @@ pub fn plan(
         // sent since the host was fenced.
         if h.state == HostState::Fenced
             && !fencing.contains(&h.name)
-            && h.last_heartbeat.is_some_and(|t| t > h.updated_at && now.0.saturating_sub(t.0) <= grace_ms(policy))
+            && h.last_heartbeat.is_some_and(|t| t > h.updated_at && now.since(t) <= policy.grace)
         {
             actions.push(Action::Returned { host: h.name.clone() });
         }

@@ -19,9 +19,7 @@ pub fn place(
     now: Timestamp,
     grace: Duration,
 ) -> Vec<(InstanceId, Option<HostName>)> {
-    let fresh = |h: &Host| {
-        h.last_heartbeat.is_some_and(|t| now.0.saturating_sub(t.0) <= i64::try_from(grace.as_millis()).unwrap_or(0))
-    };
+    let fresh = |h: &Host| h.last_heartbeat.is_some_and(|t| now.since(t) <= grace);
     let mut load: BTreeMap<HostName, usize> = hosts
         .iter()
         .filter(|h| h.state == HostState::Active && &h.name != failed && fresh(h))
