@@ -192,44 +192,13 @@ impl<F: BmcFactory> Controller<F> {
         let mut out = GcReport::default();
         let hosts = store.hosts().await?;
         let instances = store.instances(None).await?;
-        let by_id: std::collections::HashMap<InstanceId, &nodekeeper_store::Instance> =
-            instances.iter().map(|i| (i.uuid, i)).collect();
         let mut events = Vec::new();
-        for r in store.guard_reports().await? {
-            let active = hosts.iter().any(|h| h.name == r.host && h.state == HostState::Active);
-            if !active || now.since(r.at) > self.config.grace * 3 {
-                continue;
+        for d in super::drift::drift(&store.guard_reports().await?, &hosts, &instances, now, self.config.grace) {
+            match d.kind {
+                "gc.running_astray" => out.running_astray.push((d.instance, d.host.clone())),
+                _ => out.not_running.push((d.instance, d.host.clone())),
             }
-            let running: std::collections::HashSet<InstanceId> =
-                r.domains.iter().filter(|d| d.running).map(|d| d.uuid).collect();
-            for d in r.domains.iter().filter(|d| d.running) {
-                let Some(i) = by_id.get(&d.uuid) else { continue }; // not the database's to judge
-                let astray = if i.deleted {
-                    Some(format!("{} is deleted but runs on {}", i.name, r.host))
-                } else if i.owner != r.host {
-                    Some(format!(
-                        "{} runs on {} but belongs to {} (generation {})",
-                        i.name, r.host, i.owner, i.generation
-                    ))
-                } else {
-                    None
-                };
-                if let Some(message) = astray {
-                    out.running_astray.push((i.uuid, r.host.clone()));
-                    let key = format!("gc:astray:{}:{}:{}", i.uuid, r.host, i.generation);
-                    events.push(NewEvent::instance(ACTOR, "gc.running_astray", &r.host, i.uuid, message).with_key(key));
-                }
-            }
-            // Assigned here a while ago (not just moved), HA, and not running in the report.
-            for i in instances.iter().filter(|i| i.owner == r.host && i.ha && !i.deleted) {
-                if running.contains(&i.uuid) || r.at.since(i.updated_at) < self.config.grace {
-                    continue;
-                }
-                out.not_running.push((i.uuid, r.host.clone()));
-                let message = format!("HA instance {} is not running on its host {}", i.name, r.host);
-                let key = format!("gc:not_running:{}:{}:{}", i.uuid, r.host, i.generation);
-                events.push(NewEvent::instance(ACTOR, "gc.not_running", &r.host, i.uuid, message).with_key(key));
-            }
+            events.push(NewEvent::instance(ACTOR, d.kind, &d.host, d.instance, d.message).with_key(d.key));
         }
         let fencing: Vec<HostName> = store.running_operations(KIND).await?.into_iter().map(|o| o.target).collect();
         for h in hosts.iter().filter(|h| h.state == HostState::Fenced && !fencing.contains(&h.name)) {
