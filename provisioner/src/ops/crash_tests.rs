@@ -142,6 +142,7 @@ where
     let reference = end(&store, id, &host, &fake).await;
     let total = points.load(Ordering::SeqCst);
     assert!(total > 4, "the scenario has steps: {total}");
+    eprintln!("{}: {total} fault points, each crashed and resumed", M::KIND);
     for at in 0..total {
         let (_db, store, id, host, fake, m) = setup().await;
         let points = AtomicUsize::new(0);
