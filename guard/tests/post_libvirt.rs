@@ -4,6 +4,7 @@
 use std::path::Path;
 use std::process::Command;
 
+use nodekeeper_store::testing::libvirtd_available;
 use nodekeeper_store::testing::TestDb;
 use nodekeeper_store::{EventFilter, Generation, HostName, InstanceId, NewHost, NewInstance, Storage};
 use serde_json::Value;
@@ -11,7 +12,6 @@ use virt::connect::Connect;
 use virt::domain::Domain;
 
 const URI: &str = "qemu:///system";
-const SOCKET: &str = "/run/libvirt/libvirt-sock";
 
 /// Destroys and undefines the test's domains however the test ends.
 struct Cleanup(Vec<InstanceId>);
@@ -27,18 +27,6 @@ impl Drop for Cleanup {
         }
         let _ = conn.close();
     }
-}
-
-fn libvirtd_available() -> bool {
-    if Path::new(SOCKET).exists() {
-        return true;
-    }
-    assert!(
-        std::env::var("NODEKEEPER_REQUIRE_LIBVIRT").as_deref() != Ok("1"),
-        "NODEKEEPER_REQUIRE_LIBVIRT=1 but libvirtd is not running ({SOCKET} missing)"
-    );
-    eprintln!("skipping: libvirtd is not running (make test starts it)");
-    false
 }
 
 fn xml(name: &str, uuid: InstanceId, generation: u64) -> String {

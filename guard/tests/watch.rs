@@ -5,17 +5,17 @@
 //! back and confirms them.
 
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use nodekeeper_store::testing::host_name as n;
+use nodekeeper_store::testing::libvirtd_available;
 use nodekeeper_store::testing::TestDb;
-use nodekeeper_store::{EventFilter, Generation, HostName, InstanceId, NewHost, NewInstance, Storage, Store};
+use nodekeeper_store::{EventFilter, Generation, InstanceId, NewHost, NewInstance, Storage, Store};
 use virt::connect::Connect;
 use virt::domain::Domain;
 
 const URI: &str = "qemu:///system";
-const SOCKET: &str = "/run/libvirt/libvirt-sock";
 
 /// The guard process and the test's domains, removed however the test ends.
 struct Rig {
@@ -41,22 +41,6 @@ impl Drop for Rig {
         }
         let _ = conn.close();
     }
-}
-
-fn libvirtd_available() -> bool {
-    if Path::new(SOCKET).exists() {
-        return true;
-    }
-    assert!(
-        std::env::var("NODEKEEPER_REQUIRE_LIBVIRT").as_deref() != Ok("1"),
-        "NODEKEEPER_REQUIRE_LIBVIRT=1 but libvirtd is not running ({SOCKET} missing)"
-    );
-    eprintln!("skipping: libvirtd is not running (make test starts it)");
-    false
-}
-
-fn n(s: &str) -> HostName {
-    s.parse().expect("host")
 }
 
 /// A stored domain XML as an operator would import it: no nodekeeper metadata.

@@ -7,6 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use nodekeeper_provisioner::bmc::{Bmc, Driver};
+use nodekeeper_store::testing::free_port;
 use nodekeeper_store::testing::TestDb;
 
 const BIN: &str = env!("CARGO_BIN_EXE_nodekeeper-provisioner");
@@ -27,10 +28,6 @@ fn venv() -> Option<PathBuf> {
         return None;
     }
     Some(venv)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port()
 }
 
 /// A shut-off QEMU domain, and the emulator processes; all removed on drop.

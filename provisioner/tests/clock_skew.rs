@@ -10,14 +10,11 @@ use std::time::{Duration, Instant};
 mod common;
 
 use common::{free_port, guard_binary, serve_config, KillOnDrop, PROVISIONER};
+use nodekeeper_store::testing::host_name as n;
 use nodekeeper_store::testing::TestDb;
-use nodekeeper_store::{HostName, HostState, NewHost};
+use nodekeeper_store::{HostState, NewHost};
 
 const FAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
-
-fn n(s: &str) -> HostName {
-    s.parse().expect("name")
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_guard_whose_clock_is_a_minute_off_is_neither_fenced_nor_missed() {

@@ -20,15 +20,11 @@ use axum::extract::{Path as UrlPath, State};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use common::{free_port, guard_binary, KillOnDrop, PROVISIONER};
+use nodekeeper_store::testing::host_name as n;
 use nodekeeper_store::testing::TestDb;
 use nodekeeper_store::{
-    EventFilter, Generation, HostName, HostState, InstanceId, NewHost, NewInstance, OperationStatus, Storage, Store,
-    Timestamp,
+    EventFilter, Generation, HostState, InstanceId, NewHost, NewInstance, OperationStatus, Storage, Store, Timestamp,
 };
-
-fn n(s: &str) -> HostName {
-    s.parse().expect("name")
-}
 
 /// The "machines": each host's power and its guard process.
 #[derive(Default)]

@@ -14,12 +14,10 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::{curl, free_port, guard_binary, wait_until, KillOnDrop, PROVISIONER};
+use nodekeeper_store::testing::host_name as n;
+use nodekeeper_store::testing::libvirtd_available;
 use nodekeeper_store::testing::TestDb;
-use nodekeeper_store::{EventFilter, Generation, HostName, InstanceId, NewHost, NewInstance, Storage, Store};
-
-fn n(s: &str) -> HostName {
-    s.parse().expect("name")
-}
+use nodekeeper_store::{EventFilter, Generation, InstanceId, NewHost, NewInstance, Storage, Store};
 
 const URI: &str = "qemu:///system";
 
@@ -44,18 +42,6 @@ impl Drop for Domains {
         }
         let _ = conn.close();
     }
-}
-
-fn libvirtd_available() -> bool {
-    if std::path::Path::new("/run/libvirt/libvirt-sock").exists() {
-        return true;
-    }
-    assert!(
-        std::env::var("NODEKEEPER_REQUIRE_LIBVIRT").as_deref() != Ok("1"),
-        "NODEKEEPER_REQUIRE_LIBVIRT=1 but libvirtd is not running"
-    );
-    eprintln!("skipping: libvirtd is not running (make test starts it)");
-    false
 }
 
 struct Serve {

@@ -11,14 +11,9 @@ use std::process::Command;
 
 use common::{guard_binary, PROVISIONER};
 use nodekeeper_store::guard_api::GuardEvent;
+use nodekeeper_store::testing::host_name as n;
 use nodekeeper_store::testing::TestDb;
-use nodekeeper_store::{
-    EventFilter, GuardSession, HostName, InstanceId, NewHost, NewInstance, ReportedDomain, Storage, Store,
-};
-
-fn n(s: &str) -> HostName {
-    s.parse().expect("name")
-}
+use nodekeeper_store::{EventFilter, GuardSession, InstanceId, NewHost, NewInstance, ReportedDomain, Storage, Store};
 
 fn domain_xml(name: &str, uuid: InstanceId) -> String {
     format!("<domain type='kvm'><name>{name}</name><uuid>{uuid}</uuid><memory>1024</memory></domain>")

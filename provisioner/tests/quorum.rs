@@ -22,14 +22,9 @@ use std::time::{Duration, Instant};
 mod common;
 
 use common::{free_port, guard_binary, serve_config, wait_until, KillOnDrop, PROVISIONER};
+use nodekeeper_store::testing::host_name as n;
 use nodekeeper_store::testing::TestDb;
-use nodekeeper_store::{
-    EventFilter, Generation, HostName, HostState, InstanceId, NewHost, NewInstance, Storage, Store,
-};
-
-fn n(s: &str) -> HostName {
-    s.parse().expect("name")
-}
+use nodekeeper_store::{EventFilter, Generation, HostState, InstanceId, NewHost, NewInstance, Storage, Store};
 
 const HOSTS: [(&str, &str); 3] = [("node-a", "127.0.0.2"), ("node-b", "127.0.0.3"), ("node-c", "127.0.0.4")];
 

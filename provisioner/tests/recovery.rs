@@ -11,6 +11,7 @@ use std::time::Duration;
 use nodekeeper_provisioner::bmc::fake::{Fake, Fakes};
 use nodekeeper_provisioner::recovery::controller::{self, Controller, RecoveryConfig, KIND};
 use nodekeeper_provisioner::recovery::fence::AfterFence;
+use nodekeeper_store::testing::host_name as n;
 use nodekeeper_store::testing::TestDb;
 use nodekeeper_store::{
     on_both_engines, EventFilter, Generation, HostName, HostState, InstanceId, NewHost, NewInstance, OperationStatus,
@@ -31,10 +32,6 @@ on_both_engines!(
     a_hung_bmc_times_out_and_nothing_moves,
     a_controller_back_from_downtime_gives_every_host_a_grace,
 );
-
-fn n(s: &str) -> HostName {
-    s.parse().expect("name")
-}
 
 struct Cell {
     store: Store,

@@ -18,12 +18,9 @@ use axum::http::HeaderMap;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use common::{free_port, serve_config, KillOnDrop, PROVISIONER};
+use nodekeeper_store::testing::host_name as n;
 use nodekeeper_store::testing::TestDb;
-use nodekeeper_store::{HostName, NewHost, Operation, Store};
-
-fn n(s: &str) -> HostName {
-    s.parse().expect("name")
-}
+use nodekeeper_store::{NewHost, Operation, Store};
 
 /// Every reset command: (when, user agent, reset type).
 type Log = Arc<Mutex<Vec<(Instant, String, String)>>>;

@@ -333,6 +333,20 @@ impl Store {
         &self.redacted_url
     }
 
+    /// Opens the database as every program of nodekeeper does for its work: the embedded
+    /// SQLite is migrated in place (it is the program's own), a PostgreSQL schema must already
+    /// be current (`db migrate` is an operator's step there).
+    pub async fn open_for_service(url: &str, options: &ConnectOptions) -> Result<Store> {
+        let store = Store::connect_with(url, options).await?;
+        match store.backend {
+            Backend::Sqlite => {
+                store.migrate().await?;
+            }
+            Backend::Postgres => store.check_schema().await?,
+        }
+        Ok(store)
+    }
+
     /// Applies every pending migration; returns how many were applied. Idempotent.
     pub async fn migrate(&self) -> Result<usize> {
         let migrator = self.backend.migrator();

@@ -132,3 +132,28 @@ macro_rules! on_both_engines {
         }
     };
 }
+
+/// A host name from a literal (tests).
+pub fn host_name(s: &str) -> crate::HostName {
+    s.parse().expect("a valid host name")
+}
+
+/// Whether libvirtd runs here (its socket exists). A test that needs it and cannot have it
+/// says so on stderr and skips; with `NODEKEEPER_REQUIRE_LIBVIRT=1` (make test) it fails.
+pub fn libvirtd_available() -> bool {
+    const SOCKET: &str = "/run/libvirt/libvirt-sock";
+    if std::path::Path::new(SOCKET).exists() {
+        return true;
+    }
+    assert!(
+        std::env::var("NODEKEEPER_REQUIRE_LIBVIRT").as_deref() != Ok("1"),
+        "NODEKEEPER_REQUIRE_LIBVIRT=1 but libvirtd is not running ({SOCKET} missing)"
+    );
+    eprintln!("skipping: libvirtd is not running (make test starts it)");
+    false
+}
+
+/// A free TCP port on loopback (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port()
+}

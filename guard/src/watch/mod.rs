@@ -202,7 +202,8 @@ pub async fn run(config: Config, stop: impl std::future::Future<Output = ()>) ->
                             rejuvenated.insert(svc.name.clone(), Instant::now());
                         }
                     }
-                    Err((stuck, why)) => sv.failed(&svc.name, &svc.restart, &svc.kill, stuck, &why).await,
+                    Err(services::Failure::Down(why)) => sv.failed(&svc.name, &svc.restart, &svc.kill, false, &why).await,
+                    Err(services::Failure::Stuck(why)) => sv.failed(&svc.name, &svc.restart, &svc.kill, true, &why).await,
                 }
             }
         }

@@ -47,8 +47,19 @@ impl RestartBudget {
     }
 }
 
-/// Runs a service's check: `Ok`, or (stuck, why).
-pub async fn check_service(svc: &crate::config::ServiceCheck) -> Result<(), (bool, String)> {
+/// Why a service's check failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Failure {
+    /// It answered, badly (a failed command, an HTTP error, nothing listening).
+    #[error("is down: {0}")]
+    Down(String),
+    /// It did not answer within its timeout: kill it before restarting.
+    #[error("is stuck: {0}")]
+    Stuck(String),
+}
+
+/// Runs a service's check.
+pub async fn check_service(svc: &crate::config::ServiceCheck) -> Result<(), Failure> {
     let work = async {
         if let Some(url) = &svc.http {
             return http_ok(url, svc.timeout).await;
@@ -70,8 +81,8 @@ pub async fn check_service(svc: &crate::config::ServiceCheck) -> Result<(), (boo
     };
     match tokio::time::timeout(svc.timeout, work).await {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err((false, e)),
-        Err(_) => Err((true, format!("no answer within {}", humantime::format_duration(svc.timeout)))),
+        Ok(Err(e)) => Err(Failure::Down(e)),
+        Err(_) => Err(Failure::Stuck(format!("no answer within {}", humantime::format_duration(svc.timeout)))),
     }
 }
 

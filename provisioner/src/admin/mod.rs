@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use nodekeeper_store::{Backend, EventFilter, HostName, InstanceId, NewHost, Store, StoreError};
+use nodekeeper_store::{EventFilter, HostName, InstanceId, NewHost, Store, StoreError};
 use serde::Serialize;
 use serde_json::json;
 
@@ -44,16 +44,10 @@ fn actor() -> String {
 /// spot (it has one user: this machine); PostgreSQL is shared by replicas, so a schema that
 /// is behind is an error asking for `db migrate` — unless that is the command being run.
 pub async fn open_store(url: &str, migrating: bool) -> anyhow::Result<Store> {
-    let store = Store::connect(url).await?;
-    if !migrating {
-        match store.backend() {
-            Backend::Sqlite => {
-                store.migrate().await?;
-            }
-            Backend::Postgres => store.check_schema().await?,
-        }
+    if migrating {
+        return Ok(Store::connect(url).await?);
     }
-    Ok(store)
+    Ok(Store::open_for_service(url, &nodekeeper_store::ConnectOptions::default()).await?)
 }
 
 /// `db migrate`

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use nodekeeper_store::{Backend, ConnectOptions, Store};
+use nodekeeper_store::{ConnectOptions, Store};
 use tokio_util::sync::CancellationToken;
 
 use crate::http::{self, images::Images, HttpState};
@@ -65,17 +65,9 @@ impl Bound {
     }
 }
 
-/// Opens the database as a long-running service does: SQLite is migrated in place, a
-/// PostgreSQL schema must already be current.
+/// Opens the database as a long-running service does (16 connections).
 pub async fn open_store(url: &str) -> anyhow::Result<Store> {
-    let store = Store::connect_with(url, &ConnectOptions { max_connections: 16, ..Default::default() }).await?;
-    match store.backend() {
-        Backend::Sqlite => {
-            store.migrate().await?;
-        }
-        Backend::Postgres => store.check_schema().await?,
-    }
-    Ok(store)
+    Ok(Store::open_for_service(url, &ConnectOptions { max_connections: 16, ..Default::default() }).await?)
 }
 
 /// Runs the servers on `bound` until `shutdown` is cancelled, then waits for them to drain.

@@ -1,7 +1,7 @@
 //! Test hosts made of network namespaces: a server namespace with a bridge `br0`
 //! (10.20.0.1/24), and peers on veth pairs to it, each with its own `eth0`. Everything is
 //! removed in `Drop`, and the processes started in the namespaces are killed by id.
-#![allow(dead_code, unreachable_pub)]
+#![allow(dead_code, unreachable_pub, unused_imports)]
 
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -160,10 +160,7 @@ pub fn guard_binary() -> String {
     path.display().to_string()
 }
 
-/// A free TCP port on loopback (bound, then released).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port()
-}
+pub use nodekeeper_store::testing::free_port;
 
 /// Writes `dir/NAME.toml`, a `serve` config on `db_url` with HTTP on 127.0.0.1:`port`, DHCP
 /// off and images in `dir/images`, then `sections` (e.g. `[recovery]` …) as given. Returns
