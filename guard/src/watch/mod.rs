@@ -202,8 +202,12 @@ pub async fn run(config: Config, stop: impl std::future::Future<Output = ()>) ->
                             rejuvenated.insert(svc.name.clone(), Instant::now());
                         }
                     }
-                    Err(services::Failure::Down(why)) => sv.failed(&svc.name, &svc.restart, &svc.kill, false, &why).await,
-                    Err(services::Failure::Stuck(why)) => sv.failed(&svc.name, &svc.restart, &svc.kill, true, &why).await,
+                    Err(services::Failure::Down(why)) => {
+                        sv.failed(&svc.name, &svc.restart, &svc.kill, false, &why).await
+                    }
+                    Err(services::Failure::Stuck(why)) => {
+                        sv.failed(&svc.name, &svc.restart, &svc.kill, true, &why).await
+                    }
                 }
             }
         }
