@@ -9,6 +9,12 @@
 //! Queries are checked at run time (through `sqlx::Any`), not at compile time: the
 //! compile-time macros are per engine and would have to be written twice. The shared
 //! integration suite (`tests/store.rs`) runs every query against both engines instead.
+//!
+//! Layout: `types` (names, UUIDs, generations, timestamps: pure, a leaf) ← `error` ← `db`
+//! (the pool, migrations, the database's clock, leases as fencing tokens, row helpers) ← one
+//! module per table or concern (`hosts`, `instances`, `operations`, `events`, `leadership`,
+//! `leases`, `reports`, `settings`, `guard_role`); `guard_api` holds the wire types the guard
+//! API and its clients share. No other crate writes SQL.
 
 mod db;
 mod error;

@@ -111,7 +111,9 @@ pub trait Machine: Send + Sync {
 pub async fn step<M: Machine>(m: &M, store: &Store, op: Operation) -> Result<(), StoreError> {
     let (step, mut data): (M::Step, M::Data) = match super::parse_state(&op) {
         Ok(state) => state,
-        Err(reason) => return finish::<M>(store, &op, &op.step, OperationStatus::Failed, Some(reason)).await,
+        Err(unreadable) => {
+            return finish::<M>(store, &op, &op.step, OperationStatus::Failed, Some(unreadable.to_string())).await
+        }
     };
     let decision = m.decide(store, &op, step, &mut data).await?;
     apply(m, store, &op, step, data, decision).await

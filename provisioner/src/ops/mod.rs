@@ -56,20 +56,31 @@ pub async fn while_leading<T>(
     }
 }
 
-/// The typed step and data of `op`, or why they cannot be read (the operation then fails
-/// with that reason instead of being guessed at).
-pub fn parse_state<S, D>(op: &Operation) -> Result<(S, D), String>
+/// An operation row whose step or data this program cannot read (written by a newer
+/// version, or edited by hand): the operation fails with this, it is never guessed at.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unreadable operation state (step {step:?}: {}; data: {})", step_error.as_deref().unwrap_or("ok"), data_error.as_deref().unwrap_or("ok"))]
+pub struct UnreadableState {
+    /// The stored step.
+    pub step: String,
+    /// Why the step cannot be read, if it cannot.
+    pub step_error: Option<String>,
+    /// Why the data cannot be read, if it cannot.
+    pub data_error: Option<String>,
+}
+
+/// The typed step and data of `op`.
+pub fn parse_state<S, D>(op: &Operation) -> Result<(S, D), UnreadableState>
 where
     S: FromStr<Err = String>,
     D: DeserializeOwned,
 {
     match (op.step.parse::<S>(), serde_json::from_str::<D>(&op.data)) {
         (Ok(s), Ok(d)) => Ok((s, d)),
-        (s, d) => Err(format!(
-            "unreadable operation state (step {:?}: {:?}; data: {:?})",
-            op.step,
-            s.err(),
-            d.err().map(|e| e.to_string())
-        )),
+        (s, d) => Err(UnreadableState {
+            step: op.step.clone(),
+            step_error: s.err(),
+            data_error: d.err().map(|e| e.to_string()),
+        }),
     }
 }

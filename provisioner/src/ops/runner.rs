@@ -1,9 +1,13 @@
-//! The one runner loop for operations stepped by every replica under per-operation claims
-//! (as omicron's background-task driver runs every task): every `tick`, each running
-//! operation of the machine's kind gets one step, in a task of its own, under a claim on it
-//! — a lease row `KIND:ID` renewed while the step works and released after it — so one
-//! replica at a time steps an operation, and a replica that paused past its claim sends no
-//! BMC command and changes no step when it wakes (its writes carry the claim's term).
+//! How operations are stepped, in one place (as omicron's background-task driver runs every
+//! task), two disciplines:
+//! - [`run`]: every replica, every `tick`, each running operation of the machine's kind gets
+//!   one step in a task of its own, under a **claim** on it — a lease row `KIND:ID` renewed
+//!   while the step works and released after it — so one replica at a time steps an
+//!   operation, and a replica that paused past its claim sends no BMC command and changes no
+//!   step when it wakes (its writes carry the claim's term). Reimages run so.
+//! - [`step_each`]: the operations given, once each, in order, under the lease the store
+//!   already carries. Fences run so, inside the controller's tick and under its lease, after
+//!   detection (a fence started by a tick is first stepped by the next).
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -28,6 +32,20 @@ pub trait Claimed: Machine {
     fn idle(&self, _store: &Store, _op: &Operation) -> impl Future<Output = Result<bool, StoreError>> + Send {
         async { Ok(false) }
     }
+}
+
+/// Steps each of `ops` once, in order, under whatever lease `store` carries. A step that
+/// fails is logged and the others go on. Returns how many were stepped.
+pub async fn step_each<M: Machine>(m: &M, store: &Store, ops: Vec<Operation>) -> usize {
+    let mut stepped = 0;
+    for op in ops {
+        let id = op.id;
+        if let Err(e) = engine::step(m, store, op).await {
+            tracing::warn!(kind = M::KIND, operation = id, "step: {e}");
+        }
+        stepped += 1;
+    }
+    stepped
 }
 
 /// The claim's role in the leadership table.

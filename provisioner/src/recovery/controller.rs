@@ -159,13 +159,7 @@ impl<F: BmcFactory> Controller<F> {
         for action in &report.actions {
             self.act(store, action).await?;
         }
-        for op in running {
-            let id = op.id;
-            if let Err(e) = self.step_in(store, op, now).await {
-                tracing::warn!(operation = id, "fence step: {e}");
-            }
-            report.fences_stepped += 1;
-        }
+        report.fences_stepped += crate::ops::runner::step_each(&self.fence(now), store, running).await;
         let gc_due = {
             let mut last = self.last_gc.lock().unwrap_or_else(|p| p.into_inner());
             let due = last.is_none_or(|t| now.since(t) >= self.config.gc_interval);
@@ -293,17 +287,12 @@ impl<F: BmcFactory> Controller<F> {
 
     /// One step of one fence operation, under no lease (tests, and tools that run alone).
     pub async fn step(&self, op: Operation, now: Timestamp) -> Result<(), StoreError> {
-        self.step_in(&self.store, op, now).await
+        crate::ops::engine::step(&self.fence(now), &self.store, op).await
     }
 
     /// This controller's fence machine, at `now`.
     pub(crate) fn fence(&self, now: Timestamp) -> Fence<'_, F> {
         Fence { controller: self, now }
-    }
-
-    /// One step of one fence operation; `store` carries the lease it acts under.
-    async fn step_in(&self, store: &Store, op: Operation, now: Timestamp) -> Result<(), StoreError> {
-        crate::ops::engine::step(&self.fence(now), store, op).await
     }
 
     /// A TCP connect to the host's address on `network_check_port` (1 s).
