@@ -11,10 +11,13 @@
 
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::net::TcpStream;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
+
+pub mod disks;
 
 /// The provisioner's CA, checked against `nk.ca`, and a TLS client configuration trusting
 /// only it.
@@ -79,8 +82,11 @@ pub struct Params {
     pub token: String,
     /// URL of the image to write.
     pub image: String,
-    /// The target disk (`nk.disk`, default `/dev/vda`).
+    /// The target disk (`nk.disk`); empty: chosen by [`disks::choose`] at the start of the
+    /// deploy, with `root_device`.
     pub disk: String,
+    /// The host's root-device hint (`nk.root_device`).
+    pub root_device: Option<disks::Hint>,
     /// sha256 (hex) of the provisioner's CA (`nk.ca`), when `server` is `https://`.
     pub ca: Option<String>,
     /// The CA, once fetched and checked ([`Params::trust`]).
@@ -100,7 +106,11 @@ impl Params {
             host: need("nk.host")?,
             token: need("nk.token")?,
             image: need("nk.image")?,
-            disk: get("nk.disk").unwrap_or_else(|| "/dev/vda".into()),
+            disk: get("nk.disk").unwrap_or_default(),
+            root_device: get("nk.root_device")
+                .filter(|v| !v.is_empty())
+                .map(|v| disks::Hint::parse(&v).map_err(|e| format!("nk.root_device: {e}")))
+                .transpose()?,
             ca: get("nk.ca").filter(|v| !v.is_empty()),
             tls: None,
         })
@@ -497,6 +507,17 @@ pub fn finish(p: &Params, image_len: u64, head: &[u8]) -> io::Result<()> {
     disk.sync_all()
 }
 
+/// The disk to write: the image's size from a `HEAD`, the disks from `/sys/block`.
+fn pick_disk(p: &Params) -> Result<disks::Disk, String> {
+    let head = request(&p.image, None, "HEAD", &[], None).map_err(|e| format!("HEAD {}: {e}", p.image))?;
+    if head.status != 200 {
+        return Err(format!("HEAD {}: HTTP {}", p.image, head.status));
+    }
+    let size: u64 = head.header("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+    let seen = disks::scan(Path::new("/sys/block")).map_err(|e| format!("reading /sys/block: {e}"))?;
+    disks::choose(&seen, p.root_device.as_ref(), size + CONFIG_BLOCK)
+}
+
 /// The whole deploy: booted → written → verified (or the error at its stage). Returns whether
 /// the disk holds the verified image (and the node may reboot into it).
 pub fn deploy(p: &mut Params, log: &mut dyn FnMut(&str)) -> bool {
@@ -513,6 +534,27 @@ pub fn deploy(p: &mut Params, log: &mut dyn FnMut(&str)) -> bool {
             Err(e) => {
                 log(&format!("fetching the provisioner's CA: {e} (again in 2 s)"));
                 std::thread::sleep(Duration::from_secs(2));
+            }
+        }
+    }
+    if p.disk.is_empty() {
+        match pick_disk(p) {
+            Ok(disk) => {
+                log(&format!(
+                    "target disk {} (of {})",
+                    disk.dev(),
+                    p.root_device.as_ref().map_or_else(
+                        || "no hint: the smallest fixed disk that holds the image".to_owned(),
+                        |h| format!("root-device hint {}", h.to_arg())
+                    )
+                ));
+                p.disk = disk.dev();
+            }
+            Err(e) => {
+                // Nothing is written: the reimage fails at agent_booted with the disks seen.
+                log(&format!("no target disk: {e}"));
+                let _ = report_until_heard(p, "booted", Some(&e), None, REPORT_TRIES);
+                return false;
             }
         }
     }
@@ -564,7 +606,14 @@ mod tests {
             "BOOT_IMAGE=vmlinuz initrd=initrd.img nk.server=http://10.20.0.1:8080 nk.host=node-a nk.token=abc nk.image=http://10.20.0.1:8080/images/node.img console=ttyS0\n",
         )
         .expect("params");
-        assert_eq!((p.host.as_str(), p.token.as_str(), p.disk.as_str()), ("node-a", "abc", "/dev/vda"));
+        assert_eq!((p.host.as_str(), p.token.as_str(), p.disk.as_str()), ("node-a", "abc", ""), "chosen later");
+        let p =
+            Params::from_cmdline("nk.server=s nk.host=a nk.token=t nk.image=i nk.root_device=serial=AB%20C,size>=2G")
+                .expect("params");
+        assert_eq!(p.root_device.and_then(|h| h.serial).as_deref(), Some("AB C"));
+        assert!(Params::from_cmdline("nk.server=s nk.host=a nk.token=t nk.image=i nk.root_device=colour=red")
+            .expect_err("bad hint")
+            .contains("nk.root_device"));
         assert!(Params::from_cmdline("nk.server=x nk.host=a nk.token= nk.image=y")
             .expect_err("empty token")
             .contains("nk.token"));

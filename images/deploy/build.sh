@@ -8,6 +8,9 @@ cd "$(dirname "$0")/../.."
 export PATH="$HOME/.cargo/bin:$PATH"
 out=${1:-images/deploy/out}
 mkdir -p "$out"
+# One build at a time (tests that need the ramdisk may call this side by side).
+exec 9>"$out/.build.lock"
+flock 9
 
 kernel=$(ls /boot/vmlinuz-* 2>/dev/null | sort -V | tail -n1)
 [ -n "$kernel" ] || { echo "deploy: no kernel in /boot (apt-get install linux-image-amd64)" >&2; exit 1; }

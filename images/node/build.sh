@@ -19,6 +19,9 @@ suite=bookworm
 packages="linux-image-amd64 initramfs-tools systemd-sysv dbus udev kmod iproute2 curl ca-certificates \
 libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 qemu-utils"
 mkdir -p "$out" "$cache"
+# One build at a time (tests that need the image may call this side by side).
+exec 9>"$out/.build.lock"
+flock 9
 
 for tool in debootstrap mke2fs mformat mcopy syslinux sfdisk; do
   command -v "$tool" >/dev/null || { echo "node image: $tool is missing (scripts/setup-test-deps.sh installs it)" >&2; exit 1; }

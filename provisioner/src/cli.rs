@@ -126,6 +126,10 @@ pub enum HostCommand {
         /// Where the BMC's user:password is: env:VAR or file:/path (never the secret itself).
         #[arg(long)]
         bmc_credentials: Option<String>,
+        /// Which disk a reimage writes (Ironic's root-device hints): serial=, wwn=, by-path=,
+        /// model=, name=, size>= (comma-separated, all must hold).
+        #[arg(long)]
+        root_device: Option<String>,
     },
     /// List hosts.
     List,
@@ -201,9 +205,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Db(DbCommand::GuardRole { host, role }) => {
             admin::db_guard_role(&store, &out, &cli.database_url, &host, role.as_deref()).await
         }
-        Command::Host(HostCommand::Add { name, mac, ip, bmc, bmc_credentials }) => {
-            admin::host_add(&store, &out, nodekeeper_store::NewHost { name, mac, ip, bmc_url: bmc, bmc_credentials })
-                .await
+        Command::Host(HostCommand::Add { name, mac, ip, bmc, bmc_credentials, root_device }) => {
+            let new = nodekeeper_store::NewHost { name, mac, ip, bmc_url: bmc, bmc_credentials };
+            admin::host_add(&store, &out, new, root_device.as_deref()).await
         }
         Command::Power { host, action } => admin::power(&store, &out, &host, action).await,
         Command::Reimage { host, image } => admin::reimage(&store, &out, &host, image.as_deref()).await,

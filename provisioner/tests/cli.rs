@@ -90,6 +90,15 @@ async fn a_fleet_is_managed_end_to_end(db: TestDb) {
     assert_eq!(hosts[0]["ip"], "10.20.0.11");
     assert_eq!(hosts[1]["bmc_url"], "ipmi://127.0.0.1:6230");
 
+    // A root-device hint is checked when given and kept in the agent's one-word form.
+    let e = cli.fails(&["host", "add", "node-h", "--root-device", "colour=red"]);
+    assert!(e.contains("--root-device") && e.contains("colour"), "{e}");
+    assert_eq!(cli.json(&["host", "list"]).as_array().map(Vec::len), Some(2), "nothing added");
+    cli.ok(&["host", "add", "node-h", "--root-device", "serial=S4EW NX0, size>=100G"]);
+    let store = db.store().await;
+    let hint = store.root_device(&"node-h".parse().expect("name")).await.expect("hint");
+    assert_eq!(hint.as_deref(), Some("serial=S4EW%20NX0,size>=107374182400B"));
+
     let file = cli.write("inv.jsonl", &jsonl(4, |_| "node-a"));
     assert_eq!(cli.json(&["instance", "import", &file])["imported"], 4);
     let list = cli.json(&["instance", "list", "--host", "node-a"]);

@@ -434,11 +434,9 @@ async fn a_corrupted_image_is_caught_by_the_agent_and_fails_at_verified() {
     assert!(!r.fake.get(|s| s.disk_boot), "the disk is not marked bootable");
 }
 
-/// The deploy ramdisk itself under QEMU (TCG): kernel, virtio modules, DHCP, the static agent,
-/// a virtio disk. The kernel arguments are the ones the host's iPXE script carries (PXE is
-/// proven by pxe_qemu.rs); QEMU's user network reaches this process at 10.0.2.2.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn the_deploy_ramdisk_writes_a_disk_under_qemu() {
+/// Whether QEMU is here (a panic under NODEKEEPER_REQUIRE_QEMU=1 when it is not); builds
+/// the deploy ramdisk (cached) and returns its directory.
+fn deploy_ramdisk() -> Option<std::path::PathBuf> {
     let qemu = Command::new("qemu-system-x86_64").arg("--version").output().is_ok_and(|o| o.status.success());
     if !qemu {
         assert!(
@@ -446,32 +444,33 @@ async fn the_deploy_ramdisk_writes_a_disk_under_qemu() {
             "NODEKEEPER_REQUIRE_QEMU=1 but qemu-system-x86_64 is missing"
         );
         eprintln!("skipping: no qemu-system-x86_64");
-        return;
+        return None;
     }
     let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let build = Command::new(repo.join("images/deploy/build.sh")).output().expect("build the deploy ramdisk");
     assert!(build.status.success(), "images/deploy/build.sh: {}", String::from_utf8_lossy(&build.stderr));
-    let out = repo.join("images/deploy/out");
+    Some(repo.join("images/deploy/out"))
+}
 
-    let r = rig().await;
-    let image: Vec<u8> = (0..16_000_000u32).map(|i| (i.wrapping_mul(2_246_822_519) >> 11) as u8).collect();
-    std::fs::write(r.dir.path().join("node.img"), &image).expect("image");
-    let disk = r.dir.path().join("vda.raw");
-    std::fs::File::create(&disk).and_then(|f| f.set_len(32 << 20)).expect("disk");
-    let (op, _) =
-        executor::request(&r.store, &name(), None, quick(), Limits::default(), "test").await.expect("request");
-    let _exec = r.executor();
-    r.wait(op.id, "agent_booted", |o| o.step == "agent_booted").await;
-
+/// Boots the deploy ramdisk under QEMU (TCG) with the kernel arguments a host's iPXE script
+/// carries and `disks` as virtio disks with those serials (in that order: `vda`, `vdb`, …);
+/// returns the serial console's text and how long it ran.
+async fn boot_ramdisk(
+    r: &Rig,
+    out: &std::path::Path,
+    root_device: &str,
+    disks: &[(&std::path::Path, &str)],
+) -> (String, std::time::Duration) {
     let port = r.base.rsplit(':').next().expect("port").to_owned();
     let server = format!("http://10.0.2.2:{port}");
     let append = format!(
-        "console=ttyS0 panic=-1 quiet nk.server={server} nk.host=node-a nk.token={} nk.image={server}/images/node.img",
+        "console=ttyS0 panic=-1 quiet nk.server={server} nk.host=node-a nk.token={} nk.image={server}/images/node.img \
+         nk.root_device={root_device}",
         r.token()
     );
     let serial = r.dir.path().join("serial.log");
-    let started = std::time::Instant::now();
-    let args: Vec<String> = [
+    let _ = std::fs::remove_file(&serial);
+    let mut args: Vec<String> = [
         "-accel",
         "tcg",
         "-m",
@@ -489,8 +488,6 @@ async fn the_deploy_ramdisk_writes_a_disk_under_qemu() {
         &out.join("initrd.img").display().to_string(),
         "-append",
         &append,
-        "-drive",
-        &format!("file={},format=raw,if=virtio", disk.display()),
         "-netdev",
         "user,id=n0",
         "-device",
@@ -501,18 +498,78 @@ async fn the_deploy_ramdisk_writes_a_disk_under_qemu() {
     .iter()
     .map(|s| s.to_string())
     .collect();
+    for (i, (path, serial_no)) in disks.iter().enumerate() {
+        args.extend([
+            "-drive".to_owned(),
+            format!("file={},format=raw,if=none,id=d{i}", path.display()),
+            "-device".to_owned(),
+            format!("virtio-blk-pci,drive=d{i},serial={serial_no}"),
+        ]);
+    }
+    let started = std::time::Instant::now();
     let qemu = tokio::task::spawn_blocking(move || {
         Command::new("timeout").arg("300").arg("qemu-system-x86_64").args(&args).output().expect("qemu")
     })
     .await
     .expect("qemu task");
-    let took = started.elapsed();
     let log = std::fs::read_to_string(&serial).unwrap_or_default();
-    assert!(log.contains("verified:"), "qemu: {:?}\nserial:\n{log}", qemu.status);
+    assert!(qemu.status.code().is_some(), "qemu: {:?}", qemu.status);
+    (log, started.elapsed())
+}
+
+/// The deploy ramdisk itself under QEMU (TCG): kernel, virtio modules, DHCP, the static agent,
+/// two virtio disks and the host's root-device hint. The kernel arguments are the ones the
+/// host's iPXE script carries (PXE is proven by pxe_qemu.rs); QEMU's user network reaches this
+/// process at 10.0.2.2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_deploy_ramdisk_writes_the_hinted_disk_under_qemu() {
+    let Some(out) = deploy_ramdisk() else { return };
+    let r = rig().await;
+    let image: Vec<u8> = (0..16_000_000u32).map(|i| (i.wrapping_mul(2_246_822_519) >> 11) as u8).collect();
+    std::fs::write(r.dir.path().join("node.img"), &image).expect("image");
+    // Two disks: a small one first (what `vda` and "the smallest that fits" would pick) and
+    // the target, told apart by the host's root-device hint on its serial.
+    let other = r.dir.path().join("vda.raw");
+    std::fs::File::create(&other).and_then(|f| f.set_len(32 << 20)).expect("disk");
+    let disk = r.dir.path().join("vdb.raw");
+    std::fs::File::create(&disk).and_then(|f| f.set_len(48 << 20)).expect("disk");
+    let (op, _) =
+        executor::request(&r.store, &name(), None, quick(), Limits::default(), "test").await.expect("request");
+    let _exec = r.executor();
+    r.wait(op.id, "agent_booted", |o| o.step == "agent_booted").await;
+    let disks = [(other.as_path(), "NK-OTHER"), (disk.as_path(), "NK-TARGET")];
+    let (log, took) = boot_ramdisk(&r, &out, "serial=NK-TARGET,size>=40M", &disks).await;
+    assert!(log.contains("verified:"), "serial:\n{log}");
     // The executor takes it from there on its next tick: disk boot, then wait for the node.
     r.wait(op.id, "heartbeat", |o| o.step == "heartbeat").await;
     assert!(r.fake.get(|s| s.disk_boot));
     let written = std::fs::read(&disk).expect("disk");
-    assert_eq!(&written[..image.len()], image.as_slice(), "the virtio disk holds the image, byte for byte");
-    eprintln!("deploy ramdisk under TCG: boot, DHCP, 16 MB written and verified, power-off in {took:?}");
+    assert_eq!(&written[..image.len()], image.as_slice(), "the hinted disk holds the image, byte for byte");
+    assert!(log.contains("target disk /dev/vdb"), "the agent chose by the hint:\n{log}");
+    let untouched = std::fs::read(&other).expect("other disk");
+    assert!(untouched.iter().all(|b| *b == 0), "the other disk was not touched");
+    eprintln!(
+        "deploy ramdisk under TCG: boot, DHCP, the disk chosen, 16 MB written and verified, power-off in {took:?}"
+    );
+}
+
+/// A hint that matches no disk: the reimage fails at `agent_booted`, its error lists the disks
+/// the agent saw, and no disk is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hint_matching_no_disk_fails_the_reimage_and_writes_nothing() {
+    let Some(out) = deploy_ramdisk() else { return };
+    let r = rig().await;
+    std::fs::write(r.dir.path().join("node.img"), vec![0x5a_u8; 4 << 20]).expect("image");
+    let disk = r.dir.path().join("vda.raw");
+    std::fs::File::create(&disk).and_then(|f| f.set_len(32 << 20)).expect("disk");
+    let (op, _) =
+        executor::request(&r.store, &name(), None, quick(), Limits::default(), "test").await.expect("request");
+    let _exec = r.executor();
+    r.wait(op.id, "agent_booted", |o| o.step == "agent_booted").await;
+    let (log, _) = boot_ramdisk(&r, &out, "serial=NO-SUCH-DISK", &[(disk.as_path(), "NK-ONLY")]).await;
+    let failed = r.wait(op.id, "failed", |o| o.status != OperationStatus::Running).await;
+    assert_eq!((failed.status, failed.step.as_str()), (OperationStatus::Failed, "agent_booted"), "{log}");
+    let error = failed.last_error.unwrap_or_default();
+    assert!(error.contains("no disk matches") && error.contains("vda") && error.contains("NK-ONLY"), "{error}");
+    assert!(std::fs::read(&disk).expect("disk").iter().all(|b| *b == 0), "nothing written");
 }

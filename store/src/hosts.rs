@@ -241,6 +241,34 @@ impl Store {
         Ok(true)
     }
 
+    /// Sets (or, `None`, clears) `name`'s root-device hint (the deploy agent's one-word form;
+    /// checked by the caller).
+    pub async fn set_root_device(&self, name: &HostName, hint: Option<&str>) -> Result<()> {
+        const WHAT: &str = "setting a host's root-device hint";
+        // `updated_at` is left alone: it moves with the host's state (detection reads it).
+        let mut tx = self.begin_write(WHAT).await?;
+        let done = sqlx::query("UPDATE hosts SET root_device = $1 WHERE name = $2")
+            .bind(hint.map(str::to_owned))
+            .bind(name.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(query(WHAT))?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::UnknownHost(name.clone()));
+        }
+        tx.commit().await.map_err(query(WHAT))
+    }
+
+    /// `name`'s root-device hint, if it has one.
+    pub async fn root_device(&self, name: &HostName) -> Result<Option<String>> {
+        let hint: Option<Option<String>> = sqlx::query_scalar("SELECT root_device FROM hosts WHERE name = $1")
+            .bind(name.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(query("reading a host's root-device hint"))?;
+        Ok(hint.flatten())
+    }
+
     /// Runs one statement as this store's user (for tests that prove what a user may not do).
     #[cfg(feature = "testing")]
     pub async fn execute_raw(&self, sql: &str) -> std::result::Result<u64, String> {

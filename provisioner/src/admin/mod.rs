@@ -101,14 +101,20 @@ pub fn tls_init(out: &Output, config: &std::path::Path, names: &[String], new_ca
 }
 
 /// `host add`
-pub async fn host_add(store: &Store, out: &Output, new: NewHost) -> anyhow::Result<()> {
+pub async fn host_add(store: &Store, out: &Output, new: NewHost, root_device: Option<&str>) -> anyhow::Result<()> {
     if let Some(bmc) = &new.bmc_url {
         check_bmc_url(bmc)?;
     }
     if let Some(reference) = &new.bmc_credentials {
         crate::bmc::CredentialScope::from_env().check(reference)?;
     }
+    let hint = root_device
+        .map(|h| nodekeeper_deploy::disks::Hint::parse(h).map_err(|e| anyhow::anyhow!("--root-device: {e}")))
+        .transpose()?;
     let host = store.add_host(&new, &actor()).await?;
+    if let Some(hint) = hint {
+        store.set_root_device(&host.name, Some(&hint.to_arg())).await?;
+    }
     out.emit(&host, || format!("host {} added\n", host.name))
 }
 

@@ -25,6 +25,8 @@ pub struct DeployParams<'a> {
     pub kernel_args: &'a str,
     /// The image to write, relative to `/images/`.
     pub image: &'a str,
+    /// The host's root-device hint (the agent's one-word form), if any.
+    pub root_device: Option<&'a str>,
 }
 
 /// What a host is to deploy in this boot: the image, and the boot it is for
@@ -70,7 +72,7 @@ pub fn boot_script(host: &Host, params: &DeployParams<'_>, token: Option<&str>) 
             "#!ipxe\n\
              # nodekeeper: {name} is being reimaged with {image}\n\
              echo nodekeeper: loading the deploy ramdisk for {name}\n\
-             kernel {base}/images/{kernel} initrd=initrd.img nk.server={server} nk.host={name} nk.token={token} nk.image={base}/images/{image}{ca} {args}\n\
+             kernel {base}/images/{kernel} initrd=initrd.img nk.server={server} nk.host={name} nk.token={token} nk.image={base}/images/{image}{ca}{hint} {args}\n\
              initrd --name initrd.img {base}/images/{initrd}\n\
              boot\n",
             name = host.name,
@@ -80,6 +82,7 @@ pub fn boot_script(host: &Host, params: &DeployParams<'_>, token: Option<&str>) 
             args = params.kernel_args,
             server = params.tls.map_or(base, |(url, _)| url.trim_end_matches('/')),
             ca = params.tls.map(|(_, ca)| format!(" nk.ca={ca}")).unwrap_or_default(),
+            hint = params.root_device.map(|h| format!(" nk.root_device={h}")).unwrap_or_default(),
         ),
         _ => format!(
             "#!ipxe\n\
@@ -119,6 +122,7 @@ mod tests {
         initrd: "deploy/initrd.img",
         kernel_args: "console=ttyS0",
         image: "node.img",
+        root_device: None,
     };
 
     #[test]
@@ -128,6 +132,13 @@ mod tests {
         assert!(s.contains("kernel http://10.20.0.1:8080/images/deploy/vmlinuz initrd=initrd.img nk.server=http://10.20.0.1:8080 nk.host=node-a nk.token=t0k3n nk.image=http://10.20.0.1:8080/images/node.img console=ttyS0\n"), "{s}");
         assert!(s.contains("initrd --name initrd.img http://10.20.0.1:8080/images/deploy/initrd.img\n"));
         assert!(s.ends_with("boot\n"));
+    }
+
+    #[test]
+    fn a_root_device_hint_rides_the_command_line() {
+        let params = DeployParams { root_device: Some("serial=S4EW,size>=1073741824B"), ..PARAMS };
+        let s = boot_script(&host(HostState::Reimaging), &params, Some("t0k3n"));
+        assert!(s.contains(" nk.root_device=serial=S4EW,size>=1073741824B console=ttyS0\n"), "{s}");
     }
 
     #[test]

@@ -216,11 +216,15 @@ async fn boot_script(State(state): State<HttpState>, UrlPath(file): UrlPath<Stri
     let Some(deploy) = ipxe::deploy_for(&host, op.as_ref()) else {
         return text(
             StatusCode::OK,
-            ipxe::boot_script(&host, &deploy_params(c, state.tls.as_deref(), DEFAULT_IMAGE), None),
+            ipxe::boot_script(&host, &deploy_params(c, state.tls.as_deref(), DEFAULT_IMAGE, None), None),
         );
     };
     // One token per boot of this reimage, to the first fetch: it proves to the deploy API that
     // the caller booted this script. Only its hash is stored.
+    let root_device = match state.store.root_device(&host.name).await {
+        Ok(hint) => hint,
+        Err(e) => return internal(e),
+    };
     let token = format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple());
     let hash = format!("{:x}", Sha256::digest(token.as_bytes()));
     let expires = match state.store.now().await {
@@ -230,7 +234,11 @@ async fn boot_script(State(state): State<HttpState>, UrlPath(file): UrlPath<Stri
     match state.store.issue_deploy_token(&host.name, &hash, expires, &deploy.boot).await {
         Ok(true) => text(
             StatusCode::OK,
-            ipxe::boot_script(&host, &deploy_params(c, state.tls.as_deref(), &deploy.image), Some(&token)),
+            ipxe::boot_script(
+                &host,
+                &deploy_params(c, state.tls.as_deref(), &deploy.image, root_device.as_deref()),
+                Some(&token),
+            ),
         ),
         Ok(false) => {
             // Someone fetched this boot's script already: the host itself retrying, or
@@ -259,8 +267,14 @@ async fn boot_script(State(state): State<HttpState>, UrlPath(file): UrlPath<Stri
     }
 }
 
-fn deploy_params<'a>(c: &'a HttpConfig, tls: Option<&'a tls::NodeTls>, image: &'a str) -> ipxe::DeployParams<'a> {
+fn deploy_params<'a>(
+    c: &'a HttpConfig,
+    tls: Option<&'a tls::NodeTls>,
+    image: &'a str,
+    root_device: Option<&'a str>,
+) -> ipxe::DeployParams<'a> {
     ipxe::DeployParams {
+        root_device,
         public_url: &c.public_url,
         tls: tls.map(|t| (t.public_url.as_str(), t.ca_sha256.as_str())),
         kernel: &c.deploy_kernel,
