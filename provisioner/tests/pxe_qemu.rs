@@ -84,6 +84,45 @@ fn build_initramfs(dir: &Path) -> PathBuf {
 
 #[tokio::test]
 async fn a_qemu_guest_pxe_boots_through_dhcp_ipxe_and_http() {
+    pxe_boot(Firmware::Bios).await;
+}
+
+/// The same on UEFI firmware (OVMF): the firmware's PXE asks with client architecture 7, gets
+/// `ipxe.efi`, and iPXE boots the kernel through its EFI stub.
+#[tokio::test]
+async fn a_uefi_guest_pxe_boots_through_dhcp_ipxe_efi_and_http() {
+    pxe_boot(Firmware::Uefi).await;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Firmware {
+    Bios,
+    Uefi,
+}
+
+/// OVMF's code and a fresh copy of its variables, as QEMU flash drives.
+fn ovmf(dir: &Path) -> Option<Vec<String>> {
+    let code = Path::new("/usr/share/OVMF/OVMF_CODE_4M.fd");
+    let vars = Path::new("/usr/share/OVMF/OVMF_VARS_4M.fd");
+    if !code.exists() || !vars.exists() {
+        assert!(
+            std::env::var("NODEKEEPER_REQUIRE_QEMU").as_deref() != Ok("1"),
+            "NODEKEEPER_REQUIRE_QEMU=1 but OVMF is missing (apt-get install ovmf)"
+        );
+        eprintln!("skipping: no OVMF");
+        return None;
+    }
+    let copy = dir.join("OVMF_VARS.fd");
+    std::fs::copy(vars, &copy).expect("OVMF vars");
+    Some(vec![
+        "-drive".into(),
+        format!("if=pflash,format=raw,unit=0,readonly=on,file={}", code.display()),
+        "-drive".into(),
+        format!("if=pflash,format=raw,unit=1,file={}", copy.display()),
+    ])
+}
+
+async fn pxe_boot(firmware: Firmware) {
     if !common::netns_available() {
         return;
     }
@@ -141,33 +180,39 @@ async fn a_qemu_guest_pxe_boots_through_dhcp_ipxe_and_http() {
         assert!(Command::new("ip").args(&args).status().expect("ip").success());
     }
     let serial = dir.path().join("serial.log");
+    let firmware_args = match firmware {
+        Firmware::Bios => Vec::new(),
+        Firmware::Uefi => match ovmf(dir.path()) {
+            Some(args) => args,
+            None => return,
+        },
+    };
     let started = Instant::now();
-    let qemu = Lab::run(
-        &server,
-        240,
-        "qemu-system-x86_64",
-        &[
-            "-accel",
-            "tcg",
-            "-m",
-            "512",
-            "-smp",
-            "1",
-            "-display",
-            "none",
-            "-monitor",
-            "none",
-            "-no-reboot",
-            "-boot",
-            "n",
-            "-netdev",
-            "tap,id=n0,ifname=tapq,script=no,downscript=no",
-            "-device",
-            &format!("virtio-net-pci,netdev=n0,mac={MAC}"),
-            "-serial",
-            &format!("file:{}", serial.display()),
-        ],
-    );
+    let mut args: Vec<String> = firmware_args;
+    let base: &[&str] = &[
+        "-accel",
+        "tcg",
+        "-m",
+        "512",
+        "-smp",
+        "1",
+        "-display",
+        "none",
+        "-monitor",
+        "none",
+        "-no-reboot",
+        "-boot",
+        "n",
+        "-netdev",
+        "tap,id=n0,ifname=tapq,script=no,downscript=no",
+        "-device",
+        &format!("virtio-net-pci,netdev=n0,mac={MAC}"),
+        "-serial",
+        &format!("file:{}", serial.display()),
+    ];
+    args.extend(base.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let qemu = Lab::run(&server, 420, "qemu-system-x86_64", &args);
     let log = std::fs::read_to_string(&serial).unwrap_or_default();
     let line = log.lines().find(|l| l.contains(MARKER));
     assert!(
@@ -181,5 +226,9 @@ async fn a_qemu_guest_pxe_boots_through_dhcp_ipxe_and_http() {
     let line = line.unwrap_or_default();
     assert!(line.contains("host=node-a"), "the kernel got the host's arguments: {line}");
     assert!(line.contains("token_len=64"), "and a 64-character one-time token: {line}");
-    eprintln!("PXE boot to marker under TCG: {:?}", started.elapsed());
+    if firmware == Firmware::Uefi {
+        let leases = db.store().await.leases().await.expect("leases");
+        assert!(leases.iter().any(|l| l.mac.to_string() == MAC), "the UEFI client took a lease: {leases:?}");
+    }
+    eprintln!("PXE boot ({firmware:?}) to marker under TCG: {:?}", started.elapsed());
 }

@@ -88,7 +88,11 @@ pub fn boot_script(host: &Host, params: &DeployParams<'_>, token: Option<&str>) 
             "#!ipxe\n\
              # nodekeeper: {name} ({state}) boots from its local disk\n\
              echo nodekeeper: booting {name} from its local disk\n\
-             sanboot --no-describe --drive 0x80 || exit 1\n",
+             iseq ${{platform}} efi && goto efi ||\n\
+             sanboot --no-describe --drive 0x80 || exit 1\n\
+             :efi\n\
+             # UEFI: hand back to the firmware, which boots its next entry (the disk)\n\
+             exit 0\n",
             name = host.name,
             state = host.state,
         ),
@@ -155,6 +159,13 @@ mod tests {
         for state in [HostState::Active, HostState::Suspect, HostState::Fenced, HostState::Maintenance] {
             let s = boot_script(&host(state), &PARAMS, None);
             assert!(s.contains("sanboot --no-describe --drive 0x80 || exit 1"), "{state}: {s}");
+            assert!(
+                s.contains("iseq ${platform} efi && goto efi ||\n")
+                    && s.ends_with(
+                        ":efi\n# UEFI: hand back to the firmware, which boots its next entry (the disk)\nexit 0\n"
+                    ),
+                "{state}: UEFI hands back to the firmware: {s}"
+            );
             assert!(!s.contains("kernel"), "{state}: {s}");
         }
         // Reimaging without a token (none could be minted) never hands out the installer.
