@@ -35,22 +35,44 @@ cp "$busybox" "$root/bin/busybox"
 cp "$agent" "$root/bin/nodekeeper-deploy"
 strip "$root/bin/nodekeeper-deploy" 2>/dev/null || true
 
-# virtio PCI, network and block drivers, dependencies first.
+# The drivers real servers need, and QEMU's: storage (NVMe, AHCI/SATA, SAS/RAID, virtio) and
+# NICs (Intel, Broadcom, Mellanox, virtio), with every module they depend on, in the kernel's
+# own tree under /lib/modules/$kver so that depmod writes modules.dep and modules.alias for
+# them. At boot the init loads, by each present device's modalias, only what the machine has
+# (coldplug, as udev does); no fixed list to keep in step with hardware.
+drivers="virtio_pci virtio_net virtio_blk virtio_scsi sd_mod nvme ahci ata_piix megaraid_sas mpt3sas smartpqi
+  e1000 e1000e igb ixgbe i40e ice bnxt_en mlx5_core tg3"
 resolve() {
   local m=$1 d
   for d in $(modinfo -k "$kver" -F depends "$m" | tr ',' ' '); do resolve "$d"; done
   echo "$m"
 }
-for m in virtio_pci virtio_net virtio_blk; do resolve "$m"; done | awk '!seen[$0]++' > "$root/lib/modules/order"
+mods=$root/lib/modules/$kver
+mkdir -p "$mods"
+firmware=0
+for m in $drivers; do resolve "$m"; done | awk '!seen[$0]++' > "$root/lib/modules/order"
 while read -r m; do
   f=$(modinfo -k "$kver" -F filename "$m")
+  [ -f "$f" ] || { echo "deploy: module $m not found for $kver" >&2; exit 1; }
+  rel=${f#/lib/modules/$kver/}
+  mkdir -p "$mods/$(dirname "$rel")"
   case $f in
-    *.ko) cp "$f" "$root/lib/modules/$m.ko" ;;
-    *.ko.xz) xz -dc "$f" > "$root/lib/modules/$m.ko" ;;
-    *.ko.zst) zstd -qdc "$f" > "$root/lib/modules/$m.ko" ;;
-    *) echo "deploy: module $m not found for $kver" >&2; exit 1 ;;
+    *.ko) cp "$f" "$mods/$rel" ;;
+    *.ko.xz) xz -dc "$f" > "$mods/${rel%.xz}" ;;
+    *.ko.zst) zstd -qdc "$f" > "$mods/${rel%.zst}" ;;
   esac
+  # Firmware the driver asks for, where Debian's firmware packages put it on this machine.
+  for fw in $(modinfo -k "$kver" -F firmware "$m"); do
+    if [ -f "/lib/firmware/$fw" ]; then
+      mkdir -p "$root/lib/firmware/$(dirname "$fw")"
+      cp "/lib/firmware/$fw" "$root/lib/firmware/$fw"
+      firmware=$((firmware + 1))
+    fi
+  done
 done < "$root/lib/modules/order"
+cp "/lib/modules/$kver/modules.builtin" "/lib/modules/$kver/modules.builtin.modinfo" "/lib/modules/$kver/modules.order" "$mods/" 2>/dev/null || true
+depmod -b "$root" "$kver"
+echo "deploy ramdisk: $(wc -l < "$root/lib/modules/order") modules, $firmware firmware files"
 
 cat > "$root/bin/udhcpc-script" <<'SCRIPT'
 #!/bin/busybox sh
@@ -71,14 +93,27 @@ mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 exec >/dev/console 2>&1
 echo "nodekeeper deploy ramdisk: starting"
-for m in $(cat /lib/modules/order); do insmod "/lib/modules/$m.ko" 2>/dev/null; done
+# Coldplug: the driver of every device present, by its modalias (twice: a controller's
+# driver makes new devices, SCSI disks behind a RAID or SAS HBA). sd_mod has no alias.
+for _ in 1 2; do
+  for a in $(cat /sys/bus/*/devices/*/modalias 2>/dev/null | sort -u); do modprobe -q "$a" 2>/dev/null; done
+done
+modprobe -q sd_mod 2>/dev/null
 ip link set lo up
+# The NIC the provisioner knows (nk.mac, the host's boot MAC), not the first one by name.
+mac=$(sed -n 's/.*nk\.mac=\([0-9a-fA-F:]*\).*/\1/p' /proc/cmdline | tr 'A-F' 'a-f')
 iface=""
 for _ in 1 2 3 4 5 6 7 8 9 10; do
-  for n in /sys/class/net/*; do n=${n##*/}; [ "$n" != lo ] && iface=$n && break; done
+  for n in /sys/class/net/*; do
+    n=${n##*/}
+    [ "$n" = lo ] && continue
+    if [ -z "$mac" ] || [ "$(cat /sys/class/net/$n/address)" = "$mac" ]; then iface=$n; break; fi
+  done
   [ -n "$iface" ] && break
   sleep 1
 done
+[ -n "$iface" ] || { echo "nodekeeper deploy ramdisk: no NIC with MAC $mac"; for n in /sys/class/net/*; do echo "  ${n##*/} $(cat $n/address)"; done; }
+echo "nodekeeper deploy ramdisk: NIC $iface ($(cat /sys/class/net/$iface/address 2>/dev/null)), drivers: $(cut -d' ' -f1 /proc/modules | sort | tr '\n' ' ')"
 ip link set "$iface" up
 udhcpc -i "$iface" -n -q -t 10 -T 2 -s /bin/udhcpc-script || echo "nodekeeper deploy ramdisk: no DHCP lease"
 /bin/nodekeeper-deploy

@@ -452,20 +452,28 @@ fn deploy_ramdisk() -> Option<std::path::PathBuf> {
     Some(repo.join("images/deploy/out"))
 }
 
+/// A disk of the test machine: its file, its serial, and the QEMU device (`virtio-blk-pci`,
+/// `nvme`).
+type TestDisk<'a> = (&'a std::path::Path, &'a str, &'a str);
+
+/// The MAC of the test machine's NIC (and `nk.mac`, as the host's iPXE script gives it).
+const TEST_MAC: &str = "52:54:00:12:34:56";
+
 /// Boots the deploy ramdisk under QEMU (TCG) with the kernel arguments a host's iPXE script
-/// carries and `disks` as virtio disks with those serials (in that order: `vda`, `vdb`, …);
-/// returns the serial console's text and how long it ran.
+/// carries, a `nic` (QEMU device) and `disks`; returns the serial console's text and how long
+/// it ran.
 async fn boot_ramdisk(
     r: &Rig,
     out: &std::path::Path,
     root_device: &str,
-    disks: &[(&std::path::Path, &str)],
+    nic: &str,
+    disks: &[TestDisk<'_>],
 ) -> (String, std::time::Duration) {
     let port = r.base.rsplit(':').next().expect("port").to_owned();
     let server = format!("http://10.0.2.2:{port}");
     let append = format!(
         "console=ttyS0 panic=-1 quiet nk.server={server} nk.host=node-a nk.token={} nk.image={server}/images/node.img \
-         nk.root_device={root_device}",
+         nk.root_device={root_device} nk.mac={TEST_MAC}",
         r.token()
     );
     let serial = r.dir.path().join("serial.log");
@@ -491,19 +499,19 @@ async fn boot_ramdisk(
         "-netdev",
         "user,id=n0",
         "-device",
-        "virtio-net-pci,netdev=n0",
+        &format!("{nic},netdev=n0,mac={TEST_MAC}"),
         "-serial",
         &format!("file:{}", serial.display()),
     ]
     .iter()
     .map(|s| s.to_string())
     .collect();
-    for (i, (path, serial_no)) in disks.iter().enumerate() {
+    for (i, (path, serial_no, device)) in disks.iter().enumerate() {
         args.extend([
             "-drive".to_owned(),
             format!("file={},format=raw,if=none,id=d{i}", path.display()),
             "-device".to_owned(),
-            format!("virtio-blk-pci,drive=d{i},serial={serial_no}"),
+            format!("{device},drive=d{i},serial={serial_no}"),
         ]);
     }
     let started = std::time::Instant::now();
@@ -517,12 +525,13 @@ async fn boot_ramdisk(
     (log, started.elapsed())
 }
 
-/// The deploy ramdisk itself under QEMU (TCG): kernel, virtio modules, DHCP, the static agent,
-/// two virtio disks and the host's root-device hint. The kernel arguments are the ones the
+/// The deploy ramdisk itself under QEMU (TCG), on devices that are not virtio: an Intel e1000e
+/// NIC and an NVMe disk beside a virtio one, each driver loaded by coldplug from its modalias,
+/// the NIC found by its MAC, the NVMe disk by the host's root-device hint on its serial. The kernel arguments are the ones the
 /// host's iPXE script carries (PXE is proven by pxe_qemu.rs); QEMU's user network reaches this
 /// process at 10.0.2.2.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn the_deploy_ramdisk_writes_the_hinted_disk_under_qemu() {
+async fn the_deploy_ramdisk_finds_its_nic_and_the_hinted_nvme_disk_under_qemu() {
     let Some(out) = deploy_ramdisk() else { return };
     let r = rig().await;
     let image: Vec<u8> = (0..16_000_000u32).map(|i| (i.wrapping_mul(2_246_822_519) >> 11) as u8).collect();
@@ -537,15 +546,19 @@ async fn the_deploy_ramdisk_writes_the_hinted_disk_under_qemu() {
         executor::request(&r.store, &name(), None, quick(), Limits::default(), "test").await.expect("request");
     let _exec = r.executor();
     r.wait(op.id, "agent_booted", |o| o.step == "agent_booted").await;
-    let disks = [(other.as_path(), "NK-OTHER"), (disk.as_path(), "NK-TARGET")];
-    let (log, took) = boot_ramdisk(&r, &out, "serial=NK-TARGET,size>=40M", &disks).await;
+    let disks = [(other.as_path(), "NK-OTHER", "virtio-blk-pci"), (disk.as_path(), "NK-TARGET", "nvme")];
+    let (log, took) = boot_ramdisk(&r, &out, "serial=NK-TARGET,size>=40M", "e1000e", &disks).await;
     assert!(log.contains("verified:"), "serial:\n{log}");
     // The executor takes it from there on its next tick: disk boot, then wait for the node.
     r.wait(op.id, "heartbeat", |o| o.step == "heartbeat").await;
     assert!(r.fake.get(|s| s.disk_boot));
     let written = std::fs::read(&disk).expect("disk");
     assert_eq!(&written[..image.len()], image.as_slice(), "the hinted disk holds the image, byte for byte");
-    assert!(log.contains("target disk /dev/vdb"), "the agent chose by the hint:\n{log}");
+    assert!(log.contains("target disk /dev/nvme0n1"), "the agent chose by the hint:\n{log}");
+    assert!(
+        log.contains(&format!("({TEST_MAC})")) && log.contains("e1000e") && log.contains("nvme"),
+        "coldplug:\n{log}"
+    );
     let untouched = std::fs::read(&other).expect("other disk");
     assert!(untouched.iter().all(|b| *b == 0), "the other disk was not touched");
     eprintln!(
@@ -566,7 +579,14 @@ async fn a_hint_matching_no_disk_fails_the_reimage_and_writes_nothing() {
         executor::request(&r.store, &name(), None, quick(), Limits::default(), "test").await.expect("request");
     let _exec = r.executor();
     r.wait(op.id, "agent_booted", |o| o.step == "agent_booted").await;
-    let (log, _) = boot_ramdisk(&r, &out, "serial=NO-SUCH-DISK", &[(disk.as_path(), "NK-ONLY")]).await;
+    let (log, _) = boot_ramdisk(
+        &r,
+        &out,
+        "serial=NO-SUCH-DISK",
+        "virtio-net-pci",
+        &[(disk.as_path(), "NK-ONLY", "virtio-blk-pci")],
+    )
+    .await;
     let failed = r.wait(op.id, "failed", |o| o.status != OperationStatus::Running).await;
     assert_eq!((failed.status, failed.step.as_str()), (OperationStatus::Failed, "agent_booted"), "{log}");
     let error = failed.last_error.unwrap_or_default();

@@ -72,7 +72,7 @@ pub fn boot_script(host: &Host, params: &DeployParams<'_>, token: Option<&str>) 
             "#!ipxe\n\
              # nodekeeper: {name} is being reimaged with {image}\n\
              echo nodekeeper: loading the deploy ramdisk for {name}\n\
-             kernel {base}/images/{kernel} initrd=initrd.img nk.server={server} nk.host={name} nk.token={token} nk.image={base}/images/{image}{ca}{hint} {args}\n\
+             kernel {base}/images/{kernel} initrd=initrd.img nk.server={server} nk.host={name} nk.token={token} nk.image={base}/images/{image}{ca}{hint}{mac} {args}\n\
              initrd --name initrd.img {base}/images/{initrd}\n\
              boot\n",
             name = host.name,
@@ -83,6 +83,7 @@ pub fn boot_script(host: &Host, params: &DeployParams<'_>, token: Option<&str>) 
             server = params.tls.map_or(base, |(url, _)| url.trim_end_matches('/')),
             ca = params.tls.map(|(_, ca)| format!(" nk.ca={ca}")).unwrap_or_default(),
             hint = params.root_device.map(|h| format!(" nk.root_device={h}")).unwrap_or_default(),
+            mac = host.mac.map(|m| format!(" nk.mac={m}")).unwrap_or_default(),
         ),
         _ => format!(
             "#!ipxe\n\
@@ -133,7 +134,7 @@ mod tests {
     fn reimaging_hosts_get_the_deploy_ramdisk_with_their_token() {
         let s = boot_script(&host(HostState::Reimaging), &PARAMS, Some("t0k3n"));
         assert!(s.starts_with("#!ipxe\n"));
-        assert!(s.contains("kernel http://10.20.0.1:8080/images/deploy/vmlinuz initrd=initrd.img nk.server=http://10.20.0.1:8080 nk.host=node-a nk.token=t0k3n nk.image=http://10.20.0.1:8080/images/node.img console=ttyS0\n"), "{s}");
+        assert!(s.contains("kernel http://10.20.0.1:8080/images/deploy/vmlinuz initrd=initrd.img nk.server=http://10.20.0.1:8080 nk.host=node-a nk.token=t0k3n nk.image=http://10.20.0.1:8080/images/node.img nk.mac=52:54:00:00:00:0a console=ttyS0\n"), "{s}");
         assert!(s.contains("initrd --name initrd.img http://10.20.0.1:8080/images/deploy/initrd.img\n"));
         assert!(s.ends_with("boot\n"));
     }
@@ -142,14 +143,17 @@ mod tests {
     fn a_root_device_hint_rides_the_command_line() {
         let params = DeployParams { root_device: Some("serial=S4EW,size>=1073741824B"), ..PARAMS };
         let s = boot_script(&host(HostState::Reimaging), &params, Some("t0k3n"));
-        assert!(s.contains(" nk.root_device=serial=S4EW,size>=1073741824B console=ttyS0\n"), "{s}");
+        assert!(
+            s.contains(" nk.root_device=serial=S4EW,size>=1073741824B nk.mac=52:54:00:00:00:0a console=ttyS0\n"),
+            "{s}"
+        );
     }
 
     #[test]
     fn with_tls_the_agent_reports_over_https_and_learns_the_ca_digest() {
         let params = DeployParams { tls: Some(("https://10.20.0.1:8443/", "ab12")), ..PARAMS };
         let s = boot_script(&host(HostState::Reimaging), &params, Some("t0k3n"));
-        assert!(s.contains(" nk.server=https://10.20.0.1:8443 nk.host=node-a nk.token=t0k3n nk.image=http://10.20.0.1:8080/images/node.img nk.ca=ab12 console=ttyS0\n"), "{s}");
+        assert!(s.contains(" nk.server=https://10.20.0.1:8443 nk.host=node-a nk.token=t0k3n nk.image=http://10.20.0.1:8080/images/node.img nk.ca=ab12 nk.mac=52:54:00:00:00:0a console=ttyS0\n"), "{s}");
         // The firmware still loads the ramdisk over plain HTTP.
         assert!(s.contains("kernel http://10.20.0.1:8080/images/deploy/vmlinuz "), "{s}");
     }
