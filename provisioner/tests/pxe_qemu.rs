@@ -189,18 +189,8 @@ async fn pxe_boot(firmware: Firmware) {
     };
     let started = Instant::now();
     let mut args: Vec<String> = firmware_args;
+    args.extend(common::QEMU_TCG.map(String::from));
     let base: &[&str] = &[
-        "-accel",
-        "tcg",
-        "-m",
-        "512",
-        "-smp",
-        "1",
-        "-display",
-        "none",
-        "-monitor",
-        "none",
-        "-no-reboot",
         "-boot",
         "n",
         "-netdev",

@@ -1,6 +1,8 @@
 //! The reimage executor against a fake BMC (for failure injection) and a stub deploy agent
 //! that talks to the real HTTP API with the token from the host's real iPXE script.
 
+mod common;
+
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
@@ -478,34 +480,25 @@ async fn boot_ramdisk(
     );
     let serial = r.dir.path().join("serial.log");
     let _ = std::fs::remove_file(&serial);
-    let mut args: Vec<String> = [
-        "-accel",
-        "tcg",
-        "-m",
-        "512",
-        "-smp",
-        "1",
-        "-display",
-        "none",
-        "-monitor",
-        "none",
-        "-no-reboot",
-        "-kernel",
-        &out.join("vmlinuz").display().to_string(),
-        "-initrd",
-        &out.join("initrd.img").display().to_string(),
-        "-append",
-        &append,
-        "-netdev",
-        "user,id=n0",
-        "-device",
-        &format!("{nic},netdev=n0,mac={TEST_MAC}"),
-        "-serial",
-        &format!("file:{}", serial.display()),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let mut args: Vec<String> = common::QEMU_TCG.map(String::from).to_vec();
+    args.extend(
+        [
+            "-kernel",
+            &out.join("vmlinuz").display().to_string(),
+            "-initrd",
+            &out.join("initrd.img").display().to_string(),
+            "-append",
+            &append,
+            "-netdev",
+            "user,id=n0",
+            "-device",
+            &format!("{nic},netdev=n0,mac={TEST_MAC}"),
+            "-serial",
+            &format!("file:{}", serial.display()),
+        ]
+        .iter()
+        .map(|s| s.to_string()),
+    );
     for (i, (path, serial_no, device)) in disks.iter().enumerate() {
         args.extend([
             "-drive".to_owned(),

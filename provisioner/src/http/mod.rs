@@ -219,12 +219,13 @@ async fn boot_script(State(state): State<HttpState>, UrlPath(file): UrlPath<Stri
             ipxe::boot_script(&host, &deploy_params(c, state.tls.as_deref(), DEFAULT_IMAGE, None), None),
         );
     };
-    // One token per boot of this reimage, to the first fetch: it proves to the deploy API that
-    // the caller booted this script. Only its hash is stored.
+    // Which disk the agent writes (the host's root-device hint, if any).
     let root_device = match state.store.root_device(&host.name).await {
         Ok(hint) => hint,
         Err(e) => return internal(e),
     };
+    // One token per boot of this reimage, to the first fetch: it proves to the deploy API that
+    // the caller booted this script. Only its hash is stored.
     let token = format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple());
     let hash = format!("{:x}", Sha256::digest(token.as_bytes()));
     let expires = match state.store.now().await {

@@ -200,3 +200,8 @@ pub async fn wait_until(what: &str, limit: std::time::Duration, mut ok: impl Asy
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
 }
+
+/// A small QEMU machine under software emulation (`/dev/kvm` does not work here): TCG, 512 MiB,
+/// one vCPU, no display, no monitor, exits instead of rebooting.
+pub const QEMU_TCG: [&str; 11] =
+    ["-accel", "tcg", "-m", "512", "-smp", "1", "-display", "none", "-monitor", "none", "-no-reboot"];
