@@ -515,7 +515,8 @@ fn pick_disk(p: &Params) -> Result<disks::Disk, String> {
     }
     let size: u64 = head.header("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
     let seen = disks::scan(Path::new("/sys/block")).map_err(|e| format!("reading /sys/block: {e}"))?;
-    disks::choose(&seen, p.root_device.as_ref(), size + CONFIG_BLOCK)
+    // The image rounded up to whole blocks, and the config block after it (see `finish`).
+    disks::choose(&seen, p.root_device.as_ref(), size.div_ceil(CONFIG_BLOCK) * CONFIG_BLOCK + CONFIG_BLOCK)
 }
 
 /// The whole deploy: booted → written → verified (or the error at its stage). Returns whether

@@ -112,7 +112,11 @@ for _ in 1 2 3 4 5 6 7 8 9 10; do
   [ -n "$iface" ] && break
   sleep 1
 done
-[ -n "$iface" ] || { echo "nodekeeper deploy ramdisk: no NIC with MAC $mac"; for n in /sys/class/net/*; do echo "  ${n##*/} $(cat $n/address)"; done; }
+if [ -z "$iface" ]; then
+  # Say so, and try the first NIC rather than none (the provisioner's record may be stale).
+  echo "nodekeeper deploy ramdisk: no NIC with MAC $mac; NICs seen:"
+  for n in /sys/class/net/*; do [ "${n##*/}" != lo ] && echo "  ${n##*/} $(cat $n/address)" && iface=${iface:-${n##*/}}; done
+fi
 echo "nodekeeper deploy ramdisk: NIC $iface ($(cat /sys/class/net/$iface/address 2>/dev/null)), drivers: $(cut -d' ' -f1 /proc/modules | sort | tr '\n' ' ')"
 ip link set "$iface" up
 udhcpc -i "$iface" -n -q -t 10 -T 2 -s /bin/udhcpc-script || echo "nodekeeper deploy ramdisk: no DHCP lease"
