@@ -77,6 +77,17 @@ fn host_from_row(row: &AnyRow) -> Result<Host> {
 impl Store {
     /// Adds a host in state `active`, with an event. Refuses a duplicate name or MAC.
     pub async fn add_host(&self, new: &NewHost, actor: &str) -> Result<Host> {
+        self.add_host_with_root_device(new, None, actor).await
+    }
+
+    /// [`Store::add_host`] with its root-device hint in the same transaction: a host never
+    /// exists, even for a moment, without the hint that says which disk a reimage may write.
+    pub async fn add_host_with_root_device(
+        &self,
+        new: &NewHost,
+        root_device: Option<&str>,
+        actor: &str,
+    ) -> Result<Host> {
         let db_now = self.now().await?.0;
         let mut tx = self.begin_write("adding a host").await?;
         if self.host_in(&mut tx, &new.name).await?.is_some() {
@@ -94,8 +105,8 @@ impl Store {
         }
         let now = db_now;
         sqlx::query(
-            "INSERT INTO hosts (name, mac, ip, bmc_url, bmc_credentials, state, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, 'active', $6, $6)",
+            "INSERT INTO hosts (name, mac, ip, bmc_url, bmc_credentials, state, created_at, updated_at, root_device) \
+             VALUES ($1, $2, $3, $4, $5, 'active', $6, $6, $7)",
         )
         .bind(new.name.as_str())
         .bind(new.mac.map(|m| m.to_string()))
@@ -103,6 +114,7 @@ impl Store {
         .bind(new.bmc_url.clone())
         .bind(new.bmc_credentials.clone())
         .bind(now)
+        .bind(root_device.map(str::to_owned))
         .execute(&mut *tx)
         .await
         .map_err(query("adding a host"))?;
@@ -239,24 +251,6 @@ impl Store {
         .await?;
         tx.commit().await.map_err(query(WHAT))?;
         Ok(true)
-    }
-
-    /// Sets (or, `None`, clears) `name`'s root-device hint (the deploy agent's one-word form;
-    /// checked by the caller).
-    pub async fn set_root_device(&self, name: &HostName, hint: Option<&str>) -> Result<()> {
-        const WHAT: &str = "setting a host's root-device hint";
-        // `updated_at` is left alone: it moves with the host's state (detection reads it).
-        let mut tx = self.begin_write(WHAT).await?;
-        let done = sqlx::query("UPDATE hosts SET root_device = $1 WHERE name = $2")
-            .bind(hint.map(str::to_owned))
-            .bind(name.as_str())
-            .execute(&mut *tx)
-            .await
-            .map_err(query(WHAT))?;
-        if done.rows_affected() == 0 {
-            return Err(StoreError::UnknownHost(name.clone()));
-        }
-        tx.commit().await.map_err(query(WHAT))
     }
 
     /// `name`'s root-device hint, if it has one.

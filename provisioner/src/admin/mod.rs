@@ -111,10 +111,8 @@ pub async fn host_add(store: &Store, out: &Output, new: NewHost, root_device: Op
     let hint = root_device
         .map(|h| nodekeeper_deploy::disks::Hint::parse(h).map_err(|e| anyhow::anyhow!("--root-device: {e}")))
         .transpose()?;
-    let host = store.add_host(&new, &actor()).await?;
-    if let Some(hint) = hint {
-        store.set_root_device(&host.name, Some(&hint.to_arg())).await?;
-    }
+    let hint = hint.map(|h| h.to_arg());
+    let host = store.add_host_with_root_device(&new, hint.as_deref(), &actor()).await?;
     out.emit(&host, || format!("host {} added\n", host.name))
 }
 
