@@ -100,8 +100,15 @@ async fn nodes_use_the_api_over_tls_and_trust_only_the_provisioners_ca() {
     assert_eq!(code, 403, "deploy reports too: {body}");
 
     // Clients that never finish a handshake, or speak plain HTTP to the TLS port, stop nobody.
-    let mut idle: Vec<std::net::TcpStream> =
-        (0..200).map(|_| std::net::TcpStream::connect(("127.0.0.1", tls_port)).expect("connect")).collect();
+    // From another address (one client's stalled handshakes are capped per address, so the
+    // stalls must not come from the address the real request comes from).
+    let stalled_from = |_| {
+        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+        sock.bind(&std::net::SocketAddr::from(([127, 0, 0, 2], 0)).into()).expect("bind 127.0.0.2");
+        sock.connect(&std::net::SocketAddr::from(([127, 0, 0, 1], tls_port)).into()).expect("connect");
+        std::net::TcpStream::from(sock)
+    };
+    let mut idle: Vec<std::net::TcpStream> = (0..200).map(stalled_from).collect();
     let mut plain = std::net::TcpStream::connect(("127.0.0.1", tls_port)).expect("connect");
     plain.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").expect("write");
     let mut answer = Vec::new();
@@ -112,6 +119,15 @@ async fn nodes_use_the_api_over_tls_and_trust_only_the_provisioners_ca() {
     let (code, _) = curl(&["--cacert", &ca, &format!("{https}/healthz")]);
     assert_eq!(code, 200);
     assert!(started.elapsed() < Duration::from_secs(5), "answered beside 200 stalled handshakes");
+    // Past the per-address cap, that address's next connection is closed at once, unanswered.
+    let mut over = stalled_from(0);
+    over.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    let mut byte = [0u8; 1];
+    let began = Instant::now();
+    assert!(
+        matches!(over.read(&mut byte), Ok(0) | Err(_)) && began.elapsed() < Duration::from_secs(4),
+        "closed at once"
+    );
     idle.clear();
 
     // The guard: through the API over TLS with the CA of its ca_file; with another CA it

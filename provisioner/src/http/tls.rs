@@ -2,7 +2,8 @@
 //!
 //! [`TlsListener`] turns a TCP listener into one that yields finished TLS streams, so the same
 //! axum router serves both listeners. Handshakes run concurrently, each bounded by
-//! [`HANDSHAKE_TIMEOUT`] and at most [`MAX_HANDSHAKES`] at once: a client that connects and
+//! [`HANDSHAKE_TIMEOUT`], at most [`MAX_HANDSHAKES_PER_ADDRESS`] from one address and
+//! [`MAX_HANDSHAKES`] in all at once: a client that connects and
 //! says nothing, or speaks plain HTTP to the TLS port, costs one task for ten seconds and
 //! stops nobody else.
 //!
@@ -30,7 +31,40 @@ use crate::config::TlsConfig;
 /// How long a client may take to finish its handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Handshakes in progress at once; connections beyond are closed at once.
-pub const MAX_HANDSHAKES: usize = 512;
+pub const MAX_HANDSHAKES: usize = 4096;
+/// Handshakes in progress at once from one address: one client that connects and stalls
+/// cannot take the slots of the guards (whose heartbeats come this way).
+pub const MAX_HANDSHAKES_PER_ADDRESS: usize = 32;
+
+/// Handshakes in progress per address; an entry leaves when its count returns to zero.
+#[derive(Debug, Default)]
+struct PerAddress(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
+
+impl PerAddress {
+    fn take(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<AddressSlot> {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(ip).or_default();
+        if *n >= MAX_HANDSHAKES_PER_ADDRESS {
+            return None;
+        }
+        *n += 1;
+        Some(AddressSlot(self.clone(), ip))
+    }
+}
+
+struct AddressSlot(Arc<PerAddress>, std::net::IpAddr);
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut m = self.0 .0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.1);
+            }
+        }
+    }
+}
 
 /// What nodes are told about the HTTPS listener.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -132,6 +166,7 @@ async fn accept_loop(
     tx: mpsc::Sender<(TlsStream<TcpStream>, SocketAddr)>,
 ) {
     let permits = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    let per_address = Arc::new(PerAddress::default());
     loop {
         let (tcp, addr) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -142,13 +177,17 @@ async fn accept_loop(
                 continue;
             }
         };
+        let Some(slot) = per_address.take(addr.ip()) else {
+            tracing::debug!(%addr, "too many TLS handshakes in progress from this address: connection closed");
+            continue;
+        };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             tracing::debug!(%addr, "too many TLS handshakes in progress: connection closed");
             continue;
         };
         let (acceptor, tx) = (acceptor.clone(), tx.clone());
         tokio::spawn(async move {
-            let _permit = permit;
+            let _held = (permit, slot);
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(stream)) => {
                     let _ = tx.send((stream, addr)).await;
