@@ -2,6 +2,8 @@
 # Installs the iPXE binaries from Debian's `ipxe` package into the provisioner's TFTP root:
 # undionly.kpxe (BIOS), ipxe.efi (x86-64 UEFI), snponly.efi (UEFI, the firmware's own driver).
 # Debian's amd64 package has no arm64 build: put an ipxe-arm64.efi there yourself for arm64.
+# For Secure Boot hosts (`host add --boot-mode uefi-secureboot`), Debian's signed chain:
+# shimx64.efi and, as grubx64.efi, the network GRUB (images/efi/fetch.sh downloads both).
 # usage: install-tftp-root.sh [ROOT]   (default /var/lib/nodekeeper/tftp). Idempotent.
 set -euo pipefail
 root=${1:-/var/lib/nodekeeper/tftp}
@@ -12,5 +14,10 @@ install -d -m 0755 "$root"
 for f in undionly.kpxe ipxe.efi snponly.efi; do
   install -m 0644 "/usr/lib/ipxe/$f" "$root/$f"
 done
-echo "iPXE binaries installed in $root:"
+efi=$(mktemp -d)
+"$(dirname "$0")/../images/efi/fetch.sh" "$efi"
+install -m 0644 "$efi/shimx64.efi" "$root/shimx64.efi"
+install -m 0644 "$efi/grubnetx64.efi" "$root/grubx64.efi"
+rm -rf "$efi"
+echo "iPXE binaries and the signed shim + GRUB installed in $root:"
 ls -l "$root"

@@ -17,7 +17,7 @@ fuzz_target!(|data: &[u8]| {
     let Ok(msg) = Message::decode(&mut Decoder::new(data)) else { return };
     let hosts: HashMap<MacAddr, KnownHost> = [(
         MacAddr([0x52, 0x54, 0, 0, 0, 1]),
-        KnownHost { name: "node-a".parse().expect("name"), ip: Some(Ipv4Addr::new(10, 20, 0, 11)) },
+        KnownHost { name: "node-a".parse().expect("name"), ip: Some(Ipv4Addr::new(10, 20, 0, 11)), secure_boot: false },
     )]
     .into_iter()
     .collect();
@@ -32,6 +32,7 @@ fuzz_target!(|data: &[u8]| {
                 lease_secs: 3600,
                 allow_unknown,
                 public_url: "http://10.20.0.1:8080".into(),
+                uefi_boot_file: "ipxe.efi".into(),
             };
             let mut pool = Pool::new(Ipv4Addr::new(10, 20, 0, 100), Ipv4Addr::new(10, 20, 0, 199));
             for port_4011 in [false, true] {

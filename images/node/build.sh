@@ -2,8 +2,12 @@
 # Builds the compute-node disk image into OUT (default images/node/out/node.img): Debian 12
 # (debootstrap, then apt without recommends) with systemd, libvirt-daemon-system with the QEMU
 # driver, nodekeeper-guard and its units, and the first-boot unit that reports to the
-# provisioner. A raw MBR disk: partition 1 (FAT, syslinux, kernel + initramfs), partition 2
-# (ext4, the root file system) — both made from directories, with no loop device and no mount.
+# provisioner. A raw GPT disk that boots on both firmwares, as Debian's cloud images do:
+# partition 1 is the EFI system partition (FAT32) with the kernel and initramfs, Debian's signed
+# shim at the removable path \EFI\BOOT\BOOTX64.EFI and Debian's signed GRUB beside it (UEFI,
+# with or without Secure Boot, no NVRAM entry needed), and syslinux for BIOS (gptmbr.bin in the
+# protective MBR chains to the partition marked legacy-BIOS-bootable); partition 2 is the ext4
+# root. Both file systems are made from directories: no loop device, no mount.
 #
 # Two caches, both keyed by their inputs: the root file system after apt (the slow part,
 # minutes of downloads) as a tarball in NK_CACHE (default /var/cache/nodekeeper), and the image
@@ -23,7 +27,7 @@ mkdir -p "$out" "$cache"
 exec 9>"$out/.build.lock"
 flock 9
 
-for tool in debootstrap mke2fs mformat mcopy syslinux sfdisk; do
+for tool in debootstrap mke2fs mformat mcopy mmd syslinux sfdisk dpkg-deb; do
   command -v "$tool" >/dev/null || { echo "node image: $tool is missing (scripts/setup-test-deps.sh installs it)" >&2; exit 1; }
 done
 
@@ -32,7 +36,11 @@ guard=target/release/nodekeeper-guard
 
 base_key=$(echo "$suite $mirror $packages v1" | sha256sum | cut -c1-16)
 base=$cache/node-rootfs-$base_key.tar
-stamp="$base_key $(sha256sum "$guard" images/node/build.sh images/node/firstboot systemd/*.service \
+# Debian's signed boot chain for UEFI (Secure Boot included): shim and GRUB.
+efi=$out/efi
+images/efi/fetch.sh "$efi"
+
+stamp="$base_key $(sha256sum "$guard" "$efi"/*.efi images/node/build.sh images/node/firstboot systemd/*.service \
   | sha256sum | cut -c1-16) $provisioner_url"
 if [ -f "$out/stamp" ] && [ "$(cat "$out/stamp")" = "$stamp" ] && [ -f "$out/node.img" ]; then
   echo "node image up to date in $out"
@@ -131,19 +139,24 @@ ln -sf /lib/systemd/system/systemd-networkd-wait-online.service \
 install -d "$root/etc/systemd/system/getty.target.wants"
 ln -sf /lib/systemd/system/serial-getty@.service "$root/etc/systemd/system/getty.target.wants/serial-getty@ttyS0.service"
 echo node > "$root/etc/hostname"
-printf 'PARTUUID=6e6b6e6f-02 / ext4 errors=remount-ro 0 1\n' > "$root/etc/fstab"
+root_partuuid=6e6b6e6f-0000-4000-8000-000000000002
+printf 'PARTUUID=%s / ext4 errors=remount-ro 0 1\n' "$root_partuuid" > "$root/etc/fstab"
 : > "$root/etc/machine-id"
 
-# --- the disk: p1 FAT /boot for syslinux, p2 ext4 root.
+# --- the disk: p1 the EFI system partition (FAT32: kernel, initramfs, shim + GRUB, syslinux),
+# p2 the ext4 root.
 kernel=$(ls "$root"/boot/vmlinuz-* | sort -V | tail -n1)
 initrd=$(ls "$root"/boot/initrd.img-* | sort -V | tail -n1)
-boot_mib=96
+esp_mib=128
 root_mib=$(( $(du -sm "$root" | cut -f1) * 115 / 100 + 256 ))
-total_mib=$(( 1 + boot_mib + root_mib ))
+# 1 MiB before the first partition, 1 MiB after the last one for the backup GPT.
+total_mib=$(( 1 + esp_mib + root_mib + 1 ))
+cmdline="root=PARTUUID=$root_partuuid ro console=tty0 console=ttyS0,115200n8 net.ifnames=0 quiet"
 
-mformat_img=$work/boot.fat
-truncate -s "${boot_mib}M" "$mformat_img"
-mkfs.vfat -n NKBOOT -i 6e6b0001 "$mformat_img" >/dev/null
+esp=$work/esp.fat
+truncate -s "${esp_mib}M" "$esp"
+# -h 2048: the partition's offset in sectors, which syslinux's boot sector reads.
+mkfs.vfat -F 32 -h 2048 -n NKBOOT -i 6e6b0001 "$esp" >/dev/null
 cat > "$work/syslinux.cfg" <<CFG
 DEFAULT node
 PROMPT 0
@@ -152,27 +165,46 @@ SERIAL 0 115200
 LABEL node
   KERNEL /vmlinuz
   INITRD /initrd.img
-  APPEND root=PARTUUID=6e6b6e6f-02 ro console=tty0 console=ttyS0,115200n8 net.ifnames=0 quiet
+  APPEND $cmdline
 CFG
-MTOOLS_SKIP_CHECK=1 mcopy -i "$mformat_img" "$kernel" ::/vmlinuz
-MTOOLS_SKIP_CHECK=1 mcopy -i "$mformat_img" "$initrd" ::/initrd.img
-MTOOLS_SKIP_CHECK=1 mcopy -i "$mformat_img" "$work/syslinux.cfg" ::/syslinux.cfg
-syslinux --install "$mformat_img"
+# Debian's signed GRUB reads \EFI\debian\grub.cfg (its built-in prefix on the partition it
+# was loaded from), else grub.cfg beside itself: both get the same one.
+cat > "$work/grub.cfg" <<CFG
+set timeout=0
+serial --unit=0 --speed=115200
+terminal_input console serial
+terminal_output console serial
+menuentry 'nodekeeper node' {
+  linux /vmlinuz $cmdline
+  initrd /initrd.img
+}
+CFG
+mt() { MTOOLS_SKIP_CHECK=1 "$@"; }
+mt mmd -i "$esp" ::/EFI ::/EFI/BOOT ::/EFI/debian
+mt mcopy -i "$esp" "$efi/shimx64.efi" ::/EFI/BOOT/BOOTX64.EFI
+mt mcopy -i "$esp" "$efi/grubx64.efi" ::/EFI/BOOT/grubx64.efi
+mt mcopy -i "$esp" "$work/grub.cfg" ::/EFI/BOOT/grub.cfg
+mt mcopy -i "$esp" "$work/grub.cfg" ::/EFI/debian/grub.cfg
+mt mcopy -i "$esp" "$kernel" ::/vmlinuz
+mt mcopy -i "$esp" "$initrd" ::/initrd.img
+mt mcopy -i "$esp" "$work/syslinux.cfg" ::/syslinux.cfg
+syslinux --install "$esp"
 
-mke2fs -q -t ext4 -L nkroot -U 6e6b6e6f-0000-4000-8000-000000000002 -E root_owner=0:0 \
+mke2fs -q -t ext4 -L nkroot -U 6e6b6e6f-0000-4000-8000-0000000000f2 -E root_owner=0:0 \
   -d "$root" "$work/root.ext4" "${root_mib}M"
 
 img=$work/node.img
 truncate -s "${total_mib}M" "$img"
 sfdisk -q "$img" <<PART
-label: dos
-label-id: 0x6e6b6e6f
-start=1MiB, size=${boot_mib}MiB, type=c, bootable
-start=$(( 1 + boot_mib ))MiB, size=${root_mib}MiB, type=83
+label: gpt
+label-id: 6e6b6e6f-0000-4000-8000-000000000000
+start=1MiB, size=${esp_mib}MiB, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B, uuid=6e6b6e6f-0000-4000-8000-000000000001, name="EFI system partition", attrs="LegacyBIOSBootable"
+start=$(( 1 + esp_mib ))MiB, size=${root_mib}MiB, type=4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709, uuid=$root_partuuid, name="root"
 PART
-dd if=/usr/lib/syslinux/mbr/mbr.bin of="$img" conv=notrunc bs=440 count=1 status=none
-dd if="$mformat_img" of="$img" conv=notrunc bs=1M seek=1 status=none
-dd if="$work/root.ext4" of="$img" conv=notrunc bs=1M seek=$(( 1 + boot_mib )) status=none
+# BIOS: syslinux's GPT-aware MBR code in the protective MBR (its partition record untouched).
+dd if=/usr/lib/syslinux/mbr/gptmbr.bin of="$img" conv=notrunc bs=440 count=1 status=none
+dd if="$esp" of="$img" conv=notrunc bs=1M seek=1 status=none
+dd if="$work/root.ext4" of="$img" conv=notrunc bs=1M seek=$(( 1 + esp_mib )) status=none
 mv "$img" "$out/node.img"
 echo "$stamp" > "$out/stamp"
-echo "node image: $out/node.img ($(du -h --apparent-size "$out/node.img" | cut -f1), kernel $(basename "$kernel"))"
+echo "node image: $out/node.img ($(du -h --apparent-size "$out/node.img" | cut -f1), kernel $(basename "$kernel"), GPT: UEFI shim+GRUB, BIOS syslinux)"

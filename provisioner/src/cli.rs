@@ -4,7 +4,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use nodekeeper_store::{HostName, InstanceId, MacAddr};
+use nodekeeper_store::{BootMode, HostName, InstanceId, MacAddr};
 
 use crate::admin;
 
@@ -130,6 +130,22 @@ pub enum HostCommand {
         /// model=, name=, size>= (comma-separated, all must hold).
         #[arg(long)]
         root_device: Option<String>,
+        /// How its firmware boots: bios, uefi or uefi-secureboot (PXE through Debian's signed
+        /// shim and GRUB instead of iPXE). Unset: the BMC's override keeps the mode it has.
+        #[arg(long)]
+        boot_mode: Option<BootMode>,
+    },
+    /// Change how a host is installed: its root-device hint and its boot mode (refused while
+    /// it is being reimaged).
+    Set {
+        /// Host name.
+        name: HostName,
+        /// A new root-device hint (as for `host add`), or `none` for the smallest fixed disk.
+        #[arg(long)]
+        root_device: Option<String>,
+        /// bios, uefi, uefi-secureboot, or `unknown`.
+        #[arg(long)]
+        boot_mode: Option<String>,
     },
     /// List hosts.
     List,
@@ -205,9 +221,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Db(DbCommand::GuardRole { host, role }) => {
             admin::db_guard_role(&store, &out, &cli.database_url, &host, role.as_deref()).await
         }
-        Command::Host(HostCommand::Add { name, mac, ip, bmc, bmc_credentials, root_device }) => {
+        Command::Host(HostCommand::Add { name, mac, ip, bmc, bmc_credentials, root_device, boot_mode }) => {
             let new = nodekeeper_store::NewHost { name, mac, ip, bmc_url: bmc, bmc_credentials };
-            admin::host_add(&store, &out, new, root_device.as_deref()).await
+            admin::host_add(&store, &out, new, root_device.as_deref(), boot_mode).await
+        }
+        Command::Host(HostCommand::Set { name, root_device, boot_mode }) => {
+            admin::host_set(&store, &out, &name, root_device.as_deref(), boot_mode.as_deref()).await
         }
         Command::Power { host, action } => admin::power(&store, &out, &host, action).await,
         Command::Reimage { host, image } => admin::reimage(&store, &out, &host, image.as_deref()).await,

@@ -112,6 +112,9 @@ pub struct DhcpConfig {
     pub allow_unknown: bool,
     /// UDP port to listen on (default 67; tests use another).
     pub port: Option<u16>,
+    /// The boot file of UEFI x86-64 PXE clients (default `ipxe.efi`; `snponly.efi` for NICs
+    /// whose firmware driver iPXE should use). Secure Boot hosts get `shimx64.efi` instead.
+    pub uefi_boot_file: Option<String>,
 }
 
 /// `[tftp]`

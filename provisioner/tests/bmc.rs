@@ -9,6 +9,7 @@ use std::time::Duration;
 use nodekeeper_provisioner::bmc::{Bmc, Driver};
 use nodekeeper_store::testing::free_port;
 use nodekeeper_store::testing::TestDb;
+use nodekeeper_store::BootMode;
 
 const BIN: &str = env!("CARGO_BIN_EXE_nodekeeper-provisioner");
 
@@ -63,7 +64,7 @@ fn rig() -> Rig {
     std::fs::write(
         &xml,
         format!(
-            "<domain type='qemu'><name>{domain}</name><uuid>{uuid}</uuid><memory unit='MiB'>32</memory><os><type arch='x86_64'>hvm</type><boot dev='hd'/></os>\
+            "<domain type='qemu'><name>{domain}</name><uuid>{uuid}</uuid><memory unit='MiB'>32</memory><os><type arch='x86_64'>hvm</type><boot dev='hd'/></os><features><acpi/></features>\
              <devices><disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{}'/><target dev='vda' bus='virtio'/></disk>\
              <interface type='user'><model type='virtio'/></interface></devices></domain>",
             disk.display()
@@ -176,21 +177,48 @@ async fn redfish_through_sushy_tools() {
 
     // PXE once, as the reimage will ask before powering on.
     let driver = Driver::from_url(&bmc, None).expect("driver");
-    driver.set_pxe_once().await.expect("pxe once");
-    let body =
-        String::from_utf8(Command::new("curl").args(["-sf", &system]).output().expect("curl").stdout).expect("utf-8");
-    let v: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    let system_json = || -> serde_json::Value {
+        let out = Command::new("curl").args(["-sf", &system]).output().expect("curl");
+        serde_json::from_slice(&out.stdout).expect("JSON")
+    };
+    driver.set_pxe_once(None).await.expect("pxe once");
+    let v = system_json();
     assert_eq!(v["Boot"]["BootSourceOverrideTarget"], "Pxe");
     // sushy-tools' libvirt driver rewrites the domain's boot order and always reports
     // "Continuous": like hardware that ignores a one-time override, which is why the
     // reimage's local_boot step sets the disk back explicitly.
     assert!(matches!(v["Boot"]["BootSourceOverrideEnabled"].as_str(), Some("Once" | "Continuous")), "{v}");
     // And back to the disk, as the reimage's local_boot step does.
-    driver.set_disk_boot().await.expect("disk boot");
-    let body =
-        String::from_utf8(Command::new("curl").args(["-sf", &system]).output().expect("curl").stdout).expect("utf-8");
-    let v: serde_json::Value = serde_json::from_str(&body).expect("JSON");
-    assert_eq!(v["Boot"]["BootSourceOverrideTarget"], "Hdd");
+    driver.set_disk_boot(None).await.expect("disk boot");
+    assert_eq!(system_json()["Boot"]["BootSourceOverrideTarget"], "Hdd");
+
+    // A UEFI host: the override goes out in UEFI mode, and the domain gets UEFI firmware.
+    let os_section = || {
+        let out = Command::new("virsh").args(["dumpxml", "--inactive", &rig.domain]).output().expect("virsh");
+        let xml = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (start, end) = (xml.find("<os").expect("<os>"), xml.find("</os>").expect("</os>"));
+        xml[start..end].to_owned()
+    };
+    assert!(!os_section().contains("pflash"), "a BIOS domain to begin with: {}", os_section());
+    driver.set_pxe_once(Some(BootMode::Uefi)).await.expect("pxe once, UEFI");
+    let v = system_json();
+    assert_eq!(
+        (v["Boot"]["BootSourceOverrideTarget"].as_str(), v["Boot"]["BootSourceOverrideMode"].as_str()),
+        (Some("Pxe"), Some("UEFI")),
+        "{v}"
+    );
+    let uefi = os_section();
+    assert!(uefi.contains("pflash"), "UEFI firmware: {uefi}");
+    // Already UEFI: the mode is not sent again (sushy-tools would rebuild the firmware
+    // section, and Secure Boot with it; iDRAC would queue a BIOS job).
+    driver.set_disk_boot(Some(BootMode::UefiSecureBoot)).await.expect("disk, UEFI");
+    assert_eq!(system_json()["Boot"]["BootSourceOverrideTarget"], "Hdd");
+    assert_eq!(os_section(), uefi, "the firmware section is untouched when the mode is already right");
+    // Back to Legacy is something sushy-tools' libvirt driver cannot do here (a `rom` loader
+    // without a path): the BMC's own message comes back, and nothing changed.
+    let err = driver.set_pxe_once(Some(BootMode::Bios)).await.expect_err("sushy-tools cannot go back to Legacy");
+    assert!(err.to_string().contains("HTTP 500") && err.to_string().contains("boot mode"), "{err}");
+    assert_eq!(os_section(), uefi);
 
     // A BMC that is not there: a clear error, no hang.
     let (_, _, _) =

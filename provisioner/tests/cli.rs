@@ -99,6 +99,33 @@ async fn a_fleet_is_managed_end_to_end(db: TestDb) {
     let hint = store.root_device(&"node-h".parse().expect("name")).await.expect("hint");
     assert_eq!(hint.as_deref(), Some("serial=S4EW%20NX0,size>=107374182400B"));
 
+    // The boot mode: at add, changed later with the hint, shown by `host show`; bad values
+    // and a host being reimaged are refused, with nothing changed.
+    let e = cli.fails(&["host", "add", "node-u", "--boot-mode", "efi"]);
+    assert!(e.contains("uefi-secureboot"), "{e}");
+    cli.ok(&["host", "add", "node-u", "--boot-mode", "uefi"]);
+    let show = cli.json(&["host", "show", "node-u"]);
+    assert_eq!((show["boot"]["boot_mode"].as_str(), show["boot"]["root_device"].as_str()), (Some("uefi"), None));
+    let set = cli.json(&["host", "set", "node-u", "--boot-mode", "uefi-secureboot", "--root-device", "model=PM9A3"]);
+    assert_eq!(
+        (set["boot_mode"].as_str(), set["root_device"].as_str()),
+        (Some("uefi-secureboot"), Some("model=PM9A3"))
+    );
+    let e = cli.fails(&["host", "set", "node-u", "--root-device", "colour=red"]);
+    assert!(e.contains("--root-device"), "{e}");
+    let e = cli.fails(&["host", "set", "node-u"]);
+    assert!(e.contains("nothing to change"), "{e}");
+    let set = cli.json(&["host", "set", "node-u", "--root-device", "none", "--boot-mode", "unknown"]);
+    assert_eq!((set["boot_mode"].as_str(), set["root_device"].as_str()), (None, None));
+    let text = String::from_utf8(cli.run(&["host", "show", "node-h"]).stdout).expect("utf-8");
+    assert!(text.contains("root device:    serial=S4EW%20NX0,size>=107374182400B"), "{text}");
+    store
+        .set_host_state(&"node-u".parse().expect("name"), nodekeeper_store::HostState::Reimaging, "test", "test")
+        .await
+        .expect("state");
+    let e = cli.fails(&["host", "set", "node-u", "--boot-mode", "bios"]);
+    assert!(e.contains("being reimaged"), "{e}");
+
     let file = cli.write("inv.jsonl", &jsonl(4, |_| "node-a"));
     assert_eq!(cli.json(&["instance", "import", &file])["imported"], 4);
     let list = cli.json(&["instance", "list", "--host", "node-a"]);

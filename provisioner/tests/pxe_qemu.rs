@@ -1,6 +1,9 @@
 //! The real thing: a QEMU guest (TCG, `-boot n`, virtio-net with Debian's iPXE ROM) boots
 //! from the provisioner through DHCP → iPXE → HTTP script → kernel + initramfs, and the
-//! initramfs prints a marker with the kernel arguments it got on the serial console.
+//! initramfs prints a marker with the kernel arguments it got on the serial console. On UEFI
+//! (OVMF), and on UEFI with Secure Boot enforcing (Microsoft's keys enrolled), where the host
+//! gets Debian's signed chain instead: shim → GRUB over TFTP → its GRUB script → Debian's
+//! signed kernel, and the initramfs reports the firmware's SecureBoot variable.
 
 mod common;
 
@@ -10,7 +13,7 @@ use std::time::Instant;
 
 use common::Lab;
 use nodekeeper_store::testing::TestDb;
-use nodekeeper_store::{HostState, NewHost};
+use nodekeeper_store::{BootMode, HostState, NewHost};
 
 const BIN: &str = env!("CARGO_BIN_EXE_nodekeeper-provisioner");
 const MAC: &str = "52:54:00:aa:00:01";
@@ -64,7 +67,9 @@ fn build_initramfs(dir: &Path) -> PathBuf {
              /bin/busybox mount -t devtmpfs dev /dev\n\
              host=$(/bin/busybox sed -n 's/.*nk.host=\\([^ ]*\\).*/\\1/p' /proc/cmdline)\n\
              token=$(/bin/busybox sed -n 's/.*nk.token=\\([^ ]*\\).*/\\1/p' /proc/cmdline)\n\
-             echo \"{MARKER} host=$host token_len=${{#token}}\" > /dev/ttyS0\n\
+             sb=$(/bin/busybox dmesg | /bin/busybox grep -o 'Secure boot [a-z]*' | /bin/busybox head -n1)\n\
+             sb=${{sb#Secure boot }}\n\
+             echo \"{MARKER} host=$host token_len=${{#token}} secureboot=${{sb:-none}}\" > /dev/ttyS0\n\
              /bin/busybox poweroff -f\n"
         ),
     )
@@ -94,16 +99,29 @@ async fn a_uefi_guest_pxe_boots_through_dhcp_ipxe_efi_and_http() {
     pxe_boot(Firmware::Uefi).await;
 }
 
+/// Secure Boot enforcing: OVMF with Microsoft's keys enrolled. The host's record says so, and
+/// DHCP gives it `shimx64.efi`: shim (Microsoft-signed) loads GRUB (Debian-signed) over TFTP,
+/// GRUB its script from the provisioner, and the signed kernel is checked by shim.
+#[tokio::test]
+async fn a_secure_boot_guest_pxe_boots_through_shim_and_grub() {
+    pxe_boot(Firmware::UefiSecureBoot).await;
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Firmware {
     Bios,
     Uefi,
+    UefiSecureBoot,
 }
 
-/// OVMF's code and a fresh copy of its variables, as QEMU flash drives.
-fn ovmf(dir: &Path) -> Option<Vec<String>> {
-    let code = Path::new("/usr/share/OVMF/OVMF_CODE_4M.fd");
-    let vars = Path::new("/usr/share/OVMF/OVMF_VARS_4M.fd");
+/// OVMF's code and a fresh copy of its variables, as QEMU flash drives (with Secure Boot:
+/// the SMM build, Microsoft's keys, and a q35 machine with SMM).
+fn ovmf(dir: &Path, secure_boot: bool) -> Option<Vec<String>> {
+    let (code, vars) = if secure_boot {
+        (Path::new("/usr/share/OVMF/OVMF_CODE_4M.secboot.fd"), Path::new("/usr/share/OVMF/OVMF_VARS_4M.ms.fd"))
+    } else {
+        (Path::new("/usr/share/OVMF/OVMF_CODE_4M.fd"), Path::new("/usr/share/OVMF/OVMF_VARS_4M.fd"))
+    };
     if !code.exists() || !vars.exists() {
         assert!(
             std::env::var("NODEKEEPER_REQUIRE_QEMU").as_deref() != Ok("1"),
@@ -114,12 +132,19 @@ fn ovmf(dir: &Path) -> Option<Vec<String>> {
     }
     let copy = dir.join("OVMF_VARS.fd");
     std::fs::copy(vars, &copy).expect("OVMF vars");
-    Some(vec![
+    let mut args: Vec<String> = Vec::new();
+    if secure_boot {
+        for a in ["-machine", "q35,smm=on", "-global", "driver=cfi.pflash01,property=secure,value=on"] {
+            args.push(a.into());
+        }
+    }
+    args.extend([
         "-drive".into(),
         format!("if=pflash,format=raw,unit=0,readonly=on,file={}", code.display()),
         "-drive".into(),
         format!("if=pflash,format=raw,unit=1,file={}", copy.display()),
-    ])
+    ]);
+    Some(args)
 }
 
 async fn pxe_boot(firmware: Firmware) {
@@ -143,6 +168,9 @@ async fn pxe_boot(firmware: Firmware) {
         )
         .await
         .expect("host");
+    if firmware == Firmware::UefiSecureBoot {
+        store.change_boot_settings(&name, None, Some(Some(BootMode::UefiSecureBoot)), "test").await.expect("mode");
+    }
     store.set_host_state(&name, HostState::Reimaging, "test", "PXE test").await.expect("reimaging");
     // A reimage that has powered the host on: only then is the deploy handed out.
     let data = nodekeeper_provisioner::reimage::machine::ReimageData::first_boot("node.img");
@@ -158,6 +186,15 @@ async fn pxe_boot(firmware: Firmware) {
     std::fs::create_dir_all(dir.path().join("tftp")).expect("tftp");
     for f in ["undionly.kpxe", "ipxe.efi"] {
         let _ = std::fs::copy(Path::new("/usr/lib/ipxe").join(f), dir.path().join("tftp").join(f));
+    }
+    if firmware == Firmware::UefiSecureBoot {
+        // Debian's signed shim, and its network GRUB as grubx64.efi (what shim loads).
+        let efi = dir.path().join("efi");
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let out = Command::new(repo.join("images/efi/fetch.sh")).arg(&efi).output().expect("fetch.sh");
+        assert!(out.status.success(), "images/efi/fetch.sh: {}", String::from_utf8_lossy(&out.stderr));
+        std::fs::copy(efi.join("shimx64.efi"), dir.path().join("tftp/shimx64.efi")).expect("shim");
+        std::fs::copy(efi.join("grubnetx64.efi"), dir.path().join("tftp/grubx64.efi")).expect("grub");
     }
     let config = format!("{d}/provisioner.toml");
     std::fs::write(
@@ -182,7 +219,7 @@ async fn pxe_boot(firmware: Firmware) {
     let serial = dir.path().join("serial.log");
     let firmware_args = match firmware {
         Firmware::Bios => Vec::new(),
-        Firmware::Uefi => match ovmf(dir.path()) {
+        Firmware::Uefi | Firmware::UefiSecureBoot => match ovmf(dir.path(), firmware == Firmware::UefiSecureBoot) {
             Some(args) => args,
             None => return,
         },
@@ -202,7 +239,7 @@ async fn pxe_boot(firmware: Firmware) {
     ];
     args.extend(base.iter().map(|s| s.to_string()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let qemu = Lab::run(&server, 420, "qemu-system-x86_64", &args);
+    let qemu = Lab::run(&server, 170, "qemu-system-x86_64", &args);
     let log = std::fs::read_to_string(&serial).unwrap_or_default();
     let line = log.lines().find(|l| l.contains(MARKER));
     assert!(
@@ -216,7 +253,20 @@ async fn pxe_boot(firmware: Firmware) {
     let line = line.unwrap_or_default();
     assert!(line.contains("host=node-a"), "the kernel got the host's arguments: {line}");
     assert!(line.contains("token_len=64"), "and a 64-character one-time token: {line}");
-    if firmware == Firmware::Uefi {
+    let secure_boot = match firmware {
+        // The kernel's own word ("secureboot: Secure boot enabled"), on EFI only.
+        Firmware::Bios => "secureboot=none",
+        Firmware::Uefi => "secureboot=disabled",
+        Firmware::UefiSecureBoot => "secureboot=enabled",
+    };
+    assert!(line.contains(secure_boot), "{firmware:?}: {line}");
+    if firmware == Firmware::UefiSecureBoot {
+        assert!(
+            log.contains("Welcome to GRUB") || log.contains("nodekeeper: loading the deploy ramdisk"),
+            "through GRUB"
+        );
+    }
+    if firmware != Firmware::Bios {
         let leases = db.store().await.leases().await.expect("leases");
         assert!(leases.iter().any(|l| l.mac.to_string() == MAC), "the UEFI client took a lease: {leases:?}");
     }

@@ -15,7 +15,7 @@ use nodekeeper_provisioner::reimage::executor::{self, BmcFactory};
 use nodekeeper_provisioner::reimage::machine::{Deadlines, Limits};
 use nodekeeper_provisioner::serve::config::HttpConfig;
 use nodekeeper_store::testing::TestDb;
-use nodekeeper_store::{HostName, HostState, NewHost, Operation, OperationStatus, Store};
+use nodekeeper_store::{BootMode, HostName, HostState, NewHost, Operation, OperationStatus, Store};
 use tokio_util::sync::CancellationToken;
 
 struct Factory(Fake);
@@ -167,6 +167,8 @@ fn quick() -> Deadlines {
 async fn a_reimage_runs_to_done_through_the_agent_and_the_heartbeat() {
     let r = rig().await;
     r.fake.set(|s| s.on = true);
+    // A UEFI host: both boot overrides go out in its mode.
+    r.store.change_boot_settings(&name(), None, Some(Some(BootMode::Uefi)), "test").await.expect("mode");
     let (op, started) = executor::request(&r.store, &name(), Some("node-v2.img"), quick(), Limits::default(), "test")
         .await
         .expect("request");
@@ -179,6 +181,7 @@ async fn a_reimage_runs_to_done_through_the_agent_and_the_heartbeat() {
     let _exec = r.executor();
     r.wait(op.id, "agent_booted", |o| o.step == "agent_booted").await;
     assert!(r.fake.get(|s| s.pxe_once && s.on && s.power_ons == 1), "powered off, PXE once, powered on");
+    assert_eq!(r.fake.get(|s| s.boot_mode), Some(BootMode::Uefi), "PXE once in UEFI mode");
     let token = r.token();
     assert_eq!(r.report("wrong", r#"{"token":"TOKEN","stage":"booted"}"#), 403);
     assert_eq!(r.report(&token, r#"{"token":"TOKEN","stage":"written"}"#), 409, "not before booted");
@@ -195,7 +198,7 @@ async fn a_reimage_runs_to_done_through_the_agent_and_the_heartbeat() {
         "the token outlives verified: the node's first boot reports with it"
     );
     r.wait(op.id, "heartbeat", |o| o.step == "heartbeat").await;
-    assert!(r.fake.get(|s| s.disk_boot), "the BMC boots the disk from now on");
+    assert!(r.fake.get(|s| s.disk_boot && s.boot_mode == Some(BootMode::Uefi)), "the BMC boots the disk from now on");
     r.store.record_heartbeat(&name()).await.expect("heartbeat");
     let done = r.wait(op.id, "done", |o| o.status != OperationStatus::Running).await;
     assert_eq!((done.status, done.step.as_str()), (OperationStatus::Done, "done"));

@@ -7,6 +7,7 @@ use std::process::{Command, Output};
 use std::sync::Arc;
 
 use nodekeeper_provisioner::metrics::Metrics;
+use nodekeeper_provisioner::tftp::Tree;
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
@@ -24,6 +25,14 @@ impl Drop for Server {
 }
 
 async fn start(files: &[(&str, usize)]) -> Server {
+    start_with(files, None, None).await
+}
+
+async fn start_with(
+    files: &[(&str, usize)],
+    images: Option<PathBuf>,
+    generated: Option<Arc<dyn nodekeeper_provisioner::tftp::Generated>>,
+) -> Server {
     let dir = tempfile::tempdir().expect("dir");
     let root = dir.path().join("root");
     std::fs::create_dir_all(root.join("efi")).expect("mkdir");
@@ -37,7 +46,8 @@ async fn start(files: &[(&str, usize)]) -> Server {
     let port = socket.local_addr().expect("addr").port();
     let metrics = Arc::new(Metrics::default());
     let shutdown = CancellationToken::new();
-    tokio::spawn(nodekeeper_provisioner::tftp::serve(socket, root, metrics.clone(), shutdown.clone()));
+    let tree = Tree { root, images, generated };
+    tokio::spawn(nodekeeper_provisioner::tftp::serve(socket, tree, metrics.clone(), shutdown.clone()));
     Server { port, dir, metrics, shutdown }
 }
 
@@ -135,7 +145,9 @@ async fn paths_outside_the_root_get_an_error_packet() {
     let dir = srv.dir.path();
     for (name, want) in [
         ("../secret", "Error code 2"),
-        ("/etc/passwd", "Error code 2"),
+        // A leading slash is the root (tftpd-hpa's -s): the root has no etc/passwd.
+        ("/etc/passwd", "Error code 1"),
+        ("/../secret", "Error code 2"),
         ("escape", "Error code 2"),
         ("efi/../../secret", "Error code 2"),
         ("missing", "Error code 1"),
@@ -230,4 +242,55 @@ async fn stalled_clients_do_not_stop_a_pxe_boot() {
     assert_eq!(sha(&srv.out("boot.kpxe")), sha(&srv.root_file("undionly.kpxe")));
     assert!(started.elapsed() < std::time::Duration::from_secs(5), "took {:?}", started.elapsed());
     drop(stalled);
+}
+
+/// Counts what it makes: `made.cfg` is "made N" for the Nth making; `broken.cfg` fails.
+struct Counter(std::sync::atomic::AtomicU32);
+
+impl nodekeeper_provisioner::tftp::Generated for Counter {
+    fn generate<'a>(&'a self, name: &'a str) -> Option<nodekeeper_provisioner::tftp::Made<'a>> {
+        match name {
+            "made.cfg" => Some(Box::pin(async move {
+                let n = self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                Ok(format!("made {n}\n").into_bytes())
+            })),
+            "broken.cfg" => Some(Box::pin(async { Err("the database is down".to_owned()) })),
+            _ => None,
+        }
+    }
+}
+
+#[tokio::test]
+async fn generated_names_are_made_once_per_client_and_images_are_served_from_their_directory() {
+    let images = tempfile::tempdir().expect("images");
+    std::fs::create_dir(images.path().join("deploy")).expect("mkdir");
+    std::fs::write(images.path().join("deploy/vmlinuz"), vec![7u8; 100_000]).expect("kernel");
+    let counter = Arc::new(Counter(Default::default()));
+    let srv = start_with(&[("ok", 10)], Some(images.path().to_owned()), Some(counter.clone())).await;
+    let port = srv.port.to_string();
+    let dir = srv.dir.path();
+    // GRUB re-reads a file to seek back in it: the same client gets the same bytes, made once
+    // (a one-time deploy token in them is not spent by its own loader).
+    for (i, name) in ["made.cfg", "/made.cfg"].iter().enumerate() {
+        let out = run("tftp", s(&["-m", "binary", "127.0.0.1", &port, "-c", "get", name, &format!("m{i}")]), dir).await;
+        assert!(out.status.success(), "{name}: {out:?}");
+        assert_eq!(std::fs::read_to_string(dir.join(format!("m{i}"))).expect("read"), "made 1\n", "{name}");
+    }
+    assert_eq!(counter.0.load(std::sync::atomic::Ordering::SeqCst), 1, "made once");
+    // A making that fails: an error packet, nothing served.
+    let out = run("tftp", s(&["-m", "binary", "127.0.0.1", &port, "-c", "get", "broken.cfg", "b"]), dir).await;
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("Error code 0") && text.contains("server error"), "{text}");
+    // images/ is the images directory, confined to it as the root is.
+    let out =
+        run("tftp", s(&["-m", "binary", "127.0.0.1", &port, "-c", "get", "/images/deploy/vmlinuz", "k"]), dir).await;
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(std::fs::read(dir.join("k")).expect("kernel"), vec![7u8; 100_000]);
+    let out =
+        run("tftp", s(&["-m", "binary", "127.0.0.1", &port, "-c", "get", "images/../nk-tftp-outside", "o"]), dir).await;
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("Error code 2"), "{text}");
+    // Files of the root are still there.
+    let out = run("tftp", s(&["-m", "binary", "127.0.0.1", &port, "-c", "get", "ok", "ok"]), dir).await;
+    assert!(out.status.success(), "{out:?}");
 }

@@ -8,7 +8,7 @@ use sqlx::Row;
 
 use crate::error::{query, Result, StoreError};
 use crate::events::{insert_event, NewEvent};
-use crate::types::{HostName, HostState, MacAddr, Timestamp};
+use crate::types::{BootMode, HostName, HostState, MacAddr, Timestamp};
 use crate::Store;
 
 /// A host to add.
@@ -24,6 +24,16 @@ pub struct NewHost {
     pub bmc_url: Option<String>,
     /// Where its BMC credentials are (`env:VAR`, `file:/path`): a reference, never the secret.
     pub bmc_credentials: Option<String>,
+}
+
+/// How a host is to be installed: which disk, which firmware mode. Kept beside the host (not in
+/// [`Host`], which every state change carries) and read when a reimage or a boot needs them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct BootSettings {
+    /// Its root-device hint (the agent's one-word form), if any.
+    pub root_device: Option<String>,
+    /// How its firmware boots, if known.
+    pub boot_mode: Option<BootMode>,
 }
 
 /// A host as stored.
@@ -77,17 +87,12 @@ fn host_from_row(row: &AnyRow) -> Result<Host> {
 impl Store {
     /// Adds a host in state `active`, with an event. Refuses a duplicate name or MAC.
     pub async fn add_host(&self, new: &NewHost, actor: &str) -> Result<Host> {
-        self.add_host_with_root_device(new, None, actor).await
+        self.add_host_with(new, &BootSettings::default(), actor).await
     }
 
-    /// [`Store::add_host`] with its root-device hint in the same transaction: a host never
+    /// [`Store::add_host`] with its boot settings in the same transaction: a host never
     /// exists, even for a moment, without the hint that says which disk a reimage may write.
-    pub async fn add_host_with_root_device(
-        &self,
-        new: &NewHost,
-        root_device: Option<&str>,
-        actor: &str,
-    ) -> Result<Host> {
+    pub async fn add_host_with(&self, new: &NewHost, boot: &BootSettings, actor: &str) -> Result<Host> {
         let db_now = self.now().await?.0;
         let mut tx = self.begin_write("adding a host").await?;
         if self.host_in(&mut tx, &new.name).await?.is_some() {
@@ -105,8 +110,8 @@ impl Store {
         }
         let now = db_now;
         sqlx::query(
-            "INSERT INTO hosts (name, mac, ip, bmc_url, bmc_credentials, state, created_at, updated_at, root_device) \
-             VALUES ($1, $2, $3, $4, $5, 'active', $6, $6, $7)",
+            "INSERT INTO hosts (name, mac, ip, bmc_url, bmc_credentials, state, created_at, updated_at, root_device, \
+             boot_mode) VALUES ($1, $2, $3, $4, $5, 'active', $6, $6, $7, $8)",
         )
         .bind(new.name.as_str())
         .bind(new.mac.map(|m| m.to_string()))
@@ -114,7 +119,8 @@ impl Store {
         .bind(new.bmc_url.clone())
         .bind(new.bmc_credentials.clone())
         .bind(now)
-        .bind(root_device.map(str::to_owned))
+        .bind(boot.root_device.clone())
+        .bind(boot.boot_mode.map(|m| m.as_str().to_owned()))
         .execute(&mut *tx)
         .await
         .map_err(query("adding a host"))?;
@@ -255,12 +261,83 @@ impl Store {
 
     /// `name`'s root-device hint, if it has one.
     pub async fn root_device(&self, name: &HostName) -> Result<Option<String>> {
-        let hint: Option<Option<String>> = sqlx::query_scalar("SELECT root_device FROM hosts WHERE name = $1")
+        Ok(self.boot_settings(name).await?.root_device)
+    }
+
+    /// `name`'s boot settings (an unknown host has none).
+    pub async fn boot_settings(&self, name: &HostName) -> Result<BootSettings> {
+        const WHAT: &str = "reading a host's boot settings";
+        let row = sqlx::query("SELECT root_device, boot_mode FROM hosts WHERE name = $1")
             .bind(name.as_str())
             .fetch_optional(&self.pool)
             .await
-            .map_err(query("reading a host's root-device hint"))?;
-        Ok(hint.flatten())
+            .map_err(query(WHAT))?;
+        let Some(row) = row else { return Ok(BootSettings::default()) };
+        let root_device: Option<String> = get(&row, "hosts", "root_device")?;
+        let mode: Option<String> = get(&row, "hosts", "boot_mode")?;
+        let boot_mode = mode.map(|m| parse_column("hosts", "boot_mode", &m)).transpose()?;
+        Ok(BootSettings { root_device, boot_mode })
+    }
+
+    /// Every host's boot mode, by name (hosts without one are left out).
+    pub async fn boot_modes(&self) -> Result<std::collections::HashMap<HostName, BootMode>> {
+        const WHAT: &str = "reading the hosts' boot modes";
+        let rows = sqlx::query("SELECT name, boot_mode FROM hosts WHERE boot_mode IS NOT NULL")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(query(WHAT))?;
+        rows.iter()
+            .map(|row| {
+                let name: String = get(row, "hosts", "name")?;
+                let mode: String = get(row, "hosts", "boot_mode")?;
+                Ok((parse_column("hosts", "name", &name)?, parse_column("hosts", "boot_mode", &mode)?))
+            })
+            .collect()
+    }
+
+    /// Changes a host's boot settings: `Some` fields are set (`Some(None)` clears the value),
+    /// `None` fields are left alone; with an event naming what changed. Refused while the host
+    /// is being reimaged (the running reimage read the old ones).
+    pub async fn change_boot_settings(
+        &self,
+        name: &HostName,
+        root_device: Option<Option<&str>>,
+        boot_mode: Option<Option<BootMode>>,
+        actor: &str,
+    ) -> Result<BootSettings> {
+        const WHAT: &str = "changing a host's boot settings";
+        let mut tx = self.begin_write(WHAT).await?;
+        let host = self.host_in(&mut tx, name).await?.ok_or_else(|| StoreError::UnknownHost(name.clone()))?;
+        if host.state == HostState::Reimaging {
+            return Err(StoreError::Invalid(format!(
+                "{name} is being reimaged with its current boot settings: change them after the reimage ends"
+            )));
+        }
+        let mut changed = Vec::new();
+        if let Some(hint) = root_device {
+            sqlx::query("UPDATE hosts SET root_device = $1 WHERE name = $2")
+                .bind(hint.map(str::to_owned))
+                .bind(name.as_str())
+                .execute(&mut *tx)
+                .await
+                .map_err(query(WHAT))?;
+            changed.push(format!("root device {}", hint.unwrap_or("(none: the smallest fixed disk)")));
+        }
+        if let Some(mode) = boot_mode {
+            sqlx::query("UPDATE hosts SET boot_mode = $1 WHERE name = $2")
+                .bind(mode.map(|m| m.as_str().to_owned()))
+                .bind(name.as_str())
+                .execute(&mut *tx)
+                .await
+                .map_err(query(WHAT))?;
+            changed.push(format!("boot mode {}", mode.map_or("(unknown)", BootMode::as_str)));
+        }
+        if !changed.is_empty() {
+            let message = format!("{name}: {}", changed.join(", "));
+            insert_event(&mut tx, &NewEvent::host(actor, "host.changed", name, message)).await?;
+        }
+        tx.commit().await.map_err(query(WHAT))?;
+        self.boot_settings(name).await
     }
 
     /// Runs one statement as this store's user (for tests that prove what a user may not do).

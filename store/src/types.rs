@@ -258,6 +258,27 @@ text_enum! {
 }
 
 text_enum! {
+    /// How a host's firmware boots (metal3's `BootMode`): the BMC's boot override is set in
+    /// this mode, and a `uefi-secureboot` host is PXE-booted through the signed chain (shim →
+    /// GRUB → the deploy kernel) instead of iPXE.
+    BootMode, "boot mode" {
+        /// Legacy BIOS (or UEFI's compatibility module).
+        Bios = "bios",
+        /// UEFI without Secure Boot.
+        Uefi = "uefi",
+        /// UEFI with Secure Boot enforcing.
+        UefiSecureBoot = "uefi-secureboot",
+    }
+}
+
+impl BootMode {
+    /// Whether the firmware is UEFI (with or without Secure Boot).
+    pub fn is_uefi(self) -> bool {
+        self != BootMode::Bios
+    }
+}
+
+text_enum! {
     /// Where an instance's disks live, which decides how it is recovered elsewhere.
     Storage, "storage" {
         /// A shared filesystem every host mounts: restart the same disk.

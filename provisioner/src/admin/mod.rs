@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use nodekeeper_store::{EventFilter, HostName, InstanceId, NewHost, Store, StoreError};
+use nodekeeper_store::{BootMode, BootSettings, EventFilter, HostName, InstanceId, NewHost, Store, StoreError};
 use serde::Serialize;
 use serde_json::json;
 
@@ -101,19 +101,59 @@ pub fn tls_init(out: &Output, config: &std::path::Path, names: &[String], new_ca
 }
 
 /// `host add`
-pub async fn host_add(store: &Store, out: &Output, new: NewHost, root_device: Option<&str>) -> anyhow::Result<()> {
+pub async fn host_add(
+    store: &Store,
+    out: &Output,
+    new: NewHost,
+    root_device: Option<&str>,
+    boot_mode: Option<BootMode>,
+) -> anyhow::Result<()> {
     if let Some(bmc) = &new.bmc_url {
         check_bmc_url(bmc)?;
     }
     if let Some(reference) = &new.bmc_credentials {
         crate::bmc::CredentialScope::from_env().check(reference)?;
     }
-    let hint = root_device
-        .map(|h| nodekeeper_deploy::disks::Hint::parse(h).map_err(|e| anyhow::anyhow!("--root-device: {e}")))
-        .transpose()?;
-    let hint = hint.map(|h| h.to_arg());
-    let host = store.add_host_with_root_device(&new, hint.as_deref(), &actor()).await?;
+    let root_device = root_device.map(root_device_hint).transpose()?;
+    let host = store.add_host_with(&new, &BootSettings { root_device, boot_mode }, &actor()).await?;
     out.emit(&host, || format!("host {} added\n", host.name))
+}
+
+/// A `--root-device` hint, checked and in the agent's one-word form.
+fn root_device_hint(hint: &str) -> anyhow::Result<String> {
+    nodekeeper_deploy::disks::Hint::parse(hint).map(|h| h.to_arg()).map_err(|e| anyhow::anyhow!("--root-device: {e}"))
+}
+
+/// `host set`
+pub async fn host_set(
+    store: &Store,
+    out: &Output,
+    name: &HostName,
+    root_device: Option<&str>,
+    boot_mode: Option<&str>,
+) -> anyhow::Result<()> {
+    if root_device.is_none() && boot_mode.is_none() {
+        bail!("host set {name}: nothing to change (--root-device, --boot-mode)");
+    }
+    let root_device = match root_device {
+        None => None,
+        Some("none") => Some(None),
+        Some(hint) => Some(Some(root_device_hint(hint)?)),
+    };
+    let boot_mode = match boot_mode {
+        None => None,
+        Some("unknown") => Some(None),
+        Some(mode) => Some(Some(mode.parse::<BootMode>().map_err(|e| anyhow::anyhow!("--boot-mode: {e} or unknown"))?)),
+    };
+    let settings =
+        store.change_boot_settings(name, root_device.as_ref().map(|h| h.as_deref()), boot_mode, &actor()).await?;
+    out.emit(&settings, || {
+        format!(
+            "{name}: root device {}, boot mode {}\n",
+            settings.root_device.as_deref().unwrap_or("(the smallest fixed disk)"),
+            settings.boot_mode.map_or("(unknown)", BootMode::as_str)
+        )
+    })
 }
 
 fn check_bmc_url(bmc: &str) -> anyhow::Result<()> {
@@ -157,7 +197,8 @@ pub async fn host_show(store: &Store, out: &Output, name: &HostName) -> anyhow::
     });
     let events = store.events(&EventFilter { host: Some(name.clone()), limit: Some(20), ..Default::default() }).await?;
     let operation = store.latest_operation(name).await?;
-    let value = json!({ "host": host, "instances": counts, "operation": operation, "events": events });
+    let boot = store.boot_settings(name).await?;
+    let value = json!({ "host": host, "boot": boot, "instances": counts, "operation": operation, "events": events });
     out.emit(&value, || {
         let mut s = String::new();
         let fields = [
@@ -167,6 +208,8 @@ pub async fn host_show(store: &Store, out: &Output, name: &HostName) -> anyhow::
             ("ip", opt(host.ip)),
             ("bmc", opt(host.bmc_url.as_ref())),
             ("image", opt(host.image.as_ref())),
+            ("boot mode", opt(boot.boot_mode)),
+            ("root device", opt(boot.root_device.as_ref())),
             ("last heartbeat", opt(host.last_heartbeat)),
             ("added", host.created_at.to_string()),
             ("instances", format!("{} ({} HA), {} deleted", counts["total"], counts["ha"], counts["deleted"])),

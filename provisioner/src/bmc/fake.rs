@@ -15,6 +15,8 @@ pub struct FakeState {
     pub pxe_once: bool,
     /// Boot from disk is set.
     pub disk_boot: bool,
+    /// The firmware mode the last boot override asked for.
+    pub boot_mode: Option<nodekeeper_store::BootMode>,
     /// Times it was powered on.
     pub power_ons: u32,
     /// Fail this many power commands.
@@ -62,12 +64,12 @@ impl Bmc for Fake {
         s.on = on;
         Ok(())
     }
-    async fn set_pxe_once(&self) -> Result<(), BmcError> {
-        self.set(|s| s.pxe_once = true);
+    async fn set_pxe_once(&self, mode: Option<nodekeeper_store::BootMode>) -> Result<(), BmcError> {
+        self.set(|s| (s.pxe_once, s.boot_mode) = (true, mode));
         Ok(())
     }
-    async fn set_disk_boot(&self) -> Result<(), BmcError> {
-        self.set(|s| s.disk_boot = true);
+    async fn set_disk_boot(&self, mode: Option<nodekeeper_store::BootMode>) -> Result<(), BmcError> {
+        self.set(|s| (s.disk_boot, s.boot_mode) = (true, mode));
         Ok(())
     }
 }

@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use tokio::process::Command;
 
+use nodekeeper_store::BootMode;
+
 use super::{Bmc, BmcError, Credentials, PowerState};
 
 /// How long one ipmitool call may take.
@@ -71,13 +73,20 @@ impl Bmc for Ipmi {
         self.run(&["chassis", "power", if on { "on" } else { "off" }]).await.map(drop)
     }
 
-    async fn set_pxe_once(&self) -> Result<(), BmcError> {
-        // Without options=persistent, IPMI boot device overrides apply to the next boot only.
-        self.run(&["chassis", "bootdev", "pxe"]).await.map(drop)
+    async fn set_pxe_once(&self, mode: Option<BootMode>) -> Result<(), BmcError> {
+        // Without options=persistent, IPMI boot device overrides apply to the next boot only;
+        // `efiboot` sets the "boot in UEFI mode" bit of the boot flags (IPMI 2.0, parameter 5).
+        let mut args = vec!["chassis", "bootdev", "pxe"];
+        if mode.is_some_and(BootMode::is_uefi) {
+            args.push("options=efiboot");
+        }
+        self.run(&args).await.map(drop)
     }
 
-    async fn set_disk_boot(&self) -> Result<(), BmcError> {
-        self.run(&["chassis", "bootdev", "disk", "options=persistent"]).await.map(drop)
+    async fn set_disk_boot(&self, mode: Option<BootMode>) -> Result<(), BmcError> {
+        let options =
+            if mode.is_some_and(BootMode::is_uefi) { "options=persistent,efiboot" } else { "options=persistent" };
+        self.run(&["chassis", "bootdev", "disk", options]).await.map(drop)
     }
 }
 

@@ -12,6 +12,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use nodekeeper_store::BootMode;
 use serde::Serialize;
 
 /// A host's power as its BMC reports it. Only [`PowerState::Off`] proves a host is off (a
@@ -133,10 +134,10 @@ pub trait Bmc: Send + Sync {
     fn power_state(&self) -> impl Future<Output = Result<PowerState, BmcError>> + Send;
     /// Asks for power on or off (not confirmed).
     fn set_power(&self, on: bool) -> impl Future<Output = Result<(), BmcError>> + Send;
-    /// Boot from the network once, at the next power-on.
-    fn set_pxe_once(&self) -> impl Future<Output = Result<(), BmcError>> + Send;
+    /// Boot from the network once, at the next power-on; in firmware mode `mode` when known.
+    fn set_pxe_once(&self, mode: Option<BootMode>) -> impl Future<Output = Result<(), BmcError>> + Send;
     /// Boot from the local disk from now on (after a deploy: some BMCs ignore "once").
-    fn set_disk_boot(&self) -> impl Future<Output = Result<(), BmcError>> + Send;
+    fn set_disk_boot(&self, mode: Option<BootMode>) -> impl Future<Output = Result<(), BmcError>> + Send;
 }
 
 /// Deadlines and retries for [`power`].
@@ -284,13 +285,13 @@ impl<B: Bmc> Bmc for Leased<B> {
         self.gate().await?;
         self.inner.set_power(on).await
     }
-    async fn set_pxe_once(&self) -> Result<(), BmcError> {
+    async fn set_pxe_once(&self, mode: Option<BootMode>) -> Result<(), BmcError> {
         self.gate().await?;
-        self.inner.set_pxe_once().await
+        self.inner.set_pxe_once(mode).await
     }
-    async fn set_disk_boot(&self) -> Result<(), BmcError> {
+    async fn set_disk_boot(&self, mode: Option<BootMode>) -> Result<(), BmcError> {
         self.gate().await?;
-        self.inner.set_disk_boot().await
+        self.inner.set_disk_boot(mode).await
     }
 }
 
@@ -478,16 +479,16 @@ impl Bmc for Driver {
             Driver::Ipmi(d) => d.set_power(on).await,
         }
     }
-    async fn set_pxe_once(&self) -> Result<(), BmcError> {
+    async fn set_pxe_once(&self, mode: Option<BootMode>) -> Result<(), BmcError> {
         match self {
-            Driver::Redfish(d) => d.set_pxe_once().await,
-            Driver::Ipmi(d) => d.set_pxe_once().await,
+            Driver::Redfish(d) => d.set_pxe_once(mode).await,
+            Driver::Ipmi(d) => d.set_pxe_once(mode).await,
         }
     }
-    async fn set_disk_boot(&self) -> Result<(), BmcError> {
+    async fn set_disk_boot(&self, mode: Option<BootMode>) -> Result<(), BmcError> {
         match self {
-            Driver::Redfish(d) => d.set_disk_boot().await,
-            Driver::Ipmi(d) => d.set_disk_boot().await,
+            Driver::Redfish(d) => d.set_disk_boot(mode).await,
+            Driver::Ipmi(d) => d.set_disk_boot(mode).await,
         }
     }
 }
@@ -520,10 +521,10 @@ mod tests {
             *self.on.lock().expect("lock") = on;
             Ok(())
         }
-        async fn set_pxe_once(&self) -> Result<(), BmcError> {
+        async fn set_pxe_once(&self, _: Option<BootMode>) -> Result<(), BmcError> {
             Ok(())
         }
-        async fn set_disk_boot(&self) -> Result<(), BmcError> {
+        async fn set_disk_boot(&self, _: Option<BootMode>) -> Result<(), BmcError> {
             Ok(())
         }
     }

@@ -1,5 +1,6 @@
 //! Redfish (DMTF DSP0266): `ComputerSystem.Reset`, `PowerState`, and a one-time
-//! `BootSourceOverrideTarget = Pxe`. Basic auth; tested against sushy-tools (libvirt driver).
+//! `BootSourceOverrideTarget = Pxe` (with `BootSourceOverrideMode` when the host's boot mode
+//! is known and the BMC has another). Basic auth; tested against sushy-tools (libvirt driver).
 //!
 //! URLs: `redfish+http://HOST:PORT/redfish/v1/Systems/ID`, `redfish+https://…` or
 //! `redfish://…` (HTTPS). Without a system path, the first system of the collection is used.
@@ -8,6 +9,8 @@
 use std::time::Duration;
 
 use serde_json::{json, Value};
+
+use nodekeeper_store::BootMode;
 
 use super::{Bmc, BmcError, Credentials, PowerState};
 
@@ -84,6 +87,42 @@ impl Redfish {
     }
 }
 
+impl Redfish {
+    /// Sets the boot override. With a mode, `BootSourceOverrideMode` is sent only when the
+    /// system reports another one: BMCs differ here (iDRAC turns a mode change into a BIOS
+    /// setting and wants it with a UEFI target; iLO 5 and others keep it read-only, and
+    /// sushy-tools' libvirt driver rebuilds the firmware section, Secure Boot off, on every
+    /// mode it is sent). A mode the BMC lists as not allowed fails here with what to do.
+    async fn boot_override(&self, target: &str, enabled: &str, mode: Option<BootMode>) -> Result<(), BmcError> {
+        let system = self.system().await?;
+        let mut boot = json!({ "BootSourceOverrideTarget": target, "BootSourceOverrideEnabled": enabled });
+        if let Some(mode) = mode {
+            let wanted = if mode.is_uefi() { "UEFI" } else { "Legacy" };
+            let v = self.send(self.request(reqwest::Method::GET, &system)).await?;
+            let current = v.pointer("/Boot/BootSourceOverrideMode").and_then(Value::as_str);
+            if current != Some(wanted) {
+                let allowed =
+                    v.pointer("/Boot/BootSourceOverrideMode@Redfish.AllowableValues").and_then(Value::as_array);
+                if let Some(allowed) = allowed.filter(|a| !a.iter().any(|m| m.as_str() == Some(wanted))) {
+                    let allowed: Vec<&str> = allowed.iter().filter_map(Value::as_str).collect();
+                    return Err(BmcError::Refused {
+                        endpoint: self.endpoint(),
+                        reason: format!(
+                            "the host boots in {mode} mode but the BMC's boot override mode is {} and it allows only \
+                             [{}]: set the boot mode in the server's firmware setup, or the host's with \
+                             `host set --boot-mode`",
+                            current.unwrap_or("not reported"),
+                            allowed.join(", ")
+                        ),
+                    });
+                }
+                boot["BootSourceOverrideMode"] = json!(wanted);
+            }
+        }
+        self.send(self.request(reqwest::Method::PATCH, &system).json(&json!({ "Boot": boot }))).await.map(drop)
+    }
+}
+
 /// reqwest's errors include the URL; ours already name the endpoint.
 fn without_url(e: &reqwest::Error) -> String {
     let mut e2 = e.to_string();
@@ -128,16 +167,12 @@ impl Bmc for Redfish {
         .map(drop)
     }
 
-    async fn set_pxe_once(&self) -> Result<(), BmcError> {
-        let system = self.system().await?;
-        let body = json!({ "Boot": { "BootSourceOverrideTarget": "Pxe", "BootSourceOverrideEnabled": "Once" } });
-        self.send(self.request(reqwest::Method::PATCH, &system).json(&body)).await.map(drop)
+    async fn set_pxe_once(&self, mode: Option<BootMode>) -> Result<(), BmcError> {
+        self.boot_override("Pxe", "Once", mode).await
     }
 
-    async fn set_disk_boot(&self) -> Result<(), BmcError> {
-        let system = self.system().await?;
-        let body = json!({ "Boot": { "BootSourceOverrideTarget": "Hdd", "BootSourceOverrideEnabled": "Continuous" } });
-        self.send(self.request(reqwest::Method::PATCH, &system).json(&body)).await.map(drop)
+    async fn set_disk_boot(&self, mode: Option<BootMode>) -> Result<(), BmcError> {
+        self.boot_override("Hdd", "Continuous", mode).await
     }
 }
 
@@ -238,6 +273,70 @@ mod tests {
         let driver = Redfish::new(&url, None).expect("driver");
         assert_eq!(power(&driver, PowerAction::On, &fast()).await.expect("on"), PowerState::On);
         assert!(bmc.lock().expect("lock").resets.is_empty(), "no second On sent");
+    }
+
+    /// A system whose `Boot` object is `boot`; records every PATCH body.
+    async fn boot_bmc(boot: Value) -> (String, Arc<Mutex<Vec<Value>>>) {
+        use axum::routing::get;
+        let patches = Arc::new(Mutex::new(Vec::new()));
+        let recorded = patches.clone();
+        let app = axum::Router::new().route(
+            "/redfish/v1/Systems/s1",
+            get(move || {
+                let boot = boot.clone();
+                async move { axum::Json(json!({ "PowerState": "Off", "Boot": boot })) }
+            })
+            .patch(move |axum::Json(body): axum::Json<Value>| {
+                let recorded = recorded.clone();
+                async move {
+                    recorded.lock().expect("lock").push(body);
+                    axum::http::StatusCode::NO_CONTENT
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (format!("redfish+http://{addr}/redfish/v1/Systems/s1"), patches)
+    }
+
+    #[tokio::test]
+    async fn the_boot_mode_is_sent_only_when_it_differs_and_a_read_only_one_is_a_clear_error() {
+        // Already UEFI: target and frequency only.
+        let (url, patches) = boot_bmc(json!({ "BootSourceOverrideMode": "UEFI" })).await;
+        let driver = Redfish::new(&url, None).expect("driver");
+        driver.set_pxe_once(Some(BootMode::UefiSecureBoot)).await.expect("pxe");
+        driver.set_pxe_once(None).await.expect("pxe, mode unknown");
+        assert_eq!(
+            *patches.lock().expect("lock"),
+            vec![json!({ "Boot": { "BootSourceOverrideTarget": "Pxe", "BootSourceOverrideEnabled": "Once" } }); 2]
+        );
+        // Legacy now, UEFI allowed: the mode goes with the target (iDRAC wants both at once).
+        let (url, patches) = boot_bmc(json!({
+            "BootSourceOverrideMode": "Legacy", "BootSourceOverrideMode@Redfish.AllowableValues": ["Legacy", "UEFI"]
+        }))
+        .await;
+        Redfish::new(&url, None).expect("driver").set_disk_boot(Some(BootMode::Uefi)).await.expect("disk");
+        assert_eq!(
+            *patches.lock().expect("lock"),
+            [
+                json!({ "Boot": { "BootSourceOverrideTarget": "Hdd", "BootSourceOverrideEnabled": "Continuous", "BootSourceOverrideMode": "UEFI" } })
+            ]
+        );
+        // A BMC that keeps the mode read-only (iLO 5): refused with what to do, nothing sent.
+        let (url, patches) = boot_bmc(json!({
+            "BootSourceOverrideMode": "Legacy", "BootSourceOverrideMode@Redfish.AllowableValues": ["Legacy"]
+        }))
+        .await;
+        let err = Redfish::new(&url, None).expect("driver").set_pxe_once(Some(BootMode::Uefi)).await.expect_err("mode");
+        let message = err.to_string();
+        assert!(
+            message.contains("boots in uefi mode")
+                && message.contains("allows only [Legacy]")
+                && message.contains("firmware setup"),
+            "{message}"
+        );
+        assert!(patches.lock().expect("lock").is_empty(), "nothing was changed");
     }
 
     #[test]

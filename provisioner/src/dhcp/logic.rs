@@ -28,7 +28,14 @@ pub struct Settings {
     pub allow_unknown: bool,
     /// `http://SERVER:PORT`, for chaining iPXE to `/boot/MAC.ipxe`.
     pub public_url: String,
+    /// What a UEFI x86-64 PXE ROM (option 93 types 7 and 9) loads: `ipxe.efi`, or
+    /// `snponly.efi` (iPXE driving the NIC through the firmware's own driver).
+    pub uefi_boot_file: String,
 }
+
+/// What a UEFI PXE ROM of a Secure Boot host loads: Debian's shim, signed by Microsoft's UEFI
+/// CA; it loads `grubx64.efi` (Debian's signed GRUB) from the same server.
+pub const SECURE_BOOT_FILE: &str = "shimx64.efi";
 
 /// A known host's DHCP-relevant facts.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,6 +44,8 @@ pub struct KnownHost {
     pub name: HostName,
     /// Its fixed address, if any.
     pub ip: Option<Ipv4Addr>,
+    /// Its firmware enforces Secure Boot: UEFI PXE gets the signed chain, not iPXE.
+    pub secure_boot: bool,
 }
 
 /// Where a reply goes.
@@ -64,20 +73,31 @@ pub enum Decision {
 }
 
 /// The boot file for a client: iPXE (user class `iPXE`) chains to its HTTP script; a PXE
-/// ROM gets the iPXE binary for its architecture (option 93).
-pub fn boot_file(msg: &Message, mac: MacAddr, public_url: &str) -> Option<String> {
+/// ROM gets the iPXE binary for its architecture (option 93), or — a UEFI host whose record
+/// says Secure Boot — the signed shim, since Debian ships no signed iPXE.
+pub fn boot_file(msg: &Message, mac: MacAddr, host: Option<&KnownHost>, settings: &Settings) -> Option<String> {
+    let public_url = &settings.public_url;
     let user_class = match msg.opts().get(OptionCode::UserClass) {
         Some(DhcpOption::UserClass(uc)) => uc.clone(),
         _ => Vec::new(),
     };
     // RFC 3004 encodes user classes as length-prefixed strings; iPXE sends the raw "iPXE".
     if user_class == b"iPXE" || user_class.get(1..) == Some(b"iPXE".as_slice()) {
+        // A Secure Boot host boots through shim and GRUB: an iPXE in its NIC's option ROM
+        // (QEMU's, some vendors') gets nothing to boot and hands back to the firmware, whose
+        // own PXE then asks as a UEFI client.
+        if host.is_some_and(|h| h.secure_boot) {
+            return None;
+        }
         return Some(format!("{}/boot/{mac}.ipxe", public_url.trim_end_matches('/')));
     }
     match msg.opts().get(OptionCode::ClientSystemArchitecture) {
         Some(DhcpOption::ClientSystemArchitecture(arch)) => match arch {
             Architecture::Intelx86PC => Some("undionly.kpxe".into()),
-            Architecture::BC | Architecture::X86_64 => Some("ipxe.efi".into()),
+            Architecture::BC | Architecture::X86_64 if host.is_some_and(|h| h.secure_boot) => {
+                Some(SECURE_BOOT_FILE.into())
+            }
+            Architecture::BC | Architecture::X86_64 => Some(settings.uefi_boot_file.clone()),
             Architecture::Unknown(11) => Some("ipxe-arm64.efi".into()),
             _ => None,
         },
@@ -124,7 +144,7 @@ pub fn respond(
         _ => None,
     };
     let fixed = host.and_then(|h| h.ip);
-    let boot = boot_file(msg, mac, &settings.public_url);
+    let boot = boot_file(msg, mac, host, settings);
 
     if settings.proxy {
         // proxyDHCP: boot information only, to PXE clients; the other server gives addresses.
@@ -286,11 +306,14 @@ mod tests {
             lease_secs: 3600,
             allow_unknown,
             public_url: "http://10.20.0.1:8080".into(),
+            uefi_boot_file: "ipxe.efi".into(),
         }
     }
 
     fn hosts(fixed: Option<Ipv4Addr>) -> HashMap<MacAddr, KnownHost> {
-        [(MacAddr(MAC), KnownHost { name: "node-a".parse().expect("name"), ip: fixed })].into_iter().collect()
+        [(MacAddr(MAC), KnownHost { name: "node-a".parse().expect("name"), ip: fixed, secure_boot: false })]
+            .into_iter()
+            .collect()
     }
 
     fn request(kind: MessageType, mac: [u8; 6], opts: &[DhcpOption]) -> Message {
@@ -317,27 +340,34 @@ mod tests {
     #[test]
     fn boot_files_by_architecture_and_ipxe_chaining() {
         let mac = MacAddr(MAC);
-        let url = "http://10.20.0.1:8080";
-        for (arch, want) in [
-            (0u16, Some("undionly.kpxe")),
-            (7, Some("ipxe.efi")),
-            (9, Some("ipxe.efi")),
-            (11, Some("ipxe-arm64.efi")),
-            (6, None),
+        let s = settings(false, false);
+        let plain = KnownHost { name: "node-a".parse().expect("name"), ip: None, secure_boot: false };
+        let secure = KnownHost { secure_boot: true, ..plain.clone() };
+        for (arch, want, want_secure) in [
+            (0u16, Some("undionly.kpxe"), Some("undionly.kpxe")),
+            (7, Some("ipxe.efi"), Some("shimx64.efi")),
+            (9, Some("ipxe.efi"), Some("shimx64.efi")),
+            (11, Some("ipxe-arm64.efi"), Some("ipxe-arm64.efi")),
+            (6, None, None),
         ] {
-            assert_eq!(
-                boot_file(&request(MessageType::Discover, MAC, &pxe(arch)), mac, url).as_deref(),
-                want,
-                "arch {arch}"
-            );
+            let msg = request(MessageType::Discover, MAC, &pxe(arch));
+            assert_eq!(boot_file(&msg, mac, Some(&plain), &s).as_deref(), want, "arch {arch}");
+            assert_eq!(boot_file(&msg, mac, None, &s).as_deref(), want, "arch {arch}, unknown host");
+            assert_eq!(boot_file(&msg, mac, Some(&secure), &s).as_deref(), want_secure, "arch {arch}, Secure Boot");
         }
+        // snponly.efi when configured.
+        let snp = Settings { uefi_boot_file: "snponly.efi".into(), ..settings(false, false) };
+        let msg = request(MessageType::Discover, MAC, &pxe(7));
+        assert_eq!(boot_file(&msg, mac, Some(&plain), &snp).as_deref(), Some("snponly.efi"));
         let ipxe = request(
             MessageType::Discover,
             MAC,
             &[DhcpOption::UserClass(b"iPXE".to_vec()), DhcpOption::ClientSystemArchitecture(0u16.into())],
         );
-        assert_eq!(boot_file(&ipxe, mac, url).as_deref(), Some("http://10.20.0.1:8080/boot/52:54:00:00:00:0a.ipxe"));
-        assert_eq!(boot_file(&request(MessageType::Discover, MAC, &[]), mac, url), None);
+        let url = Some("http://10.20.0.1:8080/boot/52:54:00:00:00:0a.ipxe");
+        assert_eq!(boot_file(&ipxe, mac, Some(&plain), &s).as_deref(), url);
+        assert_eq!(boot_file(&ipxe, mac, Some(&secure), &s), None, "no iPXE for a Secure Boot host");
+        assert_eq!(boot_file(&request(MessageType::Discover, MAC, &[]), mac, Some(&plain), &s), None);
     }
 
     #[test]

@@ -233,6 +233,7 @@ async fn lease_writer(store: Store, mut queue: mpsc::Receiver<(Lease, oneshot::S
 }
 
 async fn load_hosts(store: &Store) -> Result<HashMap<MacAddr, KnownHost>, nodekeeper_store::StoreError> {
+    let modes = store.boot_modes().await?;
     Ok(store
         .hosts()
         .await?
@@ -242,7 +243,8 @@ async fn load_hosts(store: &Store) -> Result<HashMap<MacAddr, KnownHost>, nodeke
                 Some(std::net::IpAddr::V4(ip)) => Some(ip),
                 _ => None,
             };
-            h.mac.map(|mac| (mac, KnownHost { name: h.name, ip }))
+            let secure_boot = modes.get(&h.name) == Some(&nodekeeper_store::BootMode::UefiSecureBoot);
+            h.mac.map(|mac| (mac, KnownHost { name: h.name, ip, secure_boot }))
         })
         .collect())
 }

@@ -1,4 +1,6 @@
-//! The iPXE script a host gets at `/boot/{mac}.ipxe`, as a pure function of its state.
+//! The boot script a host gets — iPXE's at `/boot/{mac}.ipxe`, GRUB's over TFTP at
+//! `grub/nk/{mac}.cfg` for Secure Boot hosts (shim → signed GRUB) — as a pure function of
+//! its state.
 //!
 //! A host being reimaged gets the deploy ramdisk with a one-time token on its kernel command
 //! line; every other known host boots its local disk, so a deployed host never loops back
@@ -63,29 +65,72 @@ pub fn deploy_for(host: &Host, op: Option<&Operation>) -> Option<Deploy> {
     Some(Deploy { image: data.image, boot: format!("{}:{}", op.id, data.pxe_boots) })
 }
 
-/// The script for `host`. `token` is the freshly minted one-time deploy token (only used
-/// while reimaging).
-pub fn boot_script(host: &Host, params: &DeployParams<'_>, token: Option<&str>) -> String {
+/// Which boot loader reads the script.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flavor {
+    /// iPXE (BIOS and UEFI without Secure Boot): loads over HTTP.
+    Ipxe,
+    /// Debian's signed GRUB, network build (UEFI with Secure Boot): loads over TFTP from the
+    /// server it booted from; its `exit` hands back to the firmware.
+    Grub,
+}
+
+/// The kernel arguments of a deploy boot (after the kernel path).
+fn deploy_args(host: &Host, params: &DeployParams<'_>, token: &str) -> Vec<String> {
     let base = params.public_url.trim_end_matches('/');
-    match (host.state, token) {
-        (HostState::Reimaging, Some(token)) => format!(
+    let mut args = vec![
+        format!("nk.server={}", params.tls.map_or(base, |(url, _)| url.trim_end_matches('/'))),
+        format!("nk.host={}", host.name),
+        format!("nk.token={token}"),
+        format!("nk.image={base}/images/{}", params.image),
+    ];
+    args.extend(params.tls.map(|(_, ca)| format!("nk.ca={ca}")));
+    args.extend(params.root_device.map(|h| format!("nk.root_device={h}")));
+    args.extend(host.mac.map(|m| format!("nk.mac={m}")));
+    args.extend(params.kernel_args.split_whitespace().map(str::to_owned));
+    args
+}
+
+/// One word for GRUB's shell: single-quoted (nothing inside is special), `'` spelled `'\''`.
+fn grub_word(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+/// The script for `host` in `flavor`. `token` is the freshly minted one-time deploy token
+/// (only used while reimaging).
+pub fn boot_script(host: &Host, params: &DeployParams<'_>, token: Option<&str>, flavor: Flavor) -> String {
+    let base = params.public_url.trim_end_matches('/');
+    match (host.state, token, flavor) {
+        (HostState::Reimaging, Some(token), Flavor::Ipxe) => format!(
             "#!ipxe\n\
              # nodekeeper: {name} is being reimaged with {image}\n\
              echo nodekeeper: loading the deploy ramdisk for {name}\n\
-             kernel {base}/images/{kernel} initrd=initrd.img nk.server={server} nk.host={name} nk.token={token} nk.image={base}/images/{image}{ca}{hint}{mac} {args}\n\
+             kernel {base}/images/{kernel} initrd=initrd.img {args}\n\
              initrd --name initrd.img {base}/images/{initrd}\n\
              boot\n",
             name = host.name,
             image = params.image,
             kernel = params.kernel,
             initrd = params.initrd,
-            args = params.kernel_args,
-            server = params.tls.map_or(base, |(url, _)| url.trim_end_matches('/')),
-            ca = params.tls.map(|(_, ca)| format!(" nk.ca={ca}")).unwrap_or_default(),
-            hint = params.root_device.map(|h| format!(" nk.root_device={h}")).unwrap_or_default(),
-            mac = host.mac.map(|m| format!(" nk.mac={m}")).unwrap_or_default(),
+            args = deploy_args(host, params, token).join(" "),
         ),
-        _ => format!(
+        // GRUB reads the kernel and initrd over TFTP (`images/` of the TFTP server is the
+        // images directory); with Secure Boot, shim checks the kernel's signature.
+        (HostState::Reimaging, Some(token), Flavor::Grub) => format!(
+            "# nodekeeper: {name} is being reimaged with {image}\n\
+             set timeout=0\n\
+             echo {echo}\n\
+             linux /images/{kernel} {args}\n\
+             initrd /images/{initrd}\n\
+             boot\n",
+            name = host.name,
+            image = params.image,
+            echo = grub_word(&format!("nodekeeper: loading the deploy ramdisk for {}", host.name)),
+            kernel = params.kernel,
+            initrd = params.initrd,
+            args = deploy_args(host, params, token).iter().map(|a| grub_word(a)).collect::<Vec<_>>().join(" "),
+        ),
+        (_, _, Flavor::Ipxe) => format!(
             "#!ipxe\n\
              # nodekeeper: {name} ({state}) boots from its local disk\n\
              echo nodekeeper: booting {name} from its local disk\n\
@@ -97,8 +142,26 @@ pub fn boot_script(host: &Host, params: &DeployParams<'_>, token: Option<&str>) 
             name = host.name,
             state = host.state,
         ),
+        (_, _, Flavor::Grub) => format!(
+            "# nodekeeper: {name} ({state}) boots from its local disk\n\
+             echo {echo}\n\
+             # hand back to the firmware, which boots its next entry (the disk)\n\
+             exit\n",
+            name = host.name,
+            state = host.state,
+            echo = grub_word(&format!("nodekeeper: booting {} from its local disk", host.name)),
+        ),
     }
 }
+
+/// What GRUB (network build, prefix `/grub`) reads first: it goes on to this host's own
+/// script by the MAC it booted from.
+pub const GRUB_ENTRY: &str = "# nodekeeper: each host's script is grub/nk/MAC.cfg, made when it is read\n\
+set timeout=0\n\
+configfile $prefix/nk/${net_default_mac}.cfg\n\
+echo 'nodekeeper: no boot script for this machine'\n\
+sleep 10\n\
+exit\n";
 
 #[cfg(test)]
 mod tests {
@@ -132,7 +195,7 @@ mod tests {
 
     #[test]
     fn reimaging_hosts_get_the_deploy_ramdisk_with_their_token() {
-        let s = boot_script(&host(HostState::Reimaging), &PARAMS, Some("t0k3n"));
+        let s = boot_script(&host(HostState::Reimaging), &PARAMS, Some("t0k3n"), Flavor::Ipxe);
         assert!(s.starts_with("#!ipxe\n"));
         assert!(s.contains("kernel http://10.20.0.1:8080/images/deploy/vmlinuz initrd=initrd.img nk.server=http://10.20.0.1:8080 nk.host=node-a nk.token=t0k3n nk.image=http://10.20.0.1:8080/images/node.img nk.mac=52:54:00:00:00:0a console=ttyS0\n"), "{s}");
         assert!(s.contains("initrd --name initrd.img http://10.20.0.1:8080/images/deploy/initrd.img\n"));
@@ -142,7 +205,7 @@ mod tests {
     #[test]
     fn a_root_device_hint_rides_the_command_line() {
         let params = DeployParams { root_device: Some("serial=S4EW,size>=1073741824B"), ..PARAMS };
-        let s = boot_script(&host(HostState::Reimaging), &params, Some("t0k3n"));
+        let s = boot_script(&host(HostState::Reimaging), &params, Some("t0k3n"), Flavor::Ipxe);
         assert!(
             s.contains(" nk.root_device=serial=S4EW,size>=1073741824B nk.mac=52:54:00:00:00:0a console=ttyS0\n"),
             "{s}"
@@ -152,7 +215,7 @@ mod tests {
     #[test]
     fn with_tls_the_agent_reports_over_https_and_learns_the_ca_digest() {
         let params = DeployParams { tls: Some(("https://10.20.0.1:8443/", "ab12")), ..PARAMS };
-        let s = boot_script(&host(HostState::Reimaging), &params, Some("t0k3n"));
+        let s = boot_script(&host(HostState::Reimaging), &params, Some("t0k3n"), Flavor::Ipxe);
         assert!(s.contains(" nk.server=https://10.20.0.1:8443 nk.host=node-a nk.token=t0k3n nk.image=http://10.20.0.1:8080/images/node.img nk.ca=ab12 nk.mac=52:54:00:00:00:0a console=ttyS0\n"), "{s}");
         // The firmware still loads the ramdisk over plain HTTP.
         assert!(s.contains("kernel http://10.20.0.1:8080/images/deploy/vmlinuz "), "{s}");
@@ -161,7 +224,7 @@ mod tests {
     #[test]
     fn every_other_state_boots_the_local_disk() {
         for state in [HostState::Active, HostState::Suspect, HostState::Fenced, HostState::Maintenance] {
-            let s = boot_script(&host(state), &PARAMS, None);
+            let s = boot_script(&host(state), &PARAMS, None, Flavor::Ipxe);
             assert!(s.contains("sanboot --no-describe --drive 0x80 || exit 1"), "{state}: {s}");
             assert!(
                 s.contains("iseq ${platform} efi && goto efi ||\n")
@@ -173,7 +236,21 @@ mod tests {
             assert!(!s.contains("kernel"), "{state}: {s}");
         }
         // Reimaging without a token (none could be minted) never hands out the installer.
-        assert!(boot_script(&host(HostState::Reimaging), &PARAMS, None).contains("sanboot"));
+        assert!(boot_script(&host(HostState::Reimaging), &PARAMS, None, Flavor::Ipxe).contains("sanboot"));
+    }
+
+    #[test]
+    fn grub_scripts_load_over_tftp_quote_every_argument_and_exit_to_the_firmware() {
+        let params = DeployParams { root_device: Some("size>=1073741824B"), ..PARAMS };
+        let s = boot_script(&host(HostState::Reimaging), &params, Some("t0k3n"), Flavor::Grub);
+        assert!(s.contains("\nlinux /images/deploy/vmlinuz 'nk.server=http://10.20.0.1:8080' 'nk.host=node-a' 'nk.token=t0k3n' 'nk.image=http://10.20.0.1:8080/images/node.img' 'nk.root_device=size>=1073741824B' 'nk.mac=52:54:00:00:00:0a' 'console=ttyS0'\n"), "{s}");
+        assert!(s.contains("\ninitrd /images/deploy/initrd.img\nboot\n"), "{s}");
+        for state in [HostState::Active, HostState::Fenced] {
+            let s = boot_script(&host(state), &PARAMS, None, Flavor::Grub);
+            assert!(s.ends_with("\nexit\n") && !s.contains("linux"), "{s}");
+        }
+        assert_eq!(grub_word("it's"), "'it'\\''s'");
+        assert!(GRUB_ENTRY.contains("configfile $prefix/nk/${net_default_mac}.cfg"));
     }
 
     fn op(step: &str, report: Option<&str>) -> Operation {

@@ -197,74 +197,117 @@ async fn boot_script(State(state): State<HttpState>, UrlPath(file): UrlPath<Stri
     let Some(mac) = file.strip_suffix(".ipxe").and_then(|m| m.parse::<MacAddr>().ok()) else {
         return text(StatusCode::NOT_FOUND, "expected /boot/MAC.ipxe\n".into());
     };
-    let host = match state.store.host_by_mac(mac).await {
-        Ok(Some(h)) => h,
-        Ok(None) => {
-            return text(StatusCode::NOT_FOUND, format!("#!ipxe\necho nodekeeper: unknown MAC {mac}\nexit 1\n"))
-        }
-        Err(e) => return internal(e),
-    };
-    let op = if host.state == nodekeeper_store::HostState::Reimaging {
-        match running_reimage_past_power_on(&state.store, &host.name).await {
-            Ok(op) => op,
-            Err(e) => return internal(e),
-        }
-    } else {
-        None
-    };
-    let c = &state.config;
-    let Some(deploy) = ipxe::deploy_for(&host, op.as_ref()) else {
-        return text(
-            StatusCode::OK,
-            ipxe::boot_script(&host, &deploy_params(c, state.tls.as_deref(), DEFAULT_IMAGE, None), None),
-        );
-    };
-    // Which disk the agent writes (the host's root-device hint, if any).
-    let root_device = match state.store.root_device(&host.name).await {
-        Ok(hint) => hint,
-        Err(e) => return internal(e),
-    };
-    // One token per boot of this reimage, to the first fetch: it proves to the deploy API that
-    // the caller booted this script. Only its hash is stored.
-    let token = format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple());
-    let hash = format!("{:x}", Sha256::digest(token.as_bytes()));
-    let expires = match state.store.now().await {
-        Ok(now) => now + DEPLOY_TOKEN_TTL,
-        Err(e) => return internal(e),
-    };
-    match state.store.issue_deploy_token(&host.name, &hash, expires, &deploy.boot).await {
-        Ok(true) => text(
-            StatusCode::OK,
-            ipxe::boot_script(
-                &host,
-                &deploy_params(c, state.tls.as_deref(), &deploy.image, root_device.as_deref()),
-                Some(&token),
-            ),
-        ),
-        Ok(false) => {
-            // Someone fetched this boot's script already: the host itself retrying, or
-            // another machine on the network. Nobody gets a second token.
-            let message = format!(
-                "{}: the deploy script of boot {} was fetched again; no second deploy token is handed out",
-                host.name, deploy.boot
-            );
-            tracing::warn!("{message}");
-            let key = format!("deploy-token-refused:{}:{}", host.name, deploy.boot);
-            let event =
-                nodekeeper_store::NewEvent::host("provisioner:http", "reimage.token_refused", &host.name, message)
-                    .with_key(key);
-            if let Err(e) = state.store.record_event(&event).await {
-                tracing::warn!("recording an event: {e}");
-            }
-            text(
-                StatusCode::OK,
-                format!(
-                    "#!ipxe\necho nodekeeper: the deploy token of this boot of {} was handed out already\nexit 1\n",
-                    host.name
-                ),
-            )
+    let scripts = BootScripts { store: state.store.clone(), config: state.config.clone(), tls: state.tls.clone() };
+    match scripts.script(mac, ipxe::Flavor::Ipxe).await {
+        Ok(Script::Known(script)) => text(StatusCode::OK, script),
+        Ok(Script::UnknownMac) => {
+            text(StatusCode::NOT_FOUND, format!("#!ipxe\necho nodekeeper: unknown MAC {mac}\nexit 1\n"))
         }
         Err(e) => internal(e),
+    }
+}
+
+/// Over TFTP: `grub/grub.cfg` (GRUB's entry, the same for all) and `grub/nk/MAC.cfg` (the
+/// host's script; an unknown MAC gets one that says so and hands back to the firmware).
+impl crate::tftp::Generated for BootScripts {
+    fn generate<'a>(&'a self, name: &'a str) -> Option<crate::tftp::Made<'a>> {
+        if name == "grub/grub.cfg" {
+            return Some(Box::pin(async { Ok(ipxe::GRUB_ENTRY.as_bytes().to_vec()) }));
+        }
+        let mac = name.strip_prefix("grub/nk/")?.strip_suffix(".cfg")?;
+        Some(Box::pin(async move {
+            let Ok(mac) = mac.parse::<MacAddr>() else {
+                return Ok(b"echo 'nodekeeper: not a MAC address'\nexit\n".to_vec());
+            };
+            match self.script(mac, ipxe::Flavor::Grub).await {
+                Ok(Script::Known(script)) => Ok(script.into_bytes()),
+                Ok(Script::UnknownMac) => {
+                    Ok(format!("echo 'nodekeeper: unknown MAC {mac}'\nsleep 10\nexit\n").into_bytes())
+                }
+                Err(e) => Err(e.to_string()),
+            }
+        }))
+    }
+}
+
+/// What a boot-script fetch got.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Script {
+    /// The script for a known host (its deploy, or its local boot).
+    Known(String),
+    /// No host has this MAC.
+    UnknownMac,
+}
+
+/// Makes hosts' boot scripts, for iPXE over HTTP and for GRUB over TFTP alike: the same
+/// decision (deploy only for a reimage that powered the host on, until it verified) and the
+/// same one-time deploy token per boot, whichever loader asks.
+#[derive(Clone)]
+pub struct BootScripts {
+    /// The database.
+    pub store: Store,
+    /// `[http]` of the config.
+    pub config: Arc<HttpConfig>,
+    /// The HTTPS listener nodes are sent to, when `[http.tls]` is set.
+    pub tls: Option<Arc<tls::NodeTls>>,
+}
+
+impl BootScripts {
+    /// The script for the host with `mac`, in `flavor`. Mints (and stores the hash of) a
+    /// deploy token when the host is to deploy now.
+    pub async fn script(&self, mac: MacAddr, flavor: ipxe::Flavor) -> Result<Script, nodekeeper_store::StoreError> {
+        let Some(host) = self.store.host_by_mac(mac).await? else { return Ok(Script::UnknownMac) };
+        let secure_boot = || async {
+            let mode = self.store.boot_settings(&host.name).await?.boot_mode;
+            Ok::<_, nodekeeper_store::StoreError>(mode == Some(nodekeeper_store::BootMode::UefiSecureBoot))
+        };
+        if flavor == ipxe::Flavor::Ipxe && secure_boot().await? {
+            // Its deploy kernel is loaded by shim and GRUB; an iPXE asking (an option ROM)
+            // gets no deploy token to burn.
+            return Ok(Script::Known(format!(
+                "#!ipxe\necho nodekeeper: {} boots with Secure Boot, through shim and GRUB: not through iPXE\nexit 1\n",
+                host.name
+            )));
+        }
+        let op = if host.state == nodekeeper_store::HostState::Reimaging {
+            running_reimage_past_power_on(&self.store, &host.name).await?
+        } else {
+            None
+        };
+        let c = &self.config;
+        let Some(deploy) = ipxe::deploy_for(&host, op.as_ref()) else {
+            let params = deploy_params(c, self.tls.as_deref(), DEFAULT_IMAGE, None);
+            return Ok(Script::Known(ipxe::boot_script(&host, &params, None, flavor)));
+        };
+        // Which disk the agent writes (the host's root-device hint, if any).
+        let root_device = self.store.root_device(&host.name).await?;
+        // One token per boot of this reimage, to the first fetch: it proves to the deploy API
+        // that the caller booted this script. Only its hash is stored.
+        let token = format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple());
+        let hash = format!("{:x}", Sha256::digest(token.as_bytes()));
+        let expires = self.store.now().await? + DEPLOY_TOKEN_TTL;
+        if self.store.issue_deploy_token(&host.name, &hash, expires, &deploy.boot).await? {
+            let params = deploy_params(c, self.tls.as_deref(), &deploy.image, root_device.as_deref());
+            return Ok(Script::Known(ipxe::boot_script(&host, &params, Some(&token), flavor)));
+        }
+        // Someone fetched this boot's script already: the host itself retrying, or another
+        // machine on the network. Nobody gets a second token.
+        let message = format!(
+            "{}: the deploy script of boot {} was fetched again; no second deploy token is handed out",
+            host.name, deploy.boot
+        );
+        tracing::warn!("{message}");
+        let key = format!("deploy-token-refused:{}:{}", host.name, deploy.boot);
+        let event = nodekeeper_store::NewEvent::host("provisioner:http", "reimage.token_refused", &host.name, message)
+            .with_key(key);
+        if let Err(e) = self.store.record_event(&event).await {
+            tracing::warn!("recording an event: {e}");
+        }
+        let said = format!("nodekeeper: the deploy token of this boot of {} was handed out already", host.name);
+        Ok(Script::Known(match flavor {
+            ipxe::Flavor::Ipxe => format!("#!ipxe\necho {said}\nexit 1\n"),
+            ipxe::Flavor::Grub => format!("echo '{said}'\nsleep 10\nexit\n"),
+        }))
     }
 }
 

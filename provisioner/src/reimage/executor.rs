@@ -163,6 +163,10 @@ impl<F: BmcFactory> crate::ops::Machine for Reimage<F> {
         if work == Work::Wait {
             return observe(store, op, &host, step, data).await;
         }
+        let boot_mode = match work {
+            Work::SetPxeOnce | Work::SetDiskBoot => store.boot_settings(&op.target).await?.boot_mode,
+            _ => None,
+        };
         let result = match self.factory.for_host(&host) {
             Err(e) => Err(e.to_string()),
             Ok(driver) => {
@@ -172,8 +176,8 @@ impl<F: BmcFactory> crate::ops::Machine for Reimage<F> {
                     match work {
                         Work::PowerOff => bmc::power(&driver, PowerAction::Off, &policy).await.map(drop),
                         Work::PowerOn => bmc::power(&driver, PowerAction::On, &policy).await.map(drop),
-                        Work::SetPxeOnce => driver.set_pxe_once().await,
-                        Work::SetDiskBoot => driver.set_disk_boot().await,
+                        Work::SetPxeOnce => driver.set_pxe_once(boot_mode).await,
+                        Work::SetDiskBoot => driver.set_disk_boot(boot_mode).await,
                         Work::Wait => Ok(()),
                     }
                 };

@@ -155,8 +155,15 @@ pub async fn run(config: ServeConfig, bound: Bound, store: Store, shutdown: Canc
         tracing::info!(listen = %addr, root = %root.display(), "TFTP serving");
         let mut socket = Some(socket);
         let (metrics, stop) = (metrics.clone(), shutdown.clone());
+        // The images directory as `images/`, and each host's GRUB script (Secure Boot hosts).
+        let scripts = http::BootScripts { store: store.clone(), config: state.config.clone(), tls: state.tls.clone() };
+        let tree = crate::tftp::Tree {
+            root,
+            images: Some(config.http.images_dir.clone()),
+            generated: Some(Arc::new(scripts)),
+        };
         tasks.spawn(supervise("tftp", health.clone(), shutdown.clone(), move || {
-            let (first, root, metrics, stop) = (socket.take(), root.clone(), metrics.clone(), stop.clone());
+            let (first, root, metrics, stop) = (socket.take(), tree.clone(), metrics.clone(), stop.clone());
             async move {
                 let socket = match first {
                     Some(s) => s,
@@ -306,6 +313,7 @@ fn dhcp_settings(
         lease_secs: d.lease_time.map_or(3600, |t| u32::try_from(t.as_secs()).unwrap_or(u32::MAX).max(60)),
         allow_unknown: d.allow_unknown,
         public_url: config.http.public_url.clone(),
+        uefi_boot_file: d.uefi_boot_file.clone().unwrap_or_else(|| "ipxe.efi".into()),
     };
     Ok((settings, range))
 }

@@ -4,15 +4,20 @@
 //! and runs its own reactor beside tokio's.
 //!
 //! Every transfer has its own socket (its transfer ID), connected to the client so the
-//! kernel drops datagrams from anyone else. Paths are confined to the root: absolute paths,
-//! `..`, and symlinks that lead out are refused with an error packet.
+//! kernel drops datagrams from anyone else. Paths are confined to the root (a leading `/` is
+//! the root, as tftpd-hpa's `-s` makes it: GRUB asks for `/grub/grub.cfg`); `..` and symlinks
+//! that lead out are refused with an error packet. Besides the root's files: `images/…` is
+//! the images directory (GRUB loads the deploy kernel from there), and some names are made
+//! when read ([`Generated`]: each host's GRUB script).
 
 pub mod packet;
 
 use std::collections::HashSet;
+use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Component, Path, PathBuf};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -43,10 +48,51 @@ const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
 /// File data read ahead per blocking read.
 const READ_AHEAD: usize = 1 << 20;
 
+/// Content made when a client reads it.
+pub type Made<'a> = Pin<Box<dyn Future<Output = Result<Vec<u8>, String>> + Send + 'a>>;
+
+/// Names whose content is made when read (boot scripts that depend on the host's state).
+/// What is made for a client address is kept for [`MADE_TTL`] and served again to that
+/// address: GRUB re-reads a file to seek back in it, and a one-time deploy token must not
+/// be spent by its own loader.
+pub trait Generated: Send + Sync {
+    /// The content of `name` (relative, `/`-separated), or `None` when this name is not made
+    /// here (then it is looked up as a file).
+    fn generate<'a>(&'a self, name: &'a str) -> Option<Made<'a>>;
+}
+
+/// What the server serves.
+#[derive(Clone)]
+pub struct Tree {
+    /// The read-only root.
+    pub root: PathBuf,
+    /// Served as `images/…` (the HTTP server's images directory).
+    pub images: Option<PathBuf>,
+    /// Names made when read.
+    pub generated: Option<Arc<dyn Generated>>,
+}
+
+impl Tree {
+    /// Only the files under `root`.
+    pub fn root(root: PathBuf) -> Tree {
+        Tree { root, images: None, generated: None }
+    }
+}
+
+/// How long made content is served again to the client it was made for.
+pub const MADE_TTL: Duration = Duration::from_secs(60);
+/// Made contents kept at most (the oldest go first).
+const MADE_KEPT: usize = 4096;
+
+/// Made content by (client address, name), with when it was made.
+type MadeCache = std::collections::HashMap<(IpAddr, String), (std::time::Instant, Arc<Vec<u8>>)>;
+
 /// The shared part of the server.
-#[derive(Debug)]
 struct Shared {
+    made: Mutex<MadeCache>,
     root: PathBuf,
+    images: Option<PathBuf>,
+    generated: Option<Arc<dyn Generated>>,
     metrics: Arc<Metrics>,
     active: Mutex<HashSet<SocketAddr>>,
     permits: Semaphore,
@@ -55,15 +101,25 @@ struct Shared {
 /// Serves files under `root` on `socket` until `shutdown` is cancelled.
 pub async fn serve(
     socket: UdpSocket,
-    root: PathBuf,
+    tree: Tree,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> io::Result<()> {
-    let root =
-        root.canonicalize().map_err(|e| io::Error::new(e.kind(), format!("TFTP root {}: {e}", root.display())))?;
+    let canonical = |p: &Path, what: &str| {
+        p.canonicalize().map_err(|e| io::Error::new(e.kind(), format!("TFTP {what} {}: {e}", p.display())))
+    };
+    let root = canonical(&tree.root, "root")?;
+    let images = tree.images.as_deref().map(|p| canonical(p, "images directory")).transpose()?;
     let local_ip = socket.local_addr()?.ip();
-    let shared =
-        Arc::new(Shared { root, metrics, active: Mutex::new(HashSet::new()), permits: Semaphore::new(MAX_TRANSFERS) });
+    let shared = Arc::new(Shared {
+        root,
+        images,
+        generated: tree.generated,
+        made: Mutex::new(MadeCache::new()),
+        metrics,
+        active: Mutex::new(HashSet::new()),
+        permits: Semaphore::new(MAX_TRANSFERS),
+    });
     let mut buf = vec![0u8; 2048];
     let mut transfers = tokio::task::JoinSet::new();
     loop {
@@ -185,13 +241,18 @@ fn negotiate(options: &[(String, String)], file_len: u64) -> Params {
     p
 }
 
+/// A request's name: `/`-separated, relative to the root (PXE ROMs and Windows clients send
+/// backslashes now and then; GRUB and shim a leading `/`).
+fn normalize(filename: &str) -> String {
+    filename.replace('\\', "/").trim_start_matches('/').to_owned()
+}
+
 /// The file a request names, confined to `root`.
 fn resolve(root: &Path, filename: &str) -> Result<PathBuf, (ErrorCode, &'static str)> {
-    // PXE ROMs and Windows clients send backslashes now and then.
-    let name = filename.replace('\\', "/");
+    let name = normalize(filename);
     let rel = Path::new(&name);
-    if rel.is_absolute() || name.contains('\0') {
-        return Err((ErrorCode::AccessViolation, "absolute paths are refused"));
+    if name.contains('\0') {
+        return Err((ErrorCode::AccessViolation, "NUL in the file name"));
     }
     if rel.components().any(|c| !matches!(c, Component::Normal(_) | Component::CurDir)) {
         return Err((ErrorCode::AccessViolation, "paths outside the root are refused"));
@@ -231,17 +292,58 @@ async fn transfer(
         refuse(ErrorCode::IllegalOperation, "only octet (binary) mode is supported").await;
         return Err(io::Error::other(format!("mode {mode} refused")));
     }
-    let path = match resolve(&shared.root, filename) {
-        Ok(p) => p,
-        Err((code, message)) => {
-            refuse(code, message).await;
-            return Err(io::Error::other(format!("{filename}: {message}")));
+    let name = normalize(filename);
+    let key = (peer.ip(), name.clone());
+    let now = std::time::Instant::now();
+    let kept =
+        shared.made.lock().ok().and_then(|m| {
+            m.get(&key).filter(|(at, _)| now.duration_since(*at) < MADE_TTL).map(|(_, bytes)| bytes.clone())
+        });
+    let made = match (kept, shared.generated.as_ref().and_then(|g| g.generate(&name))) {
+        (_, None) => None,
+        (Some(bytes), Some(_)) => Some(bytes),
+        (None, Some(making)) => match making.await {
+            Ok(bytes) => {
+                let bytes = Arc::new(bytes);
+                if let Ok(mut m) = shared.made.lock() {
+                    m.retain(|_, (at, _)| now.duration_since(*at) < MADE_TTL);
+                    if m.len() >= MADE_KEPT {
+                        if let Some(oldest) = m.iter().min_by_key(|(_, (at, _))| *at).map(|(k, _)| k.clone()) {
+                            m.remove(&oldest);
+                        }
+                    }
+                    m.insert(key, (now, bytes.clone()));
+                }
+                Some(bytes)
+            }
+            Err(e) => {
+                refuse(ErrorCode::Undefined, "server error: see the provisioner's log").await;
+                return Err(io::Error::other(format!("{filename}: {e}")));
+            }
+        },
+    };
+    let mut reader = match made {
+        Some(bytes) => ReadAhead { file: None, offset: 0, buf: bytes.to_vec() },
+        None => {
+            let resolved = match (name.strip_prefix("images/"), &shared.images) {
+                (Some(rest), Some(images)) => resolve(images, rest),
+                _ => resolve(&shared.root, filename),
+            };
+            let path = match resolved {
+                Ok(p) => p,
+                Err((code, message)) => {
+                    refuse(code, message).await;
+                    return Err(io::Error::other(format!("{filename}: {message}")));
+                }
+            };
+            ReadAhead { file: Some(Arc::new(std::fs::File::open(&path)?)), offset: 0, buf: Vec::new() }
         }
     };
-    let file = Arc::new(std::fs::File::open(&path)?);
-    let len = file.metadata()?.len();
+    let len = match &reader.file {
+        Some(file) => file.metadata()?.len(),
+        None => reader.buf.len() as u64,
+    };
     let params = negotiate(options, len);
-    let mut reader = ReadAhead { file, offset: 0, buf: Vec::new() };
 
     let mut rx = vec![0u8; 512];
     if !params.oack.is_empty() {
@@ -326,9 +428,9 @@ async fn recv_ack(socket: &UdpSocket, buf: &mut [u8], timeout: Duration) -> io::
 }
 
 /// Reads the file in 1 MiB steps on the blocking pool, so sending never waits on the disk
-/// per block.
+/// per block. Without a file, `buf` is the whole (generated) content.
 struct ReadAhead {
-    file: Arc<std::fs::File>,
+    file: Option<Arc<std::fs::File>>,
     offset: u64,
     buf: Vec<u8>,
 }
@@ -337,7 +439,9 @@ impl ReadAhead {
     async fn slice(&mut self, offset: u64, size: usize) -> io::Result<&[u8]> {
         let end = offset + size as u64;
         if offset < self.offset || end > self.offset + self.buf.len() as u64 {
-            let file = self.file.clone();
+            let Some(file) = self.file.clone() else {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "read past the generated content"));
+            };
             let want = READ_AHEAD.max(size);
             let buf = tokio::task::spawn_blocking(move || {
                 use std::os::unix::fs::FileExt;
@@ -412,8 +516,11 @@ mod tests {
         assert!(resolve(&root, "undionly.kpxe").is_ok());
         assert!(resolve(&root, "efi\\ipxe.efi").is_ok());
         assert!(resolve(&root, "./efi/ipxe.efi").is_ok());
+        // A leading slash is the root (GRUB's `/grub/grub.cfg`), never the machine's /.
+        assert_eq!(resolve(&root, "/undionly.kpxe").ok(), Some(root.join("undionly.kpxe")));
         for (bad, code) in [
-            ("/etc/passwd", ErrorCode::AccessViolation),
+            ("/etc/passwd", ErrorCode::FileNotFound),
+            ("/../secret", ErrorCode::AccessViolation),
             ("../secret", ErrorCode::AccessViolation),
             ("efi/../../secret", ErrorCode::AccessViolation),
             ("..\\secret", ErrorCode::AccessViolation),
