@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make demo`: the main job, in the QEMU lab. Installs what it needs (apt, Rust, the BMC venv,
 # libvirtd), builds nodekeeper and the images, then runs the failover scenario with a
-# narrative: the provisioner (embedded SQLite) installs two compute nodes over PXE, HA
+# narrative on a mixed fleet (node-a a UEFI server with an e1000e NIC and SATA + NVMe disks,
+# node-b BIOS with virtio): the provisioner (embedded SQLite) installs both over PXE, HA
 # instances run on node-a, node-a is cut off, fenced through its BMC, its HA instances
 # recovered on node-b, and node-a back with its stale definitions quarantined. Ends in a
 # summary table. ~15 min under TCG; needs root. `make inventory-demo` is the quick one.

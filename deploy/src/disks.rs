@@ -227,13 +227,28 @@ pub fn scan(sys_block: &Path) -> io::Result<Vec<Disk>> {
             size: sectors.saturating_mul(512),
             removable: read(&dir.join("removable")) == "1",
             model: first(&["device/model"]),
-            serial: first(&["serial", "device/serial"]),
+            // NVMe and virtio name it in sysfs; SCSI, SAS and SATA (libata) disks in their
+            // VPD page 0x80, as udev's scsi_id reads it.
+            serial: Some(first(&["serial", "device/serial"]))
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| vpd_serial(&dir.join("device/vpd_pg80"))),
             wwn: first(&["wwid", "device/wwid", "device/wwn"]),
             by_path: pci,
         });
     }
     disks.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(disks)
+}
+
+/// The serial in a SCSI VPD page 0x80 (Unit Serial Number): a 4-byte header whose last byte
+/// is the length, then the serial, space-padded. Empty when the page is absent or malformed.
+fn vpd_serial(path: &Path) -> String {
+    let Ok(page) = std::fs::read(path) else { return String::new() };
+    if page.len() < 4 || page[1] != 0x80 {
+        return String::new();
+    }
+    let end = (4 + usize::from(page[3])).min(page.len());
+    String::from_utf8_lossy(&page[4..end]).trim_matches([' ', '\0']).to_owned()
 }
 
 /// `0000:00:1f.2`
@@ -372,13 +387,25 @@ mod tests {
         std::fs::write(nvme.join("device/model"), "QEMU NVMe Ctrl  \n").expect("model");
         std::fs::write(nvme.join("device/serial"), "NVME-B  \n").expect("serial");
         std::fs::write(nvme.join("wwid"), "nvme.1b36-4e564d452d42\n").expect("wwid");
+        // A SATA disk (libata): no serial file, the serial in its VPD page 0x80.
+        let sata = root.path().join("devices/pci0000:00/0000:00:1f.2/ata1/host0/target0:0:0/0:0:0:0/block/sda");
+        std::fs::create_dir_all(&sata).expect("mkdir");
+        std::fs::write(sata.join("size"), "4194304\n").expect("size");
+        std::fs::write(sata.join("removable"), "0\n").expect("removable");
+        let device = root.path().join("devices/pci0000:00/0000:00:1f.2/ata1/host0/target0:0:0/0:0:0:0");
+        std::fs::write(device.join("vpd_pg80"), b"\x00\x80\x00\x14NK-SATA-2           ").expect("vpd");
+        std::os::unix::fs::symlink(&device, sata.join("device")).expect("device link");
         let block = root.path().join("block");
         std::fs::create_dir_all(&block).expect("mkdir");
+        std::os::unix::fs::symlink(&sata, block.join("sda")).expect("link");
         std::os::unix::fs::symlink(&devices, block.join("vda")).expect("link");
         std::os::unix::fs::symlink(&nvme, block.join("nvme0n1")).expect("link");
         std::fs::create_dir_all(block.join("loop0")).expect("loop");
         let disks = scan(&block).expect("scan");
-        assert_eq!(disks.len(), 2, "{disks:?}");
+        assert_eq!(disks.len(), 3, "{disks:?}");
+        assert_eq!((disks[1].name.as_str(), disks[1].serial.as_str()), ("sda", "NK-SATA-2"));
+        assert_eq!(disks[1].by_path, "pci-0000:00:1f.2");
+        assert_eq!(vpd_serial(Path::new("/nonexistent")), "");
         assert_eq!(
             disks[0],
             Disk {
@@ -391,7 +418,7 @@ mod tests {
                 by_path: "pci-0000:00:05.0".into(),
             }
         );
-        assert_eq!((disks[1].name.as_str(), disks[1].size, disks[1].serial.as_str()), ("vda", 3 << 30, "NK-DISK-A"));
-        assert_eq!(disks[1].by_path, "pci-0000:00:04.0");
+        assert_eq!((disks[2].name.as_str(), disks[2].size, disks[2].serial.as_str()), ("vda", 3 << 30, "NK-DISK-A"));
+        assert_eq!(disks[2].by_path, "pci-0000:00:04.0");
     }
 }

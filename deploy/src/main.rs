@@ -1,6 +1,8 @@
 //! `nodekeeper-deploy`: PID 1's helper in the deploy ramdisk. Reads its parameters from the
-//! kernel command line, writes and verifies the image, reports, and reboots into the new
-//! system only when the image verified. `--cmdline FILE` and `--no-reboot` are for tests.
+//! kernel command line, writes and verifies the image, and reports. Then it exits and the
+//! ramdisk's init powers the machine off: the provisioner sets the BMC to boot the disk and
+//! powers it on (the reimage's `local_boot`), so the new system is booted by the firmware
+//! from its disk, not through a network boot that hands back. `--cmdline FILE` is for tests.
 
 use std::process::ExitCode;
 
@@ -11,7 +13,6 @@ fn main() -> ExitCode {
         .position(|a| a == "--cmdline")
         .and_then(|i| args.get(i + 1))
         .map_or("/proc/cmdline", String::as_str);
-    let reboot = !args.iter().any(|a| a == "--no-reboot");
     let text = match std::fs::read_to_string(cmdline_path) {
         Ok(t) => t,
         Err(e) => {
@@ -27,11 +28,8 @@ fn main() -> ExitCode {
         }
     };
     let ok = nodekeeper_deploy::deploy(&mut params, &mut |line| println!("nodekeeper-deploy: {line}"));
-    if ok && reboot {
-        println!("nodekeeper-deploy: rebooting into the new system");
-        let _ = std::process::Command::new("/bin/busybox").args(["reboot", "-f"]).status();
-    }
     if ok {
+        println!("nodekeeper-deploy: done; powering off: the provisioner boots the new system from its disk");
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

@@ -192,30 +192,39 @@ async fn redfish_through_sushy_tools() {
     driver.set_disk_boot(None).await.expect("disk boot");
     assert_eq!(system_json()["Boot"]["BootSourceOverrideTarget"], "Hdd");
 
-    // A UEFI host: the override goes out in UEFI mode, and the domain gets UEFI firmware.
+    // Boot modes. sushy-tools reports none for a BIOS domain (no loader): as a BMC without
+    // the setting, nothing is sent, whatever the host's mode.
     let os_section = || {
         let out = Command::new("virsh").args(["dumpxml", "--inactive", &rig.domain]).output().expect("virsh");
         let xml = String::from_utf8_lossy(&out.stdout).into_owned();
         let (start, end) = (xml.find("<os").expect("<os>"), xml.find("</os>").expect("</os>"));
         xml[start..end].to_owned()
     };
-    assert!(!os_section().contains("pflash"), "a BIOS domain to begin with: {}", os_section());
-    driver.set_pxe_once(Some(BootMode::Uefi)).await.expect("pxe once, UEFI");
-    let v = system_json();
-    assert_eq!(
-        (v["Boot"]["BootSourceOverrideTarget"].as_str(), v["Boot"]["BootSourceOverrideMode"].as_str()),
-        (Some("Pxe"), Some("UEFI")),
-        "{v}"
-    );
+    let bios = os_section();
+    assert!(system_json()["Boot"]["BootSourceOverrideMode"].is_null(), "{}", system_json());
+    driver.set_pxe_once(Some(BootMode::Uefi)).await.expect("pxe once, mode not reported");
+    assert_eq!(os_section(), bios, "no mode sent to a BMC that reports none");
+    // An operator switches the machine to UEFI (here with a PATCH of its own): it reports UEFI.
+    let out = Command::new("curl")
+        .args(["-sf", "-X", "PATCH", "-H", "Content-Type: application/json"])
+        .args(["-d", r#"{"Boot": {"BootSourceOverrideMode": "UEFI"}}"#, &system])
+        .output()
+        .expect("curl");
+    assert!(out.status.success(), "{out:?}");
     let uefi = os_section();
     assert!(uefi.contains("pflash"), "UEFI firmware: {uefi}");
     // Already UEFI: the mode is not sent again (sushy-tools would rebuild the firmware
     // section, and Secure Boot with it; iDRAC would queue a BIOS job).
     driver.set_disk_boot(Some(BootMode::UefiSecureBoot)).await.expect("disk, UEFI");
-    assert_eq!(system_json()["Boot"]["BootSourceOverrideTarget"], "Hdd");
+    let v = system_json();
+    assert_eq!(
+        (v["Boot"]["BootSourceOverrideTarget"].as_str(), v["Boot"]["BootSourceOverrideMode"].as_str()),
+        (Some("Hdd"), Some("UEFI")),
+        "{v}"
+    );
     assert_eq!(os_section(), uefi, "the firmware section is untouched when the mode is already right");
-    // Back to Legacy is something sushy-tools' libvirt driver cannot do here (a `rom` loader
-    // without a path): the BMC's own message comes back, and nothing changed.
+    // A BIOS host on it: Legacy is sent, and sushy-tools' libvirt driver cannot do it here (a
+    // `rom` loader without a path): the BMC's own message comes back, and nothing changed.
     let err = driver.set_pxe_once(Some(BootMode::Bios)).await.expect_err("sushy-tools cannot go back to Legacy");
     assert!(err.to_string().contains("HTTP 500") && err.to_string().contains("boot mode"), "{err}");
     assert_eq!(os_section(), uefi);

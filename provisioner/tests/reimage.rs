@@ -199,6 +199,7 @@ async fn a_reimage_runs_to_done_through_the_agent_and_the_heartbeat() {
     );
     r.wait(op.id, "heartbeat", |o| o.step == "heartbeat").await;
     assert!(r.fake.get(|s| s.disk_boot && s.boot_mode == Some(BootMode::Uefi)), "the BMC boots the disk from now on");
+    assert!(r.fake.get(|s| s.on && s.power_ons == 2), "and powered the host on into it");
     r.store.record_heartbeat(&name()).await.expect("heartbeat");
     let done = r.wait(op.id, "done", |o| o.status != OperationStatus::Running).await;
     assert_eq!((done.status, done.step.as_str()), (OperationStatus::Done, "done"));

@@ -20,6 +20,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::Lab;
+use nodekeeper_lab::hw::{Firmware, Hardware};
 use nodekeeper_store::{EventFilter, HostName, HostState, Operation, OperationStatus, Store, Timestamp};
 
 const BIN: &str = env!("CARGO_BIN_EXE_nodekeeper-provisioner");
@@ -108,12 +109,38 @@ async fn follow(store: &Store, host: &HostName, id: i64, limit: Duration, serial
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_vm_with_an_empty_disk_is_reimaged_through_sushy_tools_and_boots_its_image() {
-    if !common::netns_available() {
-        return;
+/// A node under test: its libvirt domain (with a Redfish BMC), serve in the lab with TLS
+/// required, the database with the host registered, the images in place.
+struct Rig {
+    dir: tempfile::TempDir,
+    _lab: Lab,
+    server: String,
+    domain: Domain,
+    db: String,
+    store: Store,
+    serial: PathBuf,
+    /// The disks. files, in `Hardware::disks` order.
+    disks: Vec<PathBuf>,
+    node_len: u64,
+    _serve: common::KillOnDrop,
+}
+
+impl Rig {
+    fn d(&self) -> &Path {
+        self.dir.path()
     }
-    let Some(venv) = requirements() else { return };
+    fn console(&self) -> String {
+        std::fs::read_to_string(&self.serial).unwrap_or_default()
+    }
+}
+
+/// Starts a rig for a node with `hw` and boot MAC `mac`; `host add` gets the arguments the
+/// hardware needs (its boot mode; with several disks a root-device hint naming the last).
+async fn start(mac: &str, hw: &Hardware) -> Option<Rig> {
+    if !common::netns_available() {
+        return None;
+    }
+    let venv = requirements()?;
     build("images/deploy/build.sh");
     build("images/node/build.sh");
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -130,27 +157,33 @@ async fn a_vm_with_an_empty_disk_is_reimaged_through_sushy_tools_and_boots_its_i
     place(&repo.join("images/deploy/out/initrd.img"), &d.join("images/deploy/initrd.img"));
     place(&repo.join("images/node/out/node.img"), &d.join("images/node.img"));
     let node_len = std::fs::metadata(d.join("images/node.img")).expect("image").len();
+    if hw.firmware == Firmware::UefiSecureBoot {
+        // Debian's signed shim, and its network GRUB as grubx64.efi (what shim loads).
+        place(&repo.join("images/node/out/efi/shimx64.efi"), &d.join("tftp/shimx64.efi"));
+        place(&repo.join("images/node/out/efi/grubnetx64.efi"), &d.join("tftp/grubx64.efi"));
+    }
+    for f in ["undionly.kpxe", "ipxe.efi"] {
+        let _ = std::fs::copy(Path::new("/usr/lib/ipxe").join(f), d.join("tftp").join(f));
+    }
 
-    // The domain: 1 GiB, one vCPU, an empty 3 GiB disk, a NIC on the lab's bridge.
+    // The domain: 1 GiB, one vCPU, empty disks, a NIC on the lab's bridge.
     let mut lab = Lab::new();
     let server = lab.server.clone();
     let bridge = lab.root_bridge();
     let uuid = uuid::Uuid::new_v4().to_string();
     let domain = Domain(format!("nk-e2e-{}", &uuid[..8]));
-    let disk = d.join("vda.raw");
-    std::fs::File::create(&disk).and_then(|f| f.set_len(3 << 30)).expect("disk");
     let serial = d.join("serial.log");
-    let xml = format!(
-        "<domain type='qemu'><name>{name}</name><uuid>{uuid}</uuid><memory unit='MiB'>1024</memory><vcpu>1</vcpu>\
-         <os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/></os><features><acpi/></features>\
-         <devices><disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{disk}'/><target dev='vda' bus='virtio'/></disk>\
-         <interface type='bridge'><mac address='{MAC}'/><source bridge='{bridge}'/><model type='virtio'/></interface>\
-         <serial type='file'><source path='{serial}' append='on'/><target port='0'/></serial><console type='file'><source path='{serial}' append='on'/><target type='serial' port='0'/></console>\
-         </devices></domain>",
-        name = domain.0,
-        disk = disk.display(),
-        serial = serial.display(),
-    );
+    let domain_spec = nodekeeper_lab::hw::Domain {
+        name: &domain.0,
+        uuid: &uuid,
+        mac,
+        bridge: &bridge,
+        serial: &serial,
+        memory_mib: 1024,
+        watchdog: false,
+        dir: d,
+    };
+    let (xml, disks) = hw.domain_xml(&domain_spec).expect("domain XML");
     std::fs::write(d.join("domain.xml"), xml).expect("xml");
     let out = Command::new("virsh").args(["-q", "define"]).arg(d.join("domain.xml")).output().expect("virsh");
     assert!(out.status.success(), "virsh define: {}", String::from_utf8_lossy(&out.stderr));
@@ -175,18 +208,11 @@ async fn a_vm_with_an_empty_disk_is_reimaged_through_sushy_tools_and_boots_its_i
 
     let db = format!("sqlite://{}/nk.db", d.display());
     nk(&db, &["db", "migrate"]);
-    nk(
-        &db,
-        &[
-            "host",
-            "add",
-            "node-e2e",
-            "--mac",
-            MAC,
-            "--bmc",
-            &format!("redfish+http://127.0.0.1:{port}/redfish/v1/Systems/{uuid}"),
-        ],
-    );
+    let bmc = format!("redfish+http://127.0.0.1:{port}/redfish/v1/Systems/{uuid}");
+    let mut add = vec!["host", "add", "node-e2e", "--mac", mac, "--bmc", &bmc];
+    let hw_args = hw.host_args();
+    add.extend(hw_args.iter().map(String::as_str));
+    nk(&db, &add);
     let config = d.join("provisioner.toml");
     std::fs::write(
         &config,
@@ -208,7 +234,7 @@ async fn a_vm_with_an_empty_disk_is_reimaged_through_sushy_tools_and_boots_its_i
         .stderr(log)
         .spawn()
         .expect("serve");
-    let _serve = common::KillOnDrop(serve);
+    let serve = common::KillOnDrop(serve);
 
     // The provisioner digests an image at its first request (then keeps the digest): done
     // here, so the timings below are the node's.
@@ -222,24 +248,30 @@ async fn a_vm_with_an_empty_disk_is_reimaged_through_sushy_tools_and_boots_its_i
     }
     assert!(warm, "serve answers for the node image");
     let store = Store::connect(&db).await.expect("store");
-    let host: HostName = "node-e2e".parse().expect("name");
+    Some(Rig { dir, _lab: lab, server, domain, db, store, serial, disks, node_len, _serve: serve })
+}
+
+/// Reimages node-e2e with the node image until the first boot reported in and the guard
+/// came up; returns the operation, its phases and how long it took.
+async fn reimage_to_guard(rig: &Rig) -> (Operation, Vec<String>, Duration) {
+    let (store, host) = (&rig.store, &"node-e2e".parse::<HostName>().expect("name"));
     let started = Instant::now();
-    nk(&db, &["reimage", "node-e2e"]);
-    let op = store.latest_operation(&host).await.expect("op").expect("op");
-    let (op, phases) = follow(&store, &host, op.id, Duration::from_secs(900), &serial).await;
+    nk(&rig.db, &["reimage", "node-e2e"]);
+    let op = store.latest_operation(host).await.expect("op").expect("op");
+    let (op, phases) = follow(store, host, op.id, Duration::from_secs(900), &rig.serial).await;
     let took = started.elapsed();
-    let console = std::fs::read_to_string(&serial).unwrap_or_default();
     assert_eq!(
         (op.status, op.step.as_str()),
         (OperationStatus::Done, "done"),
-        "{op:?}\nserve log:\n{}",
-        std::fs::read_to_string(d.join("serve.log")).unwrap_or_default()
+        "{op:?}\nserve log:\n{}\nconsole:\n{}",
+        std::fs::read_to_string(rig.d().join("serve.log")).unwrap_or_default(),
+        tail(&rig.console(), 60)
     );
-    assert!(console.contains("nodekeeper deploy ramdisk"), "the deploy ramdisk ran");
+    assert!(rig.console().contains("nodekeeper deploy ramdisk"), "the deploy ramdisk ran");
     // The provisioner has the report before the guest's console shows it printed.
     let mut reported = false;
     for _ in 0..120 {
-        reported = std::fs::read_to_string(&serial).unwrap_or_default().contains("nodekeeper-firstboot: reported up");
+        reported = rig.console().contains("nodekeeper-firstboot: reported up");
         if reported {
             break;
         }
@@ -251,19 +283,122 @@ async fn a_vm_with_an_empty_disk_is_reimaged_through_sushy_tools_and_boots_its_i
     let mut guard_up = false;
     for _ in 0..360 {
         let reports = store.guard_reports().await.expect("reports");
-        if reports.iter().any(|r| r.host == host && r.at > op.created_at) {
+        if reports.iter().any(|r| &r.host == host && r.at > op.created_at) {
             guard_up = true;
             break;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    let console = std::fs::read_to_string(&serial).unwrap_or_default();
-    assert!(guard_up, "no report from the node's guard; console:\n{}", tail(&console, 60));
-    let h = store.require_host(&host).await.expect("host");
+    assert!(guard_up, "no report from the node's guard; console:\n{}", tail(&rig.console(), 60));
+    let h = store.require_host(host).await.expect("host");
     assert_eq!((h.state, h.image.as_deref()), (HostState::Active, Some("node.img")));
     assert!(h.last_heartbeat.is_some_and(|t| t > op.created_at));
+    (op, phases, took)
+}
+
+/// Real servers: UEFI with Secure Boot enforcing (OVMF with Microsoft's keys), an Intel
+/// e1000e NIC, two disks — a small NVMe and a larger SATA one — and a root-device hint naming
+/// the SATA disk by serial. The reimage PXE-boots through Debian's signed shim and GRUB, the
+/// deploy ramdisk loads its drivers by modalias, writes the hinted disk and nothing else, and
+/// the node boots its image (shim → GRUB → kernel, all signed) with Secure Boot on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secure_boot_server_with_two_disks_is_reimaged_onto_the_hinted_one() {
+    // NVMe 2 GiB (NK-NVME-1), SATA 3 GiB (NK-SATA-2, named by the hint).
+    let hw = Hardware::server(Firmware::UefiSecureBoot);
+    let Some(rig) = start("52:54:00:e2:e0:02", &hw).await else { return };
+    let (op, phases, took) = reimage_to_guard(&rig).await;
+    let console = rig.console();
+    assert!(console.contains("Welcome to GRUB"), "booted through GRUB");
+    assert!(
+        console.contains("nodekeeper-firstboot: booted by uefi-secureboot firmware"),
+        "the node booted its image with Secure Boot on:\n{}",
+        tail(&console, 80)
+    );
+    let events = rig
+        .store
+        .events(&EventFilter { host: Some("node-e2e".parse().expect("name")), limit: Some(200), ..Default::default() })
+        .await
+        .expect("events");
+    assert!(
+        events.iter().any(|e| e.kind == "reimage.report" && e.message.contains("(uefi-secureboot)")),
+        "the first boot's report says how it booted: {:?}",
+        events.iter().map(|e| &e.message).collect::<Vec<_>>()
+    );
+    // The SATA disk holds the image (a GPT), the NVMe disk was never written.
+    let mut head = vec![0u8; 1024];
+    std::io::Read::read_exact(&mut std::fs::File::open(&rig.disks[1]).expect("sata"), &mut head).expect("read");
+    assert_eq!(&head[512..520], b"EFI PART", "the hinted SATA disk has the image's GPT");
+    let mut nvme = std::fs::File::open(&rig.disks[0]).expect("nvme");
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = std::io::Read::read(&mut nvme, &mut buf).expect("read nvme");
+        if n == 0 {
+            break;
+        }
+        assert!(buf[..n].iter().all(|b| *b == 0), "the NVMe disk (not hinted) is untouched");
+    }
+    eprintln!(
+        "reimage e2e (UEFI Secure Boot, e1000e, NVMe + SATA, hint serial=NK-SATA-2): {} MiB image, empty disk to done \
+         in {:.0} s under TCG (operation {}):\n  {}",
+        rig.node_len >> 20,
+        took.as_secs_f64(),
+        op.id,
+        phases.join("\n  ")
+    );
+}
+
+/// The figures of docs/performance.md: three reimages each on BIOS, UEFI and UEFI with Secure
+/// Boot, of the same node otherwise (e1000e, one SATA disk), with each phase's time. Not in
+/// `make test` (nine TCG reimages, ~25 min):
+/// `cargo nextest run -p nodekeeper-provisioner --run-ignored only -E 'test(reimage_figures)' --no-capture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "figures: nine reimages under TCG, ~25 min"]
+async fn reimage_figures() {
+    let mut table = vec![
+        "| firmware | run | agent_booted | image_written | verified | local_boot | heartbeat | total |".to_owned(),
+    ];
+    table.push("| --- | --- | --- | --- | --- | --- | --- | --- |".into());
+    for firmware in [Firmware::Bios, Firmware::Uefi, Firmware::UefiSecureBoot] {
+        let hw = Hardware {
+            firmware,
+            nic: "e1000e".into(),
+            disks: nodekeeper_lab::hw::parse_disks("sata:3G").expect("disks"),
+        };
+        let Some(rig) = start("52:54:00:e2:e0:03", &hw).await else { return };
+        for run in 1..=3 {
+            let (_, phases, took) = reimage_to_guard(&rig).await;
+            let secs = |step: &str| {
+                phases
+                    .iter()
+                    .find(|p| p.starts_with(step))
+                    .and_then(|p| p.split_whitespace().nth(1))
+                    .unwrap_or("-")
+                    .to_owned()
+            };
+            table.push(format!(
+                "| {firmware} | {run} | {} s | {} s | {} s | {} s | {} s | {:.0} s |",
+                secs("agent_booted"),
+                secs("image_written"),
+                secs("verified"),
+                secs("local_boot"),
+                secs("heartbeat"),
+                took.as_secs_f64()
+            ));
+            eprintln!("{}", table.last().map(String::as_str).unwrap_or_default());
+        }
+    }
+    eprintln!("reimage figures (TCG, 1 vCPU, e1000e, SATA 3 GiB):\n{}", table.join("\n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_with_an_empty_disk_is_reimaged_through_sushy_tools_and_boots_its_image() {
+    let Some(rig) = start(MAC, &Hardware::virtio_bios()).await else { return };
+    let (store, db, serial, domain, node_len) = (&rig.store, &rig.db, &rig.serial, &rig.domain, rig.node_len);
+    let (server, d, disk) = (&rig.server, rig.d(), &rig.disks[0]);
+    let host: HostName = "node-e2e".parse().expect("name");
+    let (_, phases, took) = reimage_to_guard(&rig).await;
     let mut written = vec![0u8; 512];
-    std::io::Read::read_exact(&mut std::fs::File::open(&disk).expect("disk"), &mut written).expect("mbr");
+    std::io::Read::read_exact(&mut std::fs::File::open(disk).expect("disk"), &mut written).expect("mbr");
     assert_eq!(&written[510..], &[0x55, 0xaa], "the disk has its boot sector");
     eprintln!(
         "reimage e2e: {} MiB image, empty disk to done in {:.0} s under TCG:\n  {}",
@@ -276,7 +411,7 @@ async fn a_vm_with_an_empty_disk_is_reimaged_through_sushy_tools_and_boots_its_i
     // defines and starts it (a 32 MiB TCG domain with no disk, nested in the TCG node).
     // node-other stands for a second compute node: the test heartbeats for it (a double: one
     // QEMU node is what CI affords; `make lab-test` runs two).
-    nk(&db, &["host", "add", "node-other"]);
+    nk(db, &["host", "add", "node-other"]);
     let other: HostName = "node-other".parse().expect("name");
     let beats = {
         let (store, other) = (store.clone(), other.clone());
@@ -295,7 +430,7 @@ async fn a_vm_with_an_empty_disk_is_reimaged_through_sushy_tools_and_boots_its_i
             <memory unit='MiB'>32</memory><os><type arch='x86_64'>hvm</type></os><devices/></domain>", &inst.to_string()[..8]),
     });
     std::fs::write(d.join("instances.jsonl"), format!("{line}\n")).expect("jsonl");
-    nk(&db, &["instance", "import", &d.join("instances.jsonl").display().to_string()]);
+    nk(db, &["instance", "import", &d.join("instances.jsonl").display().to_string()]);
     let running_on = |store: Store, host: HostName, after: Timestamp| async move {
         let reports = store.guard_reports().await.expect("reports");
         reports
@@ -306,7 +441,7 @@ async fn a_vm_with_an_empty_disk_is_reimaged_through_sushy_tools_and_boots_its_i
     let t0 = Timestamp::now();
     let limit = Instant::now();
     while running_on(store.clone(), host.clone(), t0).await != Some(true) {
-        let console = std::fs::read_to_string(&serial).unwrap_or_default();
+        let console = std::fs::read_to_string(serial).unwrap_or_default();
         assert!(
             limit.elapsed() < Duration::from_secs(300),
             "the node's guard never ran the instance:\n{}",
@@ -349,7 +484,7 @@ async fn a_vm_with_an_empty_disk_is_reimaged_through_sushy_tools_and_boots_its_i
         if let Some(e) = found {
             break e;
         }
-        let console = std::fs::read_to_string(&serial).unwrap_or_default();
+        let console = std::fs::read_to_string(serial).unwrap_or_default();
         assert!(back.elapsed() < Duration::from_secs(400), "no quarantine after the fence:\n{}", tail(&console, 60));
         tokio::time::sleep(Duration::from_secs(1)).await;
     };
@@ -388,18 +523,18 @@ async fn a_vm_with_an_empty_disk_is_reimaged_through_sushy_tools_and_boots_its_i
     bytes[510] = 0x55;
     bytes[511] = 0xaa;
     std::fs::write(&bad, &bytes).expect("bad image");
-    let head = Lab::run(&server, 30, "curl", &["-sfI", "http://10.20.0.1:8080/images/bad.img"]);
+    let head = Lab::run(server, 30, "curl", &["-sfI", "http://10.20.0.1:8080/images/bad.img"]);
     assert!(head.status.success(), "the provisioner digests the good bytes first");
     let mtime = std::fs::metadata(&bad).and_then(|m| m.modified()).expect("mtime");
     bytes[8_000_000] ^= 0xff;
     std::fs::write(&bad, &bytes).expect("rot");
     std::fs::File::options().write(true).open(&bad).and_then(|f| f.set_modified(mtime)).expect("mtime");
-    nk(&db, &["reimage", "node-e2e", "--image", "bad.img"]);
+    nk(db, &["reimage", "node-e2e", "--image", "bad.img"]);
     let op = store.latest_operation(&host).await.expect("op").expect("op");
-    let (op, _) = follow(&store, &host, op.id, Duration::from_secs(600), &serial).await;
+    let (op, _) = follow(store, &host, op.id, Duration::from_secs(600), serial).await;
     assert_eq!((op.status, op.step.as_str()), (OperationStatus::Failed, "verified"), "{op:?}");
     assert!(op.last_error.as_deref().is_some_and(|e| e.contains("sha256 mismatch")), "{op:?}");
-    std::io::Read::read_exact(&mut std::fs::File::open(&disk).expect("disk"), &mut written).expect("mbr");
+    std::io::Read::read_exact(&mut std::fs::File::open(disk).expect("disk"), &mut written).expect("mbr");
     assert!(written.iter().all(|b| *b == 0), "the disk that booted before has no boot sector now");
     assert_eq!(store.require_host(&host).await.expect("host").state, HostState::Maintenance);
     store.close().await;

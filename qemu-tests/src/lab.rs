@@ -77,6 +77,8 @@ pub struct Node {
     pub mac: String,
     /// Its serial console.
     pub serial: PathBuf,
+    /// Its hardware (firmware, NIC, disks).
+    pub hw: crate::hw::Hardware,
 }
 
 /// A sample of who runs what, from the guards' reports and the nodes' power.
@@ -129,7 +131,7 @@ pub const SERVER_TLS: &str = "https://10.20.0.1:8443";
 impl Lab {
     /// Sets the lab up with `count` nodes (not installed yet): images, network, BMC emulator,
     /// database with the hosts, `serve`, the node domains with empty disks.
-    pub async fn up(paths: Paths, count: usize, n: &Narrator) -> anyhow::Result<Lab> {
+    pub async fn up(paths: Paths, fleet: &[crate::hw::Hardware], n: &Narrator) -> anyhow::Result<Lab> {
         let missing = paths.missing();
         anyhow::ensure!(missing.is_empty(), "the lab needs: {} (scripts/setup-test-deps.sh)", missing.join(", "));
         n.say("building the images (deploy ramdisk, node image; cached)");
@@ -155,6 +157,9 @@ impl Lab {
             ("images/deploy/out/vmlinuz", "images/deploy/vmlinuz"),
             ("images/deploy/out/initrd.img", "images/deploy/initrd.img"),
             ("images/node/out/node.img", "images/node.img"),
+            // Secure Boot hosts PXE-boot Debian's signed shim, which loads the network GRUB.
+            ("images/node/out/efi/shimx64.efi", "tftp/shimx64.efi"),
+            ("images/node/out/efi/grubnetx64.efi", "tftp/grubx64.efi"),
         ] {
             let (from, to) = (paths.repo.join(from), dir.join(to));
             if std::fs::hard_link(&from, &to).is_err() {
@@ -176,7 +181,7 @@ impl Lab {
         nk(&["db", "migrate"])?;
 
         let mut nodes = Vec::new();
-        for i in 0..count {
+        for (i, hw) in fleet.iter().enumerate() {
             let letter = (b'a' + u8::try_from(i).context("too many nodes")?) as char;
             let uuid = uuid::Uuid::new_v4().to_string();
             let node = Node {
@@ -185,35 +190,33 @@ impl Lab {
                 uuid: uuid.clone(),
                 mac: format!("52:54:00:6e:6b:{:02x}", 0x0a + i),
                 serial: dir.join(format!("node-{letter}.console")),
+                hw: hw.clone(),
             };
-            let disk = dir.join(format!("disks/node-{letter}.raw"));
-            std::fs::File::create(&disk).and_then(|f| f.set_len(3 << 30))?;
             // 1.5 GiB for the node and its nested instances; a watchdog the guard arms.
-            let xml = format!(
-                "<domain type='qemu'><name>{name}</name><uuid>{uuid}</uuid><memory unit='MiB'>1536</memory><vcpu>1</vcpu>\
-                 <os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/></os><features><acpi/></features>\
-                 <devices><disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{disk}'/><target dev='vda' bus='virtio'/></disk>\
-                 <interface type='bridge'><mac address='{mac}'/><source bridge='{bridge}'/><model type='virtio'/></interface>\
-                 <serial type='file'><source path='{serial}' append='on'/><target port='0'/></serial>\
-                 <console type='file'><source path='{serial}' append='on'/><target type='serial' port='0'/></console>\
-                 <watchdog model='i6300esb' action='reset'/></devices></domain>",
-                name = node.domain,
-                mac = node.mac,
-                disk = disk.display(),
-                bridge = net.bridge,
-                serial = node.serial.display(),
-            );
+            let domain = crate::hw::Domain {
+                name: &node.domain,
+                uuid: &node.uuid,
+                mac: &node.mac,
+                bridge: &net.bridge,
+                serial: &node.serial,
+                memory_mib: 1536,
+                watchdog: true,
+                dir: &dir.join("disks"),
+            };
+            let (xml, _) = hw.domain_xml(&domain)?;
             let path = dir.join(format!("{}.xml", node.domain));
             std::fs::write(&path, xml)?;
             virsh(&["define", &path.display().to_string()])?;
             let bmc = format!("redfish+http://127.0.0.1:{bmc_port}/redfish/v1/Systems/{uuid}");
-            nk(&["host", "add", node.name.as_str(), "--mac", &node.mac, "--bmc", &bmc])?;
+            let mut add = vec!["host", "add", node.name.as_str(), "--mac", &node.mac, "--bmc", &bmc];
+            let hw_args = hw.host_args();
+            add.extend(hw_args.iter().map(String::as_str));
+            nk(&add)?;
+            n.say(&format!("{}: {} (1 vCPU, 1.5 GiB, i6300esb watchdog)", node.name, hw.describe()));
             nodes.push(node);
         }
         let count = if nodes.len() == 1 { "1 node".to_owned() } else { format!("{} nodes", nodes.len()) };
-        n.say(&format!(
-            "{count} defined (1 vCPU, 1.5 GiB, empty 3 GiB disk, i6300esb watchdog), each with a Redfish BMC (sushy-tools)"
-        ));
+        n.say(&format!("{count} defined, each with a Redfish BMC (sushy-tools)"));
 
         let config = dir.join("provisioner.toml");
         std::fs::write(
@@ -300,7 +303,8 @@ impl Lab {
             self.nk(&["reimage", node.name.as_str()])?;
         }
         n.say(&format!(
-            "reimaging {}: power off, PXE next boot, power on → DHCP → iPXE → deploy ramdisk → node image → reboot from disk",
+            "reimaging {}: power off, PXE next boot, power on → DHCP → iPXE (Secure Boot: shim → GRUB) → deploy ramdisk → \
+             node image → powered on into its disk",
             self.names()
         ));
         let start = std::time::Instant::now();
@@ -352,6 +356,56 @@ impl Lab {
         }
         n.say(&format!("{} installed in {}", self.names(), crate::fmt(start.elapsed())));
         Ok(phases)
+    }
+
+    /// Per installed node: name, hardware, boot path, target disk (checked: the image's GPT
+    /// is on it, every other disk is still empty at its start), and how its image booted (its
+    /// first boot's word, from its console).
+    pub fn node_rows(&self) -> anyhow::Result<Vec<[String; 5]>> {
+        self.nodes
+            .iter()
+            .map(|node| {
+                let disks = self.dir.join("disks");
+                let mut target = None;
+                for (i, disk) in node.hw.disks.iter().enumerate() {
+                    let file = disks.join(format!("{}-disk{i}.raw", node.domain));
+                    let mut head = vec![0u8; 1 << 20];
+                    std::io::Read::read_exact(&mut std::fs::File::open(&file)?, &mut head)
+                        .with_context(|| format!("reading {}", file.display()))?;
+                    if &head[512..520] == b"EFI PART" {
+                        anyhow::ensure!(target.is_none(), "{}: the image is on two disks", node.name);
+                        target = Some(disk);
+                    } else {
+                        anyhow::ensure!(
+                            head.iter().all(|b| *b == 0),
+                            "{}: disk {} was written",
+                            node.name,
+                            disk.serial
+                        );
+                    }
+                }
+                let target = target.with_context(|| format!("{}: no disk holds the image", node.name))?;
+                let hinted = if node.hw.disks.len() > 1 { ", by hint" } else { "" };
+                let console = std::fs::read_to_string(&node.serial).unwrap_or_default();
+                let booted = console
+                    .lines()
+                    .filter_map(|l| l.split("nodekeeper-firstboot: booted by ").nth(1))
+                    .next()
+                    .map_or("?".to_owned(), |w| w.trim_end_matches(" firmware").trim().to_owned());
+                let path = match node.hw.firmware {
+                    crate::hw::Firmware::UefiSecureBoot => "PXE → shim → GRUB (TFTP)",
+                    crate::hw::Firmware::Uefi => "PXE → ipxe.efi → HTTP",
+                    crate::hw::Firmware::Bios => "PXE → undionly.kpxe → HTTP",
+                };
+                Ok([
+                    node.name.to_string(),
+                    node.hw.describe(),
+                    path.to_owned(),
+                    format!("{} {}G {}{hinted}", format!("{:?}", target.bus).to_lowercase(), target.gib, target.serial),
+                    booted,
+                ])
+            })
+            .collect()
     }
 
     fn names(&self) -> String {

@@ -1,10 +1,16 @@
 //! `nodekeeper-lab`: runs a scenario of the QEMU lab, narrated, ending in a summary table.
 //!
-//! - `nodekeeper-lab demo`: the `failover` scenario with a progress line during the waits.
-//! - `nodekeeper-lab run failover|db-down-at-boot|provisioner-outage`
-//! - `nodekeeper-lab up [--nodes N]`: a lab with N installed nodes, kept until Ctrl-C.
+//! - `nodekeeper-lab demo`: the `failover` scenario on a mixed fleet (node-a a UEFI server with
+//!   an e1000e NIC and two disks, node-b BIOS with virtio), with a progress line during waits.
+//! - `nodekeeper-lab run failover|db-down-at-boot|provisioner-outage [HARDWARE]`
+//! - `nodekeeper-lab up [--nodes N] [HARDWARE]`: a lab with N installed nodes, kept until Ctrl-C.
+//!
+//! HARDWARE, for every node: `--firmware bios|uefi|uefi-secureboot`, `--nic virtio|e1000e|igb`,
+//! `--disks nvme:2G,sata:3G` (several: the last is the target, named by a root-device hint);
+//! or `--mixed` for the demo's fleet.
 
 use clap::{Parser, ValueEnum};
+use nodekeeper_lab::hw::Hardware;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -18,13 +24,61 @@ enum Cli {
     Run {
         /// Which.
         scenario: Scenario,
+        #[command(flatten)]
+        hw: HwArgs,
     },
     /// A lab with installed nodes, left running until Ctrl-C (then torn down).
     Up {
         /// How many compute nodes.
         #[arg(long, default_value_t = 2)]
         nodes: usize,
+        #[command(flatten)]
+        hw: HwArgs,
     },
+}
+
+/// The nodes' hardware.
+#[derive(Debug, clap::Args)]
+struct HwArgs {
+    /// bios, uefi or uefi-secureboot (OVMF with Microsoft's keys).
+    #[arg(long, default_value = "bios")]
+    firmware: String,
+    /// The NIC model: virtio, e1000e, igb.
+    #[arg(long, default_value = "virtio")]
+    nic: String,
+    /// Disks as BUS:SIZE, comma-separated (virtio, sata, nvme; 2G..64G).
+    #[arg(long, default_value = "virtio:3G")]
+    disks: String,
+    /// The demo's mixed fleet instead: node-a UEFI, e1000e, SATA 2G + NVMe 3G (the target, by
+    /// hint); node-b BIOS, virtio.
+    #[arg(long)]
+    mixed: bool,
+}
+
+impl HwArgs {
+    fn fleet(&self) -> anyhow::Result<Vec<Hardware>> {
+        if self.mixed {
+            return Ok(mixed());
+        }
+        let hw = Hardware {
+            firmware: self.firmware.parse()?,
+            nic: self.nic.clone(),
+            disks: nodekeeper_lab::hw::parse_disks(&self.disks)?,
+        };
+        hw.check()?;
+        Ok(vec![hw])
+    }
+}
+
+/// node-a: a UEFI server (e1000e, a SATA disk and the NVMe disk the hint names); node-b: BIOS
+/// with virtio.
+fn mixed() -> Vec<Hardware> {
+    let server = Hardware {
+        firmware: nodekeeper_lab::hw::Firmware::Uefi,
+        nic: "e1000e".into(),
+        disks: nodekeeper_lab::hw::parse_disks("sata:2G,nvme:3G").unwrap_or_default(),
+    };
+    vec![server, Hardware::virtio_bios()]
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -49,16 +103,30 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
+    let fleet = match &cli {
+        Cli::Demo => Ok(mixed()),
+        Cli::Run { hw, .. } | Cli::Up { hw, .. } => hw.fleet(),
+    };
+    let fleet = match fleet {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("nodekeeper-lab: {e:#}");
+            return std::process::ExitCode::from(2);
+        }
+    };
     let (scenario, progress) = match cli {
         Cli::Demo => (Scenario::Failover, true),
-        Cli::Run { scenario } => (scenario, false),
-        Cli::Up { nodes } => return up(paths, nodes).await,
+        Cli::Run { scenario, .. } => (scenario, false),
+        Cli::Up { nodes, .. } => {
+            let fleet: Vec<Hardware> = (0..nodes).map(|i| fleet[i.min(fleet.len() - 1)].clone()).collect();
+            return up(paths, &fleet).await;
+        }
     };
     let n = nodekeeper_lab::Narrator::new(progress);
     let result = match scenario {
-        Scenario::Failover => nodekeeper_lab::scenarios::failover(paths, &n).await,
-        Scenario::DbDownAtBoot => nodekeeper_lab::scenarios::db_down_at_boot(paths, &n).await,
-        Scenario::ProvisionerOutage => nodekeeper_lab::scenarios::provisioner_outage(paths, &n).await,
+        Scenario::Failover => nodekeeper_lab::scenarios::failover(paths, &fleet, &n).await,
+        Scenario::DbDownAtBoot => nodekeeper_lab::scenarios::db_down_at_boot(paths, &fleet, &n).await,
+        Scenario::ProvisionerOutage => nodekeeper_lab::scenarios::provisioner_outage(paths, &fleet, &n).await,
     };
     match result {
         Ok(summary) => {
@@ -74,10 +142,10 @@ async fn main() -> std::process::ExitCode {
 }
 
 /// `up`: installs the nodes, says where everything is, waits for Ctrl-C.
-async fn up(paths: nodekeeper_lab::lab::Paths, nodes: usize) -> std::process::ExitCode {
+async fn up(paths: nodekeeper_lab::lab::Paths, fleet: &[Hardware]) -> std::process::ExitCode {
     let n = nodekeeper_lab::Narrator::new(true);
     let lab = async {
-        let lab = nodekeeper_lab::lab::Lab::up(paths, nodes, &n).await?;
+        let lab = nodekeeper_lab::lab::Lab::up(paths, fleet, &n).await?;
         lab.install(&n).await?;
         anyhow::Ok(lab)
     }

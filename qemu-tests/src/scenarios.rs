@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use nodekeeper_store::{EventFilter, Generation, HostName, HostState, InstanceId, Timestamp};
 
+use crate::hw::Hardware;
 use crate::lab::{Lab, Paths, Sample};
 use crate::{fmt, Narrator};
 
@@ -19,13 +20,32 @@ pub struct Summary {
     pub samples: usize,
     /// Samples in which an instance ran on two nodes (must be 0).
     pub double_runs: usize,
+    /// Per node: name, hardware, boot path, target disk, how its image booted.
+    pub nodes: Vec<[String; 5]>,
 }
 
 impl Summary {
     /// The table.
     pub fn table(&self) -> String {
         let width = self.phases.iter().map(|p| p.0.chars().count()).max().unwrap_or(10).max(10);
-        let mut out = format!("| {:<width$} | {:>12} |\n| {:-<width$} | {:->12} |\n", "phase", "took", "", "");
+        let mut out = String::new();
+        if !self.nodes.is_empty() {
+            let head = ["node", "hardware", "boot path (deploy)", "target disk", "booted its image as"];
+            let w: Vec<usize> = (0..5)
+                .map(|i| self.nodes.iter().map(|r| r[i].chars().count()).chain([head[i].len()]).max().unwrap_or(4))
+                .collect();
+            let line = |r: [&str; 5]| {
+                let cells: Vec<String> = r.iter().zip(&w).map(|(c, w)| format!("{c:<w$}")).collect();
+                format!("| {} |\n", cells.join(" | "))
+            };
+            out.push_str(&line(head));
+            out.push_str(&line(["", "", "", "", ""]).replace(' ', "-").replacen('-', " ", 1));
+            for r in &self.nodes {
+                out.push_str(&line([&r[0], &r[1], &r[2], &r[3], &r[4]]));
+            }
+            out.push('\n');
+        }
+        out.push_str(&format!("| {:<width$} | {:>12} |\n| {:-<width$} | {:->12} |\n", "phase", "took", "", ""));
         for (phase, took) in &self.phases {
             out.push_str(&format!("| {phase:<width$} | {:>12} |\n", fmt(*took)));
         }
@@ -125,19 +145,24 @@ async fn place_on_node_a(
 /// `failover`: node-a loses its network; it self-fences; the controller fences it through its
 /// BMC and moves its HA instances to node-b; node-a is powered on again and its guard
 /// quarantines the stale definitions before libvirtd starts.
-pub async fn failover(paths: Paths, n: &Narrator) -> anyhow::Result<Summary> {
+pub async fn failover(paths: Paths, fleet: &[Hardware], n: &Narrator) -> anyhow::Result<Summary> {
     n.say("scenario failover: two compute nodes, HA instances on node-a, node-a cut off");
-    on_a_lab(paths, 2, n, failover_on).await
+    on_a_lab(paths, fleet, 2, n, failover_on).await
 }
 
-/// Runs `scenario` on a fresh lab of `nodes` nodes; keeps its logs and consoles when it fails.
+/// Runs `scenario` on a fresh lab of `nodes` nodes — node i with `fleet[i]` (the last entry
+/// for the nodes past the fleet's end); keeps its logs and consoles when it fails.
 async fn on_a_lab(
     paths: Paths,
+    fleet: &[Hardware],
     nodes: usize,
     n: &Narrator,
     scenario: impl AsyncFnOnce(&mut Lab, &Narrator) -> anyhow::Result<Summary>,
 ) -> anyhow::Result<Summary> {
-    let mut lab = Lab::up(paths, nodes, n).await?;
+    let default = [Hardware::virtio_bios()];
+    let fleet = if fleet.is_empty() { &default[..] } else { fleet };
+    let fleet: Vec<Hardware> = (0..nodes).map(|i| fleet[i.min(fleet.len() - 1)].clone()).collect();
+    let mut lab = Lab::up(paths, &fleet, n).await?;
     let result = scenario(&mut lab, n).await;
     if result.is_err() {
         let dir = lab.keep().display().to_string();
@@ -150,6 +175,7 @@ async fn failover_on(lab: &mut Lab, n: &Narrator) -> anyhow::Result<Summary> {
     let mut summary = Summary::default();
     let mut sampler = Sampler { samples: Vec::new() };
     summary.phases.extend(lab.install(n).await?);
+    summary.nodes = lab.node_rows()?;
     let ids = place_on_node_a(lab, n, &mut sampler, &mut summary).await?;
     cut_and_recover(lab, n, &ids, &mut sampler, &mut summary).await?;
     Ok(summary)
@@ -160,9 +186,9 @@ async fn failover_on(lab: &mut Lab, n: &Narrator) -> anyhow::Result<Summary> {
 /// controller, so the controller is what is down — and nothing is fenced when it returns.
 /// Then node-a's NIC is cut, as in `failover`: node-a, cut off from its peer too, self-fences,
 /// and node-b gets its HA instances.
-pub async fn provisioner_outage(paths: Paths, n: &Narrator) -> anyhow::Result<Summary> {
+pub async fn provisioner_outage(paths: Paths, fleet: &[Hardware], n: &Narrator) -> anyhow::Result<Summary> {
     n.say("scenario provisioner-outage: the provisioner stops for 5 minutes, then node-a is cut off");
-    on_a_lab(paths, 2, n, provisioner_outage_on).await
+    on_a_lab(paths, fleet, 2, n, provisioner_outage_on).await
 }
 
 /// How long the provisioner stays down in `provisioner-outage`.
@@ -172,6 +198,7 @@ async fn provisioner_outage_on(lab: &mut Lab, n: &Narrator) -> anyhow::Result<Su
     let mut summary = Summary::default();
     let mut sampler = Sampler { samples: Vec::new() };
     summary.phases.extend(lab.install(n).await?);
+    summary.nodes = lab.node_rows()?;
     let ids = place_on_node_a(lab, n, &mut sampler, &mut summary).await?;
     // Both guards fetch their peer list on their first heartbeat and every minute after: wait
     // one round, so each knows the other.
@@ -399,15 +426,16 @@ async fn cut_and_recover(
 /// `db-down-at-boot`: node-a reboots while the database (here: the provisioner, through which
 /// the guards reach it) is unreachable; its HA domains do not start; when it returns, what it
 /// confirms as node-a's starts again.
-pub async fn db_down_at_boot(paths: Paths, n: &Narrator) -> anyhow::Result<Summary> {
+pub async fn db_down_at_boot(paths: Paths, fleet: &[Hardware], n: &Narrator) -> anyhow::Result<Summary> {
     n.say("scenario db-down-at-boot: node-a reboots while the database cannot be reached");
-    on_a_lab(paths, 1, n, db_down_on).await
+    on_a_lab(paths, fleet, 1, n, db_down_on).await
 }
 
 async fn db_down_on(lab: &mut Lab, n: &Narrator) -> anyhow::Result<Summary> {
     let mut summary = Summary::default();
     let mut sampler = Sampler { samples: Vec::new() };
     summary.phases.extend(lab.install(n).await?);
+    summary.nodes = lab.node_rows()?;
     let ids = place_on_node_a(lab, n, &mut sampler, &mut summary).await?;
     let a: HostName = "node-a".parse()?;
     let node_a = lab.node("node-a").clone();

@@ -2,13 +2,15 @@
 //! ignored by the plain test run. CI runs the PXE install of one node and the guard-boot part
 //! of the failover in `provisioner/tests/reimage_qemu.rs` instead.
 
+use nodekeeper_lab::hw::Hardware;
 use nodekeeper_lab::lab::Paths;
 use nodekeeper_lab::scenarios::{self, Summary};
 use nodekeeper_lab::Narrator;
 
-async fn run(scenario: impl AsyncFnOnce(Paths, &Narrator) -> anyhow::Result<Summary>) -> Summary {
+async fn run(scenario: impl AsyncFnOnce(Paths, &[Hardware], &Narrator) -> anyhow::Result<Summary>) -> Summary {
     let n = Narrator::new(false);
-    let summary = scenario(Paths::discover().expect("paths"), &n).await.unwrap_or_else(|e| panic!("{e:#}"));
+    let fleet = [Hardware::virtio_bios()];
+    let summary = scenario(Paths::discover().expect("paths"), &fleet, &n).await.unwrap_or_else(|e| panic!("{e:#}"));
     eprintln!("{}", summary.table());
     assert_eq!(summary.double_runs, 0, "an instance ran on two nodes");
     summary

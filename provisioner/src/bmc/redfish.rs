@@ -89,7 +89,8 @@ impl Redfish {
 
 impl Redfish {
     /// Sets the boot override. With a mode, `BootSourceOverrideMode` is sent only when the
-    /// system reports another one: BMCs differ here (iDRAC turns a mode change into a BIOS
+    /// system reports another one (one that reports none does not have the setting): BMCs
+    /// differ here (iDRAC turns a mode change into a BIOS
     /// setting and wants it with a UEFI target; iLO 5 and others keep it read-only, and
     /// sushy-tools' libvirt driver rebuilds the firmware section, Secure Boot off, on every
     /// mode it is sent). A mode the BMC lists as not allowed fails here with what to do.
@@ -100,7 +101,7 @@ impl Redfish {
             let wanted = if mode.is_uefi() { "UEFI" } else { "Legacy" };
             let v = self.send(self.request(reqwest::Method::GET, &system)).await?;
             let current = v.pointer("/Boot/BootSourceOverrideMode").and_then(Value::as_str);
-            if current != Some(wanted) {
+            if current.is_some_and(|c| c != wanted) {
                 let allowed =
                     v.pointer("/Boot/BootSourceOverrideMode@Redfish.AllowableValues").and_then(Value::as_array);
                 if let Some(allowed) = allowed.filter(|a| !a.iter().any(|m| m.as_str() == Some(wanted))) {
@@ -111,7 +112,7 @@ impl Redfish {
                             "the host boots in {mode} mode but the BMC's boot override mode is {} and it allows only \
                              [{}]: set the boot mode in the server's firmware setup, or the host's with \
                              `host set --boot-mode`",
-                            current.unwrap_or("not reported"),
+                            current.unwrap_or_default(),
                             allowed.join(", ")
                         ),
                     });
@@ -310,6 +311,13 @@ mod tests {
         assert_eq!(
             *patches.lock().expect("lock"),
             vec![json!({ "Boot": { "BootSourceOverrideTarget": "Pxe", "BootSourceOverrideEnabled": "Once" } }); 2]
+        );
+        // A BMC that reports no mode has no such setting: none is sent.
+        let (url, patches) = boot_bmc(json!({ "BootSourceOverrideTarget": "None" })).await;
+        Redfish::new(&url, None).expect("driver").set_pxe_once(Some(BootMode::Bios)).await.expect("pxe");
+        assert_eq!(
+            *patches.lock().expect("lock"),
+            [json!({ "Boot": { "BootSourceOverrideTarget": "Pxe", "BootSourceOverrideEnabled": "Once" } })]
         );
         // Legacy now, UEFI allowed: the mode goes with the target (iDRAC wants both at once).
         let (url, patches) = boot_bmc(json!({

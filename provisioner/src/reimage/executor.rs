@@ -164,7 +164,7 @@ impl<F: BmcFactory> crate::ops::Machine for Reimage<F> {
             return observe(store, op, &host, step, data).await;
         }
         let boot_mode = match work {
-            Work::SetPxeOnce | Work::SetDiskBoot => store.boot_settings(&op.target).await?.boot_mode,
+            Work::SetPxeOnce | Work::BootDisk => store.boot_settings(&op.target).await?.boot_mode,
             _ => None,
         };
         let result = match self.factory.for_host(&host) {
@@ -177,7 +177,11 @@ impl<F: BmcFactory> crate::ops::Machine for Reimage<F> {
                         Work::PowerOff => bmc::power(&driver, PowerAction::Off, &policy).await.map(drop),
                         Work::PowerOn => bmc::power(&driver, PowerAction::On, &policy).await.map(drop),
                         Work::SetPxeOnce => driver.set_pxe_once(boot_mode).await,
-                        Work::SetDiskBoot => driver.set_disk_boot(boot_mode).await,
+                        Work::BootDisk => {
+                            driver.set_disk_boot(boot_mode).await?;
+                            bmc::power(&driver, PowerAction::Off, &policy).await?;
+                            bmc::power(&driver, PowerAction::On, &policy).await.map(drop)
+                        }
                         Work::Wait => Ok(()),
                     }
                 };

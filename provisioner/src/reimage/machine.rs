@@ -32,7 +32,11 @@ pub enum Step {
     ImageWritten,
     /// Wait until it has verified the image's sha256.
     Verified,
-    /// Set the BMC to boot the disk (for BMCs that ignore "once"); the agent reboots.
+    /// Set the BMC to boot the disk, then power the host off (confirmed: the agent powered
+    /// off after `verified`, or is forced off — the image is verified and synced by then) and
+    /// on: the firmware boots the disk as the BMC was just told, never the network first
+    /// (whose "boot the next entry" differs between firmwares: EDK2 shows its setup menu when
+    /// a network loader returns success).
     LocalBoot,
     /// Wait for the installed node to report in.
     Heartbeat,
@@ -188,8 +192,8 @@ pub enum Work {
     SetPxeOnce,
     /// Power on, confirmed.
     PowerOn,
-    /// Boot from disk from now on.
-    SetDiskBoot,
+    /// Boot from disk from now on, and power-cycle into it (off confirmed, on confirmed).
+    BootDisk,
     /// Nothing to do: wait for the agent or the heartbeat.
     Wait,
 }
@@ -200,7 +204,7 @@ pub fn work(step: Step) -> Work {
         Step::PowerOff => Work::PowerOff,
         Step::PxeNextBoot => Work::SetPxeOnce,
         Step::PowerOn => Work::PowerOn,
-        Step::LocalBoot => Work::SetDiskBoot,
+        Step::LocalBoot => Work::BootDisk,
         Step::AgentBooted | Step::ImageWritten | Step::Verified | Step::Heartbeat => Work::Wait,
     }
 }
@@ -443,7 +447,7 @@ mod tests {
             matches!(after_work(Step::PowerOn, 1, Ok(()), &d), Decision::Go { after, .. } if after == Some(d.deadlines.agent_boot))
         );
         assert_eq!(work(Step::PxeNextBoot), Work::SetPxeOnce);
-        assert_eq!(work(Step::LocalBoot), Work::SetDiskBoot);
+        assert_eq!(work(Step::LocalBoot), Work::BootDisk);
         assert_eq!(work(Step::Verified), Work::Wait);
     }
 
