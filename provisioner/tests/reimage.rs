@@ -564,14 +564,17 @@ async fn the_deploy_ramdisk_finds_its_nic_and_the_hinted_nvme_disk_under_qemu() 
 }
 
 /// A hint that matches no disk: the reimage fails at `agent_booted`, its error lists the disks
-/// the agent saw, and no disk is written.
+/// the agent saw (an NVMe and a SATA one here), and no disk is written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_hint_matching_no_disk_fails_the_reimage_and_writes_nothing() {
     let Some(out) = deploy_ramdisk() else { return };
     let r = rig().await;
     std::fs::write(r.dir.path().join("node.img"), vec![0x5a_u8; 4 << 20]).expect("image");
-    let disk = r.dir.path().join("vda.raw");
-    std::fs::File::create(&disk).and_then(|f| f.set_len(32 << 20)).expect("disk");
+    let nvme = r.dir.path().join("nvme.raw");
+    let sata = r.dir.path().join("sata.raw");
+    for disk in [&nvme, &sata] {
+        std::fs::File::create(disk).and_then(|f| f.set_len(32 << 20)).expect("disk");
+    }
     let (op, _) =
         executor::request(&r.store, &name(), None, quick(), Limits::default(), "test").await.expect("request");
     let _exec = r.executor();
@@ -581,12 +584,14 @@ async fn a_hint_matching_no_disk_fails_the_reimage_and_writes_nothing() {
         &out,
         "serial=NO-SUCH-DISK",
         "virtio-net-pci",
-        &[(disk.as_path(), "NK-ONLY", "virtio-blk-pci")],
+        &[(nvme.as_path(), "NK-NVME", "nvme"), (sata.as_path(), "NK-SATA", "ide-hd")],
     )
     .await;
     let failed = r.wait(op.id, "failed", |o| o.status != OperationStatus::Running).await;
     assert_eq!((failed.status, failed.step.as_str()), (OperationStatus::Failed, "agent_booted"), "{log}");
     let error = failed.last_error.unwrap_or_default();
-    assert!(error.contains("no disk matches") && error.contains("vda") && error.contains("NK-ONLY"), "{error}");
-    assert!(std::fs::read(&disk).expect("disk").iter().all(|b| *b == 0), "nothing written");
+    assert!(error.contains("no disk matches") && error.contains("NK-NVME") && error.contains("NK-SATA"), "{error}");
+    for disk in [&nvme, &sata] {
+        assert!(std::fs::read(disk).expect("disk").iter().all(|b| *b == 0), "{} was written", disk.display());
+    }
 }

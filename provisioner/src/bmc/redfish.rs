@@ -120,7 +120,23 @@ impl Redfish {
                 boot["BootSourceOverrideMode"] = json!(wanted);
             }
         }
-        self.send(self.request(reqwest::Method::PATCH, &system).json(&json!({ "Boot": boot }))).await.map(drop)
+        let body = json!({ "Boot": boot });
+        let refused = match self.send(self.request(reqwest::Method::PATCH, &system).json(&body)).await {
+            Ok(_) => return Ok(()),
+            Err(e @ BmcError::Refused { .. }) => e,
+            Err(e) => return Err(e),
+        };
+        // BMCs built on AMI MegaRAC (Lenovo's TSM among them) take Boot changes only at the
+        // system's settings object (`@Redfish.Settings`, applied at the next reset): there,
+        // when the system names one; else the BMC's own refusal.
+        let v = self.send(self.request(reqwest::Method::GET, &system)).await?;
+        match v.pointer("/@Redfish.Settings/SettingsObject/@odata.id").and_then(Value::as_str) {
+            Some(settings) if settings != system => {
+                tracing::info!(bmc = %self.endpoint(), "boot override refused at the system; sent to {settings}");
+                self.send(self.request(reqwest::Method::PATCH, settings).json(&body)).await.map(drop)
+            }
+            _ => Err(refused),
+        }
     }
 }
 
@@ -278,23 +294,52 @@ mod tests {
 
     /// A system whose `Boot` object is `boot`; records every PATCH body.
     async fn boot_bmc(boot: Value) -> (String, Arc<Mutex<Vec<Value>>>) {
-        use axum::routing::get;
+        boot_bmc_with(boot, false).await
+    }
+
+    /// The same; `settings_only`: the system refuses PATCH (405) and names a settings object
+    /// (`/redfish/v1/Systems/s1/SD`, AMI's future-state URI), whose PATCH bodies are recorded
+    /// with `"at": "SD"`.
+    async fn boot_bmc_with(boot: Value, settings_only: bool) -> (String, Arc<Mutex<Vec<Value>>>) {
+        use axum::routing::{get, patch};
         let patches = Arc::new(Mutex::new(Vec::new()));
-        let recorded = patches.clone();
-        let app = axum::Router::new().route(
-            "/redfish/v1/Systems/s1",
-            get(move || {
-                let boot = boot.clone();
-                async move { axum::Json(json!({ "PowerState": "Off", "Boot": boot })) }
-            })
-            .patch(move |axum::Json(body): axum::Json<Value>| {
-                let recorded = recorded.clone();
-                async move {
-                    recorded.lock().expect("lock").push(body);
-                    axum::http::StatusCode::NO_CONTENT
-                }
-            }),
-        );
+        let (recorded, at_sd) = (patches.clone(), patches.clone());
+        let app = axum::Router::new()
+            .route(
+                "/redfish/v1/Systems/s1",
+                get(move || {
+                    let boot = boot.clone();
+                    async move {
+                        let mut v = json!({ "PowerState": "Off", "Boot": boot });
+                        if settings_only {
+                            v["@Redfish.Settings"] =
+                                json!({ "SettingsObject": { "@odata.id": "/redfish/v1/Systems/s1/SD" } });
+                        }
+                        axum::Json(v)
+                    }
+                })
+                .patch(move |axum::Json(body): axum::Json<Value>| {
+                    let recorded = recorded.clone();
+                    async move {
+                        if settings_only {
+                            return axum::http::StatusCode::METHOD_NOT_ALLOWED;
+                        }
+                        recorded.lock().expect("lock").push(body);
+                        axum::http::StatusCode::NO_CONTENT
+                    }
+                }),
+            )
+            .route(
+                "/redfish/v1/Systems/s1/SD",
+                patch(move |axum::Json(mut body): axum::Json<Value>| {
+                    let recorded = at_sd.clone();
+                    async move {
+                        body["at"] = json!("SD");
+                        recorded.lock().expect("lock").push(body);
+                        axum::http::StatusCode::NO_CONTENT
+                    }
+                }),
+            );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         tokio::spawn(async move { axum::serve(listener, app).await });
@@ -345,6 +390,13 @@ mod tests {
             "{message}"
         );
         assert!(patches.lock().expect("lock").is_empty(), "nothing was changed");
+        // An AMI-style BMC: the system refuses the PATCH, its settings object takes it.
+        let (url, patches) = boot_bmc_with(json!({ "BootSourceOverrideMode": "UEFI" }), true).await;
+        Redfish::new(&url, None).expect("driver").set_pxe_once(Some(BootMode::Uefi)).await.expect("via SD");
+        assert_eq!(
+            *patches.lock().expect("lock"),
+            [json!({ "Boot": { "BootSourceOverrideTarget": "Pxe", "BootSourceOverrideEnabled": "Once" }, "at": "SD" })]
+        );
     }
 
     #[test]
