@@ -215,14 +215,18 @@ impl Hardware {
                     // one is passed on QEMU's command line, so it is opened to that user here.
                     std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o666))?;
                     // A slot of its own on the root bus (slot 0x10 + i), clear of the ones
-                    // libvirt hands out from 1 upwards.
+                    // libvirt hands out from 1 upwards; a boot index after the devices
+                    // libvirt orders (the BMC emulator orders only those), so the firmware
+                    // tries it when the disks before it hold nothing bootable — as a server's
+                    // firmware goes down its disks.
                     let bus = if self.firmware == Firmware::Bios { "pci.0" } else { "pcie.0" };
                     qemu_args.push_str(&format!(
                         "<qemu:arg value='-drive'/><qemu:arg value='file={},if=none,id=nvme{i},format=raw'/>\
-                         <qemu:arg value='-device'/><qemu:arg value='nvme,drive=nvme{i},serial={},bus={bus},addr={:#x}'/>",
+                         <qemu:arg value='-device'/><qemu:arg value='nvme,drive=nvme{i},serial={},bus={bus},addr={:#x},bootindex={}'/>",
                         file.display(),
                         disk.serial,
-                        0x10 + i
+                        0x10 + i,
+                        10 + i
                     ));
                 }
                 Bus::Virtio | Bus::Sata => {
@@ -329,7 +333,7 @@ mod tests {
             "machine='q35'",
             "secure='yes' type='pflash'>/usr/share/OVMF/OVMF_CODE_4M.secboot.fd",
             "<smm state='on'/>",
-            "nvme,drive=nvme0,serial=NK-NVME-1,bus=pcie.0,addr=0x10",
+            "nvme,drive=nvme0,serial=NK-NVME-1,bus=pcie.0,addr=0x10,bootindex=10",
             "bus='sata'/><serial>NK-SATA-2</serial>",
             "<model type='e1000e'/>",
             "i6300esb",

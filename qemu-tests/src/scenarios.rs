@@ -39,7 +39,8 @@ impl Summary {
                 format!("| {} |\n", cells.join(" | "))
             };
             out.push_str(&line(head));
-            out.push_str(&line(["", "", "", "", ""]).replace(' ', "-").replacen('-', " ", 1));
+            let rule: Vec<String> = w.iter().map(|w| "-".repeat(*w)).collect();
+            out.push_str(&format!("| {} |\n", rule.join(" | ")));
             for r in &self.nodes {
                 out.push_str(&line([&r[0], &r[1], &r[2], &r[3], &r[4]]));
             }
