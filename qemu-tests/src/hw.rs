@@ -165,13 +165,24 @@ impl Hardware {
         Hardware { firmware, nic: "e1000e".into(), disks: parse_disks("nvme:2G,sata:3G").unwrap_or_default() }
     }
 
-    /// Checks the NIC model.
+    /// Checks the NIC model, and that this machine's QEMU has it (igb came with QEMU 8.0;
+    /// Debian 12 ships 7.2).
     pub fn check(&self) -> anyhow::Result<()> {
         anyhow::ensure!(
             ["virtio", "e1000e", "igb", "e1000"].contains(&self.nic.as_str()),
             "NIC {:?}: expected virtio, e1000e, igb or e1000",
             self.nic
         );
+        if self.nic != "virtio" {
+            let help = std::process::Command::new("qemu-system-x86_64").args(["-device", "help"]).output();
+            let listed =
+                help.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(&format!("name \"{}\"", self.nic)));
+            anyhow::ensure!(
+                listed,
+                "NIC {}: this machine's QEMU has no such device (igb needs QEMU 8.0 or later); e1000e is an Intel NIC it has",
+                self.nic
+            );
+        }
         Ok(())
     }
 
@@ -344,7 +355,17 @@ mod tests {
         assert_eq!(bios.host_args(), ["--boot-mode", "bios"], "one disk: no hint");
         let (xml, _) = bios.domain_xml(&Domain { watchdog: false, ..d }).expect("xml");
         assert!(xml.contains("machine='pc'") && !xml.contains("loader") && !xml.contains("qemu:commandline"));
-        let bad = Hardware { nic: "rtl8139x".into(), ..bios };
+        let bad = Hardware { nic: "rtl8139x".into(), ..bios.clone() };
         assert!(bad.domain_xml(&d).is_err());
+        // igb is refused with a reason wherever QEMU lacks it (before 8.0, as Debian 12's 7.2).
+        let igb = Hardware { nic: "igb".into(), ..bios };
+        let has_igb = std::process::Command::new("qemu-system-x86_64")
+            .args(["-device", "help"])
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("name \"igb\""));
+        if !has_igb {
+            let e = igb.check().expect_err("no igb here").to_string();
+            assert!(e.contains("QEMU 8.0"), "{e}");
+        }
     }
 }
