@@ -181,6 +181,9 @@ impl Lab {
         nk(&["db", "migrate"])?;
 
         let mut nodes = Vec::new();
+        // Domains defined so far, undefined if the lab is dropped before it owns them (an
+        // error, or SIGTERM, half-way through setting up).
+        let mut defined = Defined(Vec::new());
         for (i, hw) in fleet.iter().enumerate() {
             let letter = (b'a' + u8::try_from(i).context("too many nodes")?) as char;
             let uuid = uuid::Uuid::new_v4().to_string();
@@ -207,6 +210,7 @@ impl Lab {
             let path = dir.join(format!("{}.xml", node.domain));
             std::fs::write(&path, xml)?;
             virsh(&["define", &path.display().to_string()])?;
+            defined.0.push(node.domain.clone());
             let bmc = format!("redfish+http://127.0.0.1:{bmc_port}/redfish/v1/Systems/{uuid}");
             let mut add = vec!["host", "add", node.name.as_str(), "--mac", &node.mac, "--bmc", &bmc];
             let hw_args = hw.host_args();
@@ -236,6 +240,7 @@ impl Lab {
         // deploy carries to them.
         nk(&["tls", "init", "--config", &config.display().to_string()])?;
         let store = Store::connect(&db_url).await?;
+        defined.0.clear(); // the lab owns them now
         let mut lab = Lab {
             paths,
             dir,
@@ -486,9 +491,18 @@ impl Lab {
 impl Drop for Lab {
     fn drop(&mut self) {
         self.stop_serve();
-        for node in &self.nodes {
-            let _ = virsh(&["destroy", &node.domain]);
-            let _ = virsh(&["undefine", &node.domain]);
+        drop(Defined(self.nodes.iter().map(|n| n.domain.clone()).collect()));
+    }
+}
+
+/// libvirt domains, destroyed and undefined (with their UEFI variables) on drop.
+struct Defined(Vec<String>);
+
+impl Drop for Defined {
+    fn drop(&mut self) {
+        for domain in &self.0 {
+            let _ = virsh(&["destroy", domain]);
+            let _ = virsh(&["undefine", "--nvram", domain]);
         }
     }
 }

@@ -123,10 +123,18 @@ async fn main() -> std::process::ExitCode {
         }
     };
     let n = nodekeeper_lab::Narrator::new(progress);
-    let result = match scenario {
-        Scenario::Failover => nodekeeper_lab::scenarios::failover(paths, &fleet, &n).await,
-        Scenario::DbDownAtBoot => nodekeeper_lab::scenarios::db_down_at_boot(paths, &fleet, &n).await,
-        Scenario::ProvisionerOutage => nodekeeper_lab::scenarios::provisioner_outage(paths, &fleet, &n).await,
+    let run = async {
+        match scenario {
+            Scenario::Failover => nodekeeper_lab::scenarios::failover(paths, &fleet, &n).await,
+            Scenario::DbDownAtBoot => nodekeeper_lab::scenarios::db_down_at_boot(paths, &fleet, &n).await,
+            Scenario::ProvisionerOutage => nodekeeper_lab::scenarios::provisioner_outage(paths, &fleet, &n).await,
+        }
+    };
+    // SIGTERM or Ctrl-C ends the scenario; dropping it tears the lab down (domains, serve,
+    // the BMC emulator, the namespace), as the end of a run does.
+    let result = tokio::select! {
+        r = run => r,
+        signal = interrupted() => Err(anyhow::anyhow!("stopped by {signal}")),
     };
     match result {
         Ok(summary) => {
@@ -138,6 +146,18 @@ async fn main() -> std::process::ExitCode {
             n.say(&format!("FAILED: {e:#}"));
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// The first of SIGTERM and SIGINT.
+async fn interrupted() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        },
+        _ => std::future::pending().await,
     }
 }
 
@@ -163,8 +183,8 @@ async fn up(paths: nodekeeper_lab::lab::Paths, fleet: &[Hardware]) -> std::proce
         lab.db_url,
         lab.dir.display()
     ));
-    let _ = tokio::signal::ctrl_c().await;
-    n.say("tearing the lab down");
+    let signal = interrupted().await;
+    n.say(&format!("{signal}: tearing the lab down"));
     drop(lab);
     std::process::ExitCode::SUCCESS
 }
