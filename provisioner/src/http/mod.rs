@@ -257,11 +257,8 @@ impl BootScripts {
     /// deploy token when the host is to deploy now.
     pub async fn script(&self, mac: MacAddr, flavor: ipxe::Flavor) -> Result<Script, nodekeeper_store::StoreError> {
         let Some(host) = self.store.host_by_mac(mac).await? else { return Ok(Script::UnknownMac) };
-        let secure_boot = || async {
-            let mode = self.store.boot_settings(&host.name).await?.boot_mode;
-            Ok::<_, nodekeeper_store::StoreError>(mode == Some(nodekeeper_store::BootMode::UefiSecureBoot))
-        };
-        if flavor == ipxe::Flavor::Ipxe && secure_boot().await? {
+        let boot = self.store.boot_settings(&host.name).await?;
+        if flavor == ipxe::Flavor::Ipxe && boot.boot_mode == Some(nodekeeper_store::BootMode::UefiSecureBoot) {
             // Its deploy kernel is loaded by shim and GRUB; an iPXE asking (an option ROM)
             // gets no deploy token to burn.
             return Ok(Script::Known(format!(
@@ -280,7 +277,7 @@ impl BootScripts {
             return Ok(Script::Known(ipxe::boot_script(&host, &params, None, flavor)));
         };
         // Which disk the agent writes (the host's root-device hint, if any).
-        let root_device = self.store.root_device(&host.name).await?;
+        let root_device = boot.root_device;
         // One token per boot of this reimage, to the first fetch: it proves to the deploy API
         // that the caller booted this script. Only its hash is stored.
         let token = format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple());
