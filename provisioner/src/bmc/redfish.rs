@@ -129,7 +129,7 @@ impl Redfish {
         // BMCs built on AMI MegaRAC (Lenovo's TSM among them) take Boot changes only at the
         // system's settings object (`@Redfish.Settings`, applied at the next reset): there,
         // when the system names one; else the BMC's own refusal.
-        let v = self.send(self.request(reqwest::Method::GET, &system)).await?;
+        let Ok(v) = self.send(self.request(reqwest::Method::GET, &system)).await else { return Err(refused) };
         match v.pointer("/@Redfish.Settings/SettingsObject/@odata.id").and_then(Value::as_str) {
             Some(settings) if settings != system => {
                 tracing::info!(bmc = %self.endpoint(), "boot override refused at the system; sent to {settings}");
