@@ -173,6 +173,14 @@ impl Hardware {
             "NIC {:?}: expected virtio, e1000e, igb or e1000",
             self.nic
         );
+        // The BMC emulator's "boot from disk" orders libvirt's disks; an NVMe disk is a QEMU
+        // device libvirt does not know (libvirt 9 has no NVMe bus), so it needs one beside it.
+        anyhow::ensure!(
+            self.disks.iter().any(|d| d.bus != Bus::Nvme),
+            "disks {}: NVMe only cannot boot its disk here — sushy-tools sets the boot device on \
+             libvirt's disks, and libvirt 9 has no NVMe bus: add a sata or virtio disk (e.g. sata:2G,nvme:3G)",
+            self.describe()
+        );
         if self.nic != "virtio" {
             let help = std::process::Command::new("qemu-system-x86_64").args(["-device", "help"]).output();
             let listed =
@@ -355,6 +363,8 @@ mod tests {
         assert_eq!(bios.host_args(), ["--boot-mode", "bios"], "one disk: no hint");
         let (xml, _) = bios.domain_xml(&Domain { watchdog: false, ..d }).expect("xml");
         assert!(xml.contains("machine='pc'") && !xml.contains("loader") && !xml.contains("qemu:commandline"));
+        let nvme_only = Hardware { disks: parse_disks("nvme:3G").expect("disks"), ..bios.clone() };
+        assert!(nvme_only.check().expect_err("nvme only").to_string().contains("add a sata or virtio disk"));
         let bad = Hardware { nic: "rtl8139x".into(), ..bios.clone() };
         assert!(bad.domain_xml(&d).is_err());
         // igb is refused with a reason wherever QEMU lacks it (before 8.0, as Debian 12's 7.2).
