@@ -4,7 +4,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use nodekeeper_store::{BootMode, HostName, InstanceId, MacAddr};
+use nodekeeper_store::{BootMode, BootPath, HostName, InstanceId, MacAddr};
 
 use crate::admin;
 
@@ -134,6 +134,10 @@ pub enum HostCommand {
         /// shim and GRUB instead of iPXE). Unset: the BMC's override keeps the mode it has.
         #[arg(long)]
         boot_mode: Option<BootMode>,
+        /// How the deploy ramdisk reaches it: pxe (DHCP and TFTP), http (UEFI HTTP boot, no
+        /// TFTP) or virtual-media (a per-reimage ISO the Redfish BMC attaches; no DHCP of ours).
+        #[arg(long = "boot", default_value = "pxe")]
+        boot_path: BootPath,
     },
     /// Change how a host is installed: its root-device hint and its boot mode (refused while
     /// it is being reimaged).
@@ -146,6 +150,9 @@ pub enum HostCommand {
         /// bios, uefi, uefi-secureboot, or `unknown`.
         #[arg(long)]
         boot_mode: Option<String>,
+        /// pxe, http or virtual-media (as for `host add`).
+        #[arg(long = "boot")]
+        boot_path: Option<BootPath>,
     },
     /// List hosts.
     List,
@@ -221,12 +228,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Db(DbCommand::GuardRole { host, role }) => {
             admin::db_guard_role(&store, &out, &cli.database_url, &host, role.as_deref()).await
         }
-        Command::Host(HostCommand::Add { name, mac, ip, bmc, bmc_credentials, root_device, boot_mode }) => {
+        Command::Host(HostCommand::Add { name, mac, ip, bmc, bmc_credentials, root_device, boot_mode, boot_path }) => {
             let new = nodekeeper_store::NewHost { name, mac, ip, bmc_url: bmc, bmc_credentials };
-            admin::host_add(&store, &out, new, root_device.as_deref(), boot_mode).await
+            admin::host_add(&store, &out, new, root_device.as_deref(), boot_mode, boot_path).await
         }
-        Command::Host(HostCommand::Set { name, root_device, boot_mode }) => {
-            admin::host_set(&store, &out, &name, root_device.as_deref(), boot_mode.as_deref()).await
+        Command::Host(HostCommand::Set { name, root_device, boot_mode, boot_path }) => {
+            admin::host_set(&store, &out, &name, root_device.as_deref(), boot_mode.as_deref(), boot_path).await
         }
         Command::Power { host, action } => admin::power(&store, &out, &host, action).await,
         Command::Reimage { host, image } => admin::reimage(&store, &out, &host, image.as_deref()).await,

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use nodekeeper_provisioner::bmc::{Bmc, Driver};
+use nodekeeper_provisioner::bmc::{Bmc, BootTarget, Driver};
 use nodekeeper_store::testing::free_port;
 use nodekeeper_store::testing::TestDb;
 use nodekeeper_store::BootMode;
@@ -181,7 +181,7 @@ async fn redfish_through_sushy_tools() {
         let out = Command::new("curl").args(["-sf", &system]).output().expect("curl");
         serde_json::from_slice(&out.stdout).expect("JSON")
     };
-    driver.set_pxe_once(None).await.expect("pxe once");
+    driver.set_boot_once(BootTarget::Pxe, None).await.expect("pxe once");
     let v = system_json();
     assert_eq!(v["Boot"]["BootSourceOverrideTarget"], "Pxe");
     // sushy-tools' libvirt driver rewrites the domain's boot order and always reports
@@ -202,7 +202,11 @@ async fn redfish_through_sushy_tools() {
     };
     let bios = os_section();
     assert!(system_json()["Boot"]["BootSourceOverrideMode"].is_null(), "{}", system_json());
-    driver.set_pxe_once(Some(BootMode::Uefi)).await.expect("pxe once, mode not reported");
+    // UEFI HTTP boot on a BIOS machine: refused before anything changes, in the BMC's terms.
+    let err = driver.check_boot(BootTarget::UefiHttp).await.expect_err("no UefiHttp on BIOS");
+    assert!(matches!(err, nodekeeper_provisioner::bmc::BmcError::Unsupported { .. }), "{err}");
+    assert!(err.to_string().contains("[Pxe, Cd, Hdd]: no UefiHttp"), "{err}");
+    driver.set_boot_once(BootTarget::Pxe, Some(BootMode::Uefi)).await.expect("pxe once, mode not reported");
     assert_eq!(os_section(), bios, "no mode sent to a BMC that reports none");
     // An operator switches the machine to UEFI (here with a PATCH of its own): it reports UEFI.
     let out = Command::new("curl")
@@ -213,6 +217,12 @@ async fn redfish_through_sushy_tools() {
     assert!(out.status.success(), "{out:?}");
     let uefi = os_section();
     assert!(uefi.contains("pflash"), "UEFI firmware: {uefi}");
+    // UEFI: UefiHttp is a target now (sushy-tools boots the network for it, as firmware
+    // whose PXE is off and HTTP boot on would).
+    driver.check_boot(BootTarget::UefiHttp).await.expect("UefiHttp on UEFI");
+    driver.set_boot_once(BootTarget::UefiHttp, Some(BootMode::Uefi)).await.expect("UefiHttp once");
+    assert_eq!(system_json()["Boot"]["BootSourceOverrideTarget"], "Pxe", "{}", system_json());
+    assert_eq!(os_section(), uefi, "the firmware section is untouched");
     // Already UEFI: the mode is not sent again (sushy-tools would rebuild the firmware
     // section, and Secure Boot with it; iDRAC would queue a BIOS job).
     driver.set_disk_boot(Some(BootMode::UefiSecureBoot)).await.expect("disk, UEFI");
@@ -225,7 +235,10 @@ async fn redfish_through_sushy_tools() {
     assert_eq!(os_section(), uefi, "the firmware section is untouched when the mode is already right");
     // A BIOS host on it: Legacy is sent, and sushy-tools' libvirt driver cannot do it here (a
     // `rom` loader without a path): the BMC's own message comes back, and nothing changed.
-    let err = driver.set_pxe_once(Some(BootMode::Bios)).await.expect_err("sushy-tools cannot go back to Legacy");
+    let err = driver
+        .set_boot_once(BootTarget::Pxe, Some(BootMode::Bios))
+        .await
+        .expect_err("sushy-tools cannot go back to Legacy");
     assert!(err.to_string().contains("HTTP 500") && err.to_string().contains("boot mode"), "{err}");
     assert_eq!(os_section(), uefi);
 

@@ -126,6 +126,26 @@ async fn a_fleet_is_managed_end_to_end(db: TestDb) {
     let e = cli.fails(&["host", "set", "node-u", "--boot-mode", "bios"]);
     assert!(e.contains("being reimaged"), "{e}");
 
+    // The boot path: pxe by default, http or virtual-media at add or later; UEFI HTTP boot
+    // needs UEFI firmware, virtual media a Redfish BMC.
+    assert_eq!(cli.json(&["host", "show", "node-h"])["boot"]["boot_path"], "pxe");
+    let e = cli.fails(&["host", "add", "node-p", "--boot", "tftp"]);
+    assert!(e.contains("virtual-media"), "{e}");
+    let e = cli.fails(&["host", "add", "node-p", "--boot", "http", "--boot-mode", "bios"]);
+    assert!(e.contains("needs UEFI firmware"), "{e}");
+    let e = cli.fails(&["host", "add", "node-p", "--boot", "virtual-media", "--bmc", "ipmi://127.0.0.1:6231"]);
+    assert!(e.contains("Redfish"), "{e}");
+    assert_eq!(cli.json(&["host", "list"]).as_array().map(Vec::len), Some(4), "nothing added");
+    cli.ok(&["host", "add", "node-p", "--boot", "http", "--boot-mode", "uefi"]);
+    let show = cli.json(&["host", "show", "node-p"]);
+    assert_eq!((show["boot"]["boot_path"].as_str(), show["last_reimage_boot_path"].as_str()), (Some("http"), None));
+    let e = cli.fails(&["host", "set", "node-p", "--boot-mode", "bios"]);
+    assert!(e.contains("needs UEFI firmware"), "{e}");
+    let set = cli.json(&["host", "set", "node-p", "--boot", "virtual-media"]);
+    assert_eq!((set["boot_path"].as_str(), set["boot_mode"].as_str()), (Some("virtual-media"), Some("uefi")));
+    let text = String::from_utf8(cli.run(&["host", "show", "node-p"]).stdout).expect("utf-8");
+    assert!(text.contains("boot path:      virtual-media\n"), "{text}");
+
     let file = cli.write("inv.jsonl", &jsonl(4, |_| "node-a"));
     assert_eq!(cli.json(&["instance", "import", &file])["imported"], 4);
     let list = cli.json(&["instance", "list", "--host", "node-a"]);

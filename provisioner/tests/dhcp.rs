@@ -69,6 +69,48 @@ impl Setup {
         panic!("the provisioner did not come up");
     }
 
+    /// Runs ISC dhclient once in `ns`, sending `class` (option 60) and `arch` (option 93);
+    /// returns its lease file.
+    fn dhclient(&self, ns: &str, class: &str, arch: u16) -> String {
+        let conf = self.dir.path().join(format!("dhclient-{arch}.conf"));
+        std::fs::write(
+            &conf,
+            format!(
+                "timeout 20;\nretry 1;\noption pxe-arch code 93 = unsigned integer 16;\nsend pxe-arch {arch};\n\
+                 send vendor-class-identifier \"{class}\";\n\
+                 request subnet-mask, routers, host-name, vendor-class-identifier;\n"
+            ),
+        )
+        .expect("dhclient.conf");
+        let leases = self.dir.path().join(format!("dhclient-{arch}.leases"));
+        let pid = self.dir.path().join(format!("dhclient-{arch}.pid"));
+        let _ = std::fs::remove_file(&leases);
+        let out = Lab::run(
+            ns,
+            40,
+            "dhclient",
+            &[
+                "-1",
+                "-v",
+                "-cf",
+                &conf.display().to_string(),
+                "-lf",
+                &leases.display().to_string(),
+                "-pf",
+                &pid.display().to_string(),
+                "-sf",
+                "/bin/true",
+                "eth0",
+            ],
+        );
+        if let Ok(p) = std::fs::read_to_string(&pid) {
+            let _ = std::process::Command::new("kill").arg(p.trim()).status();
+        }
+        let lease = std::fs::read_to_string(&leases).unwrap_or_default();
+        assert!(!lease.is_empty(), "dhclient got no lease: {}", String::from_utf8_lossy(&out.stderr));
+        lease
+    }
+
     /// Runs busybox udhcpc in `ns` with extra args; returns the variables of its `bound` call.
     fn udhcpc(&self, ns: &str, extra: &[&str]) -> Option<HashMap<String, String>> {
         let out_file = self.dir.path().join(format!("{ns}.env"));
@@ -113,42 +155,27 @@ async fn real_clients_get_address_next_server_and_boot_file() {
     assert_eq!(env["ip"], ip_a, "the same client keeps its address");
 
     // dhclient as an x86-64 UEFI client; node-b has a fixed address.
-    let conf = s.dir.path().join("dhclient.conf");
-    std::fs::write(
-        &conf,
-        "timeout 20;\nretry 1;\noption pxe-arch code 93 = unsigned integer 16;\nsend pxe-arch 7;\nsend vendor-class-identifier \"PXEClient:Arch:00007:UNDI:003016\";\nrequest subnet-mask, routers, host-name;\n",
-    )
-    .expect("dhclient.conf");
-    let leases = s.dir.path().join("dhclient.leases");
-    let pid = s.dir.path().join("dhclient.pid");
-    let out = Lab::run(
-        &b,
-        40,
-        "dhclient",
-        &[
-            "-1",
-            "-v",
-            "-cf",
-            &conf.display().to_string(),
-            "-lf",
-            &leases.display().to_string(),
-            "-pf",
-            &pid.display().to_string(),
-            "-sf",
-            "/bin/true",
-            "eth0",
-        ],
-    );
-    let lease = std::fs::read_to_string(&leases).unwrap_or_default();
-    assert!(lease.contains("fixed-address 10.20.0.42;"), "dhclient: {lease}\n{}", String::from_utf8_lossy(&out.stderr));
+    let lease = s.dhclient(&b, "PXEClient:Arch:00007:UNDI:003016", 7);
+    assert!(lease.contains("fixed-address 10.20.0.42;"), "dhclient: {lease}");
     assert!(lease.contains("filename \"ipxe.efi\";"), "{lease}");
     assert!(
         lease.contains("next-server 10.20.0.1;") || lease.contains("option dhcp-server-identifier 10.20.0.1;"),
         "{lease}"
     );
-    if let Ok(p) = std::fs::read_to_string(&pid) {
-        let _ = std::process::Command::new("kill").arg(p.trim()).status();
-    }
+    assert!(lease.contains("option vendor-class-identifier \"PXEClient\";"), "{lease}");
+
+    // dhclient as an x86-64 UEFI HTTP boot client (what EDK2's HttpBootDxe sends: option 60
+    // HTTPClient, option 93 = 16): a full URL on the HTTP server, and HTTPClient echoed.
+    let lease = s.dhclient(&b, "HTTPClient:Arch:00016:UNDI:003001", 16);
+    assert!(lease.contains("fixed-address 10.20.0.42;"), "{lease}");
+    assert!(lease.contains("filename \"http://10.20.0.1:8080/boot/loaders/ipxe.efi\";"), "{lease}");
+    assert!(lease.contains("option vendor-class-identifier \"HTTPClient\";"), "{lease}");
+    // udhcpc as an arm64 HTTP boot client.
+    let env = s.udhcpc(&a, &["-V", "HTTPClient:Arch:00019:UNDI:003001", "-x", "0x5d:0013"]).expect("HTTP lease");
+    assert_eq!(env["boot_file"], "http://10.20.0.1:8080/boot/loaders/ipxe-arm64.efi");
+    // A 32-bit UEFI HTTP client gets an address and no loader (there is none for it here).
+    let env = s.udhcpc(&a, &["-V", "HTTPClient:Arch:00015:UNDI:003001", "-x", "0x5d:000f"]).expect("lease");
+    assert_eq!(env.get("boot_file"), None, "{env:?}");
 
     // An unknown MAC gets nothing.
     assert!(s.udhcpc(&stranger, &["-V", "PXEClient", "-x", "0x5d:0000"]).is_none(), "unknown MAC must not get a lease");
@@ -224,7 +251,8 @@ async fn proxy_mode_beside_dnsmasq() {
     // A PXE DISCOVER gets both answers: dnsmasq's address and the proxy's boot file.
     let probe = s.dir.path().join("probe.py");
     std::fs::write(&probe, PROBE).expect("probe");
-    let out = Lab::run(&a, 20, "python3", &[&probe.display().to_string(), MAC_A]);
+    let out =
+        Lab::run(&a, 20, "python3", &[&probe.display().to_string(), MAC_A, "PXEClient:Arch:00007:UNDI:003016", "7"]);
     let offers = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         offers.contains("server=10.20.0.2 yiaddr=10.20.0."),
@@ -232,13 +260,23 @@ async fn proxy_mode_beside_dnsmasq() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        offers.contains("server=10.20.0.1 yiaddr=0.0.0.0 siaddr=10.20.0.1 file=ipxe.efi pxe=1"),
+        offers.contains("server=10.20.0.1 yiaddr=0.0.0.0 siaddr=10.20.0.1 file=ipxe.efi class=PXEClient"),
         "the proxy offers the boot file only: {offers}"
+    );
+    // A UEFI HTTP boot DISCOVER: dnsmasq's address, and the proxy's URL with HTTPClient echoed.
+    let out =
+        Lab::run(&a, 20, "python3", &[&probe.display().to_string(), MAC_A, "HTTPClient:Arch:00016:UNDI:003001", "16"]);
+    let offers = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(offers.contains("server=10.20.0.2 yiaddr=10.20.0."), "dnsmasq offers an address: {offers}");
+    assert!(
+        offers.contains("server=10.20.0.1 yiaddr=0.0.0.0 siaddr=10.20.0.1 file=http://10.20.0.1:8080/boot/loaders/ipxe.efi class=HTTPClient"),
+        "the proxy offers the URL: {offers}"
     );
     assert!(Path::new(&leasefile).exists());
 }
 
-/// A minimal PXE DISCOVER (x86-64 UEFI) from eth0; prints every OFFER seen in 3 s.
+/// A minimal DISCOVER from eth0 with option 60 = argv[2] and option 93 = argv[3] (what a
+/// firmware's PXE or HTTP boot sends first); prints every OFFER seen in 3 s, with its option 60.
 const PROBE: &str = r#"
 import socket, struct, sys, time, os
 mac = bytes.fromhex(sys.argv[1].replace(':', ''))
@@ -249,7 +287,8 @@ s.setsockopt(socket.SOL_SOCKET, 25, b'eth0\0')
 s.bind(('0.0.0.0', 68))
 xid = os.urandom(4)
 pkt = struct.pack('!BBBB4sHH4s4s4s4s16s64s128s', 1, 1, 6, 0, xid, 0, 0x8000, bytes(4), bytes(4), bytes(4), bytes(4), mac + bytes(10), bytes(64), bytes(128))
-opts = b'\x63\x82\x53\x63' + b'\x35\x01\x01' + bytes([60, 32]) + b'PXEClient:Arch:00007:UNDI:003016' + b'\x5d\x02\x00\x07' + b'\xff'
+cls = sys.argv[2].encode()
+opts = b'\x63\x82\x53\x63' + b'\x35\x01\x01' + bytes([60, len(cls)]) + cls + b'\x5d\x02' + struct.pack('!H', int(sys.argv[3])) + b'\xff'
 s.sendto(pkt + opts, ('255.255.255.255', 67))
 s.settimeout(0.5)
 end = time.time() + 3
@@ -262,14 +301,14 @@ while time.time() < end:
         continue
     yiaddr, siaddr = socket.inet_ntoa(data[16:20]), socket.inet_ntoa(data[20:24])
     fname = data[108:236].split(b'\0')[0].decode()
-    i, server, pxe = 240, None, 0
+    i, server, cls = 240, None, None
     while i < len(data) and data[i] != 255:
         if data[i] == 0:
             i += 1; continue
         code, ln = data[i], data[i + 1]
         val = data[i + 2:i + 2 + ln]
         if code == 54: server = socket.inet_ntoa(val)
-        if code == 60 and val.startswith(b'PXEClient'): pxe = 1
+        if code == 60: cls = val.decode()
         i += 2 + ln
-    print(f'server={server} yiaddr={yiaddr} siaddr={siaddr} file={fname} pxe={pxe}', flush=True)
+    print(f'server={server} yiaddr={yiaddr} siaddr={siaddr} file={fname} class={cls}', flush=True)
 "#;

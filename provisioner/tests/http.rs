@@ -43,6 +43,8 @@ async fn start() -> Server {
     let dir = tempfile::tempdir().expect("dir");
     let images_dir = dir.path().join("images");
     std::fs::create_dir_all(images_dir.join("deploy")).expect("mkdir");
+    let loaders_dir = dir.path().join("tftp");
+    std::fs::create_dir_all(&loaders_dir).expect("mkdir");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let base = format!("http://{}", listener.local_addr().expect("addr"));
     let config = HttpConfig {
@@ -63,6 +65,7 @@ async fn start() -> Server {
         guard_store: store.clone(),
         streams: Default::default(),
         tls: None,
+        loaders: Some(Arc::new(Images::new(&loaders_dir).expect("loaders"))),
         images: Arc::new(Images::new(&images_dir).expect("images")),
     };
     let shutdown = CancellationToken::new();
@@ -173,6 +176,29 @@ async fn images_have_range_etag_and_stay_inside_their_directory() {
         let (code, _, body) = curl(&[&format!("{}{bad}", s.base)]).await;
         assert_eq!(code, 404, "{bad}: {}", String::from_utf8_lossy(&body));
         assert!(!String::from_utf8_lossy(&body).contains("outside"));
+    }
+}
+
+#[tokio::test]
+async fn boot_loaders_are_served_for_uefi_http_boot_from_the_tftp_root_only() {
+    let s = start().await;
+    let loaders = s.dir.path().join("tftp");
+    let efi: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(loaders.join("ipxe.efi"), &efi).expect("write loader");
+    std::fs::write(s.dir.path().join("images/node.img"), b"an image").expect("write image");
+    let url = format!("{}/boot/loaders/ipxe.efi", s.base);
+    let (code, headers, body) = curl(&[&url]).await;
+    assert_eq!((code, body.len()), (200, efi.len()));
+    assert_eq!(body, efi);
+    assert_eq!(header(&headers, "content-length"), Some("200000"));
+    // Firmware HTTP boot clients ask for the size first (HEAD) and may fetch in ranges.
+    let (code, headers, _) = curl(&["-I", &url]).await;
+    assert_eq!((code, header(&headers, "content-length")), (200, Some("200000")));
+    let (code, _, body) = curl(&["-r", "100-199", &url]).await;
+    assert_eq!((code, body.as_slice()), (206, &efi[100..200]));
+    for bad in ["/boot/loaders/../images/node.img", "/boot/loaders/%2e%2e/images/node.img", "/boot/loaders/nope.efi"] {
+        let (code, _, _) = curl(&[&format!("{}{bad}", s.base)]).await;
+        assert_eq!(code, 404, "{bad}");
     }
 }
 

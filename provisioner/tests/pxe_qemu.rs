@@ -169,7 +169,14 @@ async fn pxe_boot(firmware: Firmware) {
         .await
         .expect("host");
     if firmware == Firmware::UefiSecureBoot {
-        store.change_boot_settings(&name, None, Some(Some(BootMode::UefiSecureBoot)), "test").await.expect("mode");
+        store
+            .change_boot_settings(
+                &name,
+                &nodekeeper_store::BootChange { boot_mode: Some(Some(BootMode::UefiSecureBoot)), ..Default::default() },
+                "test",
+            )
+            .await
+            .expect("mode");
     }
     store.set_host_state(&name, HostState::Reimaging, "test", "PXE test").await.expect("reimaging");
     // A reimage that has powered the host on: only then is the deploy handed out.

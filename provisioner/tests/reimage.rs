@@ -77,6 +77,7 @@ async fn rig() -> Rig {
         guard_store: store.clone(),
         streams: Default::default(),
         tls: None,
+        loaders: None,
         images: Arc::new(Images::new(dir.path()).expect("images")),
     };
     let stop = CancellationToken::new();
@@ -168,7 +169,14 @@ async fn a_reimage_runs_to_done_through_the_agent_and_the_heartbeat() {
     let r = rig().await;
     r.fake.set(|s| s.on = true);
     // A UEFI host: both boot overrides go out in its mode.
-    r.store.change_boot_settings(&name(), None, Some(Some(BootMode::Uefi)), "test").await.expect("mode");
+    r.store
+        .change_boot_settings(
+            &name(),
+            &nodekeeper_store::BootChange { boot_mode: Some(Some(BootMode::Uefi)), ..Default::default() },
+            "test",
+        )
+        .await
+        .expect("mode");
     let (op, started) = executor::request(&r.store, &name(), Some("node-v2.img"), quick(), Limits::default(), "test")
         .await
         .expect("request");
@@ -594,4 +602,39 @@ async fn a_hint_matching_no_disk_fails_the_reimage_and_writes_nothing() {
     for disk in [&nvme, &sata] {
         assert!(std::fs::read(disk).expect("disk").iter().all(|b| *b == 0), "{} was written", disk.display());
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_boot_path_picks_the_override_and_a_bmc_without_it_fails_before_power_off() {
+    use nodekeeper_provisioner::bmc::BootTarget;
+    use nodekeeper_store::{BootChange, BootPath};
+    let r = rig().await;
+    r.fake.set(|s| s.on = true);
+    let http =
+        BootChange { boot_mode: Some(Some(BootMode::Uefi)), boot_path: Some(BootPath::Http), ..Default::default() };
+    r.store.change_boot_settings(&name(), &http, "test").await.expect("http");
+    // A BMC without UefiHttp: the reimage fails at power_off, at once (no retries: the BMC
+    // cannot do it), with the BMC's words, and the host was never powered off.
+    r.fake.set(|s| s.lacks = vec![BootTarget::UefiHttp]);
+    let (op, _) =
+        executor::request(&r.store, &name(), None, quick(), Limits::default(), "test").await.expect("request");
+    let _exec = r.executor();
+    let failed = r.wait(op.id, "failed", |o| o.status == OperationStatus::Failed).await;
+    assert_eq!((failed.step.as_str(), failed.attempts), ("power_off", 0), "{failed:?}");
+    let error = failed.last_error.unwrap_or_default();
+    assert!(error.contains("boot target UefiHttp is not supported"), "{error}");
+    assert!(r.fake.get(|s| s.on), "still running what it ran");
+    assert_eq!(r.store.require_host(&name()).await.expect("host").state, HostState::Maintenance);
+
+    // A BMC that has it: the one-time override is UefiHttp, and the script is the same.
+    r.store.set_host_state(&name(), HostState::Active, "test", "back").await.expect("active");
+    r.fake.set(|s| s.lacks.clear());
+    let (op, _) =
+        executor::request(&r.store, &name(), None, quick(), Limits::default(), "test").await.expect("request");
+    r.wait(op.id, "agent_booted", |o| o.step == "agent_booted").await;
+    assert_eq!(r.fake.get(|s| (s.boot_target, s.boot_mode)), (Some(BootTarget::UefiHttp), Some(BootMode::Uefi)));
+    assert!(r.script().contains("nk.token="), "the deploy script, as for PXE");
+    let data: nodekeeper_provisioner::reimage::machine::ReimageData =
+        serde_json::from_str(&r.store.operation(op.id).await.expect("op").expect("op").data).expect("data");
+    assert_eq!(data.boot_path, BootPath::Http, "the reimage records its path");
 }

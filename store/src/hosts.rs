@@ -8,7 +8,7 @@ use sqlx::Row;
 
 use crate::error::{query, Result, StoreError};
 use crate::events::{insert_event, NewEvent};
-use crate::types::{BootMode, HostName, HostState, MacAddr, Timestamp};
+use crate::types::{BootMode, BootPath, HostName, HostState, MacAddr, Timestamp};
 use crate::Store;
 
 /// A host to add.
@@ -34,6 +34,20 @@ pub struct BootSettings {
     pub root_device: Option<String>,
     /// How its firmware boots, if known.
     pub boot_mode: Option<BootMode>,
+    /// How its deploy ramdisk reaches it.
+    pub boot_path: BootPath,
+}
+
+/// A change of boot settings: `Some` fields are set (`Some(None)` clears an optional value),
+/// `None` fields are left alone.
+#[derive(Debug, Clone, Default)]
+pub struct BootChange<'a> {
+    /// The root-device hint.
+    pub root_device: Option<Option<&'a str>>,
+    /// The firmware's boot mode.
+    pub boot_mode: Option<Option<BootMode>>,
+    /// The boot path.
+    pub boot_path: Option<BootPath>,
 }
 
 /// A host as stored.
@@ -111,7 +125,7 @@ impl Store {
         let now = db_now;
         sqlx::query(
             "INSERT INTO hosts (name, mac, ip, bmc_url, bmc_credentials, state, created_at, updated_at, root_device, \
-             boot_mode) VALUES ($1, $2, $3, $4, $5, 'active', $6, $6, $7, $8)",
+             boot_mode, boot_path) VALUES ($1, $2, $3, $4, $5, 'active', $6, $6, $7, $8, $9)",
         )
         .bind(new.name.as_str())
         .bind(new.mac.map(|m| m.to_string()))
@@ -121,6 +135,7 @@ impl Store {
         .bind(now)
         .bind(boot.root_device.clone())
         .bind(boot.boot_mode.map(|m| m.as_str().to_owned()))
+        .bind(boot.boot_path.as_str())
         .execute(&mut *tx)
         .await
         .map_err(query("adding a host"))?;
@@ -267,7 +282,7 @@ impl Store {
     /// `name`'s boot settings (an unknown host has none).
     pub async fn boot_settings(&self, name: &HostName) -> Result<BootSettings> {
         const WHAT: &str = "reading a host's boot settings";
-        let row = sqlx::query("SELECT root_device, boot_mode FROM hosts WHERE name = $1")
+        let row = sqlx::query("SELECT root_device, boot_mode, boot_path FROM hosts WHERE name = $1")
             .bind(name.as_str())
             .fetch_optional(&self.pool)
             .await
@@ -276,7 +291,8 @@ impl Store {
         let root_device: Option<String> = get(&row, "hosts", "root_device")?;
         let mode: Option<String> = get(&row, "hosts", "boot_mode")?;
         let boot_mode = mode.map(|m| parse_column("hosts", "boot_mode", &m)).transpose()?;
-        Ok(BootSettings { root_device, boot_mode })
+        let boot_path = parse_column("hosts", "boot_path", &get::<String>(&row, "hosts", "boot_path")?)?;
+        Ok(BootSettings { root_device, boot_mode, boot_path })
     }
 
     /// Every host's boot mode, by name (hosts without one are left out).
@@ -295,16 +311,15 @@ impl Store {
             .collect()
     }
 
-    /// Changes a host's boot settings: `Some` fields are set (`Some(None)` clears the value),
-    /// `None` fields are left alone; with an event naming what changed. Refused while the host
-    /// is being reimaged (the running reimage read the old ones).
+    /// Changes a host's boot settings as `change` says, with an event naming what changed.
+    /// Refused while the host is being reimaged (the running reimage read the old ones).
     pub async fn change_boot_settings(
         &self,
         name: &HostName,
-        root_device: Option<Option<&str>>,
-        boot_mode: Option<Option<BootMode>>,
+        change: &BootChange<'_>,
         actor: &str,
     ) -> Result<BootSettings> {
+        let BootChange { root_device, boot_mode, boot_path } = change.clone();
         const WHAT: &str = "changing a host's boot settings";
         let mut tx = self.begin_write(WHAT).await?;
         let host = self.host_in(&mut tx, name).await?.ok_or_else(|| StoreError::UnknownHost(name.clone()))?;
@@ -331,6 +346,15 @@ impl Store {
                 .await
                 .map_err(query(WHAT))?;
             changed.push(format!("boot mode {}", mode.map_or("(unknown)", BootMode::as_str)));
+        }
+        if let Some(path) = boot_path {
+            sqlx::query("UPDATE hosts SET boot_path = $1 WHERE name = $2")
+                .bind(path.as_str())
+                .bind(name.as_str())
+                .execute(&mut *tx)
+                .await
+                .map_err(query(WHAT))?;
+            changed.push(format!("boot path {path}"));
         }
         if !changed.is_empty() {
             let message = format!("{name}: {}", changed.join(", "));

@@ -34,14 +34,15 @@ pub use db::{redact_url, Backend, ConnectOptions, DatabaseUrl, LeaseToken, Store
 pub use error::{Result, StoreError};
 pub use events::{Event, EventFilter, NewEvent};
 pub use guard_role::{GuardRole, GuardSession};
-pub use hosts::{BootSettings, Host, NewHost};
+pub use hosts::{BootChange, BootSettings, Host, NewHost};
 pub use instances::{evacuation_source_safe, Instance, NewInstance, Ownership, Transfer};
 pub use leadership::Leadership;
 pub use leases::Lease;
 pub use operations::{Operation, StepChange};
 pub use reports::{GuardReport, ReportedDomain};
 pub use types::{
-    BootMode, Generation, HostName, HostState, InstanceId, MacAddr, OperationStatus, ParseError, Storage, Timestamp,
+    BootMode, BootPath, Generation, HostName, HostState, InstanceId, MacAddr, OperationStatus, ParseError, Storage,
+    Timestamp,
 };
 
 #[cfg(feature = "testing")]

@@ -181,6 +181,19 @@ impl Store {
         row.as_ref().map(from_row).transpose()
     }
 
+    /// The newest operation of `kind` on `target`, running or ended.
+    pub async fn latest_operation_of(&self, kind: &str, target: &HostName) -> Result<Option<Operation>> {
+        let row = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM operations WHERE kind = $1 AND target = $2 ORDER BY id DESC LIMIT 1"
+        ))
+        .bind(kind)
+        .bind(target.as_str())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(query("reading an operation"))?;
+        row.as_ref().map(from_row).transpose()
+    }
+
     /// Stores an outside report (the deploy agent's) on the running operation `kind` of
     /// `target`, with an event — only while that operation is at `step` (the step that waits
     /// for this report; a compare-and-set). Returns the operation, or `None` when none is

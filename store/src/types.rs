@@ -271,6 +271,27 @@ text_enum! {
     }
 }
 
+text_enum! {
+    /// How a host's deploy ramdisk reaches it (Ironic's boot interfaces): the firmware's PXE
+    /// (TFTP for the first loader), the firmware's UEFI HTTP boot (no TFTP), or a per-reimage
+    /// ISO the BMC attaches as virtual media (no DHCP of ours either).
+    BootPath, "boot path" {
+        /// PXE: DHCP, then the first loader over TFTP.
+        Pxe = "pxe",
+        /// UEFI HTTP boot: DHCP (vendor class `HTTPClient`), then every file over HTTP.
+        Http = "http",
+        /// Redfish virtual media: the BMC attaches an ISO built for this reimage.
+        VirtualMedia = "virtual-media",
+    }
+}
+
+#[allow(clippy::derivable_impls)] // the macro derives a fixed set of traits
+impl Default for BootPath {
+    fn default() -> BootPath {
+        BootPath::Pxe
+    }
+}
+
 impl BootMode {
     /// Whether the firmware is UEFI (with or without Secure Boot).
     pub fn is_uefi(self) -> bool {

@@ -8,7 +8,9 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use nodekeeper_store::{BootMode, BootSettings, EventFilter, HostName, InstanceId, NewHost, Store, StoreError};
+use nodekeeper_store::{
+    BootChange, BootMode, BootPath, BootSettings, EventFilter, HostName, InstanceId, NewHost, Store, StoreError,
+};
 use serde::Serialize;
 use serde_json::json;
 
@@ -107,6 +109,7 @@ pub async fn host_add(
     new: NewHost,
     root_device: Option<&str>,
     boot_mode: Option<BootMode>,
+    boot_path: BootPath,
 ) -> anyhow::Result<()> {
     if let Some(bmc) = &new.bmc_url {
         check_bmc_url(bmc)?;
@@ -115,7 +118,8 @@ pub async fn host_add(
         crate::bmc::CredentialScope::from_env().check(reference)?;
     }
     let root_device = root_device.map(root_device_hint).transpose()?;
-    let host = store.add_host_with(&new, &BootSettings { root_device, boot_mode }, &actor()).await?;
+    check_boot_path(boot_path, boot_mode, new.bmc_url.as_deref())?;
+    let host = store.add_host_with(&new, &BootSettings { root_device, boot_mode, boot_path }, &actor()).await?;
     out.emit(&host, || format!("host {} added\n", host.name))
 }
 
@@ -131,9 +135,10 @@ pub async fn host_set(
     name: &HostName,
     root_device: Option<&str>,
     boot_mode: Option<&str>,
+    boot_path: Option<BootPath>,
 ) -> anyhow::Result<()> {
-    if root_device.is_none() && boot_mode.is_none() {
-        bail!("host set {name}: nothing to change (--root-device, --boot-mode)");
+    if root_device.is_none() && boot_mode.is_none() && boot_path.is_none() {
+        bail!("host set {name}: nothing to change (--root-device, --boot-mode, --boot)");
     }
     let root_device = match root_device {
         None => None,
@@ -145,15 +150,35 @@ pub async fn host_set(
         Some("unknown") => Some(None),
         Some(mode) => Some(Some(mode.parse::<BootMode>().map_err(|e| anyhow::anyhow!("--boot-mode: {e} or unknown"))?)),
     };
-    let settings =
-        store.change_boot_settings(name, root_device.as_ref().map(|h| h.as_deref()), boot_mode, &actor()).await?;
+    let host = store.require_host(name).await?;
+    let current = store.boot_settings(name).await?;
+    check_boot_path(
+        boot_path.unwrap_or(current.boot_path),
+        boot_mode.unwrap_or(current.boot_mode),
+        host.bmc_url.as_deref(),
+    )?;
+    let change = BootChange { root_device: root_device.as_ref().map(|h| h.as_deref()), boot_mode, boot_path };
+    let settings = store.change_boot_settings(name, &change, &actor()).await?;
     out.emit(&settings, || {
         format!(
-            "{name}: root device {}, boot mode {}\n",
+            "{name}: root device {}, boot mode {}, boot path {}\n",
             settings.root_device.as_deref().unwrap_or("(the smallest fixed disk)"),
-            settings.boot_mode.map_or("(unknown)", BootMode::as_str)
+            settings.boot_mode.map_or("(unknown)", BootMode::as_str),
+            settings.boot_path
         )
     })
+}
+
+/// A boot path the host can take: UEFI HTTP boot needs UEFI firmware, virtual media a Redfish
+/// BMC (IPMI has no virtual media).
+fn check_boot_path(path: BootPath, mode: Option<BootMode>, bmc: Option<&str>) -> anyhow::Result<()> {
+    if path == BootPath::Http && mode == Some(BootMode::Bios) {
+        bail!("--boot http: UEFI HTTP boot needs UEFI firmware, and the host's boot mode is bios");
+    }
+    if path == BootPath::VirtualMedia && bmc.is_some_and(|b| b.starts_with("ipmi://")) {
+        bail!("--boot virtual-media: needs a Redfish BMC; IPMI has no virtual media");
+    }
+    Ok(())
 }
 
 fn check_bmc_url(bmc: &str) -> anyhow::Result<()> {
@@ -198,7 +223,14 @@ pub async fn host_show(store: &Store, out: &Output, name: &HostName) -> anyhow::
     let events = store.events(&EventFilter { host: Some(name.clone()), limit: Some(20), ..Default::default() }).await?;
     let operation = store.latest_operation(name).await?;
     let boot = store.boot_settings(name).await?;
-    let value = json!({ "host": host, "boot": boot, "instances": counts, "operation": operation, "events": events });
+    let last_path = store
+        .latest_operation_of(crate::reimage::executor::KIND, name)
+        .await?
+        .and_then(|o| serde_json::from_str::<crate::reimage::machine::ReimageData>(&o.data).ok().map(|d| d.boot_path));
+    let value = json!({
+        "host": host, "boot": boot, "last_reimage_boot_path": last_path, "instances": counts,
+        "operation": operation, "events": events,
+    });
     out.emit(&value, || {
         let mut s = String::new();
         let fields = [
@@ -209,6 +241,11 @@ pub async fn host_show(store: &Store, out: &Output, name: &HostName) -> anyhow::
             ("bmc", opt(host.bmc_url.as_ref())),
             ("image", opt(host.image.as_ref())),
             ("boot mode", opt(boot.boot_mode)),
+            (
+                "boot path",
+                last_path
+                    .map_or_else(|| boot.boot_path.to_string(), |p| format!("{} (last reimage: {p})", boot.boot_path)),
+            ),
             ("root device", opt(boot.root_device.as_ref())),
             ("last heartbeat", opt(host.last_heartbeat)),
             ("added", host.created_at.to_string()),

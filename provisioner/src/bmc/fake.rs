@@ -13,6 +13,10 @@ pub struct FakeState {
     pub on: bool,
     /// A one-time PXE boot is set.
     pub pxe_once: bool,
+    /// The target of the last one-time boot override.
+    pub boot_target: Option<super::BootTarget>,
+    /// Refuse boot checks and overrides for these targets (a BMC without them).
+    pub lacks: Vec<super::BootTarget>,
     /// Boot from disk is set.
     pub disk_boot: bool,
     /// The firmware mode the last boot override asked for.
@@ -64,8 +68,20 @@ impl Bmc for Fake {
         s.on = on;
         Ok(())
     }
-    async fn set_pxe_once(&self, mode: Option<nodekeeper_store::BootMode>) -> Result<(), BmcError> {
-        self.set(|s| (s.pxe_once, s.boot_mode) = (true, mode));
+    async fn set_boot_once(
+        &self,
+        target: super::BootTarget,
+        mode: Option<nodekeeper_store::BootMode>,
+    ) -> Result<(), BmcError> {
+        self.check_boot(target).await?;
+        self.set(|s| (s.pxe_once, s.boot_target, s.boot_mode) = (true, Some(target), mode));
+        Ok(())
+    }
+    async fn check_boot(&self, target: super::BootTarget) -> Result<(), BmcError> {
+        if self.get(|s| s.lacks.contains(&target)) {
+            let reason = format!("boot target {} is not supported", target.redfish());
+            return Err(BmcError::Unsupported { endpoint: "fake".into(), reason });
+        }
         Ok(())
     }
     async fn set_disk_boot(&self, mode: Option<nodekeeper_store::BootMode>) -> Result<(), BmcError> {

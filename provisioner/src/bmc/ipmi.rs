@@ -7,7 +7,7 @@ use tokio::process::Command;
 
 use nodekeeper_store::BootMode;
 
-use super::{Bmc, BmcError, Credentials, PowerState};
+use super::{Bmc, BmcError, BootTarget, Credentials, PowerState};
 
 /// How long one ipmitool call may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(20);
@@ -73,14 +73,31 @@ impl Bmc for Ipmi {
         self.run(&["chassis", "power", if on { "on" } else { "off" }]).await.map(drop)
     }
 
-    async fn set_pxe_once(&self, mode: Option<BootMode>) -> Result<(), BmcError> {
+    async fn set_boot_once(&self, target: BootTarget, mode: Option<BootMode>) -> Result<(), BmcError> {
+        self.check_boot(target).await?;
         // Without options=persistent, IPMI boot device overrides apply to the next boot only;
         // `efiboot` sets the "boot in UEFI mode" bit of the boot flags (IPMI 2.0, parameter 5).
-        let mut args = vec!["chassis", "bootdev", "pxe"];
+        let device = if target == BootTarget::Cd { "cdrom" } else { "pxe" };
+        let mut args = vec!["chassis", "bootdev", device];
         if mode.is_some_and(BootMode::is_uefi) {
             args.push("options=efiboot");
         }
         self.run(&args).await.map(drop)
+    }
+
+    async fn check_boot(&self, target: BootTarget) -> Result<(), BmcError> {
+        // IPMI's boot devices (IPMI 2.0 table 28-14) have no HTTP boot and no way to attach
+        // media: those paths need a Redfish BMC.
+        match target {
+            BootTarget::Pxe => Ok(()),
+            BootTarget::UefiHttp | BootTarget::Cd => Err(BmcError::Unsupported {
+                endpoint: self.endpoint(),
+                reason: format!(
+                    "IPMI has no {} boot: use a Redfish BMC URL for this host, or `host set --boot pxe`",
+                    if target == BootTarget::Cd { "virtual media" } else { "UEFI HTTP" }
+                ),
+            }),
+        }
     }
 
     async fn set_disk_boot(&self, mode: Option<BootMode>) -> Result<(), BmcError> {

@@ -80,6 +80,37 @@ pub enum PowerAction {
     Cycle,
 }
 
+/// Where a one-time boot override sends the host (Redfish `BootSourceOverrideTarget`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BootTarget {
+    /// The firmware's PXE (`Pxe`).
+    Pxe,
+    /// The firmware's UEFI HTTP boot (`UefiHttp`).
+    UefiHttp,
+    /// The (virtual) CD (`Cd`).
+    Cd,
+}
+
+impl BootTarget {
+    /// The target a boot path uses.
+    pub fn of(path: nodekeeper_store::BootPath) -> BootTarget {
+        match path {
+            nodekeeper_store::BootPath::Pxe => BootTarget::Pxe,
+            nodekeeper_store::BootPath::Http => BootTarget::UefiHttp,
+            nodekeeper_store::BootPath::VirtualMedia => BootTarget::Cd,
+        }
+    }
+
+    /// Redfish's word for it.
+    pub fn redfish(self) -> &'static str {
+        match self {
+            BootTarget::Pxe => "Pxe",
+            BootTarget::UefiHttp => "UefiHttp",
+            BootTarget::Cd => "Cd",
+        }
+    }
+}
+
 /// What went wrong talking to a BMC. Messages never contain credentials.
 #[derive(Debug, thiserror::Error)]
 pub enum BmcError {
@@ -100,6 +131,15 @@ pub enum BmcError {
         /// Where.
         endpoint: String,
         /// What it said.
+        reason: String,
+    },
+    /// The BMC cannot do what the host's settings need (no such boot target, no virtual
+    /// media): not worth a retry.
+    #[error("BMC {endpoint} cannot do it: {reason}")]
+    Unsupported {
+        /// Where.
+        endpoint: String,
+        /// Why, in the BMC's words where it has them.
         reason: String,
     },
     /// This replica no longer holds the lease it acted under: the command was not sent.
@@ -134,8 +174,16 @@ pub trait Bmc: Send + Sync {
     fn power_state(&self) -> impl Future<Output = Result<PowerState, BmcError>> + Send;
     /// Asks for power on or off (not confirmed).
     fn set_power(&self, on: bool) -> impl Future<Output = Result<(), BmcError>> + Send;
-    /// Boot from the network once, at the next power-on; in firmware mode `mode` when known.
-    fn set_pxe_once(&self, mode: Option<BootMode>) -> impl Future<Output = Result<(), BmcError>> + Send;
+    /// Boot `target` once, at the next power-on; in firmware mode `mode` when known.
+    fn set_boot_once(
+        &self,
+        target: BootTarget,
+        mode: Option<BootMode>,
+    ) -> impl Future<Output = Result<(), BmcError>> + Send;
+    /// Whether the BMC can send the host to `target` at all, asked before anything is changed
+    /// (a reimage checks it before it powers the host off): an error says why not, in the
+    /// BMC's words where it has them.
+    fn check_boot(&self, target: BootTarget) -> impl Future<Output = Result<(), BmcError>> + Send;
     /// Boot from the local disk from now on (after a deploy: some BMCs ignore "once").
     fn set_disk_boot(&self, mode: Option<BootMode>) -> impl Future<Output = Result<(), BmcError>> + Send;
 }
@@ -285,9 +333,12 @@ impl<B: Bmc> Bmc for Leased<B> {
         self.gate().await?;
         self.inner.set_power(on).await
     }
-    async fn set_pxe_once(&self, mode: Option<BootMode>) -> Result<(), BmcError> {
+    async fn set_boot_once(&self, target: BootTarget, mode: Option<BootMode>) -> Result<(), BmcError> {
         self.gate().await?;
-        self.inner.set_pxe_once(mode).await
+        self.inner.set_boot_once(target, mode).await
+    }
+    async fn check_boot(&self, target: BootTarget) -> Result<(), BmcError> {
+        self.inner.check_boot(target).await
     }
     async fn set_disk_boot(&self, mode: Option<BootMode>) -> Result<(), BmcError> {
         self.gate().await?;
@@ -479,10 +530,16 @@ impl Bmc for Driver {
             Driver::Ipmi(d) => d.set_power(on).await,
         }
     }
-    async fn set_pxe_once(&self, mode: Option<BootMode>) -> Result<(), BmcError> {
+    async fn set_boot_once(&self, target: BootTarget, mode: Option<BootMode>) -> Result<(), BmcError> {
         match self {
-            Driver::Redfish(d) => d.set_pxe_once(mode).await,
-            Driver::Ipmi(d) => d.set_pxe_once(mode).await,
+            Driver::Redfish(d) => d.set_boot_once(target, mode).await,
+            Driver::Ipmi(d) => d.set_boot_once(target, mode).await,
+        }
+    }
+    async fn check_boot(&self, target: BootTarget) -> Result<(), BmcError> {
+        match self {
+            Driver::Redfish(d) => d.check_boot(target).await,
+            Driver::Ipmi(d) => d.check_boot(target).await,
         }
     }
     async fn set_disk_boot(&self, mode: Option<BootMode>) -> Result<(), BmcError> {
@@ -521,7 +578,10 @@ mod tests {
             *self.on.lock().expect("lock") = on;
             Ok(())
         }
-        async fn set_pxe_once(&self, _: Option<BootMode>) -> Result<(), BmcError> {
+        async fn set_boot_once(&self, _: BootTarget, _: Option<BootMode>) -> Result<(), BmcError> {
+            Ok(())
+        }
+        async fn check_boot(&self, _: BootTarget) -> Result<(), BmcError> {
             Ok(())
         }
         async fn set_disk_boot(&self, _: Option<BootMode>) -> Result<(), BmcError> {

@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 
 use nodekeeper_store::BootMode;
 
-use super::{Bmc, BmcError, Credentials, PowerState};
+use super::{Bmc, BmcError, BootTarget, Credentials, PowerState};
 
 /// One Redfish system.
 #[derive(Debug)]
@@ -184,8 +184,36 @@ impl Bmc for Redfish {
         .map(drop)
     }
 
-    async fn set_pxe_once(&self, mode: Option<BootMode>) -> Result<(), BmcError> {
-        self.boot_override("Pxe", "Once", mode).await
+    async fn set_boot_once(&self, target: BootTarget, mode: Option<BootMode>) -> Result<(), BmcError> {
+        if target != BootTarget::Pxe {
+            self.check_boot(target).await?;
+        }
+        self.boot_override(target.redfish(), "Once", mode).await
+    }
+
+    /// A target the system's `BootSourceOverrideTarget@Redfish.AllowableValues` leaves out is
+    /// refused with that list (a system that lists none is taken at its word when the PATCH
+    /// comes: its refusal is the message then).
+    async fn check_boot(&self, target: BootTarget) -> Result<(), BmcError> {
+        let system = self.system().await?;
+        let v = self.send(self.request(reqwest::Method::GET, &system)).await?;
+        let allowed = v.pointer("/Boot/BootSourceOverrideTarget@Redfish.AllowableValues").and_then(Value::as_array);
+        match allowed {
+            Some(allowed) if !allowed.iter().any(|t| t.as_str() == Some(target.redfish())) => {
+                let allowed: Vec<&str> = allowed.iter().filter_map(Value::as_str).collect();
+                let mode = v.pointer("/Boot/BootSourceOverrideMode").and_then(Value::as_str);
+                Err(BmcError::Unsupported {
+                    endpoint: self.endpoint(),
+                    reason: format!(
+                        "the system's boot override targets are [{}]{}: no {}",
+                        allowed.join(", "),
+                        mode.map(|m| format!(" (in {m} mode)")).unwrap_or_default(),
+                        target.redfish()
+                    ),
+                })
+            }
+            _ => Ok(()),
+        }
     }
 
     async fn set_disk_boot(&self, mode: Option<BootMode>) -> Result<(), BmcError> {
@@ -351,15 +379,19 @@ mod tests {
         // Already UEFI: target and frequency only.
         let (url, patches) = boot_bmc(json!({ "BootSourceOverrideMode": "UEFI" })).await;
         let driver = Redfish::new(&url, None).expect("driver");
-        driver.set_pxe_once(Some(BootMode::UefiSecureBoot)).await.expect("pxe");
-        driver.set_pxe_once(None).await.expect("pxe, mode unknown");
+        driver.set_boot_once(BootTarget::Pxe, Some(BootMode::UefiSecureBoot)).await.expect("pxe");
+        driver.set_boot_once(BootTarget::Pxe, None).await.expect("pxe, mode unknown");
         assert_eq!(
             *patches.lock().expect("lock"),
             vec![json!({ "Boot": { "BootSourceOverrideTarget": "Pxe", "BootSourceOverrideEnabled": "Once" } }); 2]
         );
         // A BMC that reports no mode has no such setting: none is sent.
         let (url, patches) = boot_bmc(json!({ "BootSourceOverrideTarget": "None" })).await;
-        Redfish::new(&url, None).expect("driver").set_pxe_once(Some(BootMode::Bios)).await.expect("pxe");
+        Redfish::new(&url, None)
+            .expect("driver")
+            .set_boot_once(BootTarget::Pxe, Some(BootMode::Bios))
+            .await
+            .expect("pxe");
         assert_eq!(
             *patches.lock().expect("lock"),
             [json!({ "Boot": { "BootSourceOverrideTarget": "Pxe", "BootSourceOverrideEnabled": "Once" } })]
@@ -381,7 +413,11 @@ mod tests {
             "BootSourceOverrideMode": "Legacy", "BootSourceOverrideMode@Redfish.AllowableValues": ["Legacy"]
         }))
         .await;
-        let err = Redfish::new(&url, None).expect("driver").set_pxe_once(Some(BootMode::Uefi)).await.expect_err("mode");
+        let err = Redfish::new(&url, None)
+            .expect("driver")
+            .set_boot_once(BootTarget::Pxe, Some(BootMode::Uefi))
+            .await
+            .expect_err("mode");
         let message = err.to_string();
         assert!(
             message.contains("boots in uefi mode")
@@ -392,7 +428,11 @@ mod tests {
         assert!(patches.lock().expect("lock").is_empty(), "nothing was changed");
         // An AMI-style BMC: the system refuses the PATCH, its settings object takes it.
         let (url, patches) = boot_bmc_with(json!({ "BootSourceOverrideMode": "UEFI" }), true).await;
-        Redfish::new(&url, None).expect("driver").set_pxe_once(Some(BootMode::Uefi)).await.expect("via SD");
+        Redfish::new(&url, None)
+            .expect("driver")
+            .set_boot_once(BootTarget::Pxe, Some(BootMode::Uefi))
+            .await
+            .expect("via SD");
         assert_eq!(
             *patches.lock().expect("lock"),
             [json!({ "Boot": { "BootSourceOverrideTarget": "Pxe", "BootSourceOverrideEnabled": "Once" }, "at": "SD" })]

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
 
-use dhcproto::v4::{Architecture, DhcpOption, HType, Message, MessageType, Opcode, OptionCode};
+use dhcproto::v4::{DhcpOption, HType, Message, MessageType, Opcode, OptionCode};
 use nodekeeper_store::{HostName, Lease, MacAddr};
 
 use super::pool::{Pool, Refused};
@@ -72,11 +72,37 @@ pub enum Decision {
     Drop(&'static str),
 }
 
+/// What a client's vendor class (option 60) says it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientKind {
+    /// A PXE ROM (`PXEClient…`): a file name, loaded over TFTP from `siaddr`.
+    Pxe,
+    /// UEFI HTTP boot (`HTTPClient…`, UEFI 2.x §24.7): a full `http://` URL, and `HTTPClient`
+    /// echoed in option 60, or the firmware ignores the offer.
+    Http,
+    /// Anything else (an OS's DHCP client, iPXE sending no class): an address only, unless
+    /// it is iPXE (user class).
+    Plain,
+}
+
+/// The kind of client `msg` comes from.
+pub fn client_kind(msg: &Message) -> ClientKind {
+    match msg.opts().get(OptionCode::ClassIdentifier) {
+        Some(DhcpOption::ClassIdentifier(v)) if v.starts_with(b"PXEClient") => ClientKind::Pxe,
+        Some(DhcpOption::ClassIdentifier(v)) if v.starts_with(b"HTTPClient") => ClientKind::Http,
+        _ => ClientKind::Plain,
+    }
+}
+
+/// Where the HTTP server serves the boot loaders of the TFTP root (for UEFI HTTP boot).
+pub const LOADERS_PATH: &str = "/boot/loaders";
+
 /// The boot file for a client: iPXE (user class `iPXE`) chains to its HTTP script; a PXE
 /// ROM gets the iPXE binary for its architecture (option 93), or — a UEFI host whose record
-/// says Secure Boot — the signed shim, since Debian ships no signed iPXE.
+/// says Secure Boot — the signed shim, since Debian ships no signed iPXE; a UEFI HTTP boot
+/// client gets the same loader as a full URL on the HTTP server.
 pub fn boot_file(msg: &Message, mac: MacAddr, host: Option<&KnownHost>, settings: &Settings) -> Option<String> {
-    let public_url = &settings.public_url;
+    let public_url = settings.public_url.trim_end_matches('/');
     let user_class = match msg.opts().get(OptionCode::UserClass) {
         Some(DhcpOption::UserClass(uc)) => uc.clone(),
         _ => Vec::new(),
@@ -89,25 +115,28 @@ pub fn boot_file(msg: &Message, mac: MacAddr, host: Option<&KnownHost>, settings
         if host.is_some_and(|h| h.secure_boot) {
             return None;
         }
-        return Some(format!("{}/boot/{mac}.ipxe", public_url.trim_end_matches('/')));
+        return Some(format!("{public_url}/boot/{mac}.ipxe"));
     }
-    match msg.opts().get(OptionCode::ClientSystemArchitecture) {
-        Some(DhcpOption::ClientSystemArchitecture(arch)) => match arch {
-            Architecture::Intelx86PC => Some("undionly.kpxe".into()),
-            Architecture::BC | Architecture::X86_64 if host.is_some_and(|h| h.secure_boot) => {
-                Some(SECURE_BOOT_FILE.into())
-            }
-            Architecture::BC | Architecture::X86_64 => Some(settings.uefi_boot_file.clone()),
-            Architecture::Unknown(11) => Some("ipxe-arm64.efi".into()),
-            _ => None,
-        },
+    let kind = client_kind(msg);
+    let Some(DhcpOption::ClientSystemArchitecture(arch)) = msg.opts().get(OptionCode::ClientSystemArchitecture) else {
         // Not a PXE client (a plain DHCP client): an address only.
-        _ => None,
-    }
-}
-
-fn is_pxe_client(msg: &Message) -> bool {
-    matches!(msg.opts().get(OptionCode::ClassIdentifier), Some(DhcpOption::ClassIdentifier(v)) if v.starts_with(b"PXEClient"))
+        return None;
+    };
+    let secure = host.is_some_and(|h| h.secure_boot);
+    // RFC 4578 and the IANA registry: 0 BIOS; 7 and 9 x64 UEFI; 11 arm64 UEFI; 16 x64 UEFI
+    // HTTP; 19 arm64 UEFI HTTP. An HTTP client that sends a PXE architecture is taken by its
+    // class; 32-bit UEFI (6, 15), BIOS over HTTP (20) and the rest have no loader here.
+    let file = match (u16::from(*arch), kind) {
+        (0, ClientKind::Pxe | ClientKind::Plain) => "undionly.kpxe",
+        (7 | 9, ClientKind::Pxe | ClientKind::Plain) | (7 | 9 | 16, ClientKind::Http) if secure => SECURE_BOOT_FILE,
+        (7 | 9, ClientKind::Pxe | ClientKind::Plain) | (7 | 9 | 16, ClientKind::Http) => &settings.uefi_boot_file,
+        (11, ClientKind::Pxe | ClientKind::Plain) | (11 | 19, ClientKind::Http) => "ipxe-arm64.efi",
+        _ => return None,
+    };
+    Some(match kind {
+        ClientKind::Http => format!("{public_url}{LOADERS_PATH}/{file}"),
+        ClientKind::Pxe | ClientKind::Plain => file.to_owned(),
+    })
 }
 
 fn client_mac(msg: &Message) -> Option<MacAddr> {
@@ -148,8 +177,10 @@ pub fn respond(
 
     if settings.proxy {
         // proxyDHCP: boot information only, to PXE clients; the other server gives addresses.
-        if !is_pxe_client(msg) || boot.is_none() {
-            return Decision::Drop("proxy: not a PXE client");
+        // UEFI HTTP boot takes a proxy offer too (EDK2's HttpBootDxe pairs it with the
+        // address offer); it asks for nothing on port 4011.
+        if client_kind(msg) == ClientKind::Plain || boot.is_none() {
+            return Decision::Drop("proxy: not a PXE or HTTP boot client");
         }
         let reply_type = match (kind, port_4011) {
             (MessageType::Discover, false) => MessageType::Offer,
@@ -279,11 +310,20 @@ fn build(
         }
         let o = m.opts_mut();
         o.insert(DhcpOption::BootfileName(file.as_bytes().to_vec()));
-        o.insert(DhcpOption::TFTPServerName(s.server_ip.to_string().into_bytes()));
-        if is_pxe_client(req) {
-            o.insert(DhcpOption::ClassIdentifier(b"PXEClient".to_vec()));
-            // PXE discovery control = 8: boot the file named here, no boot-server discovery.
-            o.insert(DhcpOption::VendorExtensions(vec![6, 1, 8, 255]));
+        match client_kind(req) {
+            ClientKind::Pxe => {
+                o.insert(DhcpOption::TFTPServerName(s.server_ip.to_string().into_bytes()));
+                o.insert(DhcpOption::ClassIdentifier(b"PXEClient".to_vec()));
+                // PXE discovery control = 8: boot the file named here, no boot-server discovery.
+                o.insert(DhcpOption::VendorExtensions(vec![6, 1, 8, 255]));
+            }
+            // The URL is the whole answer; without the echo the firmware drops the offer.
+            ClientKind::Http => {
+                o.insert(DhcpOption::ClassIdentifier(b"HTTPClient".to_vec()));
+            }
+            ClientKind::Plain => {
+                o.insert(DhcpOption::TFTPServerName(s.server_ip.to_string().into_bytes()));
+            }
         }
     }
     m
@@ -368,6 +408,90 @@ mod tests {
         assert_eq!(boot_file(&ipxe, mac, Some(&plain), &s).as_deref(), url);
         assert_eq!(boot_file(&ipxe, mac, Some(&secure), &s), None, "no iPXE for a Secure Boot host");
         assert_eq!(boot_file(&request(MessageType::Discover, MAC, &[]), mac, Some(&plain), &s), None);
+    }
+
+    /// Option 60 as firmware sends it (UEFI 2.x §24.7 for HTTP boot, PXE 2.1 for PXE).
+    fn class(kind: ClientKind, arch: u16) -> Option<DhcpOption> {
+        match kind {
+            ClientKind::Pxe => Some(format!("PXEClient:Arch:{arch:05}:UNDI:003016")),
+            ClientKind::Http => Some(format!("HTTPClient:Arch:{arch:05}:UNDI:003016")),
+            ClientKind::Plain => None,
+        }
+        .map(|c| DhcpOption::ClassIdentifier(c.into_bytes()))
+    }
+
+    #[test]
+    fn every_architecture_and_vendor_class() {
+        use ClientKind::*;
+        let mac = MacAddr(MAC);
+        let plain = KnownHost { name: "node-a".parse().expect("name"), ip: None, secure_boot: false };
+        let secure = KnownHost { secure_boot: true, ..plain.clone() };
+        let url = |f: &str| format!("http://10.20.0.1:8080/boot/loaders/{f}");
+        // (arch, class, plain host, Secure Boot host)
+        let table: Vec<(u16, ClientKind, Option<String>, Option<String>)> = vec![
+            (0, Pxe, Some("undionly.kpxe".into()), Some("undionly.kpxe".into())),
+            (0, Plain, Some("undionly.kpxe".into()), Some("undionly.kpxe".into())),
+            (0, Http, None, None),
+            (6, Pxe, None, None),
+            (6, Http, None, None),
+            (7, Pxe, Some("ipxe.efi".into()), Some("shimx64.efi".into())),
+            (7, Plain, Some("ipxe.efi".into()), Some("shimx64.efi".into())),
+            (7, Http, Some(url("ipxe.efi")), Some(url("shimx64.efi"))),
+            (9, Pxe, Some("ipxe.efi".into()), Some("shimx64.efi".into())),
+            (9, Http, Some(url("ipxe.efi")), Some(url("shimx64.efi"))),
+            (10, Pxe, None, None),
+            (11, Pxe, Some("ipxe-arm64.efi".into()), Some("ipxe-arm64.efi".into())),
+            (11, Http, Some(url("ipxe-arm64.efi")), Some(url("ipxe-arm64.efi"))),
+            (15, Http, None, None),
+            (16, Http, Some(url("ipxe.efi")), Some(url("shimx64.efi"))),
+            // An HTTP architecture with a PXE class is not an HTTP client: no TFTP name for it.
+            (16, Pxe, None, None),
+            (16, Plain, None, None),
+            (19, Http, Some(url("ipxe-arm64.efi")), Some(url("ipxe-arm64.efi"))),
+            (19, Pxe, None, None),
+            (20, Http, None, None),
+            (28, Http, None, None),
+        ];
+        let full = settings(false, false);
+        for (arch, kind, want, want_secure) in &table {
+            let mut opts = vec![DhcpOption::ClientSystemArchitecture((*arch).into())];
+            opts.extend(class(*kind, *arch));
+            let msg = request(MessageType::Discover, MAC, &opts);
+            let what = format!("arch {arch}, {kind:?}");
+            assert_eq!(boot_file(&msg, mac, Some(&plain), &full), *want, "{what}");
+            assert_eq!(boot_file(&msg, mac, None, &full), *want, "{what}, unknown host");
+            assert_eq!(boot_file(&msg, mac, Some(&secure), &full), *want_secure, "{what}, Secure Boot");
+            // The whole exchange, full and proxy: the boot file in option 67, option 60 echoed
+            // as the client's kind requires, PXE's discovery control only for PXE.
+            for proxy in [false, true] {
+                let s = settings(proxy, false);
+                let (h, mut p) = (hosts(None), pool());
+                let decision = respond(&msg, &s, &h, &mut p, 0, false);
+                let mode = if proxy { "proxy" } else { "full" };
+                let Decision::Reply(offer, _) = decision else {
+                    assert!(proxy && (want.is_none() || *kind == Plain), "{what}, {mode}: {decision:?}");
+                    continue;
+                };
+                let file = offer.opts().get(OptionCode::BootfileName).map(|o| match o {
+                    DhcpOption::BootfileName(f) => String::from_utf8_lossy(f).into_owned(),
+                    _ => unreachable!(),
+                });
+                assert_eq!(file, *want, "{what}, {mode}");
+                let echoed = match offer.opts().get(OptionCode::ClassIdentifier) {
+                    Some(DhcpOption::ClassIdentifier(c)) => Some(String::from_utf8_lossy(c).into_owned()),
+                    _ => None,
+                };
+                let want_echo = match (kind, want.is_some()) {
+                    (Pxe, true) => Some("PXEClient".to_owned()),
+                    (Http, true) => Some("HTTPClient".to_owned()),
+                    _ => None,
+                };
+                assert_eq!(echoed, want_echo, "{what}, {mode}");
+                let discovery = offer.opts().get(OptionCode::VendorExtensions).is_some();
+                assert_eq!(discovery, *kind == Pxe && want.is_some(), "{what}, {mode}: option 43");
+                assert_eq!(offer.yiaddr().is_unspecified(), proxy, "{what}, {mode}: an address only in full mode");
+            }
+        }
     }
 
     #[test]
@@ -455,7 +579,7 @@ mod tests {
         assert!(offer.opts().get(OptionCode::AddressLeaseTime).is_none());
         assert_eq!(
             respond(&request(MessageType::Discover, MAC, &[]), &s, &h, &mut p, 0, false),
-            Decision::Drop("proxy: not a PXE client")
+            Decision::Drop("proxy: not a PXE or HTTP boot client")
         );
         let mut req = request(MessageType::Request, MAC, &pxe(9));
         req.set_ciaddr(Ipv4Addr::new(10, 20, 0, 55));

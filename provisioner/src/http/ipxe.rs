@@ -269,6 +269,7 @@ mod tests {
                 agent: None,
                 deadlines: Default::default(),
                 limits: Default::default(),
+                boot_path: Default::default(),
             })
             .expect("json"),
             report: report.map(str::to_owned),

@@ -53,6 +53,9 @@ pub struct HttpState {
     pub streams: Arc<std::sync::atomic::AtomicUsize>,
     /// The HTTPS listener nodes are sent to, when `[http.tls]` is set.
     pub tls: Option<Arc<tls::NodeTls>>,
+    /// The boot loaders (the TFTP root, `[tftp] root`), served at `/boot/loaders/` for UEFI
+    /// HTTP boot.
+    pub loaders: Option<Arc<Images>>,
 }
 
 /// Which listener a request came in on.
@@ -92,6 +95,7 @@ pub fn router(state: HttpState) -> Router {
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, API_TIMEOUT));
     Router::new()
         .route("/images/{*path}", get(image).head(image))
+        .route("/boot/loaders/{*path}", get(loader).head(loader))
         .route("/api/v1/events/stream", get(api_events_stream))
         .route("/tls/ca.pem", get(ca_pem))
         .merge(api)
@@ -384,6 +388,18 @@ async fn image(State(state): State<HttpState>, UrlPath(path): UrlPath<String>, r
         response.headers_mut().insert(header::ETAG, v);
     }
     response
+}
+
+/// `/boot/loaders/{path}` (GET and HEAD): a file of the TFTP root (iPXE, shim, GRUB), for
+/// firmware that boots over HTTP; the same confinement as the images.
+async fn loader(State(state): State<HttpState>, UrlPath(path): UrlPath<String>, req: Request) -> Response {
+    let Some(file) = state.loaders.as_ref().and_then(|l| l.resolve(&path).ok()) else {
+        return text(StatusCode::NOT_FOUND, format!("no boot loader {path}\n"));
+    };
+    match tower::ServiceExt::oneshot(ServeFile::new(&file).with_buf_chunk_size(IMAGE_CHUNK), req).await {
+        Ok(r) => r.map(Body::new),
+        Err(e) => internal(e),
+    }
 }
 
 async fn api_hosts(State(state): State<HttpState>) -> Response {

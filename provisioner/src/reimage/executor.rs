@@ -17,7 +17,7 @@ use nodekeeper_store::{Host, HostName, HostState, Operation, Store};
 use tokio_util::sync::CancellationToken;
 
 use super::machine::{self, AgentReport, Deadlines, Decision, Limits, ReimageData, Step, Work};
-use crate::bmc::{self, Bmc, BmcError, PowerAction};
+use crate::bmc::{self, Bmc, BmcError, BootTarget, PowerAction};
 
 /// The operation kind.
 pub const KIND: &str = "reimage";
@@ -75,7 +75,8 @@ pub async fn request(
         return Err(RequestError::NoBmc(host.clone()));
     }
     let image = image.map(str::to_owned).or(h.image).unwrap_or_else(|| super::DEFAULT_IMAGE.to_owned());
-    let data = ReimageData { image, pxe_boots: 0, agent: None, deadlines, limits };
+    let boot_path = store.boot_settings(host).await?.boot_path;
+    let data = ReimageData { image, pxe_boots: 0, agent: None, deadlines, limits, boot_path };
     let deadline = crate::ops::engine::after(store, machine::deadline_for(Step::PowerOff, &data.deadlines)).await?;
     let json = serde_json::to_string(&data).unwrap_or_else(|_| "{}".into());
     let (op, started) =
@@ -172,11 +173,17 @@ impl<F: BmcFactory> crate::ops::Machine for Reimage<F> {
             Ok(driver) => {
                 let driver = bmc::Leased::new(driver, store.clone());
                 let policy = self.factory.policy();
+                let target = BootTarget::of(data.boot_path);
                 let act = async {
                     match work {
-                        Work::PowerOff => bmc::power(&driver, PowerAction::Off, &policy).await.map(drop),
+                        Work::PowerOff => {
+                            // A BMC that cannot take this reimage's boot path fails it here,
+                            // with the host still running what it ran.
+                            driver.check_boot(target).await?;
+                            bmc::power(&driver, PowerAction::Off, &policy).await.map(drop)
+                        }
                         Work::PowerOn => bmc::power(&driver, PowerAction::On, &policy).await.map(drop),
-                        Work::SetPxeOnce => driver.set_pxe_once(boot_mode).await,
+                        Work::SetPxeOnce => driver.set_boot_once(target, boot_mode).await,
                         Work::BootDisk => {
                             driver.set_disk_boot(boot_mode).await?;
                             bmc::power(&driver, PowerAction::Off, &policy).await?;
@@ -186,6 +193,10 @@ impl<F: BmcFactory> crate::ops::Machine for Reimage<F> {
                     }
                 };
                 match tokio::time::timeout(data.deadlines.bmc, act).await {
+                    // What the BMC cannot do at all is not tried again.
+                    Ok(Err(e @ BmcError::Unsupported { .. })) => {
+                        return Ok(Decision::Failed { at: step, reason: e.to_string() });
+                    }
                     Ok(r) => r.map_err(|e| e.to_string()),
                     Err(_) => {
                         Err(format!("{step} took longer than {}", humantime::format_duration(data.deadlines.bmc)))

@@ -167,6 +167,10 @@ pub struct ReimageData {
     pub deadlines: Deadlines,
     /// Retry bounds.
     pub limits: Limits,
+    /// How the deploy ramdisk reaches the host in this reimage (the host's setting when the
+    /// reimage was requested; a reimage from before boot paths existed was PXE).
+    #[serde(default)]
+    pub boot_path: nodekeeper_store::BootPath,
 }
 
 impl ReimageData {
@@ -179,6 +183,7 @@ impl ReimageData {
             agent: None,
             deadlines: Deadlines::default(),
             limits: Limits::default(),
+            boot_path: Default::default(),
         }
     }
 }
@@ -357,6 +362,7 @@ mod tests {
             agent: agent.map(|(stage, e)| AgentReport { stage, error: e.map(str::to_owned) }),
             deadlines: Deadlines::default(),
             limits: Limits::default(),
+            boot_path: Default::default(),
         }
     }
 
