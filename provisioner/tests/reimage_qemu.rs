@@ -20,7 +20,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::Lab;
-use nodekeeper_lab::hw::{Firmware, Hardware};
+use nodekeeper_lab::hw::{BootPath, Firmware, Hardware};
 use nodekeeper_store::{EventFilter, HostName, HostState, Operation, OperationStatus, Store, Timestamp};
 
 const BIN: &str = env!("CARGO_BIN_EXE_nodekeeper-provisioner");
@@ -217,9 +217,11 @@ async fn start(mac: &str, hw: &Hardware) -> Option<Rig> {
     std::fs::write(
         &config,
         format!(
-            "database_url = \"{db}\"\n[dhcp]\nmode = \"full\"\ninterface = \"br0\"\nserver_ip = \"10.20.0.1\"\nsubnet = \"10.20.0.0/24\"\nrange = [\"10.20.0.100\", \"10.20.0.199\"]\n[tftp]\nlisten = \"10.20.0.1:69\"\nroot = \"{d}/tftp\"\n[http]\nlisten = \"10.20.0.1:8080\"\npublic_url = \"http://10.20.0.1:8080\"\nimages_dir = \"{d}/images\"\ndeploy_kernel_args = \"console=ttyS0 quiet panic=-1\"\n\
+            "database_url = \"{db}\"\n[dhcp]\nmode = \"full\"\ninterface = \"br0\"\nserver_ip = \"10.20.0.1\"\nsubnet = \"10.20.0.0/24\"\nrange = [\"10.20.0.100\", \"10.20.0.199\"]\n[tftp]\n{tftp_listen}root = \"{d}/tftp\"\n[http]\nlisten = \"10.20.0.1:8080\"\npublic_url = \"http://10.20.0.1:8080\"\nimages_dir = \"{d}/images\"\ndeploy_kernel_args = \"console=ttyS0 quiet panic=-1\"\n\
              [http.tls]\nlisten = \"10.20.0.1:8443\"\npublic_url = \"https://10.20.0.1:8443\"\ncert = \"{d}/tls/server.pem\"\nkey = \"{d}/tls/server.key\"\nca = \"{d}/tls/ca.pem\"\nrequire = true\n",
-            d = d.display()
+            d = d.display(),
+            // UEFI HTTP boot: no TFTP server at all (the loaders come from /boot/loaders/).
+            tftp_listen = if hw.boot == BootPath::Http { "" } else { "listen = \"10.20.0.1:69\"\n" },
         ),
     )
     .expect("config");
@@ -347,22 +349,69 @@ async fn a_secure_boot_server_with_two_disks_is_reimaged_onto_the_hinted_one() {
     );
 }
 
+/// UEFI HTTP boot (Ironic's `http` boot interface): the BMC is told `UefiHttp`, the
+/// firmware's PXE is off, and no TFTP server runs at all. The firmware's DHCP (vendor class
+/// HTTPClient) gets iPXE's URL, loads it over HTTP, and iPXE goes on as on the PXE path. The
+/// NIC is virtio without QEMU's iPXE option ROM (which would boot by itself, as iPXE).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_uefi_server_is_reimaged_over_uefi_http_boot_with_no_tftp_server() {
+    // virtio without its iPXE option ROM: OVMF's own driver, so the firmware boots, not iPXE.
+    let hw = Hardware {
+        boot: BootPath::Http,
+        nic: "virtio".into(),
+        disks: nodekeeper_lab::hw::parse_disks("sata:3G").expect("disks"),
+        ..Hardware::server(Firmware::Uefi)
+    };
+    let Some(rig) = start("52:54:00:e2:e0:03", &hw).await else { return };
+    let udp = Lab::run(&rig.server, 5, "ss", &["-Hulnp"]);
+    let udp = String::from_utf8_lossy(&udp.stdout).into_owned();
+    assert!(!udp.contains(":69 "), "no TFTP server listens: {udp}");
+    let (op, phases, took) = reimage_to_guard(&rig).await;
+    let log = std::fs::read_to_string(rig.d().join("serve.log")).unwrap_or_default();
+    let metrics = Lab::run(&rig.server, 5, "curl", &["-sf", "http://10.20.0.1:8080/metrics"]);
+    let metrics = String::from_utf8_lossy(&metrics.stdout).into_owned();
+    assert!(
+        metrics.lines().any(|l| l.contains("route=\"/boot/loaders/{*path}\",code=\"200\"")),
+        "the firmware fetched its loader over HTTP:\n{metrics}\n{log}"
+    );
+    let data: nodekeeper_provisioner::reimage::machine::ReimageData =
+        serde_json::from_str(&op.data).expect("reimage data");
+    assert_eq!(data.boot_path, BootPath::Http);
+    eprintln!(
+        "reimage e2e over UEFI HTTP boot (UEFI, virtio, SATA, no TFTP): {} MiB image, empty disk to done in {:.0} s \
+         under TCG (operation {}):\n  {}",
+        rig.node_len >> 20,
+        took.as_secs_f64(),
+        op.id,
+        phases.join("\n  ")
+    );
+}
+
 /// The figures of docs/performance.md: three reimages each on BIOS, UEFI and UEFI with Secure
-/// Boot, of the same node otherwise (e1000e, one SATA disk), with each phase's time. Not in
-/// `make test` (nine TCG reimages, ~25 min):
+/// Boot over PXE, and UEFI over UEFI HTTP boot, of the same node otherwise (e1000e, one SATA
+/// disk), with each phase's time. Not in `make test` (twelve TCG reimages, ~30 min):
 /// `cargo nextest run -p nodekeeper-provisioner --run-ignored only -E 'test(reimage_figures)' --no-capture`
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "figures: nine reimages under TCG, ~25 min"]
+#[ignore = "figures: twelve reimages under TCG, ~30 min"]
 async fn reimage_figures() {
-    let mut table = vec![
-        "| firmware | run | agent_booted | image_written | verified | local_boot | heartbeat | total |".to_owned(),
+    let mut table =
+        vec!["| firmware | boot | run | agent_booted | image_written | verified | local_boot | heartbeat | total |"
+            .to_owned()];
+    table.push("| --- | --- | --- | --- | --- | --- | --- | --- | --- |".into());
+    let paths = [
+        (Firmware::Bios, BootPath::Pxe),
+        (Firmware::Uefi, BootPath::Pxe),
+        (Firmware::UefiSecureBoot, BootPath::Pxe),
+        (Firmware::Uefi, BootPath::Http),
     ];
-    table.push("| --- | --- | --- | --- | --- | --- | --- | --- |".into());
-    for firmware in [Firmware::Bios, Firmware::Uefi, Firmware::UefiSecureBoot] {
+    for (firmware, boot) in paths {
+        // HTTP boot: virtio without QEMU's iPXE option ROM (see above).
+        let nic = if boot == BootPath::Http { "virtio" } else { "e1000e" };
         let hw = Hardware {
             firmware,
-            nic: "e1000e".into(),
+            nic: nic.into(),
             disks: nodekeeper_lab::hw::parse_disks("sata:3G").expect("disks"),
+            boot,
         };
         let Some(rig) = start("52:54:00:e2:e0:03", &hw).await else { return };
         for run in 1..=3 {
@@ -376,7 +425,7 @@ async fn reimage_figures() {
                     .to_owned()
             };
             table.push(format!(
-                "| {firmware} | {run} | {} s | {} s | {} s | {} s | {} s | {:.0} s |",
+                "| {firmware} | {boot} | {run} | {} s | {} s | {} s | {} s | {} s | {:.0} s |",
                 secs("agent_booted"),
                 secs("image_written"),
                 secs("verified"),
@@ -387,7 +436,7 @@ async fn reimage_figures() {
             eprintln!("{}", table.last().map(String::as_str).unwrap_or_default());
         }
     }
-    eprintln!("reimage figures (TCG, 1 vCPU, e1000e, SATA 3 GiB):\n{}", table.join("\n"));
+    eprintln!("reimage figures (TCG, 1 vCPU, e1000e (HTTP boot: virtio), SATA 3 GiB):\n{}", table.join("\n"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use anyhow::{bail, Context};
+pub use nodekeeper_store::BootPath;
 
 /// How the node's firmware boots.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,6 +131,9 @@ pub struct Hardware {
     pub nic: String,
     /// Its disks.
     pub disks: Vec<Disk>,
+    /// How its firmware reaches the deploy ramdisk: `http` turns the firmware's PXE off (as
+    /// a server's setup does when HTTP boot is chosen), so only UEFI HTTP boot is left.
+    pub boot: BootPath,
 }
 
 /// What the domain is, beyond its hardware.
@@ -156,13 +160,23 @@ pub struct Domain<'a> {
 impl Hardware {
     /// BIOS, virtio NIC, one 3 GiB virtio disk: the lab's node so far.
     pub fn virtio_bios() -> Hardware {
-        Hardware { firmware: Firmware::Bios, nic: "virtio".into(), disks: parse_disks("virtio:3G").unwrap_or_default() }
+        Hardware {
+            firmware: Firmware::Bios,
+            nic: "virtio".into(),
+            disks: parse_disks("virtio:3G").unwrap_or_default(),
+            boot: BootPath::Pxe,
+        }
     }
 
     /// A current server: UEFI (Secure Boot or not), an Intel e1000e NIC, a small NVMe disk and
     /// a larger SATA one.
     pub fn server(firmware: Firmware) -> Hardware {
-        Hardware { firmware, nic: "e1000e".into(), disks: parse_disks("nvme:2G,sata:3G").unwrap_or_default() }
+        Hardware {
+            firmware,
+            nic: "e1000e".into(),
+            disks: parse_disks("nvme:2G,sata:3G").unwrap_or_default(),
+            boot: BootPath::Pxe,
+        }
     }
 
     /// Checks the NIC model, and that this machine's QEMU has it (igb came with QEMU 8.0;
@@ -180,6 +194,24 @@ impl Hardware {
             "disks {}: NVMe only cannot boot its disk here — sushy-tools sets the boot device on \
              libvirt's disks, and libvirt 9 has no NVMe bus: add a sata or virtio disk (e.g. sata:2G,nvme:3G)",
             self.describe()
+        );
+        anyhow::ensure!(
+            self.boot != BootPath::Http || self.firmware != Firmware::Bios,
+            "--boot http: UEFI HTTP boot needs UEFI firmware (--firmware uefi or uefi-secureboot)"
+        );
+        // QEMU's NICs carry iPXE as their option ROM, which boots on its own (by DHCP and
+        // HTTP, but as iPXE, not as the firmware). For the firmware's own HTTP boot the ROM is
+        // left out, and then OVMF drives only virtio NICs (its VirtioNetDxe; Intel NICs have
+        // no driver in it but that ROM).
+        anyhow::ensure!(
+            self.boot != BootPath::Http || self.nic == "virtio",
+            "--boot http: the firmware's own HTTP boot needs --nic virtio here (OVMF has no driver for {} but \
+             QEMU's iPXE option ROM, which would boot instead of the firmware)",
+            self.nic
+        );
+        anyhow::ensure!(
+            self.boot != BootPath::VirtualMedia,
+            "--boot virtual-media: not in the lab yet (UEFI HTTP boot and PXE are)"
         );
         if self.nic != "virtio" {
             let help = std::process::Command::new("qemu-system-x86_64").args(["-device", "help"]).output();
@@ -203,6 +235,9 @@ impl Hardware {
     /// root-device hint naming the target by serial.
     pub fn host_args(&self) -> Vec<String> {
         let mut args = vec!["--boot-mode".to_owned(), self.firmware.boot_mode().to_owned()];
+        if self.boot != BootPath::Pxe {
+            args.extend(["--boot".to_owned(), self.boot.to_string()]);
+        }
         if self.disks.len() > 1 {
             if let Some(disk) = self.target() {
                 args.extend(["--root-device".to_owned(), format!("serial={}", disk.serial)]);
@@ -214,7 +249,8 @@ impl Hardware {
     /// `UEFI Secure Boot, e1000e, nvme 2G + sata 3G`.
     pub fn describe(&self) -> String {
         let disks: Vec<String> = self.disks.iter().map(|d| format!("{} {}G", bus_name(d.bus), d.gib)).collect();
-        format!("{}, {}, {}", self.firmware, self.nic, disks.join(" + "))
+        let boot = if self.boot == BootPath::Pxe { String::new() } else { format!(", {} boot", self.boot) };
+        format!("{}, {}, {}{boot}", self.firmware, self.nic, disks.join(" + "))
     }
 
     /// The domain's XML; makes its empty disk files (and its UEFI variables) in `d.dir`.
@@ -277,6 +313,15 @@ impl Hardware {
                 )
             }
         };
+        if self.boot == BootPath::Http {
+            // OVMF's own switches (fw_cfg, EDK2's NetworkPkg PCDs): no PXE boot options, so
+            // the NIC's boot entries are UEFI HTTP boot's only.
+            for pcd in ["IPv4PXESupport", "IPv6PXESupport"] {
+                qemu_args.push_str(&format!(
+                    "<qemu:arg value='-fw_cfg'/><qemu:arg value='name=opt/org.tianocore/{pcd},string=n'/>"
+                ));
+            }
+        }
         let commandline = if qemu_args.is_empty() {
             String::new()
         } else {
@@ -288,7 +333,7 @@ impl Hardware {
              <os><type arch='x86_64' machine='{machine}'>hvm</type>{loader}<boot dev='hd'/></os>\
              <features><acpi/>{smm}</features>\
              <devices>{disks_xml}\
-             <interface type='bridge'><mac address='{mac}'/><source bridge='{bridge}'/><model type='{nic}'/></interface>\
+             <interface type='bridge'><mac address='{mac}'/><source bridge='{bridge}'/><model type='{nic}'/>{rom}</interface>\
              <serial type='file'><source path='{serial}' append='on'/><target port='0'/></serial>\
              <console type='file'><source path='{serial}' append='on'/><target type='serial' port='0'/></console>\
              {watchdog}</devices>{commandline}</domain>",
@@ -298,6 +343,7 @@ impl Hardware {
             mac = d.mac,
             bridge = d.bridge,
             nic = self.nic,
+            rom = if self.boot == BootPath::Http { "<rom enabled='no'/>" } else { "" },
             serial = d.serial.display(),
             watchdog = if d.watchdog { "<watchdog model='i6300esb' action='reset'/>" } else { "" },
         );
@@ -368,6 +414,26 @@ mod tests {
         let bad = Hardware { nic: "rtl8139x".into(), ..bios.clone() };
         assert!(bad.domain_xml(&d).is_err());
         // igb is refused with a reason wherever QEMU lacks it (before 8.0, as Debian 12's 7.2).
+        // UEFI HTTP boot: OVMF's PXE off, the NIC's iPXE ROM left out; only on UEFI and virtio.
+        let http = Hardware {
+            boot: BootPath::Http,
+            nic: "virtio".into(),
+            disks: parse_disks("sata:3G").expect("disks"),
+            ..Hardware::server(Firmware::Uefi)
+        };
+        assert_eq!(http.host_args(), ["--boot-mode", "uefi", "--boot", "http"]);
+        let (xml, _) = http.domain_xml(&Domain { watchdog: false, ..d.clone() }).expect("xml");
+        for part in [
+            "name=opt/org.tianocore/IPv4PXESupport,string=n",
+            "name=opt/org.tianocore/IPv6PXESupport,string=n",
+            "<model type='virtio'/><rom enabled='no'/>",
+        ] {
+            assert!(xml.contains(part), "{part} in {xml}");
+        }
+        let e = Hardware { nic: "e1000e".into(), ..http.clone() }.check().expect_err("e1000e").to_string();
+        assert!(e.contains("--nic virtio"), "{e}");
+        let e = Hardware { firmware: Firmware::Bios, ..http }.check().expect_err("bios").to_string();
+        assert!(e.contains("needs UEFI firmware"), "{e}");
         let igb = Hardware { nic: "igb".into(), ..bios };
         let has_igb = std::process::Command::new("qemu-system-x86_64")
             .args(["-device", "help"])

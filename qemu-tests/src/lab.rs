@@ -228,12 +228,18 @@ impl Lab {
             format!(
                 "database_url = \"{db_url}\"\n[dhcp]\nmode = \"full\"\ninterface = \"br0\"\nserver_ip = \"10.20.0.1\"\n\
                  subnet = \"10.20.0.0/24\"\nrange = [\"10.20.0.100\", \"10.20.0.199\"]\n\
-                 [tftp]\nlisten = \"10.20.0.1:69\"\nroot = \"{d}/tftp\"\n\
+                 [tftp]\n{tftp_listen}root = \"{d}/tftp\"\n\
                  [http]\nlisten = \"10.20.0.1:8080\"\npublic_url = \"{SERVER}\"\nimages_dir = \"{d}/images\"\n\
                  deploy_kernel_args = \"console=ttyS0 quiet panic=-1\"\n\
                  [http.tls]\nlisten = \"10.20.0.1:8443\"\npublic_url = \"{SERVER_TLS}\"\ncert = \"{d}/tls/server.pem\"\n\
                  key = \"{d}/tls/server.key\"\nca = \"{d}/tls/ca.pem\"\nrequire = true\n",
-                d = dir.display()
+                d = dir.display(),
+                // A fleet that boots over UEFI HTTP only: no TFTP server at all.
+                tftp_listen = if fleet.iter().all(|h| h.boot == crate::hw::BootPath::Http) {
+                    ""
+                } else {
+                    "listen = \"10.20.0.1:69\"\n"
+                },
             ),
         )?;
         // The node APIs answer only over TLS: agents, first boots and guards trust the CA the

@@ -49,6 +49,10 @@ struct HwArgs {
     /// Disks as BUS:SIZE, comma-separated (virtio, sata, nvme; 2G..64G).
     #[arg(long, default_value = "virtio:3G")]
     disks: String,
+    /// How the firmware reaches the deploy ramdisk: pxe, or http (UEFI HTTP boot; the
+    /// firmware's PXE is off and no TFTP server runs).
+    #[arg(long, default_value = "pxe")]
+    boot: nodekeeper_lab::hw::BootPath,
     /// The demo's mixed fleet instead: node-a UEFI, e1000e, SATA 2G + NVMe 3G (the target, by
     /// hint); node-b BIOS, virtio.
     #[arg(long)]
@@ -64,6 +68,7 @@ impl HwArgs {
             firmware: self.firmware.parse()?,
             nic: self.nic.clone(),
             disks: nodekeeper_lab::hw::parse_disks(&self.disks)?,
+            boot: self.boot,
         };
         hw.check()?;
         Ok(vec![hw])
@@ -77,6 +82,7 @@ fn mixed() -> Vec<Hardware> {
         firmware: nodekeeper_lab::hw::Firmware::Uefi,
         nic: "e1000e".into(),
         disks: nodekeeper_lab::hw::parse_disks("sata:2G,nvme:3G").unwrap_or_default(),
+        boot: nodekeeper_lab::hw::BootPath::Pxe,
     };
     vec![server, Hardware::virtio_bios()]
 }
