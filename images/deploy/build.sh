@@ -30,7 +30,7 @@ fi
 
 root=$(mktemp -d)
 trap 'rm -rf "$root"' EXIT
-mkdir -p "$root"/{bin,dev,proc,sys,tmp,lib/modules}
+mkdir -p "$root"/{bin,dev,etc,proc,sys,tmp,lib/modules}
 cp "$busybox" "$root/bin/busybox"
 cp "$agent" "$root/bin/nodekeeper-deploy"
 strip "$root/bin/nodekeeper-deploy" 2>/dev/null || true
@@ -81,6 +81,7 @@ case "$1" in
     ip addr flush dev "$interface"
     ip addr add "$ip/${mask:-24}" dev "$interface"
     [ -n "$router" ] && ip route add default via "${router%% *}" dev "$interface"
+    for d in $dns; do echo "nameserver $d"; done > /etc/resolv.conf
     ;;
 esac
 exit 0
@@ -119,7 +120,19 @@ if [ -z "$iface" ]; then
 fi
 echo "nodekeeper deploy ramdisk: NIC $iface ($(cat /sys/class/net/$iface/address 2>/dev/null)), drivers: $(cut -d' ' -f1 /proc/modules | sort | tr '\n' ' ')"
 ip link set "$iface" up
-udhcpc -i "$iface" -n -q -t 10 -T 2 -s /bin/udhcpc-script || echo "nodekeeper deploy ramdisk: no DHCP lease"
+# The address: static when the boot carries one (a virtual-media ISO, from the host's record:
+# nk.ip=ADDR/PREFIX nk.gateway=GW nk.dns=A,B), else DHCP (ours, or the site's).
+arg() { sed -n "s/.*[[:space:]]$1=\([^[:space:]]*\).*/\1/p" /proc/cmdline; }
+static=$(arg nk.ip)
+if [ -n "$static" ]; then
+  ip addr add "$static" dev "$iface"
+  gw=$(arg nk.gateway)
+  [ -n "$gw" ] && ip route add default via "$gw" dev "$iface"
+  for d in $(arg nk.dns | tr ',' ' '); do echo "nameserver $d"; done > /etc/resolv.conf
+  echo "nodekeeper deploy ramdisk: address $static${gw:+, gateway $gw} (from the boot's parameters)"
+else
+  udhcpc -i "$iface" -n -q -t 10 -T 2 -s /bin/udhcpc-script || echo "nodekeeper deploy ramdisk: no DHCP lease"
+fi
 /bin/nodekeeper-deploy
 echo "nodekeeper deploy ramdisk: agent exited $?; powering off"
 sync

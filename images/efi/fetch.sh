@@ -7,6 +7,8 @@
 #   grubx64.efi      GRUB for disks (reads \EFI\debian\grub.cfg on the partition it came from)
 #   grubnetx64.efi   GRUB for the network (reads /grub/grub.cfg from the TFTP server it came
 #                    from): install it in the TFTP root as grubx64.efi, beside shimx64.efi
+#   grubcdx64.efi    GRUB for CDs (finds the disc by /.disk/info, reads /boot/grub/grub.cfg):
+#                    the deploy ISOs of virtual media boot shim → this one
 # Cached in NK_CACHE (default /var/cache/nodekeeper), keyed by nothing but presence: delete
 # $NK_CACHE/efi-boot to take newer packages.
 set -euo pipefail
@@ -17,7 +19,8 @@ efi=$cache/efi-boot
 mkdir -p "$out" "$cache"
 exec 8>"$cache/.efi-boot.lock"
 flock 8
-if [ ! -f "$efi/shimx64.efi" ] || [ ! -f "$efi/grubx64.efi" ] || [ ! -f "$efi/grubnetx64.efi" ]; then
+if [ ! -f "$efi/shimx64.efi" ] || [ ! -f "$efi/grubx64.efi" ] || [ ! -f "$efi/grubnetx64.efi" ] \
+  || [ ! -f "$efi/grubcdx64.efi" ]; then
   rm -rf "$efi.tmp" && mkdir -p "$efi.tmp/x"
   get() { (cd "$efi.tmp" && apt-get download -q shim-signed grub-efi-amd64-signed) >/dev/null 2>&1; }
   get || { apt-get update -q >/dev/null 2>&1; get; } \
@@ -26,9 +29,10 @@ if [ ! -f "$efi/shimx64.efi" ] || [ ! -f "$efi/grubx64.efi" ] || [ ! -f "$efi/gr
   cp "$efi.tmp/x/usr/lib/shim/shimx64.efi.signed" "$efi.tmp/shimx64.efi"
   cp "$efi.tmp/x/usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed" "$efi.tmp/grubx64.efi"
   cp "$efi.tmp/x/usr/lib/grub/x86_64-efi-signed/grubnetx64.efi.signed" "$efi.tmp/grubnetx64.efi"
+  cp "$efi.tmp/x/usr/lib/grub/x86_64-efi-signed/gcdx64.efi.signed" "$efi.tmp/grubcdx64.efi"
   (cd "$efi.tmp" && ls ./*.deb | xargs -n1 basename) > "$efi.tmp/packages"
   rm -rf "$efi.tmp/x" "$efi.tmp"/*.deb "$efi" && mv "$efi.tmp" "$efi"
 fi
-for f in shimx64.efi grubx64.efi grubnetx64.efi packages; do
+for f in shimx64.efi grubx64.efi grubnetx64.efi grubcdx64.efi packages; do
   cmp -s "$efi/$f" "$out/$f" 2>/dev/null || cp "$efi/$f" "$out/$f"
 done

@@ -26,6 +26,33 @@ pub struct ServeConfig {
     /// How power commands are confirmed (every BMC driver).
     #[serde(default)]
     pub bmc: BmcConfig,
+    /// The deploy ISOs of hosts that boot from virtual media.
+    #[serde(default)]
+    pub virtual_media: VirtualMediaConfig,
+}
+
+/// `[virtual_media]`: where the per-reimage deploy ISOs are written (and served from, at
+/// `/vmedia/`), and the addressing the ISO gives the deploy agent of a host with a fixed
+/// address (`host add --ip`) — where no DHCP of ours reaches it. A host without a fixed
+/// address takes DHCP from the site's server.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VirtualMediaConfig {
+    /// The ISOs' directory (default `/var/lib/nodekeeper/vmedia`); every replica of `serve`
+    /// that runs reimages must see the same one (the BMC fetches from `http.public_url`).
+    pub dir: PathBuf,
+    /// The prefix length of the hosts' network (default: `dhcp.subnet`'s, else 24).
+    pub prefix: Option<u8>,
+    /// Their default gateway (default `dhcp.router`).
+    pub gateway: Option<Ipv4Addr>,
+    /// Their DNS servers (default `dhcp.dns`).
+    pub dns: Option<Vec<Ipv4Addr>>,
+}
+
+impl Default for VirtualMediaConfig {
+    fn default() -> Self {
+        VirtualMediaConfig { dir: "/var/lib/nodekeeper/vmedia".into(), prefix: None, gateway: None, dns: None }
+    }
 }
 
 /// `[bmc]`: how long a power command may take to show in the BMC's power state, how often
@@ -245,8 +272,23 @@ impl ServeConfig {
         if c.tftp.listen.is_some() && c.tftp.root.is_none() {
             return Err("tftp.root is required when tftp.listen is set".into());
         }
+        if let Some(p) = c.virtual_media.prefix.filter(|p| !(8..=32).contains(p)) {
+            return Err(format!("virtual_media.prefix {p}: must be 8..32"));
+        }
         c.recovery.check()?;
         Ok(c)
+    }
+
+    /// The addressing a virtual-media ISO gives a host with a fixed address: the prefix,
+    /// gateway and DNS of `[virtual_media]`, each defaulting to `[dhcp]`'s.
+    pub fn media_addressing(&self) -> crate::reimage::vmedia::Addressing {
+        let v = &self.virtual_media;
+        let subnet_prefix = self.dhcp.subnet.as_deref().and_then(|s| parse_subnet(s).ok()).map(|(_, p)| p);
+        crate::reimage::vmedia::Addressing {
+            prefix: v.prefix.or(subnet_prefix).unwrap_or(24),
+            gateway: v.gateway.or(self.dhcp.router),
+            dns: v.dns.clone().unwrap_or_else(|| self.dhcp.dns.clone()),
+        }
     }
 }
 

@@ -66,6 +66,7 @@ async fn start() -> Server {
         streams: Default::default(),
         tls: None,
         loaders: Some(Arc::new(Images::new(&loaders_dir).expect("loaders"))),
+        media: None,
         images: Arc::new(Images::new(&images_dir).expect("images")),
     };
     let shutdown = CancellationToken::new();

@@ -13,6 +13,7 @@ use nodekeeper_provisioner::http::{self, images::Images, HttpState};
 use nodekeeper_provisioner::metrics::Metrics;
 use nodekeeper_provisioner::reimage::executor::{self, BmcFactory};
 use nodekeeper_provisioner::reimage::machine::{Deadlines, Limits};
+use nodekeeper_provisioner::reimage::vmedia::{Addressing, Media};
 use nodekeeper_provisioner::serve::config::HttpConfig;
 use nodekeeper_store::testing::TestDb;
 use nodekeeper_store::{BootMode, HostName, HostState, NewHost, Operation, OperationStatus, Store};
@@ -37,6 +38,7 @@ struct Rig {
     stop: CancellationToken,
     _db: TestDb,
     dir: tempfile::TempDir,
+    media: Arc<Media>,
 }
 
 const MAC: &str = "52:54:00:00:00:0a";
@@ -69,28 +71,48 @@ async fn rig() -> Rig {
         max_event_streams: 4,
         tls: None,
     };
+    // Virtual media: ISOs under vmedia/, built from loaders/ (stand-ins: xorriso does not look
+    // inside them) and the deploy ramdisk under deploy/ (stand-ins too).
+    let loaders = dir.path().join("loaders");
+    std::fs::create_dir_all(&loaders).expect("loaders");
+    for f in ["shimx64.efi", "grubcdx64.efi", "isolinux.bin", "ldlinux.c32"] {
+        std::fs::write(loaders.join(f), format!("stand-in {f}").repeat(100)).expect("loader");
+    }
+    std::fs::create_dir_all(dir.path().join("deploy")).expect("deploy");
+    std::fs::write(dir.path().join("deploy/vmlinuz"), vec![0x4b; 300_000]).expect("kernel");
+    std::fs::write(dir.path().join("deploy/initrd.img"), vec![0x49; 200_000]).expect("initrd");
+    let config = Arc::new(config);
+    let media = Arc::new(Media {
+        dir: dir.path().join("vmedia"),
+        loaders,
+        http: config.clone(),
+        tls: None,
+        addressing: Addressing { prefix: 24, gateway: Some("10.20.0.1".parse().expect("ip")), dns: Vec::new() },
+    });
     let state = HttpState {
         store: store.clone(),
-        config: Arc::new(config),
+        config,
         metrics: Arc::new(Metrics::default()),
         health: Default::default(),
         guard_store: store.clone(),
         streams: Default::default(),
         tls: None,
         loaders: None,
+        media: Some(media.clone()),
         images: Arc::new(Images::new(dir.path()).expect("images")),
     };
     let stop = CancellationToken::new();
     tokio::spawn(http::serve(listener, state, stop.clone()));
-    Rig { store, fake: Fake::default(), base, stop, _db: db, dir }
+    Rig { store, fake: Fake::default(), base, stop, _db: db, dir, media }
 }
 
 impl Rig {
     fn executor(&self) -> CancellationToken {
         let stop = self.stop.child_token();
-        tokio::spawn(executor::run(
+        tokio::spawn(executor::run_with_media(
             self.store.clone(),
             Arc::new(Factory(self.fake.clone())),
+            self.media.clone(),
             format!("test-executor-{}", uuid::Uuid::new_v4()),
             Duration::from_millis(20),
             stop.clone(),
@@ -132,6 +154,11 @@ impl Rig {
 
     /// A stub deploy agent's report; returns the HTTP status.
     fn report(&self, token: &str, body: &str) -> u16 {
+        self.report_as("node-a", token, body)
+    }
+
+    /// The same, for host `host`.
+    fn report_as(&self, host: &str, token: &str, body: &str) -> u16 {
         let body = body.replace("TOKEN", token);
         let out = Command::new("curl")
             .args([
@@ -147,7 +174,7 @@ impl Rig {
                 "-d",
                 &body,
             ])
-            .arg(format!("{}/api/v1/hosts/node-a/deploy", self.base))
+            .arg(format!("{}/api/v1/hosts/{host}/deploy", self.base))
             .output()
             .expect("curl");
         String::from_utf8_lossy(&out.stdout).parse().expect("status")
@@ -637,4 +664,138 @@ async fn the_boot_path_picks_the_override_and_a_bmc_without_it_fails_before_powe
     let data: nodekeeper_provisioner::reimage::machine::ReimageData =
         serde_json::from_str(&r.store.operation(op.id).await.expect("op").expect("op").data).expect("data");
     assert_eq!(data.boot_path, BootPath::Http, "the reimage records its path");
+}
+
+/// The HTTP status of a GET of `url` (curl), and the body saved to `to`.
+fn fetch(url: &str, to: &std::path::Path) -> u16 {
+    let out = Command::new("curl")
+        .args(["-s", "--max-time", "30", "-o"])
+        .arg(to)
+        .args(["-w", "%{http_code}", url])
+        .output()
+        .expect("curl");
+    String::from_utf8_lossy(&out.stdout).parse().expect("status")
+}
+
+/// `inside` of the ISO `iso`, read with xorriso.
+fn from_iso(iso: &std::path::Path, inside: &str) -> String {
+    let to = iso.with_extension("extracted");
+    let _ = std::fs::remove_file(&to);
+    let out = Command::new("xorriso")
+        .args(["-osirrox", "on", "-indev"])
+        .arg(iso)
+        .args(["-extract", inside])
+        .arg(&to)
+        .output()
+        .expect("xorriso");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::read_to_string(&to).expect("extracted")
+}
+
+/// Redfish virtual media against the fake BMC, with the real HTTP server and real ISOs: one
+/// ISO per boot carrying its token and the host's fixed address, served only while its
+/// reimage runs, ejected at local_boot and at the end whatever the outcome (the sweeper
+/// retries an eject the BMC refused); an ISO that cannot be built, or a BMC without virtual
+/// media, fails the reimage before the host is powered off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn virtual_media_one_iso_per_boot_served_while_it_runs_and_always_ejected() {
+    use nodekeeper_provisioner::bmc::BootTarget;
+    use nodekeeper_store::{BootChange, BootPath};
+    let r = rig().await;
+    let other = NewHost {
+        name: "node-b".parse().expect("name"),
+        mac: Some("52:54:00:00:00:0b".parse().expect("mac")),
+        ip: None,
+        bmc_url: Some("redfish://fake".into()),
+        bmc_credentials: None,
+    };
+    r.store.add_host(&other, "test").await.expect("node-b");
+    r.store.execute_raw("UPDATE hosts SET ip = '10.20.0.42' WHERE name = 'node-a'").await.expect("fixed address");
+    let vm = BootChange {
+        boot_mode: Some(Some(BootMode::Uefi)),
+        boot_path: Some(BootPath::VirtualMedia),
+        ..Default::default()
+    };
+    r.store.change_boot_settings(&name(), &vm, "test").await.expect("virtual media");
+    r.fake.set(|s| s.on = true);
+    let (op, _) =
+        executor::request(&r.store, &name(), None, quick(), Limits::default(), "test").await.expect("request");
+    let _exec = r.executor();
+    r.wait(op.id, "agent_booted", |o| o.step == "agent_booted").await;
+    let url = r.fake.get(|s| s.media.clone()).expect("an ISO inserted");
+    assert_eq!(r.fake.get(|s| (s.media_log.len(), s.boot_target)), (1, Some(BootTarget::Cd)), "inserted once, CD once");
+    assert!(url.starts_with(&format!("{}/vmedia/node-a-{}-1-", r.base, op.id)), "{url}");
+    let recorded = r.store.hosts_with_media().await.expect("media");
+    assert_eq!(recorded, [(name(), url.clone())], "recorded before the BMC had it");
+    // The BMC fetches it: the token and the fixed address are inside, nothing of it on disk
+    // but the one ISO.
+    let iso = r.dir.path().join("fetched.iso");
+    assert_eq!(fetch(&url, &iso), 200);
+    let grub = from_iso(&iso, "/boot/grub/grub.cfg");
+    assert!(
+        grub.contains("'nk.host=node-a'") && grub.contains("'nk.ip=10.20.0.42/24' 'nk.gateway=10.20.0.1'"),
+        "{grub}"
+    );
+    let token = grub.split("'nk.token=").nth(1).and_then(|t| t.split('\'').next()).expect("token").to_owned();
+    assert_eq!(std::fs::read_dir(r.dir.path().join("vmedia")).expect("dir").count(), 1);
+    // Its token is refused for another host, and the iPXE script hands out no second one.
+    assert_eq!(r.report_as("node-b", &token, r#"{"token":"TOKEN","stage":"booted"}"#), 403);
+    assert!(!r.script().contains("nk.token="), "no second token for this boot over the network");
+    assert_eq!(r.report(&token, r#"{"token":"TOKEN","stage":"booted"}"#), 200);
+    r.wait(op.id, "image_written", |o| o.step == "image_written").await;
+    assert_eq!(r.report(&token, r#"{"token":"TOKEN","stage":"written"}"#), 200);
+    r.wait(op.id, "verified", |o| o.step == "verified").await;
+    assert_eq!(r.report(&token, r#"{"token":"TOKEN","stage":"verified"}"#), 200);
+    r.wait(op.id, "heartbeat", |o| o.step == "heartbeat").await;
+    assert_eq!(r.fake.get(|s| (s.media.clone(), s.disk_boot)), (None, true), "ejected at local_boot, then the disk");
+    assert!(r.store.hosts_with_media().await.expect("media").is_empty());
+    r.store.record_heartbeat(&name()).await.expect("heartbeat");
+    r.wait(op.id, "done", |o| o.status == OperationStatus::Done).await;
+    // Ended: the ISO is gone and refused, and so is its token.
+    assert_eq!(fetch(&url, &iso), 404);
+    assert_eq!(std::fs::read_dir(r.dir.path().join("vmedia")).expect("dir").count(), 0);
+    assert_eq!(r.report(&token, r#"{"token":"TOKEN","stage":"up"}"#), 403);
+
+    // A failed reimage ejects too; a BMC that refuses the eject leaves it to the sweeper.
+    r.fake.set(|s| s.eject_fails = true);
+    let (op, _) = executor::request(&r.store, &name(), None, quick(), Limits::default(), "test").await.expect("again");
+    r.wait(op.id, "agent_booted", |o| o.step == "agent_booted").await;
+    let url = r.fake.get(|s| s.media.clone()).expect("inserted");
+    let token = {
+        assert_eq!(fetch(&url, &iso), 200);
+        let grub = from_iso(&iso, "/boot/grub/grub.cfg");
+        grub.split("'nk.token=").nth(1).and_then(|t| t.split('\'').next()).expect("token").to_owned()
+    };
+    assert_eq!(r.report(&token, r#"{"token":"TOKEN","stage":"booted","error":"no disk matches the hint"}"#), 200);
+    let failed = r.wait(op.id, "failed", |o| o.status == OperationStatus::Failed).await;
+    assert_eq!(failed.step, "agent_booted");
+    assert_eq!(fetch(&url, &iso), 404, "refused once the reimage ended");
+    assert_eq!(r.fake.get(|s| s.media.clone()), Some(url.clone()), "the BMC refused the eject");
+    assert_eq!(r.store.hosts_with_media().await.expect("media"), [(name(), url)]);
+    r.fake.set(|s| s.eject_fails = false);
+    let factory = Factory(r.fake.clone());
+    let swept = nodekeeper_provisioner::reimage::vmedia::sweep_once(&r.store, &factory, &r.media).await.expect("sweep");
+    assert_eq!(swept, [name()]);
+    assert!(r.fake.get(|s| s.media.is_none()) && r.store.hosts_with_media().await.expect("media").is_empty());
+
+    // An ISO that cannot be built (a loader missing): failed at power_off, the host untouched.
+    r.store.set_host_state(&name(), HostState::Active, "test", "back").await.expect("active");
+    r.fake.set(|s| s.on = true);
+    std::fs::remove_file(r.media.loaders.join("grubcdx64.efi")).expect("rm");
+    let ons = r.fake.get(|s| s.power_ons);
+    let (op, _) = executor::request(&r.store, &name(), None, quick(), Limits::default(), "test").await.expect("again");
+    let failed = r.wait(op.id, "failed", |o| o.status == OperationStatus::Failed).await;
+    let error = failed.last_error.clone().unwrap_or_default();
+    assert_eq!((failed.step.as_str(), failed.attempts), ("power_off", 0), "{failed:?}");
+    assert!(error.contains("cannot be built") && error.contains("grubcdx64.efi"), "{error}");
+    assert!(r.fake.get(|s| s.on && s.power_ons == ons), "never powered off");
+    // A BMC without virtual media: the same, in the BMC's words.
+    std::fs::write(r.media.loaders.join("grubcdx64.efi"), b"stand-in").expect("back");
+    r.store.set_host_state(&name(), HostState::Active, "test", "back").await.expect("active");
+    r.fake.set(|s| s.lacks = vec![BootTarget::Cd]);
+    let (op, _) = executor::request(&r.store, &name(), None, quick(), Limits::default(), "test").await.expect("again");
+    let failed = r.wait(op.id, "failed", |o| o.status == OperationStatus::Failed).await;
+    assert_eq!(failed.step, "power_off");
+    assert!(failed.last_error.unwrap_or_default().contains("boot target Cd is not supported"));
+    assert!(r.fake.get(|s| s.on), "never powered off");
 }

@@ -160,6 +160,15 @@ impl Lab {
             // Secure Boot hosts PXE-boot Debian's signed shim, which loads the network GRUB.
             ("images/node/out/efi/shimx64.efi", "tftp/shimx64.efi"),
             ("images/node/out/efi/grubnetx64.efi", "tftp/grubx64.efi"),
+            // Virtual media's ISOs: shim → the CD GRUB (UEFI), ISOLINUX (BIOS).
+            ("images/node/out/efi/grubcdx64.efi", "tftp/grubcdx64.efi"),
+            ("/usr/lib/ISOLINUX/isolinux.bin", "tftp/isolinux.bin"),
+            ("/usr/lib/syslinux/modules/bios/ldlinux.c32", "tftp/ldlinux.c32"),
+            // What a firmware's own PXE or HTTP boot loads (QEMU's NICs carry iPXE in their
+            // option ROM, which boots first where it is left in).
+            ("/usr/lib/ipxe/undionly.kpxe", "tftp/undionly.kpxe"),
+            ("/usr/lib/ipxe/ipxe.efi", "tftp/ipxe.efi"),
+            ("/usr/lib/ipxe/snponly.efi", "tftp/snponly.efi"),
         ] {
             let (from, to) = (paths.repo.join(from), dir.join(to));
             if std::fs::hard_link(&from, &to).is_err() {

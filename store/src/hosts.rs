@@ -425,6 +425,84 @@ impl Store {
         Ok(done.rows_affected() == 1)
     }
 
+    /// Sets `name`'s deploy token for the boot `boot` whatever was there: the token of a
+    /// boot medium the provisioner builds itself (a virtual-media ISO), replaced when the
+    /// medium is built again — the earlier one can no longer deploy. Under this store's lease,
+    /// if any (a stale executor changes nothing). `false` when the host is unknown.
+    pub async fn replace_deploy_token(
+        &self,
+        name: &HostName,
+        sha256_hex: &str,
+        expires: Timestamp,
+        boot: &str,
+    ) -> Result<bool> {
+        const WHAT: &str = "replacing a deploy token";
+        let mut tx = self.begin_write(WHAT).await?;
+        let done = sqlx::query(
+            "UPDATE hosts SET deploy_token_sha256 = $1, deploy_token_expires = $2, deploy_token_boot = $3 \
+             WHERE name = $4",
+        )
+        .bind(sha256_hex)
+        .bind(expires.0)
+        .bind(boot)
+        .bind(name.as_str())
+        .execute(&mut *tx)
+        .await
+        .map_err(query(WHAT))?;
+        tx.commit().await.map_err(query(WHAT))?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// `name`'s current deploy token, if one is set and unexpired (by the database's clock):
+    /// its SHA-256 (hex) and the boot it was issued for.
+    pub async fn current_deploy_token(&self, name: &HostName) -> Result<Option<(String, String)>> {
+        const WHAT: &str = "reading a deploy token";
+        let db_now = self.now().await?.0;
+        let row = sqlx::query(
+            "SELECT deploy_token_sha256, deploy_token_boot FROM hosts \
+             WHERE name = $1 AND deploy_token_sha256 IS NOT NULL AND deploy_token_expires > $2",
+        )
+        .bind(name.as_str())
+        .bind(db_now)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(query(WHAT))?;
+        let Some(row) = row else { return Ok(None) };
+        let hash: String = get(&row, "hosts", "deploy_token_sha256")?;
+        let boot: Option<String> = get(&row, "hosts", "deploy_token_boot")?;
+        Ok(Some((hash, boot.unwrap_or_default())))
+    }
+
+    /// Records the virtual-media image inserted into `name`'s BMC (`None`: ejected). Under
+    /// this store's lease, if any.
+    pub async fn set_media_inserted(&self, name: &HostName, url: Option<&str>) -> Result<()> {
+        const WHAT: &str = "recording a host's virtual media";
+        let mut tx = self.begin_write(WHAT).await?;
+        sqlx::query("UPDATE hosts SET media_inserted = $1 WHERE name = $2")
+            .bind(url.map(str::to_owned))
+            .bind(name.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(query(WHAT))?;
+        tx.commit().await.map_err(query(WHAT))
+    }
+
+    /// Hosts with a virtual-media image inserted by the provisioner and not seen ejected, with
+    /// its URL.
+    pub async fn hosts_with_media(&self) -> Result<Vec<(HostName, String)>> {
+        const WHAT: &str = "listing hosts with virtual media";
+        let rows = sqlx::query("SELECT name, media_inserted FROM hosts WHERE media_inserted IS NOT NULL ORDER BY name")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(query(WHAT))?;
+        rows.iter()
+            .map(|row| {
+                let name: String = get(row, "hosts", "name")?;
+                Ok((parse_column("hosts", "name", &name)?, get(row, "hosts", "media_inserted")?))
+            })
+            .collect()
+    }
+
     /// Whether `sha256_hex` is `name`'s current, unexpired deploy token. With `burn`, a
     /// match also clears it (single use), atomically: of two concurrent uses one succeeds.
     pub async fn check_deploy_token(&self, name: &HostName, sha256_hex: &str, burn: bool) -> Result<bool> {

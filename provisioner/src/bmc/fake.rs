@@ -15,8 +15,15 @@ pub struct FakeState {
     pub pxe_once: bool,
     /// The target of the last one-time boot override.
     pub boot_target: Option<super::BootTarget>,
-    /// Refuse boot checks and overrides for these targets (a BMC without them).
+    /// Refuse boot checks and overrides for these targets (a BMC without them; `Cd`: no
+    /// virtual media either).
     pub lacks: Vec<super::BootTarget>,
+    /// The image in its virtual CD.
+    pub media: Option<String>,
+    /// Every insert and eject, in order (`insert URL`, `eject`).
+    pub media_log: Vec<String>,
+    /// Fail every eject (a BMC that lost its virtual media service).
+    pub eject_fails: bool,
     /// Boot from disk is set.
     pub disk_boot: bool,
     /// The firmware mode the last boot override asked for.
@@ -75,6 +82,25 @@ impl Bmc for Fake {
     ) -> Result<(), BmcError> {
         self.check_boot(target).await?;
         self.set(|s| (s.pxe_once, s.boot_target, s.boot_mode) = (true, Some(target), mode));
+        Ok(())
+    }
+    async fn insert_media(&self, url: &str) -> Result<(), BmcError> {
+        self.check_boot(super::BootTarget::Cd).await?;
+        self.set(|s| {
+            s.media = Some(url.to_owned());
+            s.media_log.push(format!("insert {url}"));
+        });
+        Ok(())
+    }
+    async fn eject_media(&self) -> Result<(), BmcError> {
+        self.check_boot(super::BootTarget::Cd).await?;
+        if self.get(|s| s.eject_fails) {
+            return Err(BmcError::Refused { endpoint: "fake".into(), reason: "HTTP 503: virtual media busy".into() });
+        }
+        self.set(|s| {
+            s.media = None;
+            s.media_log.push("eject".into());
+        });
         Ok(())
     }
     async fn check_boot(&self, target: super::BootTarget) -> Result<(), BmcError> {

@@ -100,6 +100,14 @@ impl Bmc for Ipmi {
         }
     }
 
+    async fn insert_media(&self, _: &str) -> Result<(), BmcError> {
+        self.check_boot(BootTarget::Cd).await
+    }
+
+    async fn eject_media(&self) -> Result<(), BmcError> {
+        self.check_boot(BootTarget::Cd).await
+    }
+
     async fn set_disk_boot(&self, mode: Option<BootMode>) -> Result<(), BmcError> {
         let options =
             if mode.is_some_and(BootMode::is_uefi) { "options=persistent,efiboot" } else { "options=persistent" };

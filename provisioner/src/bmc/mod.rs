@@ -184,6 +184,11 @@ pub trait Bmc: Send + Sync {
     /// (a reimage checks it before it powers the host off): an error says why not, in the
     /// BMC's words where it has them.
     fn check_boot(&self, target: BootTarget) -> impl Future<Output = Result<(), BmcError>> + Send;
+    /// Inserts the image at `url` (fetched by the BMC) into its virtual CD, replacing what is
+    /// there; confirmed by reading the slot back.
+    fn insert_media(&self, url: &str) -> impl Future<Output = Result<(), BmcError>> + Send;
+    /// Ejects the virtual CD (nothing inserted: nothing to do).
+    fn eject_media(&self) -> impl Future<Output = Result<(), BmcError>> + Send;
     /// Boot from the local disk from now on (after a deploy: some BMCs ignore "once").
     fn set_disk_boot(&self, mode: Option<BootMode>) -> impl Future<Output = Result<(), BmcError>> + Send;
 }
@@ -339,6 +344,14 @@ impl<B: Bmc> Bmc for Leased<B> {
     }
     async fn check_boot(&self, target: BootTarget) -> Result<(), BmcError> {
         self.inner.check_boot(target).await
+    }
+    async fn insert_media(&self, url: &str) -> Result<(), BmcError> {
+        self.gate().await?;
+        self.inner.insert_media(url).await
+    }
+    async fn eject_media(&self) -> Result<(), BmcError> {
+        self.gate().await?;
+        self.inner.eject_media().await
     }
     async fn set_disk_boot(&self, mode: Option<BootMode>) -> Result<(), BmcError> {
         self.gate().await?;
@@ -542,6 +555,18 @@ impl Bmc for Driver {
             Driver::Ipmi(d) => d.check_boot(target).await,
         }
     }
+    async fn insert_media(&self, url: &str) -> Result<(), BmcError> {
+        match self {
+            Driver::Redfish(d) => d.insert_media(url).await,
+            Driver::Ipmi(d) => d.insert_media(url).await,
+        }
+    }
+    async fn eject_media(&self) -> Result<(), BmcError> {
+        match self {
+            Driver::Redfish(d) => d.eject_media().await,
+            Driver::Ipmi(d) => d.eject_media().await,
+        }
+    }
     async fn set_disk_boot(&self, mode: Option<BootMode>) -> Result<(), BmcError> {
         match self {
             Driver::Redfish(d) => d.set_disk_boot(mode).await,
@@ -582,6 +607,12 @@ mod tests {
             Ok(())
         }
         async fn check_boot(&self, _: BootTarget) -> Result<(), BmcError> {
+            Ok(())
+        }
+        async fn insert_media(&self, _: &str) -> Result<(), BmcError> {
+            Ok(())
+        }
+        async fn eject_media(&self) -> Result<(), BmcError> {
             Ok(())
         }
         async fn set_disk_boot(&self, _: Option<BootMode>) -> Result<(), BmcError> {

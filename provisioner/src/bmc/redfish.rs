@@ -138,6 +138,74 @@ impl Redfish {
             _ => Err(refused),
         }
     }
+    /// Whether the system lists `target` among its boot override targets (one that lists
+    /// none passes).
+    async fn check_target(&self, target: BootTarget) -> Result<(), BmcError> {
+        let system = self.system().await?;
+        let v = self.send(self.request(reqwest::Method::GET, &system)).await?;
+        let allowed = v.pointer("/Boot/BootSourceOverrideTarget@Redfish.AllowableValues").and_then(Value::as_array);
+        match allowed {
+            Some(allowed) if !allowed.iter().any(|t| t.as_str() == Some(target.redfish())) => {
+                let allowed: Vec<&str> = allowed.iter().filter_map(Value::as_str).collect();
+                let mode = v.pointer("/Boot/BootSourceOverrideMode").and_then(Value::as_str);
+                Err(BmcError::Unsupported {
+                    endpoint: self.endpoint(),
+                    reason: format!(
+                        "the system's boot override targets are [{}]{}: no {}",
+                        allowed.join(", "),
+                        mode.map(|m| format!(" (in {m} mode)")).unwrap_or_default(),
+                        target.redfish()
+                    ),
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The system's virtual CD slot and its state: the first `VirtualMedia` member whose
+    /// `MediaTypes` hold `CD` or `DVD`, under the system (Redfish 2021.1 on, sushy-tools) or
+    /// under a manager of it (iDRAC, iLO before that).
+    async fn virtual_cd(&self) -> Result<(String, Value), BmcError> {
+        let system = self.system().await?;
+        let v = self.send(self.request(reqwest::Method::GET, &system)).await?;
+        let mut collections: Vec<String> =
+            v.pointer("/VirtualMedia/@odata.id").and_then(Value::as_str).map(str::to_owned).into_iter().collect();
+        if collections.is_empty() {
+            let managers = v.pointer("/Links/ManagedBy").and_then(Value::as_array).cloned().unwrap_or_default();
+            for m in managers.iter().filter_map(|m| m.get("@odata.id").and_then(Value::as_str)) {
+                let manager = self.send(self.request(reqwest::Method::GET, m)).await?;
+                collections
+                    .extend(manager.pointer("/VirtualMedia/@odata.id").and_then(Value::as_str).map(str::to_owned));
+            }
+        }
+        for collection in &collections {
+            let c = self.send(self.request(reqwest::Method::GET, collection)).await?;
+            let members = c.get("Members").and_then(Value::as_array).cloned().unwrap_or_default();
+            for member in members.iter().filter_map(|m| m.get("@odata.id").and_then(Value::as_str)) {
+                let slot = self.send(self.request(reqwest::Method::GET, member)).await?;
+                let types = slot.get("MediaTypes").and_then(Value::as_array).cloned().unwrap_or_default();
+                if types.iter().any(|t| matches!(t.as_str(), Some("CD" | "DVD"))) {
+                    return Ok((member.to_owned(), slot));
+                }
+            }
+        }
+        Err(BmcError::Unsupported {
+            endpoint: self.endpoint(),
+            reason: if collections.is_empty() {
+                "no virtual media: neither the system nor its managers list a VirtualMedia collection".into()
+            } else {
+                format!("no virtual CD or DVD in {}", collections.join(", "))
+            },
+        })
+    }
+
+    /// POSTs the slot's `VirtualMedia.{action}` (at the target the slot names, else the
+    /// standard path).
+    async fn post_action(&self, slot: &str, v: &Value, action: &str, body: Value) -> Result<(), BmcError> {
+        let named = v.pointer(&format!("/Actions/#VirtualMedia.{action}/target")).and_then(Value::as_str);
+        let target = named.map_or_else(|| format!("{slot}/Actions/VirtualMedia.{action}"), str::to_owned);
+        self.send(self.request(reqwest::Method::POST, &target).json(&body)).await.map(drop)
+    }
 }
 
 /// reqwest's errors include the URL; ours already name the endpoint.
@@ -193,27 +261,58 @@ impl Bmc for Redfish {
 
     /// A target the system's `BootSourceOverrideTarget@Redfish.AllowableValues` leaves out is
     /// refused with that list (a system that lists none is taken at its word when the PATCH
-    /// comes: its refusal is the message then).
+    /// comes: its refusal is the message then). `Cd` also needs a virtual CD.
     async fn check_boot(&self, target: BootTarget) -> Result<(), BmcError> {
-        let system = self.system().await?;
-        let v = self.send(self.request(reqwest::Method::GET, &system)).await?;
-        let allowed = v.pointer("/Boot/BootSourceOverrideTarget@Redfish.AllowableValues").and_then(Value::as_array);
-        match allowed {
-            Some(allowed) if !allowed.iter().any(|t| t.as_str() == Some(target.redfish())) => {
-                let allowed: Vec<&str> = allowed.iter().filter_map(Value::as_str).collect();
-                let mode = v.pointer("/Boot/BootSourceOverrideMode").and_then(Value::as_str);
-                Err(BmcError::Unsupported {
-                    endpoint: self.endpoint(),
-                    reason: format!(
-                        "the system's boot override targets are [{}]{}: no {}",
-                        allowed.join(", "),
-                        mode.map(|m| format!(" (in {m} mode)")).unwrap_or_default(),
-                        target.redfish()
-                    ),
-                })
-            }
-            _ => Ok(()),
+        self.check_target(target).await?;
+        if target == BootTarget::Cd {
+            self.virtual_cd().await?;
         }
+        Ok(())
+    }
+
+    async fn insert_media(&self, url: &str) -> Result<(), BmcError> {
+        let (slot, v) = self.virtual_cd().await?;
+        let inserted = v.get("Inserted").and_then(Value::as_bool) == Some(true);
+        if inserted && v.get("Image").and_then(Value::as_str) == Some(url) {
+            return Ok(());
+        }
+        if inserted || v.get("Image").and_then(Value::as_str).is_some_and(|i| !i.is_empty()) {
+            self.post_action(&slot, &v, "EjectMedia", json!({})).await?;
+        }
+        let body = json!({ "Image": url, "Inserted": true, "WriteProtected": true });
+        self.post_action(&slot, &v, "InsertMedia", body).await?;
+        let after = self.send(self.request(reqwest::Method::GET, &slot)).await?;
+        let now = (after.get("Inserted").and_then(Value::as_bool), after.get("Image").and_then(Value::as_str));
+        match now {
+            (Some(true), Some(image)) if image == url => Ok(()),
+            // Some BMCs show only the image's file name.
+            (Some(true), Some(image)) if url.ends_with(image) && !image.is_empty() => Ok(()),
+            (inserted, image) => Err(BmcError::Refused {
+                endpoint: self.endpoint(),
+                reason: format!(
+                    "InsertMedia was accepted but {slot} says Inserted={} Image={}",
+                    inserted.map_or("(none)".into(), |b| b.to_string()),
+                    image.unwrap_or("(none)")
+                ),
+            }),
+        }
+    }
+
+    async fn eject_media(&self) -> Result<(), BmcError> {
+        let (slot, v) = self.virtual_cd().await?;
+        let inserted = v.get("Inserted").and_then(Value::as_bool) == Some(true);
+        if !inserted && v.get("Image").and_then(Value::as_str).is_none_or(str::is_empty) {
+            return Ok(());
+        }
+        self.post_action(&slot, &v, "EjectMedia", json!({})).await?;
+        let after = self.send(self.request(reqwest::Method::GET, &slot)).await?;
+        if after.get("Inserted").and_then(Value::as_bool) == Some(true) {
+            return Err(BmcError::Refused {
+                endpoint: self.endpoint(),
+                reason: format!("EjectMedia was accepted but {slot} still says Inserted=true"),
+            });
+        }
+        Ok(())
     }
 
     async fn set_disk_boot(&self, mode: Option<BootMode>) -> Result<(), BmcError> {

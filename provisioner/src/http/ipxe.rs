@@ -76,7 +76,7 @@ pub enum Flavor {
 }
 
 /// The kernel arguments of a deploy boot (after the kernel path).
-fn deploy_args(host: &Host, params: &DeployParams<'_>, token: &str) -> Vec<String> {
+pub(crate) fn deploy_args(host: &Host, params: &DeployParams<'_>, token: &str) -> Vec<String> {
     let base = params.public_url.trim_end_matches('/');
     let mut args = vec![
         format!("nk.server={}", params.tls.map_or(base, |(url, _)| url.trim_end_matches('/'))),

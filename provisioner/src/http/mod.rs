@@ -56,6 +56,8 @@ pub struct HttpState {
     /// The boot loaders (the TFTP root, `[tftp] root`), served at `/boot/loaders/` for UEFI
     /// HTTP boot.
     pub loaders: Option<Arc<Images>>,
+    /// The deploy ISOs of virtual media, served at `/vmedia/`.
+    pub media: Option<Arc<crate::reimage::vmedia::Media>>,
 }
 
 /// Which listener a request came in on.
@@ -96,6 +98,7 @@ pub fn router(state: HttpState) -> Router {
     Router::new()
         .route("/images/{*path}", get(image).head(image))
         .route("/boot/loaders/{*path}", get(loader).head(loader))
+        .route("/vmedia/{name}", get(vmedia).head(vmedia))
         .route("/api/v1/events/stream", get(api_events_stream))
         .route("/tls/ca.pem", get(ca_pem))
         .merge(api)
@@ -312,7 +315,7 @@ impl BootScripts {
     }
 }
 
-fn deploy_params<'a>(
+pub(crate) fn deploy_params<'a>(
     c: &'a HttpConfig,
     tls: Option<&'a tls::NodeTls>,
     image: &'a str,
@@ -395,6 +398,22 @@ async fn image(State(state): State<HttpState>, UrlPath(path): UrlPath<String>, r
 async fn loader(State(state): State<HttpState>, UrlPath(path): UrlPath<String>, req: Request) -> Response {
     let Some(file) = state.loaders.as_ref().and_then(|l| l.resolve(&path).ok()) else {
         return text(StatusCode::NOT_FOUND, format!("no boot loader {path}\n"));
+    };
+    match tower::ServiceExt::oneshot(ServeFile::new(&file).with_buf_chunk_size(IMAGE_CHUNK), req).await {
+        Ok(r) => r.map(Body::new),
+        Err(e) => internal(e),
+    }
+}
+
+/// `/vmedia/{name}` (GET and HEAD, with Range: BMCs read ISOs in pieces): a deploy ISO, only
+/// while the token inside it is its host's current one — not once its reimage ended, nor after
+/// a newer boot replaced it.
+async fn vmedia(State(state): State<HttpState>, UrlPath(name): UrlPath<String>, req: Request) -> Response {
+    let Some(media) = &state.media else { return text(StatusCode::NOT_FOUND, "no virtual media here\n".into()) };
+    let file = match media.resolve(&state.store, &name).await {
+        Ok(Some(file)) => file,
+        Ok(None) => return text(StatusCode::NOT_FOUND, format!("no deploy ISO {name} (or its reimage ended)\n")),
+        Err(e) => return internal(e),
     };
     match tower::ServiceExt::oneshot(ServeFile::new(&file).with_buf_chunk_size(IMAGE_CHUNK), req).await {
         Ok(r) => r.map(Body::new),

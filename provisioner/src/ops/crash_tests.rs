@@ -252,7 +252,7 @@ async fn a_reimage_crashed_at_every_point_resumes_to_the_same_end() {
             executor::request(&store, &n("node-r"), Some("node-v2.img"), deadlines, Limits::default(), "test")
                 .await
                 .expect("request");
-        (db, store, op.id, n("node-r"), fake, Reimage { factory: Arc::new(fakes) })
+        (db, store, op.id, n("node-r"), fake, Reimage { factory: Arc::new(fakes), media: None })
     };
     // The outside world: the agent reports the stage each waiting step waits for, and the
     // node heartbeats once it booted its disk.

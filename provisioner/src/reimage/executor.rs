@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::machine::{self, AgentReport, Deadlines, Decision, Limits, ReimageData, Step, Work};
 use crate::bmc::{self, Bmc, BmcError, BootTarget, PowerAction};
+use nodekeeper_store::BootPath;
 
 /// The operation kind.
 pub const KIND: &str = "reimage";
@@ -119,7 +120,23 @@ pub async fn run<F: BmcFactory>(
     tick: Duration,
     shutdown: CancellationToken,
 ) {
-    crate::ops::runner::run(store, Arc::new(Reimage { factory }), holder, tick, shutdown).await;
+    crate::ops::runner::run(store, Arc::new(Reimage { factory, media: None }), holder, tick, shutdown).await;
+}
+
+/// [`run`], with virtual media (`host add --boot virtual-media`): the executor builds each
+/// boot's ISO and drives the BMC's virtual CD, and a sweeper ejects what an ended reimage left.
+pub async fn run_with_media<F: BmcFactory>(
+    store: Store,
+    factory: Arc<F>,
+    media: Arc<super::vmedia::Media>,
+    holder: String,
+    tick: Duration,
+    shutdown: CancellationToken,
+) {
+    let sweeper = tokio::spawn(super::vmedia::sweep(store.clone(), factory.clone(), media.clone(), shutdown.clone()));
+    let machine = Arc::new(Reimage { factory, media: Some(media) });
+    crate::ops::runner::run(store, machine, holder, tick, shutdown).await;
+    let _ = sweeper.await;
 }
 
 impl<F: BmcFactory> crate::ops::runner::Claimed for Reimage<F> {
@@ -143,6 +160,58 @@ impl<F: BmcFactory> crate::ops::runner::Claimed for Reimage<F> {
 pub struct Reimage<F> {
     /// Where BMC drivers come from.
     pub factory: Arc<F>,
+    /// Virtual media's ISOs, when configured.
+    pub media: Option<Arc<super::vmedia::Media>>,
+}
+
+impl<F: BmcFactory> Reimage<F> {
+    /// This boot's ISO (built unless it is there), for a virtual-media reimage.
+    async fn iso(
+        &self,
+        store: &Store,
+        host: &Host,
+        op: &Operation,
+        data: &ReimageData,
+        boot_mode: Option<nodekeeper_store::BootMode>,
+    ) -> Result<String, String> {
+        let Some(media) = &self.media else {
+            return Err("virtual media is not set up in this provisioner (it needs [tftp] root for the ISO's \
+                        loaders)"
+                .into());
+        };
+        let root_device = store.boot_settings(&host.name).await.map_err(|e| e.to_string())?.root_device;
+        let iso = super::vmedia::IsoFor {
+            host,
+            op,
+            boot: data.pxe_boots + 1,
+            image: &data.image,
+            boot_mode,
+            root_device: root_device.as_deref(),
+        };
+        media.ensure(store, &iso).await.map_err(|e| e.to_string())
+    }
+
+    /// Ejects `host`'s virtual CD as its reimage ends (whatever the outcome) and deletes its
+    /// ISOs; an eject the BMC refuses stays recorded for the sweeper.
+    async fn end_media(&self, store: &Store, host: &Host) -> Result<(), nodekeeper_store::StoreError> {
+        if let Some(media) = &self.media {
+            media.remove(&host.name);
+        }
+        if !store.hosts_with_media().await?.iter().any(|(h, _)| *h == host.name) {
+            return Ok(());
+        }
+        let ejected = match self.factory.for_host(host) {
+            Ok(driver) => bmc::Leased::new(driver, store.clone()).eject_media().await,
+            Err(e) => Err(e),
+        };
+        match ejected {
+            Ok(()) => store.set_media_inserted(&host.name, None).await,
+            Err(e) => {
+                tracing::warn!(host = %host.name, "virtual media not ejected (the sweeper tries again): {e}");
+                Ok(())
+            }
+        }
+    }
 }
 
 impl<F: BmcFactory> crate::ops::Machine for Reimage<F> {
@@ -166,8 +235,27 @@ impl<F: BmcFactory> crate::ops::Machine for Reimage<F> {
         }
         let boot_mode = match work {
             Work::SetPxeOnce | Work::BootDisk => store.boot_settings(&op.target).await?.boot_mode,
+            Work::PowerOff if data.boot_path == BootPath::VirtualMedia => {
+                store.boot_settings(&op.target).await?.boot_mode
+            }
             _ => None,
         };
+        let virtual_media = data.boot_path == BootPath::VirtualMedia;
+        // This boot's ISO, before the BMC is asked anything: one that cannot be built (a full
+        // disk, a missing loader) fails the reimage at once, with the host still untouched.
+        let iso = match work {
+            Work::PowerOff | Work::SetPxeOnce if virtual_media => {
+                match self.iso(store, &host, op, data, boot_mode).await {
+                    Ok(url) => Some(url),
+                    Err(reason) => return Ok(Decision::Failed { at: step, reason }),
+                }
+            }
+            _ => None,
+        };
+        if let (Work::SetPxeOnce, Some(url)) = (work, &iso) {
+            // Recorded before the BMC has it: whatever happens next, it is ejected in the end.
+            store.set_media_inserted(&host.name, Some(url)).await?;
+        }
         let result = match self.factory.for_host(&host) {
             Err(e) => Err(e.to_string()),
             Ok(driver) => {
@@ -178,13 +266,22 @@ impl<F: BmcFactory> crate::ops::Machine for Reimage<F> {
                     match work {
                         Work::PowerOff => {
                             // A BMC that cannot take this reimage's boot path fails it here,
-                            // with the host still running what it ran.
+                            // with the host still running what it ran; so does an ISO that
+                            // cannot be built.
                             driver.check_boot(target).await?;
                             bmc::power(&driver, PowerAction::Off, &policy).await.map(drop)
                         }
                         Work::PowerOn => bmc::power(&driver, PowerAction::On, &policy).await.map(drop),
+                        Work::SetPxeOnce if iso.is_some() => {
+                            driver.insert_media(iso.as_deref().unwrap_or_default()).await?;
+                            driver.set_boot_once(target, boot_mode).await
+                        }
                         Work::SetPxeOnce => driver.set_boot_once(target, boot_mode).await,
                         Work::BootDisk => {
+                            if virtual_media {
+                                // The deploy ISO out first: the disk boots, never the CD again.
+                                driver.eject_media().await?;
+                            }
                             driver.set_disk_boot(boot_mode).await?;
                             bmc::power(&driver, PowerAction::Off, &policy).await?;
                             bmc::power(&driver, PowerAction::On, &policy).await.map(drop)
@@ -204,6 +301,9 @@ impl<F: BmcFactory> crate::ops::Machine for Reimage<F> {
                 }
             }
         };
+        if work == Work::BootDisk && virtual_media && result.is_ok() {
+            store.set_media_inserted(&host.name, None).await?;
+        }
         Ok(machine::after_work(step, op.attempts + 1, result, data))
     }
 
@@ -221,6 +321,9 @@ impl<F: BmcFactory> crate::ops::Machine for Reimage<F> {
             // The host first, the operation last: a crash in between leaves the operation
             // running, and the next step decides the same and repeats both (both idempotent).
             Decision::Done { .. } => {
+                if let Some(host) = store.host(&op.target).await? {
+                    self.end_media(store, &host).await?;
+                }
                 store.clear_deploy_token(&op.target).await?;
                 store.set_host_image(&op.target, &data.image).await?;
                 let why = format!("reimaged with {}", data.image);
@@ -228,6 +331,9 @@ impl<F: BmcFactory> crate::ops::Machine for Reimage<F> {
             }
             // Out of service until an operator looks: its script boots the disk, not the installer.
             Decision::Failed { at, reason } => {
+                if let Some(host) = store.host(&op.target).await? {
+                    self.end_media(store, &host).await?;
+                }
                 store.clear_deploy_token(&op.target).await?;
                 let why = format!("reimage failed at {at}: {reason}");
                 store.set_host_state(&op.target, HostState::Maintenance, ACTOR, &why).await?;

@@ -3,7 +3,9 @@
 //! `POST /api/v1/hosts/{name}/deploy`.
 
 pub mod executor;
+pub mod iso;
 pub mod machine;
+pub mod vmedia;
 
 /// The image written when a host has none set.
 pub const DEFAULT_IMAGE: &str = "node.img";

@@ -107,6 +107,7 @@ pub async fn run(config: ServeConfig, bound: Bound, store: Store, shutdown: Canc
             )),
             None => None,
         },
+        media: None,
     };
     let tls = match &config.http.tls {
         Some(tls) => {
@@ -117,7 +118,9 @@ pub async fn run(config: ServeConfig, bound: Bound, store: Store, shutdown: Canc
         }
         None => None,
     };
-    let state = HttpState { tls: tls.as_ref().map(|(_, nodes)| nodes.clone()), ..state };
+    let nodes_tls = tls.as_ref().map(|(_, nodes)| (nodes.public_url.clone(), nodes.ca_sha256.clone()));
+    let media = crate::reimage::vmedia::from_config(&config, nodes_tls).map(Arc::new);
+    let state = HttpState { tls: tls.as_ref().map(|(_, nodes)| nodes.clone()), media: media.clone(), ..state };
     let http_addr = bound.http.local_addr()?;
     tracing::info!(listen = %http_addr, "HTTP serving");
     let mut tasks = tokio::task::JoinSet::new();
@@ -210,13 +213,19 @@ pub async fn run(config: ServeConfig, bound: Bound, store: Store, shutdown: Canc
         std::process::id()
     );
     {
-        let (store, stop, holder) = (store.clone(), shutdown.clone(), holder.clone());
+        let (store, stop, holder, media) = (store.clone(), shutdown.clone(), holder.clone(), media.clone());
         let (policy, scope) = (crate::bmc::Policy::from(&config.bmc), crate::bmc::CredentialScope::from(&config.bmc));
         tasks.spawn(supervise("reimage", health.clone(), shutdown.clone(), move || {
             let factory = Arc::new(crate::reimage::executor::Drivers { policy: policy.clone(), scope: scope.clone() });
-            let run = crate::reimage::executor::run(store.clone(), factory, holder.clone(), REIMAGE_TICK, stop.clone());
+            let (store, holder, stop, media) = (store.clone(), holder.clone(), stop.clone(), media.clone());
             async move {
-                run.await;
+                match media {
+                    Some(media) => {
+                        crate::reimage::executor::run_with_media(store, factory, media, holder, REIMAGE_TICK, stop)
+                            .await
+                    }
+                    None => crate::reimage::executor::run(store, factory, holder, REIMAGE_TICK, stop).await,
+                }
                 Ok(())
             }
         }));
