@@ -37,6 +37,8 @@ struct Rig {
     uuid: String,
     children: Vec<Child>,
     dir: tempfile::TempDir,
+    /// Where sushy-tools puts inserted media (dropped after the emulators are gone).
+    pool: Option<nodekeeper_lab::hw::MediaPool>,
 }
 
 impl Drop for Rig {
@@ -73,14 +75,17 @@ fn rig() -> Rig {
     .expect("xml");
     let out = Command::new("virsh").args(["-q", "define"]).arg(&xml).output().expect("virsh");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    Rig { domain, uuid, children: Vec::new(), dir }
+    Rig { domain, uuid, children: Vec::new(), dir, pool: None }
 }
 
 /// sushy-tools for the rig's domain on `port`, answering; returns the system's URL.
 fn sushy(rig: &mut Rig, venv: &Path, port: u16) -> String {
+    let pool = nodekeeper_lab::hw::MediaPool::new(rig.dir.path(), &rig.uuid[..8]).expect("storage pool");
+    let config = pool.config.display().to_string();
+    rig.pool = Some(pool);
     rig.children.push(
         Command::new(venv.join("bin/sushy-emulator"))
-            .args(["--libvirt-uri", "qemu:///system", "-i", "127.0.0.1", "-p", &port.to_string()])
+            .args(["--libvirt-uri", "qemu:///system", "-i", "127.0.0.1", "-p", &port.to_string(), "--config", &config])
             .process_group(0)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -247,6 +252,47 @@ async fn redfish_through_sushy_tools() {
         nk(&url, &[], &["host", "add", "node-x", "--bmc", "redfish+http://127.0.0.1:1/redfish/v1/Systems/x"]);
     let (ok, _, err) = nk(&url, &[], &["power", "node-x", "status"]);
     assert!(!ok && err.contains("unreachable"), "{err}");
+}
+
+/// Redfish virtual media through sushy-tools: the BMC fetches the ISO from our URL and
+/// attaches it to the domain as a CD; inserting again is a no-op, ejecting detaches it, and
+/// ejecting an empty slot is one too.
+#[tokio::test]
+async fn virtual_media_through_sushy_tools() {
+    let Some(venv) = venv() else { return };
+    let mut rig = rig();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
+    let system = sushy(&mut rig, &venv, port);
+    // The ISO, served over HTTP as `serve` serves /vmedia/.
+    let iso = rig.dir.path().join("media/node.iso");
+    std::fs::create_dir_all(iso.parent().expect("dir")).expect("mkdir");
+    std::fs::write(&iso, vec![0x5a; 512 * 1024]).expect("iso");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}/node.iso", listener.local_addr().expect("addr"));
+    let files = axum::Router::new().fallback_service(tower_http::services::ServeDir::new(rig.dir.path().join("media")));
+    tokio::spawn(async move { axum::serve(listener, files).await });
+    let driver = Driver::from_url(&format!("redfish+http{}", system.trim_start_matches("http")), None).expect("driver");
+    let cdrom = || {
+        let out = Command::new("virsh").args(["dumpxml", "--inactive", &rig.domain]).output().expect("virsh");
+        let xml = String::from_utf8_lossy(&out.stdout).into_owned();
+        xml.split("<disk ").filter(|d| d.contains("device='cdrom'") && d.contains("<source file=")).count()
+    };
+    driver.check_boot(BootTarget::Cd).await.expect("sushy-tools has a virtual CD");
+    assert_eq!(cdrom(), 0);
+    driver.insert_media(&url).await.expect("insert");
+    assert_eq!(cdrom(), 1, "the ISO is the domain's CD");
+    let slot = || -> serde_json::Value {
+        let out = Command::new("curl").args(["-sf", &format!("{system}/VirtualMedia/Cd")]).output().expect("curl");
+        serde_json::from_slice(&out.stdout).expect("JSON")
+    };
+    assert_eq!((slot()["Inserted"].as_bool(), slot()["Image"].as_str()), (Some(true), Some(url.as_str())));
+    driver.insert_media(&url).await.expect("insert again");
+    assert_eq!(cdrom(), 1, "still one CD");
+    driver.set_boot_once(BootTarget::Cd, None).await.expect("boot the CD once");
+    driver.eject_media().await.expect("eject");
+    assert_eq!(cdrom(), 0, "ejected");
+    assert_ne!(slot()["Inserted"].as_bool(), Some(true));
+    driver.eject_media().await.expect("eject an empty slot");
 }
 
 #[tokio::test]

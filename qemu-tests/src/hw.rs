@@ -351,6 +351,45 @@ impl Hardware {
     }
 }
 
+/// A libvirt `dir` storage pool for sushy-tools' virtual media (its libvirt driver uploads
+/// each inserted image into a volume of a pool, `default` unless its config names another),
+/// and the sushy-tools config file that names it. Destroyed and undefined on drop.
+#[derive(Debug)]
+pub struct MediaPool {
+    /// The pool's name.
+    pub name: String,
+    /// `sushy-emulator --config` this.
+    pub config: PathBuf,
+}
+
+impl MediaPool {
+    /// A pool `nk-media-TAG` over `dir` (made here), started.
+    pub fn new(dir: &Path, tag: &str) -> anyhow::Result<MediaPool> {
+        let name = format!("nk-media-{tag}");
+        let target = dir.join("pool");
+        std::fs::create_dir_all(&target).with_context(|| format!("creating {}", target.display()))?;
+        let virsh = |args: &[&str]| -> anyhow::Result<()> {
+            let out = std::process::Command::new("virsh").args(args).output().context("virsh")?;
+            anyhow::ensure!(out.status.success(), "virsh {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+            Ok(())
+        };
+        let _ = std::process::Command::new("virsh").args(["pool-destroy", &name]).output();
+        let _ = std::process::Command::new("virsh").args(["pool-undefine", &name]).output();
+        virsh(&["pool-define-as", &name, "dir", "--target", &target.display().to_string()])?;
+        let pool = MediaPool { name: name.clone(), config: dir.join("sushy.conf") };
+        virsh(&["pool-start", &name])?;
+        std::fs::write(&pool.config, format!("SUSHY_EMULATOR_STORAGE_POOL = '{name}'\n"))?;
+        Ok(pool)
+    }
+}
+
+impl Drop for MediaPool {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("virsh").args(["pool-destroy", &self.name]).output();
+        let _ = std::process::Command::new("virsh").args(["pool-undefine", &self.name]).output();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
