@@ -78,6 +78,9 @@ impl Drop for Domain {
 }
 
 /// The last `n` lines of `text`.
+/// The fixed address of a host that boots from virtual media (no DHCP of ours).
+const FIXED_IP: &str = "10.20.0.42";
+
 fn tail(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
@@ -123,6 +126,8 @@ struct Rig {
     disks: Vec<PathBuf>,
     node_len: u64,
     _serve: common::KillOnDrop,
+    /// sushy-tools' storage pool for virtual media (dropped after the lab and its processes).
+    _pool: nodekeeper_lab::hw::MediaPool,
 }
 
 impl Rig {
@@ -157,13 +162,17 @@ async fn start(mac: &str, hw: &Hardware) -> Option<Rig> {
     place(&repo.join("images/deploy/out/initrd.img"), &d.join("images/deploy/initrd.img"));
     place(&repo.join("images/node/out/node.img"), &d.join("images/node.img"));
     let node_len = std::fs::metadata(d.join("images/node.img")).expect("image").len();
-    if hw.firmware == Firmware::UefiSecureBoot {
-        // Debian's signed shim, and its network GRUB as grubx64.efi (what shim loads).
-        place(&repo.join("images/node/out/efi/shimx64.efi"), &d.join("tftp/shimx64.efi"));
-        place(&repo.join("images/node/out/efi/grubnetx64.efi"), &d.join("tftp/grubx64.efi"));
-    }
-    for f in ["undionly.kpxe", "ipxe.efi"] {
-        let _ = std::fs::copy(Path::new("/usr/lib/ipxe").join(f), d.join("tftp").join(f));
+    // Debian's signed shim, its network GRUB as grubx64.efi (what shim loads over the
+    // network) and its CD GRUB (what shim loads from a deploy ISO).
+    place(&repo.join("images/node/out/efi/shimx64.efi"), &d.join("tftp/shimx64.efi"));
+    place(&repo.join("images/node/out/efi/grubnetx64.efi"), &d.join("tftp/grubx64.efi"));
+    place(&repo.join("images/node/out/efi/grubcdx64.efi"), &d.join("tftp/grubcdx64.efi"));
+    for f in ["/usr/lib/ipxe/undionly.kpxe", "/usr/lib/ipxe/ipxe.efi", "/usr/lib/ISOLINUX/isolinux.bin"]
+        .into_iter()
+        .chain(["/usr/lib/syslinux/modules/bios/ldlinux.c32"])
+    {
+        let to = d.join("tftp").join(Path::new(f).file_name().expect("name"));
+        std::fs::copy(f, to).unwrap_or_else(|e| panic!("{f}: {e}"));
     }
 
     // The domain: 1 GiB, one vCPU, empty disks, a NIC on the lab's bridge.
@@ -188,12 +197,23 @@ async fn start(mac: &str, hw: &Hardware) -> Option<Rig> {
     let out = Command::new("virsh").args(["-q", "define"]).arg(d.join("domain.xml")).output().expect("virsh");
     assert!(out.status.success(), "virsh define: {}", String::from_utf8_lossy(&out.stderr));
 
-    // Its BMC: sushy-tools, inside the lab (libvirt is reached through its socket).
+    // Its BMC: sushy-tools, inside the lab (libvirt is reached through its socket), with a
+    // storage pool for the media it is asked to insert.
+    let pool = nodekeeper_lab::hw::MediaPool::new(d, &uuid[..8]).expect("storage pool");
     let port = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
     lab.spawn(
         &server,
         &venv.join("bin/sushy-emulator").display().to_string(),
-        &["--libvirt-uri", "qemu:///system", "-i", "127.0.0.1", "-p", &port.to_string()],
+        &[
+            "--libvirt-uri",
+            "qemu:///system",
+            "-i",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "--config",
+            &pool.config.display().to_string(),
+        ],
     );
     let system = format!("http://127.0.0.1:{port}/redfish/v1/Systems/{uuid}");
     let mut ready = false;
@@ -212,16 +232,49 @@ async fn start(mac: &str, hw: &Hardware) -> Option<Rig> {
     let mut add = vec!["host", "add", "node-e2e", "--mac", mac, "--bmc", &bmc];
     let hw_args = hw.host_args();
     add.extend(hw_args.iter().map(String::as_str));
+    let virtual_media = hw.boot == BootPath::VirtualMedia;
+    if virtual_media {
+        // No DHCP of ours: the agent takes the host's fixed address from its ISO, and the
+        // installed node gets the same one from the site's DHCP server (dnsmasq on another
+        // machine of the network).
+        add.extend(["--ip", FIXED_IP]);
+        let site = lab.peer("52:54:00:e2:e0:fe");
+        let out = Lab::run(&site, 5, "ip", &["addr", "add", "10.20.0.2/24", "dev", "eth0"]);
+        assert!(out.status.success(), "{out:?}");
+        let leases = d.join("site-dhcp.leases").display().to_string();
+        lab.spawn(
+            &site,
+            "dnsmasq",
+            &[
+                "--no-daemon",
+                "--port=0",
+                "--conf-file=/dev/null",
+                "--no-resolv",
+                "--no-hosts",
+                "--interface=eth0",
+                "--bind-interfaces",
+                "--dhcp-range=10.20.0.150,10.20.0.199,1h",
+                &format!("--dhcp-host={mac},{FIXED_IP}"),
+                &format!("--dhcp-leasefile={leases}"),
+                "--dhcp-authoritative",
+            ],
+        );
+    }
     nk(&db, &add);
     let config = d.join("provisioner.toml");
     std::fs::write(
         &config,
         format!(
-            "database_url = \"{db}\"\n[dhcp]\nmode = \"full\"\ninterface = \"br0\"\nserver_ip = \"10.20.0.1\"\nsubnet = \"10.20.0.0/24\"\nrange = [\"10.20.0.100\", \"10.20.0.199\"]\n[tftp]\n{tftp_listen}root = \"{d}/tftp\"\n[http]\nlisten = \"10.20.0.1:8080\"\npublic_url = \"http://10.20.0.1:8080\"\nimages_dir = \"{d}/images\"\ndeploy_kernel_args = \"console=ttyS0 quiet panic=-1\"\n\
+            "database_url = \"{db}\"\n{dhcp}[virtual_media]\ndir = \"{d}/vmedia\"\n[tftp]\n{tftp_listen}root = \"{d}/tftp\"\n[http]\nlisten = \"10.20.0.1:8080\"\npublic_url = \"http://10.20.0.1:8080\"\nimages_dir = \"{d}/images\"\ndeploy_kernel_args = \"console=ttyS0 quiet panic=-1\"\n\
              [http.tls]\nlisten = \"10.20.0.1:8443\"\npublic_url = \"https://10.20.0.1:8443\"\ncert = \"{d}/tls/server.pem\"\nkey = \"{d}/tls/server.key\"\nca = \"{d}/tls/ca.pem\"\nrequire = true\n",
             d = d.display(),
             // UEFI HTTP boot: no TFTP server at all (the loaders come from /boot/loaders/).
-            tftp_listen = if hw.boot == BootPath::Http { "" } else { "listen = \"10.20.0.1:69\"\n" },
+            tftp_listen = if hw.boot == BootPath::Pxe { "listen = \"10.20.0.1:69\"\n" } else { "" },
+            dhcp = if virtual_media {
+                "[dhcp]\nmode = \"off\"\n"
+            } else {
+                "[dhcp]\nmode = \"full\"\ninterface = \"br0\"\nserver_ip = \"10.20.0.1\"\nsubnet = \"10.20.0.0/24\"\nrange = [\"10.20.0.100\", \"10.20.0.199\"]\n"
+            },
         ),
     )
     .expect("config");
@@ -250,7 +303,7 @@ async fn start(mac: &str, hw: &Hardware) -> Option<Rig> {
     }
     assert!(warm, "serve answers for the node image");
     let store = Store::connect(&db).await.expect("store");
-    Some(Rig { dir, _lab: lab, server, domain, db, store, serial, disks, node_len, _serve: serve })
+    Some(Rig { dir, _lab: lab, server, domain, db, store, serial, disks, node_len, _serve: serve, _pool: pool })
 }
 
 /// Reimages node-e2e with the node image until the first boot reported in and the guard
@@ -385,6 +438,75 @@ async fn a_uefi_server_is_reimaged_over_uefi_http_boot_with_no_tftp_server() {
         op.id,
         phases.join("\n  ")
     );
+}
+
+/// Redfish virtual media (Ironic's `redfish-virtual-media`) through sushy-tools, with no
+/// DHCP of ours on the node's network: the BMC inserts this boot's ISO and boots its CD once;
+/// shim → GRUB from the ISO → the deploy ramdisk with the host's fixed address from the ISO;
+/// the node's own first boot takes that address from the site's DHCP server (dnsmasq). The
+/// ISO is ejected at the end — and after a failed reimage too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_uefi_server_is_reimaged_over_virtual_media_with_no_dhcp_of_ours() {
+    let hw = Hardware {
+        boot: BootPath::VirtualMedia,
+        disks: nodekeeper_lab::hw::parse_disks("sata:3G").expect("disks"),
+        ..Hardware::server(Firmware::Uefi)
+    };
+    let Some(rig) = start("52:54:00:e2:e0:04", &hw).await else { return };
+    let udp = Lab::run(&rig.server, 5, "ss", &["-Hulnp"]);
+    let udp = String::from_utf8_lossy(&udp.stdout).into_owned();
+    assert!(!udp.contains(":67 ") && !udp.contains(":69 "), "no DHCP and no TFTP of ours: {udp}");
+    let cdrom = || {
+        let out = Command::new("virsh").args(["dumpxml", "--inactive", &rig.domain.0]).output().expect("virsh");
+        let xml = String::from_utf8_lossy(&out.stdout).into_owned();
+        xml.split("<disk ").filter(|d| d.contains("device='cdrom'") && d.contains("<source file=")).count()
+    };
+    let (op, phases, took) = reimage_to_guard(&rig).await;
+    let console = rig.console();
+    assert!(
+        console.contains(&format!("nodekeeper deploy ramdisk: address {FIXED_IP}/24 (from the boot's parameters)")),
+        "the agent took its address from the ISO:\n{}",
+        tail(&console, 80)
+    );
+    let data: nodekeeper_provisioner::reimage::machine::ReimageData =
+        serde_json::from_str(&op.data).expect("reimage data");
+    assert_eq!(data.boot_path, BootPath::VirtualMedia);
+    assert_eq!(cdrom(), 0, "the ISO is ejected");
+    assert!(rig.store.hosts_with_media().await.expect("media").is_empty());
+    assert_eq!(std::fs::read_dir(rig.d().join("vmedia")).map(|d| d.count()).unwrap_or(0), 0, "and deleted");
+    let h = rig.store.require_host(&"node-e2e".parse().expect("name")).await.expect("host");
+    assert_eq!(h.ip.map(|i| i.to_string()).as_deref(), Some(FIXED_IP));
+    eprintln!(
+        "reimage e2e over virtual media (UEFI, e1000e, SATA, no DHCP or TFTP of ours): {} MiB image, empty disk to \
+         done in {:.0} s under TCG (operation {}):\n  {}",
+        rig.node_len >> 20,
+        took.as_secs_f64(),
+        op.id,
+        phases.join("\n  ")
+    );
+
+    // A reimage that fails (a hint no disk matches): the ISO is ejected all the same.
+    nk(&rig.db, &["host", "set", "node-e2e", "--root-device", "serial=NO-SUCH-DISK"]);
+    nk(&rig.db, &["reimage", "node-e2e"]);
+    let host: HostName = "node-e2e".parse().expect("name");
+    let op = rig.store.latest_operation(&host).await.expect("op").expect("op");
+    let mut inserted = false;
+    let (op, _) = {
+        let started = Instant::now();
+        loop {
+            inserted |= cdrom() == 1;
+            let o = rig.store.operation(op.id).await.expect("op").expect("op");
+            if o.status != OperationStatus::Running || started.elapsed() > Duration::from_secs(600) {
+                break (o, ());
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    };
+    assert!(inserted, "the second reimage inserted its ISO");
+    assert_eq!(op.status, OperationStatus::Failed, "{op:?}\n{}", tail(&rig.console(), 40));
+    assert!(op.last_error.as_deref().unwrap_or_default().contains("NO-SUCH-DISK"), "{op:?}");
+    assert_eq!(cdrom(), 0, "ejected after the failed reimage too");
+    assert!(rig.store.hosts_with_media().await.expect("media").is_empty());
 }
 
 /// The figures of docs/performance.md: three reimages each on BIOS, UEFI and UEFI with Secure

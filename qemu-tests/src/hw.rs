@@ -209,10 +209,6 @@ impl Hardware {
              QEMU's iPXE option ROM, which would boot instead of the firmware)",
             self.nic
         );
-        anyhow::ensure!(
-            self.boot != BootPath::VirtualMedia,
-            "--boot virtual-media: not in the lab yet (UEFI HTTP boot and PXE are)"
-        );
         if self.nic != "virtio" {
             let help = std::process::Command::new("qemu-system-x86_64").args(["-device", "help"]).output();
             let listed =
