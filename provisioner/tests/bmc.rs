@@ -208,6 +208,7 @@ async fn redfish_through_sushy_tools() {
     let bios = os_section();
     assert!(system_json()["Boot"]["BootSourceOverrideMode"].is_null(), "{}", system_json());
     // UEFI HTTP boot on a BIOS machine: refused before anything changes, in the BMC's terms.
+    assert!(!driver.takes_http_boot_uri().await.expect("read"), "no HttpBootUri on BIOS");
     let err = driver.check_boot(BootTarget::UefiHttp).await.expect_err("no UefiHttp on BIOS");
     assert!(matches!(err, nodekeeper_provisioner::bmc::BmcError::Unsupported { .. }), "{err}");
     assert!(err.to_string().contains("[Pxe, Cd, Hdd]: no UefiHttp"), "{err}");
@@ -225,6 +226,7 @@ async fn redfish_through_sushy_tools() {
     // UEFI: UefiHttp is a target now (sushy-tools boots the network for it, as firmware
     // whose PXE is off and HTTP boot on would).
     driver.check_boot(BootTarget::UefiHttp).await.expect("UefiHttp on UEFI");
+    assert!(driver.takes_http_boot_uri().await.expect("read"), "sushy-tools lists HttpBootUri in UEFI mode");
     driver.set_boot_once(BootTarget::UefiHttp, Some(BootMode::Uefi)).await.expect("UefiHttp once");
     assert_eq!(system_json()["Boot"]["BootSourceOverrideTarget"], "Pxe", "{}", system_json());
     assert_eq!(os_section(), uefi, "the firmware section is untouched");

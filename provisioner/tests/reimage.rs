@@ -48,6 +48,11 @@ fn name() -> HostName {
 }
 
 async fn rig() -> Rig {
+    rig_with(false).await
+}
+
+/// A rig whose provisioner has no DHCP (`dhcp_off`: UEFI HTTP boot goes by HttpBootUri).
+async fn rig_with(dhcp_off: bool) -> Rig {
     let db = TestDb::sqlite();
     let store = db.store().await;
     let h = NewHost {
@@ -88,6 +93,7 @@ async fn rig() -> Rig {
         http: config.clone(),
         tls: None,
         addressing: Addressing { prefix: 24, gateway: Some("10.20.0.1".parse().expect("ip")), dns: Vec::new() },
+        dhcp_off,
     });
     let state = HttpState {
         store: store.clone(),
@@ -798,4 +804,43 @@ async fn virtual_media_one_iso_per_boot_served_while_it_runs_and_always_ejected(
     assert_eq!(failed.step, "power_off");
     assert!(failed.last_error.unwrap_or_default().contains("boot target Cd is not supported"));
     assert!(r.fake.get(|s| s.on), "never powered off");
+}
+
+/// UEFI HTTP boot where no DHCP of ours answers the firmware: the BMC gets this boot's ISO as
+/// HttpBootUri (a BMC that takes none fails the reimage before power-off), and the ISO and
+/// its token work as for virtual media, nothing inserted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn uefi_http_boot_without_our_dhcp_goes_by_http_boot_uri() {
+    use nodekeeper_provisioner::bmc::BootTarget;
+    use nodekeeper_store::{BootChange, BootPath};
+    let r = rig_with(true).await;
+    let http =
+        BootChange { boot_mode: Some(Some(BootMode::Uefi)), boot_path: Some(BootPath::Http), ..Default::default() };
+    r.store.change_boot_settings(&name(), &http, "test").await.expect("http");
+    r.fake.set(|s| s.on = true);
+    let (op, _) =
+        executor::request(&r.store, &name(), None, quick(), Limits::default(), "test").await.expect("request");
+    let _exec = r.executor();
+    let failed = r.wait(op.id, "failed", |o| o.status == OperationStatus::Failed).await;
+    let error = failed.last_error.clone().unwrap_or_default();
+    assert_eq!((failed.step.as_str(), failed.attempts), ("power_off", 0), "{failed:?}");
+    assert!(error.contains("takes no HttpBootUri"), "{error}");
+    assert!(r.fake.get(|s| s.on && s.power_ons == 0), "never powered off");
+
+    r.store.set_host_state(&name(), HostState::Active, "test", "back").await.expect("active");
+    r.fake.set(|s| s.http_boot_uri = true);
+    let (op, _) = executor::request(&r.store, &name(), None, quick(), Limits::default(), "test").await.expect("again");
+    r.wait(op.id, "agent_booted", |o| o.step == "agent_booted").await;
+    let (target, uri, media) = r.fake.get(|s| (s.boot_target, s.boot_uri.clone(), s.media_log.len()));
+    assert_eq!((target, media), (Some(BootTarget::UefiHttp), 0), "HTTP boot once, nothing inserted");
+    let uri = uri.expect("an HttpBootUri");
+    assert!(uri.starts_with(&format!("{}/vmedia/node-a-{}-1-", r.base, op.id)), "{uri}");
+    let iso = r.dir.path().join("fetched.iso");
+    assert_eq!(fetch(&uri, &iso), 200);
+    let grub = from_iso(&iso, "/boot/grub/grub.cfg");
+    let token = grub.split("'nk.token=").nth(1).and_then(|t| t.split('\'').next()).expect("token").to_owned();
+    assert_eq!(r.report(&token, r#"{"token":"TOKEN","stage":"booted"}"#), 200);
+    assert_eq!(r.report(&token, r#"{"token":"TOKEN","stage":"booted","error":"no disk"}"#), 200);
+    r.wait(op.id, "failed", |o| o.status == OperationStatus::Failed).await;
+    assert_eq!(fetch(&uri, &iso), 404, "refused once the reimage ended");
 }

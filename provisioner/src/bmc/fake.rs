@@ -24,6 +24,10 @@ pub struct FakeState {
     pub media_log: Vec<String>,
     /// Fail every eject (a BMC that lost its virtual media service).
     pub eject_fails: bool,
+    /// It takes `HttpBootUri`.
+    pub http_boot_uri: bool,
+    /// The `HttpBootUri` of the last one-time UEFI HTTP boot.
+    pub boot_uri: Option<String>,
     /// Boot from disk is set.
     pub disk_boot: bool,
     /// The firmware mode the last boot override asked for.
@@ -81,7 +85,10 @@ impl Bmc for Fake {
         mode: Option<nodekeeper_store::BootMode>,
     ) -> Result<(), BmcError> {
         self.check_boot(target).await?;
-        self.set(|s| (s.pxe_once, s.boot_target, s.boot_mode) = (true, Some(target), mode));
+        self.set(|s| {
+            (s.pxe_once, s.boot_target, s.boot_mode) = (true, Some(target), mode);
+            s.boot_uri = None;
+        });
         Ok(())
     }
     async fn insert_media(&self, url: &str) -> Result<(), BmcError> {
@@ -91,6 +98,24 @@ impl Bmc for Fake {
             s.media_log.push(format!("insert {url}"));
         });
         Ok(())
+    }
+    async fn set_http_boot_uri_once(
+        &self,
+        uri: &str,
+        mode: Option<nodekeeper_store::BootMode>,
+    ) -> Result<(), BmcError> {
+        self.check_boot(super::BootTarget::UefiHttp).await?;
+        if !self.get(|s| s.http_boot_uri) {
+            return Err(BmcError::Refused { endpoint: "fake".into(), reason: "HttpBootUri: unknown property".into() });
+        }
+        self.set(|s| {
+            (s.pxe_once, s.boot_target, s.boot_mode) = (true, Some(super::BootTarget::UefiHttp), mode);
+            s.boot_uri = Some(uri.to_owned());
+        });
+        Ok(())
+    }
+    async fn takes_http_boot_uri(&self) -> Result<bool, BmcError> {
+        Ok(self.get(|s| s.http_boot_uri))
     }
     async fn eject_media(&self) -> Result<(), BmcError> {
         self.check_boot(super::BootTarget::Cd).await?;

@@ -108,6 +108,14 @@ impl Bmc for Ipmi {
         self.check_boot(BootTarget::Cd).await
     }
 
+    async fn set_http_boot_uri_once(&self, _: &str, _: Option<BootMode>) -> Result<(), BmcError> {
+        self.check_boot(BootTarget::UefiHttp).await
+    }
+
+    async fn takes_http_boot_uri(&self) -> Result<bool, BmcError> {
+        Ok(false)
+    }
+
     async fn set_disk_boot(&self, mode: Option<BootMode>) -> Result<(), BmcError> {
         let options =
             if mode.is_some_and(BootMode::is_uefi) { "options=persistent,efiboot" } else { "options=persistent" };

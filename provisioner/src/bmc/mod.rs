@@ -184,6 +184,15 @@ pub trait Bmc: Send + Sync {
     /// (a reimage checks it before it powers the host off): an error says why not, in the
     /// BMC's words where it has them.
     fn check_boot(&self, target: BootTarget) -> impl Future<Output = Result<(), BmcError>> + Send;
+    /// UEFI HTTP boot once, from `uri` (Redfish `HttpBootUri`): the firmware fetches it itself,
+    /// whatever the DHCP server says.
+    fn set_http_boot_uri_once(
+        &self,
+        uri: &str,
+        mode: Option<BootMode>,
+    ) -> impl Future<Output = Result<(), BmcError>> + Send;
+    /// Whether the BMC takes `HttpBootUri`.
+    fn takes_http_boot_uri(&self) -> impl Future<Output = Result<bool, BmcError>> + Send;
     /// Inserts the image at `url` (fetched by the BMC) into its virtual CD, replacing what is
     /// there; confirmed by reading the slot back.
     fn insert_media(&self, url: &str) -> impl Future<Output = Result<(), BmcError>> + Send;
@@ -348,6 +357,13 @@ impl<B: Bmc> Bmc for Leased<B> {
     async fn insert_media(&self, url: &str) -> Result<(), BmcError> {
         self.gate().await?;
         self.inner.insert_media(url).await
+    }
+    async fn set_http_boot_uri_once(&self, uri: &str, mode: Option<BootMode>) -> Result<(), BmcError> {
+        self.gate().await?;
+        self.inner.set_http_boot_uri_once(uri, mode).await
+    }
+    async fn takes_http_boot_uri(&self) -> Result<bool, BmcError> {
+        self.inner.takes_http_boot_uri().await
     }
     async fn eject_media(&self) -> Result<(), BmcError> {
         self.gate().await?;
@@ -561,6 +577,18 @@ impl Bmc for Driver {
             Driver::Ipmi(d) => d.insert_media(url).await,
         }
     }
+    async fn set_http_boot_uri_once(&self, uri: &str, mode: Option<BootMode>) -> Result<(), BmcError> {
+        match self {
+            Driver::Redfish(d) => d.set_http_boot_uri_once(uri, mode).await,
+            Driver::Ipmi(d) => d.set_http_boot_uri_once(uri, mode).await,
+        }
+    }
+    async fn takes_http_boot_uri(&self) -> Result<bool, BmcError> {
+        match self {
+            Driver::Redfish(d) => d.takes_http_boot_uri().await,
+            Driver::Ipmi(d) => d.takes_http_boot_uri().await,
+        }
+    }
     async fn eject_media(&self) -> Result<(), BmcError> {
         match self {
             Driver::Redfish(d) => d.eject_media().await,
@@ -611,6 +639,12 @@ mod tests {
         }
         async fn insert_media(&self, _: &str) -> Result<(), BmcError> {
             Ok(())
+        }
+        async fn set_http_boot_uri_once(&self, _: &str, _: Option<BootMode>) -> Result<(), BmcError> {
+            Ok(())
+        }
+        async fn takes_http_boot_uri(&self) -> Result<bool, BmcError> {
+            Ok(false)
         }
         async fn eject_media(&self) -> Result<(), BmcError> {
             Ok(())

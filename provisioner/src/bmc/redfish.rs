@@ -94,9 +94,18 @@ impl Redfish {
     /// setting and wants it with a UEFI target; iLO 5 and others keep it read-only, and
     /// sushy-tools' libvirt driver rebuilds the firmware section, Secure Boot off, on every
     /// mode it is sent). A mode the BMC lists as not allowed fails here with what to do.
-    async fn boot_override(&self, target: &str, enabled: &str, mode: Option<BootMode>) -> Result<(), BmcError> {
+    async fn boot_override(
+        &self,
+        target: &str,
+        enabled: &str,
+        mode: Option<BootMode>,
+        uri: Option<&str>,
+    ) -> Result<(), BmcError> {
         let system = self.system().await?;
         let mut boot = json!({ "BootSourceOverrideTarget": target, "BootSourceOverrideEnabled": enabled });
+        if let Some(uri) = uri {
+            boot["HttpBootUri"] = json!(uri);
+        }
         if let Some(mode) = mode {
             let wanted = if mode.is_uefi() { "UEFI" } else { "Legacy" };
             let v = self.send(self.request(reqwest::Method::GET, &system)).await?;
@@ -256,7 +265,19 @@ impl Bmc for Redfish {
         if target != BootTarget::Pxe {
             self.check_boot(target).await?;
         }
-        self.boot_override(target.redfish(), "Once", mode).await
+        self.boot_override(target.redfish(), "Once", mode, None).await
+    }
+
+    async fn set_http_boot_uri_once(&self, uri: &str, mode: Option<BootMode>) -> Result<(), BmcError> {
+        self.check_boot(BootTarget::UefiHttp).await?;
+        self.boot_override(BootTarget::UefiHttp.redfish(), "Once", mode, Some(uri)).await
+    }
+
+    /// The system's `Boot` has `HttpBootUri` (Redfish 2019.1 on; null until set).
+    async fn takes_http_boot_uri(&self) -> Result<bool, BmcError> {
+        let system = self.system().await?;
+        let v = self.send(self.request(reqwest::Method::GET, &system)).await?;
+        Ok(v.pointer("/Boot").and_then(Value::as_object).is_some_and(|b| b.contains_key("HttpBootUri")))
     }
 
     /// A target the system's `BootSourceOverrideTarget@Redfish.AllowableValues` leaves out is
@@ -316,7 +337,7 @@ impl Bmc for Redfish {
     }
 
     async fn set_disk_boot(&self, mode: Option<BootMode>) -> Result<(), BmcError> {
-        self.boot_override("Hdd", "Continuous", mode).await
+        self.boot_override("Hdd", "Continuous", mode, None).await
     }
 }
 

@@ -175,9 +175,9 @@ impl<F: BmcFactory> Reimage<F> {
         boot_mode: Option<nodekeeper_store::BootMode>,
     ) -> Result<String, String> {
         let Some(media) = &self.media else {
-            return Err("virtual media is not set up in this provisioner (it needs [tftp] root for the ISO's \
-                        loaders)"
-                .into());
+            return Err(
+                "deploy ISOs are not set up in this provisioner (they need [tftp] root for their loaders)".into()
+            );
         };
         let root_device = store.boot_settings(&host.name).await.map_err(|e| e.to_string())?.root_device;
         let iso = super::vmedia::IsoFor {
@@ -241,10 +241,13 @@ impl<F: BmcFactory> crate::ops::Machine for Reimage<F> {
             _ => None,
         };
         let virtual_media = data.boot_path == BootPath::VirtualMedia;
+        // UEFI HTTP boot where no DHCP of ours tells the firmware where to boot from: the
+        // BMC's HttpBootUri, to this boot's ISO.
+        let http_by_uri = data.boot_path == BootPath::Http && self.media.as_ref().is_some_and(|m| m.dhcp_off);
         // This boot's ISO, before the BMC is asked anything: one that cannot be built (a full
         // disk, a missing loader) fails the reimage at once, with the host still untouched.
         let iso = match work {
-            Work::PowerOff | Work::SetPxeOnce if virtual_media => {
+            Work::PowerOff | Work::SetPxeOnce if virtual_media || http_by_uri => {
                 match self.iso(store, &host, op, data, boot_mode).await {
                     Ok(url) => Some(url),
                     Err(reason) => return Ok(Decision::Failed { at: step, reason }),
@@ -252,7 +255,7 @@ impl<F: BmcFactory> crate::ops::Machine for Reimage<F> {
             }
             _ => None,
         };
-        if let (Work::SetPxeOnce, Some(url)) = (work, &iso) {
+        if let (Work::SetPxeOnce, Some(url), true) = (work, &iso, virtual_media) {
             // Recorded before the BMC has it: whatever happens next, it is ejected in the end.
             store.set_media_inserted(&host.name, Some(url)).await?;
         }
@@ -269,9 +272,22 @@ impl<F: BmcFactory> crate::ops::Machine for Reimage<F> {
                             // with the host still running what it ran; so does an ISO that
                             // cannot be built.
                             driver.check_boot(target).await?;
+                            if http_by_uri && !driver.takes_http_boot_uri().await? {
+                                return Err(BmcError::Unsupported {
+                                    endpoint: driver.endpoint(),
+                                    reason: "no DHCP of ours answers the firmware (dhcp.mode = \"off\") and the BMC \
+                                             takes no HttpBootUri: nothing would tell the firmware where to boot \
+                                             from (set dhcp.mode to full or proxy, or `host set --boot \
+                                             virtual-media`)"
+                                        .into(),
+                                });
+                            }
                             bmc::power(&driver, PowerAction::Off, &policy).await.map(drop)
                         }
                         Work::PowerOn => bmc::power(&driver, PowerAction::On, &policy).await.map(drop),
+                        Work::SetPxeOnce if http_by_uri => {
+                            driver.set_http_boot_uri_once(iso.as_deref().unwrap_or_default(), boot_mode).await
+                        }
                         Work::SetPxeOnce if iso.is_some() => {
                             driver.insert_media(iso.as_deref().unwrap_or_default()).await?;
                             driver.set_boot_once(target, boot_mode).await

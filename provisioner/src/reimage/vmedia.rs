@@ -4,6 +4,9 @@
 //! fixed address — the address the agent takes (no DHCP of ours needed). The BMC fetches it
 //! from `/vmedia/NAME` and attaches it as a CD.
 //!
+//! The same ISO serves UEFI HTTP boot where no DHCP of ours answers the firmware: the BMC is
+//! given its URL as `HttpBootUri` (Ironic's `redfish-https`), and the firmware boots it.
+//!
 //! An ISO's name is `HOST-OPERATION-BOOT-TOKENHASH16-RANDOM.iso`: unguessable, and tied to the
 //! token it carries. It is served only while that token is the host's current one (so not
 //! once the reimage ended, nor after a newer boot replaced it), and it is deleted when the
@@ -57,6 +60,9 @@ pub struct Media {
     pub tls: Option<(String, String)>,
     /// For hosts with a fixed address.
     pub addressing: Addressing,
+    /// No DHCP of ours answers firmware (`dhcp.mode = "off"`): a UEFI HTTP boot then goes by
+    /// the BMC's `HttpBootUri`, to this boot's ISO.
+    pub dhcp_off: bool,
 }
 
 /// Which ISO: boot `boot` of reimage `op` of `host`, writing `image`.
@@ -253,6 +259,7 @@ pub fn from_config(config: &crate::config::ServeConfig, tls: Option<(String, Str
         http: Arc::new(config.http.clone()),
         tls,
         addressing: config.media_addressing(),
+        dhcp_off: config.dhcp.mode == crate::config::DhcpMode::Off,
     })
 }
 
@@ -300,6 +307,7 @@ mod tests {
                 gateway: Some(Ipv4Addr::new(10, 20, 0, 1)),
                 dns: vec![Ipv4Addr::new(10, 20, 0, 1), Ipv4Addr::new(9, 9, 9, 9)],
             },
+            dhcp_off: false,
         };
         let mut host = Host {
             name: "node-a".parse().expect("name"),
