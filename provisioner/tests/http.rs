@@ -197,6 +197,11 @@ async fn boot_loaders_are_served_for_uefi_http_boot_from_the_tftp_root_only() {
     assert_eq!((code, header(&headers, "content-length")), (200, Some("200000")));
     let (code, _, body) = curl(&["-r", "100-199", &url]).await;
     assert_eq!((code, body.as_slice()), (206, &efi[100..200]));
+    // shim, loaded over HTTP, asks for its second stage at `DIR//grubx64.efi`.
+    let (code, _, body) = curl(&[&format!("{}/boot/loaders//ipxe.efi", s.base)]).await;
+    assert_eq!((code, body.len()), (200, efi.len()), "a doubled slash");
+    let (code, _, _) = curl(&[&format!("{}/boot/loaders/%5Cipxe.efi", s.base)]).await;
+    assert_eq!(code, 200, "a backslash");
     for bad in ["/boot/loaders/../images/node.img", "/boot/loaders/%2e%2e/images/node.img", "/boot/loaders/nope.efi"] {
         let (code, _, _) = curl(&[&format!("{}{bad}", s.base)]).await;
         assert_eq!(code, 404, "{bad}");

@@ -670,6 +670,33 @@ async fn the_boot_path_picks_the_override_and_a_bmc_without_it_fails_before_powe
     let data: nodekeeper_provisioner::reimage::machine::ReimageData =
         serde_json::from_str(&r.store.operation(op.id).await.expect("op").expect("op").data).expect("data");
     assert_eq!(data.boot_path, BootPath::Http, "the reimage records its path");
+    assert_eq!(r.fake.get(|s| s.boot_uri.clone()), None, "our DHCP gives the firmware its URL");
+
+    // Secure Boot over UEFI HTTP boot goes by HttpBootUri to the deploy ISO (Debian's signed
+    // network GRUB cannot bring its network up after an HTTP boot): a BMC without it fails.
+    let r = rig().await;
+    r.fake.set(|s| s.on = true);
+    let sb = BootChange {
+        boot_mode: Some(Some(BootMode::UefiSecureBoot)),
+        boot_path: Some(BootPath::Http),
+        ..Default::default()
+    };
+    r.store.change_boot_settings(&name(), &sb, "test").await.expect("sb");
+    let (op, _) =
+        executor::request(&r.store, &name(), None, quick(), Limits::default(), "test").await.expect("request");
+    let _exec = r.executor();
+    let failed = r.wait(op.id, "failed", |o| o.status == OperationStatus::Failed).await;
+    assert_eq!(failed.step, "power_off");
+    assert!(failed
+        .last_error
+        .unwrap_or_default()
+        .contains("Secure Boot host boots over UEFI HTTP from its deploy ISO"));
+    r.store.set_host_state(&name(), HostState::Active, "test", "back").await.expect("active");
+    r.fake.set(|s| s.http_boot_uri = true);
+    let (op, _) = executor::request(&r.store, &name(), None, quick(), Limits::default(), "test").await.expect("again");
+    r.wait(op.id, "agent_booted", |o| o.step == "agent_booted").await;
+    let uri = r.fake.get(|s| s.boot_uri.clone()).expect("HttpBootUri");
+    assert!(uri.contains(&format!("/vmedia/node-a-{}-1-", op.id)), "{uri}");
 }
 
 /// The HTTP status of a GET of `url` (curl), and the body saved to `to`.

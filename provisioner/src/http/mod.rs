@@ -160,7 +160,12 @@ async fn ca_pem(State(state): State<HttpState>) -> Response {
 
 async fn count_requests(State(state): State<HttpState>, req: Request, next: Next) -> Response {
     let route = req.extensions().get::<MatchedPath>().map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let uri = req.uri().clone(); // shares its bytes: no copy
     let response = next.run(req).await;
+    if response.status() == StatusCode::NOT_FOUND {
+        // What a loader asked for and did not get: the first thing to look at when a boot stops.
+        tracing::debug!(route, path = uri.path(), "HTTP 404");
+    }
     state.metrics.http_request(&route, response.status().as_u16());
     response
 }
@@ -396,7 +401,11 @@ async fn image(State(state): State<HttpState>, UrlPath(path): UrlPath<String>, r
 /// `/boot/loaders/{path}` (GET and HEAD): a file of the TFTP root (iPXE, shim, GRUB), for
 /// firmware that boots over HTTP; the same confinement as the images.
 async fn loader(State(state): State<HttpState>, UrlPath(path): UrlPath<String>, req: Request) -> Response {
-    let Some(file) = state.loaders.as_ref().and_then(|l| l.resolve(&path).ok()) else {
+    // As over TFTP: shim asks for `…/loaders//grubx64.efi` (its `\grubx64.efi` appended to
+    // the directory of its own URL), and loaders spell paths with backslashes now and then.
+    let path = path.replace('\\', "/");
+    let path = path.trim_start_matches('/');
+    let Some(file) = state.loaders.as_ref().and_then(|l| l.resolve(path).ok()) else {
         return text(StatusCode::NOT_FOUND, format!("no boot loader {path}\n"));
     };
     match tower::ServiceExt::oneshot(ServeFile::new(&file).with_buf_chunk_size(IMAGE_CHUNK), req).await {

@@ -233,17 +233,15 @@ impl<F: BmcFactory> crate::ops::Machine for Reimage<F> {
         if work == Work::Wait {
             return observe(store, op, &host, step, data).await;
         }
-        let boot_mode = match work {
-            Work::SetPxeOnce | Work::BootDisk => store.boot_settings(&op.target).await?.boot_mode,
-            Work::PowerOff if data.boot_path == BootPath::VirtualMedia => {
-                store.boot_settings(&op.target).await?.boot_mode
-            }
-            _ => None,
-        };
+        let boot_mode = store.boot_settings(&op.target).await?.boot_mode;
         let virtual_media = data.boot_path == BootPath::VirtualMedia;
-        // UEFI HTTP boot where no DHCP of ours tells the firmware where to boot from: the
-        // BMC's HttpBootUri, to this boot's ISO.
-        let http_by_uri = data.boot_path == BootPath::Http && self.media.as_ref().is_some_and(|m| m.dhcp_off);
+        // UEFI HTTP boot by the BMC's HttpBootUri, to this boot's ISO: where no DHCP of ours
+        // tells the firmware where to boot from, and for Secure Boot (shim → the CD GRUB on
+        // the ISO: Debian 12's signed network GRUB, loaded over HTTP, does not bring its
+        // network up and finds no configuration — seen in the lab).
+        let http_by_uri = data.boot_path == BootPath::Http
+            && (self.media.as_ref().is_some_and(|m| m.dhcp_off)
+                || boot_mode == Some(nodekeeper_store::BootMode::UefiSecureBoot));
         // This boot's ISO, before the BMC is asked anything: one that cannot be built (a full
         // disk, a missing loader) fails the reimage at once, with the host still untouched.
         let iso = match work {
@@ -273,14 +271,16 @@ impl<F: BmcFactory> crate::ops::Machine for Reimage<F> {
                             // cannot be built.
                             driver.check_boot(target).await?;
                             if http_by_uri && !driver.takes_http_boot_uri().await? {
-                                return Err(BmcError::Unsupported {
-                                    endpoint: driver.endpoint(),
-                                    reason: "no DHCP of ours answers the firmware (dhcp.mode = \"off\") and the BMC \
-                                             takes no HttpBootUri: nothing would tell the firmware where to boot \
-                                             from (set dhcp.mode to full or proxy, or `host set --boot \
-                                             virtual-media`)"
-                                        .into(),
-                                });
+                                let why = if boot_mode == Some(nodekeeper_store::BootMode::UefiSecureBoot) {
+                                    "a Secure Boot host boots over UEFI HTTP from its deploy ISO, by the BMC's \
+                                     HttpBootUri, and this BMC takes none (`host set --boot virtual-media` or \
+                                     `--boot pxe`)"
+                                } else {
+                                    "no DHCP of ours answers the firmware (dhcp.mode = \"off\") and the BMC takes \
+                                     no HttpBootUri: nothing would tell the firmware where to boot from (set \
+                                     dhcp.mode to full or proxy, or `host set --boot virtual-media`)"
+                                };
+                                return Err(BmcError::Unsupported { endpoint: driver.endpoint(), reason: why.into() });
                             }
                             bmc::power(&driver, PowerAction::Off, &policy).await.map(drop)
                         }
