@@ -110,6 +110,8 @@ pub struct Lab {
     /// When each node was last seen powered off (reports older than that are void).
     off_since: BTreeMap<HostName, Timestamp>,
     _tmp: Option<tempdir::Dir>,
+    /// sushy-tools' storage pool for virtual media (after the processes are gone).
+    _pool: crate::hw::MediaPool,
 }
 
 mod tempdir {
@@ -179,11 +181,45 @@ impl Lab {
         n.say("provisioning network: namespace with br0 10.20.0.1/24, bridged to the nodes' NICs");
         let mut net = Net::new(&tag)?;
         let bmc_port = 8000;
+        let pool = crate::hw::MediaPool::new(&dir, &tag)?;
         net.spawn(
             &paths.venv.join("bin/sushy-emulator").display().to_string(),
-            &["--libvirt-uri", "qemu:///system", "-i", "127.0.0.1", "-p", &bmc_port.to_string()],
+            &[
+                "--libvirt-uri",
+                "qemu:///system",
+                "-i",
+                "127.0.0.1",
+                "-p",
+                &bmc_port.to_string(),
+                "--config",
+                &pool.config.display().to_string(),
+            ],
             &dir.join("sushy.log"),
         )?;
+        // A fleet on virtual media only: no DHCP of ours. The nodes have fixed addresses; the
+        // site's DHCP server (dnsmasq, standing in for it) gives each its own when the
+        // installed system asks.
+        let virtual_media = fleet.iter().all(|h| h.boot == crate::hw::BootPath::VirtualMedia);
+        let fixed_ip = |i: usize| format!("10.20.0.{}", 40 + i);
+        if virtual_media {
+            let mut args = vec![
+                "--no-daemon".to_owned(),
+                "--port=0".into(),
+                "--conf-file=/dev/null".into(),
+                "--no-resolv".into(),
+                "--no-hosts".into(),
+                "--interface=br0".into(),
+                "--bind-interfaces".into(),
+                "--dhcp-range=10.20.0.150,10.20.0.199,1h".into(),
+                format!("--dhcp-leasefile={}", dir.join("site-dhcp.leases").display()),
+            ];
+            args.extend(
+                (0..fleet.len()).map(|i| format!("--dhcp-host=52:54:00:6e:6b:{:02x},{}", 0x0a + i, fixed_ip(i))),
+            );
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            net.spawn("dnsmasq", &args, &dir.join("site-dhcp.log"))?;
+            n.say("no DHCP of ours: the site's DHCP server (dnsmasq) gives the installed nodes their fixed addresses");
+        }
 
         let db_url = format!("sqlite://{}/nodekeeper.db", dir.display());
         let nk = |args: &[&str]| nk(&paths, &db_url, args);
@@ -224,6 +260,10 @@ impl Lab {
             let mut add = vec!["host", "add", node.name.as_str(), "--mac", &node.mac, "--bmc", &bmc];
             let hw_args = hw.host_args();
             add.extend(hw_args.iter().map(String::as_str));
+            let ip = fixed_ip(i);
+            if hw.boot == crate::hw::BootPath::VirtualMedia {
+                add.extend(["--ip", ip.as_str()]);
+            }
             nk(&add)?;
             n.say(&format!("{}: {} (1 vCPU, 1.5 GiB, i6300esb watchdog)", node.name, hw.describe()));
             nodes.push(node);
@@ -235,8 +275,7 @@ impl Lab {
         std::fs::write(
             &config,
             format!(
-                "database_url = \"{db_url}\"\n[dhcp]\nmode = \"full\"\ninterface = \"br0\"\nserver_ip = \"10.20.0.1\"\n\
-                 subnet = \"10.20.0.0/24\"\nrange = [\"10.20.0.100\", \"10.20.0.199\"]\n\
+                "database_url = \"{db_url}\"\n{dhcp}[virtual_media]\ndir = \"{d}/vmedia\"\n\
                  [tftp]\n{tftp_listen}root = \"{d}/tftp\"\n\
                  [http]\nlisten = \"10.20.0.1:8080\"\npublic_url = \"{SERVER}\"\nimages_dir = \"{d}/images\"\n\
                  deploy_kernel_args = \"console=ttyS0 quiet panic=-1\"\n\
@@ -244,10 +283,16 @@ impl Lab {
                  key = \"{d}/tls/server.key\"\nca = \"{d}/tls/ca.pem\"\nrequire = true\n",
                 d = dir.display(),
                 // A fleet that boots over UEFI HTTP only: no TFTP server at all.
-                tftp_listen = if fleet.iter().all(|h| h.boot == crate::hw::BootPath::Http) {
-                    ""
-                } else {
+                tftp_listen = if fleet.iter().any(|h| h.boot == crate::hw::BootPath::Pxe) {
                     "listen = \"10.20.0.1:69\"\n"
+                } else {
+                    ""
+                },
+                dhcp = if virtual_media {
+                    "[dhcp]\nmode = \"off\"\n"
+                } else {
+                    "[dhcp]\nmode = \"full\"\ninterface = \"br0\"\nserver_ip = \"10.20.0.1\"\n\
+                     subnet = \"10.20.0.0/24\"\nrange = [\"10.20.0.100\", \"10.20.0.199\"]\n"
                 },
             ),
         )?;
@@ -267,6 +312,7 @@ impl Lab {
             config,
             off_since: BTreeMap::new(),
             _tmp: Some(tmp),
+            _pool: pool,
         };
         lab.start_serve()?;
         n.wait("serve answering", Duration::from_secs(60), async || {
@@ -276,9 +322,16 @@ impl Lab {
         .await?;
         // The first request of an image digests it: done now, not during an install.
         lab.net.run(300, "curl", &["-sfI", &format!("{SERVER}/images/node.img")])?;
-        n.say(
-            "nodekeeper-provisioner serve: DHCP, TFTP, HTTP, HTTPS (node APIs TLS-only) and the recovery controller, on the embedded SQLite",
-        );
+        let pxe = fleet.iter().any(|h| h.boot == crate::hw::BootPath::Pxe);
+        let servers = match (virtual_media, pxe) {
+            (true, _) => "HTTP",
+            (false, true) => "DHCP, TFTP, HTTP",
+            (false, false) => "DHCP, HTTP (no TFTP)",
+        };
+        n.say(&format!(
+            "nodekeeper-provisioner serve: {servers}, HTTPS (node APIs TLS-only) and the recovery controller, on the \
+             embedded SQLite"
+        ));
         Ok(lab)
     }
 
@@ -322,10 +375,17 @@ impl Lab {
         for node in &self.nodes {
             self.nk(&["reimage", node.name.as_str()])?;
         }
+        let how = |path: crate::hw::BootPath| match path {
+            crate::hw::BootPath::Pxe => "PXE boot once, power on → DHCP → iPXE (Secure Boot: shim → GRUB)",
+            crate::hw::BootPath::Http => "UEFI HTTP boot once, power on → DHCP (HTTPClient) → iPXE over HTTP",
+            crate::hw::BootPath::VirtualMedia => "this boot's ISO inserted, CD once, power on → shim → GRUB",
+        };
+        let mut paths: Vec<&str> = self.nodes.iter().map(|n| how(n.hw.boot)).collect();
+        paths.dedup();
         n.say(&format!(
-            "reimaging {}: power off, PXE next boot, power on → DHCP → iPXE (Secure Boot: shim → GRUB) → deploy ramdisk → \
-             node image → powered on into its disk",
-            self.names()
+            "reimaging {}: power off, {} → deploy ramdisk → node image → powered on into its disk",
+            self.names(),
+            paths.join("; ")
         ));
         let start = std::time::Instant::now();
         let mut phases = Vec::new();
@@ -412,10 +472,14 @@ impl Lab {
                     .filter_map(|l| l.split("nodekeeper-firstboot: booted by ").nth(1))
                     .next()
                     .map_or("?".to_owned(), |w| w.trim_end_matches(" firmware").trim().to_owned());
-                let path = match node.hw.firmware {
-                    crate::hw::Firmware::UefiSecureBoot => "PXE → shim → GRUB (TFTP)",
-                    crate::hw::Firmware::Uefi => "PXE → ipxe.efi → HTTP",
-                    crate::hw::Firmware::Bios => "PXE → undionly.kpxe → HTTP",
+                let path = match (node.hw.boot, node.hw.firmware) {
+                    (crate::hw::BootPath::VirtualMedia, crate::hw::Firmware::Bios) => "virtual CD → ISOLINUX",
+                    (crate::hw::BootPath::VirtualMedia, _) => "virtual CD → shim → GRUB",
+                    (crate::hw::BootPath::Http, crate::hw::Firmware::UefiSecureBoot) => "HttpBootUri ISO → shim → GRUB",
+                    (crate::hw::BootPath::Http, _) => "UEFI HTTP → ipxe.efi → HTTP",
+                    (_, crate::hw::Firmware::UefiSecureBoot) => "PXE → shim → GRUB (TFTP)",
+                    (_, crate::hw::Firmware::Uefi) => "PXE → ipxe.efi → HTTP",
+                    (_, crate::hw::Firmware::Bios) => "PXE → undionly.kpxe → HTTP",
                 };
                 Ok([
                     node.name.to_string(),
