@@ -222,26 +222,8 @@ async fn proxy_mode_beside_dnsmasq() {
     let mut s = setup("proxy").await;
     s.start_server();
     // dnsmasq, in a namespace of its own on the same bridge, hands out the addresses.
-    let dnsmasq_ns = s.lab.peer("52:54:00:aa:00:fe");
-    let out = Lab::run(&dnsmasq_ns, 5, "ip", &["addr", "add", "10.20.0.2/24", "dev", "eth0"]);
-    assert!(out.status.success());
-    let leasefile = s.dir.path().join("dnsmasq.leases").display().to_string();
-    s.lab.spawn(
-        &dnsmasq_ns,
-        "dnsmasq",
-        &[
-            "--no-daemon",
-            "--port=0",
-            "--conf-file=/dev/null",
-            "--no-resolv",
-            "--no-hosts",
-            "--interface=eth0",
-            "--bind-interfaces",
-            "--dhcp-range=10.20.0.50,10.20.0.60,1h",
-            &format!("--dhcp-leasefile={leasefile}"),
-            "--dhcp-authoritative",
-        ],
-    );
+    let leasefile = s.dir.path().join("dnsmasq.leases");
+    s.lab.site_dhcp("10.20.0.50,10.20.0.60", &[], &leasefile);
     std::thread::sleep(std::time::Duration::from_millis(500));
     let a = s.lab.peer(MAC_A);
     // A plain client gets its address from dnsmasq; the proxy stays out of its way.

@@ -238,27 +238,7 @@ async fn start(mac: &str, hw: &Hardware) -> Option<Rig> {
         // installed node gets the same one from the site's DHCP server (dnsmasq on another
         // machine of the network).
         add.extend(["--ip", FIXED_IP]);
-        let site = lab.peer("52:54:00:e2:e0:fe");
-        let out = Lab::run(&site, 5, "ip", &["addr", "add", "10.20.0.2/24", "dev", "eth0"]);
-        assert!(out.status.success(), "{out:?}");
-        let leases = d.join("site-dhcp.leases").display().to_string();
-        lab.spawn(
-            &site,
-            "dnsmasq",
-            &[
-                "--no-daemon",
-                "--port=0",
-                "--conf-file=/dev/null",
-                "--no-resolv",
-                "--no-hosts",
-                "--interface=eth0",
-                "--bind-interfaces",
-                "--dhcp-range=10.20.0.150,10.20.0.199,1h",
-                &format!("--dhcp-host={mac},{FIXED_IP}"),
-                &format!("--dhcp-leasefile={leases}"),
-                "--dhcp-authoritative",
-            ],
-        );
+        lab.site_dhcp("10.20.0.150,10.20.0.199", &[format!("{mac},{FIXED_IP}")], &d.join("site-dhcp.leases"));
     }
     nk(&db, &add);
     let config = d.join("provisioner.toml");
@@ -510,11 +490,12 @@ async fn a_uefi_server_is_reimaged_over_virtual_media_with_no_dhcp_of_ours() {
 }
 
 /// The figures of docs/performance.md: three reimages each on BIOS, UEFI and UEFI with Secure
-/// Boot over PXE, and UEFI over UEFI HTTP boot, of the same node otherwise (e1000e, one SATA
-/// disk), with each phase's time. Not in `make test` (twelve TCG reimages, ~30 min):
+/// Boot over PXE, and UEFI over UEFI HTTP boot and over virtual media, of the same node
+/// otherwise (e1000e, one SATA disk), with each phase's time. Not in `make test` (fifteen TCG
+/// reimages, ~30 min; `NODEKEEPER_FIGURES=uefi/pxe,uefi/http` picks some):
 /// `cargo nextest run -p nodekeeper-provisioner --run-ignored only -E 'test(reimage_figures)' --no-capture`
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "figures: twelve reimages under TCG, ~30 min"]
+#[ignore = "figures: fifteen reimages under TCG, ~30 min"]
 async fn reimage_figures() {
     let mut table =
         vec!["| firmware | boot | run | agent_booted | image_written | verified | local_boot | heartbeat | total |"
@@ -525,8 +506,14 @@ async fn reimage_figures() {
         (Firmware::Uefi, BootPath::Pxe),
         (Firmware::UefiSecureBoot, BootPath::Pxe),
         (Firmware::Uefi, BootPath::Http),
+        (Firmware::Uefi, BootPath::VirtualMedia),
     ];
-    for (firmware, boot) in paths {
+    // NODEKEEPER_FIGURES=uefi/pxe,uefi/http runs only those (firmware/path, as host add spells them).
+    let only = std::env::var("NODEKEEPER_FIGURES").unwrap_or_default();
+    let wanted = |f: Firmware, b: BootPath| {
+        only.is_empty() || only.split(',').any(|w| w.trim() == format!("{}/{b}", f.boot_mode()))
+    };
+    for (firmware, boot) in paths.into_iter().filter(|(f, b)| wanted(*f, *b)) {
         // HTTP boot: virtio without QEMU's iPXE option ROM (see above).
         let nic = if boot == BootPath::Http { "virtio" } else { "e1000e" };
         let hw = Hardware {

@@ -297,16 +297,20 @@ impl Store {
 
     /// Every host's boot mode, by name (hosts without one are left out).
     pub async fn boot_modes(&self) -> Result<std::collections::HashMap<HostName, BootMode>> {
-        const WHAT: &str = "reading the hosts' boot modes";
-        let rows = sqlx::query("SELECT name, boot_mode FROM hosts WHERE boot_mode IS NOT NULL")
+        let modes = self.hosts_where_set("boot_mode", "reading the hosts' boot modes").await?;
+        modes.into_iter().map(|(name, mode)| Ok((name, parse_column("hosts", "boot_mode", &mode)?))).collect()
+    }
+
+    /// `(name, value)` of every host whose text column `column` is set, by name.
+    async fn hosts_where_set(&self, column: &'static str, what: &'static str) -> Result<Vec<(HostName, String)>> {
+        let rows = sqlx::query(&format!("SELECT name, {column} FROM hosts WHERE {column} IS NOT NULL ORDER BY name"))
             .fetch_all(&self.pool)
             .await
-            .map_err(query(WHAT))?;
+            .map_err(query(what))?;
         rows.iter()
             .map(|row| {
                 let name: String = get(row, "hosts", "name")?;
-                let mode: String = get(row, "hosts", "boot_mode")?;
-                Ok((parse_column("hosts", "name", &name)?, parse_column("hosts", "boot_mode", &mode)?))
+                Ok((parse_column("hosts", "name", &name)?, get(row, "hosts", column)?))
             })
             .collect()
     }
@@ -490,17 +494,7 @@ impl Store {
     /// Hosts with a virtual-media image inserted by the provisioner and not seen ejected, with
     /// its URL.
     pub async fn hosts_with_media(&self) -> Result<Vec<(HostName, String)>> {
-        const WHAT: &str = "listing hosts with virtual media";
-        let rows = sqlx::query("SELECT name, media_inserted FROM hosts WHERE media_inserted IS NOT NULL ORDER BY name")
-            .fetch_all(&self.pool)
-            .await
-            .map_err(query(WHAT))?;
-        rows.iter()
-            .map(|row| {
-                let name: String = get(row, "hosts", "name")?;
-                Ok((parse_column("hosts", "name", &name)?, get(row, "hosts", "media_inserted")?))
-            })
-            .collect()
+        self.hosts_where_set("media_inserted", "listing hosts with virtual media").await
     }
 
     /// Whether `sha256_hex` is `name`'s current, unexpired deploy token. With `burn`, a

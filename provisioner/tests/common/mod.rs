@@ -66,6 +66,33 @@ impl Lab {
         name
     }
 
+    /// A DHCP server that is not ours (dnsmasq, as a site's would be) on a machine of its own
+    /// on the lab's network, 10.20.0.2: addresses from `range` (`FIRST,LAST`), and the fixed
+    /// ones of `fixed` (`MAC,IP`); its leases in `leases`. Returns its namespace.
+    pub fn site_dhcp(&mut self, range: &str, fixed: &[String], leases: &std::path::Path) -> String {
+        let ns = self.peer("52:54:00:aa:00:fe");
+        let out = Self::run(&ns, 5, "ip", &["addr", "add", "10.20.0.2/24", "dev", "eth0"]);
+        assert!(out.status.success(), "{out:?}");
+        let mut args: Vec<String> = [
+            "--no-daemon",
+            "--port=0",
+            "--conf-file=/dev/null",
+            "--no-resolv",
+            "--no-hosts",
+            "--interface=eth0",
+            "--bind-interfaces",
+            "--dhcp-authoritative",
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        args.push(format!("--dhcp-range={range},1h"));
+        args.push(format!("--dhcp-leasefile={}", leases.display()));
+        args.extend(fixed.iter().map(|h| format!("--dhcp-host={h}")));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.spawn(&ns, "dnsmasq", &args);
+        ns
+    }
+
     /// A bridge in the root namespace, with no address and no other uplink, joined to the
     /// server's `br0` by a veth pair: for guests that libvirt (in the root namespace) plugs
     /// into the lab. Returns its name.
