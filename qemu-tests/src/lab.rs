@@ -410,7 +410,7 @@ impl Lab {
             // From the operation's own times: the nodes install side by side.
             let took = Duration::from_millis(u64::try_from(op.updated_at.0 - op.created_at.0).unwrap_or(0));
             n.say(&format!("{} installed: its first boot from disk reported in ({})", node.name, crate::fmt(took)));
-            phases.push((format!("{}: install (PXE → image written → first boot)", node.name), took));
+            phases.push((format!("{}: install (network or CD boot → image written → first boot)", node.name), took));
             installed.insert(node.name.clone(), op.updated_at);
         }
         for node in &self.nodes {
