@@ -96,8 +96,8 @@ impl Media {
         let key = format!("{}:{boot}", op.id);
         let wanted = prefix(&host.name, op.id, boot);
         if let Some((hash, for_boot)) = store.current_deploy_token(&host.name).await? {
-            if for_boot == key {
-                let name = format!("{wanted}{}-", &hash[..16]);
+            if let (true, Some(hash16)) = (for_boot == key, hash.get(..16)) {
+                let name = format!("{wanted}{hash16}-");
                 if let Some(existing) = self.files_of(&host.name).into_iter().find(|f| f.starts_with(&name)) {
                     return Ok(self.url(&existing));
                 }
@@ -109,7 +109,8 @@ impl Media {
         let expires = store.now().await? + crate::http::DEPLOY_TOKEN_TTL;
         // The token first: an ISO is served only while its token is the current one.
         store.replace_deploy_token(&host.name, &hash, expires, &key).await?;
-        let name = format!("{wanted}{}-{}.iso", &hash[..16], &uuid::Uuid::new_v4().simple().to_string()[..16]);
+        let random = uuid::Uuid::new_v4().simple().to_string();
+        let name = format!("{wanted}{}-{}.iso", &hash[..16], &random[..16]); // both hex, 64 and 32 long
         let params = crate::http::deploy_params(&self.http, None, image, root_device);
         let params =
             crate::http::ipxe::DeployParams { tls: self.tls.as_ref().map(|(u, c)| (u.as_str(), c.as_str())), ..params };
