@@ -65,7 +65,7 @@ async fn start() -> Server {
         guard_store: store.clone(),
         streams: Default::default(),
         tls: None,
-        loaders: Some(Arc::new(Images::new(&loaders_dir).expect("loaders"))),
+        loaders: Some(loaders_dir.clone()),
         media: None,
         images: Arc::new(Images::new(&images_dir).expect("images")),
     };

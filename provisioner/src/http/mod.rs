@@ -54,8 +54,8 @@ pub struct HttpState {
     /// The HTTPS listener nodes are sent to, when `[http.tls]` is set.
     pub tls: Option<Arc<tls::NodeTls>>,
     /// The boot loaders (the TFTP root, `[tftp] root`), served at `/boot/loaders/` for UEFI
-    /// HTTP boot.
-    pub loaders: Option<Arc<Images>>,
+    /// HTTP boot. Opened per request: a root that appears after `serve` started is served.
+    pub loaders: Option<std::path::PathBuf>,
     /// The deploy ISOs of virtual media, served at `/vmedia/`.
     pub media: Option<Arc<crate::reimage::vmedia::Media>>,
 }
@@ -405,7 +405,8 @@ async fn loader(State(state): State<HttpState>, UrlPath(path): UrlPath<String>, 
     // the directory of its own URL), and loaders spell paths with backslashes now and then.
     let path = path.replace('\\', "/");
     let path = path.trim_start_matches('/');
-    let Some(file) = state.loaders.as_ref().and_then(|l| l.resolve(path).ok()) else {
+    let loaders = state.loaders.as_deref().and_then(|root| Images::new(root).ok());
+    let Some(file) = loaders.and_then(|l| l.resolve(path).ok()) else {
         return text(StatusCode::NOT_FOUND, format!("no boot loader {path}\n"));
     };
     match tower::ServiceExt::oneshot(ServeFile::new(&file).with_buf_chunk_size(IMAGE_CHUNK), req).await {

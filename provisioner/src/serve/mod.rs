@@ -101,12 +101,7 @@ pub async fn run(config: ServeConfig, bound: Bound, store: Store, shutdown: Canc
         .context("opening the guard API's connection pool")?,
         streams: Default::default(),
         tls: None,
-        loaders: match &config.tftp.root {
-            Some(root) => Some(Arc::new(
-                Images::new(root).with_context(|| format!("opening the boot loaders in {}", root.display()))?,
-            )),
-            None => None,
-        },
+        loaders: config.tftp.root.clone(),
         media: None,
     };
     let tls = match &config.http.tls {
