@@ -92,7 +92,7 @@ pub(crate) fn deploy_args(host: &Host, params: &DeployParams<'_>, token: &str) -
 }
 
 /// One word for GRUB's shell: single-quoted (nothing inside is special), `'` spelled `'\''`.
-fn grub_word(s: &str) -> String {
+pub(crate) fn grub_word(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
 }
 

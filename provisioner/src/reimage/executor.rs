@@ -172,21 +172,20 @@ impl<F: BmcFactory> Reimage<F> {
         host: &Host,
         op: &Operation,
         data: &ReimageData,
-        boot_mode: Option<nodekeeper_store::BootMode>,
+        boot: &nodekeeper_store::BootSettings,
     ) -> Result<String, String> {
         let Some(media) = &self.media else {
             return Err(
                 "deploy ISOs are not set up in this provisioner (they need [tftp] root for their loaders)".into()
             );
         };
-        let root_device = store.boot_settings(&host.name).await.map_err(|e| e.to_string())?.root_device;
         let iso = super::vmedia::IsoFor {
             host,
             op,
             boot: data.pxe_boots + 1,
             image: &data.image,
-            boot_mode,
-            root_device: root_device.as_deref(),
+            boot_mode: boot.boot_mode,
+            root_device: boot.root_device.as_deref(),
         };
         media.ensure(store, &iso).await.map_err(|e| e.to_string())
     }
@@ -233,7 +232,9 @@ impl<F: BmcFactory> crate::ops::Machine for Reimage<F> {
         if work == Work::Wait {
             return observe(store, op, &host, step, data).await;
         }
-        let boot_mode = store.boot_settings(&op.target).await?.boot_mode;
+        // Read once per step: the mode for the overrides, the hint for a deploy ISO.
+        let boot = store.boot_settings(&op.target).await?;
+        let boot_mode = boot.boot_mode;
         let virtual_media = data.boot_path == BootPath::VirtualMedia;
         // UEFI HTTP boot by the BMC's HttpBootUri, to this boot's ISO: where no DHCP of ours
         // tells the firmware where to boot from, and for Secure Boot (shim → the CD GRUB on
@@ -246,7 +247,7 @@ impl<F: BmcFactory> crate::ops::Machine for Reimage<F> {
         // disk, a missing loader) fails the reimage at once, with the host still untouched.
         let iso = match work {
             Work::PowerOff | Work::SetPxeOnce if virtual_media || http_by_uri => {
-                match self.iso(store, &host, op, data, boot_mode).await {
+                match self.iso(store, &host, op, data, &boot).await {
                     Ok(url) => Some(url),
                     Err(reason) => return Ok(Decision::Failed { at: step, reason }),
                 }

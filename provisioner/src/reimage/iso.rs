@@ -75,10 +75,7 @@ impl Kit {
     }
 }
 
-/// One word for GRUB's shell: single-quoted (nothing inside is special), `'` spelled `'\''`.
-fn grub_word(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "'\\''"))
-}
+use crate::http::ipxe::grub_word;
 
 fn run(program: &str, args: &[&std::ffi::OsStr]) -> Result<(), IsoError> {
     let out = Command::new(program).args(args).output().map_err(|e| {
