@@ -118,6 +118,20 @@ pub enum StoreError {
         /// The term this writer acted under.
         term: i64,
     },
+    /// No catalogue image of that name.
+    #[error("unknown image {0} (image list shows the catalogue)")]
+    UnknownImage(String),
+    /// A catalogue image of that name exists already.
+    #[error("image {0} already exists (image remove it first, or choose another name)")]
+    ImageExists(String),
+    /// The image is in use and cannot be removed.
+    #[error("image {name} is in use: {by}")]
+    ImageInUse {
+        /// The image.
+        name: String,
+        /// Who uses it.
+        by: String,
+    },
     /// No instance with that UUID.
     #[error("unknown instance {0}")]
     UnknownInstance(InstanceId),

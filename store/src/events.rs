@@ -51,6 +51,11 @@ impl NewEvent {
         }
     }
 
+    /// An event about the cell as a whole (the image catalogue, ...): no host, no instance.
+    pub fn cell(actor: &str, kind: &str, message: String) -> NewEvent {
+        NewEvent { actor: actor.to_owned(), kind: kind.to_owned(), host: None, instance: None, message, key: None }
+    }
+
     /// The same event with an idempotency key.
     pub fn with_key(self, key: String) -> NewEvent {
         NewEvent { key: Some(key), ..self }

@@ -12,7 +12,7 @@
 //!
 //! Layout: `types` (names, UUIDs, generations, timestamps: pure, a leaf) ← `error` ← `db`
 //! (the pool, migrations, the database's clock, leases as fencing tokens, row helpers) ← one
-//! module per table or concern (`hosts`, `instances`, `operations`, `events`, `leadership`,
+//! module per table or concern (`hosts`, `images`, `instances`, `operations`, `events`, `leadership`,
 //! `leases`, `reports`, `settings`, `guard_role`); `guard_api` holds the wire types the guard
 //! API and its clients share. No other crate writes SQL.
 
@@ -22,6 +22,7 @@ mod events;
 pub mod guard_api;
 mod guard_role;
 mod hosts;
+mod images;
 mod instances;
 mod leadership;
 mod leases;
@@ -35,6 +36,7 @@ pub use error::{Result, StoreError};
 pub use events::{Event, EventFilter, NewEvent};
 pub use guard_role::{GuardRole, GuardSession};
 pub use hosts::{BootChange, BootSettings, Host, NewHost};
+pub use images::{check_image_name, Image, ImageFormat, NewImage};
 pub use instances::{evacuation_source_safe, Instance, NewInstance, Ownership, Transfer};
 pub use leadership::Leadership;
 pub use leases::Lease;

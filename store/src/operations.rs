@@ -97,6 +97,24 @@ impl Store {
         data: &str,
         actor: &str,
     ) -> Result<(Operation, bool)> {
+        self.start_operation_using(kind, target, first_step, deadline, data, actor, None).await
+    }
+
+    /// [`Store::start_operation`] for an operation that uses the catalogue image `image`
+    /// (a reimage): the image must exist ([`StoreError::UnknownImage`]), and cannot be removed
+    /// while the operation runs. Its row is locked first, so a concurrent `image remove`
+    /// either sees this operation or happened before it (on PostgreSQL as on SQLite).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn start_operation_using(
+        &self,
+        kind: &str,
+        target: &HostName,
+        first_step: &str,
+        deadline: Option<Timestamp>,
+        data: &str,
+        actor: &str,
+        image: Option<&str>,
+    ) -> Result<(Operation, bool)> {
         let db_now = self.now().await?.0;
         const WHAT: &str = "starting an operation";
         let mut tx = self.begin_write(WHAT).await?;
@@ -115,9 +133,20 @@ impl Store {
             return Ok((from_row(&row)?, false));
         }
         let now = db_now;
+        if let Some(image) = image {
+            let touched = sqlx::query("UPDATE images SET last_used_at = $1 WHERE name = $2")
+                .bind(now)
+                .bind(image)
+                .execute(&mut *tx)
+                .await
+                .map_err(query(WHAT))?;
+            if touched.rows_affected() == 0 {
+                return Err(StoreError::UnknownImage(image.to_owned()));
+            }
+        }
         let inserted = sqlx::query(
-            "INSERT INTO operations (kind, target, step, status, attempts, deadline, data, created_at, updated_at) \
-             VALUES ($1, $2, $3, 'running', 0, $4, $5, $6, $6)",
+            "INSERT INTO operations (kind, target, step, status, attempts, deadline, data, created_at, updated_at, \
+             image) VALUES ($1, $2, $3, 'running', 0, $4, $5, $6, $6, $7)",
         )
         .bind(kind)
         .bind(target.as_str())
@@ -125,6 +154,7 @@ impl Store {
         .bind(deadline.map(|d| d.0))
         .bind(data)
         .bind(now)
+        .bind(image)
         .execute(&mut *tx)
         .await;
         match inserted {

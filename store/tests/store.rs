@@ -6,8 +6,8 @@ use std::sync::Arc;
 use nodekeeper_store::on_both_engines;
 use nodekeeper_store::testing::TestDb;
 use nodekeeper_store::{
-    EventFilter, Generation, HostName, HostState, InstanceId, NewEvent, NewHost, NewInstance, ReportedDomain, Storage,
-    Store, StoreError,
+    EventFilter, Generation, HostName, HostState, ImageFormat, InstanceId, NewEvent, NewHost, NewImage, NewInstance,
+    ReportedDomain, Storage, Store, StoreError,
 };
 use tokio::sync::Barrier;
 
@@ -34,6 +34,8 @@ on_both_engines!(
     followers_read_events_in_order_from_an_id,
     a_follower_misses_no_event_while_writers_race,
     host_state_compare_and_set_changes_only_from_the_expected_state,
+    the_image_catalogue_refuses_duplicates_and_removal_while_used,
+    an_image_removal_and_a_reimage_start_never_both_win,
 );
 
 fn host(name: &str) -> HostName {
@@ -784,4 +786,118 @@ async fn host_state_compare_and_set_changes_only_from_the_expected_state(db: Tes
         2,
         "no event for the change that did not happen"
     );
+}
+
+fn new_image(name: &str) -> NewImage {
+    NewImage {
+        name: name.to_owned(),
+        source_format: ImageFormat::Qcow2,
+        file: format!("catalogue/{name}-0001.raw.zst"),
+        raw_size: 1 << 30,
+        raw_sha256: "a".repeat(64),
+        served_size: 200 << 20,
+        served_sha256: "b".repeat(64),
+        data_bytes: 600 << 20,
+    }
+}
+
+async fn the_image_catalogue_refuses_duplicates_and_removal_while_used(db: TestDb) {
+    let store = fleet(&db).await;
+    let added = store.add_image(&new_image("debian-12"), "test").await.expect("add");
+    assert_eq!((added.raw_size, added.source_format, added.last_used_at), (1 << 30, ImageFormat::Qcow2, None));
+    let e = store.add_image(&new_image("debian-12"), "test").await.expect_err("taken");
+    assert!(matches!(e, StoreError::ImageExists(ref n) if n == "debian-12"), "{e}");
+    for bad in ["", ".hidden", "-x", "a/b", "a b", &"x".repeat(65)] {
+        assert!(store.add_image(&new_image(bad), "test").await.is_err(), "{bad:?} refused");
+    }
+    assert_eq!(store.images().await.expect("list").len(), 1, "nothing of the refused adds");
+
+    // A running reimage uses it: not removable; an unknown image cannot be used.
+    let e = store
+        .start_operation_using("reimage", &host("node-a"), "power_off", None, "{}", "test", Some("nope"))
+        .await
+        .expect_err("unknown image");
+    assert!(matches!(e, StoreError::UnknownImage(_)), "{e}");
+    let (op, started) = store
+        .start_operation_using("reimage", &host("node-a"), "power_off", None, "{}", "test", Some("debian-12"))
+        .await
+        .expect("start");
+    assert!(started);
+    assert!(store.image("debian-12").await.expect("read").expect("there").last_used_at.is_some());
+    let e = store.remove_image("debian-12", "test").await.expect_err("in use");
+    assert!(e.to_string().contains(&format!("reimage of node-a ({})", op.id)), "{e}");
+    assert!(store.image("debian-12").await.expect("read").is_some(), "still there");
+
+    // Done: the host now runs it, which also keeps it.
+    store.set_host_image(&host("node-a"), "debian-12").await.expect("host image");
+    store
+        .advance_operation(
+            op.id,
+            &nodekeeper_store::StepChange {
+                from: "power_off".into(),
+                to: "done".into(),
+                status: nodekeeper_store::OperationStatus::Done,
+                attempts: 0,
+                deadline: None,
+                last_error: None,
+                data: None,
+                event: "done".into(),
+            },
+            "test",
+        )
+        .await
+        .expect("finish");
+    let e = store.remove_image("debian-12", "test").await.expect_err("installed");
+    assert!(e.to_string().contains("installed on node-a"), "{e}");
+    store.set_host_image(&host("node-a"), "other").await.expect("host image");
+    let removed = store.remove_image("debian-12", "test").await.expect("removable now");
+    assert_eq!(removed.file, "catalogue/debian-12-0001.raw.zst");
+    assert!(store.images().await.expect("list").is_empty());
+    assert!(matches!(store.remove_image("debian-12", "test").await, Err(StoreError::UnknownImage(_))));
+    let kinds: Vec<String> = store
+        .events(&EventFilter::default())
+        .await
+        .expect("events")
+        .into_iter()
+        .filter(|e| e.kind.starts_with("image."))
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(kinds, ["image.added", "image.removed"]);
+}
+
+/// `image remove` and a reimage starting with that image, side by side many times: either
+/// the removal fails (the reimage holds the image) or the start fails (no such image), never
+/// a running reimage of a removed image.
+async fn an_image_removal_and_a_reimage_start_never_both_win(db: TestDb) {
+    let store = fleet(&db).await;
+    for round in 0..20 {
+        let name = format!("img-{round}");
+        store
+            .add_image(&NewImage { file: format!("catalogue/{name}"), ..new_image(&name) }, "test")
+            .await
+            .expect("add");
+        let barrier = Arc::new(Barrier::new(2));
+        let (s1, b1, n1) = (store.clone(), barrier.clone(), name.clone());
+        let remover = tokio::spawn(async move {
+            b1.wait().await;
+            s1.remove_image(&n1, "test").await
+        });
+        let (s2, b2, n2) = (store.clone(), barrier.clone(), name.clone());
+        let starter = tokio::spawn(async move {
+            b2.wait().await;
+            s2.start_operation_using(
+                &format!("reimage-{round}"),
+                &host("node-b"),
+                "power_off",
+                None,
+                "{}",
+                "test",
+                Some(&n2),
+            )
+            .await
+        });
+        let removed = remover.await.expect("join").is_ok();
+        let started = starter.await.expect("join").is_ok();
+        assert!(removed ^ started, "round {round}: removed {removed}, started {started}");
+    }
 }
