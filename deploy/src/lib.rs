@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
+pub mod blocks;
 pub mod disks;
 
 /// The provisioner's CA, checked against `nk.ca`, and a TLS client configuration trusting

@@ -45,6 +45,9 @@ pub enum Command {
     /// Instances (VMs) and who owns them.
     #[command(subcommand)]
     Instance(InstanceCommand),
+    /// The image catalogue: what a reimage writes.
+    #[command(subcommand)]
+    Image(ImageCommand),
     /// Drive a host's power through its BMC; every command is confirmed by reading it back.
     Power {
         /// Host name.
@@ -56,7 +59,9 @@ pub enum Command {
     Reimage {
         /// Host name.
         host: HostName,
-        /// The image to write (a file under the images directory); default: the host's last, else node.img.
+        /// The catalogue image to write (`image list`); default: the host's last, else node.img.
+        /// A name that is not in the catalogue but a file under the images directory is
+        /// written raw, as before the catalogue (deprecated: `image add` it).
         #[arg(long)]
         image: Option<String>,
     },
@@ -88,6 +93,66 @@ pub enum TlsCommand {
         /// Make a new CA even if one exists (nodes trusting the old one must be reimaged).
         #[arg(long)]
         new_ca: bool,
+    },
+}
+
+/// Where `image add|remove` finds the images directory.
+#[derive(Debug, clap::Args)]
+pub struct ImagesDir {
+    /// The images directory (`serve`'s `[http] images_dir`).
+    #[arg(long, env = "NODEKEEPER_IMAGES_DIR")]
+    pub images_dir: Option<PathBuf>,
+    /// The provisioner's config file, read for `[http] images_dir` when --images-dir is not given.
+    #[arg(long, default_value = "/etc/nodekeeper/provisioner.toml")]
+    pub config: PathBuf,
+}
+
+impl ImagesDir {
+    /// The directory: given, or from the config file.
+    pub fn resolve(&self) -> anyhow::Result<PathBuf> {
+        if let Some(dir) = &self.images_dir {
+            return Ok(dir.clone());
+        }
+        let config = crate::config::ServeConfig::load(&self.config).map_err(|e| {
+            anyhow::anyhow!(
+                "{e:#} (the images directory comes from --images-dir DIR or the config's [http] images_dir)"
+            )
+        })?;
+        Ok(config.http.images_dir)
+    }
+}
+
+/// `image ...`
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// Add an image: raw, qcow2, or raw compressed with zstd, gzip or xz (told by its first
+    /// bytes). Stored zstd-compressed under the images directory, with the raw image's sha256.
+    Add {
+        /// The catalogue name (`reimage --image NAME`).
+        name: String,
+        /// The image file.
+        file: PathBuf,
+        /// zstd compression level of the served form, 1 (fast) to 19 (small).
+        #[arg(long, default_value_t = crate::catalogue::DEFAULT_LEVEL)]
+        level: i32,
+        /// Where the images directory is.
+        #[command(flatten)]
+        dir: ImagesDir,
+    },
+    /// List the catalogue.
+    List,
+    /// One image in detail (JSON: `sha256` is the raw image's).
+    Show {
+        /// The catalogue name.
+        name: String,
+    },
+    /// Remove an image and its file (refused while a host or a running reimage uses it).
+    Remove {
+        /// The catalogue name.
+        name: String,
+        /// Where the images directory is.
+        #[command(flatten)]
+        dir: ImagesDir,
     },
 }
 
@@ -236,6 +301,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             admin::host_set(&store, &out, &name, root_device.as_deref(), boot_mode.as_deref(), boot_path).await
         }
         Command::Power { host, action } => admin::power(&store, &out, &host, action).await,
+        Command::Image(ImageCommand::Add { name, file, level, dir }) => match dir.resolve() {
+            Ok(d) => admin::image_add(&store, &out, &d, &name, &file, level).await,
+            Err(e) => Err(e),
+        },
+        Command::Image(ImageCommand::List) => admin::image_list(&store, &out).await,
+        Command::Image(ImageCommand::Show { name }) => admin::image_show(&store, &out, &name).await,
+        Command::Image(ImageCommand::Remove { name, dir }) => match dir.resolve() {
+            Ok(d) => admin::image_remove(&store, &out, &d, &name).await,
+            Err(e) => Err(e),
+        },
         Command::Reimage { host, image } => admin::reimage(&store, &out, &host, image.as_deref()).await,
         Command::Host(HostCommand::List) => admin::host_list(&store, &out).await,
         Command::Host(HostCommand::Show { name }) => admin::host_show(&store, &out, &name).await,

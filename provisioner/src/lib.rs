@@ -11,6 +11,7 @@
 
 pub mod admin;
 pub mod bmc;
+pub mod catalogue;
 pub mod cli;
 pub mod config;
 pub mod dhcp;

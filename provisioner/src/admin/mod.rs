@@ -457,6 +457,110 @@ pub async fn reimage(store: &Store, out: &Output, name: &HostName, image: Option
     })
 }
 
+/// An image as `image list|show --json` print it: `sha256` and `size` are the raw image's
+/// (what its builder published), `served` the compressed file the deploy agent fetches.
+fn image_json(i: &nodekeeper_store::Image, installed_on: Option<&[String]>) -> serde_json::Value {
+    let mut v = json!({
+        "name": i.name,
+        "format": i.source_format,
+        "size": i.raw_size,
+        "sha256": i.raw_sha256,
+        "data_bytes": i.data_bytes,
+        "served": { "file": i.file, "format": "zstd", "size": i.served_size, "sha256": i.served_sha256 },
+        "created_at": i.created_at,
+        "last_used_at": i.last_used_at,
+    });
+    if let Some(hosts) = installed_on {
+        v["installed_on"] = json!(hosts);
+    }
+    v
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / f64::from(1 << 20))
+}
+
+/// `image add NAME FILE`
+pub async fn image_add(
+    store: &Store,
+    out: &Output,
+    images_dir: &Path,
+    name: &str,
+    file: &Path,
+    level: i32,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let image = crate::catalogue::add(store, images_dir, name, file, level, &actor()).await?;
+    let secs = started.elapsed().as_secs_f64();
+    out.emit(&image_json(&image, None), || {
+        format!(
+            "image {} added from {} in {secs:.1} s: {} raw ({} of data), served as {} (zstd), sha256 {}\n",
+            image.name,
+            image.source_format,
+            mib(image.raw_size),
+            mib(image.data_bytes),
+            mib(image.served_size),
+            image.raw_sha256
+        )
+    })
+}
+
+/// `image list`
+pub async fn image_list(store: &Store, out: &Output) -> anyhow::Result<()> {
+    let images = store.images().await?;
+    let value: Vec<serde_json::Value> = images.iter().map(|i| image_json(i, None)).collect();
+    out.emit(&value, || {
+        table(
+            &["NAME", "FROM", "RAW", "DATA", "SERVED", "SHA256"],
+            images.iter().map(|i| {
+                vec![
+                    i.name.clone(),
+                    i.source_format.to_string(),
+                    mib(i.raw_size),
+                    mib(i.data_bytes),
+                    mib(i.served_size),
+                    i.raw_sha256.chars().take(16).collect(),
+                ]
+            }),
+        )
+    })
+}
+
+/// `image show NAME`
+pub async fn image_show(store: &Store, out: &Output, name: &str) -> anyhow::Result<()> {
+    let image = store.image(name).await?.ok_or_else(|| StoreError::UnknownImage(name.to_owned()))?;
+    let hosts: Vec<String> = store
+        .hosts()
+        .await?
+        .into_iter()
+        .filter(|h| h.image.as_deref() == Some(name))
+        .map(|h| h.name.to_string())
+        .collect();
+    out.emit(&image_json(&image, Some(&hosts)), || {
+        let rows = [
+            ("name", image.name.clone()),
+            ("added from", image.source_format.to_string()),
+            ("raw size", format!("{} ({} bytes)", mib(image.raw_size), image.raw_size)),
+            ("sha256", image.raw_sha256.clone()),
+            ("data", format!("{} outside all-zero 64 KiB blocks", mib(image.data_bytes))),
+            ("served", format!("{} ({}, zstd)", image.file, mib(image.served_size))),
+            ("served sha256", image.served_sha256.clone()),
+            ("added", image.created_at.to_string()),
+            ("last used", opt(image.last_used_at)),
+            ("installed on", if hosts.is_empty() { "-".into() } else { hosts.join(", ") }),
+        ];
+        rows.iter().map(|(k, v)| format!("{k:<14} {v}\n")).collect()
+    })
+}
+
+/// `image remove NAME`
+pub async fn image_remove(store: &Store, out: &Output, images_dir: &Path, name: &str) -> anyhow::Result<()> {
+    let image = crate::catalogue::remove(store, images_dir, name, &actor()).await?;
+    out.emit(&json!({ "removed": image.name, "file": image.file }), || {
+        format!("image {} removed ({} deleted)\n", image.name, image.file)
+    })
+}
+
 /// For commands given a list of UUIDs, the item's own error says which one; add that
 /// nothing changed.
 fn unwrap_item(e: StoreError) -> anyhow::Error {

@@ -78,13 +78,7 @@ impl Images {
             Some(hex) => hex,
             None => {
                 let hex = sha256_file(file)?;
-                if let Some(dir) = sidecar.parent() {
-                    let _ = std::fs::create_dir_all(dir);
-                }
-                let tmp = sidecar.with_extension("tmp");
-                if std::fs::write(&tmp, format!("{} {} {hex}\n", key.0, key.1)).is_ok() {
-                    let _ = std::fs::rename(&tmp, &sidecar);
-                }
+                let _ = write_sidecar(&sidecar, key, &hex);
                 hex
             }
         };
@@ -92,6 +86,24 @@ impl Images {
             c.insert(file.to_owned(), (key.0, key.1, hex.clone()));
         }
         Ok(hex)
+    }
+
+    /// Records `hex` as the digest of `file` (inside the root), computed by whoever wrote it
+    /// (`image add` hashes while it compresses), so `serve` does not read it again.
+    pub fn remember(&self, file: &Path, hex: &str) -> std::io::Result<()> {
+        let file = file.canonicalize()?;
+        let meta = std::fs::metadata(&file)?;
+        let mtime = meta.modified()?.duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        write_sidecar(&self.sidecar(&file), (meta.len(), mtime), hex)
+    }
+
+    /// Forgets `file`'s digest (it is being deleted).
+    pub fn forget(&self, file: &Path) {
+        let file = file.canonicalize().unwrap_or_else(|_| file.to_owned());
+        let _ = std::fs::remove_file(self.sidecar(&file));
+        if let Ok(mut c) = self.cache.lock() {
+            c.remove(&file);
+        }
     }
 
     fn sidecar(&self, file: &Path) -> PathBuf {
@@ -120,6 +132,16 @@ impl Images {
             }
         }
     }
+}
+
+/// Writes a digest sidecar (`SIZE MTIME HEX`) through a temporary file and a rename.
+fn write_sidecar(sidecar: &Path, key: (u64, u128), hex: &str) -> std::io::Result<()> {
+    if let Some(dir) = sidecar.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = sidecar.with_extension("tmp");
+    std::fs::write(&tmp, format!("{} {} {hex}\n", key.0, key.1))?;
+    std::fs::rename(&tmp, sidecar)
 }
 
 /// sha256 of a file, hex.
