@@ -15,10 +15,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sha2::{Digest, Sha256};
-
 pub mod blocks;
 pub mod disks;
+pub mod stream;
 
 /// The provisioner's CA, checked against `nk.ca`, and a TLS client configuration trusting
 /// only it.
@@ -43,7 +42,7 @@ impl PartialEq for Tls {
 impl Eq for Tls {}
 
 fn hex_sha256(bytes: &[u8]) -> String {
-    format!("{:x}", Sha256::digest(bytes))
+    stream::hex(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
 }
 
 impl Tls {
@@ -92,6 +91,21 @@ pub struct Params {
     pub ca: Option<String>,
     /// The CA, once fetched and checked ([`Params::trust`]).
     pub tls: Option<Tls>,
+    /// How `image` is served (`nk.format`): raw, or zstd-compressed raw (a catalogue image).
+    pub format: Format,
+    /// The raw image's size in bytes (`nk.size`; a compressed image's own length says
+    /// nothing of it). Unset: the served length (raw).
+    pub size: Option<u64>,
+}
+
+/// How the image is served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Format {
+    /// The raw disk image, byte for byte.
+    #[default]
+    Raw,
+    /// The raw disk image compressed with zstd (frame checksum included).
+    Zstd,
 }
 
 impl Params {
@@ -114,6 +128,14 @@ impl Params {
                 .transpose()?,
             ca: get("nk.ca").filter(|v| !v.is_empty()),
             tls: None,
+            format: match get("nk.format").as_deref() {
+                None | Some("raw") => Format::Raw,
+                Some("zstd") => Format::Zstd,
+                Some(other) => return Err(format!("nk.format={other}: raw or zstd")),
+            },
+            size: get("nk.size")
+                .map(|v| v.parse().map_err(|_| format!("nk.size={v}: a number of bytes")))
+                .transpose()?,
         })
     }
 
@@ -347,6 +369,12 @@ pub enum Outcome {
         /// What was written.
         actual: String,
     },
+    /// The compressed stream did not decode (corrupt data, a failed frame checksum) or
+    /// decoded to another size than the raw image's.
+    Corrupt {
+        /// The decoder's or the size check's words.
+        reason: String,
+    },
 }
 
 /// The first bytes of the image are held back until it is verified: the partition table and
@@ -358,78 +386,105 @@ pub const HEAD: usize = 64 << 10;
 /// node's first boot (`images/node/firstboot`).
 pub const CONFIG_BLOCK: u64 = 4096;
 
-/// How many times a broken image download is resumed (2 s apart) before the deploy fails.
-const RESUMES: u32 = 60;
-
-/// Streams the image to `disk`, hashing as it writes; fsyncs; compares with the ETag. The
-/// first [`HEAD`] bytes on the disk are zeroed at once and written only by [`finish`], after
-/// the image verified. A broken download (the provisioner restarting, the network dropping)
-/// resumes where it stopped with a `Range` request, as long as the ETag is the same.
-/// `progress` is called with (bytes so far, total) about every 10%.
+/// Streams the image to `disk`: the served bytes hashed as they arrive (and a broken download
+/// resumed where it broke, with `Range`, as long as the `ETag` is the same), decompressed when
+/// the image is zstd, and written zero-aware ([`stream::Sink`]): blocks of data are written,
+/// all-zero blocks are zeroed by the device. The first [`HEAD`] bytes on the disk are zeroed
+/// at once and written only by [`finish`], after the image verified. The check is the sha256
+/// of the served bytes against the `ETag` (and, with TLS, against the digest taken over TLS);
+/// a zstd image also passes zstd's frame checksum over the raw bytes and must decode to
+/// `nk.size` bytes. `progress` is called with (served bytes so far, served total) about every
+/// 10%. Returns the outcome, the held-back head and what was written.
 pub fn write_image(p: &Params, mut progress: impl FnMut(u64, u64)) -> io::Result<(Outcome, Vec<u8>)> {
+    write_image_counted(p, &mut progress).map(|(outcome, head, _)| (outcome, head))
+}
+
+/// [`write_image`], also returning what the sink did.
+pub fn write_image_counted(
+    p: &Params,
+    progress: &mut dyn FnMut(u64, u64),
+) -> io::Result<(Outcome, Vec<u8>, stream::Written)> {
     let trusted = trusted_digest(p)?;
-    let mut resp = request(&p.image, None, "GET", &[], None)?;
-    if resp.status != 200 {
-        return Err(io::Error::other(format!("GET {}: HTTP {}", p.image, resp.status)));
-    }
-    let total: u64 = resp.header("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
-    let expected = etag(&resp).ok_or_else(|| io::Error::other("the image has no sha256 ETag to verify against"))?;
-    if let Some(trusted) = trusted.filter(|t| *t != expected) {
+    let mut download = stream::Download::start(p)?;
+    if let Some(trusted) = trusted.filter(|t| *t != download.etag) {
         return Err(io::Error::other(format!(
-            "the image served over plain HTTP says sha256 {expected}, the provisioner over TLS says {trusted}: refusing it"
+            "the image served over plain HTTP says sha256 {}, the provisioner over TLS says {trusted}: refusing it",
+            download.etag
         )));
     }
-    let mut disk = std::fs::OpenOptions::new().write(true).create(true).truncate(false).open(&p.disk)?;
+    let expected = download.etag.clone();
+    let total = download.total;
+    let disk = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&p.disk)?;
     // Whatever was bootable on this disk is not any more.
-    disk.write_all(&[0u8; HEAD])?;
+    (&disk).write_all(&[0u8; HEAD])?;
     disk.sync_data()?;
-    let mut hasher = Sha256::new();
-    let mut head = Vec::with_capacity(HEAD);
+    let mut sink = stream::Sink::new(&disk);
     let mut buf = vec![0u8; 1 << 20];
-    let (mut written, mut next_report, mut resumes) = (0u64, total / 10, 0u32);
-    loop {
-        let n = match resp.body.read(&mut buf) {
-            Ok(0) if total == 0 || written == total => break,
-            Ok(0) => Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the connection closed early")),
-            Ok(n) => Ok(n),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => Err(e),
+    let mut next_report = total / 10;
+    let decoded: io::Result<()> = (|| {
+        let mut raw: Box<dyn Read + '_> = match p.format {
+            Format::Raw => Box::new(&mut download),
+            Format::Zstd => Box::new(zstd::stream::read::Decoder::new(&mut download)?),
         };
-        let n = match n {
-            Ok(n) => n,
-            Err(e) if total > 0 && resumes < RESUMES => {
-                resumes += 1;
-                resp = resume(p, written, &expected, &e)?;
-                continue;
+        loop {
+            let n = stream::read_full(&mut *raw, &mut buf)?;
+            if n == 0 {
+                return Ok(());
             }
-            Err(e) => return Err(io::Error::other(format!("image download broke at {written} bytes: {e}"))),
-        };
-        let chunk = &buf[..n];
-        hasher.update(chunk);
-        let held = (HEAD - head.len()).min(n);
-        head.extend_from_slice(&chunk[..held]);
-        if held < n {
-            disk.seek(SeekFrom::Start(written + held as u64))?;
-            disk.write_all(&chunk[held..])?;
+            sink.put(&buf[..n]).map_err(|e| io::Error::other(Disk(e)))?;
+            // The decoder holds `download`: progress by the raw bytes, scaled to the served.
+            let done = p.size.filter(|s| *s > 0).map_or(sink.written.raw, |s| {
+                (u128::from(sink.written.raw) * u128::from(total) / u128::from(s)) as u64
+            });
+            if total > 0 && done >= next_report {
+                progress(done.min(total), total);
+                next_report += (total / 10).max(1);
+            }
         }
-        written += n as u64;
-        if total > 0 && written >= next_report {
-            progress(written, total);
-            next_report += total / 10;
+    })();
+    if let Err(e) = decoded {
+        if let Some(disk_error) = e.get_ref().and_then(|i| i.downcast_ref::<Disk>()) {
+            return Err(io::Error::new(disk_error.0.kind(), format!("writing {}: {}", p.disk, disk_error.0)));
         }
+        if stream::is_broke(&e) || p.format == Format::Raw {
+            return Err(io::Error::other(format!("image download: {e}")));
+        }
+        let reason = format!("the zstd stream does not decode: {e}");
+        return Ok((Outcome::Corrupt { reason }, std::mem::take(&mut sink.head), sink.written));
     }
-    if total > 0 && written != total {
-        return Err(io::Error::other(format!("image truncated: {written} of {total} bytes")));
-    }
+    sink.flush()?;
+    let written = sink.written;
+    let head = std::mem::take(&mut sink.head);
     disk.sync_all()?;
-    let actual = format!("{:x}", hasher.finalize());
-    let outcome = if actual == expected {
-        Outcome::Verified { bytes: written, sha256: actual }
-    } else {
-        Outcome::Mismatch { expected, actual }
-    };
-    Ok((outcome, head))
+    let actual = download.sha256();
+    let raw_size = written.raw;
+    if download.received != total {
+        return Err(io::Error::other(format!("image truncated: {} of {total} bytes", download.received)));
+    }
+    if actual != expected {
+        return Ok((Outcome::Mismatch { expected, actual }, head, written));
+    }
+    if let Some(size) = p.size.filter(|s| *s != raw_size) {
+        return Ok((
+            Outcome::Corrupt { reason: format!("the image decoded to {raw_size} bytes, the catalogue says {size}") },
+            head,
+            written,
+        ));
+    }
+    Ok((Outcome::Verified { bytes: raw_size, sha256: actual }, head, written))
 }
+
+/// A write to the disk failed (told apart from the stream's errors).
+#[derive(Debug)]
+struct Disk(io::Error);
+
+impl std::fmt::Display for Disk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for Disk {}
 
 /// With TLS: the image's sha256 as the provisioner's HTTPS listener gives it (`HEAD` of the
 /// image's path there), the digest the plainly streamed bytes must match.
@@ -444,28 +499,8 @@ fn trusted_digest(p: &Params) -> io::Result<Option<String>> {
     etag(&resp).map(Some).ok_or_else(|| io::Error::other(format!("HEAD {url}: no sha256 ETag")))
 }
 
-fn etag(resp: &Response) -> Option<String> {
+pub(crate) fn etag(resp: &Response) -> Option<String> {
     resp.header("etag").map(|e| e.trim_matches('"').to_ascii_lowercase()).filter(|e| e.len() == 64)
-}
-
-/// Asks for the rest of the image from `offset`, retrying for a while: only a 206 with the same
-/// ETag continues the same bytes.
-fn resume(p: &Params, offset: u64, expected: &str, why: &io::Error) -> io::Result<Response> {
-    eprintln!("nodekeeper-deploy: download broke at {offset} bytes ({why}); resuming");
-    let range = format!("bytes={offset}-");
-    let mut last = String::new();
-    for _ in 0..RESUMES {
-        std::thread::sleep(Duration::from_secs(2));
-        match request(&p.image, None, "GET", &[("Range", &range)], None) {
-            Ok(r) if r.status == 206 && etag(&r).as_deref() == Some(expected) => return Ok(r),
-            Ok(r) if r.status == 206 || r.status == 200 => {
-                return Err(io::Error::other("the image changed on the server during the download"))
-            }
-            Ok(r) => last = format!("HTTP {}", r.status),
-            Err(e) => last = e.to_string(),
-        }
-    }
-    Err(io::Error::other(format!("could not resume the download at {offset} bytes: {last}")))
 }
 
 /// The text of the config block (NUL-padded to [`CONFIG_BLOCK`] on the disk): with TLS, the
@@ -514,7 +549,8 @@ fn pick_disk(p: &Params) -> Result<disks::Disk, String> {
     if head.status != 200 {
         return Err(format!("HEAD {}: HTTP {}", p.image, head.status));
     }
-    let size: u64 = head.header("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+    let served: u64 = head.header("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+    let size = p.size.unwrap_or(served);
     let seen = disks::scan(Path::new("/sys/block")).map_err(|e| format!("reading /sys/block: {e}"))?;
     // The image rounded up to whole blocks, and the config block after it (see `finish`).
     disks::choose(&seen, p.root_device.as_ref(), size.div_ceil(CONFIG_BLOCK) * CONFIG_BLOCK + CONFIG_BLOCK)
@@ -565,25 +601,29 @@ pub fn deploy(p: &mut Params, log: &mut dyn FnMut(&str)) -> bool {
         log(&format!("reporting booted: {e}"));
     }
     log(&format!("writing {} to {}", p.image, p.disk));
-    let outcome = write_image(p, |done, total| {
+    let mut report_progress = |done: u64, total: u64| {
         let detail = format!("{}% ({} of {} MiB)", done * 100 / total.max(1), done >> 20, total >> 20);
         let _ = report(p, "booted", None, Some(&detail));
-    });
+    };
+    let outcome = write_image_counted(p, &mut report_progress);
     match outcome {
         Err(e) => {
             log(&format!("write failed: {e}"));
             let _ = report_until_heard(p, "written", Some(&e.to_string()), None, REPORT_TRIES);
             false
         }
-        Ok((Outcome::Mismatch { expected, actual }, _)) => {
-            let reason = format!("sha256 mismatch: expected {expected}, wrote {actual}");
-            log(&reason);
-            let _ = report_until_heard(p, "written", None, None, REPORT_TRIES);
-            let _ = report_until_heard(p, "verified", Some(&reason), None, REPORT_TRIES);
-            false
+        Ok((Outcome::Mismatch { expected, actual }, _, _)) => {
+            let reason = format!("sha256 mismatch: expected {expected}, received {actual}");
+            fail_verification(p, log, &reason)
         }
-        Ok((Outcome::Verified { bytes, sha256 }, head)) => {
-            let detail = format!("{bytes} bytes in {:.1} s, sha256 {sha256}", started.elapsed().as_secs_f64());
+        Ok((Outcome::Corrupt { reason }, _, _)) => fail_verification(p, log, &reason),
+        Ok((Outcome::Verified { bytes, sha256 }, head, written)) => {
+            let detail = format!(
+                "{bytes} bytes in {:.1} s ({} MiB written, {} MiB zeroed by the disk), sha256 {sha256}",
+                started.elapsed().as_secs_f64(),
+                written.data >> 20,
+                written.zeroed >> 20,
+            );
             log(&format!("verified: {detail}"));
             let _ = report_until_heard(p, "written", None, Some(&detail), REPORT_TRIES);
             if let Err(e) = finish(p, bytes, &head) {
@@ -596,6 +636,15 @@ pub fn deploy(p: &mut Params, log: &mut dyn FnMut(&str)) -> bool {
             true
         }
     }
+}
+
+/// The image was written but is not the one asked for: `written` without error, then
+/// `verified` with the reason. The head was never written: the disk does not boot.
+fn fail_verification(p: &Params, log: &mut dyn FnMut(&str), reason: &str) -> bool {
+    log(reason);
+    let _ = report_until_heard(p, "written", None, None, REPORT_TRIES);
+    let _ = report_until_heard(p, "verified", Some(reason), None, REPORT_TRIES);
+    false
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@
 use nodekeeper_store::{Host, HostState, Operation, OperationStatus};
 
 use crate::reimage::executor;
-use crate::reimage::machine::{AgentReport, AgentStage, ReimageData, Step};
+use crate::reimage::machine::{AgentReport, AgentStage, ImageRef, ReimageData, Step};
 
 /// What the deploy ramdisk needs to know.
 #[derive(Debug, Clone)]
@@ -25,8 +25,8 @@ pub struct DeployParams<'a> {
     pub initrd: &'a str,
     /// Extra kernel arguments.
     pub kernel_args: &'a str,
-    /// The image to write, relative to `/images/`.
-    pub image: &'a str,
+    /// The image to write.
+    pub image: ImageRef<'a>,
     /// The host's root-device hint (the agent's one-word form), if any.
     pub root_device: Option<&'a str>,
 }
@@ -35,8 +35,12 @@ pub struct DeployParams<'a> {
 /// (`"OPERATION:PXE_BOOT"`, the key its one-time token is issued under).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Deploy {
-    /// The image to write (name under `/images/`).
+    /// The image to write (its catalogue name, or a file under `/images/`).
     pub image: String,
+    /// The path the agent fetches under `/images/`.
+    pub file: String,
+    /// `Some` for a catalogue image (served zstd-compressed): its raw size.
+    pub raw_size: Option<u64>,
     /// This boot of this reimage.
     pub boot: String,
 }
@@ -62,7 +66,13 @@ pub fn deploy_for(host: &Host, op: Option<&Operation>) -> Option<Deploy> {
         return None;
     }
     let data = serde_json::from_str::<ReimageData>(&op.data).ok()?;
-    Some(Deploy { image: data.image, boot: format!("{}:{}", op.id, data.pxe_boots) })
+    let ImageRef { path, raw_size } = data.image_ref();
+    Some(Deploy {
+        file: path.to_owned(),
+        raw_size,
+        image: data.image.clone(),
+        boot: format!("{}:{}", op.id, data.pxe_boots),
+    })
 }
 
 /// Which boot loader reads the script.
@@ -82,8 +92,12 @@ pub(crate) fn deploy_args(host: &Host, params: &DeployParams<'_>, token: &str) -
         format!("nk.server={}", params.tls.map_or(base, |(url, _)| url.trim_end_matches('/'))),
         format!("nk.host={}", host.name),
         format!("nk.token={token}"),
-        format!("nk.image={base}/images/{}", params.image),
+        format!("nk.image={base}/images/{}", params.image.path),
     ];
+    if let Some(size) = params.image.raw_size {
+        args.push("nk.format=zstd".into());
+        args.push(format!("nk.size={size}"));
+    }
     args.extend(params.tls.map(|(_, ca)| format!("nk.ca={ca}")));
     args.extend(params.root_device.map(|h| format!("nk.root_device={h}")));
     args.extend(host.mac.map(|m| format!("nk.mac={m}")));
@@ -109,7 +123,7 @@ pub fn boot_script(host: &Host, params: &DeployParams<'_>, token: Option<&str>, 
              initrd --name initrd.img {base}/images/{initrd}\n\
              boot\n",
             name = host.name,
-            image = params.image,
+            image = params.image.path,
             kernel = params.kernel,
             initrd = params.initrd,
             args = deploy_args(host, params, token).join(" "),
@@ -124,7 +138,7 @@ pub fn boot_script(host: &Host, params: &DeployParams<'_>, token: Option<&str>, 
              initrd /images/{initrd}\n\
              boot\n",
             name = host.name,
-            image = params.image,
+            image = params.image.path,
             echo = grub_word(&format!("nodekeeper: loading the deploy ramdisk for {}", host.name)),
             kernel = params.kernel,
             initrd = params.initrd,
@@ -189,7 +203,7 @@ mod tests {
         kernel: "deploy/vmlinuz",
         initrd: "deploy/initrd.img",
         kernel_args: "console=ttyS0",
-        image: "node.img",
+        image: ImageRef { path: "node.img", raw_size: None },
         root_device: None,
     };
 
@@ -200,6 +214,17 @@ mod tests {
         assert!(s.contains("kernel http://10.20.0.1:8080/images/deploy/vmlinuz initrd=initrd.img nk.server=http://10.20.0.1:8080 nk.host=node-a nk.token=t0k3n nk.image=http://10.20.0.1:8080/images/node.img nk.mac=52:54:00:00:00:0a console=ttyS0\n"), "{s}");
         assert!(s.contains("initrd --name initrd.img http://10.20.0.1:8080/images/deploy/initrd.img\n"));
         assert!(s.ends_with("boot\n"));
+    }
+
+    #[test]
+    fn a_catalogue_image_is_fetched_compressed_with_its_raw_size() {
+        let image = ImageRef { path: "catalogue/debian-0123.raw.zst", raw_size: Some(1 << 30) };
+        let params = DeployParams { image, ..PARAMS };
+        let s = boot_script(&host(HostState::Reimaging), &params, Some("t0k3n"), Flavor::Ipxe);
+        assert!(
+            s.contains(" nk.image=http://10.20.0.1:8080/images/catalogue/debian-0123.raw.zst nk.format=zstd nk.size=1073741824 "),
+            "{s}"
+        );
     }
 
     #[test]
@@ -270,6 +295,7 @@ mod tests {
                 deadlines: Default::default(),
                 limits: Default::default(),
                 boot_path: Default::default(),
+                served: None,
             })
             .expect("json"),
             report: report.map(str::to_owned),
@@ -287,7 +313,12 @@ mod tests {
         // The image this reimage asked for, not the one the host had, for this boot.
         assert_eq!(
             deploy_for(&h, Some(&op("agent_booted", None))),
-            Some(Deploy { image: "requested.img".into(), boot: "1:1".into() })
+            Some(Deploy {
+                image: "requested.img".into(),
+                file: "requested.img".into(),
+                raw_size: None,
+                boot: "1:1".into()
+            })
         );
         // Before the executor recorded power_on, nobody gets the installer.
         for step in ["power_off", "pxe_next_boot", "power_on"] {

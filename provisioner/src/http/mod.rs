@@ -285,7 +285,8 @@ impl BootScripts {
         };
         let c = &self.config;
         let Some(deploy) = ipxe::deploy_for(&host, op.as_ref()) else {
-            let params = deploy_params(c, self.tls.as_deref(), DEFAULT_IMAGE, None);
+            let image = crate::reimage::machine::ImageRef::raw(DEFAULT_IMAGE);
+            let params = deploy_params(c, self.tls.as_deref(), image, None);
             return Ok(Script::Known(ipxe::boot_script(&host, &params, None, flavor)));
         };
         // Which disk the agent writes (the host's root-device hint, if any).
@@ -296,7 +297,8 @@ impl BootScripts {
         let hash = format!("{:x}", Sha256::digest(token.as_bytes()));
         let expires = self.store.now().await? + DEPLOY_TOKEN_TTL;
         if self.store.issue_deploy_token(&host.name, &hash, expires, &deploy.boot).await? {
-            let params = deploy_params(c, self.tls.as_deref(), &deploy.image, root_device.as_deref());
+            let image = crate::reimage::machine::ImageRef { path: &deploy.file, raw_size: deploy.raw_size };
+            let params = deploy_params(c, self.tls.as_deref(), image, root_device.as_deref());
             return Ok(Script::Known(ipxe::boot_script(&host, &params, Some(&token), flavor)));
         }
         // Someone fetched this boot's script already: the host itself retrying, or another
@@ -323,7 +325,7 @@ impl BootScripts {
 pub(crate) fn deploy_params<'a>(
     c: &'a HttpConfig,
     tls: Option<&'a tls::NodeTls>,
-    image: &'a str,
+    image: crate::reimage::machine::ImageRef<'a>,
     root_device: Option<&'a str>,
 ) -> ipxe::DeployParams<'a> {
     ipxe::DeployParams {

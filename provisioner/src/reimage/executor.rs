@@ -77,11 +77,16 @@ pub async fn request(
     }
     let image = image.map(str::to_owned).or(h.image).unwrap_or_else(|| super::DEFAULT_IMAGE.to_owned());
     let boot_path = store.boot_settings(host).await?.boot_path;
-    let data = ReimageData { image, pxe_boots: 0, agent: None, deadlines, limits, boot_path };
+    // A catalogue image is served compressed; any other name is a raw file under the images
+    // directory (as before the catalogue).
+    let catalogued = store.image(&image).await?;
+    let served = catalogued.map(|i| machine::Served { file: i.file, raw_size: i.raw_size });
+    let uses = served.is_some().then_some(image.as_str());
+    let data = ReimageData { image: image.clone(), pxe_boots: 0, agent: None, deadlines, limits, boot_path, served };
     let deadline = crate::ops::engine::after(store, machine::deadline_for(Step::PowerOff, &data.deadlines)).await?;
     let json = serde_json::to_string(&data).unwrap_or_else(|_| "{}".into());
     let (op, started) =
-        store.start_operation(KIND, host, Step::PowerOff.as_str(), Some(deadline), &json, actor).await?;
+        store.start_operation_using(KIND, host, Step::PowerOff.as_str(), Some(deadline), &json, actor, uses).await?;
     if started {
         store
             .set_host_state(
@@ -183,7 +188,7 @@ impl<F: BmcFactory> Reimage<F> {
             host,
             op,
             boot: data.pxe_boots + 1,
-            image: &data.image,
+            image: data.image_ref(),
             boot_mode: boot.boot_mode,
             root_device: boot.root_device.as_deref(),
         };

@@ -171,6 +171,46 @@ pub struct ReimageData {
     /// reimage was requested; a reimage from before boot paths existed was PXE).
     #[serde(default)]
     pub boot_path: nodekeeper_store::BootPath,
+    /// The catalogue's served form of `image` when the reimage was requested (`None`: a file
+    /// under the images directory, served raw, as before the catalogue).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub served: Option<Served>,
+}
+
+/// A catalogue image as the deploy agent fetches it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Served {
+    /// The zstd-compressed raw image, relative to `/images/`.
+    pub file: String,
+    /// Bytes of the raw image.
+    pub raw_size: u64,
+}
+
+/// What the deploy agent fetches: a path under `/images/`, served raw or (with its raw size)
+/// zstd-compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageRef<'a> {
+    /// Relative to `/images/`.
+    pub path: &'a str,
+    /// `Some`: zstd-compressed, this many raw bytes.
+    pub raw_size: Option<u64>,
+}
+
+impl ImageRef<'_> {
+    /// A raw file under the images directory.
+    pub fn raw(path: &str) -> ImageRef<'_> {
+        ImageRef { path, raw_size: None }
+    }
+}
+
+impl ReimageData {
+    /// What the agent fetches for this reimage.
+    pub fn image_ref(&self) -> ImageRef<'_> {
+        match &self.served {
+            Some(s) => ImageRef { path: &s.file, raw_size: Some(s.raw_size) },
+            None => ImageRef::raw(&self.image),
+        }
+    }
 }
 
 impl ReimageData {
@@ -184,6 +224,7 @@ impl ReimageData {
             deadlines: Deadlines::default(),
             limits: Limits::default(),
             boot_path: Default::default(),
+            served: None,
         }
     }
 }
@@ -363,6 +404,7 @@ mod tests {
             deadlines: Deadlines::default(),
             limits: Limits::default(),
             boot_path: Default::default(),
+            served: None,
         }
     }
 

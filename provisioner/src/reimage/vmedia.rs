@@ -75,7 +75,7 @@ pub struct IsoFor<'a> {
     /// The boot of that reimage (1, then 2 when the agent never called back, …).
     pub boot: u32,
     /// The image the agent writes.
-    pub image: &'a str,
+    pub image: super::machine::ImageRef<'a>,
     /// The host's firmware, if known.
     pub boot_mode: Option<BootMode>,
     /// Its root-device hint.
