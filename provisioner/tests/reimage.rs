@@ -874,3 +874,152 @@ async fn uefi_http_boot_without_our_dhcp_goes_by_http_boot_uri() {
     r.wait(op.id, "failed", |o| o.status == OperationStatus::Failed).await;
     assert_eq!(fetch(&uri, &iso), 404, "refused once the reimage ended");
 }
+
+/// A raw disk image for the catalogue: an MBR boot signature, runs of random data, zeros.
+fn catalogue_disk(len: usize) -> Vec<u8> {
+    let mut img = vec![0u8; len];
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    for range in [0..446, 1 << 20..(1 << 20) + 700_000, len / 2..len / 2 + 300_000] {
+        for b in &mut img[range] {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+    }
+    img[510] = 0x55;
+    img[511] = 0xaa;
+    img
+}
+
+/// A loop device over `len` bytes of random data (what a used disk holds), detached when
+/// dropped; `None` without root (a panic where NODEKEEPER_REQUIRE_NETNS says root is here).
+struct LoopDisk(String);
+
+impl LoopDisk {
+    fn new(dir: &std::path::Path, len: usize) -> Option<LoopDisk> {
+        let backing = dir.join("used-disk");
+        let mut noise = vec![0u8; len];
+        let mut x: u64 = 7;
+        for b in &mut noise {
+            x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            *b = (x >> 33) as u8;
+        }
+        std::fs::write(&backing, &noise).expect("backing file");
+        let out = Command::new("losetup").args(["-f", "--show"]).arg(&backing).output().ok()?;
+        if !out.status.success() {
+            assert!(std::env::var_os("NODEKEEPER_REQUIRE_NETNS").is_none(), "losetup: {out:?}");
+            return None;
+        }
+        Some(LoopDisk(String::from_utf8_lossy(&out.stdout).trim().to_owned()))
+    }
+}
+
+impl Drop for LoopDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.0]).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_catalogue_image_is_deployed_compressed_and_the_device_reads_back_the_image() {
+    use sha2::Digest;
+    let r = rig().await;
+    let raw = catalogue_disk(24 << 20);
+    let raw_sha = format!("{:x}", sha2::Sha256::digest(&raw));
+    let source = r.dir.path().join("upload.img");
+    std::fs::write(&source, &raw).expect("raw");
+    let qcow2 = r.dir.path().join("upload.qcow2");
+    let conv = Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "qcow2"])
+        .arg(&source)
+        .arg(&qcow2)
+        .status()
+        .expect("qemu-img");
+    assert!(conv.success());
+    let image = nodekeeper_provisioner::catalogue::add(&r.store, r.dir.path(), "debian-12", &qcow2, 3, "test")
+        .await
+        .expect("image add");
+    assert_eq!(image.raw_sha256, raw_sha);
+    let Some(disk) = LoopDisk::new(r.dir.path(), 32 << 20) else {
+        eprintln!("skipped: no loop device");
+        return;
+    };
+
+    let (op, _) = executor::request(&r.store, &name(), Some("debian-12"), quick(), Limits::default(), "test")
+        .await
+        .expect("request");
+    let e = r.store.remove_image("debian-12", "test").await.expect_err("in use");
+    assert!(e.to_string().contains("running reimage of node-a"), "{e}");
+    let _exec = r.executor();
+    r.wait(op.id, "agent_booted", |o| o.step == "agent_booted").await;
+    // The agent's command line is the script's, word for word (plus the disk).
+    let script = r.script();
+    let kernel = script.lines().find(|l| l.starts_with("kernel ")).unwrap_or_else(|| panic!("{script}"));
+    assert!(kernel.contains(&format!(" nk.format=zstd nk.size={} ", raw.len())), "{kernel}");
+    assert!(kernel.contains(&format!("/images/{} ", image.file)), "{kernel}");
+    let cmdline = format!("{} nk.disk={}", kernel.split_whitespace().skip(2).collect::<Vec<_>>().join(" "), disk.0);
+    let mut params = nodekeeper_deploy::Params::from_cmdline(&cmdline).expect("params");
+    let (ok, log) = tokio::task::spawn_blocking(move || {
+        let mut log = Vec::new();
+        let ok = nodekeeper_deploy::deploy(&mut params, &mut |l| log.push(l.to_owned()));
+        (ok, log)
+    })
+    .await
+    .expect("agent");
+    assert!(ok, "{log:?}");
+    let verified = log.iter().find(|l| l.starts_with("verified: ")).expect("verified line");
+    assert!(verified.contains("MiB zeroed by the disk"), "{verified}");
+    // The device, read back over the image's range: the image, though it held random bytes.
+    let mut back = vec![0u8; raw.len()];
+    std::io::Read::read_exact(&mut std::fs::File::open(&disk.0).expect("device"), &mut back).expect("read back");
+    assert_eq!(format!("{:x}", sha2::Sha256::digest(&back)), raw_sha, "the device holds the image");
+    r.wait(op.id, "heartbeat", |o| o.step == "heartbeat").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rotten_byte_in_a_catalogue_image_fails_at_verified() {
+    let r = rig().await;
+    let raw = catalogue_disk(8 << 20);
+    let source = r.dir.path().join("upload.img");
+    std::fs::write(&source, &raw).expect("raw");
+    let image = nodekeeper_provisioner::catalogue::add(&r.store, r.dir.path(), "img", &source, 3, "test")
+        .await
+        .expect("image add");
+    // A byte of the served file rots on the provisioner's disk, size and mtime unchanged: the
+    // ETag recorded at `image add` still names the good bytes.
+    let served = r.dir.path().join(&image.file);
+    let mtime = std::fs::metadata(&served).and_then(|m| m.modified()).expect("mtime");
+    let mut bytes = std::fs::read(&served).expect("read");
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x01;
+    std::fs::write(&served, &bytes).expect("rot");
+    std::fs::File::options().write(true).open(&served).and_then(|f| f.set_modified(mtime)).expect("mtime");
+
+    let (op, _) =
+        executor::request(&r.store, &name(), Some("img"), quick(), Limits::default(), "test").await.expect("request");
+    let _exec = r.executor();
+    r.wait(op.id, "agent_booted", |o| o.step == "agent_booted").await;
+    let script = r.script();
+    let kernel = script.lines().find(|l| l.starts_with("kernel ")).unwrap_or_else(|| panic!("{script}"));
+    let disk = r.dir.path().join("disk.img");
+    let mut old = vec![0u8; 12 << 20];
+    old[510..512].copy_from_slice(&[0x55, 0xaa]);
+    std::fs::write(&disk, &old).expect("old disk");
+    let cmdline =
+        format!("{} nk.disk={}", kernel.split_whitespace().skip(2).collect::<Vec<_>>().join(" "), disk.display());
+    let mut params = nodekeeper_deploy::Params::from_cmdline(&cmdline).expect("params");
+    let ok =
+        tokio::task::spawn_blocking(move || nodekeeper_deploy::deploy(&mut params, &mut |l| eprintln!("agent: {l}")))
+            .await
+            .expect("agent");
+    assert!(!ok);
+    let after = std::fs::read(&disk).expect("disk");
+    assert!(after[..nodekeeper_deploy::HEAD].iter().all(|b| *b == 0), "the old boot sector is gone, none new");
+    let failed = r.wait(op.id, "failed", |o| o.status != OperationStatus::Running).await;
+    assert_eq!((failed.status, failed.step.as_str()), (OperationStatus::Failed, "verified"), "{failed:?}");
+    let why = failed.last_error.unwrap_or_default();
+    assert!(why.contains("does not decode") || why.contains("sha256 mismatch"), "{why}");
+    // The reimage ended: the image can go.
+    r.store.remove_image("img", "test").await.expect("removable after the reimage");
+}
