@@ -299,6 +299,17 @@ impl Lab {
         // The node APIs answer only over TLS: agents, first boots and guards trust the CA the
         // deploy carries to them.
         nk(&["tls", "init", "--config", &config.display().to_string()])?;
+        // The node image goes into the catalogue: served zstd-compressed (221 of 1056 MiB),
+        // written zero-aware. `image add` records its digest: no first request digests it.
+        let (images_dir, node_img) = (dir.join("images"), dir.join("images/node.img"));
+        nk(&[
+            "image",
+            "add",
+            NODE_IMAGE,
+            &node_img.display().to_string(),
+            "--images-dir",
+            &images_dir.display().to_string(),
+        ])?;
         let store = Store::connect(&db_url).await?;
         defined.0.clear(); // the lab owns them now
         let mut lab = Lab {
@@ -320,8 +331,6 @@ impl Lab {
             Ok(out.status.success().then_some(()))
         })
         .await?;
-        // The first request of an image digests it: done now, not during an install.
-        lab.net.run(300, "curl", &["-sfI", &format!("{SERVER}/images/node.img")])?;
         let pxe = fleet.iter().any(|h| h.boot == crate::hw::BootPath::Pxe);
         let servers = match (virtual_media, pxe) {
             (true, _) => "HTTP",
@@ -373,7 +382,7 @@ impl Lab {
     /// Returns the phases of each node's install (step, seconds).
     pub async fn install(&self, n: &Narrator) -> anyhow::Result<Vec<(String, Duration)>> {
         for node in &self.nodes {
-            self.nk(&["reimage", node.name.as_str()])?;
+            self.nk(&["reimage", node.name.as_str(), "--image", NODE_IMAGE])?;
         }
         let how = |path: crate::hw::BootPath| match path {
             crate::hw::BootPath::Pxe => "PXE boot once, power on → DHCP → iPXE (Secure Boot: shim → GRUB)",
@@ -587,6 +596,9 @@ impl Drop for Defined {
 }
 
 /// Runs the provisioner's CLI against `db_url`; its stdout.
+/// The node image's catalogue name.
+pub const NODE_IMAGE: &str = "node";
+
 fn nk(paths: &Paths, db_url: &str, args: &[&str]) -> anyhow::Result<String> {
     let out = Command::new(paths.bin("nodekeeper-provisioner"))
         .args(args)
