@@ -421,6 +421,7 @@ pub fn write_image_counted(
     let mut sink = stream::Sink::new(&disk);
     let mut buf = vec![0u8; 1 << 20];
     let mut next_report = total / 10;
+    let (started, mut disk_time) = (Instant::now(), Duration::ZERO);
     let decoded: io::Result<()> = (|| {
         let mut raw: Box<dyn Read + '_> = match p.format {
             Format::Raw => Box::new(&mut download),
@@ -431,7 +432,9 @@ pub fn write_image_counted(
             if n == 0 {
                 return Ok(());
             }
+            let put = Instant::now();
             sink.put(&buf[..n]).map_err(|e| io::Error::other(Disk(e)))?;
+            disk_time += put.elapsed();
             // The decoder holds `download`: progress by the raw bytes, scaled to the served.
             let done = p.size.filter(|s| *s > 0).map_or(sink.written.raw, |s| {
                 (u128::from(sink.written.raw) * u128::from(total) / u128::from(s)) as u64
@@ -452,10 +455,22 @@ pub fn write_image_counted(
         let reason = format!("the zstd stream does not decode: {e}");
         return Ok((Outcome::Corrupt { reason }, std::mem::take(&mut sink.head), sink.written));
     }
+    let put = Instant::now();
     sink.flush()?;
-    let written = sink.written;
-    let head = std::mem::take(&mut sink.head);
+    disk_time += put.elapsed();
+    let streamed = started.elapsed();
+    let synced = Instant::now();
     disk.sync_all()?;
+    let mut written = sink.written;
+    let (net, hash) = (download.net_time, download.hash_time);
+    written.times = stream::Times {
+        net,
+        hash,
+        disk: disk_time,
+        decode: streamed.saturating_sub(net + hash + disk_time),
+        sync: synced.elapsed(),
+    };
+    let head = std::mem::take(&mut sink.head);
     let actual = download.sha256();
     let raw_size = written.raw;
     if download.received != total {
@@ -619,10 +634,11 @@ pub fn deploy(p: &mut Params, log: &mut dyn FnMut(&str)) -> bool {
         Ok((Outcome::Corrupt { reason }, _, _)) => fail_verification(p, log, &reason),
         Ok((Outcome::Verified { bytes, sha256 }, head, written)) => {
             let detail = format!(
-                "{bytes} bytes in {:.1} s ({} MiB written, {} MiB zeroed by the disk), sha256 {sha256}",
+                "{bytes} bytes in {:.1} s ({} MiB written, {} MiB zeroed by the disk; {}), sha256 {sha256}",
                 started.elapsed().as_secs_f64(),
                 written.data >> 20,
                 written.zeroed >> 20,
+                written.times,
             );
             log(&format!("verified: {detail}"));
             let _ = report_until_heard(p, "written", None, Some(&detail), REPORT_TRIES);

@@ -6,7 +6,7 @@
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::blocks::{is_zero, ZERO_BLOCK};
 use crate::{etag, request, Params, Response, HEAD};
@@ -47,6 +47,10 @@ pub struct Download<'p> {
     pub etag: String,
     hasher: ring::digest::Context,
     resumes: u32,
+    /// Time spent waiting for the network (reads from the socket, resumes included).
+    pub net_time: Duration,
+    /// Time spent hashing what arrived.
+    pub hash_time: Duration,
 }
 
 impl<'p> Download<'p> {
@@ -69,6 +73,8 @@ impl<'p> Download<'p> {
             etag,
             hasher: ring::digest::Context::new(&ring::digest::SHA256),
             resumes: 0,
+            net_time: Duration::ZERO,
+            hash_time: Duration::ZERO,
         })
     }
 
@@ -110,17 +116,25 @@ impl Read for Download<'_> {
                 return Ok(0);
             }
             let want = buf.len().min(usize::try_from(self.total - self.received).unwrap_or(usize::MAX));
-            let why = match self.resp.body.read(&mut buf[..want]) {
+            let started = Instant::now();
+            let read = self.resp.body.read(&mut buf[..want]);
+            self.net_time += started.elapsed();
+            let why = match read {
                 Ok(0) => io::Error::new(io::ErrorKind::UnexpectedEof, "the connection closed early"),
                 Ok(n) => {
+                    let started = Instant::now();
                     self.hasher.update(&buf[..n]);
+                    self.hash_time += started.elapsed();
                     self.received += n as u64;
                     return Ok(n);
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => e,
             };
-            self.resume(&why)?;
+            let started = Instant::now();
+            let resumed = self.resume(&why);
+            self.net_time += started.elapsed();
+            resumed?;
         }
     }
 }
@@ -139,6 +153,38 @@ pub struct Written {
     pub data: u64,
     /// Bytes zeroed by the device (not written).
     pub zeroed: u64,
+    /// Where the time went (filled by [`crate::write_image_counted`]).
+    pub times: Times,
+}
+
+/// Where a deploy's write spent its time.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Times {
+    /// Waiting for the network.
+    pub net: Duration,
+    /// Hashing the served bytes.
+    pub hash: Duration,
+    /// Decompressing.
+    pub decode: Duration,
+    /// Writing and zeroing (into the page cache, and what the kernel does there).
+    pub disk: Duration,
+    /// The final sync to the device.
+    pub sync: Duration,
+}
+
+impl std::fmt::Display for Times {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = |d: Duration| d.as_secs_f64();
+        write!(
+            f,
+            "network {:.1} s, sha256 {:.1} s, decode {:.1} s, disk {:.1} s, sync {:.1} s",
+            s(self.net),
+            s(self.hash),
+            s(self.decode),
+            s(self.disk),
+            s(self.sync)
+        )
+    }
 }
 
 /// The raw image onto the disk at increasing offsets: the first [`HEAD`] bytes are kept in

@@ -20,6 +20,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context};
 use nodekeeper_deploy::blocks::{is_zero, ZERO_BLOCK};
+use nodekeeper_deploy::stream::read_full;
 use nodekeeper_store::{Image, ImageFormat, NewImage, Store, StoreError};
 use sha2::{Digest, Sha256};
 
@@ -239,20 +240,6 @@ impl<W: Write> Write for HashingWriter<W> {
     fn flush(&mut self) -> io::Result<()> {
         self.inner.flush()
     }
-}
-
-/// Reads until `buf` is full or the end: a block is judged whole, not as the decoder cut it.
-fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match r.read(&mut buf[filled..]) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(filled)
 }
 
 /// The raw stream from `reader` → sha256, zero blocks counted, checked as a disk → zstd

@@ -316,6 +316,10 @@ async fn reimage_with(rig: &Rig, image: &str) -> (Operation, Vec<String>, Durati
         tail(&rig.console(), 60)
     );
     assert!(rig.console().contains("nodekeeper deploy ramdisk"), "the deploy ramdisk ran");
+    // Where the agent's time went (its last `verified:` line on the console).
+    if let Some(line) = rig.console().lines().rev().find(|l| l.contains("nodekeeper-deploy: verified:")) {
+        eprintln!("reimage e2e: {}", line.trim());
+    }
     // The provisioner has the report before the guest's console shows it printed.
     let mut reported = false;
     for _ in 0..120 {
