@@ -412,6 +412,12 @@ pub struct RecoveryConfig {
     /// The port `confirm` tries on a suspect host's address, as evidence for the event
     /// (default 22; 0: no check).
     pub network_check_port: u16,
+    /// Silence after which the controller asks a host's BMC for its power state, before the
+    /// grace (default 10 s: two missed heartbeats of the guard's default 5 s; 0: never). A
+    /// host whose BMC answers `Off` is fenced at once — a crashed or unplugged host's HA
+    /// instances need not wait the whole grace; one that is on but silent still does.
+    #[serde(with = "humantime_serde")]
+    pub probe_after: Duration,
 }
 
 impl Default for RecoveryConfig {
@@ -427,6 +433,7 @@ impl Default for RecoveryConfig {
             fence_retry_after: Duration::from_secs(300),
             gc_interval: Duration::from_secs(30),
             network_check_port: 22,
+            probe_after: Duration::from_secs(10),
         }
     }
 }
@@ -448,6 +455,9 @@ impl RecoveryConfig {
         }
         if self.bmc_attempts == 0 {
             return Err("recovery.bmc_attempts must be at least 1".into());
+        }
+        if !self.probe_after.is_zero() && self.probe_after >= self.grace {
+            return Err("recovery.probe_after must be shorter than recovery.grace (or 0: no early probe)".into());
         }
         Ok(())
     }

@@ -31,6 +31,8 @@ on_both_engines!(
     an_operator_taking_a_suspect_into_maintenance_calls_its_fence_off,
     a_hung_bmc_times_out_and_nothing_moves,
     a_controller_back_from_downtime_gives_every_host_a_grace,
+    a_host_its_bmc_says_is_off_is_fenced_and_evacuated_before_the_grace,
+    a_silent_host_that_is_on_waits_the_grace,
 );
 
 struct Cell {
@@ -436,4 +438,60 @@ async fn a_controller_back_from_downtime_gives_every_host_a_grace(db: TestDb) {
     for h in ["b", "c"] {
         assert_eq!(c.store.require_host(&n(h)).await.expect("host").state, HostState::Active);
     }
+}
+
+/// Power lost at t=1: the BMC says Off. After two missed heartbeats (probe_after 10 s) the
+/// controller asks, and the host is fenced and evacuated in that same tick — 19 s before the
+/// grace would have run out.
+async fn a_host_its_bmc_says_is_off_is_fenced_and_evacuated_before_the_grace(db: TestDb) {
+    let c = cell(&db, 3).await;
+    let ctl = c.controller("replica-1", config()).await;
+    c.fakes.0["a"].set(|s| s.on = false);
+    let mut fenced_at = None;
+    for s in 1..=14 {
+        c.beat(&["b", "c"], c.at(s)).await;
+        ctl.tick(c.at(s)).await.expect("tick");
+        if fenced_at.is_none() && c.fence_op("a").await.is_some() {
+            fenced_at = Some(s);
+            // Evacuated within the tick that saw the BMC's Off.
+            let op = c.fence_op("a").await.expect("fence");
+            assert!(matches!(op.step.as_str(), "restore" | "done"), "{op:?}");
+            c.check("a", true).await;
+        }
+    }
+    assert_eq!(fenced_at, Some(11), "silent 11 s > probe_after 10 s, well before the 30 s grace");
+    let events = c.store.events(&EventFilter { limit: Some(1000), ..Default::default() }).await.expect("events");
+    assert!(
+        events.iter().any(|e| e.message.contains("its BMC says it is off")),
+        "the suspect event says why: {:?}",
+        events.iter().map(|e| &e.message).collect::<Vec<_>>()
+    );
+    assert_eq!(c.fakes.0["a"].get(|s| (s.on, s.power_ons)), (true, 1), "then powered on again (after_fence)");
+}
+
+/// On but silent (a hung kernel, a cut cable): the BMC says On, and the host waits the whole
+/// grace, as before.
+async fn a_silent_host_that_is_on_waits_the_grace(db: TestDb) {
+    let c = cell(&db, 3).await;
+    let ctl = c.controller("replica-1", config()).await;
+    for s in 1..=30 {
+        c.beat(&["b", "c"], c.at(s)).await;
+        ctl.tick(c.at(s)).await.expect("tick");
+    }
+    assert_eq!(c.store.require_host(&n("a")).await.expect("a").state, HostState::Active, "30 s: not yet");
+    assert!(c.fence_op("a").await.is_none());
+    c.beat(&["b", "c"], c.at(31)).await;
+    ctl.tick(c.at(31)).await.expect("tick");
+    assert_eq!(c.store.require_host(&n("a")).await.expect("a").state, HostState::Suspect);
+    // Probing is off: the same at the grace, and an Off BMC waits it too.
+    let cfg = RecoveryConfig { probe_after: Duration::ZERO, ..config() };
+    let other_db = TestDb::sqlite();
+    let d = cell(&other_db, 3).await;
+    d.fakes.0["a"].set(|s| s.on = false);
+    let ctl = d.controller("replica-1", cfg).await;
+    for s in 1..=30 {
+        d.beat(&["b", "c"], d.at(s)).await;
+        ctl.tick(d.at(s)).await.expect("tick");
+    }
+    assert!(d.fence_op("a").await.is_none(), "probe_after = 0: no early fence");
 }

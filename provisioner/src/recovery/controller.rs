@@ -69,6 +69,9 @@ pub struct Controller<F: BmcFactory> {
     /// provisioner down — through which guards on the embedded SQLite heartbeat) did not see
     /// the heartbeats it missed; it must not take its own absence for the hosts' silence.
     watching: std::sync::Mutex<Option<(i64, Timestamp)>>,
+    /// What each silent host's BMC last said, and when (the database's time): an `Off`
+    /// counts only if it was seen after the host's last heartbeat.
+    probes: std::sync::Mutex<std::collections::HashMap<HostName, (Timestamp, bmc::PowerState)>>,
 }
 
 impl<F: BmcFactory> Controller<F> {
@@ -82,6 +85,7 @@ impl<F: BmcFactory> Controller<F> {
             last_alert: std::sync::Mutex::new(None),
             last_gc: std::sync::Mutex::new(None),
             watching: std::sync::Mutex::new(None),
+            probes: Default::default(),
         }
     }
 
@@ -154,12 +158,26 @@ impl<F: BmcFactory> Controller<F> {
                 }
             }
         }
-        let policy = detect::Policy { grace: self.config.grace, mass_failure_share: self.config.mass_failure_share };
-        report.actions = detect::plan(&hosts, &fencing, &held, now, since, &policy);
+        let policy = detect::Policy {
+            grace: self.config.grace,
+            mass_failure_share: self.config.mass_failure_share,
+            probe_after: Some(self.config.probe_after).filter(|d| !d.is_zero()),
+        };
+        let off = self.probe(&hosts, &detect::to_probe(&hosts, now, since, &policy), now).await;
+        report.actions = detect::plan(&hosts, &fencing, &held, &off, now, since, &policy);
         for action in &report.actions {
             self.act(store, action).await?;
         }
         report.fences_stepped += crate::ops::runner::step_each(&self.fence(now), store, running).await;
+        // A host its BMC says is off cannot come back in the next interval: its fence runs
+        // now, step after step, not one step a tick.
+        for action in &report.actions {
+            if let Action::Fence { host } = action {
+                if off.contains(host) {
+                    report.fences_stepped += self.run_through(store, host, now).await?;
+                }
+            }
+        }
         let gc_due = {
             let mut last = self.last_gc.lock().unwrap_or_else(|p| p.into_inner());
             let due = last.is_none_or(|t| now.since(t) >= self.config.gc_interval);
@@ -172,6 +190,61 @@ impl<F: BmcFactory> Controller<F> {
             report.gc = Some(self.gc_in(store, now).await?);
         }
         Ok(report)
+    }
+
+    /// Asks the BMCs of `candidates` (concurrently, each bounded by the tick's interval, at
+    /// most 3 s) for their power state; returns the hosts whose BMC says `Off` and said so
+    /// after their last heartbeat. A BMC that errs or hangs says nothing: that host waits the
+    /// grace, as before.
+    async fn probe(&self, hosts: &[Host], candidates: &[HostName], now: Timestamp) -> Vec<HostName> {
+        let limit = self.config.interval.min(Duration::from_secs(3));
+        let mut asked = Vec::new();
+        let drivers: Vec<(HostName, F::B)> = hosts
+            .iter()
+            .filter(|h| candidates.contains(&h.name))
+            .filter_map(|h| Some((h.name.clone(), self.factory.for_host(h).ok()?)))
+            .collect();
+        // 32 at a time: a wave of silent hosts is not a wave of requests at once.
+        for batch in drivers.chunks(32) {
+            let answers = futures_util::future::join_all(batch.iter().map(|(name, driver)| async move {
+                let state = tokio::time::timeout(limit, bmc::Bmc::power_state(driver)).await.ok()?.ok()?;
+                Some((name.clone(), state))
+            }))
+            .await;
+            asked.extend(answers);
+        }
+        let mut probes = self.probes.lock().unwrap_or_else(|p| p.into_inner());
+        probes.retain(|name, _| candidates.contains(name));
+        for (name, state) in asked.into_iter().flatten() {
+            probes.insert(name, (now, state));
+        }
+        hosts
+            .iter()
+            .filter(|h| {
+                probes.get(&h.name).is_some_and(|(at, state)| {
+                    *state == bmc::PowerState::Off && h.last_heartbeat.is_none_or(|beat| *at > beat)
+                })
+            })
+            .map(|h| h.name.clone())
+            .collect()
+    }
+
+    /// Steps `host`'s running fence until it waits or ends (at most one pass of its steps).
+    async fn run_through(&self, store: &Store, host: &HostName, now: Timestamp) -> Result<usize, StoreError> {
+        let mut stepped = 0;
+        for _ in 0..fence::Step::ALL.len() {
+            let Some(op) = store.running_operations(KIND).await?.into_iter().find(|o| &o.target == host) else {
+                break;
+            };
+            let before = (op.step.clone(), op.attempts);
+            crate::ops::engine::step(&self.fence(now), store, op.clone()).await?;
+            stepped += 1;
+            let after = store.operation(op.id).await?;
+            if after.is_none_or(|o| o.status != OperationStatus::Running || (o.step.clone(), o.attempts) == before) {
+                break;
+            }
+        }
+        Ok(stepped)
     }
 
     /// Compares what the guards last reported with what the database assigns, raises what
@@ -221,12 +294,16 @@ impl<F: BmcFactory> Controller<F> {
     #[tracing::instrument(name = "act", skip_all, fields(action = ?action))]
     async fn act(&self, store: &Store, action: &Action) -> Result<(), StoreError> {
         match action {
-            Action::Suspect { host, silent_for } => {
-                let why = format!(
-                    "silent for {} (grace {})",
-                    humantime::format_duration(Duration::from_secs(silent_for.as_secs())),
-                    humantime::format_duration(self.config.grace)
-                );
+            Action::Suspect { host, silent_for, off } => {
+                let silent = humantime::format_duration(Duration::from_secs(silent_for.as_secs()));
+                let why = if *off {
+                    format!(
+                        "silent for {silent}, and its BMC says it is off: fenced without waiting the grace ({})",
+                        humantime::format_duration(self.config.grace)
+                    )
+                } else {
+                    format!("silent for {silent} (grace {})", humantime::format_duration(self.config.grace))
+                };
                 // Compare-and-set: an operator's `maintenance` set in between stands.
                 store.set_host_state_from(host, HostState::Active, HostState::Suspect, ACTOR, &why).await.map(drop)
             }

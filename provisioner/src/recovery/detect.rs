@@ -4,6 +4,11 @@
 //! fenced — unless more than `mass_failure_share` of the watched hosts are suspect at once,
 //! which looks like a partition of the controller, not a wave of dead hosts: then nothing is
 //! fenced and an alert is raised, until an operator acts or the hosts come back.
+//!
+//! A host need not wait the whole grace when its fence device already says it is off: after
+//! `probe_after` of silence the controller asks the BMC ([`to_probe`]), and a host whose BMC
+//! answered `Off` after its last heartbeat is suspect at once, and fenced (the brake counts it
+//! like any suspect).
 
 use std::time::Duration;
 
@@ -16,11 +21,13 @@ pub struct Policy {
     pub grace: Duration,
     /// Share of watched hosts (0..=1) suspect at once above which automatic recovery stops.
     pub mass_failure_share: f64,
+    /// Silence after which the BMC is asked whether the host is off (`None`: never).
+    pub probe_after: Option<Duration>,
 }
 
 impl Default for Policy {
     fn default() -> Policy {
-        Policy { grace: Duration::from_secs(30), mass_failure_share: 0.5 }
+        Policy { grace: Duration::from_secs(30), mass_failure_share: 0.5, probe_after: Some(Duration::from_secs(10)) }
     }
 }
 
@@ -33,6 +40,8 @@ pub enum Action {
         host: HostName,
         /// How long it has been silent (for the event).
         silent_for: Duration,
+        /// Its BMC said it is off (before the grace ran out).
+        off: bool,
     },
     /// A suspect host heartbeats again: back to active.
     Recovered {
@@ -70,14 +79,31 @@ fn silent_for(h: &Host, now: Timestamp, since: Timestamp) -> Duration {
     now.since(h.last_heartbeat.map_or(since, |t| t.max(since)))
 }
 
+/// The active hosts whose BMC should be asked now whether they are off: silent longer than
+/// `probe_after`, not yet past the grace.
+pub fn to_probe(hosts: &[Host], now: Timestamp, since: Timestamp, policy: &Policy) -> Vec<HostName> {
+    let Some(after) = policy.probe_after else { return Vec::new() };
+    hosts
+        .iter()
+        .filter(|h| watched(h) && h.state == HostState::Active)
+        .filter(|h| {
+            let silent = silent_for(h, now, since);
+            silent > after && silent <= policy.grace
+        })
+        .map(|h| h.name.clone())
+        .collect()
+}
+
 /// What to do at `now`. `fencing` lists the hosts whose fence operation is already running
 /// (they are past the point of return: a heartbeat now does not stop their fence); `held`,
-/// suspects whose last fence failed recently (no new fence yet, but they may come back).
+/// suspects whose last fence failed recently (no new fence yet, but they may come back);
+/// `off`, hosts whose BMC answered `Off` since their last heartbeat (see [`to_probe`]).
 /// `since`: when this controller started watching (silence before it is not counted).
 pub fn plan(
     hosts: &[Host],
     fencing: &[HostName],
     held: &[HostName],
+    off: &[HostName],
     now: Timestamp,
     since: Timestamp,
     policy: &Policy,
@@ -97,10 +123,11 @@ pub fn plan(
     let mut suspects = Vec::new();
     for h in &watched {
         let silent = silent_for(h, now, since);
-        let is_silent = silent > policy.grace;
+        let known_off = policy.probe_after.is_some_and(|after| silent > after) && off.contains(&h.name);
+        let is_silent = silent > policy.grace || known_off;
         match (h.state, is_silent) {
             (HostState::Active, true) => {
-                actions.push(Action::Suspect { host: h.name.clone(), silent_for: silent });
+                actions.push(Action::Suspect { host: h.name.clone(), silent_for: silent, off: known_off });
                 suspects.push(h.name.clone());
             }
             (HostState::Suspect, false) if !fencing.contains(&h.name) => {
@@ -157,10 +184,10 @@ mod tests {
         // through it): its controller comes back and must not fence every host at once.
         let p = Policy::default();
         let hosts = [host("a", HostState::Active, Some(NOW.0 - 300_000)), host("b", HostState::Active, None)];
-        assert!(plan(&hosts, &[], &[], NOW, NOW, &p).is_empty());
-        assert!(plan(&hosts, &[], &[], Timestamp(NOW.0 + 30_000), NOW, &p).is_empty(), "exactly grace: not yet");
-        let later = plan(&hosts, &[], &[], Timestamp(NOW.0 + 31_000), NOW, &p);
-        assert_eq!(later[0], Action::Suspect { host: n("a"), silent_for: Duration::from_secs(31) });
+        assert!(plan(&hosts, &[], &[], &[], NOW, NOW, &p).is_empty());
+        assert!(plan(&hosts, &[], &[], &[], Timestamp(NOW.0 + 30_000), NOW, &p).is_empty(), "exactly grace: not yet");
+        let later = plan(&hosts, &[], &[], &[], Timestamp(NOW.0 + 31_000), NOW, &p);
+        assert_eq!(later[0], Action::Suspect { host: n("a"), silent_for: Duration::from_secs(31), off: false });
     }
 
     #[test]
@@ -172,10 +199,13 @@ mod tests {
             host("c", HostState::Active, Some(NOW.0 - 30_000)), // exactly grace: not yet
             host("d", HostState::Active, Some(NOW.0 - 2_000)),
         ];
-        let a = plan(&hosts, &[], &[], NOW, LONG_AGO, &p);
+        let a = plan(&hosts, &[], &[], &[], NOW, LONG_AGO, &p);
         assert_eq!(
             a,
-            vec![Action::Suspect { host: n("a"), silent_for: Duration::from_secs(31) }, Action::Fence { host: n("a") }]
+            vec![
+                Action::Suspect { host: n("a"), silent_for: Duration::from_secs(31), off: false },
+                Action::Fence { host: n("a") }
+            ]
         );
     }
 
@@ -188,7 +218,7 @@ mod tests {
             host("reimaging", HostState::Reimaging, Some(0)),
             host("fenced", HostState::Fenced, Some(0)),
         ];
-        assert!(plan(&hosts, &[], &[], NOW, LONG_AGO, &p).is_empty());
+        assert!(plan(&hosts, &[], &[], &[], NOW, LONG_AGO, &p).is_empty());
     }
 
     #[test]
@@ -198,34 +228,80 @@ mod tests {
         fenced.updated_at = Timestamp(NOW.0 - 5_000); // fenced before that heartbeat
         let b = host("b", HostState::Active, Some(NOW.0));
         assert_eq!(
-            plan(&[fenced.clone(), b.clone()], &[], &[], NOW, LONG_AGO, &p),
+            plan(&[fenced.clone(), b.clone()], &[], &[], &[], NOW, LONG_AGO, &p),
             vec![Action::Returned { host: n("a") }]
         );
         // Not while its fence runs, and not on a heartbeat from before the fence.
-        assert!(plan(&[fenced.clone(), b.clone()], &[n("a")], &[], NOW, LONG_AGO, &p).is_empty());
+        assert!(plan(&[fenced.clone(), b.clone()], &[n("a")], &[], &[], NOW, LONG_AGO, &p).is_empty());
         fenced.updated_at = Timestamp(NOW.0);
-        assert!(plan(&[fenced, b], &[], &[], NOW, LONG_AGO, &p).is_empty());
+        assert!(plan(&[fenced, b], &[], &[], &[], NOW, LONG_AGO, &p).is_empty());
     }
 
     #[test]
     fn a_suspect_that_heartbeats_again_is_active_unless_its_fence_started() {
         let p = Policy::default();
         let hosts = [host("a", HostState::Suspect, Some(NOW.0 - 500)), host("b", HostState::Active, Some(NOW.0))];
-        assert_eq!(plan(&hosts, &[], &[], NOW, LONG_AGO, &p), vec![Action::Recovered { host: n("a") }]);
+        assert_eq!(plan(&hosts, &[], &[], &[], NOW, LONG_AGO, &p), vec![Action::Recovered { host: n("a") }]);
         // Its fence runs: past the point of return, nothing to do here (the fence finishes).
-        assert!(plan(&hosts, &[n("a")], &[], NOW, LONG_AGO, &p).is_empty());
+        assert!(plan(&hosts, &[n("a")], &[], &[], NOW, LONG_AGO, &p).is_empty());
     }
 
     #[test]
     fn a_suspect_is_fenced_once() {
         let p = Policy::default();
         let hosts = [host("a", HostState::Suspect, Some(0)), host("b", HostState::Active, Some(NOW.0))];
-        assert_eq!(plan(&hosts, &[], &[], NOW, LONG_AGO, &p), vec![Action::Fence { host: n("a") }]);
-        assert!(plan(&hosts, &[n("a")], &[], NOW, LONG_AGO, &p).is_empty(), "its fence already runs");
-        assert!(plan(&hosts, &[], &[n("a")], NOW, LONG_AGO, &p).is_empty(), "its last fence failed just now");
+        assert_eq!(plan(&hosts, &[], &[], &[], NOW, LONG_AGO, &p), vec![Action::Fence { host: n("a") }]);
+        assert!(plan(&hosts, &[n("a")], &[], &[], NOW, LONG_AGO, &p).is_empty(), "its fence already runs");
+        assert!(plan(&hosts, &[], &[n("a")], &[], NOW, LONG_AGO, &p).is_empty(), "its last fence failed just now");
         // Held back after a failed fence, it may still come back.
         let back = [host("a", HostState::Suspect, Some(NOW.0)), host("b", HostState::Active, Some(NOW.0))];
-        assert_eq!(plan(&back, &[], &[n("a")], NOW, LONG_AGO, &p), vec![Action::Recovered { host: n("a") }]);
+        assert_eq!(plan(&back, &[], &[n("a")], &[], NOW, LONG_AGO, &p), vec![Action::Recovered { host: n("a") }]);
+    }
+
+    #[test]
+    fn a_host_its_bmc_says_is_off_is_fenced_before_the_grace() {
+        let p = Policy::default();
+        let hosts = [
+            host("a", HostState::Active, Some(NOW.0 - 11_000)),
+            host("b", HostState::Active, Some(NOW.0 - 9_000)),
+            host("c", HostState::Active, Some(NOW.0)),
+            host("m", HostState::Maintenance, Some(NOW.0 - 20_000)),
+        ];
+        // Past probe_after (10 s) and within the grace: a is asked; b not yet; m never.
+        assert_eq!(to_probe(&hosts, NOW, LONG_AGO, &p), vec![n("a")]);
+        assert!(to_probe(&hosts, NOW, LONG_AGO, &Policy { probe_after: None, ..p.clone() }).is_empty());
+        // Its BMC said Off: suspect and fenced now, 19 s before the grace.
+        let a = plan(&hosts, &[], &[], &[n("a")], NOW, LONG_AGO, &p);
+        assert_eq!(
+            a,
+            vec![
+                Action::Suspect { host: n("a"), silent_for: Duration::from_secs(11), off: true },
+                Action::Fence { host: n("a") }
+            ]
+        );
+        // On, or asked too early (b, silent 9 s: an Off from before probe_after does not
+        // count), or with probing off: the grace as before.
+        assert!(plan(&hosts, &[], &[], &[], NOW, LONG_AGO, &p).is_empty());
+        assert!(plan(&hosts, &[], &[], &[n("b")], NOW, LONG_AGO, &p).is_empty());
+        assert!(plan(&hosts, &[], &[], &[n("a")], NOW, LONG_AGO, &Policy { probe_after: None, ..p.clone() }).is_empty());
+        // A controller that just took over counts silence from then, for the probe too.
+        assert!(to_probe(&hosts, NOW, Timestamp(NOW.0 - 5_000), &p).is_empty());
+        assert!(plan(&hosts, &[], &[], &[n("a")], NOW, Timestamp(NOW.0 - 5_000), &p).is_empty());
+    }
+
+    #[test]
+    fn the_brake_counts_hosts_their_bmc_says_are_off() {
+        let p = Policy::default();
+        let quiet = Some(NOW.0 - 12_000);
+        let hosts = [
+            host("a", HostState::Active, quiet),
+            host("b", HostState::Active, quiet),
+            host("c", HostState::Active, quiet),
+            host("d", HostState::Active, Some(NOW.0)),
+        ];
+        let a = plan(&hosts, &[], &[], &[n("a"), n("b"), n("c")], NOW, LONG_AGO, &p);
+        assert!(a.contains(&Action::MassFailure { suspects: 3, watched: 4 }), "{a:?}");
+        assert!(!a.iter().any(|x| matches!(x, Action::Fence { .. })), "{a:?}");
     }
 
     #[test]
@@ -241,7 +317,7 @@ mod tests {
             host("d", HostState::Active, fresh),
             host("e", HostState::Active, fresh),
         ];
-        let a = plan(&hosts, &[], &[], NOW, LONG_AGO, &p);
+        let a = plan(&hosts, &[], &[], &[], NOW, LONG_AGO, &p);
         assert!(a.contains(&Action::MassFailure { suspects: 3, watched: 5 }), "{a:?}");
         assert!(!a.iter().any(|x| matches!(x, Action::Fence { .. })), "{a:?}");
         // They are still marked suspect: the state is visible to a scheduler.
@@ -254,10 +330,10 @@ mod tests {
             host("d", HostState::Active, fresh),
             host("e", HostState::Active, fresh),
         ];
-        let a = plan(&hosts, &[], &[], NOW, LONG_AGO, &p);
+        let a = plan(&hosts, &[], &[], &[], NOW, LONG_AGO, &p);
         assert_eq!(a.iter().filter(|x| matches!(x, Action::Fence { .. })).count(), 2, "{a:?}");
         // One of two failing is not a partition.
         let hosts = [host("a", HostState::Active, old), host("b", HostState::Active, fresh)];
-        assert!(plan(&hosts, &[], &[], NOW, LONG_AGO, &p).contains(&Action::Fence { host: n("a") }));
+        assert!(plan(&hosts, &[], &[], &[], NOW, LONG_AGO, &p).contains(&Action::Fence { host: n("a") }));
     }
 }
