@@ -97,6 +97,9 @@ enum Scenario {
     /// The provisioner stops for 5 minutes: nothing stops, nothing is fenced; then node-a is
     /// cut off and self-fences, and node-b gets its HA instances.
     ProvisionerOutage,
+    /// The HA instances' node loses power (its BMC says Off), three times, back and forth:
+    /// fenced without waiting the grace.
+    PowerLoss,
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -134,6 +137,7 @@ async fn main() -> std::process::ExitCode {
             Scenario::Failover => nodekeeper_lab::scenarios::failover(paths, &fleet, &n).await,
             Scenario::DbDownAtBoot => nodekeeper_lab::scenarios::db_down_at_boot(paths, &fleet, &n).await,
             Scenario::ProvisionerOutage => nodekeeper_lab::scenarios::provisioner_outage(paths, &fleet, &n).await,
+            Scenario::PowerLoss => nodekeeper_lab::scenarios::power_loss(paths, &fleet, &n).await,
         }
     };
     // SIGTERM or Ctrl-C ends the scenario; dropping it tears the lab down (domains, serve,

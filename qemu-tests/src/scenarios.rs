@@ -487,3 +487,82 @@ async fn db_down_on(lab: &mut Lab, n: &Narrator) -> anyhow::Result<Summary> {
     n.say("node-a's HA instances did not start while the database was away, and started once it confirmed them");
     Ok(summary)
 }
+
+/// `power-loss`: the HA instances' node loses power (`virsh destroy`: its BMC then says Off),
+/// three times, back and forth between node-a and node-b. With the shipped defaults the
+/// controller asks the BMC after two missed heartbeats (`probe_after` 10 s), fences at once
+/// on its `Off`, and the other node's guard starts the instances at its next converge.
+pub async fn power_loss(paths: Paths, fleet: &[Hardware], n: &Narrator) -> anyhow::Result<Summary> {
+    n.say("scenario power-loss: HA instances on node-a; their node loses power, three times, back and forth");
+    on_a_lab(paths, fleet, 2, n, power_loss_on).await
+}
+
+async fn power_loss_on(lab: &mut Lab, n: &Narrator) -> anyhow::Result<Summary> {
+    let mut summary = Summary::default();
+    let mut sampler = Sampler { samples: Vec::new() };
+    summary.phases.extend(lab.install(n).await?);
+    summary.nodes = lab.node_rows()?;
+    let ids = place_on_node_a(lab, n, &mut sampler, &mut summary).await?;
+    let ha = ids[..2].to_vec();
+    let (mut from, mut to): (HostName, HostName) = ("node-a".parse()?, "node-b".parse()?);
+    for run in 1..=3 {
+        // Both nodes active and heartbeating, the HA instances running on `from`.
+        let want = ha.clone();
+        let (_, _) = sample_while(
+            lab,
+            &mut sampler,
+            &mut summary,
+            n,
+            &format!("web-1 and db-1 running on {from}, {to} active"),
+            Duration::from_secs(600),
+            async |lab| {
+                let running = lab.report(&from).await?.map(|r| r.1).unwrap_or_default();
+                let ready = want.iter().all(|id| running.contains(id))
+                    && lab.state(&from).await? == HostState::Active
+                    && lab.state(&to).await? == HostState::Active;
+                Ok(ready.then_some(()))
+            },
+        )
+        .await?;
+        let node = lab.node(from.as_str()).clone();
+        crate::lab::virsh(&["destroy", &node.domain])?;
+        let lost = Timestamp::now();
+        n.say(&format!("run {run}: {from} loses power (virsh destroy); its BMC now says Off"));
+        let (_, took) = sample_while(
+            lab,
+            &mut sampler,
+            &mut summary,
+            n,
+            &format!("{from} fenced"),
+            Duration::from_secs(120),
+            async |lab| Ok((lab.state(&from).await? == HostState::Fenced).then_some(())),
+        )
+        .await?;
+        n.say(&format!("run {run}: {from} fenced without waiting the grace (+{})", fmt(took)));
+        let want = ha.clone();
+        let (_, _) = sample_while(
+            lab,
+            &mut sampler,
+            &mut summary,
+            n,
+            &format!("web-1 and db-1 running on {to}"),
+            Duration::from_secs(300),
+            async |lab| {
+                let running = lab.report(&to).await?.map(|r| r.1).unwrap_or_default();
+                Ok(want.iter().all(|id| running.contains(id)).then_some(()))
+            },
+        )
+        .await?;
+        let recovered = Duration::from_millis(u64::try_from(Timestamp::now().0 - lost.0)?);
+        n.say(&format!("run {run}: web-1 and db-1 run on {to}, {} after the power loss", fmt(recovered)));
+        summary.phases.push((format!("run {run}: power loss of {from} → HA instances running on {to}"), recovered));
+        std::mem::swap(&mut from, &mut to);
+    }
+    anyhow::ensure!(summary.double_runs == 0, "{} samples with a double run", summary.double_runs);
+    for id in &ha {
+        let i = lab.store.instance(*id).await?.context("instance")?;
+        anyhow::ensure!(i.generation == Generation(4) && !i.deleted, "three moves, one owner: {i:?}");
+    }
+    n.say(&format!("checked: three moves each, none ran on two nodes in {} samples", summary.samples));
+    Ok(summary)
+}
