@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `make lab-test`: the QEMU lab's scenarios (failover, db-down-at-boot, provisioner-outage) as tests, one at a
+# `make lab-test`: the QEMU lab's scenarios (failover, db-down-at-boot, provisioner-outage, power-loss) as tests, one at a
 # time. Installs what they need first. ~25 min under TCG; needs root.
 set -euo pipefail
 cd "$(dirname "$0")/.."

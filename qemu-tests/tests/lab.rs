@@ -35,3 +35,14 @@ async fn provisioner_outage() {
     let summary = run(scenarios::provisioner_outage).await;
     assert!(summary.samples > 400, "sampled throughout: {}", summary.samples);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "the QEMU lab: two TCG nodes, ~15 min; make lab-test"]
+async fn power_loss() {
+    let summary = run(scenarios::power_loss).await;
+    // Each loss: fenced on the BMC's Off, not after the 30 s grace, and recovered within a
+    // bound far below grace + fence + converge (what it was before the early probe).
+    for (phase, took) in summary.phases.iter().filter(|(p, _)| p.contains("power loss of")) {
+        assert!(took.as_secs() < 40, "{phase}: {took:?}");
+    }
+}
