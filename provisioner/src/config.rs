@@ -350,6 +350,18 @@ images_dir = "/var/lib/nodekeeper/images"
     }
 
     #[test]
+    fn the_early_probe_defaults_to_two_missed_heartbeats_when_the_grace_allows() {
+        let with = |extra: &str| ServeConfig::parse(&format!("{CONTRACT}[recovery]\n{extra}"));
+        let probe = |extra: &str| with(extra).expect("config").recovery.probe_after();
+        assert_eq!(probe(""), Some(Duration::from_secs(10)), "shipped defaults: grace 30 s");
+        assert_eq!(probe("grace = \"8s\"\n"), None, "a short grace, as before: no early probe");
+        assert_eq!(probe("grace = \"8s\"\nprobe_after = \"4s\"\n"), Some(Duration::from_secs(4)));
+        assert_eq!(probe("probe_after = \"0s\"\n"), None);
+        let e = with("grace = \"8s\"\nprobe_after = \"9s\"\n").expect_err("longer than the grace").to_string();
+        assert!(e.contains("probe_after must be shorter"), "{e}");
+    }
+
+    #[test]
     fn inconsistent_configs_are_named() {
         let cases = [
             (CONTRACT.replace("10.20.0.199", "10.30.0.199"), "must be an ascending range inside"),
@@ -413,12 +425,16 @@ pub struct RecoveryConfig {
     /// (default 22; 0: no check).
     pub network_check_port: u16,
     /// Silence after which the controller asks a host's BMC for its power state, before the
-    /// grace (default 10 s: two missed heartbeats of the guard's default 5 s; 0: never). A
-    /// host whose BMC answers `Off` is fenced at once — a crashed or unplugged host's HA
-    /// instances need not wait the whole grace; one that is on but silent still does.
+    /// grace (unset: 10 s — two missed heartbeats of the guard's default 5 s — when that is
+    /// shorter than the grace, else no early probe; 0: never). A host whose BMC answers `Off`
+    /// is fenced at once — a crashed or unplugged host's HA instances need not wait the whole
+    /// grace; one that is on but silent still does. See [`RecoveryConfig::probe_after`].
     #[serde(with = "humantime_serde")]
-    pub probe_after: Duration,
+    pub probe_after: Option<Duration>,
 }
+
+/// The early probe's default silence (two missed heartbeats of the guard's default interval).
+pub const PROBE_AFTER: Duration = Duration::from_secs(10);
 
 impl Default for RecoveryConfig {
     fn default() -> RecoveryConfig {
@@ -433,7 +449,7 @@ impl Default for RecoveryConfig {
             fence_retry_after: Duration::from_secs(300),
             gc_interval: Duration::from_secs(30),
             network_check_port: 22,
-            probe_after: Duration::from_secs(10),
+            probe_after: None,
         }
     }
 }
@@ -456,9 +472,20 @@ impl RecoveryConfig {
         if self.bmc_attempts == 0 {
             return Err("recovery.bmc_attempts must be at least 1".into());
         }
-        if !self.probe_after.is_zero() && self.probe_after >= self.grace {
+        if self.probe_after.is_some_and(|p| !p.is_zero() && p >= self.grace) {
             return Err("recovery.probe_after must be shorter than recovery.grace (or 0: no early probe)".into());
         }
         Ok(())
+    }
+
+    /// The silence after which BMCs are asked (`None`: never): the configured value, else
+    /// [`PROBE_AFTER`] when it is shorter than the grace (a cell tuned to a grace of 10 s or
+    /// less gets no early probe unless it asks for one).
+    pub fn probe_after(&self) -> Option<Duration> {
+        match self.probe_after {
+            Some(d) if d.is_zero() => None,
+            Some(d) => Some(d),
+            None => (PROBE_AFTER < self.grace).then_some(PROBE_AFTER),
+        }
     }
 }

@@ -484,7 +484,7 @@ async fn a_silent_host_that_is_on_waits_the_grace(db: TestDb) {
     ctl.tick(c.at(31)).await.expect("tick");
     assert_eq!(c.store.require_host(&n("a")).await.expect("a").state, HostState::Suspect);
     // Probing is off: the same at the grace, and an Off BMC waits it too.
-    let cfg = RecoveryConfig { probe_after: Duration::ZERO, ..config() };
+    let cfg = RecoveryConfig { probe_after: Some(Duration::ZERO), ..config() };
     let other_db = TestDb::sqlite();
     let d = cell(&other_db, 3).await;
     d.fakes.0["a"].set(|s| s.on = false);

@@ -161,7 +161,7 @@ impl<F: BmcFactory> Controller<F> {
         let policy = detect::Policy {
             grace: self.config.grace,
             mass_failure_share: self.config.mass_failure_share,
-            probe_after: Some(self.config.probe_after).filter(|d| !d.is_zero()),
+            probe_after: self.config.probe_after(),
         };
         let off = self.probe(&hosts, &detect::to_probe(&hosts, now, since, &policy), now).await;
         report.actions = detect::plan(&hosts, &fencing, &held, &off, now, since, &policy);
