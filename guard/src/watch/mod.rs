@@ -94,6 +94,10 @@ struct Shared {
     rounds: std::sync::Mutex<(Instant, Instant)>,
     /// The reboot command ran (once per guard process).
     rebooted: std::sync::atomic::AtomicBool,
+    /// A self-fence was due and could not stop the HA domains (libvirt erred or did not
+    /// answer): why. While set, the hardware watchdog is not fed, so the machine resets —
+    /// the one way left to stop those domains before the controller moves them.
+    unfenced: std::sync::Mutex<Option<String>>,
 }
 
 impl Shared {
@@ -109,6 +113,14 @@ impl Shared {
     fn is_fenced(&self) -> bool {
         Self::lock(&self.fenced).is_some()
     }
+}
+
+/// Whether the hardware watchdog is fed this round: only while the loops are healthy and no
+/// self-fence is owed (a due self-fence that could not stop the HA domains — `unfenced` — must
+/// end in a reset, as SBD's does, or a host cut off with a hung libvirtd would keep running
+/// domains the controller is about to start elsewhere). Pure.
+pub fn feeds_hardware(loops_healthy: bool, unfenced: Option<&str>) -> bool {
+    loops_healthy && unfenced.is_none()
 }
 
 /// One of the two loops (heartbeat, converge): its own database pool and libvirt state.
@@ -147,6 +159,7 @@ pub async fn run(config: Config, stop: impl std::future::Future<Output = ()>) ->
         counters: std::sync::Mutex::new(Counters::default()),
         rounds: std::sync::Mutex::new((Instant::now(), Instant::now())),
         rebooted: std::sync::atomic::AtomicBool::new(false),
+        unfenced: std::sync::Mutex::new(None),
     });
     let worker = || Watch {
         config: config.clone(),
@@ -228,7 +241,7 @@ pub async fn run(config: Config, stop: impl std::future::Future<Output = ()>) ->
     let mut feed = tokio::time::interval(w.heartbeat_interval);
     let mut hardware = w.hardware_watchdog.as_deref().and_then(HardwareWatchdog::arm);
     tokio::pin!(stop);
-    let mut ready = false;
+    let (mut ready, mut starving) = (false, false);
     loop {
         tokio::select! {
             _ = &mut stop => break,
@@ -240,9 +253,18 @@ pub async fn run(config: Config, stop: impl std::future::Future<Output = ()>) ->
                         ready = true;
                     }
                     notify("WATCHDOG=1");
+                    let unfenced = Shared::lock(&shared.unfenced).clone();
                     if let Some(dog) = &mut hardware {
-                        dog.ping();
+                        if feeds_hardware(true, unfenced.as_deref()) {
+                            dog.ping();
+                        } else if !starving {
+                            tracing::error!(
+                                "self-fence failed ({}): no longer feeding the hardware watchdog; the host resets",
+                                unfenced.as_deref().unwrap_or_default()
+                            );
+                        }
                     }
+                    starving = unfenced.is_some();
                 } else {
                     tracing::error!("a loop is stuck (heartbeat {:?} ago, converge {:?} ago): not feeding the watchdog", h.elapsed(), c.elapsed());
                 }
@@ -418,13 +440,16 @@ impl Watch {
             Ok(Ok(Ok(stopped))) => stopped,
             Ok(Ok(Err(e))) => {
                 tracing::error!("self-fence: {e:#}");
+                *Shared::lock(&self.shared.unfenced) = Some(format!("{e:#}"));
                 return; // tried again on the next heartbeat failure
             }
             _ => {
                 tracing::error!("self-fence: libvirt did not answer");
+                *Shared::lock(&self.shared.unfenced) = Some("libvirt did not answer".into());
                 return;
             }
         };
+        *Shared::lock(&self.shared.unfenced) = None;
         let record = SelfFence { at: nodekeeper_store::Timestamp::now().0, stopped };
         tracing::error!("self-fenced: stopped {} HA domains", record.stopped.len());
         self.shared.count(|c| c.self_fences += 1);
@@ -520,6 +545,8 @@ impl Watch {
             }
         }
         let lifted = Shared::lock(&self.shared.fenced).take();
+        // The database answers again: this host is not cut off; nothing is left to fence.
+        *Shared::lock(&self.shared.unfenced) = None;
         // What this pass saw (and did), for the controller's GC pass.
         let mut seen: HashMap<InstanceId, (bool, Option<Generation>)> =
             local.iter().map(|(id, d)| (*id, (d.active, d.generation))).collect();
@@ -582,5 +609,17 @@ impl Watch {
         }
         run_command(restart).await;
         self.shared.count(|c| c.restarts += 1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::feeds_hardware;
+
+    #[test]
+    fn a_self_fence_that_could_not_stop_the_domains_starves_the_hardware_watchdog() {
+        assert!(feeds_hardware(true, None));
+        assert!(!feeds_hardware(false, None), "a stuck loop is not fed (as before)");
+        assert!(!feeds_hardware(true, Some("libvirt did not answer")), "owed a self-fence: reset");
     }
 }
