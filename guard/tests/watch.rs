@@ -508,3 +508,81 @@ async fn systemd_hears_ready_then_watchdog_pings_and_the_hardware_watchdog_is_fe
     let fed = String::from_utf8_lossy(&fed).into_owned();
     assert!(fed.len() >= 4 && fed.ends_with('V') && fed[..fed.len() - 1].chars().all(|c| c == 'p'), "{fed:?}");
 }
+
+/// Everything a non-blocking FIFO holds now.
+fn drain(fifo: &mut std::fs::File) -> String {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match std::io::Read::read(fifo, &mut buf) {
+            Ok(0) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => panic!("reading the FIFO: {e}"),
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Cut off (the database gone, its one peer silent), the guard owes a self-fence; its libvirt
+/// cannot be reached, so the HA domains cannot be stopped: it stops feeding the hardware
+/// watchdog (a FIFO here), so that the machine resets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_self_fence_that_cannot_stop_the_domains_starves_the_hardware_watchdog() {
+    let Some(db) = TestDb::postgres().await else { return };
+    let store = db.store().await;
+    for (h, ip) in [("node-w1", "127.0.0.2"), ("node-w2", "127.0.0.3")] {
+        let host =
+            NewHost { name: n(h), mac: None, ip: Some(ip.parse().expect("ip")), bmc_url: None, bmc_credentials: None };
+        store.add_host(&host, "test").await.expect("host");
+    }
+    store.record_heartbeat(&n("node-w2")).await.expect("heartbeat");
+    let dir = tempfile::tempdir().expect("dir");
+    let d = dir.path().display().to_string();
+    let fifo = format!("{d}/watchdog");
+    nix::unistd::mkfifo(fifo.as_str(), nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
+    let mut dog = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+        .open(&fifo)
+        .expect("open the FIFO");
+    let peer_port = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
+    let config = format!("{d}/guard.toml");
+    std::fs::create_dir_all(format!("{d}/qemu")).expect("config dir");
+    // A libvirt that is not there: every call fails (as a hung or dead libvirtd would).
+    std::fs::write(
+        &config,
+        format!(
+            "host = \"node-w1\"\ndatabase_url = \"{}\"\n[libvirt]\nconfig_dir = \"{d}/qemu\"\n\
+             uri = \"qemu+unix:///system?socket={d}/no-libvirt-sock\"\n[boot]\nstate_dir = \"{d}/state\"\ndb_wait = \"1s\"\n\
+             [watch]\nheartbeat_interval = \"400ms\"\nconverge_interval = \"500ms\"\nisolation_timeout = \"3s\"\n\
+             libvirt_timeout = \"5s\"\nmax_restarts = 0\nlibvirt_restart = []\nhardware_watchdog = \"{fifo}\"\n\
+             peer_listen = \"127.0.0.2:{peer_port}\"\npeer_port = {peer_port}\n",
+            db.url()
+        ),
+    )
+    .expect("config");
+    let log = dir.path().join("guard.log");
+    let mut guard = Command::new(env!("CARGO_BIN_EXE_nodekeeper-guard"))
+        .args(["-v", "watch", "--config", &config])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("guard");
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    // Fed while it heartbeats (its peer list fetched on the first heartbeat).
+    wait_for("the watchdog fed", Duration::from_secs(20), || drain(&mut dog).contains('p'));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    store.close().await;
+    assert!(db.set_reachable(false).await);
+    wait_for("the self-fence given up on", Duration::from_secs(30), || {
+        read_log().contains("no longer feeding the hardware watchdog")
+    });
+    let _ = drain(&mut dog);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let fed = drain(&mut dog);
+    let _ = Command::new("kill").args(["-KILL", &guard.id().to_string()]).status();
+    let _ = guard.wait();
+    assert!(db.set_reachable(true).await);
+    assert!(!fed.contains('p'), "pinged after the self-fence failed: {fed:?}\n{}", read_log());
+}
