@@ -452,16 +452,7 @@ async fn systemd_hears_ready_then_watchdog_pings_and_the_hardware_watchdog_is_fe
     // What systemd's NOTIFY_SOCKET receives, read from a datagram socket of the test's own.
     let (_db, _store, dir) = one_host().await;
     let d = dir.path().display().to_string();
-    // The hardware watchdog's stand-in: a FIFO (there is no /dev/watchdog here, and this
-    // kernel has no softdog module; the QEMU nodes have both). Opened for reading first, so
-    // the guard's open for writing does not wait.
-    let fifo = format!("{d}/watchdog");
-    nix::unistd::mkfifo(fifo.as_str(), nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
-    let mut dog = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
-        .open(&fifo)
-        .expect("open the FIFO");
+    let (fifo, mut dog) = watchdog_fifo(&d);
     let socket_path = format!("{d}/notify.sock");
     let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).expect("notify socket");
     socket.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
@@ -509,6 +500,20 @@ async fn systemd_hears_ready_then_watchdog_pings_and_the_hardware_watchdog_is_fe
     assert!(fed.len() >= 4 && fed.ends_with('V') && fed[..fed.len() - 1].chars().all(|c| c == 'p'), "{fed:?}");
 }
 
+/// The hardware watchdog's stand-in in `dir`: a FIFO (there is no /dev/watchdog here, and this
+/// kernel has no softdog module; the QEMU nodes have both), opened for reading first (non-
+/// blocking), so the guard's open for writing does not wait. Its path and the reading end.
+fn watchdog_fifo(dir: &str) -> (String, std::fs::File) {
+    let fifo = format!("{dir}/watchdog");
+    nix::unistd::mkfifo(fifo.as_str(), nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
+    let dog = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+        .open(&fifo)
+        .expect("open the FIFO");
+    (fifo, dog)
+}
+
 /// Everything a non-blocking FIFO holds now.
 fn drain(fifo: &mut std::fs::File) -> String {
     let mut out = Vec::new();
@@ -539,13 +544,7 @@ async fn a_self_fence_that_cannot_stop_the_domains_starves_the_hardware_watchdog
     store.record_heartbeat(&n("node-w2")).await.expect("heartbeat");
     let dir = tempfile::tempdir().expect("dir");
     let d = dir.path().display().to_string();
-    let fifo = format!("{d}/watchdog");
-    nix::unistd::mkfifo(fifo.as_str(), nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
-    let mut dog = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
-        .open(&fifo)
-        .expect("open the FIFO");
+    let (fifo, mut dog) = watchdog_fifo(&d);
     let peer_port = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
     let config = format!("{d}/guard.toml");
     std::fs::create_dir_all(format!("{d}/qemu")).expect("config dir");
