@@ -347,6 +347,8 @@ impl Watch {
                 self.shared.count(|c| c.heartbeats += 1);
                 *Shared::lock(&self.shared.last_db_ok) = Instant::now();
                 Shared::lock(&self.shared.held).take();
+                // The database answers: this host is not cut off, no self-fence is owed.
+                Shared::lock(&self.shared.unfenced).take();
                 self.refresh_peers(budget).await;
             }
             other => {
@@ -545,8 +547,6 @@ impl Watch {
             }
         }
         let lifted = Shared::lock(&self.shared.fenced).take();
-        // The database answers again: this host is not cut off; nothing is left to fence.
-        *Shared::lock(&self.shared.unfenced) = None;
         // What this pass saw (and did), for the controller's GC pass.
         let mut seen: HashMap<InstanceId, (bool, Option<Generation>)> =
             local.iter().map(|(id, d)| (*id, (d.active, d.generation))).collect();
