@@ -96,6 +96,9 @@ pub struct Params {
     /// The raw image's size in bytes (`nk.size`; a compressed image's own length says
     /// nothing of it). Unset: the served length (raw).
     pub size: Option<u64>,
+    /// The served file's sha256 as the image catalogue recorded it (`nk.sha256`): a file
+    /// whose `ETag` differs — replaced under the same name since — is refused.
+    pub sha256: Option<String>,
 }
 
 /// How the image is served.
@@ -135,6 +138,16 @@ impl Params {
             },
             size: get("nk.size")
                 .map(|v| v.parse().map_err(|_| format!("nk.size={v}: a number of bytes")))
+                .transpose()?,
+            sha256: get("nk.sha256")
+                .map(|v| {
+                    let ok = v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit());
+                    if ok {
+                        Ok(v.to_ascii_lowercase())
+                    } else {
+                        Err(format!("nk.sha256={v}: 64 hex digits"))
+                    }
+                })
                 .transpose()?,
         })
     }
@@ -412,6 +425,13 @@ pub fn write_image_counted(
             download.etag
         )));
     }
+    if let Some(recorded) = p.sha256.as_deref().filter(|r| *r != download.etag) {
+        return Err(io::Error::other(format!(
+            "the served image has sha256 {}, the catalogue recorded {recorded}: it was replaced since the reimage \
+             was requested; refusing it",
+            download.etag
+        )));
+    }
     let expected = download.etag.clone();
     let total = download.total;
     let disk = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&p.disk)?;
@@ -685,6 +705,13 @@ mod tests {
             .expect_err("empty token")
             .contains("nk.token"));
         assert!(Params::from_cmdline("quiet").is_err());
+        let p =
+            Params::from_cmdline(&format!("nk.server=s nk.host=a nk.token=t nk.image=i nk.sha256={}", "AB".repeat(32)))
+                .expect("params");
+        assert_eq!(p.sha256, Some("ab".repeat(32)));
+        assert!(Params::from_cmdline("nk.server=s nk.host=a nk.token=t nk.image=i nk.sha256=xyz")
+            .expect_err("not a digest")
+            .contains("nk.sha256"));
     }
 
     #[test]

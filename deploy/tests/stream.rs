@@ -190,3 +190,21 @@ fn the_sink_reads_back_exactly_from_a_block_device() {
     f.read_exact(&mut back).expect("read back");
     assert_eq!(sha256(&back), sha256(&img), "the device range is the image, over random old bytes");
 }
+
+#[test]
+fn a_file_replaced_since_the_catalogue_recorded_it_is_refused_before_the_disk_is_touched() {
+    let img = image();
+    let recorded = sha256(&zstd::bulk::compress(&img, 3).expect("compress"));
+    // Another image under the same name, with an ETag that honestly names its own bytes.
+    let mut other = img.clone();
+    other[(1 << 20) + 5] ^= 0xff;
+    let replaced = zstd::bulk::compress(&other, 3).expect("compress");
+    let (url, _) = server(replaced.clone(), sha256(&replaced), usize::MAX, 0);
+    let dir = tempfile::tempdir().expect("dir");
+    let disk = old_disk(dir.path(), 16 << 20);
+    let mut p = params(&url, &disk, img.len(), true);
+    p.sha256 = Some(recorded);
+    let e = write_image_counted(&p, &mut |_, _| {}).expect_err("refused").to_string();
+    assert!(e.contains("the catalogue recorded"), "{e}");
+    assert!(std::fs::read(&disk).expect("disk").iter().all(|&b| b == 0xc3), "nothing written");
+}

@@ -958,6 +958,7 @@ async fn a_catalogue_image_is_deployed_compressed_and_the_device_reads_back_the_
     let kernel = script.lines().find(|l| l.starts_with("kernel ")).unwrap_or_else(|| panic!("{script}"));
     assert!(kernel.contains(&format!(" nk.format=zstd nk.size={} ", raw.len())), "{kernel}");
     assert!(kernel.contains(&format!("/images/{} ", image.file)), "{kernel}");
+    assert!(kernel.contains(&format!(" nk.sha256={} ", image.served_sha256)), "the catalogue's digest: {kernel}");
     let cmdline = format!("{} nk.disk={}", kernel.split_whitespace().skip(2).collect::<Vec<_>>().join(" "), disk.0);
     let mut params = nodekeeper_deploy::Params::from_cmdline(&cmdline).expect("params");
     let (ok, log) = tokio::task::spawn_blocking(move || {

@@ -9,7 +9,7 @@
 use nodekeeper_store::{Host, HostState, Operation, OperationStatus};
 
 use crate::reimage::executor;
-use crate::reimage::machine::{AgentReport, AgentStage, ImageRef, ReimageData, Step};
+use crate::reimage::machine::{AgentReport, AgentStage, ImageRef, ReimageData, Served, Step};
 
 /// What the deploy ramdisk needs to know.
 #[derive(Debug, Clone)]
@@ -37,10 +37,8 @@ pub struct DeployParams<'a> {
 pub struct Deploy {
     /// The image to write (its catalogue name, or a file under `/images/`).
     pub image: String,
-    /// The path the agent fetches under `/images/`.
-    pub file: String,
-    /// `Some` for a catalogue image (served zstd-compressed): its raw size.
-    pub raw_size: Option<u64>,
+    /// Its catalogue entry, as the reimage recorded it.
+    pub served: Option<Served>,
     /// This boot of this reimage.
     pub boot: String,
 }
@@ -66,13 +64,14 @@ pub fn deploy_for(host: &Host, op: Option<&Operation>) -> Option<Deploy> {
         return None;
     }
     let data = serde_json::from_str::<ReimageData>(&op.data).ok()?;
-    let ImageRef { path, raw_size } = data.image_ref();
-    Some(Deploy {
-        file: path.to_owned(),
-        raw_size,
-        image: data.image.clone(),
-        boot: format!("{}:{}", op.id, data.pxe_boots),
-    })
+    Some(Deploy { image: data.image, served: data.served, boot: format!("{}:{}", op.id, data.pxe_boots) })
+}
+
+impl Deploy {
+    /// What the agent fetches.
+    pub fn image_ref(&self) -> ImageRef<'_> {
+        ImageRef::new(&self.image, self.served.as_ref())
+    }
 }
 
 /// Which boot loader reads the script.
@@ -94,9 +93,10 @@ pub(crate) fn deploy_args(host: &Host, params: &DeployParams<'_>, token: &str) -
         format!("nk.token={token}"),
         format!("nk.image={base}/images/{}", params.image.path),
     ];
-    if let Some(size) = params.image.raw_size {
+    if let Some(served) = params.image.served {
         args.push("nk.format=zstd".into());
-        args.push(format!("nk.size={size}"));
+        args.push(format!("nk.size={}", served.raw_size));
+        args.push(format!("nk.sha256={}", served.sha256));
     }
     args.extend(params.tls.map(|(_, ca)| format!("nk.ca={ca}")));
     args.extend(params.root_device.map(|h| format!("nk.root_device={h}")));
@@ -203,7 +203,7 @@ mod tests {
         kernel: "deploy/vmlinuz",
         initrd: "deploy/initrd.img",
         kernel_args: "console=ttyS0",
-        image: ImageRef { path: "node.img", raw_size: None },
+        image: ImageRef { path: "node.img", served: None },
         root_device: None,
     };
 
@@ -218,13 +218,15 @@ mod tests {
 
     #[test]
     fn a_catalogue_image_is_fetched_compressed_with_its_raw_size() {
-        let image = ImageRef { path: "catalogue/debian-0123.raw.zst", raw_size: Some(1 << 30) };
-        let params = DeployParams { image, ..PARAMS };
+        let served =
+            Served { file: "catalogue/debian-0123.raw.zst".into(), raw_size: 1 << 30, sha256: "ab".repeat(32) };
+        let params = DeployParams { image: ImageRef::new("debian", Some(&served)), ..PARAMS };
         let s = boot_script(&host(HostState::Reimaging), &params, Some("t0k3n"), Flavor::Ipxe);
-        assert!(
-            s.contains(" nk.image=http://10.20.0.1:8080/images/catalogue/debian-0123.raw.zst nk.format=zstd nk.size=1073741824 "),
-            "{s}"
+        let args = format!(
+            " nk.image=http://10.20.0.1:8080/images/catalogue/debian-0123.raw.zst nk.format=zstd nk.size=1073741824 nk.sha256={} ",
+            "ab".repeat(32)
         );
+        assert!(s.contains(&args), "{s}");
     }
 
     #[test]
@@ -313,12 +315,7 @@ mod tests {
         // The image this reimage asked for, not the one the host had, for this boot.
         assert_eq!(
             deploy_for(&h, Some(&op("agent_booted", None))),
-            Some(Deploy {
-                image: "requested.img".into(),
-                file: "requested.img".into(),
-                raw_size: None,
-                boot: "1:1".into()
-            })
+            Some(Deploy { image: "requested.img".into(), served: None, boot: "1:1".into() })
         );
         // Before the executor recorded power_on, nobody gets the installer.
         for step in ["power_off", "pxe_next_boot", "power_on"] {

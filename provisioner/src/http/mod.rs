@@ -285,7 +285,7 @@ impl BootScripts {
         };
         let c = &self.config;
         let Some(deploy) = ipxe::deploy_for(&host, op.as_ref()) else {
-            let image = crate::reimage::machine::ImageRef::raw(DEFAULT_IMAGE);
+            let image = crate::reimage::machine::ImageRef::new(DEFAULT_IMAGE, None);
             let params = deploy_params(c, self.tls.as_deref(), image, None);
             return Ok(Script::Known(ipxe::boot_script(&host, &params, None, flavor)));
         };
@@ -297,8 +297,7 @@ impl BootScripts {
         let hash = format!("{:x}", Sha256::digest(token.as_bytes()));
         let expires = self.store.now().await? + DEPLOY_TOKEN_TTL;
         if self.store.issue_deploy_token(&host.name, &hash, expires, &deploy.boot).await? {
-            let image = crate::reimage::machine::ImageRef { path: &deploy.file, raw_size: deploy.raw_size };
-            let params = deploy_params(c, self.tls.as_deref(), image, root_device.as_deref());
+            let params = deploy_params(c, self.tls.as_deref(), deploy.image_ref(), root_device.as_deref());
             return Ok(Script::Known(ipxe::boot_script(&host, &params, Some(&token), flavor)));
         }
         // Someone fetched this boot's script already: the host itself retrying, or another

@@ -80,7 +80,7 @@ pub async fn request(
     // A catalogue image is served compressed; any other name is a raw file under the images
     // directory (as before the catalogue).
     let catalogued = store.image(&image).await?;
-    let served = catalogued.map(|i| machine::Served { file: i.file, raw_size: i.raw_size });
+    let served = catalogued.map(|i| machine::Served { file: i.file, raw_size: i.raw_size, sha256: i.served_sha256 });
     let uses = served.is_some().then_some(image.as_str());
     let data = ReimageData { image: image.clone(), pxe_boots: 0, agent: None, deadlines, limits, boot_path, served };
     let deadline = crate::ops::engine::after(store, machine::deadline_for(Step::PowerOff, &data.deadlines)).await?;

@@ -177,39 +177,39 @@ pub struct ReimageData {
     pub served: Option<Served>,
 }
 
-/// A catalogue image as the deploy agent fetches it.
+/// A catalogue image as the deploy agent fetches it (recorded when the reimage is requested).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Served {
     /// The zstd-compressed raw image, relative to `/images/`.
     pub file: String,
     /// Bytes of the raw image.
     pub raw_size: u64,
+    /// sha256 of the served file, as the catalogue recorded it: the agent refuses a file
+    /// whose `ETag` says otherwise (replaced under the same name since).
+    pub sha256: String,
 }
 
-/// What the deploy agent fetches: a path under `/images/`, served raw or (with its raw size)
-/// zstd-compressed.
+/// What the deploy agent fetches: a path under `/images/`, served raw, or a catalogue image
+/// (zstd-compressed, with its raw size and the catalogue's digest).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ImageRef<'a> {
     /// Relative to `/images/`.
     pub path: &'a str,
-    /// `Some`: zstd-compressed, this many raw bytes.
-    pub raw_size: Option<u64>,
+    /// `Some` for a catalogue image.
+    pub served: Option<&'a Served>,
 }
 
 impl ImageRef<'_> {
-    /// A raw file under the images directory.
-    pub fn raw(path: &str) -> ImageRef<'_> {
-        ImageRef { path, raw_size: None }
+    /// `image`: its catalogue entry when it has one, else a raw file of that name.
+    pub fn new<'a>(image: &'a str, served: Option<&'a Served>) -> ImageRef<'a> {
+        ImageRef { path: served.map_or(image, |s| s.file.as_str()), served }
     }
 }
 
 impl ReimageData {
     /// What the agent fetches for this reimage.
     pub fn image_ref(&self) -> ImageRef<'_> {
-        match &self.served {
-            Some(s) => ImageRef { path: &s.file, raw_size: Some(s.raw_size) },
-            None => ImageRef::raw(&self.image),
-        }
+        ImageRef::new(&self.image, self.served.as_ref())
     }
 }
 
