@@ -69,9 +69,6 @@ pub struct Controller<F: BmcFactory> {
     /// provisioner down — through which guards on the embedded SQLite heartbeat) did not see
     /// the heartbeats it missed; it must not take its own absence for the hosts' silence.
     watching: std::sync::Mutex<Option<(i64, Timestamp)>>,
-    /// What each silent host's BMC last said, and when (the database's time): an `Off`
-    /// counts only if it was seen after the host's last heartbeat.
-    probes: std::sync::Mutex<std::collections::HashMap<HostName, (Timestamp, bmc::PowerState)>>,
 }
 
 impl<F: BmcFactory> Controller<F> {
@@ -85,7 +82,6 @@ impl<F: BmcFactory> Controller<F> {
             last_alert: std::sync::Mutex::new(None),
             last_gc: std::sync::Mutex::new(None),
             watching: std::sync::Mutex::new(None),
-            probes: Default::default(),
         }
     }
 
@@ -163,7 +159,7 @@ impl<F: BmcFactory> Controller<F> {
             mass_failure_share: self.config.mass_failure_share,
             probe_after: self.config.probe_after(),
         };
-        let off = self.probe(&hosts, &detect::to_probe(&hosts, now, since, &policy), now).await;
+        let off = self.probe(&hosts, &detect::to_probe(&hosts, now, since, &policy)).await;
         report.actions = detect::plan(&hosts, &fencing, &held, &off, now, since, &policy);
         for action in &report.actions {
             self.act(store, action).await?;
@@ -193,55 +189,46 @@ impl<F: BmcFactory> Controller<F> {
     }
 
     /// Asks the BMCs of `candidates` (concurrently, each bounded by the tick's interval, at
-    /// most 3 s) for their power state; returns the hosts whose BMC says `Off` and said so
-    /// after their last heartbeat. A BMC that errs or hangs says nothing: that host waits the
-    /// grace, as before.
-    async fn probe(&self, hosts: &[Host], candidates: &[HostName], now: Timestamp) -> Vec<HostName> {
+    /// most 3 s) for their power state, now — after `hosts` (and their last heartbeats) were
+    /// read; returns those that answered `Off`. A BMC that errs or hangs says nothing: that
+    /// host waits the grace, as before. Nothing is kept between ticks: each tick asks again.
+    async fn probe(&self, hosts: &[Host], candidates: &[HostName]) -> Vec<HostName> {
         let limit = self.config.interval.min(Duration::from_secs(3));
-        let mut asked = Vec::new();
         let drivers: Vec<(HostName, F::B)> = hosts
             .iter()
             .filter(|h| candidates.contains(&h.name))
             .filter_map(|h| Some((h.name.clone(), self.factory.for_host(h).ok()?)))
             .collect();
+        let mut off = Vec::new();
         // 32 at a time: a wave of silent hosts is not a wave of requests at once.
         for batch in drivers.chunks(32) {
             let answers = futures_util::future::join_all(batch.iter().map(|(name, driver)| async move {
                 let state = tokio::time::timeout(limit, bmc::Bmc::power_state(driver)).await.ok()?.ok()?;
-                Some((name.clone(), state))
+                (state == bmc::PowerState::Off).then(|| name.clone())
             }))
             .await;
-            asked.extend(answers);
+            off.extend(answers.into_iter().flatten());
         }
-        let mut probes = self.probes.lock().unwrap_or_else(|p| p.into_inner());
-        probes.retain(|name, _| candidates.contains(name));
-        for (name, state) in asked.into_iter().flatten() {
-            probes.insert(name, (now, state));
-        }
-        hosts
-            .iter()
-            .filter(|h| {
-                probes.get(&h.name).is_some_and(|(at, state)| {
-                    *state == bmc::PowerState::Off && h.last_heartbeat.is_none_or(|beat| *at > beat)
-                })
-            })
-            .map(|h| h.name.clone())
-            .collect()
+        off
     }
 
     /// Steps `host`'s running fence until it waits or ends (at most one pass of its steps).
     async fn run_through(&self, store: &Store, host: &HostName, now: Timestamp) -> Result<usize, StoreError> {
+        let Some(mut op) = store.running_operations(KIND).await?.into_iter().find(|o| &o.target == host) else {
+            return Ok(0);
+        };
         let mut stepped = 0;
         for _ in 0..fence::Step::ALL.len() {
-            let Some(op) = store.running_operations(KIND).await?.into_iter().find(|o| &o.target == host) else {
-                break;
-            };
-            let before = (op.step.clone(), op.attempts);
-            crate::ops::engine::step(&self.fence(now), store, op.clone()).await?;
+            let (id, before) = (op.id, (op.step.clone(), op.attempts));
+            crate::ops::engine::step(&self.fence(now), store, op).await?;
             stepped += 1;
-            let after = store.operation(op.id).await?;
-            if after.is_none_or(|o| o.status != OperationStatus::Running || (o.step.clone(), o.attempts) == before) {
-                break;
+            match store.operation(id).await? {
+                Some(next)
+                    if next.status == OperationStatus::Running && (next.step.clone(), next.attempts) != before =>
+                {
+                    op = next
+                }
+                _ => break,
             }
         }
         Ok(stepped)
