@@ -13,6 +13,7 @@ on_both_engines!(
     evacuate_to_an_unknown_host_changes_nothing,
     a_large_import_is_one_transaction,
     mark_fenced_is_refused_for_a_running_host_and_starts_one_fence,
+    the_image_commands_keep_their_contract,
 );
 
 struct Cli {
@@ -357,4 +358,41 @@ fn serve_starts_answers_and_stops_on_sigterm() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("provisioner.toml") && err.contains("listen"), "{err}");
+}
+
+/// `image add|list|show|remove` (DESIGN.md, "Provisioner admin"): `image show --json` carries
+/// the raw image's sha256; a reimage names a catalogue entry; removal is refused while used.
+async fn the_image_commands_keep_their_contract(db: TestDb) {
+    use sha2::Digest;
+    let cli = Cli::new(&db);
+    cli.setup();
+    let mut disk = vec![0u8; 4 << 20];
+    disk[510] = 0x55;
+    disk[511] = 0xaa;
+    disk[1 << 20..(1 << 20) + 4096].fill(0x5a);
+    let raw = cli.dir.path().join("disk.img");
+    std::fs::write(&raw, &disk).expect("disk");
+    let images = cli.dir.path().join("images").display().to_string();
+    let added = cli.json(&["image", "add", "debian", &raw.display().to_string(), "--images-dir", &images]);
+    let sha = format!("{:x}", sha2::Sha256::digest(&disk));
+    assert_eq!(added["sha256"], sha.as_str(), "{added}");
+    let shown = cli.json(&["image", "show", "debian"]);
+    assert_eq!((shown["name"].as_str(), shown["sha256"].as_str()), (Some("debian"), Some(sha.as_str())), "{shown}");
+    assert_eq!((shown["format"].as_str(), shown["size"].as_u64()), (Some("raw"), Some(4 << 20)));
+    let served = cli.dir.path().join("images").join(shown["served"]["file"].as_str().expect("file"));
+    assert!(served.exists(), "{shown}");
+    let listed = cli.json(&["image", "list"]);
+    assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
+    assert!(cli.fails(&["image", "show", "nope"]).contains("unknown image nope"));
+    // Taken names and files that are no disk are refused, with nothing added.
+    let again = cli.fails(&["image", "add", "debian", &raw.display().to_string(), "--images-dir", &images]);
+    assert!(again.contains("already exists"), "{again}");
+    let notes = cli.write("notes.txt", "not a disk\n");
+    assert!(cli.fails(&["image", "add", "notes", &notes, "--images-dir", &images]).contains("is not a disk image"));
+    // A reimage names it: the image is in use until that reimage ends.
+    let reimage = cli.json(&["reimage", "node-b", "--image", "debian"]);
+    assert_eq!(reimage["started"], true, "{reimage}");
+    let refused = cli.fails(&["image", "remove", "debian", "--images-dir", &images]);
+    assert!(refused.contains("is in use") && refused.contains("reimage of node-b"), "{refused}");
+    assert!(served.exists());
 }
