@@ -8,7 +8,8 @@ use std::time::Duration;
 use anyhow::Context;
 use nodekeeper_store::guard_api::{self, Assigned, GuardEvent, OwnershipQuery, PeerList, Relay};
 use nodekeeper_store::{
-    ConnectOptions, GuardSession, HostName, InstanceId, NewEvent, Ownership, ReportedDomain, Store, Timestamp,
+    ConnectOptions, FencingProfile, GuardSession, HostName, InstanceId, NewEvent, Ownership, ReportedDomain, Store,
+    Timestamp,
 };
 
 use crate::config::Config;
@@ -182,6 +183,15 @@ impl Backend {
                 Ok(())
             }
             Backend::Api(a) => a.ok(a.post("relay").json(&Relay { host: peer.clone() })).await,
+        }
+    }
+
+    /// Replaces `host`'s fencing profile (watchdog fencing's evidence).
+    pub async fn save_fencing(&self, host: &HostName, profile: &FencingProfile) -> anyhow::Result<()> {
+        match self {
+            Backend::Db(s) => Ok(s.save_guard_fencing(host, profile).await?),
+            Backend::Role(r) => Ok(r.save_fencing(profile).await?),
+            Backend::Api(a) => a.ok(a.client.put(a.url("fencing")).json(profile)).await,
         }
     }
 

@@ -92,6 +92,13 @@ pub struct WatchConfig {
     /// only while the guard's loops are healthy, so a hung host (or guard) reboots once the
     /// driver's timeout runs out. Disarmed on a clean stop. Off when absent.
     pub hardware_watchdog: Option<PathBuf>,
+    /// The hardware watchdog's timeout, set when it is armed (`WDIOC_SETTIMEOUT`; the driver
+    /// may round it, and the guard reports what it reads back). Unset: the driver's own.
+    /// With a self-fence, a guard whose watchdog's timeout is known reports it, and the
+    /// controller may then fence the host by waiting it out when its BMC is gone (watchdog
+    /// fencing, docs/watchdog-fencing.md).
+    #[serde(with = "humantime_serde")]
+    pub watchdog_timeout: Option<Duration>,
 }
 
 /// `[[watch.services]]`: a service checked by a command or an HTTP GET. Dead (the check fails)
@@ -157,6 +164,7 @@ impl Default for WatchConfig {
             reboot: vec!["systemctl".into(), "reboot".into()],
             services: Vec::new(),
             hardware_watchdog: None,
+            watchdog_timeout: None,
         }
     }
 }
@@ -285,6 +293,14 @@ impl Config {
         if w.hardware_watchdog.as_ref().is_some_and(|p| !p.is_absolute()) {
             return Err("watch.hardware_watchdog must be an absolute path".into());
         }
+        if let Some(t) = w.watchdog_timeout {
+            if w.hardware_watchdog.is_none() {
+                return Err("watch.watchdog_timeout is set but watch.hardware_watchdog is not".into());
+            }
+            if t <= w.heartbeat_interval * 2 || t.subsec_nanos() != 0 {
+                return Err("watch.watchdog_timeout must be whole seconds, more than two heartbeat intervals".into());
+            }
+        }
         for svc in &w.services {
             if svc.check.is_empty() == svc.http.is_none() {
                 return Err(format!("watch.services {:?}: give exactly one of check and http", svc.name));
@@ -393,6 +409,9 @@ on_db_unreachable = "block-ha"
             ("[[watch.services]]\nname = \"x\"\ncheck = [\"true\"]\nrestart = []\n", "restart is required"),
             ("[watch]\nheartbeat = \"1s\"\n", "unknown field"),
             ("[watch]\nhardware_watchdog = \"dev/watchdog\"\n", "hardware_watchdog must be an absolute path"),
+            ("[watch]\nwatchdog_timeout = \"60s\"\n", "hardware_watchdog is not"),
+            ("[watch]\nhardware_watchdog = \"/dev/watchdog\"\nwatchdog_timeout = \"9s\"\n", "two heartbeat intervals"),
+            ("[watch]\nhardware_watchdog = \"/dev/watchdog\"\nwatchdog_timeout = \"20500ms\"\n", "whole seconds"),
         ] {
             let err = Config::parse(&format!("{base}{extra}")).expect_err(extra);
             assert!(err.contains(want), "{extra}: {err}");

@@ -21,9 +21,9 @@
 pub struct PeerView {
     /// Peers asked.
     pub asked: usize,
-    /// Peers whose authenticated answer came back.
+    /// Peers counted in the cell (active ones) whose authenticated answer came back.
     pub answered: usize,
-    /// Of those, how many reach the controller.
+    /// Of every peer that answered (counted or not), how many reach the controller.
     pub reach_controller: usize,
     /// Whether one of them relayed this host's heartbeat.
     pub relayed: bool,

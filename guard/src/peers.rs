@@ -32,7 +32,7 @@ use crate::isolation::PeerView;
 /// How far a check's stamp may be from the answering peer's clock.
 pub const MAX_SKEW: Duration = Duration::from_secs(600);
 /// How long one peer may take to answer.
-pub const ASK_TIMEOUT: Duration = Duration::from_secs(2);
+pub const ASK_TIMEOUT: Duration = nodekeeper_store::guard_api::PEER_ASK_TIMEOUT;
 
 /// `POST /peer/v1/check`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -246,20 +246,22 @@ pub async fn ask(
         };
         c.mac = mac_hex(p.key.as_bytes(), &c.message());
         let url = format!("http://{}/peer/v1/check", SocketAddr::new(p.address, port));
-        let key = p.key.clone();
+        let (key, counted) = (p.key.clone(), p.counted);
         async move {
             let sent = client.post(&url).timeout(ASK_TIMEOUT).json(&c).send().await.ok()?;
             if !sent.status().is_success() {
                 return None;
             }
             let a: Answer = sent.json().await.ok()?;
-            mac_ok(key.as_bytes(), &answer_message(&c, a.controller_ok, a.relayed), &a.mac).then_some(a)
+            mac_ok(key.as_bytes(), &answer_message(&c, a.controller_ok, a.relayed), &a.mac).then_some((a, counted))
         }
     });
     let answers = futures_util::future::join_all(asks).await;
     let mut view = PeerView { asked: peers.len(), ..PeerView::default() };
-    for a in answers.into_iter().flatten() {
-        view.answered += 1;
+    for (a, counted) in answers.into_iter().flatten() {
+        // A suspect peer's answer does not count towards the majority (it is not in the
+        // cell's size); whether it reaches the controller or relayed still does.
+        view.answered += usize::from(counted);
         view.reach_controller += usize::from(a.controller_ok);
         view.relayed |= a.relayed;
     }

@@ -316,7 +316,7 @@ async fn a_guard_that_still_reaches_a_peer_holds_its_instances() {
     let address = "127.0.0.2".parse().expect("ip");
     cache.set(nodekeeper_store::guard_api::PeerList {
         cell_size: 2,
-        peers: vec![nodekeeper_store::guard_api::Peer { host: n("node-w1"), address, key }],
+        peers: vec![nodekeeper_store::guard_api::Peer { host: n("node-w1"), address, key, counted: true }],
     });
     let responder = nodekeeper_guard::peers::Responder::new(
         n("node-w2"),

@@ -431,6 +431,10 @@ pub struct RecoveryConfig {
     /// grace; one that is on but silent still does. See [`RecoveryConfig::probe_after`].
     #[serde(with = "humantime_serde")]
     pub probe_after: Option<Duration>,
+    /// When the BMC cannot confirm a host off, fence it by waiting out its guard's self-fence
+    /// and hardware watchdog — only for a host whose guard reported both, with an exact
+    /// quorum, while a majority of its cell heartbeats (default true; docs/watchdog-fencing.md).
+    pub watchdog_fencing: bool,
 }
 
 /// The early probe's default silence (two missed heartbeats of the guard's default interval).
@@ -450,6 +454,7 @@ impl Default for RecoveryConfig {
             gc_interval: Duration::from_secs(30),
             network_check_port: 22,
             probe_after: None,
+            watchdog_fencing: true,
         }
     }
 }

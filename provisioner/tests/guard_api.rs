@@ -160,6 +160,17 @@ async fn a_guard_reaches_the_embedded_database_through_the_provisioner() {
     let spoof = format!(r#"[{{"kind":"instance.checked","instance":"{ha}","message":"m","actor":"controller"}}]"#);
     assert_eq!(curl(&["-H", &bearer, "-d", &spoof, &api("events")]).0, 400, "a guard cannot set the actor");
     assert!(store.guard_reports().await.expect("reports").is_empty());
+    let fencing = |body: &str, auth: bool| {
+        let mut args = vec!["-X", "PUT", "-H", "Content-Type: application/json", "-d", body];
+        if auth {
+            args.extend(["-H", bearer.as_str()]);
+        }
+        let url = api("fencing");
+        curl(&[args.as_slice(), &[url.as_str()]].concat()).0
+    };
+    assert_eq!(fencing(r#"{"self_fence":1}"#, true), 400, "a malformed profile");
+    assert_eq!(fencing("{}", false), 401, "no token");
+    assert!(store.guard_fencing().await.expect("profiles").is_empty());
     // Relays: not for oneself, not for a host that is not watched, not with a spoofed field.
     let relay =
         |body: &str| curl(&["-H", &bearer, "-H", "Content-Type: application/json", "-d", body, &api("relay")]).0;
@@ -238,6 +249,13 @@ async fn a_guard_reaches_the_embedded_database_through_the_provisioner() {
     let peers = format!("{d}/node-a/state/peers.json");
     wait_until("the peer list cached", Duration::from_secs(10), async || {
         std::fs::read_to_string(&peers).is_ok_and(|p| p.contains("node-b") && p.contains("\"cell_size\":2"))
+    })
+    .await;
+    // And has told how it fences itself: the cell it counts (node-b), no watchdog armed.
+    wait_until("the fencing profile reported", Duration::from_secs(10), async || {
+        store.guard_fencing().await.expect("profiles").iter().any(|(h, _, p)| {
+            *h == n("node-a") && p.quorum_cell == Some(vec![n("node-b")]) && p.watchdog_timeout_ms.is_none()
+        })
     })
     .await;
     // The provisioner dies: node-a reaches neither it nor its peer (a minority of its cell):

@@ -112,6 +112,19 @@ async fn a_guard_role_does_what_the_guard_api_does_and_nothing_more() {
         .await
         .expect("report");
     assert_eq!(admin.guard_reports().await.expect("reports")[0].host, n("node-a"));
+    let profile = nodekeeper_store::FencingProfile {
+        self_fence: true,
+        boot_blocks_ha: true,
+        heartbeat_interval_ms: 5_000,
+        isolation_timeout_ms: 20_000,
+        libvirt_timeout_ms: 15_000,
+        watchdog_timeout_ms: Some(60_000),
+        quorum_cell: Some(vec![n("node-b")]),
+    };
+    session.save_fencing(&profile).await.expect("fencing profile");
+    session.save_fencing(&profile).await.expect("replaced, not added");
+    let saved = admin.guard_fencing().await.expect("profiles");
+    assert_eq!(saved.iter().map(|(h, _, p)| (h.clone(), p.clone())).collect::<Vec<_>>(), [(n("node-a"), profile)]);
     let event =
         GuardEvent { kind: "instance.checked".into(), instance: Some(a), message: "m".into(), key: Some("k1".into()) };
     session.record_events(&[event.clone(), event]).await.expect("events");

@@ -11,11 +11,12 @@ use std::time::Duration;
 use nodekeeper_provisioner::bmc::fake::{Fake, Fakes};
 use nodekeeper_provisioner::recovery::controller::{self, Controller, RecoveryConfig, KIND};
 use nodekeeper_provisioner::recovery::fence::AfterFence;
+use nodekeeper_provisioner::recovery::watchdog;
 use nodekeeper_store::testing::host_name as n;
 use nodekeeper_store::testing::TestDb;
 use nodekeeper_store::{
-    on_both_engines, EventFilter, Generation, HostName, HostState, InstanceId, NewHost, NewInstance, OperationStatus,
-    Storage, Store, Timestamp,
+    on_both_engines, EventFilter, FencingProfile, Generation, HostName, HostState, InstanceId, NewHost, NewInstance,
+    OperationStatus, Storage, Store, Timestamp,
 };
 
 on_both_engines!(
@@ -33,6 +34,10 @@ on_both_engines!(
     a_controller_back_from_downtime_gives_every_host_a_grace,
     a_host_its_bmc_says_is_off_is_fenced_and_evacuated_before_the_grace,
     a_silent_host_that_is_on_waits_the_grace,
+    a_host_with_a_dead_bmc_is_fenced_by_its_watchdog_after_the_bound_never_before,
+    no_watchdog_fencing_without_an_armed_watchdog_reported,
+    a_host_back_during_the_watchdog_wait_keeps_its_instances,
+    a_lost_majority_and_the_brake_hold_the_watchdog_level,
 );
 
 struct Cell {
@@ -494,4 +499,163 @@ async fn a_silent_host_that_is_on_waits_the_grace(db: TestDb) {
         ctl.tick(d.at(s)).await.expect("tick");
     }
     assert!(d.fence_op("a").await.is_none(), "probe_after = 0: no early fence");
+}
+
+/// A guard's profile: 1 s heartbeats, isolation 4 s, libvirt 2 s, a 10 s watchdog (`None`:
+/// none armed), its quorum cell `cell`.
+fn profile(watchdog_s: Option<u64>, cell: &[&str]) -> FencingProfile {
+    FencingProfile {
+        self_fence: true,
+        boot_blocks_ha: true,
+        heartbeat_interval_ms: 1_000,
+        isolation_timeout_ms: 4_000,
+        libvirt_timeout_ms: 2_000,
+        watchdog_timeout_ms: watchdog_s.map(|s| s * 1000),
+        quorum_cell: Some(cell.iter().map(|h| n(h)).collect()),
+    }
+}
+
+/// Every host of `names` reports a profile whose cell is the others; `a`'s watchdog is
+/// `a_watchdog`; `a`'s BMC is dead.
+async fn watchdog_cell(db: &TestDb, names: &[&str], a_watchdog: Option<u64>) -> Cell {
+    let c = cell(db, names.len()).await;
+    for h in names {
+        let others: Vec<&str> = names.iter().copied().filter(|o| o != h).collect();
+        let p = profile(if *h == "a" { a_watchdog } else { Some(10) }, &others);
+        c.store.save_guard_fencing(&n(h), &p).await.expect("profile");
+    }
+    c.fakes.0["a"].set(|s| s.always_fail = true);
+    c
+}
+
+/// a hangs with its BMC dead: it is fenced by its watchdog — exactly at the bound (the
+/// quorum seen from the fence's first look), never a tick before — and its HA instances move
+/// once; the fence's event carries the proof.
+async fn a_host_with_a_dead_bmc_is_fenced_by_its_watchdog_after_the_bound_never_before(db: TestDb) {
+    let c = watchdog_cell(&db, &["a", "b", "c"], Some(10)).await;
+    let ctl = c.controller("replica-1", config()).await;
+    let (mut fenced_at, mut first_look) = (None, None);
+    for s in 31..120 {
+        c.beat(&["b", "c"], c.at(s)).await;
+        ctl.tick(c.at(s)).await.expect("tick");
+        if first_look.is_none() && c.fence_op("a").await.is_some() {
+            first_look = Some(s + 1); // started in this tick, first looked at in the next
+        }
+        if c.store.require_host(&n("a")).await.expect("a").state == HostState::Fenced {
+            fenced_at = Some(s);
+            break;
+        }
+        c.check("a", false).await;
+    }
+    let p = profile(Some(10), &["b", "c"]);
+    let bound = watchdog::bound(&p, c.t0, config().grace, c.at(first_look.expect("a fence")));
+    let fenced_at = fenced_at.expect("fenced");
+    assert!(
+        c.at(fenced_at).0 >= bound.at.0 && c.at(fenced_at - 1).0 < bound.at.0,
+        "fenced at {fenced_at} s: at the first tick past the bound, not before: {}",
+        bound.terms
+    );
+    for s in 0..3 {
+        c.beat(&["b", "c"], c.at(fenced_at + 1 + s)).await;
+        ctl.tick(c.at(fenced_at + 1 + s)).await.expect("tick");
+    }
+    c.check("a", true).await;
+    assert_eq!(c.store.require_host(&n("a")).await.expect("a").state, HostState::Fenced);
+    let events = c
+        .store
+        .events(&EventFilter { host: Some(n("a")), limit: Some(1000), ..Default::default() })
+        .await
+        .expect("events");
+    let proof = events.iter().find(|e| e.message.contains("fenced by its watchdog")).expect("the proof's event");
+    assert!(
+        proof.message.contains("2 of the 3 hosts") && proof.message.contains("resets the host within 10s"),
+        "{}",
+        proof.message
+    );
+}
+
+/// Without an armed watchdog (or without any report), a dead BMC fails the fence, as before.
+async fn no_watchdog_fencing_without_an_armed_watchdog_reported(db: TestDb) {
+    let c = watchdog_cell(&db, &["a", "b", "c"], None).await;
+    let ctl = c.controller("replica-1", config()).await;
+    for s in 31..200 {
+        c.beat(&["b", "c"], c.at(s)).await;
+        ctl.tick(c.at(s)).await.expect("tick");
+    }
+    let op = c.fence_op("a").await.expect("fence");
+    assert_eq!((op.status, op.step.as_str()), (OperationStatus::Failed, "power_off"), "{op:?}");
+    assert!(op.last_error.as_deref().is_some_and(|e| e.contains("no armed hardware watchdog")), "{op:?}");
+    c.check("a", false).await;
+    // Off in the controller's config: the same, whatever the guard says.
+    let other = TestDb::sqlite();
+    let d = watchdog_cell(&other, &["a", "b", "c"], Some(10)).await;
+    let ctl = d.controller("replica-1", RecoveryConfig { watchdog_fencing: false, ..config() }).await;
+    for s in 31..200 {
+        d.beat(&["b", "c"], d.at(s)).await;
+        ctl.tick(d.at(s)).await.expect("tick");
+    }
+    let op = d.fence_op("a").await.expect("fence");
+    assert_eq!(op.status, OperationStatus::Failed, "{op:?}");
+    assert!(op.last_error.as_deref().is_some_and(|e| e.contains("watchdog_fencing = false")), "{op:?}");
+    d.check("a", false).await;
+}
+
+/// a was only cut off: it heartbeats during the wait — the fence is called off, nothing moves.
+async fn a_host_back_during_the_watchdog_wait_keeps_its_instances(db: TestDb) {
+    let c = watchdog_cell(&db, &["a", "b", "c"], Some(10)).await;
+    let ctl = c.controller("replica-1", config()).await;
+    c.tick_until(&ctl, "watchdog", 31, 20).await;
+    for s in 40..45 {
+        c.beat(&["b", "c"], c.at(s)).await;
+        ctl.tick(c.at(s)).await.expect("tick");
+    }
+    c.beat(&["a", "b", "c"], c.at(45)).await;
+    ctl.tick(c.at(45)).await.expect("tick");
+    let op = c.fence_op("a").await.expect("fence");
+    assert_eq!((op.status, op.step.as_str()), (OperationStatus::Done, "aborted"), "{op:?}");
+    assert_eq!(c.store.require_host(&n("a")).await.expect("a").state, HostState::Active);
+    for s in 46..150 {
+        c.beat(&["a", "b", "c"], c.at(s)).await;
+        ctl.tick(c.at(s)).await.expect("tick");
+    }
+    c.check("a", false).await;
+}
+
+/// Five hosts; a's BMC is dead. While c and d are silent too, no majority of a's cell is heard
+/// and the brake holds: a waits however long. When they are back, the count starts again from
+/// then: a is fenced at the bound reckoned from the first look that saw the majority again.
+async fn a_lost_majority_and_the_brake_hold_the_watchdog_level(db: TestDb) {
+    let c = watchdog_cell(&db, &["a", "b", "c", "d", "e"], Some(10)).await;
+    let ctl = c.controller("replica-1", config()).await;
+    for s in 31..40 {
+        c.beat(&["b", "c", "d", "e"], c.at(s)).await;
+        ctl.tick(c.at(s)).await.expect("tick");
+    }
+    assert_eq!(c.fence_op("a").await.expect("fence").step, "watchdog");
+    // c and d fall silent (a partition): 3 of 5 silent — the brake; 2 of a's cell of 5 heard.
+    for s in 40..200 {
+        c.beat(&["b", "e"], c.at(s)).await;
+        ctl.tick(c.at(s)).await.expect("tick");
+    }
+    assert_eq!(c.fence_op("a").await.expect("fence").step, "watchdog");
+    c.check("a", false).await;
+    // The partition heals for c and d.
+    let mut moved_at = None;
+    for s in 200..400 {
+        c.beat(&["b", "c", "d", "e"], c.at(s)).await;
+        ctl.tick(c.at(s)).await.expect("tick");
+        if c.store.require_host(&n("a")).await.expect("a").state == HostState::Fenced {
+            moved_at = Some(s);
+            break;
+        }
+    }
+    let p = profile(Some(10), &["b", "c", "d", "e"]);
+    let bound = watchdog::bound(&p, c.t0, config().grace, c.at(200));
+    let at = moved_at.expect("fenced once the majority is heard again");
+    assert!(c.at(at).0 >= bound.at.0 && c.at(at - 1).0 < bound.at.0, "{at}: {}", bound.terms);
+    for s in 0..3 {
+        c.beat(&["b", "c", "d", "e"], c.at(at + 1 + s)).await;
+        ctl.tick(c.at(at + 1 + s)).await.expect("tick");
+    }
+    c.check("a", true).await;
 }

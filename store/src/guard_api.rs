@@ -97,7 +97,20 @@ pub struct Peer {
     /// the two hosts (and the provisioner) know it, so a check between them is authenticated
     /// both ways and another host cannot pose as either.
     pub key: String,
+    /// Whether it counts in `cell_size` (it is active): a suspect peer is asked (it may relay)
+    /// but its answer does not count towards a majority it is not part of. Lists from before
+    /// this field counted every answer.
+    #[serde(default = "counted_by_default")]
+    pub counted: bool,
 }
+
+fn counted_by_default() -> bool {
+    true
+}
+
+/// How long a guard waits for one peer's answer (the asker's budget per round, the answering
+/// side's budget for a relay). The controller counts it in the bound of watchdog fencing.
+pub const PEER_ASK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// `POST …/relay`: this host's guard vouches that `host` is alive — `host` cannot reach the
 /// provisioner, but answered an authenticated peer check just now — and the provisioner

@@ -30,6 +30,7 @@ const FUNCTIONS: &[&str] = &[
     "nk_guard_events(TEXT)",
     "nk_guard_peer_material()",
     "nk_guard_relay(TEXT)",
+    "nk_guard_fencing(TEXT)",
 ];
 
 /// A guard role, as made.
@@ -251,6 +252,17 @@ impl GuardSession {
             .execute(&self.store.pool)
             .await
             .map_err(query("saving a guard report"))?;
+        Ok(())
+    }
+
+    /// Replaces this host's fencing profile.
+    pub async fn save_fencing(&self, profile: &crate::FencingProfile) -> Result<()> {
+        let json = serde_json::to_string(profile).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        sqlx::query("SELECT nk_guard_fencing($1)")
+            .bind(json)
+            .execute(&self.store.pool)
+            .await
+            .map_err(query("saving the fencing profile"))?;
         Ok(())
     }
 

@@ -41,7 +41,7 @@ pub use instances::{evacuation_source_safe, Instance, NewInstance, Ownership, Tr
 pub use leadership::Leadership;
 pub use leases::Lease;
 pub use operations::{Operation, StepChange};
-pub use reports::{GuardReport, ReportedDomain};
+pub use reports::{FencingProfile, GuardReport, ReportedDomain};
 pub use types::{
     BootMode, BootPath, Generation, HostName, HostState, InstanceId, MacAddr, OperationStatus, ParseError, Storage,
     Timestamp,

@@ -92,3 +92,73 @@ pub(crate) async fn guard_report_in(conn: &mut sqlx::AnyConnection, host: &HostN
         .map_err(|e| StoreError::Corrupt { table: "guard_reports", reason: e.to_string() })?;
     Ok(Some(GuardReport { host: host.clone(), at: Timestamp(row.try_get("at").map_err(query(WHAT))?), domains }))
 }
+
+/// How a guard fences itself, as it last said (`guard_fencing`): the evidence watchdog
+/// fencing rests on. A guard sends it at start, whenever it changes (a new peer list), and on
+/// a clean stop — with `watchdog_timeout_ms` empty — before it disarms its watchdog.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FencingProfile {
+    /// `watch.self_fence`: it stops its HA domains when isolated in a minority.
+    pub self_fence: bool,
+    /// `boot.on_db_unreachable` is not `allow`: a host that resets and cannot ask the database
+    /// does not autostart its HA domains.
+    pub boot_blocks_ha: bool,
+    /// `watch.heartbeat_interval`, ms.
+    pub heartbeat_interval_ms: u64,
+    /// `watch.isolation_timeout`, ms.
+    pub isolation_timeout_ms: u64,
+    /// `watch.libvirt_timeout`, ms (how long stopping the HA domains may take before the
+    /// guard stops feeding the watchdog).
+    pub libvirt_timeout_ms: u64,
+    /// The timeout of the hardware watchdog it keeps armed, ms; `None`: none armed.
+    pub watchdog_timeout_ms: Option<u64>,
+    /// The hosts its quorum rule counts besides itself, when it asks every one of them at
+    /// once (its majority is then a majority of this very set); `None` when it judges on a
+    /// sample (a large cell) — then its quorum is not exact, and no watchdog fencing.
+    pub quorum_cell: Option<Vec<HostName>>,
+}
+
+impl Store {
+    /// Replaces `host`'s fencing profile.
+    pub async fn save_guard_fencing(&self, host: &HostName, profile: &FencingProfile) -> Result<()> {
+        const WHAT: &str = "saving a guard's fencing profile";
+        let json = serde_json::to_string(profile)
+            .map_err(|e| StoreError::Corrupt { table: "guard_fencing", reason: e.to_string() })?;
+        let db_now = self.now().await?.0;
+        let mut tx = self.begin_write(WHAT).await?;
+        sqlx::query(
+            "INSERT INTO guard_fencing (host, at, profile) VALUES ($1, $2, $3) \
+             ON CONFLICT (host) DO UPDATE SET at = EXCLUDED.at, profile = EXCLUDED.profile",
+        )
+        .bind(host.as_str())
+        .bind(db_now)
+        .bind(json)
+        .execute(&mut *tx)
+        .await
+        .map_err(query(WHAT))?;
+        tx.commit().await.map_err(query(WHAT))?;
+        Ok(())
+    }
+
+    /// Every host's fencing profile with when it was saved (an unreadable one is left out
+    /// with a warning: it proves nothing).
+    pub async fn guard_fencing(&self) -> Result<Vec<(HostName, Timestamp, FencingProfile)>> {
+        const WHAT: &str = "reading the guards' fencing profiles";
+        let rows = sqlx::query("SELECT host, at, profile FROM guard_fencing ORDER BY host")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(query(WHAT))?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let host: String = row.try_get("host").map_err(query(WHAT))?;
+            let text: String = row.try_get("profile").map_err(query(WHAT))?;
+            match (host.parse::<HostName>(), serde_json::from_str::<FencingProfile>(&text)) {
+                (Ok(h), Ok(p)) => out.push((h, Timestamp(row.try_get("at").map_err(query(WHAT))?), p)),
+                (h, p) => {
+                    tracing::warn!("skipping an unreadable fencing profile of {host:?}: {:?} {:?}", h.err(), p.err())
+                }
+            }
+        }
+        Ok(out)
+    }
+}

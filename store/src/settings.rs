@@ -95,9 +95,12 @@ pub(crate) fn peer_list(candidates: Vec<PeerCandidate>) -> PeerList {
     let mut peers: Vec<Peer> = candidates
         .into_iter()
         .filter(watched)
-        .filter_map(|c| Some(Peer { address: c.address?, host: c.host, key: c.key }))
+        .filter_map(|c| {
+            let counted = active.contains(&c.host);
+            Some(Peer { address: c.address?, host: c.host, key: c.key, counted })
+        })
         .collect();
-    let cell_size = 1 + peers.iter().filter(|p| active.contains(&p.host)).count();
+    let cell_size = 1 + peers.iter().filter(|p| p.counted).count();
     if peers.len() > PEER_LIST_MAX {
         // A large cell: each host gets the peers whose pair key (a hash of both names,
         // the same from either side) falls below a threshold — about PEER_LIST_MAX of them,

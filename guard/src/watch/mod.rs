@@ -30,6 +30,7 @@
 //! budget), [`notify`] (systemd and the hardware watchdog); this module is the loop that
 //! wires them.
 
+pub mod contact;
 pub mod converge;
 /// The quorum rule (a pure module of the crate's own: the peer protocol feeds it too).
 pub use crate::isolation;
@@ -40,7 +41,8 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use nodekeeper_store::{Generation, InstanceId, NewEvent, ReportedDomain};
+use nodekeeper_store::guard_api::PeerList;
+use nodekeeper_store::{FencingProfile, Generation, InstanceId, NewEvent, ReportedDomain};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::Backend;
@@ -98,6 +100,12 @@ struct Shared {
     /// answer): why. While set, the hardware watchdog is not fed, so the machine resets —
     /// the one way left to stop those domains before the controller moves them.
     unfenced: std::sync::Mutex<Option<String>>,
+    /// The armed hardware watchdog's timeout (`None`: none armed, or unknown).
+    watchdog: std::sync::Mutex<Option<Duration>>,
+    /// The fencing profile the database last acknowledged.
+    profile_sent: std::sync::Mutex<Option<FencingProfile>>,
+    /// `state_dir/last-contact` ([`contact`]).
+    contact_file: PathBuf,
 }
 
 impl Shared {
@@ -121,6 +129,26 @@ impl Shared {
 /// domains the controller is about to start elsewhere). Pure.
 pub fn feeds_hardware(loops_healthy: bool, unfenced: Option<&str>) -> bool {
     loops_healthy && unfenced.is_none()
+}
+
+/// What this guard tells the controller about how it fences itself, with `list` as its peer
+/// list and `watchdog` as its armed watchdog's timeout. Its quorum is exact — a majority of a
+/// known set — only when the list is whole (every counted host of the cell is in it: not a
+/// large cell's cut) and every peer of it is asked at once (`peer_sample`). Pure.
+pub fn fencing_profile(config: &Config, list: &PeerList, watchdog: Option<Duration>) -> FencingProfile {
+    let w = &config.watch;
+    let counted: Vec<_> = list.peers.iter().filter(|p| p.counted).map(|p| p.host.clone()).collect();
+    let exact = counted.len() + 1 == list.cell_size && w.peer_sample >= list.peers.len();
+    let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    FencingProfile {
+        self_fence: w.self_fence,
+        boot_blocks_ha: config.boot.on_db_unreachable != crate::config::OnDbUnreachable::Allow,
+        heartbeat_interval_ms: ms(w.heartbeat_interval),
+        isolation_timeout_ms: ms(w.isolation_timeout),
+        libvirt_timeout_ms: ms(w.libvirt_timeout),
+        watchdog_timeout_ms: watchdog.map(ms),
+        quorum_cell: exact.then_some(counted),
+    }
 }
 
 /// One of the two loops (heartbeat, converge): its own database pool and libvirt state.
@@ -147,6 +175,32 @@ pub async fn run(config: Config, stop: impl std::future::Future<Output = ()>) ->
     }
     let fence_file = config.boot.state_dir.join("self-fenced.json");
     let fenced: Option<SelfFence> = std::fs::read(&fence_file).ok().and_then(|b| serde_json::from_slice(&b).ok());
+    // The isolation clock goes on from the last contact of this boot, not from this start.
+    let contact_file = config.boot.state_dir.join("last-contact");
+    let last_db_ok = match contact::since_last(&contact_file) {
+        Some(ago) => {
+            tracing::info!(
+                "last reached the database {} ago (this boot)",
+                humantime::format_duration(Duration::from_secs(ago.as_secs()))
+            );
+            Instant::now().checked_sub(ago).unwrap_or_else(Instant::now)
+        }
+        None => Instant::now(),
+    };
+    // Armed before the loops start, so the first fencing profile says so. The real timeout
+    // must never exceed what the database was told (the controller waits it out): a shorter
+    // one is set at once, a longer one only once a profile announcing it is acknowledged.
+    let want = config.watch.watchdog_timeout;
+    let mut hardware = config.watch.hardware_watchdog.as_deref().and_then(|path| HardwareWatchdog::arm(path, want));
+    let mut longer = None;
+    if let (Some(dog), Some(want)) = (&mut hardware, want) {
+        match dog.timeout() {
+            Some(now) if want > now => longer = Some(want),
+            Some(now) if want == now => {}
+            _ => dog.set_timeout(want),
+        }
+    }
+    let announced = longer.or(hardware.as_ref().and_then(HardwareWatchdog::timeout));
     if !config.watch.peers.is_empty() {
         tracing::warn!("watch.peers is no longer used: the peers are the cell's other hosts, from the provisioner");
     }
@@ -154,12 +208,15 @@ pub async fn run(config: Config, stop: impl std::future::Future<Output = ()>) ->
         peers: crate::peers::PeerCache::load(&config.boot.state_dir),
         peers_fetched: std::sync::Mutex::new(None),
         held: std::sync::Mutex::new(None),
-        last_db_ok: std::sync::Mutex::new(Instant::now()),
+        last_db_ok: std::sync::Mutex::new(last_db_ok),
         fenced: std::sync::Mutex::new(fenced),
         counters: std::sync::Mutex::new(Counters::default()),
         rounds: std::sync::Mutex::new((Instant::now(), Instant::now())),
         rebooted: std::sync::atomic::AtomicBool::new(false),
         unfenced: std::sync::Mutex::new(None),
+        watchdog: std::sync::Mutex::new(announced),
+        profile_sent: std::sync::Mutex::new(None),
+        contact_file,
     });
     let worker = || Watch {
         config: config.clone(),
@@ -239,7 +296,6 @@ pub async fn run(config: Config, stop: impl std::future::Future<Output = ()>) ->
     let (hb_limit, cv_limit) =
         (w.heartbeat_interval * 4, w.converge_interval + w.libvirt_timeout * 3 + w.converge_interval);
     let mut feed = tokio::time::interval(w.heartbeat_interval);
-    let mut hardware = w.hardware_watchdog.as_deref().and_then(HardwareWatchdog::arm);
     tokio::pin!(stop);
     let (mut ready, mut starving) = (false, false);
     loop {
@@ -255,6 +311,12 @@ pub async fn run(config: Config, stop: impl std::future::Future<Output = ()>) ->
                     notify("WATCHDOG=1");
                     let unfenced = Shared::lock(&shared.unfenced).clone();
                     if let Some(dog) = &mut hardware {
+                        let told = Shared::lock(&shared.profile_sent).as_ref().and_then(|p| p.watchdog_timeout_ms);
+                        if let Some(want) = longer.filter(|w| told.is_some_and(|t| u128::from(t) >= w.as_millis())) {
+                            dog.set_timeout(want);
+                            *Shared::lock(&shared.watchdog) = dog.timeout();
+                            longer = None;
+                        }
                         if feeds_hardware(true, unfenced.as_deref()) {
                             dog.ping();
                         } else if !starving {
@@ -272,12 +334,27 @@ pub async fn run(config: Config, stop: impl std::future::Future<Output = ()>) ->
         }
     }
     notify("STOPPING=1");
-    if let Some(dog) = hardware {
-        dog.disarm();
-    }
     for task in [heartbeats, converges, services] {
         task.abort();
         let _ = task.await;
+    }
+    if let Some(dog) = hardware {
+        // The controller may count on this watchdog to fence the host (watchdog fencing):
+        // it is disarmed only once the database knows; otherwise it stays armed, and the host
+        // resets unless a guard starts again and feeds it in time.
+        *Shared::lock(&shared.watchdog) = None;
+        let mut last = worker();
+        match last.send_profile(true).await {
+            Ok(()) => dog.disarm(),
+            Err(e) => tracing::error!(
+                "stopping: the database cannot be told that the hardware watchdog is disarmed ({e:#}): it stays \
+                 armed, and the host resets within {} unless the guard starts again",
+                dog.timeout().map_or("its timeout".into(), |t| humantime::format_duration(t).to_string())
+            ),
+        }
+        if let Some(s) = last.store.take() {
+            s.close().await;
+        }
     }
     if let Some(task) = peer_server {
         task.abort();
@@ -349,7 +426,11 @@ impl Watch {
                 Shared::lock(&self.shared.held).take();
                 // The database answers: this host is not cut off, no self-fence is owed.
                 Shared::lock(&self.shared.unfenced).take();
+                contact::record(&self.shared.contact_file);
                 self.refresh_peers(budget).await;
+                if let Err(e) = self.send_profile(false).await {
+                    tracing::warn!("reporting the fencing profile: {e:#}");
+                }
             }
             other => {
                 self.shared.count(|c| c.heartbeat_failures += 1);
@@ -377,10 +458,45 @@ impl Watch {
         let Some(store) = self.store.clone() else { return };
         *Shared::lock(&self.shared.peers_fetched) = Some(Instant::now());
         match tokio::time::timeout(budget, store.peers(&self.config.host)).await {
-            Ok(Ok(list)) => self.shared.peers.set(list),
+            // The guard decides on the very cell it last reported: a new list is taken only
+            // once the database has the profile that names it.
+            Ok(Ok(list)) if list != self.shared.peers.get() => {
+                let watchdog = *Shared::lock(&self.shared.watchdog);
+                let profile = fencing_profile(&self.config, &list, watchdog);
+                match tokio::time::timeout(budget, store.save_fencing(&self.config.host, &profile)).await {
+                    Ok(Ok(())) => {
+                        self.shared.peers.set(list);
+                        *Shared::lock(&self.shared.profile_sent) = Some(profile);
+                    }
+                    Ok(Err(e)) => tracing::warn!("reporting the fencing profile of a new peer list: {e:#}"),
+                    Err(_) => tracing::warn!("reporting the fencing profile of a new peer list: no answer in time"),
+                }
+            }
+            Ok(Ok(_)) => {}
             Ok(Err(e)) => tracing::warn!("fetching the peer list: {e:#}"),
             Err(_) => tracing::warn!("fetching the peer list: no answer in time"),
         }
+    }
+
+    /// Tells the database this guard's fencing profile when it differs from what the database
+    /// last acknowledged (`force`: in any case).
+    async fn send_profile(&mut self, force: bool) -> anyhow::Result<()> {
+        let watchdog = *Shared::lock(&self.shared.watchdog);
+        let profile = fencing_profile(&self.config, &self.shared.peers.get(), watchdog);
+        if !force && Shared::lock(&self.shared.profile_sent).as_ref() == Some(&profile) {
+            return Ok(());
+        }
+        let budget = self.config.watch.heartbeat_interval;
+        let host = self.config.host.clone();
+        let sent = tokio::time::timeout(budget, async {
+            let store = self.store(budget).await?;
+            store.save_fencing(&host, &profile).await
+        })
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer within {}", humantime::format_duration(budget)))?;
+        sent?;
+        *Shared::lock(&self.shared.profile_sent) = Some(profile);
+        Ok(())
     }
 
     /// After a failed heartbeat: ask the peers (and ask them to relay this host's heartbeat);
@@ -614,7 +730,41 @@ impl Watch {
 
 #[cfg(test)]
 mod tests {
-    use super::feeds_hardware;
+    use super::{feeds_hardware, fencing_profile};
+    use nodekeeper_store::guard_api::{Peer, PeerList};
+    use std::time::Duration;
+
+    #[test]
+    fn the_fencing_profile_names_the_cell_only_when_the_quorum_is_exact() {
+        let config =
+            crate::config::Config::parse("host = \"a\"\ndatabase_url = \"sqlite:///tmp/x.db\"\n").expect("config");
+        let peer = |h: &str, counted| Peer {
+            host: h.parse().expect("name"),
+            address: "127.0.0.1".parse().expect("ip"),
+            key: "k".into(),
+            counted,
+        };
+        // b and c active, d suspect (asked, not counted): the whole cell, asked at once.
+        let list = PeerList { cell_size: 3, peers: vec![peer("b", true), peer("c", true), peer("d", false)] };
+        let p = fencing_profile(&config, &list, Some(Duration::from_secs(60)));
+        let cell: Vec<String> = p.quorum_cell.expect("exact").iter().map(ToString::to_string).collect();
+        assert_eq!(cell, ["b", "c"]);
+        assert_eq!(
+            (p.watchdog_timeout_ms, p.heartbeat_interval_ms, p.isolation_timeout_ms),
+            (Some(60_000), 5_000, 20_000)
+        );
+        assert!(p.self_fence && p.boot_blocks_ha);
+        // A large cell's cut (fewer counted peers than the cell counts): a sample, not exact.
+        let cut = PeerList { cell_size: 100, ..list.clone() };
+        assert_eq!(fencing_profile(&config, &cut, None).quorum_cell, None);
+        // More peers than a round asks: not exact either.
+        let mut small = config.clone();
+        small.watch.peer_sample = 2;
+        assert_eq!(fencing_profile(&small, &list, None).quorum_cell, None);
+        let mut allow = config.clone();
+        allow.boot.on_db_unreachable = crate::config::OnDbUnreachable::Allow;
+        assert!(!fencing_profile(&allow, &list, None).boot_blocks_ha);
+    }
 
     #[test]
     fn a_self_fence_that_could_not_stop_the_domains_starves_the_hardware_watchdog() {

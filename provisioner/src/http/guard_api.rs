@@ -15,6 +15,8 @@
 //!   quorum rule of the guard's self-fence)
 //! - `POST relay` [`Relay`] → 204: the guard vouches that a peer, which cannot reach the
 //!   provisioner but answered its authenticated check, is alive: a heartbeat for that peer
+//! - `PUT fencing` [`FencingProfile`] → 204: how the guard fences itself (self-fence settings,
+//!   its armed hardware watchdog, the cell its quorum counts): watchdog fencing's evidence
 //!
 //! An unknown host is a 404 (the guard reports a renamed host as a configuration error); a
 //! missing or wrong token a 401; a database that fails a 500, and nothing is changed.
@@ -25,7 +27,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use nodekeeper_store::guard_api::{valid_token, Assigned, GuardEvent, OwnershipQuery, PeerList, Relay};
-use nodekeeper_store::{HostName, InstanceId, NewEvent, ReportedDomain};
+use nodekeeper_store::{FencingProfile, HostName, InstanceId, NewEvent, ReportedDomain};
 use sha2::{Digest, Sha256};
 
 use super::{internal, text, HttpState};
@@ -46,6 +48,7 @@ pub(super) fn routes() -> Router<HttpState> {
         .route("/api/v1/hosts/{name}/guard/events", post(events))
         .route("/api/v1/hosts/{name}/guard/peers", get(peers))
         .route("/api/v1/hosts/{name}/guard/relay", post(relay))
+        .route("/api/v1/hosts/{name}/guard/fencing", put(fencing))
 }
 
 /// The SHA-256 (hex) under which a node token is stored.
@@ -247,6 +250,29 @@ async fn relay(
     match state.guard_store.relay_heartbeat(&relay.host, &via).await {
         Ok(true) => StatusCode::NO_CONTENT.into_response(),
         Ok(false) => text(StatusCode::CONFLICT, format!("{} is not a watched host of the cell\n", relay.host)),
+        Err(e) => internal(e),
+    }
+}
+
+async fn fencing(
+    State(state): State<HttpState>,
+    UrlPath(name): UrlPath<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let host = match authorize(&state, &name, &headers).await {
+        Ok(h) => h,
+        Err(r) => return r,
+    };
+    if body.len() > 65_536 {
+        return text(StatusCode::PAYLOAD_TOO_LARGE, "a fencing profile is at most 64 KiB\n".into());
+    }
+    let profile: FencingProfile = match parse(&body) {
+        Ok(p) => p,
+        Err(e) => return text(StatusCode::BAD_REQUEST, e),
+    };
+    match state.guard_store.save_guard_fencing(&host, &profile).await {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(e) => internal(e),
     }
 }

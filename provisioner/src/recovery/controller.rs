@@ -8,6 +8,7 @@
 //!
 //! `tick` takes the time as an argument: tests drive it with a simulated clock.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use super::detect::{self, Action};
 use super::fence::{self, AfterFence, Decision, FenceData, Step, Work};
 use super::place;
+use super::watchdog::{self, Look, Quorum, Seen};
 use crate::bmc::{self, PowerAction};
 use crate::reimage::executor::{self as reimage, BmcFactory};
 use crate::reimage::machine::{Deadlines, Limits};
@@ -69,7 +71,15 @@ pub struct Controller<F: BmcFactory> {
     /// provisioner down — through which guards on the embedded SQLite heartbeat) did not see
     /// the heartbeats it missed; it must not take its own absence for the hosts' silence.
     watching: std::sync::Mutex<Option<(i64, Timestamp)>>,
+    /// Per running fence (by operation id): the lease term, the unbroken run of looks that saw
+    /// a majority of the host's guard's quorum cell heartbeat, and the latest look. Kept in
+    /// memory on purpose: a new leader (or a restarted one) did not see what happened before
+    /// it, and starts the count again.
+    quorums: std::sync::Mutex<HashMap<i64, QuorumLook>>,
 }
+
+/// A fence's quorum looks: (lease term, the unbroken run, the latest look).
+type QuorumLook = (i64, Option<Seen>, Quorum);
 
 impl<F: BmcFactory> Controller<F> {
     /// A replica named `holder` (unique among replicas: host name and process id).
@@ -82,6 +92,7 @@ impl<F: BmcFactory> Controller<F> {
             last_alert: std::sync::Mutex::new(None),
             last_gc: std::sync::Mutex::new(None),
             watching: std::sync::Mutex::new(None),
+            quorums: std::sync::Mutex::new(HashMap::new()),
         }
     }
 
@@ -154,11 +165,8 @@ impl<F: BmcFactory> Controller<F> {
                 }
             }
         }
-        let policy = detect::Policy {
-            grace: self.config.grace,
-            mass_failure_share: self.config.mass_failure_share,
-            probe_after: self.config.probe_after(),
-        };
+        let policy = self.policy();
+        self.look_at_quorums(store, &hosts, &running, now, lease.term).await?;
         let off = self.probe(&hosts, &detect::to_probe(&hosts, now, since, &policy)).await;
         report.actions = detect::plan(&hosts, &fencing, &held, &off, now, since, &policy);
         for action in &report.actions {
@@ -186,6 +194,93 @@ impl<F: BmcFactory> Controller<F> {
             report.gc = Some(self.gc_in(store, now).await?);
         }
         Ok(report)
+    }
+
+    fn policy(&self) -> detect::Policy {
+        detect::Policy {
+            grace: self.config.grace,
+            mass_failure_share: self.config.mass_failure_share,
+            probe_after: self.config.probe_after(),
+        }
+    }
+
+    /// For each running fence of a host whose guard may be fenced by its watchdog: whether a
+    /// majority of its guard's quorum cell heartbeats now, carried into the unbroken run of
+    /// such looks (in memory, for this term; looks further apart than the cell's shortest
+    /// heartbeat interval break the run).
+    async fn look_at_quorums(
+        &self,
+        store: &Store,
+        hosts: &[Host],
+        running: &[Operation],
+        now: Timestamp,
+        term: i64,
+    ) -> Result<(), StoreError> {
+        let fences: Vec<&Operation> = running.iter().filter(|o| o.kind == KIND).collect();
+        if fences.is_empty() || !self.config.watchdog_fencing {
+            self.quorums.lock().unwrap_or_else(|p| p.into_inner()).clear();
+            return Ok(());
+        }
+        let profiles = store.guard_fencing().await?;
+        let intervals: HashMap<HostName, Duration> = profiles
+            .iter()
+            .map(|(h, _, p)| (h.clone(), Duration::from_millis(p.heartbeat_interval_ms.max(1))))
+            .collect();
+        let mut quorums = self.quorums.lock().unwrap_or_else(|p| p.into_inner());
+        quorums.retain(|id, (t, _, _)| *t == term && fences.iter().any(|o| o.id == *id));
+        for op in fences {
+            let Some((_, _, p)) = profiles.iter().find(|(h, _, _)| *h == op.target) else { continue };
+            let Some(cell) = p.quorum_cell.as_deref().filter(|_| watchdog::refusal(Some(p)).is_none()) else {
+                continue;
+            };
+            let q = watchdog::quorum(cell, hosts, &intervals, now);
+            let max_gap = cell
+                .iter()
+                .chain(std::iter::once(&op.target))
+                .filter_map(|h| intervals.get(h))
+                .min()
+                .copied()
+                .unwrap_or(Duration::ZERO);
+            let prev = quorums.get(&op.id).and_then(|(_, seen, _)| *seen);
+            quorums.insert(op.id, (term, watchdog::track(prev, now, q.held(), max_gap), q));
+        }
+        Ok(())
+    }
+
+    /// Whether `host` may be fenced by its watchdog, as far as its guard's profile and this
+    /// controller's config go (the quorum and the clock are judged at the `watchdog` step).
+    async fn watchdog_allowed(&self, store: &Store, host: &HostName) -> Result<Result<(), String>, StoreError> {
+        if !self.config.watchdog_fencing {
+            return Ok(Err("off in this controller's config (recovery.watchdog_fencing = false)".into()));
+        }
+        let profiles = store.guard_fencing().await?;
+        let profile = profiles.iter().find(|(h, _, _)| h == host).map(|(_, _, p)| p);
+        Ok(watchdog::refusal(profile).map_or(Ok(()), Err))
+    }
+
+    /// The `watchdog` step's look at `host` (fence `op`) at `now`.
+    async fn watchdog_verdict(
+        &self,
+        store: &Store,
+        op: &Operation,
+        host: &Host,
+        now: Timestamp,
+    ) -> Result<watchdog::Verdict, StoreError> {
+        if let Err(why) = self.watchdog_allowed(store, &host.name).await? {
+            return Ok(watchdog::Verdict::Refused(why));
+        }
+        let profiles = store.guard_fencing().await?;
+        let profile = profiles.iter().find(|(h, _, _)| *h == host.name).map(|(_, _, p)| p);
+        let hosts = store.hosts().await?;
+        let since = self.watching.lock().unwrap_or_else(|p| p.into_inner()).map_or(now, |(_, since)| since);
+        let (seen, quorum) = self
+            .quorums
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&op.id)
+            .map_or((None, None), |(_, seen, q)| (*seen, Some(*q)));
+        let look = Look { seen, quorum, brake: detect::brake(&hosts, now, since, &self.policy()) };
+        Ok(watchdog::judge(now, &host.name, profile, host.last_heartbeat, self.config.grace, &look))
     }
 
     /// Asks the BMCs of `candidates` (concurrently, each bounded by the tick's interval, at
@@ -444,7 +539,22 @@ impl<F: BmcFactory> crate::ops::Machine for Fence<'_, F> {
                 let network = c.network_check(&host).await;
                 fence::confirm(host.last_heartbeat.is_some_and(|h| h > op.created_at), &network)
             }
-            Work::PowerOff => fence::after_power_off(attempts, c.power(store, &host, PowerAction::Off).await, data),
+            Work::PowerOff => {
+                let result = c.power(store, &host, PowerAction::Off).await;
+                let next = if result.is_err() && attempts >= data.bmc_attempts {
+                    c.watchdog_allowed(store, &host.name).await?
+                } else {
+                    Err(String::new())
+                };
+                fence::after_power_off(attempts, result, data, next)
+            }
+            Work::Watchdog => {
+                let verdict = c.watchdog_verdict(store, op, &host, self.now).await?;
+                if let watchdog::Verdict::Wait(why) = &verdict {
+                    tracing::debug!(host = %host.name, "watchdog fencing: {why}");
+                }
+                fence::after_watchdog(verdict, host.last_heartbeat.is_some_and(|h| h > op.created_at))
+            }
             Work::Evacuate => {
                 let result = c.evacuate(store, &host, self.now).await;
                 if let Ok((moved, unplaced)) = result {
@@ -484,8 +594,9 @@ impl<F: BmcFactory> crate::ops::Machine for Fence<'_, F> {
         decision: &Decision,
     ) -> Result<(), StoreError> {
         match decision {
-            // The point of return is passed: the host is off, confirmed.
-            Decision::Go { why, .. } if step == Step::PowerOff => {
+            // The point of return is passed: the host is off, confirmed (or, by the watchdog
+            // level's proof, off or without its HA domains).
+            Decision::Go { to: Step::Evacuate, why, .. } if matches!(step, Step::PowerOff | Step::Watchdog) => {
                 store.set_host_state(&op.target, HostState::Fenced, ACTOR, why).await.map(drop)
             }
             Decision::Abort { why } => {

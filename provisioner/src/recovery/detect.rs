@@ -151,6 +151,24 @@ pub fn plan(
     actions
 }
 
+/// Whether the mass-failure brake holds at `now` (why, in words): more than
+/// `mass_failure_share` of the watched hosts silent past the grace or suspect, and more than
+/// one. Fencing levels after the BMC (watchdog fencing) ask it again before they count a host
+/// as fenced.
+pub fn brake(hosts: &[Host], now: Timestamp, since: Timestamp, policy: &Policy) -> Option<String> {
+    let watched: Vec<&Host> = hosts.iter().filter(|h| watched(h)).collect();
+    let silent =
+        watched.iter().filter(|h| h.state == HostState::Suspect || silent_for(h, now, since) > policy.grace).count();
+    let share = silent as f64 / watched.len().max(1) as f64;
+    (silent > 1 && share > policy.mass_failure_share).then(|| {
+        format!(
+            "{silent} of {} watched hosts are silent at once (more than {:.0}%)",
+            watched.len(),
+            policy.mass_failure_share * 100.0
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,12 +1,18 @@
 //! The fence operation (kind `fence`), as pure functions in the reimage's manner:
 //!
-//! `confirm → power_off → evacuate → restore → done`, or `failed` with the step and reason.
+//! `confirm → power_off [→ watchdog] → evacuate → restore → done`, or `failed` with the step
+//! and reason.
 //!
 //! - `confirm`: the last look before the point of return. A host that heartbeated since it
 //!   turned suspect is back: the fence is called off (`aborted`), nothing was touched.
 //! - `power_off`: through the BMC, confirmed by its power status; retried a bounded number of
-//!   times. When it never confirms, the operation fails **here**: no instance moves without a
-//!   confirmed fence (an operator's `host mark-fenced` is the only other way).
+//!   times. When it never confirms, the next fencing level is tried; with none left, the
+//!   operation fails: no instance moves without a confirmed fence (an operator's
+//!   `host mark-fenced` is the last level).
+//! - `watchdog` (watchdog fencing, [`super::watchdog`]): for a host whose guard reported an
+//!   armed hardware watchdog and a self-fence with an exact quorum, wait — while a majority of
+//!   its guard's quorum cell heartbeats — until the host must have reset or stopped its HA
+//!   domains; a heartbeat meanwhile calls the fence off.
 //! - `evacuate`: every HA instance of the host gets a new owner (generation + 1, compare-and-set
 //!   per instance, so a resumed or repeated pass moves nothing twice).
 //! - `restore`: per policy, power the host back on (its guard's `boot` quarantines what moved),
@@ -24,6 +30,8 @@ pub enum Step {
     Confirm,
     /// Power it off through the BMC, confirmed.
     PowerOff,
+    /// Wait out its guard's self-fence and hardware watchdog (watchdog fencing).
+    Watchdog,
     /// Give its HA instances new owners.
     Evacuate,
     /// Power it on again, reimage it, or leave it (policy).
@@ -32,13 +40,14 @@ pub enum Step {
 
 impl Step {
     /// Every step, in order.
-    pub const ALL: [Step; 4] = [Step::Confirm, Step::PowerOff, Step::Evacuate, Step::Restore];
+    pub const ALL: [Step; 5] = [Step::Confirm, Step::PowerOff, Step::Watchdog, Step::Evacuate, Step::Restore];
 
     /// The persisted word.
     pub fn as_str(self) -> &'static str {
         match self {
             Step::Confirm => "confirm",
             Step::PowerOff => "power_off",
+            Step::Watchdog => "watchdog",
             Step::Evacuate => "evacuate",
             Step::Restore => "restore",
         }
@@ -80,6 +89,8 @@ pub enum Work {
     Confirm,
     /// BMC power off, confirmed.
     PowerOff,
+    /// Judge watchdog fencing.
+    Watchdog,
     /// Move the HA instances.
     Evacuate,
     /// Per [`AfterFence`].
@@ -91,6 +102,7 @@ pub fn work(step: Step, data: &FenceData) -> Work {
     match step {
         Step::Confirm => Work::Confirm,
         Step::PowerOff => Work::PowerOff,
+        Step::Watchdog => Work::Watchdog,
         Step::Evacuate => Work::Evacuate,
         Step::Restore => Work::Restore(data.after),
     }
@@ -127,16 +139,55 @@ pub fn confirm(heartbeat_since_suspect: bool, network: &NetworkCheck) -> Decisio
     Decision::Go { to: Step::PowerOff, after: None, why }
 }
 
-/// After a BMC step's work (`attempts` so far, this one included).
-pub fn after_power_off(attempts: u32, result: Result<(), String>, data: &FenceData) -> Decision {
+/// After a BMC step's work (`attempts` so far, this one included). `watchdog`: whether the
+/// host may be fenced by its watchdog (the next level), or why not.
+pub fn after_power_off(
+    attempts: u32,
+    result: Result<(), String>,
+    data: &FenceData,
+    watchdog: Result<(), String>,
+) -> Decision {
     match result {
         Ok(()) => Decision::Go { to: Step::Evacuate, after: None, why: "powered off, confirmed by the BMC".into() },
         Err(e) if attempts < data.bmc_attempts => Decision::Retry { attempts, error: e },
-        Err(e) => Decision::Failed {
-            at: Step::PowerOff,
+        Err(e) => match watchdog {
+            Ok(()) => Decision::Go {
+                to: Step::Watchdog,
+                after: None,
+                why: format!(
+                    "the BMC did not confirm power off after {attempts} attempts ({e}); its guard keeps a hardware \
+                     watchdog armed: watchdog fencing"
+                ),
+            },
+            Err(no) => Decision::Failed {
+                at: Step::PowerOff,
+                reason: format!(
+                    "the BMC did not confirm power off after {attempts} attempts ({e}), and no watchdog fencing: {no}; \
+                     no instance moves without a confirmed fence (an operator may run `host mark-fenced`)"
+                ),
+            },
+        },
+    }
+}
+
+/// After the watchdog level's look.
+pub fn after_watchdog(verdict: super::watchdog::Verdict, heartbeat_since_fence: bool) -> Decision {
+    use super::watchdog::Verdict;
+    if heartbeat_since_fence {
+        return Decision::Abort {
+            why: "the host heartbeats again while its watchdog fencing waited; fence called off (nothing was \
+                  powered off)"
+                .into(),
+        };
+    }
+    match verdict {
+        Verdict::Fenced(proof) => Decision::Go { to: Step::Evacuate, after: None, why: proof },
+        Verdict::Wait(_) => Decision::Stay,
+        Verdict::Refused(why) => Decision::Failed {
+            at: Step::Watchdog,
             reason: format!(
-                "the BMC did not confirm power off after {attempts} attempts ({e}); no instance moves \
-                 without a confirmed fence (an operator may run `host mark-fenced`)"
+                "no watchdog fencing: {why}; no instance moves without a confirmed fence (an operator may run \
+                 `host mark-fenced`)"
             ),
         },
     }
@@ -213,15 +264,35 @@ mod tests {
     #[test]
     fn no_confirmed_power_off_no_recovery() {
         let d = data(AfterFence::PowerOn);
-        assert!(matches!(after_power_off(1, Err("timeout".into()), &d), Decision::Retry { attempts: 1, .. }));
-        assert!(matches!(after_power_off(2, Err("HTTP 500".into()), &d), Decision::Retry { attempts: 2, .. }));
-        match after_power_off(3, Err("still on".into()), &d) {
-            Decision::Failed { at: Step::PowerOff, reason } => {
-                assert!(reason.contains("no instance moves") && reason.contains("mark-fenced"), "{reason}")
-            }
+        let no = || Err("its guard reported no armed hardware watchdog".to_owned());
+        assert!(matches!(after_power_off(1, Err("timeout".into()), &d, no()), Decision::Retry { attempts: 1, .. }));
+        assert!(matches!(after_power_off(2, Err("HTTP 500".into()), &d, Ok(())), Decision::Retry { attempts: 2, .. }));
+        match after_power_off(3, Err("still on".into()), &d, no()) {
+            Decision::Failed { at: Step::PowerOff, reason } => assert!(
+                reason.contains("no instance moves") && reason.contains("mark-fenced") && reason.contains("no armed"),
+                "{reason}"
+            ),
             other => panic!("{other:?}"),
         }
-        assert!(matches!(after_power_off(1, Ok(()), &d), Decision::Go { to: Step::Evacuate, .. }));
+        assert!(matches!(after_power_off(1, Ok(()), &d, no()), Decision::Go { to: Step::Evacuate, .. }));
+        // The next level, when the guard qualifies.
+        assert!(matches!(after_power_off(3, Err("x".into()), &d, Ok(())), Decision::Go { to: Step::Watchdog, .. }));
+    }
+
+    #[test]
+    fn the_watchdog_level_waits_moves_on_with_its_proof_or_fails_and_a_heartbeat_calls_it_off() {
+        use crate::recovery::watchdog::Verdict;
+        assert_eq!(after_watchdog(Verdict::Wait("not yet".into()), false), Decision::Stay);
+        assert_eq!(
+            after_watchdog(Verdict::Fenced("proof".into()), false),
+            Decision::Go { to: Step::Evacuate, after: None, why: "proof".into() }
+        );
+        assert!(matches!(after_watchdog(Verdict::Fenced("proof".into()), true), Decision::Abort { .. }));
+        assert!(matches!(after_watchdog(Verdict::Wait("x".into()), true), Decision::Abort { .. }));
+        match after_watchdog(Verdict::Refused("self-fence off".into()), false) {
+            Decision::Failed { at: Step::Watchdog, reason } => assert!(reason.contains("self-fence off"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -10,3 +10,4 @@ pub mod detect;
 pub mod drift;
 pub mod fence;
 pub mod place;
+pub mod watchdog;
