@@ -587,3 +587,93 @@ async fn a_self_fence_that_cannot_stop_the_domains_starves_the_hardware_watchdog
     let _ = Command::new("kill").args(["-KILL", &guard.id().to_string()]).status();
     let _ = guard.wait();
 }
+
+/// The watchdog fencing contract of the guard: it reports its armed watchdog (a FIFO here: its
+/// timeout is the configured one) and the cell its quorum counts; a clean stop while the
+/// database answers says so first, then disarms ('V'); a clean stop that cannot tell the
+/// database leaves the watchdog armed (no 'V': the machine would reset), and a guard started
+/// again goes on counting its isolation from the last contact, not from its own start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watchdog_is_reported_and_disarmed_only_once_the_database_knows() {
+    let Some(db) = TestDb::postgres().await else { return };
+    let store = db.store().await;
+    for (h, ip) in [("node-w1", "127.0.0.2"), ("node-w2", "127.0.0.3")] {
+        let host =
+            NewHost { name: n(h), mac: None, ip: Some(ip.parse().expect("ip")), bmc_url: None, bmc_credentials: None };
+        store.add_host(&host, "test").await.expect("host");
+    }
+    store.record_heartbeat(&n("node-w2")).await.expect("heartbeat");
+    let dir = tempfile::tempdir().expect("dir");
+    let d = dir.path().display().to_string();
+    let (fifo, mut dog) = watchdog_fifo(&d);
+    let peer_port = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
+    let config = format!("{d}/guard.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "host = \"node-w1\"\ndatabase_url = \"{}\"\n[libvirt]\nconfig_dir = \"{d}/qemu\"\nuri = \"test:///default\"\n\
+             [boot]\nstate_dir = \"{d}/state\"\n[watch]\nheartbeat_interval = \"300ms\"\nconverge_interval = \"300ms\"\n\
+             isolation_timeout = \"30s\"\nlibvirt_restart = []\nhardware_watchdog = \"{fifo}\"\nwatchdog_timeout = \"3s\"\n\
+             peer_listen = \"127.0.0.2:{peer_port}\"\npeer_port = {peer_port}\n",
+            db.url()
+        ),
+    )
+    .expect("config");
+    let log = dir.path().join("guard.log");
+    let spawn = || {
+        Command::new(env!("CARGO_BIN_EXE_nodekeeper-guard"))
+            .args(["-v", "watch", "--config", &config])
+            .stdout(Stdio::null())
+            .stderr(std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log"))
+            .spawn()
+            .expect("guard")
+    };
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    let profile = |store: Store| async move {
+        store.guard_fencing().await.expect("profiles").into_iter().find(|(h, _, _)| *h == n("node-w1"))
+    };
+    let mut guard = spawn();
+    let mut reported = None;
+    for _ in 0..100 {
+        reported = profile(store.clone()).await.map(|(_, _, p)| p).filter(|p| p.quorum_cell.is_some());
+        if reported.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let p = reported.unwrap_or_else(|| panic!("no fencing profile reported\n{}", read_log()));
+    assert_eq!((p.watchdog_timeout_ms, p.heartbeat_interval_ms), (Some(3_000), 300), "{p:?}");
+    assert_eq!(p.quorum_cell, Some(vec![n("node-w2")]), "{p:?}");
+    // A clean stop with the database there: told, then disarmed.
+    let _ = Command::new("kill").args(["-TERM", &guard.id().to_string()]).status();
+    assert!(guard.wait().expect("wait").success());
+    let fed = drain(&mut dog);
+    assert!(fed.ends_with('V'), "disarmed: {fed:?}");
+    let (_, _, after) = profile(store.clone()).await.expect("profile");
+    assert_eq!(after.watchdog_timeout_ms, None, "the database was told first: {after:?}");
+
+    // Again, then the database goes away and the guard is stopped: it cannot tell, so it
+    // leaves the watchdog armed.
+    let mut guard = spawn();
+    wait_for("the watchdog armed and reported again", Duration::from_secs(20), || drain(&mut dog).contains('p'));
+    for _ in 0..100 {
+        if profile(store.clone()).await.is_some_and(|(_, _, p)| p.watchdog_timeout_ms == Some(3_000)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    store.close().await;
+    assert!(db.set_reachable(false).await);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let _ = Command::new("kill").args(["-TERM", &guard.id().to_string()]).status();
+    let _ = guard.wait();
+    let fed = drain(&mut dog);
+    assert!(!fed.contains('V'), "disarmed though the database was not told: {fed:?}\n{}", read_log());
+    assert!(read_log().contains("stays armed"), "{}", read_log());
+    // Started again, still cut off: the isolation clock runs from the last contact.
+    let mut guard = spawn();
+    wait_for("the last contact found", Duration::from_secs(20), || read_log().contains("last reached the database"));
+    let _ = Command::new("kill").args(["-KILL", &guard.id().to_string()]).status();
+    let _ = guard.wait();
+    assert!(db.set_reachable(true).await);
+}
