@@ -206,8 +206,8 @@ impl<F: BmcFactory> Controller<F> {
 
     /// For each running fence of a host whose guard may be fenced by its watchdog: whether a
     /// majority of its guard's quorum cell heartbeats now, carried into the unbroken run of
-    /// such looks (in memory, for this term; looks further apart than the cell's shortest
-    /// heartbeat interval break the run).
+    /// such looks (in memory, for this term; looks further apart than 1.5 of the cell's
+    /// shortest heartbeat interval break the run).
     async fn look_at_quorums(
         &self,
         store: &Store,
@@ -239,8 +239,7 @@ impl<F: BmcFactory> Controller<F> {
                 .chain(std::iter::once(&op.target))
                 .filter_map(|h| intervals.get(h))
                 .min()
-                .copied()
-                .unwrap_or(Duration::ZERO);
+                .map_or(Duration::ZERO, |h| *h * 3 / 2);
             let prev = quorums.get(&op.id).and_then(|(_, seen, _)| *seen);
             quorums.insert(op.id, (term, watchdog::track(prev, now, q.held(), max_gap), q));
         }

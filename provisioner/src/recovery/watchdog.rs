@@ -65,25 +65,26 @@ impl Quorum {
 }
 
 /// Counts the members of `cell` (the silent host's quorum cell, itself excluded) that
-/// heartbeated at `now` within two of their own heartbeat intervals (`intervals`, from their
-/// profiles: a member without one is not counted). Such a member, asked by a peer within the
-/// next interval, answers that it reaches the controller (a guard says so while its own last
-/// heartbeat is less than three intervals old).
+/// heartbeated at `now` within 1.5 of their own heartbeat intervals (`intervals`, from their
+/// profiles: a member without one is not counted). With looks no more than 1.5 intervals
+/// apart ([`track`]), such a member heartbeated less than three intervals before any moment
+/// in between — and a guard answers its peers that it reaches the controller while its own
+/// last heartbeat is less than three intervals old.
 pub fn quorum(cell: &[HostName], hosts: &[Host], intervals: &HashMap<HostName, Duration>, now: Timestamp) -> Quorum {
     let by_name: HashMap<&HostName, &Host> = hosts.iter().map(|h| (&h.name, h)).collect();
     let fresh = cell
         .iter()
         .filter(|name| {
             let (Some(h), Some(every)) = (by_name.get(name), intervals.get(*name)) else { return false };
-            h.last_heartbeat.is_some_and(|t| now.since(t) <= *every * 2)
+            h.last_heartbeat.is_some_and(|t| now.since(t) <= *every * 3 / 2)
         })
         .count();
     Quorum { fresh, size: cell.len() + 1 }
 }
 
-/// Since when a quorum has been seen at every look, the looks no further apart than the
-/// cell's shortest heartbeat interval (a gap — a paused or restarted controller — starts the
-/// count again: what happened in it was not seen).
+/// Since when a quorum has been seen at every look, the looks no further apart than `max_gap`
+/// (1.5 of the cell's shortest heartbeat interval: a gap — a paused or restarted controller —
+/// starts the count again: what happened in it was not seen).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Seen {
     /// The first look of the unbroken run.
@@ -288,7 +289,7 @@ mod tests {
         let hosts = [host("b", Some(95_000)), host("c", Some(80_000)), host("d", Some(99_000)), host("e", None)];
         let every: HashMap<HostName, Duration> =
             ["b", "c", "d"].iter().map(|h| (n(h), Duration::from_secs(5))).collect();
-        // b fresh, c 20 s old (> 2 × 5 s); d fresh but not in the cell; e never heard.
+        // b fresh (5 s ≤ 1.5 × 5 s), c 20 s old; d fresh but not in the cell; e never heard.
         let q = quorum(&[n("b"), n("c"), n("e")], &hosts, &every, now);
         assert_eq!(q, Quorum { fresh: 1, size: 4 });
         assert!(!q.held(), "1 of 4 is no majority");
