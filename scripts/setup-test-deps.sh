@@ -22,12 +22,12 @@ need_root() {
 PACKAGES=(postgresql libvirt-daemon-system libvirt-dev qemu-system-x86 qemu-utils pkg-config tftp-hpa curl atftp
   busybox-static isc-dhcp-client dnsmasq-base ipxe iproute2 python3 linux-image-amd64 cpio file
   kea-dhcp4-server kea-admin tftpd-hpa nginx-light
-  python3-libvirt python3-venv ipmitool faketime ovmf
+  python3-libvirt python3-venv ipmitool faketime ovmf snmp
   debootstrap mtools syslinux syslinux-common dosfstools fdisk e2fsprogs xorriso isolinux)
 # (Kea's perfdhcp, kea-dhcp4, tftpd-hpa and nginx are the peers `make bench` measures against;
 # faketime runs a guard whose clock is a minute off, against the database's clock; ovmf is
 # the UEFI firmware the UEFI PXE test boots; xorriso and isolinux build the deploy ISOs of
-# virtual media.)
+# virtual media; snmp — net-snmp's snmpget/snmpset — drives SNMP PDU outlets, against snmpsim.)
 
 # Two passes: installing one package can remove another that was there (a backported
 # qemu-utils gives way to the one qemu-system-x86 depends on), so look again after the first.
@@ -84,14 +84,16 @@ if [ ! -S /run/libvirt/libvirt-sock ] || ! pgrep -x libvirtd >/dev/null; then
   [ -S /run/libvirt/libvirt-sock ] || { log "libvirtd did not come up"; exit 1; }
 fi
 
-# The BMC emulators (sushy-tools for Redfish, VirtualBMC for IPMI) in a venv over Debian's
-# python3 and its python3-libvirt, as the tests expect at NODEKEEPER_BMC_VENV.
+# The BMC emulators (sushy-tools for Redfish, VirtualBMC for IPMI) and the PDU's (snmpsim,
+# with pysmi, which it imports without declaring) in a venv over Debian's python3 and its
+# python3-libvirt, as the tests expect at NODEKEEPER_BMC_VENV.
 BMC_VENV=${NODEKEEPER_BMC_VENV:-/opt/nk-bmc-venv}
-if [ ! -x "$BMC_VENV/bin/sushy-emulator" ] || [ ! -x "$BMC_VENV/bin/vbmcd" ]; then
+if [ ! -x "$BMC_VENV/bin/sushy-emulator" ] || [ ! -x "$BMC_VENV/bin/vbmcd" ] \
+  || [ ! -x "$BMC_VENV/bin/snmpsim-command-responder" ] || ! "$BMC_VENV/bin/python3" -c 'import pysmi' 2>/dev/null; then
   need_root
-  log "installing sushy-tools and virtualbmc into $BMC_VENV"
+  log "installing sushy-tools, virtualbmc and snmpsim into $BMC_VENV"
   /usr/bin/python3 -m venv --system-site-packages "$BMC_VENV" >&2
-  "$BMC_VENV/bin/pip" install -q sushy-tools virtualbmc >&2
+  "$BMC_VENV/bin/pip" install -q sushy-tools virtualbmc snmpsim pysmi >&2
 fi
 
 # A role that may create the throwaway databases each test makes for itself, and the guard

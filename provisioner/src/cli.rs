@@ -219,6 +219,23 @@ pub enum HostCommand {
         #[arg(long = "boot")]
         boot_path: Option<BootPath>,
     },
+    /// Show or replace the switched PDU outlets a host hangs off: the fence's level after its
+    /// BMC switches every one of them off, confirmed (a host with two power supplies on two
+    /// PDUs has two). No URL: show them.
+    Outlets {
+        /// Host name.
+        name: HostName,
+        /// Outlets: redfish+https://PDU/redfish/v1/PowerEquipment/RackPDUs/1/Outlets/ID or
+        /// snmp://PDU[:PORT]/OUTLET[?oid=…&on=…&off=…] (APC's PowerNet-MIB by default).
+        urls: Vec<String>,
+        /// Where the outlets' credentials are: env:VAR or file:/path, reading user:password
+        /// (SNMP: COMMUNITY: for v2c, USER:PASSWORD for v3).
+        #[arg(long)]
+        credentials: Option<String>,
+        /// Remove every outlet (no PDU level for this host).
+        #[arg(long, conflicts_with_all = ["urls", "credentials"])]
+        none: bool,
+    },
     /// List hosts.
     List,
     /// One host in detail, with its instance counts and recent events.
@@ -312,6 +329,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Err(e) => Err(e),
         },
         Command::Reimage { host, image } => admin::reimage(&store, &out, &host, image.as_deref()).await,
+        Command::Host(HostCommand::Outlets { name, urls, credentials, none }) => {
+            admin::host_outlets(&store, &out, &name, &urls, credentials.as_deref(), none).await
+        }
         Command::Host(HostCommand::List) => admin::host_list(&store, &out).await,
         Command::Host(HostCommand::Show { name }) => admin::host_show(&store, &out, &name).await,
         Command::Host(HostCommand::MarkFenced { name }) => admin::mark_fenced(&store, &out, &name).await,

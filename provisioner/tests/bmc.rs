@@ -528,3 +528,85 @@ async fn serve_killed_at_every_step_resumes_the_reimage() {
     assert_eq!(domstate(&rig.domain), "running", "powered on once, by the reimage");
     store.close().await;
 }
+
+/// A PDU's outlets over SNMP against snmpsim (an SNMP agent simulator, its `writecache`
+/// variation keeping what is set): APC's PowerNet-MIB `sPDUOutletCtl`, SNMPv2c. Off and on,
+/// confirmed by reading back; a wrong community and an outlet the PDU does not have fail,
+/// and are never taken as off; credentials are required.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snmp_outlets_through_snmpsim() {
+    use nodekeeper_provisioner::bmc::{self, pdu::Outlet, Credentials, PowerAction, PowerState, Switch};
+    let Some(venv) = venv() else { return };
+    let responder = venv.join("bin/snmpsim-command-responder");
+    let have = responder.exists() && Command::new("snmpget").arg("-V").output().is_ok_and(|o| o.status.success());
+    assert!(have, "snmpsim ({}) and net-snmp's snmpget (Debian: snmp) are set up by make test", responder.display());
+    // snmpsim drops to `nobody`: its data and cache must be readable (and the cache writable).
+    let dir = tempfile::tempdir().expect("dir");
+    let (data, cache) = (dir.path().join("data"), dir.path().join("cache"));
+    for d in [dir.path(), &data, &cache] {
+        std::fs::create_dir_all(d).expect("mkdir");
+        std::fs::set_permissions(d, std::os::unix::fs::PermissionsExt::from_mode(0o777)).expect("chmod");
+    }
+    let ctl = "1.3.6.1.4.1.318.1.1.4.4.2.1.3";
+    std::fs::write(
+        data.join("private.snmprec"),
+        format!(
+            "1.3.6.1.2.1.1.1.0|4|nodekeeper test PDU\n{ctl}.1|2:writecache|value=1\n{ctl}.2|2:writecache|value=1\n"
+        ),
+    )
+    .expect("snmprec");
+    std::fs::set_permissions(data.join("private.snmprec"), std::os::unix::fs::PermissionsExt::from_mode(0o644))
+        .expect("chmod");
+    let port = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp").local_addr().expect("addr").port();
+    let child = Command::new(&responder)
+        .arg(format!("--data-dir={}", data.display()))
+        .arg(format!("--cache-dir={}", cache.display()))
+        .arg(format!("--agent-udpv4-endpoint=127.0.0.1:{port}"))
+        .args(["--process-user=nobody", "--process-group=nogroup", "--logging-method=null"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .expect("snmpsim");
+    let _snmpsim = Group(child);
+    let community = || Some(Credentials { user: "private".into(), password: String::new() });
+    let outlet = Outlet::from_url(&format!("snmp://127.0.0.1:{port}/1"), community()).expect("outlet");
+    wait_for("snmpsim answering", || {
+        Command::new("snmpget")
+            .args(["-v2c", "-c", "private", "-t", "1", "-r", "0", &format!("127.0.0.1:{port}"), "1.3.6.1.2.1.1.1.0"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    let policy = bmc::Policy { confirm_within: Duration::from_secs(5), attempts: 2, poll: Duration::from_millis(100) };
+    assert_eq!(outlet.read_power().await.expect("state"), PowerState::On);
+    assert_eq!(bmc::power(&outlet, PowerAction::Off, &policy).await.expect("off"), PowerState::Off);
+    assert_eq!(outlet.read_power().await.expect("state"), PowerState::Off, "read back from the agent");
+    let other = Outlet::from_url(&format!("snmp://127.0.0.1:{port}/2"), community()).expect("outlet 2");
+    assert_eq!(other.read_power().await.expect("state"), PowerState::On, "only outlet 1 switched");
+    assert_eq!(bmc::power(&outlet, PowerAction::On, &policy).await.expect("on"), PowerState::On);
+    // A wrong community: the agent does not answer (SNMP's way); an error, not "off".
+    let wrong = Outlet::from_url(
+        &format!("snmp://127.0.0.1:{port}/1"),
+        Some(Credentials { user: "guess".into(), password: String::new() }),
+    )
+    .expect("outlet");
+    let e = wrong.read_power().await.expect_err("wrong community").to_string();
+    assert!(e.contains("Timeout") || e.contains("No Response"), "{e}");
+    // An outlet the PDU does not have: never confirmed off.
+    let missing = Outlet::from_url(&format!("snmp://127.0.0.1:{port}/9"), community()).expect("outlet 9");
+    assert_ne!(missing.read_power().await.unwrap_or(PowerState::Unknown), PowerState::Off);
+    let quick =
+        bmc::Policy { confirm_within: Duration::from_millis(500), attempts: 1, poll: Duration::from_millis(100) };
+    assert!(bmc::power(&missing, PowerAction::Off, &quick).await.is_err(), "not confirmed");
+}
+
+/// A process and its group, killed (by the group's id) when dropped.
+struct Group(Child);
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-KILL", "--", &format!("-{}", self.0.id())]).status();
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

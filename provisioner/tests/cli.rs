@@ -14,6 +14,7 @@ on_both_engines!(
     a_large_import_is_one_transaction,
     mark_fenced_is_refused_for_a_running_host_and_starts_one_fence,
     the_image_commands_keep_their_contract,
+    a_hosts_pdu_outlets_are_set_shown_and_checked,
 );
 
 struct Cli {
@@ -395,4 +396,34 @@ async fn the_image_commands_keep_their_contract(db: TestDb) {
     let refused = cli.fails(&["image", "remove", "debian", "--images-dir", &images]);
     assert!(refused.contains("is in use") && refused.contains("reimage of node-b"), "{refused}");
     assert!(served.exists());
+}
+
+async fn a_hosts_pdu_outlets_are_set_shown_and_checked(db: TestDb) {
+    let cli = Cli::new(&db);
+    cli.setup();
+    let a = "redfish+https://pdu-1/redfish/v1/PowerEquipment/RackPDUs/1/Outlets/A4";
+    let b = "snmp://pdu-2:161/4";
+    // Refusals change nothing: a URL that is no outlet, a literal secret, an unknown host.
+    let err = cli.fails(&["host", "outlets", "node-a", "redfish+https://pdu-1/redfish/v1/Systems/1"]);
+    assert!(err.contains("Outlets/ID"), "{err}");
+    assert!(cli.fails(&["host", "outlets", "node-a", "snmp://pdu/x"]).contains("number"));
+    assert!(cli.fails(&["host", "outlets", "node-a", b, "--credentials", "private:"]).contains("env:VAR or file:"));
+    assert!(cli.fails(&["host", "outlets", "node-z", a]).contains("node-z"));
+    assert!(cli.fails(&["host", "outlets", "node-a", a, a]).contains("twice"));
+    assert_eq!(cli.json(&["host", "outlets", "node-a"]), serde_json::json!([]));
+    // Two power supplies on two PDUs.
+    let set = cli.json(&["host", "outlets", "node-a", a, b, "--credentials", "env:NODEKEEPER_BMC_PDU"]);
+    assert_eq!(set.as_array().map(Vec::len), Some(2), "{set}");
+    assert_eq!(set[1]["credentials"], "env:NODEKEEPER_BMC_PDU");
+    let shown = cli.json(&["host", "show", "node-a"]);
+    assert_eq!(shown["outlets"][0]["url"], a, "{shown}");
+    assert!(shown["fencing"].is_null(), "no guard has reported: {shown}");
+    let text = cli.ok(&["host", "show", "node-a"]);
+    assert!(
+        text.contains("pdu-2:161/4") && text.contains("watchdog fencing") && text.contains("never reported"),
+        "{text}"
+    );
+    // Removed again.
+    assert_eq!(cli.json(&["host", "outlets", "node-a", "--none"]), serde_json::json!([]));
+    assert!(cli.fails(&["host", "outlets", "node-a", "--none", a]).contains("cannot be used with"));
 }

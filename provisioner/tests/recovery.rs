@@ -38,6 +38,9 @@ on_both_engines!(
     no_watchdog_fencing_without_an_armed_watchdog_reported,
     a_host_back_during_the_watchdog_wait_keeps_its_instances,
     a_lost_majority_and_the_brake_hold_the_watchdog_level,
+    a_host_with_a_dead_bmc_is_fenced_through_its_pdu_outlets_and_they_come_back_on,
+    bmc_and_pdu_dead_the_watchdog_fences_after_the_bound,
+    the_brake_holds_the_pdu_level,
 );
 
 struct Cell {
@@ -657,5 +660,177 @@ async fn a_lost_majority_and_the_brake_hold_the_watchdog_level(db: TestDb) {
         c.beat(&["b", "c", "d", "e"], c.at(at + 1 + s)).await;
         ctl.tick(c.at(at + 1 + s)).await.expect("tick");
     }
+    c.check("a", true).await;
+}
+
+/// A switched PDU speaking Redfish (`PowerEquipment/RackPDUs/1/Outlets/ID`, DMTF's `Outlet`
+/// with `#Outlet.PowerControl`) — the test double of a PDU: no emulator of one exists to run
+/// here (the SNMP driver is tested against snmpsim, `tests/bmc.rs`). `dead`: every request a 500.
+#[derive(Clone, Default)]
+struct Pdu {
+    on: Arc<std::sync::Mutex<HashMap<String, bool>>>,
+    dead: Arc<std::sync::atomic::AtomicBool>,
+    switched: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Pdu {
+    async fn start(&self) -> String {
+        use axum::extract::{Path, State};
+        use axum::http::StatusCode;
+        use axum::response::IntoResponse;
+        use std::sync::atomic::Ordering;
+        async fn get(State(p): State<Pdu>, Path(id): Path<String>) -> axum::response::Response {
+            if p.dead.load(Ordering::SeqCst) {
+                return (StatusCode::INTERNAL_SERVER_ERROR, "the PDU is gone").into_response();
+            }
+            let on = p.on.lock().expect("lock").get(&id).copied().unwrap_or(true);
+            axum::Json(serde_json::json!({
+                "@odata.id": format!("/redfish/v1/PowerEquipment/RackPDUs/1/Outlets/{id}"),
+                "Id": id,
+                "PowerState": if on { "On" } else { "Off" },
+                "Actions": {"#Outlet.PowerControl": {
+                    "target": format!("/redfish/v1/PowerEquipment/RackPDUs/1/Outlets/{id}/Actions/Outlet.PowerControl")
+                }}
+            }))
+            .into_response()
+        }
+        async fn control(
+            State(p): State<Pdu>,
+            Path(id): Path<String>,
+            axum::Json(body): axum::Json<serde_json::Value>,
+        ) -> StatusCode {
+            if p.dead.load(Ordering::SeqCst) {
+                return StatusCode::INTERNAL_SERVER_ERROR;
+            }
+            let on = match body["PowerState"].as_str() {
+                Some("On") => true,
+                Some("Off") => false,
+                _ => return StatusCode::BAD_REQUEST,
+            };
+            p.on.lock().expect("lock").insert(id, on);
+            p.switched.fetch_add(1, Ordering::SeqCst);
+            StatusCode::NO_CONTENT
+        }
+        let app = axum::Router::new()
+            .route("/redfish/v1/PowerEquipment/RackPDUs/1/Outlets/{id}", axum::routing::get(get))
+            .route(
+                "/redfish/v1/PowerEquipment/RackPDUs/1/Outlets/{id}/Actions/Outlet.PowerControl",
+                axum::routing::post(control),
+            )
+            .with_state(self.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        format!("redfish+http://127.0.0.1:{port}/redfish/v1/PowerEquipment/RackPDUs/1/Outlets")
+    }
+
+    fn is_on(&self, id: &str) -> bool {
+        self.on.lock().expect("lock").get(id).copied().unwrap_or(true)
+    }
+}
+
+/// a hangs off outlets A1 and B1 (two power supplies) of a PDU.
+async fn with_outlets(c: &Cell, pdu: &Pdu) {
+    let base = pdu.start().await;
+    let outlets: Vec<nodekeeper_store::HostOutlet> = ["A1", "B1"]
+        .iter()
+        .map(|id| nodekeeper_store::HostOutlet { url: format!("{base}/{id}"), credentials: None })
+        .collect();
+    c.store.set_host_outlets(&n("a"), &outlets, "test").await.expect("outlets");
+}
+
+/// a's BMC is dead: the fence goes on to its PDU outlets — both off, confirmed — moves its HA
+/// instances at once (no watchdog wait), and the way back switches both on before the BMC.
+async fn a_host_with_a_dead_bmc_is_fenced_through_its_pdu_outlets_and_they_come_back_on(db: TestDb) {
+    let c = watchdog_cell(&db, &["a", "b", "c"], None).await;
+    let pdu = Pdu::default();
+    with_outlets(&c, &pdu).await;
+    let ctl = c.controller("replica-1", config()).await;
+    let mut fenced_at = None;
+    for s in 31..60 {
+        c.beat(&["b", "c"], c.at(s)).await;
+        ctl.tick(c.at(s)).await.expect("tick");
+        if fenced_at.is_none() && c.store.require_host(&n("a")).await.expect("a").state == HostState::Fenced {
+            fenced_at = Some(s);
+            assert!(!pdu.is_on("A1") && !pdu.is_on("B1"), "both outlets off before the point of return");
+            // The host lost power with its outlets; its BMC answers again by the time the host
+            // is to be powered back on.
+            c.fakes.0["a"].set(|s| (s.always_fail, s.on) = (false, false));
+        }
+        if c.fence_op("a").await.is_some_and(|o| o.status != OperationStatus::Running) {
+            break;
+        }
+    }
+    // confirm at 32, three BMC attempts 33–35, the outlets at 36.
+    assert_eq!(fenced_at, Some(36), "fenced through the PDU in the tick after the BMC gave up");
+    let op = c.fence_op("a").await.expect("fence");
+    assert_eq!((op.status, op.step.as_str()), (OperationStatus::Done, "done"), "{op:?}");
+    c.check("a", true).await;
+    assert!(pdu.is_on("A1") && pdu.is_on("B1"), "switched on again (after_fence = power-on)");
+    assert_eq!(c.fakes.0["a"].get(|s| s.power_ons), 1, "then powered on through the BMC");
+    let events = c
+        .store
+        .events(&EventFilter { host: Some(n("a")), limit: Some(1000), ..Default::default() })
+        .await
+        .expect("events");
+    assert!(events.iter().any(|e| e.message.contains("its 2 PDU outlet(s) switched off")), "the level is named");
+}
+
+/// BMC and PDU dead: the watchdog level, after its bound.
+async fn bmc_and_pdu_dead_the_watchdog_fences_after_the_bound(db: TestDb) {
+    let c = watchdog_cell(&db, &["a", "b", "c"], Some(10)).await;
+    let pdu = Pdu::default();
+    with_outlets(&c, &pdu).await;
+    pdu.dead.store(true, std::sync::atomic::Ordering::SeqCst);
+    let ctl = c.controller("replica-1", config()).await;
+    let mut steps = Vec::new();
+    let mut fenced_at = None;
+    for s in 31..150 {
+        c.beat(&["b", "c"], c.at(s)).await;
+        ctl.tick(c.at(s)).await.expect("tick");
+        let step = c.fence_op("a").await.map(|o| o.step).unwrap_or_default();
+        if steps.last() != Some(&step) {
+            steps.push(step.clone());
+        }
+        if c.store.require_host(&n("a")).await.expect("a").state == HostState::Fenced {
+            fenced_at = Some(s);
+            break;
+        }
+    }
+    assert_eq!(steps, ["confirm", "power_off", "outlet_off", "watchdog", "evacuate"], "the levels in order");
+    let p = profile(Some(10), &["b", "c"]);
+    // The quorum was seen from the fence's first look (32).
+    let bound = watchdog::bound(&p, c.t0, config().grace, c.at(32));
+    let at = fenced_at.expect("fenced by the watchdog");
+    assert!(c.at(at).0 >= bound.at.0 && c.at(at - 1).0 < bound.at.0, "{at}: {}", bound.terms);
+    assert_eq!(pdu.switched.load(std::sync::atomic::Ordering::SeqCst), 0);
+}
+
+/// Four hosts; a's BMC is dead. b and c fall silent as a's fence reaches its outlets: 3 of 4
+/// silent — the brake holds the outlets (nothing switched) until they are back.
+async fn the_brake_holds_the_pdu_level(db: TestDb) {
+    let c = watchdog_cell(&db, &["a", "b", "c", "d"], None).await;
+    let pdu = Pdu::default();
+    with_outlets(&c, &pdu).await;
+    let ctl = c.controller("replica-1", config()).await;
+    // Ticks 31–35: confirm, three BMC attempts; b and c silent since 1 s... but heard until 5.
+    for s in 1..=5 {
+        c.beat(&["b", "c", "d"], c.at(s)).await;
+    }
+    for s in 31..100 {
+        c.beat(&["d"], c.at(s)).await;
+        ctl.tick(c.at(s)).await.expect("tick");
+    }
+    // a was suspect (and fenced... up to its outlets) before b and c turned silent past grace.
+    let op = c.fence_op("a").await.expect("fence");
+    assert_eq!(op.step, "outlet_off", "{op:?}");
+    assert_eq!(pdu.switched.load(std::sync::atomic::Ordering::SeqCst), 0, "nothing switched under the brake");
+    c.check("a", false).await;
+    for s in 100..110 {
+        c.beat(&["b", "c", "d"], c.at(s)).await;
+        ctl.tick(c.at(s)).await.expect("tick");
+    }
+    // Off once the brake let go (then on again: after_fence = power-on).
+    assert!(pdu.switched.load(std::sync::atomic::Ordering::SeqCst) >= 2, "{:?}", c.fence_op("a").await);
     c.check("a", true).await;
 }

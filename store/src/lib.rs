@@ -12,7 +12,7 @@
 //!
 //! Layout: `types` (names, UUIDs, generations, timestamps: pure, a leaf) ← `error` ← `db`
 //! (the pool, migrations, the database's clock, leases as fencing tokens, row helpers) ← one
-//! module per table or concern (`hosts`, `images`, `instances`, `operations`, `events`, `leadership`,
+//! module per table or concern (`hosts`, `images`, `instances`, `operations`, `outlets`, `events`, `leadership`,
 //! `leases`, `reports`, `settings`, `guard_role`); `guard_api` holds the wire types the guard
 //! API and its clients share. No other crate writes SQL.
 
@@ -27,6 +27,7 @@ mod instances;
 mod leadership;
 mod leases;
 mod operations;
+mod outlets;
 mod reports;
 mod settings;
 mod types;
@@ -41,6 +42,7 @@ pub use instances::{evacuation_source_safe, Instance, NewInstance, Ownership, Tr
 pub use leadership::Leadership;
 pub use leases::Lease;
 pub use operations::{Operation, StepChange};
+pub use outlets::HostOutlet;
 pub use reports::{FencingProfile, GuardReport, ReportedDomain};
 pub use types::{
     BootMode, BootPath, Generation, HostName, HostState, InstanceId, MacAddr, OperationStatus, ParseError, Storage,

@@ -169,6 +169,39 @@ pub async fn host_set(
     })
 }
 
+/// `host outlets`: shows (no URL) or replaces a host's PDU outlets.
+pub async fn host_outlets(
+    store: &Store,
+    out: &Output,
+    name: &HostName,
+    urls: &[String],
+    credentials: Option<&str>,
+    none: bool,
+) -> anyhow::Result<()> {
+    if none || !urls.is_empty() {
+        if let Some(reference) = credentials {
+            crate::bmc::CredentialScope::from_env().check(reference)?;
+        }
+        for url in urls {
+            crate::bmc::pdu::check_url(url).map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
+        let outlets: Vec<nodekeeper_store::HostOutlet> = urls
+            .iter()
+            .map(|u| nodekeeper_store::HostOutlet { url: u.clone(), credentials: credentials.map(str::to_owned) })
+            .collect();
+        store.set_host_outlets(name, &outlets, &actor()).await?;
+    } else if credentials.is_some() {
+        bail!("host outlets {name}: --credentials goes with the outlets' URLs");
+    }
+    let outlets = store.host_outlets(name).await?;
+    out.emit(&outlets, || {
+        if outlets.is_empty() {
+            return format!("{name}: no PDU outlets\n");
+        }
+        outlets.iter().map(|o| format!("{name}: {}\n", o.url)).collect()
+    })
+}
+
 /// A boot path the host can take: UEFI HTTP boot needs UEFI firmware, virtual media a Redfish
 /// BMC (IPMI has no virtual media).
 fn check_boot_path(path: BootPath, mode: Option<BootMode>, bmc: Option<&str>) -> anyhow::Result<()> {
@@ -227,9 +260,11 @@ pub async fn host_show(store: &Store, out: &Output, name: &HostName) -> anyhow::
         .latest_operation_of(crate::reimage::executor::KIND, name)
         .await?
         .and_then(|o| serde_json::from_str::<crate::reimage::machine::ReimageData>(&o.data).ok().map(|d| d.boot_path));
+    let outlets = store.host_outlets(name).await?;
+    let fencing = store.guard_fencing().await?.into_iter().find(|(h, _, _)| h == name).map(|(_, _, p)| p);
     let value = json!({
         "host": host, "boot": boot, "last_reimage_boot_path": last_path, "instances": counts,
-        "operation": operation, "events": events,
+        "operation": operation, "events": events, "outlets": outlets, "fencing": fencing,
     });
     out.emit(&value, || {
         let mut s = String::new();
@@ -247,6 +282,25 @@ pub async fn host_show(store: &Store, out: &Output, name: &HostName) -> anyhow::
                     .map_or_else(|| boot.boot_path.to_string(), |p| format!("{} (last reimage: {p})", boot.boot_path)),
             ),
             ("root device", opt(boot.root_device.as_ref())),
+            (
+                "outlets",
+                if outlets.is_empty() {
+                    "-".to_owned()
+                } else {
+                    outlets.iter().map(|o| o.url.as_str()).collect::<Vec<_>>().join(", ")
+                },
+            ),
+            (
+                "watchdog fencing",
+                match crate::recovery::watchdog::refusal(fencing.as_ref()) {
+                    None => format!(
+                        "possible (watchdog {} s, quorum of {} hosts)",
+                        fencing.as_ref().and_then(|p| p.watchdog_timeout_ms).unwrap_or(0) / 1000,
+                        fencing.as_ref().and_then(|p| p.quorum_cell.as_ref()).map_or(0, |c| c.len() + 1)
+                    ),
+                    Some(why) => format!("no: {why}"),
+                },
+            ),
             ("last heartbeat", opt(host.last_heartbeat)),
             ("added", host.created_at.to_string()),
             ("instances", format!("{} ({} HA), {} deleted", counts["total"], counts["ha"], counts["deleted"])),

@@ -5,7 +5,9 @@
 
 pub mod fake;
 pub mod ipmi;
+pub mod pdu;
 pub mod redfish;
+pub mod snmp;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -165,6 +167,28 @@ pub enum BmcError {
     },
 }
 
+/// What [`power`] drives: a BMC, or a switched PDU outlet ([`pdu::Outlet`]). Every BMC is one.
+pub trait Switch: Send + Sync {
+    /// Where it is, for messages (never with credentials).
+    fn switch_endpoint(&self) -> String;
+    /// The current power state.
+    fn read_power(&self) -> impl Future<Output = Result<PowerState, BmcError>> + Send;
+    /// Asks for power on or off (not confirmed).
+    fn switch_power(&self, on: bool) -> impl Future<Output = Result<(), BmcError>> + Send;
+}
+
+impl<B: Bmc> Switch for B {
+    fn switch_endpoint(&self) -> String {
+        self.endpoint()
+    }
+    fn read_power(&self) -> impl Future<Output = Result<PowerState, BmcError>> + Send {
+        self.power_state()
+    }
+    fn switch_power(&self, on: bool) -> impl Future<Output = Result<(), BmcError>> + Send {
+        self.set_power(on)
+    }
+}
+
 /// The operations every BMC driver provides. Each call is one attempt; [`power`] adds the
 /// confirmation, retries and per-BMC serialization.
 pub trait Bmc: Send + Sync {
@@ -248,8 +272,8 @@ fn lock_for(endpoint: &str) -> Arc<tokio::sync::Mutex<()>> {
 /// for the state the host is already in succeeds at once (except `Cycle`). Only the exact
 /// state confirms: `PoweringOn` is not off, `PoweringOff` not yet off, and an unknown answer
 /// is neither, so the command is sent (again) and the state polled until it says so.
-pub async fn power<B: Bmc>(bmc: &B, action: PowerAction, policy: &Policy) -> Result<PowerState, BmcError> {
-    let lock = lock_for(&bmc.endpoint());
+pub async fn power<B: Switch>(bmc: &B, action: PowerAction, policy: &Policy) -> Result<PowerState, BmcError> {
+    let lock = lock_for(&bmc.switch_endpoint());
     let _turn = lock.lock().await;
     match action {
         PowerAction::On => reach(bmc, PowerState::On, policy).await,
@@ -261,11 +285,11 @@ pub async fn power<B: Bmc>(bmc: &B, action: PowerAction, policy: &Policy) -> Res
     }
 }
 
-async fn reach<B: Bmc>(bmc: &B, wanted: PowerState, policy: &Policy) -> Result<PowerState, BmcError> {
+async fn reach<B: Switch>(bmc: &B, wanted: PowerState, policy: &Policy) -> Result<PowerState, BmcError> {
     let mut last_err = None;
     let mut pause = policy.poll;
     for attempt in 1..=policy.attempts.max(1) {
-        let commanded = match bmc.power_state().await {
+        let commanded = match bmc.read_power().await {
             Ok(s) if s == wanted => return Ok(s),
             // Already on its way up: a second "On" is refused by some BMCs; watch it arrive.
             Ok(PowerState::PoweringOn) if wanted == PowerState::On && attempt == 1 => false,
@@ -278,12 +302,12 @@ async fn reach<B: Bmc>(bmc: &B, wanted: PowerState, policy: &Policy) -> Result<P
             }
         };
         if !commanded {
-            tracing::info!(bmc = %bmc.endpoint(), "powering on already: waiting for it");
-        } else if let Err(e) = bmc.set_power(wanted == PowerState::On).await {
+            tracing::info!(bmc = %bmc.switch_endpoint(), "powering on already: waiting for it");
+        } else if let Err(e) = bmc.switch_power(wanted == PowerState::On).await {
             if matches!(e, BmcError::NotLeader { .. }) {
                 return Err(e); // no retry: this replica must stop acting
             }
-            tracing::info!(bmc = %bmc.endpoint(), attempt, "power {wanted} failed: {e}");
+            tracing::info!(bmc = %bmc.switch_endpoint(), attempt, "power {wanted} failed: {e}");
             last_err = Some(e);
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_secs(5));
@@ -293,22 +317,22 @@ async fn reach<B: Bmc>(bmc: &B, wanted: PowerState, policy: &Policy) -> Result<P
         let mut actual = None;
         while started.elapsed() < policy.confirm_within {
             tokio::time::sleep(policy.poll).await;
-            match bmc.power_state().await {
+            match bmc.read_power().await {
                 Ok(s) if s == wanted => return Ok(s),
                 Ok(s) => actual = Some(s),
-                Err(e) => tracing::debug!(bmc = %bmc.endpoint(), "polling the power state: {e}"),
+                Err(e) => tracing::debug!(bmc = %bmc.switch_endpoint(), "polling the power state: {e}"),
             }
         }
-        tracing::warn!(bmc = %bmc.endpoint(), attempt, "power {wanted} accepted but not confirmed");
+        tracing::warn!(bmc = %bmc.switch_endpoint(), attempt, "power {wanted} accepted but not confirmed");
         last_err = Some(BmcError::NotConfirmed {
-            endpoint: bmc.endpoint(),
+            endpoint: bmc.switch_endpoint(),
             wanted,
             actual: actual.unwrap_or(PowerState::Unknown),
             waited: policy.confirm_within,
         });
     }
     Err(last_err
-        .unwrap_or_else(|| BmcError::Unreachable { endpoint: bmc.endpoint(), reason: "no attempt made".into() }))
+        .unwrap_or_else(|| BmcError::Unreachable { endpoint: bmc.switch_endpoint(), reason: "no attempt made".into() }))
 }
 
 /// A BMC driven under a leadership term: before every command (power, boot override) it
@@ -322,7 +346,7 @@ pub struct Leased<B> {
     store: nodekeeper_store::Store,
 }
 
-impl<B: Bmc> Leased<B> {
+impl<B: Switch> Leased<B> {
     /// `inner`, gated on `store`'s lease (see `Store::under_lease`).
     pub fn new(inner: B, store: nodekeeper_store::Store) -> Leased<B> {
         Leased { inner, store }
@@ -332,7 +356,21 @@ impl<B: Bmc> Leased<B> {
         self.store
             .check_lease()
             .await
-            .map_err(|e| BmcError::NotLeader { endpoint: self.inner.endpoint(), reason: e.to_string() })
+            .map_err(|e| BmcError::NotLeader { endpoint: self.inner.switch_endpoint(), reason: e.to_string() })
+    }
+}
+
+/// A PDU outlet under a leadership term, as a BMC is.
+impl Switch for Leased<pdu::Outlet> {
+    fn switch_endpoint(&self) -> String {
+        self.inner.switch_endpoint()
+    }
+    async fn read_power(&self) -> Result<PowerState, BmcError> {
+        self.inner.read_power().await
+    }
+    async fn switch_power(&self, on: bool) -> Result<(), BmcError> {
+        self.gate().await?;
+        self.inner.switch_power(on).await
     }
 }
 
@@ -384,6 +422,11 @@ pub trait BmcFactory: Send + Sync + 'static {
     /// Confirmation deadlines and retries for power commands.
     fn policy(&self) -> Policy {
         Policy::default()
+    }
+    /// The driver of one of a host's PDU outlets (by default without its credentials: the
+    /// real factory resolves them).
+    fn outlet(&self, outlet: &nodekeeper_store::HostOutlet) -> Result<pdu::Outlet, BmcError> {
+        pdu::Outlet::from_url(&outlet.url, None)
     }
 }
 

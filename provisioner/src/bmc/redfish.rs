@@ -341,6 +341,60 @@ impl Bmc for Redfish {
     }
 }
 
+/// A switched PDU outlet through Redfish (DMTF `Outlet`, under `PowerEquipment` —
+/// `redfish+https://PDU/redfish/v1/PowerEquipment/RackPDUs/1/Outlets/A1`): its `PowerState`,
+/// and `#Outlet.PowerControl` with `{"PowerState": "On" | "Off"}` (the target the outlet
+/// names, else the schema's path).
+#[derive(Debug)]
+pub struct Outlet {
+    redfish: Redfish,
+    path: String,
+}
+
+impl Outlet {
+    /// The outlet at `url` (its path must name an outlet: `…/Outlets/ID`).
+    pub fn new(url: &str, credentials: Option<Credentials>) -> Result<Outlet, BmcError> {
+        let redfish = Redfish::new(url, credentials)?;
+        let rest = url.split_once("://").map_or(url, |(_, r)| r);
+        let rest = rest.split_once('?').map_or(rest, |(r, _)| r);
+        let path = rest.split_once('/').map_or("", |(_, p)| p).trim_end_matches('/');
+        if !path.contains("/Outlets/") {
+            return Err(BmcError::Config(format!("PDU outlet URL {url:?}: expected …/Outlets/ID")));
+        }
+        Ok(Outlet { redfish, path: format!("/{path}") })
+    }
+
+    /// Where it is.
+    pub fn endpoint(&self) -> String {
+        format!("{}{}", self.redfish.base, self.path)
+    }
+
+    async fn resource(&self) -> Result<Value, BmcError> {
+        self.redfish.send(self.redfish.request(reqwest::Method::GET, &self.path)).await
+    }
+
+    /// Its power state (`PowerState`; anything but `On`/`Off`/`PoweringOn`/`PoweringOff` is
+    /// unknown, never off).
+    pub async fn power_state(&self) -> Result<PowerState, BmcError> {
+        let v = self.resource().await?;
+        Ok(PowerState::from_redfish(v.get("PowerState").and_then(Value::as_str)))
+    }
+
+    /// Switches it on or off (not confirmed).
+    pub async fn set_power(&self, on: bool) -> Result<(), BmcError> {
+        let v = self.resource().await?;
+        let target = v
+            .pointer("/Actions/#Outlet.PowerControl/target")
+            .and_then(Value::as_str)
+            .map_or_else(|| format!("{}/Actions/Outlet.PowerControl", self.path), str::to_owned);
+        let state = if on { "On" } else { "Off" };
+        self.redfish
+            .send(self.redfish.request(reqwest::Method::POST, &target).json(&json!({ "PowerState": state })))
+            .await
+            .map(drop)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -187,7 +187,7 @@ async fn a_fence_crashed_at_every_point_resumes_to_the_same_end() {
         let fake = Fake::default();
         fake.set(|s| s.on = true);
         let fakes = Fakes::of([("node-a".to_owned(), fake.clone())]);
-        let data = FenceData { after: AfterFence::PowerOn, bmc_attempts: 3, moved: 0, unplaced: 0 };
+        let data = FenceData::new(AfterFence::PowerOn, 3);
         let json = serde_json::to_string(&data).expect("json");
         let (op, _) =
             store.start_operation("fence", &n("node-a"), "confirm", None, &json, "test").await.expect("fence");

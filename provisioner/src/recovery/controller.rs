@@ -357,8 +357,7 @@ impl<F: BmcFactory> Controller<F> {
             if !room.iter().any(|(_, to)| to.is_some()) {
                 continue;
             }
-            let data =
-                FenceData { after: AfterFence::Nothing, bmc_attempts: self.config.bmc_attempts, moved: 0, unplaced: 0 };
+            let data = FenceData::new(AfterFence::Nothing, self.config.bmc_attempts);
             let json = serde_json::to_string(&data).unwrap_or_else(|_| "{}".into());
             let (_, started) =
                 store.start_operation(KIND, &h.name, Step::Evacuate.as_str(), None, &json, ACTOR).await?;
@@ -405,12 +404,7 @@ impl<F: BmcFactory> Controller<F> {
                 .await
                 .map(drop),
             Action::Fence { host } => {
-                let data = FenceData {
-                    after: self.config.after_fence,
-                    bmc_attempts: self.config.bmc_attempts,
-                    moved: 0,
-                    unplaced: 0,
-                };
+                let data = FenceData::new(self.config.after_fence, self.config.bmc_attempts);
                 let json = serde_json::to_string(&data).unwrap_or_else(|_| "{}".into());
                 store.start_operation(KIND, host, Step::Confirm.as_str(), None, &json, ACTOR).await.map(drop)
             }
@@ -470,11 +464,39 @@ impl<F: BmcFactory> Controller<F> {
 
     async fn power(&self, store: &Store, host: &Host, action: PowerAction) -> Result<(), String> {
         let driver = bmc::Leased::new(self.factory.for_host(host).map_err(|e| e.to_string())?, store.clone());
+        self.switch(&driver, action, "the BMC").await
+    }
+
+    /// Drives one switch (a BMC, an outlet) to `action`, confirmed, within the policy's bound.
+    async fn switch<S: bmc::Switch>(&self, switch: &S, action: PowerAction, what: &str) -> Result<(), String> {
         let policy = self.factory.policy();
         let limit = policy.confirm_within * (policy.attempts.max(1) + 1);
-        match tokio::time::timeout(limit, bmc::power(&driver, action, &policy)).await {
+        match tokio::time::timeout(limit, bmc::power(switch, action, &policy)).await {
             Ok(r) => r.map(drop).map_err(|e| e.to_string()),
-            Err(_) => Err(format!("the BMC did not answer within {}", humantime::format_duration(limit))),
+            Err(_) => Err(format!("{what} did not answer within {}", humantime::format_duration(limit))),
+        }
+    }
+
+    /// Switches every PDU outlet of `host` on or off, confirmed, all at once; returns how many.
+    /// Off succeeds only when every outlet confirms (a host with two power supplies runs on
+    /// either).
+    async fn outlets(&self, store: &Store, host: &HostName, on: bool) -> Result<usize, String> {
+        let outlets = store.host_outlets(host).await.map_err(|e| e.to_string())?;
+        if outlets.is_empty() {
+            return Err(format!("{host} has no PDU outlets"));
+        }
+        let action = if on { PowerAction::On } else { PowerAction::Off };
+        let results = futures_util::future::join_all(outlets.iter().map(|o| async move {
+            let outlet = self.factory.outlet(o).map_err(|e| format!("{}: {e}", o.url))?;
+            let leased = bmc::Leased::new(outlet, store.clone());
+            self.switch(&leased, action, &format!("PDU outlet {}", o.url)).await
+        }))
+        .await;
+        let failed: Vec<String> = results.into_iter().filter_map(Result::err).collect();
+        if failed.is_empty() {
+            Ok(outlets.len())
+        } else {
+            Err(failed.join("; "))
         }
     }
 
@@ -540,12 +562,36 @@ impl<F: BmcFactory> crate::ops::Machine for Fence<'_, F> {
             }
             Work::PowerOff => {
                 let result = c.power(store, &host, PowerAction::Off).await;
-                let next = if result.is_err() && attempts >= data.bmc_attempts {
+                let levels = if result.is_err() && attempts >= data.bmc_attempts {
+                    fence::Levels {
+                        outlets: !store.host_outlets(&host.name).await?.is_empty(),
+                        watchdog: c.watchdog_allowed(store, &host.name).await?,
+                    }
+                } else {
+                    fence::Levels { outlets: false, watchdog: Err(String::new()) }
+                };
+                fence::after_power_off(attempts, result, data, levels)
+            }
+            Work::OutletOff => {
+                let hosts = store.hosts().await?;
+                let since = c.watching.lock().unwrap_or_else(|p| p.into_inner()).map_or(self.now, |(_, s)| s);
+                let brake = detect::brake(&hosts, self.now, since, &c.policy());
+                let result = match &brake {
+                    Some(why) => {
+                        tracing::warn!(host = %host.name, "PDU outlets: the mass-failure brake holds: {why}");
+                        Ok(0)
+                    }
+                    None => c.outlets(store, &host.name, false).await,
+                };
+                if result.is_ok() && brake.is_none() {
+                    data.outlets_off = true;
+                }
+                let watchdog = if result.is_err() && attempts >= data.bmc_attempts {
                     c.watchdog_allowed(store, &host.name).await?
                 } else {
                     Err(String::new())
                 };
-                fence::after_power_off(attempts, result, data, next)
+                fence::after_outlet_off(attempts, result, data, brake.as_deref(), watchdog)
             }
             Work::Watchdog => {
                 let verdict = c.watchdog_verdict(store, op, &host, self.now).await?;
@@ -564,6 +610,10 @@ impl<F: BmcFactory> crate::ops::Machine for Fence<'_, F> {
             }
             Work::Restore(after) => {
                 let result = match after {
+                    AfterFence::PowerOn if data.outlets_off => match c.outlets(store, &host.name, true).await {
+                        Ok(_) => c.power(store, &host, PowerAction::On).await,
+                        Err(e) => Err(e),
+                    },
                     AfterFence::PowerOn => c.power(store, &host, PowerAction::On).await,
                     AfterFence::Reimage => {
                         reimage::request(store, &host.name, None, Deadlines::default(), Limits::default(), ACTOR)
@@ -595,7 +645,9 @@ impl<F: BmcFactory> crate::ops::Machine for Fence<'_, F> {
         match decision {
             // The point of return is passed: the host is off, confirmed (or, by the watchdog
             // level's proof, off or without its HA domains).
-            Decision::Go { to: Step::Evacuate, why, .. } if matches!(step, Step::PowerOff | Step::Watchdog) => {
+            Decision::Go { to: Step::Evacuate, why, .. }
+                if matches!(step, Step::PowerOff | Step::OutletOff | Step::Watchdog) =>
+            {
                 store.set_host_state(&op.target, HostState::Fenced, ACTOR, why).await.map(drop)
             }
             Decision::Abort { why } => {
@@ -648,7 +700,7 @@ pub async fn mark_fenced(
             });
         }
     }
-    let data = FenceData { after: AfterFence::Nothing, bmc_attempts: config.bmc_attempts, moved: 0, unplaced: 0 };
+    let data = FenceData::new(AfterFence::Nothing, config.bmc_attempts);
     let json = serde_json::to_string(&data).unwrap_or_else(|_| "{}".into());
     let (op, started) = store.start_operation(KIND, host, Step::Evacuate.as_str(), None, &json, actor).await?;
     if started {

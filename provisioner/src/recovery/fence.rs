@@ -1,7 +1,8 @@
 //! The fence operation (kind `fence`), as pure functions in the reimage's manner:
 //!
-//! `confirm → power_off [→ watchdog] → evacuate → restore → done`, or `failed` with the step
-//! and reason.
+//! `confirm → power_off [→ outlet_off] [→ watchdog] → evacuate → restore → done`, or `failed`
+//! with the step and reason. `power_off`, `outlet_off` and `watchdog` are the fencing levels,
+//! tried in order until one confirms the host off (Pacemaker's fencing topology).
 //!
 //! - `confirm`: the last look before the point of return. A host that heartbeated since it
 //!   turned suspect is back: the fence is called off (`aborted`), nothing was touched.
@@ -9,6 +10,8 @@
 //!   times. When it never confirms, the next fencing level is tried; with none left, the
 //!   operation fails: no instance moves without a confirmed fence (an operator's
 //!   `host mark-fenced` is the last level).
+//! - `outlet_off`: every switched PDU outlet the host hangs off, off and confirmed (a host
+//!   with two power supplies is off only when both are); the mass-failure brake holds it.
 //! - `watchdog` (watchdog fencing, [`super::watchdog`]): for a host whose guard reported an
 //!   armed hardware watchdog and a self-fence with an exact quorum, wait — while a majority of
 //!   its guard's quorum cell heartbeats — until the host must have reset or stopped its HA
@@ -30,6 +33,8 @@ pub enum Step {
     Confirm,
     /// Power it off through the BMC, confirmed.
     PowerOff,
+    /// Switch off its PDU outlets, confirmed.
+    OutletOff,
     /// Wait out its guard's self-fence and hardware watchdog (watchdog fencing).
     Watchdog,
     /// Give its HA instances new owners.
@@ -40,13 +45,15 @@ pub enum Step {
 
 impl Step {
     /// Every step, in order.
-    pub const ALL: [Step; 5] = [Step::Confirm, Step::PowerOff, Step::Watchdog, Step::Evacuate, Step::Restore];
+    pub const ALL: [Step; 6] =
+        [Step::Confirm, Step::PowerOff, Step::OutletOff, Step::Watchdog, Step::Evacuate, Step::Restore];
 
     /// The persisted word.
     pub fn as_str(self) -> &'static str {
         match self {
             Step::Confirm => "confirm",
             Step::PowerOff => "power_off",
+            Step::OutletOff => "outlet_off",
             Step::Watchdog => "watchdog",
             Step::Evacuate => "evacuate",
             Step::Restore => "restore",
@@ -80,6 +87,16 @@ pub struct FenceData {
     pub moved: usize,
     /// Instances left on the fenced host for want of room (reported; the GC pass retries).
     pub unplaced: usize,
+    /// Its PDU outlets were switched off (the way back switches them on first).
+    #[serde(default)]
+    pub outlets_off: bool,
+}
+
+impl FenceData {
+    /// A fence's data at its start.
+    pub fn new(after: AfterFence, bmc_attempts: u32) -> FenceData {
+        FenceData { after, bmc_attempts, moved: 0, unplaced: 0, outlets_off: false }
+    }
 }
 
 /// The work a step asks of the executor.
@@ -89,6 +106,8 @@ pub enum Work {
     Confirm,
     /// BMC power off, confirmed.
     PowerOff,
+    /// Its PDU outlets off, confirmed.
+    OutletOff,
     /// Judge watchdog fencing.
     Watchdog,
     /// Move the HA instances.
@@ -102,6 +121,7 @@ pub fn work(step: Step, data: &FenceData) -> Work {
     match step {
         Step::Confirm => Work::Confirm,
         Step::PowerOff => Work::PowerOff,
+        Step::OutletOff => Work::OutletOff,
         Step::Watchdog => Work::Watchdog,
         Step::Evacuate => Work::Evacuate,
         Step::Restore => Work::Restore(data.after),
@@ -139,34 +159,71 @@ pub fn confirm(heartbeat_since_suspect: bool, network: &NetworkCheck) -> Decisio
     Decision::Go { to: Step::PowerOff, after: None, why }
 }
 
-/// After a BMC step's work (`attempts` so far, this one included). `watchdog`: whether the
-/// host may be fenced by its watchdog (the next level), or why not.
-pub fn after_power_off(
-    attempts: u32,
-    result: Result<(), String>,
-    data: &FenceData,
-    watchdog: Result<(), String>,
-) -> Decision {
+/// The fencing levels left after one failed: switched PDU outlets, then watchdog fencing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Levels {
+    /// The host hangs off PDU outlets (and `outlet_off` has not failed yet).
+    pub outlets: bool,
+    /// Whether it may be fenced by its watchdog, or why not.
+    pub watchdog: Result<(), String>,
+}
+
+impl Levels {
+    /// The next level, with what it says of the failed one; or the failure.
+    fn next(self, at: Step, failed: String) -> Decision {
+        match self {
+            Levels { outlets: true, .. } => {
+                Decision::Go { to: Step::OutletOff, after: None, why: format!("{failed}; next level: its PDU outlets") }
+            }
+            Levels { watchdog: Ok(()), .. } => Decision::Go {
+                to: Step::Watchdog,
+                after: None,
+                why: format!("{failed}; its guard keeps a hardware watchdog armed: watchdog fencing"),
+            },
+            Levels { watchdog: Err(no), .. } => Decision::Failed {
+                at,
+                reason: format!(
+                    "{failed}, and no watchdog fencing: {no}; no instance moves without a confirmed fence (an \
+                     operator may run `host mark-fenced`)"
+                ),
+            },
+        }
+    }
+}
+
+/// After a BMC step's work (`attempts` so far, this one included); `levels`: what is left
+/// when the BMC gives up.
+pub fn after_power_off(attempts: u32, result: Result<(), String>, data: &FenceData, levels: Levels) -> Decision {
     match result {
         Ok(()) => Decision::Go { to: Step::Evacuate, after: None, why: "powered off, confirmed by the BMC".into() },
         Err(e) if attempts < data.bmc_attempts => Decision::Retry { attempts, error: e },
-        Err(e) => match watchdog {
-            Ok(()) => Decision::Go {
-                to: Step::Watchdog,
-                after: None,
-                why: format!(
-                    "the BMC did not confirm power off after {attempts} attempts ({e}); its guard keeps a hardware \
-                     watchdog armed: watchdog fencing"
-                ),
-            },
-            Err(no) => Decision::Failed {
-                at: Step::PowerOff,
-                reason: format!(
-                    "the BMC did not confirm power off after {attempts} attempts ({e}), and no watchdog fencing: {no}; \
-                     no instance moves without a confirmed fence (an operator may run `host mark-fenced`)"
-                ),
-            },
+        Err(e) => {
+            levels.next(Step::PowerOff, format!("the BMC did not confirm power off after {attempts} attempts ({e})"))
+        }
+    }
+}
+
+/// After `outlet_off`'s work on `count` outlets (`attempts` so far); `brake`: why the
+/// mass-failure brake holds, if it does (nothing was switched); `watchdog`: the level after.
+pub fn after_outlet_off(
+    attempts: u32,
+    result: Result<usize, String>,
+    data: &FenceData,
+    brake: Option<&str>,
+    watchdog: Result<(), String>,
+) -> Decision {
+    if brake.is_some() {
+        return Decision::Stay;
+    }
+    match result {
+        Ok(n) => Decision::Go {
+            to: Step::Evacuate,
+            after: None,
+            why: format!("its {n} PDU outlet(s) switched off, confirmed by the PDU"),
         },
+        Err(e) if attempts < data.bmc_attempts => Decision::Retry { attempts, error: e },
+        Err(e) => Levels { outlets: false, watchdog }
+            .next(Step::OutletOff, format!("its PDU outlets did not confirm off after {attempts} attempts ({e})")),
     }
 }
 
@@ -231,7 +288,11 @@ mod tests {
     use super::*;
 
     fn data(after: AfterFence) -> FenceData {
-        FenceData { after, bmc_attempts: 3, moved: 0, unplaced: 0 }
+        FenceData { after, bmc_attempts: 3, moved: 0, unplaced: 0, outlets_off: false }
+    }
+
+    fn levels(outlets: bool, watchdog: Result<(), String>) -> Levels {
+        Levels { outlets, watchdog }
     }
 
     #[test]
@@ -264,9 +325,10 @@ mod tests {
     #[test]
     fn no_confirmed_power_off_no_recovery() {
         let d = data(AfterFence::PowerOn);
-        let no = || Err("its guard reported no armed hardware watchdog".to_owned());
-        assert!(matches!(after_power_off(1, Err("timeout".into()), &d, no()), Decision::Retry { attempts: 1, .. }));
-        assert!(matches!(after_power_off(2, Err("HTTP 500".into()), &d, Ok(())), Decision::Retry { attempts: 2, .. }));
+        let no = || levels(false, Err("its guard reported no armed hardware watchdog".to_owned()));
+        let retry = |a, l| matches!(after_power_off(a, Err("timeout".into()), &d, l), Decision::Retry { attempts, .. } if attempts == a);
+        assert!(retry(1, no()));
+        assert!(retry(2, levels(true, Ok(()))));
         match after_power_off(3, Err("still on".into()), &d, no()) {
             Decision::Failed { at: Step::PowerOff, reason } => assert!(
                 reason.contains("no instance moves") && reason.contains("mark-fenced") && reason.contains("no armed"),
@@ -275,8 +337,35 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(matches!(after_power_off(1, Ok(()), &d, no()), Decision::Go { to: Step::Evacuate, .. }));
-        // The next level, when the guard qualifies.
-        assert!(matches!(after_power_off(3, Err("x".into()), &d, Ok(())), Decision::Go { to: Step::Watchdog, .. }));
+        // The next levels, in order: the outlets, then the watchdog.
+        let go = |l| match after_power_off(3, Err("x".into()), &d, l) {
+            Decision::Go { to, .. } => Some(to),
+            _ => None,
+        };
+        assert_eq!(go(levels(true, Ok(()))), Some(Step::OutletOff));
+        assert_eq!(go(levels(true, Err("no".into()))), Some(Step::OutletOff));
+        assert_eq!(go(levels(false, Ok(()))), Some(Step::Watchdog));
+    }
+
+    #[test]
+    fn outlets_confirm_the_fence_or_hand_over_to_the_watchdog_and_the_brake_holds_them() {
+        let d = data(AfterFence::PowerOn);
+        match after_outlet_off(1, Ok(2), &d, None, Err("no".into())) {
+            Decision::Go { to: Step::Evacuate, why, .. } => assert!(why.contains("2 PDU outlet(s)"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(after_outlet_off(1, Ok(2), &d, Some("3 of 4 silent"), Ok(())), Decision::Stay, "the brake holds");
+        assert!(matches!(after_outlet_off(2, Err("timeout".into()), &d, None, Ok(())), Decision::Retry { .. }));
+        assert!(matches!(
+            after_outlet_off(3, Err("timeout".into()), &d, None, Ok(())),
+            Decision::Go { to: Step::Watchdog, .. }
+        ));
+        match after_outlet_off(3, Err("timeout".into()), &d, None, Err("self-fence off".into())) {
+            Decision::Failed { at: Step::OutletOff, reason } => {
+                assert!(reason.contains("outlets did not confirm") && reason.contains("self-fence off"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -48,6 +48,11 @@ impl BmcFactory for Drivers {
     fn policy(&self) -> bmc::Policy {
         self.policy.clone()
     }
+    fn outlet(&self, outlet: &nodekeeper_store::HostOutlet) -> Result<bmc::pdu::Outlet, BmcError> {
+        let credentials =
+            outlet.credentials.as_deref().map(|r| bmc::Credentials::resolve(r, &self.scope)).transpose()?;
+        bmc::pdu::Outlet::from_url(&outlet.url, credentials)
+    }
 }
 
 /// Why a reimage cannot be requested.
