@@ -99,6 +99,9 @@ pub struct Params {
     /// The served file's sha256 as the image catalogue recorded it (`nk.sha256`): a file
     /// whose `ETag` differs — replaced under the same name since — is refused.
     pub sha256: Option<String>,
+    /// The provisioner's repair key, `TYPE BASE64` (`nk.repair_key=TYPE:BASE64`): the node's
+    /// first boot makes it the one `authorized_keys` line, limited to `nodekeeper-guard repair`.
+    pub repair_key: Option<String>,
 }
 
 /// How the image is served.
@@ -149,6 +152,7 @@ impl Params {
                     }
                 })
                 .transpose()?,
+            repair_key: get("nk.repair_key").map(|v| parse_repair_key(&v)).transpose()?,
         })
     }
 
@@ -539,14 +543,34 @@ pub(crate) fn etag(resp: &Response) -> Option<String> {
 }
 
 /// The text of the config block (NUL-padded to [`CONFIG_BLOCK`] on the disk): with TLS, the
-/// CA's DER in base64 on a `ca=` line.
+/// CA's DER in base64 on a `ca=` line; with a repair key, a `repair_key=TYPE BASE64` line.
 pub fn config_block(p: &Params) -> String {
     use base64::Engine;
     let mut block = format!("NODEKEEPER-CONFIG 1\nhost={}\nserver={}\ntoken={}\n", p.host, p.server, p.token);
     if let Some(tls) = &p.tls {
         block.push_str(&format!("ca={}\n", base64::engine::general_purpose::STANDARD.encode(&tls.ca_der)));
     }
+    if let Some(key) = &p.repair_key {
+        block.push_str(&format!("repair_key={key}\n"));
+    }
     block
+}
+
+/// `nk.repair_key=TYPE:BASE64` → `TYPE BASE64`: an SSH key type and base64, nothing that a
+/// shell or `authorized_keys` would read as anything else.
+fn parse_repair_key(v: &str) -> Result<String, String> {
+    let bad = || format!("nk.repair_key={v}: expected TYPE:BASE64 (an SSH public key)");
+    let (kind, key) = v.split_once(':').ok_or_else(bad)?;
+    let kind_ok = (3..=40).contains(&kind.len())
+        && (kind.starts_with("ssh-") || kind.starts_with("ecdsa-") || kind.starts_with("sk-"))
+        && kind.bytes().all(|b| b.is_ascii_alphanumeric() || b"-@.".contains(&b));
+    let key_ok =
+        (16..=1024).contains(&key.len()) && key.bytes().all(|b| b.is_ascii_alphanumeric() || b"+/=".contains(&b));
+    if kind_ok && key_ok {
+        Ok(format!("{kind} {key}"))
+    } else {
+        Err(bad())
+    }
 }
 
 /// After the image verified: the config block at the end of the disk, then the held-back
@@ -709,6 +733,18 @@ mod tests {
             Params::from_cmdline(&format!("nk.server=s nk.host=a nk.token=t nk.image=i nk.sha256={}", "AB".repeat(32)))
                 .expect("params");
         assert_eq!(p.sha256, Some("ab".repeat(32)));
+        let with_key = Params::from_cmdline(&format!(
+            "nk.server=s nk.host=a nk.token=t nk.image=i nk.repair_key=ssh-ed25519:{}",
+            "AAAAC3NzaC1lZDI1NTE5AAAAI".repeat(2)
+        ))
+        .expect("a repair key");
+        assert!(with_key.repair_key.as_deref().is_some_and(|k| k.starts_with("ssh-ed25519 AAAA")));
+        assert!(config_block(&with_key).contains("\nrepair_key=ssh-ed25519 AAAA"));
+        for bad in ["ssh-ed25519", "ssh-ed25519:abc", "rm:AAAAAAAAAAAAAAAAAAAA", "ssh-rsa:AAAA\"AAAAAAAAAAAAAAAAAA"] {
+            let e = Params::from_cmdline(&format!("nk.server=s nk.host=a nk.token=t nk.image=i nk.repair_key={bad}"))
+                .expect_err(bad);
+            assert!(e.contains("nk.repair_key"), "{bad}: {e}");
+        }
         assert!(Params::from_cmdline("nk.server=s nk.host=a nk.token=t nk.image=i nk.sha256=xyz")
             .expect_err("not a digest")
             .contains("nk.sha256"));

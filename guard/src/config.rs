@@ -85,6 +85,9 @@ pub struct WatchConfig {
     pub restart_window: Duration,
     /// The command that reboots the host (argv).
     pub reboot: Vec<String>,
+    /// The command that restarts the guard's service (argv), run last by `repair` (the
+    /// provisioner's repair over SSH before a power-cycle); empty: not restarted.
+    pub guard_restart: Vec<String>,
     /// Other services the host must run, checked every `converge_interval`
     /// (`[[watch.services]]`).
     pub services: Vec<ServiceCheck>,
@@ -162,6 +165,7 @@ impl Default for WatchConfig {
             max_restarts: 3,
             restart_window: Duration::from_secs(600),
             reboot: vec!["systemctl".into(), "reboot".into()],
+            guard_restart: vec!["systemctl".into(), "restart".into(), "nodekeeper-guard".into()],
             services: Vec::new(),
             hardware_watchdog: None,
             watchdog_timeout: None,

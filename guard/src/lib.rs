@@ -5,6 +5,7 @@
 //!   self-fences when cut off.
 //! - [`backend`]: the database itself, or the provisioner's guard API in front of it.
 //! - [`peers`]: guards asking each other (the self-fence's quorum, heartbeat relay).
+//! - [`repair`]: what the provisioner's SSH key may run on a suspect host before a power-cycle.
 //!
 //! Layout: **pure cores**, decisions on plain data, table-tested — `boot::decide`,
 //! `isolation` (the quorum rule), `watch::converge::plan`, `watch::services`'
@@ -23,4 +24,5 @@ pub mod fsutil;
 pub mod isolation;
 pub mod libvirt;
 pub mod peers;
+pub mod repair;
 pub mod watch;

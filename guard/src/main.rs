@@ -43,14 +43,23 @@ enum Command {
         #[arg(long, default_value = "/etc/nodekeeper/guard.toml")]
         config: PathBuf,
     },
+    /// Restart libvirtd and the guard, and print what happened as one JSON line (what the
+    /// provisioner's SSH key runs on a suspect host before it power-cycles it; exit 1 when a
+    /// step failed).
+    Repair {
+        /// The guard's config file.
+        #[arg(long, default_value = "/etc/nodekeeper/guard.toml")]
+        config: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose);
-    let (config, json, post_libvirt, watch) = match cli.command {
-        Command::Boot { config, json, post_libvirt } => (config, json, post_libvirt, false),
-        Command::Watch { config } => (config, false, false, true),
+    let (config, json, post_libvirt, watch, repair) = match cli.command {
+        Command::Boot { config, json, post_libvirt } => (config, json, post_libvirt, false, false),
+        Command::Watch { config } => (config, false, false, true, false),
+        Command::Repair { config } => (config, true, false, false, true),
     };
     let config = match Config::load(&config) {
         Ok(c) => c,
@@ -78,6 +87,11 @@ fn main() -> ExitCode {
         }));
         tracing::info!(?counters, "watch stopped");
         return ExitCode::SUCCESS;
+    }
+    if repair {
+        let report = rt.block_on(nodekeeper_guard::repair::repair(&config));
+        print_json(&report);
+        return if report.ok() { ExitCode::SUCCESS } else { ExitCode::FAILURE };
     }
     if post_libvirt {
         return match rt.block_on(boot::live::run(&config)) {

@@ -21,7 +21,7 @@ mirror=${NK_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 provisioner_url=${NK_PROVISIONER_URL:-http://10.20.0.1:8080}
 suite=bookworm
 packages="linux-image-amd64 initramfs-tools systemd-sysv dbus udev kmod iproute2 curl ca-certificates \
-libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 qemu-utils"
+libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 qemu-utils openssh-server"
 mkdir -p "$out" "$cache"
 # One build at a time (tests that need the image may call this side by side).
 exec 9>"$out/.build.lock"
@@ -93,6 +93,9 @@ for d in drivers/gpu drivers/media drivers/infiniband drivers/iio drivers/stagin
 done
 depmod -b "$root" "$kver"
 
+# No host keys in the image (every node would share them): the first boot makes its own.
+rm -f "$root"/etc/ssh/ssh_host_*
+
 # --- nodekeeper's part: the guard, its units, the first-boot report, the network, a console.
 install -m 755 "$guard" "$root/usr/bin/nodekeeper-guard"
 strip "$root/usr/bin/nodekeeper-guard" 2>/dev/null || true
@@ -105,7 +108,7 @@ cat > "$root/etc/systemd/system/nodekeeper-firstboot.service" <<'UNIT'
 Description=nodekeeper: report the first boot from disk to the provisioner
 Wants=network-online.target
 After=network-online.target
-Before=nodekeeper-guard-boot.service nodekeeper-guard.service libvirtd.service
+Before=nodekeeper-guard-boot.service nodekeeper-guard.service libvirtd.service ssh.service
 ConditionPathExists=!/var/lib/nodekeeper/firstboot.done
 
 [Service]

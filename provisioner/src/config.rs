@@ -173,6 +173,11 @@ pub struct HttpConfig {
     /// Extra kernel arguments for the deploy ramdisk (default `console=ttyS0`).
     #[serde(default = "default_kernel_args")]
     pub deploy_kernel_args: String,
+    /// The public half of `[recovery] repair_key` (`TYPE BASE64`), read when the config is
+    /// loaded: reimaged nodes get it as their one `authorized_keys` line, limited to
+    /// `nodekeeper-guard repair`. Not a config key.
+    #[serde(skip)]
+    pub repair_public_key: Option<String>,
     /// Event streams (`/api/v1/events/stream`) open at once; more are refused with 503
     /// (default 256): followers cannot starve the guard API.
     #[serde(default = "default_max_event_streams")]
@@ -230,12 +235,39 @@ pub struct ConfigError {
     pub message: String,
 }
 
+/// The public half of the SSH private key at `path` (`TYPE BASE64`), by `ssh-keygen -y`.
+pub fn public_key_of(path: &Path) -> Result<String, String> {
+    let out = std::process::Command::new("ssh-keygen")
+        .arg("-y")
+        .arg("-f")
+        .arg(path)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| format!("recovery.repair_key: running ssh-keygen (Debian: openssh-client): {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut words = text.split_whitespace();
+    match (out.status.success(), words.next(), words.next()) {
+        (true, Some(kind), Some(key)) if kind.starts_with("ssh-") || kind.starts_with("ecdsa-") => {
+            Ok(format!("{kind} {key}"))
+        }
+        _ => Err(format!(
+            "recovery.repair_key {}: not an unencrypted SSH private key ({})",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )),
+    }
+}
+
 impl ServeConfig {
     /// Reads and checks a config file.
     pub fn load(path: &Path) -> Result<ServeConfig, ConfigError> {
         let err = |message: String| ConfigError { path: path.into(), message };
         let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read: {e}")))?;
-        ServeConfig::parse(&text).map_err(err)
+        let mut config = ServeConfig::parse(&text).map_err(err)?;
+        if let Some(key) = &config.recovery.repair_key {
+            config.http.repair_public_key = Some(public_key_of(key).map_err(err)?);
+        }
+        Ok(config)
     }
 
     /// Parses and checks config text: every key the enabled servers need is present and
@@ -341,6 +373,33 @@ images_dir = "/var/lib/nodekeeper/images"
 "#;
 
     #[test]
+    fn a_repair_key_is_read_for_its_public_half_and_bad_ones_are_named() {
+        let dir = tempfile::tempdir().expect("dir");
+        let key = dir.path().join("repair_key");
+        let made = std::process::Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(&key)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(made, "ssh-keygen (openssh-client, installed by make test)");
+        let path = dir.path().join("serve.toml");
+        let with = |k: &str| format!("{CONTRACT}[recovery]\nrepair_key = \"{k}\"\n");
+        std::fs::write(&path, with(&key.display().to_string())).expect("write");
+        let c = ServeConfig::load(&path).expect("loads");
+        let public = c.http.repair_public_key.expect("the public half");
+        assert!(public.starts_with("ssh-ed25519 AAAA") && public.split(' ').count() == 2, "{public}");
+        let not_a_key = dir.path().join("not-a-key");
+        std::fs::write(&not_a_key, "hello\n").expect("write");
+        std::fs::write(&path, with(&not_a_key.display().to_string())).expect("write");
+        let e = ServeConfig::load(&path).expect_err("not a key").to_string();
+        assert!(e.contains("not an unencrypted SSH private key"), "{e}");
+        let e = ServeConfig::parse(&with("relative/key")).expect_err("relative").to_string();
+        assert!(e.contains("absolute"), "{e}");
+        let e = ServeConfig::parse(&format!("{}network_check_port = 0\n", with("/k"))).expect_err("no port");
+        assert!(e.contains("network_check_port"), "{e}");
+    }
+
+    #[test]
     fn the_contract_example_parses() {
         let c = ServeConfig::parse(CONTRACT).expect("contract example");
         assert_eq!(c.dhcp.mode, DhcpMode::Full);
@@ -435,6 +494,18 @@ pub struct RecoveryConfig {
     /// and hardware watchdog — only for a host whose guard reported both, with an exact
     /// quorum, while a majority of its cell heartbeats (default true; docs/watchdog-fencing.md).
     pub watchdog_fencing: bool,
+    /// Repair before power-cycle (off when unset): the provisioner's SSH private key. A
+    /// suspect host that still answers on `network_check_port` is first asked over SSH, as
+    /// `repair_user`, to run the one command its `authorized_keys` allows
+    /// (`nodekeeper-guard repair`: restart libvirtd and the guard); a heartbeat within
+    /// `repair_wait` calls the fence off. Reimaged nodes get the matching `authorized_keys`
+    /// line.
+    pub repair_key: Option<PathBuf>,
+    /// The user the repair logs in as (default `root`).
+    pub repair_user: String,
+    /// How long after the repair a heartbeat calls the fence off (default 30 s).
+    #[serde(with = "humantime_serde")]
+    pub repair_wait: Duration,
 }
 
 /// The early probe's default silence (two missed heartbeats of the guard's default interval).
@@ -455,6 +526,9 @@ impl Default for RecoveryConfig {
             network_check_port: 22,
             probe_after: None,
             watchdog_fencing: true,
+            repair_key: None,
+            repair_user: "root".into(),
+            repair_wait: Duration::from_secs(30),
         }
     }
 }
@@ -476,6 +550,15 @@ impl RecoveryConfig {
         }
         if self.bmc_attempts == 0 {
             return Err("recovery.bmc_attempts must be at least 1".into());
+        }
+        if self.repair_key.as_ref().is_some_and(|k| !k.is_absolute()) {
+            return Err("recovery.repair_key must be an absolute path".into());
+        }
+        if self.repair_key.is_some() && self.network_check_port == 0 {
+            return Err("recovery.repair_key needs recovery.network_check_port (the SSH port, 22)".into());
+        }
+        if self.repair_user.is_empty() || self.repair_user.starts_with('-') || self.repair_user.contains(['@', ' ']) {
+            return Err(format!("recovery.repair_user {:?} is not a user name", self.repair_user));
         }
         if self.probe_after.is_some_and(|p| !p.is_zero() && p >= self.grace) {
             return Err("recovery.probe_after must be shorter than recovery.grace (or 0: no early probe)".into());

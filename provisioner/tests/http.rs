@@ -54,6 +54,7 @@ async fn start() -> Server {
         deploy_kernel: "deploy/vmlinuz".into(),
         deploy_initrd: "deploy/initrd.img".into(),
         deploy_kernel_args: "console=ttyS0".into(),
+        repair_public_key: None,
         max_event_streams: 4,
         tls: None,
     };

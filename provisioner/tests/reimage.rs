@@ -73,6 +73,7 @@ async fn rig_with(dhcp_off: bool) -> Rig {
         deploy_kernel: "deploy/vmlinuz".into(),
         deploy_initrd: "deploy/initrd.img".into(),
         deploy_kernel_args: String::new(),
+        repair_public_key: None,
         max_event_streams: 4,
         tls: None,
     };

@@ -29,6 +29,8 @@ pub struct DeployParams<'a> {
     pub image: ImageRef<'a>,
     /// The host's root-device hint (the agent's one-word form), if any.
     pub root_device: Option<&'a str>,
+    /// The provisioner's repair key (`TYPE BASE64`), for the node's `authorized_keys`.
+    pub repair_key: Option<&'a str>,
 }
 
 /// What a host is to deploy in this boot: the image, and the boot it is for
@@ -101,6 +103,8 @@ pub(crate) fn deploy_args(host: &Host, params: &DeployParams<'_>, token: &str) -
     args.extend(params.tls.map(|(_, ca)| format!("nk.ca={ca}")));
     args.extend(params.root_device.map(|h| format!("nk.root_device={h}")));
     args.extend(host.mac.map(|m| format!("nk.mac={m}")));
+    // One word on the command line: TYPE:BASE64.
+    args.extend(params.repair_key.map(|k| format!("nk.repair_key={}", k.replacen(' ', ":", 1))));
     args.extend(params.kernel_args.split_whitespace().map(str::to_owned));
     args
 }
@@ -205,6 +209,7 @@ mod tests {
         kernel_args: "console=ttyS0",
         image: ImageRef { path: "node.img", served: None },
         root_device: None,
+        repair_key: None,
     };
 
     #[test]
@@ -227,6 +232,15 @@ mod tests {
             "ab".repeat(32)
         );
         assert!(s.contains(&args), "{s}");
+    }
+
+    #[test]
+    fn the_repair_key_rides_the_command_line_as_one_word() {
+        let host = host(HostState::Reimaging);
+        let params = DeployParams { repair_key: Some("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIK"), ..PARAMS };
+        let args = deploy_args(&host, &params, "tok");
+        assert!(args.contains(&"nk.repair_key=ssh-ed25519:AAAAC3NzaC1lZDI1NTE5AAAAIK".to_owned()), "{args:?}");
+        assert!(!deploy_args(&host, &PARAMS, "tok").iter().any(|a| a.starts_with("nk.repair_key")));
     }
 
     #[test]

@@ -335,6 +335,7 @@ pub(crate) fn deploy_params<'a>(
         initrd: &c.deploy_initrd,
         kernel_args: &c.deploy_kernel_args,
         image,
+        repair_key: c.repair_public_key.as_deref(),
     }
 }
 

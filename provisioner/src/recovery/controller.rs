@@ -447,6 +447,40 @@ impl<F: BmcFactory> Controller<F> {
         Fence { controller: self, now }
     }
 
+    /// Repair before power-cycle: `ssh` to the host as `repair_user` with `repair_key`; the
+    /// host's `authorized_keys` runs `nodekeeper-guard repair` whatever is asked. Host keys are
+    /// not checked (a reimage makes new ones): the command is fixed on the host, the key
+    /// proves nothing to anyone else, and what the answer says decides nothing — only a
+    /// heartbeat calls the fence off. Gated on the lease, as a BMC command is. Returns the
+    /// report in short, or why it failed.
+    async fn repair(&self, store: &Store, host: &Host) -> Result<String, String> {
+        let (Some(key), Some(ip)) = (&self.config.repair_key, host.ip) else {
+            return Err("no repair key, or no address".into());
+        };
+        store.check_lease().await.map_err(|e| format!("not sent: {e}"))?;
+        let mut cmd = tokio::process::Command::new("ssh");
+        cmd.arg("-i")
+            .arg(key)
+            .args(["-p", &self.config.network_check_port.to_string()])
+            .args(["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"])
+            .args(["-o", "ConnectTimeout=5", "-o", "ServerAliveInterval=5", "-o", "LogLevel=ERROR"])
+            .arg(format!("{}@{ip}", self.config.repair_user))
+            .args(["nodekeeper-guard", "repair"])
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true);
+        let out = tokio::time::timeout(Duration::from_secs(90), cmd.output())
+            .await
+            .map_err(|_| "ssh did not finish within 90 s".to_owned())?
+            .map_err(|e| format!("running ssh: {e}"))?;
+        let said = |b: &[u8]| String::from_utf8_lossy(b).trim().chars().take(400).collect::<String>();
+        let report = said(&out.stdout);
+        match out.status.code() {
+            Some(0) => Ok(repair_summary(&report)),
+            Some(1) if !report.is_empty() => Ok(format!("partly: {}", repair_summary(&report))),
+            _ => Err(format!("{}: {}", out.status, said(&out.stderr))),
+        }
+    }
+
     /// A TCP connect to the host's address on `network_check_port` (1 s).
     async fn network_check(&self, host: &Host) -> fence::NetworkCheck {
         let (Some(ip), port) = (host.ip, self.config.network_check_port) else {
@@ -558,8 +592,14 @@ impl<F: BmcFactory> crate::ops::Machine for Fence<'_, F> {
             }
             Work::Confirm => {
                 let network = c.network_check(&host).await;
-                fence::confirm(host.last_heartbeat.is_some_and(|h| h > op.created_at), &network)
+                let repair = c.config.repair_key.is_some();
+                fence::confirm(host.last_heartbeat.is_some_and(|h| h > op.created_at), &network, repair)
             }
+            Work::Repair => fence::after_repair(c.repair(store, &host).await, c.config.repair_wait),
+            Work::RepairWait => fence::after_repair_wait(
+                host.last_heartbeat.is_some_and(|h| h > op.created_at),
+                op.deadline.is_some_and(|d| d <= self.now),
+            ),
             Work::PowerOff => {
                 let result = c.power(store, &host, PowerAction::Off).await;
                 let levels = if result.is_err() && attempts >= data.bmc_attempts {
@@ -656,6 +696,18 @@ impl<F: BmcFactory> crate::ops::Machine for Fence<'_, F> {
             _ => Ok(()),
         }
     }
+}
+
+/// `nodekeeper-guard repair`'s JSON line in words (as it came when it is not that).
+fn repair_summary(report: &str) -> String {
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(report) else { return report.to_owned() };
+    let ran = |k: &str| match &v[k] {
+        serde_json::Value::Null => format!("{k} not restarted"),
+        r if r["ok"] == true => format!("{k} restarted"),
+        r => format!("{k} restart failed ({})", r["detail"].as_str().unwrap_or("?")),
+    };
+    let answers = if v["libvirt_answers"] == true { "libvirt answers" } else { "libvirt does not answer" };
+    format!("{}, {answers}, {}", ran("libvirtd"), ran("guard"))
 }
 
 /// Why `host mark-fenced` was refused.

@@ -1,11 +1,16 @@
 //! The fence operation (kind `fence`), as pure functions in the reimage's manner:
 //!
-//! `confirm → power_off [→ outlet_off] [→ watchdog] → evacuate → restore → done`, or `failed`
+//! `confirm [→ repair → repair_wait] → power_off [→ outlet_off] [→ watchdog] → evacuate →
+//! restore → done`, or `failed`
 //! with the step and reason. `power_off`, `outlet_off` and `watchdog` are the fencing levels,
 //! tried in order until one confirms the host off (Pacemaker's fencing topology).
 //!
 //! - `confirm`: the last look before the point of return. A host that heartbeated since it
 //!   turned suspect is back: the fence is called off (`aborted`), nothing was touched.
+//! - `repair`, `repair_wait` (repair before power-cycle, when configured): a host that still
+//!   answers on the network is asked over SSH to run `nodekeeper-guard repair` (restart
+//!   libvirtd and the guard); a heartbeat within `repair_wait` calls the fence off with the
+//!   repair in its event, else the fence goes on to `power_off`.
 //! - `power_off`: through the BMC, confirmed by its power status; retried a bounded number of
 //!   times. When it never confirms, the next fencing level is tried; with none left, the
 //!   operation fails: no instance moves without a confirmed fence (an operator's
@@ -31,6 +36,10 @@ use serde::{Deserialize, Serialize};
 pub enum Step {
     /// Is the host still silent?
     Confirm,
+    /// Ask the host over SSH to restart libvirtd and its guard.
+    Repair,
+    /// Wait for a heartbeat after the repair.
+    RepairWait,
     /// Power it off through the BMC, confirmed.
     PowerOff,
     /// Switch off its PDU outlets, confirmed.
@@ -45,13 +54,23 @@ pub enum Step {
 
 impl Step {
     /// Every step, in order.
-    pub const ALL: [Step; 6] =
-        [Step::Confirm, Step::PowerOff, Step::OutletOff, Step::Watchdog, Step::Evacuate, Step::Restore];
+    pub const ALL: [Step; 8] = [
+        Step::Confirm,
+        Step::Repair,
+        Step::RepairWait,
+        Step::PowerOff,
+        Step::OutletOff,
+        Step::Watchdog,
+        Step::Evacuate,
+        Step::Restore,
+    ];
 
     /// The persisted word.
     pub fn as_str(self) -> &'static str {
         match self {
             Step::Confirm => "confirm",
+            Step::Repair => "repair",
+            Step::RepairWait => "repair_wait",
             Step::PowerOff => "power_off",
             Step::OutletOff => "outlet_off",
             Step::Watchdog => "watchdog",
@@ -104,6 +123,10 @@ impl FenceData {
 pub enum Work {
     /// Look at the host's heartbeat.
     Confirm,
+    /// Run the repair over SSH.
+    Repair,
+    /// Look for a heartbeat since the repair.
+    RepairWait,
     /// BMC power off, confirmed.
     PowerOff,
     /// Its PDU outlets off, confirmed.
@@ -120,6 +143,8 @@ pub enum Work {
 pub fn work(step: Step, data: &FenceData) -> Work {
     match step {
         Step::Confirm => Work::Confirm,
+        Step::Repair => Work::Repair,
+        Step::RepairWait => Work::RepairWait,
         Step::PowerOff => Work::PowerOff,
         Step::OutletOff => Work::OutletOff,
         Step::Watchdog => Work::Watchdog,
@@ -144,19 +169,56 @@ pub enum NetworkCheck {
 
 /// `confirm`: whether the host heartbeated since it turned suspect, and what the network
 /// check found. A host that answers on the network but whose guard is silent is fenced all
-/// the same — nothing watches its instances — and the event says so.
-pub fn confirm(heartbeat_since_suspect: bool, network: &NetworkCheck) -> Decision {
+/// the same — nothing watches its instances — and the event says so; with `repair` on, it is
+/// first asked to repair itself.
+pub fn confirm(heartbeat_since_suspect: bool, network: &NetworkCheck, repair: bool) -> Decision {
     if heartbeat_since_suspect {
         return Decision::Abort { why: "the host heartbeats again; fence called off".into() };
     }
     let why = match network {
         NetworkCheck::NotChecked => "still silent".to_owned(),
         NetworkCheck::Silent(addr) => format!("still silent, and {addr} does not answer"),
+        NetworkCheck::Answers(addr) if repair => {
+            let why = format!("still silent, though {addr} answers (the host runs, its guard does not): repair first");
+            return Decision::Go { to: Step::Repair, after: None, why };
+        }
         NetworkCheck::Answers(addr) => {
             format!("still silent, though {addr} answers (the host runs, its guard does not)")
         }
     };
     Decision::Go { to: Step::PowerOff, after: None, why }
+}
+
+/// After the repair over SSH (its report, or why it could not run): wait `wait` for a
+/// heartbeat, or go on to the power-off at once.
+pub fn after_repair(result: Result<String, String>, wait: std::time::Duration) -> Decision {
+    match result {
+        Ok(report) => Decision::Go {
+            to: Step::RepairWait,
+            after: Some(wait),
+            why: format!("repaired over SSH ({report}); waiting {} for a heartbeat", humantime::format_duration(wait)),
+        },
+        Err(e) => Decision::Go { to: Step::PowerOff, after: None, why: format!("the repair over SSH failed: {e}") },
+    }
+}
+
+/// `repair_wait`: a heartbeat since the fence began calls it off; past the deadline, the
+/// fence goes on.
+pub fn after_repair_wait(heartbeat_since_fence: bool, deadline_passed: bool) -> Decision {
+    if heartbeat_since_fence {
+        return Decision::Abort {
+            why: "the host heartbeats again after its repair over SSH; fence called off (nothing was powered off)"
+                .into(),
+        };
+    }
+    if deadline_passed {
+        return Decision::Go {
+            to: Step::PowerOff,
+            after: None,
+            why: "no heartbeat within the repair's wait: powering off".into(),
+        };
+    }
+    Decision::Stay
 }
 
 /// The fencing levels left after one failed: switched PDU outlets, then watchdog fencing.
@@ -307,19 +369,44 @@ mod tests {
 
     #[test]
     fn a_host_that_comes_back_before_the_power_off_is_not_fenced() {
-        assert!(matches!(confirm(true, &NetworkCheck::Answers("10.0.0.5:22".into())), Decision::Abort { .. }));
+        assert!(matches!(confirm(true, &NetworkCheck::Answers("10.0.0.5:22".into()), true), Decision::Abort { .. }));
         assert_eq!(
-            confirm(false, &NetworkCheck::NotChecked),
+            confirm(false, &NetworkCheck::NotChecked, true),
             Decision::Go { to: Step::PowerOff, after: None, why: "still silent".into() }
         );
-        match confirm(false, &NetworkCheck::Answers("10.0.0.5:22".into())) {
+        match confirm(false, &NetworkCheck::Answers("10.0.0.5:22".into()), false) {
             Decision::Go { to: Step::PowerOff, why, .. } => assert!(why.contains("its guard does not"), "{why}"),
             other => panic!("{other:?}"),
         }
-        match confirm(false, &NetworkCheck::Silent("10.0.0.5:22".into())) {
+        // With repair on, a host that answers is asked to repair itself first; a silent one is not.
+        assert!(matches!(
+            confirm(false, &NetworkCheck::Answers("10.0.0.5:22".into()), true),
+            Decision::Go { to: Step::Repair, .. }
+        ));
+        assert!(matches!(
+            confirm(false, &NetworkCheck::Silent("10.0.0.5:22".into()), true),
+            Decision::Go { to: Step::PowerOff, .. }
+        ));
+        match confirm(false, &NetworkCheck::Silent("10.0.0.5:22".into()), false) {
             Decision::Go { to: Step::PowerOff, why, .. } => assert!(why.contains("does not answer"), "{why}"),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_repair_waits_for_a_heartbeat_then_the_fence_goes_on() {
+        let wait = std::time::Duration::from_secs(30);
+        match after_repair(Ok("libvirtd ok, guard ok".into()), wait) {
+            Decision::Go { to: Step::RepairWait, after: Some(w), why } => {
+                assert!(w == wait && why.contains("guard ok"), "{why}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(after_repair(Err("Permission denied".into()), wait), Decision::Go { to: Step::PowerOff, .. }));
+        assert_eq!(after_repair_wait(false, false), Decision::Stay);
+        assert!(matches!(after_repair_wait(true, false), Decision::Abort { .. }));
+        assert!(matches!(after_repair_wait(true, true), Decision::Abort { .. }), "a heartbeat wins");
+        assert!(matches!(after_repair_wait(false, true), Decision::Go { to: Step::PowerOff, .. }));
     }
 
     #[test]

@@ -295,6 +295,7 @@ mod tests {
             deploy_kernel: "deploy/vmlinuz".into(),
             deploy_initrd: "deploy/initrd.img".into(),
             deploy_kernel_args: String::new(),
+            repair_public_key: None,
             max_event_streams: 4,
             tls: None,
         });
