@@ -218,6 +218,15 @@ pub enum HostCommand {
         /// pxe, http or virtual-media (as for `host add`).
         #[arg(long = "boot")]
         boot_path: Option<BootPath>,
+        /// vCPUs it may give its instances (placement's capacity), or `none` (not limited).
+        #[arg(long)]
+        vcpus: Option<String>,
+        /// Memory it may give its instances (e.g. 256G, 65536M), or `none`.
+        #[arg(long)]
+        memory: Option<String>,
+        /// A reserved (standby) host: recovered instances go to reserved hosts first.
+        #[arg(long)]
+        reserved: Option<bool>,
     },
     /// Show or replace the switched PDU outlets a host hangs off: the fence's level after its
     /// BMC switches every one of them off, confirmed (a host with two power supplies on two
@@ -291,6 +300,21 @@ pub enum InstanceCommand {
         #[arg(required = true)]
         uuids: Vec<InstanceId>,
     },
+    /// Change instances' recovery policy (what is not given stays as it is).
+    Set {
+        /// Instance UUIDs.
+        #[arg(required = true)]
+        uuids: Vec<InstanceId>,
+        /// Higher is placed, and so started, first when room is short.
+        #[arg(long, allow_hyphen_values = true)]
+        priority: Option<i64>,
+        /// An anti-affinity group (members never share a host, also during recovery), or `none`.
+        #[arg(long)]
+        anti_affinity: Option<String>,
+        /// Automatic recoveries allowed, or `none` (no limit).
+        #[arg(long)]
+        max_relocate: Option<String>,
+    },
 }
 
 /// Runs a parsed command line.
@@ -314,8 +338,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let new = nodekeeper_store::NewHost { name, mac, ip, bmc_url: bmc, bmc_credentials };
             admin::host_add(&store, &out, new, root_device.as_deref(), boot_mode, boot_path).await
         }
-        Command::Host(HostCommand::Set { name, root_device, boot_mode, boot_path }) => {
-            admin::host_set(&store, &out, &name, root_device.as_deref(), boot_mode.as_deref(), boot_path).await
+        Command::Host(HostCommand::Set { name, root_device, boot_mode, boot_path, vcpus, memory, reserved }) => {
+            if vcpus.is_some() || memory.is_some() || reserved.is_some() {
+                admin::host_inventory(&store, &out, &name, vcpus.as_deref(), memory.as_deref(), reserved).await?;
+            }
+            if root_device.is_some() || boot_mode.is_some() || boot_path.is_some() {
+                admin::host_set(&store, &out, &name, root_device.as_deref(), boot_mode.as_deref(), boot_path).await
+            } else if vcpus.is_none() && memory.is_none() && reserved.is_none() {
+                admin::host_set(&store, &out, &name, None, None, None).await
+            } else {
+                Ok(())
+            }
         }
         Command::Power { host, action } => admin::power(&store, &out, &host, action).await,
         Command::Image(ImageCommand::Add { name, file, level, dir }) => match dir.resolve() {
@@ -342,6 +375,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             admin::instance_evacuate(&store, &out, &to, force, &uuids).await
         }
         Command::Instance(InstanceCommand::Delete { uuids }) => admin::instance_delete(&store, &out, &uuids).await,
+        Command::Instance(InstanceCommand::Set { uuids, priority, anti_affinity, max_relocate }) => {
+            admin::instance_set(&store, &out, &uuids, priority, anti_affinity.as_deref(), max_relocate.as_deref()).await
+        }
         Command::Serve { .. } | Command::Tls(_) => unreachable!("handled above"),
     };
     store.close().await;

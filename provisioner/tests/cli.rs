@@ -15,6 +15,7 @@ on_both_engines!(
     mark_fenced_is_refused_for_a_running_host_and_starts_one_fence,
     the_image_commands_keep_their_contract,
     a_hosts_pdu_outlets_are_set_shown_and_checked,
+    recovery_policies_are_imported_set_and_checked,
 );
 
 struct Cli {
@@ -426,4 +427,50 @@ async fn a_hosts_pdu_outlets_are_set_shown_and_checked(db: TestDb) {
     // Removed again.
     assert_eq!(cli.json(&["host", "outlets", "node-a", "--none"]), serde_json::json!([]));
     assert!(cli.fails(&["host", "outlets", "node-a", "--none", a]).contains("cannot be used with"));
+}
+
+async fn recovery_policies_are_imported_set_and_checked(db: TestDb) {
+    let cli = Cli::new(&db);
+    cli.setup();
+    let (a, b) = ("11111111-1111-4111-8111-111111111111", "22222222-2222-4222-8222-222222222222");
+    let xml = "<domain type='kvm'><name>db-1</name><vcpu>4</vcpu><memory unit='GiB'>8</memory></domain>";
+    let file = cli.write(
+        "policy.jsonl",
+        &format!(
+            "{{\"uuid\":\"{a}\",\"name\":\"db-1\",\"host\":\"node-a\",\"ha\":true,\"storage\":\"shared\",\
+             \"priority\":10,\"anti_affinity\":\"db\",\"max_relocate\":3,\"domain_xml\":\"{xml}\"}}\n\
+             {{\"uuid\":\"{b}\",\"name\":\"web-1\",\"host\":\"node-a\",\"ha\":true,\"storage\":\"shared\"}}\n"
+        ),
+    );
+    cli.ok(&["instance", "import", &file]);
+    let store = db.store().await;
+    let p = store.instance_policies().await.expect("policies");
+    let pa = &p[&a.parse().expect("uuid")];
+    assert_eq!((pa.priority, pa.anti_affinity.as_deref(), pa.max_relocate), (10, Some("db"), Some(3)));
+    assert_eq!((pa.vcpus, pa.memory_mib), (4, 8192), "the size from the domain XML");
+    // instance set: only what is given changes; bad values change nothing.
+    let set = cli.json(&["instance", "set", b, "--priority", "-5", "--anti-affinity", "web"]);
+    assert_eq!(
+        (set[0]["policy"]["priority"].as_i64(), set[0]["policy"]["anti_affinity"].as_str()),
+        (Some(-5), Some("web"))
+    );
+    assert!(cli.fails(&["instance", "set", b, "--anti-affinity", "no spaces"]).contains("anti-affinity"));
+    assert!(cli.fails(&["instance", "set", b, "--max-relocate", "lots"]).contains("a count or none"));
+    assert!(cli.fails(&["instance", "set", b]).contains("nothing to change"));
+    assert!(cli
+        .fails(&["instance", "set", "33333333-3333-4333-8333-333333333333", "--priority", "1"])
+        .contains("33333333"));
+    let set = cli.json(&["instance", "set", a, "--anti-affinity", "none", "--max-relocate", "none"]);
+    assert!(set[0]["policy"]["anti_affinity"].is_null() && set[0]["policy"]["max_relocate"].is_null(), "{set}");
+    assert_eq!(set[0]["policy"]["priority"], 10, "kept");
+    // host set: capacity and the standby flag.
+    let inv = cli.json(&["host", "set", "node-b", "--vcpus", "32", "--memory", "256G", "--reserved", "true"]);
+    assert_eq!(
+        (inv["vcpus"].as_u64(), inv["memory_mib"].as_u64(), inv["reserved"].as_bool()),
+        (Some(32), Some(262_144), Some(true))
+    );
+    assert!(cli.fails(&["host", "set", "node-b", "--memory", "lots"]).contains("256G"));
+    assert_eq!(cli.json(&["host", "show", "node-b"])["inventory"]["reserved"], true);
+    let inv = store.host_inventories().await.expect("inventories");
+    assert_eq!(inv[&"node-b".parse().expect("name")].vcpus, Some(32));
 }

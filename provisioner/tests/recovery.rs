@@ -41,6 +41,7 @@ on_both_engines!(
     a_host_with_a_dead_bmc_is_fenced_through_its_pdu_outlets_and_they_come_back_on,
     bmc_and_pdu_dead_the_watchdog_fences_after_the_bound,
     the_brake_holds_the_pdu_level,
+    with_too_little_room_priorities_and_anti_affinity_decide_and_the_rest_waits,
 );
 
 struct Cell {
@@ -833,4 +834,59 @@ async fn the_brake_holds_the_pdu_level(db: TestDb) {
     // Off once the brake let go (then on again: after_fence = power-on).
     assert!(pdu.switched.load(std::sync::atomic::Ordering::SeqCst) >= 2, "{:?}", c.fence_op("a").await);
     c.check("a", true).await;
+}
+
+/// b and c can give 8 vCPU each; b runs db-b (4 vCPU, group db). a's four HA instances, 4
+/// vCPU each, priorities 4 to 1, the first two in group db: the highest goes to c (b has a db
+/// member), the second waits — c now has one, b too — rather than break the group, the third
+/// fills c, the fourth takes b's last room. One event says why the second waits.
+async fn with_too_little_room_priorities_and_anti_affinity_decide_and_the_rest_waits(db: TestDb) {
+    use nodekeeper_store::{HostInventory, InstancePolicy};
+    let c = cell(&db, 3).await;
+    let size = |priority: i64, group: Option<&str>| InstancePolicy {
+        priority,
+        anti_affinity: group.map(str::to_owned),
+        vcpus: 4,
+        memory_mib: 4096,
+        ..InstancePolicy::default()
+    };
+    let mut policies: Vec<(InstanceId, InstancePolicy)> = vec![
+        (c.ha[0], size(4, Some("db"))),
+        (c.ha[1], size(3, Some("db"))),
+        (c.ha[2], size(2, None)),
+        (c.ha[3], size(1, None)),
+    ];
+    policies.push((c.others[2], size(0, Some("db")))); // b's HA instance
+    c.store.set_instance_policies(&policies, "test").await.expect("policies");
+    for h in ["b", "c"] {
+        let inv = HostInventory { vcpus: Some(8), memory_mib: Some(65_536), reserved: false };
+        c.store.set_host_inventory(&n(h), &inv, "test").await.expect("inventory");
+    }
+    let ctl = c.controller("replica-1", config()).await;
+    for s in 31..45 {
+        c.beat(&["b", "c"], c.at(s)).await;
+        ctl.tick(c.at(s)).await.expect("tick");
+    }
+    let owner =
+        |store: Store, id: InstanceId| async move { store.instance(id).await.expect("get").expect("instance").owner };
+    assert_eq!(owner(c.store.clone(), c.ha[0]).await, n("c"), "priority 4, db: not where db-b runs");
+    assert_eq!(owner(c.store.clone(), c.ha[1]).await, n("a"), "priority 3, db: waits rather than share a host");
+    assert_eq!(owner(c.store.clone(), c.ha[2]).await, n("c"));
+    assert_eq!(owner(c.store.clone(), c.ha[3]).await, n("b"), "the last room");
+    let events = c
+        .store
+        .events(&EventFilter { instance: Some(c.ha[1]), limit: Some(100), ..Default::default() })
+        .await
+        .expect("events");
+    let unplaced: Vec<_> = events.iter().filter(|e| e.kind == "instance.unplaced").collect();
+    assert_eq!(unplaced.len(), 1, "said once: {unplaced:?}");
+    assert!(unplaced[0].message.contains("anti-affinity group \"db\""), "{}", unplaced[0].message);
+    // No host runs two db members.
+    let mut db_hosts = vec![owner(c.store.clone(), c.others[2]).await, owner(c.store.clone(), c.ha[0]).await];
+    db_hosts.dedup();
+    assert_eq!(db_hosts.len(), 2);
+    let relocated = c.store.instance_policies().await.expect("policies");
+    assert_eq!((relocated[&c.ha[0]].relocations, relocated[&c.ha[1]].relocations), (1, 0), "counted per recovery");
+    let op = c.fence_op("a").await.expect("fence");
+    assert!(op.data.contains("\"unplaced\":1"), "{op:?}");
 }

@@ -151,6 +151,17 @@ impl Store {
     /// not in the database); the first bad one fails the whole import with
     /// [`StoreError::Item`] giving its position, and nothing is written.
     pub async fn import_instances(&self, items: &[NewInstance], actor: &str) -> Result<usize> {
+        self.import_instances_with(items, &[], actor).await
+    }
+
+    /// [`Store::import_instances`], with each item's recovery policy (`policies[i]` for
+    /// `items[i]`; missing ones are the default), in the same transaction.
+    pub async fn import_instances_with(
+        &self,
+        items: &[NewInstance],
+        policies: &[crate::InstancePolicy],
+        actor: &str,
+    ) -> Result<usize> {
         let db_now = self.now().await?.0;
         const WHAT: &str = "importing instances";
         let mut seen = HashMap::with_capacity(items.len());
@@ -196,6 +207,10 @@ impl Store {
                     .bind(now);
             }
             q.execute(&mut *tx).await.map_err(query(WHAT))?;
+        }
+        let default = crate::InstancePolicy::default();
+        for (index, (item, p)) in items.iter().zip(policies).enumerate().filter(|(_, (_, p))| **p != default) {
+            crate::policy::write_policy(&mut tx, item.uuid, p).await.map_err(|e| item_error(index, e))?;
         }
         let owners: HashSet<&HostName> = items.iter().map(|i| &i.owner).collect();
         for owner in owners {
@@ -266,7 +281,8 @@ impl Store {
     /// Compare-and-set of the owner: moves `id` to `to` if its generation is still
     /// `expected`, bumping the generation in the same statement, and records an event.
     /// Returns the new generation. Of concurrent callers with the same `expected`,
-    /// exactly one succeeds; the others get [`StoreError::Conflict`].
+    /// exactly one succeeds; the others get [`StoreError::Conflict`]. The controller's recoveries
+    /// move instances this way: each counts towards the instance's `max_relocate`.
     pub async fn transfer_owner(
         &self,
         id: InstanceId,
@@ -282,6 +298,12 @@ impl Store {
             current.owner
         };
         let generation = cas_owner(&mut tx, id, expected, &from, to, actor, reason, db_now).await?;
+        // An automatic recovery: counted against the instance's max_relocate.
+        sqlx::query("UPDATE instances SET relocations = relocations + 1 WHERE uuid = $1")
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(query("moving an instance"))?;
         tx.commit().await.map_err(query("moving an instance"))?;
         Ok(generation)
     }

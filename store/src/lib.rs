@@ -12,7 +12,7 @@
 //!
 //! Layout: `types` (names, UUIDs, generations, timestamps: pure, a leaf) ← `error` ← `db`
 //! (the pool, migrations, the database's clock, leases as fencing tokens, row helpers) ← one
-//! module per table or concern (`hosts`, `images`, `instances`, `operations`, `outlets`, `events`, `leadership`,
+//! module per table or concern (`hosts`, `images`, `instances`, `operations`, `outlets`, `policy`, `events`, `leadership`,
 //! `leases`, `reports`, `settings`, `guard_role`); `guard_api` holds the wire types the guard
 //! API and its clients share. No other crate writes SQL.
 
@@ -28,6 +28,7 @@ mod leadership;
 mod leases;
 mod operations;
 mod outlets;
+mod policy;
 mod reports;
 mod settings;
 mod types;
@@ -43,6 +44,7 @@ pub use leadership::Leadership;
 pub use leases::Lease;
 pub use operations::{Operation, StepChange};
 pub use outlets::HostOutlet;
+pub use policy::{valid_group, HostInventory, InstancePolicy};
 pub use reports::{FencingProfile, GuardReport, ReportedDomain};
 pub use types::{
     BootMode, BootPath, Generation, HostName, HostState, InstanceId, MacAddr, OperationStatus, ParseError, Storage,

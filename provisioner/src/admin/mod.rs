@@ -262,9 +262,11 @@ pub async fn host_show(store: &Store, out: &Output, name: &HostName) -> anyhow::
         .and_then(|o| serde_json::from_str::<crate::reimage::machine::ReimageData>(&o.data).ok().map(|d| d.boot_path));
     let outlets = store.host_outlets(name).await?;
     let fencing = store.guard_fencing().await?.into_iter().find(|(h, _, _)| h == name).map(|(_, _, p)| p);
+    let inventory = store.host_inventories().await?.remove(name).unwrap_or_default();
     let value = json!({
         "host": host, "boot": boot, "last_reimage_boot_path": last_path, "instances": counts,
         "operation": operation, "events": events, "outlets": outlets, "fencing": fencing,
+        "inventory": inventory,
     });
     out.emit(&value, || {
         let mut s = String::new();
@@ -282,6 +284,15 @@ pub async fn host_show(store: &Store, out: &Output, name: &HostName) -> anyhow::
                     .map_or_else(|| boot.boot_path.to_string(), |p| format!("{} (last reimage: {p})", boot.boot_path)),
             ),
             ("root device", opt(boot.root_device.as_ref())),
+            (
+                "capacity",
+                format!(
+                    "{} vCPU, {} MiB{}",
+                    inventory.vcpus.map_or("unlimited".into(), |v| v.to_string()),
+                    inventory.memory_mib.map_or("unlimited".into(), |v| v.to_string()),
+                    if inventory.reserved { ", reserved for recovery" } else { "" }
+                ),
+            ),
             (
                 "outlets",
                 if outlets.is_empty() {
@@ -340,10 +351,11 @@ pub async fn instance_import(store: &Store, out: &Output, file: &Path) -> anyhow
         std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?
     };
     let parsed = parse_jsonl(&text).with_context(|| format!("{}: nothing imported", file.display()))?;
-    let items: Vec<_> = parsed.iter().map(|(_, item)| item.clone()).collect();
-    let imported = store.import_instances(&items, &actor()).await.map_err(|e| match e {
+    let items: Vec<_> = parsed.iter().map(|(_, item, _)| item.clone()).collect();
+    let policies: Vec<_> = parsed.iter().map(|(_, _, p)| p.clone()).collect();
+    let imported = store.import_instances_with(&items, &policies, &actor()).await.map_err(|e| match e {
         StoreError::Item { index, source } => {
-            let line = parsed.get(index).map_or(0, |(line, _)| *line);
+            let line = parsed.get(index).map_or(0, |(line, _, _)| *line);
             anyhow::anyhow!("{}: line {line}: {source}; nothing imported", file.display())
         }
         e => anyhow::Error::new(e).context(format!("{}: nothing imported", file.display())),
@@ -400,6 +412,106 @@ pub async fn instance_evacuate(
             }),
         )
     })
+}
+
+/// `instance set`: changes the given fields of each instance's recovery policy.
+pub async fn instance_set(
+    store: &Store,
+    out: &Output,
+    ids: &[InstanceId],
+    priority: Option<i64>,
+    anti_affinity: Option<&str>,
+    max_relocate: Option<&str>,
+) -> anyhow::Result<()> {
+    if priority.is_none() && anti_affinity.is_none() && max_relocate.is_none() {
+        bail!("instance set: nothing to change (--priority, --anti-affinity, --max-relocate)");
+    }
+    let max_relocate = match max_relocate {
+        None => None,
+        Some("none") => Some(None),
+        Some(n) => Some(Some(n.parse::<u32>().map_err(|_| anyhow::anyhow!("--max-relocate {n:?}: a count or none"))?)),
+    };
+    if let Some(g) = anti_affinity.filter(|g| *g != "none" && !nodekeeper_store::valid_group(g)) {
+        bail!("--anti-affinity {g:?}: 1 to 64 of [A-Za-z0-9_.-], or none");
+    }
+    let current = store.instance_policies().await?;
+    let mut items = Vec::with_capacity(ids.len());
+    for id in ids {
+        let mut p = current.get(id).cloned().ok_or(StoreError::UnknownInstance(*id))?;
+        if let Some(v) = priority {
+            p.priority = v;
+        }
+        if let Some(g) = anti_affinity {
+            p.anti_affinity = (g != "none").then(|| g.to_owned());
+        }
+        if let Some(m) = max_relocate {
+            p.max_relocate = m;
+        }
+        items.push((*id, p));
+    }
+    store.set_instance_policies(&items, &actor()).await?;
+    let value: Vec<_> = items.iter().map(|(id, p)| json!({ "uuid": id, "policy": p })).collect();
+    out.emit(&value, || {
+        items
+            .iter()
+            .map(|(id, p)| {
+                format!(
+                    "{id}: priority {}, anti-affinity {}, max relocations {} ({} so far)\n",
+                    p.priority,
+                    p.anti_affinity.as_deref().unwrap_or("none"),
+                    p.max_relocate.map_or("unlimited".into(), |m| m.to_string()),
+                    p.relocations
+                )
+            })
+            .collect()
+    })
+}
+
+/// `host set --vcpus --memory --reserved`: the host's inventory for placement.
+pub async fn host_inventory(
+    store: &Store,
+    out: &Output,
+    name: &HostName,
+    vcpus: Option<&str>,
+    memory: Option<&str>,
+    reserved: Option<bool>,
+) -> anyhow::Result<()> {
+    let mut inv = store.host_inventories().await?.remove(name).ok_or_else(|| StoreError::UnknownHost(name.clone()))?;
+    match vcpus {
+        None => {}
+        Some("none") => inv.vcpus = None,
+        Some(v) => inv.vcpus = Some(v.parse().map_err(|_| anyhow::anyhow!("--vcpus {v:?}: a count or none"))?),
+    }
+    match memory {
+        None => {}
+        Some("none") => inv.memory_mib = None,
+        Some(m) => inv.memory_mib = Some(memory_mib(m)?),
+    }
+    if let Some(r) = reserved {
+        inv.reserved = r;
+    }
+    store.set_host_inventory(name, &inv, &actor()).await?;
+    out.emit(&inv, || {
+        format!(
+            "{name}: capacity {} vCPU, {} MiB{}\n",
+            inv.vcpus.map_or("unlimited".into(), |v| v.to_string()),
+            inv.memory_mib.map_or("unlimited".into(), |v| v.to_string()),
+            if inv.reserved { ", reserved for recovery" } else { "" }
+        )
+    })
+}
+
+/// `256G`, `65536M`, `1T`, or a number of MiB.
+fn memory_mib(text: &str) -> anyhow::Result<u64> {
+    let (digits, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len()));
+    let n: u64 = digits.parse().map_err(|_| anyhow::anyhow!("--memory {text:?}: e.g. 256G, 65536M or none"))?;
+    let per = match unit {
+        "" | "M" | "MiB" => 1,
+        "G" | "GiB" => 1 << 10,
+        "T" | "TiB" => 1 << 20,
+        _ => bail!("--memory {text:?}: e.g. 256G, 65536M or none"),
+    };
+    Ok(n.saturating_mul(per))
 }
 
 /// `instance delete`

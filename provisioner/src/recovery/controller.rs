@@ -353,8 +353,10 @@ impl<F: BmcFactory> Controller<F> {
             let left: Vec<InstanceId> =
                 instances.iter().filter(|i| i.owner == h.name && i.ha && !i.deleted).map(|i| i.uuid).collect();
             // Only when some host could take one now: no new operation every pass for nothing.
-            let room = place::place(&h.name, &left, &hosts, &instances, now, self.config.grace);
-            if !room.iter().any(|(_, to)| to.is_some()) {
+            let (ip, hp) = (store.instance_policies().await?, store.host_inventories().await?);
+            let policies = place::Policies { instances: &ip, hosts: &hp };
+            let room = place::place(&h.name, &left, &hosts, &instances, policies, now, self.config.grace);
+            if !room.iter().any(|(_, to)| to.is_ok()) {
                 continue;
             }
             let data = FenceData::new(AfterFence::Nothing, self.config.bmc_attempts);
@@ -534,21 +536,32 @@ impl<F: BmcFactory> Controller<F> {
         }
     }
 
-    /// Gives every live HA instance of `host` a new owner; returns (moved, unplaced).
-    /// Idempotent: what already moved is no longer `host`'s; a move that loses its
-    /// compare-and-set (someone else moved it) is skipped.
+    /// Gives every live HA instance of `host` a new owner by policy ([`place`]), the highest
+    /// priority first; returns (moved, unplaced). One `instance.unplaced` event says why each
+    /// that waits waits. Idempotent: what already moved is no longer `host`'s; a move that loses
+    /// its compare-and-set (someone else moved it) is skipped.
     async fn evacuate(&self, store: &Store, host: &Host, now: Timestamp) -> Result<(usize, usize), StoreError> {
         let all = store.instances(None).await?;
+        let (ip, hp) = (store.instance_policies().await?, store.host_inventories().await?);
+        let priority = |id: &InstanceId| ip.get(id).map_or(0, |p| p.priority);
         let mut moving: Vec<_> = all.iter().filter(|i| i.owner == host.name && i.ha && !i.deleted).collect();
-        moving.sort_by_key(|i| i.uuid.uuid());
+        moving.sort_by_key(|i| (std::cmp::Reverse(priority(&i.uuid)), i.uuid.uuid()));
         let ids: Vec<_> = moving.iter().map(|i| i.uuid).collect();
         let hosts = store.hosts().await?;
-        let placed = place::place(&host.name, &ids, &hosts, &all, now, self.config.grace);
+        let policies = place::Policies { instances: &ip, hosts: &hp };
+        let placed = place::place(&host.name, &ids, &hosts, &all, policies, now, self.config.grace);
         let (mut moved, mut unplaced) = (0, 0);
+        let mut waiting = Vec::new();
         for ((id, to), instance) in placed.into_iter().zip(moving) {
-            let Some(to) = to else {
-                unplaced += 1;
-                continue;
+            let to = match to {
+                Ok(to) => to,
+                Err(why) => {
+                    unplaced += 1;
+                    let m = format!("{} stays on fenced host {}: {why}", instance.name, host.name);
+                    let key = format!("unplaced:{id}:{}:{why}", instance.generation.0);
+                    waiting.push(NewEvent::instance(ACTOR, "instance.unplaced", &host.name, id, m).with_key(key));
+                    continue;
+                }
             };
             let reason = format!("recovered from fenced host {} ({} storage)", host.name, instance.storage);
             match store.transfer_owner(id, instance.generation, &to, ACTOR, &reason).await {
@@ -556,6 +569,9 @@ impl<F: BmcFactory> Controller<F> {
                 Err(StoreError::Conflict { .. }) => {} // moved meanwhile, by someone else
                 Err(e) => return Err(e),
             }
+        }
+        if !waiting.is_empty() {
+            store.record_events(&waiting).await?;
         }
         Ok((moved, unplaced))
     }

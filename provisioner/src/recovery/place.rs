@@ -1,46 +1,127 @@
-//! Placement of a failed host's HA instances, as a pure function: among hosts that are
-//! `active` and heartbeating (never the failed host), the one with the most free room —
-//! fewest live instances, as the database knows no sizes yet — ties broken by name, so a
-//! resumed evacuation decides the same. Each placement counts toward the next, so a
-//! failed host's instances spread over the cell instead of piling onto one host.
+//! Placement of a failed host's HA instances, as a pure function, by policy:
+//!
+//! - candidates are the hosts that are `active` and heartbeating (never the failed host);
+//! - instances are placed in order of **priority** (highest first; ties by UUID), so when room
+//!   is short the important ones get it;
+//! - a host takes an instance only if it has **room** — its capacity (`host set --vcpus
+//!   --memory`), if known, minus what its live instances use (each instance's size comes from
+//!   its domain XML) — and runs no other member of the instance's **anti-affinity group**
+//!   (members never share a host, during recovery too: when no host qualifies, the instance
+//!   waits, and the reason is said, rather than break the rule);
+//! - an instance whose **max_relocate** is spent is not moved again;
+//! - among the hosts that qualify, **reserved** (standby) hosts first (Masakari's
+//!   `reserved_host`), then the least loaded (fewest live instances), ties by name.
+//!
+//! Each placement counts toward the next, so a failed host's instances spread over the cell;
+//! the same inputs decide the same (a resumed evacuation).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
-use nodekeeper_store::{Host, HostName, HostState, Instance, InstanceId, Timestamp};
+use nodekeeper_store::{Host, HostInventory, HostName, HostState, Instance, InstanceId, InstancePolicy, Timestamp};
 
-/// Where each instance goes; `None` when no host can take it (it stays with the failed host,
-/// fenced, and the evacuation reports it).
+/// What placement looks at besides the hosts and instances.
+#[derive(Debug, Clone, Copy)]
+pub struct Policies<'a> {
+    /// Per instance.
+    pub instances: &'a HashMap<InstanceId, InstancePolicy>,
+    /// Per host.
+    pub hosts: &'a HashMap<HostName, HostInventory>,
+}
+
+#[derive(Debug, Default)]
+struct Room {
+    count: usize,
+    vcpus: u64,
+    memory_mib: u64,
+    groups: HashSet<String>,
+    reserved: bool,
+    cap_vcpus: Option<u64>,
+    cap_memory_mib: Option<u64>,
+}
+
+impl Room {
+    fn fits(&self, p: &InstancePolicy) -> bool {
+        self.cap_vcpus.is_none_or(|c| self.vcpus + u64::from(p.vcpus) <= c)
+            && self.cap_memory_mib.is_none_or(|c| self.memory_mib + p.memory_mib <= c)
+    }
+    fn take(&mut self, p: &InstancePolicy) {
+        self.count += 1;
+        self.vcpus += u64::from(p.vcpus);
+        self.memory_mib += p.memory_mib;
+        self.groups.extend(p.anti_affinity.clone());
+    }
+}
+
+/// Where each instance of `moving` goes (in `moving`'s order), or why it waits (it stays
+/// with the failed host, fenced, and the evacuation reports it; the GC pass tries again).
 pub fn place(
     failed: &HostName,
     moving: &[InstanceId],
     hosts: &[Host],
     instances: &[Instance],
+    policies: Policies<'_>,
     now: Timestamp,
     grace: Duration,
-) -> Vec<(InstanceId, Option<HostName>)> {
+) -> Vec<(InstanceId, Result<HostName, String>)> {
     let fresh = |h: &Host| h.last_heartbeat.is_some_and(|t| now.since(t) <= grace);
-    let mut load: BTreeMap<HostName, usize> = hosts
+    let none = InstancePolicy::default();
+    let policy = |id: &InstanceId| policies.instances.get(id).unwrap_or(&none);
+    let mut rooms: BTreeMap<HostName, Room> = hosts
         .iter()
         .filter(|h| h.state == HostState::Active && &h.name != failed && fresh(h))
-        .map(|h| (h.name.clone(), 0))
+        .map(|h| {
+            let inv = policies.hosts.get(&h.name).cloned().unwrap_or_default();
+            let room = Room {
+                reserved: inv.reserved,
+                cap_vcpus: inv.vcpus.map(u64::from),
+                cap_memory_mib: inv.memory_mib,
+                ..Room::default()
+            };
+            (h.name.clone(), room)
+        })
         .collect();
     for i in instances.iter().filter(|i| !i.deleted) {
-        if let Some(n) = load.get_mut(&i.owner) {
-            *n += 1;
+        if let Some(room) = rooms.get_mut(&i.owner) {
+            room.take(policy(&i.uuid));
         }
     }
-    moving
-        .iter()
-        .map(|id| {
-            // BTreeMap iterates by name: the first minimum is the tie-break.
-            let best = load.iter().min_by_key(|(_, n)| **n).map(|(h, _)| h.clone());
-            if let Some(h) = &best {
-                *load.entry(h.clone()).or_default() += 1;
+    let mut order: Vec<&InstanceId> = moving.iter().collect();
+    order.sort_by_key(|id| (std::cmp::Reverse(policy(id).priority), id.uuid()));
+    let mut decided: HashMap<InstanceId, Result<HostName, String>> = HashMap::with_capacity(moving.len());
+    for id in order {
+        let p = policy(id);
+        let outcome = if let Some(max) = p.max_relocate.filter(|m| p.relocations >= *m) {
+            Err(format!("its max_relocate ({max}) is spent: {} automatic recoveries already", p.relocations))
+        } else {
+            let group_ok = |r: &Room| p.anti_affinity.as_ref().is_none_or(|g| !r.groups.contains(g));
+            // Reserved hosts first, then the least loaded; BTreeMap order breaks ties by name.
+            let best = rooms
+                .iter()
+                .filter(|(_, r)| r.fits(p) && group_ok(r))
+                .min_by_key(|(_, r)| (!r.reserved, r.count))
+                .map(|(h, _)| h.clone());
+            match best {
+                Some(h) => {
+                    if let Some(r) = rooms.get_mut(&h) {
+                        r.take(p);
+                    }
+                    Ok(h)
+                }
+                None if rooms.is_empty() => Err("no active, heartbeating host to take it".into()),
+                None if !rooms.values().any(|r| r.fits(p)) => {
+                    Err(format!("no host has room for it ({} vCPU, {} MiB)", p.vcpus, p.memory_mib))
+                }
+                None => Err(format!(
+                    "every host with room already runs a member of its anti-affinity group {:?}: it waits rather \
+                     than share a host",
+                    p.anti_affinity.as_deref().unwrap_or_default()
+                )),
             }
-            (*id, best)
-        })
-        .collect()
+        };
+        decided.insert(*id, outcome);
+    }
+    moving.iter().map(|id| (*id, decided.remove(id).unwrap_or_else(|| Err("not decided".into())))).collect()
 }
 
 #[cfg(test)]
@@ -98,19 +179,110 @@ mod tests {
         let mut instances = vec![instance("b", false), instance("b", false), instance("c", true)];
         let moving: Vec<InstanceId> = (0..4).map(|_| InstanceId::random()).collect();
         instances.extend(moving.iter().map(|id| Instance { uuid: *id, ..instance("a", false) }));
-        let placed = place(&n("a"), &moving, &hosts, &instances, NOW, GRACE);
+        let (ip, hp) = (HashMap::new(), HashMap::new());
+        let none = Policies { instances: &ip, hosts: &hp };
+        let placed = place(&n("a"), &moving, &hosts, &instances, none, NOW, GRACE);
         let targets: Vec<_> = placed.iter().map(|(_, h)| h.clone().expect("placed")).collect();
-        // c has 0 live (its one is deleted), b has 2: c, c; then a tie, broken by name (b); then c.
-        assert_eq!(targets, vec![n("c"), n("c"), n("b"), n("c")]);
+        // c has 0 live (its one is deleted), b has 2; placed in UUID order (equal priorities):
+        // c, c, then a tie broken by name (b), then c — whichever instances those are.
+        let mut by_order: Vec<(InstanceId, HostName)> =
+            placed.iter().map(|(id, h)| (*id, h.clone().expect("placed"))).collect();
+        by_order.sort_by_key(|(id, _)| id.uuid());
+        let in_order: Vec<HostName> = by_order.into_iter().map(|(_, h)| h).collect();
+        assert_eq!(in_order, vec![n("c"), n("c"), n("b"), n("c")]);
         assert!(!targets.contains(&n("a")), "never back onto the failed host");
         // The same inputs decide the same (a resumed evacuation).
-        assert_eq!(placed, place(&n("a"), &moving, &hosts, &instances, NOW, GRACE));
+        assert_eq!(placed, place(&n("a"), &moving, &hosts, &instances, none, NOW, GRACE));
     }
 
     #[test]
     fn with_no_healthy_host_nothing_is_placed() {
         let hosts = [host("a", HostState::Fenced, Some(0)), host("b", HostState::Active, Some(0))];
         let id = InstanceId::random();
-        assert_eq!(place(&n("a"), &[id], &hosts, &[], NOW, GRACE), vec![(id, None)]);
+        let (ip, hp) = (HashMap::new(), HashMap::new());
+        let placed = place(&n("a"), &[id], &hosts, &[], Policies { instances: &ip, hosts: &hp }, NOW, GRACE);
+        assert!(placed[0].1.as_ref().is_err_and(|e| e.contains("no active")), "{placed:?}");
+    }
+
+    fn sized(vcpus: u32, memory_mib: u64) -> InstancePolicy {
+        InstancePolicy { vcpus, memory_mib, ..InstancePolicy::default() }
+    }
+
+    #[test]
+    fn with_too_little_room_the_higher_priorities_run_and_the_rest_wait_saying_why() {
+        let hosts = [host("a", HostState::Fenced, Some(0)), host("b", HostState::Active, Some(NOW.0))];
+        // b has room for 8 vCPU; three 4-vCPU instances of priorities 1, 5, 3 need 12.
+        let ids: Vec<InstanceId> = (0..3).map(|_| InstanceId::random()).collect();
+        let prio = [1, 5, 3];
+        let ip: HashMap<InstanceId, InstancePolicy> =
+            ids.iter().zip(prio).map(|(id, priority)| (*id, InstancePolicy { priority, ..sized(4, 1024) })).collect();
+        let hp: HashMap<HostName, HostInventory> =
+            [(n("b"), HostInventory { vcpus: Some(8), memory_mib: Some(65_536), reserved: false })].into();
+        let placed = place(&n("a"), &ids, &hosts, &[], Policies { instances: &ip, hosts: &hp }, NOW, GRACE);
+        assert_eq!(placed[1].1, Ok(n("b")), "priority 5");
+        assert_eq!(placed[2].1, Ok(n("b")), "priority 3");
+        let why = placed[0].1.as_ref().expect_err("priority 1 waits");
+        assert!(why.contains("no host has room") && why.contains("4 vCPU"), "{why}");
+        // Memory counts too, and what b already runs.
+        let running = Instance { uuid: InstanceId::random(), ..instance("b", false) };
+        let mut ip2 = ip.clone();
+        ip2.insert(running.uuid, sized(0, 65_000));
+        let placed =
+            place(&n("a"), &ids[1..2], &hosts, &[running], Policies { instances: &ip2, hosts: &hp }, NOW, GRACE);
+        assert!(placed[0].1.is_err(), "b's memory is taken: {placed:?}");
+    }
+
+    #[test]
+    fn anti_affinity_holds_during_recovery_and_reserved_hosts_come_first() {
+        let hosts = [
+            host("a", HostState::Fenced, Some(0)),
+            host("b", HostState::Active, Some(NOW.0)),
+            host("c", HostState::Active, Some(NOW.0)),
+            host("s", HostState::Active, Some(NOW.0)),
+        ];
+        let group = |g: &str| InstancePolicy { anti_affinity: Some(g.into()), ..InstancePolicy::default() };
+        // b runs db-1; a ran db-2 and db-3 (the same group) and web-1.
+        let db1 = Instance { uuid: InstanceId::random(), ..instance("b", false) };
+        let moving: Vec<InstanceId> = (0..3).map(|_| InstanceId::random()).collect();
+        let mut ip: HashMap<InstanceId, InstancePolicy> =
+            [(db1.uuid, group("db")), (moving[0], group("db")), (moving[1], group("db"))].into();
+        ip.insert(moving[2], InstancePolicy::default());
+        // s is a reserved (standby) host.
+        let hp: HashMap<HostName, HostInventory> =
+            [(n("s"), HostInventory { reserved: true, ..HostInventory::default() })].into();
+        let placed = place(
+            &n("a"),
+            &moving,
+            &hosts,
+            std::slice::from_ref(&db1),
+            Policies { instances: &ip, hosts: &hp },
+            NOW,
+            GRACE,
+        );
+        let to = |i: usize| placed[i].1.clone().expect("placed");
+        // The db members: never b (db-1 is there), never together; the standby first.
+        assert!(to(0) != n("b") && to(1) != n("b") && to(0) != to(1), "{placed:?}");
+        assert!(to(0) == n("s") || to(1) == n("s"), "the reserved host takes one first: {placed:?}");
+        // With s gone, only c is left for two db members: one waits, saying why.
+        let fewer = &hosts[..3];
+        let placed = place(&n("a"), &moving[..2], fewer, &[db1], Policies { instances: &ip, hosts: &hp }, NOW, GRACE);
+        let ok: Vec<_> = placed.iter().filter_map(|(_, r)| r.clone().ok()).collect();
+        assert_eq!(ok, [n("c")], "{placed:?}");
+        let why = placed.iter().find_map(|(_, r)| r.clone().err()).expect("one waits");
+        assert!(why.contains("anti-affinity group \"db\""), "{why}");
+    }
+
+    #[test]
+    fn a_spent_relocation_budget_keeps_an_instance_where_it_is() {
+        let hosts = [host("a", HostState::Fenced, Some(0)), host("b", HostState::Active, Some(NOW.0))];
+        let id = InstanceId::random();
+        let spent = InstancePolicy { max_relocate: Some(2), relocations: 2, ..InstancePolicy::default() };
+        let ip: HashMap<InstanceId, InstancePolicy> = [(id, spent.clone())].into();
+        let hp = HashMap::new();
+        let placed = place(&n("a"), &[id], &hosts, &[], Policies { instances: &ip, hosts: &hp }, NOW, GRACE);
+        assert!(placed[0].1.as_ref().is_err_and(|e| e.contains("max_relocate (2) is spent")), "{placed:?}");
+        let left: HashMap<InstanceId, InstancePolicy> = [(id, InstancePolicy { relocations: 1, ..spent })].into();
+        let placed = place(&n("a"), &[id], &hosts, &[], Policies { instances: &left, hosts: &hp }, NOW, GRACE);
+        assert_eq!(placed[0].1, Ok(n("b")));
     }
 }
