@@ -314,6 +314,10 @@ pub enum InstanceCommand {
         /// Automatic recoveries allowed, or `none` (no limit).
         #[arg(long)]
         max_relocate: Option<String>,
+        /// Restart order: UUIDs (comma-separated) of instances that must run before this one
+        /// moves in a recovery, or `none`.
+        #[arg(long)]
+        after: Option<String>,
     },
 }
 
@@ -375,8 +379,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             admin::instance_evacuate(&store, &out, &to, force, &uuids).await
         }
         Command::Instance(InstanceCommand::Delete { uuids }) => admin::instance_delete(&store, &out, &uuids).await,
-        Command::Instance(InstanceCommand::Set { uuids, priority, anti_affinity, max_relocate }) => {
-            admin::instance_set(&store, &out, &uuids, priority, anti_affinity.as_deref(), max_relocate.as_deref()).await
+        Command::Instance(InstanceCommand::Set { uuids, priority, anti_affinity, max_relocate, after }) => {
+            let change = admin::PolicyChange {
+                priority,
+                anti_affinity: anti_affinity.as_deref(),
+                max_relocate: max_relocate.as_deref(),
+                after: after.as_deref(),
+            };
+            admin::instance_set(&store, &out, &uuids, &change).await
         }
         Command::Serve { .. } | Command::Tls(_) => unreachable!("handled above"),
     };

@@ -506,6 +506,11 @@ pub struct RecoveryConfig {
     /// How long after the repair a heartbeat calls the fence off (default 30 s).
     #[serde(with = "humantime_serde")]
     pub repair_wait: Duration,
+    /// How long a fence's evacuation goes on moving instances that start after others
+    /// (restart order) as those come up, before it ends and leaves the rest to the GC pass
+    /// (default 2 min).
+    #[serde(with = "humantime_serde")]
+    pub restart_order_wait: Duration,
 }
 
 /// The early probe's default silence (two missed heartbeats of the guard's default interval).
@@ -529,6 +534,7 @@ impl Default for RecoveryConfig {
             repair_key: None,
             repair_user: "root".into(),
             repair_wait: Duration::from_secs(30),
+            restart_order_wait: Duration::from_secs(120),
         }
     }
 }

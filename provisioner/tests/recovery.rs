@@ -42,6 +42,7 @@ on_both_engines!(
     bmc_and_pdu_dead_the_watchdog_fences_after_the_bound,
     the_brake_holds_the_pdu_level,
     with_too_little_room_priorities_and_anti_affinity_decide_and_the_rest_waits,
+    a_web_server_moves_only_once_its_database_runs_again,
 );
 
 struct Cell {
@@ -889,4 +890,61 @@ async fn with_too_little_room_priorities_and_anti_affinity_decide_and_the_rest_w
     assert_eq!((relocated[&c.ha[0]].relocations, relocated[&c.ha[1]].relocations), (1, 0), "counted per recovery");
     let op = c.fence_op("a").await.expect("fence");
     assert!(op.data.contains("\"unplaced\":1"), "{op:?}");
+}
+
+/// Restart order: web (ha[1]) starts after db (ha[0]). The evacuation moves db and the others,
+/// and holds web until db's new owner's guard reports it running; then web moves. Without that
+/// report, the evacuation ends after restart_order_wait with web left for the GC pass.
+async fn a_web_server_moves_only_once_its_database_runs_again(db: TestDb) {
+    use nodekeeper_store::{InstancePolicy, ReportedDomain};
+    let c = cell(&db, 3).await;
+    let (dbi, web) = (c.ha[0], c.ha[1]);
+    let after = InstancePolicy { after: vec![dbi], ..InstancePolicy::default() };
+    c.store.set_instance_policies(&[(web, after)], "test").await.expect("policy");
+    let ctl = c.controller("replica-1", config()).await;
+    let owner = |id: InstanceId| {
+        let store = c.store.clone();
+        async move { store.instance(id).await.expect("get").expect("instance") }
+    };
+    for s in 31..40 {
+        c.beat(&["b", "c"], c.at(s)).await;
+        ctl.tick(c.at(s)).await.expect("tick");
+    }
+    let moved_db = owner(dbi).await;
+    assert!(moved_db.owner != n("a") && moved_db.generation == Generation(2), "{moved_db:?}");
+    assert_eq!(owner(web).await.owner, n("a"), "web waits for db");
+    assert_eq!(c.fence_op("a").await.expect("fence").step, "evacuate", "the evacuation goes on");
+    // db's new owner reports it running (at its new generation): web moves at the next tick.
+    let report = [ReportedDomain { uuid: dbi, running: true, generation: Some(Generation(2)) }];
+    c.store.save_guard_report(&moved_db.owner, &report).await.expect("report");
+    c.beat(&["b", "c"], c.at(40)).await;
+    ctl.tick(c.at(40)).await.expect("tick");
+    let moved_web = owner(web).await;
+    assert!(moved_web.owner != n("a") && moved_web.generation == Generation(2), "{moved_web:?}");
+    for s in 41..45 {
+        c.beat(&["b", "c"], c.at(s)).await;
+        ctl.tick(c.at(s)).await.expect("tick");
+    }
+    c.check("a", true).await;
+
+    // Never reported: the evacuation ends after the wait, web left (and said why).
+    let other = TestDb::sqlite();
+    let d = cell(&other, 3).await;
+    let after = InstancePolicy { after: vec![d.ha[0]], ..InstancePolicy::default() };
+    d.store.set_instance_policies(&[(d.ha[1], after)], "test").await.expect("policy");
+    let short = RecoveryConfig { restart_order_wait: Duration::from_secs(20), ..config() };
+    let ctl = d.controller("replica-1", short).await;
+    for s in 31..90 {
+        d.beat(&["b", "c"], d.at(s)).await;
+        ctl.tick(d.at(s)).await.expect("tick");
+    }
+    let op = d.fence_op("a").await.expect("fence");
+    assert_eq!(op.status, OperationStatus::Done, "{op:?}");
+    assert_eq!(d.store.instance(d.ha[1]).await.expect("get").expect("i").owner, n("a"));
+    let events = d
+        .store
+        .events(&EventFilter { instance: Some(d.ha[1]), limit: Some(100), ..Default::default() })
+        .await
+        .expect("events");
+    assert!(events.iter().any(|e| e.kind == "instance.unplaced" && e.message.contains("restart order")), "{events:?}");
 }

@@ -29,6 +29,10 @@ pub struct InstancePolicy {
     pub vcpus: u32,
     /// Memory in MiB (from its domain XML's `<memory>`).
     pub memory_mib: u64,
+    /// Instances that must run before this one is moved during a recovery (restart order:
+    /// start the database before the web server).
+    #[serde(default)]
+    pub after: Vec<InstanceId>,
 }
 
 /// A host's inventory for placement.
@@ -55,6 +59,19 @@ fn to_i64<T: TryInto<i64>>(v: T) -> i64 {
 /// transaction); an unknown or deleted instance is an error.
 pub(crate) async fn write_policy(conn: &mut sqlx::AnyConnection, id: InstanceId, p: &InstancePolicy) -> Result<()> {
     const WHAT: &str = "setting an instance's policy";
+    if p.after.contains(&id) {
+        return Err(StoreError::Invalid(format!("{id} cannot start after itself")));
+    }
+    for target in &p.after {
+        let known: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM instances WHERE uuid = $1 AND NOT deleted")
+            .bind(target.to_string())
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(query(WHAT))?;
+        if known == 0 {
+            return Err(StoreError::Invalid(format!("{id} starts after {target}, which is no live instance")));
+        }
+    }
     if p.anti_affinity.as_deref().is_some_and(|g| !valid_group(g)) {
         return Err(StoreError::Invalid(format!(
             "anti-affinity group {:?}: 1 to 64 of [A-Za-z0-9_.-]",
@@ -62,14 +79,15 @@ pub(crate) async fn write_policy(conn: &mut sqlx::AnyConnection, id: InstanceId,
         )));
     }
     let done = sqlx::query(
-        "UPDATE instances SET priority = $1, anti_affinity = $2, max_relocate = $3, vcpus = $4, memory_mib = $5 \
-         WHERE uuid = $6 AND NOT deleted",
+        "UPDATE instances SET priority = $1, anti_affinity = $2, max_relocate = $3, vcpus = $4, memory_mib = $5, \
+         start_after = $6 WHERE uuid = $7 AND NOT deleted",
     )
     .bind(p.priority)
     .bind(p.anti_affinity.as_deref())
     .bind(p.max_relocate.map(to_i64))
     .bind(to_i64(p.vcpus))
     .bind(to_i64(p.memory_mib))
+    .bind(if p.after.is_empty() { None } else { serde_json::to_string(&p.after).ok() })
     .bind(id.to_string())
     .execute(&mut *conn)
     .await
@@ -85,8 +103,8 @@ impl Store {
     pub async fn instance_policies(&self) -> Result<HashMap<InstanceId, InstancePolicy>> {
         const WHAT: &str = "reading instance policies";
         let rows = sqlx::query(
-            "SELECT uuid, priority, anti_affinity, max_relocate, relocations, vcpus, memory_mib FROM instances \
-             WHERE NOT deleted",
+            "SELECT uuid, priority, anti_affinity, max_relocate, relocations, vcpus, memory_mib, start_after \
+             FROM instances WHERE NOT deleted",
         )
         .fetch_all(&self.pool)
         .await
@@ -108,6 +126,13 @@ impl Store {
                     relocations: u32::try_from(n("relocations")?).unwrap_or(u32::MAX),
                     vcpus: u32::try_from(n("vcpus")?).unwrap_or(0),
                     memory_mib: u64::try_from(n("memory_mib")?).unwrap_or(0),
+                    after: match r.try_get::<Option<String>, _>("start_after").map_err(query(WHAT))? {
+                        Some(text) => serde_json::from_str(&text).map_err(|e| StoreError::Corrupt {
+                            table: "instances",
+                            reason: format!("start_after: {e}"),
+                        })?,
+                        None => Vec::new(),
+                    },
                 },
             );
         }
@@ -121,13 +146,15 @@ impl Store {
         let mut tx = self.begin_write(WHAT).await?;
         for (id, p) in items {
             write_policy(&mut tx, *id, p).await?;
+            let after: Vec<String> = p.after.iter().map(ToString::to_string).collect();
             let message = format!(
-                "{id}: priority {}, anti-affinity {}, max relocations {}, {} vCPU, {} MiB",
+                "{id}: priority {}, anti-affinity {}, max relocations {}, {} vCPU, {} MiB, starts after {}",
                 p.priority,
                 p.anti_affinity.as_deref().unwrap_or("none"),
                 p.max_relocate.map_or("unlimited".into(), |m| m.to_string()),
                 p.vcpus,
-                p.memory_mib
+                p.memory_mib,
+                if after.is_empty() { "nothing".to_owned() } else { after.join(", ") }
             );
             let e = NewEvent { instance: Some(*id), ..NewEvent::cell(actor, "instance.policy", message) };
             insert_event(&mut tx, &e).await?;

@@ -16,7 +16,8 @@ pub struct ImportError {
 }
 
 /// One line of the file (contract: `{"uuid","name","host","ha","storage","generation"?,"domain_xml"?}`;
-/// extended with the recovery policy: `"priority"?`, `"anti_affinity"?`, `"max_relocate"?`).
+/// extended with the recovery policy: `"priority"?`, `"anti_affinity"?`, `"max_relocate"?`,
+/// `"after"?` — UUIDs of instances that must run before this one moves in a recovery).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Line {
@@ -35,6 +36,8 @@ struct Line {
     anti_affinity: Option<String>,
     #[serde(default)]
     max_relocate: Option<u32>,
+    #[serde(default)]
+    after: Vec<InstanceId>,
 }
 
 /// An instance's size from its domain XML: `<vcpu>` and `<memory unit=…>` (KiB by default),
@@ -106,6 +109,7 @@ pub fn parse_jsonl(text: &str) -> Result<Vec<(usize, NewInstance, InstancePolicy
             relocations: 0,
             vcpus,
             memory_mib,
+            after: l.after,
         };
         out.push((
             line,

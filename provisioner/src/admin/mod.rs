@@ -414,18 +414,39 @@ pub async fn instance_evacuate(
     })
 }
 
+/// What `instance set` changes (`None`: left as it is).
+#[derive(Debug, Default)]
+pub struct PolicyChange<'a> {
+    /// `--priority`.
+    pub priority: Option<i64>,
+    /// `--anti-affinity GROUP|none`.
+    pub anti_affinity: Option<&'a str>,
+    /// `--max-relocate N|none`.
+    pub max_relocate: Option<&'a str>,
+    /// `--after UUID,…|none`.
+    pub after: Option<&'a str>,
+}
+
 /// `instance set`: changes the given fields of each instance's recovery policy.
 pub async fn instance_set(
     store: &Store,
     out: &Output,
     ids: &[InstanceId],
-    priority: Option<i64>,
-    anti_affinity: Option<&str>,
-    max_relocate: Option<&str>,
+    change: &PolicyChange<'_>,
 ) -> anyhow::Result<()> {
-    if priority.is_none() && anti_affinity.is_none() && max_relocate.is_none() {
-        bail!("instance set: nothing to change (--priority, --anti-affinity, --max-relocate)");
+    let PolicyChange { priority, anti_affinity, max_relocate, after } = *change;
+    if priority.is_none() && anti_affinity.is_none() && max_relocate.is_none() && after.is_none() {
+        bail!("instance set: nothing to change (--priority, --anti-affinity, --max-relocate, --after)");
     }
+    let after: Option<Vec<InstanceId>> = match after {
+        None => None,
+        Some("none") => Some(Vec::new()),
+        Some(list) => Some(
+            list.split(',')
+                .map(|u| u.trim().parse::<InstanceId>().map_err(|e| anyhow::anyhow!("--after {u:?}: {e}")))
+                .collect::<anyhow::Result<_>>()?,
+        ),
+    };
     let max_relocate = match max_relocate {
         None => None,
         Some("none") => Some(None),
@@ -446,6 +467,9 @@ pub async fn instance_set(
         }
         if let Some(m) = max_relocate {
             p.max_relocate = m;
+        }
+        if let Some(a) = &after {
+            p.after = a.clone();
         }
         items.push((*id, p));
     }

@@ -354,7 +354,8 @@ impl<F: BmcFactory> Controller<F> {
                 instances.iter().filter(|i| i.owner == h.name && i.ha && !i.deleted).map(|i| i.uuid).collect();
             // Only when some host could take one now: no new operation every pass for nothing.
             let (ip, hp) = (store.instance_policies().await?, store.host_inventories().await?);
-            let policies = place::Policies { instances: &ip, hosts: &hp };
+            let run = place::running(&instances, &store.guard_reports().await?);
+            let policies = place::Policies { instances: &ip, hosts: &hp, running: &run };
             let room = place::place(&h.name, &left, &hosts, &instances, policies, now, self.config.grace);
             if !room.iter().any(|(_, to)| to.is_ok()) {
                 continue;
@@ -537,10 +538,11 @@ impl<F: BmcFactory> Controller<F> {
     }
 
     /// Gives every live HA instance of `host` a new owner by policy ([`place`]), the highest
-    /// priority first; returns (moved, unplaced). One `instance.unplaced` event says why each
-    /// that waits waits. Idempotent: what already moved is no longer `host`'s; a move that loses
-    /// its compare-and-set (someone else moved it) is skipped.
-    async fn evacuate(&self, store: &Store, host: &Host, now: Timestamp) -> Result<(usize, usize), StoreError> {
+    /// priority first; returns (moved, unplaced, of those waiting for their restart order).
+    /// One `instance.unplaced` event says why each that waits waits. Idempotent: what already
+    /// moved is no longer `host`'s; a move that loses its compare-and-set (someone else moved
+    /// it) is skipped.
+    async fn evacuate(&self, store: &Store, host: &Host, now: Timestamp) -> Result<(usize, usize, usize), StoreError> {
         let all = store.instances(None).await?;
         let (ip, hp) = (store.instance_policies().await?, store.host_inventories().await?);
         let priority = |id: &InstanceId| ip.get(id).map_or(0, |p| p.priority);
@@ -548,15 +550,19 @@ impl<F: BmcFactory> Controller<F> {
         moving.sort_by_key(|i| (std::cmp::Reverse(priority(&i.uuid)), i.uuid.uuid()));
         let ids: Vec<_> = moving.iter().map(|i| i.uuid).collect();
         let hosts = store.hosts().await?;
-        let policies = place::Policies { instances: &ip, hosts: &hp };
+        let run = place::running(&all, &store.guard_reports().await?);
+        let policies = place::Policies { instances: &ip, hosts: &hp, running: &run };
         let placed = place::place(&host.name, &ids, &hosts, &all, policies, now, self.config.grace);
-        let (mut moved, mut unplaced) = (0, 0);
+        let (mut moved, mut unplaced, mut ordered) = (0, 0, 0);
         let mut waiting = Vec::new();
         for ((id, to), instance) in placed.into_iter().zip(moving) {
             let to = match to {
                 Ok(to) => to,
                 Err(why) => {
                     unplaced += 1;
+                    if ip.get(&id).and_then(|p| place::waits_for_order(p, &run)).is_some() {
+                        ordered += 1;
+                    }
                     let m = format!("{} stays on fenced host {}: {why}", instance.name, host.name);
                     let key = format!("unplaced:{id}:{}:{why}", instance.generation.0);
                     waiting.push(NewEvent::instance(ACTOR, "instance.unplaced", &host.name, id, m).with_key(key));
@@ -573,7 +579,7 @@ impl<F: BmcFactory> Controller<F> {
         if !waiting.is_empty() {
             store.record_events(&waiting).await?;
         }
-        Ok((moved, unplaced))
+        Ok((moved, unplaced, ordered))
     }
 }
 
@@ -658,11 +664,19 @@ impl<F: BmcFactory> crate::ops::Machine for Fence<'_, F> {
             }
             Work::Evacuate => {
                 let result = c.evacuate(store, &host, self.now).await;
-                if let Ok((moved, unplaced)) = result {
+                let mut ordering = false;
+                if let Ok((moved, unplaced, ordered)) = result {
                     data.moved += moved;
                     data.unplaced = unplaced;
+                    // Instances waiting for their restart order are tried again each tick, for
+                    // at most restart_order_wait since the step began; then the GC pass goes on.
+                    ordering = ordered > 0 && self.now.since(op.updated_at) < c.config.restart_order_wait;
                 }
-                fence::after_evacuate(result.map_err(|e| e.to_string()), attempts)
+                if ordering {
+                    Decision::Stay
+                } else {
+                    fence::after_evacuate(result.map(|(m, u, _)| (m, u)).map_err(|e| e.to_string()), attempts)
+                }
             }
             Work::Restore(after) => {
                 let result = match after {

@@ -9,6 +9,8 @@
 //!   (members never share a host, during recovery too: when no host qualifies, the instance
 //!   waits, and the reason is said, rather than break the rule);
 //! - an instance whose **max_relocate** is spent is not moved again;
+//! - an instance that **starts after** others (restart order) is moved only once each of them
+//!   runs on its owner, as that owner's guard reported;
 //! - among the hosts that qualify, **reserved** (standby) hosts first (Masakari's
 //!   `reserved_host`), then the least loaded (fewest live instances), ties by name.
 //!
@@ -27,6 +29,32 @@ pub struct Policies<'a> {
     pub instances: &'a HashMap<InstanceId, InstancePolicy>,
     /// Per host.
     pub hosts: &'a HashMap<HostName, HostInventory>,
+    /// The instances their owner's guard last reported running (at their current generation).
+    pub running: &'a HashSet<InstanceId>,
+}
+
+/// The instances that run where the database says, by the guards' last reports: reported
+/// running by their owner's guard at their current generation.
+pub fn running(instances: &[Instance], reports: &[nodekeeper_store::GuardReport]) -> HashSet<InstanceId> {
+    let by_id: HashMap<InstanceId, &Instance> = instances.iter().map(|i| (i.uuid, i)).collect();
+    reports
+        .iter()
+        .flat_map(|r| r.domains.iter().map(move |d| (&r.host, d)))
+        .filter(|(host, d)| {
+            d.running
+                && by_id
+                    .get(&d.uuid)
+                    .is_some_and(|i| &i.owner == *host && !i.deleted && d.generation == Some(i.generation))
+        })
+        .map(|(_, d)| d.uuid)
+        .collect()
+}
+
+/// Why `p` must wait for its restart order, if it must.
+pub fn waits_for_order(p: &InstancePolicy, running: &HashSet<InstanceId>) -> Option<String> {
+    let missing: Vec<String> = p.after.iter().filter(|a| !running.contains(a)).map(ToString::to_string).collect();
+    (!missing.is_empty())
+        .then(|| format!("it starts after {}, which does not run yet (restart order)", missing.join(", ")))
 }
 
 #[derive(Debug, Default)]
@@ -93,6 +121,8 @@ pub fn place(
         let p = policy(id);
         let outcome = if let Some(max) = p.max_relocate.filter(|m| p.relocations >= *m) {
             Err(format!("its max_relocate ({max}) is spent: {} automatic recoveries already", p.relocations))
+        } else if let Some(why) = waits_for_order(p, policies.running) {
+            Err(why)
         } else {
             let group_ok = |r: &Room| p.anti_affinity.as_ref().is_none_or(|g| !r.groups.contains(g));
             // Reserved hosts first, then the least loaded; BTreeMap order breaks ties by name.
@@ -180,7 +210,7 @@ mod tests {
         let moving: Vec<InstanceId> = (0..4).map(|_| InstanceId::random()).collect();
         instances.extend(moving.iter().map(|id| Instance { uuid: *id, ..instance("a", false) }));
         let (ip, hp) = (HashMap::new(), HashMap::new());
-        let none = Policies { instances: &ip, hosts: &hp };
+        let none = Policies { instances: &ip, hosts: &hp, running: &HashSet::new() };
         let placed = place(&n("a"), &moving, &hosts, &instances, none, NOW, GRACE);
         let targets: Vec<_> = placed.iter().map(|(_, h)| h.clone().expect("placed")).collect();
         // c has 0 live (its one is deleted), b has 2; placed in UUID order (equal priorities):
@@ -200,7 +230,15 @@ mod tests {
         let hosts = [host("a", HostState::Fenced, Some(0)), host("b", HostState::Active, Some(0))];
         let id = InstanceId::random();
         let (ip, hp) = (HashMap::new(), HashMap::new());
-        let placed = place(&n("a"), &[id], &hosts, &[], Policies { instances: &ip, hosts: &hp }, NOW, GRACE);
+        let placed = place(
+            &n("a"),
+            &[id],
+            &hosts,
+            &[],
+            Policies { instances: &ip, hosts: &hp, running: &HashSet::new() },
+            NOW,
+            GRACE,
+        );
         assert!(placed[0].1.as_ref().is_err_and(|e| e.contains("no active")), "{placed:?}");
     }
 
@@ -218,7 +256,15 @@ mod tests {
             ids.iter().zip(prio).map(|(id, priority)| (*id, InstancePolicy { priority, ..sized(4, 1024) })).collect();
         let hp: HashMap<HostName, HostInventory> =
             [(n("b"), HostInventory { vcpus: Some(8), memory_mib: Some(65_536), reserved: false })].into();
-        let placed = place(&n("a"), &ids, &hosts, &[], Policies { instances: &ip, hosts: &hp }, NOW, GRACE);
+        let placed = place(
+            &n("a"),
+            &ids,
+            &hosts,
+            &[],
+            Policies { instances: &ip, hosts: &hp, running: &HashSet::new() },
+            NOW,
+            GRACE,
+        );
         assert_eq!(placed[1].1, Ok(n("b")), "priority 5");
         assert_eq!(placed[2].1, Ok(n("b")), "priority 3");
         let why = placed[0].1.as_ref().expect_err("priority 1 waits");
@@ -227,8 +273,15 @@ mod tests {
         let running = Instance { uuid: InstanceId::random(), ..instance("b", false) };
         let mut ip2 = ip.clone();
         ip2.insert(running.uuid, sized(0, 65_000));
-        let placed =
-            place(&n("a"), &ids[1..2], &hosts, &[running], Policies { instances: &ip2, hosts: &hp }, NOW, GRACE);
+        let placed = place(
+            &n("a"),
+            &ids[1..2],
+            &hosts,
+            &[running],
+            Policies { instances: &ip2, hosts: &hp, running: &HashSet::new() },
+            NOW,
+            GRACE,
+        );
         assert!(placed[0].1.is_err(), "b's memory is taken: {placed:?}");
     }
 
@@ -255,7 +308,7 @@ mod tests {
             &moving,
             &hosts,
             std::slice::from_ref(&db1),
-            Policies { instances: &ip, hosts: &hp },
+            Policies { instances: &ip, hosts: &hp, running: &HashSet::new() },
             NOW,
             GRACE,
         );
@@ -265,11 +318,66 @@ mod tests {
         assert!(to(0) == n("s") || to(1) == n("s"), "the reserved host takes one first: {placed:?}");
         // With s gone, only c is left for two db members: one waits, saying why.
         let fewer = &hosts[..3];
-        let placed = place(&n("a"), &moving[..2], fewer, &[db1], Policies { instances: &ip, hosts: &hp }, NOW, GRACE);
+        let placed = place(
+            &n("a"),
+            &moving[..2],
+            fewer,
+            &[db1],
+            Policies { instances: &ip, hosts: &hp, running: &HashSet::new() },
+            NOW,
+            GRACE,
+        );
         let ok: Vec<_> = placed.iter().filter_map(|(_, r)| r.clone().ok()).collect();
         assert_eq!(ok, [n("c")], "{placed:?}");
         let why = placed.iter().find_map(|(_, r)| r.clone().err()).expect("one waits");
         assert!(why.contains("anti-affinity group \"db\""), "{why}");
+    }
+
+    #[test]
+    fn an_instance_waits_for_what_it_starts_after_to_run() {
+        let hosts = [host("a", HostState::Fenced, Some(0)), host("b", HostState::Active, Some(NOW.0))];
+        let (db, web) = (Instance { uuid: InstanceId::random(), ..instance("a", false) }, InstanceId::random());
+        let ip: HashMap<InstanceId, InstancePolicy> =
+            [(web, InstancePolicy { after: vec![db.uuid], ..InstancePolicy::default() })].into();
+        let hp = HashMap::new();
+        let not_yet = HashSet::new();
+        let placed = place(
+            &n("a"),
+            &[db.uuid, web],
+            &hosts,
+            &[],
+            Policies { instances: &ip, hosts: &hp, running: &not_yet },
+            NOW,
+            GRACE,
+        );
+        assert_eq!(placed[0].1, Ok(n("b")), "db first");
+        assert!(placed[1].1.as_ref().is_err_and(|e| e.contains("restart order")), "{placed:?}");
+        // db runs on b now (its guard reported it at its new generation): web goes.
+        let moved = Instance { owner: n("b"), generation: nodekeeper_store::Generation(2), ..db.clone() };
+        let report = nodekeeper_store::GuardReport {
+            host: n("b"),
+            at: NOW,
+            domains: vec![nodekeeper_store::ReportedDomain {
+                uuid: db.uuid,
+                running: true,
+                generation: Some(nodekeeper_store::Generation(2)),
+            }],
+        };
+        let run = running(std::slice::from_ref(&moved), std::slice::from_ref(&report));
+        assert!(run.contains(&db.uuid));
+        let placed = place(
+            &n("a"),
+            &[web],
+            &hosts,
+            std::slice::from_ref(&moved),
+            Policies { instances: &ip, hosts: &hp, running: &run },
+            NOW,
+            GRACE,
+        );
+        assert_eq!(placed[0].1, Ok(n("b")));
+        // A report of an older generation, or from another host, proves nothing.
+        let stale = nodekeeper_store::GuardReport { host: n("a"), ..report };
+        assert!(running(&[moved], &[stale]).is_empty());
     }
 
     #[test]
@@ -279,10 +387,26 @@ mod tests {
         let spent = InstancePolicy { max_relocate: Some(2), relocations: 2, ..InstancePolicy::default() };
         let ip: HashMap<InstanceId, InstancePolicy> = [(id, spent.clone())].into();
         let hp = HashMap::new();
-        let placed = place(&n("a"), &[id], &hosts, &[], Policies { instances: &ip, hosts: &hp }, NOW, GRACE);
+        let placed = place(
+            &n("a"),
+            &[id],
+            &hosts,
+            &[],
+            Policies { instances: &ip, hosts: &hp, running: &HashSet::new() },
+            NOW,
+            GRACE,
+        );
         assert!(placed[0].1.as_ref().is_err_and(|e| e.contains("max_relocate (2) is spent")), "{placed:?}");
         let left: HashMap<InstanceId, InstancePolicy> = [(id, InstancePolicy { relocations: 1, ..spent })].into();
-        let placed = place(&n("a"), &[id], &hosts, &[], Policies { instances: &left, hosts: &hp }, NOW, GRACE);
+        let placed = place(
+            &n("a"),
+            &[id],
+            &hosts,
+            &[],
+            Policies { instances: &left, hosts: &hp, running: &HashSet::new() },
+            NOW,
+            GRACE,
+        );
         assert_eq!(placed[0].1, Ok(n("b")));
     }
 }
