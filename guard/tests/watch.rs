@@ -514,6 +514,32 @@ fn watchdog_fifo(dir: &str) -> (String, std::fs::File) {
     (fifo, dog)
 }
 
+/// Two hosts on PostgreSQL (node-w1, the guard's, and node-w2, heard once, both with
+/// loopback addresses), a directory, a FIFO watchdog and a free peer port.
+struct WatchdogCell {
+    db: TestDb,
+    store: Store,
+    dir: tempfile::TempDir,
+    fifo: String,
+    dog: std::fs::File,
+    peer_port: u16,
+}
+
+async fn watchdog_cell() -> Option<WatchdogCell> {
+    let db = TestDb::postgres().await?;
+    let store = db.store().await;
+    for (h, ip) in [("node-w1", "127.0.0.2"), ("node-w2", "127.0.0.3")] {
+        let host =
+            NewHost { name: n(h), mac: None, ip: Some(ip.parse().expect("ip")), bmc_url: None, bmc_credentials: None };
+        store.add_host(&host, "test").await.expect("host");
+    }
+    store.record_heartbeat(&n("node-w2")).await.expect("heartbeat");
+    let dir = tempfile::tempdir().expect("dir");
+    let (fifo, dog) = watchdog_fifo(&dir.path().display().to_string());
+    let peer_port = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
+    Some(WatchdogCell { db, store, dir, fifo, dog, peer_port })
+}
+
 /// Everything a non-blocking FIFO holds now.
 fn drain(fifo: &mut std::fs::File) -> String {
     let mut out = Vec::new();
@@ -534,18 +560,8 @@ fn drain(fifo: &mut std::fs::File) -> String {
 /// watchdog (a FIFO here), so that the machine resets.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_self_fence_that_cannot_stop_the_domains_starves_the_hardware_watchdog() {
-    let Some(db) = TestDb::postgres().await else { return };
-    let store = db.store().await;
-    for (h, ip) in [("node-w1", "127.0.0.2"), ("node-w2", "127.0.0.3")] {
-        let host =
-            NewHost { name: n(h), mac: None, ip: Some(ip.parse().expect("ip")), bmc_url: None, bmc_credentials: None };
-        store.add_host(&host, "test").await.expect("host");
-    }
-    store.record_heartbeat(&n("node-w2")).await.expect("heartbeat");
-    let dir = tempfile::tempdir().expect("dir");
+    let Some(WatchdogCell { db, store, dir, fifo, mut dog, peer_port }) = watchdog_cell().await else { return };
     let d = dir.path().display().to_string();
-    let (fifo, mut dog) = watchdog_fifo(&d);
-    let peer_port = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
     let config = format!("{d}/guard.toml");
     std::fs::create_dir_all(format!("{d}/qemu")).expect("config dir");
     // A libvirt that is not there: every call fails (as a hung or dead libvirtd would).
@@ -595,18 +611,8 @@ async fn a_self_fence_that_cannot_stop_the_domains_starves_the_hardware_watchdog
 /// again goes on counting its isolation from the last contact, not from its own start.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_watchdog_is_reported_and_disarmed_only_once_the_database_knows() {
-    let Some(db) = TestDb::postgres().await else { return };
-    let store = db.store().await;
-    for (h, ip) in [("node-w1", "127.0.0.2"), ("node-w2", "127.0.0.3")] {
-        let host =
-            NewHost { name: n(h), mac: None, ip: Some(ip.parse().expect("ip")), bmc_url: None, bmc_credentials: None };
-        store.add_host(&host, "test").await.expect("host");
-    }
-    store.record_heartbeat(&n("node-w2")).await.expect("heartbeat");
-    let dir = tempfile::tempdir().expect("dir");
+    let Some(WatchdogCell { db, store, dir, fifo, mut dog, peer_port }) = watchdog_cell().await else { return };
     let d = dir.path().display().to_string();
-    let (fifo, mut dog) = watchdog_fifo(&d);
-    let peer_port = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
     let config = format!("{d}/guard.toml");
     std::fs::write(
         &config,

@@ -19,12 +19,10 @@ mod common;
 use axum::extract::{Path as UrlPath, State};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use common::{free_port, guard_binary, KillOnDrop, PROVISIONER};
+use common::{free_port, guard_binary, started_by, test_domain_xml, KillOnDrop, PROVISIONER};
 use nodekeeper_store::testing::host_name as n;
 use nodekeeper_store::testing::TestDb;
-use nodekeeper_store::{
-    EventFilter, Generation, HostState, InstanceId, NewHost, NewInstance, OperationStatus, Storage, Store, Timestamp,
-};
+use nodekeeper_store::{Generation, HostState, InstanceId, NewHost, NewInstance, OperationStatus, Storage, Timestamp};
 
 /// The "machines": each host's power and its guard process.
 #[derive(Default)]
@@ -96,22 +94,6 @@ async fn reset(
     axum::http::StatusCode::NO_CONTENT
 }
 
-fn domain_xml(name: &str, uuid: InstanceId) -> String {
-    format!(
-        "<domain type='test'><name>{name}</name><uuid>{uuid}</uuid><memory unit='MiB'>64</memory>\
-         <os><type arch='x86_64'>hvm</type></os><devices/></domain>"
-    )
-}
-
-/// Events of `kind` about `uuid`, by actor.
-async fn started_by(store: &Store, uuid: InstanceId) -> Vec<(String, Timestamp)> {
-    let events = store
-        .events(&EventFilter { instance: Some(uuid), limit: Some(1000), ..Default::default() })
-        .await
-        .expect("events");
-    events.into_iter().filter(|e| e.kind == "instance.started").map(|e| (e.actor, e.at)).collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_host_is_fenced_and_its_ha_instances_run_elsewhere() {
     // NODEKEEPER_FAILOVER_DEFAULTS=1: the shipped intervals and grace (30 s), for the figure
@@ -162,7 +144,7 @@ async fn a_hung_host_is_fenced_and_its_ha_instances_run_elsewhere() {
             let name = format!("vm-{i}");
             NewInstance {
                 uuid,
-                domain_xml: Some(domain_xml(&name, uuid)),
+                domain_xml: Some(test_domain_xml(&name, uuid)),
                 name,
                 owner: n("node-a"),
                 ha: i < 3,

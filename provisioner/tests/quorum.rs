@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{free_port, guard_binary, serve_config, wait_until, KillOnDrop, PROVISIONER};
+use common::{free_port, guard_binary, serve_config, test_domain_xml, wait_until, KillOnDrop, PROVISIONER};
 use nodekeeper_store::testing::host_name as n;
 use nodekeeper_store::testing::TestDb;
 use nodekeeper_store::{EventFilter, Generation, HostState, InstanceId, NewHost, NewInstance, Storage, Store};
@@ -61,13 +61,6 @@ async fn link(target: u16) -> Link {
     Link { port, cut }
 }
 
-fn domain_xml(name: &str, uuid: InstanceId) -> String {
-    format!(
-        "<domain type='test'><name>{name}</name><uuid>{uuid}</uuid><memory unit='MiB'>64</memory>\
-         <os><type arch='x86_64'>hvm</type></os><devices/></domain>"
-    )
-}
-
 async fn kinds(store: &Store, host: &str) -> Vec<String> {
     let filter = EventFilter { host: Some(n(host)), limit: Some(1000), ..Default::default() };
     store.events(&filter).await.expect("events").into_iter().map(|e| e.kind).collect()
@@ -93,7 +86,7 @@ async fn a_provisioner_outage_stops_nothing_and_only_a_host_cut_off_from_its_cel
         let name = format!("vm-{h}");
         let item = NewInstance {
             uuid,
-            domain_xml: Some(domain_xml(&name, uuid)),
+            domain_xml: Some(test_domain_xml(&name, uuid)),
             name,
             owner: n(h),
             ha: true,

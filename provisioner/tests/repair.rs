@@ -18,7 +18,10 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{free_port, guard_binary, netns_available, serve_config, wait_until, KillOnDrop, PROVISIONER};
+use common::{
+    free_port, guard_binary, heartbeats, netns_available, serve_config, spawn_serve, test_domain_xml, wait_until,
+    KillOnDrop,
+};
 use nodekeeper_store::testing::host_name as n;
 use nodekeeper_store::testing::TestDb;
 use nodekeeper_store::{
@@ -188,23 +191,10 @@ async fn a_suspect_host_that_answers_is_repaired_over_ssh_before_it_is_power_cyc
         ha: true,
         storage: Storage::Shared,
         generation: Generation(1),
-        domain_xml: Some(format!(
-            "<domain type='test'><name>vm-ha</name><uuid>{uuid}</uuid><memory unit='MiB'>64</memory>\
-             <os><type arch='x86_64'>hvm</type></os><devices/></domain>"
-        )),
+        domain_xml: Some(test_domain_xml("vm-ha", uuid)),
     };
     store.import_instances(&[item], "test").await.expect("import");
-    let beats = {
-        let store = store.clone();
-        tokio::spawn(async move {
-            loop {
-                for h in ["node-b", "node-c"] {
-                    let _ = store.record_heartbeat(&n(h)).await;
-                }
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-        })
-    };
+    let beats = heartbeats(&store, &["node-b", "node-c"], Duration::from_millis(500));
     assert!(Command::new(&restart).status().expect("start the guard").success());
     wait_until("node-a heartbeats", Duration::from_secs(30), async || {
         store.require_host(&n("node-a")).await.expect("a").last_heartbeat.is_some()
@@ -222,14 +212,7 @@ async fn a_suspect_host_that_answers_is_repaired_over_ssh_before_it_is_power_cyc
              repair_key = \"{key}\"\nrepair_wait = \"8s\"\n"
         ),
     );
-    let _serve = KillOnDrop(
-        Command::new(PROVISIONER)
-            .args(["serve", "--config", &config])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(format!("{d}/serve.log")).expect("log"))
-            .spawn()
-            .expect("serve"),
-    );
+    let _serve = spawn_serve(&config, &format!("{d}/serve.log"));
     tokio::time::sleep(Duration::from_secs(2)).await;
     let hang = || {
         let pid = std::fs::read_to_string(&pidfile).expect("guard pid");

@@ -94,17 +94,7 @@ async fn a_leader_paused_past_its_lease_sends_no_bmc_command_and_changes_no_step
     }
     // node-b and node-c heartbeat; node-a, once, then never again.
     store.record_heartbeat(&n("node-a")).await.expect("heartbeat");
-    let beats = {
-        let store = store.clone();
-        tokio::spawn(async move {
-            loop {
-                for h in ["node-b", "node-c"] {
-                    let _ = store.record_heartbeat(&n(h)).await;
-                }
-                tokio::time::sleep(Duration::from_millis(300)).await;
-            }
-        })
-    };
+    let beats = common::heartbeats(&store, &["node-b", "node-c"], Duration::from_millis(300));
 
     let mut replicas: Vec<KillOnDrop> = Vec::new();
     let mut spawn = |r: usize| {

@@ -22,31 +22,16 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{free_port, guard_binary, serve_config, wait_until, KillOnDrop, PROVISIONER};
+use common::{free_port, guard_binary, serve_config, spawn_serve, started_by, test_domain_xml, wait_until};
 use nodekeeper_store::testing::host_name as n;
 use nodekeeper_store::testing::TestDb;
 use nodekeeper_store::{
-    EventFilter, Generation, HostState, InstanceId, NewHost, NewInstance, OperationStatus, Storage, Store, Timestamp,
+    EventFilter, Generation, HostState, InstanceId, NewHost, NewInstance, OperationStatus, Storage, Timestamp,
 };
 
 const HOSTS: [(&str, &str); 3] = [("node-a", "127.0.0.2"), ("node-b", "127.0.0.3"), ("node-c", "127.0.0.4")];
 /// The watchdogs' timeout (the guards' `watchdog_timeout`).
 const WATCHDOG: Duration = Duration::from_secs(3);
-
-fn domain_xml(name: &str, uuid: InstanceId) -> String {
-    format!(
-        "<domain type='test'><name>{name}</name><uuid>{uuid}</uuid><memory unit='MiB'>64</memory>\
-         <os><type arch='x86_64'>hvm</type></os><devices/></domain>"
-    )
-}
-
-async fn started_by(store: &Store, uuid: InstanceId) -> Vec<(String, Timestamp)> {
-    let events = store
-        .events(&EventFilter { instance: Some(uuid), limit: Some(1000), ..Default::default() })
-        .await
-        .expect("events");
-    events.into_iter().filter(|e| e.kind == "instance.started").map(|e| (e.actor, e.at)).collect()
-}
 
 /// The guards' processes, by host.
 type Guards = Arc<Mutex<HashMap<String, Child>>>;
@@ -184,7 +169,7 @@ async fn hung_host_with_a_dead_bmc(pdu: bool) {
             let name = format!("vm-{i}");
             NewInstance {
                 uuid,
-                domain_xml: Some(domain_xml(&name, uuid)),
+                domain_xml: Some(test_domain_xml(&name, uuid)),
                 name,
                 owner: n("node-a"),
                 ha: true,
@@ -237,14 +222,7 @@ async fn hung_host_with_a_dead_bmc(pdu: bool) {
         http,
         "[recovery]\ngrace = \"6s\"\ninterval = \"1s\"\nlease_ttl = \"5s\"\nafter_fence = \"nothing\"\n",
     );
-    let serve = KillOnDrop(
-        Command::new(PROVISIONER)
-            .args(["serve", "--config", &config])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(format!("{d}/serve.log")).expect("log"))
-            .spawn()
-            .expect("serve"),
-    );
+    let serve = spawn_serve(&config, &format!("{d}/serve.log"));
     tokio::time::sleep(Duration::from_secs(3)).await;
 
     // node-a hangs: its guard is stopped, its domains with it (as a hung kernel stops all).

@@ -232,3 +232,51 @@ pub async fn wait_until(what: &str, limit: std::time::Duration, mut ok: impl Asy
 /// one vCPU, no display, no monitor, exits instead of rebooting.
 pub const QEMU_TCG: [&str; 11] =
     ["-accel", "tcg", "-m", "512", "-smp", "1", "-display", "none", "-monitor", "none", "-no-reboot"];
+
+/// A `test:///` libvirt domain's XML (the guards' libvirt in the real-process tests).
+pub fn test_domain_xml(name: &str, uuid: nodekeeper_store::InstanceId) -> String {
+    format!(
+        "<domain type='test'><name>{name}</name><uuid>{uuid}</uuid><memory unit='MiB'>64</memory>\
+         <os><type arch='x86_64'>hvm</type></os><devices/></domain>"
+    )
+}
+
+/// Who started instance `uuid`, and when (its `instance.started` events, by actor).
+pub async fn started_by(
+    store: &nodekeeper_store::Store,
+    uuid: nodekeeper_store::InstanceId,
+) -> Vec<(String, nodekeeper_store::Timestamp)> {
+    let filter = nodekeeper_store::EventFilter { instance: Some(uuid), limit: Some(1000), ..Default::default() };
+    let events = store.events(&filter).await.expect("events");
+    events.into_iter().filter(|e| e.kind == "instance.started").map(|e| (e.actor, e.at)).collect()
+}
+
+/// `nodekeeper-provisioner serve --config CONFIG`, its stderr in `log`; killed when dropped.
+pub fn spawn_serve(config: &str, log: &str) -> KillOnDrop {
+    KillOnDrop(
+        Command::new(PROVISIONER)
+            .args(["serve", "--config", config])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).expect("log"))
+            .spawn()
+            .expect("serve"),
+    )
+}
+
+/// Heartbeats for `hosts` every `every` (hosts that are there only to be heard), until the
+/// handle is aborted.
+pub fn heartbeats(
+    store: &nodekeeper_store::Store,
+    hosts: &'static [&'static str],
+    every: std::time::Duration,
+) -> tokio::task::JoinHandle<()> {
+    let store = store.clone();
+    tokio::spawn(async move {
+        loop {
+            for h in hosts {
+                let _ = store.record_heartbeat(&nodekeeper_store::testing::host_name(h)).await;
+            }
+            tokio::time::sleep(every).await;
+        }
+    })
+}
