@@ -43,6 +43,7 @@ on_both_engines!(
     the_brake_holds_the_pdu_level,
     with_too_little_room_priorities_and_anti_affinity_decide_and_the_rest_waits,
     a_web_server_moves_only_once_its_database_runs_again,
+    an_operator_takes_over_a_fence_that_waits_for_its_watchdog,
 );
 
 struct Cell {
@@ -947,4 +948,29 @@ async fn a_web_server_moves_only_once_its_database_runs_again(db: TestDb) {
         .await
         .expect("events");
     assert!(events.iter().any(|e| e.kind == "instance.unplaced" && e.message.contains("restart order")), "{events:?}");
+}
+
+/// a's BMC is dead and its fence waits at the watchdog level (well before its bound; it could
+/// as well wait for a majority it never hears): the operator, who pulled the plug, says so —
+/// the waiting fence goes on to `evacuate` at once, the operator's word being the last level.
+async fn an_operator_takes_over_a_fence_that_waits_for_its_watchdog(db: TestDb) {
+    let c = watchdog_cell(&db, &["a", "b", "c"], Some(10)).await;
+    let ctl = c.controller("replica-1", config()).await;
+    for s in 31..40 {
+        c.beat(&["b", "c"], c.at(s)).await;
+        ctl.tick(c.at(s)).await.expect("tick");
+    }
+    assert_eq!(c.fence_op("a").await.expect("fence").step, "watchdog");
+    // (The simulated clock runs ahead of the database's: a's last word, by its clock, is old.)
+    c.store.record_heartbeat_at(&n("a"), Timestamp(c.t0.0 - 60_000)).await.expect("old heartbeat");
+    let (op, started) = controller::mark_fenced(&c.store, &n("a"), &config(), "cli:op").await.expect("mark");
+    assert!(!started && op.step == "evacuate", "{op:?}");
+    assert_eq!(c.store.require_host(&n("a")).await.expect("a").state, HostState::Fenced);
+    for s in 40..44 {
+        c.beat(&["b", "c"], c.at(s)).await;
+        ctl.tick(c.at(s)).await.expect("tick");
+    }
+    let op = c.fence_op("a").await.expect("fence");
+    assert_eq!((op.status, op.step.as_str()), (OperationStatus::Done, "done"), "{op:?}");
+    c.check("a", true).await;
 }

@@ -764,7 +764,8 @@ pub enum MarkFencedError {
 /// An operator's confirmation that `host` is off (its BMC cannot say so): the host turns
 /// `fenced` and a fence operation starts at `evacuate`, skipping the power-off. Refused for a
 /// host that heartbeated within `grace` (it is evidently running). A fence of the host that
-/// already runs is returned instead (`false`).
+/// already runs is returned instead (`false`) — taken on to `evacuate` when it still waits
+/// for a level to confirm (the operator's word is the last level).
 pub async fn mark_fenced(
     store: &Store,
     host: &HostName,
@@ -785,10 +786,35 @@ pub async fn mark_fenced(
     let data = FenceData::new(AfterFence::Nothing, config.bmc_attempts);
     let json = serde_json::to_string(&data).unwrap_or_else(|_| "{}".into());
     let (op, started) = store.start_operation(KIND, host, Step::Evacuate.as_str(), None, &json, actor).await?;
+    let why = "marked fenced by an operator (powered off out of band)";
     if started {
-        store
-            .set_host_state(host, HostState::Fenced, actor, "marked fenced by an operator (powered off out of band)")
-            .await?;
+        store.set_host_state(host, HostState::Fenced, actor, why).await?;
+        return Ok((op, true));
     }
-    Ok((op, started))
+    // A fence of the host runs and has not passed its point of return — its BMC, outlets or
+    // watchdog wait cannot confirm — : the operator's word is the last level, and takes it on to
+    // `evacuate` (a compare-and-set on its step; the host fenced first, as at any level).
+    let before: Option<Step> = op.step.parse().ok();
+    let waiting = [Step::Confirm, Step::Repair, Step::RepairWait, Step::PowerOff, Step::OutletOff, Step::Watchdog];
+    if op.kind == KIND && op.status == OperationStatus::Running && before.is_some_and(|s| waiting.contains(&s)) {
+        store.set_host_state(host, HostState::Fenced, actor, why).await?;
+        let change = nodekeeper_store::StepChange {
+            from: op.step.clone(),
+            to: Step::Evacuate.as_str().into(),
+            status: OperationStatus::Running,
+            attempts: 0,
+            deadline: None,
+            last_error: None,
+            data: Some(json),
+            event: format!("fence of {host}: {why}, at its {} step; next evacuate", op.step),
+        };
+        let id = op.id;
+        let op = match store.advance_operation(id, &change, actor).await? {
+            Some(op) => op,
+            // The controller moved it meanwhile: as it stands now.
+            None => store.operation(id).await?.unwrap_or(op),
+        };
+        return Ok((op, false));
+    }
+    Ok((op, false))
 }
