@@ -1,5 +1,6 @@
 //! Counters for `/metrics`, shared by the DHCP, TFTP and HTTP servers, rendered in the
-//! Prometheus text format. Lock-free on the hot paths (atomics); the per-route HTTP counts
+//! Prometheus text format, and the fleet's gauges read from the database at each scrape
+//! ([`render_fleet`]). Lock-free on the hot paths (atomics); the per-route HTTP counts
 //! take a short mutex.
 
 use std::collections::BTreeMap;
@@ -79,4 +80,67 @@ impl Metrics {
         }
         out
     }
+}
+
+/// The fleet's gauges in the Prometheus text format: `nodekeeper_database_up`, and when the
+/// database answered, hosts per state, the oldest heartbeat's age, operations running per kind
+/// and step, ended per kind and outcome, leadership terms, instances. Label values come from
+/// the database's own words (states, kinds, steps, roles), never from what a node sent.
+pub fn render_fleet(gauges: Option<&nodekeeper_store::FleetGauges>) -> String {
+    let mut out = String::new();
+    let mut family = |name: &str, kind: &str, help: &str| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    };
+    family("nodekeeper_database_up", "gauge", "Whether the database answered this scrape.");
+    let Some(g) = gauges else {
+        let _ = writeln!(out, "nodekeeper_database_up 0");
+        return out;
+    };
+    let _ = writeln!(out, "nodekeeper_database_up 1");
+    let label = |v: &str| v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
+    let mut lines = Vec::new();
+    for (state, n) in &g.hosts {
+        lines.push(format!("nodekeeper_hosts{{state=\"{}\"}} {n}", label(state)));
+    }
+    let mut section = |name: &str, kind: &str, help: &str, lines: &mut Vec<String>| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for l in lines.drain(..) {
+            let _ = writeln!(out, "{l}");
+        }
+    };
+    section("nodekeeper_hosts", "gauge", "Hosts by state.", &mut lines);
+    let age = g.oldest_heartbeat.map_or(0.0, |t| (g.now - t).max(0) as f64 / 1000.0);
+    lines.push(format!("nodekeeper_heartbeat_age_max_seconds {age}"));
+    section(
+        "nodekeeper_heartbeat_age_max_seconds",
+        "gauge",
+        "Seconds since the oldest last heartbeat of the active and suspect hosts.",
+        &mut lines,
+    );
+    for (kind, step, n) in &g.running {
+        lines.push(format!("nodekeeper_operations_running{{kind=\"{}\",step=\"{}\"}} {n}", label(kind), label(step)));
+    }
+    section("nodekeeper_operations_running", "gauge", "Running operations by kind and step.", &mut lines);
+    for (kind, outcome, n) in &g.ended {
+        lines.push(format!(
+            "nodekeeper_operations_ended{{kind=\"{}\",outcome=\"{}\"}} {n}",
+            label(kind),
+            label(outcome)
+        ));
+    }
+    section(
+        "nodekeeper_operations_ended",
+        "gauge",
+        "Ended operations (fences, reimages) by kind and outcome: done, failed, aborted.",
+        &mut lines,
+    );
+    for (role, term) in &g.terms {
+        lines.push(format!("nodekeeper_leader_term{{role=\"{}\"}} {term}", label(role)));
+    }
+    section("nodekeeper_leader_term", "gauge", "The current leadership term per role.", &mut lines);
+    lines.push(format!("nodekeeper_instances {}", g.instances.0));
+    section("nodekeeper_instances", "gauge", "Live instances.", &mut lines);
+    lines.push(format!("nodekeeper_instances_ha {}", g.instances.1));
+    section("nodekeeper_instances_ha", "gauge", "Live HA instances.", &mut lines);
+    out
 }

@@ -19,6 +19,7 @@
 mod db;
 mod error;
 mod events;
+mod gauges;
 pub mod guard_api;
 mod guard_role;
 mod hosts;
@@ -36,6 +37,7 @@ mod types;
 pub use db::{redact_url, Backend, ConnectOptions, DatabaseUrl, LeaseToken, Store};
 pub use error::{Result, StoreError};
 pub use events::{Event, EventFilter, NewEvent};
+pub use gauges::FleetGauges;
 pub use guard_role::{GuardRole, GuardSession};
 pub use hosts::{BootChange, BootSettings, Host, NewHost};
 pub use images::{check_image_name, Image, ImageFormat, NewImage};

@@ -187,7 +187,18 @@ async fn healthz(State(state): State<HttpState>) -> Response {
 }
 
 async fn metrics(State(state): State<HttpState>) -> Response {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render()).into_response()
+    // The fleet's gauges, from the database, within 2 s (a database that is away is a gauge
+    // of its own, not a failed scrape).
+    let gauges = match tokio::time::timeout(Duration::from_secs(2), state.store.fleet_gauges()).await {
+        Ok(Ok(g)) => Some(g),
+        Ok(Err(e)) => {
+            tracing::debug!("metrics: {e}");
+            None
+        }
+        Err(_) => None,
+    };
+    let body = format!("{}{}", state.metrics.render(), crate::metrics::render_fleet(gauges.as_ref()));
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
 
 fn text(status: StatusCode, body: String) -> Response {
