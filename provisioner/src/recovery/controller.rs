@@ -640,7 +640,7 @@ impl<F: BmcFactory> crate::ops::Machine for Fence<'_, F> {
                 let brake = detect::brake(&hosts, self.now, since, &c.policy());
                 let result = match &brake {
                     Some(why) => {
-                        tracing::warn!(host = %host.name, "PDU outlets: the mass-failure brake holds: {why}");
+                        tracing::debug!(host = %host.name, "PDU outlets: the mass-failure brake holds: {why}");
                         Ok(0)
                     }
                     None => c.outlets(store, &host.name, false).await,
