@@ -36,6 +36,20 @@ const WATCHDOG: Duration = Duration::from_secs(3);
 /// The guards' processes, by host.
 type Guards = Arc<Mutex<HashMap<String, Child>>>;
 
+/// Kills (and reaps) every guard still running when dropped: at the test's end, or when it
+/// panics (the watchdog threads hold the map too, so its own drop would never come).
+struct Reap(Guards);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        let mut guards = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        for (_, mut c) in guards.drain() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 /// Plays the hardware watchdog of `host` on the reading end of its FIFO: armed by the first
 /// ping, disarmed by 'V', and past `WATCHDOG` without a ping it resets the machine (kills the
 /// guard) and records when, in the database's clock (SQLite: this machine's).
@@ -90,6 +104,7 @@ async fn hung_host_with_a_dead_bmc(pdu: bool) {
 
     let peer_port = free_port();
     let guards: Guards = Arc::default();
+    let _reap = Reap(guards.clone());
     let resets: Arc<Mutex<Vec<(String, Timestamp)>>> = Arc::default();
     // Every BMC is dead: every request a 500. The PDU's outlets (one per host, named by it)
     // answer: Off cuts that machine's power.
@@ -301,9 +316,5 @@ async fn hung_host_with_a_dead_bmc(pdu: bool) {
         Duration::from_millis(u64::try_from(reset.0 - last.0).unwrap_or(0)),
         proof.message
     );
-    for (_, mut c) in guards.lock().expect("lock").drain() {
-        let _ = c.kill();
-        let _ = c.wait();
-    }
     store.close().await;
 }
