@@ -140,6 +140,23 @@ impl Store {
         Ok(())
     }
 
+    /// `host`'s fencing profile (an unreadable one is none: it proves nothing).
+    pub async fn guard_fencing_of(&self, host: &HostName) -> Result<Option<FencingProfile>> {
+        const WHAT: &str = "reading a guard's fencing profile";
+        let text: Option<String> = sqlx::query_scalar("SELECT profile FROM guard_fencing WHERE host = $1")
+            .bind(host.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(query(WHAT))?;
+        Ok(text.and_then(|t| match serde_json::from_str(&t) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                tracing::warn!("an unreadable fencing profile of {host}: {e}");
+                None
+            }
+        }))
+    }
+
     /// Every host's fencing profile with when it was saved (an unreadable one is left out
     /// with a warning: it proves nothing).
     pub async fn guard_fencing(&self) -> Result<Vec<(HostName, Timestamp, FencingProfile)>> {

@@ -261,7 +261,7 @@ pub async fn host_show(store: &Store, out: &Output, name: &HostName) -> anyhow::
         .await?
         .and_then(|o| serde_json::from_str::<crate::reimage::machine::ReimageData>(&o.data).ok().map(|d| d.boot_path));
     let outlets = store.host_outlets(name).await?;
-    let fencing = store.guard_fencing().await?.into_iter().find(|(h, _, _)| h == name).map(|(_, _, p)| p);
+    let fencing = store.guard_fencing_of(name).await?;
     let inventory = store.host_inventories().await?.remove(name).unwrap_or_default();
     let value = json!({
         "host": host, "boot": boot, "last_reimage_boot_path": last_path, "instances": counts,

@@ -249,12 +249,15 @@ impl<F: BmcFactory> Controller<F> {
     /// Whether `host` may be fenced by its watchdog, as far as its guard's profile and this
     /// controller's config go (the quorum and the clock are judged at the `watchdog` step).
     async fn watchdog_allowed(&self, store: &Store, host: &HostName) -> Result<Result<(), String>, StoreError> {
+        Ok(self.watchdog_refusal(store.guard_fencing_of(host).await?.as_ref()).map_or(Ok(()), Err))
+    }
+
+    /// Why this controller will not fence a host with `profile` by its watchdog, if it will not.
+    fn watchdog_refusal(&self, profile: Option<&nodekeeper_store::FencingProfile>) -> Option<String> {
         if !self.config.watchdog_fencing {
-            return Ok(Err("off in this controller's config (recovery.watchdog_fencing = false)".into()));
+            return Some("off in this controller's config (recovery.watchdog_fencing = false)".into());
         }
-        let profiles = store.guard_fencing().await?;
-        let profile = profiles.iter().find(|(h, _, _)| h == host).map(|(_, _, p)| p);
-        Ok(watchdog::refusal(profile).map_or(Ok(()), Err))
+        watchdog::refusal(profile)
     }
 
     /// The `watchdog` step's look at `host` (fence `op`) at `now`.
@@ -265,11 +268,10 @@ impl<F: BmcFactory> Controller<F> {
         host: &Host,
         now: Timestamp,
     ) -> Result<watchdog::Verdict, StoreError> {
-        if let Err(why) = self.watchdog_allowed(store, &host.name).await? {
+        let profile = store.guard_fencing_of(&host.name).await?;
+        if let Some(why) = self.watchdog_refusal(profile.as_ref()) {
             return Ok(watchdog::Verdict::Refused(why));
         }
-        let profiles = store.guard_fencing().await?;
-        let profile = profiles.iter().find(|(h, _, _)| *h == host.name).map(|(_, _, p)| p);
         let hosts = store.hosts().await?;
         let since = self.watching.lock().unwrap_or_else(|p| p.into_inner()).map_or(now, |(_, since)| since);
         let (seen, quorum) = self
@@ -279,7 +281,7 @@ impl<F: BmcFactory> Controller<F> {
             .get(&op.id)
             .map_or((None, None), |(_, seen, q)| (*seen, Some(*q)));
         let look = Look { seen, quorum, brake: detect::brake(&hosts, now, since, &self.policy()) };
-        Ok(watchdog::judge(now, &host.name, profile, host.last_heartbeat, self.config.grace, &look))
+        Ok(watchdog::judge(now, &host.name, profile.as_ref(), host.last_heartbeat, self.config.grace, &look))
     }
 
     /// Asks the BMCs of `candidates` (concurrently, each bounded by the tick's interval, at
@@ -349,12 +351,19 @@ impl<F: BmcFactory> Controller<F> {
             events.push(NewEvent::instance(ACTOR, d.kind, &d.host, d.instance, d.message).with_key(d.key));
         }
         let fencing: Vec<HostName> = store.running_operations(KIND).await?.into_iter().map(|o| o.target).collect();
-        for h in hosts.iter().filter(|h| h.state == HostState::Fenced && !fencing.contains(&h.name)) {
+        let fenced: Vec<&Host> =
+            hosts.iter().filter(|h| h.state == HostState::Fenced && !fencing.contains(&h.name)).collect();
+        // What placement weighs, read once for the pass (and only when a fenced host is left).
+        let (ip, hp, run) = if fenced.is_empty() {
+            Default::default()
+        } else {
+            let run = place::running(&instances, &store.guard_reports().await?);
+            (store.instance_policies().await?, store.host_inventories().await?, run)
+        };
+        for h in fenced {
             let left: Vec<InstanceId> =
                 instances.iter().filter(|i| i.owner == h.name && i.ha && !i.deleted).map(|i| i.uuid).collect();
             // Only when some host could take one now: no new operation every pass for nothing.
-            let (ip, hp) = (store.instance_policies().await?, store.host_inventories().await?);
-            let run = place::running(&instances, &store.guard_reports().await?);
             let policies = place::Policies { instances: &ip, hosts: &hp, running: &run };
             let room = place::place(&h.name, &left, &hosts, &instances, policies, now, self.config.grace);
             if !room.iter().any(|(_, to)| to.is_ok()) {
