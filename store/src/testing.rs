@@ -157,3 +157,20 @@ pub fn libvirtd_available() -> bool {
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port()
 }
+
+/// A host record as the database would hold it (tests of pure functions over hosts): no
+/// addresses, no BMC, created at 0; `heartbeat` in ms since the epoch.
+pub fn host(name: &str, state: crate::HostState, heartbeat: Option<i64>) -> crate::Host {
+    crate::Host {
+        name: host_name(name),
+        mac: None,
+        ip: None,
+        bmc_url: None,
+        bmc_credentials: None,
+        state,
+        last_heartbeat: heartbeat.map(crate::Timestamp),
+        image: None,
+        created_at: crate::Timestamp(0),
+        updated_at: crate::Timestamp(0),
+    }
+}

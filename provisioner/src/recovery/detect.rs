@@ -172,21 +172,7 @@ pub fn brake(hosts: &[Host], now: Timestamp, since: Timestamp, policy: &Policy) 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn host(name: &str, state: HostState, heartbeat: Option<i64>) -> Host {
-        Host {
-            name: name.parse().expect("name"),
-            mac: None,
-            ip: None,
-            bmc_url: None,
-            bmc_credentials: None,
-            state,
-            last_heartbeat: heartbeat.map(Timestamp),
-            image: None,
-            created_at: Timestamp(0),
-            updated_at: Timestamp(0),
-        }
-    }
+    use nodekeeper_store::testing::host;
 
     fn n(s: &str) -> HostName {
         s.parse().expect("name")

@@ -81,18 +81,7 @@ mod tests {
     }
 
     fn host(name: &str, state: HostState) -> Host {
-        Host {
-            name: n(name),
-            mac: None,
-            ip: None,
-            bmc_url: None,
-            bmc_credentials: None,
-            state,
-            last_heartbeat: Some(NOW),
-            image: None,
-            created_at: Timestamp(0),
-            updated_at: Timestamp(0),
-        }
+        nodekeeper_store::testing::host(name, state, Some(NOW.0))
     }
 
     fn instance(k: u8, owner: &str, ha: bool, deleted: bool, moved_ms_ago: i64) -> Instance {

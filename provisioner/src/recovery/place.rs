@@ -157,22 +157,8 @@ pub fn place(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use nodekeeper_store::testing::host;
     use nodekeeper_store::{Generation, Storage};
-
-    fn host(name: &str, state: HostState, heartbeat: Option<i64>) -> Host {
-        Host {
-            name: name.parse().expect("name"),
-            mac: None,
-            ip: None,
-            bmc_url: None,
-            bmc_credentials: None,
-            state,
-            last_heartbeat: heartbeat.map(Timestamp),
-            image: None,
-            created_at: Timestamp(0),
-            updated_at: Timestamp(0),
-        }
-    }
 
     fn instance(owner: &str, deleted: bool) -> Instance {
         Instance {

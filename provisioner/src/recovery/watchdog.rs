@@ -249,18 +249,7 @@ mod tests {
     }
 
     fn host(name: &str, heartbeat: Option<i64>) -> Host {
-        Host {
-            name: n(name),
-            mac: None,
-            ip: None,
-            bmc_url: None,
-            bmc_credentials: None,
-            state: HostState::Active,
-            last_heartbeat: heartbeat.map(Timestamp),
-            image: None,
-            created_at: Timestamp(0),
-            updated_at: Timestamp(0),
-        }
+        nodekeeper_store::testing::host(name, HostState::Active, heartbeat)
     }
 
     #[test]
