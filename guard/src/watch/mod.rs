@@ -151,6 +151,28 @@ pub fn fencing_profile(config: &Config, list: &PeerList, watchdog: Option<Durati
     }
 }
 
+/// How to get the armed watchdog from its timeout `now` to `want`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimeoutChange {
+    /// It is there already.
+    Keep,
+    /// Shorter (or unknown: nothing about it was reported): set it at once — the controller
+    /// waits out what it was told, which is never less than the truth.
+    SetNow,
+    /// Longer: announce it first, set it only once the database has acknowledged a profile
+    /// with it — until then the controller could wait out the shorter one.
+    AfterAnnouncing,
+}
+
+/// The rule that keeps the real watchdog timeout no longer than what the database knows. Pure.
+pub fn timeout_change(now: Option<Duration>, want: Duration) -> TimeoutChange {
+    match now {
+        Some(now) if want > now => TimeoutChange::AfterAnnouncing,
+        Some(now) if want == now => TimeoutChange::Keep,
+        _ => TimeoutChange::SetNow,
+    }
+}
+
 /// One of the two loops (heartbeat, converge): its own database pool and libvirt state.
 struct Watch {
     config: Config,
@@ -194,10 +216,10 @@ pub async fn run(config: Config, stop: impl std::future::Future<Output = ()>) ->
     let mut hardware = config.watch.hardware_watchdog.as_deref().and_then(|path| HardwareWatchdog::arm(path, want));
     let mut longer = None;
     if let (Some(dog), Some(want)) = (&mut hardware, want) {
-        match dog.timeout() {
-            Some(now) if want > now => longer = Some(want),
-            Some(now) if want == now => {}
-            _ => dog.set_timeout(want),
+        match timeout_change(dog.timeout(), want) {
+            TimeoutChange::Keep => {}
+            TimeoutChange::SetNow => dog.set_timeout(want),
+            TimeoutChange::AfterAnnouncing => longer = Some(want),
         }
     }
     let announced = longer.or(hardware.as_ref().and_then(HardwareWatchdog::timeout));
@@ -733,6 +755,16 @@ mod tests {
     use super::{feeds_hardware, fencing_profile};
     use nodekeeper_store::guard_api::{Peer, PeerList};
     use std::time::Duration;
+
+    #[test]
+    fn the_watchdog_timeout_is_never_lengthened_before_it_is_announced() {
+        use super::{timeout_change, TimeoutChange};
+        let s = Duration::from_secs;
+        assert_eq!(timeout_change(Some(s(60)), s(30)), TimeoutChange::SetNow, "shorter: at once");
+        assert_eq!(timeout_change(Some(s(30)), s(60)), TimeoutChange::AfterAnnouncing, "longer: told first");
+        assert_eq!(timeout_change(Some(s(60)), s(60)), TimeoutChange::Keep);
+        assert_eq!(timeout_change(None, s(60)), TimeoutChange::SetNow, "unknown: nothing was reported of it");
+    }
 
     #[test]
     fn the_fencing_profile_names_the_cell_only_when_the_quorum_is_exact() {
