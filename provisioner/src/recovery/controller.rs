@@ -343,7 +343,8 @@ impl<F: BmcFactory> Controller<F> {
         let hosts = store.hosts().await?;
         let instances = store.instances(None).await?;
         let mut events = Vec::new();
-        for d in super::drift::drift(&store.guard_reports().await?, &hosts, &instances, now, self.config.grace) {
+        let reports = store.guard_reports().await?;
+        for d in super::drift::drift(&reports, &hosts, &instances, now, self.config.grace) {
             match d.kind {
                 "gc.running_astray" => out.running_astray.push((d.instance, d.host.clone())),
                 _ => out.not_running.push((d.instance, d.host.clone())),
@@ -357,8 +358,7 @@ impl<F: BmcFactory> Controller<F> {
         let (ip, hp, run) = if fenced.is_empty() {
             Default::default()
         } else {
-            let run = place::running(&instances, &store.guard_reports().await?);
-            (store.instance_policies().await?, store.host_inventories().await?, run)
+            (store.instance_policies().await?, store.host_inventories().await?, place::running(&instances, &reports))
         };
         for h in fenced {
             let left: Vec<InstanceId> =
@@ -559,7 +559,13 @@ impl<F: BmcFactory> Controller<F> {
         moving.sort_by_key(|i| (std::cmp::Reverse(priority(&i.uuid)), i.uuid.uuid()));
         let ids: Vec<_> = moving.iter().map(|i| i.uuid).collect();
         let hosts = store.hosts().await?;
-        let run = place::running(&all, &store.guard_reports().await?);
+        // The guards' reports only matter to instances with a restart order (each pass of a
+        // waiting evacuation would read every host's report otherwise).
+        let run = if ids.iter().any(|id| ip.get(id).is_some_and(|p| !p.after.is_empty())) {
+            place::running(&all, &store.guard_reports().await?)
+        } else {
+            Default::default()
+        };
         let policies = place::Policies { instances: &ip, hosts: &hp, running: &run };
         let placed = place::place(&host.name, &ids, &hosts, &all, policies, now, self.config.grace);
         let (mut moved, mut unplaced, mut ordered) = (0, 0, 0);
