@@ -252,6 +252,13 @@ impl<F: BmcFactory> Controller<F> {
         Ok(self.watchdog_refusal(store.guard_fencing_of(host).await?.as_ref()).map_or(Ok(()), Err))
     }
 
+    /// Why the mass-failure brake holds at `now`, if it does (silence counted from when this
+    /// replica began to lead, as detection counts it): the fencing levels after the BMC ask.
+    async fn brake(&self, store: &Store, now: Timestamp) -> Result<Option<String>, StoreError> {
+        let since = self.watching.lock().unwrap_or_else(|p| p.into_inner()).map_or(now, |(_, since)| since);
+        Ok(detect::brake(&store.hosts().await?, now, since, &self.policy()))
+    }
+
     /// Why this controller will not fence a host with `profile` by its watchdog, if it will not.
     fn watchdog_refusal(&self, profile: Option<&nodekeeper_store::FencingProfile>) -> Option<String> {
         if !self.config.watchdog_fencing {
@@ -272,15 +279,14 @@ impl<F: BmcFactory> Controller<F> {
         if let Some(why) = self.watchdog_refusal(profile.as_ref()) {
             return Ok(watchdog::Verdict::Refused(why));
         }
-        let hosts = store.hosts().await?;
-        let since = self.watching.lock().unwrap_or_else(|p| p.into_inner()).map_or(now, |(_, since)| since);
+        let brake = self.brake(store, now).await?;
         let (seen, quorum) = self
             .quorums
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(&op.id)
             .map_or((None, None), |(_, seen, q)| (*seen, Some(*q)));
-        let look = Look { seen, quorum, brake: detect::brake(&hosts, now, since, &self.policy()) };
+        let look = Look { seen, quorum, brake };
         Ok(watchdog::judge(now, &host.name, profile.as_ref(), host.last_heartbeat, self.config.grace, &look))
     }
 
@@ -650,9 +656,7 @@ impl<F: BmcFactory> crate::ops::Machine for Fence<'_, F> {
                 fence::after_power_off(attempts, result, data, levels)
             }
             Work::OutletOff => {
-                let hosts = store.hosts().await?;
-                let since = c.watching.lock().unwrap_or_else(|p| p.into_inner()).map_or(self.now, |(_, s)| s);
-                let brake = detect::brake(&hosts, self.now, since, &c.policy());
+                let brake = c.brake(store, self.now).await?;
                 let result = match &brake {
                     Some(why) => {
                         tracing::debug!(host = %host.name, "PDU outlets: the mass-failure brake holds: {why}");
