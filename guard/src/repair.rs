@@ -12,16 +12,7 @@ use serde::Serialize;
 
 use crate::config::Config;
 
-/// One command the repair ran.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct Ran {
-    /// The argv.
-    pub command: Vec<String>,
-    /// It exited 0 within its time.
-    pub ok: bool,
-    /// Its exit status or error, and the end of its stderr.
-    pub detail: String,
-}
+pub use crate::watch::services::Ran;
 
 /// What `repair` did (one JSON line on stdout).
 #[derive(Debug, Clone, Serialize)]
@@ -43,35 +34,13 @@ impl RepairReport {
     }
 }
 
-async fn run(argv: &[String], limit: Duration) -> Option<Ran> {
-    let (program, args) = argv.split_first()?;
-    let out = tokio::time::timeout(
-        limit,
-        tokio::process::Command::new(program).args(args).stdin(std::process::Stdio::null()).kill_on_drop(true).output(),
-    )
-    .await;
-    let (ok, detail) = match out {
-        Ok(Ok(o)) => {
-            let err = String::from_utf8_lossy(&o.stderr);
-            let tail: String = err.trim().chars().rev().take(300).collect::<Vec<_>>().into_iter().rev().collect();
-            (
-                o.status.success(),
-                format!("{}{}", o.status, if tail.is_empty() { String::new() } else { format!(": {tail}") }),
-            )
-        }
-        Ok(Err(e)) => (false, e.to_string()),
-        Err(_) => (false, format!("did not finish within {}", humantime::format_duration(limit))),
-    };
-    Some(Ran { command: argv.to_vec(), ok, detail })
-}
-
 /// Restarts libvirtd (`watch.libvirt_restart`), checks that libvirt answers, then restarts
 /// the guard (`watch.guard_restart`): the guard last, so that it comes back onto a libvirtd
 /// that works.
 pub async fn repair(config: &Config) -> RepairReport {
     let w = &config.watch;
     let limit = w.libvirt_timeout.max(Duration::from_secs(30));
-    let libvirtd = run(&w.libvirt_restart, limit).await;
+    let libvirtd = crate::watch::services::run_command_within(&w.libvirt_restart, limit).await;
     let uri = config.libvirt.uri.clone();
     let mut libvirt_answers = false;
     // A restarted libvirtd takes a moment to listen: ask until it answers, within its timeout.
@@ -89,6 +58,6 @@ pub async fn repair(config: &Config) -> RepairReport {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    let guard = run(&w.guard_restart, limit).await;
+    let guard = crate::watch::services::run_command_within(&w.guard_restart, limit).await;
     RepairReport { host: config.host.to_string(), libvirtd, libvirt_answers, guard }
 }

@@ -101,20 +101,47 @@ async fn http_ok(url: &str, timeout: Duration) -> Result<(), String> {
     }
 }
 
-/// Runs `argv` (60 s at most), logging how it went.
+/// What one command run came to.
+#[derive(Debug, Clone, serde::Serialize, PartialEq, Eq)]
+pub struct Ran {
+    /// The argv.
+    pub command: Vec<String>,
+    /// It exited 0 within its time.
+    pub ok: bool,
+    /// Its exit status or error, and the end of its stderr.
+    pub detail: String,
+}
+
+/// Runs `argv` (nothing for an empty one) within 60 s, logging the outcome.
 pub async fn run_command(argv: &[String]) {
-    let Some((program, args)) = argv.split_first() else { return };
+    run_command_within(argv, Duration::from_secs(60)).await;
+}
+
+/// Runs `argv` within `limit`, logging and returning the outcome (`None`: an empty argv).
+pub async fn run_command_within(argv: &[String], limit: Duration) -> Option<Ran> {
+    let (program, args) = argv.split_first()?;
     let out = tokio::time::timeout(
-        Duration::from_secs(60),
-        tokio::process::Command::new(program).args(args).kill_on_drop(true).output(),
+        limit,
+        tokio::process::Command::new(program).args(args).stdin(std::process::Stdio::null()).kill_on_drop(true).output(),
     )
     .await;
-    match out {
-        Ok(Ok(o)) if o.status.success() => tracing::info!("ran {argv:?}"),
-        Ok(Ok(o)) => tracing::error!("{argv:?}: {} {}", o.status, String::from_utf8_lossy(&o.stderr).trim()),
-        Ok(Err(e)) => tracing::error!("{argv:?}: {e}"),
-        Err(_) => tracing::error!("{argv:?}: did not finish within 60 s"),
+    let (ok, detail) = match out {
+        Ok(Ok(o)) => {
+            let err = String::from_utf8_lossy(&o.stderr);
+            let err = err.trim();
+            let skip = err.chars().count().saturating_sub(300);
+            let tail: String = err.chars().skip(skip).collect();
+            (o.status.success(), if tail.is_empty() { o.status.to_string() } else { format!("{}: {tail}", o.status) })
+        }
+        Ok(Err(e)) => (false, e.to_string()),
+        Err(_) => (false, format!("did not finish within {}", humantime::format_duration(limit))),
+    };
+    if ok {
+        tracing::info!("ran {argv:?}");
+    } else {
+        tracing::error!("{argv:?}: {detail}");
     }
+    Some(Ran { command: argv.to_vec(), ok, detail })
 }
 
 #[cfg(test)]
