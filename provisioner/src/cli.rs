@@ -3,6 +3,7 @@
 use std::net::IpAddr;
 use std::path::PathBuf;
 
+use anyhow::bail;
 use clap::{Parser, Subcommand};
 use nodekeeper_store::{BootMode, BootPath, HostName, InstanceId, MacAddr};
 
@@ -19,6 +20,19 @@ pub struct Cli {
     /// Database URL: sqlite://PATH or postgres://USER[:PASSWORD]@HOST[:PORT]/DB.
     #[arg(long, global = true, env = "NODEKEEPER_DATABASE_URL", default_value = DEFAULT_DATABASE_URL, hide_env_values = true)]
     pub database_url: String,
+
+    /// Send admin commands to this `serve`'s admin API (http[s]://HOST:PORT) instead of
+    /// opening the database; needs --token-file.
+    #[arg(long, global = true, env = "NODEKEEPER_SERVER")]
+    pub server: Option<String>,
+
+    /// The file holding the admin token (`token create`) for --server.
+    #[arg(long, global = true, env = "NODEKEEPER_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+
+    /// The CA (PEM) that signed an https --server's certificate (default: the system's).
+    #[arg(long, global = true, env = "NODEKEEPER_SERVER_CA")]
+    pub server_ca: Option<PathBuf>,
 
     /// Print machine-readable JSON on stdout instead of tables.
     #[arg(long, global = true)]
@@ -65,6 +79,9 @@ pub enum Command {
         #[arg(long)]
         image: Option<String>,
     },
+    /// Admin tokens: who may use the admin API (`--server`, the console), and as what.
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// TLS for the API nodes use (`[http.tls]`).
     #[command(subcommand)]
     Tls(TlsCommand),
@@ -77,6 +94,30 @@ pub enum Command {
 }
 
 pub use crate::admin::PowerCommand;
+
+/// `token ...`
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Make a token and print it once (only its digest is kept).
+    Create {
+        /// Its name: events name it as the actor (`token:NAME`); never reused.
+        name: String,
+        /// viewer (read), operator (also power, reimage, mark-fenced, drain, maintenance) or
+        /// admin (everything, tokens too).
+        #[arg(long)]
+        role: String,
+        /// How long it works: 90d, 12h, … or never.
+        #[arg(long, default_value = "90d")]
+        expires: String,
+    },
+    /// List tokens (never their secrets).
+    List,
+    /// Revoke a token: the next request with it is refused.
+    Revoke {
+        /// The token's name.
+        name: String,
+    },
+}
 
 /// `tls ...`
 #[derive(Debug, Subcommand)]
@@ -323,75 +364,131 @@ pub enum InstanceCommand {
 
 /// Runs a parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
-    let out = admin::Output { json: cli.json };
     match &cli.command {
         Command::Serve { config } => return serve(config).await,
         Command::Tls(TlsCommand::Init { config, names, new_ca }) => {
-            return admin::tls_init(&out, config, names, *new_ca)
+            return admin::tls_init(config, names, *new_ca)?.print(cli.json)
         }
         _ => {}
     }
+    let call = match to_call(&cli.command) {
+        Ok(call) => call,
+        Err(e) => return Err(e),
+    };
+    if let Some(server) = &cli.server {
+        let Some(call) = call else {
+            bail!("this command works on the provisioner's own database or files: run it there, without --server");
+        };
+        let remote = crate::remote::Remote::new(server, cli.token_file.as_deref(), cli.server_ca.as_deref())?;
+        let reply = remote.call(&call, cli.json).await?;
+        return reply.print(cli.json);
+    }
     let migrate_only = matches!(cli.command, Command::Db(DbCommand::Migrate));
     let store = admin::open_store(&cli.database_url, migrate_only).await?;
-    let result = match cli.command {
-        Command::Db(DbCommand::Migrate) => admin::db_migrate(&store, &out).await,
-        Command::Db(DbCommand::GuardRole { host, role }) => {
-            admin::db_guard_role(&store, &out, &cli.database_url, &host, role.as_deref()).await
+    let actor = admin::local_actor();
+    let result = match (call, cli.command) {
+        (Some(call), _) => {
+            let bmc = crate::config::BmcConfig::default();
+            call.run(admin::Ctx { store: &store, actor: &actor, bmc: &bmc }).await
         }
-        Command::Host(HostCommand::Add { name, mac, ip, bmc, bmc_credentials, root_device, boot_mode, boot_path }) => {
-            let new = nodekeeper_store::NewHost { name, mac, ip, bmc_url: bmc, bmc_credentials };
-            admin::host_add(&store, &out, new, root_device.as_deref(), boot_mode, boot_path).await
+        (None, Command::Db(DbCommand::Migrate)) => admin::db_migrate(&store).await,
+        (None, Command::Db(DbCommand::GuardRole { host, role })) => {
+            admin::db_guard_role(&store, &cli.database_url, &host, role.as_deref()).await
         }
-        Command::Host(HostCommand::Set { name, root_device, boot_mode, boot_path, vcpus, memory, reserved }) => {
-            if vcpus.is_some() || memory.is_some() || reserved.is_some() {
-                admin::host_inventory(&store, &out, &name, vcpus.as_deref(), memory.as_deref(), reserved).await?;
-            }
-            if root_device.is_some() || boot_mode.is_some() || boot_path.is_some() {
-                admin::host_set(&store, &out, &name, root_device.as_deref(), boot_mode.as_deref(), boot_path).await
-            } else if vcpus.is_none() && memory.is_none() && reserved.is_none() {
-                admin::host_set(&store, &out, &name, None, None, None).await
-            } else {
-                Ok(())
-            }
-        }
-        Command::Power { host, action } => admin::power(&store, &out, &host, action).await,
-        Command::Image(ImageCommand::Add { name, file, level, dir }) => match dir.resolve() {
-            Ok(d) => admin::image_add(&store, &out, &d, &name, &file, level).await,
+        (None, Command::Image(ImageCommand::Add { name, file, level, dir })) => match dir.resolve() {
+            Ok(d) => admin::image_add(&store, &actor, &d, &name, &file, level).await,
             Err(e) => Err(e),
         },
-        Command::Image(ImageCommand::List) => admin::image_list(&store, &out).await,
-        Command::Image(ImageCommand::Show { name }) => admin::image_show(&store, &out, &name).await,
-        Command::Image(ImageCommand::Remove { name, dir }) => match dir.resolve() {
-            Ok(d) => admin::image_remove(&store, &out, &d, &name).await,
+        (None, Command::Image(ImageCommand::Remove { name, dir })) => match dir.resolve() {
+            Ok(d) => admin::image_remove(&store, &actor, &d, &name).await,
             Err(e) => Err(e),
         },
-        Command::Reimage { host, image } => admin::reimage(&store, &out, &host, image.as_deref()).await,
-        Command::Host(HostCommand::Outlets { name, urls, credentials, none }) => {
-            admin::host_outlets(&store, &out, &name, &urls, credentials.as_deref(), none).await
-        }
-        Command::Host(HostCommand::List) => admin::host_list(&store, &out).await,
-        Command::Host(HostCommand::Show { name }) => admin::host_show(&store, &out, &name).await,
-        Command::Host(HostCommand::MarkFenced { name }) => admin::mark_fenced(&store, &out, &name).await,
-        Command::Host(HostCommand::Token { name }) => admin::host_token(&store, &out, &name).await,
-        Command::Instance(InstanceCommand::Import { file }) => admin::instance_import(&store, &out, &file).await,
-        Command::Instance(InstanceCommand::List { host }) => admin::instance_list(&store, &out, host.as_ref()).await,
-        Command::Instance(InstanceCommand::Evacuate { to, force, uuids }) => {
-            admin::instance_evacuate(&store, &out, &to, force, &uuids).await
-        }
-        Command::Instance(InstanceCommand::Delete { uuids }) => admin::instance_delete(&store, &out, &uuids).await,
-        Command::Instance(InstanceCommand::Set { uuids, priority, anti_affinity, max_relocate, after }) => {
-            let change = admin::PolicyChange {
-                priority,
-                anti_affinity: anti_affinity.as_deref(),
-                max_relocate: max_relocate.as_deref(),
-                after: after.as_deref(),
-            };
-            admin::instance_set(&store, &out, &uuids, &change).await
-        }
-        Command::Serve { .. } | Command::Tls(_) => unreachable!("handled above"),
+        (None, _) => unreachable!("every other command is a call"),
     };
     store.close().await;
-    result
+    result?.print(cli.json)
+}
+
+/// The command as an admin [`admin::Call`]; `None` for those that only work on the
+/// provisioner itself (the schema, database roles, the images directory).
+fn to_call(command: &Command) -> anyhow::Result<Option<admin::Call>> {
+    use admin::Call;
+    Ok(Some(match command {
+        Command::Db(_) | Command::Image(ImageCommand::Add { .. } | ImageCommand::Remove { .. }) => return Ok(None),
+        Command::Serve { .. } | Command::Tls(_) => return Ok(None),
+        Command::Host(HostCommand::Add { name, mac, ip, bmc, bmc_credentials, root_device, boot_mode, boot_path }) => {
+            Call::HostAdd(admin::HostAdd {
+                name: name.clone(),
+                mac: *mac,
+                ip: *ip,
+                bmc: bmc.clone(),
+                bmc_credentials: bmc_credentials.clone(),
+                root_device: root_device.clone(),
+                boot_mode: boot_mode.map(|m| m.to_string()),
+                boot: Some(boot_path.to_string()),
+            })
+        }
+        Command::Host(HostCommand::Set { name, root_device, boot_mode, boot_path, vcpus, memory, reserved }) => {
+            Call::HostSet(
+                name.clone(),
+                admin::HostSet {
+                    root_device: root_device.clone(),
+                    boot_mode: boot_mode.clone(),
+                    boot: boot_path.map(|p| p.to_string()),
+                    vcpus: vcpus.clone(),
+                    memory: memory.clone(),
+                    reserved: *reserved,
+                },
+            )
+        }
+        Command::Host(HostCommand::Outlets { name, urls, credentials, none }) => {
+            if urls.is_empty() && !none {
+                if credentials.is_some() {
+                    bail!("host outlets {name}: --credentials goes with the outlets' URLs");
+                }
+                Call::HostOutlets(name.clone(), None)
+            } else {
+                Call::HostOutlets(
+                    name.clone(),
+                    Some(admin::Outlets { urls: urls.clone(), credentials: credentials.clone() }),
+                )
+            }
+        }
+        Command::Host(HostCommand::List) => Call::HostList,
+        Command::Host(HostCommand::Show { name }) => Call::HostShow(name.clone()),
+        Command::Host(HostCommand::MarkFenced { name }) => Call::MarkFenced(name.clone()),
+        Command::Host(HostCommand::Token { name }) => Call::HostToken(name.clone()),
+        Command::Power { host, action } => Call::Power(host.clone(), *action),
+        Command::Reimage { host, image } => Call::Reimage(host.clone(), admin::Reimage { image: image.clone() }),
+        Command::Image(ImageCommand::List) => Call::ImageList,
+        Command::Image(ImageCommand::Show { name }) => Call::ImageShow(name.clone()),
+        Command::Instance(InstanceCommand::Import { file }) => {
+            Call::InstanceImport(file.display().to_string(), admin::read_import_file(file)?)
+        }
+        Command::Instance(InstanceCommand::List { host }) => Call::InstanceList(host.clone()),
+        Command::Instance(InstanceCommand::Evacuate { to, force, uuids }) => {
+            Call::InstanceEvacuate(admin::Evacuate { to: to.clone(), force: *force, uuids: uuids.clone() })
+        }
+        Command::Instance(InstanceCommand::Delete { uuids }) => {
+            Call::InstanceDelete(admin::Uuids { uuids: uuids.clone() })
+        }
+        Command::Instance(InstanceCommand::Set { uuids, priority, anti_affinity, max_relocate, after }) => {
+            Call::InstanceSet(admin::InstanceSet {
+                uuids: uuids.clone(),
+                priority: *priority,
+                anti_affinity: anti_affinity.clone(),
+                max_relocate: max_relocate.clone(),
+                after: after.clone(),
+            })
+        }
+        Command::Token(TokenCommand::Create { name, role, expires }) => Call::TokenCreate(admin::TokenCreate {
+            name: name.clone(),
+            role: role.clone(),
+            expires: Some(expires.clone()),
+        }),
+        Command::Token(TokenCommand::List) => Call::TokenList,
+        Command::Token(TokenCommand::Revoke { name }) => Call::TokenRevoke(name.clone()),
+    }))
 }
 
 /// `serve --config FILE`: the database URL comes from the config file.

@@ -184,6 +184,81 @@ pub struct HttpConfig {
     pub max_event_streams: usize,
     /// `[http.tls]`: the same API over HTTPS, for guards and deploy agents.
     pub tls: Option<TlsConfig>,
+    /// `[http.auth]`: who may read the API, the event stream and `/metrics`.
+    #[serde(default)]
+    pub auth: AuthConfig,
+}
+
+/// `[http.auth]`. The admin API's writes always need an admin token of the right role; the
+/// guard and deploy APIs keep their per-node tokens; boot scripts, images, `/healthz` and
+/// the OpenAPI document answer anyone.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// `token` (default): reads of `/api/v1`, the event stream and `/metrics` need a token
+    /// (any role); `open`: they answer anyone, as before admin tokens.
+    pub reads: ReadAccess,
+    /// Networks that may scrape `/metrics` without a token (a Prometheus that has none), as
+    /// `ADDRESS/PREFIX`: e.g. `["10.0.0.5/32", "fd00::/64"]`.
+    pub metrics_from: Vec<Cidr>,
+}
+
+/// `[http.auth] reads`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReadAccess {
+    /// Reads need a token.
+    #[default]
+    Token,
+    /// Reads answer anyone.
+    Open,
+}
+
+/// A network, `ADDRESS/PREFIX` (IPv4 or IPv6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    net: std::net::IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    /// Whether `ip` is in it (an IPv4-mapped IPv6 address counts as its IPv4 address).
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr;
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.net, ip) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                u32::from(n) & mask == u32::from(a) & mask
+            }
+            (IpAddr::V6(n), IpAddr::V6(a)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                u128::from(n) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Cidr, String> {
+        let (addr, prefix) = s.split_once('/').ok_or_else(|| format!("{s:?}: expected ADDRESS/PREFIX"))?;
+        let net: std::net::IpAddr = addr.parse().map_err(|e| format!("{s:?}: {e}"))?;
+        let max = if net.is_ipv4() { 32 } else { 128 };
+        let prefix =
+            prefix.parse::<u8>().ok().filter(|p| *p <= max).ok_or_else(|| format!("{s:?}: prefix 0 to {max}"))?;
+        Ok(Cidr { net, prefix })
+    }
+}
+
+impl<'de> Deserialize<'de> for Cidr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Cidr, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 /// `[http.tls]`: an HTTPS listener serving the same routes. Nodes are pointed at it — the
@@ -371,6 +446,30 @@ listen = "10.20.0.1:8080"
 public_url = "http://10.20.0.1:8080"
 images_dir = "/var/lib/nodekeeper/images"
 "#;
+
+    #[test]
+    fn auth_defaults_to_tokens_and_metrics_networks_are_checked() {
+        let c = ServeConfig::parse(CONTRACT).expect("contract");
+        assert_eq!(c.http.auth.reads, ReadAccess::Token);
+        assert!(c.http.auth.metrics_from.is_empty());
+        let open = format!("{CONTRACT}[http.auth]\nreads = \"open\"\nmetrics_from = [\"10.0.0.0/8\", \"fd00::/64\"]\n");
+        let c = ServeConfig::parse(&open).expect("open");
+        assert_eq!(c.http.auth.reads, ReadAccess::Open);
+        let [v4, v6] = c.http.auth.metrics_from[..] else { panic!("two networks") };
+        assert!(
+            v4.contains("10.200.0.1".parse().expect("address")) && !v4.contains("11.0.0.1".parse().expect("address"))
+        );
+        assert!(v4.contains("::ffff:10.1.2.3".parse().expect("address")), "IPv4-mapped");
+        assert!(v6.contains("fd00::5".parse().expect("address")) && !v6.contains("fd01::5".parse().expect("address")));
+        let all: Cidr = "0.0.0.0/0".parse().expect("address");
+        assert!(all.contains("192.0.2.1".parse().expect("address")) && !all.contains("::1".parse().expect("address")));
+        for bad in ["10.0.0.0", "10.0.0.0/33", "fd00::/129", "x/8", "10.0.0.0/-1"] {
+            let text = format!("{CONTRACT}[http.auth]\nmetrics_from = [\"{bad}\"]\n");
+            assert!(ServeConfig::parse(&text).is_err(), "{bad}");
+        }
+        let typo = format!("{CONTRACT}[http.auth]\nreads = \"public\"\n");
+        assert!(ServeConfig::parse(&typo).is_err());
+    }
 
     #[test]
     fn a_repair_key_is_read_for_its_public_half_and_bad_ones_are_named() {

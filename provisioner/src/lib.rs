@@ -22,5 +22,6 @@ pub mod metrics;
 pub mod ops;
 pub mod recovery;
 pub mod reimage;
+pub mod remote;
 pub mod serve;
 pub mod tftp;

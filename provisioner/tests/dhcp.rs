@@ -46,7 +46,7 @@ async fn setup(mode: &str) -> Setup {
     std::fs::write(
         &config,
         format!(
-            "database_url = \"{}\"\n[dhcp]\n{dhcp}[tftp]\nlisten = \"10.20.0.1:69\"\nroot = \"{d}/tftp\"\n[http]\nlisten = \"10.20.0.1:8080\"\npublic_url = \"http://10.20.0.1:8080\"\nimages_dir = \"{d}/images\"\n",
+            "database_url = \"{}\"\n[dhcp]\n{dhcp}[tftp]\nlisten = \"10.20.0.1:69\"\nroot = \"{d}/tftp\"\n[http]\nlisten = \"10.20.0.1:8080\"\npublic_url = \"http://10.20.0.1:8080\"\nimages_dir = \"{d}/images\"\n[http.auth]\nmetrics_from = [\"10.20.0.1/32\"]\n",
             db.url()
         ),
     )

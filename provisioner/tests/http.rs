@@ -57,6 +57,11 @@ async fn start() -> Server {
         repair_public_key: None,
         max_event_streams: 4,
         tls: None,
+        // The reads of the API as before admin tokens (tests/admin_api.rs has the default).
+        auth: nodekeeper_provisioner::config::AuthConfig {
+            reads: nodekeeper_provisioner::config::ReadAccess::Open,
+            ..Default::default()
+        },
     };
     let state = HttpState {
         store: store.clone(),
@@ -68,6 +73,7 @@ async fn start() -> Server {
         tls: None,
         loaders: Some(loaders_dir.clone()),
         media: None,
+        bmc: Default::default(),
         images: Arc::new(Images::new(&images_dir).expect("images")),
     };
     let shutdown = CancellationToken::new();
@@ -336,8 +342,10 @@ async fn a_database_error_is_logged_not_shown_to_the_client() {
     s.store.close().await; // every query fails from now on
     let (code, _, body) = curl(&[&format!("{}/api/v1/hosts", s.base)]).await;
     let body = String::from_utf8_lossy(&body).into_owned();
-    assert_eq!(code, 500, "{body}");
-    assert!(body.starts_with("internal error ") && body.contains("see the provisioner's log"), "{body}");
+    assert_eq!(code, 503, "{body}");
+    let error: serde_json::Value = serde_json::from_str(&body).expect("a JSON error");
+    assert_eq!(error["error"]["code"], "database", "{body}");
+    assert!(error["error"]["message"].as_str().is_some_and(|m| m.contains("see the provisioner's log")), "{body}");
     for secret in ["pool", "sqlite", "closed", "nodekeeper.db", "SELECT"] {
         assert!(!body.contains(secret), "the cause leaked: {body}");
     }

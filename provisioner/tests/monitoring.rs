@@ -64,7 +64,13 @@ async fn the_rules_and_the_dashboard_check_out_against_a_live_metrics_page() {
     let dir = tempfile::tempdir().expect("dir");
     let d = dir.path().display().to_string();
     let port = free_port();
-    let (config, base) = serve_config(&d, "serve", db.url(), port, "[recovery]\nenabled = false\n");
+    let (config, base) = serve_config(
+        &d,
+        "serve",
+        db.url(),
+        port,
+        "[http.auth]\nmetrics_from = [\"127.0.0.1/32\"]\n[recovery]\nenabled = false\n",
+    );
     let _serve = spawn_serve(&config, &format!("{d}/serve.log"));
     let url = format!("{base}/metrics");
     wait_until("serve answers", Duration::from_secs(30), async || curl(&[&url]).0 == 200).await;

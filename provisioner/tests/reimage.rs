@@ -76,6 +76,7 @@ async fn rig_with(dhcp_off: bool) -> Rig {
         repair_public_key: None,
         max_event_streams: 4,
         tls: None,
+        auth: Default::default(),
     };
     // Virtual media: ISOs under vmedia/, built from loaders/ (stand-ins: xorriso does not look
     // inside them) and the deploy ramdisk under deploy/ (stand-ins too).
@@ -106,6 +107,7 @@ async fn rig_with(dhcp_off: bool) -> Rig {
         tls: None,
         loaders: None,
         media: Some(media.clone()),
+        bmc: Default::default(),
         images: Arc::new(Images::new(dir.path()).expect("images")),
     };
     let stop = CancellationToken::new();

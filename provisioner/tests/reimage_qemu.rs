@@ -251,7 +251,7 @@ async fn start(mac: &str, hw: &Hardware) -> Option<Rig> {
         &config,
         format!(
             "database_url = \"{db}\"\n{dhcp}[virtual_media]\ndir = \"{d}/vmedia\"\n[tftp]\n{tftp_listen}root = \"{d}/tftp\"\n[http]\nlisten = \"10.20.0.1:8080\"\npublic_url = \"http://10.20.0.1:8080\"\nimages_dir = \"{d}/images\"\ndeploy_kernel_args = \"console=ttyS0 quiet panic=-1\"\n\
-             [http.tls]\nlisten = \"10.20.0.1:8443\"\npublic_url = \"https://10.20.0.1:8443\"\ncert = \"{d}/tls/server.pem\"\nkey = \"{d}/tls/server.key\"\nca = \"{d}/tls/ca.pem\"\nrequire = true\n",
+             [http.tls]\nlisten = \"10.20.0.1:8443\"\npublic_url = \"https://10.20.0.1:8443\"\ncert = \"{d}/tls/server.pem\"\nkey = \"{d}/tls/server.key\"\nca = \"{d}/tls/ca.pem\"\nrequire = true\n[http.auth]\nmetrics_from = [\"10.20.0.1/32\"]\n",
             d = d.display(),
             // UEFI HTTP boot: no TFTP server at all (the loaders come from /boot/loaders/).
             tftp_listen = if hw.boot == BootPath::Pxe { "listen = \"10.20.0.1:69\"\n" } else { "" },

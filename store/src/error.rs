@@ -132,6 +132,12 @@ pub enum StoreError {
         /// Who uses it.
         by: String,
     },
+    /// No admin token of that name.
+    #[error("unknown token {0} (token list shows them)")]
+    UnknownToken(String),
+    /// An admin token of that name exists (revoked tokens keep their names).
+    #[error("token {0} already exists (revoked tokens keep their names: choose another)")]
+    TokenExists(String),
     /// No instance with that UUID.
     #[error("unknown instance {0}")]
     UnknownInstance(InstanceId),

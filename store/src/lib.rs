@@ -13,7 +13,7 @@
 //! Layout: `types` (names, UUIDs, generations, timestamps: pure, a leaf) ← `error` ← `db`
 //! (the pool, migrations, the database's clock, leases as fencing tokens, row helpers) ← one
 //! module per table or concern (`hosts`, `images`, `instances`, `operations`, `outlets`, `policy`, `events`, `leadership`,
-//! `leases`, `reports`, `settings`, `guard_role`); `guard_api` holds the wire types the guard
+//! `leases`, `reports`, `settings`, `guard_role`, `tokens`); `guard_api` holds the wire types the guard
 //! API and its clients share. No other crate writes SQL.
 
 mod db;
@@ -32,6 +32,7 @@ mod outlets;
 mod policy;
 mod reports;
 mod settings;
+mod tokens;
 mod types;
 
 pub use db::{redact_url, Backend, ConnectOptions, DatabaseUrl, LeaseToken, Store};
@@ -48,6 +49,7 @@ pub use operations::{Operation, StepChange};
 pub use outlets::HostOutlet;
 pub use policy::{valid_group, HostInventory, InstancePolicy};
 pub use reports::{FencingProfile, GuardReport, ReportedDomain};
+pub use tokens::{valid_token_name, AdminToken, Role};
 pub use types::{
     BootMode, BootPath, Generation, HostName, HostState, InstanceId, MacAddr, OperationStatus, ParseError, Storage,
     Timestamp,

@@ -36,6 +36,7 @@ on_both_engines!(
     host_state_compare_and_set_changes_only_from_the_expected_state,
     the_image_catalogue_refuses_duplicates_and_removal_while_used,
     an_image_removal_and_a_reimage_start_never_both_win,
+    admin_tokens_are_unique_revocable_and_touched_once_a_minute,
 );
 
 fn host(name: &str) -> HostName {
@@ -900,4 +901,39 @@ async fn an_image_removal_and_a_reimage_start_never_both_win(db: TestDb) {
         let started = starter.await.expect("join").is_ok();
         assert!(removed ^ started, "round {round}: removed {removed}, started {started}");
     }
+}
+
+async fn admin_tokens_are_unique_revocable_and_touched_once_a_minute(db: TestDb) {
+    use nodekeeper_store::{Role, Timestamp};
+    let store = db.store().await;
+    let t = store.create_admin_token("alice@ops", Role::Operator, "aa", None, "cli:root").await.expect("ok");
+    assert_eq!((t.role, t.revoked_at, t.last_used_at), (Role::Operator, None, None));
+    // A name is taken for good, a digest is unique, a bad name is refused: nothing written.
+    let again = store.create_admin_token("alice@ops", Role::Admin, "bb", None, "cli:root").await.expect_err("refused");
+    assert!(matches!(again, StoreError::TokenExists(_)), "{again}");
+    assert!(store.create_admin_token("bob", Role::Admin, "aa", None, "cli:root").await.is_err());
+    assert!(matches!(store.create_admin_token("a b", Role::Admin, "cc", None, "x").await, Err(StoreError::Invalid(_))));
+    assert_eq!(store.admin_tokens().await.expect("ok").len(), 1);
+    let (read, digest) = store.admin_token("alice@ops").await.expect("ok").expect("ok");
+    assert_eq!((read, digest.as_str()), (t.clone(), "aa"));
+    assert!(store.admin_token("nobody").await.expect("ok").is_none());
+    // Used: noted once; again within a minute: not written again.
+    let now = Timestamp::now();
+    store.touch_admin_token("alice@ops", now).await.expect("ok");
+    store.touch_admin_token("alice@ops", Timestamp(now.0 + 30_000)).await.expect("ok");
+    assert_eq!(store.admin_token("alice@ops").await.expect("ok").expect("ok").0.last_used_at, Some(now));
+    store.touch_admin_token("alice@ops", Timestamp(now.0 + 61_000)).await.expect("ok");
+    assert_eq!(
+        store.admin_token("alice@ops").await.expect("ok").expect("ok").0.last_used_at,
+        Some(Timestamp(now.0 + 61_000))
+    );
+    // Revoked once, with one event; revoking again changes nothing; unknown names are errors.
+    let revoked = store.revoke_admin_token("alice@ops", "cli:root").await.expect("ok");
+    assert!(revoked.revoked_at.is_some() && !revoked.usable_at(Timestamp::now()));
+    let twice = store.revoke_admin_token("alice@ops", "cli:root").await.expect("ok");
+    assert_eq!(twice.revoked_at, revoked.revoked_at);
+    assert!(matches!(store.revoke_admin_token("nobody", "x").await, Err(StoreError::UnknownToken(_))));
+    let kinds: Vec<String> =
+        store.events(&EventFilter::default()).await.expect("ok").into_iter().map(|e| e.kind).collect();
+    assert_eq!(kinds.iter().filter(|k| k.starts_with("token.")).count(), 2, "{kinds:?}");
 }

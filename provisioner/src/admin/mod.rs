@@ -1,7 +1,11 @@
 //! The admin commands: each reads or changes the database through the store and prints a
 //! table, or with `--json` one JSON document on stdout (stable; see docs/cli.md).
 
+mod call;
 mod import;
+
+pub use call::{power_action, Evacuate, HostAdd, HostSet, InstanceSet, Outlets, Power, Reimage, TokenCreate, Uuids};
+pub use call::{Body, Call, Ctx, Request};
 
 use std::io::Write;
 use std::path::Path;
@@ -16,28 +20,37 @@ use serde_json::json;
 
 pub use import::{parse_jsonl, ImportError};
 
-/// Where and how to print results.
-#[derive(Debug, Clone, Copy)]
-pub struct Output {
-    /// JSON instead of tables.
-    pub json: bool,
+/// What an admin command answers: its JSON document (`--json`, and the admin API's body) and
+/// the same as text for a terminal. Made once, by the command; printed by the local CLI or
+/// sent by the API, so the remote CLI prints exactly what the local one does.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reply {
+    /// The JSON document (stable; see docs/cli.md).
+    pub json: serde_json::Value,
+    /// The table or sentence.
+    pub text: String,
 }
 
-impl Output {
-    fn emit<T: Serialize>(&self, value: &T, table: impl FnOnce() -> String) -> anyhow::Result<()> {
+impl Reply {
+    fn new<T: Serialize>(value: &T, table: impl FnOnce() -> String) -> anyhow::Result<Reply> {
+        Ok(Reply { json: serde_json::to_value(value).context("rendering JSON")?, text: table() })
+    }
+
+    /// Prints it on stdout: pretty JSON, or the text.
+    pub fn print(&self, json: bool) -> anyhow::Result<()> {
         let mut stdout = std::io::stdout().lock();
-        if self.json {
-            serde_json::to_writer_pretty(&mut stdout, value).context("writing JSON to stdout")?;
+        if json {
+            serde_json::to_writer_pretty(&mut stdout, &self.json).context("writing JSON to stdout")?;
             writeln!(stdout).context("writing to stdout")?;
         } else {
-            write!(stdout, "{}", table()).context("writing to stdout")?;
+            write!(stdout, "{}", self.text).context("writing to stdout")?;
         }
         Ok(())
     }
 }
 
-/// Who the events say acted: `cli:USER`.
-fn actor() -> String {
+/// Who the events say acted when the CLI works on the database itself: `cli:USER`.
+pub fn local_actor() -> String {
     let user = std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).unwrap_or_else(|_| "unknown".into());
     format!("cli:{user}")
 }
@@ -53,22 +66,23 @@ pub async fn open_store(url: &str, migrating: bool) -> anyhow::Result<Store> {
 }
 
 /// `db migrate`
-pub async fn db_migrate(store: &Store, out: &Output) -> anyhow::Result<()> {
+pub async fn db_migrate(store: &Store) -> anyhow::Result<Reply> {
     let applied = store.migrate().await?;
     let version = store.schema_version().await?;
     let value = json!({ "database": store.redacted_url(), "applied": applied, "schema_version": version });
-    out.emit(&value, || format!("{}: {applied} migration(s) applied, schema version {version}\n", store.redacted_url()))
+    Reply::new(&value, || {
+        format!("{}: {applied} migration(s) applied, schema version {version}\n", store.redacted_url())
+    })
 }
 
 /// `db guard-role HOST [--role NAME]`: prints the guard's `database_url` (with the role's new
 /// password: shown once).
 pub async fn db_guard_role(
     store: &Store,
-    out: &Output,
     admin_url: &str,
     host: &HostName,
     role: Option<&str>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Reply> {
     let made = store.create_guard_role(host, role).await?;
     let mut url = url::Url::parse(admin_url).context("the database URL")?;
     url.set_username(&made.role).map_err(|()| anyhow::anyhow!("the database URL cannot carry a user"))?;
@@ -80,15 +94,15 @@ pub async fn db_guard_role(
         database_url: &'a str,
     }
     let shown = Made { host, role: &made.role, database_url: url.as_str() };
-    out.emit(&shown, || format!("{}\n", url.as_str()))
+    Reply::new(&shown, || format!("{}\n", url.as_str()))
 }
 
 /// `tls init --config FILE [--name N]... [--new-ca]`
-pub fn tls_init(out: &Output, config: &std::path::Path, names: &[String], new_ca: bool) -> anyhow::Result<()> {
+pub fn tls_init(config: &std::path::Path, names: &[String], new_ca: bool) -> anyhow::Result<Reply> {
     let config = crate::config::ServeConfig::load(config)?;
     let tls = config.http.tls.as_ref().context("the config has no [http.tls] (listen, public_url, cert, key, ca)")?;
     let issued = crate::http::tls::init(tls, names, new_ca)?;
-    out.emit(&issued, || {
+    Reply::new(&issued, || {
         let ca = if issued.ca_created { "made" } else { "kept" };
         format!(
             "CA {} ({ca}), sha256 {}\nserver certificate {} for {} (until {})\nkey {}\n",
@@ -105,22 +119,23 @@ pub fn tls_init(out: &Output, config: &std::path::Path, names: &[String], new_ca
 /// `host add`
 pub async fn host_add(
     store: &Store,
-    out: &Output,
+    actor: &str,
+    bmc: &crate::config::BmcConfig,
     new: NewHost,
     root_device: Option<&str>,
     boot_mode: Option<BootMode>,
     boot_path: BootPath,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Reply> {
     if let Some(bmc) = &new.bmc_url {
         check_bmc_url(bmc)?;
     }
     if let Some(reference) = &new.bmc_credentials {
-        crate::bmc::CredentialScope::from_env().check(reference)?;
+        crate::bmc::CredentialScope::from(bmc).check(reference)?;
     }
     let root_device = root_device.map(root_device_hint).transpose()?;
     check_boot_path(boot_path, boot_mode, new.bmc_url.as_deref())?;
-    let host = store.add_host_with(&new, &BootSettings { root_device, boot_mode, boot_path }, &actor()).await?;
-    out.emit(&host, || format!("host {} added\n", host.name))
+    let host = store.add_host_with(&new, &BootSettings { root_device, boot_mode, boot_path }, actor).await?;
+    Reply::new(&host, || format!("host {} added\n", host.name))
 }
 
 /// A `--root-device` hint, checked and in the agent's one-word form.
@@ -131,12 +146,12 @@ fn root_device_hint(hint: &str) -> anyhow::Result<String> {
 /// `host set`
 pub async fn host_set(
     store: &Store,
-    out: &Output,
+    actor: &str,
     name: &HostName,
     root_device: Option<&str>,
     boot_mode: Option<&str>,
     boot_path: Option<BootPath>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Reply> {
     if root_device.is_none() && boot_mode.is_none() && boot_path.is_none() {
         bail!("host set {name}: nothing to change (--root-device, --boot-mode, --boot)");
     }
@@ -158,8 +173,8 @@ pub async fn host_set(
         host.bmc_url.as_deref(),
     )?;
     let change = BootChange { root_device: root_device.as_ref().map(|h| h.as_deref()), boot_mode, boot_path };
-    let settings = store.change_boot_settings(name, &change, &actor()).await?;
-    out.emit(&settings, || {
+    let settings = store.change_boot_settings(name, &change, actor).await?;
+    Reply::new(&settings, || {
         format!(
             "{name}: root device {}, boot mode {}, boot path {}\n",
             settings.root_device.as_deref().unwrap_or("(the smallest fixed disk)"),
@@ -169,18 +184,54 @@ pub async fn host_set(
     })
 }
 
+/// `host set`: the boot settings, the placement inventory, or both (one reply: the changed
+/// settings' fields, and the inventory's when it changed too).
+pub async fn host_change(store: &Store, actor: &str, name: &HostName, change: &HostSet) -> anyhow::Result<Reply> {
+    let boot_path =
+        change.boot.as_deref().map(str::parse::<BootPath>).transpose().map_err(|e| anyhow::anyhow!("--boot: {e}"))?;
+    let inventory = change.vcpus.is_some() || change.memory.is_some() || change.reserved.is_some();
+    let boot = change.root_device.is_some() || change.boot_mode.is_some() || boot_path.is_some();
+    if !inventory && !boot {
+        bail!("host set {name}: nothing to change (--root-device, --boot-mode, --boot, --vcpus, --memory, --reserved)");
+    }
+    // Checked before anything is written: a bad inventory value changes no boot setting.
+    let mut reply: Option<Reply> = None;
+    if boot {
+        reply = Some(
+            host_set(store, actor, name, change.root_device.as_deref(), change.boot_mode.as_deref(), boot_path).await?,
+        );
+    }
+    if inventory {
+        let more =
+            host_inventory(store, actor, name, change.vcpus.as_deref(), change.memory.as_deref(), change.reserved)
+                .await?;
+        reply = Some(match reply {
+            None => more,
+            Some(mut r) => {
+                if let (Some(a), serde_json::Value::Object(b)) = (r.json.as_object_mut(), more.json) {
+                    a.extend(b);
+                }
+                r.text.push_str(&more.text);
+                r
+            }
+        });
+    }
+    reply.context("nothing changed")
+}
+
 /// `host outlets`: shows (no URL) or replaces a host's PDU outlets.
 pub async fn host_outlets(
     store: &Store,
-    out: &Output,
+    actor: &str,
+    bmc: &crate::config::BmcConfig,
     name: &HostName,
     urls: &[String],
     credentials: Option<&str>,
     none: bool,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Reply> {
     if none || !urls.is_empty() {
         if let Some(reference) = credentials {
-            crate::bmc::CredentialScope::from_env().check(reference)?;
+            crate::bmc::CredentialScope::from(bmc).check(reference)?;
         }
         for url in urls {
             crate::bmc::pdu::check_url(url).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -189,12 +240,12 @@ pub async fn host_outlets(
             .iter()
             .map(|u| nodekeeper_store::HostOutlet { url: u.clone(), credentials: credentials.map(str::to_owned) })
             .collect();
-        store.set_host_outlets(name, &outlets, &actor()).await?;
+        store.set_host_outlets(name, &outlets, actor).await?;
     } else if credentials.is_some() {
         bail!("host outlets {name}: --credentials goes with the outlets' URLs");
     }
     let outlets = store.host_outlets(name).await?;
-    out.emit(&outlets, || {
+    Reply::new(&outlets, || {
         if outlets.is_empty() {
             return format!("{name}: no PDU outlets\n");
         }
@@ -224,9 +275,9 @@ fn check_bmc_url(bmc: &str) -> anyhow::Result<()> {
 }
 
 /// `host list`
-pub async fn host_list(store: &Store, out: &Output) -> anyhow::Result<()> {
+pub async fn host_list(store: &Store) -> anyhow::Result<Reply> {
     let hosts = store.hosts().await?;
-    out.emit(&hosts, || {
+    Reply::new(&hosts, || {
         table(
             &["NAME", "STATE", "MAC", "IP", "BMC", "LAST HEARTBEAT"],
             hosts.iter().map(|h| {
@@ -244,7 +295,7 @@ pub async fn host_list(store: &Store, out: &Output) -> anyhow::Result<()> {
 }
 
 /// `host show`
-pub async fn host_show(store: &Store, out: &Output, name: &HostName) -> anyhow::Result<()> {
+pub async fn host_show(store: &Store, name: &HostName) -> anyhow::Result<Reply> {
     let host = store.require_host(name).await?;
     let instances = store.instances(Some(name)).await?;
     let live = instances.iter().filter(|i| !i.deleted);
@@ -268,7 +319,7 @@ pub async fn host_show(store: &Store, out: &Output, name: &HostName) -> anyhow::
         "operation": operation, "events": events, "outlets": outlets, "fencing": fencing,
         "inventory": inventory,
     });
-    out.emit(&value, || {
+    Reply::new(&value, || {
         let mut s = String::new();
         let fields = [
             ("name", host.name.to_string()),
@@ -342,36 +393,41 @@ pub async fn host_show(store: &Store, out: &Output, name: &HostName) -> anyhow::
     })
 }
 
-/// `instance import`
-pub async fn instance_import(store: &Store, out: &Output, file: &Path) -> anyhow::Result<()> {
+/// `instance import`: `text` is the JSON lines, `source` names where they came from (a file,
+/// stdin, a request) in errors.
+pub async fn instance_import(store: &Store, actor: &str, source: &str, text: &str) -> anyhow::Result<Reply> {
     let started = Instant::now();
-    let text = if file == Path::new("-") {
-        std::io::read_to_string(std::io::stdin()).context("reading instances from stdin")?
-    } else {
-        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?
-    };
-    let parsed = parse_jsonl(&text).with_context(|| format!("{}: nothing imported", file.display()))?;
+    let parsed = parse_jsonl(text).with_context(|| format!("{source}: nothing imported"))?;
     let items: Vec<_> = parsed.iter().map(|(_, item, _)| item.clone()).collect();
     let policies: Vec<_> = parsed.iter().map(|(_, _, p)| p.clone()).collect();
-    let imported = store.import_instances_with(&items, &policies, &actor()).await.map_err(|e| match e {
-        StoreError::Item { index, source } => {
+    let imported = store.import_instances_with(&items, &policies, actor).await.map_err(|e| match e {
+        StoreError::Item { index, source: e } => {
             let line = parsed.get(index).map_or(0, |(line, _, _)| *line);
-            anyhow::anyhow!("{}: line {line}: {source}; nothing imported", file.display())
+            anyhow::anyhow!("{source}: line {line}: {e}; nothing imported")
         }
-        e => anyhow::Error::new(e).context(format!("{}: nothing imported", file.display())),
+        e => anyhow::Error::new(e).context(format!("{source}: nothing imported")),
     })?;
     let seconds = started.elapsed().as_secs_f64();
     let value = json!({ "imported": imported, "seconds": seconds });
-    out.emit(&value, || format!("imported {imported} instances in {seconds:.2} s\n"))
+    Reply::new(&value, || format!("imported {imported} instances in {seconds:.2} s\n"))
+}
+
+/// The JSON lines of `instance import FILE` (`-`: stdin).
+pub fn read_import_file(file: &Path) -> anyhow::Result<String> {
+    if file == Path::new("-") {
+        std::io::read_to_string(std::io::stdin()).context("reading instances from stdin")
+    } else {
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))
+    }
 }
 
 /// `instance list`
-pub async fn instance_list(store: &Store, out: &Output, host: Option<&HostName>) -> anyhow::Result<()> {
+pub async fn instance_list(store: &Store, host: Option<&HostName>) -> anyhow::Result<Reply> {
     if let Some(h) = host {
         store.require_host(h).await?;
     }
     let instances = store.instances(host).await?;
-    out.emit(&instances, || {
+    Reply::new(&instances, || {
         table(
             &["UUID", "NAME", "HOST", "GEN", "HA", "STORAGE", "DELETED"],
             instances.iter().map(|i| {
@@ -392,13 +448,13 @@ pub async fn instance_list(store: &Store, out: &Output, host: Option<&HostName>)
 /// `instance evacuate`
 pub async fn instance_evacuate(
     store: &Store,
-    out: &Output,
+    actor: &str,
     to: &HostName,
     force: bool,
     ids: &[InstanceId],
-) -> anyhow::Result<()> {
-    let transfers = store.evacuate(ids, to, force, &actor()).await.map_err(unwrap_item)?;
-    out.emit(&transfers, || {
+) -> anyhow::Result<Reply> {
+    let transfers = store.evacuate(ids, to, force, actor).await.map_err(unwrap_item)?;
+    Reply::new(&transfers, || {
         table(
             &["UUID", "FROM", "TO", "GEN", "MOVED"],
             transfers.iter().map(|t| {
@@ -430,10 +486,10 @@ pub struct PolicyChange<'a> {
 /// `instance set`: changes the given fields of each instance's recovery policy.
 pub async fn instance_set(
     store: &Store,
-    out: &Output,
+    actor: &str,
     ids: &[InstanceId],
     change: &PolicyChange<'_>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Reply> {
     let PolicyChange { priority, anti_affinity, max_relocate, after } = *change;
     if priority.is_none() && anti_affinity.is_none() && max_relocate.is_none() && after.is_none() {
         bail!("instance set: nothing to change (--priority, --anti-affinity, --max-relocate, --after)");
@@ -473,9 +529,9 @@ pub async fn instance_set(
         }
         items.push((*id, p));
     }
-    store.set_instance_policies(&items, &actor()).await?;
+    store.set_instance_policies(&items, actor).await?;
     let value: Vec<_> = items.iter().map(|(id, p)| json!({ "uuid": id, "policy": p })).collect();
-    out.emit(&value, || {
+    Reply::new(&value, || {
         items
             .iter()
             .map(|(id, p)| {
@@ -494,12 +550,12 @@ pub async fn instance_set(
 /// `host set --vcpus --memory --reserved`: the host's inventory for placement.
 pub async fn host_inventory(
     store: &Store,
-    out: &Output,
+    actor: &str,
     name: &HostName,
     vcpus: Option<&str>,
     memory: Option<&str>,
     reserved: Option<bool>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Reply> {
     let mut inv = store.host_inventories().await?.remove(name).ok_or_else(|| StoreError::UnknownHost(name.clone()))?;
     match vcpus {
         None => {}
@@ -514,8 +570,8 @@ pub async fn host_inventory(
     if let Some(r) = reserved {
         inv.reserved = r;
     }
-    store.set_host_inventory(name, &inv, &actor()).await?;
-    out.emit(&inv, || {
+    store.set_host_inventory(name, &inv, actor).await?;
+    Reply::new(&inv, || {
         format!(
             "{name}: capacity {} vCPU, {} MiB{}\n",
             inv.vcpus.map_or("unlimited".into(), |v| v.to_string()),
@@ -539,9 +595,9 @@ fn memory_mib(text: &str) -> anyhow::Result<u64> {
 }
 
 /// `instance delete`
-pub async fn instance_delete(store: &Store, out: &Output, ids: &[InstanceId]) -> anyhow::Result<()> {
-    let deleted = store.delete_instances(ids, &actor()).await.map_err(unwrap_item)?;
-    out.emit(&deleted, || {
+pub async fn instance_delete(store: &Store, actor: &str, ids: &[InstanceId]) -> anyhow::Result<Reply> {
+    let deleted = store.delete_instances(ids, actor).await.map_err(unwrap_item)?;
+    Reply::new(&deleted, || {
         table(
             &["UUID", "HOST", "GEN", "DELETED"],
             deleted
@@ -565,11 +621,17 @@ pub enum PowerCommand {
 }
 
 /// `power HOST on|off|cycle|status`
-pub async fn power(store: &Store, out: &Output, name: &HostName, action: PowerCommand) -> anyhow::Result<()> {
+pub async fn power(
+    store: &Store,
+    actor: &str,
+    config: &crate::config::BmcConfig,
+    name: &HostName,
+    action: PowerCommand,
+) -> anyhow::Result<Reply> {
     use crate::bmc::{self, Bmc, PowerAction};
     let host = store.require_host(name).await?;
     let url = host.bmc_url.as_deref().with_context(|| format!("host {name} has no BMC (host add --bmc URL)"))?;
-    let scope = bmc::CredentialScope::from_env();
+    let scope = bmc::CredentialScope::from(config);
     let credentials = host.bmc_credentials.as_deref().map(|r| bmc::Credentials::resolve(r, &scope)).transpose()?;
     let driver = bmc::Driver::from_url(url, credentials)?;
     let state = match action {
@@ -580,10 +642,10 @@ pub async fn power(store: &Store, out: &Output, name: &HostName, action: PowerCo
                 PowerCommand::Off => PowerAction::Off,
                 _ => PowerAction::Cycle,
             };
-            let state = bmc::power(&driver, act, &bmc::Policy::default()).await?;
+            let state = bmc::power(&driver, act, &bmc::Policy::from(config)).await?;
             let verb = format!("{action:?}").to_lowercase();
             let event = nodekeeper_store::NewEvent::host(
-                &actor(),
+                actor,
                 "host.power",
                 name,
                 format!("power {verb} through {}: now {state}", driver.endpoint()),
@@ -593,15 +655,15 @@ pub async fn power(store: &Store, out: &Output, name: &HostName, action: PowerCo
         }
     };
     let value = json!({ "host": name, "bmc": driver.endpoint(), "power": state });
-    out.emit(&value, || format!("{name}: power {state}\n"))
+    Reply::new(&value, || format!("{name}: power {state}\n"))
 }
 
 /// `host mark-fenced NAME`
-pub async fn mark_fenced(store: &Store, out: &Output, name: &HostName) -> anyhow::Result<()> {
+pub async fn mark_fenced(store: &Store, actor: &str, name: &HostName) -> anyhow::Result<Reply> {
     use crate::recovery::controller;
-    let (op, started) = controller::mark_fenced(store, name, &controller::RecoveryConfig::default(), &actor()).await?;
+    let (op, started) = controller::mark_fenced(store, name, &controller::RecoveryConfig::default(), actor).await?;
     let value = json!({ "operation": op, "started": started });
-    out.emit(&value, || {
+    Reply::new(&value, || {
         if started {
             format!(
                 "{name} is fenced (operation {}): `serve` moves its HA instances; it stays off for you to bring back\n",
@@ -614,28 +676,27 @@ pub async fn mark_fenced(store: &Store, out: &Output, name: &HostName) -> anyhow
 }
 
 /// `host token NAME`
-pub async fn host_token(store: &Store, out: &Output, name: &HostName) -> anyhow::Result<()> {
+pub async fn host_token(store: &Store, actor: &str, name: &HostName) -> anyhow::Result<Reply> {
     let token = format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple());
     store.set_node_token(name, &crate::http::guard_api::token_hash(&token)).await?;
     store
         .record_event(&nodekeeper_store::NewEvent::host(
-            &actor(),
+            actor,
             "host.node_token",
             name,
             format!("a new node token for {name} (the old one no longer works)"),
         ))
         .await?;
-    out.emit(&json!({ "host": name, "token": token }), || format!("{token}\n"))
+    Reply::new(&json!({ "host": name, "token": token }), || format!("{token}\n"))
 }
 
 /// `reimage HOST [--image NAME]`
-pub async fn reimage(store: &Store, out: &Output, name: &HostName, image: Option<&str>) -> anyhow::Result<()> {
+pub async fn reimage(store: &Store, actor: &str, name: &HostName, image: Option<&str>) -> anyhow::Result<Reply> {
     use crate::reimage::{executor, machine};
     let (op, started) =
-        executor::request(store, name, image, machine::Deadlines::default(), machine::Limits::default(), &actor())
-            .await?;
+        executor::request(store, name, image, machine::Deadlines::default(), machine::Limits::default(), actor).await?;
     let value = json!({ "operation": op, "started": started });
-    out.emit(&value, || {
+    Reply::new(&value, || {
         if started {
             format!(
                 "reimage of {name} started (operation {}); `serve` carries it out, `host show {name}` follows it\n",
@@ -673,16 +734,16 @@ fn mib(bytes: u64) -> String {
 /// `image add NAME FILE`
 pub async fn image_add(
     store: &Store,
-    out: &Output,
+    actor: &str,
     images_dir: &Path,
     name: &str,
     file: &Path,
     level: i32,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Reply> {
     let started = Instant::now();
-    let image = crate::catalogue::add(store, images_dir, name, file, level, &actor()).await?;
+    let image = crate::catalogue::add(store, images_dir, name, file, level, actor).await?;
     let secs = started.elapsed().as_secs_f64();
-    out.emit(&image_json(&image, None), || {
+    Reply::new(&image_json(&image, None), || {
         format!(
             "image {} added from {} in {secs:.1} s: {} raw ({} of data), served as {} (zstd), sha256 {}\n",
             image.name,
@@ -696,10 +757,10 @@ pub async fn image_add(
 }
 
 /// `image list`
-pub async fn image_list(store: &Store, out: &Output) -> anyhow::Result<()> {
+pub async fn image_list(store: &Store) -> anyhow::Result<Reply> {
     let images = store.images().await?;
     let value: Vec<serde_json::Value> = images.iter().map(|i| image_json(i, None)).collect();
-    out.emit(&value, || {
+    Reply::new(&value, || {
         table(
             &["NAME", "FROM", "RAW", "DATA", "SERVED", "SHA256"],
             images.iter().map(|i| {
@@ -717,7 +778,7 @@ pub async fn image_list(store: &Store, out: &Output) -> anyhow::Result<()> {
 }
 
 /// `image show NAME`
-pub async fn image_show(store: &Store, out: &Output, name: &str) -> anyhow::Result<()> {
+pub async fn image_show(store: &Store, name: &str) -> anyhow::Result<Reply> {
     let image = store.image(name).await?.ok_or_else(|| StoreError::UnknownImage(name.to_owned()))?;
     let hosts: Vec<String> = store
         .hosts()
@@ -726,7 +787,7 @@ pub async fn image_show(store: &Store, out: &Output, name: &str) -> anyhow::Resu
         .filter(|h| h.image.as_deref() == Some(name))
         .map(|h| h.name.to_string())
         .collect();
-    out.emit(&image_json(&image, Some(&hosts)), || {
+    Reply::new(&image_json(&image, Some(&hosts)), || {
         let rows = [
             ("name", image.name.clone()),
             ("added from", image.source_format.to_string()),
@@ -744,21 +805,116 @@ pub async fn image_show(store: &Store, out: &Output, name: &str) -> anyhow::Resu
 }
 
 /// `image remove NAME`
-pub async fn image_remove(store: &Store, out: &Output, images_dir: &Path, name: &str) -> anyhow::Result<()> {
-    let image = crate::catalogue::remove(store, images_dir, name, &actor()).await?;
-    out.emit(&json!({ "removed": image.name, "file": image.file }), || {
+pub async fn image_remove(store: &Store, actor: &str, images_dir: &Path, name: &str) -> anyhow::Result<Reply> {
+    let image = crate::catalogue::remove(store, images_dir, name, actor).await?;
+    Reply::new(&json!({ "removed": image.name, "file": image.file }), || {
         format!("image {} removed ({} deleted)\n", image.name, image.file)
     })
 }
 
-/// For commands given a list of UUIDs, the item's own error says which one; add that
-/// nothing changed.
-fn unwrap_item(e: StoreError) -> anyhow::Error {
-    let e = match e {
-        StoreError::Item { source, .. } => anyhow::Error::new(*source),
-        e => anyhow::Error::new(e),
+/// How long a token works unless told: 90 days.
+pub const TOKEN_LIFETIME: std::time::Duration = std::time::Duration::from_secs(90 * 24 * 3600);
+
+/// A new admin token for `name`: `nkt.NAME.SECRET` (256 random bits, hex). The name in it
+/// lets the server find the row and logs say whose token it was, never the secret.
+pub fn mint_admin_token(name: &str) -> String {
+    format!("nkt.{name}.{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple())
+}
+
+/// The name and secret of an admin token (`None`: not one).
+pub fn split_admin_token(token: &str) -> Option<(&str, &str)> {
+    let (name, secret) = token.strip_prefix("nkt.")?.rsplit_once('.')?;
+    let hex = secret.len() == 64 && secret.bytes().all(|b| b.is_ascii_hexdigit());
+    (hex && nodekeeper_store::valid_token_name(name)).then_some((name, secret))
+}
+
+/// `token create NAME --role ROLE [--expires D|never]`: prints the token once.
+pub async fn token_create(store: &Store, actor: &str, body: &TokenCreate) -> anyhow::Result<Reply> {
+    let role: nodekeeper_store::Role = body.role.parse().map_err(|e| anyhow::anyhow!("--role: {e}"))?;
+    let lifetime = match body.expires.as_deref() {
+        None => Some(TOKEN_LIFETIME),
+        Some("never") => None,
+        Some(d) => Some(
+            humantime::parse_duration(d).map_err(|e| anyhow::anyhow!("--expires {d:?}: {e} (e.g. 90d, 12h, never)"))?,
+        ),
     };
-    anyhow::anyhow!("{e:#}; nothing changed")
+    let expires_at = lifetime
+        .map(|l| {
+            let ms = i64::try_from(l.as_millis()).ok().filter(|ms| *ms > 0).context("--expires: out of range")?;
+            Ok::<_, anyhow::Error>(nodekeeper_store::Timestamp(nodekeeper_store::Timestamp::now().0.saturating_add(ms)))
+        })
+        .transpose()?;
+    if !nodekeeper_store::valid_token_name(&body.name) {
+        bail!("token name {:?}: 1 to 64 of [A-Za-z0-9_.@-]", body.name);
+    }
+    let token = mint_admin_token(&body.name);
+    let stored = store
+        .create_admin_token(&body.name, role, &crate::http::guard_api::token_hash(&token), expires_at, actor)
+        .await?;
+    let value = json!({ "name": stored.name, "role": stored.role, "expires_at": stored.expires_at, "token": token });
+    Reply::new(&value, || format!("{token}\n"))
+}
+
+/// `token list`
+pub async fn token_list(store: &Store) -> anyhow::Result<Reply> {
+    let tokens = store.admin_tokens().await?;
+    let now = nodekeeper_store::Timestamp::now();
+    Reply::new(&tokens, || {
+        table(
+            &["NAME", "ROLE", "STATE", "EXPIRES", "LAST USED", "CREATED BY"],
+            tokens.iter().map(|t| {
+                let state = if t.revoked_at.is_some() {
+                    "revoked"
+                } else if t.usable_at(now) {
+                    "active"
+                } else {
+                    "expired"
+                };
+                vec![
+                    t.name.clone(),
+                    t.role.to_string(),
+                    state.to_owned(),
+                    t.expires_at.map_or_else(|| "never".to_owned(), |e| e.to_string()),
+                    opt(t.last_used_at),
+                    t.created_by.clone(),
+                ]
+            }),
+        )
+    })
+}
+
+/// `token revoke NAME`
+pub async fn token_revoke(store: &Store, actor: &str, name: &str) -> anyhow::Result<Reply> {
+    let token = store.revoke_admin_token(name, actor).await?;
+    Reply::new(&token, || format!("token {name} revoked\n"))
+}
+
+/// A refused batch (a list of UUIDs): the item's own error says which one, and that nothing
+/// changed. Keeps the store's error, for the admin API's status code.
+#[derive(Debug)]
+pub struct NothingChanged(pub StoreError);
+
+impl std::fmt::Display for NothingChanged {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let item = match &self.0 {
+            StoreError::Item { source, .. } => source,
+            e => e,
+        };
+        // The item's error with its causes, as `{:#}` would print them.
+        let mut text = item.to_string();
+        let mut cause = std::error::Error::source(item);
+        while let Some(c) = cause {
+            text.push_str(&format!(": {c}"));
+            cause = c.source();
+        }
+        write!(f, "{text}; nothing changed")
+    }
+}
+
+impl std::error::Error for NothingChanged {}
+
+fn unwrap_item(e: StoreError) -> anyhow::Error {
+    anyhow::Error::new(NothingChanged(e))
 }
 
 fn yes_no(b: bool) -> String {

@@ -2,6 +2,7 @@
 //! and metrics. [`serve`] takes a bound listener and a shutdown token, so tests start the
 //! real server in-process on port 0.
 
+pub mod admin_api;
 pub mod guard_api;
 pub mod images;
 pub mod ipxe;
@@ -58,6 +59,9 @@ pub struct HttpState {
     pub loaders: Option<std::path::PathBuf>,
     /// The deploy ISOs of virtual media, served at `/vmedia/`.
     pub media: Option<Arc<crate::reimage::vmedia::Media>>,
+    /// `[bmc]`: how the admin API's power commands are confirmed, and where BMC credentials
+    /// may be read from.
+    pub bmc: Arc<crate::config::BmcConfig>,
 }
 
 /// Which listener a request came in on.
@@ -89,11 +93,11 @@ pub fn router(state: HttpState) -> Router {
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/boot/{file}", get(boot_script))
-        .route("/api/v1/hosts", get(api_hosts))
         .route("/api/v1/hosts/{name}", get(api_host))
         .route("/api/v1/events", get(api_events))
         .route("/api/v1/hosts/{name}/deploy", axum::routing::post(api_deploy))
         .merge(guard_api::routes())
+        .merge(admin_api::routes())
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, API_TIMEOUT));
     Router::new()
         .route("/images/{*path}", get(image).head(image))
@@ -102,6 +106,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/api/v1/events/stream", get(api_events_stream))
         .route("/tls/ca.pem", get(ca_pem))
         .merge(api)
+        .layer(middleware::from_fn_with_state(state.clone(), admin_api::authenticate))
         .layer(middleware::from_fn_with_state(state.clone(), node_apis_over_tls))
         .layer(middleware::from_fn_with_state(state.clone(), count_requests))
         .with_state(state)
@@ -113,7 +118,7 @@ pub async fn serve(
     state: HttpState,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let app = app(state, Transport::Plain, &shutdown);
+    let app = app(state, Transport::Plain, &shutdown).into_make_service_with_connect_info::<admin_api::Peer>();
     axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await
 }
 
@@ -123,7 +128,7 @@ pub async fn serve_tls(
     state: HttpState,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let app = app(state, Transport::Tls, &shutdown);
+    let app = app(state, Transport::Tls, &shutdown).into_make_service_with_connect_info::<admin_api::Peer>();
     axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await
 }
 
@@ -440,13 +445,6 @@ async fn vmedia(State(state): State<HttpState>, UrlPath(name): UrlPath<String>, 
     };
     match tower::ServiceExt::oneshot(ServeFile::new(&file).with_buf_chunk_size(IMAGE_CHUNK), req).await {
         Ok(r) => r.map(Body::new),
-        Err(e) => internal(e),
-    }
-}
-
-async fn api_hosts(State(state): State<HttpState>) -> Response {
-    match state.store.hosts().await {
-        Ok(hosts) => Json(hosts).into_response(),
         Err(e) => internal(e),
     }
 }

@@ -298,6 +298,7 @@ mod tests {
             repair_public_key: None,
             max_event_streams: 4,
             tls: None,
+            auth: Default::default(),
         });
         let media = Media {
             dir: "/nonexistent".into(),

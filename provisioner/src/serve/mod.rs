@@ -103,6 +103,7 @@ pub async fn run(config: ServeConfig, bound: Bound, store: Store, shutdown: Canc
         tls: None,
         loaders: config.tftp.root.clone(),
         media: None,
+        bmc: Arc::new(config.bmc.clone()),
     };
     let tls = match &config.http.tls {
         Some(tls) => {
