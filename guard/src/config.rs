@@ -48,6 +48,10 @@ pub struct WatchConfig {
     /// How often to converge the local domains on what the database assigns.
     #[serde(with = "humantime_serde")]
     pub converge_interval: Duration,
+    /// How long an instance held by a drain may take to shut down cleanly before it is
+    /// destroyed (default 2 min).
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
     /// Without the database (and every peer) this long, stop the HA instances (self-fence).
     /// Must be shorter than the controller's `grace`, with room for a heartbeat interval.
     #[serde(with = "humantime_serde")]
@@ -152,6 +156,7 @@ impl Default for WatchConfig {
         Self {
             heartbeat_interval: Duration::from_secs(5),
             converge_interval: Duration::from_secs(5),
+            shutdown_timeout: Duration::from_secs(120),
             isolation_timeout: Duration::from_secs(20),
             peers: Vec::new(),
             peer_listen: Some(std::net::SocketAddr::from(([0, 0, 0, 0], 7443))),

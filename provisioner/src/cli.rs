@@ -299,6 +299,24 @@ pub enum HostCommand {
         /// Host name.
         name: HostName,
     },
+    /// Take a host out for planned work: its HA instances are shut down cleanly by its guard
+    /// and started elsewhere (never on two hosts), then it is in maintenance. Refused, changing
+    /// nothing, when the rest of the cell lacks room.
+    Drain {
+        /// Host name.
+        name: HostName,
+        /// How long its instances may take to stop and move before the drain gives up.
+        #[arg(long, default_value = "15m")]
+        timeout: String,
+    },
+    /// Put a host in maintenance (nothing of it is fenced or moved) or take it out again.
+    Maintenance {
+        /// Host name.
+        name: HostName,
+        /// on | off
+        #[arg(value_parser = ["on", "off"])]
+        state: String,
+    },
     /// Mint a new node token for a host's guard (the guard API's credential; it replaces the
     /// old one) and print it once. Hosts installed by `reimage` get theirs at first boot;
     /// this is for hosts installed otherwise, or to rotate it.
@@ -458,6 +476,10 @@ fn to_call(command: &Command) -> anyhow::Result<Option<admin::Call>> {
         Command::Host(HostCommand::Show { name }) => Call::HostShow(name.clone()),
         Command::Host(HostCommand::MarkFenced { name }) => Call::MarkFenced(name.clone()),
         Command::Host(HostCommand::Token { name }) => Call::HostToken(name.clone()),
+        Command::Host(HostCommand::Drain { name, timeout }) => {
+            Call::HostDrain(name.clone(), admin::Drain { timeout: Some(timeout.clone()) })
+        }
+        Command::Host(HostCommand::Maintenance { name, state }) => Call::HostMaintenance(name.clone(), state == "on"),
         Command::Power { host, action } => Call::Power(host.clone(), *action),
         Command::Reimage { host, image } => Call::Reimage(host.clone(), admin::Reimage { image: image.clone() }),
         Command::Image(ImageCommand::List) => Call::ImageList,

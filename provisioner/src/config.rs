@@ -225,9 +225,9 @@ impl Cidr {
     /// Whether `ip` is in it (an IPv4-mapped IPv6 address counts as its IPv4 address).
     pub fn contains(&self, ip: std::net::IpAddr) -> bool {
         use std::net::IpAddr;
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-            v4 => v4,
+        let ip = match (self.net, ip) {
+            (IpAddr::V4(_), IpAddr::V6(v6)) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            _ => ip,
         };
         match (self.net, ip) {
             (IpAddr::V4(n), IpAddr::V4(a)) => {
@@ -463,6 +463,8 @@ images_dir = "/var/lib/nodekeeper/images"
         assert!(v6.contains("fd00::5".parse().expect("address")) && !v6.contains("fd01::5".parse().expect("address")));
         let all: Cidr = "0.0.0.0/0".parse().expect("address");
         assert!(all.contains("192.0.2.1".parse().expect("address")) && !all.contains("::1".parse().expect("address")));
+        let mapped: Cidr = "::ffff:10.0.0.1/128".parse().expect("net");
+        assert!(mapped.contains("::ffff:10.0.0.1".parse().expect("address")), "an IPv6 network matches as IPv6");
         for bad in ["10.0.0.0", "10.0.0.0/33", "fd00::/129", "x/8", "10.0.0.0/-1"] {
             let text = format!("{CONTRACT}[http.auth]\nmetrics_from = [\"{bad}\"]\n");
             assert!(ServeConfig::parse(&text).is_err(), "{bad}");

@@ -159,6 +159,13 @@ fn sample(method: &str, path: &str, n: usize) -> (String, Option<(&'static str, 
         ("POST", "/api/v1/hosts/{name}/reimage") => {
             ("/api/v1/hosts/node-a/reimage".into(), json(serde_json::json!({})), 409)
         }
+        // node-c has no HA instance: drained at once; then its maintenance is refused (a drain runs).
+        ("POST", "/api/v1/hosts/{name}/drain") => {
+            ("/api/v1/hosts/node-c/drain".into(), json(serde_json::json!({})), 200)
+        }
+        ("POST", "/api/v1/hosts/{name}/maintenance") => {
+            ("/api/v1/hosts/node-c/maintenance".into(), json(serde_json::json!({ "state": "on" })), 409)
+        }
         ("GET", "/api/v1/instances") => ("/api/v1/instances?host=node-a".into(), None, 200),
         ("PATCH", "/api/v1/instances") => {
             ("/api/v1/instances".into(), json(serde_json::json!({ "uuids": [uuid(1)], "priority": n })), 200)

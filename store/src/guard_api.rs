@@ -37,6 +37,9 @@ pub struct Assigned {
     pub deleted: bool,
     /// Where its disks live (`local`: recreated from their backing image on a new owner).
     pub storage: Storage,
+    /// Held by a drain: keep it stopped (shut it down cleanly if it runs, never start it).
+    #[serde(default)]
+    pub held: bool,
 }
 
 impl From<&crate::Instance> for Assigned {
@@ -48,6 +51,7 @@ impl From<&crate::Instance> for Assigned {
             ha: i.ha,
             deleted: i.deleted,
             storage: i.storage,
+            held: i.held,
         }
     }
 }

@@ -31,6 +31,7 @@ const FUNCTIONS: &[&str] = &[
     "nk_guard_peer_material()",
     "nk_guard_relay(TEXT)",
     "nk_guard_fencing(TEXT)",
+    "nk_guard_held()",
 ];
 
 /// A guard role, as made.
@@ -219,11 +220,19 @@ impl GuardSession {
             .fetch_all(&self.store.pool)
             .await
             .map_err(query(WHAT))?;
+        let held: std::collections::HashSet<String> = sqlx::query_scalar("SELECT uuid FROM nk_guard_held()")
+            .fetch_all(&self.store.pool)
+            .await
+            .map_err(query(WHAT))?
+            .into_iter()
+            .collect();
         rows.iter()
             .map(|row| {
                 let text = |c: &str| row.try_get::<String, _>(c).map_err(query(WHAT));
+                let uuid = text("uuid")?;
                 Ok(Assigned {
-                    uuid: parse_column(T, "uuid", &text("uuid")?)?,
+                    held: held.contains(&uuid),
+                    uuid: parse_column(T, "uuid", &uuid)?,
                     name: text("name")?,
                     generation: Generation::from_db(row.try_get("generation").map_err(query(WHAT))?),
                     ha: flag(row, "ha")?,

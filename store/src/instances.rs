@@ -67,6 +67,8 @@ pub struct Instance {
     pub created_at: Timestamp,
     /// When it last changed.
     pub updated_at: Timestamp,
+    /// Held by a drain: its owner's guard keeps it stopped until it moves.
+    pub held: bool,
 }
 
 /// What the guard needs to judge a local definition: owner, generation, tombstone, HA.
@@ -104,7 +106,8 @@ pub struct Transfer {
 const INSTANCE_COLUMNS: &str = "uuid, name, owner, generation, \
     CAST(CASE WHEN ha THEN 1 ELSE 0 END AS BIGINT) AS ha, storage, \
     CAST(CASE WHEN deleted THEN 1 ELSE 0 END AS BIGINT) AS deleted, \
-    CAST(CASE WHEN domain_xml IS NULL THEN 0 ELSE 1 END AS BIGINT) AS has_xml, created_at, updated_at";
+    CAST(CASE WHEN domain_xml IS NULL THEN 0 ELSE 1 END AS BIGINT) AS has_xml, created_at, updated_at, \
+    CAST(CASE WHEN held THEN 1 ELSE 0 END AS BIGINT) AS held";
 const OWNERSHIP_COLUMNS: &str = "uuid, owner, generation, \
     CAST(CASE WHEN deleted THEN 1 ELSE 0 END AS BIGINT) AS deleted, \
     CAST(CASE WHEN ha THEN 1 ELSE 0 END AS BIGINT) AS ha";
@@ -126,6 +129,7 @@ fn instance_from_row(row: &AnyRow) -> Result<Instance> {
         has_domain_xml: flag(row, "has_xml")?,
         created_at: Timestamp(get(row, T, "created_at")?),
         updated_at: Timestamp(get(row, T, "updated_at")?),
+        held: flag(row, "held")?,
     })
 }
 
@@ -308,6 +312,72 @@ impl Store {
         Ok(generation)
     }
 
+    /// A drain's move: `id`, held on its owner and reported stopped there, goes to `to` (a
+    /// compare-and-set on `expected`, which clears the hold), without counting towards its
+    /// `max_relocate` (a planned move is not a recovery). Refused unless it is held.
+    pub async fn transfer_held(
+        &self,
+        id: InstanceId,
+        expected: Generation,
+        to: &HostName,
+        actor: &str,
+        reason: &str,
+    ) -> Result<Generation> {
+        const WHAT: &str = "moving a held instance";
+        let db_now = self.now().await?.0;
+        let mut tx = self.begin_write(WHAT).await?;
+        let row = sqlx::query(&format!("SELECT {INSTANCE_COLUMNS} FROM instances WHERE uuid = $1"))
+            .bind(id.to_string())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(query(WHAT))?
+            .ok_or(StoreError::UnknownInstance(id))?;
+        let current = instance_from_row(&row)?;
+        if !current.held {
+            return Err(StoreError::Invalid(format!("instance {id} is not held: a drain moves only what it holds")));
+        }
+        let generation = cas_owner(&mut tx, id, expected, &current.owner, to, actor, reason, db_now).await?;
+        tx.commit().await.map_err(query(WHAT))?;
+        Ok(generation)
+    }
+
+    /// Holds (`true`) or lets go (`false`) those of `ids` that `host` owns, with one event
+    /// each that changed; returns how many changed. A held instance is kept stopped by its
+    /// owner's guard.
+    pub async fn hold_instances(
+        &self,
+        host: &HostName,
+        ids: &[InstanceId],
+        held: bool,
+        actor: &str,
+        why: &str,
+    ) -> Result<usize> {
+        const WHAT: &str = "holding instances";
+        let mut tx = self.begin_write(WHAT).await?;
+        let mut changed = 0;
+        for id in ids {
+            let done = sqlx::query("UPDATE instances SET held = $1 WHERE uuid = $2 AND owner = $3 AND held = $4")
+                .bind(held)
+                .bind(id.to_string())
+                .bind(host.as_str())
+                .bind(!held)
+                .execute(&mut *tx)
+                .await
+                .map_err(query(WHAT))?;
+            if done.rows_affected() == 1 {
+                changed += 1;
+                let (kind, verb) = if held { ("instance.held", "held") } else { ("instance.released", "released") };
+                insert_event(
+                    &mut tx,
+                    &NewEvent::instance(actor, kind, host, *id, format!("instance {id} {verb} on {host}: {why}")),
+                )
+                .await?;
+            }
+        }
+        tx.commit().await.map_err(query(WHAT))?;
+        Ok(changed)
+    }
+
     /// Moves instances to host `to`, all or nothing, in one transaction. `to` must be an
     /// active host; deleted or unknown instances refuse the whole request. Instances already
     /// owned by `to` are reported with `moved: false` and left unchanged.
@@ -444,7 +514,7 @@ async fn cas_owner(
     const WHAT: &str = "moving an instance";
     let next = expected.next();
     let done = sqlx::query(
-        "UPDATE instances SET owner = $1, generation = $2, updated_at = $3 \
+        "UPDATE instances SET owner = $1, generation = $2, updated_at = $3, held = FALSE \
          WHERE uuid = $4 AND generation = $5 AND deleted = FALSE",
     )
     .bind(to.as_str())

@@ -27,6 +27,9 @@ pub struct Action {
     pub start: bool,
     /// Local storage defined anew: recreate its missing disks from their backing images.
     pub recreate_disks: bool,
+    /// Held by a drain and running here: shut it down (cleanly; forced after the guard's
+    /// `shutdown_timeout`).
+    pub stop: bool,
 }
 
 /// What to do, from what libvirt holds (`local`) and what the database assigns here: an
@@ -34,11 +37,27 @@ pub struct Action {
 /// database's is replaced (and started, unless it was running: then the replacement waits
 /// for its next start); an HA instance that is stopped (a crash, a lifted self-fence) is
 /// started; a non-HA one stopped stays stopped; tombstones are not touched (the post-libvirt
-/// pass removes them).
+/// pass removes them). An instance held by a drain is never defined or started: shut down
+/// if it runs.
 pub fn plan(local: &HashMap<InstanceId, Local>, assigned: &[Assigned]) -> Vec<Action> {
     let mut actions = Vec::new();
     for inst in assigned.iter().filter(|i| !i.deleted) {
         let here = local.get(&inst.uuid);
+        if inst.held {
+            if here.is_some_and(|d| d.active) {
+                actions.push(Action {
+                    uuid: inst.uuid,
+                    name: inst.name.clone(),
+                    generation: inst.generation,
+                    ha: inst.ha,
+                    define: false,
+                    start: false,
+                    recreate_disks: false,
+                    stop: true,
+                });
+            }
+            continue;
+        }
         let behind = here.is_some_and(|d| d.generation.is_some_and(|g| g < inst.generation));
         let define = here.is_none() || behind;
         let needs_start = here.is_none() || (inst.ha && here.is_some_and(|d| !d.active));
@@ -53,6 +72,7 @@ pub fn plan(local: &HashMap<InstanceId, Local>, assigned: &[Assigned]) -> Vec<Ac
             define,
             start: needs_start && !(behind && here.is_some_and(|d| d.active)),
             recreate_disks: define && inst.storage == Storage::Local,
+            stop: false,
         });
     }
     actions
@@ -163,6 +183,24 @@ pub fn recreate_local_disks(xml: &str) -> anyhow::Result<Vec<String>> {
     Ok(created)
 }
 
+/// Shuts `uuid` down: an ACPI shutdown request (`force`: destroyed at once, kept defined).
+/// Returns whether it is still running.
+pub fn shut_down(uri: &str, uuid: InstanceId, force: bool) -> anyhow::Result<bool> {
+    use anyhow::Context;
+    crate::libvirt::with_connection(uri, |conn| {
+        let dom = virt::domain::Domain::lookup_by_uuid_string(conn, &uuid.to_string()).context("looking it up")?;
+        if !dom.is_active().unwrap_or(false) {
+            return Ok(false);
+        }
+        if force {
+            dom.destroy().context("destroying")?;
+        } else {
+            dom.shutdown().context("asking it to shut down")?;
+        }
+        Ok(dom.is_active().unwrap_or(false))
+    })
+}
+
 /// Defines `uuid` from `xml` (when given) with nodekeeper's metadata, and starts it (when
 /// asked and not running). Returns (defined, started).
 pub fn define_and_start(
@@ -217,7 +255,15 @@ mod tests {
     }
 
     fn assigned(n: u8, generation: u64, ha: bool, storage: Storage, deleted: bool) -> Assigned {
-        Assigned { uuid: id(n), name: format!("vm-{n}"), generation: Generation(generation), ha, deleted, storage }
+        Assigned {
+            uuid: id(n),
+            name: format!("vm-{n}"),
+            generation: Generation(generation),
+            ha,
+            deleted,
+            storage,
+            held: false,
+        }
     }
 
     #[test]
@@ -255,6 +301,20 @@ mod tests {
             let got = plan(&local, std::slice::from_ref(&a)).pop().map(|x| (x.define, x.start, x.recreate_disks));
             assert_eq!(got, want, "{} (generation {}, here {here:?})", a.name, a.generation.0);
         }
+    }
+
+    #[test]
+    fn a_held_instance_is_shut_down_and_never_started() {
+        let held = |n| Assigned { held: true, ..assigned(n, 2, true, Storage::Shared, false) };
+        let mut local = HashMap::new();
+        local.insert(id(1), Local { active: true, generation: Some(Generation(2)) });
+        local.insert(id(2), Local { active: false, generation: Some(Generation(2)) });
+        // 3: not here at all; 4: here, behind and stopped (would be redefined if not held).
+        local.insert(id(4), Local { active: false, generation: Some(Generation(1)) });
+        let actions = plan(&local, &[held(1), held(2), held(3), held(4)]);
+        assert_eq!(actions.len(), 1, "{actions:?}");
+        let a = &actions[0];
+        assert_eq!((a.uuid, a.stop, a.start, a.define), (id(1), true, false, false));
     }
 
     #[test]

@@ -183,6 +183,8 @@ struct Watch {
     budget: RestartBudget,
     /// Started by the current converge pass (for its report).
     started_now: Vec<(InstanceId, Generation)>,
+    /// Held instances asked to shut down, and since when (destroyed past `shutdown_timeout`).
+    stopping: HashMap<InstanceId, Instant>,
     /// For peer checks.
     peer_client: Option<reqwest::Client>,
 }
@@ -192,6 +194,15 @@ struct Watch {
 /// both keep finishing rounds.
 pub async fn run(config: Config, stop: impl std::future::Future<Output = ()>) -> Counters {
     virt::error::clear_error_callback();
+    // libvirt's test driver (`test:///default`, the tests' libvirt) frees its domains when its
+    // last connection closes, and every libvirt call here opens and closes its own: one held
+    // for the guard's life keeps them (with a real libvirtd the domains live there).
+    let _test_driver = config
+        .libvirt
+        .uri
+        .starts_with("test:")
+        .then(|| virt::connect::Connect::open(Some(&config.libvirt.uri)).ok())
+        .flatten();
     if let Err(e) = std::fs::create_dir_all(&config.boot.state_dir) {
         tracing::error!("creating {}: {e}", config.boot.state_dir.display());
     }
@@ -247,6 +258,7 @@ pub async fn run(config: Config, stop: impl std::future::Future<Output = ()>) ->
         fence_file: fence_file.clone(),
         budget: RestartBudget::new(config.watch.max_restarts, config.watch.restart_window),
         started_now: Vec::new(),
+        stopping: HashMap::new(),
         peer_client: None,
     };
     let w = config.watch.clone();
@@ -596,6 +608,43 @@ impl Watch {
         *Shared::lock(&self.shared.fenced) = Some(record);
     }
 
+    /// One look at a held instance that runs: asked to shut down the first time, destroyed
+    /// once `shutdown_timeout` has passed. Returns its event (once per way) and whether it
+    /// still runs; `None` when libvirt did not answer.
+    async fn shut_down(&mut self, action: &converge::Action) -> Option<(Option<NewEvent>, bool)> {
+        let since = *self.stopping.entry(action.uuid).or_insert_with(Instant::now);
+        let first = since.elapsed() < self.config.watch.converge_interval;
+        let force = since.elapsed() >= self.config.watch.shutdown_timeout;
+        let (uri, uuid) = (self.config.libvirt.uri.clone(), action.uuid);
+        let done = tokio::task::spawn_blocking(move || converge::shut_down(&uri, uuid, force)).await;
+        let still = match done {
+            Ok(Ok(still)) => still,
+            Ok(Err(e)) => {
+                tracing::warn!(uuid = %uuid, "shutting {} down: {e:#}", action.name);
+                return None;
+            }
+            Err(e) => {
+                tracing::warn!(uuid = %uuid, "shutting {} down: {e}", action.name);
+                return None;
+            }
+        };
+        let (actor, host, name) = (self.actor(), self.config.host.clone(), &action.name);
+        let event = if force {
+            let m = format!("{name} destroyed: held for a drain, it did not shut down within the shutdown_timeout");
+            Some(NewEvent::instance(&actor, "instance.destroyed", &host, uuid, m))
+        } else if first {
+            let m = format!("{name} asked to shut down: held for a drain");
+            let key = format!("shutdown:{host}:{uuid}:{}", action.generation.0);
+            Some(NewEvent::instance(&actor, "instance.shutdown", &host, uuid, m).with_key(key))
+        } else {
+            None
+        };
+        if !still {
+            self.stopping.remove(&uuid);
+        }
+        Some((event, still))
+    }
+
     async fn converge(&mut self) {
         // libvirtd first: alive, and answering in time?
         let uri = self.config.libvirt.uri.clone();
@@ -625,7 +674,19 @@ impl Watch {
             Err(e) => return tracing::warn!("converge: {e:#}"),
         };
         let mut events = Vec::new();
-        for action in converge::plan(&local, &owned) {
+        let mut stopped_now = Vec::new();
+        let actions = converge::plan(&local, &owned);
+        self.stopping.retain(|id, _| actions.iter().any(|a| a.stop && a.uuid == *id));
+        for action in actions {
+            if action.stop {
+                if let Some((event, still)) = self.shut_down(&action).await {
+                    events.extend(event);
+                    if !still {
+                        stopped_now.push(action.uuid);
+                    }
+                }
+                continue;
+            }
             let xml = if action.define {
                 match store.domain_xml(action.uuid).await {
                     Ok(Some(x)) => Some(x),
@@ -690,6 +751,11 @@ impl Watch {
             local.iter().map(|(id, d)| (*id, (d.active, d.generation))).collect();
         for (id, generation) in &self.started_now {
             seen.insert(*id, (true, Some(*generation)));
+        }
+        for id in stopped_now {
+            if let Some(d) = seen.get_mut(&id) {
+                d.0 = false;
+            }
         }
         self.started_now.clear();
         let report: Vec<ReportedDomain> = seen

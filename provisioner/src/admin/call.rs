@@ -95,6 +95,23 @@ pub struct Reimage {
     pub image: Option<String>,
 }
 
+/// `POST /api/v1/hosts/{name}/drain`: `host drain NAME [--timeout D]`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Drain {
+    /// How long its HA instances may take to stop and move (`15m` by default).
+    #[serde(default)]
+    pub timeout: Option<String>,
+}
+
+/// `POST /api/v1/hosts/{name}/maintenance`: `host maintenance NAME on|off`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Maintenance {
+    /// `on` or `off`.
+    pub state: String,
+}
+
 /// `POST /api/v1/instances/evacuate`: `instance evacuate --to HOST [--force] UUID…`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -174,6 +191,10 @@ pub enum Call {
     Power(HostName, PowerCommand),
     /// `reimage`
     Reimage(HostName, Reimage),
+    /// `host drain`
+    HostDrain(HostName, Drain),
+    /// `host maintenance NAME on|off` (`true`: on)
+    HostMaintenance(HostName, bool),
     /// `instance import`: where the lines came from, and the lines.
     InstanceImport(String, String),
     /// `instance list [--host]`
@@ -248,7 +269,11 @@ impl Call {
             | Call::InstanceList(_)
             | Call::ImageList
             | Call::ImageShow(_) => Role::Viewer,
-            Call::MarkFenced(_) | Call::Power(..) | Call::Reimage(..) => Role::Operator,
+            Call::MarkFenced(_)
+            | Call::Power(..)
+            | Call::Reimage(..)
+            | Call::HostDrain(..)
+            | Call::HostMaintenance(..) => Role::Operator,
             Call::HostAdd(_)
             | Call::HostSet(..)
             | Call::HostOutlets(_, Some(_))
@@ -281,6 +306,11 @@ impl Call {
                 ("POST", format!("{}/power", host(n)), json(&Power { action }))
             }
             Call::Reimage(n, b) => ("POST", format!("{}/reimage", host(n)), json(b)),
+            Call::HostDrain(n, b) => ("POST", format!("{}/drain", host(n)), json(b)),
+            Call::HostMaintenance(n, on) => {
+                let state = if *on { "on" } else { "off" }.to_owned();
+                ("POST", format!("{}/maintenance", host(n)), json(&Maintenance { state }))
+            }
             Call::InstanceImport(_, lines) => {
                 ("POST", "/api/v1/instances/import".to_owned(), Body::Lines(lines.clone()))
             }
@@ -331,6 +361,8 @@ impl Call {
             Call::HostToken(name) => host_token(store, actor, &name).await,
             Call::Power(name, action) => power(store, actor, bmc, &name, action).await,
             Call::Reimage(name, b) => reimage(store, actor, &name, b.image.as_deref()).await,
+            Call::HostDrain(name, b) => host_drain(store, actor, &name, b.timeout.as_deref()).await,
+            Call::HostMaintenance(name, on) => host_maintenance(store, actor, &name, on).await,
             Call::InstanceImport(source, lines) => instance_import(store, actor, &source, &lines).await,
             Call::InstanceList(host) => instance_list(store, host.as_ref()).await,
             Call::InstanceEvacuate(b) => instance_evacuate(store, actor, &b.to, b.force, &b.uuids).await,

@@ -4,7 +4,10 @@
 mod call;
 mod import;
 
-pub use call::{power_action, Evacuate, HostAdd, HostSet, InstanceSet, Outlets, Power, Reimage, TokenCreate, Uuids};
+pub use call::{
+    power_action, Drain, Evacuate, HostAdd, HostSet, InstanceSet, Maintenance, Outlets, Power, Reimage, TokenCreate,
+    Uuids,
+};
 pub use call::{Body, Call, Ctx, Request};
 
 use std::io::Write;
@@ -708,6 +711,80 @@ pub async fn reimage(store: &Store, actor: &str, name: &HostName, image: Option<
     })
 }
 
+/// `host drain NAME [--timeout D]`: refused, changing nothing, without room for its HA
+/// instances elsewhere; else a drain operation that `serve` carries out.
+pub async fn host_drain(store: &Store, actor: &str, name: &HostName, timeout: Option<&str>) -> anyhow::Result<Reply> {
+    use crate::recovery::drain;
+    let timeout = match timeout {
+        None => drain::DEFAULT_TIMEOUT,
+        Some(t) => humantime::parse_duration(t).map_err(|e| anyhow::anyhow!("--timeout {t:?}: {e} (e.g. 15m)"))?,
+    };
+    let grace = crate::config::RecoveryConfig::default().grace;
+    let (op, started) = drain::request(store, name, grace, timeout, actor).await?;
+    let instances = serde_json::from_str::<drain::DrainData>(&op.data).map_or(0, |d| d.instances.len());
+    let value = json!({ "operation": op, "started": started, "instances": instances });
+    Reply::new(&value, || {
+        if started {
+            format!(
+                "drain of {name} started (operation {}): its {instances} HA instance(s) stop and move, then it is in \
+                 maintenance; `host show {name}` follows it\n",
+                op.id
+            )
+        } else {
+            format!("a drain of {name} already runs (operation {}, step {})\n", op.id, op.step)
+        }
+    })
+}
+
+/// How recent a heartbeat `host maintenance NAME off` wants: a silent host back in service
+/// would be fenced at the controller's next look.
+const BACK_FROM_MAINTENANCE: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// `host maintenance NAME on|off`
+pub async fn host_maintenance(store: &Store, actor: &str, name: &HostName, on: bool) -> anyhow::Result<Reply> {
+    use nodekeeper_store::HostState;
+    let host = store.require_host(name).await?;
+    if let Some(op) =
+        store.latest_operation(name).await?.filter(|o| o.status == nodekeeper_store::OperationStatus::Running)
+    {
+        crate::conflict!(
+            "host maintenance {name}: a {} of it runs (operation {}, step {}); wait for it",
+            op.kind,
+            op.id,
+            op.step
+        );
+    }
+    let (from, to) =
+        if on { (HostState::Active, HostState::Maintenance) } else { (HostState::Maintenance, HostState::Active) };
+    if host.state != from {
+        crate::conflict!("host maintenance {name}: the host is {}, not {from}", host.state);
+    }
+    if !on {
+        let now = store.now().await?;
+        if let Some(hb) = host.last_heartbeat.filter(|t| now.since(*t) > BACK_FROM_MAINTENANCE) {
+            crate::conflict!(
+                "host maintenance {name} off: its guard last heartbeated at {hb}; a silent host back in service is \
+                 fenced at once. Start its guard (or reimage it) first"
+            );
+        }
+    }
+    let why = if on { "maintenance on" } else { "maintenance off" };
+    let changed = store.set_host_state_from(name, from, to, actor, why).await?;
+    let host = changed.with_context(|| format!("host maintenance {name}: the host changed meanwhile; nothing done"))?;
+    let unprotected =
+        if on { store.instances(Some(name)).await?.iter().filter(|i| i.ha && !i.deleted).count() } else { 0 };
+    let value = json!({ "host": host, "ha_instances_unprotected": unprotected });
+    Reply::new(&value, || {
+        let mut s = format!("{name} is {}\n", host.state);
+        if unprotected > 0 {
+            s.push_str(&format!(
+                "{unprotected} HA instance(s) stay on it, not recovered while it is in maintenance (`host drain` moves them first)\n"
+            ));
+        }
+        s
+    })
+}
+
 /// An image as `image list|show --json` print it: `sha256` and `size` are the raw image's
 /// (what its builder published), `served` the compressed file the deploy agent fetches.
 fn image_json(i: &nodekeeper_store::Image, installed_on: Option<&[String]>) -> serde_json::Value {
@@ -887,6 +964,27 @@ pub async fn token_list(store: &Store) -> anyhow::Result<Reply> {
 pub async fn token_revoke(store: &Store, actor: &str, name: &str) -> anyhow::Result<Reply> {
     let token = store.revoke_admin_token(name, actor).await?;
     Reply::new(&token, || format!("token {name} revoked\n"))
+}
+
+/// A request the state of the fleet refuses (a host in the wrong state, an operation that
+/// runs, no room): the admin API answers it 409.
+#[derive(Debug)]
+pub struct StateConflict(pub String);
+
+impl std::fmt::Display for StateConflict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for StateConflict {}
+
+/// `bail!`, for a [`StateConflict`].
+#[macro_export]
+macro_rules! conflict {
+    ($($t:tt)*) => {
+        return Err(anyhow::Error::new($crate::admin::StateConflict(format!($($t)*))))
+    };
 }
 
 /// A refused batch (a list of UUIDs): the item's own error says which one, and that nothing

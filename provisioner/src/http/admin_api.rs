@@ -210,6 +210,9 @@ fn classify(e: &anyhow::Error) -> (StatusCode, &'static str) {
         {
             return (StatusCode::CONFLICT, "conflict");
         }
+        if cause.downcast_ref::<admin::StateConflict>().is_some() {
+            return (StatusCode::CONFLICT, "conflict");
+        }
         if cause.downcast_ref::<crate::bmc::BmcError>().is_some() {
             return (StatusCode::BAD_GATEWAY, "bmc");
         }
@@ -314,6 +317,8 @@ pub fn routes() -> Router<HttpState> {
         .route("/api/v1/hosts/{name}/token", post(host_token))
         .route("/api/v1/hosts/{name}/power", get(power_status).post(power))
         .route("/api/v1/hosts/{name}/reimage", post(reimage))
+        .route("/api/v1/hosts/{name}/drain", post(drain))
+        .route("/api/v1/hosts/{name}/maintenance", post(maintenance))
         .route("/api/v1/instances", get(instance_list).patch(instance_set))
         .route("/api/v1/instances/evacuate", post(instance_evacuate))
         .route("/api/v1/instances/delete", post(instance_delete))
@@ -458,6 +463,38 @@ async fn reimage(
         _ => try_or_answer!(body(b)),
     };
     run(&s, &p, &h, Call::Reimage(name, asked)).await
+}
+
+async fn drain(
+    State(s): State<HttpState>,
+    Extension(p): Who,
+    h: HeaderMap,
+    UrlPath(name): UrlPath<String>,
+    b: Result<Bytes, BytesRejection>,
+) -> Response {
+    let name = try_or_answer!(host_name(&name));
+    let asked = match &b {
+        Ok(bytes) if bytes.is_empty() => admin::Drain::default(),
+        _ => try_or_answer!(body(b)),
+    };
+    run(&s, &p, &h, Call::HostDrain(name, asked)).await
+}
+
+async fn maintenance(
+    State(s): State<HttpState>,
+    Extension(p): Who,
+    h: HeaderMap,
+    UrlPath(name): UrlPath<String>,
+    b: Result<Bytes, BytesRejection>,
+) -> Response {
+    let name = try_or_answer!(host_name(&name));
+    let asked: admin::Maintenance = try_or_answer!(body(b));
+    let on = match asked.state.as_str() {
+        "on" => true,
+        "off" => false,
+        other => return error(StatusCode::BAD_REQUEST, "invalid", format!("state {other:?}: expected on or off")),
+    };
+    run(&s, &p, &h, Call::HostMaintenance(name, on)).await
 }
 
 #[derive(Debug, Deserialize)]
@@ -607,6 +644,8 @@ pub const ENDPOINTS: &[Endpoint] = &[
     ep("GET", "/api/v1/hosts/{name}/power", Role::Operator, "power HOST status"),
     with_body(ep("POST", "/api/v1/hosts/{name}/power", Role::Operator, "power HOST on|off|cycle"), "Power"),
     with_body(ep("POST", "/api/v1/hosts/{name}/reimage", Role::Operator, "reimage"), "Reimage"),
+    with_body(ep("POST", "/api/v1/hosts/{name}/drain", Role::Operator, "host drain"), "Drain"),
+    with_body(ep("POST", "/api/v1/hosts/{name}/maintenance", Role::Operator, "host maintenance on|off"), "Maintenance"),
     ep("GET", "/api/v1/instances", Role::Viewer, "instance list [?host=NAME]"),
     with_body(ep("PATCH", "/api/v1/instances", Role::Admin, "instance set"), "InstanceSet"),
     ep("POST", "/api/v1/instances/import", Role::Admin, "instance import (a body of JSON lines)"),
@@ -637,6 +676,8 @@ pub fn openapi_document() -> serde_json::Value {
     add("Outlets", schemars::schema_for!(admin::Outlets).to_value());
     add("Power", schemars::schema_for!(admin::Power).to_value());
     add("Reimage", schemars::schema_for!(admin::Reimage).to_value());
+    add("Drain", schemars::schema_for!(admin::Drain).to_value());
+    add("Maintenance", schemars::schema_for!(admin::Maintenance).to_value());
     add("InstanceSet", schemars::schema_for!(admin::InstanceSet).to_value());
     add("Evacuate", schemars::schema_for!(admin::Evacuate).to_value());
     add("Uuids", schemars::schema_for!(admin::Uuids).to_value());

@@ -173,6 +173,9 @@ impl<F: BmcFactory> Controller<F> {
             self.act(store, action).await?;
         }
         report.fences_stepped += crate::ops::runner::step_each(&self.fence(now), store, running).await;
+        let drains = store.running_operations(super::drain::KIND).await?;
+        let drain = super::drain::Drain { grace: self.config.grace, now };
+        crate::ops::runner::step_each(&drain, store, drains).await;
         // A host its BMC says is off cannot come back in the next interval: its fence runs
         // now, step after step, not one step a tick.
         for action in &report.actions {
@@ -361,17 +364,23 @@ impl<F: BmcFactory> Controller<F> {
         let fenced: Vec<&Host> =
             hosts.iter().filter(|h| h.state == HostState::Fenced && !fencing.contains(&h.name)).collect();
         // What placement weighs, read once for the pass (and only when a fenced host is left).
-        let (ip, hp, run) = if fenced.is_empty() {
+        let (ip, hp, run, open) = if fenced.is_empty() {
             Default::default()
         } else {
-            (store.instance_policies().await?, store.host_inventories().await?, place::running(&instances, &reports))
+            let open = super::drain::uncordoned(hosts.clone(), &super::drain::draining(store).await?);
+            (
+                store.instance_policies().await?,
+                store.host_inventories().await?,
+                place::running(&instances, &reports),
+                open,
+            )
         };
         for h in fenced {
             let left: Vec<InstanceId> =
                 instances.iter().filter(|i| i.owner == h.name && i.ha && !i.deleted).map(|i| i.uuid).collect();
             // Only when some host could take one now: no new operation every pass for nothing.
             let policies = place::Policies { instances: &ip, hosts: &hp, running: &run };
-            let room = place::place(&h.name, &left, &hosts, &instances, policies, now, self.config.grace);
+            let room = place::place(&h.name, &left, &open, &instances, policies, now, self.config.grace);
             if !room.iter().any(|(_, to)| to.is_ok()) {
                 continue;
             }
@@ -564,7 +573,8 @@ impl<F: BmcFactory> Controller<F> {
         let mut moving: Vec<_> = all.iter().filter(|i| i.owner == host.name && i.ha && !i.deleted).collect();
         moving.sort_by_key(|i| (std::cmp::Reverse(priority(&i.uuid)), i.uuid.uuid()));
         let ids: Vec<_> = moving.iter().map(|i| i.uuid).collect();
-        let hosts = store.hosts().await?;
+        // Hosts being drained take nothing new.
+        let hosts = super::drain::uncordoned(store.hosts().await?, &super::drain::draining(store).await?);
         // The guards' reports only matter to instances with a restart order (each pass of a
         // waiting evacuation would read every host's report otherwise).
         let run = if ids.iter().any(|id| ip.get(id).is_some_and(|p| !p.after.is_empty())) {

@@ -96,6 +96,7 @@ mod tests {
             has_domain_xml: true,
             created_at: Timestamp(0),
             updated_at: Timestamp(NOW.0 - moved_ms_ago),
+            held: false,
         }
     }
 

@@ -7,6 +7,7 @@
 
 pub mod controller;
 pub mod detect;
+pub mod drain;
 pub mod drift;
 pub mod fence;
 pub mod place;

@@ -172,6 +172,7 @@ mod tests {
             has_domain_xml: true,
             created_at: Timestamp(0),
             updated_at: Timestamp(0),
+            held: false,
         }
     }
 

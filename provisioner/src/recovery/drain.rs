@@ -1,0 +1,308 @@
+//! Drain (kind `drain`): take a live host out for planned work without running anything
+//! twice — Kubernetes' `drain`, with Nova's resiliency rule ("if it requires shutting down the
+//! node, evacuate all the running VMs first").
+//!
+//! `hold → moving → maintenance → done`, or `failed` with the step and reason:
+//! - **request** ([`request`]): refused, changing nothing, unless the host is active and the
+//!   rest of the cell has room for every HA instance of it (placement's own rules: capacity,
+//!   anti-affinity, priority). From then on the host is *cordoned*: placement leaves it out
+//!   while its drain runs ([`draining`]).
+//! - `hold`: its HA instances are marked held; its guard shuts each down cleanly (ACPI, then
+//!   destroy after its `shutdown_timeout`) and starts none of them.
+//! - `moving`: an instance its guard reported stopped *after* the hold gets a new owner
+//!   (generation + 1, compare-and-set, clearing the hold in the same statement), by placement.
+//!   Only an instance seen stopped moves, so none runs on two hosts; one whose guard never
+//!   reports stays, and the drain fails at its deadline, letting the rest go (their guard starts
+//!   them again). A host that stops heartbeating meanwhile is recovered as any other (the
+//!   fence moves what is left): the drain fails and lets go.
+//! - `maintenance`: the host turns `maintenance` — nothing of it is fenced or moved while there
+//!   — until `host maintenance NAME off`.
+//!
+//! Non-HA instances stay with their host (they stop when it is shut down).
+
+use std::collections::HashSet;
+use std::str::FromStr;
+use std::time::Duration;
+
+use nodekeeper_store::{Host, HostName, HostState, InstanceId, NewEvent, Operation, Store, StoreError, Timestamp};
+use serde::{Deserialize, Serialize};
+
+use super::place;
+use crate::ops::Decision;
+
+/// `operations.kind` of a drain.
+pub const KIND: &str = "drain";
+/// The actor of a drain's steps.
+pub const ACTOR: &str = "controller";
+/// How long the held instances may take to stop and move, by default.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+
+/// A step of the drain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Step {
+    /// Hold its HA instances.
+    Hold,
+    /// Move each once its guard reports it stopped.
+    Moving,
+    /// Put the host in maintenance.
+    Maintenance,
+}
+
+impl Step {
+    const ALL: [Step; 3] = [Step::Hold, Step::Moving, Step::Maintenance];
+
+    /// The persisted word.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Step::Hold => "hold",
+            Step::Moving => "moving",
+            Step::Maintenance => "maintenance",
+        }
+    }
+}
+
+impl std::fmt::Display for Step {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Step {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Step, String> {
+        Step::ALL.iter().copied().find(|x| x.as_str() == s).ok_or_else(|| format!("unknown drain step {s:?}"))
+    }
+}
+
+/// The drain's own state (the operation row's `data`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrainData {
+    /// The HA instances to move (at the request).
+    pub instances: Vec<InstanceId>,
+    /// When they were held, ms since the epoch (a guard report must be newer to count).
+    pub held_at_ms: Option<i64>,
+    /// How long `moving` may take, in milliseconds.
+    pub timeout_ms: u64,
+    /// Moved, when the drain ended.
+    pub moved: usize,
+}
+
+/// The hosts whose drain runs now (cordoned: placement leaves them out).
+pub async fn draining(store: &Store) -> Result<HashSet<HostName>, StoreError> {
+    Ok(store.running_operations(KIND).await?.into_iter().map(|o| o.target).collect())
+}
+
+/// The hosts placement may use: all but the cordoned ones.
+pub fn uncordoned(hosts: Vec<Host>, cordoned: &HashSet<HostName>) -> Vec<Host> {
+    hosts.into_iter().filter(|h| !cordoned.contains(&h.name)).collect()
+}
+
+/// Why a drain of `host` cannot start now, or the HA instances it will move. Reads only.
+pub async fn plan(store: &Store, host: &HostName, grace: Duration) -> anyhow::Result<Vec<InstanceId>> {
+    let h = store.require_host(host).await?;
+    if h.state != HostState::Active {
+        crate::conflict!("host drain {host}: the host is {}, not active", h.state);
+    }
+    let all = store.instances(None).await?;
+    let moving: Vec<InstanceId> =
+        all.iter().filter(|i| &i.owner == host && i.ha && !i.deleted).map(|i| i.uuid).collect();
+    let cordoned = draining(store).await?;
+    let hosts = uncordoned(store.hosts().await?, &cordoned);
+    let (ip, hp) = (store.instance_policies().await?, store.host_inventories().await?);
+    // A restart order does not bind a planned move: what it waits for already runs.
+    let run: HashSet<InstanceId> = all.iter().map(|i| i.uuid).collect();
+    let policies = place::Policies { instances: &ip, hosts: &hp, running: &run };
+    let placed = place::place(host, &moving, &hosts, &all, policies, store.now().await?, grace);
+    let name = |id: &InstanceId| all.iter().find(|i| i.uuid == *id).map_or_else(|| id.to_string(), |i| i.name.clone());
+    let refused: Vec<String> =
+        placed.iter().filter_map(|(id, to)| to.as_ref().err().map(|why| format!("{} ({why})", name(id)))).collect();
+    if !refused.is_empty() {
+        crate::conflict!(
+            "host drain {host}: the rest of the cell has no room for {}; nothing changed",
+            refused.join(", ")
+        );
+    }
+    Ok(moving)
+}
+
+/// Starts a drain of `host` (or returns the one that runs: `false`), after [`plan`] found
+/// room for all its HA instances.
+pub async fn request(
+    store: &Store,
+    host: &HostName,
+    grace: Duration,
+    timeout: Duration,
+    actor: &str,
+) -> anyhow::Result<(Operation, bool)> {
+    if let Some(op) = store.latest_operation(host).await? {
+        if op.status == nodekeeper_store::OperationStatus::Running {
+            if op.kind == KIND {
+                return Ok((op, false));
+            }
+            crate::conflict!("host drain {host}: a {} of it runs (operation {}, step {})", op.kind, op.id, op.step);
+        }
+    }
+    let instances = plan(store, host, grace).await?;
+    let data = DrainData {
+        instances,
+        held_at_ms: None,
+        timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+        moved: 0,
+    };
+    let json = serde_json::to_string(&data).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (op, started) = store.start_operation(KIND, host, Step::Hold.as_str(), None, &json, actor).await?;
+    if !started && op.kind != KIND {
+        crate::conflict!("host drain {host}: a {} of it runs (operation {}, step {})", op.kind, op.id, op.step);
+    }
+    Ok((op, started))
+}
+
+/// The drain machine on the operation engine, at `now`.
+pub struct Drain {
+    /// The controller's grace (placement uses hosts heard within it).
+    pub grace: Duration,
+    /// The controller's clock.
+    pub now: Timestamp,
+}
+
+impl Drain {
+    /// What `moving` does: moves each held instance its guard reported stopped since the hold;
+    /// returns (moved, still held here, why each unplaced one waits).
+    async fn move_stopped(
+        &self,
+        store: &Store,
+        host: &HostName,
+        data: &DrainData,
+    ) -> Result<(usize, usize, Vec<NewEvent>), StoreError> {
+        let all = store.instances(None).await?;
+        let ours: HashSet<InstanceId> = data.instances.iter().copied().collect();
+        let held: Vec<_> =
+            all.iter().filter(|i| &i.owner == host && i.held && !i.deleted && ours.contains(&i.uuid)).collect();
+        if held.is_empty() {
+            return Ok((0, 0, Vec::new()));
+        }
+        let report = store.guard_reports().await?.into_iter().find(|r| &r.host == host);
+        let since = Timestamp(data.held_at_ms.unwrap_or(i64::MAX));
+        let stopped: Vec<InstanceId> = match &report {
+            Some(r) if r.at > since => held
+                .iter()
+                .filter(|i| !r.domains.iter().any(|d| d.uuid == i.uuid && d.running))
+                .map(|i| i.uuid)
+                .collect(),
+            _ => Vec::new(),
+        };
+        if stopped.is_empty() {
+            return Ok((0, held.len(), Vec::new()));
+        }
+        let hosts = uncordoned(store.hosts().await?, &draining(store).await?);
+        let (ip, hp) = (store.instance_policies().await?, store.host_inventories().await?);
+        let run: HashSet<InstanceId> = all.iter().map(|i| i.uuid).collect();
+        let policies = place::Policies { instances: &ip, hosts: &hp, running: &run };
+        let placed = place::place(host, &stopped, &hosts, &all, policies, self.now, self.grace);
+        let (mut moved, mut waiting) = (0, Vec::new());
+        for (id, to) in placed {
+            let Some(instance) = held.iter().find(|i| i.uuid == id) else { continue };
+            match to {
+                Ok(to) => {
+                    let reason = format!("drained from {host} (stopped there, reported by its guard)");
+                    match store.transfer_held(id, instance.generation, &to, ACTOR, &reason).await {
+                        Ok(_) => moved += 1,
+                        Err(StoreError::Conflict { .. } | StoreError::Invalid(_)) => {} // moved or let go meanwhile
+                        Err(e) => return Err(e),
+                    }
+                }
+                Err(why) => {
+                    let m = format!("{} stays held on draining host {host}: {why}", instance.name);
+                    let key = format!("drain-unplaced:{id}:{}:{why}", instance.generation.0);
+                    waiting.push(NewEvent::instance(ACTOR, "instance.unplaced", host, id, m).with_key(key));
+                }
+            }
+        }
+        Ok((moved, held.len() - moved, waiting))
+    }
+}
+
+impl crate::ops::Machine for Drain {
+    type Step = Step;
+    type Data = DrainData;
+    const KIND: &'static str = KIND;
+    const ACTOR: &'static str = ACTOR;
+
+    async fn decide(
+        &self,
+        store: &Store,
+        op: &Operation,
+        step: Step,
+        data: &mut DrainData,
+    ) -> Result<Decision<Step>, StoreError> {
+        let host = store.require_host(&op.target).await?;
+        if host.state != HostState::Active {
+            let reason = format!("the host is {} now: recovery, not the drain, moves what is left", host.state);
+            return Ok(Decision::Failed { at: step, reason });
+        }
+        Ok(match step {
+            Step::Hold => {
+                data.held_at_ms = Some(self.now.0);
+                let timeout = Duration::from_millis(data.timeout_ms);
+                let why = format!("{} HA instance(s) held: its guard shuts them down", data.instances.len());
+                Decision::Go { to: Step::Moving, after: Some(timeout), why }
+            }
+            Step::Moving => {
+                let (moved, left, waiting) = self.move_stopped(store, &host.name, data).await?;
+                if !waiting.is_empty() {
+                    store.record_events(&waiting).await?;
+                }
+                if left == 0 {
+                    let still: usize = data.instances.len();
+                    let gone = store
+                        .instances(Some(&host.name))
+                        .await?
+                        .iter()
+                        .filter(|i| data.instances.contains(&i.uuid) && !i.deleted)
+                        .count();
+                    data.moved = still - gone;
+                    let why = format!("{} instance(s) moved", data.moved);
+                    Decision::Go { to: Step::Maintenance, after: None, why }
+                } else if op.deadline.is_some_and(|d| d <= self.now) {
+                    let reason = format!(
+                        "{left} held instance(s) did not stop and move within {}: let go (their guard starts them again)",
+                        humantime::format_duration(Duration::from_millis(data.timeout_ms))
+                    );
+                    Decision::Failed { at: Step::Moving, reason }
+                } else {
+                    if moved > 0 {
+                        tracing::info!(host = %host.name, moved, left, "drain: moved stopped instances");
+                    }
+                    Decision::Stay
+                }
+            }
+            Step::Maintenance => Decision::Done { why: format!("{} moved; the host is in maintenance", data.moved) },
+        })
+    }
+
+    async fn effects(
+        &self,
+        store: &Store,
+        op: &Operation,
+        _step: Step,
+        data: &mut DrainData,
+        decision: &Decision<Step>,
+    ) -> Result<(), StoreError> {
+        let host = &op.target;
+        match decision {
+            Decision::Go { to: Step::Moving, .. } => {
+                let why = format!("host {host} is drained (operation {})", op.id);
+                store.hold_instances(host, &data.instances, true, ACTOR, &why).await.map(drop)
+            }
+            Decision::Done { why } => {
+                store.set_host_state_from(host, HostState::Active, HostState::Maintenance, ACTOR, why).await.map(drop)
+            }
+            Decision::Failed { reason, .. } | Decision::Abort { why: reason } => {
+                let why = format!("the drain of {host} ended: {reason}");
+                store.hold_instances(host, &data.instances, false, ACTOR, &why).await.map(drop)
+            }
+            _ => Ok(()),
+        }
+    }
+}
