@@ -59,6 +59,9 @@ pub enum Command {
     /// Instances (VMs) and who owns them.
     #[command(subcommand)]
     Instance(InstanceCommand),
+    /// Operations (reimage, fence, drain, evacuate) and their steps.
+    #[command(subcommand)]
+    Operation(OperationCommand),
     /// The image catalogue: what a reimage writes.
     #[command(subcommand)]
     Image(ImageCommand),
@@ -94,6 +97,28 @@ pub enum Command {
 }
 
 pub use crate::admin::PowerCommand;
+
+/// `operation ...`
+#[derive(Debug, Subcommand)]
+pub enum OperationCommand {
+    /// List operations, newest first.
+    List {
+        /// Only those of this host.
+        #[arg(long)]
+        host: Option<HostName>,
+        /// Only running ones.
+        #[arg(long)]
+        running: bool,
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// One operation, with its events.
+    Show {
+        /// Its id.
+        id: i64,
+    },
+}
 
 /// `token ...`
 #[derive(Debug, Subcommand)]
@@ -482,6 +507,10 @@ fn to_call(command: &Command) -> anyhow::Result<Option<admin::Call>> {
         Command::Host(HostCommand::Maintenance { name, state }) => Call::HostMaintenance(name.clone(), state == "on"),
         Command::Power { host, action } => Call::Power(host.clone(), *action),
         Command::Reimage { host, image } => Call::Reimage(host.clone(), admin::Reimage { image: image.clone() }),
+        Command::Operation(OperationCommand::List { host, running, limit }) => {
+            Call::OperationList(host.clone(), *running, *limit)
+        }
+        Command::Operation(OperationCommand::Show { id }) => Call::OperationShow(*id),
         Command::Image(ImageCommand::List) => Call::ImageList,
         Command::Image(ImageCommand::Show { name }) => Call::ImageShow(name.clone()),
         Command::Instance(InstanceCommand::Import { file }) => {

@@ -178,6 +178,8 @@ fn sample(method: &str, path: &str, n: usize) -> (String, Option<(&'static str, 
             (path.into(), json(serde_json::json!({ "to": "node-c", "uuids": [uuid(2)], "force": true })), 200)
         }
         ("POST", "/api/v1/instances/delete") => (path.into(), json(serde_json::json!({ "uuids": [uuid(3)] })), 200),
+        ("GET", "/api/v1/operations") => ("/api/v1/operations?running=true&limit=5".into(), None, 200),
+        ("GET", "/api/v1/operations/{id}") => ("/api/v1/operations/1".into(), None, 200),
         ("GET", "/api/v1/images") => (path.into(), None, 200),
         ("GET", "/api/v1/images/{name}") => ("/api/v1/images/none-such".into(), None, 404),
         ("GET", "/api/v1/tokens") => (path.into(), None, 200),
@@ -353,6 +355,7 @@ async fn the_remote_cli_prints_what_the_local_cli_prints() {
         &["image", "list"],
         &["host", "outlets", "node-a"],
         &["token", "list"],
+        &["operation", "list"],
     ] {
         for json in [false, true] {
             let mut all: Vec<&str> = if json { vec!["--json"] } else { vec![] };

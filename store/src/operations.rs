@@ -201,6 +201,23 @@ impl Store {
         rows.iter().map(from_row).collect()
     }
 
+    /// Operations, newest first: of `target` only when given, running ones only when
+    /// `running`, at most `limit`.
+    pub async fn operations(&self, target: Option<&HostName>, running: bool, limit: u32) -> Result<Vec<Operation>> {
+        let mut sql = format!("SELECT {COLUMNS} FROM operations WHERE ($1 = '' OR target = $1)");
+        if running {
+            sql.push_str(" AND status = 'running'");
+        }
+        sql.push_str(" ORDER BY id DESC LIMIT $2");
+        let rows = sqlx::query(&sql)
+            .bind(target.map_or("", HostName::as_str))
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(query("listing operations"))?;
+        rows.iter().map(from_row).collect()
+    }
+
     /// The newest operation on `target` of any kind, running or ended.
     pub async fn latest_operation(&self, target: &HostName) -> Result<Option<Operation>> {
         let row = sqlx::query(&format!("SELECT {COLUMNS} FROM operations WHERE target = $1 ORDER BY id DESC LIMIT 1"))

@@ -37,6 +37,7 @@ on_both_engines!(
     the_image_catalogue_refuses_duplicates_and_removal_while_used,
     an_image_removal_and_a_reimage_start_never_both_win,
     admin_tokens_are_unique_revocable_and_touched_once_a_minute,
+    operations_are_listed_newest_first_by_host_and_status,
 );
 
 fn host(name: &str) -> HostName {
@@ -936,4 +937,28 @@ async fn admin_tokens_are_unique_revocable_and_touched_once_a_minute(db: TestDb)
     let kinds: Vec<String> =
         store.events(&EventFilter::default()).await.expect("ok").into_iter().map(|e| e.kind).collect();
     assert_eq!(kinds.iter().filter(|k| k.starts_with("token.")).count(), 2, "{kinds:?}");
+}
+
+async fn operations_are_listed_newest_first_by_host_and_status(db: TestDb) {
+    let store = fleet(&db).await;
+    let (a, b) = (host("node-a"), host("node-b"));
+    let (first, _) = store.start_operation("reimage", &a, "power_off", None, "{}", "test").await.expect("start");
+    let (second, _) = store.start_operation("fence", &b, "confirm", None, "{}", "test").await.expect("start");
+    let change = nodekeeper_store::StepChange {
+        from: "power_off".into(),
+        to: "power_off".into(),
+        status: nodekeeper_store::OperationStatus::Failed,
+        attempts: 1,
+        deadline: None,
+        last_error: Some("gave up".into()),
+        data: None,
+        event: "failed".into(),
+    };
+    store.advance_operation(first.id, &change, "test").await.expect("fail it").expect("moved");
+    let ids = |ops: Vec<nodekeeper_store::Operation>| ops.into_iter().map(|o| o.id).collect::<Vec<_>>();
+    assert_eq!(ids(store.operations(None, false, 10).await.expect("all")), [second.id, first.id]);
+    assert_eq!(ids(store.operations(None, true, 10).await.expect("running")), [second.id]);
+    assert_eq!(ids(store.operations(Some(&a), false, 10).await.expect("a")), [first.id]);
+    assert!(store.operations(Some(&a), true, 10).await.expect("a running").is_empty());
+    assert_eq!(store.operations(None, false, 1).await.expect("one").len(), 1);
 }

@@ -205,6 +205,10 @@ pub enum Call {
     InstanceDelete(Uuids),
     /// `instance set`
     InstanceSet(InstanceSet),
+    /// `operation list [--host NAME] [--running] [--limit N]`
+    OperationList(Option<HostName>, bool, u32),
+    /// `operation show ID`
+    OperationShow(i64),
     /// `image list`
     ImageList,
     /// `image show`
@@ -268,7 +272,9 @@ impl Call {
             | Call::HostOutlets(_, None)
             | Call::InstanceList(_)
             | Call::ImageList
-            | Call::ImageShow(_) => Role::Viewer,
+            | Call::ImageShow(_)
+            | Call::OperationList(..)
+            | Call::OperationShow(_) => Role::Viewer,
             Call::MarkFenced(_)
             | Call::Power(..)
             | Call::Reimage(..)
@@ -319,6 +325,17 @@ impl Call {
             Call::InstanceEvacuate(b) => ("POST", "/api/v1/instances/evacuate".to_owned(), json(b)),
             Call::InstanceDelete(b) => ("POST", "/api/v1/instances/delete".to_owned(), json(b)),
             Call::InstanceSet(b) => ("PATCH", "/api/v1/instances".to_owned(), json(b)),
+            Call::OperationList(h, running, limit) => {
+                let mut q = format!("/api/v1/operations?limit={limit}");
+                if let Some(h) = h {
+                    q.push_str(&format!("&host={}", seg(h.as_str())));
+                }
+                if *running {
+                    q.push_str("&running=true");
+                }
+                ("GET", q, Body::Empty)
+            }
+            Call::OperationShow(id) => ("GET", format!("/api/v1/operations/{id}"), Body::Empty),
             Call::ImageList => ("GET", "/api/v1/images".to_owned(), Body::Empty),
             Call::ImageShow(n) => ("GET", format!("/api/v1/images/{}", seg(n)), Body::Empty),
             Call::TokenCreate(b) => ("POST", "/api/v1/tokens".to_owned(), json(b)),
@@ -376,6 +393,8 @@ impl Call {
                 };
                 instance_set(store, actor, &b.uuids, &change).await
             }
+            Call::OperationList(h, running, limit) => operation_list(store, h.as_ref(), running, limit).await,
+            Call::OperationShow(id) => operation_show(store, id).await,
             Call::ImageList => image_list(store).await,
             Call::ImageShow(name) => image_show(store, &name).await,
             Call::TokenCreate(b) => token_create(store, actor, &b).await,

@@ -785,6 +785,64 @@ pub async fn host_maintenance(store: &Store, actor: &str, name: &HostName, on: b
     })
 }
 
+/// `operation list [--host NAME] [--running] [--limit N]`: newest first.
+pub async fn operation_list(
+    store: &Store,
+    host: Option<&HostName>,
+    running: bool,
+    limit: u32,
+) -> anyhow::Result<Reply> {
+    if let Some(h) = host {
+        store.require_host(h).await?;
+    }
+    let ops = store.operations(host, running, limit.clamp(1, 10_000)).await?;
+    Reply::new(&ops, || {
+        table(
+            &["ID", "KIND", "HOST", "STATUS", "STEP", "ATTEMPTS", "UPDATED", "LAST ERROR"],
+            ops.iter().map(|o| {
+                vec![
+                    o.id.to_string(),
+                    o.kind.clone(),
+                    o.target.to_string(),
+                    o.status.to_string(),
+                    o.step.clone(),
+                    o.attempts.to_string(),
+                    o.updated_at.to_string(),
+                    opt(o.last_error.as_ref()),
+                ]
+            }),
+        )
+    })
+}
+
+/// `operation show ID`
+pub async fn operation_show(store: &Store, id: i64) -> anyhow::Result<Reply> {
+    let Some(op) = store.operation(id).await? else {
+        return Err(anyhow::Error::new(NotFound(format!("no operation {id}"))));
+    };
+    let events =
+        store.events(&EventFilter { host: Some(op.target.clone()), limit: Some(1000), ..Default::default() }).await?;
+    // Its events: those of its host since it started that name it (kinds `KIND.*`).
+    let mine: Vec<_> =
+        events.into_iter().filter(|e| e.at >= op.created_at && e.kind.starts_with(&format!("{}.", op.kind))).collect();
+    let value = json!({ "operation": op, "events": mine });
+    Reply::new(&value, || {
+        let mut s = format!(
+            "operation {}: {} of {}, {} at {} (attempt {}), started {}, updated {}\n",
+            op.id, op.kind, op.target, op.status, op.step, op.attempts, op.created_at, op.updated_at
+        );
+        if let Some(e) = &op.last_error {
+            s.push_str(&format!("last error: {e}\n"));
+        }
+        s.push('\n');
+        s.push_str(&table(
+            &["AT", "ACTOR", "KIND", "MESSAGE"],
+            mine.iter().map(|e| vec![e.at.to_string(), e.actor.clone(), e.kind.clone(), e.message.clone()]),
+        ));
+        s
+    })
+}
+
 /// An image as `image list|show --json` print it: `sha256` and `size` are the raw image's
 /// (what its builder published), `served` the compressed file the deploy agent fetches.
 fn image_json(i: &nodekeeper_store::Image, installed_on: Option<&[String]>) -> serde_json::Value {
@@ -978,6 +1036,19 @@ impl std::fmt::Display for StateConflict {
 }
 
 impl std::error::Error for StateConflict {}
+
+/// Something asked for that does not exist (beyond the store's own unknown host, instance,
+/// image, token): the admin API answers it 404.
+#[derive(Debug)]
+pub struct NotFound(pub String);
+
+impl std::fmt::Display for NotFound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for NotFound {}
 
 /// `bail!`, for a [`StateConflict`].
 #[macro_export]

@@ -210,6 +210,9 @@ fn classify(e: &anyhow::Error) -> (StatusCode, &'static str) {
         {
             return (StatusCode::CONFLICT, "conflict");
         }
+        if cause.downcast_ref::<admin::NotFound>().is_some() {
+            return (StatusCode::NOT_FOUND, "not_found");
+        }
         if cause.downcast_ref::<admin::StateConflict>().is_some() {
             return (StatusCode::CONFLICT, "conflict");
         }
@@ -322,6 +325,8 @@ pub fn routes() -> Router<HttpState> {
         .route("/api/v1/instances", get(instance_list).patch(instance_set))
         .route("/api/v1/instances/evacuate", post(instance_evacuate))
         .route("/api/v1/instances/delete", post(instance_delete))
+        .route("/api/v1/operations", get(operation_list))
+        .route("/api/v1/operations/{id}", get(operation_show))
         .route("/api/v1/images", get(image_list))
         .route("/api/v1/images/{name}", get(image_show))
         .route("/api/v1/tokens", get(token_list).post(token_create))
@@ -567,6 +572,44 @@ async fn instance_import(
     run(&s, &p, &h, Call::InstanceImport("the request".into(), text)).await
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OperationsQuery {
+    host: Option<String>,
+    #[serde(default)]
+    running: bool,
+    limit: Option<u32>,
+}
+
+async fn operation_list(
+    State(s): State<HttpState>,
+    Extension(p): Who,
+    h: HeaderMap,
+    q: Result<Query<OperationsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Ok(Query(q)) = q else {
+        return error(StatusCode::BAD_REQUEST, "invalid", "query: host=NAME, running=true|false, limit=N");
+    };
+    let host = match q.host.as_deref().map(host_name) {
+        Some(Ok(h)) => Some(h),
+        Some(Err(response)) => return response,
+        None => None,
+    };
+    run(&s, &p, &h, Call::OperationList(host, q.running, q.limit.unwrap_or(50))).await
+}
+
+async fn operation_show(
+    State(s): State<HttpState>,
+    Extension(p): Who,
+    h: HeaderMap,
+    UrlPath(id): UrlPath<String>,
+) -> Response {
+    let Ok(id) = id.parse::<i64>() else {
+        return error(StatusCode::BAD_REQUEST, "invalid", format!("operation {id:?}: a number"));
+    };
+    run(&s, &p, &h, Call::OperationShow(id)).await
+}
+
 async fn image_list(State(s): State<HttpState>, Extension(p): Who, h: HeaderMap) -> Response {
     run(&s, &p, &h, Call::ImageList).await
 }
@@ -651,6 +694,8 @@ pub const ENDPOINTS: &[Endpoint] = &[
     ep("POST", "/api/v1/instances/import", Role::Admin, "instance import (a body of JSON lines)"),
     with_body(ep("POST", "/api/v1/instances/evacuate", Role::Admin, "instance evacuate"), "Evacuate"),
     with_body(ep("POST", "/api/v1/instances/delete", Role::Admin, "instance delete"), "Uuids"),
+    ep("GET", "/api/v1/operations", Role::Viewer, "operation list [?host=NAME&running=true&limit=N]"),
+    ep("GET", "/api/v1/operations/{id}", Role::Viewer, "operation show"),
     ep("GET", "/api/v1/images", Role::Viewer, "image list"),
     ep("GET", "/api/v1/images/{name}", Role::Viewer, "image show"),
     ep("GET", "/api/v1/tokens", Role::Admin, "token list"),
