@@ -23,13 +23,15 @@ PACKAGES=(postgresql libvirt-daemon-system libvirt-dev qemu-system-x86 qemu-util
   busybox-static isc-dhcp-client dnsmasq-base ipxe iproute2 python3 linux-image-amd64 cpio file
   kea-dhcp4-server kea-admin tftpd-hpa nginx-light
   python3-libvirt python3-venv ipmitool faketime ovmf snmp openssh-server openssh-client prometheus
-  debootstrap mtools syslinux syslinux-common dosfstools fdisk e2fsprogs xorriso isolinux)
+  debootstrap mtools syslinux syslinux-common dosfstools fdisk e2fsprogs xorriso isolinux
+  chromium chromium-driver)
 # (Kea's perfdhcp, kea-dhcp4, tftpd-hpa and nginx are the peers `make bench` measures against;
 # faketime runs a guard whose clock is a minute off, against the database's clock; ovmf is
 # the UEFI firmware the UEFI PXE test boots; xorriso and isolinux build the deploy ISOs of
 # virtual media; snmp — net-snmp's snmpget/snmpset — drives SNMP PDU outlets, against snmpsim;
 # openssh-server runs as a node's sshd for the repair over SSH, ssh and ssh-keygen drive it;
-# prometheus brings promtool, which checks the alert rules and a live /metrics.)
+# prometheus brings promtool, which checks the alert rules and a live /metrics; chromium and
+# chromium-driver run the web console's test in a real headless browser, over WebDriver.)
 
 # Two passes: installing one package can remove another that was there (a backported
 # qemu-utils gives way to the one qemu-system-x86 depends on), so look again after the first.

@@ -3,6 +3,7 @@
 //! real server in-process on port 0.
 
 pub mod admin_api;
+pub mod console;
 pub mod guard_api;
 pub mod images;
 pub mod ipxe;
@@ -98,6 +99,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/api/v1/hosts/{name}/deploy", axum::routing::post(api_deploy))
         .merge(guard_api::routes())
         .merge(admin_api::routes())
+        .merge(console::routes())
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, API_TIMEOUT));
     Router::new()
         .route("/images/{*path}", get(image).head(image))
