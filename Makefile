@@ -3,7 +3,7 @@ SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: demo inventory-demo lab-test test test-deps lint unit bench build release fuzz install images clean
+.PHONY: demo inventory-demo lab-test test test-deps lint unit bench build release fuzz install images deb clean
 
 ## demo: the QEMU lab's failover, narrated: two compute nodes installed over PXE by the
 ## provisioner (embedded SQLite), node-a cut off, fenced, its HA instances recovered on node-b
@@ -43,6 +43,10 @@ install: release
 	install -d $(DESTDIR)/usr/lib/systemd/system
 	install -m 0644 systemd/*.service $(DESTDIR)/usr/lib/systemd/system/
 	./scripts/install-tftp-root.sh $(DESTDIR)$(TFTP_ROOT)
+
+## deb: Debian packages of the provisioner and the guard into target/deb (scripts/make-deb.sh)
+deb:
+	./scripts/make-deb.sh
 
 build:
 	cargo build --workspace --all-targets

@@ -34,7 +34,7 @@ pub fn netns_available() -> bool {
     ok
 }
 
-fn nix_is_root() -> bool {
+pub fn nix_is_root() -> bool {
     Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0"))
 }
 
