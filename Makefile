@@ -14,7 +14,7 @@ demo:
 inventory-demo:
 	./scripts/demo-inventory.sh
 
-## lab-test: the QEMU lab's scenarios (failover, db-down-at-boot, provisioner-outage, power-loss) as tests; ~40 min
+## lab-test: the QEMU lab's scenarios (failover, db-down-at-boot, provisioner-outage, power-loss, drain) as tests; ~55 min
 lab-test:
 	./scripts/lab-test.sh
 

@@ -82,6 +82,9 @@ pub enum Command {
         #[arg(long)]
         image: Option<String>,
     },
+    /// Services with n active copies, run by the guards of the hosts the controller assigns.
+    #[command(subcommand)]
+    Service(ServiceCommand),
     /// Admin tokens: who may use the admin API (`--server`, the console), and as what.
     #[command(subcommand)]
     Token(TokenCommand),
@@ -97,6 +100,50 @@ pub enum Command {
 }
 
 pub use crate::admin::PowerCommand;
+
+/// `service ...`
+#[derive(Debug, Subcommand)]
+pub enum ServiceCommand {
+    /// Define a service (or redefine one of that name): n copies at once, spread over the
+    /// active hosts that carry its labels; a copy on a failed host moves to another.
+    Add {
+        /// Its name.
+        name: String,
+        /// How many copies run at once.
+        #[arg(long)]
+        copies: u32,
+        /// A label every host of a copy must carry (repeat for more).
+        #[arg(long = "label")]
+        labels: Vec<String>,
+        /// A systemd unit, started, stopped and checked with systemctl.
+        #[arg(long, conflicts_with_all = ["start", "stop", "check"])]
+        unit: Option<String>,
+        /// The start command (`sh -c` on the host; $NK_SERVICE, $NK_SLOT, $NK_HOST are set).
+        #[arg(long)]
+        start: Option<String>,
+        /// The stop command.
+        #[arg(long)]
+        stop: Option<String>,
+        /// A liveness check: exits 0 while the copy runs.
+        #[arg(long)]
+        check: Option<String>,
+        /// A copy leaves a failed host only once it is fenced: never more than n copies run.
+        #[arg(long)]
+        exclusive: bool,
+    },
+    /// List services and where their copies run.
+    List,
+    /// A service: its definition, and where its copies run and since when.
+    Show {
+        /// Its name.
+        name: String,
+    },
+    /// Remove a service (its copies are stopped).
+    Remove {
+        /// Its name.
+        name: String,
+    },
+}
 
 /// `operation ...`
 #[derive(Debug, Subcommand)]
@@ -342,6 +389,16 @@ pub enum HostCommand {
         #[arg(value_parser = ["on", "off"])]
         state: String,
     },
+    /// Show or replace a host's labels (which services it may run). No label: show them.
+    Labels {
+        /// Host name.
+        name: HostName,
+        /// Its labels (replacing those it has).
+        labels: Vec<String>,
+        /// Remove every label.
+        #[arg(long, conflicts_with = "labels")]
+        none: bool,
+    },
     /// Mint a new node token for a host's guard (the guard API's credential; it replaces the
     /// old one) and print it once. Hosts installed by `reimage` get theirs at first boot;
     /// this is for hosts installed otherwise, or to rotate it.
@@ -538,6 +595,28 @@ fn to_call(command: &Command) -> anyhow::Result<Option<admin::Call>> {
             expires: Some(expires.clone()),
         }),
         Command::Token(TokenCommand::List) => Call::TokenList,
+        Command::Service(ServiceCommand::Add { name, copies, labels, unit, start, stop, check, exclusive }) => {
+            Call::ServiceAdd(admin::ServiceAdd {
+                name: name.clone(),
+                copies: *copies,
+                labels: labels.clone(),
+                unit: unit.clone(),
+                start: start.clone(),
+                stop: stop.clone(),
+                check: check.clone(),
+                exclusive: *exclusive,
+            })
+        }
+        Command::Service(ServiceCommand::List) => Call::ServiceList,
+        Command::Service(ServiceCommand::Show { name }) => Call::ServiceShow(name.clone()),
+        Command::Service(ServiceCommand::Remove { name }) => Call::ServiceRemove(name.clone()),
+        Command::Host(HostCommand::Labels { name, labels, none }) => {
+            if labels.is_empty() && !none {
+                Call::HostLabels(name.clone(), None)
+            } else {
+                Call::HostLabels(name.clone(), Some(admin::Labels { labels: labels.clone() }))
+            }
+        }
         Command::Token(TokenCommand::Revoke { name }) => Call::TokenRevoke(name.clone()),
     }))
 }

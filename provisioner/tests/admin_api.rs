@@ -182,6 +182,18 @@ fn sample(method: &str, path: &str, n: usize) -> (String, Option<(&'static str, 
         ("GET", "/api/v1/operations/{id}") => ("/api/v1/operations/1".into(), None, 200),
         ("GET", "/api/v1/images") => (path.into(), None, 200),
         ("GET", "/api/v1/images/{name}") => ("/api/v1/images/none-such".into(), None, 404),
+        ("GET", "/api/v1/services") => (path.into(), None, 200),
+        ("POST", "/api/v1/services") => (
+            path.into(),
+            json(serde_json::json!({ "name": format!("svc-{n}"), "copies": 1, "start": "true", "stop": "true" })),
+            200,
+        ),
+        ("GET", "/api/v1/services/{name}") => ("/api/v1/services/none-such".into(), None, 404),
+        ("DELETE", "/api/v1/services/{name}") => ("/api/v1/services/none-such".into(), None, 404),
+        ("GET", "/api/v1/hosts/{name}/labels") => ("/api/v1/hosts/node-a/labels".into(), None, 200),
+        ("PUT", "/api/v1/hosts/{name}/labels") => {
+            ("/api/v1/hosts/node-a/labels".into(), json(serde_json::json!({ "labels": [format!("l{n}")] })), 200)
+        }
         ("GET", "/api/v1/tokens") => (path.into(), None, 200),
         ("POST", "/api/v1/tokens") => {
             (path.into(), json(serde_json::json!({ "name": format!("made-{n}"), "role": "viewer" })), 200)

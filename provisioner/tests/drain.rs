@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 mod common;
 
 use common::{
-    free_port, guard_binary, serve_config, spawn_serve, started_by, test_domain_xml, wait_until, PROVISIONER,
+    free_port, guard_binary, guard_config, serve_config, spawn_serve, started_by, test_domain_xml, wait_until,
+    PROVISIONER,
 };
 use nodekeeper_store::testing::host_name as n;
 use nodekeeper_store::testing::TestDb;
@@ -82,19 +83,7 @@ async fn a_drain_moves_each_ha_instance_once_stopped_and_leaves_the_host_alone()
     let _reap = Reap(guards.clone());
     let guard = guard_binary();
     for h in HOSTS {
-        let config = format!("{d}/{h}.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "host = \"{h}\"\ndatabase_url = \"{}\"\n[libvirt]\nconfig_dir = \"{d}/{h}/qemu\"\nuri = \"test:///default\"\n\
-                 [boot]\nstate_dir = \"{d}/{h}/state\"\ndb_wait = \"1s\"\n\
-                 [watch]\nheartbeat_interval = \"1s\"\nconverge_interval = \"1s\"\nisolation_timeout = \"4s\"\n\
-                 libvirt_timeout = \"2s\"\nmax_restarts = 0\nlibvirt_restart = []\npeer_listen = \"off\"\n\
-                 shutdown_timeout = \"5s\"\n",
-                db.url()
-            ),
-        )
-        .expect("guard config");
+        let config = guard_config(&d, h, db.url(), "peer_listen = \"off\"\nshutdown_timeout = \"5s\"\n");
         let log = std::fs::File::create(format!("{d}/{h}.log")).expect("log");
         let child = Command::new(&guard)
             .args(["-v", "watch", "--config", &config])

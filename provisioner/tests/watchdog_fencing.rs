@@ -22,7 +22,9 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{free_port, guard_binary, serve_config, spawn_serve, started_by, test_domain_xml, wait_until};
+use common::{
+    free_port, guard_binary, guard_config, serve_config, spawn_serve, started_by, test_domain_xml, wait_until,
+};
 use nodekeeper_store::testing::host_name as n;
 use nodekeeper_store::testing::TestDb;
 use nodekeeper_store::{
@@ -161,21 +163,12 @@ async fn hung_host_with_a_dead_bmc(pdu: bool) {
             .open(&fifo)
             .expect("open the FIFO");
         watchdog(h, reader, guards.clone(), resets.clone());
-        let config = format!("{d}/{h}.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "host = \"{h}\"\ndatabase_url = \"{}\"\n[libvirt]\nconfig_dir = \"{d}/{h}/qemu\"\nuri = \"test:///default\"\n\
-                 [boot]\nstate_dir = \"{d}/{h}/state\"\ndb_wait = \"1s\"\n\
-                 [watch]\nheartbeat_interval = \"1s\"\nconverge_interval = \"1s\"\nisolation_timeout = \"4s\"\n\
-                 libvirt_timeout = \"2s\"\nmax_restarts = 0\nlibvirt_restart = []\npeer_refresh = \"1s\"\n\
-                 peer_listen = \"{ip}:{peer_port}\"\npeer_port = {peer_port}\n\
-                 hardware_watchdog = \"{fifo}\"\nwatchdog_timeout = \"{}s\"\n",
-                db.url(),
-                WATCHDOG.as_secs()
-            ),
-        )
-        .expect("guard config");
+        let watch = format!(
+            "peer_refresh = \"1s\"\npeer_listen = \"{ip}:{peer_port}\"\npeer_port = {peer_port}\n\
+             hardware_watchdog = \"{fifo}\"\nwatchdog_timeout = \"{}s\"\n",
+            WATCHDOG.as_secs()
+        );
+        let config = guard_config(&d, h, db.url(), &watch);
         configs.insert(h, config);
     }
     let items: Vec<NewInstance> = (0..3)

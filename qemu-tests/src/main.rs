@@ -100,6 +100,9 @@ enum Scenario {
     /// The HA instances' node loses power (its BMC says Off), three times, back and forth:
     /// fenced without waiting the grace.
     PowerLoss,
+    /// The HA instances' node is drained for planned work (its guard stops them, they move once
+    /// stopped, it ends in maintenance), then loses power: nothing is fenced.
+    Drain,
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -138,6 +141,7 @@ async fn main() -> std::process::ExitCode {
             Scenario::DbDownAtBoot => nodekeeper_lab::scenarios::db_down_at_boot(paths, &fleet, &n).await,
             Scenario::ProvisionerOutage => nodekeeper_lab::scenarios::provisioner_outage(paths, &fleet, &n).await,
             Scenario::PowerLoss => nodekeeper_lab::scenarios::power_loss(paths, &fleet, &n).await,
+            Scenario::Drain => nodekeeper_lab::scenarios::drain(paths, &fleet, &n).await,
         }
     };
     // SIGTERM or Ctrl-C ends the scenario; dropping it tears the lab down (domains, serve,

@@ -566,3 +566,81 @@ async fn power_loss_on(lab: &mut Lab, n: &Narrator) -> anyhow::Result<Summary> {
     n.say(&format!("checked: three moves each, none ran on two nodes in {} samples", summary.samples));
     Ok(summary)
 }
+
+/// `drain`: planned work on node-a. `host drain node-a`: its guard shuts web-1 and db-1 down
+/// (ACPI; these tiny guests have no OS to answer it, so they are destroyed after the guard's
+/// `shutdown_timeout`), each moves to node-b only once node-a's guard reports it stopped, and
+/// node-a ends in maintenance with batch-1 (not HA). Then node-a loses power: in maintenance,
+/// nothing of it is fenced or moved.
+pub async fn drain(paths: Paths, fleet: &[Hardware], n: &Narrator) -> anyhow::Result<Summary> {
+    n.say("scenario drain: HA instances on node-a; node-a is drained for planned work, then loses power");
+    on_a_lab(paths, fleet, 2, n, drain_on).await
+}
+
+async fn drain_on(lab: &mut Lab, n: &Narrator) -> anyhow::Result<Summary> {
+    let mut summary = Summary::default();
+    let mut sampler = Sampler { samples: Vec::new() };
+    summary.phases.extend(lab.install(n).await?);
+    summary.nodes = lab.node_rows()?;
+    let ids = place_on_node_a(lab, n, &mut sampler, &mut summary).await?;
+    let (a, b): (HostName, HostName) = ("node-a".parse()?, "node-b".parse()?);
+    let said = lab.nk(&["host", "drain", "node-a"])?;
+    n.say(&format!("nodekeeper-provisioner host drain node-a: {}", said.trim()));
+    let ha = ids[..2].to_vec();
+    let (_, took) = sample_while(
+        lab,
+        &mut sampler,
+        &mut summary,
+        n,
+        "web-1 and db-1 running on node-b, node-a in maintenance",
+        Duration::from_secs(600),
+        async |lab| {
+            let running = lab.report(&b).await?.map(|r| r.1).unwrap_or_default();
+            let done = ha.iter().all(|id| running.contains(id)) && lab.state(&a).await? == HostState::Maintenance;
+            Ok(done.then_some(()))
+        },
+    )
+    .await?;
+    n.say(&format!(
+        "drained: web-1 and db-1 stopped on node-a, then started on node-b; node-a in maintenance ({})",
+        fmt(took)
+    ));
+    summary.phases.push(("host drain node-a → HA instances running on node-b, node-a in maintenance".into(), took));
+    for id in &ha {
+        let kinds: Vec<String> = events(lab, *id).await?.into_iter().map(|(_, k)| k).collect();
+        let at = |k: &str| kinds.iter().position(|x| x == k);
+        anyhow::ensure!(
+            matches!((at("instance.held"), at("instance.moved")), (Some(h), Some(m)) if h < m),
+            "held before moved: {kinds:?}"
+        );
+        let i = lab.store.instance(*id).await?.context("instance")?;
+        anyhow::ensure!(i.owner == b && i.generation == Generation(2) && !i.held, "moved once, to node-b: {i:?}");
+    }
+    let batch = lab.store.instance(ids[2]).await?.context("batch-1")?;
+    anyhow::ensure!(batch.owner == a, "batch-1 (not HA) stays with node-a: {batch:?}");
+
+    // In maintenance, node-a loses power: its silence means nothing; nothing is fenced.
+    let node = lab.node(a.as_str()).clone();
+    crate::lab::virsh(&["destroy", &node.domain])?;
+    n.say("node-a, in maintenance, loses power (virsh destroy)");
+    let quiet = Duration::from_secs(60);
+    let started = std::time::Instant::now();
+    let _ = sample_while(
+        lab,
+        &mut sampler,
+        &mut summary,
+        n,
+        "a minute past the grace",
+        quiet + Duration::from_secs(30),
+        async |lab| {
+            anyhow::ensure!(lab.state(&a).await? == HostState::Maintenance, "node-a left maintenance");
+            Ok((started.elapsed() >= quiet).then_some(()))
+        },
+    )
+    .await?;
+    let last = lab.store.latest_operation(&a).await?.context("the drain")?;
+    anyhow::ensure!(last.kind == "drain", "no fence of a host in maintenance: {last:?}");
+    anyhow::ensure!(summary.double_runs == 0, "{} samples with a double run", summary.double_runs);
+    n.say(&format!("checked: no fence, nothing moved; none ran on two nodes in {} samples", summary.samples));
+    Ok(summary)
+}

@@ -46,3 +46,10 @@ async fn power_loss() {
         assert!(took.as_secs() < 40, "{phase}: {took:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "the QEMU lab: two TCG nodes, ~15 min; make lab-test"]
+async fn drain() {
+    let summary = run(scenarios::drain).await;
+    assert!(summary.phases.iter().any(|(p, _)| p.starts_with("host drain node-a")), "{:?}", summary.phases);
+}

@@ -132,6 +132,9 @@ pub enum StoreError {
         /// Who uses it.
         by: String,
     },
+    /// No service of that name.
+    #[error("unknown service {0} (service list shows them)")]
+    UnknownService(String),
     /// No admin token of that name.
     #[error("unknown token {0} (token list shows them)")]
     UnknownToken(String),

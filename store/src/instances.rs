@@ -86,6 +86,15 @@ pub struct Ownership {
     pub ha: bool,
 }
 
+/// Why the controller moves an instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Move {
+    /// A recovery from a fenced host (counts towards `max_relocate`).
+    Recovery,
+    /// A drain's planned move of a held instance.
+    Drain,
+}
+
 /// The result of moving one instance.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Transfer {
@@ -295,21 +304,7 @@ impl Store {
         actor: &str,
         reason: &str,
     ) -> Result<Generation> {
-        let db_now = self.now().await?.0;
-        let mut tx = self.begin_write("moving an instance").await?;
-        let from = {
-            let current = lookup_in(&mut tx, [id]).await?.pop().ok_or(StoreError::UnknownInstance(id))?;
-            current.owner
-        };
-        let generation = cas_owner(&mut tx, id, expected, &from, to, actor, reason, db_now).await?;
-        // An automatic recovery: counted against the instance's max_relocate.
-        sqlx::query("UPDATE instances SET relocations = relocations + 1 WHERE uuid = $1")
-            .bind(id.to_string())
-            .execute(&mut *tx)
-            .await
-            .map_err(query("moving an instance"))?;
-        tx.commit().await.map_err(query("moving an instance"))?;
-        Ok(generation)
+        self.move_one(id, expected, to, actor, reason, Move::Recovery).await
     }
 
     /// A drain's move: `id`, held on its owner and reported stopped there, goes to `to` (a
@@ -323,7 +318,19 @@ impl Store {
         actor: &str,
         reason: &str,
     ) -> Result<Generation> {
-        const WHAT: &str = "moving a held instance";
+        self.move_one(id, expected, to, actor, reason, Move::Drain).await
+    }
+
+    async fn move_one(
+        &self,
+        id: InstanceId,
+        expected: Generation,
+        to: &HostName,
+        actor: &str,
+        reason: &str,
+        kind: Move,
+    ) -> Result<Generation> {
+        const WHAT: &str = "moving an instance";
         let db_now = self.now().await?.0;
         let mut tx = self.begin_write(WHAT).await?;
         let row = sqlx::query(&format!("SELECT {INSTANCE_COLUMNS} FROM instances WHERE uuid = $1"))
@@ -333,10 +340,18 @@ impl Store {
             .map_err(query(WHAT))?
             .ok_or(StoreError::UnknownInstance(id))?;
         let current = instance_from_row(&row)?;
-        if !current.held {
+        if kind == Move::Drain && !current.held {
             return Err(StoreError::Invalid(format!("instance {id} is not held: a drain moves only what it holds")));
         }
         let generation = cas_owner(&mut tx, id, expected, &current.owner, to, actor, reason, db_now).await?;
+        if kind == Move::Recovery {
+            // An automatic recovery: counted against the instance's max_relocate.
+            sqlx::query("UPDATE instances SET relocations = relocations + 1 WHERE uuid = $1")
+                .bind(id.to_string())
+                .execute(&mut *tx)
+                .await
+                .map_err(query(WHAT))?;
+        }
         tx.commit().await.map_err(query(WHAT))?;
         Ok(generation)
     }

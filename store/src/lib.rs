@@ -31,6 +31,7 @@ mod operations;
 mod outlets;
 mod policy;
 mod reports;
+mod services;
 mod settings;
 mod tokens;
 mod types;
@@ -49,6 +50,7 @@ pub use operations::{Operation, StepChange};
 pub use outlets::HostOutlet;
 pub use policy::{valid_group, HostInventory, InstancePolicy};
 pub use reports::{FencingProfile, GuardReport, ReportedDomain};
+pub use services::{valid_name, CopyChange, Service, ServiceCopy};
 pub use tokens::{valid_token_name, AdminToken, Role};
 pub use types::{
     BootMode, BootPath, Generation, HostName, HostState, InstanceId, MacAddr, OperationStatus, ParseError, Storage,

@@ -38,6 +38,7 @@ on_both_engines!(
     an_image_removal_and_a_reimage_start_never_both_win,
     admin_tokens_are_unique_revocable_and_touched_once_a_minute,
     operations_are_listed_newest_first_by_host_and_status,
+    service_copies_move_by_compare_and_set_and_go_with_their_service,
 );
 
 fn host(name: &str) -> HostName {
@@ -961,4 +962,55 @@ async fn operations_are_listed_newest_first_by_host_and_status(db: TestDb) {
     assert_eq!(ids(store.operations(Some(&a), false, 10).await.expect("a")), [first.id]);
     assert!(store.operations(Some(&a), true, 10).await.expect("a running").is_empty());
     assert_eq!(store.operations(None, false, 1).await.expect("one").len(), 1);
+}
+
+async fn service_copies_move_by_compare_and_set_and_go_with_their_service(db: TestDb) {
+    use nodekeeper_store::{CopyChange, Service};
+    let store = fleet(&db).await;
+    let svc = Service {
+        name: "scheduler".into(),
+        copies: 2,
+        labels: vec!["control".into()],
+        start: vec!["sh".into(), "-c".into(), "start".into()],
+        stop: vec!["sh".into(), "-c".into(), "stop".into()],
+        check: None,
+        exclusive: true,
+    };
+    store.put_service(&svc, "test").await.expect("add");
+    assert_eq!(store.services().await.expect("list"), [svc.clone()]);
+    // Bad definitions are refused, changing nothing.
+    let empty = Service { start: vec![], ..svc.clone() };
+    assert!(matches!(store.put_service(&empty, "test").await, Err(StoreError::Invalid(_))));
+    let bad = Service { labels: vec!["no spaces".into()], ..svc.clone() };
+    assert!(store.put_service(&bad, "test").await.is_err());
+    assert_eq!(store.services().await.expect("list"), [svc.clone()]);
+
+    let place = |slot, h: &str| CopyChange::Place { service: "scheduler".into(), slot, host: host(h) };
+    assert!(store.change_service_copy(&place(0, "node-a"), "controller").await.expect("place"));
+    assert!(!store.change_service_copy(&place(0, "node-b"), "controller").await.expect("taken"), "a slot once");
+    assert!(store.change_service_copy(&place(1, "node-b"), "controller").await.expect("place"));
+    let mv = |generation| CopyChange::Move {
+        service: "scheduler".into(),
+        slot: 0,
+        generation,
+        from: host("node-a"),
+        to: host("node-c"),
+        why: "node-a is fenced".into(),
+    };
+    assert!(!store.change_service_copy(&mv(7), "controller").await.expect("stale"), "a stale generation loses");
+    assert!(store.change_service_copy(&mv(1), "controller").await.expect("move"));
+    assert!(!store.change_service_copy(&mv(1), "controller").await.expect("again"), "moved once");
+    let copies = store.service_copies(Some("scheduler")).await.expect("copies");
+    let at: Vec<(u32, String, u64)> = copies.iter().map(|c| (c.slot, c.host.to_string(), c.generation)).collect();
+    assert_eq!(at, [(0, "node-c".to_owned(), 2), (1, "node-b".to_owned(), 1)]);
+    assert_eq!(store.services_of(&host("node-c")).await.expect("of c").len(), 1);
+
+    let labels = ["control".to_owned()].into_iter().collect();
+    store.set_host_labels(&host("node-a"), &labels, "test").await.expect("labels");
+    assert_eq!(store.host_labels().await.expect("labels").get(&host("node-a")), Some(&labels));
+    assert!(store.set_host_labels(&host("nope"), &labels, "test").await.is_err());
+
+    store.remove_service("scheduler", "test").await.expect("remove");
+    assert!(store.service_copies(None).await.expect("copies").is_empty(), "its copies went with it");
+    assert!(matches!(store.remove_service("scheduler", "test").await, Err(StoreError::UnknownService(_))));
 }

@@ -170,6 +170,42 @@ pub struct TokenCreate {
     pub expires: Option<String>,
 }
 
+/// `POST /api/v1/services`: `service add NAME …` (a service of that name is redefined).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceAdd {
+    /// Its name: 1 to 64 of `[A-Za-z0-9_.-]`.
+    pub name: String,
+    /// How many copies run at once.
+    pub copies: u32,
+    /// Labels every host of a copy must carry.
+    #[serde(default)]
+    pub labels: Vec<String>,
+    /// A systemd unit: started, stopped and checked with `systemctl` (instead of commands).
+    #[serde(default)]
+    pub unit: Option<String>,
+    /// Start command (run by `sh -c` on the host; `$NK_SERVICE`, `$NK_SLOT`, `$NK_HOST` set).
+    #[serde(default)]
+    pub start: Option<String>,
+    /// Stop command.
+    #[serde(default)]
+    pub stop: Option<String>,
+    /// Liveness check: exits 0 while the copy runs.
+    #[serde(default)]
+    pub check: Option<String>,
+    /// A copy leaves a failed host only once it is fenced (never more than `copies` run).
+    #[serde(default)]
+    pub exclusive: bool,
+}
+
+/// `PUT /api/v1/hosts/{name}/labels`: `host labels NAME LABEL… | --none`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Labels {
+    /// The host's labels (replacing those it has).
+    pub labels: Vec<String>,
+}
+
 /// An admin command.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Call {
@@ -213,6 +249,16 @@ pub enum Call {
     ImageList,
     /// `image show`
     ImageShow(String),
+    /// `service add`
+    ServiceAdd(ServiceAdd),
+    /// `service list`
+    ServiceList,
+    /// `service show`
+    ServiceShow(String),
+    /// `service remove`
+    ServiceRemove(String),
+    /// `host labels NAME [LABEL…]` (none: show them)
+    HostLabels(HostName, Option<Labels>),
     /// `token create`
     TokenCreate(TokenCreate),
     /// `token list`
@@ -274,7 +320,10 @@ impl Call {
             | Call::ImageList
             | Call::ImageShow(_)
             | Call::OperationList(..)
-            | Call::OperationShow(_) => Role::Viewer,
+            | Call::OperationShow(_)
+            | Call::ServiceList
+            | Call::ServiceShow(_)
+            | Call::HostLabels(_, None) => Role::Viewer,
             Call::MarkFenced(_)
             | Call::Power(..)
             | Call::Reimage(..)
@@ -288,6 +337,9 @@ impl Call {
             | Call::InstanceEvacuate(_)
             | Call::InstanceDelete(_)
             | Call::InstanceSet(_)
+            | Call::ServiceAdd(_)
+            | Call::ServiceRemove(_)
+            | Call::HostLabels(_, Some(_))
             | Call::TokenCreate(_)
             | Call::TokenList
             | Call::TokenRevoke(_) => Role::Admin,
@@ -338,6 +390,12 @@ impl Call {
             Call::OperationShow(id) => ("GET", format!("/api/v1/operations/{id}"), Body::Empty),
             Call::ImageList => ("GET", "/api/v1/images".to_owned(), Body::Empty),
             Call::ImageShow(n) => ("GET", format!("/api/v1/images/{}", seg(n)), Body::Empty),
+            Call::ServiceAdd(b) => ("POST", "/api/v1/services".to_owned(), json(b)),
+            Call::ServiceList => ("GET", "/api/v1/services".to_owned(), Body::Empty),
+            Call::ServiceShow(n) => ("GET", format!("/api/v1/services/{}", seg(n)), Body::Empty),
+            Call::ServiceRemove(n) => ("DELETE", format!("/api/v1/services/{}", seg(n)), Body::Empty),
+            Call::HostLabels(n, None) => ("GET", format!("{}/labels", host(n)), Body::Empty),
+            Call::HostLabels(n, Some(b)) => ("PUT", format!("{}/labels", host(n)), json(b)),
             Call::TokenCreate(b) => ("POST", "/api/v1/tokens".to_owned(), json(b)),
             Call::TokenList => ("GET", "/api/v1/tokens".to_owned(), Body::Empty),
             Call::TokenRevoke(n) => ("DELETE", format!("/api/v1/tokens/{}", seg(n)), Body::Empty),
@@ -397,6 +455,11 @@ impl Call {
             Call::OperationShow(id) => operation_show(store, id).await,
             Call::ImageList => image_list(store).await,
             Call::ImageShow(name) => image_show(store, &name).await,
+            Call::ServiceAdd(b) => service_add(store, actor, &b).await,
+            Call::ServiceList => service_list(store).await,
+            Call::ServiceShow(name) => service_show(store, &name).await,
+            Call::ServiceRemove(name) => service_remove(store, actor, &name).await,
+            Call::HostLabels(name, labels) => host_labels(store, actor, &name, labels.map(|l| l.labels)).await,
             Call::TokenCreate(b) => token_create(store, actor, &b).await,
             Call::TokenList => token_list(store).await,
             Call::TokenRevoke(name) => token_revoke(store, actor, &name).await,

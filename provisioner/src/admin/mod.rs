@@ -5,8 +5,8 @@ mod call;
 mod import;
 
 pub use call::{
-    power_action, Drain, Evacuate, HostAdd, HostSet, InstanceSet, Maintenance, Outlets, Power, Reimage, TokenCreate,
-    Uuids,
+    power_action, Drain, Evacuate, HostAdd, HostSet, InstanceSet, Labels, Maintenance, Outlets, Power, Reimage,
+    ServiceAdd, TokenCreate, Uuids,
 };
 pub use call::{Body, Call, Ctx, Request};
 
@@ -840,6 +840,129 @@ pub async fn operation_show(store: &Store, id: i64) -> anyhow::Result<Reply> {
             mine.iter().map(|e| vec![e.at.to_string(), e.actor.clone(), e.kind.clone(), e.message.clone()]),
         ));
         s
+    })
+}
+
+/// `service add NAME --copies N [--label L]… (--unit U | --start CMD --stop CMD [--check CMD]) [--exclusive]`
+pub async fn service_add(store: &Store, actor: &str, b: &ServiceAdd) -> anyhow::Result<Reply> {
+    let sh = |cmd: &str| vec!["sh".to_owned(), "-c".to_owned(), cmd.to_owned()];
+    let (start, stop, check) = match (&b.unit, &b.start, &b.stop) {
+        (Some(unit), None, None) if b.check.is_none() => {
+            if !nodekeeper_store::valid_name(unit.trim_end_matches(".service")) {
+                bail!("--unit {unit:?}: a systemd unit name");
+            }
+            let ctl = |verb: &str| ["systemctl", verb, unit].iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+            (
+                ctl("start"),
+                ctl("stop"),
+                Some(["systemctl", "is-active", "--quiet", unit].iter().map(|s| (*s).to_owned()).collect()),
+            )
+        }
+        (None, Some(start), Some(stop)) => (sh(start), sh(stop), b.check.as_deref().map(sh)),
+        _ => bail!("service add {}: --unit UNIT, or --start CMD and --stop CMD (and --check CMD)", b.name),
+    };
+    let service = nodekeeper_store::Service {
+        name: b.name.clone(),
+        copies: b.copies,
+        labels: b.labels.clone(),
+        start,
+        stop,
+        check,
+        exclusive: b.exclusive,
+    };
+    let s = store.put_service(&service, actor).await?;
+    Reply::new(&s, || {
+        format!("service {} defined: {} cop{}\n", s.name, s.copies, if s.copies == 1 { "y" } else { "ies" })
+    })
+}
+
+/// `service list`
+pub async fn service_list(store: &Store) -> anyhow::Result<Reply> {
+    let services = store.services().await?;
+    let copies = store.service_copies(None).await?;
+    let value: Vec<serde_json::Value> = services
+        .iter()
+        .map(|s| {
+            let on: Vec<&nodekeeper_store::ServiceCopy> = copies.iter().filter(|c| c.service == s.name).collect();
+            json!({ "service": s, "copies": on })
+        })
+        .collect();
+    Reply::new(&value, || {
+        table(
+            &["NAME", "COPIES", "RUNS ON", "LABELS", "EXCLUSIVE"],
+            services.iter().map(|s| {
+                let on: Vec<String> =
+                    copies.iter().filter(|c| c.service == s.name).map(|c| c.host.to_string()).collect();
+                vec![
+                    s.name.clone(),
+                    s.copies.to_string(),
+                    if on.is_empty() { "-".into() } else { on.join(", ") },
+                    if s.labels.is_empty() { "-".into() } else { s.labels.join(", ") },
+                    yes_no(s.exclusive),
+                ]
+            }),
+        )
+    })
+}
+
+/// `service show NAME`: its definition, and where its copies run and since when (what a
+/// scheduler or load balancer reads).
+pub async fn service_show(store: &Store, name: &str) -> anyhow::Result<Reply> {
+    let s = store
+        .services()
+        .await?
+        .into_iter()
+        .find(|s| s.name == name)
+        .ok_or_else(|| StoreError::UnknownService(name.to_owned()))?;
+    let copies = store.service_copies(Some(name)).await?;
+    let value = json!({ "service": s, "copies": copies });
+    Reply::new(&value, || {
+        let mut out = format!(
+            "service {}: {} cop{}{}{}\nstart: {}\nstop: {}\ncheck: {}\n\n",
+            s.name,
+            s.copies,
+            if s.copies == 1 { "y" } else { "ies" },
+            if s.labels.is_empty() { String::new() } else { format!(", on hosts labelled {}", s.labels.join(", ")) },
+            if s.exclusive { ", exclusive" } else { "" },
+            s.start.join(" "),
+            s.stop.join(" "),
+            s.check.as_ref().map_or("-".to_owned(), |c| c.join(" "))
+        );
+        out.push_str(&table(
+            &["SLOT", "HOST", "SINCE", "GENERATION"],
+            copies
+                .iter()
+                .map(|c| vec![c.slot.to_string(), c.host.to_string(), c.since.to_string(), c.generation.to_string()]),
+        ));
+        out
+    })
+}
+
+/// `service remove NAME`
+pub async fn service_remove(store: &Store, actor: &str, name: &str) -> anyhow::Result<Reply> {
+    store.remove_service(name, actor).await?;
+    Reply::new(&json!({ "removed": name }), || format!("service {name} removed (its copies are stopped)\n"))
+}
+
+/// `host labels NAME [LABEL…] [--none]`: shows (`None`) or replaces a host's labels.
+pub async fn host_labels(
+    store: &Store,
+    actor: &str,
+    name: &HostName,
+    labels: Option<Vec<String>>,
+) -> anyhow::Result<Reply> {
+    if let Some(l) = labels {
+        store.set_host_labels(name, &l.into_iter().collect(), actor).await?;
+    } else {
+        store.require_host(name).await?;
+    }
+    let now: Vec<String> = store.host_labels().await?.remove(name).unwrap_or_default().into_iter().collect();
+    Reply::new(&now, || {
+        if now.is_empty() {
+            format!("{name}: no labels\n")
+        } else {
+            format!("{name}: {}\n", now.join(", "))
+        }
     })
 }
 

@@ -230,7 +230,8 @@ fn classify_store(e: &StoreError) -> (StatusCode, &'static str) {
         StoreError::UnknownHost(_)
         | StoreError::UnknownImage(_)
         | StoreError::UnknownInstance(_)
-        | StoreError::UnknownToken(_) => (StatusCode::NOT_FOUND, "not_found"),
+        | StoreError::UnknownToken(_)
+        | StoreError::UnknownService(_) => (StatusCode::NOT_FOUND, "not_found"),
         StoreError::HostExists(_)
         | StoreError::MacInUse { .. }
         | StoreError::ImageExists(_)
@@ -329,6 +330,9 @@ pub fn routes() -> Router<HttpState> {
         .route("/api/v1/operations/{id}", get(operation_show))
         .route("/api/v1/images", get(image_list))
         .route("/api/v1/images/{name}", get(image_show))
+        .route("/api/v1/services", get(service_list).post(service_add))
+        .route("/api/v1/services/{name}", get(service_show).delete(service_remove))
+        .route("/api/v1/hosts/{name}/labels", get(labels_show).put(labels_set))
         .route("/api/v1/tokens", get(token_list).post(token_create))
         .route("/api/v1/tokens/{name}", axum::routing::delete(token_revoke))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
@@ -349,91 +353,86 @@ macro_rules! try_or_answer {
     };
 }
 
-async fn host_list(State(s): State<HttpState>, Extension(p): Who, h: HeaderMap) -> Response {
-    run(&s, &p, &h, Call::HostList).await
+/// A handler that only makes a call: from nothing, the host in the path (`host`), a name in
+/// the path (`text`), a JSON body, or both a host and a body.
+macro_rules! handler {
+    ($name:ident => |$host:ident: host| $call:expr) => {
+        async fn $name(
+            State(s): State<HttpState>,
+            Extension(p): Who,
+            h: HeaderMap,
+            UrlPath($host): UrlPath<String>,
+        ) -> Response {
+            let $host = try_or_answer!(host_name(&$host));
+            run(&s, &p, &h, $call).await
+        }
+    };
+    ($name:ident => |$host:ident: host, $b:ident: $t:ty| $call:expr) => {
+        async fn $name(
+            State(s): State<HttpState>,
+            Extension(p): Who,
+            h: HeaderMap,
+            UrlPath($host): UrlPath<String>,
+            b: Result<Bytes, BytesRejection>,
+        ) -> Response {
+            let $host = try_or_answer!(host_name(&$host));
+            let $b: $t = try_or_answer!(body(b));
+            run(&s, &p, &h, $call).await
+        }
+    };
+    ($name:ident => |$n:ident: text| $call:expr) => {
+        async fn $name(
+            State(s): State<HttpState>,
+            Extension(p): Who,
+            h: HeaderMap,
+            UrlPath($n): UrlPath<String>,
+        ) -> Response {
+            run(&s, &p, &h, $call).await
+        }
+    };
+    ($name:ident => |$b:ident: $t:ty| $call:expr) => {
+        async fn $name(
+            State(s): State<HttpState>,
+            Extension(p): Who,
+            h: HeaderMap,
+            b: Result<Bytes, BytesRejection>,
+        ) -> Response {
+            let $b: $t = try_or_answer!(body(b));
+            run(&s, &p, &h, $call).await
+        }
+    };
+    ($name:ident => $call:expr) => {
+        async fn $name(State(s): State<HttpState>, Extension(p): Who, h: HeaderMap) -> Response {
+            run(&s, &p, &h, $call).await
+        }
+    };
 }
 
-async fn host_add(
-    State(s): State<HttpState>,
-    Extension(p): Who,
-    h: HeaderMap,
-    b: Result<Bytes, BytesRejection>,
-) -> Response {
-    let add = try_or_answer!(body(b));
-    run(&s, &p, &h, Call::HostAdd(add)).await
-}
-
-async fn host_set(
-    State(s): State<HttpState>,
-    Extension(p): Who,
-    h: HeaderMap,
-    UrlPath(name): UrlPath<String>,
-    b: Result<Bytes, BytesRejection>,
-) -> Response {
-    let (name, change) = (try_or_answer!(host_name(&name)), try_or_answer!(body(b)));
-    run(&s, &p, &h, Call::HostSet(name, change)).await
-}
-
-async fn host_show(
-    State(s): State<HttpState>,
-    Extension(p): Who,
-    h: HeaderMap,
-    UrlPath(name): UrlPath<String>,
-) -> Response {
-    let name = try_or_answer!(host_name(&name));
-    run(&s, &p, &h, Call::HostShow(name)).await
-}
-
-async fn outlets_show(
-    State(s): State<HttpState>,
-    Extension(p): Who,
-    h: HeaderMap,
-    UrlPath(name): UrlPath<String>,
-) -> Response {
-    let name = try_or_answer!(host_name(&name));
-    run(&s, &p, &h, Call::HostOutlets(name, None)).await
-}
-
-async fn outlets_set(
-    State(s): State<HttpState>,
-    Extension(p): Who,
-    h: HeaderMap,
-    UrlPath(name): UrlPath<String>,
-    b: Result<Bytes, BytesRejection>,
-) -> Response {
-    let (name, outlets) = (try_or_answer!(host_name(&name)), try_or_answer!(body(b)));
-    run(&s, &p, &h, Call::HostOutlets(name, Some(outlets))).await
-}
-
-async fn mark_fenced(
-    State(s): State<HttpState>,
-    Extension(p): Who,
-    h: HeaderMap,
-    UrlPath(name): UrlPath<String>,
-) -> Response {
-    let name = try_or_answer!(host_name(&name));
-    run(&s, &p, &h, Call::MarkFenced(name)).await
-}
-
-async fn host_token(
-    State(s): State<HttpState>,
-    Extension(p): Who,
-    h: HeaderMap,
-    UrlPath(name): UrlPath<String>,
-) -> Response {
-    let name = try_or_answer!(host_name(&name));
-    run(&s, &p, &h, Call::HostToken(name)).await
-}
-
-async fn power_status(
-    State(s): State<HttpState>,
-    Extension(p): Who,
-    h: HeaderMap,
-    UrlPath(name): UrlPath<String>,
-) -> Response {
-    let name = try_or_answer!(host_name(&name));
-    run(&s, &p, &h, Call::Power(name, admin::PowerCommand::Status)).await
-}
+handler!(host_list => Call::HostList);
+handler!(host_add => |add: admin::HostAdd| Call::HostAdd(add));
+handler!(host_set => |name: host, change: admin::HostSet| Call::HostSet(name, change));
+handler!(host_show => |name: host| Call::HostShow(name));
+handler!(outlets_show => |name: host| Call::HostOutlets(name, None));
+handler!(outlets_set => |name: host, outlets: admin::Outlets| Call::HostOutlets(name, Some(outlets)));
+handler!(mark_fenced => |name: host| Call::MarkFenced(name));
+handler!(host_token => |name: host| Call::HostToken(name));
+handler!(power_status => |name: host| Call::Power(name, admin::PowerCommand::Status));
+handler!(reimage => |name: host, asked: admin::Reimage| Call::Reimage(name, asked));
+handler!(drain => |name: host, asked: admin::Drain| Call::HostDrain(name, asked));
+handler!(instance_set => |change: admin::InstanceSet| Call::InstanceSet(change));
+handler!(instance_evacuate => |asked: admin::Evacuate| Call::InstanceEvacuate(asked));
+handler!(instance_delete => |asked: admin::Uuids| Call::InstanceDelete(asked));
+handler!(image_list => Call::ImageList);
+handler!(image_show => |name: text| Call::ImageShow(name));
+handler!(service_list => Call::ServiceList);
+handler!(service_add => |asked: admin::ServiceAdd| Call::ServiceAdd(asked));
+handler!(service_show => |name: text| Call::ServiceShow(name));
+handler!(service_remove => |name: text| Call::ServiceRemove(name));
+handler!(labels_show => |name: host| Call::HostLabels(name, None));
+handler!(labels_set => |name: host, labels: admin::Labels| Call::HostLabels(name, Some(labels)));
+handler!(token_list => Call::TokenList);
+handler!(token_create => |asked: admin::TokenCreate| Call::TokenCreate(asked));
+handler!(token_revoke => |name: text| Call::TokenRevoke(name));
 
 async fn power(
     State(s): State<HttpState>,
@@ -452,37 +451,6 @@ async fn power(
         );
     };
     run(&s, &p, &h, Call::Power(name, action)).await
-}
-
-async fn reimage(
-    State(s): State<HttpState>,
-    Extension(p): Who,
-    h: HeaderMap,
-    UrlPath(name): UrlPath<String>,
-    b: Result<Bytes, BytesRejection>,
-) -> Response {
-    let name = try_or_answer!(host_name(&name));
-    // An empty body is the default image.
-    let asked = match &b {
-        Ok(bytes) if bytes.is_empty() => admin::Reimage::default(),
-        _ => try_or_answer!(body(b)),
-    };
-    run(&s, &p, &h, Call::Reimage(name, asked)).await
-}
-
-async fn drain(
-    State(s): State<HttpState>,
-    Extension(p): Who,
-    h: HeaderMap,
-    UrlPath(name): UrlPath<String>,
-    b: Result<Bytes, BytesRejection>,
-) -> Response {
-    let name = try_or_answer!(host_name(&name));
-    let asked = match &b {
-        Ok(bytes) if bytes.is_empty() => admin::Drain::default(),
-        _ => try_or_answer!(body(b)),
-    };
-    run(&s, &p, &h, Call::HostDrain(name, asked)).await
 }
 
 async fn maintenance(
@@ -521,36 +489,6 @@ async fn instance_list(
         None => None,
     };
     run(&s, &p, &h, Call::InstanceList(host)).await
-}
-
-async fn instance_set(
-    State(s): State<HttpState>,
-    Extension(p): Who,
-    h: HeaderMap,
-    b: Result<Bytes, BytesRejection>,
-) -> Response {
-    let change = try_or_answer!(body(b));
-    run(&s, &p, &h, Call::InstanceSet(change)).await
-}
-
-async fn instance_evacuate(
-    State(s): State<HttpState>,
-    Extension(p): Who,
-    h: HeaderMap,
-    b: Result<Bytes, BytesRejection>,
-) -> Response {
-    let asked = try_or_answer!(body(b));
-    run(&s, &p, &h, Call::InstanceEvacuate(asked)).await
-}
-
-async fn instance_delete(
-    State(s): State<HttpState>,
-    Extension(p): Who,
-    h: HeaderMap,
-    b: Result<Bytes, BytesRejection>,
-) -> Response {
-    let asked = try_or_answer!(body(b));
-    run(&s, &p, &h, Call::InstanceDelete(asked)).await
 }
 
 async fn instance_import(
@@ -610,42 +548,6 @@ async fn operation_show(
     run(&s, &p, &h, Call::OperationShow(id)).await
 }
 
-async fn image_list(State(s): State<HttpState>, Extension(p): Who, h: HeaderMap) -> Response {
-    run(&s, &p, &h, Call::ImageList).await
-}
-
-async fn image_show(
-    State(s): State<HttpState>,
-    Extension(p): Who,
-    h: HeaderMap,
-    UrlPath(name): UrlPath<String>,
-) -> Response {
-    run(&s, &p, &h, Call::ImageShow(name)).await
-}
-
-async fn token_list(State(s): State<HttpState>, Extension(p): Who, h: HeaderMap) -> Response {
-    run(&s, &p, &h, Call::TokenList).await
-}
-
-async fn token_create(
-    State(s): State<HttpState>,
-    Extension(p): Who,
-    h: HeaderMap,
-    b: Result<Bytes, BytesRejection>,
-) -> Response {
-    let asked = try_or_answer!(body(b));
-    run(&s, &p, &h, Call::TokenCreate(asked)).await
-}
-
-async fn token_revoke(
-    State(s): State<HttpState>,
-    Extension(p): Who,
-    h: HeaderMap,
-    UrlPath(name): UrlPath<String>,
-) -> Response {
-    run(&s, &p, &h, Call::TokenRevoke(name)).await
-}
-
 /// Where the OpenAPI document is served (to anyone: it holds no data).
 pub const OPENAPI_PATH: &str = "/api/v1/openapi.json";
 
@@ -698,6 +600,12 @@ pub const ENDPOINTS: &[Endpoint] = &[
     ep("GET", "/api/v1/operations/{id}", Role::Viewer, "operation show"),
     ep("GET", "/api/v1/images", Role::Viewer, "image list"),
     ep("GET", "/api/v1/images/{name}", Role::Viewer, "image show"),
+    ep("GET", "/api/v1/services", Role::Viewer, "service list"),
+    with_body(ep("POST", "/api/v1/services", Role::Admin, "service add"), "ServiceAdd"),
+    ep("GET", "/api/v1/services/{name}", Role::Viewer, "service show: where its copies run, since when"),
+    ep("DELETE", "/api/v1/services/{name}", Role::Admin, "service remove"),
+    ep("GET", "/api/v1/hosts/{name}/labels", Role::Viewer, "host labels NAME"),
+    with_body(ep("PUT", "/api/v1/hosts/{name}/labels", Role::Admin, "host labels NAME LABEL…"), "Labels"),
     ep("GET", "/api/v1/tokens", Role::Admin, "token list"),
     with_body(ep("POST", "/api/v1/tokens", Role::Admin, "token create"), "TokenCreate"),
     ep("DELETE", "/api/v1/tokens/{name}", Role::Admin, "token revoke"),
@@ -727,6 +635,8 @@ pub fn openapi_document() -> serde_json::Value {
     add("Evacuate", schemars::schema_for!(admin::Evacuate).to_value());
     add("Uuids", schemars::schema_for!(admin::Uuids).to_value());
     add("TokenCreate", schemars::schema_for!(admin::TokenCreate).to_value());
+    add("ServiceAdd", schemars::schema_for!(admin::ServiceAdd).to_value());
+    add("Labels", schemars::schema_for!(admin::Labels).to_value());
     add(
         "Error",
         json!({ "type": "object", "required": ["error"], "properties": { "error": {

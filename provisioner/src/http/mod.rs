@@ -78,6 +78,9 @@ pub enum Transport {
 /// downloads are not bounded: they are long by nature).
 pub const API_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long an admin API call may take before it is answered 408.
+pub const ADMIN_TIMEOUT: Duration = Duration::from_secs(10 * 60);
+
 /// One open event stream, counted while it lives.
 struct StreamSlot(Arc<std::sync::atomic::AtomicUsize>);
 
@@ -98,9 +101,12 @@ pub fn router(state: HttpState) -> Router {
         .route("/api/v1/events", get(api_events))
         .route("/api/v1/hosts/{name}/deploy", axum::routing::post(api_deploy))
         .merge(guard_api::routes())
-        .merge(admin_api::routes())
         .merge(console::routes())
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, API_TIMEOUT));
+    // The admin API has a bound of its own: a power command waits for its BMC to confirm
+    // (3 × 30 s by default), an import may be large; cut short, a call would stop half-way.
+    let admin = admin_api::routes()
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, ADMIN_TIMEOUT));
     Router::new()
         .route("/images/{*path}", get(image).head(image))
         .route("/boot/loaders/{*path}", get(loader).head(loader))
@@ -108,6 +114,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/api/v1/events/stream", get(api_events_stream))
         .route("/tls/ca.pem", get(ca_pem))
         .merge(api)
+        .merge(admin)
         .layer(middleware::from_fn_with_state(state.clone(), admin_api::authenticate))
         .layer(middleware::from_fn_with_state(state.clone(), node_apis_over_tls))
         .layer(middleware::from_fn_with_state(state.clone(), count_requests))

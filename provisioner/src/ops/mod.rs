@@ -10,6 +10,53 @@ mod crash_tests;
 
 pub use engine::{Decision, Machine};
 
+/// A machine's steps: the enum (persisted as the words given), every step in order (`ALL`),
+/// `as_str`, `Display`, and `FromStr` refusing an unknown word ("unknown KIND step").
+#[macro_export]
+macro_rules! steps {
+    (
+        $(#[$meta:meta])*
+        $vis:vis enum $name:ident ($kind:literal) {
+            $( $(#[$vmeta:meta])* $variant:ident = $word:literal ),+ $(,)?
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+        $vis enum $name {
+            $( $(#[$vmeta])* #[serde(rename = $word)] $variant ),+
+        }
+
+        impl $name {
+            /// Every step, in order.
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            /// The persisted word.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $word),+
+                }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = String;
+            fn from_str(s: &str) -> Result<$name, String> {
+                $name::ALL
+                    .iter()
+                    .copied()
+                    .find(|x| x.as_str() == s)
+                    .ok_or_else(|| format!(concat!("unknown ", $kind, " step {:?}"), s))
+            }
+        }
+    };
+}
+
 use std::future::Future;
 use std::str::FromStr;
 use std::time::Duration;

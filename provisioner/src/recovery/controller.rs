@@ -37,6 +37,8 @@ pub use crate::config::RecoveryConfig;
 /// What one tick did (for tests and logs).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct TickReport {
+    /// Service copies placed, moved or dropped.
+    pub service_changes: usize,
     /// Whether this replica held the lease.
     pub leader: bool,
     /// Detection's actions taken.
@@ -176,6 +178,9 @@ impl<F: BmcFactory> Controller<F> {
         let drains = store.running_operations(super::drain::KIND).await?;
         let drain = super::drain::Drain { grace: self.config.grace, now };
         crate::ops::runner::step_each(&drain, store, drains).await;
+        // Services' copies, after the fences of this tick (an exclusive copy leaves a host
+        // only once it is fenced).
+        report.service_changes = super::services::reconcile(store, now, self.config.grace).await?;
         // A host its BMC says is off cannot come back in the next interval: its fence runs
         // now, step after step, not one step a tick.
         for action in &report.actions {

@@ -21,7 +21,6 @@
 //! Non-HA instances stay with their host (they stop when it is shut down).
 
 use std::collections::HashSet;
-use std::str::FromStr;
 use std::time::Duration;
 
 use nodekeeper_store::{Host, HostName, HostState, InstanceId, NewEvent, Operation, Store, StoreError, Timestamp};
@@ -37,44 +36,17 @@ pub const ACTOR: &str = "controller";
 /// How long the held instances may take to stop and move, by default.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 
-/// A step of the drain.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Step {
-    /// Hold its HA instances.
-    Hold,
-    /// Move each once its guard reports it stopped.
-    Moving,
-    /// Put the host in maintenance.
-    Maintenance,
-}
-
-impl Step {
-    const ALL: [Step; 3] = [Step::Hold, Step::Moving, Step::Maintenance];
-
-    /// The persisted word.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Step::Hold => "hold",
-            Step::Moving => "moving",
-            Step::Maintenance => "maintenance",
-        }
+crate::steps! {
+    /// A step of the drain.
+    pub enum Step ("drain") {
+        /// Hold its HA instances.
+        Hold = "hold",
+        /// Move each once its guard reports it stopped.
+        Moving = "moving",
+        /// Put the host in maintenance.
+        Maintenance = "maintenance",
     }
 }
-
-impl std::fmt::Display for Step {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for Step {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Step, String> {
-        Step::ALL.iter().copied().find(|x| x.as_str() == s).ok_or_else(|| format!("unknown drain step {s:?}"))
-    }
-}
-
 /// The drain's own state (the operation row's `data`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DrainData {
@@ -254,14 +226,14 @@ impl crate::ops::Machine for Drain {
                     store.record_events(&waiting).await?;
                 }
                 if left == 0 {
-                    let still: usize = data.instances.len();
-                    let gone = store
+                    // What it held and no longer owns has moved.
+                    let stayed = store
                         .instances(Some(&host.name))
                         .await?
                         .iter()
                         .filter(|i| data.instances.contains(&i.uuid) && !i.deleted)
                         .count();
-                    data.moved = still - gone;
+                    data.moved = data.instances.len().saturating_sub(stayed);
                     let why = format!("{} instance(s) moved", data.moved);
                     Decision::Go { to: Step::Maintenance, after: None, why }
                 } else if op.deadline.is_some_and(|d| d <= self.now) {

@@ -26,73 +26,29 @@
 //! - `restore`: per policy, power the host back on (its guard's `boot` quarantines what moved),
 //!   request a reimage, or leave it fenced for an operator.
 
-use std::str::FromStr;
-
 use serde::{Deserialize, Serialize};
 
-/// A step of the fence.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Step {
-    /// Is the host still silent?
-    Confirm,
-    /// Ask the host over SSH to restart libvirtd and its guard.
-    Repair,
-    /// Wait for a heartbeat after the repair.
-    RepairWait,
-    /// Power it off through the BMC, confirmed.
-    PowerOff,
-    /// Switch off its PDU outlets, confirmed.
-    OutletOff,
-    /// Wait out its guard's self-fence and hardware watchdog (watchdog fencing).
-    Watchdog,
-    /// Give its HA instances new owners.
-    Evacuate,
-    /// Power it on again, reimage it, or leave it (policy).
-    Restore,
-}
-
-impl Step {
-    /// Every step, in order.
-    pub const ALL: [Step; 8] = [
-        Step::Confirm,
-        Step::Repair,
-        Step::RepairWait,
-        Step::PowerOff,
-        Step::OutletOff,
-        Step::Watchdog,
-        Step::Evacuate,
-        Step::Restore,
-    ];
-
-    /// The persisted word.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Step::Confirm => "confirm",
-            Step::Repair => "repair",
-            Step::RepairWait => "repair_wait",
-            Step::PowerOff => "power_off",
-            Step::OutletOff => "outlet_off",
-            Step::Watchdog => "watchdog",
-            Step::Evacuate => "evacuate",
-            Step::Restore => "restore",
-        }
+crate::steps! {
+    /// A step of the fence.
+    pub enum Step ("fence") {
+        /// Is the host still silent?
+        Confirm = "confirm",
+        /// Ask the host over SSH to restart libvirtd and its guard.
+        Repair = "repair",
+        /// Wait for a heartbeat after the repair.
+        RepairWait = "repair_wait",
+        /// Power it off through the BMC, confirmed.
+        PowerOff = "power_off",
+        /// Switch off its PDU outlets, confirmed.
+        OutletOff = "outlet_off",
+        /// Wait out its guard's self-fence and hardware watchdog (watchdog fencing).
+        Watchdog = "watchdog",
+        /// Give its HA instances new owners.
+        Evacuate = "evacuate",
+        /// Power it on again, reimage it, or leave it (policy).
+        Restore = "restore",
     }
 }
-
-impl std::fmt::Display for Step {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for Step {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Step, String> {
-        Step::ALL.iter().copied().find(|x| x.as_str() == s).ok_or_else(|| format!("unknown fence step {s:?}"))
-    }
-}
-
 pub use crate::config::AfterFence;
 
 /// The operation's own state (the operation row's `data`).
@@ -359,7 +315,7 @@ mod tests {
 
     #[test]
     fn steps_round_trip_and_do_their_work() {
-        for s in Step::ALL {
+        for &s in Step::ALL {
             assert_eq!(s.as_str().parse::<Step>(), Ok(s));
         }
         assert!("reboot".parse::<Step>().is_err());

@@ -11,4 +11,5 @@ pub mod drain;
 pub mod drift;
 pub mod fence;
 pub mod place;
+pub mod services;
 pub mod watchdog;

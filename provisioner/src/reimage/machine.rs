@@ -11,83 +11,42 @@
 //! (hardware that ignores a one-time PXE override, a lost ramdisk), the PXE steps are
 //! retried a bounded number of times before the operation fails.
 
-use std::str::FromStr;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-/// A step of the reimage.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Step {
-    /// Power the host off (through its BMC, confirmed).
-    PowerOff,
-    /// Ask the BMC to boot from the network once.
-    PxeNextBoot,
-    /// Power the host on: it PXE-boots the deploy ramdisk.
-    PowerOn,
-    /// Wait for the deploy agent's first call.
-    AgentBooted,
-    /// Wait until it has written the image.
-    ImageWritten,
-    /// Wait until it has verified the image's sha256.
-    Verified,
-    /// Set the BMC to boot the disk, then power the host off (confirmed: the agent powered
-    /// off after `verified`, or is forced off — the image is verified and synced by then) and
-    /// on: the firmware boots the disk as the BMC was just told, never the network first
-    /// (whose "boot the next entry" differs between firmwares: EDK2 shows its setup menu when
-    /// a network loader returns success).
-    LocalBoot,
-    /// Wait for the installed node to report in.
-    Heartbeat,
+crate::steps! {
+    /// A step of the reimage.
+    pub enum Step ("reimage") {
+        /// Power the host off (through its BMC, confirmed).
+        PowerOff = "power_off",
+        /// Ask the BMC to boot from the network once.
+        PxeNextBoot = "pxe_next_boot",
+        /// Power the host on: it PXE-boots the deploy ramdisk.
+        PowerOn = "power_on",
+        /// Wait for the deploy agent's first call.
+        AgentBooted = "agent_booted",
+        /// Wait until it has written the image.
+        ImageWritten = "image_written",
+        /// Wait until it has verified the image's sha256.
+        Verified = "verified",
+        /// Set the BMC to boot the disk, then power the host off (confirmed: the agent powered
+        /// off after `verified`, or is forced off — the image is verified and synced by then) and
+        /// on: the firmware boots the disk as the BMC was just told, never the network first
+        /// (whose "boot the next entry" differs between firmwares: EDK2 shows its setup menu when
+        /// a network loader returns success).
+        LocalBoot = "local_boot",
+        /// Wait for the installed node to report in.
+        Heartbeat = "heartbeat",
+    }
 }
 
 impl Step {
-    /// Every step, in order.
-    pub const ALL: [Step; 8] = [
-        Step::PowerOff,
-        Step::PxeNextBoot,
-        Step::PowerOn,
-        Step::AgentBooted,
-        Step::ImageWritten,
-        Step::Verified,
-        Step::LocalBoot,
-        Step::Heartbeat,
-    ];
-
-    /// The persisted word.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Step::PowerOff => "power_off",
-            Step::PxeNextBoot => "pxe_next_boot",
-            Step::PowerOn => "power_on",
-            Step::AgentBooted => "agent_booted",
-            Step::ImageWritten => "image_written",
-            Step::Verified => "verified",
-            Step::LocalBoot => "local_boot",
-            Step::Heartbeat => "heartbeat",
-        }
-    }
-
     fn next(self) -> Option<Step> {
         let i = Step::ALL.iter().position(|s| *s == self)?;
         Step::ALL.get(i + 1).copied()
     }
 }
-
-impl FromStr for Step {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Step, String> {
-        Step::ALL.iter().copied().find(|x| x.as_str() == s).ok_or_else(|| format!("unknown reimage step {s:?}"))
-    }
-}
-
-impl std::fmt::Display for Step {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
 /// How far the deploy agent says it got.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -466,7 +425,7 @@ mod tests {
                 "heartbeat"
             ]
         );
-        for s in Step::ALL {
+        for &s in Step::ALL {
             assert_eq!(s.as_str().parse::<Step>(), Ok(s));
         }
         assert!("reboot".parse::<Step>().is_err());

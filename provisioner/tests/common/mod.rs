@@ -207,6 +207,24 @@ pub fn serve_config(dir: &str, name: &str, db_url: &str, port: u16, sections: &s
     (path, base)
 }
 
+/// Writes `dir/HOST.toml`, the config of a real-process test's guard for `host` on `db_url`:
+/// libvirt's test driver, state under `dir/HOST/`, 1 s heartbeats and converges, isolation
+/// after 4 s, libvirtd never restarted; `watch` (more `[watch]` keys) appended. Returns its path.
+pub fn guard_config(dir: &str, host: &str, db_url: &str, watch: &str) -> String {
+    let path = format!("{dir}/{host}.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "host = \"{host}\"\ndatabase_url = \"{db_url}\"\n[libvirt]\nconfig_dir = \"{dir}/{host}/qemu\"\n\
+             uri = \"test:///default\"\n[boot]\nstate_dir = \"{dir}/{host}/state\"\ndb_wait = \"1s\"\n\
+             [watch]\nheartbeat_interval = \"1s\"\nconverge_interval = \"1s\"\nisolation_timeout = \"4s\"\n\
+             libvirt_timeout = \"2s\"\nmax_restarts = 0\nlibvirt_restart = []\n{watch}"
+        ),
+    )
+    .expect("guard config");
+    path
+}
+
 /// Runs curl (10 s at most); returns (HTTP status, body). A status of 0: no answer.
 pub fn curl(args: &[&str]) -> (u16, String) {
     let out = Command::new("curl")
