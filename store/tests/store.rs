@@ -977,7 +977,7 @@ async fn service_copies_move_by_compare_and_set_and_go_with_their_service(db: Te
         exclusive: true,
     };
     store.put_service(&svc, "test").await.expect("add");
-    assert_eq!(store.services().await.expect("list"), [svc.clone()]);
+    assert_eq!(store.services().await.expect("list"), std::slice::from_ref(&svc));
     // Bad definitions are refused, changing nothing.
     let empty = Service { start: vec![], ..svc.clone() };
     assert!(matches!(store.put_service(&empty, "test").await, Err(StoreError::Invalid(_))));
