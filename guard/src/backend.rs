@@ -127,6 +127,22 @@ impl Backend {
         }
     }
 
+    /// The service copies assigned to `host` (a provisioner older than services: none).
+    pub async fn services(&self, host: &HostName) -> anyhow::Result<Vec<nodekeeper_store::guard_api::AssignedService>> {
+        match self {
+            Backend::Db(s) => Ok(s.services_of(host).await?.into_iter().map(Into::into).collect()),
+            Backend::Role(r) => Ok(r.services().await?),
+            Backend::Api(a) => {
+                let r = a.send(a.client.get(a.url("services"))).await?;
+                match r.status() {
+                    reqwest::StatusCode::NOT_FOUND => Ok(Vec::new()),
+                    s if s.is_success() => Ok(r.json().await.context("reading the assigned services")?),
+                    _ => Err(a.failed(r).await),
+                }
+            }
+        }
+    }
+
     /// The stored domain XML of an instance assigned to this host.
     pub async fn domain_xml(&self, uuid: InstanceId) -> anyhow::Result<Option<String>> {
         match self {

@@ -105,6 +105,30 @@ async fn a_guard_role_does_what_the_guard_api_does_and_nothing_more() {
     assert_eq!(owners, expected, "ownership of any instance, as guard boot needs");
     let assigned = session.assigned().await.expect("assigned");
     assert_eq!(assigned.iter().map(|i| i.uuid).collect::<Vec<_>>(), [a]);
+    assert!(!assigned[0].held);
+    // A held instance, and the service copies of this host only (0022, 0023).
+    admin.hold_instances(&n("node-a"), &[a], true, "test", "a drain").await.expect("hold");
+    assert!(session.assigned().await.expect("assigned")[0].held, "the role sees its hold");
+    let svc = nodekeeper_store::Service {
+        name: "sched".into(),
+        copies: 2,
+        labels: vec![],
+        start: vec!["true".into()],
+        stop: vec!["true".into()],
+        check: Some(vec!["true".into()]),
+        exclusive: true,
+    };
+    admin.put_service(&svc, "test").await.expect("service");
+    for (slot, h) in [(0, "node-a"), (1, "node-b")] {
+        let place = nodekeeper_store::CopyChange::Place { service: "sched".into(), slot, host: n(h) };
+        admin.change_service_copy(&place, "test").await.expect("place");
+    }
+    let mine = session.services().await.expect("services");
+    assert_eq!(
+        mine.iter().map(|c| (c.service.as_str(), c.slot, c.exclusive)).collect::<Vec<_>>(),
+        [("sched", 0, true)]
+    );
+    assert_eq!(mine[0].check.as_deref(), Some(&["true".to_owned()][..]));
     assert!(session.domain_xml(a).await.expect("xml").is_some_and(|x| x.contains("vm-a")));
     assert_eq!(session.domain_xml(b).await.expect("xml"), None, "another host's XML is not shown");
     session

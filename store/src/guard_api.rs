@@ -14,6 +14,46 @@ pub fn path(host: &crate::HostName, rest: &str) -> String {
     format!("/api/v1/hosts/{host}/guard/{rest}")
 }
 
+/// `GET …/services`: one copy of a service the database assigns to the host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AssignedService {
+    /// The service.
+    pub service: String,
+    /// The copy's slot.
+    pub slot: u32,
+    /// The copy's generation (+1 on every move).
+    pub generation: u64,
+    /// Starts it (argv).
+    pub start: Vec<String>,
+    /// Stops it (argv).
+    pub stop: Vec<String>,
+    /// Exits 0 while it runs (argv), if the service has a check.
+    pub check: Option<Vec<String>>,
+    /// The service is exclusive: a self-fence stops it too.
+    pub exclusive: bool,
+}
+
+impl AssignedService {
+    /// `SERVICE/SLOT`, how the guard keys what it runs.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.service, self.slot)
+    }
+}
+
+impl From<(crate::ServiceCopy, crate::Service)> for AssignedService {
+    fn from((c, s): (crate::ServiceCopy, crate::Service)) -> Self {
+        AssignedService {
+            service: c.service,
+            slot: c.slot,
+            generation: c.generation,
+            start: s.start,
+            stop: s.stop,
+            check: s.check,
+            exclusive: s.exclusive,
+        }
+    }
+}
+
 /// `POST …/ownership`: which of these UUIDs the database knows, and who owns them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

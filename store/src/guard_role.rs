@@ -32,6 +32,7 @@ const FUNCTIONS: &[&str] = &[
     "nk_guard_relay(TEXT)",
     "nk_guard_fencing(TEXT)",
     "nk_guard_held()",
+    "nk_guard_services()",
 ];
 
 /// A guard role, as made.
@@ -238,6 +239,38 @@ impl GuardSession {
                     ha: flag(row, "ha")?,
                     deleted: flag(row, "deleted")?,
                     storage: parse_column(T, "storage", &text("storage")?)?,
+                })
+            })
+            .collect()
+    }
+
+    /// The service copies assigned to this host.
+    pub async fn services(&self) -> Result<Vec<crate::guard_api::AssignedService>> {
+        const WHAT: &str = "listing assigned services";
+        const T: &str = "service_copies";
+        let rows = sqlx::query(
+            "SELECT service, slot, generation, start_cmd, stop_cmd, check_cmd, exclusive FROM nk_guard_services()",
+        )
+        .fetch_all(&self.store.pool)
+        .await
+        .map_err(query(WHAT))?;
+        let argv = |text: &str, column: &str| -> Result<Vec<String>> {
+            serde_json::from_str(text)
+                .map_err(|e| StoreError::Corrupt { table: T, reason: format!("column {column}: {e}") })
+        };
+        rows.iter()
+            .map(|row| {
+                let int = |c: &str| row.try_get::<i64, _>(c).map_err(query(WHAT));
+                let text = |c: &str| row.try_get::<String, _>(c).map_err(query(WHAT));
+                let check: Option<String> = row.try_get("check_cmd").map_err(query(WHAT))?;
+                Ok(crate::guard_api::AssignedService {
+                    service: text("service")?,
+                    slot: u32::try_from(int("slot")?).unwrap_or(0),
+                    generation: u64::try_from(int("generation")?).unwrap_or(0),
+                    start: argv(&text("start_cmd")?, "start_cmd")?,
+                    stop: argv(&text("stop_cmd")?, "stop_cmd")?,
+                    check: check.map(|c| argv(&c, "check_cmd")).transpose()?,
+                    exclusive: int("exclusive")? != 0,
                 })
             })
             .collect()

@@ -32,6 +32,7 @@
 
 pub mod contact;
 pub mod converge;
+pub mod copies;
 /// The quorum rule (a pure module of the crate's own: the peer protocol feeds it too).
 pub use crate::isolation;
 pub mod notify;
@@ -602,10 +603,96 @@ impl Watch {
             }
         };
         *Shared::lock(&self.shared.unfenced) = None;
+        // The exclusive service copies stop with the HA domains: the controller moves them
+        // once this host is fenced, as it moves the instances.
+        let path = self.config.boot.state_dir.join("services.json");
+        let mut started = copies::load(&path);
+        let exclusive: Vec<(String, copies::Running)> =
+            started.iter().filter(|(_, r)| r.exclusive).map(|(k, r)| (k.clone(), r.clone())).collect();
+        for (key, r) in exclusive {
+            let (service, slot) = key.rsplit_once('/').unwrap_or((key.as_str(), ""));
+            let env = copies::env(self.config.host.as_str(), service, slot);
+            services::run_command_env(&r.stop, &env, copies::COMMAND_TIMEOUT).await;
+            started.remove(&key);
+        }
+        if let Err(e) = copies::save(&path, &started) {
+            tracing::error!("self-fence: services: {e:#}");
+        }
         let record = SelfFence { at: nodekeeper_store::Timestamp::now().0, stopped };
         tracing::error!("self-fenced: stopped {} HA domains", record.stopped.len());
         self.shared.count(|c| c.self_fences += 1);
         *Shared::lock(&self.shared.fenced) = Some(record);
+    }
+
+    /// The service copies: starts what is assigned here and does not run (by its check, else
+    /// by what this guard started), stops what it started and is no longer assigned here.
+    /// Returns the events of what it did.
+    async fn converge_services(&mut self, store: &Backend) -> Vec<NewEvent> {
+        let assigned = match store.services(&self.config.host).await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!("converge: services: {e:#}");
+                return Vec::new();
+            }
+        };
+        let path = self.config.boot.state_dir.join("services.json");
+        let mut started = copies::load(&path);
+        if assigned.is_empty() && started.is_empty() {
+            return Vec::new();
+        }
+        let host = self.config.host.to_string();
+        let mut alive = std::collections::BTreeMap::new();
+        for a in &assigned {
+            if let Some(check) = &a.check {
+                let env = copies::env(&host, &a.service, &a.slot.to_string());
+                let ran = services::run_command_env(check, &env, copies::COMMAND_TIMEOUT).await;
+                alive.insert(a.key(), ran.is_some_and(|r| r.ok));
+            }
+        }
+        let (actor, mut events) = (self.actor(), Vec::new());
+        for step in copies::plan(&assigned, &started, &alive) {
+            match step {
+                copies::Step::Start(a) => {
+                    let env = copies::env(&host, &a.service, &a.slot.to_string());
+                    let ran = services::run_command_env(&a.start, &env, copies::COMMAND_TIMEOUT).await;
+                    let key = a.key();
+                    if ran.as_ref().is_some_and(|r| r.ok) {
+                        started.insert(
+                            key.clone(),
+                            copies::Running { generation: a.generation, stop: a.stop.clone(), exclusive: a.exclusive },
+                        );
+                        let m = format!("service {} copy {} started on {host}", a.service, a.slot);
+                        events.push(NewEvent::host(&actor, "service.started", &self.config.host, m));
+                    } else {
+                        let why = ran.map_or_else(|| "no command".to_owned(), |r| r.detail);
+                        let m = format!("service {} copy {} did not start on {host}: {why}", a.service, a.slot);
+                        let k = format!("service-start-failed:{host}:{key}:{}", a.generation);
+                        events.push(NewEvent::host(&actor, "service.start_failed", &self.config.host, m).with_key(k));
+                    }
+                }
+                copies::Step::Stop(key, r) => {
+                    let (service, slot) = key.rsplit_once('/').unwrap_or((key.as_str(), ""));
+                    let env = copies::env(&host, service, slot);
+                    let ran = services::run_command_env(&r.stop, &env, copies::COMMAND_TIMEOUT).await;
+                    let ok = ran.as_ref().is_some_and(|x| x.ok);
+                    // Forgotten either way: it is no longer this host's (a failed stop is said).
+                    started.remove(&key);
+                    let m = if ok {
+                        format!("service {service} copy {slot} stopped on {host}: assigned elsewhere")
+                    } else {
+                        format!(
+                            "service {service} copy {slot}: its stop failed on {host}: {}",
+                            ran.map_or_else(String::new, |x| x.detail)
+                        )
+                    };
+                    events.push(NewEvent::host(&actor, "service.stopped", &self.config.host, m));
+                }
+            }
+        }
+        if let Err(e) = copies::save(&path, &started) {
+            tracing::error!("services: {e:#}");
+        }
+        events
     }
 
     /// One look at a held instance that runs: asked to shut down the first time, destroyed
@@ -775,6 +862,7 @@ impl Watch {
             events.push(NewEvent::host(&self.actor(), "host.self_fence_lifted", &self.config.host, m));
             let _ = std::fs::remove_file(&self.fence_file);
         }
+        events.extend(self.converge_services(&store).await);
         if !events.is_empty() {
             if let Err(e) = store.record_events(&events).await {
                 tracing::warn!("converge: recording events: {e:#}");

@@ -119,10 +119,20 @@ pub async fn run_command(argv: &[String]) {
 
 /// Runs `argv` within `limit`, logging and returning the outcome (`None`: an empty argv).
 pub async fn run_command_within(argv: &[String], limit: Duration) -> Option<Ran> {
+    run_command_env(argv, &[], limit).await
+}
+
+/// [`run_command_within`] with `env` added to the command's environment.
+pub async fn run_command_env(argv: &[String], env: &[(String, String)], limit: Duration) -> Option<Ran> {
     let (program, args) = argv.split_first()?;
     let out = tokio::time::timeout(
         limit,
-        tokio::process::Command::new(program).args(args).stdin(std::process::Stdio::null()).kill_on_drop(true).output(),
+        tokio::process::Command::new(program)
+            .args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .output(),
     )
     .await;
     let (ok, detail) = match out {

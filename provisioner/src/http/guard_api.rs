@@ -43,6 +43,7 @@ pub(super) fn routes() -> Router<HttpState> {
         .route("/api/v1/hosts/{name}/guard/heartbeat", post(heartbeat))
         .route("/api/v1/hosts/{name}/guard/ownership", post(ownership))
         .route("/api/v1/hosts/{name}/guard/assigned", get(assigned))
+        .route("/api/v1/hosts/{name}/guard/services", get(services))
         .route("/api/v1/hosts/{name}/guard/assigned/{uuid}/domain.xml", get(domain_xml))
         .route("/api/v1/hosts/{name}/guard/report", put(report))
         .route("/api/v1/hosts/{name}/guard/events", post(events))
@@ -143,6 +144,20 @@ async fn assigned(State(state): State<HttpState>, UrlPath(name): UrlPath<String>
     };
     match state.guard_store.instances(Some(&host)).await {
         Ok(list) => Json(list.iter().map(Assigned::from).collect::<Vec<_>>()).into_response(),
+        Err(e) => internal(e),
+    }
+}
+
+async fn services(State(state): State<HttpState>, UrlPath(name): UrlPath<String>, headers: HeaderMap) -> Response {
+    let host = match authorize(&state, &name, &headers).await {
+        Ok(h) => h,
+        Err(r) => return r,
+    };
+    match state.guard_store.services_of(&host).await {
+        Ok(list) => {
+            let out: Vec<nodekeeper_store::guard_api::AssignedService> = list.into_iter().map(Into::into).collect();
+            Json(out).into_response()
+        }
         Err(e) => internal(e),
     }
 }

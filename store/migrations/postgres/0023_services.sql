@@ -33,3 +33,27 @@ CREATE TABLE service_copies (
     PRIMARY KEY (service, slot)
 );
 CREATE INDEX service_copies_host ON service_copies (host);
+
+-- The copies assigned to the caller's host, with what starts, stops and checks them.
+CREATE FUNCTION nk_guard_services()
+RETURNS TABLE (service TEXT, slot BIGINT, generation BIGINT, start_cmd TEXT, stop_cmd TEXT, check_cmd TEXT,
+               exclusive BIGINT)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path FROM CURRENT AS $$
+    SELECT c.service, c.slot, c.generation, s.start_cmd, s.stop_cmd, s.check_cmd,
+           CAST(CASE WHEN s.exclusive THEN 1 ELSE 0 END AS BIGINT)
+    FROM service_copies c JOIN services s ON s.name = c.service
+    WHERE c.host = nk_guard_me() ORDER BY c.service, c.slot
+$$;
+
+REVOKE EXECUTE ON FUNCTION nk_guard_services() FROM PUBLIC;
+
+-- Guard roles made before this migration may read theirs too.
+DO $$
+DECLARE r RECORD;
+BEGIN
+    FOR r IN SELECT role FROM guard_roles LOOP
+        IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = r.role) THEN
+            EXECUTE format('GRANT EXECUTE ON FUNCTION nk_guard_services() TO %I', r.role);
+        END IF;
+    END LOOP;
+END $$;
