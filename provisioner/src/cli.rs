@@ -316,6 +316,9 @@ pub enum HostCommand {
         /// TFTP) or virtual-media (a per-reimage ISO the Redfish BMC attaches; no DHCP of ours).
         #[arg(long = "boot", default_value = "pxe")]
         boot_path: BootPath,
+        /// A label (which services it may run; repeat for more).
+        #[arg(long = "label")]
+        labels: Vec<String>,
     },
     /// Change how a host is installed: its root-device hint and its boot mode (refused while
     /// it is being reimaged).
@@ -516,18 +519,27 @@ fn to_call(command: &Command) -> anyhow::Result<Option<admin::Call>> {
     Ok(Some(match command {
         Command::Db(_) | Command::Image(ImageCommand::Add { .. } | ImageCommand::Remove { .. }) => return Ok(None),
         Command::Serve { .. } | Command::Tls(_) => return Ok(None),
-        Command::Host(HostCommand::Add { name, mac, ip, bmc, bmc_credentials, root_device, boot_mode, boot_path }) => {
-            Call::HostAdd(admin::HostAdd {
-                name: name.clone(),
-                mac: *mac,
-                ip: *ip,
-                bmc: bmc.clone(),
-                bmc_credentials: bmc_credentials.clone(),
-                root_device: root_device.clone(),
-                boot_mode: boot_mode.map(|m| m.to_string()),
-                boot: Some(boot_path.to_string()),
-            })
-        }
+        Command::Host(HostCommand::Add {
+            name,
+            mac,
+            ip,
+            bmc,
+            bmc_credentials,
+            root_device,
+            boot_mode,
+            boot_path,
+            labels,
+        }) => Call::HostAdd(admin::HostAdd {
+            name: name.clone(),
+            mac: *mac,
+            ip: *ip,
+            bmc: bmc.clone(),
+            bmc_credentials: bmc_credentials.clone(),
+            root_device: root_device.clone(),
+            boot_mode: boot_mode.map(|m| m.to_string()),
+            boot: Some(boot_path.to_string()),
+            labels: labels.clone(),
+        }),
         Command::Host(HostCommand::Set { name, root_device, boot_mode, boot_path, vcpus, memory, reserved }) => {
             Call::HostSet(
                 name.clone(),

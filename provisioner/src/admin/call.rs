@@ -41,6 +41,9 @@ pub struct HostAdd {
     /// `pxe` (default), `http` or `virtual-media`.
     #[serde(default)]
     pub boot: Option<String>,
+    /// Its labels (which services it may run).
+    #[serde(default)]
+    pub labels: Vec<String>,
 }
 
 /// `PATCH /api/v1/hosts/{name}`: `host set` (what is absent stays as it is).
@@ -419,8 +422,17 @@ impl Call {
                     b.boot.as_deref().map(|p| p.parse()).transpose().map_err(|e| anyhow::anyhow!("boot: {e}"))?;
                 let new =
                     NewHost { name: b.name, mac: b.mac, ip: b.ip, bmc_url: b.bmc, bmc_credentials: b.bmc_credentials };
-                host_add(store, actor, bmc, new, b.root_device.as_deref(), boot_mode, boot_path.unwrap_or_default())
-                    .await
+                if let Some(l) = b.labels.iter().find(|l| !nodekeeper_store::valid_name(l)) {
+                    anyhow::bail!("--label {l:?}: 1 to 64 of [A-Za-z0-9_.-]");
+                }
+                let name = new.name.clone();
+                let root_device = b.root_device.as_deref();
+                let reply =
+                    host_add(store, actor, bmc, new, root_device, boot_mode, boot_path.unwrap_or_default()).await?;
+                if !b.labels.is_empty() {
+                    store.set_host_labels(&name, &b.labels.iter().cloned().collect(), actor).await?;
+                }
+                Ok(reply)
             }
             Call::HostSet(name, b) => host_change(store, actor, &name, &b).await,
             Call::HostOutlets(name, change) => {
