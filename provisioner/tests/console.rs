@@ -13,20 +13,19 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{free_port, serve_config, spawn_serve, wait_until, KillOnDrop, PROVISIONER};
+use common::{free_port, serve_config, spawn_serve, sushy_test_driver, wait_until, KillOnDrop, BMC_VENV, PROVISIONER};
 use nodekeeper_store::testing::host_name as n;
 use nodekeeper_store::testing::TestDb;
 use nodekeeper_store::{NewHost, OperationStatus};
 use serde_json::{json, Value};
 
-const VENV: &str = "/opt/nk-bmc-venv";
 const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 
 /// The parts this test needs, or why it cannot run (an error under `NODEKEEPER_REQUIRE_BMC`).
 fn available() -> bool {
     let ok = Path::new("/usr/bin/chromium").exists()
         && Path::new("/usr/bin/chromedriver").exists()
-        && Path::new(VENV).join("bin/sushy-emulator").exists();
+        && Path::new(BMC_VENV).join("bin/sushy-emulator").exists();
     assert!(
         ok || std::env::var("NODEKEEPER_REQUIRE_BMC").as_deref() != Ok("1"),
         "chromium, chromium-driver and sushy-tools are set up by make test"
@@ -136,24 +135,8 @@ async fn the_console_follows_a_fence_live_and_starts_a_reimage() {
         std::env::var_os("NODEKEEPER_CONSOLE_SCREENSHOTS").map_or_else(|| dir.path().into(), PathBuf::from);
 
     // A real Redfish BMC: sushy-tools on libvirt's test driver, whose `test` domain runs.
-    let bmc_port = free_port();
-    let _sushy = KillOnDrop(
-        Command::new(Path::new(VENV).join("bin/sushy-emulator"))
-            .args(["--libvirt-uri", "test:///default", "-i", "127.0.0.1", "-p", &bmc_port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(format!("{d}/sushy.log")).expect("log"))
-            .spawn()
-            .expect("sushy-emulator"),
-    );
-    let system = format!("http://127.0.0.1:{bmc_port}/redfish/v1/Systems");
+    let (_sushy, bmc) = sushy_test_driver(&d).await;
     let http = reqwest::Client::new();
-    wait_until("sushy-tools answers", Duration::from_secs(30), async || {
-        http.get(&system).send().await.is_ok_and(|r| r.status().is_success())
-    })
-    .await;
-    let listed: Value = http.get(&system).send().await.expect("systems").json().await.expect("json");
-    let member = listed["Members"][0]["@odata.id"].as_str().expect("a system").to_owned();
-    let bmc = format!("redfish+http://127.0.0.1:{bmc_port}{member}");
     for (h, bmc) in [("node-a", Some(bmc)), ("node-b", None)] {
         let new = NewHost { name: n(h), mac: None, ip: None, bmc_url: bmc, bmc_credentials: None };
         store.add_host(&new, "test").await.expect("host");

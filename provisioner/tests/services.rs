@@ -16,12 +16,13 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{free_port, guard_binary, guard_config, serve_config, spawn_serve, wait_until, KillOnDrop, PROVISIONER};
+use common::{
+    free_port, guard_binary, guard_config, serve_config, spawn_serve, sushy_test_driver, wait_until, BMC_VENV,
+    PROVISIONER,
+};
 use nodekeeper_store::testing::host_name as n;
 use nodekeeper_store::testing::TestDb;
 use nodekeeper_store::{HostState, NewHost};
-
-const VENV: &str = "/opt/nk-bmc-venv";
 
 /// Kills (and reaps) the guards, and the copies they started, when dropped.
 struct Reap(std::sync::Arc<std::sync::Mutex<BTreeMap<String, Child>>>, PathBuf);
@@ -72,7 +73,7 @@ fn running(dir: &Path, service: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_exclusive_copy_moves_off_a_dead_host_once_it_is_fenced_and_never_runs_twice() {
-    if !Path::new(VENV).join("bin/sushy-emulator").exists() {
+    if !Path::new(BMC_VENV).join("bin/sushy-emulator").exists() {
         assert!(std::env::var("NODEKEEPER_REQUIRE_BMC").as_deref() != Ok("1"), "sushy-tools is set up by make test");
         return;
     }
@@ -83,25 +84,9 @@ async fn an_exclusive_copy_moves_off_a_dead_host_once_it_is_fenced_and_never_run
     let run = dir.path().join("run");
     std::fs::create_dir_all(&run).expect("run dir");
 
-    let bmc_port = free_port();
-    let _sushy = KillOnDrop(
-        Command::new(Path::new(VENV).join("bin/sushy-emulator"))
-            .args(["--libvirt-uri", "test:///default", "-i", "127.0.0.1", "-p", &bmc_port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(format!("{d}/sushy.log")).expect("log"))
-            .spawn()
-            .expect("sushy-emulator"),
-    );
-    let systems = format!("http://127.0.0.1:{bmc_port}/redfish/v1/Systems");
-    let http = reqwest::Client::new();
-    wait_until("sushy-tools answers", Duration::from_secs(30), async || {
-        http.get(&systems).send().await.is_ok_and(|r| r.status().is_success())
-    })
-    .await;
-    let listed: serde_json::Value = http.get(&systems).send().await.expect("systems").json().await.expect("json");
-    let member = listed["Members"][0]["@odata.id"].as_str().expect("a system").to_owned();
+    let (_sushy, bmc) = sushy_test_driver(&d).await;
     for h in ["node-a", "node-b", "node-c"] {
-        let bmc = (h == "node-a").then(|| format!("redfish+http://127.0.0.1:{bmc_port}{member}"));
+        let bmc = (h == "node-a").then(|| bmc.clone());
         let new = NewHost { name: n(h), mac: None, ip: None, bmc_url: bmc, bmc_credentials: None };
         store.add_host(&new, "test").await.expect("host");
     }

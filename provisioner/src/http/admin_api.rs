@@ -354,7 +354,8 @@ macro_rules! try_or_answer {
 }
 
 /// A handler that only makes a call: from nothing, the host in the path (`host`), a name in
-/// the path (`text`), a JSON body, or both a host and a body.
+/// the path (`text`), a JSON body, or both a host and a body (`try`: a call that may be
+/// refused, answered as it says).
 macro_rules! handler {
     ($name:ident => |$host:ident: host| $call:expr) => {
         async fn $name(
@@ -365,6 +366,20 @@ macro_rules! handler {
         ) -> Response {
             let $host = try_or_answer!(host_name(&$host));
             run(&s, &p, &h, $call).await
+        }
+    };
+    ($name:ident => |$host:ident: host, $b:ident: $t:ty| try $call:expr) => {
+        async fn $name(
+            State(s): State<HttpState>,
+            Extension(p): Who,
+            h: HeaderMap,
+            UrlPath($host): UrlPath<String>,
+            b: Result<Bytes, BytesRejection>,
+        ) -> Response {
+            let $host = try_or_answer!(host_name(&$host));
+            let $b: $t = try_or_answer!(body(b));
+            let call = try_or_answer!($call);
+            run(&s, &p, &h, call).await
         }
     };
     ($name:ident => |$host:ident: host, $b:ident: $t:ty| $call:expr) => {
@@ -434,40 +449,28 @@ handler!(token_list => Call::TokenList);
 handler!(token_create => |asked: admin::TokenCreate| Call::TokenCreate(asked));
 handler!(token_revoke => |name: text| Call::TokenRevoke(name));
 
-async fn power(
-    State(s): State<HttpState>,
-    Extension(p): Who,
-    h: HeaderMap,
-    UrlPath(name): UrlPath<String>,
-    b: Result<Bytes, BytesRejection>,
-) -> Response {
-    let name = try_or_answer!(host_name(&name));
-    let asked: admin::Power = try_or_answer!(body(b));
-    let Some(action) = admin::power_action(&asked.action) else {
-        return error(
+handler!(power => |name: host, asked: admin::Power| try power_call(name, &asked));
+handler!(maintenance => |name: host, asked: admin::Maintenance| try maintenance_call(name, &asked));
+
+#[allow(clippy::result_large_err, reason = "the error is the answer, made once per request")]
+fn power_call(name: HostName, asked: &admin::Power) -> Result<Call, Response> {
+    match admin::power_action(&asked.action) {
+        Some(action) => Ok(Call::Power(name, action)),
+        None => Err(error(
             StatusCode::BAD_REQUEST,
             "invalid",
             format!("action {:?}: expected on, off or cycle", asked.action),
-        );
-    };
-    run(&s, &p, &h, Call::Power(name, action)).await
+        )),
+    }
 }
 
-async fn maintenance(
-    State(s): State<HttpState>,
-    Extension(p): Who,
-    h: HeaderMap,
-    UrlPath(name): UrlPath<String>,
-    b: Result<Bytes, BytesRejection>,
-) -> Response {
-    let name = try_or_answer!(host_name(&name));
-    let asked: admin::Maintenance = try_or_answer!(body(b));
-    let on = match asked.state.as_str() {
-        "on" => true,
-        "off" => false,
-        other => return error(StatusCode::BAD_REQUEST, "invalid", format!("state {other:?}: expected on or off")),
-    };
-    run(&s, &p, &h, Call::HostMaintenance(name, on)).await
+#[allow(clippy::result_large_err, reason = "the error is the answer, made once per request")]
+fn maintenance_call(name: HostName, asked: &admin::Maintenance) -> Result<Call, Response> {
+    match asked.state.as_str() {
+        "on" => Ok(Call::HostMaintenance(name, true)),
+        "off" => Ok(Call::HostMaintenance(name, false)),
+        other => Err(error(StatusCode::BAD_REQUEST, "invalid", format!("state {other:?}: expected on or off"))),
+    }
 }
 
 #[derive(Debug, Deserialize)]

@@ -225,6 +225,33 @@ pub fn guard_config(dir: &str, host: &str, db_url: &str, watch: &str) -> String 
     path
 }
 
+/// The BMC emulators' venv (sushy-tools, VirtualBMC, snmpsim), made by make test.
+pub const BMC_VENV: &str = "/opt/nk-bmc-venv";
+
+/// A real Redfish BMC for one host: sushy-tools on libvirt's test driver (its `test` domain
+/// runs, and powers off and on as told), its log in `dir/sushy.log`. Returns it (killed when
+/// dropped) and the BMC URL of its one system, once it answers.
+pub async fn sushy_test_driver(dir: &str) -> (KillOnDrop, String) {
+    let port = free_port();
+    let sushy = KillOnDrop(
+        Command::new(std::path::Path::new(BMC_VENV).join("bin/sushy-emulator"))
+            .args(["--libvirt-uri", "test:///default", "-i", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(format!("{dir}/sushy.log")).expect("log"))
+            .spawn()
+            .expect("sushy-emulator"),
+    );
+    let systems = format!("http://127.0.0.1:{port}/redfish/v1/Systems");
+    let http = reqwest::Client::new();
+    wait_until("sushy-tools answers", std::time::Duration::from_secs(30), async || {
+        http.get(&systems).send().await.is_ok_and(|r| r.status().is_success())
+    })
+    .await;
+    let listed: serde_json::Value = http.get(&systems).send().await.expect("systems").json().await.expect("json");
+    let member = listed["Members"][0]["@odata.id"].as_str().expect("a system").to_owned();
+    (sushy, format!("redfish+http://127.0.0.1:{port}{member}"))
+}
+
 /// Runs curl (10 s at most); returns (HTTP status, body). A status of 0: no answer.
 pub fn curl(args: &[&str]) -> (u16, String) {
     let out = Command::new("curl")
