@@ -402,6 +402,12 @@ pub enum HostCommand {
         #[arg(long, conflicts_with = "labels")]
         none: bool,
     },
+    /// Remove a host that is out of service (in maintenance, or never heard from) and owns
+    /// nothing (no instance, tombstones included; no service copy; no running operation).
+    Remove {
+        /// Host name.
+        name: HostName,
+    },
     /// Mint a new node token for a host's guard (the guard API's credential; it replaces the
     /// old one) and print it once. Hosts installed by `reimage` get theirs at first boot;
     /// this is for hosts installed otherwise, or to rotate it.
@@ -462,6 +468,33 @@ pub enum InstanceCommand {
         /// moves in a recovery, or `none`.
         #[arg(long)]
         after: Option<String>,
+        /// Recovered elsewhere on failure (true/false).
+        #[arg(long)]
+        ha: Option<bool>,
+        /// Where its disks live: shared, volume or local.
+        #[arg(long)]
+        storage: Option<String>,
+    },
+    /// Add one instance (an import of one line).
+    Add {
+        /// Its UUID (libvirt's).
+        #[arg(long)]
+        uuid: InstanceId,
+        /// Its libvirt name.
+        #[arg(long)]
+        name: String,
+        /// The host that owns it.
+        #[arg(long)]
+        host: HostName,
+        /// Recovered elsewhere on failure.
+        #[arg(long)]
+        ha: bool,
+        /// shared, volume or local.
+        #[arg(long, default_value = "shared")]
+        storage: String,
+        /// Its libvirt domain XML (what a new owner defines it from).
+        #[arg(long)]
+        domain_xml: Option<PathBuf>,
     },
 }
 
@@ -570,6 +603,7 @@ fn to_call(command: &Command) -> anyhow::Result<Option<admin::Call>> {
         Command::Host(HostCommand::Show { name }) => Call::HostShow(name.clone()),
         Command::Host(HostCommand::MarkFenced { name }) => Call::MarkFenced(name.clone()),
         Command::Host(HostCommand::Token { name }) => Call::HostToken(name.clone()),
+        Command::Host(HostCommand::Remove { name }) => Call::HostRemove(name.clone()),
         Command::Host(HostCommand::Drain { name, timeout }) => {
             Call::HostDrain(name.clone(), admin::Drain { timeout: Some(timeout.clone()) })
         }
@@ -592,14 +626,34 @@ fn to_call(command: &Command) -> anyhow::Result<Option<admin::Call>> {
         Command::Instance(InstanceCommand::Delete { uuids }) => {
             Call::InstanceDelete(admin::Uuids { uuids: uuids.clone() })
         }
-        Command::Instance(InstanceCommand::Set { uuids, priority, anti_affinity, max_relocate, after }) => {
-            Call::InstanceSet(admin::InstanceSet {
-                uuids: uuids.clone(),
-                priority: *priority,
-                anti_affinity: anti_affinity.clone(),
-                max_relocate: max_relocate.clone(),
-                after: after.clone(),
-            })
+        Command::Instance(InstanceCommand::Set {
+            uuids,
+            priority,
+            anti_affinity,
+            max_relocate,
+            after,
+            ha,
+            storage,
+        }) => Call::InstanceSet(admin::InstanceSet {
+            uuids: uuids.clone(),
+            priority: *priority,
+            anti_affinity: anti_affinity.clone(),
+            max_relocate: max_relocate.clone(),
+            after: after.clone(),
+            ha: *ha,
+            storage: storage.clone(),
+        }),
+        Command::Instance(InstanceCommand::Add { uuid, name, host, ha, storage, domain_xml }) => {
+            let xml = match domain_xml {
+                Some(f) => {
+                    Some(std::fs::read_to_string(f).map_err(|e| anyhow::anyhow!("reading {}: {e}", f.display()))?)
+                }
+                None => None,
+            };
+            let line = serde_json::json!({
+                "uuid": uuid, "name": name, "host": host, "ha": ha, "storage": storage, "domain_xml": xml,
+            });
+            Call::InstanceImport("instance add".into(), format!("{line}\n"))
         }
         Command::Token(TokenCommand::Create { name, role, expires }) => Call::TokenCreate(admin::TokenCreate {
             name: name.clone(),

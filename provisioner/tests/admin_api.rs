@@ -142,6 +142,8 @@ fn sample(method: &str, path: &str, n: usize) -> (String, Option<(&'static str, 
         ("PATCH", "/api/v1/hosts/{name}") => {
             ("/api/v1/hosts/node-a".into(), json(serde_json::json!({ "vcpus": n.to_string() })), 200)
         }
+        // node-a is in service: refused, and stays.
+        ("DELETE", "/api/v1/hosts/{name}") => ("/api/v1/hosts/node-a".into(), None, 409),
         ("GET", "/api/v1/hosts/{name}/details") => ("/api/v1/hosts/node-a/details".into(), None, 200),
         ("GET", "/api/v1/hosts/{name}/outlets") => ("/api/v1/hosts/node-a/outlets".into(), None, 200),
         ("PUT", "/api/v1/hosts/{name}/outlets") => (

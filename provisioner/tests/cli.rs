@@ -16,6 +16,7 @@ on_both_engines!(
     the_image_commands_keep_their_contract,
     a_hosts_pdu_outlets_are_set_shown_and_checked,
     recovery_policies_are_imported_set_and_checked,
+    instances_are_added_one_by_one_and_changed_and_hosts_removed,
 );
 
 struct Cli {
@@ -473,4 +474,40 @@ async fn recovery_policies_are_imported_set_and_checked(db: TestDb) {
     assert_eq!(cli.json(&["host", "show", "node-b"])["inventory"]["reserved"], true);
     let inv = store.host_inventories().await.expect("inventories");
     assert_eq!(inv[&"node-b".parse().expect("name")].vcpus, Some(32));
+}
+
+async fn instances_are_added_one_by_one_and_changed_and_hosts_removed(db: TestDb) {
+    let cli = Cli::new(&db);
+    cli.setup();
+    let uuid = "00000000-0000-4000-8000-0000000000aa";
+    let xml = cli.write("vm.xml", &format!("<domain type='qemu'><name>vm-aa</name><uuid>{uuid}</uuid></domain>"));
+    let out = cli.ok(&[
+        "instance",
+        "add",
+        "--uuid",
+        uuid,
+        "--name",
+        "vm-aa",
+        "--host",
+        "node-a",
+        "--ha",
+        "--domain-xml",
+        &xml,
+    ]);
+    assert!(out.starts_with("imported 1 instances"), "{out}");
+    let again = cli.fails(&["instance", "add", "--uuid", uuid, "--name", "vm-aa", "--host", "node-a"]);
+    assert!(again.contains("already exists"), "{again}");
+    let set = cli.json(&["instance", "set", uuid, "--ha", "false", "--storage", "local", "--priority", "3"]);
+    assert_eq!((set[0]["ha"].as_bool(), set[0]["storage"].as_str()), (Some(false), Some("local")), "{set}");
+    assert_eq!(set[0]["policy"]["priority"], 3, "{set}");
+    let bad = cli.fails(&["instance", "set", uuid, "--storage", "tape"]);
+    assert!(bad.contains("--storage"), "{bad}");
+    let listed = cli.json(&["instance", "list"]);
+    assert_eq!((listed[0]["ha"].as_bool(), listed[0]["storage"].as_str()), (Some(false), Some("local")));
+    // node-a owns vm-aa: not removable; node-b, never heard from and owning nothing, is.
+    let refused = cli.fails(&["host", "remove", "node-a"]);
+    assert!(refused.contains("cannot be removed") && refused.contains("instance"), "{refused}");
+    assert_eq!(cli.ok(&["host", "remove", "node-b"]), "host node-b removed\n");
+    let hosts = cli.json(&["host", "list"]);
+    assert_eq!(hosts.as_array().map(Vec::len), Some(1), "{hosts}");
 }

@@ -86,6 +86,14 @@ pub enum StoreError {
         /// The host that has it.
         host: HostName,
     },
+    /// The host cannot be removed: it is in service, or something is still its.
+    #[error("host {host} cannot be removed: {why}")]
+    HostInUse {
+        /// The host.
+        host: HostName,
+        /// Why not.
+        why: String,
+    },
     /// The host cannot take that action in its current state.
     #[error("host {host} is {state}, not active")]
     HostNotActive {

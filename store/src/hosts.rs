@@ -170,6 +170,50 @@ impl Store {
         Ok(host)
     }
 
+    /// Removes a host that is out of service — in maintenance, or never heard from — and owns
+    /// nothing: no instance (live or tombstoned: a tombstone keeps its last owner), no service
+    /// copy, no running operation. Its outlets, labels, reports, fencing profile and guard role
+    /// row go with it; its events and ended operations stay (history). An event says so.
+    pub async fn remove_host(&self, name: &HostName, actor: &str) -> Result<()> {
+        const WHAT: &str = "removing a host";
+        let mut tx = self.begin_write(WHAT).await?;
+        let host = self.host_in(&mut tx, name).await?.ok_or_else(|| StoreError::UnknownHost(name.clone()))?;
+        let refuse = |why: String| Err(StoreError::HostInUse { host: name.clone(), why });
+        if host.state != HostState::Maintenance && host.last_heartbeat.is_some() {
+            return refuse(format!(
+                "it is {}: put it in maintenance first (host drain, or host maintenance on)",
+                host.state
+            ));
+        }
+        let mut count = async |sql: &'static str| -> Result<i64> {
+            sqlx::query_scalar::<_, i64>(sql).bind(name.as_str()).fetch_one(&mut *tx).await.map_err(query(WHAT))
+        };
+        let instances = count("SELECT COUNT(*) FROM instances WHERE owner = $1").await?;
+        if instances > 0 {
+            return refuse(format!("it owns {instances} instance(s), tombstones included: evacuate them first"));
+        }
+        let copies = count("SELECT COUNT(*) FROM service_copies WHERE host = $1").await?;
+        if copies > 0 {
+            return refuse(format!("{copies} service copy(ies) are assigned to it"));
+        }
+        let running = count("SELECT COUNT(*) FROM operations WHERE target = $1 AND status = 'running'").await?;
+        if running > 0 {
+            return refuse("an operation of it runs".into());
+        }
+        for sql in [
+            "DELETE FROM guard_reports WHERE host = $1",
+            "DELETE FROM guard_fencing WHERE host = $1",
+            "DELETE FROM host_outlets WHERE host = $1",
+            "DELETE FROM host_labels WHERE host = $1",
+            "DELETE FROM guard_roles WHERE host = $1",
+            "DELETE FROM hosts WHERE name = $1",
+        ] {
+            sqlx::query(sql).bind(name.as_str()).execute(&mut *tx).await.map_err(query(WHAT))?;
+        }
+        insert_event(&mut tx, &NewEvent::host(actor, "host.removed", name, format!("host {name} removed"))).await?;
+        tx.commit().await.map_err(query(WHAT))
+    }
+
     /// Compare-and-set of a host's state: from `expected` to `state`, with its event, or
     /// nothing (`None`) when the host is no longer in `expected` — someone else changed it in
     /// between (an operator's `maintenance`, another controller).

@@ -487,6 +487,52 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Changes instances' HA flag and/or storage, all or nothing, with an event for each
+    /// that changed. Deleted or unknown instances refuse the whole request.
+    pub async fn set_instance_kind(
+        &self,
+        ids: &[InstanceId],
+        ha: Option<bool>,
+        storage: Option<crate::Storage>,
+        actor: &str,
+    ) -> Result<Vec<Instance>> {
+        const WHAT: &str = "changing instances";
+        let db_now = self.now().await?.0;
+        let mut tx = self.begin_write(WHAT).await?;
+        let mut out = Vec::with_capacity(ids.len());
+        for (index, id) in ids.iter().enumerate() {
+            let row = sqlx::query(&format!("SELECT {INSTANCE_COLUMNS} FROM instances WHERE uuid = $1"))
+                .bind(id.to_string())
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(query(WHAT))?
+                .ok_or_else(|| item_error(index, StoreError::UnknownInstance(*id)))?;
+            let mut i = instance_from_row(&row)?;
+            if i.deleted {
+                return Err(item_error(index, StoreError::InstanceDeleted(*id)));
+            }
+            let (new_ha, new_storage) = (ha.unwrap_or(i.ha), storage.unwrap_or(i.storage));
+            if (new_ha, new_storage) != (i.ha, i.storage) {
+                sqlx::query("UPDATE instances SET ha = $1, storage = $2, updated_at = $3 WHERE uuid = $4")
+                    .bind(new_ha)
+                    .bind(new_storage.as_str())
+                    .bind(db_now)
+                    .bind(id.to_string())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(query(WHAT))?;
+                let m = format!("instance {id}: ha {new_ha}, storage {new_storage}");
+                insert_event(&mut tx, &NewEvent::instance(actor, "instance.changed", &i.owner, *id, m)).await?;
+                (i.ha, i.storage) = (new_ha, new_storage);
+            }
+            out.push(i);
+        }
+        tx.commit().await.map_err(query(WHAT))?;
+        Ok(out)
+    }
+}
+
 /// Whether `instance` is known not to run on its host `source`: the host is fenced (powered
 /// off, confirmed), or in maintenance and its guard reported since it entered maintenance
 /// (the report is newer than the host's last change) without the instance running. Otherwise

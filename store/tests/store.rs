@@ -39,6 +39,7 @@ on_both_engines!(
     admin_tokens_are_unique_revocable_and_touched_once_a_minute,
     operations_are_listed_newest_first_by_host_and_status,
     service_copies_move_by_compare_and_set_and_go_with_their_service,
+    a_host_is_removed_only_out_of_service_and_owning_nothing,
 );
 
 fn host(name: &str) -> HostName {
@@ -1013,4 +1014,32 @@ async fn service_copies_move_by_compare_and_set_and_go_with_their_service(db: Te
     store.remove_service("scheduler", "test").await.expect("remove");
     assert!(store.service_copies(None).await.expect("copies").is_empty(), "its copies went with it");
     assert!(matches!(store.remove_service("scheduler", "test").await, Err(StoreError::UnknownService(_))));
+}
+
+async fn a_host_is_removed_only_out_of_service_and_owning_nothing(db: TestDb) {
+    let store = fleet(&db).await;
+    let (a, b) = (host("node-a"), host("node-b"));
+    store.import_instances(&[new_instance("node-a", 0)], "test").await.expect("import");
+    let id = store.instances(Some(&a)).await.expect("list")[0].uuid;
+    // Kind changes: all or nothing, an unknown UUID refuses the batch.
+    let changed = store.set_instance_kind(&[id], Some(false), Some(Storage::Local), "test").await.expect("kind");
+    assert_eq!((changed[0].ha, changed[0].storage), (false, Storage::Local));
+    let unknown = InstanceId::random();
+    assert!(store.set_instance_kind(&[id, unknown], Some(true), None, "test").await.is_err());
+    assert!(!store.instance(id).await.expect("read").expect("it").ha, "nothing changed");
+
+    store.record_heartbeat(&b).await.expect("heartbeat");
+    let in_service = store.remove_host(&b, "test").await.expect_err("active and heard");
+    assert!(matches!(in_service, StoreError::HostInUse { .. }), "{in_service}");
+    store.set_host_state(&b, HostState::Maintenance, "test", "planned").await.expect("maintenance");
+    store.remove_host(&b, "test").await.expect("removed");
+    assert!(store.host(&b).await.expect("read").is_none());
+    // A host that owns an instance (a tombstone too) stays.
+    store.delete_instances(&[id], "test").await.expect("tombstone");
+    let owns = store.remove_host(&a, "test").await.expect_err("owns a tombstone");
+    assert!(owns.to_string().contains("tombstones"), "{owns}");
+    assert!(store.host(&a).await.expect("read").is_some());
+    // Never heard from, owning nothing: removable as it is.
+    store.remove_host(&host("node-c"), "test").await.expect("never heard");
+    assert!(matches!(store.remove_host(&host("node-c"), "test").await, Err(StoreError::UnknownHost(_))));
 }

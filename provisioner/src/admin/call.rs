@@ -158,6 +158,12 @@ pub struct InstanceSet {
     /// UUIDs (comma-separated) that must run first, or `none`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub after: Option<String>,
+    /// Recovered elsewhere on failure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ha: Option<bool>,
+    /// `shared`, `volume` or `local`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage: Option<String>,
 }
 
 /// `POST /api/v1/tokens`: `token create NAME --role ROLE [--expires D]`.
@@ -224,6 +230,8 @@ pub enum Call {
     HostShow(HostName),
     /// `host mark-fenced`
     MarkFenced(HostName),
+    /// `host remove`
+    HostRemove(HostName),
     /// `host token`
     HostToken(HostName),
     /// `power HOST ACTION`
@@ -336,6 +344,7 @@ impl Call {
             | Call::HostSet(..)
             | Call::HostOutlets(_, Some(_))
             | Call::HostToken(_)
+            | Call::HostRemove(_)
             | Call::InstanceImport(..)
             | Call::InstanceEvacuate(_)
             | Call::InstanceDelete(_)
@@ -361,6 +370,7 @@ impl Call {
             Call::HostShow(n) => ("GET", format!("{}/details", host(n)), Body::Empty),
             Call::MarkFenced(n) => ("POST", format!("{}/mark-fenced", host(n)), Body::Empty),
             Call::HostToken(n) => ("POST", format!("{}/token", host(n)), Body::Empty),
+            Call::HostRemove(n) => ("DELETE", host(n), Body::Empty),
             Call::Power(n, PowerCommand::Status) => ("GET", format!("{}/power", host(n)), Body::Empty),
             Call::Power(n, action) => {
                 let action = format!("{action:?}").to_lowercase();
@@ -446,6 +456,7 @@ impl Call {
             Call::HostShow(name) => host_show(store, &name).await,
             Call::MarkFenced(name) => mark_fenced(store, actor, &name).await,
             Call::HostToken(name) => host_token(store, actor, &name).await,
+            Call::HostRemove(name) => host_remove(store, actor, &name).await,
             Call::Power(name, action) => power(store, actor, bmc, &name, action).await,
             Call::Reimage(name, b) => reimage(store, actor, &name, b.image.as_deref()).await,
             Call::HostDrain(name, b) => host_drain(store, actor, &name, b.timeout.as_deref()).await,
@@ -461,7 +472,7 @@ impl Call {
                     max_relocate: b.max_relocate.as_deref(),
                     after: b.after.as_deref(),
                 };
-                instance_set(store, actor, &b.uuids, &change).await
+                instance_change(store, actor, &b.uuids, &change, b.ha, b.storage.as_deref()).await
             }
             Call::OperationList(h, running, limit) => operation_list(store, h.as_ref(), running, limit).await,
             Call::OperationShow(id) => operation_show(store, id).await,

@@ -550,6 +550,51 @@ pub async fn instance_set(
     })
 }
 
+/// `instance set`: the recovery policy, the HA flag and the storage, or any of them (one
+/// JSON array: per instance its `uuid` and what it now has of what was asked).
+pub async fn instance_change(
+    store: &Store,
+    actor: &str,
+    ids: &[InstanceId],
+    policy: &PolicyChange<'_>,
+    ha: Option<bool>,
+    storage: Option<&str>,
+) -> anyhow::Result<Reply> {
+    let PolicyChange { priority, anti_affinity, max_relocate, after } = *policy;
+    let kind = ha.is_some() || storage.is_some();
+    let policies = priority.is_some() || anti_affinity.is_some() || max_relocate.is_some() || after.is_some();
+    if !kind {
+        return instance_set(store, actor, ids, policy).await;
+    }
+    let storage = storage
+        .map(str::parse::<nodekeeper_store::Storage>)
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("--storage: {e}"))?;
+    let changed = store.set_instance_kind(ids, ha, storage, actor).await.map_err(unwrap_item)?;
+    let mut reply = Reply::new(
+        &changed.iter().map(|i| json!({ "uuid": i.uuid, "ha": i.ha, "storage": i.storage })).collect::<Vec<_>>(),
+        || changed.iter().map(|i| format!("{}: ha {}, storage {}\n", i.uuid, yes_no(i.ha), i.storage)).collect(),
+    )?;
+    if policies {
+        let more = instance_set(store, actor, ids, policy).await?;
+        if let (Some(a), Some(b)) = (reply.json.as_array_mut(), more.json.as_array()) {
+            for (x, y) in a.iter_mut().zip(b) {
+                if let (Some(x), Some(p)) = (x.as_object_mut(), y.get("policy")) {
+                    x.insert("policy".into(), p.clone());
+                }
+            }
+        }
+        reply.text.push_str(&more.text);
+    }
+    Ok(reply)
+}
+
+/// `host remove NAME`
+pub async fn host_remove(store: &Store, actor: &str, name: &HostName) -> anyhow::Result<Reply> {
+    store.remove_host(name, actor).await?;
+    Reply::new(&json!({ "removed": name }), || format!("host {name} removed\n"))
+}
+
 /// `host set --vcpus --memory --reserved`: the host's inventory for placement.
 pub async fn host_inventory(
     store: &Store,

@@ -242,7 +242,8 @@ fn classify_store(e: &StoreError) -> (StatusCode, &'static str) {
         | StoreError::ImageInUse { .. }
         | StoreError::InstanceDeleted(_)
         | StoreError::Conflict { .. }
-        | StoreError::LeaseLost { .. } => (StatusCode::CONFLICT, "conflict"),
+        | StoreError::LeaseLost { .. }
+        | StoreError::HostInUse { .. } => (StatusCode::CONFLICT, "conflict"),
         StoreError::InvalidUrl { .. }
         | StoreError::Connect { .. }
         | StoreError::Migrate { .. }
@@ -314,7 +315,7 @@ type Who = Extension<Principal>;
 pub fn routes() -> Router<HttpState> {
     Router::new()
         .route("/api/v1/hosts", get(host_list).post(host_add))
-        .route("/api/v1/hosts/{name}", axum::routing::patch(host_set))
+        .route("/api/v1/hosts/{name}", axum::routing::patch(host_set).delete(host_remove))
         .route("/api/v1/hosts/{name}/details", get(host_show))
         .route("/api/v1/hosts/{name}/outlets", get(outlets_show).put(outlets_set))
         .route("/api/v1/hosts/{name}/mark-fenced", post(mark_fenced))
@@ -431,6 +432,7 @@ handler!(outlets_show => |name: host| Call::HostOutlets(name, None));
 handler!(outlets_set => |name: host, outlets: admin::Outlets| Call::HostOutlets(name, Some(outlets)));
 handler!(mark_fenced => |name: host| Call::MarkFenced(name));
 handler!(host_token => |name: host| Call::HostToken(name));
+handler!(host_remove => |name: host| Call::HostRemove(name));
 handler!(power_status => |name: host| Call::Power(name, admin::PowerCommand::Status));
 handler!(reimage => |name: host, asked: admin::Reimage| Call::Reimage(name, asked));
 handler!(drain => |name: host, asked: admin::Drain| Call::HostDrain(name, asked));
@@ -584,6 +586,7 @@ pub const ENDPOINTS: &[Endpoint] = &[
     with_body(ep("POST", "/api/v1/hosts", Role::Admin, "host add"), "HostAdd"),
     ep("GET", "/api/v1/hosts/{name}", Role::Viewer, "the host's record (also to its guard, with its node token)"),
     with_body(ep("PATCH", "/api/v1/hosts/{name}", Role::Admin, "host set"), "HostSet"),
+    ep("DELETE", "/api/v1/hosts/{name}", Role::Admin, "host remove"),
     ep("GET", "/api/v1/hosts/{name}/details", Role::Viewer, "host show"),
     ep("GET", "/api/v1/hosts/{name}/outlets", Role::Viewer, "host outlets NAME"),
     with_body(ep("PUT", "/api/v1/hosts/{name}/outlets", Role::Admin, "host outlets NAME URL…"), "Outlets"),
