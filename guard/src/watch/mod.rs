@@ -612,7 +612,8 @@ impl Watch {
         for (key, r) in exclusive {
             let (service, slot) = key.rsplit_once('/').unwrap_or((key.as_str(), ""));
             let env = copies::env(self.config.host.as_str(), service, slot);
-            services::run_command_env(&r.stop, &env, copies::COMMAND_TIMEOUT).await;
+            // Bounded as a libvirt call is: this is the heartbeat loop, which feeds the watchdog.
+            services::run_command_env(&r.stop, &env, self.config.watch.libvirt_timeout).await;
             started.remove(&key);
         }
         if let Err(e) = copies::save(&path, &started) {
