@@ -357,8 +357,8 @@ impl Store {
     }
 
     /// Holds (`true`) or lets go (`false`) those of `ids` that `host` owns, with one event
-    /// each that changed; returns how many changed. A held instance is kept stopped by its
-    /// owner's guard.
+    /// each that changed (its `updated_at` set to now); returns how many changed. A held
+    /// instance is kept stopped by its owner's guard.
     pub async fn hold_instances(
         &self,
         host: &HostName,
@@ -368,17 +368,22 @@ impl Store {
         why: &str,
     ) -> Result<usize> {
         const WHAT: &str = "holding instances";
+        let db_now = self.now().await?.0;
         let mut tx = self.begin_write(WHAT).await?;
         let mut changed = 0;
         for id in ids {
-            let done = sqlx::query("UPDATE instances SET held = $1 WHERE uuid = $2 AND owner = $3 AND held = $4")
-                .bind(held)
-                .bind(id.to_string())
-                .bind(host.as_str())
-                .bind(!held)
-                .execute(&mut *tx)
-                .await
-                .map_err(query(WHAT))?;
+            // `updated_at` says since when it is held (a guard report must be newer to count).
+            let done = sqlx::query(
+                "UPDATE instances SET held = $1, updated_at = $5 WHERE uuid = $2 AND owner = $3 AND held = $4",
+            )
+            .bind(held)
+            .bind(id.to_string())
+            .bind(host.as_str())
+            .bind(!held)
+            .bind(db_now)
+            .execute(&mut *tx)
+            .await
+            .map_err(query(WHAT))?;
             if done.rows_affected() == 1 {
                 changed += 1;
                 let (kind, verb) = if held { ("instance.held", "held") } else { ("instance.released", "released") };

@@ -147,22 +147,34 @@ impl Drain {
         host: &HostName,
         data: &DrainData,
     ) -> Result<(usize, usize, Vec<NewEvent>), StoreError> {
-        let all = store.instances(None).await?;
-        let ours: HashSet<InstanceId> = data.instances.iter().copied().collect();
-        let held: Vec<_> =
-            all.iter().filter(|i| &i.owner == host && i.held && !i.deleted && ours.contains(&i.uuid)).collect();
+        let mut all = store.instances(None).await?;
+        // An HA instance that came to the host after the request (an import, an evacuation)
+        // is held too: the host must end with none unprotected.
+        let arrived: Vec<InstanceId> = all
+            .iter()
+            .filter(|i| &i.owner == host && i.ha && !i.deleted && !i.held && !data.instances.contains(&i.uuid))
+            .map(|i| i.uuid)
+            .collect();
+        if !arrived.is_empty() {
+            store.hold_instances(host, &arrived, true, ACTOR, "it came to a host being drained").await?;
+            all = store.instances(None).await?;
+        }
+        // Every held instance of the host (only its drain holds them).
+        let held: Vec<_> = all.iter().filter(|i| &i.owner == host && i.held && !i.deleted).collect();
         if held.is_empty() {
             return Ok((0, 0, Vec::new()));
         }
         let report = store.guard_reports().await?.into_iter().find(|r| &r.host == host);
-        let since = Timestamp(data.held_at_ms.unwrap_or(i64::MAX));
+        let drain_held = data.held_at_ms.unwrap_or(i64::MAX);
+        // Stopped, by a report newer than its hold (each instance's own: its `updated_at`).
         let stopped: Vec<InstanceId> = match &report {
-            Some(r) if r.at > since => held
+            Some(r) => held
                 .iter()
+                .filter(|i| r.at.0 > drain_held.max(i.updated_at.0))
                 .filter(|i| !r.domains.iter().any(|d| d.uuid == i.uuid && d.running))
                 .map(|i| i.uuid)
                 .collect(),
-            _ => Vec::new(),
+            None => Vec::new(),
         };
         if stopped.is_empty() {
             return Ok((0, held.len(), Vec::new()));
@@ -272,7 +284,9 @@ impl crate::ops::Machine for Drain {
             }
             Decision::Failed { reason, .. } | Decision::Abort { why: reason } => {
                 let why = format!("the drain of {host} ended: {reason}");
-                store.hold_instances(host, &data.instances, false, ACTOR, &why).await.map(drop)
+                let held: Vec<InstanceId> =
+                    store.instances(Some(host)).await?.iter().filter(|i| i.held).map(|i| i.uuid).collect();
+                store.hold_instances(host, &held, false, ACTOR, &why).await.map(drop)
             }
             _ => Ok(()),
         }
