@@ -507,10 +507,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         _ => {}
     }
-    let call = match to_call(&cli.command) {
-        Ok(call) => call,
-        Err(e) => return Err(e),
-    };
+    let call = to_call(&cli.command)?;
     if let Some(server) = &cli.server {
         let Some(call) = call else {
             bail!("this command works on the provisioner's own database or files: run it there, without --server");

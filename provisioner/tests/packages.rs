@@ -5,6 +5,7 @@
 //! fleet's state away again. Runs as root only (it changes the machine), one run at a time.
 
 use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -106,9 +107,14 @@ async fn the_packages_install_run_and_purge() {
     let path = work.path().join("provisioner.toml");
     std::fs::write(&path, config).expect("write");
     run("chown", &["nodekeeper:nodekeeper", &path.display().to_string()]);
+    // As the user, by setuid in the child itself (not runuser, which forks: killing it would
+    // leave serve running).
+    let gid: u32 = user.split(':').nth(3).and_then(|g| g.parse().ok()).expect("gid");
     let _serve = KillOnDrop(
-        Command::new("runuser")
-            .args(["-u", "nodekeeper", "--", "/usr/bin/nodekeeper-provisioner", "serve", "--config"])
+        Command::new("/usr/bin/nodekeeper-provisioner")
+            .uid(uid)
+            .gid(gid)
+            .args(["serve", "--config"])
             .arg(&path)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(work.path().join("serve.log")).expect("log"))
