@@ -1141,10 +1141,12 @@ pub async fn token_create(store: &Store, actor: &str, body: &TokenCreate) -> any
             humantime::parse_duration(d).map_err(|e| anyhow::anyhow!("--expires {d:?}: {e} (e.g. 90d, 12h, never)"))?,
         ),
     };
+    // By the database's clock: the one every replica checks the expiry against.
+    let now = store.now().await?;
     let expires_at = lifetime
         .map(|l| {
             let ms = i64::try_from(l.as_millis()).ok().filter(|ms| *ms > 0).context("--expires: out of range")?;
-            Ok::<_, anyhow::Error>(nodekeeper_store::Timestamp(nodekeeper_store::Timestamp::now().0.saturating_add(ms)))
+            Ok::<_, anyhow::Error>(nodekeeper_store::Timestamp(now.0.saturating_add(ms)))
         })
         .transpose()?;
     if !nodekeeper_store::valid_token_name(&body.name) {
@@ -1161,7 +1163,7 @@ pub async fn token_create(store: &Store, actor: &str, body: &TokenCreate) -> any
 /// `token list`
 pub async fn token_list(store: &Store) -> anyhow::Result<Reply> {
     let tokens = store.admin_tokens().await?;
-    let now = nodekeeper_store::Timestamp::now();
+    let now = store.now().await?;
     Reply::new(&tokens, || {
         table(
             &["NAME", "ROLE", "STATE", "EXPIRES", "LAST USED", "CREATED BY"],

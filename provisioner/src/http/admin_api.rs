@@ -15,7 +15,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
-use nodekeeper_store::{HostName, Role, StoreError, Timestamp};
+use nodekeeper_store::{HostName, Role, StoreError};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
@@ -138,7 +138,11 @@ async fn admin_token(state: &HttpState, token: &str) -> Result<Principal, Respon
         Err(e) => return Err(database_error(&e)),
     };
     let presented = super::guard_api::token_hash(token);
-    let now = Timestamp::now();
+    // Expiry by the database's clock, as every replica sees it (not this one's, which may be off).
+    let now = match state.store.now().await {
+        Ok(now) => now,
+        Err(e) => return Err(database_error(&e)),
+    };
     if !constant_time_eq(presented.as_bytes(), digest.as_bytes()) || !stored.usable_at(now) {
         tracing::info!(token = name, "admin API: refused a token that is invalid, expired or revoked");
         return Err(refused());
@@ -178,9 +182,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 fn database_error(e: &dyn std::fmt::Display) -> Response {
-    let id = uuid::Uuid::new_v4().simple().to_string();
-    let id = &id[..12];
-    tracing::error!(error_id = id, "admin API: {e}");
+    let id = super::logged(&format!("admin API: {e}"));
     error(
         StatusCode::SERVICE_UNAVAILABLE,
         "database",

@@ -223,10 +223,15 @@ fn text(status: StatusCode, body: String) -> Response {
 /// hosts or a redacted URL): the cause goes to the log under an id, and the answer carries
 /// only that id.
 fn internal(e: impl std::fmt::Display) -> Response {
-    let id = uuid::Uuid::new_v4().simple().to_string();
-    let id = &id[..12];
-    tracing::error!(error_id = id, "{e}");
+    let id = logged(&e);
     text(StatusCode::INTERNAL_SERVER_ERROR, format!("internal error {id}: see the provisioner's log\n"))
+}
+
+/// Logs `e` under a new id and returns the id: what an answer may say instead of the cause.
+pub(crate) fn logged(e: &dyn std::fmt::Display) -> String {
+    let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
+    tracing::error!(error_id = id, "{e}");
+    id
 }
 
 /// `/boot/{mac}.ipxe`
