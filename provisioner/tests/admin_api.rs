@@ -401,6 +401,12 @@ async fn the_remote_cli_prints_what_the_local_cli_prints() {
     let far = remote(&["--json", "instance", "set", "00000000-0000-4000-8000-000000000001", "--priority", "7"]);
     let set: Value = serde_json::from_slice(&far.stdout).expect("json");
     assert_eq!(set[0]["policy"]["priority"], 7);
+    // The flags (not the environment) say the same: `--server URL --token-file FILE`.
+    let token_file = rig.dir.path().join("ops").display().to_string();
+    let flags = rig.run(&["--server", &server, "--token-file", &token_file, "--json", "host", "list"], &[]);
+    let local = rig.run(&["--json", "host", "list"], &[]);
+    assert!(flags.status.success(), "{}", String::from_utf8_lossy(&flags.stderr));
+    assert_eq!(flags.stdout, local.stdout, "--server and --token-file as flags");
     // A viewer token cannot write; commands of the provisioner itself refuse --server.
     let viewer = [("NODEKEEPER_SERVER", server.as_str()), ("NODEKEEPER_TOKEN_FILE", "look")];
     let out = rig.run(&["host", "add", "node-s"], &viewer);

@@ -187,6 +187,11 @@ async fn an_exclusive_copy_moves_off_a_dead_host_once_it_is_fenced_and_never_run
     let events =
         store.events(&nodekeeper_store::EventFilter { limit: Some(1000), ..Default::default() }).await.expect("e");
     assert!(events.iter().any(|e| e.kind == "service.moved" && e.message.contains("sched")), "dependents are told");
+    let listed = cli(&["service", "list"]);
+    assert!(listed.lines().any(|l| l.starts_with("sched ") && l.contains("node-b")), "{listed}");
+    // Removed: its copies go, and node-b's guard stops what it started.
+    assert_eq!(cli(&["service", "remove", "sched"]), "service sched removed (its copies are stopped)\n");
+    wait_until("sched stopped on node-b", Duration::from_secs(20), async || running(&run, "sched").is_empty()).await;
     // Labels at `host add`, refused when malformed (and then no host is added).
     cli(&["host", "add", "node-d", "--label", "control", "--label", "rack-7"]);
     assert_eq!(cli(&["host", "labels", "node-d"]), "node-d: control, rack-7\n");
