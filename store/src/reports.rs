@@ -54,6 +54,12 @@ impl Store {
         Ok(())
     }
 
+    /// `host`'s last report, if any.
+    pub async fn guard_report(&self, host: &HostName) -> Result<Option<GuardReport>> {
+        let mut conn = self.pool.acquire().await.map_err(query("reading a guard report"))?;
+        guard_report_in(&mut conn, host).await
+    }
+
     /// Every host's last report (an unreadable one is skipped with a warning).
     pub async fn guard_reports(&self) -> Result<Vec<GuardReport>> {
         const WHAT: &str = "reading guard reports";

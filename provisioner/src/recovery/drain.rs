@@ -164,7 +164,7 @@ impl Drain {
         if held.is_empty() {
             return Ok((0, 0, Vec::new()));
         }
-        let report = store.guard_reports().await?.into_iter().find(|r| &r.host == host);
+        let report = store.guard_report(host).await?;
         let drain_held = data.held_at_ms.unwrap_or(i64::MAX);
         // Stopped, by a report newer than its hold (each instance's own: its `updated_at`).
         let stopped: Vec<InstanceId> = match &report {
