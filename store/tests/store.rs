@@ -554,6 +554,27 @@ async fn a_writer_under_a_lost_lease_changes_nothing(db: TestDb) {
     assert!(lost(as_a.clear_deploy_token(&host("node-a")).await));
     assert!(lost(as_a.set_host_image(&host("node-a"), "stale.img").await));
     assert!(lost(as_a.record_event(&NewEvent::host("a", "test.stale", &host("node-a"), "stale".into())).await));
+    // The drain's and the services' writes too: no hold, no move of a held instance, no copy.
+    store.import_instances(&[new_instance("node-a", 0)], "test").await.expect("import");
+    let vm = store.instances(Some(&host("node-a"))).await.expect("list")[0].uuid;
+    assert!(lost(as_a.hold_instances(&host("node-a"), &[vm], true, "a", "stale").await.map(drop)));
+    store.hold_instances(&host("node-a"), &[vm], true, "test", "held").await.expect("held by the CLI's store");
+    let g = store.instance(vm).await.expect("read").expect("vm").generation;
+    assert!(lost(as_a.transfer_held(vm, g, &host("node-b"), "a", "stale").await.map(drop)));
+    let svc = nodekeeper_store::Service {
+        name: "svc".into(),
+        copies: 1,
+        labels: vec![],
+        start: vec!["true".into()],
+        stop: vec!["true".into()],
+        check: None,
+        exclusive: true,
+    };
+    store.put_service(&svc, "test").await.expect("service");
+    let place = nodekeeper_store::CopyChange::Place { service: "svc".into(), slot: 0, host: host("node-b") };
+    assert!(lost(as_a.change_service_copy(&place, "a").await.map(drop)));
+    assert!(store.service_copies(None).await.expect("copies").is_empty(), "no copy placed by the stale leader");
+    assert_eq!(store.instance(vm).await.expect("read").expect("vm").owner, host("node-a"), "not moved");
     let now = store.operation(op.id).await.expect("read").expect("exists");
     assert_eq!(now.step, "power_off", "the stale leader's step change was refused");
     assert_eq!(store.require_host(&host("node-a")).await.expect("host").state, HostState::Active);
