@@ -7,6 +7,7 @@
 //! Needs root, iproute2, libvirtd, QEMU, the BMC venv (`scripts/setup-test-deps.sh` makes all
 //! of them) and the images (`make images`; built here when missing, cached).
 
+pub mod chaos;
 pub mod hw;
 pub mod lab;
 pub mod net;

@@ -27,6 +27,23 @@ enum Cli {
         #[command(flatten)]
         hw: HwArgs,
     },
+    /// A chaos campaign: real processes (two `serve` replicas on PostgreSQL, three hosts
+    /// each with its libvirtd and guard, BMCs), a seeded fault schedule per run, and a
+    /// checker sampling what each libvirt really runs every 200 ms.
+    Chaos {
+        /// How many runs.
+        #[arg(long, default_value_t = 10)]
+        runs: u32,
+        /// Run k's seed is SEED + k; a failing run names its own (replay it with --runs 1).
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Hosts per run.
+        #[arg(long, default_value_t = 3)]
+        hosts: usize,
+        /// Keep the logs even when every run passed.
+        #[arg(long)]
+        keep: bool,
+    },
     /// A lab with installed nodes, left running until Ctrl-C (then torn down).
     Up {
         /// How many compute nodes.
@@ -115,8 +132,12 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
+    if let Cli::Chaos { runs, seed, hosts, keep } = cli {
+        return chaos(paths, runs, seed, hosts, keep).await;
+    }
     let fleet = match &cli {
         Cli::Demo => Ok(mixed()),
+        Cli::Chaos { .. } => unreachable!("handled above"),
         Cli::Run { hw, .. } | Cli::Up { hw, .. } => hw.fleet(),
     };
     let fleet = match fleet {
@@ -129,6 +150,7 @@ async fn main() -> std::process::ExitCode {
     let (scenario, progress) = match cli {
         Cli::Demo => (Scenario::Failover, true),
         Cli::Run { scenario, .. } => (scenario, false),
+        Cli::Chaos { .. } => unreachable!("handled above"),
         Cli::Up { nodes, .. } => {
             let fleet: Vec<Hardware> = (0..nodes).map(|i| fleet[i.min(fleet.len() - 1)].clone()).collect();
             return up(paths, &fleet).await;
@@ -201,4 +223,38 @@ async fn up(paths: nodekeeper_lab::lab::Paths, fleet: &[Hardware]) -> std::proce
     n.say(&format!("{signal}: tearing the lab down"));
     drop(lab);
     std::process::ExitCode::SUCCESS
+}
+
+/// `chaos`: the campaign, its table on stdout; fails when a run failed.
+async fn chaos(paths: nodekeeper_lab::lab::Paths, runs: u32, seed: u64, hosts: usize, keep: bool) -> std::process::ExitCode {
+    let n = nodekeeper_lab::Narrator::new(false);
+    let opts = nodekeeper_lab::chaos::Options {
+        runs,
+        seed,
+        hosts: hosts.max(2),
+        window: std::time::Duration::from_secs(20),
+        bin_dir: paths.bin_dir,
+        keep,
+    };
+    let result = tokio::select! {
+        r = nodekeeper_lab::chaos::campaign(&opts, &n) => r,
+        signal = interrupted() => Err(anyhow::anyhow!("stopped by {signal}")),
+    };
+    match result {
+        Ok(report) => {
+            println!("\n{}", report.table());
+            if let Some(dir) = &report.kept {
+                println!("logs: {}", dir.display());
+            }
+            if report.passed() {
+                std::process::ExitCode::SUCCESS
+            } else {
+                std::process::ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            n.say(&format!("FAILED: {e:#}"));
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
