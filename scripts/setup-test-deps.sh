@@ -75,6 +75,12 @@ for _ in $(seq 1 50); do
 done
 pg_isready -q -h 127.0.0.1 -p 5432 || { log "PostgreSQL did not come up"; exit 1; }
 
+# The chaos campaign runs one libvirtd per simulated host as session daemons of this user.
+if ! id nkchaos >/dev/null 2>&1; then
+  log "adding the user nkchaos (the chaos campaign's libvirtds)"
+  useradd --system --no-create-home --shell /usr/sbin/nologin nkchaos
+fi
+
 # libvirtd (no systemd here): start virtlogd and libvirtd as daemons when they are not running.
 if [ ! -S /run/libvirt/libvirt-sock ] || ! pgrep -x libvirtd >/dev/null; then
   need_root

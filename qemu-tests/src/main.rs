@@ -226,7 +226,13 @@ async fn up(paths: nodekeeper_lab::lab::Paths, fleet: &[Hardware]) -> std::proce
 }
 
 /// `chaos`: the campaign, its table on stdout; fails when a run failed.
-async fn chaos(paths: nodekeeper_lab::lab::Paths, runs: u32, seed: u64, hosts: usize, keep: bool) -> std::process::ExitCode {
+async fn chaos(
+    paths: nodekeeper_lab::lab::Paths,
+    runs: u32,
+    seed: u64,
+    hosts: usize,
+    keep: bool,
+) -> std::process::ExitCode {
     let n = nodekeeper_lab::Narrator::new(false);
     let opts = nodekeeper_lab::chaos::Options {
         runs,

@@ -75,7 +75,11 @@ async fn system(State(fleet): State<Shared>, UrlPath(id): UrlPath<String>) -> Re
     }
 }
 
-async fn reset(State(fleet): State<Shared>, UrlPath(id): UrlPath<String>, Json(body): Json<serde_json::Value>) -> Response {
+async fn reset(
+    State(fleet): State<Shared>,
+    UrlPath(id): UrlPath<String>,
+    Json(body): Json<serde_json::Value>,
+) -> Response {
     let outcome = {
         let mut f = fleet.lock().unwrap_or_else(|p| p.into_inner());
         let Some(i) = index(&f, &id) else { return StatusCode::NOT_FOUND.into_response() };

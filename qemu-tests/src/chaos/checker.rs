@@ -32,8 +32,43 @@ pub struct Findings {
     pub doubles: Vec<String>,
     /// Each stale run.
     pub stale: Vec<String>,
+    /// Samples in which an exclusive service ran more copies than it may.
+    pub over_copies: Vec<String>,
     /// The last sample: per host, the instances running there (`None`: not reachable).
     pub last: Vec<Option<BTreeSet<String>>>,
+    /// The last sample: per host, the service copies running there.
+    pub last_copies: Vec<usize>,
+}
+
+/// A host the checker watches.
+#[derive(Debug, Clone)]
+pub struct Watched {
+    /// Its name.
+    pub name: String,
+    /// Its libvirt.
+    pub uri: String,
+    /// Its namespace (where its service copies run).
+    pub ns: String,
+}
+
+/// An exclusive service's copies are processes whose command line is exactly `marker`; at
+/// most `copies` of them may run in the whole fleet at once.
+#[derive(Debug, Clone)]
+pub struct ServiceWatch {
+    /// Its name.
+    pub name: String,
+    /// The copies' command line (arguments joined by NUL).
+    pub marker: Vec<u8>,
+    /// n.
+    pub copies: usize,
+}
+
+/// How many processes in `ns` have `marker` as their command line.
+fn copies_in(ns: &str, marker: &[u8]) -> usize {
+    super::fleet::netns_pids(ns)
+        .into_iter()
+        .filter(|p| std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| c.strip_suffix(b"\0") == Some(marker)))
+        .count()
 }
 
 /// The sampling thread.
@@ -61,7 +96,8 @@ impl Checker {
     /// Every change it sees (a host's running set, a host going unreachable) is written to
     /// `timeline`, with the time since the start.
     pub fn start(
-        hosts: Vec<(String, String)>,
+        hosts: Vec<Watched>,
+        service: ServiceWatch,
         store: Store,
         names: BTreeMap<String, String>,
         timeline: &std::path::Path,
@@ -82,7 +118,8 @@ impl Checker {
                     tokio::time::timeout(Duration::from_secs(1), store.instances(None)).await.ok()?.ok()
                 });
                 let mut sample: Vec<Option<BTreeSet<String>>> = Vec::new();
-                for (i, (_, uri)) in hosts.iter().enumerate() {
+                let copies: Vec<usize> = hosts.iter().map(|h| copies_in(&h.ns, &service.marker)).collect();
+                for (i, Watched { uri, .. }) in hosts.iter().enumerate() {
                     if conns[i].is_none() {
                         conns[i] = virt::connect::Connect::open(Some(uri)).ok();
                     }
@@ -109,12 +146,13 @@ impl Checker {
                             (Some(now), before) => {
                                 let empty = BTreeSet::new();
                                 let before = before.as_ref().unwrap_or(&empty);
-                                let mut w: Vec<String> = now.difference(before).map(|u| format!("+{}", name(u))).collect();
+                                let mut w: Vec<String> =
+                                    now.difference(before).map(|u| format!("+{}", name(u))).collect();
                                 w.extend(before.difference(now).map(|u| format!("-{}", name(u))));
                                 w.join(" ")
                             }
                         };
-                        let _ = writeln!(timeline, "{wall} {t:8.2} {} {what}", hosts[i].0);
+                        let _ = writeln!(timeline, "{wall} {t:8.2} {} {what}", hosts[i].name);
                         previous[i] = now.clone();
                     }
                 }
@@ -128,7 +166,7 @@ impl Checker {
                 let mut seen: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
                 for (i, set) in sample.iter().enumerate() {
                     for uuid in set.iter().flatten() {
-                        seen.entry(uuid).or_default().push(&hosts[i].0);
+                        seen.entry(uuid).or_default().push(&hosts[i].name);
                     }
                 }
                 for (uuid, on) in &seen {
@@ -139,8 +177,11 @@ impl Checker {
                 match &owners {
                     None => found.db_unreachable += 1,
                     Some(owners) => {
-                        let owner: BTreeMap<String, &str> =
-                            owners.iter().filter(|i| !i.deleted).map(|i| (i.uuid.to_string(), i.owner.as_str())).collect();
+                        let owner: BTreeMap<String, &str> = owners
+                            .iter()
+                            .filter(|i| !i.deleted)
+                            .map(|i| (i.uuid.to_string(), i.owner.as_str()))
+                            .collect();
                         found.not_running += owner.keys().filter(|u| !seen.contains_key(u.as_str())).count();
                         for (uuid, on) in &seen {
                             for host in on {
@@ -155,7 +196,27 @@ impl Checker {
                         }
                     }
                 }
+                let total: usize = copies.iter().sum();
+                if total > service.copies {
+                    let on: Vec<String> = copies
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, c)| **c > 0)
+                        .map(|(i, c)| format!("{}×{c}", hosts[i].name))
+                        .collect();
+                    found.over_copies.push(format!(
+                        "sample {n}: {total} copies of exclusive {} (n = {}) on {}",
+                        service.name,
+                        service.copies,
+                        on.join(", ")
+                    ));
+                }
+                if copies != found.last_copies {
+                    let t = started.elapsed().as_secs_f64();
+                    let _ = writeln!(timeline, "{:>21.2} {} copies per host {copies:?}", t, service.name);
+                }
                 found.last = sample;
+                found.last_copies = copies;
                 drop(found);
                 std::thread::sleep(Duration::from_millis(200));
             }

@@ -32,11 +32,7 @@ pub const PEER_PORT: u16 = 7443;
 
 fn run(program: &str, args: &[&str]) -> anyhow::Result<String> {
     let out = Command::new(program).args(args).output().with_context(|| format!("running {program}"))?;
-    anyhow::ensure!(
-        out.status.success(),
-        "{program} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
+    anyhow::ensure!(out.status.success(), "{program} {args:?}: {}", String::from_utf8_lossy(&out.stderr).trim());
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
@@ -49,6 +45,15 @@ fn kill_child(slot: &mut Option<Child>) {
 
 fn log_file(path: &Path) -> anyhow::Result<std::fs::File> {
     std::fs::OpenOptions::new().create(true).append(true).open(path).with_context(|| format!("{}", path.display()))
+}
+
+/// The processes in namespace `ns`.
+pub fn netns_pids(ns: &str) -> Vec<u32> {
+    Command::new("ip")
+        .args(["netns", "pids", ns])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).split_whitespace().filter_map(|p| p.parse().ok()).collect())
+        .unwrap_or_default()
 }
 
 /// A free TCP port on loopback (bound, then released).
@@ -74,8 +79,25 @@ impl Postgres {
         run("chown", &["postgres:postgres", &pg.display().to_string()])?;
         let data = pg.join("data");
         let d = data.display().to_string();
-        run("runuser", &["-u", "postgres", "--", &format!("{PG_BIN}/initdb"), "-D", &d, "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync"])
-            .context("initdb")?;
+        run(
+            "runuser",
+            &[
+                "-u",
+                "postgres",
+                "--",
+                &format!("{PG_BIN}/initdb"),
+                "-D",
+                &d,
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ],
+        )
+        .context("initdb")?;
         let port = free_port()?;
         let conf = format!(
             "port = {port}\nlisten_addresses = '127.0.0.1,{bridge_ip}'\nunix_socket_directories = '{}'\n\
@@ -115,8 +137,25 @@ impl Postgres {
     /// Runs SQL as the superuser on its `postgres` database.
     pub fn sql(&self, sql: &str) -> anyhow::Result<()> {
         let host = self.dir.display().to_string();
-        run("runuser", &["-u", "postgres", "--", "psql", "-q", "-h", &host, "-p", &self.port.to_string(), "-d", "postgres", "-c", sql])
-            .map(drop)
+        run(
+            "runuser",
+            &[
+                "-u",
+                "postgres",
+                "--",
+                "psql",
+                "-q",
+                "-h",
+                &host,
+                "-p",
+                &self.port.to_string(),
+                "-d",
+                "postgres",
+                "-c",
+                sql,
+            ],
+        )
+        .map(drop)
     }
 
     /// The URL of database `db` from this namespace (`ip`: 127.0.0.1) or a host's (the bridge).
@@ -253,6 +292,11 @@ impl Machine {
         })
     }
 
+    /// Its namespace.
+    pub fn ns(&self) -> &str {
+        &self.ns
+    }
+
     /// Its libvirt, as the guard and the checker reach it.
     pub fn uri(&self) -> String {
         format!("test+unix:///default?socket={}", self.socket().display())
@@ -284,9 +328,13 @@ impl Machine {
         Ok(())
     }
 
-    /// Power off: the guard and libvirtd die (SIGKILL), and the domains with libvirtd.
+    /// Power off: the guard and libvirtd die (SIGKILL), the domains with libvirtd, and every
+    /// other process of the host (its service copies: whatever runs in its namespace).
     pub fn kill_all(&mut self) {
         kill_child(&mut self.guard);
+        for pid in netns_pids(&self.ns) {
+            let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+        }
         self.drop_anchor();
         kill_child(&mut self.libvirtd);
     }
@@ -326,7 +374,8 @@ impl Machine {
 
     /// What the supervisor and the power do, every 100 ms.
     fn tick(&mut self, now: Instant) {
-        for (slot, after) in [(&mut self.guard, &mut self.guard_after), (&mut self.libvirtd, &mut self.libvirtd_after)] {
+        for (slot, after) in [(&mut self.guard, &mut self.guard_after), (&mut self.libvirtd, &mut self.libvirtd_after)]
+        {
             if slot.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_some()) {
                 *slot = None;
                 *after = (*after).max(now + Duration::from_secs(1));
@@ -442,9 +491,8 @@ impl Fleet {
         let network = Network::new(tag, hosts)?;
         let postgres = Postgres::create(dir, &network.gateway)?;
         let guard_bin = bin_dir.join("nodekeeper-guard");
-        let machines = (0..hosts)
-            .map(|i| Machine::new(i, network.ns(i), dir, &guard_bin))
-            .collect::<anyhow::Result<Vec<_>>>()?;
+        let machines =
+            (0..hosts).map(|i| Machine::new(i, network.ns(i), dir, &guard_bin)).collect::<anyhow::Result<Vec<_>>>()?;
         Ok(Fleet {
             machines,
             replicas: Vec::new(),

@@ -28,7 +28,7 @@ use anyhow::Context;
 use nodekeeper_store::{Generation, HostName, HostState, InstanceId, NewHost, NewInstance, Storage, Store};
 
 use crate::{fmt, Narrator};
-use checker::{Checker, Findings};
+use checker::{Checker, Findings, ServiceWatch, Watched};
 use fleet::Fleet;
 use schedule::{Fault, Schedule};
 
@@ -54,6 +54,9 @@ const PER_HOST: usize = 3;
 const HA_PER_HOST: usize = 2;
 const REPLICAS: usize = 2;
 const SETTLE: Duration = Duration::from_secs(180);
+/// The exclusive service every run has: one copy, a `sleep` with this argument.
+const SERVICE: &str = "api";
+const SERVICE_MARK: &str = "7654321";
 
 /// One run's outcome.
 #[derive(Debug)]
@@ -113,7 +116,11 @@ impl Report {
             ("instance-samples not running (availability cost)".into(), sum(&|r| r.findings.not_running).to_string()),
             ("double runs".into(), sum(&|r| r.findings.doubles.len()).to_string()),
             ("stale runs (after the move)".into(), sum(&|r| r.findings.stale.len()).to_string()),
-            ("runs not settled (lost, stuck)".into(), sum(&|r| usize::from(r.problems.iter().any(|p| p.starts_with("not settled")))).to_string()),
+            ("samples over n copies (exclusive service)".into(), sum(&|r| r.findings.over_copies.len()).to_string()),
+            (
+                "runs not settled (lost, stuck)".into(),
+                sum(&|r| usize::from(r.problems.iter().any(|p| p.starts_with("not settled")))).to_string(),
+            ),
             ("fences completed".into(), sum(&|r| r.fences).to_string()),
             ("power-offs by BMCs".into(), sum(&|r| r.power[1] as usize).to_string()),
             ("self-fence reboots".into(), sum(&|r| r.power[2] as usize).to_string()),
@@ -147,7 +154,11 @@ pub fn missing(bin_dir: &Path) -> Vec<String> {
         }
     }
     for tool in ["libvirtd", "setpriv", "ip", "psql"] {
-        if !std::process::Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().is_ok_and(|o| o.status.success()) {
+        if !std::process::Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+        {
             missing.push(tool.to_owned());
         }
     }
@@ -168,8 +179,18 @@ pub async fn campaign(opts: &Options, n: &Narrator) -> anyhow::Result<Report> {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     std::process::Command::new("chmod").args(["755"]).arg(&dir).status()?;
-    let tag = 20 + pid % 200;
-    n.say(&format!("chaos: {} runs from seed {}; PostgreSQL, {} hosts, logs in {}", opts.runs, opts.seed, opts.hosts, dir.display()));
+    // A subnet and names no other campaign on this machine uses (their bridge exists).
+    let tag = (0..200)
+        .map(|i| 20 + (pid + i) % 200)
+        .find(|t| !Path::new(&format!("/sys/class/net/nkc{t}b")).exists())
+        .context("every chaos subnet is taken")?;
+    n.say(&format!(
+        "chaos: {} runs from seed {}; PostgreSQL, {} hosts, logs in {}",
+        opts.runs,
+        opts.seed,
+        opts.hosts,
+        dir.display()
+    ));
     let fleet = Arc::new(Mutex::new(Fleet::new(&dir, tag, opts.hosts, &opts.bin_dir)?));
     let stop = Arc::new(AtomicBool::new(false));
     let ticker = {
@@ -203,7 +224,10 @@ pub async fn campaign(opts: &Options, n: &Narrator) -> anyhow::Result<Report> {
                     for p in r.problems.iter().take(20) {
                         eprintln!("    {p}");
                     }
-                    eprintln!("    replay: nodekeeper-lab chaos --runs 1 --seed {seed}  (logs: {}/run{k})", dir.display());
+                    eprintln!(
+                        "    replay: nodekeeper-lab chaos --runs 1 --seed {seed}  (logs: {}/run{k})",
+                        dir.display()
+                    );
                 }
                 report.runs.push(r);
             }
@@ -245,14 +269,15 @@ async fn one_run(
     let run_dir = dir.join(format!("run{k}"));
     std::fs::create_dir_all(&run_dir)?;
     let db = format!("run{k}");
-    let (url, guard_url, uris, ips) = {
+    let (url, guard_url, watched, ips) = {
         let f = lock(fleet);
         f.wipe_hosts()?;
         f.postgres.sql(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))?;
         f.postgres.sql(&format!("CREATE DATABASE {db}"))?;
-        let uris: Vec<(String, String)> = f.machines.iter().map(|m| (m.name.clone(), m.uri())).collect();
+        let watched: Vec<Watched> =
+            f.machines.iter().map(|m| Watched { name: m.name.clone(), uri: m.uri(), ns: m.ns().to_owned() }).collect();
         let ips: Vec<String> = (0..opts.hosts).map(|i| f.network.ip(i)).collect();
-        (f.postgres.url("127.0.0.1", &db), f.postgres.url(&f.network.gateway, &db), uris, ips)
+        (f.postgres.url("127.0.0.1", &db), f.postgres.url(&f.network.gateway, &db), watched, ips)
     };
     let store = Store::connect(&url).await.context("the run's database")?;
     store.migrate().await?;
@@ -286,6 +311,24 @@ async fn one_run(
         }
     }
     store.import_instances(&items, "chaos").await?;
+    // An exclusive service with one copy: a process in the host's namespace (it dies with the
+    // host's power, not with its guard), its pid in the host's directory.
+    let pidfile = format!("{}/$NK_HOST-$NK_SERVICE-$NK_SLOT.pid", dir.display());
+    let sh = |script: String| vec!["sh".to_owned(), "-c".to_owned(), script];
+    store
+        .put_service(
+            &nodekeeper_store::Service {
+                name: SERVICE.into(),
+                copies: 1,
+                labels: Vec::new(),
+                start: sh(format!("setsid sleep {SERVICE_MARK} </dev/null >/dev/null 2>&1 & echo $! > {pidfile}")),
+                stop: sh(format!("kill $(cat {pidfile}) 2>/dev/null; rm -f {pidfile}")),
+                check: Some(sh(format!("kill -0 $(cat {pidfile} 2>/dev/null) 2>/dev/null"))),
+                exclusive: true,
+            },
+            "chaos",
+        )
+        .await?;
     let names: BTreeMap<String, String> = items.iter().map(|i| (i.uuid.to_string(), i.name.clone())).collect();
     {
         let mut f = lock(fleet);
@@ -299,7 +342,9 @@ async fn one_run(
         }
         f.running = true;
     }
-    let checker = Checker::start(uris, store.clone(), names, &run_dir.join("timeline.log"))?;
+    let service =
+        ServiceWatch { name: SERVICE.into(), marker: format!("sleep\0{SERVICE_MARK}").into_bytes(), copies: 1 };
+    let checker = Checker::start(watched, service, store.clone(), names, &run_dir.join("timeline.log"))?;
     n.wait("every instance running on its owner", Duration::from_secs(90), async || {
         Ok(settled(&store, &checker.findings(), opts.hosts).await.is_empty().then_some(()))
     })
@@ -332,7 +377,8 @@ async fn one_run(
     }
     let settled_in = healed.elapsed();
     let findings = checker.finish();
-    let mut problems: Vec<String> = findings.doubles.iter().chain(&findings.stale).cloned().collect();
+    let mut problems: Vec<String> =
+        findings.doubles.iter().chain(&findings.stale).chain(&findings.over_copies).cloned().collect();
     if !left.is_empty() {
         problems.push(format!("not settled within {}: {}", fmt(SETTLE), left.join("; ")));
     }
@@ -369,9 +415,10 @@ async fn settled(store: &Store, seen: &Findings, hosts: usize) -> Vec<String> {
         let h = store.hosts().await?;
         let ops = store.operations(None, true, 100).await?;
         let inst = store.instances(None).await?;
-        anyhow::Ok((h, ops, inst))
+        let copies = store.service_copies(Some(SERVICE)).await?;
+        anyhow::Ok((h, ops, inst, copies))
     };
-    let (h, ops, inst) = match tokio::time::timeout(Duration::from_secs(3), read).await {
+    let (h, ops, inst, copies) = match tokio::time::timeout(Duration::from_secs(3), read).await {
         Ok(Ok(v)) => v,
         Ok(Err(e)) => return vec![format!("database: {e:#}")],
         Err(_) => return vec!["database: no answer within 3 s".into()],
@@ -397,6 +444,11 @@ async fn settled(store: &Store, seen: &Findings, hosts: usize) -> Vec<String> {
         if on != [i.owner.to_string()] {
             wrong.push(format!("{} (owner {}) running on [{}]", i.name, i.owner, on.join(", ")));
         }
+    }
+    let want: Vec<usize> =
+        (0..hosts).map(|i| copies.iter().filter(|c| c.host.as_str() == format!("h{i}")).count()).collect();
+    if seen.last_copies != want {
+        wrong.push(format!("{SERVICE} copies per host {:?}, assigned {want:?}", seen.last_copies));
     }
     wrong
 }
