@@ -38,8 +38,9 @@ async fn a_short_campaign_never_runs_an_instance_twice_nor_loses_one() {
     assert_eq!(report.runs.len(), opts.runs as usize);
     for r in &report.runs {
         assert!(r.problems.is_empty(), "seed {}: {:#?}\n{}", r.schedule.seed, r.problems, r.schedule);
-        // Sampled throughout: 20 s of faults at 5 samples a second, at least.
-        assert!(r.findings.samples >= 100, "seed {}: {} samples", r.schedule.seed, r.findings.samples);
+        // Sampled throughout: 22 s of faults and healing at a sample every 200 ms plus the
+        // sample's own time (4 to 5 a second here).
+        assert!(r.findings.samples >= 70, "seed {}: {} samples", r.schedule.seed, r.findings.samples);
         assert!(!r.schedule.faults.is_empty());
     }
     assert!(report.runs.iter().any(|r| r.findings.not_running > 0), "the faults cost something: they landed");

@@ -121,7 +121,7 @@ impl Report {
                 "runs not settled (lost, stuck)".into(),
                 sum(&|r| usize::from(r.problems.iter().any(|p| p.starts_with("not settled")))).to_string(),
             ),
-            ("fences completed".into(), sum(&|r| r.fences).to_string()),
+            ("fence operations finished".into(), sum(&|r| r.fences).to_string()),
             ("power-offs by BMCs".into(), sum(&|r| r.power[1] as usize).to_string()),
             ("self-fence reboots".into(), sum(&|r| r.power[2] as usize).to_string()),
             ("settle after the faults: worst".into(), fmt(worst)),
