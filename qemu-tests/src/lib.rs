@@ -12,6 +12,7 @@ pub mod hw;
 pub mod lab;
 pub mod net;
 pub mod scenarios;
+pub mod sim;
 
 use std::io::Write;
 use std::time::{Duration, Instant};

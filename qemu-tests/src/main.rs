@@ -44,6 +44,34 @@ enum Cli {
         #[arg(long)]
         keep: bool,
     },
+    /// A fleet simulator: N simulated guards on the real guard API of a real `serve`, BMCs
+    /// with a delay; measures heartbeat latency, serve's CPU and memory, and crash → HA moved.
+    Sim {
+        /// Simulated hosts.
+        #[arg(long, default_value_t = 1000)]
+        hosts: usize,
+        /// Instances per host (a third HA).
+        #[arg(long, default_value_t = 10)]
+        instances: usize,
+        /// sqlite or postgres (a private cluster).
+        #[arg(long, default_value = "sqlite")]
+        engine: String,
+        /// Seconds of steady state measured.
+        #[arg(long, default_value_t = 30)]
+        steady: u64,
+        /// Hosts that crash at once after the steady phase.
+        #[arg(long, default_value_t = 10)]
+        crash: usize,
+        /// The controller's grace, seconds.
+        #[arg(long, default_value_t = 30)]
+        grace: u64,
+        /// Seconds a BMC takes to land a power change.
+        #[arg(long, default_value_t = 1)]
+        bmc_delay: u64,
+        /// Which hosts crash.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
     /// A lab with installed nodes, left running until Ctrl-C (then torn down).
     Up {
         /// How many compute nodes.
@@ -135,9 +163,50 @@ async fn main() -> std::process::ExitCode {
     if let Cli::Chaos { runs, seed, hosts, keep } = cli {
         return chaos(paths, runs, seed, hosts, keep).await;
     }
+    if let Cli::Sim { hosts, instances, engine, steady, crash, grace, bmc_delay, seed } = cli {
+        let engine = match engine.as_str() {
+            "sqlite" => nodekeeper_lab::sim::Engine::Sqlite,
+            "postgres" | "postgresql" => nodekeeper_lab::sim::Engine::Postgres,
+            other => {
+                eprintln!("nodekeeper-lab: --engine {other:?}: sqlite or postgres");
+                return std::process::ExitCode::from(2);
+            }
+        };
+        let s = std::time::Duration::from_secs;
+        let opts = nodekeeper_lab::sim::Options {
+            hosts: hosts.max(2),
+            instances,
+            engine,
+            steady: s(steady),
+            crash,
+            grace: s(grace),
+            bmc_delay: s(bmc_delay),
+            seed,
+            bin_dir: paths.bin_dir,
+        };
+        let n = nodekeeper_lab::Narrator::new(false);
+        let result = tokio::select! {
+            r = nodekeeper_lab::sim::simulate(&opts, &n) => r,
+            signal = interrupted() => Err(anyhow::anyhow!("stopped by {signal}")),
+        };
+        return match result {
+            Ok(report) => {
+                println!("\n{}", report.table());
+                if report.violations == [0, 0, 0] {
+                    std::process::ExitCode::SUCCESS
+                } else {
+                    std::process::ExitCode::FAILURE
+                }
+            }
+            Err(e) => {
+                n.say(&format!("FAILED: {e:#}"));
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     let fleet = match &cli {
         Cli::Demo => Ok(mixed()),
-        Cli::Chaos { .. } => unreachable!("handled above"),
+        Cli::Chaos { .. } | Cli::Sim { .. } => unreachable!("handled above"),
         Cli::Run { hw, .. } | Cli::Up { hw, .. } => hw.fleet(),
     };
     let fleet = match fleet {
@@ -150,7 +219,7 @@ async fn main() -> std::process::ExitCode {
     let (scenario, progress) = match cli {
         Cli::Demo => (Scenario::Failover, true),
         Cli::Run { scenario, .. } => (scenario, false),
-        Cli::Chaos { .. } => unreachable!("handled above"),
+        Cli::Chaos { .. } | Cli::Sim { .. } => unreachable!("handled above"),
         Cli::Up { nodes, .. } => {
             let fleet: Vec<Hardware> = (0..nodes).map(|i| fleet[i.min(fleet.len() - 1)].clone()).collect();
             return up(paths, &fleet).await;

@@ -32,6 +32,9 @@ pub struct Findings {
     pub doubles: Vec<String>,
     /// Each stale run.
     pub stale: Vec<String>,
+    /// Each time the service's one copy came up on another host: how long it ran nowhere
+    /// (from the last sample that saw it on the old host to the first on the new one).
+    pub service_moves: Vec<Duration>,
     /// Samples in which an exclusive service ran more copies than it may.
     pub over_copies: Vec<String>,
     /// The last sample: per host, the instances running there (`None`: not reachable).
@@ -110,6 +113,8 @@ impl Checker {
         let (s, f) = (stop.clone(), findings.clone());
         let thread = std::thread::spawn(move || {
             let mut previous: Vec<Option<BTreeSet<String>>> = hosts.iter().map(|_| None).collect();
+            // The service's copy: on which host, last seen when.
+            let mut copy_seen: Option<(usize, std::time::Instant)> = None;
             let mut conns: Vec<Option<virt::connect::Connect>> = hosts.iter().map(|_| None).collect();
             while !s.load(Ordering::Relaxed) {
                 // The database first: an owner read before the listings is what a stale run is
@@ -210,6 +215,14 @@ impl Checker {
                         service.copies,
                         on.join(", ")
                     ));
+                }
+                if let Some(h) = copies.iter().position(|c| *c > 0) {
+                    if let Some((before, last)) = copy_seen {
+                        if before != h {
+                            found.service_moves.push(last.elapsed());
+                        }
+                    }
+                    copy_seen = Some((h, std::time::Instant::now()));
                 }
                 if copies != found.last_copies {
                     let t = started.elapsed().as_secs_f64();

@@ -72,8 +72,8 @@ pub struct Postgres {
 }
 
 impl Postgres {
-    /// initdb in `dir/pg`, listening on loopback and `bridge_ip`; started.
-    pub fn create(dir: &Path, bridge_ip: &str) -> anyhow::Result<Postgres> {
+    /// initdb in `dir/pg`, listening on loopback (and `also_on`); started.
+    pub fn create(dir: &Path, also_on: Option<&str>) -> anyhow::Result<Postgres> {
         let pg = dir.join("pg");
         std::fs::create_dir_all(&pg)?;
         run("chown", &["postgres:postgres", &pg.display().to_string()])?;
@@ -100,8 +100,9 @@ impl Postgres {
         .context("initdb")?;
         let port = free_port()?;
         let conf = format!(
-            "port = {port}\nlisten_addresses = '127.0.0.1,{bridge_ip}'\nunix_socket_directories = '{}'\n\
+            "port = {port}\nlisten_addresses = '127.0.0.1{}'\nunix_socket_directories = '{}'\n\
              max_connections = 300\nfsync = on\nlog_min_messages = warning\n",
+            also_on.map(|a| format!(",{a}")).unwrap_or_default(),
             pg.display()
         );
         let mut f = std::fs::OpenOptions::new().append(true).open(data.join("postgresql.conf"))?;
@@ -489,7 +490,7 @@ impl Fleet {
     /// The network, PostgreSQL, and `hosts` machines (powered off) under `dir`.
     pub fn new(dir: &Path, tag: u32, hosts: usize, bin_dir: &Path) -> anyhow::Result<Fleet> {
         let network = Network::new(tag, hosts)?;
-        let postgres = Postgres::create(dir, &network.gateway)?;
+        let postgres = Postgres::create(dir, Some(&network.gateway))?;
         let guard_bin = bin_dir.join("nodekeeper-guard");
         let machines =
             (0..hosts).map(|i| Machine::new(i, network.ns(i), dir, &guard_bin)).collect::<anyhow::Result<Vec<_>>>()?;

@@ -103,6 +103,9 @@ impl Report {
             self.runs.iter().filter(|r| !r.problems.is_empty()).map(|r| r.schedule.seed.to_string()).collect();
         let settle: Vec<Duration> = self.runs.iter().map(|r| r.settled_in).collect();
         let worst = settle.iter().max().copied().unwrap_or_default();
+        let mut moves: Vec<Duration> =
+            self.runs.iter().flat_map(|r| r.findings.service_moves.iter().copied()).collect();
+        moves.sort();
         let mut rows: Vec<(String, String)> = vec![
             ("runs (passed)".into(), format!("{} ({})", self.runs.len(), self.runs.len() - failed.len())),
             ("failed seeds".into(), if failed.is_empty() { "-".into() } else { failed.join(", ") }),
@@ -125,6 +128,14 @@ impl Report {
             ("power-offs by BMCs".into(), sum(&|r| r.power[1] as usize).to_string()),
             ("self-fence reboots".into(), sum(&|r| r.power[2] as usize).to_string()),
             ("settle after the faults: worst".into(), fmt(worst)),
+            ("exclusive service moved (times)".into(), moves.len().to_string()),
+            (
+                "  its copy ran nowhere for: median / worst".into(),
+                match (moves.get(moves.len() / 2), moves.last()) {
+                    (Some(m), Some(w)) => format!("{:.1} s / {:.1} s", m.as_secs_f64(), w.as_secs_f64()),
+                    _ => "-".into(),
+                },
+            ),
         ]);
         let w = rows.iter().map(|r| r.0.chars().count()).max().unwrap_or(10);
         let mut out = String::new();

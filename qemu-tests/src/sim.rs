@@ -1,0 +1,490 @@
+//! `nodekeeper-lab sim`: a fleet simulator that drives the real `serve` (the release build,
+//! unchanged) the way a fleet of guards does, to find out what one provisioner carries.
+//!
+//! N simulated hosts, each with its own node token, speak the real guard API over HTTP with
+//! keep-alive, on a guard's schedule: a heartbeat every 5 s, and every 5 s a converge pass
+//! (`ownership` of what it runs, `assigned`, `services`, `report`). Each host's BMC is a Redfish
+//! endpoint in the simulator whose power changes land after a delay; a host powered off stops
+//! talking, powered on it boots (an `ownership` query) and talks again. The steady phase
+//! measures heartbeat latency at the guard and `serve`'s CPU and memory; then some hosts crash
+//! at once (they go silent, their power stays on) and the simulator times each until its HA
+//! instances have new owners, while it checks that no host that talks is fenced and no
+//! instance is lost.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use axum::extract::{Path as UrlPath, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use nodekeeper_store::guard_api::Assigned;
+use nodekeeper_store::{Generation, HostName, HostState, InstanceId, NewHost, NewInstance, Storage, Store};
+use sha2::{Digest, Sha256};
+
+use crate::chaos::fleet::{free_port, Postgres};
+use crate::chaos::schedule::Rng;
+use crate::{fmt, Narrator};
+
+/// The database engine under `serve`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    /// The embedded SQLite.
+    Sqlite,
+    /// A private PostgreSQL cluster.
+    Postgres,
+}
+
+/// What to simulate.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Hosts.
+    pub hosts: usize,
+    /// Instances per host (a third of them HA).
+    pub instances: usize,
+    /// The engine.
+    pub engine: Engine,
+    /// How long the steady phase measures.
+    pub steady: Duration,
+    /// How many hosts crash at once after it.
+    pub crash: usize,
+    /// The controller's grace.
+    pub grace: Duration,
+    /// How long a BMC takes to land a power change.
+    pub bmc_delay: Duration,
+    /// The crash's seed (which hosts).
+    pub seed: u64,
+    /// Where `nodekeeper-provisioner` is.
+    pub bin_dir: PathBuf,
+}
+
+/// The guard's intervals.
+const HEARTBEAT: Duration = Duration::from_secs(5);
+const CONVERGE: Duration = Duration::from_secs(5);
+
+/// Power states of the simulated hosts.
+const OFF: u8 = 0;
+const ON: u8 = 1;
+/// Powered on but crashed: silent.
+const HUNG: u8 = 2;
+
+/// The simulated fleet's shared state.
+struct World {
+    power: Vec<AtomicU8>,
+    bmc_delay: Duration,
+    /// Heartbeat latencies (µs) while `measuring`.
+    latencies: Mutex<Vec<u32>>,
+    measuring: AtomicBool,
+    /// Requests that failed (status or transport), by kind.
+    errors: Mutex<BTreeMap<&'static str, u64>>,
+    stop: AtomicBool,
+}
+
+/// What the simulation measured.
+#[derive(Debug, Default)]
+pub struct Report {
+    /// (what, value), in order.
+    pub rows: Vec<(String, String)>,
+    /// False fences, instances lost, instances owned by no host (each must be 0).
+    pub violations: [usize; 3],
+}
+
+impl Report {
+    fn row(&mut self, k: &str, v: impl ToString) {
+        self.rows.push((k.to_owned(), v.to_string()));
+    }
+
+    /// The table.
+    pub fn table(&self) -> String {
+        let w = self.rows.iter().map(|r| r.0.chars().count()).max().unwrap_or(10);
+        self.rows.iter().map(|(k, v)| format!("| {k:<w$} | {v} |\n")).collect()
+    }
+}
+
+fn percentile(sorted: &[u32], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    Duration::from_micros(u64::from(sorted[i]))
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+}
+
+/// CPU time (user + system) of `pid` so far, and its resident memory.
+fn cpu_and_rss(pid: u32) -> Option<(Duration, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let rss_kb: u64 = status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some((Duration::from_millis(ticks * 10), rss_kb * 1024))
+}
+
+fn host(i: usize) -> HostName {
+    format!("h{i:06}").parse().expect("a valid host name")
+}
+
+fn token(i: usize, salt: u64) -> String {
+    format!("sim{i:06}x{salt:016x}{salt:016x}")
+}
+
+/// Runs it.
+pub async fn simulate(opts: &Options, n: &Narrator) -> anyhow::Result<Report> {
+    let dir = PathBuf::from(format!("/tmp/nksim-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    std::process::Command::new("chmod").arg("755").arg(&dir).status()?;
+    let result = run(opts, n, &dir).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+async fn run(opts: &Options, n: &Narrator, dir: &Path) -> anyhow::Result<Report> {
+    let mut report = Report::default();
+    let _pg;
+    let url = match opts.engine {
+        Engine::Sqlite => format!("sqlite://{}/nodekeeper.db", dir.display()),
+        Engine::Postgres => {
+            let pg = Postgres::create(dir, None)?;
+            pg.sql("CREATE DATABASE sim")?;
+            let url = pg.url("127.0.0.1", "sim");
+            _pg = pg;
+            url
+        }
+    };
+    let engine = if opts.engine == Engine::Sqlite { "SQLite" } else { "PostgreSQL" };
+    report.row("hosts", opts.hosts);
+    report.row("engine", engine);
+
+    // The BMCs.
+    let world = Arc::new(World {
+        power: (0..opts.hosts).map(|_| AtomicU8::new(ON)).collect(),
+        bmc_delay: opts.bmc_delay,
+        latencies: Mutex::new(Vec::new()),
+        measuring: AtomicBool::new(false),
+        errors: Mutex::new(BTreeMap::new()),
+        stop: AtomicBool::new(false),
+    });
+    let app = Router::new()
+        .route("/redfish/v1/Systems/{id}", get(bmc_system))
+        .route("/redfish/v1/Systems/{id}/Actions/ComputerSystem.Reset", post(bmc_reset))
+        .with_state(world.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let bmc_port = listener.local_addr()?.port();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    // The fleet in the database.
+    let began = Instant::now();
+    let store = Store::connect(&url).await?;
+    store.migrate().await?;
+    let salt = Rng::new(opts.seed ^ 0x5eed).next_u64();
+    for i in 0..opts.hosts {
+        let new = NewHost {
+            name: host(i),
+            mac: None,
+            ip: None,
+            bmc_url: Some(format!("redfish+http://127.0.0.1:{bmc_port}/redfish/v1/Systems/{i}")),
+            bmc_credentials: None,
+        };
+        store.add_host(&new, "sim").await?;
+        store.set_node_token(&host(i), &format!("{:x}", Sha256::digest(token(i, salt).as_bytes()))).await?;
+    }
+    let mut items = Vec::new();
+    for i in 0..opts.hosts {
+        for j in 0..opts.instances {
+            let uuid = InstanceId::random();
+            items.push(NewInstance {
+                uuid,
+                name: format!("h{i:06}-vm{j}"),
+                domain_xml: None,
+                owner: host(i),
+                ha: j % 3 == 0,
+                storage: Storage::Shared,
+                generation: Generation(1),
+            });
+        }
+    }
+    for chunk in items.chunks(5_000) {
+        store.import_instances(chunk, "sim").await?;
+    }
+    let total_instances = items.len();
+    n.say(&format!("{} hosts and {total_instances} instances in {engine} ({})", opts.hosts, fmt(began.elapsed())));
+
+    // serve.
+    let port = free_port()?;
+    let config = dir.join("serve.toml");
+    std::fs::create_dir_all(dir.join("images"))?;
+    std::fs::write(
+        &config,
+        format!(
+            "database_url = \"{url}\"\n[dhcp]\nmode = \"off\"\n[http]\nlisten = \"127.0.0.1:{port}\"\n\
+             public_url = \"http://127.0.0.1:{port}\"\nimages_dir = \"{}\"\n[recovery]\ngrace = \"{}s\"\n",
+            dir.join("images").display(),
+            opts.grace.as_secs()
+        ),
+    )?;
+    let mut serve = std::process::Command::new(opts.bin_dir.join("nodekeeper-provisioner"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.join("serve.log"))?)
+        .spawn()
+        .context("starting serve")?;
+    let serve_pid = serve.id();
+    let guard = scopeguard(move || {
+        let _ = serve.kill();
+        let _ = serve.wait();
+    });
+    let base = format!("http://127.0.0.1:{port}");
+    let http =
+        reqwest::Client::builder().pool_max_idle_per_host(usize::MAX).timeout(Duration::from_secs(10)).build()?;
+    n.wait("serve answers", Duration::from_secs(60), async || {
+        Ok(http.get(format!("{base}/healthz")).send().await.is_ok().then_some(()))
+    })
+    .await?;
+
+    // The hosts.
+    let mut tasks = Vec::new();
+    for i in 0..opts.hosts {
+        let phase = Duration::from_millis((i as u64 * 5_000) / opts.hosts as u64);
+        let (w, http, base, tok) = (world.clone(), http.clone(), base.clone(), token(i, salt));
+        tasks.push(tokio::spawn(async move { guard_loop(i, phase, w, http, base, tok).await }));
+    }
+    let hosts_active = async || -> anyhow::Result<usize> {
+        Ok(store.hosts().await?.iter().filter(|h| h.state == HostState::Active && h.last_heartbeat.is_some()).count())
+    };
+    n.wait("every host heartbeats", Duration::from_secs(120), async || {
+        Ok((hosts_active().await? == opts.hosts).then_some(()))
+    })
+    .await?;
+
+    // Steady: latency, CPU, memory.
+    tokio::time::sleep(CONVERGE * 2).await;
+    let (cpu0, _) = cpu_and_rss(serve_pid).context("serve's /proc")?;
+    let t0 = Instant::now();
+    world.measuring.store(true, Ordering::Relaxed);
+    tokio::time::sleep(opts.steady).await;
+    world.measuring.store(false, Ordering::Relaxed);
+    let (cpu1, rss) = cpu_and_rss(serve_pid).context("serve's /proc")?;
+    let cores = (cpu1 - cpu0).as_secs_f64() / t0.elapsed().as_secs_f64();
+    let mut lat = std::mem::take(&mut *world.latencies.lock().unwrap_or_else(|p| p.into_inner()));
+    lat.sort_unstable();
+    report.row("heartbeats measured", lat.len());
+    report.row("heartbeat p50 / p99", format!("{} / {}", ms(percentile(&lat, 0.5)), ms(percentile(&lat, 0.99))));
+    report.row("serve CPU (cores), steady", format!("{cores:.2}"));
+    report.row("serve RSS", format!("{} MiB", rss / (1024 * 1024)));
+    n.say(&format!(
+        "steady: {}",
+        report.rows.iter().skip(2).map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join("; ")
+    ));
+
+    // The crash.
+    let mut rng = Rng::new(opts.seed);
+    let mut crashed: Vec<usize> = Vec::new();
+    while crashed.len() < opts.crash.min(opts.hosts / 2) {
+        let i = rng.below(opts.hosts);
+        if !crashed.contains(&i) {
+            crashed.push(i);
+        }
+    }
+    let ha_of: BTreeMap<HostName, Vec<InstanceId>> = crashed
+        .iter()
+        .map(|i| (host(*i), items.iter().filter(|x| x.owner == host(*i) && x.ha).map(|x| x.uuid).collect()))
+        .collect();
+    for i in &crashed {
+        world.power[*i].store(HUNG, Ordering::Relaxed);
+    }
+    let crash_at = Instant::now();
+    n.say(&format!("{} hosts crash (silent, power on)", crashed.len()));
+    let mut moved: BTreeMap<HostName, Duration> = BTreeMap::new();
+    let mut false_fences = std::collections::BTreeSet::new();
+    let limit = opts.grace + Duration::from_secs(120);
+    while moved.len() < crashed.len() && crash_at.elapsed() < limit {
+        for h in ha_of.keys().filter(|h| !moved.contains_key(*h)).cloned().collect::<Vec<_>>() {
+            if store.instances(Some(&h)).await?.iter().all(|i| !i.ha) {
+                moved.insert(h, crash_at.elapsed());
+            }
+        }
+        for h in store.hosts().await?.iter().filter(|h| !ha_of.contains_key(&h.name)) {
+            if matches!(h.state, HostState::Suspect | HostState::Fenced) {
+                false_fences.insert(h.name.clone());
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let mut took: Vec<u32> = moved.values().map(|d| d.as_micros() as u32).collect();
+    took.sort_unstable();
+    report.row("crashed hosts (HA moved)", format!("{} ({})", crashed.len(), moved.len()));
+    report.row(
+        &format!("crash → HA moved p50 / p99 (grace {} s)", opts.grace.as_secs()),
+        format!("{:.1} s / {:.1} s", percentile(&took, 0.5).as_secs_f64(), percentile(&took, 0.99).as_secs_f64()),
+    );
+
+    // The end: nothing lost, everything owned by a host that exists.
+    world.stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.abort();
+    }
+    let (hosts, instances) = (store.hosts().await?, store.instances(None).await?);
+    let names: std::collections::BTreeSet<&HostName> = hosts.iter().map(|h| &h.name).collect();
+    let lost = total_instances.saturating_sub(instances.iter().filter(|i| !i.deleted).count())
+        + ha_of.iter().filter(|(h, _)| !moved.contains_key(*h)).map(|(_, ha)| ha.len()).sum::<usize>();
+    let orphans = instances.iter().filter(|i| !names.contains(&i.owner)).count();
+    report.violations = [false_fences.len(), lost, orphans];
+    report.row("false fences / lost / ownerless", format!("{} / {lost} / {orphans}", false_fences.len()));
+    let errors = world.errors.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    report.row("guard API errors", if errors.is_empty() { "0".into() } else { format!("{errors:?}") });
+    report.row("database size", format!("{} MiB", db_size(&store, opts.engine, dir).await / (1024 * 1024)));
+    store.close().await;
+    drop(guard);
+    Ok(report)
+}
+
+async fn db_size(_store: &Store, engine: Engine, dir: &Path) -> u64 {
+    match engine {
+        Engine::Sqlite => ["nodekeeper.db", "nodekeeper.db-wal"]
+            .iter()
+            .filter_map(|f| std::fs::metadata(dir.join(f)).ok())
+            .map(|m| m.len())
+            .sum(),
+        Engine::Postgres => dir_size(&dir.join("pg/data")),
+    }
+}
+
+fn dir_size(p: &Path) -> u64 {
+    std::fs::read_dir(p)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| match e.file_type() {
+                    Ok(t) if t.is_dir() => dir_size(&e.path()),
+                    _ => e.metadata().map(|m| m.len()).unwrap_or(0),
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Runs `f` when dropped.
+fn scopeguard(f: impl FnOnce()) -> impl Drop {
+    struct G<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for G<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    G(Some(f))
+}
+
+/// One simulated guard: boots (ownership), then heartbeats and converges on a guard's
+/// schedule while its power is on and it has not crashed.
+async fn guard_loop(i: usize, phase: Duration, w: Arc<World>, http: reqwest::Client, base: String, token: String) {
+    let url = |rest: &str| format!("{base}/api/v1/hosts/h{i:06}/guard/{rest}");
+    let auth = format!("Bearer {token}");
+    let fail = |what: &'static str| {
+        *w.errors.lock().unwrap_or_else(|p| p.into_inner()).entry(what).or_default() += 1;
+    };
+    let mut running: Vec<InstanceId> = Vec::new();
+    let mut booted = false;
+    tokio::time::sleep(phase).await;
+    let mut tick = tokio::time::interval(HEARTBEAT.min(CONVERGE));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while !w.stop.load(Ordering::Relaxed) {
+        tick.tick().await;
+        if w.power[i].load(Ordering::Relaxed) != ON {
+            booted = false;
+            running.clear();
+            continue;
+        }
+        if !booted {
+            // guard boot: what may this host run of what it has (nothing, after power-on).
+            let r = http
+                .post(url("ownership"))
+                .header("authorization", &auth)
+                .json(&serde_json::json!({ "uuids": running }))
+                .send()
+                .await;
+            if !r.is_ok_and(|r| r.status().is_success()) {
+                fail("ownership");
+                continue;
+            }
+            booted = true;
+        }
+        let start = Instant::now();
+        match http.post(url("heartbeat")).header("authorization", &auth).send().await {
+            Ok(r) if r.status().is_success() => {
+                if w.measuring.load(Ordering::Relaxed) {
+                    let us = start.elapsed().as_micros().min(u128::from(u32::MAX)) as u32;
+                    w.latencies.lock().unwrap_or_else(|p| p.into_inner()).push(us);
+                }
+            }
+            _ => fail("heartbeat"),
+        }
+        // converge: what is assigned (and its services), then the report.
+        match http.get(url("assigned")).header("authorization", &auth).send().await {
+            Ok(r) if r.status().is_success() => match r.json::<Vec<Assigned>>().await {
+                Ok(a) => running = a.iter().filter(|x| !x.deleted && !x.held).map(|x| x.uuid).collect(),
+                Err(_) => fail("assigned"),
+            },
+            _ => fail("assigned"),
+        }
+        if !http.get(url("services")).header("authorization", &auth).send().await.is_ok_and(|r| r.status().is_success())
+        {
+            fail("services");
+        }
+        let report: Vec<serde_json::Value> =
+            running.iter().map(|u| serde_json::json!({ "uuid": u, "running": true, "generation": null })).collect();
+        if !http
+            .put(url("report"))
+            .header("authorization", &auth)
+            .json(&report)
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            fail("report");
+        }
+    }
+}
+
+async fn bmc_system(State(w): State<Arc<World>>, UrlPath(id): UrlPath<usize>) -> Response {
+    let Some(p) = w.power.get(id) else { return StatusCode::NOT_FOUND.into_response() };
+    let on = p.load(Ordering::Relaxed) != OFF;
+    Json(serde_json::json!({ "Id": id.to_string(), "PowerState": if on { "On" } else { "Off" } })).into_response()
+}
+
+async fn bmc_reset(
+    State(w): State<Arc<World>>,
+    UrlPath(id): UrlPath<usize>,
+    Json(body): Json<serde_json::Value>,
+) -> Response {
+    if id >= w.power.len() {
+        return StatusCode::NOT_FOUND.into_response();
+    }
+    let to = match body["ResetType"].as_str() {
+        Some("ForceOff") => OFF,
+        Some("On") => ON,
+        _ => return StatusCode::BAD_REQUEST.into_response(),
+    };
+    let w2 = w.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(w2.bmc_delay).await;
+        let p = &w2.power[id];
+        // On does not wake a crashed host that was never powered off; Off ends any state.
+        if to == OFF || p.load(Ordering::Relaxed) == OFF {
+            p.store(to, Ordering::Relaxed);
+        }
+    });
+    StatusCode::NO_CONTENT.into_response()
+}
