@@ -74,6 +74,36 @@ pub fn env(host: &str, service: &str, slot: &str) -> Vec<(String, String)> {
     vec![("NK_HOST".into(), host.into()), ("NK_SERVICE".into(), service.into()), ("NK_SLOT".into(), slot.into())]
 }
 
+/// Stops `copies` (by `SERVICE/SLOT`) all at once, each within `limit`, so the whole takes no
+/// longer than one; returns those that did not stop (a stop that failed, timed out, or that
+/// there is no command for) with why.
+pub async fn stop_all(host: &str, copies: &[(String, Running)], limit: Duration) -> Vec<(String, String)> {
+    let mut set = tokio::task::JoinSet::new();
+    for (key, r) in copies {
+        let (service, slot) = key.rsplit_once('/').unwrap_or((key.as_str(), ""));
+        let env = env(host, service, slot);
+        let (key, stop) = (key.clone(), r.stop.clone());
+        set.spawn(async move {
+            let why = match super::services::run_command_env(&stop, &env, limit).await {
+                Some(ran) if ran.ok => None,
+                Some(ran) => Some(ran.detail),
+                None => Some("no stop command".to_owned()),
+            };
+            (key, why)
+        });
+    }
+    let mut failed = Vec::new();
+    while let Some(joined) = set.join_next().await {
+        match joined {
+            Ok((key, Some(why))) => failed.push((key, why)),
+            Ok((_, None)) => {}
+            Err(e) => failed.push(("?".to_owned(), e.to_string())),
+        }
+    }
+    failed.sort();
+    failed
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -92,6 +122,32 @@ mod tests {
 
     fn running() -> Running {
         Running { generation: 1, stop: vec!["stop".into()], exclusive: true }
+    }
+
+    fn stopping(script: &str) -> Running {
+        Running { generation: 1, stop: vec!["sh".into(), "-c".into(), script.into()], exclusive: true }
+    }
+
+    #[tokio::test]
+    async fn stopping_all_copies_names_each_that_did_not_stop_and_runs_them_side_by_side() {
+        let dir = tempfile::tempdir().expect("dir");
+        let mark = dir.path().join("stopped");
+        let copies = [
+            ("api/0".to_owned(), stopping(&format!("echo \"$NK_SERVICE/$NK_SLOT on $NK_HOST\" >> {}", mark.display()))),
+            ("db/1".to_owned(), stopping("echo refused >&2; exit 3")),
+            ("slow/0".to_owned(), stopping("sleep 30")),
+            ("none/0".to_owned(), Running { generation: 1, stop: Vec::new(), exclusive: true }),
+        ];
+        let failed = stop_all("node-a", &copies, Duration::from_secs(2)).await;
+        let keys: Vec<&str> = failed.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(keys, ["db/1", "none/0", "slow/0"], "{failed:?}");
+        assert!(failed[0].1.contains("refused"), "{failed:?}");
+        assert_eq!(std::fs::read_to_string(&mark).expect("ran"), "api/0 on node-a\n", "with the copy's environment");
+        // Side by side: the slow one's time, not the sum, bounds it (two slow ones, one limit).
+        let two = [("a/0".to_owned(), stopping("sleep 30")), ("b/0".to_owned(), stopping("sleep 30"))];
+        let start = std::time::Instant::now();
+        assert_eq!(stop_all("node-a", &two, Duration::from_secs(2)).await.len(), 2);
+        assert!(start.elapsed() < Duration::from_secs(4), "{:?}", start.elapsed());
     }
 
     #[test]

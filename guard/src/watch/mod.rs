@@ -609,15 +609,25 @@ impl Watch {
         let mut started = copies::load(&path);
         let exclusive: Vec<(String, copies::Running)> =
             started.iter().filter(|(_, r)| r.exclusive).map(|(k, r)| (k.clone(), r.clone())).collect();
-        for (key, r) in exclusive {
-            let (service, slot) = key.rsplit_once('/').unwrap_or((key.as_str(), ""));
-            let env = copies::env(self.config.host.as_str(), service, slot);
-            // Bounded as a libvirt call is: this is the heartbeat loop, which feeds the watchdog.
-            services::run_command_env(&r.stop, &env, self.config.watch.libvirt_timeout).await;
-            started.remove(&key);
+        // All at once, bounded as a libvirt call is: this is the heartbeat loop, which feeds
+        // the watchdog.
+        let failed = copies::stop_all(self.config.host.as_str(), &exclusive, self.config.watch.libvirt_timeout).await;
+        for (key, _) in &exclusive {
+            if !failed.iter().any(|(k, _)| k == key) {
+                started.remove(key);
+            }
         }
         if let Err(e) = copies::save(&path, &started) {
             tracing::error!("self-fence: services: {e:#}");
+        }
+        if !failed.is_empty() {
+            // A copy that may still run is a self-fence not done: no `fenced` record (the
+            // next heartbeat failure tries again) and the hardware watchdog starves — the
+            // controller's watchdog fencing counts on the copy being gone by its bound.
+            let why: Vec<String> = failed.iter().map(|(k, d)| format!("{k}: {d}")).collect();
+            tracing::error!("self-fence: exclusive service copies did not stop: {}", why.join("; "));
+            *Shared::lock(&self.shared.unfenced) = Some(format!("exclusive copies did not stop: {}", why.join("; ")));
+            return;
         }
         let record = SelfFence { at: nodekeeper_store::Timestamp::now().0, stopped };
         tracing::error!("self-fenced: stopped {} HA domains", record.stopped.len());
