@@ -809,15 +809,18 @@ async fn bmc_and_pdu_dead_the_watchdog_fences_after_the_bound(db: TestDb) {
     assert_eq!(pdu.switched.load(std::sync::atomic::Ordering::SeqCst), 0);
 }
 
-/// Four hosts; a's BMC is dead. b and c fall silent as a's fence reaches its outlets: 3 of 4
-/// silent — the brake holds the outlets (nothing switched) until they are back.
+/// Four hosts; a's BMC is dead. b and c fall silent while a's fence tries its BMC: 3 of 4
+/// silent by the time it reaches its outlets — the brake holds them (nothing switched) until
+/// b and c are back.
 async fn the_brake_holds_the_pdu_level(db: TestDb) {
     let c = watchdog_cell(&db, &["a", "b", "c", "d"], None).await;
     let pdu = Pdu::default();
     with_outlets(&c, &pdu).await;
     let ctl = c.controller("replica-1", config()).await;
-    // Ticks 31–35: confirm, three BMC attempts; b and c silent since 1 s... but heard until 5.
-    for s in 1..=5 {
+    // Ticks 31–35: confirm, three BMC attempts. b and c are heard until 18: when a is past
+    // the grace (31) they are 13 s silent, not yet half the grace — a fails alone and its
+    // fence starts; from 34 on they count for the brake (more than 15 s silent).
+    for s in 1..=18 {
         c.beat(&["b", "c", "d"], c.at(s)).await;
     }
     for s in 31..100 {

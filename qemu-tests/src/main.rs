@@ -62,6 +62,9 @@ enum Cli {
         /// Hosts that crash at once after the steady phase.
         #[arg(long, default_value_t = 10)]
         crash: usize,
+        /// The share of the fleet then cut off at once (the brake must hold); 0: none.
+        #[arg(long, default_value_t = 0.6)]
+        partition: f64,
         /// The controller's grace, seconds.
         #[arg(long, default_value_t = 30)]
         grace: u64,
@@ -163,7 +166,7 @@ async fn main() -> std::process::ExitCode {
     if let Cli::Chaos { runs, seed, hosts, keep } = cli {
         return chaos(paths, runs, seed, hosts, keep).await;
     }
-    if let Cli::Sim { hosts, instances, engine, steady, crash, grace, bmc_delay, seed } = cli {
+    if let Cli::Sim { hosts, instances, engine, steady, crash, partition, grace, bmc_delay, seed } = cli {
         let engine = match engine.as_str() {
             "sqlite" => nodekeeper_lab::sim::Engine::Sqlite,
             "postgres" | "postgresql" => nodekeeper_lab::sim::Engine::Postgres,
@@ -179,6 +182,7 @@ async fn main() -> std::process::ExitCode {
             engine,
             steady: s(steady),
             crash,
+            partition,
             grace: s(grace),
             bmc_delay: s(bmc_delay),
             seed,

@@ -53,6 +53,9 @@ pub struct Options {
     pub steady: Duration,
     /// How many hosts crash at once after it.
     pub crash: usize,
+    /// The share of the remaining hosts then cut off at once (silent, power on) for the grace
+    /// and 20 s more: the mass-failure brake must hold (0: no partition).
+    pub partition: f64,
     /// The controller's grace.
     pub grace: Duration,
     /// How long a BMC takes to land a power change.
@@ -76,6 +79,8 @@ const HUNG: u8 = 2;
 /// The simulated fleet's shared state.
 struct World {
     power: Vec<AtomicU8>,
+    /// ForceOffs each host's BMC was sent.
+    offs: Vec<std::sync::atomic::AtomicU32>,
     bmc_delay: Duration,
     /// Heartbeat latencies (µs) while `measuring`.
     latencies: Mutex<Vec<u32>>,
@@ -168,6 +173,7 @@ async fn run(opts: &Options, n: &Narrator, dir: &Path) -> anyhow::Result<Report>
     // The BMCs.
     let world = Arc::new(World {
         power: (0..opts.hosts).map(|_| AtomicU8::new(ON)).collect(),
+        offs: (0..opts.hosts).map(|_| std::sync::atomic::AtomicU32::new(0)).collect(),
         bmc_delay: opts.bmc_delay,
         latencies: Mutex::new(Vec::new()),
         measuring: AtomicBool::new(false),
@@ -307,7 +313,7 @@ async fn run(opts: &Options, n: &Narrator, dir: &Path) -> anyhow::Result<Report>
     let crash_at = Instant::now();
     n.say(&format!("{} hosts crash (silent, power on)", crashed.len()));
     let mut moved: BTreeMap<HostName, Duration> = BTreeMap::new();
-    let mut false_fences = std::collections::BTreeSet::new();
+    let mut false_suspects = std::collections::BTreeSet::new();
     let limit = opts.grace + Duration::from_secs(120);
     while moved.len() < crashed.len() && crash_at.elapsed() < limit {
         for h in ha_of.keys().filter(|h| !moved.contains_key(*h)).cloned().collect::<Vec<_>>() {
@@ -316,8 +322,8 @@ async fn run(opts: &Options, n: &Narrator, dir: &Path) -> anyhow::Result<Report>
             }
         }
         for h in store.hosts().await?.iter().filter(|h| !ha_of.contains_key(&h.name)) {
-            if matches!(h.state, HostState::Suspect | HostState::Fenced) {
-                false_fences.insert(h.name.clone());
+            if h.state != HostState::Active {
+                false_suspects.insert(h.name.clone());
             }
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -330,7 +336,32 @@ async fn run(opts: &Options, n: &Narrator, dir: &Path) -> anyhow::Result<Report>
         format!("{:.1} s / {:.1} s", percentile(&took, 0.5).as_secs_f64(), percentile(&took, 0.99).as_secs_f64()),
     );
 
-    // The end: nothing lost, everything owned by a host that exists.
+    report.row("hosts not active that talked (false suspects)", false_suspects.len());
+
+    // A partition: most of the fleet silent at once. Nothing may be fenced.
+    if opts.partition > 0.0 {
+        let live: Vec<usize> = (0..opts.hosts).filter(|i| !crashed.contains(i)).collect();
+        let count = ((live.len() as f64) * opts.partition.min(1.0)).round() as usize;
+        let cut: Vec<usize> = live.iter().copied().take(count).collect();
+        for i in &cut {
+            world.power[*i].store(HUNG, Ordering::Relaxed);
+        }
+        n.say(&format!("{} hosts ({:.0} %) cut off at once (silent, power on)", cut.len(), opts.partition * 100.0));
+        tokio::time::sleep(opts.grace + Duration::from_secs(20)).await;
+        let suspect = store.hosts().await?.iter().filter(|h| h.state == HostState::Suspect).count();
+        for i in &cut {
+            // Back: they boot their guard again (ownership first), as after a network heal.
+            let _ = world.power[*i].compare_exchange(HUNG, ON, Ordering::Relaxed, Ordering::Relaxed);
+        }
+        n.wait("the cut-off hosts active again", Duration::from_secs(120), async || {
+            Ok((hosts_active().await? + crashed.len() >= opts.hosts).then_some(()))
+        })
+        .await?;
+        report.row("partition: hosts cut (suspect at the end of it)", format!("{} ({suspect})", cut.len()));
+    }
+
+    // The end: nothing lost, everything owned by a host that exists, no host that talked
+    // powered off.
     world.stop.store(true, Ordering::Relaxed);
     for t in tasks {
         t.abort();
@@ -340,8 +371,10 @@ async fn run(opts: &Options, n: &Narrator, dir: &Path) -> anyhow::Result<Report>
     let lost = total_instances.saturating_sub(instances.iter().filter(|i| !i.deleted).count())
         + ha_of.iter().filter(|(h, _)| !moved.contains_key(*h)).map(|(_, ha)| ha.len()).sum::<usize>();
     let orphans = instances.iter().filter(|i| !names.contains(&i.owner)).count();
-    report.violations = [false_fences.len(), lost, orphans];
-    report.row("false fences / lost / ownerless", format!("{} / {lost} / {orphans}", false_fences.len()));
+    let false_fences =
+        (0..opts.hosts).filter(|i| !crashed.contains(i) && world.offs[*i].load(Ordering::Relaxed) > 0).count();
+    report.violations = [false_fences, lost, orphans];
+    report.row("false fences / lost / ownerless", format!("{false_fences} / {lost} / {orphans}"));
     let errors = world.errors.lock().unwrap_or_else(|p| p.into_inner()).clone();
     report.row("guard API errors", if errors.is_empty() { "0".into() } else { format!("{errors:?}") });
     report.row("database size", format!("{} MiB", db_size(&store, opts.engine, dir).await / (1024 * 1024)));
@@ -477,6 +510,9 @@ async fn bmc_reset(
         Some("On") => ON,
         _ => return StatusCode::BAD_REQUEST.into_response(),
     };
+    if to == OFF {
+        w.offs[id].fetch_add(1, Ordering::Relaxed);
+    }
     let w2 = w.clone();
     tokio::spawn(async move {
         tokio::time::sleep(w2.bmc_delay).await;

@@ -79,6 +79,14 @@ fn silent_for(h: &Host, now: Timestamp, since: Timestamp) -> Duration {
     now.since(h.last_heartbeat.map_or(since, |t| t.max(since)))
 }
 
+/// Whether `h` counts toward the brake at `now`: suspect, or silent past half the grace. A
+/// partition silences its hosts within one heartbeat interval of each other, so when the
+/// first of them is past the grace the others are past half of it; counting only those past
+/// the grace would fence the first few before the brake sees the rest.
+fn counts_for_brake(h: &Host, now: Timestamp, since: Timestamp, policy: &Policy) -> bool {
+    h.state == HostState::Suspect || silent_for(h, now, since) > policy.grace / 2
+}
+
 /// The active hosts whose BMC should be asked now whether they are off: silent longer than
 /// `probe_after`, not yet past the grace.
 pub fn to_probe(hosts: &[Host], now: Timestamp, since: Timestamp, policy: &Policy) -> Vec<HostName> {
@@ -137,10 +145,12 @@ pub fn plan(
             _ => {}
         }
     }
-    let share = suspects.len() as f64 / watched.len().max(1) as f64;
+    let silent =
+        watched.iter().filter(|h| suspects.contains(&h.name) || counts_for_brake(h, now, since, policy)).count();
+    let share = silent as f64 / watched.len().max(1) as f64;
     // One host of one, or of two, failing is no partition: the brake needs company.
-    if suspects.len() > 1 && share > policy.mass_failure_share {
-        actions.push(Action::MassFailure { suspects: suspects.len(), watched: watched.len() });
+    if silent > 1 && share > policy.mass_failure_share {
+        actions.push(Action::MassFailure { suspects: silent, watched: watched.len() });
         return actions;
     }
     for s in suspects {
@@ -152,13 +162,12 @@ pub fn plan(
 }
 
 /// Whether the mass-failure brake holds at `now` (why, in words): more than
-/// `mass_failure_share` of the watched hosts silent past the grace or suspect, and more than
-/// one. Fencing levels after the BMC (watchdog fencing) ask it again before they count a host
+/// `mass_failure_share` of the watched hosts suspect or silent past half the grace, and more
+/// than one. Fencing levels after the BMC (watchdog fencing) ask it again before they count a host
 /// as fenced.
 pub fn brake(hosts: &[Host], now: Timestamp, since: Timestamp, policy: &Policy) -> Option<String> {
     let watched: Vec<&Host> = hosts.iter().filter(|h| watched(h)).collect();
-    let silent =
-        watched.iter().filter(|h| h.state == HostState::Suspect || silent_for(h, now, since) > policy.grace).count();
+    let silent = watched.iter().filter(|h| counts_for_brake(h, now, since, policy)).count();
     let share = silent as f64 / watched.len().max(1) as f64;
     (silent > 1 && share > policy.mass_failure_share).then(|| {
         format!(
@@ -306,6 +315,33 @@ mod tests {
         let a = plan(&hosts, &[], &[], &[n("a"), n("b"), n("c")], NOW, LONG_AGO, &p);
         assert!(a.contains(&Action::MassFailure { suspects: 3, watched: 4 }), "{a:?}");
         assert!(!a.iter().any(|x| matches!(x, Action::Fence { .. })), "{a:?}");
+    }
+
+    #[test]
+    fn a_partition_whose_hosts_heartbeated_at_different_moments_brakes_before_the_first_is_fenced() {
+        // 6 of 10 hosts cut off at once; their last heartbeats were spread over 5 s (each
+        // guard's own phase). At the tick where the first is past the 30 s grace the others
+        // are 25-30 s silent: the brake must hold now, not once the last of them is past it.
+        let p = Policy { probe_after: None, ..Policy::default() };
+        let mut hosts: Vec<Host> =
+            (0..6).map(|i| host(&format!("cut{i}"), HostState::Active, Some(NOW.0 - 30_100 + i * 1_000))).collect();
+        hosts.extend((0..4).map(|i| host(&format!("ok{i}"), HostState::Active, Some(NOW.0 - 1_000))));
+        let a = plan(&hosts, &[], &[], &[], NOW, LONG_AGO, &p);
+        assert!(a.contains(&Action::MassFailure { suspects: 6, watched: 10 }), "{a:?}");
+        assert!(!a.iter().any(|x| matches!(x, Action::Fence { .. })), "{a:?}");
+        assert!(brake(&hosts, NOW, LONG_AGO, &p).is_some());
+        // One host silent past the grace and one past half of it, of ten: no partition; the
+        // one past the grace is fenced.
+        let mut hosts: Vec<Host> =
+            (0..8).map(|i| host(&format!("ok{i}"), HostState::Active, Some(NOW.0 - 1_000))).collect();
+        hosts.push(host("dead", HostState::Active, Some(NOW.0 - 31_000)));
+        hosts.push(host("slow", HostState::Active, Some(NOW.0 - 16_000)));
+        let a = plan(&hosts, &[], &[], &[], NOW, LONG_AGO, &p);
+        assert_eq!(
+            a.iter().filter(|x| matches!(x, Action::Fence { .. })).collect::<Vec<_>>(),
+            [&Action::Fence { host: n("dead") }]
+        );
+        assert!(brake(&hosts, NOW, LONG_AGO, &p).is_none());
     }
 
     #[test]
