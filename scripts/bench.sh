@@ -69,5 +69,15 @@ echo
 echo "== DHCP, nodekeeper only, synchronous = NORMAL (compare with the FULL rows above)"
 BENCH=dhcp DHCP_SERVERS=nodekeeper NK_SQLITE_SYNC=normal python3 scripts/bench_net.py ./target/release/nodekeeper-provisioner "$PWD/.bench/net-normal"
 
+# --- the fleet simulator: simulated guards on the real guard API of one serve -------------
+echo
+echo "== fleet simulator (heartbeats and converges every 5 s, grace 30 s; 1 % of hosts crash, then 60 % are cut off)"
+cargo build --release --locked -q -p nodekeeper-lab
+for hosts in ${SIM_HOSTS:-1000 10000}; do
+  for engine in sqlite postgres; do
+    ./target/release/nodekeeper-lab sim --hosts "$hosts" --engine "$engine" --crash $((hosts / 100))
+  done
+done
+
 printf '\n%-28s %-9s %-6s %s\n' BENCHMARK ENGINE RUN RESULT
 for r in "${results[@]}"; do IFS='|' read -r a b c d <<<"$r"; printf '%-28s %-9s %-6s %s\n' "$a" "$b" "$c" "$d"; done
