@@ -604,6 +604,72 @@ async fn a_self_fence_that_cannot_stop_the_domains_starves_the_hardware_watchdog
     let _ = guard.wait();
 }
 
+/// Cut off, the guard's HA domains stop (there are none here) but the exclusive service copy
+/// it runs does not (its stop command fails): the self-fence is not done — it stops feeding
+/// the hardware watchdog, so that the machine resets before the controller's watchdog
+/// fencing could move the copy — and it says which copy and why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exclusive_copy_that_will_not_stop_leaves_the_self_fence_undone() {
+    let Some(WatchdogCell { db, store, dir, fifo, mut dog, peer_port }) = watchdog_cell().await else { return };
+    let d = dir.path().display().to_string();
+    let started = format!("{d}/started");
+    store
+        .put_service(
+            &nodekeeper_store::Service {
+                name: "api".into(),
+                copies: 1,
+                labels: Vec::new(),
+                start: vec!["touch".into(), started.clone()],
+                stop: vec!["sh".into(), "-c".into(), "echo stuck >&2; exit 1".into()],
+                check: None,
+                exclusive: true,
+            },
+            "test",
+        )
+        .await
+        .expect("service");
+    let place = nodekeeper_store::CopyChange::Place { service: "api".into(), slot: 0, host: n("node-w1") };
+    assert!(store.change_service_copy(&place, "test").await.expect("place"));
+    let config = format!("{d}/guard.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "host = \"node-w1\"\ndatabase_url = \"{}\"\n[libvirt]\nconfig_dir = \"{d}/qemu\"\n\
+             uri = \"test:///default\"\n[boot]\nstate_dir = \"{d}/state\"\ndb_wait = \"1s\"\n\
+             [watch]\nheartbeat_interval = \"400ms\"\nconverge_interval = \"500ms\"\nisolation_timeout = \"3s\"\n\
+             libvirt_timeout = \"2s\"\nmax_restarts = 0\nlibvirt_restart = []\nhardware_watchdog = \"{fifo}\"\n\
+             peer_listen = \"127.0.0.2:{peer_port}\"\npeer_port = {peer_port}\n",
+            db.url()
+        ),
+    )
+    .expect("config");
+    let log = dir.path().join("guard.log");
+    let mut guard = Command::new(env!("CARGO_BIN_EXE_nodekeeper-guard"))
+        .args(["-v", "watch", "--config", &config])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("guard");
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    wait_for("the copy started", Duration::from_secs(20), || std::path::Path::new(&started).exists());
+    wait_for("the watchdog fed", Duration::from_secs(20), || drain(&mut dog).contains('p'));
+    store.close().await;
+    assert!(db.set_reachable(false).await);
+    wait_for("the self-fence given up on", Duration::from_secs(30), || {
+        read_log().contains("no longer feeding the hardware watchdog")
+    });
+    let text = read_log();
+    assert!(text.contains("exclusive service copies did not stop: api/0") && text.contains("stuck"), "{text}");
+    assert!(!text.contains("self-fenced: stopped"), "declared fenced with the copy still up:\n{text}");
+    let _ = drain(&mut dog);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let fed = drain(&mut dog);
+    assert!(!fed.contains('p'), "pinged with the copy still up: {fed:?}\n{}", read_log());
+    assert!(db.set_reachable(true).await);
+    let _ = Command::new("kill").args(["-KILL", &guard.id().to_string()]).status();
+    let _ = guard.wait();
+}
+
 /// The watchdog fencing contract of the guard: it reports its armed watchdog (a FIFO here: its
 /// timeout is the configured one) and the cell its quorum counts; a clean stop while the
 /// database answers says so first, then disarms ('V'); a clean stop that cannot tell the
