@@ -44,6 +44,7 @@ on_both_engines!(
     with_too_little_room_priorities_and_anti_affinity_decide_and_the_rest_waits,
     a_web_server_moves_only_once_its_database_runs_again,
     an_operator_takes_over_a_fence_that_waits_for_its_watchdog,
+    stepping_through_a_fence_whose_bmc_answers_ends_it_in_the_tick_after_it_began,
 );
 
 struct Cell {
@@ -110,8 +111,10 @@ impl Cell {
     }
 }
 
+/// One fence step a tick (`step_through = false`): these tests look at a fence between its
+/// steps; stepping through is tested on its own.
 fn config() -> RecoveryConfig {
-    RecoveryConfig { lease_ttl: Duration::from_secs(60), ..RecoveryConfig::default() }
+    RecoveryConfig { lease_ttl: Duration::from_secs(60), step_through: false, ..RecoveryConfig::default() }
 }
 
 /// Hosts a..`count` (BMCs on, heartbeats at t0); on `a`: 4 HA instances, one non-HA, one
@@ -973,6 +976,28 @@ async fn an_operator_takes_over_a_fence_that_waits_for_its_watchdog(db: TestDb) 
         c.beat(&["b", "c"], c.at(s)).await;
         ctl.tick(c.at(s)).await.expect("tick");
     }
+    let op = c.fence_op("a").await.expect("fence");
+    assert_eq!((op.status, op.step.as_str()), (OperationStatus::Done, "done"), "{op:?}");
+    c.check("a", true).await;
+}
+
+/// `step_through` (the default): a's fence starts at the tick that finds it past the grace;
+/// at the next tick `confirm` gives it its one more interval, and since its BMC answers, the
+/// power-off, the evacuation and the restore follow in that same tick — not a tick apart.
+async fn stepping_through_a_fence_whose_bmc_answers_ends_it_in_the_tick_after_it_began(db: TestDb) {
+    let c = cell(&db, 3).await;
+    let ctl = c.controller("replica-1", RecoveryConfig { step_through: true, ..config() }).await;
+    let mut s = 1;
+    while c.fence_op("a").await.is_none() {
+        assert!(s < 100, "never fenced");
+        c.beat(&["b", "c"], c.at(s)).await;
+        ctl.tick(c.at(s)).await.expect("tick");
+        s += 1;
+    }
+    assert_eq!(c.fence_op("a").await.expect("fence").step, "confirm", "first stepped by the next tick");
+    c.check("a", false).await;
+    c.beat(&["b", "c"], c.at(s)).await;
+    ctl.tick(c.at(s)).await.expect("tick");
     let op = c.fence_op("a").await.expect("fence");
     assert_eq!((op.status, op.step.as_str()), (OperationStatus::Done, "done"), "{op:?}");
     c.check("a", true).await;

@@ -174,7 +174,18 @@ impl<F: BmcFactory> Controller<F> {
         for action in &report.actions {
             self.act(store, action).await?;
         }
-        report.fences_stepped += crate::ops::runner::step_each(&self.fence(now), store, running).await;
+        if self.config.step_through {
+            for op in running {
+                let id = op.id;
+                match self.step_until_waiting(store, op, now).await {
+                    Ok(n) => report.fences_stepped += n,
+                    Err(e @ StoreError::LeaseLost { .. }) => return Err(e),
+                    Err(e) => tracing::warn!(kind = KIND, operation = id, "step: {e}"),
+                }
+            }
+        } else {
+            report.fences_stepped += crate::ops::runner::step_each(&self.fence(now), store, running).await;
+        }
         let drains = store.running_operations(super::drain::KIND).await?;
         let drain = super::drain::Drain { grace: self.config.grace, now };
         crate::ops::runner::step_each(&drain, store, drains).await;
@@ -323,6 +334,23 @@ impl<F: BmcFactory> Controller<F> {
     }
 
     /// Steps `host`'s running fence until it waits or ends (at most one pass of its steps).
+    /// Steps `op` while each step moves it to another step (`[recovery] step_through`); stops
+    /// when one leaves it at the same step (it waits, or failed an attempt: the next tick
+    /// retries, as the BMC attempts are spread over ticks) or it ends.
+    async fn step_until_waiting(&self, store: &Store, mut op: Operation, now: Timestamp) -> Result<usize, StoreError> {
+        let mut stepped = 0;
+        for _ in 0..fence::Step::ALL.len() {
+            let (id, before) = (op.id, op.step.clone());
+            crate::ops::engine::step(&self.fence(now), store, op).await?;
+            stepped += 1;
+            match store.operation(id).await? {
+                Some(next) if next.status == OperationStatus::Running && next.step != before => op = next,
+                _ => break,
+            }
+        }
+        Ok(stepped)
+    }
+
     async fn run_through(&self, store: &Store, host: &HostName, now: Timestamp) -> Result<usize, StoreError> {
         let Some(mut op) = store.running_operations(KIND).await?.into_iter().find(|o| &o.target == host) else {
             return Ok(0);
