@@ -78,6 +78,8 @@ pub struct Controller<F: BmcFactory> {
     /// memory on purpose: a new leader (or a restarted one) did not see what happened before
     /// it, and starts the count again.
     quorums: std::sync::Mutex<HashMap<i64, QuorumLook>>,
+    /// Whether the mass-failure brake held at the last look.
+    braked: std::sync::Mutex<bool>,
 }
 
 /// A fence's quorum looks: (lease term, the unbroken run, the latest look).
@@ -94,6 +96,7 @@ impl<F: BmcFactory> Controller<F> {
             last_alert: std::sync::Mutex::new(None),
             last_gc: std::sync::Mutex::new(None),
             watching: std::sync::Mutex::new(None),
+            braked: std::sync::Mutex::new(false),
             quorums: std::sync::Mutex::new(HashMap::new()),
         }
     }
@@ -171,6 +174,17 @@ impl<F: BmcFactory> Controller<F> {
         self.look_at_quorums(store, &hosts, &running, now, lease.term).await?;
         let off = self.probe(&hosts, &detect::to_probe(&hosts, now, since, &policy)).await;
         report.actions = detect::plan(&hosts, &fencing, &held, &off, now, since, &policy);
+        let holds = report.actions.iter().any(|a| matches!(a, Action::MassFailure { .. }));
+        let released = std::mem::replace(&mut *self.braked.lock().unwrap_or_else(|p| p.into_inner()), holds) && !holds;
+        if released {
+            // A partition heals over a heartbeat interval: the share falls below the brake
+            // before the last of its hosts is heard, and those would be fenced now. Silence
+            // counts again from here, as for a new leader: the stragglers get a grace to come
+            // back; one really dead among them is fenced a grace later.
+            tracing::warn!("recovery: the mass-failure brake let go; silence counts again from now");
+            *self.watching.lock().unwrap_or_else(|p| p.into_inner()) = Some((lease.term, now));
+            report.actions = detect::plan(&hosts, &fencing, &held, &off, now, now, &policy);
+        }
         for action in &report.actions {
             self.act(store, action).await?;
         }
