@@ -189,10 +189,30 @@ impl<F: BmcFactory> Controller<F> {
             self.act(store, action).await?;
         }
         if self.config.step_through {
-            for op in running {
+            // Up to the evacuation, 32 fences at a time: each waits on its own BMC, and a rack
+            // that lost power is not fenced one host after another. Evacuations then one by
+            // one, as placement counts the room each one leaves.
+            let mut at_evacuate = Vec::new();
+            for batch in running.chunks(32) {
+                let stepped = futures_util::future::join_all(
+                    batch.iter().map(|op| self.step_until_waiting(store, op.clone(), now, Some(Step::Evacuate))),
+                )
+                .await;
+                for (op, r) in batch.iter().zip(stepped) {
+                    match r {
+                        Ok((n, next)) => {
+                            report.fences_stepped += n;
+                            at_evacuate.extend(next);
+                        }
+                        Err(e @ StoreError::LeaseLost { .. }) => return Err(e),
+                        Err(e) => tracing::warn!(kind = KIND, operation = op.id, "step: {e}"),
+                    }
+                }
+            }
+            for op in at_evacuate {
                 let id = op.id;
-                match self.step_until_waiting(store, op, now).await {
-                    Ok(n) => report.fences_stepped += n,
+                match self.step_until_waiting(store, op, now, None).await {
+                    Ok((n, _)) => report.fences_stepped += n,
                     Err(e @ StoreError::LeaseLost { .. }) => return Err(e),
                     Err(e) => tracing::warn!(kind = KIND, operation = id, "step: {e}"),
                 }
@@ -350,10 +370,20 @@ impl<F: BmcFactory> Controller<F> {
     /// Steps `host`'s running fence until it waits or ends (at most one pass of its steps).
     /// Steps `op` while each step moves it to another step (`[recovery] step_through`); stops
     /// when one leaves it at the same step (it waits, or failed an attempt: the next tick
-    /// retries, as the BMC attempts are spread over ticks) or it ends.
-    async fn step_until_waiting(&self, store: &Store, mut op: Operation, now: Timestamp) -> Result<usize, StoreError> {
+    /// retries, as the BMC attempts are spread over ticks), when it ends, or when it reaches
+    /// `stop_before` (returned then, to be stepped on by the caller).
+    async fn step_until_waiting(
+        &self,
+        store: &Store,
+        mut op: Operation,
+        now: Timestamp,
+        stop_before: Option<Step>,
+    ) -> Result<(usize, Option<Operation>), StoreError> {
         let mut stepped = 0;
         for _ in 0..fence::Step::ALL.len() {
+            if stop_before.is_some_and(|s| op.step == s.as_str()) {
+                return Ok((stepped, Some(op)));
+            }
             let (id, before) = (op.id, op.step.clone());
             crate::ops::engine::step(&self.fence(now), store, op).await?;
             stepped += 1;
@@ -362,7 +392,7 @@ impl<F: BmcFactory> Controller<F> {
                 _ => break,
             }
         }
-        Ok(stepped)
+        Ok((stepped, None))
     }
 
     async fn run_through(&self, store: &Store, host: &HostName, now: Timestamp) -> Result<usize, StoreError> {
