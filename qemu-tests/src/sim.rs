@@ -149,7 +149,12 @@ pub async fn simulate(opts: &Options, n: &Narrator) -> anyhow::Result<Report> {
     std::fs::create_dir_all(&dir)?;
     std::process::Command::new("chmod").arg("755").arg(&dir).status()?;
     let result = run(opts, n, &dir).await;
-    let _ = std::fs::remove_dir_all(&dir);
+    // NODEKEEPER_SIM_KEEP=1: the database and serve's log stay, to read what happened.
+    if std::env::var("NODEKEEPER_SIM_KEEP").as_deref() == Ok("1") {
+        n.say(&format!("kept {}", dir.display()));
+    } else {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
     result
 }
 

@@ -190,33 +190,14 @@ impl<F: BmcFactory> Controller<F> {
         }
         if self.config.step_through {
             // Up to the evacuation, 32 fences at a time: each waits on its own BMC, and a rack
-            // that lost power is not fenced one host after another. Evacuations then one by
-            // one, as placement counts the room each one leaves.
-            let mut at_evacuate = Vec::new();
-            for batch in running.chunks(32) {
-                let stepped = futures_util::future::join_all(
-                    batch.iter().map(|op| self.step_until_waiting(store, op.clone(), now, Some(Step::Evacuate))),
-                )
-                .await;
-                for (op, r) in batch.iter().zip(stepped) {
-                    match r {
-                        Ok((n, next)) => {
-                            report.fences_stepped += n;
-                            at_evacuate.extend(next);
-                        }
-                        Err(e @ StoreError::LeaseLost { .. }) => return Err(e),
-                        Err(e) => tracing::warn!(kind = KIND, operation = op.id, "step: {e}"),
-                    }
-                }
-            }
-            for op in at_evacuate {
-                let id = op.id;
-                match self.step_until_waiting(store, op, now, None).await {
-                    Ok((n, _)) => report.fences_stepped += n,
-                    Err(e @ StoreError::LeaseLost { .. }) => return Err(e),
-                    Err(e) => tracing::warn!(kind = KIND, operation = id, "step: {e}"),
-                }
-            }
+            // that lost power is not fenced one host after another. The evacuations one by
+            // one, as placement counts the room each one leaves; the restores (the BMCs
+            // again) 32 at a time.
+            let (n, at_evacuate) = self.step_fences(store, running, now, Some(Step::Evacuate), 32).await?;
+            report.fences_stepped += n;
+            let (n, at_restore) = self.step_fences(store, at_evacuate, now, Some(Step::Restore), 1).await?;
+            report.fences_stepped += n;
+            report.fences_stepped += self.step_fences(store, at_restore, now, None, 32).await?.0;
         } else {
             report.fences_stepped += crate::ops::runner::step_each(&self.fence(now), store, running).await;
         }
@@ -368,6 +349,37 @@ impl<F: BmcFactory> Controller<F> {
     }
 
     /// Steps `host`'s running fence until it waits or ends (at most one pass of its steps).
+    /// Steps `ops` with [`Controller::step_until_waiting`], `at_once` at a time; a step that
+    /// fails is logged and the others go on (a lost lease ends the tick). Returns how many
+    /// steps were taken and the operations that reached `stop_before`.
+    async fn step_fences(
+        &self,
+        store: &Store,
+        ops: Vec<Operation>,
+        now: Timestamp,
+        stop_before: Option<Step>,
+        at_once: usize,
+    ) -> Result<(usize, Vec<Operation>), StoreError> {
+        let (mut stepped, mut reached) = (0, Vec::new());
+        for batch in ops.chunks(at_once.max(1)) {
+            let results = futures_util::future::join_all(
+                batch.iter().map(|op| self.step_until_waiting(store, op.clone(), now, stop_before)),
+            )
+            .await;
+            for (op, r) in batch.iter().zip(results) {
+                match r {
+                    Ok((n, next)) => {
+                        stepped += n;
+                        reached.extend(next);
+                    }
+                    Err(e @ StoreError::LeaseLost { .. }) => return Err(e),
+                    Err(e) => tracing::warn!(kind = KIND, operation = op.id, "step: {e}"),
+                }
+            }
+        }
+        Ok((stepped, reached))
+    }
+
     /// Steps `op` while each step moves it to another step (`[recovery] step_through`); stops
     /// when one leaves it at the same step (it waits, or failed an attempt: the next tick
     /// retries, as the BMC attempts are spread over ticks), when it ends, or when it reaches
