@@ -555,6 +555,39 @@ fn drain(fifo: &mut std::fs::File) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Starts `nodekeeper-guard watch` as node-w1 of a watchdog cell in `d` on `libvirt_uri`,
+/// with its hardware watchdog on `fifo`; returns it and its log's path.
+fn watchdog_guard(
+    d: &str,
+    db_url: &str,
+    libvirt_uri: &str,
+    libvirt_timeout: &str,
+    fifo: &str,
+    peer_port: u16,
+) -> (std::process::Child, std::path::PathBuf) {
+    let config = format!("{d}/guard.toml");
+    std::fs::create_dir_all(format!("{d}/qemu")).expect("config dir");
+    std::fs::write(
+        &config,
+        format!(
+            "host = \"node-w1\"\ndatabase_url = \"{db_url}\"\n[libvirt]\nconfig_dir = \"{d}/qemu\"\n\
+             uri = \"{libvirt_uri}\"\n[boot]\nstate_dir = \"{d}/state\"\ndb_wait = \"1s\"\n\
+             [watch]\nheartbeat_interval = \"400ms\"\nconverge_interval = \"500ms\"\nisolation_timeout = \"3s\"\n\
+             libvirt_timeout = \"{libvirt_timeout}\"\nmax_restarts = 0\nlibvirt_restart = []\nhardware_watchdog = \"{fifo}\"\n\
+             peer_listen = \"127.0.0.2:{peer_port}\"\npeer_port = {peer_port}\n"
+        ),
+    )
+    .expect("config");
+    let log = std::path::Path::new(d).join("guard.log");
+    let guard = Command::new(env!("CARGO_BIN_EXE_nodekeeper-guard"))
+        .args(["-v", "watch", "--config", &config])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("guard");
+    (guard, log)
+}
+
 /// Cut off (the database gone, its one peer silent), the guard owes a self-fence; its libvirt
 /// cannot be reached, so the HA domains cannot be stopped: it stops feeding the hardware
 /// watchdog (a FIFO here), so that the machine resets.
@@ -562,28 +595,9 @@ fn drain(fifo: &mut std::fs::File) -> String {
 async fn a_self_fence_that_cannot_stop_the_domains_starves_the_hardware_watchdog() {
     let Some(WatchdogCell { db, store, dir, fifo, mut dog, peer_port }) = watchdog_cell().await else { return };
     let d = dir.path().display().to_string();
-    let config = format!("{d}/guard.toml");
-    std::fs::create_dir_all(format!("{d}/qemu")).expect("config dir");
     // A libvirt that is not there: every call fails (as a hung or dead libvirtd would).
-    std::fs::write(
-        &config,
-        format!(
-            "host = \"node-w1\"\ndatabase_url = \"{}\"\n[libvirt]\nconfig_dir = \"{d}/qemu\"\n\
-             uri = \"qemu+unix:///system?socket={d}/no-libvirt-sock\"\n[boot]\nstate_dir = \"{d}/state\"\ndb_wait = \"1s\"\n\
-             [watch]\nheartbeat_interval = \"400ms\"\nconverge_interval = \"500ms\"\nisolation_timeout = \"3s\"\n\
-             libvirt_timeout = \"5s\"\nmax_restarts = 0\nlibvirt_restart = []\nhardware_watchdog = \"{fifo}\"\n\
-             peer_listen = \"127.0.0.2:{peer_port}\"\npeer_port = {peer_port}\n",
-            db.url()
-        ),
-    )
-    .expect("config");
-    let log = dir.path().join("guard.log");
-    let mut guard = Command::new(env!("CARGO_BIN_EXE_nodekeeper-guard"))
-        .args(["-v", "watch", "--config", &config])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("log"))
-        .spawn()
-        .expect("guard");
+    let uri = format!("qemu+unix:///system?socket={d}/no-libvirt-sock");
+    let (mut guard, log) = watchdog_guard(&d, db.url(), &uri, "5s", &fifo, peer_port);
     let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
     // Fed while it heartbeats (its peer list fetched on the first heartbeat).
     wait_for("the watchdog fed", Duration::from_secs(20), || drain(&mut dog).contains('p'));
@@ -630,26 +644,7 @@ async fn an_exclusive_copy_that_will_not_stop_leaves_the_self_fence_undone() {
         .expect("service");
     let place = nodekeeper_store::CopyChange::Place { service: "api".into(), slot: 0, host: n("node-w1") };
     assert!(store.change_service_copy(&place, "test").await.expect("place"));
-    let config = format!("{d}/guard.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "host = \"node-w1\"\ndatabase_url = \"{}\"\n[libvirt]\nconfig_dir = \"{d}/qemu\"\n\
-             uri = \"test:///default\"\n[boot]\nstate_dir = \"{d}/state\"\ndb_wait = \"1s\"\n\
-             [watch]\nheartbeat_interval = \"400ms\"\nconverge_interval = \"500ms\"\nisolation_timeout = \"3s\"\n\
-             libvirt_timeout = \"2s\"\nmax_restarts = 0\nlibvirt_restart = []\nhardware_watchdog = \"{fifo}\"\n\
-             peer_listen = \"127.0.0.2:{peer_port}\"\npeer_port = {peer_port}\n",
-            db.url()
-        ),
-    )
-    .expect("config");
-    let log = dir.path().join("guard.log");
-    let mut guard = Command::new(env!("CARGO_BIN_EXE_nodekeeper-guard"))
-        .args(["-v", "watch", "--config", &config])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("log"))
-        .spawn()
-        .expect("guard");
+    let (mut guard, log) = watchdog_guard(&d, db.url(), "test:///default", "2s", &fifo, peer_port);
     let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
     wait_for("the copy started", Duration::from_secs(20), || std::path::Path::new(&started).exists());
     wait_for("the watchdog fed", Duration::from_secs(20), || drain(&mut dog).contains('p'));

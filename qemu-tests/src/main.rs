@@ -193,20 +193,7 @@ async fn main() -> std::process::ExitCode {
             r = nodekeeper_lab::sim::simulate(&opts, &n) => r,
             signal = interrupted() => Err(anyhow::anyhow!("stopped by {signal}")),
         };
-        return match result {
-            Ok(report) => {
-                println!("\n{}", report.table());
-                if report.violations == [0, 0, 0] {
-                    std::process::ExitCode::SUCCESS
-                } else {
-                    std::process::ExitCode::FAILURE
-                }
-            }
-            Err(e) => {
-                n.say(&format!("FAILED: {e:#}"));
-                std::process::ExitCode::FAILURE
-            }
-        };
+        return finish(&n, result.map(|r| (r.table(), r.violations == [0, 0, 0])));
     }
     let fleet = match &cli {
         Cli::Demo => Ok(mixed()),
@@ -319,13 +306,21 @@ async fn chaos(
         r = nodekeeper_lab::chaos::campaign(&opts, &n) => r,
         signal = interrupted() => Err(anyhow::anyhow!("stopped by {signal}")),
     };
+    finish(
+        &n,
+        result.map(|report| {
+            let kept = report.kept.as_ref().map(|d| format!("logs: {}\n", d.display())).unwrap_or_default();
+            (format!("{}{kept}", report.table()), report.passed())
+        }),
+    )
+}
+
+/// The end of `chaos` and `sim`: the table on stdout, success only when `ok`.
+fn finish(n: &nodekeeper_lab::Narrator, result: anyhow::Result<(String, bool)>) -> std::process::ExitCode {
     match result {
-        Ok(report) => {
-            println!("\n{}", report.table());
-            if let Some(dir) = &report.kept {
-                println!("logs: {}", dir.display());
-            }
-            if report.passed() {
+        Ok((table, ok)) => {
+            println!("\n{table}");
+            if ok {
                 std::process::ExitCode::SUCCESS
             } else {
                 std::process::ExitCode::FAILURE
