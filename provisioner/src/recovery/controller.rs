@@ -348,7 +348,6 @@ impl<F: BmcFactory> Controller<F> {
         off
     }
 
-    /// Steps `host`'s running fence until it waits or ends (at most one pass of its steps).
     /// Steps `ops` with [`Controller::step_until_waiting`], `at_once` at a time; a step that
     /// fails is logged and the others go on (a lost lease ends the tick). Returns how many
     /// steps were taken and the operations that reached `stop_before`.
@@ -407,6 +406,7 @@ impl<F: BmcFactory> Controller<F> {
         Ok((stepped, None))
     }
 
+    /// Steps `host`'s running fence until it waits or ends (at most one pass of its steps).
     async fn run_through(&self, store: &Store, host: &HostName, now: Timestamp) -> Result<usize, StoreError> {
         let Some(mut op) = store.running_operations(KIND).await?.into_iter().find(|o| &o.target == host) else {
             return Ok(0);
