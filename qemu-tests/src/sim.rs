@@ -95,7 +95,8 @@ struct World {
 pub struct Report {
     /// (what, value), in order.
     pub rows: Vec<(String, String)>,
-    /// False fences, instances lost, instances owned by no host (each must be 0).
+    /// False fences, HA instances of crashed hosts not moved within the grace and 2 minutes
+    /// (or missing), instances owned by no host (each must be 0).
     pub violations: [usize; 3],
 }
 
@@ -379,7 +380,7 @@ async fn run(opts: &Options, n: &Narrator, dir: &Path) -> anyhow::Result<Report>
     let false_fences =
         (0..opts.hosts).filter(|i| !crashed.contains(i) && world.offs[*i].load(Ordering::Relaxed) > 0).count();
     report.violations = [false_fences, lost, orphans];
-    report.row("false fences / lost / ownerless", format!("{false_fences} / {lost} / {orphans}"));
+    report.row("false fences / not moved in time or lost / ownerless", format!("{false_fences} / {lost} / {orphans}"));
     let errors = world.errors.lock().unwrap_or_else(|p| p.into_inner()).clone();
     report.row("guard API errors", if errors.is_empty() { "0".into() } else { format!("{errors:?}") });
     report.row("database size", format!("{} MiB", db_size(&store, opts.engine, dir).await / (1024 * 1024)));
