@@ -116,7 +116,8 @@ impl Postgres {
     fn ctl(&self, args: &[&str]) -> anyhow::Result<String> {
         let data = self.dir.join("data").display().to_string();
         let log = self.dir.join("log").display().to_string();
-        let mut all = vec!["-u", "postgres", "--", "/usr/lib/postgresql/15/bin/pg_ctl", "-D", &data, "-l", &log];
+        let pg_ctl = format!("{PG_BIN}/pg_ctl");
+        let mut all = vec!["-u", "postgres", "--", &pg_ctl, "-D", &data, "-l", &log];
         all.extend_from_slice(args);
         run("runuser", &all)
     }
