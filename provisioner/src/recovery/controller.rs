@@ -408,24 +408,10 @@ impl<F: BmcFactory> Controller<F> {
 
     /// Steps `host`'s running fence until it waits or ends (at most one pass of its steps).
     async fn run_through(&self, store: &Store, host: &HostName, now: Timestamp) -> Result<usize, StoreError> {
-        let Some(mut op) = store.running_operations(KIND).await?.into_iter().find(|o| &o.target == host) else {
+        let Some(op) = store.running_operations(KIND).await?.into_iter().find(|o| &o.target == host) else {
             return Ok(0);
         };
-        let mut stepped = 0;
-        for _ in 0..fence::Step::ALL.len() {
-            let (id, before) = (op.id, (op.step.clone(), op.attempts));
-            crate::ops::engine::step(&self.fence(now), store, op).await?;
-            stepped += 1;
-            match store.operation(id).await? {
-                Some(next)
-                    if next.status == OperationStatus::Running && (next.step.clone(), next.attempts) != before =>
-                {
-                    op = next
-                }
-                _ => break,
-            }
-        }
-        Ok(stepped)
+        Ok(self.step_until_waiting(store, op, now, None).await?.0)
     }
 
     /// Compares what the guards last reported with what the database assigns, raises what
