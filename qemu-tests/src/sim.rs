@@ -348,7 +348,13 @@ async fn run(opts: &Options, n: &Narrator, dir: &Path) -> anyhow::Result<Report>
     if opts.partition > 0.0 {
         let live: Vec<usize> = (0..opts.hosts).filter(|i| !crashed.contains(i)).collect();
         let count = ((live.len() as f64) * opts.partition.min(1.0)).round() as usize;
-        let cut: Vec<usize> = live.iter().copied().take(count).collect();
+        // Drawn across the fleet, so their guards' heartbeat phases spread over the whole
+        // interval, as a real partition's do.
+        let mut live = live;
+        for i in (1..live.len()).rev() {
+            live.swap(i, rng.below(i + 1));
+        }
+        let cut: Vec<usize> = live.into_iter().take(count).collect();
         for i in &cut {
             world.power[*i].store(HUNG, Ordering::Relaxed);
         }
