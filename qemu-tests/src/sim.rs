@@ -244,7 +244,7 @@ async fn run(opts: &Options, n: &Narrator, dir: &Path) -> anyhow::Result<Report>
             opts.grace.as_secs()
         ),
     )?;
-    let mut serve = std::process::Command::new(opts.bin_dir.join("nodekeeper-provisioner"))
+    let serve = std::process::Command::new(opts.bin_dir.join("nodekeeper-provisioner"))
         .args(["serve", "--config"])
         .arg(&config)
         .stdin(std::process::Stdio::null())
@@ -252,11 +252,8 @@ async fn run(opts: &Options, n: &Narrator, dir: &Path) -> anyhow::Result<Report>
         .stderr(std::fs::File::create(dir.join("serve.log"))?)
         .spawn()
         .context("starting serve")?;
-    let serve_pid = serve.id();
-    let guard = scopeguard(move || {
-        let _ = serve.kill();
-        let _ = serve.wait();
-    });
+    let serve = Serve(serve);
+    let serve_pid = serve.0.id();
     let base = format!("http://127.0.0.1:{port}");
     let http =
         reqwest::Client::builder().pool_max_idle_per_host(usize::MAX).timeout(Duration::from_secs(10)).build()?;
@@ -389,13 +386,13 @@ async fn run(opts: &Options, n: &Narrator, dir: &Path) -> anyhow::Result<Report>
     report.row("false fences / not moved in time or lost / ownerless", format!("{false_fences} / {lost} / {orphans}"));
     let errors = world.errors.lock().unwrap_or_else(|p| p.into_inner()).clone();
     report.row("guard API errors", if errors.is_empty() { "0".into() } else { format!("{errors:?}") });
-    report.row("database size", format!("{} MiB", db_size(&store, opts.engine, dir).await / (1024 * 1024)));
+    report.row("database size", format!("{} MiB", db_size(opts.engine, dir) / (1024 * 1024)));
     store.close().await;
-    drop(guard);
+    drop(serve);
     Ok(report)
 }
 
-async fn db_size(_store: &Store, engine: Engine, dir: &Path) -> u64 {
+fn db_size(engine: Engine, dir: &Path) -> u64 {
     match engine {
         Engine::Sqlite => ["nodekeeper.db", "nodekeeper.db-wal"]
             .iter()
@@ -419,17 +416,14 @@ fn dir_size(p: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-/// Runs `f` when dropped.
-fn scopeguard(f: impl FnOnce()) -> impl Drop {
-    struct G<F: FnOnce()>(Option<F>);
-    impl<F: FnOnce()> Drop for G<F> {
-        fn drop(&mut self) {
-            if let Some(f) = self.0.take() {
-                f();
-            }
-        }
+/// `serve`, killed (and reaped) when dropped: at the end, or when the simulation fails.
+struct Serve(std::process::Child);
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
-    G(Some(f))
 }
 
 /// One simulated guard: boots (ownership), then heartbeats and converges on a guard's
