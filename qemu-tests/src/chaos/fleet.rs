@@ -43,6 +43,24 @@ fn kill_child(slot: &mut Option<Child>) {
     }
 }
 
+/// Starts `cmd` with no input, its output to the end of `log`.
+fn spawn_logged(cmd: &mut Command, log: &Path, what: &str) -> anyhow::Result<Child> {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log_file(log)?)
+        .spawn()
+        .with_context(|| format!("starting {what}"))
+}
+
+/// A supervised process that exited: its slot emptied, its restart no sooner than a second
+/// from `now` (systemd's RestartSec).
+fn reap(slot: &mut Option<Child>, after: &mut Instant, now: Instant) {
+    if slot.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_some()) {
+        *slot = None;
+        *after = (*after).max(now + Duration::from_secs(1));
+    }
+}
+
 fn log_file(path: &Path) -> anyhow::Result<std::fs::File> {
     std::fs::OpenOptions::new().create(true).append(true).open(path).with_context(|| format!("{}", path.display()))
 }
@@ -376,13 +394,8 @@ impl Machine {
 
     /// What the supervisor and the power do, every 100 ms.
     fn tick(&mut self, now: Instant) {
-        for (slot, after) in [(&mut self.guard, &mut self.guard_after), (&mut self.libvirtd, &mut self.libvirtd_after)]
-        {
-            if slot.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_some()) {
-                *slot = None;
-                *after = (*after).max(now + Duration::from_secs(1));
-            }
-        }
+        reap(&mut self.guard, &mut self.guard_after, now);
+        reap(&mut self.libvirtd, &mut self.libvirtd_after, now);
         if self.libvirtd.is_none() {
             self.drop_anchor();
         }
@@ -423,36 +436,27 @@ impl Machine {
 
     fn spawn_libvirtd(&self) -> anyhow::Result<Child> {
         let d = &self.dir;
-        Command::new("setpriv")
-            .args([&format!("--reuid={LIBVIRT_USER}"), &format!("--regid={LIBVIRT_USER}"), "--clear-groups", "env"])
+        let mut cmd = Command::new("setpriv");
+        cmd.args([&format!("--reuid={LIBVIRT_USER}"), &format!("--regid={LIBVIRT_USER}"), "--clear-groups", "env"])
             .arg(format!("HOME={}", d.join("home").display()))
             .arg(format!("XDG_RUNTIME_DIR={}", d.join("run").display()))
             .arg(format!("XDG_CONFIG_HOME={}", d.join("home/.config").display()))
             .arg(format!("XDG_CACHE_HOME={}", d.join("home/.cache").display()))
-            .arg("libvirtd")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log_file(&self.log_dir.join(format!("{}-libvirtd.log", self.name)))?)
-            .spawn()
-            .context("starting libvirtd")
+            .arg("libvirtd");
+        spawn_logged(&mut cmd, &self.log_dir.join(format!("{}-libvirtd.log", self.name)), "libvirtd")
     }
 
     fn spawn_guard(&self) -> anyhow::Result<Child> {
-        let log = log_file(&self.log_dir.join(format!("{}-guard.log", self.name)))?;
-        Command::new("ip")
-            .args(["netns", "exec", &self.ns])
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.ns])
             .arg(&self.guard_bin)
             .args(["-v", "watch", "--config"])
             .arg(self.config())
             .env("LD_PRELOAD", FAKETIME)
             .env("FAKETIME_TIMESTAMP_FILE", self.dir.join("clock"))
             .env("FAKETIME_CACHE_DURATION", "1")
-            .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .context("starting the guard")
+            .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+        spawn_logged(&mut cmd, &self.log_dir.join(format!("{}-guard.log", self.name)), "the guard")
     }
 }
 
@@ -608,22 +612,11 @@ impl Fleet {
             m.tick(now);
         }
         for r in &mut self.replicas {
-            if r.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_some()) {
-                r.child = None;
-                r.after = r.after.max(now + Duration::from_secs(1));
-            }
+            reap(&mut r.child, &mut r.after, now);
             if r.child.is_none() && now >= r.after {
-                let spawned = log_file(&r.log).and_then(|log| {
-                    Command::new(&self.provisioner)
-                        .args(["serve", "--config"])
-                        .arg(&r.config)
-                        .env("RUST_LOG", "info")
-                        .stdin(Stdio::null())
-                        .stdout(Stdio::null())
-                        .stderr(log)
-                        .spawn()
-                        .context("starting serve")
-                });
+                let mut cmd = Command::new(&self.provisioner);
+                cmd.args(["serve", "--config"]).arg(&r.config).env("RUST_LOG", "info");
+                let spawned = spawn_logged(&mut cmd, &r.log, "serve");
                 match spawned {
                     Ok(c) => r.child = Some(c),
                     Err(e) => eprintln!("chaos: serve: {e:#}"),
