@@ -186,7 +186,9 @@ impl Postgres {
 
 impl Drop for Postgres {
     fn drop(&mut self) {
-        let _ = self.crash();
+        if self.up {
+            let _ = self.crash();
+        }
     }
 }
 
@@ -247,12 +249,22 @@ impl Network {
     }
 }
 
+impl Network {
+    /// Removes the namespaces and the bridge (once: again does nothing).
+    pub fn remove(&mut self) {
+        for ns in std::mem::take(&mut self.namespaces) {
+            let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+        }
+        if !self.bridge.is_empty() {
+            let _ = Command::new("ip").args(["link", "del", &self.bridge]).status();
+            self.bridge.clear();
+        }
+    }
+}
+
 impl Drop for Network {
     fn drop(&mut self) {
-        for ns in &self.namespaces {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
-        let _ = Command::new("ip").args(["link", "del", &self.bridge]).status();
+        self.remove();
     }
 }
 
@@ -658,8 +670,21 @@ impl Fleet {
     }
 }
 
+impl Fleet {
+    /// Everything gone: the processes, PostgreSQL, the network. The campaign calls it at its
+    /// end, since the BMCs' server holds the fleet too (dropping the campaign's handle is
+    /// not the last).
+    pub fn shutdown(&mut self) {
+        self.stop_all();
+        if self.postgres.up {
+            let _ = self.postgres.crash();
+        }
+        self.network.remove();
+    }
+}
+
 impl Drop for Fleet {
     fn drop(&mut self) {
-        self.stop_all();
+        self.shutdown();
     }
 }

@@ -250,6 +250,7 @@ pub async fn campaign(opts: &Options, n: &Narrator) -> anyhow::Result<Report> {
     }
     stop.store(true, Ordering::Relaxed);
     let _ = ticker.join();
+    lock(&fleet).shutdown();
     drop(fleet);
     if opts.keep || !report.passed() || outcome.is_err() {
         report.kept = Some(dir);
