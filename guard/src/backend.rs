@@ -14,6 +14,15 @@ use nodekeeper_store::{
 
 use crate::config::Config;
 
+/// What a heartbeat answered of the host's revision (see [`guard_api::HeartbeatAnswer`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Revision {
+    /// The host's revision.
+    pub value: i64,
+    /// The longest the guard may go without a complete pass.
+    pub full_pass: Duration,
+}
+
 /// A connection to the database, direct or through the provisioner.
 #[derive(Debug, Clone)]
 pub enum Backend {
@@ -109,12 +118,20 @@ impl Backend {
         }
     }
 
-    /// Records a heartbeat for `host`.
-    pub async fn heartbeat(&self, host: &HostName) -> anyhow::Result<()> {
+    /// Records a heartbeat for `host`; the provisioner's API answers the host's revision and
+    /// how long a guard may go without a complete pass ([`guard_api::HeartbeatAnswer`]). The
+    /// database itself answers nothing of it: a guard on it asks everything every pass.
+    pub async fn heartbeat(&self, host: &HostName) -> anyhow::Result<Option<Revision>> {
         match self {
-            Backend::Db(s) => s.record_heartbeat(host).await.map(|_: Timestamp| ()).map_err(Into::into),
-            Backend::Role(r) => r.heartbeat().await.map(|_: Timestamp| ()).map_err(Into::into),
-            Backend::Api(a) => a.ok(a.post("heartbeat")).await,
+            Backend::Db(s) => s.record_heartbeat(host).await.map(|_: Timestamp| None).map_err(Into::into),
+            Backend::Role(r) => r.heartbeat().await.map(|_: Timestamp| None).map_err(Into::into),
+            Backend::Api(a) => {
+                let answer: guard_api::HeartbeatAnswer = a.json(a.post("heartbeat")).await?;
+                Ok(match (answer.revision, answer.full_pass_ms) {
+                    (Some(value), Some(ms)) => Some(Revision { value, full_pass: Duration::from_millis(ms) }),
+                    _ => None,
+                })
+            }
         }
     }
 

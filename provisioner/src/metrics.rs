@@ -44,10 +44,24 @@ pub struct Metrics {
     pub tftp_errors: Counter,
     /// Bytes of file data sent over TFTP.
     pub tftp_bytes: Counter,
+    /// Recovery controller ticks, and their time (ms) in total and the last one's.
+    pub recovery_ticks: Counter,
+    /// See `recovery_ticks`.
+    pub recovery_tick_ms: Counter,
+    /// See `recovery_ticks`.
+    pub recovery_tick_last_ms: AtomicU64,
     http: Mutex<BTreeMap<(String, u16), u64>>,
 }
 
 impl Metrics {
+    /// Counts one controller tick that took `took`.
+    pub fn recovery_tick(&self, took: std::time::Duration) {
+        let ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX);
+        self.recovery_ticks.inc();
+        self.recovery_tick_ms.add(ms);
+        self.recovery_tick_last_ms.store(ms, Ordering::Relaxed);
+    }
+
     /// Counts one HTTP request by route and status code.
     pub fn http_request(&self, route: &str, status: u16) {
         if let Ok(mut m) = self.http.lock() {
@@ -72,6 +86,18 @@ impl Metrics {
         counter("nodekeeper_tftp_transfers_total", "TFTP transfers completed.", self.tftp_transfers.get());
         counter("nodekeeper_tftp_errors_total", "TFTP transfers ended by an error.", self.tftp_errors.get());
         counter("nodekeeper_tftp_bytes_total", "File bytes sent over TFTP.", self.tftp_bytes.get());
+        counter("nodekeeper_recovery_ticks_total", "Recovery controller ticks.", self.recovery_ticks.get());
+        let _ = writeln!(
+            out,
+            "# HELP nodekeeper_recovery_tick_seconds_total Time spent in recovery controller ticks.\n\
+             # TYPE nodekeeper_recovery_tick_seconds_total counter\n\
+             nodekeeper_recovery_tick_seconds_total {}\n\
+             # HELP nodekeeper_recovery_tick_last_seconds How long the last recovery controller tick took.\n\
+             # TYPE nodekeeper_recovery_tick_last_seconds gauge\n\
+             nodekeeper_recovery_tick_last_seconds {}",
+            self.recovery_tick_ms.get() as f64 / 1000.0,
+            self.recovery_tick_last_ms.load(Ordering::Relaxed) as f64 / 1000.0
+        );
         let _ = writeln!(out, "# HELP nodekeeper_http_requests_total HTTP requests by route and status.\n# TYPE nodekeeper_http_requests_total counter");
         if let Ok(m) = self.http.lock() {
             for ((route, status), n) in m.iter() {

@@ -68,15 +68,20 @@ impl Browser {
     }
 
     async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+        self.try_call(method, path, body).await.unwrap_or_else(|v| panic!("webdriver {path}: {v}"))
+    }
+
+    /// The WebDriver answer's value, or the whole answer when it is an error.
+    async fn try_call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Result<Value, Value> {
         let mut r = self.http.request(method, format!("{}{path}", self.base));
         if let Some(b) = body {
             r = r.json(&b);
         }
         let v: Value = r.send().await.expect("webdriver").json().await.expect("json");
         if v["value"].get("error").is_some() {
-            panic!("webdriver {path}: {v}");
+            return Err(v);
         }
-        v["value"].clone()
+        Ok(v["value"].clone())
     }
 
     async fn go(&self, url: &str) {
@@ -89,9 +94,20 @@ impl Browser {
         v[ELEMENT].as_str().unwrap_or_else(|| panic!("an element {css}: {v}")).to_owned()
     }
 
+    /// Clicks `css`; found again when the live page re-rendered it between the find and the
+    /// click (a stale element), a few times.
     async fn click(&self, css: &str) {
-        let e = self.find(css).await;
-        self.call(reqwest::Method::POST, &format!("/element/{e}/click"), Some(json!({}))).await;
+        for _ in 0..20 {
+            let e = self.find(css).await;
+            match self.try_call(reqwest::Method::POST, &format!("/element/{e}/click"), Some(json!({}))).await {
+                Ok(_) => return,
+                Err(v) if v["value"]["error"] == "stale element reference" => {
+                    tokio::time::sleep(Duration::from_millis(100)).await
+                }
+                Err(v) => panic!("webdriver click {css}: {v}"),
+            }
+        }
+        panic!("{css} went stale 20 times in a row");
     }
 
     async fn type_into(&self, css: &str, text: &str) {

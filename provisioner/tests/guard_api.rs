@@ -245,6 +245,37 @@ async fn a_guard_reaches_the_embedded_database_through_the_provisioner() {
     })
     .await;
 
+    // At rest the guard asks nothing: its heartbeat answers the host's revision, unchanged, and
+    // its libvirt shows what it showed, so no pass re-sends the report (it would every second,
+    // before fleet scale)...
+    let report_at = async || {
+        let reports = store.guard_reports().await.expect("reports");
+        reports.iter().find(|r| r.host == n("node-a")).map(|r| r.at).expect("node-a's report")
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let at_rest = report_at().await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(report_at().await, at_rest, "four passes at rest re-sent the report");
+    // ... and an instance newly assigned (the revision moves) is started on the next pass.
+    let later_id = InstanceId::random();
+    let later_name = format!("nk-api-later-{}", &later_id.to_string()[..8]);
+    let later = NewInstance {
+        uuid: later_id,
+        domain_xml: Some(domain_xml(&later_name, later_id)),
+        name: later_name,
+        owner: n("node-a"),
+        ha: true,
+        storage: Storage::Shared,
+        generation: Generation(1),
+    };
+    let _later_domain = Domains(vec![later_id]);
+    store.import_instances(std::slice::from_ref(&later), "test").await.expect("import");
+    wait_until("the new instance started on node-a", Duration::from_secs(10), async || {
+        started(store.clone(), later_id).await == 1
+    })
+    .await;
+    assert!(report_at().await > at_rest, "the report after the change");
+
     // The guard has its peer list: node-b.
     let peers = format!("{d}/node-a/state/peers.json");
     wait_until("the peer list cached", Duration::from_secs(10), async || {
@@ -275,6 +306,6 @@ async fn a_guard_reaches_the_embedded_database_through_the_provisioner() {
     .await;
     let guard_log = std::fs::read_to_string(&log).unwrap_or_default();
     assert_eq!(started(store.clone(), plain).await, 1, "the non-HA instance was not stopped: {guard_log}");
-    assert!(guard_log.contains("self-fenced: stopped 1 HA domains"), "{guard_log}");
+    assert!(guard_log.contains("self-fenced: stopped 2 HA domains"), "{guard_log}");
     store.close().await;
 }

@@ -103,6 +103,10 @@ async fn rig_with(dhcp_off: bool) -> Rig {
         metrics: Arc::new(Metrics::default()),
         health: Default::default(),
         guard_store: store.clone(),
+        guard_writes: nodekeeper_provisioner::http::guard_writes::GuardWrites::start(
+            store.clone(),
+            std::time::Duration::from_secs(60),
+        ),
         streams: Default::default(),
         tls: None,
         loaders: None,

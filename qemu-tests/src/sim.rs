@@ -2,8 +2,10 @@
 //! unchanged) the way a fleet of guards does, to find out what one provisioner carries.
 //!
 //! N simulated hosts, each with its own node token, speak the real guard API over HTTP with
-//! keep-alive, on a guard's schedule: a heartbeat every 5 s, and every 5 s a converge pass
-//! (`ownership` of what it runs, `assigned`, `services`, `report`). Each host's BMC is a Redfish
+//! keep-alive, on a guard's schedule: a heartbeat every 5 s, and after it a converge pass
+//! (`ownership` of what it runs, `assigned`, `services`, `report`) when the heartbeat's answer
+//! says the host's revision moved since the last complete pass, or the full pass is due (the
+//! real guard's rule; its libvirt, here, changes only by what it is assigned). Each host's BMC is a Redfish
 //! endpoint in the simulator whose power changes land after a delay; a host powered off stops
 //! talking, powered on it boots (an `ownership` query) and talks again. The steady phase
 //! measures heartbeat latency at the guard and `serve`'s CPU and memory; then some hosts crash
@@ -23,7 +25,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use nodekeeper_store::guard_api::Assigned;
+use nodekeeper_store::guard_api::{Assigned, HeartbeatAnswer};
 use nodekeeper_store::{Generation, HostName, HostState, InstanceId, NewHost, NewInstance, Storage, Store};
 use sha2::{Digest, Sha256};
 
@@ -85,6 +87,8 @@ struct World {
     /// Heartbeat latencies (µs) while `measuring`.
     latencies: Mutex<Vec<u32>>,
     measuring: AtomicBool,
+    /// Guard API requests sent while `measuring`.
+    requests: std::sync::atomic::AtomicU64,
     /// Requests that failed (status or transport), by kind.
     errors: Mutex<BTreeMap<&'static str, u64>>,
     stop: AtomicBool,
@@ -183,6 +187,7 @@ async fn run(opts: &Options, n: &Narrator, dir: &Path) -> anyhow::Result<Report>
         bmc_delay: opts.bmc_delay,
         latencies: Mutex::new(Vec::new()),
         measuring: AtomicBool::new(false),
+        requests: Default::default(),
         errors: Mutex::new(BTreeMap::new()),
         stop: AtomicBool::new(false),
     });
@@ -239,7 +244,8 @@ async fn run(opts: &Options, n: &Narrator, dir: &Path) -> anyhow::Result<Report>
         &config,
         format!(
             "database_url = \"{url}\"\n[dhcp]\nmode = \"off\"\n[http]\nlisten = \"127.0.0.1:{port}\"\n\
-             public_url = \"http://127.0.0.1:{port}\"\nimages_dir = \"{}\"\n[recovery]\ngrace = \"{}s\"\n",
+             public_url = \"http://127.0.0.1:{port}\"\nimages_dir = \"{}\"\n[http.auth]\nmetrics_from = [\"127.0.0.1/32\"]\n\
+             [recovery]\ngc_interval = \"1h\"\ngrace = \"{}s\"\n",
             dir.join("images").display(),
             opts.grace.as_secs()
         ),
@@ -282,8 +288,16 @@ async fn run(opts: &Options, n: &Narrator, dir: &Path) -> anyhow::Result<Report>
     let (cpu0, _) = cpu_and_rss(serve_pid).context("serve's /proc")?;
     let t0 = Instant::now();
     world.measuring.store(true, Ordering::Relaxed);
-    tokio::time::sleep(opts.steady).await;
+    // The controller's tick time, as `/metrics` says it, twice a second.
+    let mut ticks = Vec::new();
+    while t0.elapsed() < opts.steady {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if let Some(t) = tick_seconds(&http, &base).await {
+            ticks.push((t * 1e6) as u32);
+        }
+    }
     world.measuring.store(false, Ordering::Relaxed);
+    ticks.sort_unstable();
     let (cpu1, rss) = cpu_and_rss(serve_pid).context("serve's /proc")?;
     let cores = (cpu1 - cpu0).as_secs_f64() / t0.elapsed().as_secs_f64();
     let mut lat = std::mem::take(&mut *world.latencies.lock().unwrap_or_else(|p| p.into_inner()));
@@ -291,7 +305,20 @@ async fn run(opts: &Options, n: &Narrator, dir: &Path) -> anyhow::Result<Report>
     report.row("heartbeats measured", lat.len());
     report.row("heartbeat p50 / p99", format!("{} / {}", ms(percentile(&lat, 0.5)), ms(percentile(&lat, 0.99))));
     report.row("serve CPU (cores), steady", format!("{cores:.2}"));
+    let rate = world.requests.load(Ordering::Relaxed) as f64 / t0.elapsed().as_secs_f64();
+    report.row(
+        "guard API requests/s, steady",
+        format!("{rate:.0} ({:.2} per host and 5 s)", rate * 5.0 / opts.hosts as f64),
+    );
     report.row("serve RSS", format!("{} MiB", rss / (1024 * 1024)));
+    report.row(
+        "controller tick p50 / max, steady",
+        format!(
+            "{} / {}",
+            ms(percentile(&ticks, 0.5)),
+            ms(Duration::from_micros(u64::from(ticks.last().copied().unwrap_or(0))))
+        ),
+    );
     n.say(&format!(
         "steady: {}",
         report.rows.iter().skip(2).map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join("; ")
@@ -392,6 +419,12 @@ async fn run(opts: &Options, n: &Narrator, dir: &Path) -> anyhow::Result<Report>
     Ok(report)
 }
 
+/// The last controller tick's time, from `serve`'s `/metrics`.
+async fn tick_seconds(http: &reqwest::Client, base: &str) -> Option<f64> {
+    let text = http.get(format!("{base}/metrics")).send().await.ok()?.text().await.ok()?;
+    text.lines().find_map(|l| l.strip_prefix("nodekeeper_recovery_tick_last_seconds ")?.trim().parse().ok())
+}
+
 fn db_size(engine: Engine, dir: &Path) -> u64 {
     match engine {
         Engine::Sqlite => ["nodekeeper.db", "nodekeeper.db-wal"]
@@ -434,8 +467,17 @@ async fn guard_loop(i: usize, phase: Duration, w: Arc<World>, http: reqwest::Cli
     let fail = |what: &'static str| {
         *w.errors.lock().unwrap_or_else(|p| p.into_inner()).entry(what).or_default() += 1;
     };
+    let count = || {
+        if w.measuring.load(Ordering::Relaxed) {
+            w.requests.fetch_add(1, Ordering::Relaxed);
+        }
+    };
     let mut running: Vec<InstanceId> = Vec::new();
     let mut booted = false;
+    // The revision the last complete pass began from, and when (the real guard's rule: ask
+    // again when the revision moves or the full pass is due).
+    let mut basis: Option<(i64, Instant, u64)> = None;
+    let mut rng = Rng::new(i as u64 ^ 0xba515);
     tokio::time::sleep(phase).await;
     let mut tick = tokio::time::interval(HEARTBEAT.min(CONVERGE));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -444,6 +486,7 @@ async fn guard_loop(i: usize, phase: Duration, w: Arc<World>, http: reqwest::Cli
         if w.power[i].load(Ordering::Relaxed) != ON {
             booted = false;
             running.clear();
+            basis = None;
             continue;
         }
         if !booted {
@@ -454,6 +497,7 @@ async fn guard_loop(i: usize, phase: Duration, w: Arc<World>, http: reqwest::Cli
                 .json(&serde_json::json!({ "uuids": running }))
                 .send()
                 .await;
+            count();
             if !r.is_ok_and(|r| r.status().is_success()) {
                 fail("ownership");
                 continue;
@@ -461,29 +505,65 @@ async fn guard_loop(i: usize, phase: Duration, w: Arc<World>, http: reqwest::Cli
             booted = true;
         }
         let start = Instant::now();
+        count();
+        let mut revision = None;
         match http.post(url("heartbeat")).header("authorization", &auth).send().await {
             Ok(r) if r.status().is_success() => {
                 if w.measuring.load(Ordering::Relaxed) {
                     let us = start.elapsed().as_micros().min(u128::from(u32::MAX)) as u32;
                     w.latencies.lock().unwrap_or_else(|p| p.into_inner()).push(us);
                 }
+                match r.json::<HeartbeatAnswer>().await {
+                    Ok(a) => revision = a.revision.zip(a.full_pass_ms.map(Duration::from_millis)),
+                    Err(_) => fail("heartbeat"),
+                }
             }
             _ => fail("heartbeat"),
         }
-        // converge: what is assigned (and its services), then the report.
+        if let (Some((r, full_pass)), Some((b, at, seed))) = (revision, basis) {
+            // The guard's `converge::spread`: due in the last quarter of the full pass.
+            if r == b && at.elapsed() < full_pass * 3 / 4 + full_pass.mul_f64((seed % 1000) as f64 / 4000.0) {
+                continue; // nothing new: nothing to ask
+            }
+        }
+        // converge: what it runs that moved away, what is assigned (and its services), then
+        // the report.
+        let began = Instant::now();
+        let mut complete = true;
+        count();
+        let r = http
+            .post(url("ownership"))
+            .header("authorization", &auth)
+            .json(&serde_json::json!({ "uuids": running }))
+            .send()
+            .await;
+        if !r.is_ok_and(|r| r.status().is_success()) {
+            complete = false;
+            fail("ownership");
+        }
+        count();
         match http.get(url("assigned")).header("authorization", &auth).send().await {
             Ok(r) if r.status().is_success() => match r.json::<Vec<Assigned>>().await {
                 Ok(a) => running = a.iter().filter(|x| !x.deleted && !x.held).map(|x| x.uuid).collect(),
-                Err(_) => fail("assigned"),
+                Err(_) => {
+                    complete = false;
+                    fail("assigned")
+                }
             },
-            _ => fail("assigned"),
+            _ => {
+                complete = false;
+                fail("assigned")
+            }
         }
+        count();
         if !http.get(url("services")).header("authorization", &auth).send().await.is_ok_and(|r| r.status().is_success())
         {
+            complete = false;
             fail("services");
         }
         let report: Vec<serde_json::Value> =
             running.iter().map(|u| serde_json::json!({ "uuid": u, "running": true, "generation": null })).collect();
+        count();
         if !http
             .put(url("report"))
             .header("authorization", &auth)
@@ -492,8 +572,10 @@ async fn guard_loop(i: usize, phase: Duration, w: Arc<World>, http: reqwest::Cli
             .await
             .is_ok_and(|r| r.status().is_success())
         {
+            complete = false;
             fail("report");
         }
+        basis = revision.filter(|_| complete).map(|(r, _)| (r, began, rng.next_u64()));
     }
 }
 

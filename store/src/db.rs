@@ -78,6 +78,52 @@ pub struct Store {
     clock: Arc<Mutex<Option<ClockReading>>>,
     /// The leadership term this handle writes under, if any (see [`Store::under_lease`]).
     lease: Option<Arc<LeaseToken>>,
+    /// SQLite: the write gate of this file, shared by every pool of this process on it
+    /// ([`write_gate`]).
+    gate: Option<Arc<tokio::sync::Mutex<()>>>,
+}
+
+/// SQLite takes one writer at a time; the others wait in its busy handler, which sleeps and
+/// polls (up to 100 ms a try) and is not fair: under a steady stream of writers (a fleet's
+/// heartbeats and reports, the controller) an unlucky one waits seconds. The writers of one
+/// process take their turn here first, in order (tokio's mutex is fair), so the busy handler
+/// is left to other processes (the CLI). One gate per database file, whatever the pool.
+fn write_gate(connect: &str) -> Arc<tokio::sync::Mutex<()>> {
+    static GATES: std::sync::OnceLock<Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>> =
+        std::sync::OnceLock::new();
+    let file = connect.split('?').next().unwrap_or(connect);
+    let file = std::fs::canonicalize(file.trim_start_matches("sqlite://"))
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| file.to_owned());
+    let mut gates = GATES.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
+    gates.entry(file).or_default().clone()
+}
+
+/// A write transaction (`Store::begin_write`): the connection it runs on (`&mut *tx`), and on
+/// SQLite this process's turn to write, held until it commits or is dropped (a rollback).
+pub(crate) struct WriteTx {
+    tx: sqlx::Transaction<'static, sqlx::Any>,
+    _turn: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl WriteTx {
+    /// Commits.
+    pub(crate) async fn commit(self) -> std::result::Result<(), sqlx::Error> {
+        self.tx.commit().await
+    }
+}
+
+impl std::ops::Deref for WriteTx {
+    type Target = sqlx::AnyConnection;
+    fn deref(&self) -> &sqlx::AnyConnection {
+        &self.tx
+    }
+}
+
+impl std::ops::DerefMut for WriteTx {
+    fn deref_mut(&mut self) -> &mut sqlx::AnyConnection {
+        &mut self.tx
+    }
 }
 
 /// A leadership term that a writer acts under (see [`Store::under_lease`]).
@@ -294,7 +340,9 @@ impl Store {
             Ok(Err(source)) => return Err(StoreError::Connect { url: url.redacted, source }),
             Err(_) => return Err(StoreError::Connect { url: url.redacted, source: sqlx::Error::PoolTimedOut }),
         };
-        Ok(Store { pool, backend: url.backend, redacted_url: url.redacted, clock: Arc::default(), lease: None })
+        let gate = (url.backend == Backend::Sqlite && !url.connect.starts_with("sqlite::memory:"))
+            .then(|| write_gate(&url.connect));
+        Ok(Store { pool, backend: url.backend, redacted_url: url.redacted, clock: Arc::default(), lease: None, gate })
     }
 
     /// The database server's time now. Every timestamp that is compared across machines —
@@ -407,7 +455,7 @@ impl Store {
     /// with SQLITE_BUSY when another writer got there first, instead of waiting its turn.
     /// A store [`Store::under_lease`] first proves, inside the transaction, that its term is
     /// still current ([`StoreError::LeaseLost`] otherwise: nothing is written).
-    pub(crate) async fn begin_write(&self, what: &'static str) -> Result<sqlx::Transaction<'static, sqlx::Any>> {
+    pub(crate) async fn begin_write(&self, what: &'static str) -> Result<WriteTx> {
         let mut tx = self.begin_write_unfenced(what).await?;
         if let Some(token) = &self.lease {
             check_lease_in(&mut tx, self.backend, token).await?;
@@ -416,15 +464,17 @@ impl Store {
     }
 
     /// [`Store::begin_write`] without the lease check (for taking the lease itself).
-    pub(crate) async fn begin_write_unfenced(
-        &self,
-        what: &'static str,
-    ) -> Result<sqlx::Transaction<'static, sqlx::Any>> {
-        match self.backend {
+    pub(crate) async fn begin_write_unfenced(&self, what: &'static str) -> Result<WriteTx> {
+        let turn = match &self.gate {
+            Some(gate) => Some(gate.clone().lock_owned().await),
+            None => None,
+        };
+        let tx = match self.backend {
             Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
             Backend::Postgres => self.pool.begin().await,
         }
-        .map_err(crate::error::query(what))
+        .map_err(crate::error::query(what))?;
+        Ok(WriteTx { tx, _turn: turn })
     }
 
     /// This store, acting under the leadership term `token`: every write transaction it

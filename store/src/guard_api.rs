@@ -54,6 +54,25 @@ impl From<(crate::ServiceCopy, crate::Service)> for AssignedService {
     }
 }
 
+/// The answer to a heartbeat. `revision` and `full_pass_ms` came with fleet scale (a
+/// provisioner older than them answers `at` alone, and its guards ask everything every pass).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeartbeatAnswer {
+    /// When the database recorded it (RFC 3339, UTC: the database's clock).
+    pub at: String,
+    /// The host's revision: +1 on every change of what its guard converges on (its instances,
+    /// including those moved away, its service copies and their definitions, its state). A
+    /// guard whose last complete pass began at this revision, and whose libvirt shows what it
+    /// showed then, has nothing new to ask.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<i64>,
+    /// The longest a guard may go without a complete pass, whatever the revision (ms): its
+    /// report must stay fresh for the controller's GC pass (which reads reports younger than
+    /// three graces).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub full_pass_ms: Option<u64>,
+}
+
 /// `POST …/ownership`: which of these UUIDs the database knows, and who owns them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

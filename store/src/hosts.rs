@@ -286,6 +286,50 @@ impl Store {
         Ok(Timestamp(now))
     }
 
+    /// Records the heartbeats of many guards at once — one statement, one commit (the guard
+    /// API's group commit) — each only if the host's stored node token has the SHA-256 given
+    /// with it. Answers when, and each host's revision (+1 on every change of what its guard
+    /// converges on; see migration 0024), or `None` for a host unknown or whose token did not
+    /// match (nothing recorded for it).
+    pub async fn record_heartbeats(&self, beats: &[(HostName, String)]) -> Result<(Timestamp, Vec<Option<i64>>)> {
+        const WHAT: &str = "recording heartbeats";
+        let now = self.now().await?.0;
+        if beats.is_empty() {
+            return Ok((Timestamp(now), Vec::new()));
+        }
+        let values: Vec<String> = (0..beats.len()).map(|i| format!("(${}, ${})", 2 * i + 2, 2 * i + 3)).collect();
+        let sql = format!(
+            "UPDATE hosts SET last_heartbeat = $1 FROM (VALUES {}) AS beat \
+             WHERE hosts.name = beat.column1 AND hosts.node_token_sha256 = beat.column2 \
+             RETURNING hosts.name, hosts.revision",
+            values.join(", ")
+        );
+        let mut q = sqlx::query(&sql).bind(now);
+        for (name, sha) in beats {
+            q = q.bind(name.as_str()).bind(sha.as_str());
+        }
+        // A transaction only to take this process's turn to write on SQLite (one statement).
+        let mut tx = self.begin_write(WHAT).await?;
+        let rows = q.fetch_all(&mut *tx).await.map_err(query(WHAT))?;
+        tx.commit().await.map_err(query(WHAT))?;
+        let mut revisions = std::collections::HashMap::with_capacity(rows.len());
+        for row in rows {
+            let name: String = row.try_get(0).map_err(query(WHAT))?;
+            let revision: i64 = row.try_get(1).map_err(query(WHAT))?;
+            revisions.insert(name, revision);
+        }
+        Ok((Timestamp(now), beats.iter().map(|(n, _)| revisions.get(n.as_str()).copied()).collect()))
+    }
+
+    /// `name`'s revision (see [`Store::record_heartbeats`]), `None` for an unknown host.
+    pub async fn host_revision(&self, name: &HostName) -> Result<Option<i64>> {
+        sqlx::query_scalar("SELECT revision FROM hosts WHERE name = $1")
+            .bind(name.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(query("reading a host's revision"))
+    }
+
     /// Records a heartbeat for `host` on the word of `via`'s guard: `host` cannot reach the
     /// controller, but answered `via`'s authenticated peer check just now. Only for a watched
     /// host (active or suspect, heartbeated before): `false`, and nothing recorded, otherwise

@@ -54,6 +54,43 @@ impl Store {
         Ok(())
     }
 
+    /// Replaces the reports of many hosts in one transaction (the guard API's group commit);
+    /// a host named twice keeps its last.
+    pub async fn save_guard_reports(&self, reports: &[(HostName, Vec<ReportedDomain>)]) -> Result<()> {
+        const WHAT: &str = "saving guard reports";
+        let db_now = self.now().await?.0;
+        let mut last: std::collections::HashMap<&str, &[ReportedDomain]> = std::collections::HashMap::new();
+        for (host, domains) in reports {
+            last.insert(host.as_str(), domains);
+        }
+        let mut rows = Vec::with_capacity(last.len());
+        for (host, domains) in last {
+            let json = serde_json::to_string(domains)
+                .map_err(|e| StoreError::Corrupt { table: "guard_reports", reason: e.to_string() })?;
+            rows.push((host, json));
+        }
+        let mut tx = self.begin_write(WHAT).await?;
+        for chunk in rows.chunks(500) {
+            let marks: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+            let sql = format!("DELETE FROM guard_reports WHERE host IN ({})", marks.join(", "));
+            let mut del = sqlx::query(&sql);
+            for (host, _) in chunk {
+                del = del.bind(*host);
+            }
+            del.execute(&mut *tx).await.map_err(query(WHAT))?;
+            let values: Vec<String> =
+                (0..chunk.len()).map(|i| format!("(${}, $1, ${})", 2 * i + 2, 2 * i + 3)).collect();
+            let sql = format!("INSERT INTO guard_reports (host, at, domains) VALUES {}", values.join(", "));
+            let mut ins = sqlx::query(&sql).bind(db_now);
+            for (host, json) in chunk {
+                ins = ins.bind(*host).bind(json.as_str());
+            }
+            ins.execute(&mut *tx).await.map_err(query(WHAT))?;
+        }
+        tx.commit().await.map_err(query(WHAT))?;
+        Ok(())
+    }
+
     /// `host`'s last report, if any.
     pub async fn guard_report(&self, host: &HostName) -> Result<Option<GuardReport>> {
         let mut conn = self.pool.acquire().await.map_err(query("reading a guard report"))?;

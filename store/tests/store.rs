@@ -40,6 +40,7 @@ on_both_engines!(
     operations_are_listed_newest_first_by_host_and_status,
     service_copies_move_by_compare_and_set_and_go_with_their_service,
     a_host_is_removed_only_out_of_service_and_owning_nothing,
+    heartbeats_are_one_commit_and_revisions_move_with_what_a_guard_converges_on,
 );
 
 fn host(name: &str) -> HostName {
@@ -1063,4 +1064,62 @@ async fn a_host_is_removed_only_out_of_service_and_owning_nothing(db: TestDb) {
     // Never heard from, owning nothing: removable as it is.
     store.remove_host(&host("node-c"), "test").await.expect("never heard");
     assert!(matches!(store.remove_host(&host("node-c"), "test").await, Err(StoreError::UnknownHost(_))));
+}
+
+async fn heartbeats_are_one_commit_and_revisions_move_with_what_a_guard_converges_on(db: TestDb) {
+    use nodekeeper_store::{CopyChange, Service};
+    let store = fleet(&db).await;
+    let (a, b, c) = (host("node-a"), host("node-b"), host("node-c"));
+    store.set_node_token(&a, &"a".repeat(64)).await.expect("token a");
+    store.set_node_token(&b, &"b".repeat(64)).await.expect("token b");
+    let rev = async |h: &HostName| store.host_revision(h).await.expect("revision").expect("known host");
+    // One batch: a with its token, b with a wrong one, c without any, a host nobody added.
+    let beats = [
+        (a.clone(), "a".repeat(64)),
+        (b.clone(), "a".repeat(64)),
+        (c.clone(), String::new()),
+        (host("node-z"), "a".repeat(64)),
+    ];
+    let (at, revisions) = store.record_heartbeats(&beats).await.expect("heartbeats");
+    assert_eq!(revisions, vec![Some(rev(&a).await), None, None, None]);
+    assert_eq!(store.require_host(&a).await.expect("a").last_heartbeat, Some(at));
+    assert_eq!(store.require_host(&b).await.expect("b").last_heartbeat, None, "a wrong token records nothing");
+    assert!(store.host_revision(&host("node-z")).await.expect("revision").is_none());
+
+    // A heartbeat does not change the revision; what a guard converges on does.
+    let (ra, rb, rc) = (rev(&a).await, rev(&b).await, rev(&c).await);
+    store.record_heartbeats(&beats[..1]).await.expect("again");
+    store.record_heartbeat(&a).await.expect("the single path");
+    assert_eq!(rev(&a).await, ra);
+    let batch: Vec<_> = (0..2).map(|n| new_instance("node-a", n)).collect();
+    store.import_instances(&batch, "test").await.expect("import");
+    let ids: Vec<_> = batch.iter().map(|i| i.uuid).collect();
+    let ra2 = rev(&a).await;
+    assert!(ra2 > ra, "an instance assigned to a");
+    assert_eq!((rev(&b).await, rev(&c).await), (rb, rc), "nothing of b's or c's changed");
+    // A move changes both the old owner's (it must remove) and the new owner's.
+    store.set_host_state(&a, HostState::Fenced, "test", "fenced").await.expect("fence");
+    let ra3 = rev(&a).await;
+    assert!(ra3 > ra2, "the host's own state");
+    store.evacuate(&ids[..1], &b, false, "test").await.expect("evacuate");
+    assert!(rev(&a).await > ra3 && rev(&b).await > rb, "a move: both hosts");
+    assert_eq!(rev(&c).await, rc);
+    // Service copies, and their service's definition.
+    let svc = Service {
+        name: "scheduler".into(),
+        copies: 1,
+        labels: vec![],
+        start: vec!["true".into()],
+        stop: vec!["true".into()],
+        check: None,
+        exclusive: false,
+    };
+    store.put_service(&svc, "test").await.expect("add");
+    assert_eq!(rev(&c).await, rc, "a service with no copy on c");
+    let place = CopyChange::Place { service: "scheduler".into(), slot: 0, host: c.clone() };
+    assert!(store.change_service_copy(&place, "controller").await.expect("place"));
+    let rc2 = rev(&c).await;
+    assert!(rc2 > rc, "a copy placed on c");
+    store.put_service(&Service { check: Some(vec!["true".into()]), ..svc }, "test").await.expect("change");
+    assert!(rev(&c).await > rc2, "the definition of a service c runs");
 }

@@ -4,6 +4,7 @@
 //! [`stop_ha_domains`] for the self-fence).
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use nodekeeper_store::guard_api::Assigned;
 use nodekeeper_store::{Generation, InstanceId, Storage};
@@ -85,6 +86,41 @@ pub struct Local {
     pub active: bool,
     /// The generation in its metadata, if any.
     pub generation: Option<Generation>,
+}
+
+/// What a complete converge pass began from: the host's revision (as the last heartbeat
+/// before it answered) and what libvirt showed. Whatever the pass read of the database was at
+/// least that revision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Basis {
+    /// The host's revision.
+    pub revision: i64,
+    /// Each local domain: UUID, running, generation (sorted by UUID).
+    pub local: Vec<(InstanceId, bool, Option<Generation>)>,
+}
+
+impl Basis {
+    /// The basis of a pass that begins now.
+    pub fn of(revision: i64, local: &HashMap<InstanceId, Local>) -> Basis {
+        let mut local: Vec<_> = local.iter().map(|(id, d)| (*id, d.active, d.generation)).collect();
+        local.sort_unstable_by_key(|d| d.0);
+        Basis { revision, local }
+    }
+}
+
+/// Whether a converge pass has nothing to ask the database: the last complete pass began from
+/// this very basis — the database changed nothing of this host's since, libvirt shows the same
+/// domains in the same states — less than `full_pass` ago, and nothing is under way (a held
+/// instance shutting down, a self-fence to lift). Anything else asks everything again. Pure.
+pub fn nothing_new(last: Option<&(Basis, Duration)>, now: &Basis, full_pass: Duration, busy: bool) -> bool {
+    !busy && last.is_some_and(|(basis, ago)| basis == now && *ago < full_pass)
+}
+
+/// When the next full pass is due: between three quarters and all of `full_pass`, spread by
+/// `seed` (any number, drawn per pass), so that guards that started together — a provisioner
+/// restart, a row powered on — do not all ask everything in the same second ever after. Pure.
+pub fn spread(full_pass: Duration, seed: u64) -> Duration {
+    full_pass * 3 / 4 + full_pass.mul_f64((seed % 1000) as f64 / 4000.0)
 }
 
 /// Every domain libvirt holds that is nodekeeper's to judge (a parseable definition).
@@ -325,5 +361,31 @@ mod tests {
         local.insert(id(9), Local { active: true, generation: Some(Generation(1)) });
         let actions = plan(&local, &all);
         assert_eq!(actions.iter().map(|a| a.uuid).collect::<Vec<_>>(), [id(1), id(2)]);
+    }
+
+    #[test]
+    fn a_pass_asks_nothing_only_from_the_same_basis_within_the_full_pass() {
+        let local = |active: bool, generation: u64| {
+            HashMap::from([
+                (id(2), Local { active: true, generation: Some(Generation(1)) }),
+                (id(1), Local { active, generation: Some(Generation(generation)) }),
+            ])
+        };
+        let basis = Basis::of(7, &local(true, 3));
+        assert_eq!(basis.local[0].0, id(1), "sorted: the map's order does not matter");
+        let full = Duration::from_secs(30);
+        let last = Some((basis.clone(), Duration::from_secs(5)));
+        assert!(nothing_new(last.as_ref(), &Basis::of(7, &local(true, 3)), full, false));
+        assert!(!nothing_new(None, &basis, full, false), "no complete pass yet");
+        assert!(!nothing_new(last.as_ref(), &Basis::of(8, &local(true, 3)), full, false), "the revision moved");
+        assert!(!nothing_new(last.as_ref(), &Basis::of(7, &local(false, 3)), full, false), "a domain stopped");
+        assert!(!nothing_new(last.as_ref(), &Basis::of(7, &local(true, 4)), full, false), "redefined");
+        assert!(!nothing_new(last.as_ref(), &Basis::of(7, &HashMap::new()), full, false), "undefined");
+        assert!(!nothing_new(last.as_ref(), &basis, full, true), "a shutdown or self-fence under way");
+        let old = Some((basis.clone(), full));
+        assert!(!nothing_new(old.as_ref(), &basis, full, false), "the full pass is due");
+        let spread: Vec<Duration> = (0..1000).map(|seed| super::spread(full, seed)).collect();
+        assert!(spread.iter().all(|d| *d >= full * 3 / 4 && *d < full), "within the last quarter");
+        assert!(spread.iter().any(|d| *d < full * 8 / 10) && spread.iter().any(|d| *d > full * 95 / 100), "spread");
     }
 }

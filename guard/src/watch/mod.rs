@@ -46,7 +46,7 @@ use nodekeeper_store::guard_api::PeerList;
 use nodekeeper_store::{FencingProfile, Generation, InstanceId, NewEvent, ReportedDomain};
 use serde::{Deserialize, Serialize};
 
-use crate::backend::Backend;
+use crate::backend::{Backend, Revision};
 use crate::config::Config;
 use converge::{define_and_start, list, recreate_local_disks, stop_ha_domains};
 pub use notify::{notify, HardwareWatchdog};
@@ -69,6 +69,10 @@ pub struct Counters {
     pub self_fences: u64,
     /// Restarts of libvirtd and of the configured services.
     pub restarts: u64,
+    /// Converge passes that had nothing to ask the database (the host's revision and its
+    /// libvirt unchanged since the last complete pass): libvirt listed, service copies
+    /// checked, no request.
+    pub unchanged: u64,
 }
 
 /// The self-fence's record (`state_dir/self-fenced.json`): survives a restart of the guard,
@@ -105,6 +109,8 @@ struct Shared {
     watchdog: std::sync::Mutex<Option<Duration>>,
     /// The fencing profile the database last acknowledged.
     profile_sent: std::sync::Mutex<Option<FencingProfile>>,
+    /// What the last heartbeat answered of the host's revision (`None` after a failed one).
+    revision: std::sync::Mutex<Option<Revision>>,
     /// `state_dir/last-contact` ([`contact`]).
     contact_file: PathBuf,
 }
@@ -188,6 +194,11 @@ struct Watch {
     stopping: HashMap<InstanceId, Instant>,
     /// For peer checks.
     peer_client: Option<reqwest::Client>,
+    /// The basis of the last complete converge pass, when it began, and the share of the full
+    /// pass interval after which the next is due ([`converge::spread`]).
+    converged: Option<(converge::Basis, Instant, u64)>,
+    /// The service copies the last complete pass fetched.
+    copies: Vec<nodekeeper_store::guard_api::AssignedService>,
 }
 
 /// Runs until `stop` resolves; returns what it did. The heartbeat and converge loops run
@@ -250,6 +261,7 @@ pub async fn run(config: Config, stop: impl std::future::Future<Output = ()>) ->
         unfenced: std::sync::Mutex::new(None),
         watchdog: std::sync::Mutex::new(announced),
         profile_sent: std::sync::Mutex::new(None),
+        revision: std::sync::Mutex::new(None),
         contact_file,
     });
     let worker = || Watch {
@@ -261,6 +273,8 @@ pub async fn run(config: Config, stop: impl std::future::Future<Output = ()>) ->
         started_now: Vec::new(),
         stopping: HashMap::new(),
         peer_client: None,
+        converged: None,
+        copies: Vec::new(),
     };
     let w = config.watch.clone();
     let peer_server = match w.peer_listen {
@@ -450,12 +464,12 @@ impl Watch {
         let host = self.config.host.clone();
         let result = tokio::time::timeout(budget, async {
             let store = self.store(budget).await?;
-            store.heartbeat(&host).await?;
-            anyhow::Ok(())
+            store.heartbeat(&host).await
         })
         .await;
         match result {
-            Ok(Ok(())) => {
+            Ok(Ok(revision)) => {
+                *Shared::lock(&self.shared.revision) = revision;
                 self.shared.count(|c| c.heartbeats += 1);
                 *Shared::lock(&self.shared.last_db_ok) = Instant::now();
                 Shared::lock(&self.shared.held).take();
@@ -468,6 +482,8 @@ impl Watch {
                 }
             }
             other => {
+                // Whatever changed now goes unseen: the next converge pass asks everything.
+                Shared::lock(&self.shared.revision).take();
                 self.shared.count(|c| c.heartbeat_failures += 1);
                 let e = match other {
                     Ok(Err(e)) => format!("{e:#}"),
@@ -638,14 +654,10 @@ impl Watch {
     /// The service copies: starts what is assigned here and does not run (by its check, else
     /// by what this guard started), stops what it started and is no longer assigned here.
     /// Returns the events of what it did.
-    async fn converge_services(&mut self, store: &Backend) -> Vec<NewEvent> {
-        let assigned = match store.services(&self.config.host).await {
-            Ok(a) => a,
-            Err(e) => {
-                tracing::warn!("converge: services: {e:#}");
-                return Vec::new();
-            }
-        };
+    async fn converge_services(
+        &mut self,
+        assigned: Vec<nodekeeper_store::guard_api::AssignedService>,
+    ) -> Vec<NewEvent> {
         let path = self.config.boot.state_dir.join("services.json");
         let mut started = copies::load(&path);
         if assigned.is_empty() && started.is_empty() {
@@ -759,13 +771,42 @@ impl Watch {
         }
         let budget = self.config.watch.converge_interval;
         let Ok(store) = self.store(budget).await else { return };
+        // Nothing changed of this host's in the database, nor in its libvirt, since the last
+        // complete pass: nothing to ask (the traffic of a fleet at rest is its heartbeats).
+        let began = Instant::now();
+        let revision = *Shared::lock(&self.shared.revision);
+        let basis = revision.map(|r| converge::Basis::of(r.value, &local));
+        let busy = !self.stopping.is_empty() || self.shared.is_fenced();
+        let last = self.converged.as_ref().map(|(b, at, _)| (b.clone(), at.elapsed()));
+        let seed = self.converged.as_ref().map_or(0, |c| c.2);
+        if let (Some(basis), Some(Revision { full_pass, .. })) = (&basis, revision) {
+            if converge::nothing_new(last.as_ref(), basis, converge::spread(full_pass, seed), busy) {
+                self.shared.count(|c| c.unchanged += 1);
+                let copies = self.copies.clone();
+                let events = self.converge_services(copies).await;
+                if !events.is_empty() {
+                    if let Err(e) = store.record_events(&events).await {
+                        tracing::warn!("converge: recording events: {e:#}");
+                    }
+                }
+                self.shared.count(|c| c.converges += 1);
+                return;
+            }
+        }
+        // Complete only if every question was answered and every action done.
+        self.converged = None;
+        let mut complete = true;
         // What moved away: the post-libvirt pass (saves, destroys, undefines; its events).
         match tokio::time::timeout(budget, crate::boot::live::run(&self.config)).await {
             Ok(Ok(report)) if !report.destroyed.is_empty() || !report.undefined.is_empty() => {
                 tracing::info!(destroyed = ?report.destroyed, undefined = ?report.undefined, "converge: removed what moved away");
             }
-            Ok(Err(e)) => tracing::warn!("converge: {e:#}"),
-            _ => {}
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                complete = false;
+                tracing::warn!("converge: {e:#}");
+            }
+            Err(_) => complete = false,
         }
         let owned = match store.assigned(&self.config.host).await {
             Ok(o) => o,
@@ -790,6 +831,7 @@ impl Watch {
                     Ok(Some(x)) => Some(x),
                     Ok(None) => {
                         tracing::warn!(uuid = %action.uuid, "converge: {} is assigned here but has no stored domain XML", action.name);
+                        complete = false;
                         continue;
                     }
                     Err(e) => return tracing::warn!("converge: {e:#}"),
@@ -833,6 +875,7 @@ impl Watch {
                     }
                 }
                 Err(e) => {
+                    complete = false;
                     tracing::warn!(uuid = %uuid, "converge: {name}: {e:#}");
                     let m = format!("{name} not started here: {e:#}");
                     let key = format!("converge-failed:{}:{uuid}:{}", self.config.host, generation.0);
@@ -861,6 +904,7 @@ impl Watch {
             .map(|(uuid, (running, generation))| ReportedDomain { uuid, running, generation })
             .collect();
         if let Err(e) = store.save_report(&self.config.host, &report).await {
+            complete = false;
             tracing::warn!("converge: saving the report: {e:#}");
         }
         if let Some(f) = lifted {
@@ -873,11 +917,25 @@ impl Watch {
             events.push(NewEvent::host(&self.actor(), "host.self_fence_lifted", &self.config.host, m));
             let _ = std::fs::remove_file(&self.fence_file);
         }
-        events.extend(self.converge_services(&store).await);
+        match store.services(&self.config.host).await {
+            Ok(copies) => {
+                self.copies = copies.clone();
+                events.extend(self.converge_services(copies).await);
+            }
+            Err(e) => {
+                complete = false;
+                tracing::warn!("converge: services: {e:#}");
+            }
+        }
         if !events.is_empty() {
             if let Err(e) = store.record_events(&events).await {
                 tracing::warn!("converge: recording events: {e:#}");
             }
+        }
+        if let (true, Some(basis)) = (complete, basis) {
+            use std::hash::BuildHasher;
+            let seed = std::collections::hash_map::RandomState::new().hash_one(began);
+            self.converged = Some((basis, began, seed));
         }
         self.shared.count(|c| c.converges += 1);
     }

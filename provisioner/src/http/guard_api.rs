@@ -4,11 +4,13 @@
 //! guard can read and write only for its own host, and the provisioner sets the actor of the
 //! events it records (`guard:HOST`).
 //!
-//! - `POST heartbeat` → `{"at": …}`
+//! - `POST heartbeat` → [`HeartbeatAnswer`] `{"at": …, "revision": …, "full_pass_ms": …}`:
+//!   group-committed ([`super::guard_writes`]); the revision tells the guard whether anything
+//!   it converges on changed since its last complete pass
 //! - `POST ownership` `{"uuids": [...]}` → `[Ownership]` (what `guard boot` asks)
 //! - `GET assigned` → `[Assigned]` (what `guard watch` converges on)
 //! - `GET assigned/{uuid}/domain.xml` → the stored XML of an instance assigned to the host
-//! - `PUT report` `[ReportedDomain]` (what its libvirt runs, for the GC pass)
+//! - `PUT report` `[ReportedDomain]` (what its libvirt runs, for the GC pass; group-committed)
 //! - `POST events` `[GuardEvent]` (their idempotency keys are kept under `guard:HOST:`, so a
 //!   node cannot pre-empt a key of the controller's or of another host)
 //! - `GET peers` → [`PeerList`] (the cell's other hosts and the key shared with each: the
@@ -26,7 +28,9 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
-use nodekeeper_store::guard_api::{valid_token, Assigned, GuardEvent, OwnershipQuery, PeerList, Relay};
+use nodekeeper_store::guard_api::{
+    valid_token, Assigned, GuardEvent, HeartbeatAnswer, OwnershipQuery, PeerList, Relay,
+};
 use nodekeeper_store::{FencingProfile, HostName, InstanceId, NewEvent, ReportedDomain};
 use sha2::{Digest, Sha256};
 
@@ -57,17 +61,22 @@ pub fn token_hash(token: &str) -> String {
     format!("{:x}", Sha256::digest(token.as_bytes()))
 }
 
+/// The well-formed bearer token of a request, if any.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|t| valid_token(t))
+}
+
 /// The host named in the path, if the request carries its node token.
 async fn authorize(state: &HttpState, name: &str, headers: &HeaderMap) -> Result<HostName, Response> {
     let Ok(name) = name.parse::<HostName>() else {
         return Err(text(StatusCode::BAD_REQUEST, format!("invalid host name {name:?}\n")));
     };
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
-        .filter(|t| valid_token(t));
+    let token = bearer(headers);
     // A missing token is checked against the host too: an unknown host is a 404 either way.
     let hash = token.map(token_hash).unwrap_or_default();
     match state.guard_store.check_node_token(&name, &hash).await {
@@ -105,12 +114,26 @@ fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, String> {
 }
 
 async fn heartbeat(State(state): State<HttpState>, UrlPath(name): UrlPath<String>, headers: HeaderMap) -> Response {
+    let full_pass_ms = Some(u64::try_from(state.guard_writes.full_pass.as_millis()).unwrap_or(u64::MAX));
+    // The common case in one batched statement that checks the token too; any refusal is
+    // worked out by the one-request path below (which answers 400, 401 or 404).
+    if let (Ok(host), Some(token)) = (name.parse::<HostName>(), bearer(&headers)) {
+        match state.guard_writes.beat(host, token_hash(token)).await {
+            Ok(Some((at, revision))) => {
+                let answer = HeartbeatAnswer { at: at.to_string(), revision: Some(revision), full_pass_ms };
+                return Json(answer).into_response();
+            }
+            Ok(None) => {}
+            Err(e) => return internal(e),
+        }
+    }
     let host = match authorize(&state, &name, &headers).await {
         Ok(h) => h,
         Err(r) => return r,
     };
+    // The token matched only now (set between the two): recorded one by one.
     match state.guard_store.record_heartbeat(&host).await {
-        Ok(at) => Json(serde_json::json!({ "at": at })).into_response(),
+        Ok(at) => Json(HeartbeatAnswer { at: at.to_string(), revision: None, full_pass_ms: None }).into_response(),
         Err(e) => internal(e),
     }
 }
@@ -197,7 +220,7 @@ async fn report(
         Ok(v) => v,
         Err(r) => return r,
     };
-    match state.guard_store.save_guard_report(&host, &domains).await {
+    match state.guard_writes.report(host, domains).await {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(e) => internal(e),
     }

@@ -5,6 +5,7 @@
 pub mod admin_api;
 pub mod console;
 pub mod guard_api;
+pub mod guard_writes;
 pub mod images;
 pub mod ipxe;
 pub mod tls;
@@ -51,6 +52,8 @@ pub struct HttpState {
     /// The guard API's own pool: heartbeats never wait behind readers of the API or the
     /// event stream (a separate pool on the same database).
     pub guard_store: Store,
+    /// The group commit of the guards' heartbeats and reports (on `guard_store`).
+    pub guard_writes: guard_writes::GuardWrites,
     /// Event streams open now (capped at `max_event_streams`).
     pub streams: Arc<std::sync::atomic::AtomicUsize>,
     /// The HTTPS listener nodes are sent to, when `[http.tls]` is set.

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nodekeeper_store::{
-    Host, HostName, HostState, InstanceId, NewEvent, Operation, OperationStatus, Store, StoreError, Timestamp,
+    Host, HostName, HostState, Instance, InstanceId, NewEvent, Operation, OperationStatus, Store, StoreError, Timestamp,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -78,6 +78,10 @@ pub struct Controller<F: BmcFactory> {
     /// memory on purpose: a new leader (or a restarted one) did not see what happened before
     /// it, and starts the count again.
     quorums: std::sync::Mutex<HashMap<i64, QuorumLook>>,
+    /// Where each tick is counted and timed, if anywhere.
+    metrics: Option<Arc<crate::metrics::Metrics>>,
+    /// The fleet as this tick's evacuations see it ([`Fleet`]).
+    fleet: std::sync::Mutex<Option<Fleet>>,
     /// Whether the mass-failure brake held at the last look.
     braked: std::sync::Mutex<bool>,
 }
@@ -98,17 +102,32 @@ impl<F: BmcFactory> Controller<F> {
             watching: std::sync::Mutex::new(None),
             braked: std::sync::Mutex::new(false),
             quorums: std::sync::Mutex::new(HashMap::new()),
+            metrics: None,
+            fleet: std::sync::Mutex::new(None),
         }
+    }
+
+    /// Counts each tick and its time in `metrics` (`/metrics`).
+    pub fn with_metrics(self, metrics: Arc<crate::metrics::Metrics>) -> Controller<F> {
+        Controller { metrics: Some(metrics), ..self }
     }
 
     /// Ticks every `interval` until `shutdown`, then gives the lease up.
     pub async fn run(self, shutdown: CancellationToken) {
         loop {
             // The database's time: heartbeats and leases were stamped with it.
+            let began = std::time::Instant::now();
             let ticked = match self.store.now().await {
                 Ok(now) => self.tick(now).await.map(drop),
                 Err(e) => Err(e),
             };
+            let took = began.elapsed();
+            if let Some(m) = &self.metrics {
+                m.recovery_tick(took);
+            }
+            if took > self.config.interval {
+                tracing::warn!(took_ms = took.as_millis() as u64, "recovery: a tick took longer than the interval");
+            }
             if let Err(e) = ticked {
                 tracing::warn!("recovery: {e}");
             }
@@ -642,23 +661,43 @@ impl<F: BmcFactory> Controller<F> {
     /// moved is no longer `host`'s; a move that loses its compare-and-set (someone else moved
     /// it) is skipped.
     async fn evacuate(&self, store: &Store, host: &Host, now: Timestamp) -> Result<(usize, usize, usize), StoreError> {
-        let all = store.instances(None).await?;
-        let (ip, hp) = (store.instance_policies().await?, store.host_inventories().await?);
+        // This tick's fleet, read by its first evacuation (a rack's fences would each read
+        // every instance otherwise); taken out while in use, so a concurrent one reads its own.
+        let cached = self.fleet.lock().unwrap_or_else(|p| p.into_inner()).take().filter(|f| f.at == now);
+        let mut fleet = match cached {
+            Some(f) => f,
+            None => Fleet::read(store, now).await?,
+        };
+        let result = self.evacuate_in(store, host, now, &mut fleet).await;
+        if result.is_ok() {
+            *self.fleet.lock().unwrap_or_else(|p| p.into_inner()) = Some(fleet);
+        }
+        result
+    }
+
+    async fn evacuate_in(
+        &self,
+        store: &Store,
+        host: &Host,
+        now: Timestamp,
+        fleet: &mut Fleet,
+    ) -> Result<(usize, usize, usize), StoreError> {
+        let Fleet { all, ip, hp, hosts, .. } = &*fleet;
         let priority = |id: &InstanceId| ip.get(id).map_or(0, |p| p.priority);
         let mut moving: Vec<_> = all.iter().filter(|i| i.owner == host.name && i.ha && !i.deleted).collect();
         moving.sort_by_key(|i| (std::cmp::Reverse(priority(&i.uuid)), i.uuid.uuid()));
         let ids: Vec<_> = moving.iter().map(|i| i.uuid).collect();
-        // Hosts being drained take nothing new.
-        let hosts = super::drain::uncordoned(store.hosts().await?, &super::drain::draining(store).await?);
         // The guards' reports only matter to instances with a restart order (each pass of a
         // waiting evacuation would read every host's report otherwise).
         let run = if ids.iter().any(|id| ip.get(id).is_some_and(|p| !p.after.is_empty())) {
-            place::running(&all, &store.guard_reports().await?)
+            place::running(all, &store.guard_reports().await?)
         } else {
             Default::default()
         };
-        let policies = place::Policies { instances: &ip, hosts: &hp, running: &run };
-        let placed = place::place(&host.name, &ids, &hosts, &all, policies, now, self.config.grace);
+        let policies = place::Policies { instances: ip, hosts: hp, running: &run };
+        let placed = place::place(&host.name, &ids, hosts, all, policies, now, self.config.grace);
+        let moving: Vec<Instance> = moving.into_iter().cloned().collect();
+        let mut done = Vec::new();
         let (mut moved, mut unplaced, mut ordered) = (0, 0, 0);
         let mut waiting = Vec::new();
         for ((id, to), instance) in placed.into_iter().zip(moving) {
@@ -677,15 +716,53 @@ impl<F: BmcFactory> Controller<F> {
             };
             let reason = format!("recovered from fenced host {} ({} storage)", host.name, instance.storage);
             match store.transfer_owner(id, instance.generation, &to, ACTOR, &reason).await {
-                Ok(_) => moved += 1,
+                Ok(generation) => {
+                    moved += 1;
+                    done.push((id, to, generation));
+                }
                 Err(StoreError::Conflict { .. }) => {} // moved meanwhile, by someone else
                 Err(e) => return Err(e),
+            }
+        }
+        // The snapshot follows this evacuation's own moves (the next one counts the room
+        // they took, as it would reading the database again).
+        for (id, to, generation) in done {
+            if let Some(i) = fleet.all.iter_mut().find(|i| i.uuid == id) {
+                (i.owner, i.generation, i.updated_at) = (to, generation, now);
+            }
+            if let Some(p) = fleet.ip.get_mut(&id) {
+                p.relocations += 1;
             }
         }
         if !waiting.is_empty() {
             store.record_events(&waiting).await?;
         }
         Ok((moved, unplaced, ordered))
+    }
+}
+
+/// The fleet as the evacuations of one tick read it (at its `now`): every instance, the
+/// placement policies and inventories, the hosts that may take instances (not being drained).
+/// Read by the tick's first evacuation and kept in step with the moves of the next ones; a
+/// move someone else made meanwhile is caught by the compare-and-set of `transfer_owner`.
+struct Fleet {
+    at: Timestamp,
+    all: Vec<Instance>,
+    ip: HashMap<InstanceId, nodekeeper_store::InstancePolicy>,
+    hp: HashMap<HostName, nodekeeper_store::HostInventory>,
+    hosts: Vec<Host>,
+}
+
+impl Fleet {
+    async fn read(store: &Store, at: Timestamp) -> Result<Fleet, StoreError> {
+        Ok(Fleet {
+            at,
+            all: store.instances(None).await?,
+            ip: store.instance_policies().await?,
+            hp: store.host_inventories().await?,
+            // Hosts being drained take nothing new.
+            hosts: super::drain::uncordoned(store.hosts().await?, &super::drain::draining(store).await?),
+        })
     }
 }
 

@@ -87,18 +87,23 @@ pub async fn run(config: ServeConfig, bound: Bound, store: Store, shutdown: Canc
         let images = images.clone();
         tokio::task::spawn_blocking(move || images.warm());
     }
+    let guard_store = Store::connect_with(
+        &config.database_url,
+        &ConnectOptions { max_connections: 8, create_if_missing: false, ..Default::default() },
+    )
+    .await
+    .context("opening the guard API's connection pool")?;
     let state = HttpState {
         store: store.clone(),
         config: Arc::new(config.http.clone()),
         metrics: metrics.clone(),
         images,
         health: health.clone(),
-        guard_store: Store::connect_with(
-            &config.database_url,
-            &ConnectOptions { max_connections: 8, create_if_missing: false, ..Default::default() },
-        )
-        .await
-        .context("opening the guard API's connection pool")?,
+        guard_store: guard_store.clone(),
+        // A guard's report must stay younger than three graces for the GC pass: a complete
+        // pass at least every two graces (and a converge interval) leaves it that. Anything
+        // that changes brings a pass at once; this one is the safety net.
+        guard_writes: http::guard_writes::GuardWrites::start(guard_store, config.recovery.grace * 2),
         streams: Default::default(),
         tls: None,
         loaders: config.tftp.root.clone(),
@@ -229,8 +234,13 @@ pub async fn run(config: ServeConfig, bound: Bound, store: Store, shutdown: Canc
 
     if config.recovery.enabled {
         tracing::info!(%holder, grace = ?config.recovery.grace, "recovery controller (runs while this replica holds the lease)");
-        let (store, stop, recovery, policy) =
-            (store.clone(), shutdown.clone(), config.recovery.clone(), crate::bmc::Policy::from(&config.bmc));
+        let (store, stop, recovery, policy, metrics) = (
+            store.clone(),
+            shutdown.clone(),
+            config.recovery.clone(),
+            crate::bmc::Policy::from(&config.bmc),
+            metrics.clone(),
+        );
         let scope = crate::bmc::CredentialScope::from(&config.bmc);
         tasks.spawn(supervise("recovery", health.clone(), shutdown.clone(), move || {
             let controller = crate::recovery::controller::Controller::new(
@@ -238,7 +248,8 @@ pub async fn run(config: ServeConfig, bound: Bound, store: Store, shutdown: Canc
                 Arc::new(crate::reimage::executor::Drivers { policy: policy.clone(), scope: scope.clone() }),
                 recovery.clone(),
                 holder.clone(),
-            );
+            )
+            .with_metrics(metrics.clone());
             let stop = stop.clone();
             async move {
                 controller.run(stop).await;
