@@ -245,7 +245,7 @@ async fn run(opts: &Options, n: &Narrator, dir: &Path) -> anyhow::Result<Report>
         format!(
             "database_url = \"{url}\"\n[dhcp]\nmode = \"off\"\n[http]\nlisten = \"127.0.0.1:{port}\"\n\
              public_url = \"http://127.0.0.1:{port}\"\nimages_dir = \"{}\"\n[http.auth]\nmetrics_from = [\"127.0.0.1/32\"]\n\
-             [recovery]\ngc_interval = \"1h\"\ngrace = \"{}s\"\n",
+             [recovery]\ngrace = \"{}s\"\n",
             dir.join("images").display(),
             opts.grace.as_secs()
         ),
