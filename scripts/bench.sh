@@ -71,11 +71,11 @@ BENCH=dhcp DHCP_SERVERS=nodekeeper NK_SQLITE_SYNC=normal python3 scripts/bench_n
 
 # --- the fleet simulator: simulated guards on the real guard API of one serve -------------
 echo
-echo "== fleet simulator (heartbeats and converges every 5 s, grace 30 s; 1 % of hosts crash, then 60 % are cut off)"
+echo "== fleet simulator (heartbeats every 5 s, a full converge pass on change or every 45-60 s, grace 30 s; 1 % of hosts crash, then 60 % are cut off)"
 cargo build --release --locked -q -p nodekeeper-lab
 for hosts in ${SIM_HOSTS:-1000 10000}; do
   for engine in sqlite postgres; do
-    ./target/release/nodekeeper-lab sim --hosts "$hosts" --engine "$engine" --crash $((hosts / 100))
+    ./target/release/nodekeeper-lab sim --hosts "$hosts" --engine "$engine" --crash $((hosts / 100)) --steady 70
   done
 done
 
