@@ -489,17 +489,22 @@ async fn guard_loop(i: usize, phase: Duration, w: Arc<World>, http: reqwest::Cli
             basis = None;
             continue;
         }
-        if !booted {
-            // guard boot: what may this host run of what it has (nothing, after power-on).
+        // Who owns what this host runs (guard boot's question, and the converge pass's first).
+        let ownership = async |running: &[InstanceId]| {
+            count();
             let r = http
                 .post(url("ownership"))
                 .header("authorization", &auth)
-                .json(&serde_json::json!({ "uuids": running }))
-                .send()
-                .await;
-            count();
-            if !r.is_ok_and(|r| r.status().is_success()) {
+                .json(&serde_json::json!({ "uuids": running }));
+            let ok = r.send().await.is_ok_and(|r| r.status().is_success());
+            if !ok {
                 fail("ownership");
+            }
+            ok
+        };
+        if !booted {
+            // guard boot: what may this host run of what it has (nothing, after power-on).
+            if !ownership(&running).await {
                 continue;
             }
             booted = true;
@@ -529,18 +534,7 @@ async fn guard_loop(i: usize, phase: Duration, w: Arc<World>, http: reqwest::Cli
         // converge: what it runs that moved away, what is assigned (and its services), then
         // the report.
         let began = Instant::now();
-        let mut complete = true;
-        count();
-        let r = http
-            .post(url("ownership"))
-            .header("authorization", &auth)
-            .json(&serde_json::json!({ "uuids": running }))
-            .send()
-            .await;
-        if !r.is_ok_and(|r| r.status().is_success()) {
-            complete = false;
-            fail("ownership");
-        }
+        let mut complete = ownership(&running).await;
         count();
         match http.get(url("assigned")).header("authorization", &auth).send().await {
             Ok(r) if r.status().is_success() => match r.json::<Vec<Assigned>>().await {

@@ -7,33 +7,30 @@
 -- Keep in step with ../sqlite/0024_host_revision.sql.
 ALTER TABLE hosts ADD COLUMN revision BIGINT NOT NULL DEFAULT 0;
 
-CREATE FUNCTION nk_revision_instances() RETURNS trigger
+-- A row that names a host in the column TG_ARGV[0] (an instance's owner, a copy's host):
+-- the old host's revision and, when it differs, the new one's.
+CREATE FUNCTION nk_revision_of_row() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
+DECLARE
+    old_host TEXT;
+    new_host TEXT;
 BEGIN
     IF TG_OP <> 'INSERT' THEN
-        UPDATE hosts SET revision = revision + 1 WHERE name = OLD.owner;
+        old_host := to_jsonb(OLD) ->> TG_ARGV[0];
+        UPDATE hosts SET revision = revision + 1 WHERE name = old_host;
     END IF;
-    IF TG_OP = 'INSERT' OR (TG_OP = 'UPDATE' AND NEW.owner IS DISTINCT FROM OLD.owner) THEN
-        UPDATE hosts SET revision = revision + 1 WHERE name = NEW.owner;
+    IF TG_OP <> 'DELETE' THEN
+        new_host := to_jsonb(NEW) ->> TG_ARGV[0];
+        IF new_host IS DISTINCT FROM old_host THEN
+            UPDATE hosts SET revision = revision + 1 WHERE name = new_host;
+        END IF;
     END IF;
     RETURN NULL;
 END $$;
 CREATE TRIGGER instances_revision AFTER INSERT OR UPDATE OR DELETE ON instances
-    FOR EACH ROW EXECUTE FUNCTION nk_revision_instances();
-
-CREATE FUNCTION nk_revision_service_copies() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
-BEGIN
-    IF TG_OP <> 'INSERT' THEN
-        UPDATE hosts SET revision = revision + 1 WHERE name = OLD.host;
-    END IF;
-    IF TG_OP = 'INSERT' OR (TG_OP = 'UPDATE' AND NEW.host IS DISTINCT FROM OLD.host) THEN
-        UPDATE hosts SET revision = revision + 1 WHERE name = NEW.host;
-    END IF;
-    RETURN NULL;
-END $$;
+    FOR EACH ROW EXECUTE FUNCTION nk_revision_of_row('owner');
 CREATE TRIGGER service_copies_revision AFTER INSERT OR UPDATE OR DELETE ON service_copies
-    FOR EACH ROW EXECUTE FUNCTION nk_revision_service_copies();
+    FOR EACH ROW EXECUTE FUNCTION nk_revision_of_row('host');
 
 CREATE FUNCTION nk_revision_services() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
