@@ -42,6 +42,7 @@ on_both_engines!(
     bmc_and_pdu_dead_the_watchdog_fences_after_the_bound,
     the_brake_holds_the_pdu_level,
     with_too_little_room_priorities_and_anti_affinity_decide_and_the_rest_waits,
+    two_fences_of_one_tick_share_the_room_left_and_never_overfill_a_host,
     a_web_server_moves_only_once_its_database_runs_again,
     an_operator_takes_over_a_fence_that_waits_for_its_watchdog,
     stepping_through_a_fence_whose_bmc_answers_ends_it_in_the_tick_after_it_began,
@@ -898,6 +899,39 @@ async fn with_too_little_room_priorities_and_anti_affinity_decide_and_the_rest_w
     assert_eq!((relocated[&c.ha[0]].relocations, relocated[&c.ha[1]].relocations), (1, 0), "counted per recovery");
     let op = c.fence_op("a").await.expect("fence");
     assert!(op.data.contains("\"unplaced\":1"), "{op:?}");
+}
+
+/// a (4 HA) and b (1 HA) fall silent together; c, d and e have room for exactly five (4 vCPUs
+/// each, 8 + 8 + 4). Both fences evacuate in the same ticks with one read of the fleet per
+/// tick, kept in step with their own moves: every instance finds a place and no host takes
+/// more than its room (read once and not kept in step, b's would be placed on a full host).
+async fn two_fences_of_one_tick_share_the_room_left_and_never_overfill_a_host(db: TestDb) {
+    use nodekeeper_store::{HostInventory, InstancePolicy};
+    let c = cell(&db, 5).await;
+    let four = InstancePolicy { vcpus: 4, memory_mib: 1024, ..InstancePolicy::default() };
+    let moving: Vec<InstanceId> = c.ha.iter().copied().chain([c.others[2]]).collect();
+    let policies: Vec<_> = moving.iter().map(|id| (*id, four.clone())).collect();
+    c.store.set_instance_policies(&policies, "test").await.expect("policies");
+    for (h, vcpus) in [("c", 8), ("d", 8), ("e", 4)] {
+        let inv = HostInventory { vcpus: Some(vcpus), memory_mib: Some(65_536), reserved: false };
+        c.store.set_host_inventory(&n(h), &inv, "test").await.expect("inventory");
+    }
+    let ctl = c.controller("replica-1", RecoveryConfig { step_through: true, ..config() }).await;
+    for s in 31..45 {
+        c.beat(&["c", "d", "e"], c.at(s)).await;
+        ctl.tick(c.at(s)).await.expect("tick");
+    }
+    let mut per_host: HashMap<HostName, u32> = HashMap::new();
+    for id in &moving {
+        let i = c.store.instance(*id).await.expect("get").expect("instance");
+        assert!(["c", "d", "e"].contains(&i.owner.as_str()), "{} not moved: {i:?}", i.name);
+        *per_host.entry(i.owner).or_default() += 4;
+    }
+    assert!(per_host[&n("c")] <= 8 && per_host[&n("d")] <= 8 && per_host[&n("e")] <= 4, "{per_host:?}");
+    for h in ["a", "b"] {
+        let op = c.fence_op(h).await.expect("fence");
+        assert_eq!(op.status, OperationStatus::Done, "{op:?}");
+    }
 }
 
 /// Restart order: web (ha[1]) starts after db (ha[0]). The evacuation moves db and the others,
