@@ -526,8 +526,7 @@ async fn guard_loop(i: usize, phase: Duration, w: Arc<World>, http: reqwest::Cli
             _ => fail("heartbeat"),
         }
         if let (Some((r, full_pass)), Some((b, at, seed))) = (revision, basis) {
-            // The guard's `converge::spread`: due in the last quarter of the full pass.
-            if r == b && at.elapsed() < full_pass * 3 / 4 + full_pass.mul_f64((seed % 1000) as f64 / 4000.0) {
+            if r == b && at.elapsed() < nodekeeper_guard::watch::converge::spread(full_pass, seed) {
                 continue; // nothing new: nothing to ask
             }
         }

@@ -33,25 +33,7 @@ pub struct GuardReport {
 impl Store {
     /// Replaces `host`'s report.
     pub async fn save_guard_report(&self, host: &HostName, domains: &[ReportedDomain]) -> Result<()> {
-        let db_now = self.now().await?.0;
-        const WHAT: &str = "saving a guard report";
-        let json = serde_json::to_string(domains)
-            .map_err(|e| StoreError::Corrupt { table: "guard_reports", reason: e.to_string() })?;
-        let mut tx = self.begin_write(WHAT).await?;
-        sqlx::query("DELETE FROM guard_reports WHERE host = $1")
-            .bind(host.as_str())
-            .execute(&mut *tx)
-            .await
-            .map_err(query(WHAT))?;
-        sqlx::query("INSERT INTO guard_reports (host, at, domains) VALUES ($1, $2, $3)")
-            .bind(host.as_str())
-            .bind(db_now)
-            .bind(json)
-            .execute(&mut *tx)
-            .await
-            .map_err(query(WHAT))?;
-        tx.commit().await.map_err(query(WHAT))?;
-        Ok(())
+        self.save_guard_reports(&[(host.clone(), domains.to_vec())]).await
     }
 
     /// Replaces the reports of many hosts in one transaction (the guard API's group commit);

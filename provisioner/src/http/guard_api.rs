@@ -124,14 +124,17 @@ async fn heartbeat(State(state): State<HttpState>, UrlPath(name): UrlPath<String
                 return Json(answer).into_response();
             }
             Ok(None) => {}
-            Err(e) => return internal(e),
+            // The writer failed or stopped: the one-request path below answers (a database
+            // that is down fails there too, with the same 500).
+            Err(e) => tracing::warn!("heartbeat of {name} through the group commit: {e}; one by one"),
         }
     }
     let host = match authorize(&state, &name, &headers).await {
         Ok(h) => h,
         Err(r) => return r,
     };
-    // The token matched only now (set between the two): recorded one by one.
+    // Refused above, or the token matched only now (set between the two), or the group commit
+    // failed: recorded one by one.
     match state.guard_store.record_heartbeat(&host).await {
         Ok(at) => Json(HeartbeatAnswer { at: at.to_string(), revision: None, full_pass_ms: None }).into_response(),
         Err(e) => internal(e),
@@ -220,7 +223,12 @@ async fn report(
         Ok(v) => v,
         Err(r) => return r,
     };
-    match state.guard_writes.report(host, domains).await {
+    let saved = match state.guard_writes.report(host.clone(), domains.clone()).await {
+        Ok(()) => Ok(()),
+        // The writer failed or stopped: one by one (a database that is down fails here too).
+        Err(_) => state.guard_store.save_guard_report(&host, &domains).await,
+    };
+    match saved {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(e) => internal(e),
     }
