@@ -138,7 +138,7 @@ impl Backend {
     /// The instances the database assigns to `host` (tombstones included).
     pub async fn assigned(&self, host: &HostName) -> anyhow::Result<Vec<Assigned>> {
         match self {
-            Backend::Db(s) => Ok(s.instances(Some(host)).await?.iter().map(Assigned::from).collect()),
+            Backend::Db(s) => Ok(s.assigned(host).await?),
             Backend::Role(r) => Ok(r.assigned().await?),
             Backend::Api(a) => a.json(a.client.get(a.url("assigned"))).await,
         }

@@ -186,12 +186,32 @@ pub struct LibvirtConfig {
     pub config_dir: PathBuf,
     /// The libvirt URI for the pass after libvirtd is up (`boot --post-libvirt`).
     pub uri: String,
+    /// The URI this host's libvirtd answers its peers on (`qemu+tcp://ADDR/system`,
+    /// `qemu+ssh://…`, `qemu+tls://…`): a drain live-migrates an instance with shared storage
+    /// between two hosts that announce one; the migration's data goes to the same address.
+    /// Unset (the default): this host neither sends nor takes live migrations.
+    pub migration_uri: Option<String>,
 }
 
 impl Default for LibvirtConfig {
     fn default() -> Self {
-        Self { config_dir: PathBuf::from("/etc/libvirt/qemu"), uri: "qemu:///system".into() }
+        Self { config_dir: PathBuf::from("/etc/libvirt/qemu"), uri: "qemu:///system".into(), migration_uri: None }
     }
+}
+
+/// The address a live migration's data goes to: `tcp://HOST` of a libvirt URI
+/// `DRIVER+TRANSPORT://[USER@]HOST[:PORT]/PATH`. `None` when it names no host.
+pub fn migration_data_uri(libvirt_uri: &str) -> Option<String> {
+    let (_, rest) = libvirt_uri.split_once("://")?;
+    let authority = rest.split(['/', '?']).next()?;
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let host = if let Some(v6) = host_port.strip_prefix('[') {
+        format!("[{}]", v6.split(']').next()?)
+    } else {
+        host_port.split(':').next()?.to_owned()
+    };
+    let ok = !host.is_empty() && host.chars().all(|c| c.is_ascii_alphanumeric() || ".-:[]".contains(c));
+    ok.then(|| format!("tcp://{host}"))
 }
 
 /// `[boot]`
@@ -292,6 +312,13 @@ impl Config {
         if !config.boot.state_dir.is_absolute() || !config.libvirt.config_dir.is_absolute() {
             return Err("libvirt.config_dir and boot.state_dir must be absolute paths".into());
         }
+        if let Some(u) = &config.libvirt.migration_uri {
+            if migration_data_uri(u).is_none() || u.contains(char::is_whitespace) {
+                return Err(format!(
+                    "libvirt.migration_uri {u:?}: expected a remote libvirt URI such as qemu+tcp://ADDRESS/system"
+                ));
+            }
+        }
         let w = &config.watch;
         if w.heartbeat_interval.is_zero() || w.converge_interval.is_zero() || w.libvirt_timeout.is_zero() {
             return Err("watch intervals and timeouts must be more than zero".into());
@@ -376,6 +403,17 @@ on_db_unreachable = "block-ha"
     }
 
     #[test]
+    fn a_migration_uri_gives_the_address_of_the_migration_data() {
+        let d = |u: &str| migration_data_uri(u);
+        assert_eq!(d("qemu+tcp://10.0.0.3/system").as_deref(), Some("tcp://10.0.0.3"));
+        assert_eq!(d("qemu+ssh://root@node-b.example:2222/system").as_deref(), Some("tcp://node-b.example"));
+        assert_eq!(d("qemu+tls://[fd00::3]:16514/system").as_deref(), Some("tcp://[fd00::3]"));
+        assert_eq!(d("qemu:///system"), None);
+        assert_eq!(d("qemu+tcp://a b/system"), None);
+        assert_eq!(d("no uri"), None);
+    }
+
+    #[test]
     fn defaults_apply_and_bad_configs_are_named() {
         let c = Config::parse("host = \"n1\"\ndatabase_url = \"sqlite:///tmp/x.db\"\n").expect("minimal");
         assert_eq!(c.boot.state_dir, PathBuf::from("/var/lib/nodekeeper"));
@@ -392,6 +430,10 @@ on_db_unreachable = "block-ha"
             ("host = \"n1\"\ndatabase_url = \"mysql://x\"", "unsupported scheme"),
             ("host = \"n1\"\ndatabase_url = \"sqlite:///x\"\n[boot]\nstate_dir = \"rel\"", "absolute"),
             ("host = [", "invalid"),
+            (
+                "host = \"n1\"\ndatabase_url = \"sqlite:///x\"\n[libvirt]\nmigration_uri = \"qemu:///system\"",
+                "migration_uri",
+            ),
         ];
         for (text, want) in cases {
             let err = Config::parse(text).expect_err(text);

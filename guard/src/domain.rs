@@ -104,6 +104,38 @@ pub fn parse_domain_xml(bytes: &[u8]) -> Result<DomainMeta, DomainXmlError> {
     Ok(DomainMeta { uuid, name, generation, ha })
 }
 
+/// `xml` (a domain's XML) with nodekeeper's metadata element saying `generation` and `ha`:
+/// the element replaced where it is, else added to `<metadata>`, else a `<metadata>` added.
+/// What a live migration sends as the domain's XML on its target (it arrives at its next
+/// generation). Everything else is left byte for byte.
+pub fn with_instance_metadata(xml: &str, generation: Generation, ha: bool) -> Result<String, DomainXmlError> {
+    let doc = roxmltree::Document::parse(xml).map_err(|e| DomainXmlError::Malformed(e.to_string()))?;
+    let root = doc.root_element();
+    if root.tag_name().name() != "domain" || root.tag_name().namespace().is_some() {
+        return Err(DomainXmlError::NotADomain(root.tag_name().name().to_owned()));
+    }
+    let element = format!("<nk:instance xmlns:nk=\"{NK_NAMESPACE}\" generation=\"{}\" ha=\"{ha}\"/>", generation.0);
+    let metadata = child(root, "metadata");
+    let nk = metadata.and_then(|m| {
+        m.children().find(|n| {
+            n.is_element() && n.tag_name().name() == "instance" && n.tag_name().namespace() == Some(NK_NAMESPACE)
+        })
+    });
+    let splice =
+        |range: std::ops::Range<usize>, with: &str| format!("{}{with}{}", &xml[..range.start], &xml[range.end..]);
+    Ok(match (metadata, nk) {
+        (_, Some(nk)) => splice(nk.range(), &element),
+        (Some(m), None) => match m.first_child() {
+            Some(first) => splice(first.range().start..first.range().start, &element),
+            None => splice(m.range(), &format!("<metadata>{element}</metadata>")),
+        },
+        (None, None) => {
+            let end = xml[..root.range().end].rfind("</domain").ok_or(DomainXmlError::Missing("</domain>"))?;
+            splice(end..end, &format!("<metadata>{element}</metadata>"))
+        }
+    })
+}
+
 /// A file-backed disk of a domain definition: what recreating it on a new host takes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FileDisk {
@@ -159,6 +191,31 @@ pub fn file_disks(bytes: &[u8]) -> Result<Vec<FileDisk>, DomainXmlError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_migration_sends_the_xml_with_the_next_generation_and_nothing_else_changed() {
+        let base =
+            "<domain type='qemu'><name>x</name><uuid>6c1d3f2a-0b1e-4c53-9a0e-1f2d3c4b5a01</uuid>{M}<devices/></domain>";
+        let nk = format!("<nk:instance xmlns:nk='{NK_NAMESPACE}' generation='3' ha='true'/>");
+        let other = "<app:x xmlns:app='urn:other'>keep</app:x>";
+        for metadata in [
+            format!("<metadata>{nk}</metadata>"),
+            format!("<metadata>{other}{nk}</metadata>"),
+            format!("<metadata>{other}</metadata>"),
+            "<metadata/>".to_owned(),
+            String::new(),
+        ] {
+            let xml = base.replace("{M}", &metadata);
+            let out = with_instance_metadata(&xml, Generation(4), true).expect("rewritten");
+            let meta = parse_domain_xml(out.as_bytes()).expect("still a domain");
+            assert_eq!((meta.generation, meta.ha, meta.name.as_str()), (Some(Generation(4)), Some(true), "x"), "{out}");
+            assert!(out.contains("<devices/>") && out.starts_with("<domain type='qemu'>"), "{out}");
+            assert_eq!(out.contains("urn:other"), metadata.contains("urn:other"), "other metadata kept: {out}");
+            assert_eq!(out.matches("nodekeeper.dev").count(), 1, "{out}");
+        }
+        assert!(with_instance_metadata("<pool/>", Generation(1), true).is_err());
+        assert!(with_instance_metadata("<domain>", Generation(1), true).is_err());
+    }
 
     #[test]
     fn file_disks_with_their_backing_images() {

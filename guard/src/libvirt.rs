@@ -15,3 +15,13 @@ pub fn with_connection<T>(
     let _ = conn.close();
     result
 }
+
+/// A listed domain's XML, or `None` when it went away since it was listed (undefined, or
+/// migrated away and its transient definition gone): not an error of libvirt's.
+pub fn xml_unless_gone(dom: &virt::domain::Domain, flags: u32) -> anyhow::Result<Option<String>> {
+    match dom.get_xml_desc(flags) {
+        Ok(xml) => Ok(Some(xml)),
+        Err(e) if e.code() == virt::error::ErrorNumber::NoDomain => Ok(None),
+        Err(e) => Err(anyhow::Error::from(e).context("reading a domain's XML")),
+    }
+}

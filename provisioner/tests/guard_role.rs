@@ -132,7 +132,12 @@ async fn a_guard_role_does_what_the_guard_api_does_and_nothing_more() {
     assert!(session.domain_xml(a).await.expect("xml").is_some_and(|x| x.contains("vm-a")));
     assert_eq!(session.domain_xml(b).await.expect("xml"), None, "another host's XML is not shown");
     session
-        .save_report(&[ReportedDomain { uuid: a, running: true, generation: Some(nodekeeper_store::Generation(1)) }])
+        .save_report(&[ReportedDomain {
+            uuid: a,
+            running: true,
+            generation: Some(nodekeeper_store::Generation(1)),
+            migration_failed: None,
+        }])
         .await
         .expect("report");
     assert_eq!(admin.guard_reports().await.expect("reports")[0].host, n("node-a"));
@@ -144,6 +149,7 @@ async fn a_guard_role_does_what_the_guard_api_does_and_nothing_more() {
         libvirt_timeout_ms: 15_000,
         watchdog_timeout_ms: Some(60_000),
         quorum_cell: Some(vec![n("node-b")]),
+        migration_uri: None,
     };
     session.save_fencing(&profile).await.expect("fencing profile");
     session.save_fencing(&profile).await.expect("replaced, not added");

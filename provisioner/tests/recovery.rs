@@ -361,7 +361,8 @@ async fn gc_raises_drift_once_and_retries_what_found_no_room(db: TestDb) {
                                                           // node-b's guard reports one of node-a's HA instances running there, and not its own HA one.
     let astray = c.ha[0];
     let b_own_ha = c.others[2];
-    let report = [ReportedDomain { uuid: astray, running: true, generation: Some(Generation(1)) }];
+    let report =
+        [ReportedDomain { uuid: astray, running: true, generation: Some(Generation(1)), migration_failed: None }];
     c.store.save_guard_report(&n("b"), &report).await.expect("report");
     c.store.save_guard_report(&n("c"), &[]).await.expect("report");
     for host in ["a", "b", "c"] {
@@ -523,6 +524,7 @@ fn profile(watchdog_s: Option<u64>, cell: &[&str]) -> FencingProfile {
         libvirt_timeout_ms: 2_000,
         watchdog_timeout_ms: watchdog_s.map(|s| s * 1000),
         quorum_cell: Some(cell.iter().map(|h| n(h)).collect()),
+        migration_uri: None,
     }
 }
 
@@ -957,7 +959,7 @@ async fn a_web_server_moves_only_once_its_database_runs_again(db: TestDb) {
     assert_eq!(owner(web).await.owner, n("a"), "web waits for db");
     assert_eq!(c.fence_op("a").await.expect("fence").step, "evacuate", "the evacuation goes on");
     // db's new owner reports it running (at its new generation): web moves at the next tick.
-    let report = [ReportedDomain { uuid: dbi, running: true, generation: Some(Generation(2)) }];
+    let report = [ReportedDomain { uuid: dbi, running: true, generation: Some(Generation(2)), migration_failed: None }];
     c.store.save_guard_report(&moved_db.owner, &report).await.expect("report");
     c.beat(&["b", "c"], c.at(40)).await;
     ctl.tick(c.at(40)).await.expect("tick");

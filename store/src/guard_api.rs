@@ -7,7 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::types::{Generation, InstanceId, Storage};
+use crate::types::{Generation, HostName, InstanceId, Storage};
 
 /// The path prefix of a host's guard API, below the provisioner's public URL.
 pub fn path(host: &crate::HostName, rest: &str) -> String {
@@ -99,6 +99,22 @@ pub struct Assigned {
     /// Held by a drain: keep it stopped (shut it down cleanly if it runs, never start it).
     #[serde(default)]
     pub held: bool,
+    /// A drain's live migration of it, from its owner to another host: the owner's guard
+    /// migrates it, the target's leaves the arriving domain alone (the list of a target names
+    /// the instances coming to it too). Neither defines nor starts it meanwhile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<Migration>,
+}
+
+/// A live migration under way (see [`Assigned::migration`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Migration {
+    /// The owner, that migrates it.
+    pub from: HostName,
+    /// The host it goes to.
+    pub to: HostName,
+    /// The target's libvirt URI (as its guard announced it).
+    pub uri: String,
 }
 
 impl From<&crate::Instance> for Assigned {
@@ -111,6 +127,10 @@ impl From<&crate::Instance> for Assigned {
             deleted: i.deleted,
             storage: i.storage,
             held: i.held,
+            migration: match (&i.migrating_to, &i.migration_uri) {
+                (Some(to), Some(uri)) => Some(Migration { from: i.owner.clone(), to: to.clone(), uri: uri.clone() }),
+                _ => None,
+            },
         }
     }
 }

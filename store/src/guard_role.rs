@@ -201,11 +201,13 @@ impl GuardSession {
         for chunk in ids.chunks(4000) {
             let list: Vec<String> = chunk.iter().map(ToString::to_string).collect();
             let json = serde_json::to_string(&list).map_err(|e| StoreError::Invalid(e.to_string()))?;
-            let rows = sqlx::query("SELECT uuid, owner, generation, deleted, ha FROM nk_guard_ownership($1)")
-                .bind(json)
-                .fetch_all(&self.store.pool)
-                .await
-                .map_err(query(WHAT))?;
+            let rows = sqlx::query(
+                "SELECT uuid, owner, generation, deleted, ha, NULL::text AS migrating_to FROM nk_guard_ownership($1)",
+            )
+            .bind(json)
+            .fetch_all(&self.store.pool)
+            .await
+            .map_err(query(WHAT))?;
             for row in &rows {
                 out.push(ownership_from_row(row)?);
             }
@@ -239,6 +241,9 @@ impl GuardSession {
                     ha: flag(row, "ha")?,
                     deleted: flag(row, "deleted")?,
                     storage: parse_column(T, "storage", &text("storage")?)?,
+                    // The guard role does not carry live migrations: its guard announces no
+                    // migration URI, so no drain migrates to or from it.
+                    migration: None,
                 })
             })
             .collect()

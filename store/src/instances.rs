@@ -69,6 +69,16 @@ pub struct Instance {
     pub updated_at: Timestamp,
     /// Held by a drain: its owner's guard keeps it stopped until it moves.
     pub held: bool,
+    /// Being live-migrated by a drain to this host (its owner's guard migrates it; the
+    /// controller makes the target its owner once the move is seen done).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub migrating_to: Option<HostName>,
+    /// The target's libvirt URI, while migrating.
+    #[serde(skip)]
+    pub migration_uri: Option<String>,
+    /// Since when it is migrating (a guard report must be newer to count).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub migration_started_at: Option<Timestamp>,
 }
 
 /// What the guard needs to judge a local definition: owner, generation, tombstone, HA.
@@ -84,6 +94,10 @@ pub struct Ownership {
     pub deleted: bool,
     /// HA flag.
     pub ha: bool,
+    /// Being live-migrated to this host: its domain there is the instance arriving, not a
+    /// stale copy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migrating_to: Option<HostName>,
 }
 
 /// Why the controller moves an instance.
@@ -116,10 +130,10 @@ const INSTANCE_COLUMNS: &str = "uuid, name, owner, generation, \
     CAST(CASE WHEN ha THEN 1 ELSE 0 END AS BIGINT) AS ha, storage, \
     CAST(CASE WHEN deleted THEN 1 ELSE 0 END AS BIGINT) AS deleted, \
     CAST(CASE WHEN domain_xml IS NULL THEN 0 ELSE 1 END AS BIGINT) AS has_xml, created_at, updated_at, \
-    CAST(CASE WHEN held THEN 1 ELSE 0 END AS BIGINT) AS held";
+    CAST(CASE WHEN held THEN 1 ELSE 0 END AS BIGINT) AS held, migrating_to, migration_uri, migration_started_at";
 const OWNERSHIP_COLUMNS: &str = "uuid, owner, generation, \
     CAST(CASE WHEN deleted THEN 1 ELSE 0 END AS BIGINT) AS deleted, \
-    CAST(CASE WHEN ha THEN 1 ELSE 0 END AS BIGINT) AS ha";
+    CAST(CASE WHEN ha THEN 1 ELSE 0 END AS BIGINT) AS ha, migrating_to";
 
 pub(crate) fn flag(row: &AnyRow, column: &str) -> Result<bool> {
     Ok(get::<i64>(row, "instances", column)? != 0)
@@ -139,7 +153,15 @@ fn instance_from_row(row: &AnyRow) -> Result<Instance> {
         created_at: Timestamp(get(row, T, "created_at")?),
         updated_at: Timestamp(get(row, T, "updated_at")?),
         held: flag(row, "held")?,
+        migrating_to: migrating_to(row)?,
+        migration_uri: get(row, T, "migration_uri")?,
+        migration_started_at: get::<Option<i64>>(row, T, "migration_started_at")?.map(Timestamp),
     })
+}
+
+fn migrating_to(row: &AnyRow) -> Result<Option<HostName>> {
+    const T: &str = "instances";
+    get::<Option<String>>(row, T, "migrating_to")?.map(|h| parse_column(T, "migrating_to", &h)).transpose()
 }
 
 pub(crate) fn ownership_from_row(row: &AnyRow) -> Result<Ownership> {
@@ -150,6 +172,7 @@ pub(crate) fn ownership_from_row(row: &AnyRow) -> Result<Ownership> {
         generation: Generation::from_db(get(row, T, "generation")?),
         deleted: flag(row, "deleted")?,
         ha: flag(row, "ha")?,
+        migrating_to: migrating_to(row)?,
     })
 }
 
@@ -398,6 +421,121 @@ impl Store {
         Ok(changed)
     }
 
+    /// What `host`'s guard converges on: the instances it owns, and those being live-migrated
+    /// to it (their [`crate::guard_api::Assigned::migration`] says so).
+    pub async fn assigned(&self, host: &HostName) -> Result<Vec<crate::guard_api::Assigned>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {INSTANCE_COLUMNS} FROM instances WHERE owner = $1 \
+             UNION ALL SELECT {INSTANCE_COLUMNS} FROM instances WHERE migrating_to = $1 AND owner <> $1"
+        ))
+        .bind(host.as_str())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(query("listing assigned instances"))?;
+        rows.iter().map(|r| instance_from_row(r).map(|i| crate::guard_api::Assigned::from(&i))).collect()
+    }
+
+    /// The instances being live-migrated (few: a drain's), oldest intent first.
+    pub async fn migrations(&self) -> Result<Vec<Instance>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {INSTANCE_COLUMNS} FROM instances WHERE migrating_to IS NOT NULL \
+             ORDER BY migration_started_at, uuid"
+        ))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(query("listing migrations"))?;
+        rows.iter().map(instance_from_row).collect()
+    }
+
+    /// A drain's live migration `m` of `id` (from its owner to a host whose libvirt is at
+    /// `m.uri`) begins: compare-and-set on owner and generation; refused (`Conflict`) when the
+    /// instance moved, is held, deleted or already migrating. One `instance.migrating` event.
+    pub async fn start_migration(
+        &self,
+        id: InstanceId,
+        expected: Generation,
+        m: &crate::guard_api::Migration,
+        actor: &str,
+        why: &str,
+    ) -> Result<()> {
+        const WHAT: &str = "starting a live migration";
+        let (from, to, uri) = (&m.from, &m.to, m.uri.as_str());
+        if from == to {
+            return Err(StoreError::Invalid(format!("instance {id}: a live migration to its own host {to}")));
+        }
+        let db_now = self.now().await?.0;
+        let mut tx = self.begin_write(WHAT).await?;
+        let done = sqlx::query(
+            "UPDATE instances SET migrating_to = $1, migration_uri = $2, migration_started_at = $3, updated_at = $3 \
+             WHERE uuid = $4 AND owner = $5 AND generation = $6 AND deleted = FALSE AND held = FALSE \
+             AND migrating_to IS NULL",
+        )
+        .bind(to.as_str())
+        .bind(uri)
+        .bind(db_now)
+        .bind(id.to_string())
+        .bind(from.as_str())
+        .bind(expected.to_db())
+        .execute(&mut *tx)
+        .await
+        .map_err(query(WHAT))?;
+        if done.rows_affected() != 1 {
+            let now = lookup_in(&mut tx, [id]).await?.pop().ok_or(StoreError::UnknownInstance(id))?;
+            return Err(StoreError::Conflict { instance: id, expected, found: now.generation });
+        }
+        let m = format!("instance {id} migrates live from {from} to {to}: {why}");
+        insert_event(&mut tx, &NewEvent::instance(actor, "instance.migrating", from, id, m)).await?;
+        tx.commit().await.map_err(query(WHAT))?;
+        Ok(())
+    }
+
+    /// The live migration of `id` to `to` is seen done: `to` owns it (generation + 1, not
+    /// counted against `max_relocate`), a compare-and-set on the generation and the intent.
+    pub async fn finish_migration(
+        &self,
+        id: InstanceId,
+        expected: Generation,
+        to: &HostName,
+        actor: &str,
+        why: &str,
+    ) -> Result<Generation> {
+        const WHAT: &str = "finishing a live migration";
+        let db_now = self.now().await?.0;
+        let mut tx = self.begin_write(WHAT).await?;
+        let now = lookup_in(&mut tx, [id]).await?.pop().ok_or(StoreError::UnknownInstance(id))?;
+        if now.migrating_to.as_ref() != Some(to) {
+            return Err(StoreError::Conflict { instance: id, expected, found: now.generation });
+        }
+        let generation = cas_owner(&mut tx, id, expected, &now.owner, to, actor, why, db_now).await?;
+        tx.commit().await.map_err(query(WHAT))?;
+        Ok(generation)
+    }
+
+    /// The live migration of `id` to `to` is given up (it failed, or its target is gone):
+    /// the instance stays with its owner. `false` when it was not migrating there.
+    pub async fn abandon_migration(&self, id: InstanceId, to: &HostName, actor: &str, why: &str) -> Result<bool> {
+        const WHAT: &str = "abandoning a live migration";
+        let db_now = self.now().await?.0;
+        let mut tx = self.begin_write(WHAT).await?;
+        let done = sqlx::query(
+            "UPDATE instances SET migrating_to = NULL, migration_uri = NULL, migration_started_at = NULL, \
+             updated_at = $1 WHERE uuid = $2 AND migrating_to = $3",
+        )
+        .bind(db_now)
+        .bind(id.to_string())
+        .bind(to.as_str())
+        .execute(&mut *tx)
+        .await
+        .map_err(query(WHAT))?;
+        let changed = done.rows_affected() == 1;
+        if changed {
+            let m = format!("instance {id}: its live migration to {to} is given up: {why}");
+            insert_event(&mut tx, &NewEvent::instance(actor, "instance.migration_abandoned", to, id, m)).await?;
+        }
+        tx.commit().await.map_err(query(WHAT))?;
+        Ok(changed)
+    }
+
     /// Moves instances to host `to`, all or nothing, in one transaction. `to` must be an
     /// active host; deleted or unknown instances refuse the whole request. Instances already
     /// owned by `to` are reported with `moved: false` and left unchanged.
@@ -442,7 +580,12 @@ impl Store {
                 sources.insert(now.owner.clone(), (host, report));
             }
             let (source, report) = &sources[&now.owner];
-            let reason = match evacuation_source_safe(source, report.as_ref(), *id) {
+            let safe = match &now.migrating_to {
+                // It may run there already: only there is it safe to go.
+                Some(target) if target != to => Err(format!("its live migration to {target} is not resolved")),
+                _ => evacuation_source_safe(source, report.as_ref(), *id),
+            };
+            let reason = match safe {
                 Ok(()) => "evacuated by operator".to_owned(),
                 Err(why) if force => format!("evacuated by operator with --force ({why}): it may run twice"),
                 Err(why) => {
@@ -580,7 +723,8 @@ async fn cas_owner(
     const WHAT: &str = "moving an instance";
     let next = expected.next();
     let done = sqlx::query(
-        "UPDATE instances SET owner = $1, generation = $2, updated_at = $3, held = FALSE \
+        "UPDATE instances SET owner = $1, generation = $2, updated_at = $3, held = FALSE, \
+         migrating_to = NULL, migration_uri = NULL, migration_started_at = NULL \
          WHERE uuid = $4 AND generation = $5 AND deleted = FALSE",
     )
     .bind(to.as_str())

@@ -17,6 +17,10 @@ pub struct ReportedDomain {
     pub running: bool,
     /// The generation in its metadata, if any.
     pub generation: Option<Generation>,
+    /// Why its live migration failed, while the database still asks for it (the controller
+    /// then gives the migration up once the target reports it does not run it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration_failed: Option<String>,
 }
 
 /// A guard's last report.
@@ -141,6 +145,10 @@ pub struct FencingProfile {
     /// once (its majority is then a majority of this very set); `None` when it judges on a
     /// sample (a large cell) — then its quorum is not exact, and no watchdog fencing.
     pub quorum_cell: Option<Vec<HostName>>,
+    /// `libvirt.migration_uri`: the libvirt URI its peers live-migrate to (a drain migrates
+    /// an instance with shared storage live only between two hosts that announce one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration_uri: Option<String>,
 }
 
 impl Store {

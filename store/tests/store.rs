@@ -41,6 +41,7 @@ on_both_engines!(
     service_copies_move_by_compare_and_set_and_go_with_their_service,
     a_host_is_removed_only_out_of_service_and_owning_nothing,
     heartbeats_are_one_commit_and_revisions_move_with_what_a_guard_converges_on,
+    a_live_migration_keeps_the_owner_until_it_is_finished_or_given_up,
 );
 
 fn host(name: &str) -> HostName {
@@ -229,8 +230,13 @@ async fn evacuate_moves_off_a_live_host_only_when_it_is_known_stopped_or_forced(
     let refused = |r: Result<Vec<_>, StoreError>| matches!(r, Err(StoreError::Item { source, .. }) if matches!(*source, StoreError::SourceLive { .. }));
     let report = |running_too: bool| {
         vec![
-            ReportedDomain { uuid: running, running: running_too, generation: Some(Generation(1)) },
-            ReportedDomain { uuid: stopped, running: false, generation: Some(Generation(1)) },
+            ReportedDomain {
+                uuid: running,
+                running: running_too,
+                generation: Some(Generation(1)),
+                migration_failed: None,
+            },
+            ReportedDomain { uuid: stopped, running: false, generation: Some(Generation(1)), migration_failed: None },
         ]
     };
     // A report from before the host entered maintenance proves nothing about now.
@@ -1122,4 +1128,82 @@ async fn heartbeats_are_one_commit_and_revisions_move_with_what_a_guard_converge
     assert!(rc2 > rc, "a copy placed on c");
     store.put_service(&Service { check: Some(vec!["true".into()]), ..svc }, "test").await.expect("change");
     assert!(rev(&c).await > rc2, "the definition of a service c runs");
+}
+
+async fn a_live_migration_keeps_the_owner_until_it_is_finished_or_given_up(db: TestDb) {
+    use nodekeeper_store::guard_api::Migration;
+    let store = fleet(&db).await;
+    let (a, b, c) = (host("node-a"), host("node-b"), host("node-c"));
+    let batch: Vec<_> = (0..3).map(|n| new_instance("node-a", n)).collect();
+    store.import_instances(&batch, "test").await.expect("import");
+    let (x, y, held) = (batch[0].uuid, batch[1].uuid, batch[2].uuid);
+    let rev = async |h: &HostName| store.host_revision(h).await.expect("revision").expect("known host");
+    let to_b = Migration { from: a.clone(), to: b.clone(), uri: "qemu+tcp://10.0.0.2/system".into() };
+    let (ra, rb, rc) = (rev(&a).await, rev(&b).await, rev(&c).await);
+    store.start_migration(x, Generation::FIRST, &to_b, "controller", "drain").await.expect("start");
+    assert!(rev(&a).await > ra && rev(&b).await > rb, "the owner must migrate it, the target expect it");
+    assert_eq!(rev(&c).await, rc);
+    // Refused: twice, at a stale generation, from a host that does not own it, a held one.
+    let again = store.start_migration(x, Generation::FIRST, &to_b, "controller", "drain").await;
+    assert!(matches!(again, Err(StoreError::Conflict { .. })), "{again:?}");
+    let stale = store.start_migration(y, Generation(7), &to_b, "controller", "drain").await;
+    assert!(matches!(stale, Err(StoreError::Conflict { .. })), "{stale:?}");
+    let from_c = Migration { from: c.clone(), ..to_b.clone() };
+    assert!(store.start_migration(y, Generation::FIRST, &from_c, "controller", "drain").await.is_err());
+    store.hold_instances(&a, &[held], true, "controller", "drain").await.expect("hold");
+    assert!(store.start_migration(held, Generation::FIRST, &to_b, "controller", "drain").await.is_err());
+    let to_self = Migration { to: a.clone(), ..to_b.clone() };
+    assert!(matches!(
+        store.start_migration(y, Generation::FIRST, &to_self, "c", "d").await,
+        Err(StoreError::Invalid(_))
+    ));
+
+    // Both guards see it: the owner to migrate, the target to leave alone; ownership too.
+    let on_a = store.assigned(&a).await.expect("a");
+    assert_eq!(on_a.iter().find(|i| i.uuid == x).and_then(|i| i.migration.clone()), Some(to_b.clone()));
+    let on_b = store.assigned(&b).await.expect("b");
+    assert_eq!(on_b.iter().map(|i| (i.uuid, i.migration.clone())).collect::<Vec<_>>(), vec![(x, Some(to_b.clone()))]);
+    let own = store.ownership(&[x]).await.expect("ownership");
+    assert_eq!((own[0].owner.clone(), own[0].migrating_to.clone()), (a.clone(), Some(b.clone())));
+    assert_eq!(store.migrations().await.expect("list").iter().map(|i| i.uuid).collect::<Vec<_>>(), vec![x]);
+    // An operator's evacuation elsewhere is refused while it may run on its target.
+    store.set_host_state(&a, HostState::Fenced, "test", "fenced").await.expect("fence");
+    let elsewhere = store.evacuate(&[x], &c, false, "op").await;
+    assert!(matches!(elsewhere, Err(StoreError::Item { .. })), "{elsewhere:?}");
+    store.set_host_state(&a, HostState::Active, "test", "back").await.expect("back");
+
+    // Finishing is a compare-and-set on the generation and the target.
+    let wrong = store.finish_migration(x, Generation::FIRST, &c, "controller", "seen").await;
+    assert!(matches!(wrong, Err(StoreError::Conflict { .. })), "{wrong:?}");
+    let next = store.finish_migration(x, Generation::FIRST, &b, "controller", "seen").await.expect("finish");
+    assert_eq!(next, Generation(2));
+    let i = store.instance(x).await.expect("read").expect("x");
+    assert_eq!(
+        (i.owner, i.generation, i.migrating_to, i.migration_uri, i.migration_started_at),
+        (b.clone(), Generation(2), None, None, None)
+    );
+    assert!(store.migrations().await.expect("list").is_empty());
+    assert!(store.assigned(&a).await.expect("a").iter().all(|i| i.uuid != x));
+
+    // Given up: the owner keeps it, nothing else changes; a second time changes nothing.
+    store
+        .start_migration(y, Generation::FIRST, &Migration { to: c.clone(), ..to_b.clone() }, "controller", "drain")
+        .await
+        .expect("start");
+    assert!(!store.abandon_migration(y, &b, "controller", "not there").await.expect("other target"));
+    assert!(store.abandon_migration(y, &c, "controller", "failed").await.expect("abandon"));
+    assert!(!store.abandon_migration(y, &c, "controller", "failed").await.expect("twice"));
+    let i = store.instance(y).await.expect("read").expect("y");
+    assert_eq!((i.owner, i.generation, i.migrating_to), (a.clone(), Generation::FIRST, None));
+    let kinds: Vec<String> = store
+        .events(&nodekeeper_store::EventFilter { instance: Some(y), limit: Some(100), ..Default::default() })
+        .await
+        .expect("events")
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
+    assert!(
+        kinds.contains(&"instance.migrating".to_owned()) && kinds.contains(&"instance.migration_abandoned".to_owned()),
+        "{kinds:?}"
+    );
 }

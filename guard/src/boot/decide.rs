@@ -231,8 +231,13 @@ pub fn judge(me: &HostName, local: Option<Generation>, db: &Ownership) -> Option
     if db.deleted {
         return Some(StaleReason::Deleted);
     }
-    if &db.owner != me {
+    // An instance being live-migrated here is arriving, not stale (its owner changes once
+    // the controller sees it run here and no longer there).
+    if &db.owner != me && db.migrating_to.as_ref() != Some(me) {
         return Some(StaleReason::OwnedBy { owner: db.owner.clone(), generation: db.generation });
+    }
+    if &db.owner != me {
+        return None;
     }
     let local = local?;
     (local < db.generation).then_some(StaleReason::Behind { local, database: db.generation })
@@ -284,6 +289,7 @@ mod tests {
             generation: Generation(generation),
             deleted,
             ha: true,
+            migrating_to: None,
         };
         (id(n), o)
     }

@@ -181,7 +181,9 @@ fn list_domains(uri: &str) -> anyhow::Result<Vec<LiveDomain>> {
         for dom in conn.list_all_domains(0).context("listing domains")? {
             let uuid_text = dom.get_uuid_string().context("reading a domain's UUID")?;
             let uuid = uuid_text.parse().with_context(|| format!("libvirt UUID {uuid_text:?}"))?;
-            let xml = dom.get_xml_desc(0).with_context(|| format!("reading the XML of {uuid}"))?;
+            let Some(xml) = crate::libvirt::xml_unless_gone(&dom, 0).with_context(|| format!("{uuid}"))? else {
+                continue;
+            };
             out.push(LiveDomain {
                 uuid,
                 name: dom.get_name().with_context(|| format!("reading the name of {uuid}"))?,
@@ -288,6 +290,7 @@ mod tests {
                 generation: Generation(generation),
                 deleted,
                 ha: true,
+                migrating_to: None,
             },
         )
     }
@@ -304,6 +307,8 @@ mod tests {
             live(6, true, true, Some(1)),  // mine but behind, running: leave running
             live(7, false, true, Some(1)), // deleted, shut off: undefine
             live(8, true, true, None),     // unknown
+            live(9, true, false, Some(3)), // node-b's, live-migrating here (arriving): keep
+            live(10, true, true, Some(3)), // node-b's, migrating to node-c, running here: destroy
         ];
         let db = DbAnswer::Reached {
             host_known: true,
@@ -315,12 +320,17 @@ mod tests {
                 own(5, "node-a", 1, true),
                 own(6, "node-a", 3, false),
                 own(7, "node-a", 1, true),
+                (id(9), Ownership { migrating_to: Some(me.clone()), ..own(9, "node-b", 2, false).1 }),
+                (
+                    id(10),
+                    Ownership { migrating_to: Some("node-c".parse().expect("host")), ..own(10, "node-b", 2, false).1 },
+                ),
             ]
             .into_iter()
             .collect(),
         };
         let plan = decide_live(&me, &domains, &db);
-        assert_eq!(plan.kept, vec![id(1)]);
+        assert_eq!(plan.kept, vec![id(1), id(9)]);
         assert_eq!(plan.unknown, vec![id(8)]);
         let removals: Vec<(InstanceId, bool, bool)> = plan
             .actions
@@ -329,7 +339,13 @@ mod tests {
             .collect();
         assert_eq!(
             removals,
-            vec![(id(2), true, true), (id(3), false, true), (id(4), true, false), (id(7), false, true)]
+            vec![
+                (id(2), true, true),
+                (id(3), false, true),
+                (id(4), true, false),
+                (id(7), false, true),
+                (id(10), true, true)
+            ]
         );
         assert_eq!(plan.left_running.iter().map(|l| l.uuid).collect::<Vec<_>>(), vec![id(5), id(6)]);
 

@@ -6,8 +6,8 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use nodekeeper_store::guard_api::Assigned;
-use nodekeeper_store::{Generation, InstanceId, Storage};
+use nodekeeper_store::guard_api::{Assigned, Migration};
+use nodekeeper_store::{Generation, HostName, InstanceId, Storage};
 
 use crate::domain::{parse_domain_xml, NK_NAMESPACE};
 
@@ -31,6 +31,8 @@ pub struct Action {
     /// Held by a drain and running here: shut it down (cleanly; forced after the guard's
     /// `shutdown_timeout`).
     pub stop: bool,
+    /// Live-migrate it (it runs here, a drain moves it live).
+    pub migrate: Option<Migration>,
 }
 
 /// What to do, from what libvirt holds (`local`) and what the database assigns here: an
@@ -39,11 +41,29 @@ pub struct Action {
 /// for its next start); an HA instance that is stopped (a crash, a lifted self-fence) is
 /// started; a non-HA one stopped stays stopped; tombstones are not touched (the post-libvirt
 /// pass removes them). An instance held by a drain is never defined or started: shut down
-/// if it runs.
-pub fn plan(local: &HashMap<InstanceId, Local>, assigned: &[Assigned]) -> Vec<Action> {
+/// if it runs. One being live-migrated is never defined or started either, on `me` its
+/// owner (which migrates it while it runs here) nor on `me` its target (where the arriving
+/// domain is left alone).
+pub fn plan(me: &HostName, local: &HashMap<InstanceId, Local>, assigned: &[Assigned]) -> Vec<Action> {
     let mut actions = Vec::new();
     for inst in assigned.iter().filter(|i| !i.deleted) {
         let here = local.get(&inst.uuid);
+        if let Some(m) = &inst.migration {
+            if &m.from == me && here.is_some_and(|d| d.active) {
+                actions.push(Action {
+                    uuid: inst.uuid,
+                    name: inst.name.clone(),
+                    generation: inst.generation,
+                    ha: inst.ha,
+                    define: false,
+                    start: false,
+                    recreate_disks: false,
+                    stop: false,
+                    migrate: Some(m.clone()),
+                });
+            }
+            continue;
+        }
         if inst.held {
             if here.is_some_and(|d| d.active) {
                 actions.push(Action {
@@ -55,6 +75,7 @@ pub fn plan(local: &HashMap<InstanceId, Local>, assigned: &[Assigned]) -> Vec<Ac
                     start: false,
                     recreate_disks: false,
                     stop: true,
+                    migrate: None,
                 });
             }
             continue;
@@ -74,6 +95,7 @@ pub fn plan(local: &HashMap<InstanceId, Local>, assigned: &[Assigned]) -> Vec<Ac
             start: needs_start && !(behind && here.is_some_and(|d| d.active)),
             recreate_disks: define && inst.storage == Storage::Local,
             stop: false,
+            migrate: None,
         });
     }
     actions
@@ -129,7 +151,7 @@ pub fn list(uri: &str) -> anyhow::Result<HashMap<InstanceId, Local>> {
     crate::libvirt::with_connection(uri, |conn| {
         let mut out = HashMap::new();
         for dom in conn.list_all_domains(0).context("listing domains")? {
-            let xml = dom.get_xml_desc(0).context("reading a domain's XML")?;
+            let Some(xml) = crate::libvirt::xml_unless_gone(&dom, 0)? else { continue };
             let Ok(meta) = parse_domain_xml(xml.as_bytes()) else { continue };
             out.insert(meta.uuid, Local { active: dom.is_active().unwrap_or(false), generation: meta.generation });
         }
@@ -153,7 +175,7 @@ pub fn stop_ha_domains(
     crate::libvirt::with_connection(uri, |conn| {
         let mut ha = Vec::new();
         for dom in conn.list_all_domains(virt::sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE).context("listing domains")? {
-            let xml = dom.get_xml_desc(0).context("reading a domain's XML")?;
+            let Some(xml) = crate::libvirt::xml_unless_gone(&dom, 0)? else { continue };
             let Ok(meta) = parse_domain_xml(xml.as_bytes()) else { continue };
             if meta.ha.or_else(|| cached.get(&meta.uuid).copied()) == Some(true) {
                 ha.push((meta.uuid, meta.name, dom));
@@ -282,6 +304,46 @@ pub fn define_and_start(
     })
 }
 
+/// Live-migrates `uuid` from this host's libvirt (`uri`) to `m.uri`, peer to peer (this
+/// host's libvirtd talks to the target's; the data goes to the same address), keeping it
+/// running: it arrives at generation `next` (its live and persistent XML say so), its
+/// definition here is undefined. libvirt pauses it here before it runs there, so it never
+/// runs on both. `Ok(false)`: a job of it already runs here (a migration an earlier guard
+/// began; its outcome shows in the next pass). Blocks until libvirt is done.
+pub fn migrate(uri: &str, uuid: InstanceId, m: &Migration, next: Generation, ha: bool) -> anyhow::Result<bool> {
+    use anyhow::Context;
+    use virt::sys;
+    let data = crate::config::migration_data_uri(&m.uri)
+        .with_context(|| format!("the target's migration URI {:?} names no address", m.uri))?;
+    crate::libvirt::with_connection(uri, |conn| {
+        let dom = virt::domain::Domain::lookup_by_uuid_string(conn, &uuid.to_string()).context("looking it up")?;
+        let job = dom.get_job_info().context("reading its job")?;
+        if job.r#type != sys::VIR_DOMAIN_JOB_NONE as i32 {
+            return Ok(false);
+        }
+        let xml_of = |flags: u32| -> anyhow::Result<String> {
+            let xml = dom.get_xml_desc(flags | sys::VIR_DOMAIN_XML_SECURE | sys::VIR_DOMAIN_XML_MIGRATABLE)?;
+            Ok(crate::domain::with_instance_metadata(&xml, next, ha)?)
+        };
+        let live = xml_of(0).context("its live XML")?;
+        let persistent = xml_of(sys::VIR_DOMAIN_XML_INACTIVE).context("its persistent XML")?;
+        let params = virt::domain::MigrateParameters {
+            uri: Some(data),
+            dest_xml: Some(live),
+            persist_xml: Some(persistent),
+            ..Default::default()
+        };
+        let flags = sys::VIR_MIGRATE_LIVE
+            | sys::VIR_MIGRATE_PEER2PEER
+            | sys::VIR_MIGRATE_PERSIST_DEST
+            | sys::VIR_MIGRATE_UNDEFINE_SOURCE
+            | sys::VIR_MIGRATE_AUTO_CONVERGE
+            | sys::VIR_MIGRATE_ABORT_ON_ERROR;
+        dom.migrate_to_uri3(Some(&m.uri), params, flags).with_context(|| format!("migrating it to {}", m.to))?;
+        Ok(true)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -299,7 +361,12 @@ mod tests {
             deleted,
             storage,
             held: false,
+            migration: None,
         }
+    }
+
+    fn me() -> HostName {
+        "node-a".parse().expect("host")
     }
 
     #[test]
@@ -334,7 +401,8 @@ mod tests {
         for (a, here, want) in table {
             let local: HashMap<InstanceId, Local> =
                 here.map(|(active, g)| (a.uuid, Local { active, generation: g.map(Generation) })).into_iter().collect();
-            let got = plan(&local, std::slice::from_ref(&a)).pop().map(|x| (x.define, x.start, x.recreate_disks));
+            let got =
+                plan(&me(), &local, std::slice::from_ref(&a)).pop().map(|x| (x.define, x.start, x.recreate_disks));
             assert_eq!(got, want, "{} (generation {}, here {here:?})", a.name, a.generation.0);
         }
     }
@@ -347,10 +415,37 @@ mod tests {
         local.insert(id(2), Local { active: false, generation: Some(Generation(2)) });
         // 3: not here at all; 4: here, behind and stopped (would be redefined if not held).
         local.insert(id(4), Local { active: false, generation: Some(Generation(1)) });
-        let actions = plan(&local, &[held(1), held(2), held(3), held(4)]);
+        let actions = plan(&me(), &local, &[held(1), held(2), held(3), held(4)]);
         assert_eq!(actions.len(), 1, "{actions:?}");
         let a = &actions[0];
         assert_eq!((a.uuid, a.stop, a.start, a.define), (id(1), true, false, false));
+    }
+
+    #[test]
+    fn a_migrating_instance_is_migrated_by_its_owner_and_never_defined_or_started() {
+        let host = |h: &str| -> HostName { h.parse().expect("host") };
+        let migration =
+            |from: &str, to: &str| Migration { from: host(from), to: host(to), uri: format!("qemu+tcp://{to}/system") };
+        let out = |n| Assigned {
+            migration: Some(migration("node-a", "node-b")),
+            ..assigned(n, 2, true, Storage::Shared, false)
+        };
+        let inc = |n| Assigned {
+            migration: Some(migration("node-c", "node-a")),
+            ..assigned(n, 2, true, Storage::Shared, false)
+        };
+        let mut local = HashMap::new();
+        // 1: outgoing, runs here: migrate. 2: outgoing, stopped here: nothing (never started).
+        // 3: outgoing, gone from here (migrated; the owner changes next): nothing.
+        // 4: incoming, arriving here: nothing. 5: incoming, not here yet: nothing.
+        local.insert(id(1), Local { active: true, generation: Some(Generation(2)) });
+        local.insert(id(2), Local { active: false, generation: Some(Generation(2)) });
+        local.insert(id(4), Local { active: true, generation: Some(Generation(3)) });
+        let actions = plan(&me(), &local, &[out(1), out(2), out(3), inc(4), inc(5)]);
+        assert_eq!(actions.len(), 1, "{actions:?}");
+        let a = &actions[0];
+        assert_eq!((a.uuid, a.define, a.start, a.stop), (id(1), false, false, false));
+        assert_eq!(a.migrate, Some(migration("node-a", "node-b")));
     }
 
     #[test]
@@ -359,7 +454,7 @@ mod tests {
         let mut local = HashMap::new();
         // Something here the database does not assign (the post-libvirt pass judges it).
         local.insert(id(9), Local { active: true, generation: Some(Generation(1)) });
-        let actions = plan(&local, &all);
+        let actions = plan(&me(), &local, &all);
         assert_eq!(actions.iter().map(|a| a.uuid).collect::<Vec<_>>(), [id(1), id(2)]);
     }
 

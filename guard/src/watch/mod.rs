@@ -43,7 +43,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use nodekeeper_store::guard_api::PeerList;
-use nodekeeper_store::{FencingProfile, Generation, InstanceId, NewEvent, ReportedDomain};
+use nodekeeper_store::{FencingProfile, Generation, HostName, InstanceId, NewEvent, ReportedDomain};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::{Backend, Revision};
@@ -155,6 +155,7 @@ pub fn fencing_profile(config: &Config, list: &PeerList, watchdog: Option<Durati
         libvirt_timeout_ms: ms(w.libvirt_timeout),
         watchdog_timeout_ms: watchdog.map(ms),
         quorum_cell: exact.then_some(counted),
+        migration_uri: config.libvirt.migration_uri.clone(),
     }
 }
 
@@ -199,6 +200,14 @@ struct Watch {
     converged: Option<(converge::Basis, Instant, u64)>,
     /// The service copies the last complete pass fetched.
     copies: Vec<nodekeeper_store::guard_api::AssignedService>,
+    /// Live migrations this guard runs (libvirt's calls block until done): instance → its
+    /// target and the call.
+    migrations: HashMap<InstanceId, (HostName, tokio::task::JoinHandle<anyhow::Result<bool>>)>,
+    /// Live migrations that failed, while the database still asks for them (reported, not
+    /// tried again: the controller gives them up and the drain moves the instance cold).
+    migration_failed: HashMap<InstanceId, (HostName, String)>,
+    /// The last complete pass saw a live migration to or from this host under way.
+    migration_involved: bool,
 }
 
 /// Runs until `stop` resolves; returns what it did. The heartbeat and converge loops run
@@ -275,6 +284,9 @@ pub async fn run(config: Config, stop: impl std::future::Future<Output = ()>) ->
         peer_client: None,
         converged: None,
         copies: Vec::new(),
+        migrations: HashMap::new(),
+        migration_failed: HashMap::new(),
+        migration_involved: false,
     };
     let w = config.watch.clone();
     let peer_server = match w.peer_listen {
@@ -541,7 +553,11 @@ impl Watch {
         let host = self.config.host.clone();
         let sent = tokio::time::timeout(budget, async {
             let store = self.store(budget).await?;
-            store.save_fencing(&host, &profile).await
+            let mut sent = profile.clone();
+            if matches!(store, Backend::Role(_)) {
+                sent.migration_uri = None; // the guard role carries no live migrations
+            }
+            store.save_fencing(&host, &sent).await
         })
         .await
         .map_err(|_| anyhow::anyhow!("no answer within {}", humantime::format_duration(budget)))?;
@@ -755,6 +771,49 @@ impl Watch {
         Some((event, still))
     }
 
+    /// Begins the live migration of `action`'s instance to `m.to` in the background, unless
+    /// one of it runs or failed (then the controller decides).
+    fn start_migration(&mut self, action: &converge::Action, m: &nodekeeper_store::guard_api::Migration) {
+        if self.migrations.contains_key(&action.uuid)
+            || self.migration_failed.get(&action.uuid).is_some_and(|(to, _)| to == &m.to)
+        {
+            return;
+        }
+        let (uri, uuid, m2, next, ha) =
+            (self.config.libvirt.uri.clone(), action.uuid, m.clone(), action.generation.next(), action.ha);
+        tracing::info!(uuid = %uuid, to = %m.to, "converge: live-migrating {}", action.name);
+        let call = tokio::task::spawn_blocking(move || converge::migrate(&uri, uuid, &m2, next, ha));
+        self.migrations.insert(uuid, (m.to.clone(), call));
+    }
+
+    /// The live migrations that ended since the last pass: their events; a failure is kept
+    /// for the report.
+    async fn finished_migrations(&mut self) -> Vec<NewEvent> {
+        let done: Vec<InstanceId> =
+            self.migrations.iter().filter(|(_, (_, call))| call.is_finished()).map(|(id, _)| *id).collect();
+        let (actor, host) = (self.actor(), self.config.host.clone());
+        let mut events = Vec::new();
+        for id in done {
+            let Some((to, call)) = self.migrations.remove(&id) else { continue };
+            let outcome = call.await.map_err(anyhow::Error::from).and_then(|r| r);
+            match outcome {
+                Ok(true) => {
+                    let m = format!("instance {id} live-migrated from {host} to {to}");
+                    events.push(NewEvent::instance(&actor, "instance.migrated", &host, id, m));
+                }
+                Ok(false) => {} // an earlier guard's migration runs: the next pass looks again
+                Err(e) => {
+                    let why = format!("{e:#}");
+                    tracing::warn!(uuid = %id, %to, "converge: live migration failed: {why}");
+                    let m = format!("instance {id}: its live migration from {host} to {to} failed: {why}");
+                    events.push(NewEvent::instance(&actor, "instance.migration_failed", &host, id, m));
+                    self.migration_failed.insert(id, (to, why));
+                }
+            }
+        }
+        events
+    }
+
     async fn converge(&mut self) {
         // libvirtd first: alive, and answering in time?
         let uri = self.config.libvirt.uri.clone();
@@ -776,7 +835,10 @@ impl Watch {
         let began = Instant::now();
         let revision = *Shared::lock(&self.shared.revision);
         let basis = revision.map(|r| converge::Basis::of(r.value, &local));
-        let busy = !self.stopping.is_empty() || self.shared.is_fenced();
+        let busy = !self.stopping.is_empty()
+            || self.shared.is_fenced()
+            || !self.migrations.is_empty()
+            || self.migration_involved;
         let last = self.converged.as_ref().map(|(b, at, _)| (b.clone(), at.elapsed()));
         let seed = self.converged.as_ref().map_or(0, |c| c.2);
         if let (Some(basis), Some(Revision { full_pass, .. })) = (&basis, revision) {
@@ -812,11 +874,15 @@ impl Watch {
             Ok(o) => o,
             Err(e) => return tracing::warn!("converge: {e:#}"),
         };
-        let mut events = Vec::new();
+        let mut events = self.finished_migrations().await;
         let mut stopped_now = Vec::new();
-        let actions = converge::plan(&local, &owned);
+        let actions = converge::plan(&self.config.host, &local, &owned);
         self.stopping.retain(|id, _| actions.iter().any(|a| a.stop && a.uuid == *id));
         for action in actions {
+            if let Some(m) = &action.migrate {
+                self.start_migration(&action, m);
+                continue;
+            }
             if action.stop {
                 if let Some((event, still)) = self.shut_down(&action).await {
                     events.extend(event);
@@ -899,9 +965,19 @@ impl Watch {
             }
         }
         self.started_now.clear();
+        // A failed migration is reported while the database still asks for it.
+        self.migration_failed.retain(|id, (to, _)| {
+            owned.iter().any(|a| a.uuid == *id && a.migration.as_ref().is_some_and(|m| &m.to == to))
+        });
+        self.migration_involved = owned.iter().any(|a| a.migration.is_some());
         let report: Vec<ReportedDomain> = seen
             .into_iter()
-            .map(|(uuid, (running, generation))| ReportedDomain { uuid, running, generation })
+            .map(|(uuid, (running, generation))| ReportedDomain {
+                uuid,
+                running,
+                generation,
+                migration_failed: self.migration_failed.get(&uuid).map(|(_, why)| why.clone()),
+            })
             .collect();
         if let Err(e) = store.save_report(&self.config.host, &report).await {
             complete = false;

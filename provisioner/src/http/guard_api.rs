@@ -28,9 +28,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
-use nodekeeper_store::guard_api::{
-    valid_token, Assigned, GuardEvent, HeartbeatAnswer, OwnershipQuery, PeerList, Relay,
-};
+use nodekeeper_store::guard_api::{valid_token, GuardEvent, HeartbeatAnswer, OwnershipQuery, PeerList, Relay};
 use nodekeeper_store::{FencingProfile, HostName, InstanceId, NewEvent, ReportedDomain};
 use sha2::{Digest, Sha256};
 
@@ -168,8 +166,8 @@ async fn assigned(State(state): State<HttpState>, UrlPath(name): UrlPath<String>
         Ok(h) => h,
         Err(r) => return r,
     };
-    match state.guard_store.instances(Some(&host)).await {
-        Ok(list) => Json(list.iter().map(Assigned::from).collect::<Vec<_>>()).into_response(),
+    match state.guard_store.assigned(&host).await {
+        Ok(list) => Json(list).into_response(),
         Err(e) => internal(e),
     }
 }

@@ -84,6 +84,8 @@ pub struct Controller<F: BmcFactory> {
     fleet: std::sync::Mutex<Option<Fleet>>,
     /// Whether the mass-failure brake held at the last look.
     braked: std::sync::Mutex<bool>,
+    /// Live migrations whose source reported a failure, and since when ([`super::migrate`]).
+    migration_failures: std::sync::Mutex<HashMap<InstanceId, Timestamp>>,
 }
 
 /// A fence's quorum looks: (lease term, the unbroken run, the latest look).
@@ -104,6 +106,7 @@ impl<F: BmcFactory> Controller<F> {
             quorums: std::sync::Mutex::new(HashMap::new()),
             metrics: None,
             fleet: std::sync::Mutex::new(None),
+            migration_failures: std::sync::Mutex::new(HashMap::new()),
         }
     }
 
@@ -219,6 +222,16 @@ impl<F: BmcFactory> Controller<F> {
             report.fences_stepped += self.step_fences(store, at_restore, now, None, 32).await?.0;
         } else {
             report.fences_stepped += crate::ops::runner::step_each(&self.fence(now), store, running).await;
+        }
+        // Live migrations (a drain's) first: a drain's step then sees them done or given up.
+        let migrations = super::migrate::resolve(store, now, &self.migration_failures).await?;
+        if migrations.done + migrations.abandoned > 0 {
+            tracing::info!(
+                done = migrations.done,
+                abandoned = migrations.abandoned,
+                pending = migrations.pending,
+                "recovery: live migrations"
+            );
         }
         let drains = store.running_operations(super::drain::KIND).await?;
         let drain = super::drain::Drain { grace: self.config.grace, now };
@@ -684,7 +697,30 @@ impl<F: BmcFactory> Controller<F> {
     ) -> Result<(usize, usize, usize), StoreError> {
         let Fleet { all, ip, hp, hosts, .. } = &*fleet;
         let priority = |id: &InstanceId| ip.get(id).map_or(0, |p| p.priority);
-        let mut moving: Vec<_> = all.iter().filter(|i| i.owner == host.name && i.ha && !i.deleted).collect();
+        // One being live-migrated may run on its target already: it goes there, the only
+        // place it may run, while the target is active; waits while the target's fate is
+        // open; is placed as any other once the target is fenced (it runs nowhere).
+        let mut to_target = Vec::new();
+        let mut waiting = Vec::new();
+        let mut unplaced = 0;
+        let mut moving = Vec::new();
+        for i in all.iter().filter(|i| i.owner == host.name && i.ha && !i.deleted) {
+            let Some(target) = &i.migrating_to else {
+                moving.push(i);
+                continue;
+            };
+            match fleet.states.get(target).copied() {
+                Some(HostState::Active) => to_target.push((i.uuid, i.generation, target.clone())),
+                Some(HostState::Fenced) | None => moving.push(i),
+                Some(state) => {
+                    unplaced += 1;
+                    let why = format!("its live migration to {target} ({state}) is not resolved");
+                    let m = format!("{} stays on fenced host {}: {why}", i.name, host.name);
+                    let key = format!("unplaced:{}:{}:migrating", i.uuid, i.generation.0);
+                    waiting.push(NewEvent::instance(ACTOR, "instance.unplaced", &host.name, i.uuid, m).with_key(key));
+                }
+            }
+        }
         moving.sort_by_key(|i| (std::cmp::Reverse(priority(&i.uuid)), i.uuid.uuid()));
         let ids: Vec<_> = moving.iter().map(|i| i.uuid).collect();
         // The guards' reports only matter to instances with a restart order (each pass of a
@@ -698,8 +734,18 @@ impl<F: BmcFactory> Controller<F> {
         let placed = place::place(&host.name, &ids, hosts, all, policies, now, self.config.grace);
         let moving: Vec<Instance> = moving.into_iter().cloned().collect();
         let mut done = Vec::new();
-        let (mut moved, mut unplaced, mut ordered) = (0, 0, 0);
-        let mut waiting = Vec::new();
+        let (mut moved, mut ordered) = (0, 0);
+        for (id, generation, to) in to_target {
+            let reason = format!("recovered from fenced host {} to where it was live-migrating", host.name);
+            match store.transfer_owner(id, generation, &to, ACTOR, &reason).await {
+                Ok(generation) => {
+                    moved += 1;
+                    done.push((id, to, generation));
+                }
+                Err(StoreError::Conflict { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
         for ((id, to), instance) in placed.into_iter().zip(moving) {
             let to = match to {
                 Ok(to) => to,
@@ -729,6 +775,7 @@ impl<F: BmcFactory> Controller<F> {
         for (id, to, generation) in done {
             if let Some(i) = fleet.all.iter_mut().find(|i| i.uuid == id) {
                 (i.owner, i.generation, i.updated_at) = (to, generation, now);
+                (i.migrating_to, i.migration_uri, i.migration_started_at) = (None, None, None);
             }
             if let Some(p) = fleet.ip.get_mut(&id) {
                 p.relocations += 1;
@@ -751,17 +798,21 @@ struct Fleet {
     ip: HashMap<InstanceId, nodekeeper_store::InstancePolicy>,
     hp: HashMap<HostName, nodekeeper_store::HostInventory>,
     hosts: Vec<Host>,
+    /// Every host's state (cordoned ones too).
+    states: HashMap<HostName, HostState>,
 }
 
 impl Fleet {
     async fn read(store: &Store, at: Timestamp) -> Result<Fleet, StoreError> {
+        let hosts = store.hosts().await?;
         Ok(Fleet {
             at,
             all: store.instances(None).await?,
             ip: store.instance_policies().await?,
             hp: store.host_inventories().await?,
+            states: hosts.iter().map(|h| (h.name.clone(), h.state)).collect(),
             // Hosts being drained take nothing new.
-            hosts: super::drain::uncordoned(store.hosts().await?, &super::drain::draining(store).await?),
+            hosts: super::drain::uncordoned(hosts, &super::drain::draining(store).await?),
         })
     }
 }

@@ -26,6 +26,8 @@ use std::time::Duration;
 use nodekeeper_store::{Host, HostName, HostState, InstanceId, NewEvent, Operation, Store, StoreError, Timestamp};
 use serde::{Deserialize, Serialize};
 
+use nodekeeper_store::guard_api::Migration;
+
 use super::place;
 use crate::ops::Decision;
 
@@ -58,6 +60,9 @@ pub struct DrainData {
     pub timeout_ms: u64,
     /// Moved, when the drain ended.
     pub moved: usize,
+    /// Of them, sent live (live migration) at the hold.
+    #[serde(default)]
+    pub live: usize,
 }
 
 /// The hosts whose drain runs now (cordoned: placement leaves them out).
@@ -70,6 +75,24 @@ pub fn uncordoned(hosts: Vec<Host>, cordoned: &HashSet<HostName>) -> Vec<Host> {
     hosts.into_iter().filter(|h| !cordoned.contains(&h.name)).collect()
 }
 
+/// Where `moving` (instances of `host`) would go now, by placement's rules, among the hosts
+/// not being drained; `all` is every instance.
+async fn placement(
+    store: &Store,
+    host: &HostName,
+    moving: &[InstanceId],
+    all: &[nodekeeper_store::Instance],
+    now: Timestamp,
+    grace: Duration,
+) -> Result<Vec<(InstanceId, Result<HostName, String>)>, StoreError> {
+    let hosts = uncordoned(store.hosts().await?, &draining(store).await?);
+    let (ip, hp) = (store.instance_policies().await?, store.host_inventories().await?);
+    // A restart order does not bind a planned move: what it waits for already runs.
+    let run: HashSet<InstanceId> = all.iter().map(|i| i.uuid).collect();
+    let policies = place::Policies { instances: &ip, hosts: &hp, running: &run };
+    Ok(place::place(host, moving, &hosts, all, policies, now, grace))
+}
+
 /// Why a drain of `host` cannot start now, or the HA instances it will move. Reads only.
 pub async fn plan(store: &Store, host: &HostName, grace: Duration) -> anyhow::Result<Vec<InstanceId>> {
     let h = store.require_host(host).await?;
@@ -79,13 +102,7 @@ pub async fn plan(store: &Store, host: &HostName, grace: Duration) -> anyhow::Re
     let all = store.instances(None).await?;
     let moving: Vec<InstanceId> =
         all.iter().filter(|i| &i.owner == host && i.ha && !i.deleted).map(|i| i.uuid).collect();
-    let cordoned = draining(store).await?;
-    let hosts = uncordoned(store.hosts().await?, &cordoned);
-    let (ip, hp) = (store.instance_policies().await?, store.host_inventories().await?);
-    // A restart order does not bind a planned move: what it waits for already runs.
-    let run: HashSet<InstanceId> = all.iter().map(|i| i.uuid).collect();
-    let policies = place::Policies { instances: &ip, hosts: &hp, running: &run };
-    let placed = place::place(host, &moving, &hosts, &all, policies, store.now().await?, grace);
+    let placed = placement(store, host, &moving, &all, store.now().await?, grace).await?;
     let name = |id: &InstanceId| all.iter().find(|i| i.uuid == *id).map_or_else(|| id.to_string(), |i| i.name.clone());
     let refused: Vec<String> =
         placed.iter().filter_map(|(id, to)| to.as_ref().err().map(|why| format!("{} ({why})", name(id)))).collect();
@@ -121,6 +138,7 @@ pub async fn request(
         held_at_ms: None,
         timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
         moved: 0,
+        live: 0,
     };
     let json = serde_json::to_string(&data).map_err(|e| anyhow::anyhow!("{e}"))?;
     let (op, started) = store.start_operation(KIND, host, Step::Hold.as_str(), None, &json, actor).await?;
@@ -148,21 +166,26 @@ impl Drain {
         data: &DrainData,
     ) -> Result<(usize, usize, Vec<NewEvent>), StoreError> {
         let mut all = store.instances(None).await?;
-        // An HA instance that came to the host after the request (an import, an evacuation)
-        // is held too: the host must end with none unprotected.
-        let arrived: Vec<InstanceId> = all
+        // An HA instance of the host neither held nor migrating is held: one that came to the
+        // host after the request (an import, an evacuation), or whose live migration was
+        // given up (it moves cold). The host must end with none unprotected.
+        let loose: Vec<InstanceId> = all
             .iter()
-            .filter(|i| &i.owner == host && i.ha && !i.deleted && !i.held && !data.instances.contains(&i.uuid))
+            .filter(|i| &i.owner == host && i.ha && !i.deleted && !i.held && i.migrating_to.is_none())
             .map(|i| i.uuid)
             .collect();
-        if !arrived.is_empty() {
-            store.hold_instances(host, &arrived, true, ACTOR, "it came to a host being drained").await?;
+        if !loose.is_empty() {
+            let why = "its host is being drained and it does not migrate live";
+            store.hold_instances(host, &loose, true, ACTOR, why).await?;
             all = store.instances(None).await?;
         }
+        // Live migrations under way: the controller gives each its new owner once it is seen
+        // done (super::migrate), or gives it up (then it is held and moved cold).
+        let migrating = all.iter().filter(|i| &i.owner == host && !i.deleted && i.migrating_to.is_some()).count();
         // Every held instance of the host (only its drain holds them).
         let held: Vec<_> = all.iter().filter(|i| &i.owner == host && i.held && !i.deleted).collect();
         if held.is_empty() {
-            return Ok((0, 0, Vec::new()));
+            return Ok((0, migrating, Vec::new()));
         }
         let report = store.guard_report(host).await?;
         let drain_held = data.held_at_ms.unwrap_or(i64::MAX);
@@ -179,11 +202,7 @@ impl Drain {
         if stopped.is_empty() {
             return Ok((0, held.len(), Vec::new()));
         }
-        let hosts = uncordoned(store.hosts().await?, &draining(store).await?);
-        let (ip, hp) = (store.instance_policies().await?, store.host_inventories().await?);
-        let run: HashSet<InstanceId> = all.iter().map(|i| i.uuid).collect();
-        let policies = place::Policies { instances: &ip, hosts: &hp, running: &run };
-        let placed = place::place(host, &stopped, &hosts, &all, policies, self.now, self.grace);
+        let placed = placement(store, host, &stopped, &all, self.now, self.grace).await?;
         let (mut moved, mut waiting) = (0, Vec::new());
         for (id, to) in placed {
             let Some(instance) = held.iter().find(|i| i.uuid == id) else { continue };
@@ -203,7 +222,51 @@ impl Drain {
                 }
             }
         }
-        Ok((moved, held.len() - moved, waiting))
+        Ok((moved, held.len() - moved + migrating, waiting))
+    }
+
+    /// The `hold` step's live migrations: each HA instance of `host` with shared storage goes
+    /// live to where placement puts it, when both hosts' guards announce a migration URI;
+    /// returns those migrating (also ones an earlier attempt of this step began).
+    async fn start_live(
+        &self,
+        store: &Store,
+        host: &HostName,
+        ids: &[InstanceId],
+    ) -> Result<Vec<InstanceId>, StoreError> {
+        let uri_of = |profile: Option<nodekeeper_store::FencingProfile>| profile.and_then(|p| p.migration_uri);
+        if uri_of(store.guard_fencing_of(host).await?).is_none() {
+            return Ok(Vec::new());
+        }
+        let all = store.instances(None).await?;
+        let mine = |i: &&nodekeeper_store::Instance| &i.owner == host && ids.contains(&i.uuid) && !i.deleted;
+        let mut live: Vec<InstanceId> =
+            all.iter().filter(mine).filter(|i| i.migrating_to.is_some()).map(|i| i.uuid).collect();
+        let candidates: Vec<InstanceId> = all
+            .iter()
+            .filter(mine)
+            .filter(|i| i.storage == nodekeeper_store::Storage::Shared && !i.held && i.migrating_to.is_none())
+            .map(|i| i.uuid)
+            .collect();
+        if candidates.is_empty() {
+            return Ok(live);
+        }
+        let mut uris = std::collections::HashMap::new();
+        for (id, to) in placement(store, host, &candidates, &all, self.now, self.grace).await? {
+            let (Ok(to), Some(i)) = (to, all.iter().find(|i| i.uuid == id)) else { continue };
+            if !uris.contains_key(&to) {
+                uris.insert(to.clone(), uri_of(store.guard_fencing_of(&to).await?));
+            }
+            let Some(uri) = uris[&to].clone() else { continue }; // the target takes no migrations
+            let why = format!("host {host} is drained; shared storage, and both guards take live migrations");
+            match store.start_migration(id, i.generation, &Migration { from: host.clone(), to, uri }, ACTOR, &why).await
+            {
+                Ok(()) => live.push(id),
+                Err(StoreError::Conflict { .. }) => {} // changed meanwhile: it is held and moved cold
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(live)
     }
 }
 
@@ -276,8 +339,11 @@ impl crate::ops::Machine for Drain {
         let host = &op.target;
         match decision {
             Decision::Go { to: Step::Moving, .. } => {
+                let live = self.start_live(store, host, &data.instances).await?;
+                data.live = live.len();
+                let cold: Vec<InstanceId> = data.instances.iter().filter(|i| !live.contains(i)).copied().collect();
                 let why = format!("host {host} is drained (operation {})", op.id);
-                store.hold_instances(host, &data.instances, true, ACTOR, &why).await.map(drop)
+                store.hold_instances(host, &cold, true, ACTOR, &why).await.map(drop)
             }
             Decision::Done { why } => {
                 store.set_host_state_from(host, HostState::Active, HostState::Maintenance, ACTOR, why).await.map(drop)

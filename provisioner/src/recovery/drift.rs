@@ -104,6 +104,9 @@ mod tests {
             created_at: Timestamp(0),
             updated_at: Timestamp(NOW.0 - moved_ms_ago),
             held: false,
+            migrating_to: None,
+            migration_uri: None,
+            migration_started_at: None,
         }
     }
 
@@ -113,7 +116,12 @@ mod tests {
             at,
             domains: running
                 .iter()
-                .map(|i| ReportedDomain { uuid: i.uuid, running: true, generation: Some(i.generation) })
+                .map(|i| ReportedDomain {
+                    uuid: i.uuid,
+                    running: true,
+                    generation: Some(i.generation),
+                    migration_failed: None,
+                })
                 .collect(),
         }
     }

@@ -10,6 +10,7 @@ pub mod detect;
 pub mod drain;
 pub mod drift;
 pub mod fence;
+pub mod migrate;
 pub mod place;
 pub mod services;
 pub mod watchdog;

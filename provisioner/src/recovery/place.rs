@@ -113,6 +113,10 @@ pub fn place(
         if let Some(room) = rooms.get_mut(&i.owner) {
             room.take(policy(&i.uuid));
         }
+        // One being live-migrated takes room on its target too (it may run there already).
+        if let Some(room) = i.migrating_to.as_ref().and_then(|t| rooms.get_mut(t)) {
+            room.take(policy(&i.uuid));
+        }
     }
     let mut order: Vec<&InstanceId> = moving.iter().collect();
     order.sort_by_key(|id| (std::cmp::Reverse(policy(id).priority), id.uuid()));
@@ -173,6 +177,9 @@ mod tests {
             created_at: Timestamp(0),
             updated_at: Timestamp(0),
             held: false,
+            migrating_to: None,
+            migration_uri: None,
+            migration_started_at: None,
         }
     }
 
@@ -348,6 +355,7 @@ mod tests {
                 uuid: db.uuid,
                 running: true,
                 generation: Some(nodekeeper_store::Generation(2)),
+                migration_failed: None,
             }],
         };
         let run = running(std::slice::from_ref(&moved), std::slice::from_ref(&report));

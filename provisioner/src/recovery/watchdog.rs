@@ -245,6 +245,7 @@ mod tests {
             libvirt_timeout_ms: 15_000,
             watchdog_timeout_ms: Some(60_000),
             quorum_cell: Some(vec![n("b"), n("c")]),
+            migration_uri: None,
         }
     }
 
