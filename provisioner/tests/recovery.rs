@@ -20,6 +20,7 @@ use nodekeeper_store::{
 };
 
 on_both_engines!(
+    a_fenced_hosts_instance_being_live_migrated_goes_to_its_target,
     a_silent_host_is_fenced_and_its_ha_instances_move_once,
     no_confirmed_fence_no_recovery_until_an_operator_marks_it_fenced,
     bmc_errors_are_retried_within_the_limit,
@@ -188,6 +189,30 @@ async fn a_silent_host_is_fenced_and_its_ha_instances_move_once(db: TestDb) {
     let events = c.store.events(&EventFilter { limit: Some(1000), ..Default::default() }).await.expect("events");
     let moved = events.iter().filter(|e| e.message.contains("recovered from fenced host a")).count();
     assert_eq!(moved, 4, "one event per move");
+}
+
+/// An instance its drain was live-migrating when its host fell silent may run on the target
+/// already: the evacuation gives it to the target, whatever placement would have chosen.
+async fn a_fenced_hosts_instance_being_live_migrated_goes_to_its_target(db: TestDb) {
+    let c = cell(&db, 3).await;
+    let m = nodekeeper_store::guard_api::Migration { from: n("a"), to: n("b"), uri: "qemu+tcp://b/system".into() };
+    c.store.start_migration(c.ha[0], Generation(1), &m, "controller", "drain").await.expect("migrating");
+    let ctl = c.controller("replica-1", config()).await;
+    c.beat(&["b", "c"], c.at(31)).await;
+    ctl.tick(c.at(31)).await.expect("tick");
+    for s in 0..8 {
+        if c.fence_op("a").await.is_some_and(|o| o.status != OperationStatus::Running) {
+            break;
+        }
+        c.beat(&["b", "c"], c.at(32 + s)).await;
+        ctl.tick(c.at(32 + s)).await.expect("tick");
+    }
+    let owners = c.check("a", true).await;
+    assert_eq!(owners[0], n("b"), "to its target: {owners:?}");
+    assert_eq!(owners.iter().filter(|o| **o == n("c")).count(), 3, "the rest by load (b took one more): {owners:?}");
+    let i = c.store.instance(c.ha[0]).await.expect("read").expect("instance");
+    assert_eq!(i.migrating_to, None, "the move ended the migration");
+    assert!(c.store.migrations().await.expect("migrations").is_empty());
 }
 
 async fn no_confirmed_fence_no_recovery_until_an_operator_marks_it_fenced(db: TestDb) {

@@ -438,7 +438,7 @@ impl Store {
     /// The instances being live-migrated (few: a drain's), oldest intent first.
     pub async fn migrations(&self) -> Result<Vec<Instance>> {
         let rows = sqlx::query(&format!(
-            "SELECT {INSTANCE_COLUMNS} FROM instances WHERE migrating_to IS NOT NULL \
+            "SELECT {INSTANCE_COLUMNS} FROM instances WHERE migrating_to IS NOT NULL AND deleted = FALSE \
              ORDER BY migration_started_at, uuid"
         ))
         .fetch_all(&self.pool)
@@ -616,12 +616,15 @@ impl Store {
         for (index, id) in ids.iter().enumerate() {
             let now = current.get(id).ok_or_else(|| item_error(index, StoreError::UnknownInstance(*id)))?;
             if !now.deleted {
-                sqlx::query("UPDATE instances SET deleted = TRUE, updated_at = $1 WHERE uuid = $2")
-                    .bind(db_now)
-                    .bind(id.to_string())
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(query(WHAT))?;
+                sqlx::query(
+                    "UPDATE instances SET deleted = TRUE, updated_at = $1, migrating_to = NULL, \
+                     migration_uri = NULL, migration_started_at = NULL WHERE uuid = $2",
+                )
+                .bind(db_now)
+                .bind(id.to_string())
+                .execute(&mut *tx)
+                .await
+                .map_err(query(WHAT))?;
                 insert_event(
                     &mut tx,
                     &NewEvent::instance(actor, "instance.deleted", &now.owner, *id, format!("instance {id} deleted")),

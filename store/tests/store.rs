@@ -1206,4 +1206,9 @@ async fn a_live_migration_keeps_the_owner_until_it_is_finished_or_given_up(db: T
         kinds.contains(&"instance.migrating".to_owned()) && kinds.contains(&"instance.migration_abandoned".to_owned()),
         "{kinds:?}"
     );
+    // A deleted instance migrates no more (its tombstone is judged on every host).
+    store.start_migration(y, Generation::FIRST, &to_b, "controller", "drain").await.expect("start");
+    store.delete_instances(&[y], "op").await.expect("delete");
+    assert!(store.migrations().await.expect("list").is_empty());
+    assert!(store.instance(y).await.expect("read").expect("y").migrating_to.is_none());
 }

@@ -7,8 +7,10 @@
 //!   rest of the cell has room for every HA instance of it (placement's own rules: capacity,
 //!   anti-affinity, priority). From then on the host is *cordoned*: placement leaves it out
 //!   while its drain runs ([`draining`]).
-//! - `hold`: its HA instances are marked held; its guard shuts each down cleanly (ACPI, then
-//!   destroy after its `shutdown_timeout`) and starts none of them.
+//! - `hold`: each HA instance with shared storage goes live ([`super::migrate`]) to where
+//!   placement puts it when both hosts' guards announce a migration URI; the others are marked
+//!   held: its guard shuts each down cleanly (ACPI, then destroy after its `shutdown_timeout`)
+//!   and starts none of them. A live migration that is given up is held then, and moves cold.
 //! - `moving`: an instance its guard reported stopped *after* the hold gets a new owner
 //!   (generation + 1, compare-and-set, clearing the hold in the same statement), by placement.
 //!   Only an instance seen stopped moves, so none runs on two hosts; one whose guard never
@@ -292,7 +294,10 @@ impl crate::ops::Machine for Drain {
             Step::Hold => {
                 data.held_at_ms = Some(self.now.0);
                 let timeout = Duration::from_millis(data.timeout_ms);
-                let why = format!("{} HA instance(s) held: its guard shuts them down", data.instances.len());
+                let why = format!(
+                    "{} HA instance(s): held (its guard shuts them down) or migrating live",
+                    data.instances.len()
+                );
                 Decision::Go { to: Step::Moving, after: Some(timeout), why }
             }
             Step::Moving => {
@@ -324,7 +329,9 @@ impl crate::ops::Machine for Drain {
                     Decision::Stay
                 }
             }
-            Step::Maintenance => Decision::Done { why: format!("{} moved; the host is in maintenance", data.moved) },
+            Step::Maintenance => Decision::Done {
+                why: format!("{} moved ({} sent live); the host is in maintenance", data.moved, data.live),
+            },
         })
     }
 

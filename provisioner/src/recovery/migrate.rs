@@ -124,7 +124,8 @@ pub async fn resolve(
                 let why = format!("live-migrated from {} (its guard reports it gone, {to}'s running it)", i.owner);
                 match store.finish_migration(i.uuid, i.generation, &to, ACTOR, &why).await {
                     Ok(_) => out.done += 1,
-                    Err(StoreError::Conflict { .. }) => {} // changed meanwhile: looked at again next tick
+                    // Changed meanwhile (moved, deleted): looked at again next tick, if still migrating.
+                    Err(StoreError::Conflict { .. } | StoreError::InstanceDeleted(_)) => {}
                     Err(e) => return Err(e),
                 }
             }
