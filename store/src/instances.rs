@@ -426,7 +426,8 @@ impl Store {
     pub async fn assigned(&self, host: &HostName) -> Result<Vec<crate::guard_api::Assigned>> {
         let rows = sqlx::query(&format!(
             "SELECT {INSTANCE_COLUMNS} FROM instances WHERE owner = $1 \
-             UNION ALL SELECT {INSTANCE_COLUMNS} FROM instances WHERE migrating_to = $1 AND owner <> $1"
+             UNION ALL SELECT {INSTANCE_COLUMNS} FROM instances WHERE migrating_to = $1 AND owner <> $1 \
+             ORDER BY name, uuid"
         ))
         .bind(host.as_str())
         .fetch_all(&self.pool)

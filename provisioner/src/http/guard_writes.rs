@@ -114,3 +114,69 @@ async fn writer(store: Store, mut rx: mpsc::Receiver<Job>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nodekeeper_store::testing::{host_name as n, TestDb};
+    use nodekeeper_store::{Generation, InstanceId, NewHost};
+
+    fn sha(token: &str) -> String {
+        use sha2::Digest;
+        format!("{:x}", sha2::Sha256::digest(token.as_bytes()))
+    }
+
+    /// Many guards at once, in one or a few batches: each gets its own answer — a wrong token
+    /// or an unknown host records nothing and does not fail the others; a report of a host
+    /// that does not exist fails alone (the batch is written again one by one).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn each_request_of_a_batch_gets_its_own_answer_and_one_bad_one_fails_alone() {
+        let db = TestDb::sqlite();
+        let store = db.store().await;
+        let hosts: Vec<String> = (0..40).map(|i| format!("node-{i}")).collect();
+        for h in &hosts {
+            let new = NewHost { name: n(h), mac: None, ip: None, bmc_url: None, bmc_credentials: None };
+            store.add_host(&new, "test").await.expect("host");
+            store.set_node_token(&n(h), &sha(&format!("token-of-{h}"))).await.expect("token");
+        }
+        let writes = GuardWrites::start(store.clone(), Duration::from_secs(60));
+        let mut calls = tokio::task::JoinSet::new();
+        for (i, h) in hosts.iter().enumerate() {
+            let (w, h) = (writes.clone(), h.clone());
+            // Every fourth guard has a wrong token.
+            let token = if i % 4 == 3 { sha("wrong") } else { sha(&format!("token-of-{h}")) };
+            calls.spawn(async move { (h.clone(), "beat", w.beat(n(&h), token).await.map(|r| r.is_some())) });
+            let (w, h) = (writes.clone(), hosts[i].clone());
+            let domains = vec![ReportedDomain {
+                uuid: InstanceId::random(),
+                running: true,
+                generation: Some(Generation(1)),
+                migration_failed: None,
+            }];
+            calls.spawn(async move { (h.clone(), "report", w.report(n(&h), domains).await.map(|()| true)) });
+        }
+        let ghost = writes.clone();
+        calls.spawn(
+            async move { ("ghost".into(), "report", ghost.report(n("ghost"), Vec::new()).await.map(|()| true)) },
+        );
+        let unknown = writes.clone();
+        calls.spawn(
+            async move { ("ghost".into(), "beat", unknown.beat(n("ghost"), sha("x")).await.map(|r| r.is_some())) },
+        );
+        let mut answers = std::collections::HashMap::new();
+        while let Some(done) = calls.join_next().await {
+            let (h, kind, r) = done.expect("task");
+            answers.insert((h, kind), r);
+        }
+        for (i, h) in hosts.iter().enumerate() {
+            assert_eq!(answers[&(h.clone(), "beat")], Ok(i % 4 != 3), "{h}'s heartbeat");
+            assert_eq!(answers[&(h.clone(), "report")], Ok(true), "{h}'s report");
+            let recorded = store.require_host(&n(h)).await.expect("host").last_heartbeat.is_some();
+            assert_eq!(recorded, i % 4 != 3, "{h}: recorded only with its own token");
+            let report = store.guard_report(&n(h)).await.expect("read").expect("saved");
+            assert_eq!(report.domains.len(), 1);
+        }
+        assert!(answers[&("ghost".into(), "report")].is_err(), "a report of an unknown host fails alone");
+        assert_eq!(answers[&("ghost".into(), "beat")], Ok(false));
+    }
+}

@@ -123,7 +123,10 @@ pub async fn resolve(
             Outcome::Done => {
                 let why = format!("live-migrated from {} (its guard reports it gone, {to}'s running it)", i.owner);
                 match store.finish_migration(i.uuid, i.generation, &to, ACTOR, &why).await {
-                    Ok(_) => out.done += 1,
+                    Ok(_) => {
+                        out.done += 1;
+                        failures.lock().unwrap_or_else(|p| p.into_inner()).remove(&i.uuid);
+                    }
                     // Changed meanwhile (moved, deleted): looked at again next tick, if still migrating.
                     Err(StoreError::Conflict { .. } | StoreError::InstanceDeleted(_)) => {}
                     Err(e) => return Err(e),

@@ -343,11 +343,21 @@ impl Machine {
         self.dir.join("guard.toml")
     }
 
-    /// Writes its guard's config.
-    pub fn write_config(&self, db_url: &str, ip: &str) -> anyhow::Result<()> {
+    /// Writes its guard's config (and its node token, for the guard API).
+    pub fn write_config(&self, backend: &GuardBackend, ip: &str) -> anyhow::Result<()> {
         let d = self.dir.display();
+        let (db_url, token_line) = match backend {
+            GuardBackend::Database(url) => (url.clone(), String::new()),
+            GuardBackend::Api { url, token } => {
+                let file = self.dir.join("node-token");
+                std::fs::write(&file, token)?;
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600))?;
+                (url.clone(), format!("token_file = \"{}\"\n", file.display()))
+            }
+        };
         let text = format!(
-            "host = \"{name}\"\ndatabase_url = \"{db_url}\"\n[libvirt]\nconfig_dir = \"{d}/qemu\"\nuri = \"{uri}\"\n\
+            "host = \"{name}\"\ndatabase_url = \"{db_url}\"\n{token_line}[libvirt]\nconfig_dir = \"{d}/qemu\"\nuri = \"{uri}\"\n\
              [boot]\nstate_dir = \"{d}/state\"\ndb_wait = \"1s\"\n\
              [watch]\nheartbeat_interval = \"1s\"\nconverge_interval = \"1s\"\nisolation_timeout = \"4s\"\n\
              libvirt_timeout = \"2s\"\nshutdown_timeout = \"3s\"\npeer_listen = \"{ip}:{PEER_PORT}\"\n\
@@ -472,6 +482,20 @@ impl Machine {
     }
 }
 
+/// Where a host's guard keeps its state.
+#[derive(Debug, Clone)]
+pub enum GuardBackend {
+    /// PostgreSQL itself, at this URL.
+    Database(String),
+    /// A `serve` replica's guard API, with the host's node token.
+    Api {
+        /// `http://BRIDGE:PORT`.
+        url: String,
+        /// The node token.
+        token: String,
+    },
+}
+
 /// A `serve` replica.
 struct Replica {
     config: PathBuf,
@@ -523,29 +547,33 @@ impl Fleet {
     }
 
     /// A run in `dir` (its logs and configs): `replicas` replicas of `serve` on `db_url`,
-    /// started by the next tick once [`Fleet::running`].
-    pub fn prepare_run(&mut self, dir: &Path, db_url: &str, replicas: usize) -> anyhow::Result<()> {
+    /// started by the next tick once [`Fleet::running`]. Returns each replica's guard API URL
+    /// (on the bridge: the hosts' namespaces reach it).
+    pub fn prepare_run(&mut self, dir: &Path, db_url: &str, replicas: usize) -> anyhow::Result<Vec<String>> {
+        let mut urls = Vec::new();
         for m in &mut self.machines {
             m.log_dir = dir.to_owned();
         }
         self.replicas.clear();
         std::fs::create_dir_all(dir.join("images"))?;
+        let gw = self.network.gateway.clone();
         for r in 0..replicas {
             let port = free_port()?;
             let config = dir.join(format!("serve-{r}.toml"));
             std::fs::write(
                 &config,
                 format!(
-                    "database_url = \"{db_url}\"\n[dhcp]\nmode = \"off\"\n[http]\nlisten = \"127.0.0.1:{port}\"\n\
-                     public_url = \"http://127.0.0.1:{port}\"\nimages_dir = \"{}\"\n\
+                    "database_url = \"{db_url}\"\n[dhcp]\nmode = \"off\"\n[http]\nlisten = \"{gw}:{port}\"\n\
+                     public_url = \"http://{gw}:{port}\"\nimages_dir = \"{}\"\n\
                      [recovery]\ngrace = \"6s\"\ninterval = \"1s\"\nlease_ttl = \"5s\"\n",
                     dir.join("images").display()
                 ),
             )?;
             let log = dir.join(format!("serve-{r}.log"));
             self.replicas.push(Replica { config, log, child: None, after: Instant::now() });
+            urls.push(format!("http://{gw}:{port}"));
         }
-        Ok(())
+        Ok(urls)
     }
 
     /// Does what `fault` says, now; what it undoes later is queued.

@@ -342,12 +342,26 @@ async fn one_run(
         )
         .await?;
     let names: BTreeMap<String, String> = items.iter().map(|i| (i.uuid.to_string(), i.name.clone())).collect();
+    // The first host's guard reaches PostgreSQL itself; the others go through a replica's
+    // guard API (the production path: node tokens, the heartbeat's revision and the converge
+    // pass that asks nothing at rest), host i through replica (i - 1) % replicas.
+    let mut tokens = Vec::new();
+    for i in 1..opts.hosts {
+        use sha2::Digest;
+        let token = format!("{}", InstanceId::random()).replace('-', "") + &format!("{k:08}x{i:04}");
+        store.set_node_token(&host(i), &format!("{:x}", sha2::Sha256::digest(token.as_bytes()))).await?;
+        tokens.push(token);
+    }
     {
         let mut f = lock(fleet);
+        let apis = f.prepare_run(&run_dir, &url, REPLICAS)?;
         for (i, m) in f.machines.iter().enumerate() {
-            m.write_config(&guard_url, &ips[i])?;
+            let backend = match i {
+                0 => fleet::GuardBackend::Database(guard_url.clone()),
+                _ => fleet::GuardBackend::Api { url: apis[(i - 1) % apis.len()].clone(), token: tokens[i - 1].clone() },
+            };
+            m.write_config(&backend, &ips[i])?;
         }
-        f.prepare_run(&run_dir, &url, REPLICAS)?;
         let now = Instant::now();
         for m in &mut f.machines {
             m.power_on(now);
