@@ -165,6 +165,13 @@ pub enum OperationCommand {
         /// Its id.
         id: i64,
     },
+    /// Cancel a running operation: its runner ends it at its next step (a reimage and a
+    /// drain anywhere; a fence only before its point of return, its host then in
+    /// maintenance).
+    Cancel {
+        /// Its id.
+        id: i64,
+    },
 }
 
 /// `token ...`
@@ -611,6 +618,7 @@ fn to_call(command: &Command) -> anyhow::Result<Option<admin::Call>> {
             Call::OperationList(host.clone(), *running, *limit)
         }
         Command::Operation(OperationCommand::Show { id }) => Call::OperationShow(*id),
+        Command::Operation(OperationCommand::Cancel { id }) => Call::OperationCancel(*id),
         Command::Image(ImageCommand::List) => Call::ImageList,
         Command::Image(ImageCommand::Show { name }) => Call::ImageShow(name.clone()),
         Command::Instance(InstanceCommand::Import { file }) => {

@@ -182,6 +182,9 @@ fn sample(method: &str, path: &str, n: usize) -> (String, Option<(&'static str, 
         ("POST", "/api/v1/instances/delete") => (path.into(), json(serde_json::json!({ "uuids": [uuid(3)] })), 200),
         ("GET", "/api/v1/operations") => ("/api/v1/operations?running=true&limit=5".into(), None, 200),
         ("GET", "/api/v1/operations/{id}") => ("/api/v1/operations/1".into(), None, 200),
+        // Operation 2 is node-c's drain (no controller here: it runs on); cancelling it is
+        // asked for (again by the admin: nothing against that).
+        ("POST", "/api/v1/operations/{id}/cancel") => ("/api/v1/operations/2/cancel".into(), None, 200),
         ("GET", "/api/v1/images") => (path.into(), None, 200),
         ("GET", "/api/v1/images/{name}") => ("/api/v1/images/none-such".into(), None, 404),
         ("GET", "/api/v1/services") => (path.into(), None, 200),
@@ -263,6 +266,17 @@ async fn every_endpoint_answers_every_role_as_its_table_says() {
     assert!(fenced.is_some(), "the operator's mark-fenced names it: {events:?}");
     let spare = rig.store.admin_token("spare").await.expect("read").expect("spare");
     assert!(spare.0.revoked_at.is_some());
+    // The drain's cancel is asked for, by the operator first; the fence of node-b (marked
+    // fenced: at its evacuation, past its point of return) cannot be cancelled.
+    let drain = rig.store.operation(2).await.expect("read").expect("operation 2");
+    assert_eq!((drain.kind.as_str(), drain.cancel_requested.as_deref()), ("drain", Some("token:a")), "{drain:?}");
+    assert!(events.iter().any(|e| e.kind == "drain.cancel_requested" && e.actor == "token:o"), "{events:?}");
+    let fence = rig.store.operation(1).await.expect("read").expect("operation 1");
+    assert_eq!(fence.kind, "fence");
+    let (code, answer) = http("POST", &format!("{}/api/v1/operations/1/cancel", rig.base), Some(&tokens[1].1), None);
+    assert_eq!((code, error_code(&answer).as_str()), (409, "conflict"), "{answer}");
+    assert!(answer.contains("point of return"), "{answer}");
+    assert!(rig.store.operation(1).await.expect("read").expect("fence").cancel_requested.is_none());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

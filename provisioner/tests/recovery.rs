@@ -20,6 +20,7 @@ use nodekeeper_store::{
 };
 
 on_both_engines!(
+    cancelled_drains_and_fences_end_at_their_next_step,
     a_fenced_hosts_instance_being_live_migrated_goes_to_its_target,
     a_silent_host_is_fenced_and_its_ha_instances_move_once,
     no_confirmed_fence_no_recovery_until_an_operator_marks_it_fenced,
@@ -189,6 +190,70 @@ async fn a_silent_host_is_fenced_and_its_ha_instances_move_once(db: TestDb) {
     let events = c.store.events(&EventFilter { limit: Some(1000), ..Default::default() }).await.expect("events");
     let moved = events.iter().filter(|e| e.message.contains("recovered from fenced host a")).count();
     assert_eq!(moved, 4, "one event per move");
+}
+
+/// `operation cancel`: a drain ends at its next step (`aborted`), letting go of what it held;
+/// a fence before its point of return ends there too, its host in maintenance (not fenced
+/// again at the next look); past that point it cannot be cancelled.
+async fn cancelled_drains_and_fences_end_at_their_next_step(db: TestDb) {
+    use nodekeeper_provisioner::admin::operation_cancel;
+    let c = cell(&db, 4).await;
+    let ctl = c.controller("replica-1", config()).await;
+    let grace = config().grace;
+    let (drain, _) =
+        nodekeeper_provisioner::recovery::drain::request(&c.store, &n("b"), grace, Duration::from_secs(600), "op")
+            .await
+            .expect("drain of b");
+    c.beat(&["a", "b", "c", "d"], c.at(1)).await;
+    ctl.tick(c.at(1)).await.expect("tick");
+    let held = |h: &str| {
+        let store = c.store.clone();
+        let h = n(h);
+        async move { store.instances(Some(&h)).await.expect("instances").iter().filter(|i| i.held).count() }
+    };
+    assert_eq!(held("b").await, 1, "b's HA instance held");
+    operation_cancel(&c.store, "token:ops", drain.id).await.expect("cancel the drain");
+    c.beat(&["a", "b", "c", "d"], c.at(2)).await;
+    ctl.tick(c.at(2)).await.expect("tick");
+    let ended = c.store.operation(drain.id).await.expect("read").expect("drain");
+    assert_eq!((ended.status, ended.step.as_str()), (OperationStatus::Done, "aborted"), "{ended:?}");
+    assert_eq!(held("b").await, 0, "let go");
+    assert_eq!(c.store.require_host(&n("b")).await.expect("b").state, HostState::Active);
+
+    // a falls silent: suspect, its fence at `confirm`; cancelled there.
+    c.beat(&["b", "c", "d"], c.at(33)).await;
+    ctl.tick(c.at(33)).await.expect("tick");
+    let fence = c.fence_op("a").await.expect("a fence of a");
+    assert_eq!(fence.step, "confirm");
+    operation_cancel(&c.store, "token:ops", fence.id).await.expect("cancel before the point of return");
+    for s in 34..42 {
+        c.beat(&["b", "c", "d"], c.at(s)).await;
+        ctl.tick(c.at(s)).await.expect("tick");
+    }
+    let ended = c.store.operation(fence.id).await.expect("read").expect("fence");
+    assert_eq!((ended.status, ended.step.as_str()), (OperationStatus::Done, "aborted"), "{ended:?}");
+    assert_eq!(c.store.require_host(&n("a")).await.expect("a").state, HostState::Maintenance);
+    assert_eq!(c.fence_op("a").await.expect("the last").id, fence.id, "no new fence of a host in maintenance");
+    c.check("a", false).await;
+    assert!(c.fakes.0["a"].get(|s| s.on), "never powered off");
+
+    // c falls silent; once its fence has powered it off, it cannot be cancelled. (Its last
+    // heartbeat goes back to t0: a fence takes a heartbeat newer than its own start — the
+    // database's clock, behind this test's — for the host coming back.)
+    c.beat(&["c"], c.t0).await;
+    c.beat(&["b", "d"], c.at(75)).await;
+    ctl.tick(c.at(75)).await.expect("tick");
+    for s in 76..86 {
+        if c.fence_op("c").await.is_some_and(|o| o.step == "evacuate" || o.status != OperationStatus::Running) {
+            break;
+        }
+        c.beat(&["b", "d"], c.at(s)).await;
+        ctl.tick(c.at(s)).await.expect("tick");
+    }
+    let fence = c.fence_op("c").await.expect("a fence of c");
+    let refused = operation_cancel(&c.store, "token:ops", fence.id).await;
+    assert!(refused.is_err_and(|e| e.to_string().contains("point of return")), "step {}", fence.step);
+    assert!(c.store.operation(fence.id).await.expect("read").expect("fence").cancel_requested.is_none());
 }
 
 /// An instance its drain was live-migrating when its host fell silent may run on the target

@@ -283,6 +283,31 @@ async fn a_silent_agent_gets_more_pxe_boots_then_the_reimage_fails() {
     assert_eq!(r.store.require_host(&name()).await.expect("host").state, HostState::Maintenance);
 }
 
+/// `operation cancel` of a reimage waiting for its agent: it ends `failed` ("cancelled by …")
+/// at that step, its host in maintenance, its deploy token burnt (the agent's report is
+/// refused); a cancel of an ended operation is refused and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cancelled_reimage_fails_where_it_was_and_burns_its_token() {
+    let r = rig().await;
+    let deadlines = Deadlines { agent_boot: Duration::from_secs(600), ..quick() };
+    let (op, _) =
+        executor::request(&r.store, &name(), None, deadlines, Limits { bmc_attempts: 3, pxe_boots: 2 }, "test")
+            .await
+            .expect("request");
+    let _exec = r.executor();
+    r.wait(op.id, "agent_booted", |o| o.step == "agent_booted").await;
+    let token = r.token();
+    let ok = nodekeeper_provisioner::admin::operation_cancel(&r.store, "token:ops", op.id).await.expect("cancel");
+    assert!(ok.json["cancel_requested"] == true, "{:?}", ok.json);
+    let ended = r.wait(op.id, "failed", |o| o.status != OperationStatus::Running).await;
+    assert_eq!((ended.status, ended.step.as_str()), (OperationStatus::Failed, "agent_booted"), "{ended:?}");
+    assert!(ended.last_error.as_deref().is_some_and(|e| e.contains("cancelled by token:ops")), "{ended:?}");
+    assert_eq!(r.store.require_host(&name()).await.expect("host").state, HostState::Maintenance);
+    assert_eq!(r.report(&token, r#"{"token":"TOKEN","stage":"booted"}"#), 403, "the deploy token is burnt");
+    let again = nodekeeper_provisioner::admin::operation_cancel(&r.store, "token:ops", op.id).await;
+    assert!(again.is_err_and(|e| e.to_string().contains("failed already")));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bmc_errors_are_retried_then_fail_the_step() {
     let r = rig().await;

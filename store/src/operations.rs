@@ -40,6 +40,10 @@ pub struct Operation {
     pub created_at: Timestamp,
     /// When it last changed.
     pub updated_at: Timestamp,
+    /// Who asked to cancel it (`operation cancel`): its runner ends it at its next step where
+    /// its kind allows.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cancel_requested: Option<String>,
 }
 
 /// A change of step, applied only if the operation is still at `from` (see
@@ -65,7 +69,8 @@ pub struct StepChange {
 }
 
 const COLUMNS: &str =
-    "id, kind, target, step, status, attempts, deadline, last_error, data, report, created_at, updated_at";
+    "id, kind, target, step, status, attempts, deadline, last_error, data, report, created_at, updated_at, \
+     cancel_requested";
 
 fn from_row(row: &AnyRow) -> Result<Operation> {
     const T: &str = "operations";
@@ -82,6 +87,7 @@ fn from_row(row: &AnyRow) -> Result<Operation> {
         report: get(row, T, "report")?,
         created_at: Timestamp(get(row, T, "created_at")?),
         updated_at: Timestamp(get(row, T, "updated_at")?),
+        cancel_requested: get(row, T, "cancel_requested")?,
     })
 }
 
@@ -283,6 +289,36 @@ impl Store {
         insert_event(&mut tx, &NewEvent::host(actor, &format!("{kind}.report"), target, message.to_owned())).await?;
         tx.commit().await.map_err(query(WHAT))?;
         Ok(Some(from_row(&row)?))
+    }
+
+    /// `actor` asks to cancel running operation `id` (its runner decides at its next step);
+    /// one `KIND.cancel_requested` event. `None` when no operation `id` runs.
+    pub async fn request_cancel(&self, id: i64, actor: &str) -> Result<Option<Operation>> {
+        const WHAT: &str = "cancelling an operation";
+        let db_now = self.now().await?.0;
+        let mut tx = self.begin_write(WHAT).await?;
+        let done = sqlx::query(
+            "UPDATE operations SET cancel_requested = $1, updated_at = $2 WHERE id = $3 AND status = 'running'",
+        )
+        .bind(actor)
+        .bind(db_now)
+        .bind(id)
+        .execute(&mut *tx)
+        .await
+        .map_err(query(WHAT))?;
+        if done.rows_affected() != 1 {
+            return Ok(None);
+        }
+        let row = sqlx::query(&format!("SELECT {COLUMNS} FROM operations WHERE id = $1"))
+            .bind(id)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(query(WHAT))?;
+        let op = from_row(&row)?;
+        let m = format!("{} of {} (operation {id}, step {}): cancel requested by {actor}", op.kind, op.target, op.step);
+        insert_event(&mut tx, &NewEvent::host(actor, &format!("{}.cancel_requested", op.kind), &op.target, m)).await?;
+        tx.commit().await.map_err(query(WHAT))?;
+        Ok(Some(op))
     }
 
     /// One operation by id.

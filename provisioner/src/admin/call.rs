@@ -256,6 +256,8 @@ pub enum Call {
     OperationList(Option<HostName>, bool, u32),
     /// `operation show ID`
     OperationShow(i64),
+    /// `operation cancel ID`
+    OperationCancel(i64),
     /// `image list`
     ImageList,
     /// `image show`
@@ -339,7 +341,8 @@ impl Call {
             | Call::Power(..)
             | Call::Reimage(..)
             | Call::HostDrain(..)
-            | Call::HostMaintenance(..) => Role::Operator,
+            | Call::HostMaintenance(..)
+            | Call::OperationCancel(_) => Role::Operator,
             Call::HostAdd(_)
             | Call::HostSet(..)
             | Call::HostOutlets(_, Some(_))
@@ -401,6 +404,7 @@ impl Call {
                 ("GET", q, Body::Empty)
             }
             Call::OperationShow(id) => ("GET", format!("/api/v1/operations/{id}"), Body::Empty),
+            Call::OperationCancel(id) => ("POST", format!("/api/v1/operations/{id}/cancel"), Body::Empty),
             Call::ImageList => ("GET", "/api/v1/images".to_owned(), Body::Empty),
             Call::ImageShow(n) => ("GET", format!("/api/v1/images/{}", seg(n)), Body::Empty),
             Call::ServiceAdd(b) => ("POST", "/api/v1/services".to_owned(), json(b)),
@@ -476,6 +480,7 @@ impl Call {
             }
             Call::OperationList(h, running, limit) => operation_list(store, h.as_ref(), running, limit).await,
             Call::OperationShow(id) => operation_show(store, id).await,
+            Call::OperationCancel(id) => operation_cancel(store, actor, id).await,
             Call::ImageList => image_list(store).await,
             Call::ImageShow(name) => image_show(store, &name).await,
             Call::ServiceAdd(b) => service_add(store, actor, &b).await,

@@ -860,6 +860,30 @@ pub async fn operation_list(
     })
 }
 
+/// `operation cancel ID`: refused (409, changing nothing) unless it runs and its kind may be
+/// cancelled at its step ([`crate::ops::cancel_rule`]); its runner ends it at its next step.
+pub async fn operation_cancel(store: &Store, actor: &str, id: i64) -> anyhow::Result<Reply> {
+    let Some(op) = store.operation(id).await? else {
+        return Err(anyhow::Error::new(NotFound(format!("no operation {id}"))));
+    };
+    if op.status != nodekeeper_store::OperationStatus::Running {
+        crate::conflict!("operation cancel {id}: the {} of {} is {} already", op.kind, op.target, op.status);
+    }
+    if let Err(why) = crate::ops::cancel_rule(&op.kind, &op.step) {
+        crate::conflict!("operation cancel {id}: {why}");
+    }
+    let Some(op) = store.request_cancel(id, actor).await? else {
+        crate::conflict!("operation cancel {id}: it ended meanwhile");
+    };
+    let value = json!({ "operation": op, "cancel_requested": true });
+    Reply::new(&value, || {
+        format!(
+            "cancel of operation {id} ({} of {}, step {}) requested: it ends at its next step\n",
+            op.kind, op.target, op.step
+        )
+    })
+}
+
 /// `operation show ID`
 pub async fn operation_show(store: &Store, id: i64) -> anyhow::Result<Reply> {
     let Some(op) = store.operation(id).await? else {

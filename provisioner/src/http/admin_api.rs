@@ -331,6 +331,7 @@ pub fn routes() -> Router<HttpState> {
         .route("/api/v1/instances/delete", post(instance_delete))
         .route("/api/v1/operations", get(operation_list))
         .route("/api/v1/operations/{id}", get(operation_show))
+        .route("/api/v1/operations/{id}/cancel", post(operation_cancel))
         .route("/api/v1/images", get(image_list))
         .route("/api/v1/images/{name}", get(image_show))
         .route("/api/v1/services", get(service_list).post(service_add))
@@ -555,6 +556,18 @@ async fn operation_show(
     run(&s, &p, &h, Call::OperationShow(id)).await
 }
 
+async fn operation_cancel(
+    State(s): State<HttpState>,
+    Extension(p): Who,
+    h: HeaderMap,
+    UrlPath(id): UrlPath<String>,
+) -> Response {
+    let Ok(id) = id.parse::<i64>() else {
+        return error(StatusCode::BAD_REQUEST, "invalid", format!("operation {id:?}: a number"));
+    };
+    run(&s, &p, &h, Call::OperationCancel(id)).await
+}
+
 /// Where the OpenAPI document is served (to anyone: it holds no data).
 pub const OPENAPI_PATH: &str = "/api/v1/openapi.json";
 
@@ -606,6 +619,7 @@ pub const ENDPOINTS: &[Endpoint] = &[
     with_body(ep("POST", "/api/v1/instances/delete", Role::Admin, "instance delete"), "Uuids"),
     ep("GET", "/api/v1/operations", Role::Viewer, "operation list [?host=NAME&running=true&limit=N]"),
     ep("GET", "/api/v1/operations/{id}", Role::Viewer, "operation show"),
+    ep("POST", "/api/v1/operations/{id}/cancel", Role::Operator, "operation cancel"),
     ep("GET", "/api/v1/images", Role::Viewer, "image list"),
     ep("GET", "/api/v1/images/{name}", Role::Viewer, "image show"),
     ep("GET", "/api/v1/services", Role::Viewer, "service list"),

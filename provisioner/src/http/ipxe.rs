@@ -317,6 +317,7 @@ mod tests {
             report: report.map(str::to_owned),
             created_at: Timestamp(0),
             updated_at: Timestamp(0),
+            cancel_requested: None,
         }
     }
 

@@ -93,6 +93,13 @@ pub trait Machine: Send + Sync {
         decision: &Decision<Self::Step>,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
+    /// What cancelling it at `step` (asked by `by`) decides, or why it cannot be cancelled
+    /// there (past its point of return); see [`super::cancel_rule`]. Not by default.
+    fn cancel(&self, step: Self::Step, by: &str) -> Result<Decision<Self::Step>, String> {
+        let _ = (step, by);
+        Err(format!("a {} cannot be cancelled", Self::KIND))
+    }
+
     /// The deadline a retried step gets (none by default).
     fn retry_deadline(&self, _data: &Self::Data) -> Option<Duration> {
         None
@@ -115,6 +122,10 @@ pub async fn step<M: Machine>(m: &M, store: &Store, op: Operation) -> Result<(),
             return finish::<M>(store, &op, &op.step, OperationStatus::Failed, Some(unreadable.to_string())).await
         }
     };
+    // Cancelled where its kind allows it at this step; past that point, it goes on.
+    if let Some(Ok(decision)) = op.cancel_requested.as_deref().map(|by| m.cancel(step, by)) {
+        return apply(m, store, &op, step, data, decision).await;
+    }
     let decision = m.decide(store, &op, step, &mut data).await?;
     apply(m, store, &op, step, data, decision).await
 }

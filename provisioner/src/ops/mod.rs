@@ -131,3 +131,23 @@ where
         }),
     }
 }
+
+/// Whether an operation of `kind` at `step` may be cancelled now (`operation cancel`), or why
+/// not: a reimage and a drain anywhere (a reimage ends `failed` with its host in maintenance,
+/// its deploy token burnt; a drain lets go of what it holds); a fence only before its point
+/// of return (`confirm`, `repair`, `repair_wait`: nothing was powered off yet), and then its
+/// host goes to maintenance — it would be fenced again at the next look otherwise. Pure; the
+/// runner asks it again at the step it cancels at.
+pub fn cancel_rule(kind: &str, step: &str) -> Result<(), String> {
+    match kind {
+        crate::reimage::executor::KIND | crate::recovery::drain::KIND => Ok(()),
+        "fence" => match step {
+            "confirm" | "repair" | "repair_wait" => Ok(()),
+            _ => Err(format!(
+                "the fence is past its point of return (step {step}): the host may be off already, and its instances \
+                 move; it cannot be cancelled"
+            )),
+        },
+        _ => Err(format!("a {kind} cannot be cancelled")),
+    }
+}

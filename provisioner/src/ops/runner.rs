@@ -57,7 +57,8 @@ pub fn claim_role<M: Machine>(op: i64) -> String {
 /// replica holds it. The claim is released after the step (and forgotten once the operation
 /// has ended), so whichever replica looks next may take the next step.
 pub async fn step_claimed<M: Claimed>(m: &M, store: &Store, holder: &str, op: Operation) -> Result<bool, StoreError> {
-    if m.idle(store, &op).await? {
+    // A cancel asked for is news: the step is taken (the machine decides whether it can).
+    if op.cancel_requested.is_none() && m.idle(store, &op).await? {
         return Ok(true);
     }
     let (role, ttl) = (claim_role::<M>(op.id), i64::try_from(CLAIM_TTL.as_millis()).unwrap_or(15_000));

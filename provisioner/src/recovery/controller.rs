@@ -830,6 +830,13 @@ impl<F: BmcFactory> crate::ops::Machine for Fence<'_, F> {
     const KIND: &'static str = "fence";
     const ACTOR: &'static str = ACTOR;
 
+    fn cancel(&self, step: Step, by: &str) -> Result<Decision, String> {
+        crate::ops::cancel_rule(Self::KIND, step.as_str())?;
+        Ok(Decision::Abort {
+            why: format!("cancelled by {by}: the host goes to maintenance (it would be fenced again at the next look)"),
+        })
+    }
+
     async fn decide(
         &self,
         store: &Store,
@@ -951,6 +958,11 @@ impl<F: BmcFactory> crate::ops::Machine for Fence<'_, F> {
                 if matches!(step, Step::PowerOff | Step::OutletOff | Step::Watchdog) =>
             {
                 store.set_host_state(&op.target, HostState::Fenced, ACTOR, why).await.map(drop)
+            }
+            // Cancelled by an operator: out of recovery until they return it.
+            Decision::Abort { why } if op.cancel_requested.is_some() => {
+                let to = HostState::Maintenance;
+                store.set_host_state_from(&op.target, HostState::Suspect, to, ACTOR, why).await.map(drop)
             }
             Decision::Abort { why } => {
                 store.set_host_state_from(&op.target, HostState::Suspect, HostState::Active, ACTOR, why).await.map(drop)

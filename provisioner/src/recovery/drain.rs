@@ -278,6 +278,11 @@ impl crate::ops::Machine for Drain {
     const KIND: &'static str = KIND;
     const ACTOR: &'static str = ACTOR;
 
+    fn cancel(&self, step: Step, by: &str) -> Result<Decision<Step>, String> {
+        crate::ops::cancel_rule(KIND, step.as_str())?;
+        Ok(Decision::Abort { why: format!("cancelled by {by}: what it holds is let go (its guard starts it again)") })
+    }
+
     async fn decide(
         &self,
         store: &Store,

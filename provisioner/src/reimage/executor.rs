@@ -374,6 +374,11 @@ impl<F: BmcFactory> crate::ops::Machine for Reimage<F> {
         Some(data.deadlines.bmc)
     }
 
+    fn cancel(&self, step: Step, by: &str) -> Result<Decision, String> {
+        crate::ops::cancel_rule(KIND, step.as_str())?;
+        Ok(Decision::Failed { at: step, reason: format!("cancelled by {by}") })
+    }
+
     fn attempts_limit(&self, data: &ReimageData) -> Option<u32> {
         Some(data.limits.bmc_attempts)
     }
