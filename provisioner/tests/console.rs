@@ -273,6 +273,20 @@ async fn the_console_follows_a_fence_live_and_starts_a_reimage() {
     assert_eq!(browser.text("#host-state").await, "reimaging");
     browser.screenshot(&shots.join("console-host.png")).await;
     println!("console: reimage steps seen {steps:?}");
+    // Cancelled from the page: it ends failed where it waited, the host in maintenance.
+    browser.click("button[data-action='cancel']").await;
+    assert!(browser.text("#confirm-text").await.contains("cancel"), "says what");
+    browser.click("#confirm-yes").await;
+    wait_until("the reimage cancelled", Duration::from_secs(30), async || {
+        store.operation(op.id).await.expect("read").is_some_and(|o| o.status == OperationStatus::Failed)
+    })
+    .await;
+    wait_until("the page shows the host in maintenance", Duration::from_secs(20), async || {
+        browser.text("#host-state").await == "maintenance"
+    })
+    .await;
+    let ended = store.operation(op.id).await.expect("read").expect("op");
+    assert_eq!(ended.cancel_requested.as_deref(), Some("token:ops"), "{ended:?}");
     browser.close().await;
     heart.abort();
 }

@@ -231,6 +231,11 @@ const ACTIONS = {
   'maintenance-on': ['put in maintenance', (n) => api('POST', `/api/v1/hosts/${n}/maintenance`, { state: 'on' })],
   'maintenance-off': ['take out of maintenance', (n) => api('POST', `/api/v1/hosts/${n}/maintenance`, { state: 'off' })],
   'mark-fenced': ['mark as powered off (its HA instances move: be sure it is off)', (n) => api('POST', `/api/v1/hosts/${n}/mark-fenced`)],
+  cancel: ['cancel the operation that runs on', async (n) => {
+    const running = await api('GET', `/api/v1/operations?host=${n}&running=true&limit=1`);
+    if (!running.length) throw new Error('no operation runs on this host');
+    return api('POST', `/api/v1/operations/${running[0].id}/cancel`);
+  }],
 };
 
 function confirmThen(text) {
