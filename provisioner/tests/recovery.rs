@@ -20,6 +20,7 @@ use nodekeeper_store::{
 };
 
 on_both_engines!(
+    a_host_powered_on_again_gets_a_grace_then_is_powered_off_before_its_instances_move,
     cancelled_drains_and_fences_end_at_their_next_step,
     a_fenced_hosts_instance_being_live_migrated_goes_to_its_target,
     a_silent_host_is_fenced_and_its_ha_instances_move_once,
@@ -477,6 +478,72 @@ async fn gc_raises_drift_once_and_retries_what_found_no_room(db: TestDb) {
         ctl.tick(Timestamp::now()).await.expect("tick");
     }
     c.check("a", true).await;
+}
+
+/// Found by the chaos campaign (seed 7007): a fence found no room (the database had been
+/// down: no host had heartbeated within the grace), so its way back powered the host on
+/// again, still `fenced`; it booted and its guard started its instances (still its own). The
+/// GC pass, finding room a moment later, evacuated them from that running host: twice. Now a
+/// host powered on again gets a grace to come back, and then its retry powers it off again,
+/// confirmed, before anything moves.
+async fn a_host_powered_on_again_gets_a_grace_then_is_powered_off_before_its_instances_move(db: TestDb) {
+    use nodekeeper_provisioner::config::AfterFence;
+    use nodekeeper_provisioner::recovery::fence::FenceData;
+    let c = cell(&db, 3).await;
+    let quick = RecoveryConfig { grace: Duration::from_millis(800), ..config() };
+    let ctl = c.controller("replica-1", quick).await;
+    // a's fence ended as that one did: no room, powered on again.
+    c.store.set_host_state(&n("a"), HostState::Fenced, "test", "powered off, confirmed").await.expect("fenced");
+    let data =
+        serde_json::to_string(&FenceData { unplaced: 4, ..FenceData::new(AfterFence::PowerOn, 3) }).expect("json");
+    let (op, _) = c.store.start_operation(KIND, &n("a"), "restore", None, &data, "test").await.expect("fence");
+    let change = nodekeeper_store::StepChange {
+        from: "restore".into(),
+        to: "done".into(),
+        status: OperationStatus::Done,
+        attempts: 0,
+        deadline: None,
+        last_error: None,
+        data: None,
+        event: "fence of a done: 0 moved, 4 unplaced; powered on again".into(),
+    };
+    c.store.advance_operation(op.id, &change, "test").await.expect("done");
+    // An exclusive service's copy on a (the same run also started one elsewhere meanwhile).
+    let svc = nodekeeper_store::Service {
+        name: "api".into(),
+        copies: 1,
+        labels: vec![],
+        start: vec!["true".into()],
+        stop: vec!["true".into()],
+        check: None,
+        exclusive: true,
+    };
+    c.store.put_service(&svc, "test").await.expect("service");
+    let place = nodekeeper_store::CopyChange::Place { service: "api".into(), slot: 0, host: n("a") };
+    assert!(c.store.change_service_copy(&place, "test").await.expect("placed on a"));
+    let copy_on = async || c.store.service_copies(None).await.expect("copies")[0].host.clone();
+    c.beat(&["b", "c"], Timestamp::now()).await;
+    ctl.tick(Timestamp::now()).await.expect("tick");
+    assert_eq!(copy_on().await, n("a"), "powered on again: it may run there, so it stays");
+    // Within the grace: nothing retried (it may come back and run them itself).
+    c.beat(&["b", "c"], Timestamp::now()).await;
+    assert!(ctl.gc(Timestamp::now()).await.expect("gc").retried.is_empty(), "a grace to come back");
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    c.beat(&["b", "c"], Timestamp::now()).await;
+    assert_eq!(ctl.gc(Timestamp::now()).await.expect("gc").retried, vec![n("a")]);
+    let retry = c.fence_op("a").await.expect("the retry");
+    assert_eq!(retry.step, "power_off", "off again, confirmed, before anything moves");
+    assert!(c.fakes.0["a"].get(|s| s.on), "it was on (powered on again)");
+    c.check("a", false).await;
+    ctl.tick(Timestamp::now()).await.expect("tick");
+    assert!(!c.fakes.0["a"].get(|s| s.on), "powered off");
+    c.check("a", false).await; // nothing moved in the step that powered it off
+    for _ in 0..3 {
+        c.beat(&["b", "c"], Timestamp::now()).await;
+        ctl.tick(Timestamp::now()).await.expect("tick");
+    }
+    c.check("a", true).await;
+    assert_ne!(copy_on().await, n("a"), "off again, confirmed: the copy moves");
 }
 
 async fn after_fence_reimage_requests_a_reimage_of_the_host(db: TestDb) {

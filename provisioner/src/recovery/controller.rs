@@ -482,19 +482,39 @@ impl<F: BmcFactory> Controller<F> {
                 open,
             )
         };
+        let on: HashMap<HostName, Timestamp> =
+            if fenced.is_empty() { HashMap::new() } else { super::powered_on_again(store, &hosts).await? };
         for h in fenced {
+            // A host its last fence powered on again (nothing could take its instances then)
+            // boots and runs them: it gets a grace to come back (active: they stay there).
+            // Still silent after it, it is fenced again, and left off.
+            let again = match on.get(&h.name) {
+                Some(ended) if now.since(*ended) < self.config.grace => continue,
+                Some(ended) => h.last_heartbeat.is_none_or(|t| t < *ended),
+                None => false,
+            };
             let left: Vec<InstanceId> =
                 instances.iter().filter(|i| i.owner == h.name && i.ha && !i.deleted).map(|i| i.uuid).collect();
             // Only when some host could take one now: no new operation every pass for nothing.
             let policies = place::Policies { instances: &ip, hosts: &hp, running: &run };
             let room = place::place(&h.name, &left, &open, &instances, policies, now, self.config.grace);
-            if !room.iter().any(|(_, to)| to.is_ok()) {
+            if !again && !room.iter().any(|(_, to)| to.is_ok()) {
                 continue;
             }
+            // Anything that could have powered it on since it was confirmed off — a fence's
+            // way back, an operator's `power on` — means it may run them: off again, confirmed,
+            // before anything moves. Only a host nodekeeper has no power control over is taken
+            // at its word (its `mark-fenced`).
+            let start = if h.bmc_url.is_some() {
+                Step::PowerOff
+            } else if !store.host_outlets(&h.name).await?.is_empty() {
+                Step::OutletOff
+            } else {
+                Step::Evacuate
+            };
             let data = FenceData::new(AfterFence::Nothing, self.config.bmc_attempts);
             let json = serde_json::to_string(&data).unwrap_or_else(|_| "{}".into());
-            let (_, started) =
-                store.start_operation(KIND, &h.name, Step::Evacuate.as_str(), None, &json, ACTOR).await?;
+            let (_, started) = store.start_operation(KIND, &h.name, start.as_str(), None, &json, ACTOR).await?;
             if started {
                 out.retried.push(h.name.clone());
             }
@@ -863,6 +883,10 @@ impl<F: BmcFactory> crate::ops::Machine for Fence<'_, F> {
                 host.last_heartbeat.is_some_and(|h| h > op.created_at),
                 op.deadline.is_some_and(|d| d <= self.now),
             ),
+            // Back and heard (its fence called off, or a retry's host returned): left alone.
+            Work::PowerOff | Work::OutletOff if host.state == HostState::Active => {
+                Decision::Abort { why: "the host is active again; fence called off".into() }
+            }
             Work::PowerOff => {
                 let result = c.power(store, &host, PowerAction::Off).await;
                 let levels = if result.is_err() && attempts >= data.bmc_attempts {

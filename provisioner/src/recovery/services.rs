@@ -8,8 +8,9 @@
 //! - A missing copy (a new service, more copies asked for) goes to the eligible host with the
 //!   fewest copies of any service (ties by name); copies past the count are dropped.
 //! - A copy whose host can no longer run it moves to such a host. For an **exclusive** service
-//!   only once its host is `fenced` (confirmed off, as an HA instance): until then the copy may
-//!   still run there, and never more than n copies run. Otherwise as soon as the host is not
+//!   only once its host is `fenced` (confirmed off, as an HA instance; not one its fence's way
+//!   back powered on again, until it is fenced again): until then the copy may still run
+//!   there, and never more than n copies run. Otherwise as soon as the host is not
 //!   eligible (silent, suspect, fenced, in maintenance, without the labels).
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
@@ -122,7 +123,13 @@ pub async fn reconcile(store: &Store, now: Timestamp, grace: Duration) -> Result
     if services.is_empty() && copies.is_empty() {
         return Ok(0);
     }
-    let hosts = store.hosts().await?;
+    let mut hosts = store.hosts().await?;
+    // A fenced host powered on again may run its exclusive copy: as a suspect one, it keeps
+    // it until it is fenced again (or heard: active).
+    let on = super::powered_on_again(store, &hosts).await?;
+    for h in hosts.iter_mut().filter(|h| on.contains_key(&h.name)) {
+        h.state = HostState::Suspect;
+    }
     let labels = store.host_labels().await?;
     let cordoned = super::drain::draining(store).await?;
     let mut applied = 0;
