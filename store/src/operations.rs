@@ -91,6 +91,16 @@ fn from_row(row: &AnyRow) -> Result<Operation> {
     })
 }
 
+/// Operation `id` as `conn` sees it (inside a transaction that just changed it).
+async fn operation_in(conn: &mut sqlx::AnyConnection, id: i64, what: &'static str) -> Result<Operation> {
+    let row = sqlx::query(&format!("SELECT {COLUMNS} FROM operations WHERE id = $1"))
+        .bind(id)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(query(what))?;
+    from_row(&row)
+}
+
 impl Store {
     /// Starts an operation, or returns the one of this kind already running on `target`
     /// (`false` in the second field). Records an event when it starts one.
@@ -309,12 +319,7 @@ impl Store {
         if done.rows_affected() != 1 {
             return Ok(None);
         }
-        let row = sqlx::query(&format!("SELECT {COLUMNS} FROM operations WHERE id = $1"))
-            .bind(id)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(query(WHAT))?;
-        let op = from_row(&row)?;
+        let op = operation_in(&mut tx, id, WHAT).await?;
         let m = format!("{} of {} (operation {id}, step {}): cancel requested by {actor}", op.kind, op.target, op.step);
         insert_event(&mut tx, &NewEvent::host(actor, &format!("{}.cancel_requested", op.kind), &op.target, m)).await?;
         tx.commit().await.map_err(query(WHAT))?;
@@ -357,12 +362,7 @@ impl Store {
         if done.rows_affected() != 1 {
             return Ok(None);
         }
-        let row = sqlx::query(&format!("SELECT {COLUMNS} FROM operations WHERE id = $1"))
-            .bind(id)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(query(WHAT))?;
-        let op = from_row(&row)?;
+        let op = operation_in(&mut tx, id, WHAT).await?;
         let kind = format!(
             "{}.{}",
             op.kind,

@@ -48,35 +48,27 @@ pub fn plan(me: &HostName, local: &HashMap<InstanceId, Local>, assigned: &[Assig
     let mut actions = Vec::new();
     for inst in assigned.iter().filter(|i| !i.deleted) {
         let here = local.get(&inst.uuid);
+        // Neither defined nor started: migrated (by its owner, while it runs), or shut down.
+        let only = |stop: bool, migrate: Option<Migration>| Action {
+            uuid: inst.uuid,
+            name: inst.name.clone(),
+            generation: inst.generation,
+            ha: inst.ha,
+            define: false,
+            start: false,
+            recreate_disks: false,
+            stop,
+            migrate,
+        };
         if let Some(m) = &inst.migration {
             if &m.from == me && here.is_some_and(|d| d.active) {
-                actions.push(Action {
-                    uuid: inst.uuid,
-                    name: inst.name.clone(),
-                    generation: inst.generation,
-                    ha: inst.ha,
-                    define: false,
-                    start: false,
-                    recreate_disks: false,
-                    stop: false,
-                    migrate: Some(m.clone()),
-                });
+                actions.push(only(false, Some(m.clone())));
             }
             continue;
         }
         if inst.held {
             if here.is_some_and(|d| d.active) {
-                actions.push(Action {
-                    uuid: inst.uuid,
-                    name: inst.name.clone(),
-                    generation: inst.generation,
-                    ha: inst.ha,
-                    define: false,
-                    start: false,
-                    recreate_disks: false,
-                    stop: true,
-                    migrate: None,
-                });
+                actions.push(only(true, None));
             }
             continue;
         }

@@ -550,10 +550,14 @@ async fn operation_show(
     h: HeaderMap,
     UrlPath(id): UrlPath<String>,
 ) -> Response {
-    let Ok(id) = id.parse::<i64>() else {
-        return error(StatusCode::BAD_REQUEST, "invalid", format!("operation {id:?}: a number"));
-    };
-    run(&s, &p, &h, Call::OperationShow(id)).await
+    match id.parse::<i64>() {
+        Ok(id) => run(&s, &p, &h, Call::OperationShow(id)).await,
+        Err(_) => not_an_operation(&id),
+    }
+}
+
+fn not_an_operation(id: &str) -> Response {
+    error(StatusCode::BAD_REQUEST, "invalid", format!("operation {id:?}: a number"))
 }
 
 async fn operation_cancel(
@@ -562,10 +566,10 @@ async fn operation_cancel(
     h: HeaderMap,
     UrlPath(id): UrlPath<String>,
 ) -> Response {
-    let Ok(id) = id.parse::<i64>() else {
-        return error(StatusCode::BAD_REQUEST, "invalid", format!("operation {id:?}: a number"));
-    };
-    run(&s, &p, &h, Call::OperationCancel(id)).await
+    match id.parse::<i64>() {
+        Ok(id) => run(&s, &p, &h, Call::OperationCancel(id)).await,
+        Err(_) => not_an_operation(&id),
+    }
 }
 
 /// Where the OpenAPI document is served (to anyone: it holds no data).
