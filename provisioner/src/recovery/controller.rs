@@ -224,14 +224,18 @@ impl<F: BmcFactory> Controller<F> {
             report.fences_stepped += crate::ops::runner::step_each(&self.fence(now), store, running).await;
         }
         // Live migrations (a drain's) first: a drain's step then sees them done or given up.
-        let migrations = super::migrate::resolve(store, now, &self.migration_failures).await?;
-        if migrations.done + migrations.abandoned > 0 {
-            tracing::info!(
-                done = migrations.done,
-                abandoned = migrations.abandoned,
-                pending = migrations.pending,
-                "recovery: live migrations"
-            );
+        // (A failure here is logged: it must not stop the drains and services below.)
+        match super::migrate::resolve(store, now, &self.migration_failures).await {
+            Ok(m) if m.done + m.abandoned > 0 => {
+                tracing::info!(
+                    done = m.done,
+                    abandoned = m.abandoned,
+                    pending = m.pending,
+                    "recovery: live migrations"
+                );
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!("recovery: live migrations: {e}"),
         }
         let drains = store.running_operations(super::drain::KIND).await?;
         let drain = super::drain::Drain { grace: self.config.grace, now };

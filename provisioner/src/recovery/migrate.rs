@@ -129,7 +129,8 @@ pub async fn resolve(
                     }
                     // Changed meanwhile (moved, deleted): looked at again next tick, if still migrating.
                     Err(StoreError::Conflict { .. } | StoreError::InstanceDeleted(_)) => {}
-                    Err(e) => return Err(e),
+                    // One that cannot be written now (its target removed meanwhile) holds up no other.
+                    Err(e) => tracing::warn!(instance = %i.uuid, "live migration to {to}: {e}"),
                 }
             }
             Outcome::Abandon(why) => {
