@@ -487,7 +487,7 @@ impl<F: BmcFactory> Controller<F> {
             )
         };
         let on: HashMap<HostName, Timestamp> =
-            if fenced.is_empty() { HashMap::new() } else { super::powered_on_again(store, &hosts).await? };
+            if fenced.is_empty() { HashMap::new() } else { super::powered_on_again(store, &fenced).await? };
         for h in fenced {
             // A host its last fence powered on again (nothing could take its instances then)
             // boots and runs them: it gets a grace to come back (active: they stay there).

@@ -23,7 +23,7 @@ pub mod watchdog;
 /// (the GC pass's retry).
 pub async fn powered_on_again(
     store: &nodekeeper_store::Store,
-    hosts: &[nodekeeper_store::Host],
+    hosts: &[&nodekeeper_store::Host],
 ) -> Result<
     std::collections::HashMap<nodekeeper_store::HostName, nodekeeper_store::Timestamp>,
     nodekeeper_store::StoreError,

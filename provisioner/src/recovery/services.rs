@@ -125,8 +125,13 @@ pub async fn reconcile(store: &Store, now: Timestamp, grace: Duration) -> Result
     }
     let mut hosts = store.hosts().await?;
     // A fenced host powered on again may run its exclusive copy: as a suspect one, it keeps
-    // it until it is fenced again (or heard: active).
-    let on = super::powered_on_again(store, &hosts).await?;
+    // it until it is fenced again (or heard: active). Asked only of the fenced hosts that hold
+    // such a copy (one query each; a rack's fences would otherwise cost one per host a tick).
+    let exclusive: HashSet<&str> = services.iter().filter(|s| s.exclusive).map(|s| s.name.as_str()).collect();
+    let holding: HashSet<&HostName> =
+        copies.iter().filter(|c| exclusive.contains(c.service.as_str())).map(|c| &c.host).collect();
+    let asked: Vec<&Host> = hosts.iter().filter(|h| holding.contains(&h.name)).collect();
+    let on = super::powered_on_again(store, &asked).await?;
     for h in hosts.iter_mut().filter(|h| on.contains_key(&h.name)) {
         h.state = HostState::Suspect;
     }
