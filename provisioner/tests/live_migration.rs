@@ -212,7 +212,9 @@ struct Run {
     _dir: tempfile::TempDir,
 }
 
-async fn drain_with(b_migration_uri: &str) -> Option<Run> {
+/// `kill_source_guard`: node-a's guard is SIGKILLed once it has begun the migration, and
+/// started again a second later.
+async fn drain_with(b_migration_uri: &str, kill_source_guard: bool) -> Option<Run> {
     let mut dir = tempfile::tempdir().expect("dir");
     dir.disable_cleanup(std::env::var_os("NODEKEEPER_TEST_KEEP").is_some());
     let pair = Pair::start(dir.path())?;
@@ -227,17 +229,20 @@ async fn drain_with(b_migration_uri: &str) -> Option<Run> {
     store.import_instances(std::slice::from_ref(&vm), "test").await.expect("import");
     let guard = guard_binary();
     let mut guards = Reap(Vec::new());
+    let spawn = |h: &str, config: &str| {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(format!("{d}/node-{h}.log")).expect("log");
+        Command::new(&guard)
+            .args(["-v", "watch", "--config", config])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("guard")
+    };
+    let mut configs = Vec::new();
     for (h, uri) in [("a", Pair::migration_uri("a")), ("b", b_migration_uri.to_owned())] {
         let config = guard_config(&d, h, &pair, db.url(), &uri);
-        let log = std::fs::File::create(format!("{d}/node-{h}.log")).expect("log");
-        guards.0.push(
-            Command::new(&guard)
-                .args(["-v", "watch", "--config", &config])
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .expect("guard"),
-        );
+        guards.0.push(spawn(h, &config));
+        configs.push(config);
     }
     let (a, b) = (pair.uri("a"), pair.uri("b"));
     wait_until("the instance running on node-a", Duration::from_secs(60), async || state(&a, vm.uuid) == "running")
@@ -277,6 +282,17 @@ async fn drain_with(b_migration_uri: &str) -> Option<Run> {
         .output()
         .expect("cli");
     assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    if kill_source_guard {
+        let log = format!("{d}/node-a.log");
+        wait_until("node-a's guard begins the migration", Duration::from_secs(30), async || {
+            std::fs::read_to_string(&log).unwrap_or_default().contains("live-migrating")
+        })
+        .await;
+        let _ = guards.0[0].kill();
+        let _ = guards.0[0].wait();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        guards.0[0] = spawn("a", &configs[0]);
+    }
     wait_until("the drain of node-a done", Duration::from_secs(200), async || {
         store.latest_operation(&n("node-a")).await.expect("op").is_some_and(|o| o.status != OperationStatus::Running)
     })
@@ -307,7 +323,7 @@ async fn events_of(db: &TestDb, vm: InstanceId) -> Vec<nodekeeper_store::Event> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drain_moves_an_instance_on_shared_storage_live_and_it_never_stops_nor_runs_twice() {
-    let Some(run) = drain_with(&Pair::migration_uri("b")).await else { return };
+    let Some(run) = drain_with(&Pair::migration_uri("b"), false).await else { return };
     let (a, b) = (run.pair.uri("a"), run.pair.uri("b"));
     // Never running on both; never down on both once it ran (a cold move would show a gap).
     let both: Vec<_> = run.samples.iter().filter(|(x, y)| x == "running" && y == "running").collect();
@@ -356,7 +372,7 @@ async fn a_drain_moves_an_instance_on_shared_storage_live_and_it_never_stops_nor
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_live_migration_that_fails_is_given_up_and_the_drain_moves_the_instance_cold() {
     // node-b announces a URI nothing answers on: the migration fails at its first step.
-    let Some(run) = drain_with("qemu+tcp://10.77.0.3:1/system").await else { return };
+    let Some(run) = drain_with("qemu+tcp://10.77.0.3:1/system", false).await else { return };
     let b = run.pair.uri("b");
     let both: Vec<_> = run.samples.iter().filter(|(x, y)| x == "running" && y == "running").collect();
     assert!(both.is_empty(), "running on both hosts at once: {both:?}");
@@ -377,4 +393,18 @@ async fn a_live_migration_that_fails_is_given_up_and_the_drain_moves_the_instanc
     let data: serde_json::Value = serde_json::from_str(&op.data).expect("data");
     assert_eq!(data["moved"].as_u64(), Some(1), "{data}");
     println!("failed live migration given up, moved cold in {:.1} s", run.took.as_secs_f64());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_guard_killed_mid_migration_leaves_it_to_end_and_it_never_runs_twice() {
+    let Some(run) = drain_with(&Pair::migration_uri("b"), true).await else { return };
+    let both: Vec<_> = run.samples.iter().filter(|(x, y)| x == "running" && y == "running").collect();
+    assert!(both.is_empty(), "running on both hosts at once: {both:?}");
+    assert_eq!(state(&run.pair.uri("b"), run.vm), "running");
+    assert_eq!(state(&run.pair.uri("a"), run.vm), "", "gone from node-a");
+    println!(
+        "source guard killed mid-migration: drained in {:.1} s, {} samples",
+        run.took.as_secs_f64(),
+        run.samples.len()
+    );
 }
