@@ -595,11 +595,11 @@ pub struct RecoveryConfig {
     /// and hardware watchdog — only for a host whose guard reported both, with an exact
     /// quorum, while a majority of its cell heartbeats (default true; docs/watchdog-fencing.md).
     pub watchdog_fencing: bool,
-    /// Step a fence on within one tick while each step moves it to the next (default true):
-    /// once `confirm` has given the host its one more interval, power-off, evacuation and
-    /// restore follow at once instead of a tick apart; a step that waits (the BMC, a repair,
-    /// a watchdog's bound) or fails an attempt leaves the rest to the next tick. `false`: one
-    /// step a tick.
+    /// Step a fence on as soon as each step moves it to the next (default true): once
+    /// `confirm` has given the host its one more interval, power-off, evacuation and restore
+    /// follow at once instead of an interval apart; a step that waits (the BMC, a repair, a
+    /// watchdog's bound) or fails an attempt is taken again an interval later. `false`: one
+    /// step an interval.
     pub step_through: bool,
     /// Repair before power-cycle (off when unset): the provisioner's SSH private key. A
     /// suspect host that still answers on `network_check_port` is first asked over SSH, as

@@ -6,8 +6,9 @@
 //!   operation, and a replica that paused past its claim sends no BMC command and changes no
 //!   step when it wakes (its writes carry the claim's term). Reimages run so.
 //! - [`step_each`]: the operations given, once each, in order, under the lease the store
-//!   already carries. Fences run so, inside the controller's tick and under its lease, after
-//!   detection (a fence started by a tick is first stepped by the next).
+//!   already carries. Fences run so when a test drives the controller's tick (one step a
+//!   tick); in `serve` each fence has a driver task of its own under the controller's lease
+//!   (`recovery::controller`).
 
 use std::collections::HashSet;
 use std::future::Future;

@@ -1,14 +1,17 @@
 //! The recovery controller inside `serve`: while this replica holds the `controller`
-//! leadership lease, each tick it looks at every host ([`super::detect`]), marks suspects,
-//! starts fence operations, and drives each running fence one step ([`super::fence`]) with a
-//! compare-and-set on the step, like the reimage executor. Everything it knows is in the
+//! leadership lease, each tick it looks at every host ([`super::detect`]), marks suspects and
+//! starts fence operations; each running fence is driven by a task of its own under the same
+//! lease ([`Controller::run`]: a fence waiting on its BMC holds up neither detection nor the
+//! other fences), step by step ([`super::fence`]) with a compare-and-set on the step, like the
+//! reimage executor; evacuations one at a time, BMC steps at most 32 at once. Everything it knows is in the
 //! database: a replica that takes the lease over resumes every fence where it stands, and
 //! two replicas acting on one fence at once (a stale leader finishing its tick) move no
 //! instance twice — each move is a compare-and-set on the instance's generation.
 //!
-//! `tick` takes the time as an argument: tests drive it with a simulated clock.
+//! `tick` takes the time as an argument: tests drive it with a simulated clock, and then it
+//! steps the fences itself (until each waits) and runs the GC pass when due.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -86,7 +89,23 @@ pub struct Controller<F: BmcFactory> {
     braked: std::sync::Mutex<bool>,
     /// Live migrations whose source reported a failure, and since when ([`super::migrate`]).
     migration_failures: std::sync::Mutex<HashMap<InstanceId, Timestamp>>,
+    /// Whether fences are driven by tasks of their own beside the tick ([`Controller::run`]),
+    /// not stepped inside it ([`Controller::tick`], as tests drive it).
+    background: bool,
+    /// One evacuation at a time: placement counts the room each one leaves.
+    evacuating: tokio::sync::Mutex<()>,
+    /// Fence steps that talk to BMCs, at most this many at once (a rack that lost power is
+    /// not a wave of requests at once, nor fenced one host after another).
+    bmc_slots: tokio::sync::Semaphore,
+    /// Hosts whose BMC said they are off when their fence began: their `confirm` need not
+    /// give them one more interval (see [`detect::to_probe`]).
+    known_off: std::sync::Mutex<HashSet<HostName>>,
+    /// Poked when a tick started a fence: its driver starts at once.
+    started: tokio::sync::Notify,
 }
+
+/// Fence steps that talk to BMCs at once.
+const BMC_AT_ONCE: usize = 32;
 
 /// A fence's quorum looks: (lease term, the unbroken run, the latest look).
 type QuorumLook = (i64, Option<Seen>, Quorum);
@@ -107,6 +126,11 @@ impl<F: BmcFactory> Controller<F> {
             metrics: None,
             fleet: std::sync::Mutex::new(None),
             migration_failures: std::sync::Mutex::new(HashMap::new()),
+            background: false,
+            evacuating: tokio::sync::Mutex::new(()),
+            bmc_slots: tokio::sync::Semaphore::new(BMC_AT_ONCE),
+            known_off: std::sync::Mutex::new(HashSet::new()),
+            started: tokio::sync::Notify::new(),
         }
     }
 
@@ -115,45 +139,203 @@ impl<F: BmcFactory> Controller<F> {
         Controller { metrics: Some(metrics), ..self }
     }
 
-    /// Ticks every `interval` until `shutdown`, then gives the lease up.
+    /// Runs the controller until `shutdown`, then gives the lease up: a tick every `interval`
+    /// (detection, live migrations, drains, services), the GC pass every `gc_interval`, and
+    /// each running fence driven by a task of its own ([`Controller::drive`]) — so a fence
+    /// waiting on a BMC holds up neither detection nor the other fences, and a fence's steps
+    /// follow each other as soon as each is done, not a tick apart.
     pub async fn run(self, shutdown: CancellationToken) {
+        let me = Arc::new(Controller { background: true, ..self });
+        let fences = tokio::spawn(me.clone().drive_fences(shutdown.clone()));
+        let gc = tokio::spawn(me.clone().gc_loop(shutdown.clone()));
+        // A tick every interval from the start of the last (not an interval after its end).
+        let mut every = tokio::time::interval(me.config.interval);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = every.tick() => {}
+            }
             // The database's time: heartbeats and leases were stamped with it.
             let began = std::time::Instant::now();
-            let ticked = match self.store.now().await {
-                Ok(now) => self.tick(now).await.map(drop),
+            let ticked = match me.store.now().await {
+                Ok(now) => me.tick(now).await.map(drop),
                 Err(e) => Err(e),
             };
             let took = began.elapsed();
-            if let Some(m) = &self.metrics {
+            if let Some(m) = &me.metrics {
                 m.recovery_tick(took);
             }
-            if took > self.config.interval {
+            if took > me.config.interval {
                 tracing::warn!(took_ms = took.as_millis() as u64, "recovery: a tick took longer than the interval");
             }
             if let Err(e) = ticked {
                 tracing::warn!("recovery: {e}");
             }
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                _ = tokio::time::sleep(self.config.interval) => {}
-            }
         }
-        let _ = self.store.release_leadership(ROLE, &self.holder).await;
+        let _ = tokio::join!(fences, gc);
+        let _ = me.store.release_leadership(ROLE, &me.holder).await;
+    }
+
+    fn ttl_ms(&self) -> i64 {
+        i64::try_from(self.config.lease_ttl.as_millis()).unwrap_or(i64::MAX / 4)
+    }
+
+    /// The lease — taken or renewed (`renew`, the tick), or only read (the fence drivers and
+    /// the GC pass: the tick renews it) — and the store that writes under it, if this replica
+    /// leads.
+    async fn leading(&self, renew: bool) -> Result<Option<(Store, nodekeeper_store::Leadership)>, StoreError> {
+        let lease = if renew {
+            self.store.acquire_leadership(ROLE, &self.holder, self.ttl_ms()).await?
+        } else {
+            match self.store.leadership(ROLE).await? {
+                Some(lease) => lease,
+                None => return Ok(None),
+            }
+        };
+        if !lease.held_by(&self.holder, self.store.now().await?) {
+            return Ok(None);
+        }
+        Ok(Some((self.store.under_lease(lease.token()), lease)))
     }
 
     /// One look at the cell at `now`. Everything it writes, it writes under the lease's term
     /// (a fencing token: [`Store::under_lease`]), and every BMC command it sends is gated on
     /// that term ([`bmc::Leased`]); while it works it renews the lease, and when the lease is
     /// lost (another replica took over while this one was paused) it stops where it is.
+    /// Driven by a test (not by [`Controller::run`]), it also steps the running fences until
+    /// each waits, and runs the GC pass when it is due.
     pub async fn tick(&self, now: Timestamp) -> Result<TickReport, StoreError> {
-        let ttl = i64::try_from(self.config.lease_ttl.as_millis()).unwrap_or(i64::MAX / 4);
-        let lease = self.store.acquire_leadership(ROLE, &self.holder, ttl).await?;
-        if !lease.held_by(&self.holder, self.store.now().await?) {
-            return Ok(TickReport::default());
+        let Some((store, lease)) = self.leading(true).await? else { return Ok(TickReport::default()) };
+        crate::ops::while_leading(&self.store, &lease, self.ttl_ms(), self.lead(&store, &lease, now)).await?
+    }
+
+    /// Gives each running fence a driver ([`Controller::drive`]) while this replica leads,
+    /// looking when a tick started one and every interval; a new term starts them again.
+    async fn drive_fences(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut tasks = tokio::task::JoinSet::new();
+        // Operation by driver task, and the term they drive in.
+        let mut driving: HashMap<tokio::task::Id, i64> = HashMap::new();
+        let mut term = None;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = self.started.notified() => {}
+                _ = tokio::time::sleep(self.config.interval) => {}
+            }
+            while let Some(done) = tasks.try_join_next_with_id() {
+                driving.remove(&done.map_or_else(|e| e.id(), |(id, ())| id));
+            }
+            let leading = match self.leading(false).await {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!("recovery: fence drivers: {e}");
+                    None
+                }
+            };
+            // Not leading, or in another term: the drivers of the last stop (their writes and
+            // BMC commands carry its term and would be refused anyway).
+            if leading.as_ref().map(|(_, l)| l.term) != term {
+                if let (Some(t), false) = (term, tasks.is_empty()) {
+                    tracing::warn!(term = t, drivers = tasks.len(), "recovery: the controller lease of term {t} is no longer held: its fence drivers stop where they stand");
+                }
+                tasks.abort_all();
+                driving.clear();
+                term = leading.as_ref().map(|(_, l)| l.term);
+            }
+            let Some((store, lease)) = leading else { continue };
+            let running = match store.running_operations(KIND).await {
+                Ok(ops) => ops,
+                Err(e) => {
+                    tracing::warn!("recovery: fence drivers: {e}");
+                    continue;
+                }
+            };
+            for op in running {
+                if !driving.values().any(|id| *id == op.id) {
+                    let id = op.id;
+                    let task = tasks.spawn(self.clone().drive(store.clone(), lease.clone(), op));
+                    driving.insert(task.id(), id);
+                }
+            }
         }
-        let store = self.store.under_lease(lease.token());
-        crate::ops::while_leading(&self.store, &lease, ttl, self.lead(&store, &lease, now)).await?
+        // A clean stop lets the steps under way finish (a BMC step is bounded by its
+        // deadline) rather than dropping one in the middle; then stops the rest.
+        let finishing = async { while tasks.join_next().await.is_some() {} };
+        if tokio::time::timeout(Duration::from_secs(10), finishing).await.is_err() {
+            tasks.shutdown().await;
+        }
+    }
+
+    /// Drives one fence until it ends or the lease is lost: each step as soon as the one
+    /// before it is done (`step_through`), a step that waits or failed an attempt again an
+    /// interval later; `confirm` one interval after the fence began (the host's one more
+    /// interval to show up), at once for a host its BMC said is off.
+    async fn drive(self: Arc<Self>, store: Store, lease: nodekeeper_store::Leadership, mut op: Operation) {
+        let interval = self.config.interval;
+        let id = op.id;
+        loop {
+            if op.step == Step::Confirm.as_str()
+                && !self.known_off.lock().unwrap_or_else(|p| p.into_inner()).contains(&op.target)
+            {
+                if let Ok(now) = store.now().await {
+                    tokio::time::sleep((op.created_at + interval).since(now)).await;
+                }
+            }
+            let before = op.step.clone();
+            let step = async {
+                let _slot = if op.step == Step::Evacuate.as_str() { None } else { self.bmc_slots.acquire().await.ok() };
+                let now = store.now().await?;
+                crate::ops::engine::step(&self.fence(now), &store, op.clone()).await
+            };
+            match crate::ops::while_leading(&self.store, &lease, self.ttl_ms(), step).await {
+                Ok(Ok(())) => {}
+                Err(e @ StoreError::LeaseLost { .. }) | Ok(Err(e @ StoreError::LeaseLost { .. })) => {
+                    tracing::warn!(kind = KIND, operation = id, "{e}; its driver stops where it stands");
+                    break;
+                }
+                Err(e) | Ok(Err(e)) => {
+                    tracing::warn!(kind = KIND, operation = id, "step: {e}");
+                    tokio::time::sleep(interval).await;
+                }
+            }
+            match store.operation(id).await {
+                Ok(Some(next)) if next.status == OperationStatus::Running => {
+                    if next.step == before || !self.config.step_through {
+                        tokio::time::sleep(interval).await;
+                    }
+                    op = next;
+                }
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(kind = KIND, operation = id, "reading the operation: {e}");
+                    tokio::time::sleep(interval).await;
+                }
+            }
+        }
+        self.known_off.lock().unwrap_or_else(|p| p.into_inner()).remove(&op.target);
+    }
+
+    /// The GC pass every `gc_interval`, under the lease ([`Controller::run`]).
+    async fn gc_loop(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut every = tokio::time::interval(self.config.gc_interval);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = every.tick() => {}
+            }
+            let pass = async {
+                let Some((store, lease)) = self.leading(false).await? else { return Ok(None) };
+                let now = self.store.now().await?;
+                crate::ops::while_leading(&self.store, &lease, self.ttl_ms(), self.gc_in(&store, now)).await?.map(Some)
+            };
+            match pass.await {
+                Ok(Some(gc)) if !gc.retried.is_empty() => self.started.notify_one(),
+                Ok(_) => {}
+                Err(e) => tracing::warn!("recovery: GC pass: {e}"),
+            }
+        }
     }
 
     async fn lead(
@@ -175,8 +357,9 @@ impl<F: BmcFactory> Controller<F> {
             }
         };
         let hosts = store.hosts().await?;
-        // Fences started by this tick are first stepped by the next one: their `confirm`
-        // gives a host one more interval to show up before the point of return.
+        // Fences started by this tick are first stepped an interval later (by the next tick,
+        // or by their driver): their `confirm` gives a host one more interval to show up
+        // before the point of return.
         let running = store.running_operations(KIND).await?;
         let fencing: Vec<HostName> = running.iter().map(|o| o.target.clone()).collect();
         let mut held = Vec::new();
@@ -208,9 +391,19 @@ impl<F: BmcFactory> Controller<F> {
             report.actions = detect::plan(&hosts, &fencing, &held, &off, now, now, &policy);
         }
         for action in &report.actions {
+            if let Action::Fence { host } = action {
+                if self.background && off.contains(host) {
+                    self.known_off.lock().unwrap_or_else(|p| p.into_inner()).insert(host.clone());
+                }
+            }
             self.act(store, action).await?;
         }
-        if self.config.step_through {
+        if self.background {
+            // Their drivers step them ([`Controller::drive`]); a fence started now gets one.
+            if report.actions.iter().any(|a| matches!(a, Action::Fence { .. })) {
+                self.started.notify_one();
+            }
+        } else if self.config.step_through {
             // Up to the evacuation, 32 fences at a time: each waits on its own BMC, and a rack
             // that lost power is not fenced one host after another. The evacuations one by
             // one, as placement counts the room each one leaves; the restores (the BMCs
@@ -247,12 +440,12 @@ impl<F: BmcFactory> Controller<F> {
         // now, step after step, not one step a tick.
         for action in &report.actions {
             if let Action::Fence { host } = action {
-                if off.contains(host) {
+                if off.contains(host) && !self.background {
                     report.fences_stepped += self.run_through(store, host, now).await?;
                 }
             }
         }
-        let gc_due = {
+        let gc_due = !self.background && {
             let mut last = self.last_gc.lock().unwrap_or_else(|p| p.into_inner());
             let due = last.is_none_or(|t| now.since(t) >= self.config.gc_interval);
             if due {
@@ -698,10 +891,24 @@ impl<F: BmcFactory> Controller<F> {
     /// moved is no longer `host`'s; a move that loses its compare-and-set (someone else moved
     /// it) is skipped.
     async fn evacuate(&self, store: &Store, host: &Host, now: Timestamp) -> Result<(usize, usize, usize), StoreError> {
-        // This tick's fleet, read by its first evacuation (a rack's fences would each read
-        // every instance otherwise); taken out while in use, so a concurrent one reads its own.
-        let cached = self.fleet.lock().unwrap_or_else(|p| p.into_inner()).take().filter(|f| f.at == now);
+        // One at a time, each counting the room the one before took.
+        let _one = self.evacuating.lock().await;
+        // The fleet as the evacuation before read it, kept in step with its moves (a rack's
+        // fences would each read every instance otherwise): in a tick, at the tick's `now`;
+        // driven in the background, while younger than an interval, its hosts read again
+        // (their states and heartbeats move faster than the instances).
+        let cached = self.fleet.lock().unwrap_or_else(|p| p.into_inner()).take().filter(|f| {
+            if self.background {
+                f.at <= now && now.since(f.at) < self.config.interval
+            } else {
+                f.at == now
+            }
+        });
         let mut fleet = match cached {
+            Some(mut f) if self.background => {
+                f.read_hosts(store).await?;
+                f
+            }
             Some(f) => f,
             None => Fleet::read(store, now).await?,
         };
@@ -828,16 +1035,25 @@ struct Fleet {
 
 impl Fleet {
     async fn read(store: &Store, at: Timestamp) -> Result<Fleet, StoreError> {
-        let hosts = store.hosts().await?;
-        Ok(Fleet {
+        let mut fleet = Fleet {
             at,
             all: store.instances(None).await?,
             ip: store.instance_policies().await?,
             hp: store.host_inventories().await?,
-            states: hosts.iter().map(|h| (h.name.clone(), h.state)).collect(),
-            // Hosts being drained take nothing new.
-            hosts: super::drain::uncordoned(hosts, &super::drain::draining(store).await?),
-        })
+            states: HashMap::new(),
+            hosts: Vec::new(),
+        };
+        fleet.read_hosts(store).await?;
+        Ok(fleet)
+    }
+
+    /// The hosts and their states, read again.
+    async fn read_hosts(&mut self, store: &Store) -> Result<(), StoreError> {
+        let hosts = store.hosts().await?;
+        self.states = hosts.iter().map(|h| (h.name.clone(), h.state)).collect();
+        // Hosts being drained take nothing new.
+        self.hosts = super::drain::uncordoned(hosts, &super::drain::draining(store).await?);
+        Ok(())
     }
 }
 
