@@ -64,6 +64,13 @@ pub struct Options {
     pub bmc_delay: Duration,
     /// The crash's seed (which hosts).
     pub seed: u64,
+    /// How many of the crashed hosts have a BMC that hangs (answers nothing): their fences
+    /// cannot confirm them off, so their instances must stay where they are, and the other
+    /// fences must not wait for them.
+    pub bmc_hang: usize,
+    /// SIGKILL `serve` while the crash's fences run (the first at `power_off`), and start it
+    /// again 2 s later: the fences resume where they stand.
+    pub kill_serve: bool,
     /// Where `nodekeeper-provisioner` is.
     pub bin_dir: PathBuf,
 }
@@ -81,6 +88,11 @@ const HUNG: u8 = 2;
 /// The simulated fleet's shared state.
 struct World {
     power: Vec<AtomicU8>,
+    /// What each host runs (its guard's last converge): kept while it hangs (a crashed or
+    /// cut-off host's domains may still run), emptied when it is powered off.
+    running: Vec<Mutex<Vec<InstanceId>>>,
+    /// BMCs that answer nothing.
+    hang: Vec<AtomicBool>,
     /// ForceOffs each host's BMC was sent.
     offs: Vec<std::sync::atomic::AtomicU32>,
     bmc_delay: Duration,
@@ -92,6 +104,29 @@ struct World {
     /// Requests that failed (status or transport), by kind.
     errors: Mutex<BTreeMap<&'static str, u64>>,
     stop: AtomicBool,
+    /// The checker's samples, instances seen on two powered hosts, most copies of one seen.
+    copies: Mutex<(u64, usize, usize)>,
+}
+
+/// Every 250 ms: how many hosts with power run each instance.
+async fn sample_copies(w: Arc<World>) {
+    loop {
+        let mut on: std::collections::HashMap<InstanceId, usize> = std::collections::HashMap::new();
+        for (i, r) in w.running.iter().enumerate() {
+            if w.power[i].load(Ordering::Relaxed) != OFF {
+                for id in r.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+                    *on.entry(*id).or_default() += 1;
+                }
+            }
+        }
+        {
+            let mut c = w.copies.lock().unwrap_or_else(|p| p.into_inner());
+            c.0 += 1;
+            c.1 += on.values().filter(|n| **n > 1).count();
+            c.2 = c.2.max(on.values().copied().max().unwrap_or(0));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 /// What the simulation measured.
@@ -100,8 +135,9 @@ pub struct Report {
     /// (what, value), in order.
     pub rows: Vec<(String, String)>,
     /// False fences, HA instances of crashed hosts not moved within the grace and 2 minutes
-    /// (or missing), instances owned by no host (each must be 0).
-    pub violations: [usize; 3],
+    /// (or missing), instances owned by no host, instances seen running on two hosts (each
+    /// must be 0).
+    pub violations: [usize; 4],
 }
 
 impl Report {
@@ -183,6 +219,8 @@ async fn run(opts: &Options, n: &Narrator, dir: &Path) -> anyhow::Result<Report>
     // The BMCs.
     let world = Arc::new(World {
         power: (0..opts.hosts).map(|_| AtomicU8::new(ON)).collect(),
+        running: (0..opts.hosts).map(|_| Mutex::new(Vec::new())).collect(),
+        hang: (0..opts.hosts).map(|_| AtomicBool::new(false)).collect(),
         offs: (0..opts.hosts).map(|_| std::sync::atomic::AtomicU32::new(0)).collect(),
         bmc_delay: opts.bmc_delay,
         latencies: Mutex::new(Vec::new()),
@@ -190,6 +228,7 @@ async fn run(opts: &Options, n: &Narrator, dir: &Path) -> anyhow::Result<Report>
         requests: Default::default(),
         errors: Mutex::new(BTreeMap::new()),
         stop: AtomicBool::new(false),
+        copies: Mutex::new((0, 0, 0)),
     });
     let app = Router::new()
         .route("/redfish/v1/Systems/{id}", get(bmc_system))
@@ -250,15 +289,19 @@ async fn run(opts: &Options, n: &Narrator, dir: &Path) -> anyhow::Result<Report>
             opts.grace.as_secs()
         ),
     )?;
-    let serve = std::process::Command::new(opts.bin_dir.join("nodekeeper-provisioner"))
-        .args(["serve", "--config"])
-        .arg(&config)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(dir.join("serve.log"))?)
-        .spawn()
-        .context("starting serve")?;
-    let serve = Serve(serve);
+    let start_serve = || -> anyhow::Result<Serve> {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("serve.log"))?;
+        let child = std::process::Command::new(opts.bin_dir.join("nodekeeper-provisioner"))
+            .args(["serve", "--config"])
+            .arg(&config)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting serve")?;
+        Ok(Serve(child))
+    };
+    let mut serve = start_serve()?;
     let serve_pid = serve.0.id();
     let base = format!("http://127.0.0.1:{port}");
     let http =
@@ -337,21 +380,45 @@ async fn run(opts: &Options, n: &Narrator, dir: &Path) -> anyhow::Result<Report>
         .iter()
         .map(|i| (host(*i), items.iter().filter(|x| x.owner == host(*i) && x.ha).map(|x| x.uuid).collect()))
         .collect();
+    // The first `bmc_hang` of them: their BMCs answer nothing from now on.
+    let hung_bmcs: Vec<usize> = crashed.iter().take(opts.bmc_hang.min(crashed.len())).copied().collect();
+    for i in &hung_bmcs {
+        world.hang[*i].store(true, Ordering::Relaxed);
+    }
+    let ha_of: BTreeMap<HostName, Vec<InstanceId>> =
+        ha_of.into_iter().filter(|(h, _)| !hung_bmcs.iter().any(|i| host(*i) == *h)).collect();
+    // The independent checker: from now on, every 250 ms, no instance runs on two hosts that
+    // have power (a hung host's domains count as running until its power is off).
+    let sampler = tokio::spawn(sample_copies(world.clone()));
     for i in &crashed {
         world.power[*i].store(HUNG, Ordering::Relaxed);
     }
     let crash_at = Instant::now();
-    n.say(&format!("{} hosts crash (silent, power on)", crashed.len()));
+    n.say(&format!(
+        "{} hosts crash (silent, power on); {} of them with a BMC that hangs",
+        crashed.len(),
+        hung_bmcs.len()
+    ));
+    if opts.kill_serve {
+        n.wait("a fence at power_off", opts.grace + Duration::from_secs(60), async || {
+            Ok(store.running_operations("fence").await?.iter().any(|o| o.step == "power_off").then_some(()))
+        })
+        .await?;
+        drop(serve);
+        n.say(&format!("serve SIGKILLed at {} after the crash; started again 2 s later", fmt(crash_at.elapsed())));
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        serve = start_serve()?;
+    }
     let mut moved: BTreeMap<HostName, Duration> = BTreeMap::new();
     let mut false_suspects = std::collections::BTreeSet::new();
     let limit = opts.grace + Duration::from_secs(120);
-    while moved.len() < crashed.len() && crash_at.elapsed() < limit {
+    while moved.len() < ha_of.len() && crash_at.elapsed() < limit {
         for h in ha_of.keys().filter(|h| !moved.contains_key(*h)).cloned().collect::<Vec<_>>() {
             if store.instances(Some(&h)).await?.iter().all(|i| !i.ha) {
                 moved.insert(h, crash_at.elapsed());
             }
         }
-        for h in store.hosts().await?.iter().filter(|h| !ha_of.contains_key(&h.name)) {
+        for h in store.hosts().await?.iter().filter(|h| !crashed.iter().any(|i| host(*i) == h.name)) {
             if h.state != HostState::Active {
                 false_suspects.insert(h.name.clone());
             }
@@ -367,6 +434,22 @@ async fn run(opts: &Options, n: &Narrator, dir: &Path) -> anyhow::Result<Report>
     );
 
     report.row("hosts not active that talked (false suspects)", false_suspects.len());
+    if !hung_bmcs.is_empty() {
+        // No confirmed fence, nothing moves: each stays suspect, its instances its own.
+        let mut kept = 0;
+        for i in &hung_bmcs {
+            let h = host(*i);
+            let own = store.instances(Some(&h)).await?.iter().filter(|x| x.ha).count();
+            let state = store.host(&h).await?.map(|x| x.state);
+            if own == items.iter().filter(|x| x.owner == h && x.ha).count() && state == Some(HostState::Suspect) {
+                kept += 1;
+            }
+        }
+        report.row(
+            "crashed hosts with a hanging BMC (suspect, HA instances kept)",
+            format!("{} ({kept})", hung_bmcs.len()),
+        );
+    }
 
     // A partition: most of the fleet silent at once. Nothing may be fenced.
     if opts.partition > 0.0 {
@@ -402,6 +485,8 @@ async fn run(opts: &Options, n: &Narrator, dir: &Path) -> anyhow::Result<Report>
     for t in tasks {
         t.abort();
     }
+    sampler.abort();
+    let (samples, doubles, most) = *world.copies.lock().unwrap_or_else(|p| p.into_inner());
     let (hosts, instances) = (store.hosts().await?, store.instances(None).await?);
     let names: std::collections::BTreeSet<&HostName> = hosts.iter().map(|h| &h.name).collect();
     let lost = total_instances.saturating_sub(instances.iter().filter(|i| !i.deleted).count())
@@ -409,8 +494,12 @@ async fn run(opts: &Options, n: &Narrator, dir: &Path) -> anyhow::Result<Report>
     let orphans = instances.iter().filter(|i| !names.contains(&i.owner)).count();
     let false_fences =
         (0..opts.hosts).filter(|i| !crashed.contains(i) && world.offs[*i].load(Ordering::Relaxed) > 0).count();
-    report.violations = [false_fences, lost, orphans];
+    report.violations = [false_fences, lost, orphans, doubles];
     report.row("false fences / not moved in time or lost / ownerless", format!("{false_fences} / {lost} / {orphans}"));
+    report.row(
+        "samples of what runs where: instances on two hosts (most copies of one)",
+        format!("{samples}: {doubles} ({most})"),
+    );
     let errors = world.errors.lock().unwrap_or_else(|p| p.into_inner()).clone();
     report.row("guard API errors", if errors.is_empty() { "0".into() } else { format!("{errors:?}") });
     report.row("database size", format!("{} MiB", db_size(opts.engine, dir) / (1024 * 1024)));
@@ -472,7 +561,6 @@ async fn guard_loop(i: usize, phase: Duration, w: Arc<World>, http: reqwest::Cli
             w.requests.fetch_add(1, Ordering::Relaxed);
         }
     };
-    let mut running: Vec<InstanceId> = Vec::new();
     let mut booted = false;
     // The revision the last complete pass began from, and when (the real guard's rule: ask
     // again when the revision moves or the full pass is due).
@@ -483,12 +571,19 @@ async fn guard_loop(i: usize, phase: Duration, w: Arc<World>, http: reqwest::Cli
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     while !w.stop.load(Ordering::Relaxed) {
         tick.tick().await;
-        if w.power[i].load(Ordering::Relaxed) != ON {
-            booted = false;
-            running.clear();
-            basis = None;
-            continue;
+        match w.power[i].load(Ordering::Relaxed) {
+            ON => {}
+            // Off: nothing runs. Hung: silent, and what ran may still run.
+            p => {
+                if p == OFF {
+                    w.running[i].lock().unwrap_or_else(|p| p.into_inner()).clear();
+                }
+                booted = false;
+                basis = None;
+                continue;
+            }
         }
+        let running = w.running[i].lock().unwrap_or_else(|p| p.into_inner()).clone();
         // Who owns what this host runs (guard boot's question, and the converge pass's first).
         let ownership = async |running: &[InstanceId]| {
             count();
@@ -537,7 +632,13 @@ async fn guard_loop(i: usize, phase: Duration, w: Arc<World>, http: reqwest::Cli
         count();
         match http.get(url("assigned")).header("authorization", &auth).send().await {
             Ok(r) if r.status().is_success() => match r.json::<Vec<Assigned>>().await {
-                Ok(a) => running = a.iter().filter(|x| !x.deleted && !x.held).map(|x| x.uuid).collect(),
+                Ok(a) => {
+                    let now: Vec<InstanceId> = a.iter().filter(|x| !x.deleted && !x.held).map(|x| x.uuid).collect();
+                    // A host that hung meanwhile converges nothing.
+                    if w.power[i].load(Ordering::Relaxed) == ON {
+                        *w.running[i].lock().unwrap_or_else(|p| p.into_inner()) = now;
+                    }
+                }
                 Err(_) => {
                     complete = false;
                     fail("assigned")
@@ -554,6 +655,7 @@ async fn guard_loop(i: usize, phase: Duration, w: Arc<World>, http: reqwest::Cli
             complete = false;
             fail("services");
         }
+        let running = w.running[i].lock().unwrap_or_else(|p| p.into_inner()).clone();
         let report: Vec<serde_json::Value> =
             running.iter().map(|u| serde_json::json!({ "uuid": u, "running": true, "generation": null })).collect();
         count();
@@ -574,6 +676,9 @@ async fn guard_loop(i: usize, phase: Duration, w: Arc<World>, http: reqwest::Cli
 
 async fn bmc_system(State(w): State<Arc<World>>, UrlPath(id): UrlPath<usize>) -> Response {
     let Some(p) = w.power.get(id) else { return StatusCode::NOT_FOUND.into_response() };
+    if w.hang[id].load(Ordering::Relaxed) {
+        std::future::pending::<()>().await;
+    }
     let on = p.load(Ordering::Relaxed) != OFF;
     Json(serde_json::json!({ "Id": id.to_string(), "PowerState": if on { "On" } else { "Off" } })).into_response()
 }
@@ -585,6 +690,9 @@ async fn bmc_reset(
 ) -> Response {
     if id >= w.power.len() {
         return StatusCode::NOT_FOUND.into_response();
+    }
+    if w.hang[id].load(Ordering::Relaxed) {
+        std::future::pending::<()>().await;
     }
     let to = match body["ResetType"].as_str() {
         Some("ForceOff") => OFF,
