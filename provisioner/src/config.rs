@@ -618,6 +618,10 @@ pub struct RecoveryConfig {
     /// (default 2 min).
     #[serde(with = "humantime_serde")]
     pub restart_order_wait: Duration,
+    /// Fence steps that command power (BMCs, PDU outlets) at once (default 128): a row of
+    /// racks that lost power is neither a wave of thousands of requests at once nor fenced
+    /// a few hosts after another. A BMC that hangs holds its turn until its request times out.
+    pub bmc_at_once: usize,
 }
 
 /// The early probe's default silence (two missed heartbeats of the guard's default interval).
@@ -643,6 +647,7 @@ impl Default for RecoveryConfig {
             repair_user: "root".into(),
             repair_wait: Duration::from_secs(30),
             restart_order_wait: Duration::from_secs(120),
+            bmc_at_once: 128,
         }
     }
 }

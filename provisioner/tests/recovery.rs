@@ -46,6 +46,7 @@ on_both_engines!(
     the_brake_holds_the_pdu_level,
     with_too_little_room_priorities_and_anti_affinity_decide_and_the_rest_waits,
     two_fences_of_one_tick_share_the_room_left_and_never_overfill_a_host,
+    fences_driven_at_once_share_the_room_left_and_never_overfill_a_host,
     a_web_server_moves_only_once_its_database_runs_again,
     an_operator_takes_over_a_fence_that_waits_for_its_watchdog,
     stepping_through_a_fence_whose_bmc_answers_ends_it_in_the_tick_after_it_began,
@@ -1091,6 +1092,102 @@ async fn two_fences_of_one_tick_share_the_room_left_and_never_overfill_a_host(db
         let op = c.fence_op(h).await.expect("fence");
         assert_eq!(op.status, OperationStatus::Done, "{op:?}");
     }
+}
+
+/// As `serve` runs it (`Controller::run`, the database's clock): six hosts fall silent at
+/// once; their fences are driven each by a task of its own, so their evacuations ask at once
+/// and are done in passes that place them together. Two hosts with 8 vCPUs each take 4 of the
+/// twelve 4-vCPU instances, never more; the rest stay, reported; each moved once.
+async fn fences_driven_at_once_share_the_room_left_and_never_overfill_a_host(db: TestDb) {
+    use nodekeeper_store::{HostInventory, InstancePolicy};
+    let store = db.store().await;
+    let failing: Vec<String> = (0..6).map(|i| format!("f{i}")).collect();
+    let mut fakes = HashMap::new();
+    for name in failing.iter().map(String::as_str).chain(["t0", "t1"]) {
+        let h = NewHost { name: n(name), mac: None, ip: None, bmc_url: Some("fake://".into()), bmc_credentials: None };
+        store.add_host(&h, "test").await.expect("host");
+        let f = Fake::default();
+        f.set(|s| s.on = true);
+        fakes.insert(name.to_owned(), f);
+        store.record_heartbeat(&n(name)).await.expect("heartbeat");
+    }
+    let vms: Vec<NewInstance> = failing
+        .iter()
+        .flat_map(|h| [0, 1].map(|k| (h.clone(), k)))
+        .map(|(h, k)| NewInstance {
+            uuid: InstanceId::random(),
+            name: format!("{h}-vm{k}"),
+            owner: n(&h),
+            ha: true,
+            storage: Storage::Shared,
+            generation: Generation(1),
+            domain_xml: None,
+        })
+        .collect();
+    store.import_instances(&vms, "test").await.expect("import");
+    let four = InstancePolicy { vcpus: 4, memory_mib: 1024, ..InstancePolicy::default() };
+    let policies: Vec<_> = vms.iter().map(|v| (v.uuid, four.clone())).collect();
+    store.set_instance_policies(&policies, "test").await.expect("policies");
+    for h in ["t0", "t1"] {
+        let inv = HostInventory { vcpus: Some(8), memory_mib: Some(65_536), reserved: false };
+        store.set_host_inventory(&n(h), &inv, "test").await.expect("inventory");
+    }
+    let beats = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            loop {
+                for h in ["t0", "t1"] {
+                    let _ = store.record_heartbeat(&n(h)).await;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let config = RecoveryConfig {
+        grace: Duration::from_secs(1),
+        interval: Duration::from_millis(100),
+        lease_ttl: Duration::from_secs(10),
+        mass_failure_share: 0.9,
+        network_check_port: 0,
+        after_fence: AfterFence::Nothing,
+        ..RecoveryConfig::default()
+    };
+    let ctl = Controller::new(store.clone(), Arc::new(Fakes(Arc::new(fakes))), config, "replica-1".into());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn(ctl.run(stop.clone()));
+    let started = std::time::Instant::now();
+    loop {
+        let mut done = 0;
+        for h in &failing {
+            let op = store.latest_operation(&n(h)).await.expect("op").filter(|o| o.kind == KIND);
+            done += usize::from(op.is_some_and(|o| o.status == OperationStatus::Done));
+        }
+        if done == failing.len() {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "{done} of 6 fences done in 30 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.cancel();
+    running.await.expect("controller");
+    beats.abort();
+    let mut per_host: HashMap<HostName, u32> = HashMap::new();
+    let mut moved = 0;
+    for v in &vms {
+        let i = store.instance(v.uuid).await.expect("get").expect("instance");
+        if i.owner == v.owner {
+            assert_eq!(i.generation, Generation(1), "{i:?}");
+        } else {
+            assert!(["t0", "t1"].contains(&i.owner.as_str()) && i.generation == Generation(2), "{i:?}");
+            *per_host.entry(i.owner).or_default() += 4;
+            moved += 1;
+        }
+    }
+    assert_eq!(moved, 4, "{per_host:?}");
+    assert!(per_host.values().all(|v| *v <= 8), "{per_host:?}");
+    let events = store.events(&EventFilter::default()).await.expect("events");
+    assert_eq!(events.iter().filter(|e| e.kind == "instance.moved").count(), 4, "each moved once");
+    assert_eq!(events.iter().filter(|e| e.kind == "instance.unplaced").count(), 8, "the rest said why they stay");
 }
 
 /// Restart order: web (ha[1]) starts after db (ha[0]). The evacuation moves db and the others,

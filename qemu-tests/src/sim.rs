@@ -706,7 +706,11 @@ async fn bmc_reset(
     tokio::spawn(async move {
         tokio::time::sleep(w2.bmc_delay).await;
         let p = &w2.power[id];
-        // On does not wake a crashed host that was never powered off; Off ends any state.
+        // On does not wake a crashed host that was never powered off; Off ends any state,
+        // and every domain with it.
+        if to == OFF {
+            w2.running[id].lock().unwrap_or_else(|p| p.into_inner()).clear();
+        }
         if to == OFF || p.load(Ordering::Relaxed) == OFF {
             p.store(to, Ordering::Relaxed);
         }

@@ -330,6 +330,41 @@ impl Store {
         self.move_one(id, expected, to, actor, reason, Move::Recovery).await
     }
 
+    /// Recoveries in one transaction (the evacuations of many fences at once): each a
+    /// compare-and-set as [`Store::transfer_owner`], counted towards its `max_relocate`, with
+    /// its event. One whose instance moved, was deleted or is unknown meanwhile fails alone
+    /// (its `Err` in the answer, in order); any other error — the database, a target host
+    /// that does not exist — writes none of them.
+    pub async fn transfer_owners(&self, moves: &[OwnerMove], actor: &str) -> Result<Vec<Result<Generation>>> {
+        const WHAT: &str = "moving instances";
+        if moves.is_empty() {
+            return Ok(Vec::new());
+        }
+        let db_now = self.now().await?.0;
+        let mut tx = self.begin_write(WHAT).await?;
+        let mut out = Vec::with_capacity(moves.len());
+        for m in moves {
+            let Some(current) = lookup_in(&mut tx, [m.id]).await?.pop() else {
+                out.push(Err(StoreError::UnknownInstance(m.id)));
+                continue;
+            };
+            match cas_owner(&mut tx, m.id, m.expected, &current.owner, &m.to, actor, &m.reason, db_now).await {
+                Ok(generation) => {
+                    sqlx::query("UPDATE instances SET relocations = relocations + 1 WHERE uuid = $1")
+                        .bind(m.id.to_string())
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(query(WHAT))?;
+                    out.push(Ok(generation));
+                }
+                Err(e @ (StoreError::Conflict { .. } | StoreError::InstanceDeleted(_))) => out.push(Err(e)),
+                Err(e) => return Err(e),
+            }
+        }
+        tx.commit().await.map_err(query(WHAT))?;
+        Ok(out)
+    }
+
     /// A drain's move: `id`, held on its owner and reported stopped there, goes to `to` (a
     /// compare-and-set on `expected`, which clears the hold), without counting towards its
     /// `max_relocate` (a planned move is not a recovery). Refused unless it is held.
@@ -762,6 +797,19 @@ async fn cas_owner(
     )
     .await?;
     Ok(next)
+}
+
+/// One move of [`Store::transfer_owners`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnerMove {
+    /// The instance.
+    pub id: InstanceId,
+    /// Its generation as the caller saw it.
+    pub expected: Generation,
+    /// Its new owner.
+    pub to: HostName,
+    /// Why (the event says it).
+    pub reason: String,
 }
 
 /// Ownership rows for `ids`, batched into `IN` lists.

@@ -43,7 +43,7 @@ pub use gauges::FleetGauges;
 pub use guard_role::{GuardRole, GuardSession};
 pub use hosts::{BootChange, BootSettings, Host, NewHost};
 pub use images::{check_image_name, Image, ImageFormat, NewImage};
-pub use instances::{evacuation_source_safe, Instance, NewInstance, Ownership, Transfer};
+pub use instances::{evacuation_source_safe, Instance, NewInstance, OwnerMove, Ownership, Transfer};
 pub use leadership::Leadership;
 pub use leases::Lease;
 pub use operations::{Operation, StepChange};

@@ -7,7 +7,7 @@ use nodekeeper_store::on_both_engines;
 use nodekeeper_store::testing::TestDb;
 use nodekeeper_store::{
     EventFilter, Generation, HostName, HostState, ImageFormat, InstanceId, NewEvent, NewHost, NewImage, NewInstance,
-    ReportedDomain, Storage, Store, StoreError,
+    OwnerMove, ReportedDomain, Storage, Store, StoreError,
 };
 use tokio::sync::Barrier;
 
@@ -20,6 +20,7 @@ on_both_engines!(
     evacuate_refuses_bad_requests_and_changes_nothing,
     evacuate_moves_off_a_live_host_only_when_it_is_known_stopped_or_forced,
     stale_generation_is_a_conflict,
+    batched_recoveries_fail_one_by_one_or_all_at_once,
     concurrent_evacuations_cannot_both_win,
     delete_keeps_a_tombstone,
     ownership_lookup_is_batched,
@@ -278,6 +279,56 @@ async fn stale_generation_is_a_conflict(db: TestDb) {
     assert!(matches!(err, StoreError::UnknownHost(_)), "{err}");
     let now = store.instance(vm.uuid).await.expect("get").expect("exists");
     assert_eq!((now.owner.as_str(), now.generation), ("node-b", Generation(2)));
+}
+
+/// Several recoveries in one transaction: each a compare-and-set of its own (one that lost
+/// its race, was deleted or is unknown fails alone), all or none when the database refuses.
+async fn batched_recoveries_fail_one_by_one_or_all_at_once(db: TestDb) {
+    let store = fleet(&db).await;
+    let vms: Vec<NewInstance> = (0..4).map(|i| new_instance("node-a", i)).collect();
+    store.import_instances(&vms, "test").await.expect("import");
+    // vms[1] moved by someone else meanwhile; vms[2] deleted.
+    store.transfer_owner(vms[1].uuid, Generation(1), &host("node-c"), "test", "other").await.expect("move");
+    store.delete_instances(&[vms[2].uuid], "test").await.expect("delete");
+    let mv = |id: InstanceId, to: &str| OwnerMove {
+        id,
+        expected: Generation(1),
+        to: host(to),
+        reason: "recovered from fenced host node-a".into(),
+    };
+    let unknown = InstanceId::random();
+    let moves = [
+        mv(vms[0].uuid, "node-b"),
+        mv(vms[1].uuid, "node-b"),
+        mv(vms[2].uuid, "node-b"),
+        mv(unknown, "node-b"),
+        mv(vms[3].uuid, "node-c"),
+    ];
+    let out = store.transfer_owners(&moves, "test").await.expect("batch");
+    assert!(matches!(out[0], Ok(Generation(2))), "{out:?}");
+    assert!(matches!(out[1], Err(StoreError::Conflict { found: Generation(2), .. })), "{out:?}");
+    assert!(matches!(out[2], Err(StoreError::InstanceDeleted(_))), "{out:?}");
+    assert!(matches!(out[3], Err(StoreError::UnknownInstance(id)) if id == unknown), "{out:?}");
+    assert!(matches!(out[4], Ok(Generation(2))), "{out:?}");
+    for (i, owner, relocations) in [(0, "node-b", 1), (1, "node-c", 1), (3, "node-c", 1)] {
+        let now = store.instance(vms[i].uuid).await.expect("get").expect("exists");
+        assert_eq!(now.owner, host(owner), "vm {i}");
+        let policy = store.instance_policies().await.expect("policies");
+        assert_eq!(policy.get(&vms[i].uuid).map_or(0, |p| p.relocations), relocations, "vm {i}");
+    }
+    let events =
+        store.events(&EventFilter { instance: Some(vms[0].uuid), ..Default::default() }).await.expect("events");
+    assert!(events.iter().any(|e| e.kind == "instance.moved" && e.message.contains("node-b")), "{events:?}");
+    // A target that does not exist refuses the whole batch: nothing moved.
+    let moves = [mv(vms[0].uuid, "node-c"), mv(vms[3].uuid, "node-x")];
+    let moves = [
+        OwnerMove { expected: Generation(2), ..moves[0].clone() },
+        OwnerMove { expected: Generation(2), ..moves[1].clone() },
+    ];
+    let err = store.transfer_owners(&moves, "test").await.expect_err("unknown host");
+    assert!(matches!(err, StoreError::UnknownHost(_)), "{err}");
+    let now = store.instance(vms[0].uuid).await.expect("get").expect("exists");
+    assert_eq!((now.owner, now.generation), (host("node-b"), Generation(2)), "nothing of the batch was written");
 }
 
 /// Eight real connections race to move one instance from the same generation: one wins.

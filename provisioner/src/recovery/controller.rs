@@ -94,18 +94,20 @@ pub struct Controller<F: BmcFactory> {
     background: bool,
     /// One evacuation at a time: placement counts the room each one leaves.
     evacuating: tokio::sync::Mutex<()>,
-    /// Fence steps that talk to BMCs, at most this many at once (a rack that lost power is
-    /// not a wave of requests at once, nor fenced one host after another).
+    /// Fence steps that command power (BMCs, PDU outlets), at most this many at once (a rack
+    /// that lost power is not a wave of requests at once, nor fenced one host after another).
     bmc_slots: tokio::sync::Semaphore,
     /// Hosts whose BMC said they are off when their fence began: their `confirm` need not
     /// give them one more interval (see [`detect::to_probe`]).
     known_off: std::sync::Mutex<HashSet<HostName>>,
     /// Poked when a tick started a fence: its driver starts at once.
     started: tokio::sync::Notify,
+    /// Evacuations asked for, waiting for the next pass ([`Controller::evacuate`]).
+    evac_queue: std::sync::Mutex<Vec<EvacuationRequest>>,
 }
 
-/// Fence steps that talk to BMCs at once.
-const BMC_AT_ONCE: usize = 32;
+/// A host to evacuate, and where its outcome goes.
+type EvacuationRequest = (Host, tokio::sync::oneshot::Sender<Result<(usize, usize, usize), StoreError>>);
 
 /// A fence's quorum looks: (lease term, the unbroken run, the latest look).
 type QuorumLook = (i64, Option<Seen>, Quorum);
@@ -113,6 +115,7 @@ type QuorumLook = (i64, Option<Seen>, Quorum);
 impl<F: BmcFactory> Controller<F> {
     /// A replica named `holder` (unique among replicas: host name and process id).
     pub fn new(store: Store, factory: Arc<F>, config: RecoveryConfig, holder: String) -> Controller<F> {
+        let bmc_at_once = config.bmc_at_once.max(1);
         Controller {
             store,
             factory,
@@ -128,9 +131,10 @@ impl<F: BmcFactory> Controller<F> {
             migration_failures: std::sync::Mutex::new(HashMap::new()),
             background: false,
             evacuating: tokio::sync::Mutex::new(()),
-            bmc_slots: tokio::sync::Semaphore::new(BMC_AT_ONCE),
+            bmc_slots: tokio::sync::Semaphore::new(bmc_at_once),
             known_off: std::sync::Mutex::new(HashSet::new()),
             started: tokio::sync::Notify::new(),
+            evac_queue: std::sync::Mutex::new(Vec::new()),
         }
     }
 
@@ -284,7 +288,9 @@ impl<F: BmcFactory> Controller<F> {
             }
             let before = op.step.clone();
             let step = async {
-                let _slot = if op.step == Step::Evacuate.as_str() { None } else { self.bmc_slots.acquire().await.ok() };
+                // Only the steps that command power wait for a slot.
+                let power = [Step::PowerOff, Step::OutletOff, Step::Restore].map(|s| s.as_str());
+                let _slot = if power.contains(&op.step.as_str()) { self.bmc_slots.acquire().await.ok() } else { None };
                 let now = store.now().await?;
                 crate::ops::engine::step(&self.fence(now), &store, op.clone()).await
             };
@@ -404,15 +410,16 @@ impl<F: BmcFactory> Controller<F> {
                 self.started.notify_one();
             }
         } else if self.config.step_through {
-            // Up to the evacuation, 32 fences at a time: each waits on its own BMC, and a rack
+            // Up to the evacuation, `bmc_at_once` fences at a time: each waits on its own BMC, and a rack
             // that lost power is not fenced one host after another. The evacuations one by
             // one, as placement counts the room each one leaves; the restores (the BMCs
-            // again) 32 at a time.
-            let (n, at_evacuate) = self.step_fences(store, running, now, Some(Step::Evacuate), 32).await?;
+            // again) `bmc_at_once` at a time.
+            let at_once = self.config.bmc_at_once;
+            let (n, at_evacuate) = self.step_fences(store, running, now, Some(Step::Evacuate), at_once).await?;
             report.fences_stepped += n;
             let (n, at_restore) = self.step_fences(store, at_evacuate, now, Some(Step::Restore), 1).await?;
             report.fences_stepped += n;
-            report.fences_stepped += self.step_fences(store, at_restore, now, None, 32).await?.0;
+            report.fences_stepped += self.step_fences(store, at_restore, now, None, at_once).await?.0;
         } else {
             report.fences_stepped += crate::ops::runner::step_each(&self.fence(now), store, running).await;
         }
@@ -890,13 +897,51 @@ impl<F: BmcFactory> Controller<F> {
     /// One `instance.unplaced` event says why each that waits waits. Idempotent: what already
     /// moved is no longer `host`'s; a move that loses its compare-and-set (someone else moved
     /// it) is skipped.
+    ///
+    /// Evacuations asked for at once (a rack's fences) are done together: each request queues
+    /// and waits for the evacuation lock; whoever takes it does every request queued by then in
+    /// one pass — one read of the fleet, each placed in turn (each counting the room the ones
+    /// before took), and all their moves in one transaction.
     async fn evacuate(&self, store: &Store, host: &Host, now: Timestamp) -> Result<(usize, usize, usize), StoreError> {
-        // One at a time, each counting the room the one before took.
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        self.evac_queue.lock().unwrap_or_else(|p| p.into_inner()).push((host.clone(), tx));
         let _one = self.evacuating.lock().await;
-        // The fleet as the evacuation before read it, kept in step with its moves (a rack's
-        // fences would each read every instance otherwise): in a tick, at the tick's `now`;
-        // driven in the background, while younger than an interval, its hosts read again
-        // (their states and heartbeats move faster than the instances).
+        // Done by the pass before this one (it took this request with its own)?
+        if let Ok(done) = rx.try_recv() {
+            return done;
+        }
+        let batch = std::mem::take(&mut *self.evac_queue.lock().unwrap_or_else(|p| p.into_inner()));
+        let hosts: Vec<Host> = batch.iter().map(|(h, _)| h.clone()).collect();
+        match self.evacuate_all(store, &hosts, now).await {
+            Ok(results) => {
+                for ((_, tx), r) in batch.into_iter().zip(results) {
+                    let _ = tx.send(Ok(r));
+                }
+            }
+            Err(e) => {
+                // The others try again at their next step; only this caller's lease is lost,
+                // if that is what failed (theirs may be another term's).
+                let why = format!("the evacuation pass failed: {e}");
+                for (_, tx) in batch {
+                    let _ = tx.send(Err(StoreError::Invalid(why.clone())));
+                }
+                return Err(e);
+            }
+        }
+        rx.try_recv().unwrap_or_else(|_| Err(StoreError::Invalid("the evacuation pass lost this request".into())))
+    }
+
+    /// One evacuation pass over `hosts` (see [`Controller::evacuate`]), under the evacuation lock.
+    async fn evacuate_all(
+        &self,
+        store: &Store,
+        hosts: &[Host],
+        now: Timestamp,
+    ) -> Result<Vec<(usize, usize, usize)>, StoreError> {
+        // The fleet as the pass before read it, kept in step with its moves (a rack's fences
+        // would each read every instance otherwise): in a tick, at the tick's `now`; driven
+        // in the background, while younger than an interval, its hosts read again (their
+        // states and heartbeats move faster than the instances).
         let cached = self.fleet.lock().unwrap_or_else(|p| p.into_inner()).take().filter(|f| {
             if self.background {
                 f.at <= now && now.since(f.at) < self.config.interval
@@ -912,28 +957,56 @@ impl<F: BmcFactory> Controller<F> {
             Some(f) => f,
             None => Fleet::read(store, now).await?,
         };
-        let result = self.evacuate_in(store, host, now, &mut fleet).await;
-        if result.is_ok() {
+        let mut plans = Vec::with_capacity(hosts.len());
+        for host in hosts {
+            plans.push(self.plan_evacuation(store, host, now, &mut fleet).await?);
+        }
+        let moves: Vec<nodekeeper_store::OwnerMove> = plans.iter().flat_map(|p| p.moves.iter().cloned()).collect();
+        if hosts.len() > 1 {
+            tracing::info!(hosts = hosts.len(), moves = moves.len(), "recovery: evacuations done together");
+        }
+        let results = store.transfer_owners(&moves, ACTOR).await?;
+        let mut results = results.into_iter();
+        let mut out = Vec::with_capacity(plans.len());
+        let mut events = Vec::new();
+        let mut lost_race = false;
+        for plan in plans {
+            let mut moved = 0;
+            for r in results.by_ref().take(plan.moves.len()) {
+                match r {
+                    Ok(_) => moved += 1,
+                    // Moved or deleted meanwhile, by someone else: skipped.
+                    Err(_) => lost_race = true,
+                }
+            }
+            out.push((moved, plan.unplaced, plan.ordered));
+            events.extend(plan.waiting);
+        }
+        // The snapshot took every planned move as made: one that lost its race makes it wrong.
+        if !lost_race {
             *self.fleet.lock().unwrap_or_else(|p| p.into_inner()) = Some(fleet);
         }
-        result
+        if !events.is_empty() {
+            store.record_events(&events).await?;
+        }
+        Ok(out)
     }
 
-    async fn evacuate_in(
+    /// Where each live HA instance of `host` goes, by policy; the snapshot takes the moves as
+    /// made (the next host's placement counts the room they take).
+    async fn plan_evacuation(
         &self,
         store: &Store,
         host: &Host,
         now: Timestamp,
         fleet: &mut Fleet,
-    ) -> Result<(usize, usize, usize), StoreError> {
+    ) -> Result<EvacuationPlan, StoreError> {
         let Fleet { all, ip, hp, hosts, .. } = &*fleet;
         let priority = |id: &InstanceId| ip.get(id).map_or(0, |p| p.priority);
         // One being live-migrated may run on its target already: it goes there, the only
         // place it may run, while the target is active; waits while the target's fate is
         // open; is placed as any other once the target is fenced (it runs nowhere).
-        let mut to_target = Vec::new();
-        let mut waiting = Vec::new();
-        let mut unplaced = 0;
+        let mut plan = EvacuationPlan::default();
         let mut moving = Vec::new();
         for i in all.iter().filter(|i| i.owner == host.name && i.ha && !i.deleted) {
             let Some(target) = &i.migrating_to else {
@@ -941,14 +1014,20 @@ impl<F: BmcFactory> Controller<F> {
                 continue;
             };
             match fleet.states.get(target).copied() {
-                Some(HostState::Active) => to_target.push((i.uuid, i.generation, target.clone())),
+                Some(HostState::Active) => plan.moves.push(nodekeeper_store::OwnerMove {
+                    id: i.uuid,
+                    expected: i.generation,
+                    to: target.clone(),
+                    reason: format!("recovered from fenced host {} to where it was live-migrating", host.name),
+                }),
                 Some(HostState::Fenced) | None => moving.push(i),
                 Some(state) => {
-                    unplaced += 1;
+                    plan.unplaced += 1;
                     let why = format!("its live migration to {target} ({state}) is not resolved");
                     let m = format!("{} stays on fenced host {}: {why}", i.name, host.name);
                     let key = format!("unplaced:{}:{}:migrating", i.uuid, i.generation.0);
-                    waiting.push(NewEvent::instance(ACTOR, "instance.unplaced", &host.name, i.uuid, m).with_key(key));
+                    plan.waiting
+                        .push(NewEvent::instance(ACTOR, "instance.unplaced", &host.name, i.uuid, m).with_key(key));
                 }
             }
         }
@@ -963,60 +1042,53 @@ impl<F: BmcFactory> Controller<F> {
         };
         let policies = place::Policies { instances: ip, hosts: hp, running: &run };
         let placed = place::place(&host.name, &ids, hosts, all, policies, now, self.config.grace);
-        let moving: Vec<Instance> = moving.into_iter().cloned().collect();
-        let mut done = Vec::new();
-        let (mut moved, mut ordered) = (0, 0);
-        for (id, generation, to) in to_target {
-            let reason = format!("recovered from fenced host {} to where it was live-migrating", host.name);
-            match store.transfer_owner(id, generation, &to, ACTOR, &reason).await {
-                Ok(generation) => {
-                    moved += 1;
-                    done.push((id, to, generation));
-                }
-                Err(StoreError::Conflict { .. }) => {}
-                Err(e) => return Err(e),
-            }
-        }
         for ((id, to), instance) in placed.into_iter().zip(moving) {
-            let to = match to {
-                Ok(to) => to,
+            match to {
+                Ok(to) => plan.moves.push(nodekeeper_store::OwnerMove {
+                    id,
+                    expected: instance.generation,
+                    to,
+                    reason: format!("recovered from fenced host {} ({} storage)", host.name, instance.storage),
+                }),
                 Err(why) => {
-                    unplaced += 1;
+                    plan.unplaced += 1;
                     if ip.get(&id).and_then(|p| place::waits_for_order(p, &run)).is_some() {
-                        ordered += 1;
+                        plan.ordered += 1;
                     }
                     let m = format!("{} stays on fenced host {}: {why}", instance.name, host.name);
                     let key = format!("unplaced:{id}:{}:{why}", instance.generation.0);
-                    waiting.push(NewEvent::instance(ACTOR, "instance.unplaced", &host.name, id, m).with_key(key));
-                    continue;
+                    plan.waiting.push(NewEvent::instance(ACTOR, "instance.unplaced", &host.name, id, m).with_key(key));
                 }
-            };
-            let reason = format!("recovered from fenced host {} ({} storage)", host.name, instance.storage);
-            match store.transfer_owner(id, instance.generation, &to, ACTOR, &reason).await {
-                Ok(generation) => {
-                    moved += 1;
-                    done.push((id, to, generation));
-                }
-                Err(StoreError::Conflict { .. }) => {} // moved meanwhile, by someone else
-                Err(e) => return Err(e),
             }
         }
-        // The snapshot follows this evacuation's own moves (the next one counts the room
-        // they took, as it would reading the database again).
-        for (id, to, generation) in done {
-            if let Some(i) = fleet.all.iter_mut().find(|i| i.uuid == id) {
-                (i.owner, i.generation, i.updated_at) = (to, generation, now);
-                (i.migrating_to, i.migration_uri, i.migration_started_at) = (None, None, None);
-            }
-            if let Some(p) = fleet.ip.get_mut(&id) {
+        // The snapshot follows the planned moves (the next placement counts the room they
+        // take, as it would reading the database again).
+        let index: HashMap<InstanceId, usize> = plan.moves.iter().enumerate().map(|(n, m)| (m.id, n)).collect();
+        for i in fleet.all.iter_mut().filter(|i| index.contains_key(&i.uuid)) {
+            let m = &plan.moves[index[&i.uuid]];
+            (i.owner, i.generation, i.updated_at) = (m.to.clone(), m.expected.next(), now);
+            (i.migrating_to, i.migration_uri, i.migration_started_at) = (None, None, None);
+        }
+        for m in &plan.moves {
+            if let Some(p) = fleet.ip.get_mut(&m.id) {
                 p.relocations += 1;
             }
         }
-        if !waiting.is_empty() {
-            store.record_events(&waiting).await?;
-        }
-        Ok((moved, unplaced, ordered))
+        Ok(plan)
     }
+}
+
+/// What one host's evacuation will do.
+#[derive(Default)]
+struct EvacuationPlan {
+    /// Its instances that move, and where.
+    moves: Vec<nodekeeper_store::OwnerMove>,
+    /// Those that stay (no room, their restart order, an open migration).
+    unplaced: usize,
+    /// Of those, waiting for their restart order.
+    ordered: usize,
+    /// Why each that stays stays (events).
+    waiting: Vec<NewEvent>,
 }
 
 /// The fleet as the evacuations of one tick read it (at its `now`): every instance, the
