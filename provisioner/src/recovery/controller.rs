@@ -957,67 +957,103 @@ impl<F: BmcFactory> Controller<F> {
             Some(f) => f,
             None => Fleet::read(store, now).await?,
         };
-        let mut plans = Vec::with_capacity(hosts.len());
-        for host in hosts {
-            plans.push(self.plan_evacuation(store, host, now, &mut fleet).await?);
+        // Each host once (a request repeated by a restarted driver gets the same answer).
+        let mut unique: Vec<&Host> = Vec::new();
+        for h in hosts {
+            if !unique.iter().any(|u| u.name == h.name) {
+                unique.push(h);
+            }
         }
+        let names: HashSet<&HostName> = unique.iter().map(|h| &h.name).collect();
+        let mut theirs: HashMap<HostName, Vec<Instance>> = HashMap::new();
+        for i in fleet.all.iter().filter(|i| i.ha && !i.deleted && names.contains(&i.owner)) {
+            theirs.entry(i.owner.clone()).or_default().push(i.clone());
+        }
+        // The guards' reports only matter to instances with a restart order (each pass of a
+        // waiting evacuation would read every host's report otherwise).
+        let ordered = theirs.values().flatten().any(|i| fleet.ip.get(&i.uuid).is_some_and(|p| !p.after.is_empty()));
+        let run = if ordered { place::running(&fleet.all, &store.guard_reports().await?) } else { HashSet::new() };
+        let policies = place::Policies { instances: &fleet.ip, hosts: &fleet.hp, running: &run };
+        // The room of every candidate, counted once for the pass.
+        let mut rooms =
+            place::Rooms::new(|h| names.contains(h), &fleet.hosts, &fleet.all, policies, now, self.config.grace);
+        let plans: Vec<EvacuationPlan> = unique
+            .iter()
+            .map(|h| self.plan_evacuation(h, theirs.remove(&h.name).unwrap_or_default(), &fleet, &mut rooms, policies))
+            .collect();
         let moves: Vec<nodekeeper_store::OwnerMove> = plans.iter().flat_map(|p| p.moves.iter().cloned()).collect();
-        if hosts.len() > 1 {
-            tracing::info!(hosts = hosts.len(), moves = moves.len(), "recovery: evacuations done together");
+        if unique.len() > 1 {
+            tracing::info!(hosts = unique.len(), moves = moves.len(), "recovery: evacuations done together");
         }
         let results = store.transfer_owners(&moves, ACTOR).await?;
         let mut results = results.into_iter();
-        let mut out = Vec::with_capacity(plans.len());
+        let mut outcome: HashMap<&HostName, (usize, usize, usize)> = HashMap::new();
         let mut events = Vec::new();
+        let mut made: HashMap<InstanceId, (HostName, nodekeeper_store::Generation)> = HashMap::new();
         let mut lost_race = false;
-        for plan in plans {
+        for (host, plan) in unique.iter().zip(plans) {
             let mut moved = 0;
-            for r in results.by_ref().take(plan.moves.len()) {
+            for (m, r) in plan.moves.iter().zip(results.by_ref()) {
                 match r {
-                    Ok(_) => moved += 1,
+                    Ok(generation) => {
+                        moved += 1;
+                        made.insert(m.id, (m.to.clone(), generation));
+                    }
                     // Moved or deleted meanwhile, by someone else: skipped.
                     Err(_) => lost_race = true,
                 }
             }
-            out.push((moved, plan.unplaced, plan.ordered));
+            outcome.insert(&host.name, (moved, plan.unplaced, plan.ordered));
             events.extend(plan.waiting);
         }
-        // The snapshot took every planned move as made: one that lost its race makes it wrong.
+        // The snapshot follows the moves made (the next pass counts the room they took, as
+        // it would reading the database again); one that lost its race makes it wrong.
         if !lost_race {
+            for i in fleet.all.iter_mut().filter(|i| made.contains_key(&i.uuid)) {
+                let (to, generation) = &made[&i.uuid];
+                (i.owner, i.generation, i.updated_at) = (to.clone(), *generation, now);
+                (i.migrating_to, i.migration_uri, i.migration_started_at) = (None, None, None);
+            }
+            for id in made.keys() {
+                if let Some(p) = fleet.ip.get_mut(id) {
+                    p.relocations += 1;
+                }
+            }
             *self.fleet.lock().unwrap_or_else(|p| p.into_inner()) = Some(fleet);
         }
         if !events.is_empty() {
             store.record_events(&events).await?;
         }
-        Ok(out)
+        Ok(hosts.iter().map(|h| outcome.get(&h.name).copied().unwrap_or_default()).collect())
     }
 
-    /// Where each live HA instance of `host` goes, by policy; the snapshot takes the moves as
-    /// made (the next host's placement counts the room they take).
-    async fn plan_evacuation(
+    /// Where each live HA instance of `host` (`theirs`) goes, by policy, each placed taking
+    /// its room in `rooms`.
+    fn plan_evacuation(
         &self,
-        store: &Store,
         host: &Host,
-        now: Timestamp,
-        fleet: &mut Fleet,
-    ) -> Result<EvacuationPlan, StoreError> {
-        let Fleet { all, ip, hp, hosts, .. } = &*fleet;
-        let priority = |id: &InstanceId| ip.get(id).map_or(0, |p| p.priority);
+        theirs: Vec<Instance>,
+        fleet: &Fleet,
+        rooms: &mut place::Rooms,
+        policies: place::Policies<'_>,
+    ) -> EvacuationPlan {
+        let priority = |id: &InstanceId| fleet.ip.get(id).map_or(0, |p| p.priority);
         // One being live-migrated may run on its target already: it goes there, the only
-        // place it may run, while the target is active; waits while the target's fate is
-        // open; is placed as any other once the target is fenced (it runs nowhere).
+        // place it may run, while the target is active (its room there is counted already);
+        // waits while the target's fate is open; is placed as any other once the target is
+        // fenced (it runs nowhere).
         let mut plan = EvacuationPlan::default();
         let mut moving = Vec::new();
-        for i in all.iter().filter(|i| i.owner == host.name && i.ha && !i.deleted) {
-            let Some(target) = &i.migrating_to else {
+        for i in theirs {
+            let Some(target) = i.migrating_to.clone() else {
                 moving.push(i);
                 continue;
             };
-            match fleet.states.get(target).copied() {
+            match fleet.states.get(&target).copied() {
                 Some(HostState::Active) => plan.moves.push(nodekeeper_store::OwnerMove {
                     id: i.uuid,
                     expected: i.generation,
-                    to: target.clone(),
+                    to: target,
                     reason: format!("recovered from fenced host {} to where it was live-migrating", host.name),
                 }),
                 Some(HostState::Fenced) | None => moving.push(i),
@@ -1033,16 +1069,7 @@ impl<F: BmcFactory> Controller<F> {
         }
         moving.sort_by_key(|i| (std::cmp::Reverse(priority(&i.uuid)), i.uuid.uuid()));
         let ids: Vec<_> = moving.iter().map(|i| i.uuid).collect();
-        // The guards' reports only matter to instances with a restart order (each pass of a
-        // waiting evacuation would read every host's report otherwise).
-        let run = if ids.iter().any(|id| ip.get(id).is_some_and(|p| !p.after.is_empty())) {
-            place::running(all, &store.guard_reports().await?)
-        } else {
-            Default::default()
-        };
-        let policies = place::Policies { instances: ip, hosts: hp, running: &run };
-        let placed = place::place(&host.name, &ids, hosts, all, policies, now, self.config.grace);
-        for ((id, to), instance) in placed.into_iter().zip(moving) {
+        for ((id, to), instance) in rooms.place(&ids, policies).into_iter().zip(moving) {
             match to {
                 Ok(to) => plan.moves.push(nodekeeper_store::OwnerMove {
                     id,
@@ -1052,7 +1079,7 @@ impl<F: BmcFactory> Controller<F> {
                 }),
                 Err(why) => {
                     plan.unplaced += 1;
-                    if ip.get(&id).and_then(|p| place::waits_for_order(p, &run)).is_some() {
+                    if fleet.ip.get(&id).and_then(|p| place::waits_for_order(p, policies.running)).is_some() {
                         plan.ordered += 1;
                     }
                     let m = format!("{} stays on fenced host {}: {why}", instance.name, host.name);
@@ -1061,20 +1088,7 @@ impl<F: BmcFactory> Controller<F> {
                 }
             }
         }
-        // The snapshot follows the planned moves (the next placement counts the room they
-        // take, as it would reading the database again).
-        let index: HashMap<InstanceId, usize> = plan.moves.iter().enumerate().map(|(n, m)| (m.id, n)).collect();
-        for i in fleet.all.iter_mut().filter(|i| index.contains_key(&i.uuid)) {
-            let m = &plan.moves[index[&i.uuid]];
-            (i.owner, i.generation, i.updated_at) = (m.to.clone(), m.expected.next(), now);
-            (i.migrating_to, i.migration_uri, i.migration_started_at) = (None, None, None);
-        }
-        for m in &plan.moves {
-            if let Some(p) = fleet.ip.get_mut(&m.id) {
-                p.relocations += 1;
-            }
-        }
-        Ok(plan)
+        plan
     }
 }
 

@@ -92,70 +92,105 @@ pub fn place(
     now: Timestamp,
     grace: Duration,
 ) -> Vec<(InstanceId, Result<HostName, String>)> {
-    let fresh = |h: &Host| h.last_heartbeat.is_some_and(|t| now.since(t) <= grace);
-    let none = InstancePolicy::default();
-    let policy = |id: &InstanceId| policies.instances.get(id).unwrap_or(&none);
-    let mut rooms: BTreeMap<HostName, Room> = hosts
-        .iter()
-        .filter(|h| h.state == HostState::Active && &h.name != failed && fresh(h))
-        .map(|h| {
-            let inv = policies.hosts.get(&h.name).cloned().unwrap_or_default();
-            let room = Room {
-                reserved: inv.reserved,
-                cap_vcpus: inv.vcpus.map(u64::from),
-                cap_memory_mib: inv.memory_mib,
-                ..Room::default()
-            };
-            (h.name.clone(), room)
-        })
-        .collect();
-    for i in instances.iter().filter(|i| !i.deleted) {
-        if let Some(room) = rooms.get_mut(&i.owner) {
-            room.take(policy(&i.uuid));
-        }
-        // One being live-migrated takes room on its target too (it may run there already).
-        if let Some(room) = i.migrating_to.as_ref().and_then(|t| rooms.get_mut(t)) {
-            room.take(policy(&i.uuid));
-        }
-    }
-    let mut order: Vec<&InstanceId> = moving.iter().collect();
-    order.sort_by_key(|id| (std::cmp::Reverse(policy(id).priority), id.uuid()));
-    let mut decided: HashMap<InstanceId, Result<HostName, String>> = HashMap::with_capacity(moving.len());
-    for id in order {
-        let p = policy(id);
-        let outcome = if let Some(max) = p.max_relocate.filter(|m| p.relocations >= *m) {
-            Err(format!("its max_relocate ({max}) is spent: {} automatic recoveries already", p.relocations))
-        } else if let Some(why) = waits_for_order(p, policies.running) {
-            Err(why)
-        } else {
-            let group_ok = |r: &Room| p.anti_affinity.as_ref().is_none_or(|g| !r.groups.contains(g));
-            // Reserved hosts first, then the least loaded; BTreeMap order breaks ties by name.
-            let best = rooms
-                .iter()
-                .filter(|(_, r)| r.fits(p) && group_ok(r))
-                .min_by_key(|(_, r)| (!r.reserved, r.count))
-                .map(|(h, _)| h.clone());
-            match best {
-                Some(h) => {
-                    if let Some(r) = rooms.get_mut(&h) {
-                        r.take(p);
-                    }
-                    Ok(h)
-                }
-                None if rooms.is_empty() => Err("no active, heartbeating host to take it".into()),
-                None if !rooms.values().any(|r| r.fits(p)) => {
-                    Err(format!("no host has room for it ({} vCPU, {} MiB)", p.vcpus, p.memory_mib))
-                }
-                None => Err(format!(
-                    "every host with room already runs a member of its anti-affinity group {:?}: it waits rather \
-                     than share a host",
-                    p.anti_affinity.as_deref().unwrap_or_default()
-                )),
+    Rooms::new(|h| h == failed, hosts, instances, policies, now, grace).place(moving, policies)
+}
+
+/// The room each candidate host has: built once from the fleet, then kept in step with each
+/// placement — so the evacuations of many hosts in one pass each count what the ones before
+/// took, without counting the fleet again.
+pub struct Rooms {
+    rooms: BTreeMap<HostName, Room>,
+}
+
+impl Rooms {
+    /// The candidates — `active`, heartbeating within `grace`, not `excluded` — and what their
+    /// live instances take (a live-migrating one on its target too).
+    pub fn new(
+        excluded: impl Fn(&HostName) -> bool,
+        hosts: &[Host],
+        instances: &[Instance],
+        policies: Policies<'_>,
+        now: Timestamp,
+        grace: Duration,
+    ) -> Rooms {
+        let fresh = |h: &Host| h.last_heartbeat.is_some_and(|t| now.since(t) <= grace);
+        let none = InstancePolicy::default();
+        let policy = |id: &InstanceId| policies.instances.get(id).unwrap_or(&none);
+        let mut rooms: BTreeMap<HostName, Room> = hosts
+            .iter()
+            .filter(|h| h.state == HostState::Active && !excluded(&h.name) && fresh(h))
+            .map(|h| {
+                let inv = policies.hosts.get(&h.name).cloned().unwrap_or_default();
+                let room = Room {
+                    reserved: inv.reserved,
+                    cap_vcpus: inv.vcpus.map(u64::from),
+                    cap_memory_mib: inv.memory_mib,
+                    ..Room::default()
+                };
+                (h.name.clone(), room)
+            })
+            .collect();
+        for i in instances.iter().filter(|i| !i.deleted) {
+            if let Some(room) = rooms.get_mut(&i.owner) {
+                room.take(policy(&i.uuid));
             }
-        };
-        decided.insert(*id, outcome);
+            // One being live-migrated takes room on its target too (it may run there already).
+            if let Some(room) = i.migrating_to.as_ref().and_then(|t| rooms.get_mut(t)) {
+                room.take(policy(&i.uuid));
+            }
+        }
+        Rooms { rooms }
     }
-    moving.iter().map(|id| (*id, decided.remove(id).unwrap_or_else(|| Err("not decided".into())))).collect()
+
+    /// Where each instance of `moving` goes (in `moving`'s order), or why it waits; each
+    /// placed takes its room.
+    pub fn place(
+        &mut self,
+        moving: &[InstanceId],
+        policies: Policies<'_>,
+    ) -> Vec<(InstanceId, Result<HostName, String>)> {
+        let none = InstancePolicy::default();
+        let policy = |id: &InstanceId| policies.instances.get(id).unwrap_or(&none);
+        let rooms = &mut self.rooms;
+        let mut order: Vec<&InstanceId> = moving.iter().collect();
+        order.sort_by_key(|id| (std::cmp::Reverse(policy(id).priority), id.uuid()));
+        let mut decided: HashMap<InstanceId, Result<HostName, String>> = HashMap::with_capacity(moving.len());
+        for id in order {
+            let p = policy(id);
+            let outcome = if let Some(max) = p.max_relocate.filter(|m| p.relocations >= *m) {
+                Err(format!("its max_relocate ({max}) is spent: {} automatic recoveries already", p.relocations))
+            } else if let Some(why) = waits_for_order(p, policies.running) {
+                Err(why)
+            } else {
+                let group_ok = |r: &Room| p.anti_affinity.as_ref().is_none_or(|g| !r.groups.contains(g));
+                // Reserved hosts first, then the least loaded; BTreeMap order breaks ties by name.
+                let best = rooms
+                    .iter()
+                    .filter(|(_, r)| r.fits(p) && group_ok(r))
+                    .min_by_key(|(_, r)| (!r.reserved, r.count))
+                    .map(|(h, _)| h.clone());
+                match best {
+                    Some(h) => {
+                        if let Some(r) = rooms.get_mut(&h) {
+                            r.take(p);
+                        }
+                        Ok(h)
+                    }
+                    None if rooms.is_empty() => Err("no active, heartbeating host to take it".into()),
+                    None if !rooms.values().any(|r| r.fits(p)) => {
+                        Err(format!("no host has room for it ({} vCPU, {} MiB)", p.vcpus, p.memory_mib))
+                    }
+                    None => Err(format!(
+                        "every host with room already runs a member of its anti-affinity group {:?}: it waits rather \
+                         than share a host",
+                        p.anti_affinity.as_deref().unwrap_or_default()
+                    )),
+                }
+            };
+            decided.insert(*id, outcome);
+        }
+        moving.iter().map(|id| (*id, decided.remove(id).unwrap_or_else(|| Err("not decided".into())))).collect()
+    }
 }
 
 #[cfg(test)]
