@@ -246,6 +246,42 @@ impl Store {
         Ok(Some(host))
     }
 
+    /// [`Store::set_host_state_from`] for many hosts in one transaction (detection marking a
+    /// rack's hosts suspect at once), each with its reason and its event; those no longer in
+    /// `expected` are left alone. Returns how many changed.
+    pub async fn set_hosts_state_from(
+        &self,
+        changes: &[(HostName, String)],
+        expected: HostState,
+        state: HostState,
+        actor: &str,
+    ) -> Result<usize> {
+        const WHAT: &str = "changing hosts' states";
+        if changes.is_empty() {
+            return Ok(0);
+        }
+        let db_now = self.now().await?.0;
+        let mut tx = self.begin_write(WHAT).await?;
+        let mut changed = 0;
+        for (name, reason) in changes {
+            let done = sqlx::query("UPDATE hosts SET state = $1, updated_at = $2 WHERE name = $3 AND state = $4")
+                .bind(state.as_str())
+                .bind(db_now)
+                .bind(name.as_str())
+                .bind(expected.as_str())
+                .execute(&mut *tx)
+                .await
+                .map_err(query(WHAT))?;
+            if done.rows_affected() == 1 {
+                let message = format!("host {name}: {expected} -> {state}: {reason}");
+                insert_event(&mut tx, &NewEvent::host(actor, "host.state", name, message)).await?;
+                changed += 1;
+            }
+        }
+        tx.commit().await.map_err(query(WHAT))?;
+        Ok(changed)
+    }
+
     /// Every host, by name.
     pub async fn hosts(&self) -> Result<Vec<Host>> {
         let rows = sqlx::query(&format!("SELECT {HOST_COLUMNS} FROM hosts ORDER BY name"))

@@ -205,6 +205,67 @@ impl Store {
         Ok((op, true))
     }
 
+    /// [`Store::start_operation`] for many hosts in one transaction (a rack's fences at once),
+    /// each at `first_step` with `data`: returns, in order, whether each started (not when one
+    /// of its kind already runs for that host, nor for a host that does not exist). A race
+    /// with another start (the unique index) fails the whole batch: nothing is written, and
+    /// the caller may start them one by one.
+    pub async fn start_operations(
+        &self,
+        kind: &str,
+        starts: &[(HostName, String, String)],
+        actor: &str,
+    ) -> Result<Vec<bool>> {
+        const WHAT: &str = "starting operations";
+        if starts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let now = self.now().await?.0;
+        let mut tx = self.begin_write(WHAT).await?;
+        let mut out = Vec::with_capacity(starts.len());
+        for (target, first_step, data) in starts {
+            if self.host_in(&mut tx, target).await?.is_none() {
+                out.push(false);
+                continue;
+            }
+            let running: Option<i64> =
+                sqlx::query_scalar("SELECT id FROM operations WHERE kind = $1 AND target = $2 AND status = 'running'")
+                    .bind(kind)
+                    .bind(target.as_str())
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(query(WHAT))?;
+            if running.is_some() {
+                out.push(false);
+                continue;
+            }
+            sqlx::query(
+                "INSERT INTO operations (kind, target, step, status, attempts, deadline, data, created_at, updated_at) \
+                 VALUES ($1, $2, $3, 'running', 0, NULL, $4, $5, $5)",
+            )
+            .bind(kind)
+            .bind(target.as_str())
+            .bind(first_step)
+            .bind(data)
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .map_err(query(WHAT))?;
+            let id: i64 =
+                sqlx::query_scalar("SELECT id FROM operations WHERE kind = $1 AND target = $2 AND status = 'running'")
+                    .bind(kind)
+                    .bind(target.as_str())
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(query(WHAT))?;
+            let message = format!("{kind} of {target} started (operation {id}, step {first_step})");
+            insert_event(&mut tx, &NewEvent::host(actor, &format!("{kind}.started"), target, message)).await?;
+            out.push(true);
+        }
+        tx.commit().await.map_err(query(WHAT))?;
+        Ok(out)
+    }
+
     /// Running operations of `kind`, oldest first (what an executor resumes after a restart).
     pub async fn running_operations(&self, kind: &str) -> Result<Vec<Operation>> {
         let rows = sqlx::query(&format!(

@@ -21,6 +21,7 @@ on_both_engines!(
     evacuate_moves_off_a_live_host_only_when_it_is_known_stopped_or_forced,
     stale_generation_is_a_conflict,
     batched_recoveries_fail_one_by_one_or_all_at_once,
+    hosts_marked_and_operations_started_in_batches,
     concurrent_evacuations_cannot_both_win,
     delete_keeps_a_tombstone,
     ownership_lookup_is_batched,
@@ -329,6 +330,37 @@ async fn batched_recoveries_fail_one_by_one_or_all_at_once(db: TestDb) {
     assert!(matches!(err, StoreError::UnknownHost(_)), "{err}");
     let now = store.instance(vms[0].uuid).await.expect("get").expect("exists");
     assert_eq!((now.owner, now.generation), (host("node-b"), Generation(2)), "nothing of the batch was written");
+}
+
+/// Detection's batches: suspects marked in one transaction (one that is no longer active is
+/// left alone), fences started in one (not twice, not for an unknown host).
+async fn hosts_marked_and_operations_started_in_batches(db: TestDb) {
+    let store = fleet(&db).await;
+    store.set_host_state(&host("node-c"), HostState::Maintenance, "test", "planned").await.expect("maintenance");
+    let changes: Vec<(HostName, String)> =
+        ["node-a", "node-b", "node-c"].iter().map(|h| (host(h), format!("{h} silent"))).collect();
+    let changed =
+        store.set_hosts_state_from(&changes, HostState::Active, HostState::Suspect, "test").await.expect("batch");
+    assert_eq!(changed, 2);
+    for (h, state) in
+        [("node-a", HostState::Suspect), ("node-b", HostState::Suspect), ("node-c", HostState::Maintenance)]
+    {
+        assert_eq!(store.host(&host(h)).await.expect("get").expect("host").state, state, "{h}");
+    }
+    let events = store.events(&EventFilter::default()).await.expect("events");
+    assert!(events.iter().any(|e| e.message == "host node-b: active -> suspect: node-b silent"), "{events:?}");
+    let (_, first) = store.start_operation("fence", &host("node-b"), "confirm", None, "{}", "test").await.expect("op");
+    assert!(first);
+    let starts: Vec<(HostName, String, String)> = ["node-a", "node-b", "node-x"]
+        .iter()
+        .map(|h| (h.parse().expect("name"), "confirm".to_owned(), "{}".to_owned()))
+        .collect();
+    let started = store.start_operations("fence", &starts, "test").await.expect("batch");
+    assert_eq!(started, [true, false, false], "node-b's runs already; node-x does not exist");
+    let running = store.running_operations("fence").await.expect("running");
+    assert_eq!(running.iter().map(|o| o.target.as_str()).collect::<Vec<_>>(), ["node-b", "node-a"]);
+    let events = store.events(&EventFilter::default()).await.expect("events");
+    assert_eq!(events.iter().filter(|e| e.kind == "fence.started").count(), 2, "{events:?}");
 }
 
 /// Eight real connections race to move one instance from the same generation: one wins.

@@ -396,14 +396,7 @@ impl<F: BmcFactory> Controller<F> {
             *self.watching.lock().unwrap_or_else(|p| p.into_inner()) = Some((lease.term, now));
             report.actions = detect::plan(&hosts, &fencing, &held, &off, now, now, &policy);
         }
-        for action in &report.actions {
-            if let Action::Fence { host } = action {
-                if self.background && off.contains(host) {
-                    self.known_off.lock().unwrap_or_else(|p| p.into_inner()).insert(host.clone());
-                }
-            }
-            self.act(store, action).await?;
-        }
+        self.act_all(store, &report.actions, &off).await?;
         if self.background {
             // Their drivers step them ([`Controller::drive`]); a fence started now gets one.
             if report.actions.iter().any(|a| matches!(a, Action::Fence { .. })) {
@@ -729,22 +722,67 @@ impl<F: BmcFactory> Controller<F> {
         Ok(out)
     }
 
+    /// Detection's actions: the new suspects marked in one transaction, then their fences
+    /// started in one (a rack's hosts at once would be a commit each otherwise), the rest one
+    /// by one.
+    async fn act_all(&self, store: &Store, actions: &[Action], off: &[HostName]) -> Result<(), StoreError> {
+        let grace = humantime::format_duration(self.config.grace);
+        let suspects: Vec<(HostName, String)> = actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Suspect { host, silent_for, off } => {
+                    let silent = humantime::format_duration(Duration::from_secs(silent_for.as_secs()));
+                    Some((
+                        host.clone(),
+                        if *off {
+                            format!(
+                                "silent for {silent}, and its BMC says it is off: fenced without waiting the grace \
+                                 ({grace})"
+                            )
+                        } else {
+                            format!("silent for {silent} (grace {grace})")
+                        },
+                    ))
+                }
+                _ => None,
+            })
+            .collect();
+        // Compare-and-set: an operator's `maintenance` set in between stands.
+        store.set_hosts_state_from(&suspects, HostState::Active, HostState::Suspect, ACTOR).await?;
+        let data = FenceData::new(self.config.after_fence, self.config.bmc_attempts);
+        let json = serde_json::to_string(&data).unwrap_or_else(|_| "{}".into());
+        let fences: Vec<(HostName, String, String)> = actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Fence { host } => Some((host.clone(), Step::Confirm.as_str().to_owned(), json.clone())),
+                _ => None,
+            })
+            .collect();
+        if self.background {
+            let mut known_off = self.known_off.lock().unwrap_or_else(|p| p.into_inner());
+            known_off.extend(fences.iter().map(|(h, _, _)| h).filter(|h| off.contains(h)).cloned());
+        }
+        match store.start_operations(KIND, &fences, ACTOR).await {
+            Ok(_) => {}
+            Err(e @ StoreError::LeaseLost { .. }) => return Err(e),
+            Err(e) => {
+                tracing::warn!("recovery: starting {} fences together: {e}; one by one", fences.len());
+                for (host, step, data) in &fences {
+                    store.start_operation(KIND, host, step, None, data, ACTOR).await?;
+                }
+            }
+        }
+        for action in actions {
+            self.act(store, action).await?;
+        }
+        Ok(())
+    }
+
     #[tracing::instrument(name = "act", skip_all, fields(action = ?action))]
     async fn act(&self, store: &Store, action: &Action) -> Result<(), StoreError> {
         match action {
-            Action::Suspect { host, silent_for, off } => {
-                let silent = humantime::format_duration(Duration::from_secs(silent_for.as_secs()));
-                let why = if *off {
-                    format!(
-                        "silent for {silent}, and its BMC says it is off: fenced without waiting the grace ({})",
-                        humantime::format_duration(self.config.grace)
-                    )
-                } else {
-                    format!("silent for {silent} (grace {})", humantime::format_duration(self.config.grace))
-                };
-                // Compare-and-set: an operator's `maintenance` set in between stands.
-                store.set_host_state_from(host, HostState::Active, HostState::Suspect, ACTOR, &why).await.map(drop)
-            }
+            // Marked and started together ([`Controller::act_all`]).
+            Action::Suspect { .. } | Action::Fence { .. } => Ok(()),
             Action::Recovered { host } => self
                 .store
                 .set_host_state_from(host, HostState::Suspect, HostState::Active, ACTOR, "heartbeats again")
@@ -761,11 +799,6 @@ impl<F: BmcFactory> Controller<F> {
                 )
                 .await
                 .map(drop),
-            Action::Fence { host } => {
-                let data = FenceData::new(self.config.after_fence, self.config.bmc_attempts);
-                let json = serde_json::to_string(&data).unwrap_or_else(|_| "{}".into());
-                store.start_operation(KIND, host, Step::Confirm.as_str(), None, &json, ACTOR).await.map(drop)
-            }
             Action::MassFailure { suspects, watched } => {
                 let key = (*suspects, *watched);
                 let repeated = {
