@@ -344,22 +344,38 @@ impl Store {
         let mut tx = self.begin_write(WHAT).await?;
         let mut out = Vec::with_capacity(moves.len());
         for m in moves {
-            let Some(current) = lookup_in(&mut tx, [m.id]).await?.pop() else {
-                out.push(Err(StoreError::UnknownInstance(m.id)));
+            // The compare-and-set and the relocation count in one statement (an owner changes
+            // only with its generation: at `expected`, it is still `m.from`).
+            let next = m.expected.next();
+            let done = sqlx::query(
+                "UPDATE instances SET owner = $1, generation = $2, updated_at = $3, held = FALSE, \
+                 migrating_to = NULL, migration_uri = NULL, migration_started_at = NULL, \
+                 relocations = relocations + 1 \
+                 WHERE uuid = $4 AND generation = $5 AND deleted = FALSE",
+            )
+            .bind(m.to.as_str())
+            .bind(next.to_db())
+            .bind(db_now)
+            .bind(m.id.to_string())
+            .bind(m.expected.to_db())
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| match e {
+                sqlx::Error::Database(ref d) if d.is_foreign_key_violation() => StoreError::UnknownHost(m.to.clone()),
+                e => StoreError::Query { what: WHAT, source: e },
+            })?;
+            if done.rows_affected() != 1 {
+                out.push(Err(match lookup_in(&mut tx, [m.id]).await?.pop() {
+                    None => StoreError::UnknownInstance(m.id),
+                    Some(now) if now.deleted => StoreError::InstanceDeleted(m.id),
+                    Some(now) => StoreError::Conflict { instance: m.id, expected: m.expected, found: now.generation },
+                }));
                 continue;
-            };
-            match cas_owner(&mut tx, m.id, m.expected, &current.owner, &m.to, actor, &m.reason, db_now).await {
-                Ok(generation) => {
-                    sqlx::query("UPDATE instances SET relocations = relocations + 1 WHERE uuid = $1")
-                        .bind(m.id.to_string())
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(query(WHAT))?;
-                    out.push(Ok(generation));
-                }
-                Err(e @ (StoreError::Conflict { .. } | StoreError::InstanceDeleted(_))) => out.push(Err(e)),
-                Err(e) => return Err(e),
             }
+            let (id, from, to) = (m.id, &m.from, &m.to);
+            let message = format!("instance {id} moved from {from} to {to} (generation {next}): {}", m.reason);
+            insert_event(&mut tx, &NewEvent::instance(actor, "instance.moved", from, id, message)).await?;
+            out.push(Ok(next));
         }
         tx.commit().await.map_err(query(WHAT))?;
         Ok(out)
@@ -806,6 +822,8 @@ pub struct OwnerMove {
     pub id: InstanceId,
     /// Its generation as the caller saw it.
     pub expected: Generation,
+    /// Its owner at that generation (the event names it).
+    pub from: HostName,
     /// Its new owner.
     pub to: HostName,
     /// Why (the event says it).

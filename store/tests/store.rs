@@ -294,6 +294,7 @@ async fn batched_recoveries_fail_one_by_one_or_all_at_once(db: TestDb) {
     let mv = |id: InstanceId, to: &str| OwnerMove {
         id,
         expected: Generation(1),
+        from: host("node-a"),
         to: host(to),
         reason: "recovered from fenced host node-a".into(),
     };
