@@ -78,6 +78,16 @@ for hosts in ${SIM_HOSTS:-1000 10000}; do
     ./target/release/nodekeeper-lab sim --hosts "$hosts" --engine "$engine" --crash $((hosts / 100)) --steady 70
   done
 done
+echo
+echo "== fleet simulator, a row of racks: 5 % of the hosts crash at once, a tenth of them with BMCs that hang (their instances must stay)"
+for hosts in ${SIM_HOSTS:-1000 10000}; do
+  for engine in sqlite postgres; do
+    ./target/release/nodekeeper-lab sim --hosts "$hosts" --engine "$engine" --crash $((hosts / 20)) --bmc-hang $((hosts / 200)) --partition 0 --steady 20
+  done
+done
+echo
+echo "== fleet simulator, the same with serve SIGKILLed while the fences run (started again 2 s later)"
+./target/release/nodekeeper-lab sim --hosts 1000 --crash 50 --bmc-hang 5 --kill-serve --partition 0 --steady 15
 
 printf '\n%-28s %-9s %-6s %s\n' BENCHMARK ENGINE RUN RESULT
 for r in "${results[@]}"; do IFS='|' read -r a b c d <<<"$r"; printf '%-28s %-9s %-6s %s\n' "$a" "$b" "$c" "$d"; done
