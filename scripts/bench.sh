@@ -69,6 +69,10 @@ echo
 echo "== DHCP, nodekeeper only, synchronous = NORMAL (compare with the FULL rows above)"
 BENCH=dhcp DHCP_SERVERS=nodekeeper NK_SQLITE_SYNC=normal python3 scripts/bench_net.py ./target/release/nodekeeper-provisioner "$PWD/.bench/net-normal"
 
+echo
+echo "== DHCP with the lease table of a 50,000-host fleet already there (each server's own store), nodekeeper and Kea"
+BENCH=dhcp DHCP_SERVERS=nodekeeper,kea DHCP_PREFILL=50000 python3 scripts/bench_net.py ./target/release/nodekeeper-provisioner "$PWD/.bench/net-prefill"
+
 # --- the fleet simulator: simulated guards on the real guard API of one serve -------------
 echo
 echo "== fleet simulator (heartbeats every 5 s, a full converge pass on change or every 45-60 s, grace 30 s; 1 % of hosts crash, then 60 % are cut off)"
