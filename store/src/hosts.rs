@@ -228,19 +228,9 @@ impl Store {
         let db_now = self.now().await?.0;
         const WHAT: &str = "changing a host's state";
         let mut tx = self.begin_write(WHAT).await?;
-        let done = sqlx::query("UPDATE hosts SET state = $1, updated_at = $2 WHERE name = $3 AND state = $4")
-            .bind(state.as_str())
-            .bind(db_now)
-            .bind(name.as_str())
-            .bind(expected.as_str())
-            .execute(&mut *tx)
-            .await
-            .map_err(query(WHAT))?;
-        if done.rows_affected() == 0 {
+        if !cas_state(&mut tx, name, expected, state, db_now, actor, reason).await? {
             return Ok(None);
         }
-        let message = format!("host {name}: {expected} -> {state}: {reason}");
-        insert_event(&mut tx, &NewEvent::host(actor, "host.state", name, message)).await?;
         let host = self.host_in(&mut tx, name).await?.ok_or_else(|| StoreError::UnknownHost(name.clone()))?;
         tx.commit().await.map_err(query(WHAT))?;
         Ok(Some(host))
@@ -264,19 +254,7 @@ impl Store {
         let mut tx = self.begin_write(WHAT).await?;
         let mut changed = 0;
         for (name, reason) in changes {
-            let done = sqlx::query("UPDATE hosts SET state = $1, updated_at = $2 WHERE name = $3 AND state = $4")
-                .bind(state.as_str())
-                .bind(db_now)
-                .bind(name.as_str())
-                .bind(expected.as_str())
-                .execute(&mut *tx)
-                .await
-                .map_err(query(WHAT))?;
-            if done.rows_affected() == 1 {
-                let message = format!("host {name}: {expected} -> {state}: {reason}");
-                insert_event(&mut tx, &NewEvent::host(actor, "host.state", name, message)).await?;
-                changed += 1;
-            }
+            changed += usize::from(cas_state(&mut tx, name, expected, state, db_now, actor, reason).await?);
         }
         tx.commit().await.map_err(query(WHAT))?;
         Ok(changed)
@@ -697,4 +675,32 @@ impl Store {
             .map_err(query("reading a host"))?;
         row.as_ref().map(host_from_row).transpose()
     }
+}
+
+/// `name`'s state from `expected` to `state` (a compare-and-set), with its event; whether it
+/// changed.
+async fn cas_state(
+    conn: &mut sqlx::AnyConnection,
+    name: &HostName,
+    expected: HostState,
+    state: HostState,
+    now: i64,
+    actor: &str,
+    reason: &str,
+) -> Result<bool> {
+    const WHAT: &str = "changing a host's state";
+    let done = sqlx::query("UPDATE hosts SET state = $1, updated_at = $2 WHERE name = $3 AND state = $4")
+        .bind(state.as_str())
+        .bind(now)
+        .bind(name.as_str())
+        .bind(expected.as_str())
+        .execute(&mut *conn)
+        .await
+        .map_err(query(WHAT))?;
+    if done.rows_affected() == 0 {
+        return Ok(false);
+    }
+    let message = format!("host {name}: {expected} -> {state}: {reason}");
+    insert_event(conn, &NewEvent::host(actor, "host.state", name, message)).await?;
+    Ok(true)
 }

@@ -3,10 +3,11 @@
 //! starts fence operations; each running fence is driven by a task of its own under the same
 //! lease ([`Controller::run`]: a fence waiting on its BMC holds up neither detection nor the
 //! other fences), step by step ([`super::fence`]) with a compare-and-set on the step, like the
-//! reimage executor; evacuations one at a time, BMC steps at most 32 at once. Everything it knows is in the
-//! database: a replica that takes the lease over resumes every fence where it stands, and
-//! two replicas acting on one fence at once (a stale leader finishing its tick) move no
-//! instance twice — each move is a compare-and-set on the instance's generation.
+//! reimage executor; evacuations asked for at once done together in one pass, power steps at
+//! most `bmc_at_once` at once. Everything it knows is in the database: a replica that takes
+//! the lease over resumes every fence where it stands, and two replicas acting on one fence at
+//! once (a stale leader finishing its step) move no instance twice — each move is a
+//! compare-and-set on the instance's generation.
 //!
 //! `tick` takes the time as an argument: tests drive it with a simulated clock, and then it
 //! steps the fences itself (until each waits) and runs the GC pass when due.
