@@ -92,6 +92,9 @@ done
 echo
 echo "== fleet simulator, the same with serve SIGKILLed while the fences run (started again 2 s later)"
 ./target/release/nodekeeper-lab sim --hosts 1000 --crash 50 --bmc-hang 5 --kill-serve --partition 0 --steady 15
+echo
+echo "== fleet simulator, the same on PostgreSQL with the database stopped (immediate) while the fences run, started 3 s later"
+./target/release/nodekeeper-lab sim --hosts 1000 --engine postgres --crash 50 --bmc-hang 5 --restart-db --partition 0 --steady 15
 
 printf '\n%-28s %-9s %-6s %s\n' BENCHMARK ENGINE RUN RESULT
 for r in "${results[@]}"; do IFS='|' read -r a b c d <<<"$r"; printf '%-28s %-9s %-6s %s\n' "$a" "$b" "$c" "$d"; done

@@ -80,6 +80,9 @@ enum Cli {
         /// SIGKILL serve while the crash's fences run, and start it again 2 s later.
         #[arg(long)]
         kill_serve: bool,
+        /// Stop PostgreSQL (immediate) while the crash's fences run, start it 3 s later.
+        #[arg(long)]
+        restart_db: bool,
     },
     /// A lab with installed nodes, left running until Ctrl-C (then torn down).
     Up {
@@ -184,6 +187,7 @@ async fn main() -> std::process::ExitCode {
         seed,
         bmc_hang,
         kill_serve,
+        restart_db,
     } = cli
     {
         let engine = match engine.as_str() {
@@ -207,6 +211,7 @@ async fn main() -> std::process::ExitCode {
             seed,
             bmc_hang,
             kill_serve,
+            restart_db,
             bin_dir: paths.bin_dir,
         };
         let n = nodekeeper_lab::Narrator::new(false);

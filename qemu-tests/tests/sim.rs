@@ -34,6 +34,7 @@ async fn a_small_fleet_recovers_its_crashed_hosts_and_the_brake_holds_a_partitio
         seed: 7,
         bmc_hang: 1,
         kill_serve: true,
+        restart_db: false,
         bin_dir: paths.bin_dir,
     };
     let report = simulate(&opts, &Narrator::new(false)).await.unwrap_or_else(|e| panic!("{e:#}"));
