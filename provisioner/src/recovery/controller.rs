@@ -697,6 +697,9 @@ impl<F: BmcFactory> Controller<F> {
             };
             let left: Vec<InstanceId> =
                 instances.iter().filter(|i| i.owner == h.name && i.ha && !i.deleted).map(|i| i.uuid).collect();
+            // Nothing of its own left to run: its boot (however slow) is harmless — its guard
+            // quarantines what moved away.
+            let again = again && !left.is_empty();
             // Only when some host could take one now: no new operation every pass for nothing.
             let policies = place::Policies { instances: &ip, hosts: &hp, running: &run };
             let room = place::place(&h.name, &left, &open, &instances, policies, now, self.config.grace);
