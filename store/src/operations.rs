@@ -239,25 +239,18 @@ impl Store {
                 out.push(false);
                 continue;
             }
-            sqlx::query(
+            let id: i64 = sqlx::query_scalar(
                 "INSERT INTO operations (kind, target, step, status, attempts, deadline, data, created_at, updated_at) \
-                 VALUES ($1, $2, $3, 'running', 0, NULL, $4, $5, $5)",
+                 VALUES ($1, $2, $3, 'running', 0, NULL, $4, $5, $5) RETURNING id",
             )
             .bind(kind)
             .bind(target.as_str())
             .bind(first_step)
             .bind(data)
             .bind(now)
-            .execute(&mut *tx)
+            .fetch_one(&mut *tx)
             .await
             .map_err(query(WHAT))?;
-            let id: i64 =
-                sqlx::query_scalar("SELECT id FROM operations WHERE kind = $1 AND target = $2 AND status = 'running'")
-                    .bind(kind)
-                    .bind(target.as_str())
-                    .fetch_one(&mut *tx)
-                    .await
-                    .map_err(query(WHAT))?;
             let message = format!("{kind} of {target} started (operation {id}, step {first_step})");
             insert_event(&mut tx, &NewEvent::host(actor, &format!("{kind}.started"), target, message)).await?;
             out.push(true);
