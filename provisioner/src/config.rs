@@ -618,10 +618,19 @@ pub struct RecoveryConfig {
     /// (default 2 min).
     #[serde(with = "humantime_serde")]
     pub restart_order_wait: Duration,
-    /// Fence steps that command power (BMCs, PDU outlets) at once (default 128): a row of
-    /// racks that lost power is neither a wave of thousands of requests at once nor fenced
-    /// a few hosts after another. A BMC that hangs holds its turn until its request times out.
+    /// Requests to BMCs and PDU outlets in flight at once (default 128): power commands, the
+    /// polls that confirm them, the probes of silent hosts. A row of racks that lost power is
+    /// neither a wave of thousands of requests at once nor fenced a few hosts after another;
+    /// a fence waiting for its host to go off holds no turn between polls. A BMC that hangs
+    /// holds its turn until its request times out.
     pub bmc_at_once: usize,
+    /// How long a fenced host that its fence's way back powered on again (nothing could take
+    /// its HA instances then) has to boot and heartbeat (default 10 min: real servers take
+    /// minutes to POST). Still silent after it while it owns HA instances, it is powered off
+    /// again and left off; meanwhile, when some host could take them, it is powered off,
+    /// confirmed, and they move.
+    #[serde(with = "humantime_serde")]
+    pub boot_within: Duration,
 }
 
 /// The early probe's default silence (two missed heartbeats of the guard's default interval).
@@ -648,6 +657,7 @@ impl Default for RecoveryConfig {
             repair_wait: Duration::from_secs(30),
             restart_order_wait: Duration::from_secs(120),
             bmc_at_once: 128,
+            boot_within: Duration::from_secs(600),
         }
     }
 }
@@ -666,6 +676,9 @@ impl RecoveryConfig {
                 "recovery.lease_ttl must be more than twice recovery.interval (or the lease lapses between ticks)"
                     .into(),
             );
+        }
+        if self.boot_within.is_zero() {
+            return Err("recovery.boot_within must be more than zero".into());
         }
         if self.bmc_attempts == 0 {
             return Err("recovery.bmc_attempts must be at least 1".into());

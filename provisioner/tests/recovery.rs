@@ -21,6 +21,7 @@ use nodekeeper_store::{
 
 on_both_engines!(
     a_host_powered_on_again_gets_a_grace_then_is_powered_off_before_its_instances_move,
+    a_host_powered_on_again_and_silent_past_boot_within_is_powered_off_and_left_off_without_room,
     cancelled_drains_and_fences_end_at_their_next_step,
     a_fenced_hosts_instance_being_live_migrated_goes_to_its_target,
     a_silent_host_is_fenced_and_its_ha_instances_move_once,
@@ -481,19 +482,11 @@ async fn gc_raises_drift_once_and_retries_what_found_no_room(db: TestDb) {
     c.check("a", true).await;
 }
 
-/// Found by the chaos campaign (seed 7007): a fence found no room (the database had been
-/// down: no host had heartbeated within the grace), so its way back powered the host on
-/// again, still `fenced`; it booted and its guard started its instances (still its own). The
-/// GC pass, finding room a moment later, evacuated them from that running host: twice. Now a
-/// host powered on again gets a grace to come back, and then its retry powers it off again,
-/// confirmed, before anything moves.
-async fn a_host_powered_on_again_gets_a_grace_then_is_powered_off_before_its_instances_move(db: TestDb) {
+/// A fenced host whose fence's way back powered it on again (no room then), as that fence
+/// ended: `a`, owning its 4 HA instances and an exclusive service's copy.
+async fn powered_on_again(c: &Cell) {
     use nodekeeper_provisioner::config::AfterFence;
     use nodekeeper_provisioner::recovery::fence::FenceData;
-    let c = cell(&db, 3).await;
-    let quick = RecoveryConfig { grace: Duration::from_millis(800), ..config() };
-    let ctl = c.controller("replica-1", quick).await;
-    // a's fence ended as that one did: no room, powered on again.
     c.store.set_host_state(&n("a"), HostState::Fenced, "test", "powered off, confirmed").await.expect("fenced");
     let data =
         serde_json::to_string(&FenceData { unplaced: 4, ..FenceData::new(AfterFence::PowerOn, 3) }).expect("json");
@@ -509,6 +502,19 @@ async fn a_host_powered_on_again_gets_a_grace_then_is_powered_off_before_its_ins
         event: "fence of a done: 0 moved, 4 unplaced; powered on again".into(),
     };
     c.store.advance_operation(op.id, &change, "test").await.expect("done");
+}
+
+/// Found by the chaos campaign (seed 7007): a fence found no room (the database had been
+/// down: no host had heartbeated within the grace), so its way back powered the host on
+/// again, still `fenced`; it booted and its guard started its instances (still its own). The
+/// GC pass, finding room a moment later, evacuated them from that running host: twice. Now a
+/// host powered on again is retried only by powering it off again, confirmed, before anything
+/// moves — while it boots (`boot_within`) only when some host could take its instances.
+async fn a_host_powered_on_again_gets_a_grace_then_is_powered_off_before_its_instances_move(db: TestDb) {
+    let c = cell(&db, 3).await;
+    let quick = RecoveryConfig { grace: Duration::from_millis(800), boot_within: Duration::from_secs(60), ..config() };
+    let ctl = c.controller("replica-1", quick).await;
+    powered_on_again(&c).await;
     // An exclusive service's copy on a (the same run also started one elsewhere meanwhile).
     let svc = nodekeeper_store::Service {
         name: "api".into(),
@@ -526,10 +532,10 @@ async fn a_host_powered_on_again_gets_a_grace_then_is_powered_off_before_its_ins
     c.beat(&["b", "c"], Timestamp::now()).await;
     ctl.tick(Timestamp::now()).await.expect("tick");
     assert_eq!(copy_on().await, n("a"), "powered on again: it may run there, so it stays");
-    // Within the grace: nothing retried (it may come back and run them itself).
-    c.beat(&["b", "c"], Timestamp::now()).await;
-    assert!(ctl.gc(Timestamp::now()).await.expect("gc").retried.is_empty(), "a grace to come back");
+    // Booting, and no host could take its instances (b and c silent past the grace): nothing.
     tokio::time::sleep(Duration::from_millis(900)).await;
+    assert!(ctl.gc(Timestamp::now()).await.expect("gc").retried.is_empty(), "no room: it may come back");
+    // Room (b and c heard): retried while it boots, at the power-off.
     c.beat(&["b", "c"], Timestamp::now()).await;
     assert_eq!(ctl.gc(Timestamp::now()).await.expect("gc").retried, vec![n("a")]);
     let retry = c.fence_op("a").await.expect("the retry");
@@ -545,6 +551,27 @@ async fn a_host_powered_on_again_gets_a_grace_then_is_powered_off_before_its_ins
     }
     c.check("a", true).await;
     assert_ne!(copy_on().await, n("a"), "off again, confirmed: the copy moves");
+}
+
+/// Real servers take minutes to POST: a host powered on again has `boot_within`, not the
+/// grace, to come back. Silent past it while it still owns HA instances — and with no room
+/// anywhere — it is powered off again and left off (it might boot later and run them while
+/// room appears and they move).
+async fn a_host_powered_on_again_and_silent_past_boot_within_is_powered_off_and_left_off_without_room(db: TestDb) {
+    let c = cell(&db, 3).await;
+    let quick =
+        RecoveryConfig { grace: Duration::from_millis(300), boot_within: Duration::from_millis(1500), ..config() };
+    let ctl = c.controller("replica-1", quick).await;
+    powered_on_again(&c).await;
+    // b and c stay silent: no room.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(ctl.gc(Timestamp::now()).await.expect("gc").retried.is_empty(), "past the grace, still booting");
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(ctl.gc(Timestamp::now()).await.expect("gc").retried, vec![n("a")], "past boot_within");
+    let retry = c.fence_op("a").await.expect("the retry");
+    assert_eq!(retry.step, "power_off");
+    assert!(retry.data.contains("\"after\":\"nothing\""), "left off: {}", retry.data);
+    c.check("a", false).await;
 }
 
 async fn after_fence_reimage_requests_a_reimage_of_the_host(db: TestDb) {

@@ -206,8 +206,9 @@ impl Store {
     }
 
     /// [`Store::start_operation`] for many hosts in one transaction (a rack's fences at once),
-    /// each at `first_step` with `data`: returns, in order, whether each started (not when one
-    /// of its kind already runs for that host, nor for a host that does not exist). A race
+    /// each at `first_step` with `data`: returns, in order, each new operation's id, or `None`
+    /// when it did not start (one of its kind already runs for that host, or the host does not
+    /// exist). A race
     /// with another start (the unique index) fails the whole batch: nothing is written, and
     /// the caller may start them one by one.
     pub async fn start_operations(
@@ -215,7 +216,7 @@ impl Store {
         kind: &str,
         starts: &[(HostName, String, String)],
         actor: &str,
-    ) -> Result<Vec<bool>> {
+    ) -> Result<Vec<Option<i64>>> {
         const WHAT: &str = "starting operations";
         if starts.is_empty() {
             return Ok(Vec::new());
@@ -225,7 +226,7 @@ impl Store {
         let mut out = Vec::with_capacity(starts.len());
         for (target, first_step, data) in starts {
             if self.host_in(&mut tx, target).await?.is_none() {
-                out.push(false);
+                out.push(None);
                 continue;
             }
             let running: Option<i64> =
@@ -236,7 +237,7 @@ impl Store {
                     .await
                     .map_err(query(WHAT))?;
             if running.is_some() {
-                out.push(false);
+                out.push(None);
                 continue;
             }
             let id: i64 = sqlx::query_scalar(
@@ -253,7 +254,7 @@ impl Store {
             .map_err(query(WHAT))?;
             let message = format!("{kind} of {target} started (operation {id}, step {first_step})");
             insert_event(&mut tx, &NewEvent::host(actor, &format!("{kind}.started"), target, message)).await?;
-            out.push(true);
+            out.push(Some(id));
         }
         tx.commit().await.map_err(query(WHAT))?;
         Ok(out)
@@ -395,35 +396,66 @@ impl Store {
     /// someone else moved it first (the caller re-reads and decides again).
     pub async fn advance_operation(&self, id: i64, change: &StepChange, actor: &str) -> Result<Option<Operation>> {
         let db_now = self.now().await?.0;
-        const WHAT: &str = "advancing an operation";
-        let mut tx = self.begin_write(WHAT).await?;
-        let done = sqlx::query(
-            "UPDATE operations SET step = $1, status = $2, attempts = $3, deadline = $4, last_error = $5, \
-             data = COALESCE($6, data), updated_at = $7 WHERE id = $8 AND step = $9 AND status = 'running'",
-        )
-        .bind(change.to.as_str())
-        .bind(change.status.as_str())
-        .bind(i64::from(change.attempts))
-        .bind(change.deadline.map(|d| d.0))
-        .bind(change.last_error.clone())
-        .bind(change.data.clone())
-        .bind(db_now)
-        .bind(id)
-        .bind(change.from.as_str())
-        .execute(&mut *tx)
-        .await
-        .map_err(query(WHAT))?;
-        if done.rows_affected() != 1 {
-            return Ok(None);
-        }
-        let op = operation_in(&mut tx, id, WHAT).await?;
-        let kind = format!(
-            "{}.{}",
-            op.kind,
-            if change.status == OperationStatus::Running { "step" } else { change.status.as_str() }
-        );
-        insert_event(&mut tx, &NewEvent::host(actor, &kind, &op.target, change.event.clone())).await?;
-        tx.commit().await.map_err(query(WHAT))?;
-        Ok(Some(op))
+        let mut tx = self.begin_write(ADVANCING).await?;
+        let op = advance_in(&mut tx, id, change, actor, db_now).await?;
+        tx.commit().await.map_err(query(ADVANCING))?;
+        Ok(op)
     }
+
+    /// [`Store::advance_operation`] for many operations in one transaction (the steps of a
+    /// rack's fences: one commit, not one each), each a compare-and-set of its own: returns,
+    /// in order, each operation after its change, or `None` for one someone else moved first.
+    /// A database error writes none of them (the caller may write them one by one).
+    pub async fn advance_operations(&self, changes: &[(i64, StepChange, &str)]) -> Result<Vec<Option<Operation>>> {
+        if changes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let db_now = self.now().await?.0;
+        let mut tx = self.begin_write(ADVANCING).await?;
+        let mut out = Vec::with_capacity(changes.len());
+        for (id, change, actor) in changes {
+            out.push(advance_in(&mut tx, *id, change, actor, db_now).await?);
+        }
+        tx.commit().await.map_err(query(ADVANCING))?;
+        Ok(out)
+    }
+}
+
+const ADVANCING: &str = "advancing an operation";
+
+/// One step change inside `conn`'s transaction (see [`Store::advance_operation`]).
+async fn advance_in(
+    conn: &mut sqlx::AnyConnection,
+    id: i64,
+    change: &StepChange,
+    actor: &str,
+    db_now: i64,
+) -> Result<Option<Operation>> {
+    let done = sqlx::query(
+        "UPDATE operations SET step = $1, status = $2, attempts = $3, deadline = $4, last_error = $5, \
+         data = COALESCE($6, data), updated_at = $7 WHERE id = $8 AND step = $9 AND status = 'running'",
+    )
+    .bind(change.to.as_str())
+    .bind(change.status.as_str())
+    .bind(i64::from(change.attempts))
+    .bind(change.deadline.map(|d| d.0))
+    .bind(change.last_error.clone())
+    .bind(change.data.clone())
+    .bind(db_now)
+    .bind(id)
+    .bind(change.from.as_str())
+    .execute(&mut *conn)
+    .await
+    .map_err(query(ADVANCING))?;
+    if done.rows_affected() != 1 {
+        return Ok(None);
+    }
+    let op = operation_in(&mut *conn, id, ADVANCING).await?;
+    let kind = format!(
+        "{}.{}",
+        op.kind,
+        if change.status == OperationStatus::Running { "step" } else { change.status.as_str() }
+    );
+    insert_event(&mut *conn, &NewEvent::host(actor, &kind, &op.target, change.event.clone())).await?;
+    Ok(Some(op))
 }

@@ -7,7 +7,7 @@ use nodekeeper_store::on_both_engines;
 use nodekeeper_store::testing::TestDb;
 use nodekeeper_store::{
     EventFilter, Generation, HostName, HostState, ImageFormat, InstanceId, NewEvent, NewHost, NewImage, NewInstance,
-    OwnerMove, ReportedDomain, Storage, Store, StoreError,
+    OperationStatus, OwnerMove, ReportedDomain, Storage, Store, StoreError,
 };
 use tokio::sync::Barrier;
 
@@ -357,11 +357,57 @@ async fn hosts_marked_and_operations_started_in_batches(db: TestDb) {
         .map(|h| (h.parse().expect("name"), "confirm".to_owned(), "{}".to_owned()))
         .collect();
     let started = store.start_operations("fence", &starts, "test").await.expect("batch");
-    assert_eq!(started, [true, false, false], "node-b's runs already; node-x does not exist");
+    assert_eq!(
+        started.iter().map(Option::is_some).collect::<Vec<_>>(),
+        [true, false, false],
+        "node-b's runs already; node-x does not exist"
+    );
     let running = store.running_operations("fence").await.expect("running");
     assert_eq!(running.iter().map(|o| o.target.as_str()).collect::<Vec<_>>(), ["node-b", "node-a"]);
+    assert_eq!(started[0], Some(running[1].id), "the new operation's id");
     let events = store.events(&EventFilter::default()).await.expect("events");
     assert_eq!(events.iter().filter(|e| e.kind == "fence.started").count(), 2, "{events:?}");
+    // Their steps in one transaction, each a compare-and-set of its own: node-a's from a step
+    // it is not at changes nothing; node-b's goes on, and one ends.
+    let step = |id: i64, from: &str, to: &str, status: OperationStatus| {
+        let change = nodekeeper_store::StepChange {
+            from: from.into(),
+            to: to.into(),
+            status,
+            attempts: 0,
+            deadline: None,
+            last_error: None,
+            data: Some(format!("{{\"at\":\"{to}\"}}")),
+            event: format!("operation {id}: {from} -> {to}"),
+        };
+        (id, change, "test")
+    };
+    let (a, b) = (running[1].id, running[0].id);
+    let changes = [
+        step(a, "power_off", "evacuate", OperationStatus::Running),
+        step(b, "confirm", "power_off", OperationStatus::Running),
+    ];
+    let done = store.advance_operations(&changes).await.expect("batch");
+    assert!(done[0].is_none(), "node-a is at confirm, not power_off");
+    assert_eq!(
+        done[1].as_ref().map(|o| (o.step.as_str(), o.data.as_str())),
+        Some(("power_off", "{\"at\":\"power_off\"}"))
+    );
+    let done = store
+        .advance_operations(&[
+            step(b, "power_off", "done", OperationStatus::Done),
+            step(a, "confirm", "power_off", OperationStatus::Running),
+        ])
+        .await
+        .expect("batch");
+    assert_eq!(
+        done.iter().map(|o| o.as_ref().map(|o| o.status)).collect::<Vec<_>>(),
+        [Some(OperationStatus::Done), Some(OperationStatus::Running)]
+    );
+    let events = store.events(&EventFilter::default()).await.expect("events");
+    assert_eq!(events.iter().filter(|e| e.kind == "fence.step").count(), 2, "{events:?}");
+    assert_eq!(events.iter().filter(|e| e.kind == "fence.done").count(), 1, "{events:?}");
+    assert!(!events.iter().any(|e| e.message.contains("power_off -> evacuate")), "the lost one left no event");
 }
 
 /// Eight real connections race to move one instance from the same generation: one wins.

@@ -335,6 +335,37 @@ async fn reach<B: Switch>(bmc: &B, wanted: PowerState, policy: &Policy) -> Resul
         .unwrap_or_else(|| BmcError::Unreachable { endpoint: bmc.switch_endpoint(), reason: "no attempt made".into() }))
 }
 
+/// A switch whose every request (a read of the power state, a command) waits for a turn of
+/// `slots`: what bounds the requests in flight towards BMCs and PDUs is the number of
+/// requests, not of fences — a fence waiting between two polls for its host to go off holds
+/// no turn, so a rack's power-offs are not done a slot-full per BMC delay. A BMC that hangs
+/// holds its turn until its request times out.
+pub struct Slotted<'a, S> {
+    inner: S,
+    slots: &'a tokio::sync::Semaphore,
+}
+
+impl<'a, S: Switch> Slotted<'a, S> {
+    /// `inner`, its requests taking turns of `slots`.
+    pub fn new(inner: S, slots: &'a tokio::sync::Semaphore) -> Slotted<'a, S> {
+        Slotted { inner, slots }
+    }
+}
+
+impl<S: Switch> Switch for Slotted<'_, S> {
+    fn switch_endpoint(&self) -> String {
+        self.inner.switch_endpoint()
+    }
+    async fn read_power(&self) -> Result<PowerState, BmcError> {
+        let _turn = self.slots.acquire().await;
+        self.inner.read_power().await
+    }
+    async fn switch_power(&self, on: bool) -> Result<(), BmcError> {
+        let _turn = self.slots.acquire().await;
+        self.inner.switch_power(on).await
+    }
+}
+
 /// A BMC driven under a leadership term: before every command (power, boot override) it
 /// proves in the database that the term is still current, and sends nothing otherwise
 /// ([`BmcError::NotLeader`]). BMCs take no fencing token themselves; this check, right before

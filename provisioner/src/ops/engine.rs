@@ -93,6 +93,18 @@ pub trait Machine: Send + Sync {
         decision: &Decision<Self::Step>,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
+    /// Records a step change on the operation's row ([`Store::advance_operation`]); a
+    /// machine driven with many others at once may send it to a group commit instead
+    /// ([`super::writes::StepWrites`]).
+    fn advance(
+        &self,
+        store: &Store,
+        id: i64,
+        change: StepChange,
+    ) -> impl Future<Output = Result<Option<Operation>, StoreError>> + Send {
+        async move { store.advance_operation(id, &change, Self::ACTOR).await }
+    }
+
     /// What cancelling it at `step` (asked by `by`) decides, or why it cannot be cancelled
     /// there (past its point of return); see [`super::cancel_rule`]. Not by default.
     fn cancel(&self, step: Self::Step, by: &str) -> Result<Decision<Self::Step>, String> {
@@ -119,7 +131,7 @@ pub async fn step<M: Machine>(m: &M, store: &Store, op: Operation) -> Result<(),
     let (step, mut data): (M::Step, M::Data) = match super::parse_state(&op) {
         Ok(state) => state,
         Err(unreadable) => {
-            return finish::<M>(store, &op, &op.step, OperationStatus::Failed, Some(unreadable.to_string())).await
+            return finish(m, store, &op, &op.step, OperationStatus::Failed, Some(unreadable.to_string())).await
         }
     };
     // Cancelled where its kind allows it at this step; past that point, it goes on.
@@ -160,7 +172,7 @@ pub async fn apply<M: Machine>(
                 data: serde_json::to_string(&data).ok(),
                 event: format!("{kind} of {target}: {why}; next {to}"),
             };
-            store.advance_operation(op.id, &change, M::ACTOR).await.map(drop)
+            m.advance(store, op.id, change).await.map(drop)
         }
         Decision::Retry { attempts, error } => {
             let of = m.attempts_limit(&data).map(|n| format!(" of {n}")).unwrap_or_default();
@@ -177,9 +189,9 @@ pub async fn apply<M: Machine>(
                 data: None,
                 event: format!("{kind} of {target}: {step} failed (attempt {attempts}{of}): {error}"),
             };
-            store.advance_operation(op.id, &change, M::ACTOR).await.map(drop)
+            m.advance(store, op.id, change).await.map(drop)
         }
-        Decision::Abort { why } => finish::<M>(store, op, "aborted", OperationStatus::Done, Some(why)).await,
+        Decision::Abort { why } => finish(m, store, op, "aborted", OperationStatus::Done, Some(why)).await,
         Decision::Done { why } => {
             let change = StepChange {
                 from: step.to_string(),
@@ -195,10 +207,10 @@ pub async fn apply<M: Machine>(
                     format!("{kind} of {target} done: {why}")
                 },
             };
-            store.advance_operation(op.id, &change, M::ACTOR).await.map(drop)
+            m.advance(store, op.id, change).await.map(drop)
         }
         Decision::Failed { at, reason } => {
-            finish::<M>(store, op, &at.to_string(), OperationStatus::Failed, Some(reason)).await
+            finish(m, store, op, &at.to_string(), OperationStatus::Failed, Some(reason)).await
         }
     }
 }
@@ -206,6 +218,7 @@ pub async fn apply<M: Machine>(
 /// Ends `op` at `step` with `status` (a `Failed` one with `reason` as its error; a `Done`
 /// one — a fence called off — with `reason` in its event only).
 async fn finish<M: Machine>(
+    m: &M,
     store: &Store,
     op: &Operation,
     step: &str,
@@ -228,7 +241,7 @@ async fn finish<M: Machine>(
         data: None,
         event,
     };
-    store.advance_operation(op.id, &change, M::ACTOR).await.map(drop)
+    m.advance(store, op.id, change).await.map(drop)
 }
 
 /// `d` from now, by the database's clock (deadlines are compared across replicas).

@@ -4,6 +4,7 @@
 
 pub mod engine;
 pub mod runner;
+pub mod writes;
 
 #[cfg(test)]
 mod crash_tests;

@@ -3,8 +3,8 @@
 //! starts fence operations; each running fence is driven by a task of its own under the same
 //! lease ([`Controller::run`]: a fence waiting on its BMC holds up neither detection nor the
 //! other fences), step by step ([`super::fence`]) with a compare-and-set on the step, like the
-//! reimage executor; evacuations asked for at once done together in one pass, power steps at
-//! most `bmc_at_once` at once. Everything it knows is in the database: a replica that takes
+//! reimage executor; evacuations asked for at once done together in one pass, requests to
+//! BMCs and PDUs at most `bmc_at_once` in flight. Everything it knows is in the database: a replica that takes
 //! the lease over resumes every fence where it stands, and two replicas acting on one fence at
 //! once (a stale leader finishing its step) move no instance twice — each move is a
 //! compare-and-set on the instance's generation.
@@ -95,12 +95,14 @@ pub struct Controller<F: BmcFactory> {
     background: bool,
     /// One evacuation at a time: placement counts the room each one leaves.
     evacuating: tokio::sync::Mutex<()>,
-    /// Fence steps that command power (BMCs, PDU outlets), at most this many at once (a rack
-    /// that lost power is not a wave of requests at once, nor fenced one host after another).
+    /// Requests to BMCs and PDUs in flight, at most this many at once (a rack that lost power
+    /// is not a wave of thousands of requests at once, nor fenced one host after another):
+    /// power commands and the polls that confirm them ([`bmc::Slotted`]), and the probes.
     bmc_slots: tokio::sync::Semaphore,
-    /// Hosts whose BMC said they are off when their fence began: their `confirm` need not
-    /// give them one more interval (see [`detect::to_probe`]).
-    known_off: std::sync::Mutex<HashSet<HostName>>,
+    /// Fences (operation ids) started for hosts their BMC said were off: their `confirm` need
+    /// not give the host one more interval (see [`detect::to_probe`]). Forgotten when the
+    /// fence's driver ends.
+    known_off: std::sync::Mutex<HashSet<i64>>,
     /// Poked when a tick started a fence: its driver starts at once.
     started: tokio::sync::Notify,
     /// Evacuations asked for, waiting for the next pass ([`Controller::evacuate`]).
@@ -226,6 +228,8 @@ impl<F: BmcFactory> Controller<F> {
         // Operation by driver task, and the term they drive in.
         let mut driving: HashMap<tokio::task::Id, i64> = HashMap::new();
         let mut term = None;
+        // The group commit of the drivers' step changes, under this term's lease.
+        let mut writes: Option<crate::ops::writes::StepWrites> = None;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -251,8 +255,9 @@ impl<F: BmcFactory> Controller<F> {
                 tasks.abort_all();
                 driving.clear();
                 term = leading.as_ref().map(|(_, l)| l.term);
+                writes = leading.as_ref().map(|(store, _)| crate::ops::writes::StepWrites::start(store.clone()));
             }
-            let Some((store, lease)) = leading else { continue };
+            let (Some((store, lease)), Some(writes)) = (leading, &writes) else { continue };
             let running = match store.running_operations(KIND).await {
                 Ok(ops) => ops,
                 Err(e) => {
@@ -263,7 +268,7 @@ impl<F: BmcFactory> Controller<F> {
             for op in running {
                 if !driving.values().any(|id| *id == op.id) {
                     let id = op.id;
-                    let task = tasks.spawn(self.clone().drive(store.clone(), lease.clone(), op));
+                    let task = tasks.spawn(self.clone().drive(store.clone(), lease.clone(), writes.clone(), op));
                     driving.insert(task.id(), id);
                 }
             }
@@ -280,12 +285,18 @@ impl<F: BmcFactory> Controller<F> {
     /// before it is done (`step_through`), a step that waits or failed an attempt again an
     /// interval later; `confirm` one interval after the fence began (the host's one more
     /// interval to show up), at once for a host its BMC said is off.
-    async fn drive(self: Arc<Self>, store: Store, lease: nodekeeper_store::Leadership, mut op: Operation) {
+    async fn drive(
+        self: Arc<Self>,
+        store: Store,
+        lease: nodekeeper_store::Leadership,
+        writes: crate::ops::writes::StepWrites,
+        mut op: Operation,
+    ) {
         let interval = self.config.interval;
         let id = op.id;
         loop {
             if op.step == Step::Confirm.as_str()
-                && !self.known_off.lock().unwrap_or_else(|p| p.into_inner()).contains(&op.target)
+                && !self.known_off.lock().unwrap_or_else(|p| p.into_inner()).contains(&id)
             {
                 if let Ok(now) = store.now().await {
                     tokio::time::sleep((op.created_at + interval).since(now)).await;
@@ -293,11 +304,9 @@ impl<F: BmcFactory> Controller<F> {
             }
             let before = op.step.clone();
             let step = async {
-                // Only the steps that command power wait for a slot.
-                let power = [Step::PowerOff, Step::OutletOff, Step::Restore].map(|s| s.as_str());
-                let _slot = if power.contains(&op.step.as_str()) { self.bmc_slots.acquire().await.ok() } else { None };
                 let now = store.now().await?;
-                crate::ops::engine::step(&self.fence(now), &store, op.clone()).await
+                let fence = Fence { writes: Some(&writes), ..self.fence(now) };
+                crate::ops::engine::step(&fence, &store, op.clone()).await
             };
             match crate::ops::while_leading(&self.store, &lease, self.ttl_ms(), step).await {
                 Ok(Ok(())) => {}
@@ -324,7 +333,7 @@ impl<F: BmcFactory> Controller<F> {
                 }
             }
         }
-        self.known_off.lock().unwrap_or_else(|p| p.into_inner()).remove(&op.target);
+        self.known_off.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
     }
 
     /// The GC pass every `gc_interval`, under the lease ([`Controller::run`]).
@@ -569,17 +578,15 @@ impl<F: BmcFactory> Controller<F> {
             .filter(|h| candidates.contains(&h.name))
             .filter_map(|h| Some((h.name.clone(), self.factory.for_host(h).ok()?)))
             .collect();
-        let mut off = Vec::new();
-        // 32 at a time: a wave of silent hosts is not a wave of requests at once.
-        for batch in drivers.chunks(32) {
-            let answers = futures_util::future::join_all(batch.iter().map(|(name, driver)| async move {
-                let state = tokio::time::timeout(limit, bmc::Bmc::power_state(driver)).await.ok()?.ok()?;
-                (state == bmc::PowerState::Off).then(|| name.clone())
-            }))
-            .await;
-            off.extend(answers.into_iter().flatten());
-        }
-        off
+        // Each request takes a turn of the BMC slots: a wave of silent hosts is not a wave of
+        // requests at once, and one that hangs holds up no other.
+        let answers = futures_util::future::join_all(drivers.iter().map(|(name, driver)| async move {
+            let _turn = self.bmc_slots.acquire().await;
+            let state = tokio::time::timeout(limit, bmc::Bmc::power_state(driver)).await.ok()?.ok()?;
+            (state == bmc::PowerState::Off).then(|| name.clone())
+        }))
+        .await;
+        answers.into_iter().flatten().collect()
     }
 
     /// Steps `ops` with [`Controller::step_until_waiting`], `at_once` at a time; a step that
@@ -688,11 +695,14 @@ impl<F: BmcFactory> Controller<F> {
             if fenced.is_empty() { HashMap::new() } else { super::powered_on_again(store, &fenced).await? };
         for h in fenced {
             // A host its last fence powered on again (nothing could take its instances then)
-            // boots and runs them: it gets a grace to come back (active: they stay there).
-            // Still silent after it, it is fenced again, and left off.
+            // boots and runs them: heard within `boot_within` it is active again, and they stay
+            // there. Meanwhile it is retried as any fenced host, when some host could take one
+            // now (off first, confirmed). Still silent after `boot_within` (real servers take
+            // minutes to POST), it is fenced again and left off — also with no room anywhere.
             let again = match on.get(&h.name) {
-                Some(ended) if now.since(*ended) < self.config.grace => continue,
-                Some(ended) => h.last_heartbeat.is_none_or(|t| t < *ended),
+                Some(ended) => {
+                    now.since(*ended) >= self.config.boot_within && h.last_heartbeat.is_none_or(|t| t < *ended)
+                }
                 None => false,
             };
             let left: Vec<InstanceId> =
@@ -766,19 +776,25 @@ impl<F: BmcFactory> Controller<F> {
                 _ => None,
             })
             .collect();
-        if self.background {
-            let mut known_off = self.known_off.lock().unwrap_or_else(|p| p.into_inner());
-            known_off.extend(fences.iter().map(|(h, _, _)| h).filter(|h| off.contains(h)).cloned());
-        }
-        match store.start_operations(KIND, &fences, ACTOR).await {
-            Ok(_) => {}
+        let started: Vec<(HostName, i64)> = match store.start_operations(KIND, &fences, ACTOR).await {
+            Ok(ids) => fences.iter().zip(ids).filter_map(|((h, _, _), id)| Some((h.clone(), id?))).collect(),
             Err(e @ StoreError::LeaseLost { .. }) => return Err(e),
             Err(e) => {
                 tracing::warn!("recovery: starting {} fences together: {e}; one by one", fences.len());
+                let mut started = Vec::new();
                 for (host, step, data) in &fences {
-                    store.start_operation(KIND, host, step, None, data, ACTOR).await?;
+                    let (op, new) = store.start_operation(KIND, host, step, None, data, ACTOR).await?;
+                    if new {
+                        started.push((host.clone(), op.id));
+                    }
                 }
+                started
             }
+        };
+        if self.background {
+            // Only fences started now, by this look at their BMCs (not one already running).
+            let mut known_off = self.known_off.lock().unwrap_or_else(|p| p.into_inner());
+            known_off.extend(started.iter().filter(|(h, _)| off.contains(h)).map(|(_, id)| *id));
         }
         for action in actions {
             self.act(store, action).await?;
@@ -843,7 +859,7 @@ impl<F: BmcFactory> Controller<F> {
 
     /// This controller's fence machine, at `now`.
     pub(crate) fn fence(&self, now: Timestamp) -> Fence<'_, F> {
-        Fence { controller: self, now }
+        Fence { controller: self, now, writes: None }
     }
 
     /// Repair before power-cycle: `ssh` to the host as `repair_user` with `repair_key`; the
@@ -897,14 +913,16 @@ impl<F: BmcFactory> Controller<F> {
 
     async fn power(&self, store: &Store, host: &Host, action: PowerAction) -> Result<(), String> {
         let driver = bmc::Leased::new(self.factory.for_host(host).map_err(|e| e.to_string())?, store.clone());
-        self.switch(&driver, action, "the BMC").await
+        self.switch(driver, action, "the BMC").await
     }
 
     /// Drives one switch (a BMC, an outlet) to `action`, confirmed, within the policy's bound.
-    async fn switch<S: bmc::Switch>(&self, switch: &S, action: PowerAction, what: &str) -> Result<(), String> {
+    /// Each of its requests takes a turn of `bmc_slots`.
+    async fn switch<S: bmc::Switch>(&self, switch: S, action: PowerAction, what: &str) -> Result<(), String> {
         let policy = self.factory.policy();
         let limit = policy.confirm_within * (policy.attempts.max(1) + 1);
-        match tokio::time::timeout(limit, bmc::power(switch, action, &policy)).await {
+        let switch = bmc::Slotted::new(switch, &self.bmc_slots);
+        match tokio::time::timeout(limit, bmc::power(&switch, action, &policy)).await {
             Ok(r) => r.map(drop).map_err(|e| e.to_string()),
             Err(_) => Err(format!("{what} did not answer within {}", humantime::format_duration(limit))),
         }
@@ -922,7 +940,7 @@ impl<F: BmcFactory> Controller<F> {
         let results = futures_util::future::join_all(outlets.iter().map(|o| async move {
             let outlet = self.factory.outlet(o).map_err(|e| format!("{}: {e}", o.url))?;
             let leased = bmc::Leased::new(outlet, store.clone());
-            self.switch(&leased, action, &format!("PDU outlet {}", o.url)).await
+            self.switch(leased, action, &format!("PDU outlet {}", o.url)).await
         }))
         .await;
         let failed: Vec<String> = results.into_iter().filter_map(Result::err).collect();
@@ -985,6 +1003,7 @@ impl<F: BmcFactory> Controller<F> {
         // and heartbeats move faster than the instances). What others changed meanwhile — an
         // instance added, a drain's move — may make placement count a host's room wrong for
         // that long; never more: every move is a compare-and-set.
+        let began = std::time::Instant::now();
         let cached = self.fleet.lock().unwrap_or_else(|p| p.into_inner()).take().filter(|f| {
             if self.background {
                 f.at <= now && now.since(f.at) < FLEET_KEPT
@@ -994,7 +1013,7 @@ impl<F: BmcFactory> Controller<F> {
         });
         let mut fleet = match cached {
             Some(mut f) if self.background => {
-                f.read_hosts(store).await?;
+                f.refresh_hosts(store).await?;
                 f
             }
             Some(f) => f,
@@ -1017,6 +1036,7 @@ impl<F: BmcFactory> Controller<F> {
         let ordered = theirs.values().flatten().any(|i| fleet.ip.get(&i.uuid).is_some_and(|p| !p.after.is_empty()));
         let run = if ordered { place::running(&fleet.all, &store.guard_reports().await?) } else { HashSet::new() };
         let policies = place::Policies { instances: &fleet.ip, hosts: &fleet.hp, running: &run };
+        let read = began.elapsed();
         // The room of every candidate, counted once for the pass.
         let mut rooms =
             place::Rooms::new(|h| names.contains(h), &fleet.hosts, &fleet.all, policies, now, self.config.grace);
@@ -1025,10 +1045,18 @@ impl<F: BmcFactory> Controller<F> {
             .map(|h| self.plan_evacuation(h, theirs.remove(&h.name).unwrap_or_default(), &fleet, &mut rooms, policies))
             .collect();
         let moves: Vec<nodekeeper_store::OwnerMove> = plans.iter().flat_map(|p| p.moves.iter().cloned()).collect();
-        if unique.len() > 1 {
-            tracing::info!(hosts = unique.len(), moves = moves.len(), "recovery: evacuations done together");
-        }
+        let planned = began.elapsed();
         let results = store.transfer_owners(&moves, ACTOR).await?;
+        if unique.len() > 1 {
+            tracing::info!(
+                hosts = unique.len(),
+                moves = moves.len(),
+                read_ms = read.as_millis() as u64,
+                plan_ms = (planned - read).as_millis() as u64,
+                write_ms = (began.elapsed() - planned).as_millis() as u64,
+                "recovery: evacuations done together"
+            );
+        }
         let mut results = results.into_iter();
         let mut outcome: HashMap<&HostName, (usize, usize, usize)> = HashMap::new();
         let mut events = Vec::new();
@@ -1162,6 +1190,8 @@ struct Fleet {
     hosts: Vec<Host>,
     /// Every host's state (cordoned ones too).
     states: HashMap<HostName, HostState>,
+    /// Every host as last read whole.
+    every: Vec<Host>,
 }
 
 impl Fleet {
@@ -1173,17 +1203,35 @@ impl Fleet {
             hp: store.host_inventories().await?,
             states: HashMap::new(),
             hosts: Vec::new(),
+            every: store.hosts().await?,
         };
-        fleet.read_hosts(store).await?;
+        fleet.set_hosts(store).await?;
         Ok(fleet)
     }
 
-    /// The hosts and their states, read again.
-    async fn read_hosts(&mut self, store: &Store) -> Result<(), StoreError> {
-        let hosts = store.hosts().await?;
-        self.states = hosts.iter().map(|h| (h.name.clone(), h.state)).collect();
-        // Hosts being drained take nothing new.
-        self.hosts = super::drain::uncordoned(hosts, &super::drain::draining(store).await?);
+    /// The hosts' states and heartbeats read again (only those: they move faster than the
+    /// rest of a host's row, and a whole read of 10,000 took a pass 200 ms); a host added
+    /// since the fleet was read whole is not a candidate until it is read whole again.
+    async fn refresh_hosts(&mut self, store: &Store) -> Result<(), StoreError> {
+        let live: HashMap<HostName, (HostState, Option<Timestamp>)> =
+            store.host_liveness().await?.into_iter().map(|(name, state, beat)| (name, (state, beat))).collect();
+        self.every.retain_mut(|h| match live.get(&h.name) {
+            Some((state, beat)) => {
+                (h.state, h.last_heartbeat) = (*state, *beat);
+                true
+            }
+            None => false, // removed
+        });
+        self.set_hosts(store).await?;
+        // Every host's state, one added since the whole read too (a live migration's target).
+        self.states = live.into_iter().map(|(name, (state, _))| (name, state)).collect();
+        Ok(())
+    }
+
+    /// The states and the candidates (hosts being drained take nothing new) from `every`.
+    async fn set_hosts(&mut self, store: &Store) -> Result<(), StoreError> {
+        self.states = self.every.iter().map(|h| (h.name.clone(), h.state)).collect();
+        self.hosts = super::drain::uncordoned(self.every.clone(), &super::drain::draining(store).await?);
         Ok(())
     }
 }
@@ -1193,6 +1241,8 @@ impl Fleet {
 pub(crate) struct Fence<'a, F: BmcFactory> {
     controller: &'a Controller<F>,
     now: Timestamp,
+    /// Where its step changes go when fences are driven at once (a group commit).
+    writes: Option<&'a crate::ops::writes::StepWrites>,
 }
 
 impl<F: BmcFactory> crate::ops::Machine for Fence<'_, F> {
@@ -1200,6 +1250,18 @@ impl<F: BmcFactory> crate::ops::Machine for Fence<'_, F> {
     type Data = FenceData;
     const KIND: &'static str = "fence";
     const ACTOR: &'static str = ACTOR;
+
+    async fn advance(
+        &self,
+        store: &Store,
+        id: i64,
+        change: nodekeeper_store::StepChange,
+    ) -> Result<Option<Operation>, StoreError> {
+        match self.writes {
+            Some(writes) => writes.advance(id, change, ACTOR).await,
+            None => store.advance_operation(id, &change, ACTOR).await,
+        }
+    }
 
     fn cancel(&self, step: Step, by: &str) -> Result<Decision, String> {
         crate::ops::cancel_rule(Self::KIND, step.as_str())?;

@@ -17,7 +17,7 @@
 //! Each placement counts toward the next, so a failed host's instances spread over the cell;
 //! the same inputs decide the same (a resumed evacuation).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::Duration;
 
 use nodekeeper_store::{Host, HostInventory, HostName, HostState, Instance, InstanceId, InstancePolicy, Timestamp};
@@ -100,6 +100,10 @@ pub fn place(
 /// took, without counting the fleet again.
 pub struct Rooms {
     rooms: BTreeMap<HostName, Room>,
+    /// Every candidate in the order placement prefers it — reserved first, then the least
+    /// loaded, ties by name — kept in step with each placement: the host an instance gets is
+    /// the first here it fits (one look, not a scan of the fleet, while the first fits).
+    order: BTreeSet<(bool, usize, HostName)>,
 }
 
 impl Rooms {
@@ -139,7 +143,8 @@ impl Rooms {
                 room.take(policy(&i.uuid));
             }
         }
-        Rooms { rooms }
+        let order = rooms.iter().map(|(h, r)| (!r.reserved, r.count, h.clone())).collect();
+        Rooms { rooms, order }
     }
 
     /// Where each instance of `moving` goes (in `moving`'s order), or why it waits; each
@@ -151,7 +156,7 @@ impl Rooms {
     ) -> Vec<(InstanceId, Result<HostName, String>)> {
         let none = InstancePolicy::default();
         let policy = |id: &InstanceId| policies.instances.get(id).unwrap_or(&none);
-        let rooms = &mut self.rooms;
+        let (rooms, preferred) = (&mut self.rooms, &mut self.order);
         let mut order: Vec<&InstanceId> = moving.iter().collect();
         order.sort_by_key(|id| (std::cmp::Reverse(policy(id).priority), id.uuid()));
         let mut decided: HashMap<InstanceId, Result<HostName, String>> = HashMap::with_capacity(moving.len());
@@ -163,16 +168,15 @@ impl Rooms {
                 Err(why)
             } else {
                 let group_ok = |r: &Room| p.anti_affinity.as_ref().is_none_or(|g| !r.groups.contains(g));
-                // Reserved hosts first, then the least loaded; BTreeMap order breaks ties by name.
-                let best = rooms
-                    .iter()
-                    .filter(|(_, r)| r.fits(p) && group_ok(r))
-                    .min_by_key(|(_, r)| (!r.reserved, r.count))
-                    .map(|(h, _)| h.clone());
-                match best {
-                    Some(h) => {
+                // Reserved hosts first, then the least loaded, ties by name: the first that fits.
+                let best = preferred.iter().find(|(_, _, h)| rooms.get(h).is_some_and(|r| r.fits(p) && group_ok(r)));
+                match best.cloned() {
+                    Some(key) => {
+                        let h = key.2.clone();
                         if let Some(r) = rooms.get_mut(&h) {
+                            preferred.remove(&key);
                             r.take(p);
+                            preferred.insert((!r.reserved, r.count, h.clone()));
                         }
                         Ok(h)
                     }
@@ -438,5 +442,78 @@ mod tests {
             GRACE,
         );
         assert_eq!(placed[0].1, Ok(n("b")));
+    }
+
+    /// The preferred order kept beside the rooms places exactly as a scan of every room for
+    /// the least loaded that fits would (the order before it), over random fleets: capacities,
+    /// reserved hosts, anti-affinity groups, sizes, some that fit nowhere.
+    #[test]
+    fn the_kept_order_places_as_a_scan_of_every_room_would() {
+        fn scan(rooms: &mut BTreeMap<HostName, Room>, p: &InstancePolicy) -> Option<HostName> {
+            let group_ok = |r: &Room| p.anti_affinity.as_ref().is_none_or(|g| !r.groups.contains(g));
+            let best = rooms
+                .iter()
+                .filter(|(_, r)| r.fits(p) && group_ok(r))
+                .min_by_key(|(_, r)| (!r.reserved, r.count))
+                .map(|(h, _)| h.clone())?;
+            if let Some(r) = rooms.get_mut(&best) {
+                r.take(p);
+            }
+            Some(best)
+        }
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = |m: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % m
+        };
+        for round in 0..40 {
+            let hosts: Vec<Host> =
+                (0..(5 + next(40))).map(|i| host(&format!("h{i:03}"), HostState::Active, Some(NOW.0))).collect();
+            let mut hp = HashMap::new();
+            for h in &hosts {
+                let inv = HostInventory {
+                    vcpus: (next(3) > 0).then(|| 2 + next(14) as u32),
+                    memory_mib: (next(3) > 0).then(|| 1024 * (1 + next(16))),
+                    reserved: next(6) == 0,
+                };
+                hp.insert(h.name.clone(), inv);
+            }
+            let mut instances = Vec::new();
+            let mut ip = HashMap::new();
+            for _ in 0..next(60) {
+                let owner = hosts[next(hosts.len() as u64) as usize].name.to_string();
+                let i = instance(&owner, false);
+                ip.insert(
+                    i.uuid,
+                    InstancePolicy { vcpus: 1 + next(4) as u32, memory_mib: 512 * (1 + next(4)), ..Default::default() },
+                );
+                instances.push(i);
+            }
+            let moving: Vec<InstanceId> = (0..(1 + next(80))).map(|_| InstanceId::random()).collect();
+            for id in &moving {
+                let p = InstancePolicy {
+                    priority: next(3) as i64,
+                    anti_affinity: (next(3) == 0).then(|| format!("g{}", next(3))),
+                    vcpus: 1 + next(6) as u32,
+                    memory_mib: 512 * (1 + next(8)),
+                    ..Default::default()
+                };
+                ip.insert(*id, p);
+            }
+            let running = HashSet::new();
+            let policies = Policies { instances: &ip, hosts: &hp, running: &running };
+            let excluded = |_: &HostName| false;
+            let placed = Rooms::new(excluded, &hosts, &instances, policies, NOW, GRACE).place(&moving, policies);
+            let mut reference = Rooms::new(excluded, &hosts, &instances, policies, NOW, GRACE).rooms;
+            let mut order: Vec<&InstanceId> = moving.iter().collect();
+            order.sort_by_key(|id| (std::cmp::Reverse(ip[*id].priority), id.uuid()));
+            let expected: HashMap<InstanceId, Option<HostName>> =
+                order.into_iter().map(|id| (*id, scan(&mut reference, &ip[id]))).collect();
+            for (id, got) in &placed {
+                assert_eq!(got.as_ref().ok(), expected[id].as_ref(), "round {round}: instance {id}");
+            }
+        }
     }
 }

@@ -565,7 +565,7 @@ impl Fleet {
                 format!(
                     "database_url = \"{db_url}\"\n[dhcp]\nmode = \"off\"\n[http]\nlisten = \"{gw}:{port}\"\n\
                      public_url = \"http://{gw}:{port}\"\nimages_dir = \"{}\"\n\
-                     [recovery]\ngrace = \"6s\"\ninterval = \"1s\"\nlease_ttl = \"5s\"\n",
+                     [recovery]\ngrace = \"6s\"\ninterval = \"1s\"\nlease_ttl = \"5s\"\nboot_within = \"30s\"\n",
                     dir.join("images").display()
                 ),
             )?;
