@@ -3,11 +3,12 @@
 //! starts fence operations; each running fence is driven by a task of its own under the same
 //! lease ([`Controller::run`]: a fence waiting on its BMC holds up neither detection nor the
 //! other fences), step by step ([`super::fence`]) with a compare-and-set on the step, like the
-//! reimage executor; evacuations asked for at once done together in one pass, requests to
-//! BMCs and PDUs at most `bmc_at_once` in flight. Everything it knows is in the database: a replica that takes
-//! the lease over resumes every fence where it stands, and two replicas acting on one fence at
-//! once (a stale leader finishing its step) move no instance twice — each move is a
-//! compare-and-set on the instance's generation.
+//! reimage executor, their step changes in group commits; evacuations asked for at once done
+//! together in one pass; requests to BMCs and PDUs at most `bmc_at_once` in flight.
+//! Everything it knows is in the database: a replica that takes the lease over resumes every
+//! fence where it stands, and two replicas acting on one fence at once (a stale leader
+//! finishing its step) move no instance twice — each move is a compare-and-set on the
+//! instance's generation.
 //!
 //! `tick` takes the time as an argument: tests drive it with a simulated clock, and then it
 //! steps the fences itself (until each waits) and runs the GC pass when due.
@@ -580,9 +581,13 @@ impl<F: BmcFactory> Controller<F> {
             .collect();
         // Each request takes a turn of the BMC slots: a wave of silent hosts is not a wave of
         // requests at once, and one that hangs holds up no other.
+        // The wait for a turn counts towards the bound: the tick waits no longer than it.
         let answers = futures_util::future::join_all(drivers.iter().map(|(name, driver)| async move {
-            let _turn = self.bmc_slots.acquire().await;
-            let state = tokio::time::timeout(limit, bmc::Bmc::power_state(driver)).await.ok()?.ok()?;
+            let ask = async {
+                let _turn = self.bmc_slots.acquire().await;
+                bmc::Bmc::power_state(driver).await
+            };
+            let state = tokio::time::timeout(limit, ask).await.ok()?.ok()?;
             (state == bmc::PowerState::Off).then(|| name.clone())
         }))
         .await;
