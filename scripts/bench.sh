@@ -93,6 +93,11 @@ echo
 echo "== fleet simulator, the same with serve SIGKILLed while the fences run (started again 2 s later)"
 ./target/release/nodekeeper-lab sim --hosts 1000 --crash 50 --bmc-hang 5 --kill-serve --partition 0 --steady 15
 echo
+echo "== fleet simulator, two serve replicas on PostgreSQL, the leader SIGKILLed while the fences run (its guards go to the other)"
+for hosts in ${SIM_HOSTS:-1000 10000}; do
+  ./target/release/nodekeeper-lab sim --hosts "$hosts" --engine postgres --replicas 2 --crash $((hosts / 20)) --bmc-hang $((hosts / 200)) --kill-serve --partition 0 --steady 20
+done
+echo
 echo "== fleet simulator, the same on PostgreSQL with the database stopped (immediate) while the fences run, started 3 s later"
 ./target/release/nodekeeper-lab sim --hosts 1000 --engine postgres --crash 50 --bmc-hang 5 --restart-db --partition 0 --steady 15
 

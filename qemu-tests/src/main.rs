@@ -83,6 +83,10 @@ enum Cli {
         /// Stop PostgreSQL (immediate) while the crash's fences run, start it 3 s later.
         #[arg(long)]
         restart_db: bool,
+        /// serve replicas on the one database (more than one: PostgreSQL); --kill-serve
+        /// kills the leader.
+        #[arg(long, default_value_t = 1)]
+        replicas: usize,
     },
     /// A lab with installed nodes, left running until Ctrl-C (then torn down).
     Up {
@@ -188,6 +192,7 @@ async fn main() -> std::process::ExitCode {
         bmc_hang,
         kill_serve,
         restart_db,
+        replicas,
     } = cli
     {
         let engine = match engine.as_str() {
@@ -212,6 +217,7 @@ async fn main() -> std::process::ExitCode {
             bmc_hang,
             kill_serve,
             restart_db,
+            replicas,
             bin_dir: paths.bin_dir,
         };
         let n = nodekeeper_lab::Narrator::new(false);

@@ -73,6 +73,10 @@ pub struct Options {
     pub kill_serve: bool,
     /// Stop PostgreSQL (immediate) at the same point, and start it again 3 s later.
     pub restart_db: bool,
+    /// `serve` replicas on the one database (more than one: PostgreSQL). Each guard talks to
+    /// one, and to the next when it does not answer (as behind a load balancer); `kill_serve`
+    /// kills the one that leads the controller.
+    pub replicas: usize,
     /// Where `nodekeeper-provisioner` is.
     pub bin_dir: PathBuf,
 }
@@ -215,6 +219,8 @@ async fn run(opts: &Options, n: &Narrator, dir: &Path) -> anyhow::Result<Report>
         }
     };
     anyhow::ensure!(!opts.restart_db || pg.is_some(), "restarting the database is for PostgreSQL");
+    anyhow::ensure!(opts.replicas >= 1, "at least one serve replica");
+    anyhow::ensure!(opts.replicas == 1 || pg.is_some(), "serve replicas share a PostgreSQL database");
     let engine = if opts.engine == Engine::Sqlite { "SQLite" } else { "PostgreSQL" };
     report.row("hosts", opts.hosts);
     report.row("engine", engine);
@@ -278,25 +284,32 @@ async fn run(opts: &Options, n: &Narrator, dir: &Path) -> anyhow::Result<Report>
     let total_instances = items.len();
     n.say(&format!("{} hosts and {total_instances} instances in {engine} ({})", opts.hosts, fmt(began.elapsed())));
 
-    // serve.
-    let port = free_port()?;
-    let config = dir.join("serve.toml");
+    // serve: its replicas, each with its own port and log.
     std::fs::create_dir_all(dir.join("images"))?;
-    std::fs::write(
-        &config,
-        format!(
-            "database_url = \"{url}\"\n[dhcp]\nmode = \"off\"\n[http]\nlisten = \"127.0.0.1:{port}\"\n\
-             public_url = \"http://127.0.0.1:{port}\"\nimages_dir = \"{}\"\n[http.auth]\nmetrics_from = [\"127.0.0.1/32\"]\n\
-             [recovery]\ngrace = \"{}s\"\n",
-            dir.join("images").display(),
-            opts.grace.as_secs()
-        ),
-    )?;
-    let start_serve = || -> anyhow::Result<Serve> {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("serve.log"))?;
+    let mut bases = Vec::new();
+    let mut configs = Vec::new();
+    for r in 0..opts.replicas {
+        let port = free_port()?;
+        let config = dir.join(if r == 0 { "serve.toml".to_owned() } else { format!("serve-{r}.toml") });
+        std::fs::write(
+            &config,
+            format!(
+                "database_url = \"{url}\"\n[dhcp]\nmode = \"off\"\n[http]\nlisten = \"127.0.0.1:{port}\"\n\
+                 public_url = \"http://127.0.0.1:{port}\"\nimages_dir = \"{}\"\n[http.auth]\nmetrics_from = [\"127.0.0.1/32\"]\n\
+                 [recovery]\ngrace = \"{}s\"\n",
+                dir.join("images").display(),
+                opts.grace.as_secs()
+            ),
+        )?;
+        configs.push(config);
+        bases.push(format!("http://127.0.0.1:{port}"));
+    }
+    let start_serve = |r: usize| -> anyhow::Result<Serve> {
+        let name = if r == 0 { "serve.log".to_owned() } else { format!("serve-{r}.log") };
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join(name))?;
         let child = std::process::Command::new(opts.bin_dir.join("nodekeeper-provisioner"))
             .args(["serve", "--config"])
-            .arg(&config)
+            .arg(&configs[r])
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(log)
@@ -304,22 +317,27 @@ async fn run(opts: &Options, n: &Narrator, dir: &Path) -> anyhow::Result<Report>
             .context("starting serve")?;
         Ok(Serve(child))
     };
-    let mut serve = start_serve()?;
-    let serve_pid = serve.0.id();
-    let base = format!("http://127.0.0.1:{port}");
+    let mut serves = (0..opts.replicas).map(start_serve).collect::<anyhow::Result<Vec<Serve>>>()?;
+    let pids: Vec<u32> = serves.iter().map(|s| s.0.id()).collect();
+    let bases = Arc::new(bases);
     let http =
         reqwest::Client::builder().pool_max_idle_per_host(usize::MAX).timeout(Duration::from_secs(10)).build()?;
-    n.wait("serve answers", Duration::from_secs(60), async || {
-        Ok(http.get(format!("{base}/healthz")).send().await.is_ok().then_some(()))
-    })
-    .await?;
+    for base in bases.iter() {
+        n.wait("serve answers", Duration::from_secs(60), async || {
+            Ok(http.get(format!("{base}/healthz")).send().await.is_ok().then_some(()))
+        })
+        .await?;
+    }
+    if opts.replicas > 1 {
+        report.row("serve replicas", opts.replicas);
+    }
 
     // The hosts.
     let mut tasks = Vec::new();
     for i in 0..opts.hosts {
         let phase = Duration::from_millis((i as u64 * 5_000) / opts.hosts as u64);
-        let (w, http, base, tok) = (world.clone(), http.clone(), base.clone(), token(i, salt));
-        tasks.push(tokio::spawn(async move { guard_loop(i, phase, w, http, base, tok).await }));
+        let (w, http, bases, tok) = (world.clone(), http.clone(), bases.clone(), token(i, salt));
+        tasks.push(tokio::spawn(async move { guard_loop(i, phase, w, http, bases, tok).await }));
     }
     let hosts_active = async || -> anyhow::Result<usize> {
         Ok(store.hosts().await?.iter().filter(|h| h.state == HostState::Active && h.last_heartbeat.is_some()).count())
@@ -331,20 +349,30 @@ async fn run(opts: &Options, n: &Narrator, dir: &Path) -> anyhow::Result<Report>
 
     // Steady: latency, CPU, memory.
     tokio::time::sleep(CONVERGE * 2).await;
-    let (cpu0, _) = cpu_and_rss(serve_pid).context("serve's /proc")?;
+    // Every replica's CPU and memory, summed.
+    let usage = || -> anyhow::Result<(Duration, u64)> {
+        pids.iter().try_fold((Duration::ZERO, 0), |(cpu, rss), pid| {
+            let (c, r) = cpu_and_rss(*pid).context("serve's /proc")?;
+            Ok((cpu + c, rss + r))
+        })
+    };
+    let (cpu0, _) = usage()?;
     let t0 = Instant::now();
     world.measuring.store(true, Ordering::Relaxed);
     // The controller's tick time, as `/metrics` says it, twice a second.
     let mut ticks = Vec::new();
     while t0.elapsed() < opts.steady {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        if let Some(t) = tick_seconds(&http, &base).await {
-            ticks.push((t * 1e6) as u32);
+        // The leader's (the others' ticks do nothing).
+        let mut tick = None;
+        for base in bases.iter() {
+            tick = tick.max(tick_seconds(&http, base).await.map(|t| (t * 1e6) as u32));
         }
+        ticks.extend(tick);
     }
     world.measuring.store(false, Ordering::Relaxed);
     ticks.sort_unstable();
-    let (cpu1, rss) = cpu_and_rss(serve_pid).context("serve's /proc")?;
+    let (cpu1, rss) = usage()?;
     let cores = (cpu1 - cpu0).as_secs_f64() / t0.elapsed().as_secs_f64();
     let mut lat = std::mem::take(&mut *world.latencies.lock().unwrap_or_else(|p| p.into_inner()));
     lat.sort_unstable();
@@ -418,10 +446,18 @@ async fn run(opts: &Options, n: &Narrator, dir: &Path) -> anyhow::Result<Report>
         pg.start()?;
     }
     if opts.kill_serve {
-        drop(serve);
-        n.say(&format!("serve SIGKILLed at {} after the crash; started again 2 s later", fmt(crash_at.elapsed())));
+        // The replica that leads the controller (its lease names it "host:pid").
+        let holder = store.leadership("controller").await?.map(|l| l.holder).unwrap_or_default();
+        let r = pids.iter().position(|pid| holder.ends_with(&format!(":{pid}"))).unwrap_or(0);
+        let _ = serves[r].0.kill();
+        let _ = serves[r].0.wait();
+        n.say(&format!(
+            "serve replica {r} of {} (the leader) SIGKILLed at {} after the crash; started again 2 s later",
+            opts.replicas,
+            fmt(crash_at.elapsed())
+        ));
         tokio::time::sleep(Duration::from_secs(2)).await;
-        serve = start_serve()?;
+        serves[r] = start_serve(r)?;
     }
     let mut moved: BTreeMap<HostName, Duration> = BTreeMap::new();
     let mut false_suspects = std::collections::BTreeSet::new();
@@ -520,7 +556,7 @@ async fn run(opts: &Options, n: &Narrator, dir: &Path) -> anyhow::Result<Report>
     report.row("guard API errors", if errors.is_empty() { "0".into() } else { format!("{errors:?}") });
     report.row("database size", format!("{} MiB", db_size(opts.engine, dir) / (1024 * 1024)));
     store.close().await;
-    drop(serve);
+    drop(serves);
     Ok(report)
 }
 
@@ -566,8 +602,22 @@ impl Drop for Serve {
 
 /// One simulated guard: boots (ownership), then heartbeats and converges on a guard's
 /// schedule while its power is on and it has not crashed.
-async fn guard_loop(i: usize, phase: Duration, w: Arc<World>, http: reqwest::Client, base: String, token: String) {
-    let url = |rest: &str| format!("{base}/api/v1/hosts/h{i:06}/guard/{rest}");
+async fn guard_loop(
+    i: usize,
+    phase: Duration,
+    w: Arc<World>,
+    http: reqwest::Client,
+    bases: Arc<Vec<String>>,
+    token: String,
+) {
+    // Its replica; the next one after a request that found none (a load balancer's failover).
+    let at = std::sync::atomic::AtomicUsize::new(i % bases.len());
+    let url = |rest: &str| format!("{}/api/v1/hosts/h{i:06}/guard/{rest}", bases[at.load(Ordering::Relaxed)]);
+    let unanswered = |e: &reqwest::Error| {
+        if e.is_connect() {
+            at.store((at.load(Ordering::Relaxed) + 1) % bases.len(), Ordering::Relaxed);
+        }
+    };
     let auth = format!("Bearer {token}");
     let fail = |what: &'static str| {
         *w.errors.lock().unwrap_or_else(|p| p.into_inner()).entry(what).or_default() += 1;
@@ -607,7 +657,7 @@ async fn guard_loop(i: usize, phase: Duration, w: Arc<World>, http: reqwest::Cli
                 .post(url("ownership"))
                 .header("authorization", &auth)
                 .json(&serde_json::json!({ "uuids": running }));
-            let ok = r.send().await.is_ok_and(|r| r.status().is_success());
+            let ok = r.send().await.inspect_err(unanswered).is_ok_and(|r| r.status().is_success());
             if !ok {
                 fail("ownership");
             }
@@ -623,7 +673,7 @@ async fn guard_loop(i: usize, phase: Duration, w: Arc<World>, http: reqwest::Cli
         let start = Instant::now();
         count();
         let mut revision = None;
-        match http.post(url("heartbeat")).header("authorization", &auth).send().await {
+        match http.post(url("heartbeat")).header("authorization", &auth).send().await.inspect_err(unanswered) {
             Ok(r) if r.status().is_success() => {
                 if w.measuring.load(Ordering::Relaxed) {
                     let us = start.elapsed().as_micros().min(u128::from(u32::MAX)) as u32;
@@ -646,7 +696,7 @@ async fn guard_loop(i: usize, phase: Duration, w: Arc<World>, http: reqwest::Cli
         let began = Instant::now();
         let mut complete = ownership(&running).await;
         count();
-        match http.get(url("assigned")).header("authorization", &auth).send().await {
+        match http.get(url("assigned")).header("authorization", &auth).send().await.inspect_err(unanswered) {
             Ok(r) if r.status().is_success() => match r.json::<Vec<Assigned>>().await {
                 Ok(a) => {
                     let now: Vec<InstanceId> = a.iter().filter(|x| !x.deleted && !x.held).map(|x| x.uuid).collect();
@@ -666,7 +716,13 @@ async fn guard_loop(i: usize, phase: Duration, w: Arc<World>, http: reqwest::Cli
             }
         }
         count();
-        if !http.get(url("services")).header("authorization", &auth).send().await.is_ok_and(|r| r.status().is_success())
+        if !http
+            .get(url("services"))
+            .header("authorization", &auth)
+            .send()
+            .await
+            .inspect_err(unanswered)
+            .is_ok_and(|r| r.status().is_success())
         {
             complete = false;
             fail("services");
@@ -681,6 +737,7 @@ async fn guard_loop(i: usize, phase: Duration, w: Arc<World>, http: reqwest::Cli
             .json(&report)
             .send()
             .await
+            .inspect_err(unanswered)
             .is_ok_and(|r| r.status().is_success())
         {
             complete = false;

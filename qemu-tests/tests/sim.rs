@@ -35,6 +35,7 @@ async fn a_small_fleet_recovers_its_crashed_hosts_and_the_brake_holds_a_partitio
         bmc_hang: 1,
         kill_serve: true,
         restart_db: false,
+        replicas: 1,
         bin_dir: paths.bin_dir,
     };
     let report = simulate(&opts, &Narrator::new(false)).await.unwrap_or_else(|e| panic!("{e:#}"));
