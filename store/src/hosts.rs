@@ -269,6 +269,30 @@ impl Store {
         rows.iter().map(host_from_row).collect()
     }
 
+    /// What failure detection looks at each tick: every host that is not `active`, was never
+    /// heard, or was last heard before `quiet_since`, by name — and how many active hosts
+    /// were heard since (left out: at rest, the read is the few hosts that fell silent, not
+    /// the fleet; the database scans the heartbeats, nothing converts them).
+    pub async fn hosts_to_watch(&self, quiet_since: Timestamp) -> Result<(Vec<Host>, usize)> {
+        const WHAT: &str = "reading the hosts to watch";
+        let rows = sqlx::query(&format!(
+            "SELECT {HOST_COLUMNS} FROM hosts WHERE state <> 'active' OR last_heartbeat IS NULL OR last_heartbeat < $1 \
+             ORDER BY name"
+        ))
+        .bind(quiet_since.0)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(query(WHAT))?;
+        let quiet: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM hosts WHERE state = 'active' AND last_heartbeat >= $1")
+                .bind(quiet_since.0)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(query(WHAT))?;
+        let hosts = rows.iter().map(host_from_row).collect::<Result<Vec<Host>>>()?;
+        Ok((hosts, usize::try_from(quiet).unwrap_or(0)))
+    }
+
     /// Every host's name, state and last heartbeat, by name: what placement and detection
     /// must see fresh, without the rest of each row (a fleet of 10,000 is read several times a
     /// second while a rack's hosts are evacuated).

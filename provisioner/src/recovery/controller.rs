@@ -377,7 +377,10 @@ impl<F: BmcFactory> Controller<F> {
                 }
             }
         };
-        let hosts = store.hosts().await?;
+        let policy = self.policy();
+        // The hosts that fell silent, and how many were heard lately (the fleet is read whole
+        // only when a fence's watchdog level needs its quorum cell's heartbeats).
+        let (hosts, quiet) = store.hosts_to_watch(detect::quiet_since(now, &policy)).await?;
         // Fences started by this tick are first stepped an interval later (by the next tick,
         // or by their driver): their `confirm` gives a host one more interval to show up
         // before the point of return.
@@ -396,10 +399,9 @@ impl<F: BmcFactory> Controller<F> {
                 }
             }
         }
-        let policy = self.policy();
-        self.look_at_quorums(store, &hosts, &running, now, lease.term).await?;
+        self.look_at_quorums(store, &running, now, lease.term).await?;
         let off = self.probe(&hosts, &detect::to_probe(&hosts, now, since, &policy)).await;
-        report.actions = detect::plan(&hosts, &fencing, &held, &off, now, since, &policy);
+        report.actions = detect::plan_among(&hosts, quiet, &fencing, &held, &off, now, since, &policy);
         let holds = report.actions.iter().any(|a| matches!(a, Action::MassFailure { .. }));
         let released = std::mem::replace(&mut *self.braked.lock().unwrap_or_else(|p| p.into_inner()), holds) && !holds;
         if released {
@@ -409,7 +411,7 @@ impl<F: BmcFactory> Controller<F> {
             // back; one really dead among them is fenced a grace later.
             tracing::warn!("recovery: the mass-failure brake let go; silence counts again from now");
             *self.watching.lock().unwrap_or_else(|p| p.into_inner()) = Some((lease.term, now));
-            report.actions = detect::plan(&hosts, &fencing, &held, &off, now, now, &policy);
+            report.actions = detect::plan_among(&hosts, quiet, &fencing, &held, &off, now, now, &policy);
         }
         self.act_all(store, &report.actions, &off).await?;
         if self.background {
@@ -489,7 +491,6 @@ impl<F: BmcFactory> Controller<F> {
     async fn look_at_quorums(
         &self,
         store: &Store,
-        hosts: &[Host],
         running: &[Operation],
         now: Timestamp,
         term: i64,
@@ -500,6 +501,10 @@ impl<F: BmcFactory> Controller<F> {
             return Ok(());
         }
         let profiles = store.guard_fencing().await?;
+        let cells = fences.iter().any(|op| profiles.iter().any(|(h, _, p)| *h == op.target && p.quorum_cell.is_some()));
+        // Every host's heartbeat, only when some fence has a quorum cell to look at.
+        let hosts = if cells { store.hosts().await? } else { Vec::new() };
+        let hosts = &hosts;
         let intervals: HashMap<HostName, Duration> = profiles
             .iter()
             .map(|(h, _, p)| (h.clone(), Duration::from_millis(p.heartbeat_interval_ms.max(1))))

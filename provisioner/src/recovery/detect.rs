@@ -116,6 +116,33 @@ pub fn plan(
     since: Timestamp,
     policy: &Policy,
 ) -> Vec<Action> {
+    plan_among(hosts, 0, fencing, held, off, now, since, policy)
+}
+
+/// How recently a host must have been heard to be left out of detection's read at `now`
+/// ([`plan_among`]): one heard since can neither be probed nor count toward the brake.
+pub fn quiet_since(now: Timestamp, policy: &Policy) -> Timestamp {
+    let half = policy.grace / 2;
+    Timestamp(
+        now.0 - i64::try_from(policy.probe_after.map_or(half, |p| p.min(half)).as_millis()).unwrap_or(i64::MAX / 4),
+    )
+}
+
+/// [`plan`] over the hosts detection must look at — every host not `active`, never heard,
+/// or heard before [`quiet_since`] — and `quiet`, how many active hosts heard since were left
+/// out (they count among the watched, and for nothing else): the tick's read is the hosts
+/// that fell silent, not the fleet.
+#[allow(clippy::too_many_arguments)]
+pub fn plan_among(
+    hosts: &[Host],
+    quiet: usize,
+    fencing: &[HostName],
+    held: &[HostName],
+    off: &[HostName],
+    now: Timestamp,
+    since: Timestamp,
+    policy: &Policy,
+) -> Vec<Action> {
     let mut actions = Vec::new();
     for h in hosts {
         // `updated_at` moves with the state, not with heartbeats: a heartbeat after it is one
@@ -147,10 +174,10 @@ pub fn plan(
     }
     let silent =
         watched.iter().filter(|h| suspects.contains(&h.name) || counts_for_brake(h, now, since, policy)).count();
-    let share = silent as f64 / watched.len().max(1) as f64;
+    let share = silent as f64 / (watched.len() + quiet).max(1) as f64;
     // One host of one, or of two, failing is no partition: the brake needs company.
     if silent > 1 && share > policy.mass_failure_share {
-        actions.push(Action::MassFailure { suspects: silent, watched: watched.len() });
+        actions.push(Action::MassFailure { suspects: silent, watched: watched.len() + quiet });
         return actions;
     }
     for s in suspects {
@@ -375,5 +402,55 @@ mod tests {
         // One of two failing is not a partition.
         let hosts = [host("a", HostState::Active, old), host("b", HostState::Active, fresh)];
         assert!(plan(&hosts, &[], &[], &[], NOW, LONG_AGO, &p).contains(&Action::Fence { host: n("a") }));
+    }
+
+    /// Detection over the hosts that fell silent and a count of the rest decides exactly as
+    /// over the whole fleet, over random fleets: states, heartbeats (some never), a controller
+    /// that began to lead lately or long ago, BMCs that said off, fences running — partitions
+    /// that hold the brake among them.
+    #[test]
+    fn the_hosts_that_fell_silent_and_a_count_of_the_rest_decide_as_the_whole_fleet() {
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = |m: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % m
+        };
+        let states = [HostState::Active, HostState::Suspect, HostState::Fenced, HostState::Maintenance];
+        for round in 0..300 {
+            let p = Policy {
+                grace: Duration::from_secs(30),
+                mass_failure_share: 0.5,
+                probe_after: (next(2) == 0).then(|| Duration::from_secs(5 + next(20))),
+            };
+            let silent_share = next(100);
+            let hosts: Vec<Host> = (0..(1 + next(30)))
+                .map(|i| {
+                    let state = if next(4) == 0 { states[next(4) as usize] } else { HostState::Active };
+                    let ago = if next(100) < silent_share { next(60_000) as i64 } else { next(4_000) as i64 };
+                    let beat = (next(10) > 0).then_some(NOW.0 - ago);
+                    let mut h = host(&format!("h{i:02}"), state, beat);
+                    h.updated_at = Timestamp(NOW.0 - next(60_000) as i64);
+                    h
+                })
+                .collect();
+            let since = if next(3) == 0 { Timestamp(NOW.0 - next(40_000) as i64) } else { LONG_AGO };
+            let pick = |hosts: &[Host], every: u64| -> Vec<HostName> {
+                hosts.iter().step_by(every as usize).map(|h| h.name.clone()).collect()
+            };
+            let fencing = pick(&hosts, 3 + next(3));
+            let off = pick(&hosts, 2 + next(3));
+            let cutoff = quiet_since(NOW, &p);
+            let heard = |h: &Host| h.state == HostState::Active && h.last_heartbeat.is_some_and(|t| t >= cutoff);
+            let listed: Vec<Host> = hosts.iter().filter(|h| !heard(h)).cloned().collect();
+            let quiet = hosts.iter().filter(|h| heard(h)).count();
+            assert_eq!(
+                plan_among(&listed, quiet, &fencing, &[], &off, NOW, since, &p),
+                plan(&hosts, &fencing, &[], &off, NOW, since, &p),
+                "round {round}"
+            );
+            assert_eq!(to_probe(&listed, NOW, since, &p), to_probe(&hosts, NOW, since, &p), "round {round}");
+        }
     }
 }
