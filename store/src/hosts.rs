@@ -272,7 +272,8 @@ impl Store {
     /// What failure detection looks at each tick: every host that is not `active`, was never
     /// heard, or was last heard before `quiet_since`, by name — and how many active hosts
     /// were heard since (left out: at rest, the read is the few hosts that fell silent, not
-    /// the fleet; the database scans the heartbeats, nothing converts them).
+    /// the fleet; the database scans the heartbeats, nothing converts them). Two reads: a host
+    /// heard between them counts in both — a share of thousands off by a few.
     pub async fn hosts_to_watch(&self, quiet_since: Timestamp) -> Result<(Vec<Host>, usize)> {
         const WHAT: &str = "reading the hosts to watch";
         let rows = sqlx::query(&format!(
