@@ -344,38 +344,15 @@ impl Store {
         let mut tx = self.begin_write(WHAT).await?;
         let mut out = Vec::with_capacity(moves.len());
         for m in moves {
-            // The compare-and-set and the relocation count in one statement (an owner changes
-            // only with its generation: at `expected`, it is still `m.from`).
-            let next = m.expected.next();
-            let done = sqlx::query(
-                "UPDATE instances SET owner = $1, generation = $2, updated_at = $3, held = FALSE, \
-                 migrating_to = NULL, migration_uri = NULL, migration_started_at = NULL, \
-                 relocations = relocations + 1 \
-                 WHERE uuid = $4 AND generation = $5 AND deleted = FALSE",
-            )
-            .bind(m.to.as_str())
-            .bind(next.to_db())
-            .bind(db_now)
-            .bind(m.id.to_string())
-            .bind(m.expected.to_db())
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| match e {
-                sqlx::Error::Database(ref d) if d.is_foreign_key_violation() => StoreError::UnknownHost(m.to.clone()),
-                e => StoreError::Query { what: WHAT, source: e },
-            })?;
-            if done.rows_affected() != 1 {
-                out.push(Err(match lookup_in(&mut tx, [m.id]).await?.pop() {
-                    None => StoreError::UnknownInstance(m.id),
-                    Some(now) if now.deleted => StoreError::InstanceDeleted(m.id),
-                    Some(now) => StoreError::Conflict { instance: m.id, expected: m.expected, found: now.generation },
-                }));
-                continue;
+            // Each a compare-and-set counted as a recovery; one that lost its race, was
+            // deleted or is unknown fails alone (nothing written for it).
+            match cas_owner(&mut tx, m.id, m.expected, &m.from, &m.to, actor, &m.reason, db_now, true).await {
+                Ok(generation) => out.push(Ok(generation)),
+                Err(
+                    e @ (StoreError::Conflict { .. } | StoreError::InstanceDeleted(_) | StoreError::UnknownInstance(_)),
+                ) => out.push(Err(e)),
+                Err(e) => return Err(e),
             }
-            let (id, from, to) = (m.id, &m.from, &m.to);
-            let message = format!("instance {id} moved from {from} to {to} (generation {next}): {}", m.reason);
-            insert_event(&mut tx, &NewEvent::instance(actor, "instance.moved", from, id, message)).await?;
-            out.push(Ok(next));
         }
         tx.commit().await.map_err(query(WHAT))?;
         Ok(out)
@@ -417,15 +394,9 @@ impl Store {
         if kind == Move::Drain && !current.held {
             return Err(StoreError::Invalid(format!("instance {id} is not held: a drain moves only what it holds")));
         }
-        let generation = cas_owner(&mut tx, id, expected, &current.owner, to, actor, reason, db_now).await?;
-        if kind == Move::Recovery {
-            // An automatic recovery: counted against the instance's max_relocate.
-            sqlx::query("UPDATE instances SET relocations = relocations + 1 WHERE uuid = $1")
-                .bind(id.to_string())
-                .execute(&mut *tx)
-                .await
-                .map_err(query(WHAT))?;
-        }
+        // An automatic recovery is counted against the instance's max_relocate.
+        let recovery = kind == Move::Recovery;
+        let generation = cas_owner(&mut tx, id, expected, &current.owner, to, actor, reason, db_now, recovery).await?;
         tx.commit().await.map_err(query(WHAT))?;
         Ok(generation)
     }
@@ -558,7 +529,7 @@ impl Store {
         if now.migrating_to.as_ref() != Some(to) {
             return Err(StoreError::Conflict { instance: id, expected, found: now.generation });
         }
-        let generation = cas_owner(&mut tx, id, expected, &now.owner, to, actor, why, db_now).await?;
+        let generation = cas_owner(&mut tx, id, expected, &now.owner, to, actor, why, db_now, false).await?;
         tx.commit().await.map_err(query(WHAT))?;
         Ok(generation)
     }
@@ -647,7 +618,7 @@ impl Store {
                     ))
                 }
             };
-            let generation = cas_owner(&mut tx, *id, now.generation, &now.owner, to, actor, &reason, db_now)
+            let generation = cas_owner(&mut tx, *id, now.generation, &now.owner, to, actor, &reason, db_now, false)
                 .await
                 .map_err(|e| item_error(index, e))?;
             out.push(Transfer { uuid: *id, from: now.owner.clone(), to: to.clone(), generation, moved: true });
@@ -763,7 +734,8 @@ pub fn evacuation_source_safe(
 }
 
 /// The conditional update at the heart of ownership: owner and generation change together,
-/// only if nobody changed them since `expected` was read.
+/// only if nobody changed them since `expected` was read. `recovery`: an automatic recovery,
+/// counted against the instance's `max_relocate` in the same statement.
 #[allow(clippy::too_many_arguments)]
 async fn cas_owner(
     conn: &mut sqlx::AnyConnection,
@@ -774,12 +746,13 @@ async fn cas_owner(
     actor: &str,
     reason: &str,
     now: i64,
+    recovery: bool,
 ) -> Result<Generation> {
     const WHAT: &str = "moving an instance";
     let next = expected.next();
     let done = sqlx::query(
         "UPDATE instances SET owner = $1, generation = $2, updated_at = $3, held = FALSE, \
-         migrating_to = NULL, migration_uri = NULL, migration_started_at = NULL \
+         migrating_to = NULL, migration_uri = NULL, migration_started_at = NULL, relocations = relocations + $6 \
          WHERE uuid = $4 AND generation = $5 AND deleted = FALSE",
     )
     .bind(to.as_str())
@@ -787,6 +760,7 @@ async fn cas_owner(
     .bind(now)
     .bind(id.to_string())
     .bind(expected.to_db())
+    .bind(i64::from(recovery))
     .execute(&mut *conn)
     .await
     .map_err(|e| match e {
