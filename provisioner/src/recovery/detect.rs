@@ -410,13 +410,7 @@ mod tests {
     /// that hold the brake among them.
     #[test]
     fn the_hosts_that_fell_silent_and_a_count_of_the_rest_decide_as_the_whole_fleet() {
-        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
-        let mut next = |m: u64| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed % m
-        };
+        let mut next = crate::recovery::draws(0x2545_f491_4f6c_dd1d_u64);
         let states = [HostState::Active, HostState::Suspect, HostState::Fenced, HostState::Maintenance];
         for round in 0..300 {
             let p = Policy {

@@ -42,3 +42,14 @@ pub async fn powered_on_again(
     }
     Ok(out)
 }
+
+/// Seeded pseudo-random draws for the randomized tests (xorshift64): each `draw(m)` is in `0..m`.
+#[cfg(test)]
+pub(crate) fn draws(mut seed: u64) -> impl FnMut(u64) -> u64 {
+    move |m| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % m
+    }
+}

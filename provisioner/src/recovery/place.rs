@@ -461,13 +461,7 @@ mod tests {
             }
             Some(best)
         }
-        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
-        let mut next = |m: u64| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed % m
-        };
+        let mut next = crate::recovery::draws(0x9e37_79b9_7f4a_7c15_u64);
         for round in 0..40 {
             let hosts: Vec<Host> =
                 (0..(5 + next(40))).map(|i| host(&format!("h{i:03}"), HostState::Active, Some(NOW.0))).collect();
